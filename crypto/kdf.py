@@ -1,0 +1,148 @@
+"""Key derivations for tunneld: HKDF-SHA256 (RFC 5869) with one versioned label per purpose.
+
+Two roots feed everything:
+
+- the 32-byte *account secret* shared by a user's devices gives the TSIG key for DNS UPDATE and the Noise
+  handshake PSK (:func:`derive_tsig_key`, :func:`derive_psk`);
+- each completed Noise handshake gives two 32-byte traffic keys (``HandshakeState.split_keys()``), and
+  each of those gives the KEYMAT of one ESP security association (:func:`derive_esp_keymat`).
+
+Every derivation uses HKDF-SHA256 with no salt (RFC 5869 §2.2: a string of HashLen zero bytes) and a
+distinct ``info`` label beginning ``tunneld v1``, so no two purposes can ever share a key, and a future
+change of construction can bump the version without colliding with this one. The exact byte strings and
+test vectors are in docs/protocol-kdf.md; changing any of them breaks interoperability between devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "ACCOUNT_SECRET_LEN",
+    "ESP_DIRECTIONS",
+    "ESP_INFO_PREFIX",
+    "ESP_KEY_LENGTHS",
+    "ESP_SALT_LEN",
+    "PSK_INFO_PREFIX",
+    "PSK_LEN",
+    "TRAFFIC_KEY_LEN",
+    "TSIG_INFO_PREFIX",
+    "TSIG_KEY_LEN",
+    "derive_esp_keymat",
+    "derive_psk",
+    "derive_tsig_key",
+    "normalize_domain",
+]
+
+TSIG_INFO_PREFIX: Final = b"tunneld v1 tsig hmac-sha256 "
+"""HKDF info prefix for the TSIG (RFC 8945) hmac-sha256 key; the normalized account domain follows."""
+
+PSK_INFO_PREFIX: Final = b"tunneld v1 handshake psk "
+"""HKDF info prefix for the Noise IKpsk2 pre-shared key; the normalized account domain follows."""
+
+ESP_INFO_PREFIX: Final = b"tunneld v1 esp "
+"""HKDF info prefix for ESP KEYMAT; ``<suite> <direction>`` follows, e.g. ``aes-256-gcm i2r``."""
+
+ACCOUNT_SECRET_LEN: Final = 32
+"""Length of the account secret shared by a user's devices."""
+TSIG_KEY_LEN: Final = 32
+"""Length of the derived TSIG hmac-sha256 key (SHA-256's output length, RFC 8945 §6)."""
+PSK_LEN: Final = 32
+"""Length of the Noise pre-shared key (Noise rev 34 §9: always 32 bytes)."""
+TRAFFIC_KEY_LEN: Final = 32
+"""Length of each Noise split key that ESP keys are derived from."""
+ESP_SALT_LEN: Final = 4
+"""Salt length for both AES-GCM (RFC 4106 §8.1) and ChaCha20-Poly1305 (RFC 7634 §2) in ESP."""
+
+ESP_KEY_LENGTHS: Final[Mapping[str, int]] = MappingProxyType(
+    {"aes-128-gcm": 16, "aes-256-gcm": 32, "chacha20-poly1305": 32}
+)
+"""ESP suites by name, with their cipher key length in bytes (the salt comes on top)."""
+
+ESP_DIRECTIONS: Final = frozenset({"i2r", "r2i"})
+"""Traffic directions: initiator to responder and responder to initiator (the Noise split order)."""
+
+_MAX_NAME = 253
+_MAX_LABEL = 63
+
+
+def normalize_domain(domain: str) -> str:
+    """The canonical spelling of an account domain, as it enters every label.
+
+    Lower-cased (ASCII only: DNS compares names case-insensitively, RFC 4343) and without the one trailing
+    dot of an absolute name, so ``Example.COM.`` and ``example.com`` give the same keys. Internationalised
+    names must already be in their ASCII (punycode) form. Empty names, empty labels, labels over 63 bytes
+    and names over 253 bytes are rejected with ValueError (RFC 1035 §2.3.4 limits).
+    """
+    if not domain.isascii():
+        raise ValueError("domain must be ASCII (use the punycode form of an internationalised name)")
+    name = domain.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ValueError("domain is empty")
+    if len(name) > _MAX_NAME:
+        raise ValueError(f"domain is longer than {_MAX_NAME} characters")
+    for label in name.split("."):
+        if not label:
+            raise ValueError("domain has an empty label")
+        if len(label) > _MAX_LABEL:
+            raise ValueError(f"domain has a label longer than {_MAX_LABEL} characters")
+    return name
+
+
+def _hkdf_sha256(ikm: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def _check_len(value: bytes, expected: int, what: str) -> None:
+    # Name the length only; the value itself is secret.
+    if len(value) != expected:
+        raise ValueError(f"{what} must be {expected} bytes, got {len(value)}")
+
+
+def derive_tsig_key(secret: bytes, domain: str) -> bytes:
+    """The 32-byte TSIG hmac-sha256 key for the account (key name = the domain).
+
+    ``HKDF-SHA256(ikm=secret, salt=none, info=TSIG_INFO_PREFIX + domain, L=32)``.
+    """
+    _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
+    info = TSIG_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return _hkdf_sha256(secret, info, TSIG_KEY_LEN)
+
+
+def derive_psk(secret: bytes, domain: str) -> bytes:
+    """The 32-byte Noise IKpsk2 pre-shared key for the account.
+
+    ``HKDF-SHA256(ikm=secret, salt=none, info=PSK_INFO_PREFIX + domain, L=32)``. Only devices holding the
+    account secret can complete a handshake, on top of knowing each other's static keys.
+    """
+    _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
+    info = PSK_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return _hkdf_sha256(secret, info, PSK_LEN)
+
+
+def derive_esp_keymat(traffic_key: bytes, suite: str, direction: str) -> tuple[bytes, bytes]:
+    """(key, salt) for one ESP SA from one Noise split key.
+
+    ``KEYMAT = HKDF-SHA256(ikm=traffic_key, salt=none, info=ESP_INFO_PREFIX + suite + " " + direction,
+    L=keylen + 4)``; the key is the first ``keylen`` bytes and the salt the last 4, the layout of RFC 4106
+    §8.1 (AES-GCM) and RFC 7634 §2 (ChaCha20-Poly1305), so the pair can be handed to Linux xfrm or any
+    other ESP implementation as one KEYMAT blob. ``traffic_key`` is ``split_keys()[0]`` for "i2r" and
+    ``split_keys()[1]`` for "r2i"; the direction is in the label as well so that a mix-up of the two keys
+    still cannot produce the same SA keys in both directions.
+    """
+    _check_len(traffic_key, TRAFFIC_KEY_LEN, "traffic key")
+    keylen = ESP_KEY_LENGTHS.get(suite)
+    if keylen is None:
+        raise ValueError(f"unknown ESP suite {suite!r}; expected one of {sorted(ESP_KEY_LENGTHS)}")
+    if direction not in ESP_DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; expected 'i2r' or 'r2i'")
+    info = ESP_INFO_PREFIX + suite.encode("ascii") + b" " + direction.encode("ascii")
+    keymat = _hkdf_sha256(traffic_key, info, keylen + ESP_SALT_LEN)
+    return keymat[:keylen], keymat[keylen:]

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install what tunneld and its tests need, idempotently: Debian packages (only those missing) and the
+# Python virtual environment in .venv (rebuilt only when pyproject.toml changed).
+# Usage: tools/install.sh   (as root on Debian 12; a second run changes nothing and takes about a second)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+# Debian packages: the interpreter and a compiler for python-pytun's C extension, and the kernel
+# tools the tunnel, the lab and the tests drive.
+APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tools/install.sh: missing Debian packages: ${missing[*]}; run as root (sudo tools/install.sh)" >&2
+    exit 2
+  fi
+  echo "installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The interpreter: the first python3 on PATH that is 3.11 or newer.
+PY=""
+for cand in python3 python3.13 python3.12 python3.11 /usr/bin/python3; do
+  if command -v "$cand" >/dev/null 2>&1 &&
+     "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    PY=$(command -v "$cand"); break
+  fi
+done
+[ -n "$PY" ] || { echo "tools/install.sh: no Python >= 3.11 found; install python3 (Debian 12 has 3.11)" >&2; exit 2; }
+
+stamp=.venv/.installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+echo "$want" > "$stamp"
+echo "installed the Python environment in $ROOT/.venv" >&2
