@@ -18,7 +18,7 @@ each memoryview slice is itself a new object.)
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from enum import IntEnum
 from typing import Final
 
@@ -133,6 +133,10 @@ class SecurityAssociation:
         """Encrypt many packets in one call, appending the wire payloads to `out` (returned)."""
         if out is None:
             out = []
+        if not isinstance(packets, Sized):
+            packets = list(packets)
+        if self.seq + len(packets) > self.limit:
+            raise ESPError("sequence number space exhausted: the SA must be rekeyed")
         trailers = self._trailer_table(next_header)
         encrypt = self._aead.encrypt
         salt = self._aead.salt
@@ -141,30 +145,21 @@ class SecurityAssociation:
         nonce_pack = _NONCE.pack
         append = out.append
         seq = self.seq
-        limit = self.limit
         m32 = _M32
-        try:
-            if self.esn:
-                aad_pack = _AAD_ESN.pack
-                for p in packets:
-                    seq += 1
-                    if seq > limit:
-                        seq -= 1
-                        raise ESPError("sequence number space exhausted: the SA must be rekeyed")
-                    append(hdr_pack(spi, seq & m32, seq)
-                           + encrypt(nonce_pack(salt, seq), p + trailers[len(p) & 3], aad_pack(spi, seq)))
-            else:
-                aad_pack2 = _AAD.pack
-                for p in packets:
-                    seq += 1
-                    if seq > limit:
-                        seq -= 1
-                        raise ESPError("sequence number space exhausted: the SA must be rekeyed")
-                    append(hdr_pack(spi, seq, seq)
-                           + encrypt(nonce_pack(salt, seq), p + trailers[len(p) & 3],
-                                     aad_pack2(spi, seq)))
-        finally:
-            self.seq = seq
+        # The limit was checked above for the whole batch, so the loops only count.
+        if self.esn:
+            aad_pack = _AAD_ESN.pack
+            for p in packets:
+                seq += 1
+                append(hdr_pack(spi, seq & m32, seq)
+                       + encrypt(nonce_pack(salt, seq), p + trailers[len(p) & 3], aad_pack(spi, seq)))
+        else:
+            aad_pack2 = _AAD.pack
+            for p in packets:
+                seq += 1
+                append(hdr_pack(spi, seq, seq)
+                       + encrypt(nonce_pack(salt, seq), p + trailers[len(p) & 3], aad_pack2(spi, seq)))
+        self.seq = seq
         return out
 
     # -- receiving ----------------------------------------------------------------------------

@@ -78,6 +78,15 @@ def test_seal_many_equals_seal() -> None:
     assert a.seal_many(packets) == [b.seal(p) for p in packets]
 
 
+def test_seal_many_takes_any_iterable_and_checks_the_limit_first() -> None:
+    a, rx = pair()
+    assert rx.open_many(a.seal_many(p for p in (b"a", b"bb"))) == [b"a", b"bb"]
+    a.seq = (1 << 64) - 3
+    with pytest.raises(ESPError):
+        a.seal_many(iter([b"1", b"2", b"3"]))
+    assert a.seq == (1 << 64) - 3, "a refused batch seals nothing"
+
+
 def test_dummy_next_header_59() -> None:
     tx, rx = pair()
     wire = tx.seal(b"", next_header=NH_NONE)
