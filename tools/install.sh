@@ -8,7 +8,7 @@ cd "$ROOT"
 
 # Debian packages: the interpreter and a compiler for python-pytun's C extension, and the kernel
 # tools the tunnel, the lab and the tests drive.
-APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables)
+APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

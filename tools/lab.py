@@ -1,0 +1,235 @@
+"""Network-namespace labs for tests, the demo and the benchmark.
+
+A `Lab` owns everything it creates (namespaces, processes) and removes all of it on exit, in reverse
+order, even when the body raised: processes are ended by PID (SIGTERM, then SIGKILL after a bounded
+wait), then namespaces are deleted, which takes their veths, addresses, routes and nftables rules
+with them. Every namespace name carries the lab's random prefix, so two labs (or a crashed earlier
+run) never collide, and `sweep()` removes leftovers of crashed runs by that prefix.
+
+Addresses are documentation ranges (RFC 5737, RFC 3849) and, behind a NAT, an RFC 1918 range: they
+exist only inside the lab's namespaces, so nothing a test sends can leave the machine.
+
+Usage:
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        lab.run(a, ["ping", "-c1", b.addr4])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+NETNS_PREFIX = "tdl"  # every lab namespace starts with this, then the lab's own id
+
+
+class LabError(Exception):
+    """A lab command failed; the message carries the command and its stderr."""
+
+
+@dataclass
+class Host:
+    """One namespace of the lab, with the addresses its topology gave it."""
+
+    name: str
+    netns: str
+    addr4: str = ""
+    addr6: str = ""
+    ifname: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def exec_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns]
+
+
+def _sh(argv: Sequence[str], timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and r.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.id = f"{NETNS_PREFIX}{secrets.token_hex(3)}"
+        self.hosts: list[Host] = []
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def host(self, name: str) -> Host:
+        netns = f"{self.id}-{name}"
+        _sh(["ip", "netns", "add", netns])
+        h = Host(name=name, netns=netns)
+        self.hosts.append(h)
+        self.ip(h, "link", "set", "lo", "up")
+        return h
+
+    def ip(self, h: Host, *args: str) -> str:
+        return _sh(["ip", "-n", h.netns, *args]).stdout
+
+    def sysctl(self, h: Host, key: str, value: str) -> None:
+        self.run(h, ["sysctl", "-qw", f"{key}={value}"])
+
+    def veth(self, a: Host, a_if: str, b: Host, b_if: str) -> None:
+        """A veth pair between two namespaces (created in a, one end moved to b)."""
+        _sh(["ip", "-n", a.netns, "link", "add", a_if, "type", "veth", "peer", "name", b_if,
+             "netns", b.netns])
+        self.ip(a, "link", "set", a_if, "up")
+        self.ip(b, "link", "set", b_if, "up")
+
+    def addr(self, h: Host, ifname: str, cidr: str) -> None:
+        extra = ["nodad"] if ":" in cidr else []  # no DAD: bind() would fail for about 2 s
+        self.ip(h, "addr", "add", cidr, "dev", ifname, *extra)
+
+    def nft(self, h: Host, ruleset: str) -> None:
+        r = subprocess.run(["ip", "netns", "exec", h.netns, "nft", "-f", "-"], input=ruleset,
+                           capture_output=True, text=True, timeout=20, check=False)
+        if r.returncode != 0:
+            raise LabError(f"nft in {h.name}: {r.stderr.strip()}")
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def run(self, h: Host, argv: Sequence[str], timeout: float = 30, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*h.exec_prefix(), *argv], capture_output=True, text=True, timeout=timeout,
+                           check=False, input=input)
+        if check and r.returncode != 0:
+            raise LabError(f"[{h.name}] {' '.join(argv)}: exit {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        return r
+
+    def spawn(self, h: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+        """Start a process in the namespace; it is ended by PID when the lab closes.
+
+        `ip netns exec` execs the command after entering the namespace, so the PID is the command's.
+        """
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        p = subprocess.Popen([*h.exec_prefix(), *argv], **popen)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 5) -> int:
+        """End one process: `sig`, then SIGKILL if it has not exited within `timeout` seconds."""
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+        return int(p.returncode)
+
+    # -- teardown ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        errors: list[str] = []
+        for p in reversed(self.procs):
+            try:
+                self.stop(p)
+            except Exception as e:  # keep tearing down; report at the end
+                errors.append(f"pid {p.pid}: {e}")
+        self.procs.clear()
+        for h in reversed(self.hosts):
+            r = _sh(["ip", "netns", "del", h.netns], check=False)
+            if r.returncode != 0 and h.netns in list_namespaces():
+                errors.append(f"netns {h.netns}: {r.stderr.strip()}")
+        self.hosts.clear()
+        if errors:
+            raise LabError("lab teardown incomplete: " + "; ".join(errors))
+
+
+def list_namespaces(prefix: str = "") -> list[str]:
+    out = _sh(["ip", "netns", "list"], check=False).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def sweep() -> list[str]:
+    """Delete namespaces left by crashed labs (any name with the lab prefix); returns what it deleted."""
+    gone = []
+    for n in list_namespaces(NETNS_PREFIX):
+        if _sh(["ip", "netns", "del", n], check=False).returncode == 0:
+            gone.append(n)
+    return gone
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.02, what: str = "condition") -> None:
+    """Poll a readiness check (never a bare sleep) until it holds, or raise after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise LabError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- topologies -----------------------------------------------------------------------------------
+
+def two_hosts(lab: Lab) -> tuple[Host, Host]:
+    """Two hosts on one veth: a = 192.0.2.1, 2001:db8::1; b = 192.0.2.2, 2001:db8::2."""
+    a, b = lab.host("a"), lab.host("b")
+    lab.veth(a, "eth0", b, "eth0")
+    for h, n in ((a, 1), (b, 2)):
+        lab.addr(h, "eth0", f"192.0.2.{n}/24")
+        lab.addr(h, "eth0", f"2001:db8::{n}/64")
+        h.addr4, h.addr6, h.ifname = f"192.0.2.{n}", f"2001:db8::{n}", "eth0"
+    return a, b
+
+
+NAT_RULESET = """
+table ip nat {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan0" masquerade
+  }
+}
+"""
+
+
+def behind_nat(lab: Lab) -> tuple[Host, Host, Host]:
+    """A host behind a NAT router, and a public peer.
+
+    host 192.168.77.2/24 (default route via the router) — router lan0 192.168.77.1, wan0 203.0.113.1
+    (masquerade out of wan0) — peer 203.0.113.2/24, with no route back to 192.168.77.0/24, so only
+    traffic the NAT translated (or a mapping forwards) can pass.
+    """
+    host, router, peer = lab.host("host"), lab.host("router"), lab.host("peer")
+    lab.veth(host, "eth0", router, "lan0")
+    lab.veth(router, "wan0", peer, "eth0")
+    lab.addr(host, "eth0", "192.168.77.2/24")
+    lab.addr(router, "lan0", "192.168.77.1/24")
+    lab.addr(router, "wan0", "203.0.113.1/24")
+    lab.addr(peer, "eth0", "203.0.113.2/24")
+    lab.ip(host, "route", "add", "default", "via", "192.168.77.1")
+    lab.sysctl(router, "net.ipv4.ip_forward", "1")
+    # Moving WAN addresses must not silently delete the secondaries with the primary.
+    lab.sysctl(router, "net.ipv4.conf.all.promote_secondaries", "1")
+    lab.nft(router, NAT_RULESET)
+    host.addr4, host.ifname = "192.168.77.2", "eth0"
+    router.addr4, router.ifname = "203.0.113.1", "wan0"
+    router.extra["lan4"] = "192.168.77.1"
+    peer.addr4, peer.ifname = "203.0.113.2", "eth0"
+    return host, router, peer
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
