@@ -6,9 +6,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
-# Debian packages: the interpreter and a compiler for python-pytun's C extension, and the kernel
-# tools the tunnel, the lab and the tests drive.
-APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping)
+# Debian packages: the interpreter and a compiler for python-pytun's C extension; the kernel tools
+# the tunnel and the lab drive; the real peers the tests and the benchmark run (sshd, iperf3,
+# wireguard-go as the baseline, tshark to decrypt captures).
+APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
+          openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
