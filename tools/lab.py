@@ -189,6 +189,8 @@ def two_hosts(lab: Lab) -> tuple[Host, Host]:
     a, b = lab.host("a"), lab.host("b")
     lab.veth(a, "eth0", b, "eth0")
     for h, n in ((a, 1), (b, 2)):
+        # Tests move addresses: deleting the primary must promote, not delete, the secondaries.
+        lab.sysctl(h, "net.ipv4.conf.all.promote_secondaries", "1")
         lab.addr(h, "eth0", f"192.0.2.{n}/24")
         lab.addr(h, "eth0", f"2001:db8::{n}/64")
         h.addr4, h.addr6, h.ifname = f"192.0.2.{n}", f"2001:db8::{n}", "eth0"

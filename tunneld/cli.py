@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
+import logging
 import os
 import sys
-from typing import NoReturn
+import time
+from pathlib import Path
+from typing import Any, NoReturn
 
 from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
 from tunneld import __version__
+from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from tunneld.identity import DeviceIdentity, IdentityError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -58,6 +64,103 @@ def cmd_account_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def _identity(config: Config) -> DeviceIdentity:
+    return DeviceIdentity.load_or_create(config.interface.state_dir)
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    config = _config(args)
+    ident = _identity(config)
+    sys.stdout.write(f"public_key {ident.public_key_b64}\nula {ident.ula(config.account.domain)}\n")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from tunneld.daemon import Daemon, keylog_path, run_until_signalled
+    from tunneld.keylog import KeyLog
+    from tunneld.net.tun import TunError
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="tunneld: %(levelname)s: %(message)s")
+    config = _config(args)
+    ident = _identity(config)
+    kl = keylog_path(args.keylog)
+    keylog = KeyLog(kl) if kl else None
+    try:
+        trio.run(run_until_signalled, Daemon(config, ident, keylog))
+    except TunError as e:
+        print(f"tunneld: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"tunneld: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'}); "
+              f"is another tunneld running, or the port in use?", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _control_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    return _config(args).interface.control_socket
+
+
+def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None:
+    from tunneld.services.control import request
+
+    path = _control_path(args)
+    try:
+        return request(path, req)
+    except (OSError, ValueError) as e:
+        print(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
+              f"is `tunneld up` running with this config?", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(args, {"cmd": "status"})
+    if st is None:
+        return EXIT_FAILURE
+    if args.json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+        return EXIT_OK
+    out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
+           f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
+           f"GRO {'on' if st['gro'] else 'off'})"]
+    for p in st["peers"]:
+        hs = p["last_handshake"]
+        ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
+        out += ["", f"peer: {p['name']}", f"  ula: {p['ula']}", f"  endpoint: {p['endpoint'] or '(none)'}",
+                f"  latest handshake: {ago}",
+                f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def cmd_rebind(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"cmd": "rebind", "port": args.port})
+    if reply is None:
+        return EXIT_FAILURE
+    if "error" in reply:
+        print(f"tunneld: {reply['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"listen_port {reply['listen_port']}")
+    return EXIT_OK
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.2f} TiB"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tunneld", description="Back to My Mac for Linux.")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -67,6 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     new = asub.add_parser("new", help="print a fresh account secret and its TSIG key stanza")
     new.add_argument("domain", help="the account's DNS domain, e.g. home.example.net")
     new.set_defaults(func=cmd_account_new)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+
+    ident = sub.add_parser("identity", help="create the device key if missing; print public key and ULA")
+    with_config(ident)
+    ident.set_defaults(func=cmd_identity)
+
+    up = sub.add_parser("up", help="run the daemon in the foreground until SIGINT/SIGTERM")
+    with_config(up)
+    up.add_argument("--keylog", help="append each SA's keys in Wireshark esp_sa format (or TUNNELD_KEYLOG)")
+    up.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="show the running daemon's interface and peers")
+    with_config(status)
+    status.add_argument("--socket", help="control socket (default: from the config)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    rebind = sub.add_parser("rebind", help="reopen the outer UDP socket (after a network change)")
+    with_config(rebind)
+    rebind.add_argument("--socket", help="control socket (default: from the config)")
+    rebind.add_argument("--port", type=int, help="new port (default: the same)")
+    rebind.set_defaults(func=cmd_rebind)
     return p
 
 
@@ -75,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))
-    except UsageError as e:
+    except (UsageError, ConfigError, IdentityError) as e:
         print(f"tunneld: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,212 @@
+"""Run real `tunneld up` daemons in lab namespaces: configs, identities, start, readiness, status.
+
+Used by the integration tests, the demo and the benchmark, so that all three exercise the daemon the
+way a user runs it: the console script, a TOML config, the control socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.lab import Host, Lab, LabError, wait_for
+
+TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")
+DOMAIN = "lab.tunneld.test"
+
+
+@dataclass
+class Node:
+    host: Host
+    dir: Path
+    endpoint_host: str
+    port: int = 4500
+    public_key: str = ""
+    ula: str = ""
+    proc: subprocess.Popen[Any] | None = None
+    log: Path = field(default_factory=Path)
+    extra: str = ""  # more TOML appended to the config (e.g. a [timers] table)
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "tunneld.toml"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "control.sock"
+
+
+def write_secret(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+
+
+def _interface_toml(n: Node, secret: Path) -> str:
+    return (f'[interface]\nname = "btmm0"\nlisten_port = {n.port}\nmtu = 1400\n'
+            f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+            f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
+
+
+def _peer_toml(name: str, other: Node, with_endpoint: bool = True) -> str:
+    s = f'\n[[peer]]\nname = "{name}"\npublic_key = "{other.public_key}"\n'
+    if with_endpoint:
+        s += f'endpoint = "{other.endpoint_host}:{other.port}"\n'
+    return s
+
+
+def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
+               a_knows_b_endpoint: bool = True, b_knows_a_endpoint: bool = True) -> None:
+    """Write both configs with each other as peer (identities created by `tunneld identity`)."""
+    if secret is None:
+        secret = a.dir.parent / "secret"
+        write_secret(secret)
+    for n in (a, b):
+        n.dir.mkdir(parents=True, exist_ok=True)
+        n.config.write_text(_interface_toml(n, secret))
+        out = lab.run(n.host, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
+        n.public_key, n.ula = out[1], out[3]
+    a.config.write_text(_interface_toml(a, secret) + _peer_toml("b", b, a_knows_b_endpoint) + a.extra)
+    b.config.write_text(_interface_toml(b, secret) + _peer_toml("a", a, b_knows_a_endpoint) + b.extra)
+
+
+def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None) -> None:
+    n.log = n.dir / "tunneld.log"
+    with open(n.log, "ab") as logf:  # the child keeps its own copy of the fd
+        n.proc = lab.spawn(n.host, [TUNNELD, "up", "--config", str(n.config), *args], stdout=logf,
+                           stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_for(lambda: _ready(n), timeout=15, what=f"tunneld in {n.host.name} to answer status")
+    except LabError:
+        raise LabError(f"tunneld in {n.host.name} did not start:\n{n.log.read_text()[-3000:]}") from None
+
+
+def _ready(n: Node) -> bool:
+    if n.proc is not None and n.proc.poll() is not None:
+        raise LabError(f"tunneld in {n.host.name} exited with {n.proc.returncode}:\n"
+                       f"{n.log.read_text()[-3000:]}")
+    if not n.socket.exists():
+        return False
+    try:
+        status(n)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def status(n: Node) -> dict[str, Any]:
+    from tunneld.services.control import request
+
+    return request(n.socket, {"cmd": "status"})
+
+
+def control(n: Node, req: dict[str, Any]) -> dict[str, Any]:
+    from tunneld.services.control import request
+
+    return request(n.socket, req)
+
+
+def ping6(lab: Lab, src: Node, dst: Node, count: int = 1, timeout: float = 15) -> None:
+    """Ping until one answer arrives (the first packets trigger the handshake), bounded."""
+    def ok() -> bool:
+        r = lab.run(src.host, ["ping", "-6", "-c1", "-W1", dst.ula], check=False)
+        return r.returncode == 0
+    wait_for(ok, timeout=timeout, interval=0.05, what=f"ping6 {src.host.name} -> {dst.ula}")
+    if count > 1:
+        lab.run(src.host, ["ping", "-6", "-c", str(count), "-i", "0.01", "-W2", dst.ula])
+
+
+def peer_status(n: Node, name: str) -> dict[str, Any]:
+    st = status(n)
+    for p in st["peers"]:
+        if p["name"] == name:
+            return dict(p)
+    raise KeyError(name)
+
+
+def dump(n: Node) -> str:
+    return json.dumps(status(n), indent=1)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Blast:
+    """A checked TCP stream from one node to another's ULA (tools/tcpblast.py), run in the background
+    so that a test can rebind, move addresses or wait for rekeys while it flows."""
+
+    def __init__(self, lab: Lab, src: Node, dst: Node, port: int = 5001, nbytes: int | None = None,
+                 seconds: float | None = None) -> None:
+        self.lab = lab
+        self.server = lab.spawn(dst.host,
+                                [sys.executable, "-m", "tools.tcpblast", "serve", dst.ula, str(port)],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert self.server.stdout is not None
+        line = self.server.stdout.readline()
+        if "listening" not in line:
+            raise LabError(f"tcpblast server did not start: {line!r}")
+        amount = ["--bytes", str(nbytes)] if nbytes is not None else ["--seconds", str(seconds)]
+        self.client = lab.spawn(src.host, [sys.executable, "-m", "tools.tcpblast", "send", dst.ula, str(port),
+                                           *amount], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+
+    def result(self, timeout: float = 60) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(sender's report, receiver's report); raises if either failed."""
+        out, err = self.client.communicate(timeout=timeout)
+        if self.client.returncode != 0:
+            raise LabError(f"tcpblast sender failed ({self.client.returncode}): {err.strip()[-2000:]}")
+        assert self.server.stdout is not None
+        sline = self.server.stdout.readline()
+        self.server.wait(timeout=timeout)
+        return json.loads(out), json.loads(sline)
+
+
+SSHD_CONFIG = """\
+ListenAddress ::
+Port 22
+HostKey {dir}/host_ed25519
+AuthorizedKeysFile {dir}/authorized_keys
+PidFile none
+UsePAM no
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+"""
+
+
+def start_sshd(lab: Lab, n: Node, workdir: Path) -> tuple[Path, Path]:
+    """A real sshd in n's namespace on [::]:22; returns (client key, known_hosts for n's ULA)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    for name in ("host_ed25519", "client_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / name)],
+                       check=True, timeout=30)
+    (workdir / "authorized_keys").write_text((workdir / "client_ed25519.pub").read_text())
+    (workdir / "sshd_config").write_text(SSHD_CONFIG.format(dir=workdir))
+    host_pub = (workdir / "host_ed25519.pub").read_text().split()
+    known = workdir / "known_hosts"
+    known.write_text(f"{n.ula} {host_pub[0]} {host_pub[1]}\n")
+    with open(workdir / "sshd.log", "ab") as logf:  # the child keeps its own copy of the fd
+        proc = lab.spawn(n.host, ["/usr/sbin/sshd", "-D", "-e", "-f", str(workdir / "sshd_config")],
+                         stdout=subprocess.DEVNULL, stderr=logf)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise LabError(f"sshd exited: {(workdir / 'sshd.log').read_text()[-2000:]}")
+        return ":22 " in lab.run(n.host, ["ss", "-ltnH"]).stdout
+    wait_for(listening, timeout=10, what="sshd to listen")
+    return workdir / "client_ed25519", known
+
+
+def ssh(lab: Lab, src: Node, dst: Node, key: Path, known: Path,
+        command: str) -> subprocess.CompletedProcess[str]:
+    return lab.run(src.host, ["ssh", "-6", "-i", str(key), "-o", f"UserKnownHostsFile={known}",
+                              "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                              "-o", "ConnectTimeout=10", f"root@{dst.ula}", command], timeout=30)

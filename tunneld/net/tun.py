@@ -1,0 +1,89 @@
+"""The TUN device carrying the host's ULA, and its address, route and MTU (through netlink).
+
+The device is opened IFF_TUN | IFF_NO_PI: each read returns one IPv6 packet and each write takes one.
+Reads drain the device until EAGAIN (bounded per wakeup) so one wakeup serves a whole burst.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+from typing import Final
+
+import pytun
+import trio
+from pyroute2 import IPRoute
+
+MAX_PACKET: Final = 65535
+
+
+class TunError(Exception):
+    """The TUN device could not be created or configured; the message says what to check."""
+
+
+class Tun:
+    def __init__(self, name: str, mtu: int) -> None:
+        try:
+            self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except pytun.Error as e:
+            raise TunError(f"cannot create TUN device {name!r}: {e} (run as root; is /dev/net/tun there?)") \
+                from None
+        self.name: str = self.dev.name
+        self.fd: int = self.dev.fileno()
+        os.set_blocking(self.fd, False)
+        self.mtu = mtu
+        self.read_errors = 0
+
+    def configure(self, address: ipaddress.IPv6Address, prefix: ipaddress.IPv6Network) -> None:
+        """Address /128, the account's prefix routed to us, MTU, link up (via netlink)."""
+        with IPRoute() as ip:
+            idx = ip.link_lookup(ifname=self.name)
+            if not idx:
+                raise TunError(f"TUN device {self.name} vanished")
+            index = idx[0]
+            ip.link("set", index=index, mtu=self.mtu)
+            ip.addr("add", index=index, address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
+            ip.link("set", index=index, state="up")
+            ip.route("add", dst=str(prefix.network_address), dst_len=prefix.prefixlen, oif=index)
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.fd)
+
+    def read_batch(self, out: list[bytes], max_packets: int = 128) -> int:
+        fd = self.fd
+        read = os.read
+        n = 0
+        append = out.append
+        while n < max_packets:
+            try:
+                append(read(fd, MAX_PACKET))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    break
+                self.read_errors += 1
+                break
+            n += 1
+        return n
+
+    def write_batch(self, packets: list[bytes]) -> int:
+        """Write packets; a packet the kernel refuses (EINVAL on a malformed header) is dropped."""
+        fd = self.fd
+        write = os.write
+        dropped = 0
+        for p in packets:
+            try:
+                write(fd, p)
+            except BlockingIOError:
+                dropped += 1  # the kernel's queue is full: drop, as a NIC would
+            except OSError:
+                dropped += 1
+        return dropped
+
+    def close(self) -> None:
+        """Closing the only fd of a non-persistent TUN deletes the device, its address and routes."""
+        with contextlib.suppress(OSError):
+            self.dev.close()

@@ -1,0 +1,226 @@
+"""The outer UDP socket: one dual-stack socket, drained and filled in batches, with GSO and GRO.
+
+One `UDPTransport` owns the socket. Receive drains it until EAGAIN (bounded per wakeup) and, where
+the kernel coalesced datagrams with UDP GRO, splits the coalesced buffer at the segment size it
+reports; send hands runs of equal-sized datagrams to the kernel as one UDP GSO `sendmsg` whose
+iovecs are the datagrams themselves. `rebind()` replaces the socket (new address or port) without
+touching anything above it: security associations live elsewhere, and peers learn the new endpoint
+from the next authenticated packet.
+
+IPv4 peers appear as IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) on the dual-stack socket; `endpoint`
+helpers convert for display.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import trio
+
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103  # linux/udp.h: GSO segment size for sendmsg (Linux 4.18)
+UDP_GRO: Final = 104  # linux/udp.h: receive coalescing, cmsg carries the segment size (Linux 5.0)
+MAX_GSO_BYTES: Final = 65000  # total payload of one GSO send stays under the 64 KiB UDP limit
+MAX_GSO_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS in older kernels
+RECV_BUF: Final = 65536 + 1024
+_GSO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+
+Addr = tuple[str, int]  # (IPv6 or IPv4-mapped address, port), as the dual-stack socket reports it
+
+
+def to_socket_addr(host: str, port: int) -> Addr:
+    """An address for the dual-stack socket: IPv4 becomes IPv4-mapped IPv6."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        return (f"::ffff:{ip}", port)
+    return (str(ip), port)
+
+
+def display_addr(addr: Addr) -> str:
+    """host:port with IPv4-mapped addresses shown as IPv4 and IPv6 in brackets."""
+    ip = ipaddress.IPv6Address(addr[0].split("%", 1)[0])
+    if ip.ipv4_mapped is not None:
+        return f"{ip.ipv4_mapped}:{addr[1]}"
+    return f"[{ip}]:{addr[1]}"
+
+
+def split_runs(datagrams: Sequence[bytes]) -> Iterator[tuple[int, int, int]]:
+    """(start, end, size) runs that one GSO send can carry: equal sizes, the last one may be shorter."""
+    n = len(datagrams)
+    i = 0
+    while i < n:
+        size = len(datagrams[i])
+        j = i + 1
+        total = size
+        limit = min(MAX_GSO_SEGMENTS, max(1, MAX_GSO_BYTES // max(size, 1)))
+        while j < n and j - i < limit:
+            s = len(datagrams[j])
+            if s > size:
+                break
+            total += s
+            j += 1
+            if s < size:  # a shorter datagram ends a GSO run
+                break
+        yield i, j, size
+        i = j
+
+
+class UDPTransport:
+    """Owns the outer socket. Not thread-safe; one trio task receives, any task may send."""
+
+    def __init__(self, port: int, bind_host: str = "::", gso: bool = True, gro: bool = True) -> None:
+        self.port = port
+        self.bind_host = bind_host
+        self.want_gso = gso
+        self.want_gro = gro
+        self.gso = False
+        self.gro = False
+        self.sock: socket.socket | None = None
+        self.sent_datagrams = 0
+        self.send_errors = 0
+        self.generation = 0  # bumped by rebind, so a receiver parked on the old socket can notice
+        self._open()
+
+    def _open(self) -> None:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.bind((self.bind_host, self.port))
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        self.gro = False
+        if self.want_gro:
+            try:
+                s.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                self.gro = False
+        self.gso = self.want_gso  # proven on first send; turned off if the kernel refuses
+        self.sock = s
+        self.port = s.getsockname()[1]
+
+    @property
+    def local_port(self) -> int:
+        return self.port
+
+    def rebind(self, port: int | None = None, bind_host: str | None = None) -> None:
+        """Close the socket and open a new one (another port or address); SAs are untouched."""
+        old = self.sock
+        if port is not None:
+            self.port = port
+        if bind_host is not None:
+            self.bind_host = bind_host
+        self.sock = None
+        if old is not None:
+            # Wake any task parked in wait_readable/wait_writable on the old socket (it gets
+            # ClosedResourceError and moves to the new one); without this it would wait forever.
+            trio.lowlevel.notify_closing(old)
+            old.close()
+        self._open()
+        self.generation += 1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    # -- receive ----------------------------------------------------------------------------------
+
+    async def wait_readable(self) -> None:
+        assert self.sock is not None
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def recv_batch(self, out: list[tuple[bytes, Addr]], max_datagrams: int = 256) -> int:
+        """Drain the socket until EAGAIN or `max_datagrams`, appending (payload, source)."""
+        sock = self.sock
+        if sock is None:
+            return 0
+        n = 0
+        append = out.append
+        recvmsg = sock.recvmsg
+        while n < max_datagrams:
+            try:
+                data, anc, _flags, addr = recvmsg(RECV_BUF, _GSO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                # ICMP errors from earlier sends surface here (ECONNREFUSED and kin): not fatal.
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                raise
+            src: Addr = (addr[0], addr[1])
+            seg = 0
+            for level, typ, cdata in anc:
+                if level == SOL_UDP and typ == UDP_GRO and len(cdata) >= 4:
+                    seg = struct.unpack_from("=i", cdata)[0]  # the kernel reports an int
+            if seg and len(data) > seg:
+                for off in range(0, len(data), seg):
+                    append((data[off:off + seg], src))
+                    n += 1
+            else:
+                append((data, src))
+                n += 1
+        return n
+
+    # -- send -------------------------------------------------------------------------------------
+
+    async def send_batch(self, datagrams: Sequence[bytes], dest: Addr) -> None:
+        """Send datagrams to one destination in as few system calls as GSO allows."""
+        if not self.gso or len(datagrams) == 1:
+            for d in datagrams:
+                await self._send((d,), dest, 0)
+            return
+        for start, end, size in split_runs(datagrams):
+            await self._send(datagrams[start:end], dest, size if end - start > 1 else 0)
+
+    def send_now(self, datagram: bytes, dest: Addr) -> bool:
+        """Send without waiting, for handshake messages: if the socket is full the message is
+        dropped (and counted), and the handshake timers retry it."""
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            sock.sendto(datagram, dest)
+        except OSError:
+            self.send_errors += 1
+            return False
+        self.sent_datagrams += 1
+        return True
+
+    async def send_one(self, datagram: bytes, dest: Addr) -> None:
+        await self._send((datagram,), dest, 0)
+
+    async def _send(self, bufs: Sequence[bytes], dest: Addr, gso_size: int) -> None:
+        anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", gso_size))] if gso_size else []
+        for _ in range(100):  # bounded: a socket that stays unwritable is an error, not a hang
+            sock = self.sock
+            if sock is None:
+                return
+            try:
+                sock.sendmsg(bufs, anc, 0, dest)
+                self.sent_datagrams += len(bufs)
+                return
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as e:
+                if gso_size and e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    # No GSO here (old kernel, or a device without checksum offload): fall back.
+                    self.gso = False
+                    for b in bufs:
+                        await self._send((b,), dest, 0)
+                    return
+                # Unreachable peers, no route, and so on: count, drop, go on (the peer's timers
+                # will retry the handshake; a dead endpoint must not kill the data plane).
+                self.send_errors += 1
+                return
+        self.send_errors += 1

@@ -1,0 +1,27 @@
+"""Protocol constants, in one place, with where they come from.
+
+Timers and limits are WireGuard's (whitepaper §6, wireguard-go device/constants.go), because our
+handshake is WireGuard's construction and the same reasoning about key lifetime applies.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+REKEY_AFTER_MESSAGES: Final = 1 << 60  # start a new handshake after this many packets on a key
+REKEY_AFTER_TIME: Final = 120.0  # seconds: the initiator of a session starts a new handshake
+REJECT_AFTER_TIME: Final = 180.0  # seconds: a session is neither used nor accepted after this
+REKEY_ATTEMPT_TIME: Final = 90.0  # seconds: give up retrying a handshake after this
+REKEY_TIMEOUT: Final = 5.0  # seconds between handshake initiation retries
+REKEY_TIMEOUT_JITTER_MAX: Final = 1.0 / 3  # seconds of random jitter added to each retry
+KEEPALIVE_TIMEOUT: Final = 10.0  # seconds: answer received data with a keepalive if nothing else left
+COOKIE_REFRESH_TIME: Final = 120.0  # seconds: lifetime of a cookie and of the cookie secret
+HANDSHAKE_INITIATION_RATE: Final = 50  # initiations per second accepted from one peer
+
+MAX_STAGED_PACKETS: Final = 128  # packets held per peer while its handshake is in progress
+
+DEFAULT_PORT: Final = 4500  # RFC 3948 §1: UDP-encapsulated ESP (and the non-ESP marker) share it
+DEFAULT_MTU: Final = 1400
+# Outer overhead of one tunnelled packet: IPv6 40 + UDP 8 + ESP header 16 + at most 3 pad + 2 trailer
+# + ICV 16 = 85 bytes; 1400 leaves room on a 1500-byte path for either outer family.
+OUTER_OVERHEAD_V6: Final = 40 + 8 + 16 + 3 + 2 + 16
