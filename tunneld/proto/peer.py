@@ -85,6 +85,8 @@ class Peer:
     last_handshake_wall: float | None = None
     handshakes: int = 0
     dropped_spoofed: int = 0
+    rx_dropped_retired: int = 0  # drop counts of sessions already discarded
+    rx_replay_retired: int = 0
 
     # -- sessions ---------------------------------------------------------------------------------
 

@@ -1,0 +1,270 @@
+"""The tunnel's decisions, without I/O: packets and `now` in, datagrams and TUN packets out.
+
+`TunnelCore` owns the peer table, the handshake engine and every per-packet decision:
+
+    outbound(tun packets)   -> group by destination ULA, seal_many per peer -> datagrams per endpoint
+    inbound(UDP datagrams)  -> classify (RFC 3948), open_many per SA, inner-source check -> TUN packets,
+                               handshake messages -> replies; roaming on authenticated packets only
+    poll(now)               -> the peers' timers: retries, keepalives, rekeys, expiry
+
+It never reads a clock (callers pass `now`, monotonic, and `wall`, Unix time for the handshake's
+TAI64N), never touches a socket and draws randomness only through the Handshaker's `rand`. The trio
+daemon is a thin adapter around it, and tests run two cores against each other over a simulated
+network in virtual time.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from crypto.esp import NH_NONE, Kind, SecurityAssociation, classify
+from crypto.kdf import derive_esp_keymat
+from tunneld.proto import handshake as hs
+from tunneld.proto.peer import Action, Peer, Session, Timers
+
+Addr = tuple[str, int]
+Sends = list[tuple[Addr, list[bytes]]]  # datagrams to send, grouped by destination
+UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
+# Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
+SessionHook = Callable[[SecurityAssociation, bytes, Addr | None], None]
+
+
+@dataclass
+class Counters:
+    rx_datagrams: int = 0
+    rx_malformed: int = 0
+    rx_unknown_spi: int = 0
+    rx_keepalive: int = 0
+    rx_handshake: int = 0
+    tx_no_route: int = 0
+    tx_no_endpoint: int = 0
+
+
+class TunnelCore:
+    def __init__(self, private_key: bytes, psk: bytes, suite: str = "aes-256-gcm",
+                 timers: Timers | None = None, rand: Callable[[int], bytes] = os.urandom) -> None:
+        self.suite = suite
+        self.timers = timers or Timers()
+        self.by_ula: dict[bytes, Peer] = {}
+        self.by_key: dict[bytes, Peer] = {}
+        self.by_spi: dict[int, tuple[Peer, Session]] = {}
+        self.handshaker = hs.Handshaker(private_key, psk, self.by_key, index_in_use=self.by_spi.__contains__,
+                                        rand=rand)
+        self.counters = Counters()
+        self.events: deque[str] = deque(maxlen=256)  # human-readable happenings, drained by the adapter
+        self.on_session: SessionHook | None = None
+
+    def add_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
+                 endpoint: Addr | None) -> Peer:
+        peer = Peer(name=name, public_key=public_key, ula=ula.packed, endpoint=endpoint, timers=self.timers)
+        self.by_ula[peer.ula] = peer
+        self.by_key[public_key] = peer
+        return peer
+
+    # -- TUN -> UDP ------------------------------------------------------------------------------------
+
+    def outbound(self, packets: Iterable[bytes], now: float, wall: float) -> Sends:
+        groups: dict[bytes, list[bytes]] = defaultdict(list)
+        for p in packets:
+            if len(p) >= 40 and p[0] >> 4 == 6:
+                groups[p[24:40]].append(p)
+        sends: Sends = []
+        for dst, plist in groups.items():
+            peer = self.by_ula.get(dst)
+            if peer is None:
+                self.counters.tx_no_route += len(plist)
+                continue
+            self._send_data(peer, plist, now, wall, sends)
+        return sends
+
+    def _send_data(self, peer: Peer, plist: list[bytes], now: float, wall: float, sends: Sends) -> None:
+        session = peer.sendable(now)
+        if peer.wants_rekey(now) and not peer.handshake_in_progress():
+            self._initiate(peer, now, wall, sends)
+        if session is None:
+            peer.staged.extend(plist)  # sent when the handshake completes (bounded deque)
+            return
+        if peer.endpoint is None:
+            self.counters.tx_no_endpoint += len(plist)
+            return
+        sends.append((peer.endpoint, session.outbound.seal_many(plist)))
+        peer.tx_packets += len(plist)
+        peer.tx_bytes += sum(map(len, plist))
+        peer.data_sent(now)
+        peer.any_authenticated_packet_sent(now)
+
+    def _keepalive(self, peer: Peer, now: float, sends: Sends) -> None:
+        session = peer.sendable(now)
+        if session is None or peer.endpoint is None:
+            return
+        sends.append((peer.endpoint, [session.outbound.seal(b"", next_header=NH_NONE)]))
+        peer.any_authenticated_packet_sent(now)
+
+    # -- UDP -> TUN ------------------------------------------------------------------------------------
+
+    def inbound(self, batch: Iterable[tuple[bytes, Addr]], now: float, wall: float,
+                tun_out: list[bytes]) -> Sends:
+        """Process received datagrams; appends packets for the TUN to `tun_out`, returns replies."""
+        sends: Sends = []
+        by_spi = self.by_spi
+        esp: dict[int, list[bytes]] = defaultdict(list)
+        last_src: dict[int, Addr] = {}
+        control: list[tuple[bytes, Addr]] = []
+        c = self.counters
+        for data, src in batch:
+            c.rx_datagrams += 1
+            kind = classify(data)
+            if kind is Kind.ESP:
+                spi = int.from_bytes(data[:4], "big")
+                esp[spi].append(data)
+                last_src[spi] = src
+            elif kind is Kind.CONTROL:
+                control.append((data, src))
+            elif kind is Kind.KEEPALIVE:
+                c.rx_keepalive += 1
+            else:
+                c.rx_malformed += 1
+        for spi, wires in esp.items():
+            entry = by_spi.get(spi)
+            if entry is None:
+                c.rx_unknown_spi += len(wires)
+                continue
+            peer, session = entry
+            inbound = session.inbound
+            dummies = inbound.rx_dummy
+            inner = inbound.open_many(wires)
+            if not inner and inbound.rx_dummy == dummies:
+                continue  # nothing authenticated
+            self._unregister(peer.received_on(session, now))
+            src = last_src[spi]
+            if peer.endpoint != src:
+                # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
+                self.events.append(f"peer {peer.name} moved to {src[0]} port {src[1]}")
+                peer.endpoint = src
+            if peer.staged and peer.sendable(now) is not None:
+                staged = list(peer.staged)
+                peer.staged.clear()
+                self._send_data(peer, staged, now, wall, sends)
+            if inner:
+                # Cryptokey routing: an inner packet must come from the ULA bound to the key it used.
+                ula = peer.ula
+                good = [p for p in inner if p[8:24] == ula and len(p) >= 40]
+                if len(good) != len(inner):
+                    peer.dropped_spoofed += len(inner) - len(good)
+                peer.rx_packets += len(good)
+                peer.rx_bytes += sum(map(len, good))
+                tun_out.extend(good)
+                peer.data_received(now)
+            if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
+                self._initiate(peer, now, wall, sends)
+        if control:
+            under_load = len(control) >= UNDER_LOAD_BACKLOG
+            for data, src in control:
+                self._on_handshake_message(data[4:], src, now, wall, under_load, sends)
+        return sends
+
+    # -- handshakes ------------------------------------------------------------------------------------
+
+    def _initiate(self, peer: Peer, now: float, wall: float, sends: Sends) -> None:
+        if peer.endpoint is None:
+            return  # we can only answer this peer; it will contact us
+        payload, _pending = self.handshaker.initiate(peer.public_key, now, wall)
+        sends.append((peer.endpoint, [payload]))
+        peer.handshake_initiated(now)
+
+    def _on_handshake_message(self, message: bytes, src: Addr, now: float, wall: float, under_load: bool,
+                              sends: Sends) -> None:
+        self.counters.rx_handshake += 1
+        event = self.handshaker.receive(message, src, now, under_load)
+        if isinstance(event, hs.InitiationReceived):
+            peer = self.by_key[event.peer]
+            peer.endpoint = src  # authenticated by the handshake itself
+            self._install(peer, event.keys, now, wall)
+            sends.append((src, [event.datagram]))
+        elif isinstance(event, hs.ResponseReceived):
+            peer = self.by_key[event.peer]
+            peer.endpoint = src
+            self._install(peer, event.keys, now, wall)
+            peer.handshake_complete(now, wall)
+            staged = list(peer.staged)
+            peer.staged.clear()
+            if staged:
+                self._send_data(peer, staged, now, wall, sends)
+            else:
+                self._keepalive(peer, now, sends)  # key confirmation for the responder
+        elif isinstance(event, hs.SendCookie):
+            sends.append((src, [event.datagram]))
+
+    def _install(self, peer: Peer, keys: hs.SessionKeys, now: float, wall: float) -> None:
+        outbound, inbound = keys.security_associations(self.suite)
+        session = Session(outbound=outbound, inbound=inbound, created=now, initiator=keys.is_initiator,
+                          confirmed=keys.is_initiator)
+        self._unregister(peer.add_session(session, now))
+        self.by_spi[inbound.spi] = (peer, session)
+        if not keys.is_initiator:
+            peer.last_handshake_wall = wall
+            peer.handshakes += 1
+        if self.on_session is not None:
+            out_dir, in_dir = ("i2r", "r2i") if keys.is_initiator else ("r2i", "i2r")
+            for sa, direction in ((outbound, out_dir), (inbound, in_dir)):
+                key, salt = derive_esp_keymat(keys.i2r if direction == "i2r" else keys.r2i, self.suite,
+                                              direction)
+                self.on_session(sa, key + salt, peer.endpoint)
+
+    def _unregister(self, sessions: Iterable[Session]) -> None:
+        for s in sessions:
+            entry = self.by_spi.pop(s.inbound.spi, None)
+            if entry is not None:  # keep its drop counts in the peer's totals
+                entry[0].rx_dropped_retired += s.inbound.rx_dropped
+                entry[0].rx_replay_retired += s.inbound.rx_replay
+
+    # -- timers ----------------------------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        ds = [d for p in self.by_key.values() if (d := p.deadline()) is not None]
+        return min(ds) if ds else None
+
+    def poll(self, now: float, wall: float) -> Sends:
+        sends: Sends = []
+        for peer in self.by_key.values():
+            actions, dropped = peer.poll(now)
+            self._unregister(dropped)
+            for action in actions:
+                if action is Action.INITIATE:
+                    self._initiate(peer, now, wall, sends)
+                elif action is Action.KEEPALIVE:
+                    self._keepalive(peer, now, sends)
+                elif action is Action.GAVE_UP:
+                    self.events.append(f"handshake with {peer.name} did not complete; "
+                                       f"giving up until there is traffic")
+        return sends
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def peer_status(self, now: float) -> list[dict[str, Any]]:
+        out = []
+        for p in self.by_key.values():
+            cur = p.current
+            out.append({
+                "name": p.name,
+                "public_key": base64.b64encode(p.public_key).decode(),
+                "ula": str(ipaddress.IPv6Address(p.ula)),
+                "endpoint": p.endpoint,
+                "last_handshake": p.last_handshake_wall,
+                "session_age": round(now - cur.created, 3) if cur else None,
+                "handshakes": p.handshakes,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+                "rx_packets": p.rx_packets,
+                "tx_packets": p.tx_packets,
+                "dropped_spoofed": p.dropped_spoofed,
+                "dropped_inbound": p.rx_dropped_retired + sum(s.inbound.rx_dropped for s in p.sessions()),
+                "replayed": p.rx_replay_retired + sum(s.inbound.rx_replay for s in p.sessions()),
+            })
+        return out
