@@ -32,6 +32,10 @@ class Node:
     proc: subprocess.Popen[Any] | None = None
     log: Path = field(default_factory=Path)
     extra: str = ""  # more TOML appended to the config (e.g. a [timers] table)
+    name: str = ""  # the name the other node's config gives this one (default: the host's)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.host.name
 
     @property
     def config(self) -> Path:
@@ -72,8 +76,8 @@ def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
         n.config.write_text(_interface_toml(n, secret))
         out = lab.run(n.host, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
         n.public_key, n.ula = out[1], out[3]
-    a.config.write_text(_interface_toml(a, secret) + _peer_toml("b", b, a_knows_b_endpoint) + a.extra)
-    b.config.write_text(_interface_toml(b, secret) + _peer_toml("a", a, b_knows_a_endpoint) + b.extra)
+    a.config.write_text(_interface_toml(a, secret) + _peer_toml(b.name, b, a_knows_b_endpoint) + a.extra)
+    b.config.write_text(_interface_toml(b, secret) + _peer_toml(a.name, a, b_knows_a_endpoint) + b.extra)
 
 
 def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None) -> None:
