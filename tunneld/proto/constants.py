@@ -16,7 +16,7 @@ REKEY_TIMEOUT: Final = 5.0  # seconds between handshake initiation retries
 REKEY_TIMEOUT_JITTER_MAX: Final = 1.0 / 3  # seconds of random jitter added to each retry
 KEEPALIVE_TIMEOUT: Final = 10.0  # seconds: answer received data with a keepalive if nothing else left
 COOKIE_REFRESH_TIME: Final = 120.0  # seconds: lifetime of a cookie and of the cookie secret
-HANDSHAKE_INITIATION_RATE: Final = 50  # initiations per second accepted from one peer
+HANDSHAKE_INITIATIONS_PER_SECOND: Final = 50  # initiations accepted from one peer per second
 
 MAX_STAGED_PACKETS: Final = 128  # packets held per peer while its handshake is in progress
 

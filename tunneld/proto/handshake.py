@@ -61,6 +61,7 @@ from crypto.noise import (
     xaead_decrypt,
     xaead_encrypt,
 )
+from tunneld.proto import constants as C
 from tunneld.proto.errors import ParseError
 
 __all__ = [
@@ -119,10 +120,9 @@ COOKIE_LEN: Final = 16
 
 TAI64_BASE: Final = 0x400000000000000A
 """TAI64 label of the Unix epoch (1970-01-01 00:00:10 TAI), as in WireGuard's tai64n package."""
-COOKIE_REFRESH_TIME: Final = 120.0
-"""Seconds a cookie is used by its holder and a cookie secret by the responder (CookieRefreshTime)."""
-HANDSHAKE_INITIATION_RATE: Final = 1.0 / 50
-"""Minimum seconds between two accepted initiations from one peer (WireGuard's HandshakeInitationRate)."""
+COOKIE_REFRESH_TIME: Final = C.COOKIE_REFRESH_TIME
+# The minimum gap between two initiations accepted from one peer (WireGuard's 50 per second).
+HANDSHAKE_INITIATION_RATE: Final = 1.0 / C.HANDSHAKE_INITIATIONS_PER_SECOND
 
 _MAX_INDEX_TRIES: Final = 64
 _RESERVED: Final = b"\x00\x00\x00"
