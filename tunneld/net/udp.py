@@ -28,6 +28,9 @@ UDP_GRO: Final = 104  # linux/udp.h: receive coalescing, cmsg carries the segmen
 MAX_GSO_BYTES: Final = 65000  # total payload of one GSO send stays under the 64 KiB UDP limit
 MAX_GSO_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS in older kernels
 RECV_BUF: Final = 65536 + 1024
+SOCKET_BUFFER: Final = 4 << 20  # bytes: a burst of GSO sends must not overflow the peer's queue
+SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: as SO_RCVBUF, past net.core.rmem_max (root)
+SO_SNDBUFFORCE: Final = 32
 _GSO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 
 Addr = tuple[str, int]  # (IPv6 or IPv4-mapped address, port), as the dual-stack socket reports it
@@ -70,6 +73,16 @@ def split_runs(datagrams: Sequence[bytes]) -> Iterator[tuple[int, int, int]]:
         i = j
 
 
+def _set_buffers(s: socket.socket, size: int) -> None:
+    """Large socket buffers. SO_RCVBUF is silently capped at net.core.rmem_max (about 208 KiB by
+    default), which drops datagrams in bursts; the daemon runs as root, so force the size."""
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class UDPTransport:
     """Owns the outer socket. Not thread-safe; one trio task receives, any task may send."""
 
@@ -90,8 +103,7 @@ class UDPTransport:
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            _set_buffers(s, SOCKET_BUFFER)
             s.bind((self.bind_host, self.port))
             s.setblocking(False)
         except OSError:
