@@ -6,7 +6,12 @@ SecurityAssociation seal+open, one packet per call and batched. The three are me
 interleaved rounds, so that noise from other work on the machine falls on all of them alike, and
 reported as medians with the ratio (b)/(a).
 
+`e2e`: TCP throughput through real tunnels between two network namespaces (bench/e2e.py): plain veth,
+wireguard-go and tunneld, with the CPU the tunnel daemon uses on each side; needs root.
+
 Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [--rounds R] [--json]
+       python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
+                                      [--modes veth,wireguard-go,tunneld] [--json]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from bench import e2e
 from crypto.aead import SUITES
 from crypto.esp import SecurityAssociation
 
@@ -124,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=int, default=64, help="packets per seal_many/open_many call")
     c.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    e2e.add_arguments(sub.add_parser("e2e", help="iperf3 through veth, wireguard-go and tunneld (root)"))
     args = parser.parse_args(argv)
+    if args.mode == "e2e":
+        return e2e.main(args)
     for name in ("size", "packets", "batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -1,0 +1,521 @@
+"""End-to-end TCP throughput between two namespaces: plain veth, wireguard-go, and tunneld.
+
+For each mode a fresh two-host lab (tools.lab.two_hosts) is built, the mode's tunnel (if any) is
+brought up between a and b, and `iperf3 -c` in a measures TCP throughput to `iperf3 -s -1` in b,
+`runs` times for each streams count. Around every iperf3 run the CPU time (utime+stime, from
+/proc/<pid>/stat, children included) of the tunnel daemon on each side is sampled, and reported as
+CPU seconds per second of run: the number of cores that daemon kept busy.
+
+- veth: iperf3 straight over 192.0.2.x, no tunnel: the ceiling of this machine.
+- wireguard-go: the userspace WireGuard baseline, MTU 1400, inner 2001:db8:77::1 / ::2.
+- tunneld: `tunneld up` on both sides (MTU 1400), iperf3 between the two ULAs.
+
+Everything is measured within one invocation; nothing is compared with stored numbers. Every
+process is ended by PID and every namespace deleted by the Lab, also on failure and on Ctrl-C or
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from tools.lab import NETNS_PREFIX, Host, Lab, LabError, two_hosts, wait_for
+
+MODES = ("veth", "wireguard-go", "tunneld")
+MTU = 1400
+IPERF_PORT = 5201
+WG_PORT = 51820
+WG_INNER = ("2001:db8:77::1", "2001:db8:77::2")
+WG_RUN_DIR = Path("/var/run/wireguard")
+TUNNELD_PORT = 4500
+TUNNELD_IF = "btmm0"  # per namespace, so the same name on both sides
+TUNNELD_DOMAIN = "bench.tunneld.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Setup:
+    """What the measurement loop needs from a mode: where to send, and which daemons to watch."""
+
+    server_addr: str
+    daemons: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)  # side ("a"/"b") -> daemon
+    logs: dict[str, Path] = field(default_factory=dict)  # side -> daemon log, for error messages
+    interfaces: list[str] = field(default_factory=list)
+    tunnel_if: str = ""  # the tunnel interface in a: its tx counter proves the traffic went through it
+
+
+class Recorder:
+    """Keeps every PID the benchmark started, so the caller (and the test) can check they are gone."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def spawn(self, lab: Lab, h: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+        p = lab.spawn(h, argv, **popen)
+        self.pids.append(p.pid)
+        return p
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+def _tail(path: Path | None, n: int = 2000) -> str:
+    if path is None:
+        return ""
+    try:
+        return path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return ""
+
+
+def _proc_ticks(pid: int) -> int:
+    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _proc_ticks(p)
+        todo += _children(p)
+    return total / CLK_TCK
+
+
+def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool:
+    if p.poll() is not None:
+        tail = _tail(log)
+        raise LabError(f"{what} exited with {p.returncode}" + (f": {tail}" if tail else ""))
+    return True
+
+
+def _ping_until(lab: Lab, h: Host, addr: str, timeout: float, what: str,
+                watch: Sequence[tuple[subprocess.Popen[Any], str, Path | None]] = ()) -> None:
+    """Ping until one answer arrives (each try waits at most 1 s), or raise after `timeout`."""
+    fam = "-6" if ":" in addr else "-4"
+
+    def answered() -> bool:
+        for p, name, log in watch:
+            _alive(p, name, log)
+        return lab.run(h, ["ping", fam, "-c1", "-W1", addr], check=False).returncode == 0
+
+    wait_for(answered, timeout=timeout, interval=0.05, what=what)
+
+
+def _tx_bytes(lab: Lab, h: Host, ifname: str) -> int:
+    link = json.loads(lab.ip(h, "-s", "-j", "link", "show", "dev", ifname))[0]
+    return int(link["stats64"]["tx"]["bytes"])
+
+
+def _listening(lab: Lab, h: Host, port: int) -> bool:
+    out = lab.run(h, ["ss", "-ltnH", f"sport = :{port}"], check=False).stdout
+    return bool(out.strip())
+
+
+# -- modes ----------------------------------------------------------------------------------------
+
+def setup_veth(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder) -> Setup:
+    return Setup(server_addr=b.addr4)
+
+
+def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
+                       cleanup: contextlib.ExitStack) -> Setup:
+    """wireguard-go in both namespaces; interface names carry the lab id because the control
+    sockets share one global folder (/var/run/wireguard) across namespaces."""
+    suffix = lab.id[len(NETNS_PREFIX):]
+    hosts = {"a": a, "b": b}
+    names = {side: f"wg{suffix}{side}" for side in hosts}
+    keys: dict[str, tuple[Path, str]] = {}
+    for side in hosts:
+        priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+        pub = subprocess.run(["wg", "pubkey"], input=priv + "\n", capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        path = work / f"{side}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(priv + "\n")
+        keys[side] = (path, pub)
+
+    setup = Setup(server_addr=WG_INNER[1], interfaces=list(names.values()), tunnel_if=names["a"])
+    for side, h in hosts.items():
+        ifname = names[side]
+        sock = WG_RUN_DIR / f"{ifname}.sock"
+        if sock.exists():
+            raise LabError(f"{sock} already exists: another wireguard-go uses the name {ifname}")
+        # If wireguard-go dies by SIGKILL it leaves its socket behind; remove ours after the lab.
+        cleanup.callback(sock.unlink, missing_ok=True)
+        log = work / f"wireguard-go-{side}.log"
+        with log.open("w") as logf:
+            p = rec.spawn(lab, h, ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", "-f", ifname],
+                          stdout=logf, stderr=subprocess.STDOUT)
+        setup.daemons[side], setup.logs[side] = p, log
+        wait_for(lambda p=p, sock=sock, log=log, side=side:
+                 _alive(p, f"wireguard-go in {side}", log) and sock.exists(),
+                 timeout=10, what=f"wireguard-go control socket {sock}")
+
+    for i, (side, h) in enumerate(hosts.items()):
+        other = "b" if side == "a" else "a"
+        ifname = names[side]
+        peer_outer = (b if side == "a" else a).addr4
+        lab.run(h, ["wg", "set", ifname, "private-key", str(keys[side][0]), "listen-port", str(WG_PORT),
+                    "peer", keys[other][1], "endpoint", f"{peer_outer}:{WG_PORT}",
+                    "allowed-ips", f"{WG_INNER[1 - i]}/128"])
+        lab.addr(h, ifname, f"{WG_INNER[i]}/64")
+        lab.ip(h, "link", "set", ifname, "mtu", str(MTU), "up")
+
+    watch = [(setup.daemons[s], f"wireguard-go in {s}", setup.logs[s]) for s in hosts]
+    _ping_until(lab, a, WG_INNER[1], 20, "the wireguard-go handshake (ping a -> b)", watch)
+    _ping_until(lab, b, WG_INNER[0], 10, "wireguard-go ping b -> a", watch)
+    return setup
+
+
+def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, peer_outer: str) -> Path:
+    """Write <work>/<side>/tunneld.toml per the daemon's config contract; no [[peer]] if no key yet."""
+    d = work / side
+    (d / "state").mkdir(parents=True, exist_ok=True)
+    os.chmod(d / "state", 0o700)
+    text = (
+        "[interface]\n"
+        f'name = "{TUNNELD_IF}"\n'
+        f"listen_port = {TUNNELD_PORT}\n"
+        f"mtu = {MTU}\n"
+        f'state_dir = "{d / "state"}"\n'
+        f'control_socket = "{d / "control.sock"}"\n'
+        "\n[account]\n"
+        f'domain = "{TUNNELD_DOMAIN}"\n'
+        f'secret_file = "{work / "secret"}"\n'
+    )
+    if peer_key is not None:
+        text += (
+            "\n[[peer]]\n"
+            f'name = "{peer_name}"\n'
+            f'public_key = "{peer_key}"\n'
+            f'endpoint = "{peer_outer}:{TUNNELD_PORT}"\n'
+        )
+    conf = d / "tunneld.toml"
+    conf.write_text(text)
+    return conf
+
+
+def parse_identity(out: str) -> tuple[str, str]:
+    """`tunneld identity` prints `public_key <base64>` and `ula <address>`, one per line."""
+    got: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            got[parts[0]] = parts[1]
+    if "public_key" not in got or "ula" not in got:
+        raise LabError(f"unexpected `tunneld identity` output: {out.strip()!r}")
+    return got["public_key"], got["ula"]
+
+
+def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld: Path) -> Setup:
+    if not tunneld.exists():
+        raise LabError(f"{tunneld} not found: install the project into this venv (pip install -e .)")
+    hosts = {"a": a, "b": b}
+    fd = os.open(work / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+
+    # Phase 1: configs without peers, so `tunneld identity` can create each key and report it.
+    ident: dict[str, tuple[str, str]] = {}
+    for side, h in hosts.items():
+        conf = tunneld_config(work, side, "", None, "")
+        out = lab.run(h, [str(tunneld), "identity", "--config", str(conf)]).stdout
+        ident[side] = parse_identity(out)
+    # Phase 2: each side's config names the other as its peer.
+    confs: dict[str, Path] = {}
+    for side in hosts:
+        other = "b" if side == "a" else "a"
+        confs[side] = tunneld_config(work, side, other, ident[other][0], hosts[other].addr4)
+
+    setup = Setup(server_addr=ident["b"][1], interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
+    for side, h in hosts.items():
+        log = work / f"tunneld-{side}.log"
+        with log.open("w") as logf:
+            p = rec.spawn(lab, h, [str(tunneld), "up", "--config", str(confs[side])],
+                          stdout=logf, stderr=subprocess.STDOUT)
+        setup.daemons[side], setup.logs[side] = p, log
+
+    for side, h in hosts.items():
+        p, log = setup.daemons[side], setup.logs[side]
+
+        def answers(p: subprocess.Popen[Any] = p, h: Host = h, side: str = side, log: Path = log) -> bool:
+            _alive(p, f"tunneld in {side}", log)
+            r = lab.run(h, [str(tunneld), "status", "--json", "--config", str(confs[side])], check=False)
+            return r.returncode == 0
+
+        wait_for(answers, timeout=20, interval=0.1, what=f"`tunneld status` in {side}")
+
+    watch = [(setup.daemons[s], f"tunneld in {s}", setup.logs[s]) for s in hosts]
+    _ping_until(lab, a, ident["b"][1], 30, "the tunneld handshake (ping6 a -> b's ULA)", watch)
+    _ping_until(lab, b, ident["a"][1], 10, "tunneld ping6 b -> a's ULA", watch)
+    return setup
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration: int, streams: int,
+               work: Path) -> dict[str, Any]:
+    """One iperf3 run a -> b, with the daemons' CPU time sampled around it."""
+    slog = work / "iperf3-server.log"
+    with slog.open("w") as logf:
+        server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
+                           stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _alive(server, "iperf3 server", slog) and _listening(lab, b, IPERF_PORT),
+                 timeout=10, what="iperf3 server to listen")
+        tx0 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
+        cpu0 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
+        t0 = time.monotonic()
+        client = rec.spawn(lab, a, ["iperf3", "-c", setup.server_addr, "-p", str(IPERF_PORT),
+                                    "-t", str(duration), "-P", str(streams), "-J"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = client.communicate(timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            lab.stop(client)
+            raise LabError(f"iperf3 client did not finish within {duration + 30} s") from None
+        elapsed = time.monotonic() - t0
+        cpu1 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
+        tx1 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
+        for side, p in setup.daemons.items():
+            _alive(p, f"daemon in {side}", setup.logs.get(side))
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=5)
+        lab.stop(server)
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        raise LabError(f"iperf3 client (exit {client.returncode}) printed no JSON: "
+                       f"{(err or out).strip()[-1000:]}") from None
+    if client.returncode != 0 or "error" in data:
+        raise LabError(f"iperf3 client failed: {data.get('error', err.strip())}; "
+                       f"server: {_tail(slog, 500)}")
+    end = data["end"]
+    received = int(end["sum_received"]["bytes"])
+    if setup.tunnel_if and tx1 - tx0 < received:
+        # Less left through the tunnel than iperf3 delivered: the traffic went around the tunnel.
+        raise LabError(f"{setup.tunnel_if} in a sent {tx1 - tx0} bytes but iperf3 received {received}: "
+                       "the traffic did not go through the tunnel")
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "retransmits": int(end["sum_sent"].get("retransmits", 0)),
+        "seconds": elapsed,
+        "tunnel_tx_bytes": tx1 - tx0,
+        "received_bytes": received,
+        "cpu": {side: (cpu1[side] - cpu0[side]) / elapsed for side in setup.daemons},
+    }
+
+
+def _summary(mode: str, streams: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    g = [s["gbps"] for s in samples]
+    sides = sorted({side for s in samples for side in s["cpu"]})
+    return {
+        "mode": mode,
+        "streams": streams,
+        "gbps_median": statistics.median(g),
+        "gbps_min": min(g),
+        "gbps_max": max(g),
+        "retransmits_median": statistics.median(s["retransmits"] for s in samples),
+        "cpu_cores_median": {side: statistics.median(s["cpu"][side] for s in samples) for side in sides},
+        "samples": samples,
+    }
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit so the Lab tears down (Ctrl-C already raises)."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, tunneld: Path,
+             log: Callable[[str], None], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measure one mode in its own lab; `info` gets the lab id, namespaces and every PID started."""
+    rec = Recorder()
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-e2e-{mode}-")))
+        cleanup = stack.enter_context(contextlib.ExitStack())  # runs after the lab has closed
+        lab = stack.enter_context(Lab())
+        info.update(lab_id=lab.id, pids=rec.pids)
+        a, b = two_hosts(lab)
+        info["namespaces"] = [a.netns, b.netns]
+        log(f"[{mode}] lab {lab.id}: setting up")
+        if mode == "veth":
+            setup = setup_veth(lab, a, b, work, rec)
+        elif mode == "wireguard-go":
+            setup = setup_wireguard_go(lab, a, b, work, rec, cleanup)
+        elif mode == "tunneld":
+            setup = setup_tunneld(lab, a, b, work, rec, tunneld)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        info["interfaces"] = setup.interfaces
+        samples: dict[int, list[dict[str, Any]]] = {n: [] for n in streams_list}
+        for run in range(runs):
+            for n in streams_list:  # interleaved, so drift in the machine's load hits all counts alike
+                s = iperf_once(lab, a, b, setup, rec, duration, n, work)
+                samples[n].append(s)
+                cpu = " ".join(f"{side}={c:.2f}" for side, c in s["cpu"].items())
+                log(f"[{mode}] run {run + 1}/{runs} P={n}: {s['gbps']:.3f} Gb/s, "
+                    f"{s['retransmits']} retransmits" + (f", daemon cores {cpu}" if cpu else ""))
+    return [_summary(mode, n, samples[n]) for n in streams_list]
+
+
+def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, runs: int,
+            tunneld: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    for tool in ("iperf3", "ip", "ss", "ping") + (("wireguard-go", "wg") if "wireguard-go" in modes else ()):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} not found (Debian: apt-get install iperf3 iproute2 iputils-ping "
+                           f"wireguard-go wireguard-tools)")
+    tunneld = tunneld or Path(sys.prefix) / "bin" / "tunneld"
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result: dict[str, Any] = {"duration": duration, "runs": runs, "streams": list(streams_list),
+                              "modes": list(modes), "cpu_count": os.cpu_count(), "mtu": MTU,
+                              "rows": [], "ratios": {}, "labs": [], "errors": {}}
+    with _terminate_as_exit():
+        for mode in modes:
+            info: dict[str, Any] = {"mode": mode}
+            try:
+                rows = run_mode(mode, streams_list, duration, runs, tunneld, log, info)
+            except (LabError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+                # Report it and go on with the other modes; the lab has been torn down already.
+                log(f"[{mode}] failed: {e}")
+                result["errors"][mode] = str(e)
+            else:
+                result["rows"] += rows
+            result["labs"].append(info)
+    med = {(r["mode"], r["streams"]): r["gbps_median"] for r in result["rows"]}
+    measured = {r["mode"] for r in result["rows"]}
+    for base in ("wireguard-go", "veth"):
+        if "tunneld" in measured and base in measured:
+            result["ratios"][f"tunneld/{base}"] = {
+                str(n): med[("tunneld", n)] / med[(base, n)] for n in streams_list if med[(base, n)] > 0}
+    return result
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    print(f"End-to-end TCP, iperf3 -t {r['duration']}, {r['runs']} run(s) per row, medians (min..max); "
+          f"MTU {r['mtu']} in tunnels; {r['cpu_count']} CPUs", file=out)
+    print("CPU = cores used by the tunnel daemon in host a (iperf3 client) / host b (server)", file=out)
+    head = f"| {'mode':<12} | {'streams':>7} | {'Gb/s (min..max)':<24} | {'retrans':>8} | " \
+           f"{'CPU a':>6} | {'CPU b':>6} |"
+    print(head, file=out)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
+    for row in r["rows"]:
+        gb = f"{row['gbps_median']:.3f} ({row['gbps_min']:.3f}..{row['gbps_max']:.3f})"
+        cpu = row["cpu_cores_median"]
+        ca = f"{cpu['a']:.2f}" if "a" in cpu else "-"
+        cb = f"{cpu['b']:.2f}" if "b" in cpu else "-"
+        print(f"| {row['mode']:<12} | {row['streams']:>7} | {gb:<24} | {row['retransmits_median']:>8g} | "
+              f"{ca:>6} | {cb:>6} |", file=out)
+    for name, per in r["ratios"].items():
+        parts = [f"{n} stream{'s' if n != '1' else ''}: {v:.2f}x" for n, v in per.items()]
+        print(f"{name} (median Gb/s): " + ", ".join(parts), file=out)
+    for mode, err in r["errors"].items():
+        print(f"{mode}: NOT MEASURED: {err.splitlines()[0] if err else 'failed'}", file=out)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for `python -m bench.throughput e2e` (arguments from add_arguments).
+
+    Exit 0 when every mode was measured, 1 when a mode failed (the others are still reported),
+    2 when not run as root.
+    """
+    if os.geteuid() != 0:
+        print("bench e2e: needs root (network namespaces); run it with sudo", file=sys.stderr)
+        return 2
+    if args.duration < 1 or args.runs < 1:
+        print("bench e2e: --duration and --runs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        r = run_e2e(args.modes, args.streams, args.duration, args.runs,
+                    Path(args.tunneld) if args.tunneld else None)
+    except KeyboardInterrupt:  # the labs have been torn down on the way out
+        print("bench e2e: interrupted; every namespace and process it started has been removed",
+              file=sys.stderr)
+        return 130
+    if args.json:
+        json.dump(r, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(r)
+    for mode, err in r["errors"].items():
+        print(f"bench e2e: {mode} failed: {err}", file=sys.stderr)
+    return 1 if r["errors"] else 0
+
+
+def parse_modes(text: str) -> list[str]:
+    """argparse type for --modes: a comma-separated subset of MODES, order kept, duplicates dropped."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def parse_streams(text: str) -> list[int]:
+    """argparse type for --streams: comma-separated parallel stream counts (iperf3 -P), 1 to 128."""
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 or v > 128 for v in vals):
+        raise argparse.ArgumentTypeError("give comma-separated integers from 1 to 128, e.g. 1,4")
+    return list(dict.fromkeys(vals))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=int, default=10, help="seconds per iperf3 run (default 10)")
+    p.add_argument("--runs", type=int, default=3, help="runs per mode and streams count (default 3)")
+    p.add_argument("--streams", type=parse_streams, default=[1, 4],
+                   help="comma-separated parallel streams, iperf3 -P (default 1,4)")
+    p.add_argument("--modes", type=parse_modes, default=list(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)} (default all)")
+    p.add_argument("--tunneld", default=None,
+                   help="tunneld executable for tunneld mode (default: <sys.prefix>/bin/tunneld)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -1,0 +1,95 @@
+"""The end-to-end benchmark (`python -m bench.throughput e2e`): one quick run through veth and
+wireguard-go reports positive throughput, and leaves no namespace, process or control socket behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.lab import list_namespaces
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ("ip", "ss", "ping", "iperf3", "wireguard-go", "wg")
+PACKAGES = "iproute2 iputils-ping iperf3 wireguard-go wireguard-tools"
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                       reason=f"needs {', '.join(TOOLS)} (Debian: {PACKAGES})"),
+]
+
+TIMEOUT = 120  # two labs, two 2-second iperf3 runs and the wireguard-go handshake take about 10 s
+
+
+def _procs(names: tuple[str, ...]) -> dict[int, str]:
+    """PID -> command line of every live process whose executable name is one of `names`."""
+    found: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            comm = (d / "comm").read_text().strip()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if comm in names:
+            found[int(d.name)] = cmd
+    return found
+
+
+def test_quick_run_veth_and_wireguard_go_cleans_up() -> None:
+    before = _procs(("wireguard-go", "iperf3"))
+    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
+            "--streams", "1", "--modes", "veth,wireguard-go", "--json"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGINT lets the benchmark tear its labs down; SIGKILL only if that hangs too.
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
+    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    r = json.loads(out)
+
+    assert r["errors"] == {}
+    rows = {(row["mode"], row["streams"]): row for row in r["rows"]}
+    assert set(rows) == {("veth", 1), ("wireguard-go", 1)}
+    for row in rows.values():
+        assert row["gbps_median"] > 0
+        assert len(row["samples"]) == 1
+    wg = rows[("wireguard-go", 1)]
+    assert set(wg["cpu_cores_median"]) == {"a", "b"}
+    assert all(c > 0 for c in wg["cpu_cores_median"].values()), "wireguard-go must have used some CPU"
+    assert rows[("veth", 1)]["cpu_cores_median"] == {}
+
+    # Nothing is left: namespaces, processes (by the PIDs it reports, and by name), control sockets.
+    labs = r["labs"]
+    assert [lab["mode"] for lab in labs] == ["veth", "wireguard-go"]
+    remaining = set(list_namespaces())
+    for lab in labs:
+        assert lab["namespaces"] and not set(lab["namespaces"]) & remaining
+        assert list_namespaces(lab["lab_id"]) == []
+        for pid in lab["pids"]:
+            comm = Path(f"/proc/{pid}/comm")
+            assert not (comm.exists() and comm.read_text().strip() in ("wireguard-go", "iperf3")), \
+                f"pid {pid} is still running"
+    wg_lab = labs[1]
+    assert len(wg_lab["interfaces"]) == 2
+    for ifname in wg_lab["interfaces"]:
+        assert not Path(f"/var/run/wireguard/{ifname}.sock").exists()
+    left = {pid: cmd for pid, cmd in _procs(("wireguard-go", "iperf3")).items() if pid not in before}
+    assert not left, f"processes left behind: {left}"
