@@ -17,6 +17,9 @@ import trio
 from pyroute2 import IPRoute
 
 MAX_PACKET: Final = 65535
+# Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
+# default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
+TX_QUEUE_LEN: Final = 1000
 
 
 class TunError(Exception):
@@ -43,7 +46,7 @@ class Tun:
             if not idx:
                 raise TunError(f"TUN device {self.name} vanished")
             index = idx[0]
-            ip.link("set", index=index, mtu=self.mtu)
+            ip.link("set", index=index, mtu=self.mtu, txqlen=TX_QUEUE_LEN)
             ip.addr("add", index=index, address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
             ip.link("set", index=index, state="up")
             ip.route("add", dst=str(prefix.network_address), dst_len=prefix.prefixlen, oif=index)
