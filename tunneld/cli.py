@@ -84,7 +84,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from tunneld.daemon import Daemon, keylog_path, run_until_signalled
     from tunneld.keylog import KeyLog
-    from tunneld.net.tun import TunError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
@@ -94,14 +93,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     keylog = KeyLog(kl) if kl else None
     try:
         trio.run(run_until_signalled, Daemon(config, ident, keylog))
-    except TunError as e:
-        print(f"tunneld: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as e:
-        print(f"tunneld: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'}); "
-              f"is another tunneld running, or the port in use?", file=sys.stderr)
+    except BaseException as e:  # start-up failures arrive wrapped in exception groups
+        cause = _startup_failure(e)
+        if cause is None:
+            raise
+        print(f"tunneld: {cause}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _startup_failure(e: BaseException) -> str | None:
+    """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
+    from tunneld.net.tun import TunError
+
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            msg = _startup_failure(sub)
+            if msg is not None:
+                return msg
+        return None
+    if isinstance(e, TunError):
+        return str(e)
+    if isinstance(e, OSError):
+        return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
+                f"or is the port in use? (set [interface] listen_port)")
+    return None
 
 
 def _control_path(args: argparse.Namespace) -> Path:

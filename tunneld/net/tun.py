@@ -15,6 +15,7 @@ from typing import Final
 import pytun
 import trio
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 MAX_PACKET: Final = 65535
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
@@ -41,6 +42,14 @@ class Tun:
 
     def configure(self, address: ipaddress.IPv6Address, prefix: ipaddress.IPv6Network) -> None:
         """Address /128, the account's prefix routed to us, MTU, link up (via netlink)."""
+        try:
+            self._configure(address, prefix)
+        except NetlinkError as e:
+            what = "the route to the account's prefix already exists" if e.code == errno.EEXIST else e
+            raise TunError(f"cannot configure {self.name} ({address}, {prefix}): {what}; is another "
+                           f"tunneld of this account running on this host?") from None
+
+    def _configure(self, address: ipaddress.IPv6Address, prefix: ipaddress.IPv6Network) -> None:
         with IPRoute() as ip:
             idx = ip.link_lookup(ifname=self.name)
             if not idx:

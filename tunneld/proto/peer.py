@@ -133,11 +133,17 @@ class Peer:
             self.next = session
         return dropped
 
-    def received_on(self, session: Session, now: float) -> list[Session]:
-        """An authenticated packet arrived on `session`; promote `next` on its first packet."""
+    def received_on(self, session: Session, now: float, wall: float) -> list[Session]:
+        """An authenticated packet arrived on `session`; promote `next` on its first packet.
+
+        For the responder that first packet is the key confirmation, so only now does the handshake
+        count as complete (a peer with a wrong PSK gets a response but never gets here).
+        """
         dropped: list[Session] = []
         if session is self.next:
             session.confirmed = True
+            self.last_handshake_wall = wall
+            self.handshakes += 1
             if self.previous is not None:
                 dropped.append(self.previous)
             self.previous = self.current

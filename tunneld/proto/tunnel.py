@@ -113,24 +113,23 @@ class TunnelCore:
         """Process received datagrams; appends packets for the TUN to `tun_out`, returns replies."""
         sends: Sends = []
         by_spi = self.by_spi
-        esp: dict[int, list[bytes]] = defaultdict(list)
-        last_src: dict[int, Addr] = {}
+        # Grouped by (SPI, source): a source may become the peer's endpoint only if a datagram it
+        # sent authenticated. (GRO hands us one source per receive, so the groups stay large.)
+        esp: dict[tuple[int, Addr], list[bytes]] = defaultdict(list)
         control: list[tuple[bytes, Addr]] = []
         c = self.counters
         for data, src in batch:
             c.rx_datagrams += 1
             kind = classify(data)
             if kind is Kind.ESP:
-                spi = int.from_bytes(data[:4], "big")
-                esp[spi].append(data)
-                last_src[spi] = src
+                esp[int.from_bytes(data[:4], "big"), src].append(data)
             elif kind is Kind.CONTROL:
                 control.append((data, src))
             elif kind is Kind.KEEPALIVE:
                 c.rx_keepalive += 1
             else:
                 c.rx_malformed += 1
-        for spi, wires in esp.items():
+        for (spi, src), wires in esp.items():
             entry = by_spi.get(spi)
             if entry is None:
                 c.rx_unknown_spi += len(wires)
@@ -140,9 +139,8 @@ class TunnelCore:
             dummies = inbound.rx_dummy
             inner = inbound.open_many(wires)
             if not inner and inbound.rx_dummy == dummies:
-                continue  # nothing authenticated
-            self._unregister(peer.received_on(session, now))
-            src = last_src[spi]
+                continue  # nothing from this source authenticated
+            self._unregister(peer.received_on(session, now, wall))
             if peer.endpoint != src:
                 # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
                 self.events.append(f"peer {peer.name} moved to {src[0]} port {src[1]}")
@@ -207,9 +205,6 @@ class TunnelCore:
                           confirmed=keys.is_initiator)
         self._unregister(peer.add_session(session, now))
         self.by_spi[inbound.spi] = (peer, session)
-        if not keys.is_initiator:
-            peer.last_handshake_wall = wall
-            peer.handshakes += 1
         if self.on_session is not None:
             out_dir, in_dir = ("i2r", "r2i") if keys.is_initiator else ("r2i", "i2r")
             for sa, direction in ((outbound, out_dir), (inbound, in_dir)):
