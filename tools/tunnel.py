@@ -7,15 +7,17 @@ way a user runs it: the console script, a TOML config, the control socket.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.lab import Host, Lab, LabError, wait_for
+from tools.lab import Host, Lab, LabError, two_hosts, wait_for
 
 TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")
 DOMAIN = "lab.tunneld.test"
@@ -214,3 +216,26 @@ def ssh(lab: Lab, src: Node, dst: Node, key: Path, known: Path,
     return lab.run(src.host, ["ssh", "-6", "-i", str(key), "-o", f"UserKnownHostsFile={known}",
                               "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
                               "-o", "ConnectTimeout=10", f"root@{dst.ula}", command], timeout=30)
+
+
+@contextlib.contextmanager
+def running_pair(workdir: Path, extra: str = "", start_b: bool = True, a_args: Sequence[str] = (),
+                 b_args: Sequence[str] = (), b_env: dict[str, str] | None = None,
+                 before_start: Callable[[Lab, Node, Node], None] | None = None,
+                 ) -> Iterator[tuple[Lab, Node, Node]]:
+    """Two hosts on a link, each other's peer, `tunneld up` in a (and b unless start_b is False).
+
+    `extra` is TOML appended to both configs; `before_start(lab, a, b)` may change the configs
+    before the daemons start. Everything is removed on exit.
+    """
+    with Lab() as lab:
+        ha, hb = two_hosts(lab)
+        a = Node(ha, workdir / "a", ha.addr4, extra=extra)
+        b = Node(hb, workdir / "b", hb.addr4, extra=extra)
+        setup_pair(lab, a, b)
+        if before_start is not None:
+            before_start(lab, a, b)
+        start(lab, a, *a_args)
+        if start_b:
+            start(lab, b, *b_args, env=b_env)
+        yield lab, a, b

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Host, Lab, two_hosts, wait_for
-from tools.tunnel import DOMAIN, TUNNELD, Node, setup_pair, start, status, write_secret
+from tools.lab import Host, Lab, wait_for
+from tools.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, status, write_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")
@@ -158,12 +158,7 @@ def test_status_without_a_daemon_exits_1_with_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[tuple[Lab, Node]]:
-    with Lab() as lab:
-        ha, hb = two_hosts(lab)
-        a = Node(ha, tmp_path / "a", ha.addr4)
-        b = Node(hb, tmp_path / "b", hb.addr4)
-        setup_pair(lab, a, b)
-        start(lab, a)
+    with running_pair(tmp_path, start_b=False) as (lab, a, _b):
         yield lab, a
 
 

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Lab, two_hosts, wait_for
+from tools.lab import Lab, wait_for
 from tools.tunnel import (
     Blast,
     Node,
     control,
     peer_status,
     ping6,
-    setup_pair,
+    running_pair,
     ssh,
-    start,
     start_sshd,
     status,
 )
@@ -29,14 +28,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
-    with Lab() as lab:
-        ha, hb = two_hosts(lab)
-        a = Node(ha, tmp_path / "a", ha.addr4)
-        b = Node(hb, tmp_path / "b", hb.addr4)
-        setup_pair(lab, a, b)
-        start(lab, a)
-        start(lab, b)
-        yield lab, a, b
+    with running_pair(tmp_path) as p:
+        yield p
 
 
 def test_ping6_both_ways(pair: tuple[Lab, Node, Node]) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.attack import capture, is_esp, udp_payloads
-from tools.lab import Lab, two_hosts, wait_for
-from tools.tunnel import Node, ping6, setup_pair, start
+from tools.lab import Lab, wait_for
+from tools.tunnel import Node, ping6, running_pair
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tcpdump") or not shutil.which("tshark"),
@@ -25,14 +25,10 @@ PINGS = 4
 
 @pytest.fixture
 def keylogged_pair(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node, Path, Path]]:
-    with Lab() as lab:
-        ha, hb = two_hosts(lab)
-        a = Node(ha, tmp_path / "a", ha.addr4)
-        b = Node(hb, tmp_path / "b", hb.addr4)
-        setup_pair(lab, a, b)
-        keys_a, keys_b = tmp_path / "a.keys", tmp_path / "b.keys"
-        start(lab, a, "--keylog", str(keys_a))  # both ways of asking for it
-        start(lab, b, env={"TUNNELD_KEYLOG": str(keys_b)})
+    keys_a, keys_b = tmp_path / "a.keys", tmp_path / "b.keys"
+    # Both ways of asking for it: the option for a, the environment for b.
+    with running_pair(tmp_path, a_args=("--keylog", str(keys_a)), b_env={"TUNNELD_KEYLOG": str(keys_b)}) \
+            as (lab, a, b):
         yield lab, a, b, keys_a, keys_b
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Lab, two_hosts, wait_for
-from tools.tunnel import Blast, Node, peer_status, ping6, setup_pair, start, status
+from tools.lab import Lab, wait_for
+from tools.tunnel import Blast, Node, peer_status, ping6, running_pair, status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")
@@ -29,14 +29,8 @@ STREAM_SECONDS = 6.0
 
 @pytest.fixture
 def fast_rekey_pair(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
-    with Lab() as lab:
-        ha, hb = two_hosts(lab)
-        a = Node(ha, tmp_path / "a", ha.addr4, extra=SHORT_TIMERS)
-        b = Node(hb, tmp_path / "b", hb.addr4, extra=SHORT_TIMERS)
-        setup_pair(lab, a, b)
-        start(lab, a)
-        start(lab, b)
-        yield lab, a, b
+    with running_pair(tmp_path, extra=SHORT_TIMERS) as p:
+        yield p
 
 
 def test_stream_survives_rekeys_every_second(fast_rekey_pair: tuple[Lab, Node, Node]) -> None:

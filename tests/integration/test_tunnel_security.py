@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.integration.attack import attack, capture, is_esp, udp_payloads
-from tools.lab import Lab, two_hosts, wait_for
+from tools.lab import Lab, wait_for
 from tools.tunnel import (
     DOMAIN,
     TUNNELD,
@@ -34,7 +34,7 @@ from tools.tunnel import (
     Node,
     peer_status,
     ping6,
-    setup_pair,
+    running_pair,
     start,
     status,
     write_secret,
@@ -50,15 +50,11 @@ Pair = tuple[Lab, Node, Node]
 def working_pair(tmp_path: Path, b_extra: Callable[[Lab, Node, Node], str] | None = None) -> Iterator[Pair]:
     """a <-> b up and pinged; at the end, b must still serve a. `b_extra(lab, a, b)` may add TOML to b's
     config (more peers) before the daemons start."""
-    with Lab() as lab:
-        ha, hb = two_hosts(lab)
-        a = Node(ha, tmp_path / "a", ha.addr4)
-        b = Node(hb, tmp_path / "b", hb.addr4)
-        setup_pair(lab, a, b)
+    def add_to_b(lab: Lab, a: Node, b: Node) -> None:
         if b_extra is not None:
             b.config.write_text(b.config.read_text() + b_extra(lab, a, b))
-        start(lab, a)
-        start(lab, b)
+
+    with running_pair(tmp_path, before_start=add_to_b) as (lab, a, b):
         ping6(lab, a, b)
         yield lab, a, b
         # Every attack leaves b serving a.
