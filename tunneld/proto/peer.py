@@ -39,7 +39,8 @@ class Timers:
 
 
 class Action(enum.Enum):
-    INITIATE = "initiate"  # send a (new) handshake initiation
+    INITIATE = "initiate"  # start a new handshake
+    RETRY = "retry"  # the last initiation was not answered within rekey_timeout: send another
     KEEPALIVE = "keepalive"  # send an empty authenticated packet on the current session
     GAVE_UP = "gave-up"  # the handshake did not complete within rekey_attempt_time
 
@@ -84,6 +85,7 @@ class Peer:
     tx_packets: int = 0
     last_handshake_wall: float | None = None
     handshakes: int = 0
+    last_sent_handshake: float | None = None  # `now` of our last initiation or response
     dropped_spoofed: int = 0
     rx_dropped_retired: int = 0  # drop counts of sessions already discarded
     rx_replay_retired: int = 0
@@ -93,7 +95,7 @@ class Peer:
     def sendable(self, now: float) -> Session | None:
         """The session to send on, or None if a handshake is needed first."""
         s = self.current
-        if s is None or not s.confirmed or now - s.created >= self.timers.reject_after_time:
+        if s is None or not s.confirmed or self.expired(s, now):
             return None
         if s.outbound.seq >= s.outbound.limit:
             return None
@@ -116,21 +118,32 @@ class Peer:
             now - s.created >= t.reject_after_time - t.keepalive_timeout - t.rekey_timeout
 
     def add_session(self, session: Session, now: float) -> list[Session]:
-        """Install a fresh session; returns the sessions dropped (their inbound SPIs must go)."""
+        """Install a fresh session; returns the sessions dropped (their inbound SPIs must go).
+
+        As wireguard-go's BeginSymmetricSession: an initiator's session is confirmed (we hold the
+        response) and becomes current; if a responder session was waiting in `next`, the peer may
+        already be sending on it (crossing handshakes), so it is kept as `previous` for receiving.
+        A responder's session waits in `next`, and `previous` is dropped.
+        """
         dropped: list[Session] = []
         if session.initiator:
-            # We hold the response: the responder has the keys, so this is confirmed at once.
-            if self.previous is not None:
-                dropped.append(self.previous)
             if self.next is not None:
-                dropped.append(self.next)
+                for s in (self.current, self.previous):
+                    if s is not None:
+                        dropped.append(s)
+                self.previous = self.next
                 self.next = None
-            self.previous = self.current
+            else:
+                if self.previous is not None:
+                    dropped.append(self.previous)
+                self.previous = self.current
             self.current = session
         else:
-            if self.next is not None:
-                dropped.append(self.next)
+            for s in (self.next, self.previous):
+                if s is not None:
+                    dropped.append(s)
             self.next = session
+            self.previous = None
         return dropped
 
     def received_on(self, session: Session, now: float, wall: float) -> list[Session]:
@@ -142,8 +155,7 @@ class Peer:
         dropped: list[Session] = []
         if session is self.next:
             session.confirmed = True
-            self.last_handshake_wall = wall
-            self.handshakes += 1
+            self.handshake_complete(now, wall)  # as wireguard-go: stops our own retries too
             if self.previous is not None:
                 dropped.append(self.previous)
             self.previous = self.current
@@ -152,13 +164,17 @@ class Peer:
         self.any_authenticated_packet_received(now)
         return dropped
 
+    def expired(self, session: Session, now: float) -> bool:
+        """Past reject_after_time: neither used nor accepted. The same sum as `deadline` uses, so
+        that polling at the announced deadline always expires the session (floating point)."""
+        return now >= session.created + self.timers.reject_after_time
+
     def expire(self, now: float) -> list[Session]:
         """Drop sessions past reject_after_time; returns them."""
-        limit = self.timers.reject_after_time
         dropped = []
         for attr in ("previous", "current", "next"):
             s = getattr(self, attr)
-            if s is not None and now - s.created >= limit:
+            if s is not None and self.expired(s, now):
                 dropped.append(s)
                 setattr(self, attr, None)
         return dropped
@@ -182,9 +198,11 @@ class Peer:
         self.handshakes += 1
 
     def data_sent(self, now: float) -> None:
-        """timersDataSent: expect an answer within keepalive + rekey_timeout, else rehandshake."""
+        """timersDataSent: expect an answer within keepalive + rekey_timeout (plus jitter, so two
+        peers that both time out do not initiate at the same instant), else rehandshake."""
         if self.new_handshake_at is None:
-            self.new_handshake_at = now + self.timers.keepalive_timeout + self.timers.rekey_timeout
+            self.new_handshake_at = now + self.timers.keepalive_timeout + self.timers.rekey_timeout \
+                + self.rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
 
     def data_received(self, now: float) -> None:
         """timersDataReceived: answer within keepalive_timeout, with a keepalive if nothing else."""
@@ -219,7 +237,7 @@ class Peer:
                 self.new_handshake_at = None
                 actions.append(Action.GAVE_UP)
             else:
-                actions.append(Action.INITIATE)
+                actions.append(Action.RETRY)
         if self.new_handshake_at is not None and now >= self.new_handshake_at:
             self.new_handshake_at = None
             if self.retry_at is None:

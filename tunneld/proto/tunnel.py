@@ -135,6 +135,9 @@ class TunnelCore:
                 c.rx_unknown_spi += len(wires)
                 continue
             peer, session = entry
+            if peer.expired(session, now):  # past reject_after_time, even before poll drops it
+                peer.rx_dropped_retired += len(wires)
+                continue
             inbound = session.inbound
             dummies = inbound.rx_dummy
             inner = inbound.open_many(wires)
@@ -169,11 +172,17 @@ class TunnelCore:
 
     # -- handshakes ------------------------------------------------------------------------------------
 
-    def _initiate(self, peer: Peer, now: float, wall: float, sends: Sends) -> None:
+    def _initiate(self, peer: Peer, now: float, wall: float, sends: Sends, retry: bool = False) -> None:
         if peer.endpoint is None:
             return  # we can only answer this peer; it will contact us
+        last = peer.last_sent_handshake
+        if not retry and last is not None and now - last < self.timers.rekey_timeout:
+            # As wireguard-go: no new handshake within rekey_timeout of our last initiation or
+            # response; the one in flight (or the peer's) is about to complete.
+            return
         payload, _pending = self.handshaker.initiate(peer.public_key, now, wall)
         sends.append((peer.endpoint, [payload]))
+        peer.last_sent_handshake = now
         peer.handshake_initiated(now)
 
     def _on_handshake_message(self, message: bytes, src: Addr, now: float, wall: float, under_load: bool,
@@ -185,6 +194,7 @@ class TunnelCore:
             peer.endpoint = src  # authenticated by the handshake itself
             self._install(peer, event.keys, now, wall)
             sends.append((src, [event.datagram]))
+            peer.last_sent_handshake = now
         elif isinstance(event, hs.ResponseReceived):
             peer = self.by_key[event.peer]
             peer.endpoint = src
@@ -231,7 +241,9 @@ class TunnelCore:
             actions, dropped = peer.poll(now)
             self._unregister(dropped)
             for action in actions:
-                if action is Action.INITIATE:
+                if action is Action.RETRY:
+                    self._initiate(peer, now, wall, sends, retry=True)
+                elif action is Action.INITIATE:
                     self._initiate(peer, now, wall, sends)
                 elif action is Action.KEEPALIVE:
                     self._keepalive(peer, now, sends)
