@@ -8,9 +8,12 @@ cd "$ROOT"
 
 # Debian packages: the interpreter and a compiler for python-pytun's C extension; the kernel tools
 # the tunnel and the lab drive; the real peers the tests and the benchmark run (sshd, iperf3,
-# wireguard-go as the baseline, tshark to decrypt captures).
+# wireguard-go as the baseline, tshark to decrypt captures, miniupnpd as the NAT-PMP/PCP server
+# and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
+# scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
-          openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump)
+          openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
+          miniupnpd-nftables natpmpc)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
