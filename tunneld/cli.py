@@ -169,6 +169,34 @@ def cmd_rebind(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_portmap_probe(args: argparse.Namespace) -> int:
+    import trio
+
+    from tunneld.probe import ProbeError, probe
+
+    gateway = args.gateway
+    if gateway is None and args.config is not None:
+        gateway = load_config(Path(args.config)).portmap.gateway
+    try:
+        r = trio.run(probe, gateway)
+    except ProbeError as e:
+        print(f"tunneld: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"gateway {r.gateway}")
+    print(f"protocol {r.protocol or 'none'}")
+    print(f"external {r.external_address or 'none'}")
+    if r.double_nat:
+        print(f"double-nat {r.double_nat}")
+    if r.ok:
+        print(f"mapping created {r.external_address}:{r.external_port} lifetime {r.lifetime} s, "
+              f"{'deleted' if r.deleted else 'NOT confirmed deleted (it expires by itself)'}")
+        return EXIT_OK
+    print("mapping none")
+    why = r.result or "no answer"
+    print(f"tunneld: no port mapping from {r.gateway}: {why}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -206,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="control socket (default: from the config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    portmap = sub.add_parser("portmap", help="NAT-PMP/PCP port mapping on the home router")
+    psub = portmap.add_subparsers(dest="portmap_command", required=True, parser_class=_Parser)
+    pprobe = psub.add_parser("probe", help="what the gateway speaks, our public address, a test mapping")
+    pprobe.add_argument("--gateway", help="the router's address (default: the IPv4 default gateway)")
+    pprobe.add_argument("--config", help="read [portmap] gateway from this config")
+    pprobe.set_defaults(func=cmd_portmap_probe)
 
     rebind = sub.add_parser("rebind", help="reopen the outer UDP socket (after a network change)")
     with_config(rebind)

@@ -94,7 +94,8 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap")
+_PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite")
@@ -168,6 +169,15 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class PortmapConfig:
+    """[portmap]: NAT-PMP/PCP on the default gateway (or `gateway`), asking for `lifetime` seconds."""
+
+    enabled: bool = True
+    gateway: str | None = None
+    lifetime: int = 7200
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk`` and ``tsig_key`` are derived from the account secret."""
 
@@ -178,6 +188,7 @@ class Config:
     psk: bytes = field(repr=False)
     tsig_key: bytes = field(repr=False)
     timers: Timers = field(default_factory=Timers)
+    portmap: PortmapConfig = field(default_factory=PortmapConfig)
 
     @property
     def prefix(self) -> ipaddress.IPv6Network:
@@ -313,19 +324,21 @@ class _Loader:
         for key, value in doc.items():
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
-                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers]")
+                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
         account, secret = self.account(account_table)
         peers = self.peers(doc.get("peer"), account.domain)
         timers = self.timers(self.table(doc, "timers", required=False))
+        portmap = self.portmap(self.table(doc, "portmap", required=False))
         return Config(
             path=self.path,
             interface=interface,
             account=account,
             peers=peers,
             timers=timers,
+            portmap=portmap,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
         )
@@ -394,6 +407,27 @@ class _Loader:
         return float(value)
 
     # -- tables ----------------------------------------------------------------------------------------------
+
+    def portmap(self, table: Mapping[str, object]) -> PortmapConfig:
+        """[portmap]: keep the tunnel port open on the home router by NAT-PMP/PCP (RFC 6886/6887)."""
+        self.check_keys(table, "[portmap]", _PORTMAP_KEYS)
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.fail("portmap.enabled", f"expected true or false, got {_show(enabled)}",
+                      "write enabled = true")
+        gateway = self.string(table, "portmap", "gateway", '"192.168.1.1"')
+        if gateway is not None:
+            try:
+                gateway = str(ipaddress.IPv4Address(gateway))
+            except ValueError:
+                self.fail("portmap.gateway", f"{_show(gateway)} is not an IPv4 address",
+                          'write the router\'s LAN address, e.g. "192.168.1.1", or leave it out to use the '
+                          "default gateway")
+        lifetime = self.integer(table, "portmap", "lifetime", 7200, "7200")
+        if not 120 <= lifetime <= 86400:
+            self.fail("portmap.lifetime", f"{lifetime} is out of range",
+                      "use 120 to 86400 seconds (RFC 6886 recommends 7200)")
+        return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

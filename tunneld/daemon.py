@@ -25,10 +25,13 @@ from crypto.esp import SecurityAssociation
 from tunneld.config import Config
 from tunneld.identity import DeviceIdentity
 from tunneld.keylog import KeyLog
+from tunneld.net import links
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
+from tunneld.proto.natpmp import Endpoint
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.services import control
+from tunneld.services.portmap import PortmapService
 
 log = logging.getLogger("tunneld")
 
@@ -51,6 +54,11 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: UDPTransport | None = None
         self.tun_write_drops = 0
+        self.portmap: PortmapService | None = None
+        self.portmap_static: dict[str, Any] = {"state": "disabled", "result": "disabled in the config"}
+        self.public_endpoint: str | None = None  # what we would publish: address:port seen from outside
+        self._nursery: trio.Nursery | None = None
+        self._portmap_scope: trio.CancelScope | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -66,6 +74,8 @@ class Daemon:
                     await nursery.start(self._tun_loop)
                     await nursery.start(self._timer_loop)
                     await nursery.start(control.serve, iface.control_socket, self.handle_control)
+                    self._nursery = nursery
+                    await self._start_portmap()
                     log.info("up: %s %s, listening on UDP %d (GSO %s, GRO %s), %d peers",
                              self.tun.name, self.ula, self.udp.local_port,
                              "on" if self.udp.gso else "off", "on" if self.udp.gro else "off",
@@ -129,22 +139,65 @@ class Daemon:
         assert self.keylog is not None
         self.keylog.log(sa, keymat, ipv6=endpoint is not None and not endpoint[0].startswith("::ffff:"))
 
+    # -- port mapping ---------------------------------------------------------------------------------
+
+    async def _start_portmap(self) -> None:
+        """Keep our UDP port open on the home router, if we are behind one (NAT-PMP/PCP)."""
+        assert self.udp is not None and self._nursery is not None
+        cfg = self.config.portmap
+        port = self.udp.local_port
+        if not cfg.enabled:
+            return
+        route = links.default_route_v4()
+        if cfg.gateway is None and route is None:
+            self.portmap_static = {"state": "no-gateway", "result": "no IPv4 default route: nothing to map"}
+            return
+        if cfg.gateway is None and route is not None and not route.behind_nat:
+            self.portmap_static = {"state": "public", "result": f"{route.address} is a public address: "
+                                   f"no port mapping needed"}
+            self.public_endpoint = f"{route.address}:{port}"
+            return
+        gateway = cfg.gateway or (route.gateway if route else "")
+        internal = route.address if route is not None and cfg.gateway is None else \
+            links.source_address_for(gateway)
+        self.portmap = PortmapService(internal, port, gateway, cfg.lifetime, on_endpoint=self._on_public)
+        scope = trio.CancelScope()
+        self._portmap_scope = scope
+
+        async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            assert self.portmap is not None
+            with scope:
+                await self.portmap.run(task_status=task_status)
+
+        await self._nursery.start(run)
+
+    def _on_public(self, endpoint: Endpoint | None) -> None:
+        self.public_endpoint = f"{endpoint.address}:{endpoint.port}" if endpoint else None
+
     # -- control --------------------------------------------------------------------------------------
 
-    def rebind(self, port: int | None = None) -> None:
-        """New outer socket (address or port); sessions stay, peers learn us from our next packet."""
+    async def rebind(self, port: int | None = None) -> None:
+        """New outer socket (address or port); sessions stay, peers learn us from our next packet.
+        A port mapping follows the new port (the old one is deleted on the way)."""
         assert self.udp is not None
+        old_port = self.udp.local_port
         self.udp.rebind(port)
         log.info("outer socket rebound to port %d", self.udp.local_port)
+        if self.udp.local_port != old_port and self._portmap_scope is not None:
+            self._portmap_scope.cancel()
+            self._portmap_scope = None
+            self.portmap = None
+            self.public_endpoint = None
+            await self._start_portmap()
 
-    def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
             return self.status()
         if cmd == "rebind":
             port = req.get("port")
             try:
-                self.rebind(int(port) if port is not None else None)
+                await self.rebind(int(port) if port is not None else None)
             except (OSError, ValueError) as e:
                 return {"error": f"rebind failed: {e}"}
             return {"ok": True, "listen_port": self.udp.local_port if self.udp else None}
@@ -163,6 +216,11 @@ class Daemon:
             "listen_port": udp.local_port if udp else None,
             "gso": bool(udp and udp.gso),
             "gro": bool(udp and udp.gro),
+            "public_endpoint": self.public_endpoint,
+            "portmap": self.portmap.status(trio.current_time()) if self.portmap else
+            {**self.portmap_static, "protocol": None, "gateway": None, "internal_port": udp.local_port if udp
+             else None, "external_address": None, "external_port": None, "lifetime_left": None,
+             "double_nat": False, "endpoint": None},
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,

@@ -646,12 +646,14 @@ def test_pcp_announce_rechecks_after_random_delay() -> None:
     assert payloads(m.poll(102.5)) == [encode_pcp_map_request(nonce, ME, PORT, 7200, 61001, PUBLIC)]
 
 
-def test_pcp_announce_with_lost_state_uses_new_nonce() -> None:
+def test_pcp_announce_with_lost_state_uses_new_nonce_and_remaps_within_a_second() -> None:
     m = pcp_mapped(now=0.0, epoch=1000)
     old = m.nonce
     m.announcement(encode_pcp_response(0, 0, 0, 2), (GW, 5351), 100.0)
     assert m.nonce != old
-    assert payloads(m.poll(102.5)) == [encode_pcp_map_request(m.nonce, ME, PORT, 7200, 61001, PUBLIC)]
+    # The epoch went backwards: the mapping is gone, so the re-map spreads over 0-1 s, not 0-5 s.
+    assert m.deadline() == pytest.approx(100.5)  # fraction 0.5 of the 1 s spread
+    assert payloads(m.poll(100.5)) == [encode_pcp_map_request(m.nonce, ME, PORT, 7200, 61001, PUBLIC)]
 
 
 def test_pcp_announce_switches_natpmp_gateway_back_to_pcp() -> None:

@@ -87,6 +87,8 @@ PCP_RAND: Final = 0.1  # §8.1.1: each interval randomised by ±10%
 PCP_RENEW_MIN_FRACTION: Final = 0.5  # §11.2.1: renew between 1/2 ...
 PCP_RENEW_MAX_FRACTION: Final = 0.625  # ... and 5/8 of the lifetime
 PCP_ANNOUNCE_MAX_DELAY: Final = 5.0  # §14.1.3: wait a random 0-5 s before re-checking after an ANNOUNCE
+# Our choice: after an ANNOUNCE whose epoch shows the gateway rebooted, re-map within 0-1 s.
+PCP_ANNOUNCE_LOST_STATE_DELAY: Final = 1.0
 PCP_EPOCH_SLACK: Final = 2.0  # §8.5: seconds of slack in both elapsed-time rules (plus 1/16 drift)
 PCP_EPOCH_BACKWARDS_TOLERANCE: Final = 1  # §8.5: going backwards by up to one second is not invalid
 

@@ -821,8 +821,11 @@ class PortMapper:
         elif self._recheck_at is not None or self._recently_rechecked(now):
             self.counters["repeated announcement"] += 1
             return []
-        # §14.1.3: wait a random 0-5 s so that the gateway's clients do not all answer at once.
-        at = now + self._uniform(0.0, C.PCP_ANNOUNCE_MAX_DELAY)
+        # §14.1.3: wait a random 0-5 s so that the gateway's clients do not all answer at once. When
+        # the epoch proves the gateway lost its state, our mapping is already gone and inbound
+        # traffic is failing: spread over 0-1 s only (our choice; a home gateway has few clients).
+        spread = C.PCP_ANNOUNCE_LOST_STATE_DELAY if lost else C.PCP_ANNOUNCE_MAX_DELAY
+        at = now + self._uniform(0.0, spread)
         self._recheck_at = at if self._recheck_at is None else min(at, self._recheck_at)
         self._last_recheck = now
         return []

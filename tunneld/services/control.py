@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import trio
 MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 5.0
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 async def serve(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -57,7 +57,7 @@ async def _client(conn: trio.socket.SocketType, handler: Handler) -> None:
             req = json.loads(buf.split(b"\n", 1)[0] or b"null")
             if not isinstance(req, dict):
                 raise ValueError("request is not a JSON object")
-            reply = handler(req)
+            reply = await handler(req)
         except (ValueError, UnicodeDecodeError) as e:
             reply = {"error": f"bad request: {e}"}
         data = (json.dumps(reply) + "\n").encode()
