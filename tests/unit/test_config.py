@@ -458,3 +458,43 @@ def test_config_type() -> None:
     # The dataclass's generated repr must leave the derived keys out (field(repr=False)).
     cfg_fields = Config.__dataclass_fields__
     assert not cfg_fields["psk"].repr and not cfg_fields["tsig_key"].repr
+
+
+# -- [timers] and [portmap] ------------------------------------------------------------------------------
+
+
+def test_timers_and_portmap_defaults(tmp_path: Path, secret_file: Path) -> None:
+    cfg = load_config(_write(tmp_path, _account(secret_file)))
+    assert cfg.timers.rekey_after_time == 120.0 and cfg.timers.reject_after_time == 180.0
+    assert cfg.portmap.enabled is True and cfg.portmap.gateway is None and cfg.portmap.lifetime == 7200
+
+
+def test_timers_and_portmap_set(tmp_path: Path, secret_file: Path) -> None:
+    text = _account(secret_file) + (
+        "\n[timers]\nrekey_after_time = 1.5\nreject_after_time = 4\nrekey_timeout = 0.5\n"
+        '\n[portmap]\nenabled = false\ngateway = "192.168.1.1"\nlifetime = 3600\n'
+    )
+    cfg = load_config(_write(tmp_path, text))
+    t = cfg.timers
+    assert (t.rekey_after_time, t.reject_after_time, t.rekey_timeout) == (1.5, 4.0, 0.5)
+    assert (cfg.portmap.enabled, cfg.portmap.gateway, cfg.portmap.lifetime) == (False, "192.168.1.1", 3600)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("[timers]\nrekey_after_time = -1\n", "timers.rekey_after_time"),
+        ("[timers]\nrekey_after_time = 100\nreject_after_time = 101\n", "timers.reject_after_time"),
+        ("[timers]\nrekey_after = 1\n", "[timers]"),
+        ("[portmap]\nenabled = 1\n", "portmap.enabled"),
+        ('[portmap]\ngateway = "router.lan"\n', "portmap.gateway"),
+        ("[portmap]\nlifetime = 30\n", "portmap.lifetime"),
+        ("[portmap]\ngatway = 1\n", "[portmap]"),
+    ],
+)
+def test_timers_and_portmap_errors_name_the_key(tmp_path: Path, secret_file: Path, table: str,
+                                                key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _account(secret_file) + "\n" + table))
+    assert e.value.key == key
+    assert "\n" not in str(e.value) and "; " in str(e.value)  # one line, with the fix after "; "
