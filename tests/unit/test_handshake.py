@@ -6,7 +6,6 @@ exact values for the worked example in docs/protocol.md), and both clocks are pl
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from crypto.esp import MIN_SPI, Kind, classify
 from crypto.kdf import derive_esp_keymat
 from crypto.noise import HASH, MAC, HandshakeState, SymmetricState, public_key, xaead_decrypt
+from tests.helpers import drbg
 from tunneld.proto.errors import ParseError
 from tunneld.proto.handshake import (
     COOKIE_REPLY_LEN,
@@ -59,18 +59,6 @@ SUITES = ("aes-128-gcm", "aes-256-gcm", "chacha20-poly1305")
 WG_IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 WG_C0 = "60e26daef327efc02ec335e2a025d2d016eb4206f87277f52d38d1988b78cd36"
 WG_H0 = "2211b361081ac566691243db458ad5322d9c6c662293e8b70ee19c65ba079ef3"
-
-
-def drbg(seed: int) -> Callable[[int], bytes]:
-    """A reproducible stand-in for os.urandom."""
-    counter = 0
-
-    def rand(n: int) -> bytes:
-        nonlocal counter
-        counter += 1
-        return hashlib.shake_256(f"{seed}/{counter}".encode()).digest(n)
-
-    return rand
 
 
 def scripted(chunks: Iterable[bytes]) -> Callable[[int], bytes]:

@@ -14,7 +14,6 @@ core) and calls `poll`, and an app task that sends numbered inner packets throug
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import itertools
 import math
@@ -31,6 +30,7 @@ import trio.testing
 from crypto.esp import Kind, classify
 from crypto.kdf import derive_psk
 from crypto.noise import generate_keypair
+from tests.helpers import drbg
 from tunneld.proto import handshake as hs
 from tunneld.proto.peer import Peer, Timers
 from tunneld.proto.tunnel import Addr, Sends, TunnelCore
@@ -44,18 +44,6 @@ B_ULA = ipaddress.IPv6Address("fd00:1::b")
 T = Timers()
 JITTER = 1 / 3
 SEEDS = range(10)
-
-
-def drbg(seed: int) -> Callable[[int], bytes]:
-    """A reproducible stand-in for os.urandom (ephemeral keys, indices)."""
-    counter = 0
-
-    def rand(n: int) -> bytes:
-        nonlocal counter
-        counter += 1
-        return hashlib.shake_256(f"{seed}/{counter}".encode()).digest(n)
-
-    return rand
 
 
 def inner(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, seq: int, tag: bytes = b"") -> bytes:
