@@ -31,7 +31,7 @@ from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.proto.natpmp import Endpoint
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.services import control
-from tunneld.services.portmap import PortmapService
+from tunneld.services.portmap import PortmapService, status_dict
 
 log = logging.getLogger("tunneld")
 
@@ -55,7 +55,7 @@ class Daemon:
         self.udp: UDPTransport | None = None
         self.tun_write_drops = 0
         self.portmap: PortmapService | None = None
-        self.portmap_static: dict[str, Any] = {"state": "disabled", "result": "disabled in the config"}
+        self.portmap_static = ("disabled", "disabled in the config")  # (state, result) without a mapper
         self.public_endpoint: str | None = None  # what we would publish: address:port seen from outside
         self._nursery: trio.Nursery | None = None
         self._portmap_scope: trio.CancelScope | None = None
@@ -150,11 +150,10 @@ class Daemon:
             return
         route = links.default_route_v4()
         if cfg.gateway is None and route is None:
-            self.portmap_static = {"state": "no-gateway", "result": "no IPv4 default route: nothing to map"}
+            self.portmap_static = ("no-gateway", "no IPv4 default route: nothing to map")
             return
         if cfg.gateway is None and route is not None and not route.behind_nat:
-            self.portmap_static = {"state": "public", "result": f"{route.address} is a public address: "
-                                   f"no port mapping needed"}
+            self.portmap_static = ("public", f"{route.address} is a public address: no port mapping needed")
             self.public_endpoint = f"{route.address}:{port}"
             return
         gateway = cfg.gateway or (route.gateway if route else "")
@@ -218,9 +217,7 @@ class Daemon:
             "gro": bool(udp and udp.gro),
             "public_endpoint": self.public_endpoint,
             "portmap": self.portmap.status(trio.current_time()) if self.portmap else
-            {**self.portmap_static, "protocol": None, "gateway": None, "internal_port": udp.local_port if udp
-             else None, "external_address": None, "external_port": None, "lifetime_left": None,
-             "double_nat": False, "endpoint": None},
+            status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,

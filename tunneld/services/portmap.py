@@ -107,17 +107,24 @@ class PortmapService:
 
     def status(self, now: float) -> dict[str, Any]:
         st = self.mapper.state
-        return {
-            "state": "mapping",
-            "protocol": st.protocol,
-            "gateway": st.gateway,
-            "internal_port": st.internal_port,
-            "external_address": st.external_address,
-            "external_port": st.external_port,
-            "lifetime_left": round(st.expires_at - now, 1) if st.expires_at is not None else None,
-            "result": st.result_message,
-            "double_nat": st.double_nat,
-            "double_nat_message": st.double_nat_message,
-            "endpoint": f"{st.endpoint.address}:{st.endpoint.port}" if st.endpoint else None,
-            "dropped": dict(self.mapper.counters),
-        }
+        return status_dict(
+            "mapping", st.result_message, st.internal_port,
+            endpoint=f"{st.endpoint.address}:{st.endpoint.port}" if st.endpoint else None,
+            protocol=st.protocol, gateway=st.gateway, external_address=st.external_address,
+            external_port=st.external_port,
+            lifetime_left=round(st.expires_at - now, 1) if st.expires_at is not None else None,
+            double_nat=st.double_nat, double_nat_message=st.double_nat_message,
+            dropped=dict(self.mapper.counters),
+        )
+
+
+def status_dict(state: str, result: str, internal_port: int | None, endpoint: str | None = None,
+                **mapping: Any) -> dict[str, Any]:
+    """The `portmap` object of `tunneld status`, one shape for every state: "mapping" (a gateway is
+    being asked), "public" (no NAT: nothing to map), "no-gateway", "disabled"."""
+    return {
+        "state": state, "result": result, "internal_port": internal_port, "endpoint": endpoint,
+        "protocol": None, "gateway": None, "external_address": None, "external_port": None,
+        "lifetime_left": None, "double_nat": False, "double_nat_message": None, "dropped": {},
+        **mapping,
+    }
