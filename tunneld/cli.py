@@ -172,7 +172,7 @@ def cmd_rebind(args: argparse.Namespace) -> int:
 def cmd_portmap_probe(args: argparse.Namespace) -> int:
     import trio
 
-    from tunneld.probe import ProbeError, probe
+    from tunneld.probe import PROBE_TIMEOUT, ProbeError, probe
 
     gateway = args.gateway
     if gateway is None and args.config is not None:
@@ -192,7 +192,11 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
               f"{'deleted' if r.deleted else 'NOT confirmed deleted (it expires by itself)'}")
         return EXIT_OK
     print("mapping none")
-    why = r.result or "no answer"
+    if r.protocol is None:
+        why = (f"no answer in {PROBE_TIMEOUT:.0f} s; the router may not speak PCP or NAT-PMP, or has it "
+               f"switched off (look for a UPnP/NAT-PMP setting)")
+    else:
+        why = r.result
     print(f"tunneld: no port mapping from {r.gateway}: {why}", file=sys.stderr)
     return EXIT_FAILURE
 
