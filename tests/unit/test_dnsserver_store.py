@@ -1,0 +1,216 @@
+"""ZoneStore: leases, atomic updates, serial rules, the zone's own records, durability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from tunneld.dnsserver.store import (
+    AddRR,
+    DeleteName,
+    DeleteRR,
+    DeleteRRset,
+    Lease,
+    ZoneStore,
+)
+
+ZONE = dns.name.from_text("example.com.")
+T0 = 1_800_000_000.0
+LEASE = Lease(3600, 3600)
+
+
+def n(text: str) -> dns.name.Name:
+    return dns.name.from_text(text, ZONE)
+
+
+def rd(rdtype: str, text: str) -> dns.rdata.Rdata:
+    return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text, ZONE, False)
+
+
+def texts(store: ZoneStore, owner: str, rdtype: str, now: float) -> set[str]:
+    return {rr.rdata.to_text() for rr in store.rrset(n(owner), dns.rdatatype.from_text(rdtype), now)}
+
+
+@pytest.fixture
+def store() -> ZoneStore:
+    return ZoneStore(":memory:", "Example.COM.", "ns.example.com.", 53, llq_port=5352)
+
+
+def test_zone_records_are_served(store: ZoneStore) -> None:
+    soa = store.rrset(ZONE, dns.rdatatype.SOA, T0)
+    assert len(soa) == 1
+    assert soa[0].rdata.to_text() == "ns.example.com. hostmaster.example.com. 1 3600 600 86400 60"
+    assert texts(store, "@", "NS", T0) == {"ns.example.com."}
+    assert texts(store, "_dns-update._udp", "SRV", T0) == {"0 0 53 ns.example.com."}
+    assert texts(store, "_dns-llq._udp", "SRV", T0) == {"0 0 5352 ns.example.com."}
+    assert store.is_protected(ZONE, dns.rdatatype.SOA)
+    assert store.is_protected(ZONE, dns.rdatatype.NS)
+    assert not store.is_protected(ZONE, dns.rdatatype.TXT)
+    assert store.is_protected(n("_dns-llq._udp"), dns.rdatatype.TXT)
+    assert store.name_exists(n("_udp"), T0)  # empty non-terminal
+    assert not store.name_in_use(n("_udp"), T0)
+    assert not store.name_exists(n("nothing"), T0)
+
+
+def test_add_lookup_and_serial(store: ZoneStore) -> None:
+    assert store.apply_update([AddRR(n("Host"), 120, rd("AAAA", "fd00::1"))], LEASE, T0)
+    assert store.serial == 2
+    assert texts(store, "host", "AAAA", T0) == {"fd00::1"}
+    assert store.lease_expiry(n("host"), dns.rdatatype.AAAA, rd("AAAA", "fd00::1")) == T0 + 3600
+    assert store.name_in_use(n("HOST"), T0)
+    # a second RR in the set; the newest TTL applies to the whole RRset
+    assert store.apply_update([AddRR(n("host"), 60, rd("AAAA", "fd00::2"))], LEASE, T0)
+    assert {rr.ttl for rr in store.rrset(n("host"), dns.rdatatype.AAAA, T0)} == {60}
+    assert store.serial == 3
+
+
+def test_noop_refresh_extends_lease_without_serial_bump(store: ZoneStore) -> None:
+    add = [AddRR(n("host"), 120, rd("AAAA", "fd00::1")), AddRR(n("host"), 120, rd("TXT", '"v=1"'))]
+    assert store.apply_update(add, LEASE, T0)
+    serial = store.serial
+    assert not store.apply_update(add, LEASE, T0 + 1000)
+    assert store.serial == serial
+    assert store.lease_expiry(n("host"), dns.rdatatype.AAAA, rd("AAAA", "fd00::1")) == T0 + 1000 + 3600
+    # a TTL change is a content change
+    assert store.apply_update([AddRR(n("host"), 300, rd("AAAA", "fd00::1"))], LEASE, T0 + 1000)
+    assert store.serial == serial + 1
+
+
+def test_expired_records_are_not_served_and_are_swept(store: ZoneStore) -> None:
+    store.apply_update([AddRR(n("a"), 60, rd("A", "192.0.2.1"))], Lease(1800, 1800), T0)
+    store.apply_update([AddRR(n("b"), 60, rd("A", "192.0.2.2"))], Lease(7200, 7200), T0)
+    assert store.next_expiry() == T0 + 1800
+    assert texts(store, "a", "A", T0 + 1799) == {"192.0.2.1"}
+    assert texts(store, "a", "A", T0 + 1800) == set()  # expired, not yet swept: not served
+    assert not store.name_exists(n("a"), T0 + 1800)
+    serial = store.serial
+    removed = store.expire(T0 + 1800)
+    assert [(r.owner, r.rdtype, [rr.rdata.to_text() for rr in r.rrs]) for r in removed] == [
+        (n("a"), dns.rdatatype.A, ["192.0.2.1"])
+    ]
+    assert store.serial == serial + 1
+    assert store.expire(T0 + 1800) == []
+    assert store.serial == serial + 1
+    assert texts(store, "b", "A", T0 + 1800) == {"192.0.2.2"}
+
+
+def test_readding_an_expired_record_is_a_change(store: ZoneStore) -> None:
+    add = [AddRR(n("a"), 60, rd("A", "192.0.2.1"))]
+    store.apply_update(add, Lease(1800, 1800), T0)
+    serial = store.serial
+    assert store.apply_update(add, Lease(1800, 1800), T0 + 2000)
+    assert store.serial == serial + 1
+
+
+def test_key_lease_applies_to_key_records(store: ZoneStore) -> None:
+    key = rd("KEY", "256 3 15 l02Woi0iS8Aa25FQkUd9RMzZHJpBoRQwAQEX1SxZJA4=")
+    store.apply_update(
+        [AddRR(n("h"), 60, key), AddRR(n("h"), 60, rd("A", "192.0.2.1"))], Lease(1800, 7200), T0
+    )
+    assert store.lease_expiry(n("h"), dns.rdatatype.KEY, key) == T0 + 7200
+    assert store.lease_expiry(n("h"), dns.rdatatype.A, rd("A", "192.0.2.1")) == T0 + 1800
+
+
+def test_deletions(store: ZoneStore) -> None:
+    store.apply_update(
+        [
+            AddRR(n("h"), 60, rd("A", "192.0.2.1")),
+            AddRR(n("h"), 60, rd("A", "192.0.2.2")),
+            AddRR(n("h"), 60, rd("TXT", '"x"')),
+            AddRR(ZONE, 60, rd("TXT", '"apex"')),
+        ],
+        LEASE,
+        T0,
+    )
+    assert store.apply_update([DeleteRR(n("h"), rd("A", "192.0.2.1"))], None, T0)
+    assert texts(store, "h", "A", T0) == {"192.0.2.2"}
+    assert not store.apply_update([DeleteRR(n("h"), rd("A", "192.0.2.9"))], None, T0)
+    assert store.apply_update([DeleteRRset(n("h"), dns.rdatatype.A)], None, T0)
+    assert texts(store, "h", "TXT", T0) == {'"x"'}
+    assert store.apply_update([DeleteName(n("h"))], None, T0)
+    assert not store.name_in_use(n("h"), T0)
+    # ANY/ANY at the apex removes client data but spares SOA and NS
+    assert store.apply_update([DeleteName(ZONE)], None, T0)
+    assert texts(store, "@", "TXT", T0) == set()
+    assert texts(store, "@", "NS", T0) == {"ns.example.com."}
+
+
+def test_cname_conflicts_are_ignored(store: ZoneStore) -> None:
+    store.apply_update([AddRR(n("h"), 60, rd("A", "192.0.2.1"))], LEASE, T0)
+    assert not store.apply_update([AddRR(n("h"), 60, rd("CNAME", "other"))], LEASE, T0)
+    store.apply_update([AddRR(n("c"), 60, rd("CNAME", "other"))], LEASE, T0)
+    assert not store.apply_update([AddRR(n("c"), 60, rd("A", "192.0.2.1"))], LEASE, T0)
+    assert store.apply_update([AddRR(n("c"), 60, rd("CNAME", "third"))], LEASE, T0)
+    assert texts(store, "c", "CNAME", T0) == {"third.example.com."}
+
+
+def test_protected_changes_are_rejected_atomically(store: ZoneStore) -> None:
+    snap = store.snapshot()
+    with pytest.raises(ValueError):
+        store.apply_update(
+            [AddRR(n("h"), 60, rd("A", "192.0.2.1")), AddRR(ZONE, 60, rd("NS", "evil.example."))], LEASE, T0
+        )
+    with pytest.raises(ValueError):
+        store.apply_update([DeleteName(n("_dns-update._udp"))], None, T0)
+    with pytest.raises(ValueError):
+        store.apply_update([AddRR(dns.name.from_text("h.example.net."), 60, rd("A", "192.0.2.1"))], LEASE, T0)
+    assert store.snapshot() == snap
+
+
+def test_failure_mid_update_rolls_back(store: ZoneStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.apply_update([AddRR(n("keep"), 60, rd("A", "192.0.2.1"))], LEASE, T0)
+    snap = store.snapshot()
+    real = store._apply_one
+    calls = []
+
+    def failing(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_apply_one", failing)
+    with pytest.raises(RuntimeError):
+        store.apply_update([AddRR(n("new"), 60, rd("A", "192.0.2.2")), DeleteName(n("keep"))], LEASE, T0)
+    assert store.snapshot() == snap
+
+
+def test_durable_across_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "zone.db")
+    s1 = ZoneStore(path, "example.com.", "ns.example.com.", 53)
+    s1.apply_update([AddRR(n("h"), 60, rd("AAAA", "fd00::1"))], LEASE, T0)
+    s1.apply_update([AddRR(n("p"), 60, rd("TXT", '"perm"'))], None, T0)
+    serial = s1.serial
+    s1.close()
+    s2 = ZoneStore(path, "example.com", "ns.example.com.", 53)
+    assert s2.serial == serial
+    assert texts(s2, "h", "AAAA", T0 + 10) == {"fd00::1"}
+    assert s2.lease_expiry(n("h"), dns.rdatatype.AAAA, rd("AAAA", "fd00::1")) == T0 + 3600
+    assert texts(s2, "h", "AAAA", T0 + 3600) == set()
+    assert texts(s2, "p", "TXT", T0 + 10**6) == {'"perm"'}
+    s2.close()
+    with pytest.raises(ValueError, match="zone"):
+        ZoneStore(path, "other.example.", "ns.example.com.", 53)
+
+
+def test_bad_creation_arguments() -> None:
+    with pytest.raises(ValueError):
+        ZoneStore(":memory:", dns.name.from_text("example", None), "ns.example.com.", 53)
+    with pytest.raises(ValueError):
+        ZoneStore(":memory:", "example.com.", "ns.example.com.", 0)
+
+
+def test_server_addresses_are_served_and_protected() -> None:
+    store = ZoneStore(":memory:", "example.com.", "ns.example.com.", 53, addresses=["192.0.2.53", "fd00::53"])
+    assert texts(store, "ns", "A", T0) == {"192.0.2.53"}
+    assert texts(store, "ns", "AAAA", T0) == {"fd00::53"}
+    assert store.is_protected(n("ns"), dns.rdatatype.A)
+    assert store.is_protected(n("ns"), dns.rdatatype.ANY)
+    assert not store.is_protected(n("ns"), dns.rdatatype.TXT)
+    with pytest.raises(ValueError):
+        ZoneStore(":memory:", "example.com.", "ns.example.net.", 53, addresses=["192.0.2.53"])

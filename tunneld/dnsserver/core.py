@@ -1,0 +1,467 @@
+"""Sans-I/O message handler of the rendezvous DNS server: QUERY and UPDATE (RFC 2136) with TSIG (RFC 8945)
+and the Update Lease option (RFC 9664).
+
+:meth:`DnsCore.handle` takes one request's wire bytes, the sender and the wall-clock time, and returns the
+reply's wire bytes or None (no reply). It never reads a clock, never touches a socket and never raises.
+dnspython parses and renders everything; only TSIG validation and signing are driven by hand, through
+``dns.tsig.validate``/``dns.tsig.sign`` with our ``now``, because ``Message.from_wire``/``to_wire`` would
+read ``time.time()`` themselves. Requests are parsed with ``keyring=False`` (no validation), then the TSIG
+is checked in RFC 8945 §5.2 order: key (BADKEY), MAC (BADSIG), then time (BADTIME).
+
+Seams for the next pieces: a UDP/TCP listener calls ``handle(wire, src, now, max_size=...)`` per datagram
+or TCP message; the LLQ server can take QUERY messages that carry an LLQ option before they get here (or
+wrap :meth:`DnsCore.answer` for the ACK+answers and event bodies), and turns ``ZoneStore.expire`` results
+and :attr:`DnsCore.last_changes` into events.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, cast
+
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TSIG
+import dns.rrset
+import dns.tsig
+import dns.update
+import dns.wire
+
+from crypto.kdf import derive_tsig_key
+from tunneld.dnsserver.store import (
+    SOA_MINIMUM,
+    ZONE_TTL,
+    AddRR,
+    Change,
+    DeleteName,
+    DeleteRR,
+    DeleteRRset,
+    Lease,
+    ZoneStore,
+)
+
+__all__ = ["UPDATE_LEASE_OPTION", "DnsCore", "Policy", "account_key"]
+
+log = logging.getLogger(__name__)
+
+UPDATE_LEASE_OPTION: Final = 2
+"""EDNS option code of the Update Lease option (RFC 9664 §4)."""
+
+_HDR: Final = struct.Struct("!HHHHHH")
+_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION)  # dnspython has no name for code 2
+
+
+def account_key(secret: bytes, domain: str) -> dns.tsig.Key:
+    """The account's TSIG key: hmac-sha256, key name = the domain, secret from crypto.kdf.
+
+    Never log or repr the result: ``dns.tsig.Key.__repr__`` prints the secret.
+    """
+    name = dns.name.from_text(domain).canonicalize()
+    return dns.tsig.Key(name, derive_tsig_key(secret, domain), dns.tsig.HMAC_SHA256)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Server limits. Leases are clamped to [min_lease, max_lease] (ARCHITECTURE: 30 min to 2 h)."""
+
+    min_lease: int = 1800
+    max_lease: int = 7200
+    require_lease: bool = True
+    """Refuse updates that add records without an Update Lease option (dnsextd precedent, PROTOCOLS §4)."""
+    fudge: int = 300
+
+
+@dataclass(slots=True)
+class _Signer:
+    """How to sign a reply: the validated request's key, MAC and TSIG fields."""
+
+    key: dns.tsig.Key
+    request_mac: bytes
+    request_time: int
+    fudge: int
+
+
+class _Reject(Exception):
+    def __init__(self, rcode: dns.rcode.Rcode) -> None:
+        super().__init__(rcode)
+        self.rcode = rcode
+
+
+def _rr_starts(wire: bytes) -> list[tuple[int, int]]:
+    """(offset, TTL) of every RR after the question section, walked with dnspython's wire parser.
+
+    dnspython keeps neither the TSIG RR's offset (needed by ``dns.tsig.validate``) nor the TTL of RRs
+    without RDATA (RFC 2136 prerequisites and deletions must have TTL 0), so we read them here. Only
+    called on wire that ``dns.message.from_wire`` has already accepted.
+    """
+    p = dns.wire.Parser(wire)
+    _, _, qd, an, ns, ar = p.get_struct("!HHHHHH")
+    for _ in range(qd):
+        p.get_name(decompress=True)
+        p.get_struct("!HH")
+    out: list[tuple[int, int]] = []
+    for _ in range(an + ns + ar):
+        start = p.current
+        p.get_name(decompress=True)
+        _, _, ttl, rdlen = p.get_struct("!HHIH")
+        p.get_bytes(rdlen)
+        out.append((start, ttl))
+    return out
+
+
+class DnsCore:
+    """The handler for one zone. ``keys`` maps key names to dnspython TSIG keys (usually one: the account)."""
+
+    def __init__(self, store: ZoneStore, keys: Sequence[dns.tsig.Key], policy: Policy | None = None) -> None:
+        self.store = store
+        self.zone = store.zone
+        self._keys: dict[dns.name.Name, dns.tsig.Key] = {k.name.canonicalize(): k for k in keys}
+        self.policy = policy or Policy()
+        self.last_changes: list[Change] = []
+        """The change list of the last update that changed the zone (for the future LLQ server)."""
+
+    def __repr__(self) -> str:  # never show the keys
+        return f"<DnsCore zone={self.zone} keys={len(self._keys)}>"
+
+    # ---- entry point ----------------------------------------------------------------------------------
+
+    def handle(
+        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None
+    ) -> bytes | None:
+        """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
+        listener passes 65535. Returns None for silence (no parseable header, or a response message)."""
+        try:
+            return self._handle(wire, now_wall, max_size)
+        except Exception:  # last line of defence: never raise into the listener
+            log.exception("internal error handling a request from %r", src)
+            return self._header_reply(wire, dns.rcode.SERVFAIL)
+
+    # ---- parsing and TSIG -----------------------------------------------------------------------------
+
+    def _header_reply(self, wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
+        """A bare reply built from the header alone (for messages dnspython cannot parse)."""
+        if len(wire) < _HDR.size:
+            return None
+        msg_id, flags = struct.unpack_from("!HH", wire)
+        if flags & dns.flags.QR:
+            return None
+        out_flags = dns.flags.QR | (flags & (dns.flags.RD | 0x7800))  # keep the opcode bits and RD
+        return _HDR.pack(msg_id, out_flags | (int(rcode) & 0xF), 0, 0, 0, 0)
+
+    def _handle(self, wire: bytes, now: float, max_size: int | None) -> bytes | None:
+        if len(wire) < _HDR.size or struct.unpack_from("!H", wire, 2)[0] & dns.flags.QR:
+            return None
+        try:
+            req = dns.message.from_wire(wire, keyring=False)
+        except Exception:  # any parse failure of untrusted input is FORMERR
+            return self._header_reply(wire, dns.rcode.FORMERR)
+        if req.edns > 0:
+            resp = dns.message.make_response(req, copy_mode=dns.message.CopyMode.NOTHING)
+            resp.use_edns(0)
+            resp.set_rcode(dns.rcode.BADVERS)
+            return resp.to_wire()
+
+        signer: _Signer | None = None
+        if req.had_tsig:
+            signer_or_reply = self._check_tsig(req, wire, int(now))
+            if isinstance(signer_or_reply, bytes):
+                return signer_or_reply
+            signer = signer_or_reply
+
+        opcode = req.opcode()
+        if opcode == dns.opcode.QUERY:
+            resp = self._query(req, now)
+        elif opcode == dns.opcode.UPDATE:
+            assert isinstance(req, dns.update.UpdateMessage)
+            # Unsigned updates are refused: only the account's devices may write (RFC 2136 §3.3).
+            resp = self._error(req, dns.rcode.REFUSED) if signer is None else self._update(req, wire, now)
+        else:
+            resp = self._error(req, dns.rcode.NOTIMP)
+        return self._render(req, resp, signer, now, max_size)
+
+    def _check_tsig(self, req: dns.message.Message, wire: bytes, now: int) -> _Signer | bytes:
+        assert req.tsig is not None
+        keyname = req.tsig.name
+        rdata = req.tsig[0]
+        assert isinstance(rdata, dns.rdtypes.ANY.TSIG.TSIG)
+        key = self._keys.get(keyname.canonicalize())
+        if key is None:
+            return self._tsig_error(req, keyname, rdata, dns.rcode.BADKEY)
+        tsig_start = _rr_starts(wire)[-1][0]
+        try:
+            dns.tsig.validate(  # type: ignore[no-untyped-call]  # dnspython leaves validate unannotated
+                wire, key, keyname, rdata, now, b"", tsig_start
+            )
+        except (dns.tsig.BadKey, dns.tsig.BadAlgorithm):
+            return self._tsig_error(req, keyname, rdata, dns.rcode.BADKEY)
+        except dns.tsig.BadSignature:
+            return self._tsig_error(req, keyname, rdata, dns.rcode.BADSIG)
+        except dns.tsig.BadTime:
+            signer = _Signer(key, rdata.mac, rdata.time_signed, rdata.fudge)
+            resp = self._error(req, dns.rcode.NOTAUTH)
+            return self._sign(
+                resp, signer, now, dns.rcode.BADTIME, rdata.time_signed, struct.pack("!Q", now)[2:]
+            )
+        except Exception:  # PeerError (a request carrying a TSIG error), FormError, bad algorithm...
+            return self._error(req, dns.rcode.FORMERR).to_wire()
+        return _Signer(key, rdata.mac, rdata.time_signed, self.policy.fudge)
+
+    def _tsig_error(
+        self, req: dns.message.Message, keyname: dns.name.Name, rdata: dns.rdtypes.ANY.TSIG.TSIG, error: int
+    ) -> bytes:
+        """NOTAUTH with an unsigned TSIG carrying ``error`` (BADKEY/BADSIG, RFC 8945 §5.3.2)."""
+        resp = self._error(req, dns.rcode.NOTAUTH)
+        tsig = dns.rdtypes.ANY.TSIG.TSIG(  # type: ignore[no-untyped-call]  # dnspython: unannotated __init__
+            dns.rdataclass.ANY, dns.rdatatype.TSIG, rdata.algorithm, 0, rdata.fudge, b"", req.id, error, b""
+        )
+        resp.tsig = dns.rrset.from_rdata(keyname, 0, tsig)
+        return resp.to_wire()
+
+    def _sign(
+        self,
+        resp: dns.message.Message,
+        signer: _Signer,
+        now: int,
+        error: int = 0,
+        time_signed: int | None = None,
+        other: bytes = b"",
+        max_size: int = 65535,
+    ) -> bytes:
+        """Render ``resp`` and sign it with the request MAC at ``time_signed`` (default ``now``)."""
+        resp.tsig = None
+        unsigned = resp.to_wire(max_size=max_size)
+        template = dns.rdtypes.ANY.TSIG.TSIG(  # type: ignore[no-untyped-call]  # unannotated __init__
+            dns.rdataclass.ANY,
+            dns.rdatatype.TSIG,
+            signer.key.algorithm,
+            0,
+            signer.fudge,
+            b"",
+            resp.id,
+            error,
+            other,
+        )
+        signed, _ = dns.tsig.sign(  # type: ignore[no-untyped-call]  # dnspython leaves sign unannotated
+            unsigned,
+            signer.key,
+            template,
+            now if time_signed is None else time_signed,
+            signer.request_mac,
+        )
+        resp.tsig = dns.rrset.from_rdata(signer.key.name, 0, signed)
+        return resp.to_wire(max_size=max_size)
+
+    def _error(self, req: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
+        mode = (
+            dns.message.CopyMode.NOTHING
+            if req.opcode() == dns.opcode.UPDATE
+            else dns.message.CopyMode.QUESTION
+        )
+        resp = dns.message.make_response(req, copy_mode=mode)
+        resp.set_rcode(rcode)
+        return resp
+
+    def _render(
+        self,
+        req: dns.message.Message,
+        resp: dns.message.Message,
+        signer: _Signer | None,
+        now: float,
+        max_size: int | None,
+    ) -> bytes:
+        if max_size is None:
+            max_size = max(512, req.payload) if req.edns >= 0 else 512
+        max_size = min(max_size, 65535)
+        try:
+            if signer is not None:
+                return self._sign(resp, signer, int(now), max_size=max_size)
+            return resp.to_wire(max_size=max_size)
+        except dns.exception.TooBig:
+            resp.answer = []
+            resp.authority = []
+            resp.additional = []
+            resp.flags |= dns.flags.TC
+            if signer is not None:
+                return self._sign(resp, signer, int(now), max_size=max_size)
+            return resp.to_wire(max_size=max_size)
+
+    # ---- QUERY ----------------------------------------------------------------------------------------
+
+    def _query(self, req: dns.message.Message, now: float) -> dns.message.Message:
+        if len(req.question) != 1:
+            return self._error(req, dns.rcode.FORMERR)
+        q = req.question[0]
+        if q.rdclass not in (dns.rdataclass.IN, dns.rdataclass.ANY) or not self.store.in_zone(q.name):
+            return self._error(req, dns.rcode.REFUSED)
+        if q.rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+            return self._error(req, dns.rcode.REFUSED)
+        if dns.rdatatype.is_metatype(q.rdtype) and q.rdtype != dns.rdatatype.ANY:
+            return self._error(req, dns.rcode.FORMERR)
+        resp = self._error(req, dns.rcode.NOERROR)
+        resp.flags |= dns.flags.AA
+        answer, rcode = self.answer(q.name, q.rdtype, now)
+        resp.set_rcode(rcode)
+        resp.answer = answer
+        if not answer:
+            soa = dns.rrset.from_rdata(self.zone, min(ZONE_TTL, SOA_MINIMUM), self.store.soa())
+            resp.authority = [soa]
+        return resp
+
+    def answer(
+        self, qname: dns.name.Name, qtype: int, now: float
+    ) -> tuple[list[dns.rrset.RRset], dns.rcode.Rcode]:
+        """The answer RRsets and rcode for an in-zone question (NOERROR with none = NODATA).
+
+        A CNAME at the name answers any other type (not chased). No wildcard synthesis.
+        """
+        sets = self.store.rrsets(qname, now)
+        if qtype == dns.rdatatype.ANY:
+            chosen = sorted(sets)
+        elif qtype in sets:
+            chosen = [qtype]
+        elif dns.rdatatype.CNAME in sets:
+            chosen = [dns.rdatatype.CNAME]
+        else:
+            chosen = []
+        out: list[dns.rrset.RRset] = []
+        for rdtype in chosen:
+            rrs = sets[rdtype]
+            rrset = dns.rrset.from_rdata_list(qname, rrs[0].ttl, [rr.rdata for rr in rrs])
+            out.append(rrset)
+        if out:
+            return out, dns.rcode.NOERROR
+        if self.store.name_exists(qname, now):
+            return [], dns.rcode.NOERROR
+        return [], dns.rcode.NXDOMAIN
+
+    # ---- UPDATE ---------------------------------------------------------------------------------------
+
+    def _update(self, req: dns.update.UpdateMessage, wire: bytes, now: float) -> dns.message.Message:
+        try:
+            changes, lease_reply, lease = self._check_update(req, wire, now)
+        except _Reject as r:
+            log.debug("update %d rejected: %s", req.id, dns.rcode.to_text(r.rcode))
+            return self._error(req, r.rcode)
+        try:
+            changed = self.store.apply_update(changes, lease, now)
+        except Exception:
+            log.exception("update %d failed; rolled back", req.id)
+            return self._error(req, dns.rcode.SERVFAIL)
+        if changed:
+            self.last_changes = list(changes)
+        resp = self._error(req, dns.rcode.NOERROR)
+        if lease_reply is not None:
+            resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(_LEASE_OTYPE, lease_reply)])
+        return resp
+
+    def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
+        """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""
+        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION]
+        if not opts:
+            return None, None
+        if len(opts) > 1:
+            raise _Reject(dns.rcode.FORMERR)
+        data = opts[0].to_wire()
+        assert data is not None
+        if len(data) == 4:
+            (asked,) = struct.unpack("!I", data)
+            key_asked = asked
+        elif len(data) == 8:
+            asked, key_asked = struct.unpack("!II", data)
+        else:
+            raise _Reject(dns.rcode.FORMERR)
+        lo, hi = self.policy.min_lease, self.policy.max_lease
+        lease = Lease(min(max(asked, lo), hi), min(max(key_asked, lo), hi))
+        if len(data) == 4:
+            return lease, struct.pack("!I", lease.lease)
+        return lease, struct.pack("!II", lease.lease, lease.key_lease)
+
+    def _check_update(
+        self, req: dns.update.UpdateMessage, wire: bytes, now: float
+    ) -> tuple[list[Change], bytes | None, Lease | None]:
+        """RFC 2136 §3 in order: zone, prerequisites, permission, prescan. Raises _Reject with the rcode."""
+        store = self.store
+        # §3.1 zone section
+        if len(req.zone) != 1:
+            raise _Reject(dns.rcode.FORMERR)
+        z = req.zone[0]
+        if z.rdclass != dns.rdataclass.IN or z.name != self.zone:
+            raise _Reject(dns.rcode.NOTAUTH)
+        ttls = [ttl for _, ttl in _rr_starts(wire)]
+        pre_ttls = ttls[: len(req.prerequisite)]
+        upd_ttls = ttls[len(req.prerequisite) : len(req.prerequisite) + len(req.update)]
+        # §3.2 prerequisites (dnspython gives one RRset per RR for updates, in wire order)
+        wanted: dict[tuple[dns.name.Name, int], set[bytes]] = {}
+        for rrset, ttl in zip(req.prerequisite, pre_ttls, strict=True):
+            if ttl != 0:
+                raise _Reject(dns.rcode.FORMERR)
+            if not store.in_zone(rrset.name):
+                raise _Reject(dns.rcode.NOTZONE)
+            if rrset.deleting == dns.rdataclass.ANY:
+                if rrset.rdtype == dns.rdatatype.ANY:
+                    if not store.name_in_use(rrset.name, now):
+                        raise _Reject(dns.rcode.NXDOMAIN)
+                elif not store.rrset(rrset.name, rrset.rdtype, now):
+                    raise _Reject(dns.rcode.NXRRSET)
+            elif rrset.deleting == dns.rdataclass.NONE:
+                if rrset.rdtype == dns.rdatatype.ANY:
+                    if store.name_in_use(rrset.name, now):
+                        raise _Reject(dns.rcode.YXDOMAIN)
+                elif store.rrset(rrset.name, rrset.rdtype, now):
+                    raise _Reject(dns.rcode.YXRRSET)
+            elif rrset.rdclass == dns.rdataclass.IN and not dns.rdatatype.is_metatype(rrset.rdtype):
+                wanted.setdefault((rrset.name, rrset.rdtype), set()).update(
+                    rd.to_digestable() for rd in rrset
+                )
+            else:
+                raise _Reject(dns.rcode.FORMERR)
+        for (name, rdtype), rdatas in wanted.items():
+            if {rr.wire for rr in store.rrset(name, rdtype, now)} != rdatas:
+                raise _Reject(dns.rcode.NXRRSET)
+        # §3.3 permission: the key was checked already; protect the zone's own records; insist on leases
+        lease, lease_reply = self._lease(req)
+        changes: list[Change] = []
+        for rrset, ttl in zip(req.update, upd_ttls, strict=True):
+            if not store.in_zone(rrset.name):
+                raise _Reject(dns.rcode.NOTZONE)
+            rdtype = rrset.rdtype
+            if rrset.deleting is None:
+                if rrset.rdclass != dns.rdataclass.IN or dns.rdatatype.is_metatype(rdtype):
+                    raise _Reject(dns.rcode.FORMERR)
+                changes.extend(AddRR(rrset.name, rrset.ttl, rd) for rd in rrset)
+            elif ttl != 0:
+                raise _Reject(dns.rcode.FORMERR)
+            elif rrset.deleting == dns.rdataclass.ANY:
+                if rdtype == dns.rdatatype.ANY:
+                    changes.append(DeleteName(rrset.name))
+                elif dns.rdatatype.is_metatype(rdtype):
+                    raise _Reject(dns.rcode.FORMERR)
+                else:
+                    changes.append(DeleteRRset(rrset.name, rdtype))
+            else:  # NONE: delete one RR
+                if dns.rdatatype.is_metatype(rdtype):
+                    raise _Reject(dns.rcode.FORMERR)
+                changes.extend(DeleteRR(rrset.name, rd) for rd in rrset)
+        for ch in changes:
+            if isinstance(ch, DeleteName):
+                protected = ch.owner != self.zone and store.is_protected(ch.owner, dns.rdatatype.ANY)
+            elif isinstance(ch, DeleteRRset):
+                protected = store.is_protected(ch.owner, ch.rdtype)
+            else:
+                protected = store.is_protected(ch.owner, ch.rdata.rdtype)
+            if protected:
+                raise _Reject(dns.rcode.REFUSED)
+        if self.policy.require_lease and lease is None and any(isinstance(c, AddRR) for c in changes):
+            raise _Reject(dns.rcode.REFUSED)
+        return changes, lease_reply, lease

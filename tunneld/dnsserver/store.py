@@ -1,0 +1,389 @@
+"""SQLite-backed zone store for the rendezvous DNS server, with RFC 9664 leases.
+
+One zone per store. Client records live in the ``records`` table, one row per RR, keyed by the canonical
+(lower-case) owner name, the type and the canonical wire form of the RDATA (RFC 4034 §6.2), with the TTL and
+an optional absolute lease expiry in wall-clock seconds. The zone's own SOA, apex NS and the
+``_dns-update._udp`` / ``_dns-llq._udp`` SRV records (and the server's A/AAAA when its name is in the zone)
+are synthesised from the creation arguments and the stored serial; they are served and visible to
+prerequisites but clients cannot change them.
+
+Time is always passed in (``now``, wall seconds); the store never reads a clock. Records whose lease has
+expired are never returned, even before :meth:`ZoneStore.expire` sweeps them (RFC 9664 §7).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+
+__all__ = [
+    "AddRR",
+    "Change",
+    "DeleteName",
+    "DeleteRR",
+    "DeleteRRset",
+    "Lease",
+    "RRsetRemoval",
+    "StoredRR",
+    "ZoneStore",
+]
+
+UPDATE_SRV_LABELS: Final = ("_dns-update", "_udp")
+LLQ_SRV_LABELS: Final = ("_dns-llq", "_udp")
+
+SOA_REFRESH: Final = 3600
+SOA_RETRY: Final = 600
+SOA_EXPIRE: Final = 86400
+SOA_MINIMUM: Final = 60
+"""Negative-caching TTL (RFC 2308): short, because the zone changes whenever a device moves."""
+ZONE_TTL: Final = 3600
+"""TTL of the zone's own SOA, NS and SRV records."""
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    owner TEXT NOT NULL,
+    rdtype INTEGER NOT NULL,
+    rdata BLOB NOT NULL,
+    ttl INTEGER NOT NULL,
+    expires REAL,
+    PRIMARY KEY (owner, rdtype, rdata)
+);
+CREATE INDEX IF NOT EXISTS records_expires ON records (expires);
+"""
+
+
+def canonical(name: dns.name.Name) -> str:
+    """The key a name is stored under: absolute, lower-case presentation form."""
+    return name.canonicalize().to_text()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRR:
+    """One visible RR: TTL and RDATA (canonical wire form plus the parsed object)."""
+
+    ttl: int
+    rdata: dns.rdata.Rdata
+
+    @property
+    def wire(self) -> bytes:
+        return self.rdata.to_digestable()
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An RFC 9664 grant in seconds: ``lease`` for ordinary RRs, ``key_lease`` for KEY RRs."""
+
+    lease: int
+    key_lease: int
+
+    def for_type(self, rdtype: int) -> int:
+        return self.key_lease if rdtype == dns.rdatatype.KEY else self.lease
+
+
+@dataclass(frozen=True, slots=True)
+class AddRR:
+    """Add one RR (RFC 2136 §2.5.1); an existing identical RR gets the new TTL and lease."""
+
+    owner: dns.name.Name
+    ttl: int
+    rdata: dns.rdata.Rdata
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRRset:
+    """Delete an RRset (§2.5.2)."""
+
+    owner: dns.name.Name
+    rdtype: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteName:
+    """Delete all RRsets of a name (§2.5.3)."""
+
+    owner: dns.name.Name
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRR:
+    """Delete one RR from an RRset (§2.5.4)."""
+
+    owner: dns.name.Name
+    rdata: dns.rdata.Rdata
+
+
+Change = AddRR | DeleteRRset | DeleteName | DeleteRR
+
+
+@dataclass(frozen=True, slots=True)
+class RRsetRemoval:
+    """RRs removed from one RRset by lease expiry (for LLQ removal events)."""
+
+    owner: dns.name.Name
+    rdtype: int
+    rrs: tuple[StoredRR, ...] = field(default=())
+
+
+def _rdata_from_wire(rdtype: int, wire: bytes) -> dns.rdata.Rdata:
+    return dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire))
+
+
+class ZoneStore:
+    """The zone's data in one SQLite file (``":memory:"`` for tests).
+
+    ``server`` and ``port`` give the target of the apex NS, the SOA MNAME and the two service SRV records;
+    ``llq_port`` defaults to ``port``. ``addresses`` (IPv4/IPv6 text) become the server name's A/AAAA
+    records, allowed only when that name is inside the zone. Reopening an existing file for a different
+    zone raises ValueError.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        zone: dns.name.Name | str,
+        server: dns.name.Name | str,
+        port: int,
+        llq_port: int | None = None,
+        addresses: Sequence[str] = (),
+    ) -> None:
+        self.zone = (dns.name.from_text(zone) if isinstance(zone, str) else zone).canonicalize()
+        self.server = dns.name.from_text(server) if isinstance(server, str) else server
+        if not self.zone.is_absolute() or not self.server.is_absolute():
+            raise ValueError("zone and server names must be absolute")
+        if not (0 < port < 65536) or (llq_port is not None and not (0 < llq_port < 65536)):
+            raise ValueError("ports must be 1..65535")
+        self.port = port
+        self.llq_port = port if llq_port is None else llq_port
+        self.update_srv_name = dns.name.Name(UPDATE_SRV_LABELS).concatenate(self.zone)
+        self.llq_srv_name = dns.name.Name(LLQ_SRV_LABELS).concatenate(self.zone)
+        self._static: dict[dns.name.Name, dict[int, list[StoredRR]]] = {}
+        self._add_static(self.zone, dns.rdatatype.NS, self.server.to_text())
+        self._add_static(self.update_srv_name, dns.rdatatype.SRV, f"0 0 {self.port} {self.server}")
+        self._add_static(self.llq_srv_name, dns.rdatatype.SRV, f"0 0 {self.llq_port} {self.server}")
+        if addresses and not self.server.is_subdomain(self.zone):
+            raise ValueError("server addresses (glue) are only served for a server name inside the zone")
+        for addr in addresses:
+            rdtype = dns.rdatatype.AAAA if ":" in addr else dns.rdatatype.A
+            self._add_static(self.server, rdtype, addr)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='zone'").fetchone()
+        if row is None:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO meta VALUES ('zone', ?)", (self.zone.to_text(),))
+            self._db.execute("INSERT INTO meta VALUES ('serial', '1')")
+            self._db.execute("COMMIT")
+        elif row[0] != self.zone.to_text():
+            self._db.close()
+            raise ValueError(f"database holds zone {row[0]}, not {self.zone.to_text()}")
+
+    def _add_static(self, owner: dns.name.Name, rdtype: dns.rdatatype.RdataType, text: str) -> None:
+        rdata = dns.rdata.from_text(dns.rdataclass.IN, rdtype, text)  # ValueError-family on bad input
+        self._static.setdefault(owner, {}).setdefault(rdtype, []).append(StoredRR(ZONE_TTL, rdata))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- the zone's own records -------------------------------------------------------------------
+
+    @property
+    def serial(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='serial'").fetchone()
+        return int(row[0])
+
+    def soa(self) -> dns.rdata.Rdata:
+        rname = dns.name.Name(("hostmaster",)).concatenate(self.zone)
+        text = f"{self.server} {rname} {self.serial} {SOA_REFRESH} {SOA_RETRY} {SOA_EXPIRE} {SOA_MINIMUM}"
+        return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SOA, text)
+
+    def _fixed(self, owner: dns.name.Name) -> dict[int, list[StoredRR]]:
+        result = {t: list(rrs) for t, rrs in self._static.get(owner, {}).items()}
+        if owner == self.zone:
+            result[dns.rdatatype.SOA] = [StoredRR(ZONE_TTL, self.soa())]
+        return result
+
+    def is_protected(self, owner: dns.name.Name, rdtype: int) -> bool:
+        """True for RRsets clients may not change: apex SOA and NS, anything at the two SRV names, and
+        the server's own addresses (``rdtype`` ANY stands for "every type at the name")."""
+        if owner == self.zone and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS, dns.rdatatype.ANY):
+            return True
+        if owner in (self.update_srv_name, self.llq_srv_name):
+            return True
+        fixed = self._static.get(owner, {})
+        return rdtype in fixed or (rdtype == dns.rdatatype.ANY and bool(fixed))
+
+    # ---- lookups ------------------------------------------------------------------------------------
+
+    def in_zone(self, name: dns.name.Name) -> bool:
+        return name.is_subdomain(self.zone)
+
+    def rrsets(self, owner: dns.name.Name, now: float) -> dict[int, list[StoredRR]]:
+        """Every visible RRset at ``owner``, by type (empty if the name owns nothing)."""
+        result = self._fixed(owner)
+        rows = self._db.execute(
+            "SELECT rdtype, rdata, ttl FROM records WHERE owner=? AND (expires IS NULL OR expires>?) "
+            "ORDER BY rdtype, rdata",
+            (canonical(owner), now),
+        ).fetchall()
+        for rdtype, wire, ttl in rows:
+            result.setdefault(rdtype, []).append(StoredRR(ttl, _rdata_from_wire(rdtype, wire)))
+        return result
+
+    def rrset(self, owner: dns.name.Name, rdtype: int, now: float) -> list[StoredRR]:
+        return self.rrsets(owner, now).get(rdtype, [])
+
+    def name_in_use(self, owner: dns.name.Name, now: float) -> bool:
+        """Does the name own any visible RR? (Empty non-terminals do not count, RFC 2136 §2.4.4.)"""
+        return bool(self.rrsets(owner, now))
+
+    def name_exists(self, owner: dns.name.Name, now: float) -> bool:
+        """Does the name exist (owns RRs, or is an empty non-terminal above some)? Decides NXDOMAIN."""
+        if self.name_in_use(owner, now) or owner == self.zone:
+            return True
+        if any(n.is_subdomain(owner) for n in self._static):
+            return True
+        suffix = "." + canonical(owner)
+        rows = self._db.execute(
+            "SELECT DISTINCT owner FROM records WHERE substr(owner, -?)=? AND (expires IS NULL OR expires>?)",
+            (len(suffix), suffix, now),
+        ).fetchall()
+        return any(dns.name.from_text(r[0]).is_subdomain(owner) for r in rows)
+
+    def lease_expiry(self, owner: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> float | None:
+        """The stored expiry of one RR (None if permanent or absent); for tests and status."""
+        row = self._db.execute(
+            "SELECT expires FROM records WHERE owner=? AND rdtype=? AND rdata=?",
+            (canonical(owner), rdtype, rdata.to_digestable(self.zone)),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    # ---- changes ------------------------------------------------------------------------------------
+
+    def _visible(self, owners: Iterable[str], now: float) -> set[tuple[str, int, bytes, int]]:
+        out: set[tuple[str, int, bytes, int]] = set()
+        for owner in owners:
+            rows = self._db.execute(
+                "SELECT rdtype, rdata, ttl FROM records WHERE owner=? AND (expires IS NULL OR expires>?)",
+                (owner, now),
+            ).fetchall()
+            out.update((owner, t, bytes(w), ttl) for t, w, ttl in rows)
+        return out
+
+    def _bump_serial(self) -> None:
+        serial = (self.serial + 1) & 0xFFFFFFFF or 1
+        self._db.execute("UPDATE meta SET value=? WHERE key='serial'", (str(serial),))
+
+    def apply_update(self, changes: Sequence[Change], lease: Lease | None, now: float) -> bool:
+        """Apply RFC 2136 update operations atomically; return True if served content changed.
+
+        Added RRs get ``now + lease`` as expiry (permanent when ``lease`` is None); re-adding an existing
+        RR only refreshes its TTL and lease. Changes to protected RRsets must have been refused by the
+        caller; they raise ValueError here (and nothing is applied). The SOA serial is bumped only when the
+        visible content changed, so a refresh that only extends leases leaves it alone (RFC 9664 §5.3).
+        CNAME conflicts are ignored as RFC 2136 §3.4.2.2 says. Any exception rolls the whole update back.
+        """
+        for ch in changes:
+            rdtype = (
+                ch.rdata.rdtype
+                if isinstance(ch, AddRR | DeleteRR)
+                else (ch.rdtype if isinstance(ch, DeleteRRset) else dns.rdatatype.ANY)
+            )
+            if isinstance(ch, DeleteName) and ch.owner == self.zone:
+                continue  # ANY/ANY at the apex spares SOA and NS (§3.4.2.3); checked below per row
+            if self.is_protected(ch.owner, rdtype) or not self.in_zone(ch.owner):
+                raise ValueError(f"change to protected or out-of-zone RRset {ch.owner} {rdtype}")
+        owners = {canonical(ch.owner) for ch in changes}
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._visible(owners, now)
+            for ch in changes:
+                self._apply_one(ch, lease, now)
+            changed = before != self._visible(owners, now)
+            if changed:
+                self._bump_serial()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return changed
+
+    def _apply_one(self, ch: Change, lease: Lease | None, now: float) -> None:
+        owner = canonical(ch.owner)
+        if isinstance(ch, AddRR):
+            rdtype = ch.rdata.rdtype
+            types = {
+                t
+                for (t,) in self._db.execute(
+                    "SELECT DISTINCT rdtype FROM records WHERE owner=? AND (expires IS NULL OR expires>?)",
+                    (owner, now),
+                )
+            }
+            if rdtype == dns.rdatatype.CNAME and types - {dns.rdatatype.CNAME}:
+                return
+            if rdtype != dns.rdatatype.CNAME and dns.rdatatype.CNAME in types:
+                return
+            expires = None if lease is None else now + lease.for_type(rdtype)
+            # One TTL per RRset (RFC 2181 §5.2): the newest wins for the whole set.
+            self._db.execute("UPDATE records SET ttl=? WHERE owner=? AND rdtype=?", (ch.ttl, owner, rdtype))
+            if rdtype == dns.rdatatype.CNAME:  # a CNAME RRset holds one RR: replace it
+                self._db.execute("DELETE FROM records WHERE owner=? AND rdtype=?", (owner, rdtype))
+            self._db.execute(
+                "INSERT INTO records VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, rdtype, rdata) "
+                "DO UPDATE SET ttl=excluded.ttl, expires=excluded.expires",
+                (owner, rdtype, ch.rdata.to_digestable(self.zone), ch.ttl, expires),
+            )
+        elif isinstance(ch, DeleteRRset):
+            self._db.execute("DELETE FROM records WHERE owner=? AND rdtype=?", (owner, ch.rdtype))
+        elif isinstance(ch, DeleteName):
+            self._db.execute("DELETE FROM records WHERE owner=?", (owner,))
+        else:
+            self._db.execute(
+                "DELETE FROM records WHERE owner=? AND rdtype=? AND rdata=?",
+                (owner, ch.rdata.rdtype, ch.rdata.to_digestable(self.zone)),
+            )
+
+    def expire(self, now: float) -> list[RRsetRemoval]:
+        """Delete every RR whose lease ended at or before ``now``; return what went, one entry per RRset.
+
+        Bumps the serial when anything was removed. The LLQ server turns the result into removal events.
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self._db.execute(
+                "SELECT owner, rdtype, rdata, ttl FROM records WHERE expires IS NOT NULL AND expires<=? "
+                "ORDER BY owner, rdtype, rdata",
+                (now,),
+            ).fetchall()
+            if rows:
+                self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires<=?", (now,))
+                self._bump_serial()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        grouped: dict[tuple[str, int], list[StoredRR]] = {}
+        for owner, rdtype, wire, ttl in rows:
+            grouped.setdefault((owner, rdtype), []).append(StoredRR(ttl, _rdata_from_wire(rdtype, wire)))
+        return [
+            RRsetRemoval(dns.name.from_text(owner), rdtype, tuple(rrs))
+            for (owner, rdtype), rrs in grouped.items()
+        ]
+
+    def snapshot(self) -> tuple[int, list[tuple[str, int, bytes, int, float | None]]]:
+        """(serial, every stored row including expired ones): for tests and debugging dumps."""
+        rows = self._db.execute("SELECT * FROM records ORDER BY owner, rdtype, rdata").fetchall()
+        return self.serial, [(o, t, bytes(w), ttl, e) for o, t, w, ttl, e in rows]
+
+    def next_expiry(self) -> float | None:
+        """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep."""
+        row = self._db.execute("SELECT min(expires) FROM records").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
