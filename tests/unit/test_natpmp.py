@@ -383,16 +383,30 @@ def test_natpmp_declares_no_natpmp_after_ninth_attempt_and_64s() -> None:
 
 
 def test_pcp_schedule_irt_3s_doubling_mrt_1024() -> None:
+    # RFC 6887 §8.1.1 with RAND = 0: retransmissions 3, 6, 12, ... s apart, capped at MRT = 1024 s,
+    # for a gateway known to speak PCP (one that never answered gets NAT-PMP after two tries, below).
     m = mapper()  # fraction 0.5: RAND = 0
     first = m.start(0.0)
     assert len(first) == 1
+    m.protocol = "pcp"  # it answered in PCP before (a renewal, say)
     sent = run_until(m, 6000.0)
     times = [t for t, _ in sent]
     intervals = [3, 6, 12, 24, 48, 96, 192, 384, 768, 1024, 1024, 1024]
     expected = [sum(intervals[:i + 1]) for i in range(len(intervals))]
     assert times[:len(expected)] == pytest.approx(expected)
     assert all(p == first[0].payload for _, p in sent)  # same nonce, same request
-    assert m.state.no_answer and "PCP" in m.state.result_message
+
+
+def test_pcp_silence_falls_back_to_natpmp_after_two_requests() -> None:
+    m = mapper()  # fraction 0.5: RAND = 0
+    first = m.start(0.0)
+    assert payloads(m.poll(3.0)) == [first[0].payload]  # the PCP retransmission
+    out = payloads(m.poll(9.0))  # still silence: ask in NAT-PMP, at once
+    assert out == [encode_natpmp_address_request(), encode_natpmp_map_request(PORT, PORT, 7200)]
+    assert m.wire == "nat-pmp" and "NAT-PMP" in m.state.result_message
+    m.receive(encode_natpmp_address_response(1000, PUBLIC), GW_SRC, 9.1)
+    m.receive(encode_natpmp_map_response(1000, PORT, 61001, 7200), GW_SRC, 9.1)
+    assert m.state.protocol == "nat-pmp" and m.state.endpoint == Endpoint(PUBLIC, 61001)
 
 
 def test_pcp_schedule_randomisation_bounds() -> None:

@@ -96,3 +96,6 @@ PORTMAP_ERROR_RETRY: Final = 30.0  # our choice: first retry after an error resu
 # lifetime); doubles up to NATPMP_MAX_RETRY_INTERVAL. A PCP error's lifetime, when longer, is obeyed.
 PORTMAP_ANNOUNCE_HOLDOFF: Final = 64.0  # our choice: a gateway repeats an announcement ~10 times over ~64 s
 # (RFC 6886 §3.2.1); repeats within this window re-check only if they carry news (new address or epoch)
+# Our choice: after this many unanswered PCP requests from a gateway that never answered anything
+# (3 s and about 6 s more), also try NAT-PMP: some NAT-PMP-only routers drop PCP silently.
+PCP_SILENT_FALLBACK_ATTEMPTS: Final = 2

@@ -613,6 +613,17 @@ class PortMapper:
             out += self._begin(now)
         for retry in (self._addr, self._map):
             if retry is not None and now >= retry.next_at:
+                if retry.protocol == PCP and self.protocol is None and \
+                        retry.attempts >= C.PCP_SILENT_FALLBACK_ATTEMPTS:
+                    # Some NAT-PMP-only routers drop PCP silently instead of answering version 0
+                    # (RFC 6886 §3.5 says they should): after two unanswered PCP requests from a
+                    # gateway that never answered anything, ask in NAT-PMP too. A PCP ANNOUNCE
+                    # switches back.
+                    self.wire = NATPMP
+                    self.counters["fell back to NAT-PMP after PCP silence"] += 1
+                    self._set_status(None, f"no answer to PCP from {self.gateway}; trying NAT-PMP")
+                    out += self._begin(now)
+                    break
                 self._on_timeout(retry)
                 out.append(self._send(retry, now))
         return out
