@@ -62,10 +62,40 @@ class TunnelCore:
 
     def add_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
                  endpoint: Addr | None) -> Peer:
+        if public_key in self.by_key or ula.packed in self.by_ula:
+            raise ValueError(f"peer {name}: its key or ULA is already in the table")
         peer = Peer(name=name, public_key=public_key, ula=ula.packed, endpoint=endpoint, timers=self.timers)
         self.by_ula[peer.ula] = peer
         self.by_key[public_key] = peer
         return peer
+
+    def learn_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
+                   endpoint: Addr | None, now: float) -> Peer:
+        """Add or update a peer learned from DNS (its records are checked by the caller: the ULA is
+        the key's). A known peer gets the published endpoint unless it is already talking to us:
+        an endpoint learned from authenticated packets is fresher than a DNS record."""
+        peer = self.by_key.get(public_key)
+        if peer is None:
+            return self.add_peer(name, public_key, ula, endpoint)
+        if endpoint is not None and peer.endpoint != endpoint and peer.sendable(now) is None:
+            peer.endpoint = endpoint
+            self.events.append(f"peer {name}: endpoint {endpoint[0]} port {endpoint[1]} from DNS")
+        return peer
+
+    def forget_peer(self, public_key: bytes) -> bool:
+        """Remove a peer (its records were withdrawn or expired): its sessions and SPIs go with it,
+        and no packet is sent to or accepted from it afterwards."""
+        peer = self.by_key.pop(public_key, None)
+        if peer is None:
+            return False
+        self.by_ula.pop(peer.ula, None)
+        for session in peer.sessions():
+            self.by_spi.pop(session.inbound.spi, None)
+        # The handshaker keeps the peer's last timestamp: if it comes back, an initiation captured
+        # before still counts as a replay.
+        self.handshaker.cancel(public_key)
+        self.events.append(f"peer {peer.name} removed")
+        return True
 
     # -- TUN -> UDP ------------------------------------------------------------------------------------
 
