@@ -755,3 +755,54 @@ def test_startup_delay() -> None:
     assert all(0.0 <= d <= 3.0 for d in delays)
     assert all(abs(d * 100 - round(d * 100)) < 1e-9 for d in delays)
     assert max(delays) > 2.0 and min(delays) < 1.0
+
+
+# -- the shared browse PTR, against our own server core ----------------------------------------------------
+
+
+def test_devices_share_the_browse_ptr_without_deleting_each_other() -> None:
+    """Every device publishes `_autotunnel._udp.DOMAIN PTR` to itself into one shared RRset. Replacing
+    that RRset (as a device does with its own records) would delete the others from discovery; the
+    Publisher deletes and adds only its own record there (RFC 2136 §2.5.4)."""
+    import ipaddress
+
+    from crypto.kdf import derive_tsig_key
+    from tunneld.dnsserver.core import DnsCore, account_key
+    from tunneld.dnsserver.store import ZoneStore
+    from tests.helpers import drbg
+    from tunneld.proto import records
+
+    domain, secret = "home.example.net", bytes(range(32))
+    store = ZoneStore(":memory:", domain + ".", "ns." + domain + ".", 53)
+    server = DnsCore(store, [account_key(secret, domain)])
+    wall = 1_700_000_000.0
+    browse = records.browse_name(domain)
+
+    def device(name: str, key: bytes, seed: int) -> tuple[Publisher, list[dns.rrset.RRset]]:
+        host = records.HostRecords.derive(name, domain, key, 4500, (ipaddress.IPv4Address("192.0.2.7"),))
+        pub = Publisher(domain, domain, derive_tsig_key(secret, domain), rand=drbg(seed),
+                        shared=[(browse, dns.rdatatype.PTR)])
+        return pub, records.build(host, 300)
+
+    def run(pub: Publisher, tx: Transmit | None) -> None:
+        assert tx is not None
+        reply = server.handle(tx.payload, ("192.0.2.7", 5353), wall)
+        assert reply is not None
+        events = pub.receive(reply, 0.0, wall)
+        assert events and not isinstance(events[-1], Failed), events
+
+    def ptr_targets() -> set[str]:
+        return {rr.rdata.to_text() for rr in store.rrset(browse, dns.rdatatype.PTR, wall)}
+
+    a, a_records = device("laptop", bytes(range(1, 33)), 1)
+    b, b_records = device("desktop", bytes(range(2, 34)), 2)
+    run(a, a.publish(a_records, 0.0, wall))
+    run(b, b.publish(b_records, 0.0, wall))
+    both = ptr_targets()
+    assert len(both) == 2
+    run(a, a.publish(a_records, 0.0, wall))  # a refresh of a's records keeps b's PTR
+    assert ptr_targets() == both
+    run(a, a.withdraw(0.0, wall))  # a leaves: only a's PTR goes
+    remaining = ptr_targets()
+    assert len(remaining) == 1 and remaining < both
+    assert store.rrset(records.host_name(domain, "desktop"), dns.rdatatype.AAAA, wall)

@@ -66,6 +66,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TSIG
@@ -430,7 +431,8 @@ class Publisher:
 
     def __init__(self, zone: str | dns.name.Name, key_name: str | dns.name.Name, key_secret: bytes,
                  algorithm: str = "hmac-sha256", rand: Callable[[int], bytes] = os.urandom,
-                 lease: int = DEFAULT_LEASE) -> None:
+                 lease: int = DEFAULT_LEASE,
+                 shared: Iterable[tuple[str | dns.name.Name, int]] = ()) -> None:
         self.zone = zone if isinstance(zone, dns.name.Name) else dns.name.from_text(zone)
         name = key_name if isinstance(key_name, dns.name.Name) else dns.name.from_text(key_name)
         self._key = TsigKey(name, bytes(key_secret), algorithm)
@@ -442,6 +444,11 @@ class Publisher:
         self.events: list[Event] = []
         self._rrsets: tuple[dns.rrset.RRset, ...] = ()
         self._owned: frozenset[tuple[dns.name.Name, int]] = frozenset()
+        # RRsets other devices publish into too (the account's browse PTR): there we add and delete
+        # only our own records (RFC 2136 §2.5.4), never the whole set, or we would delete the others.
+        self.shared = frozenset((n if isinstance(n, dns.name.Name) else dns.name.from_text(n), int(t))
+                                for n, t in shared)
+        self._shared_rdatas: dict[tuple[dns.name.Name, int], frozenset[dns.rdata.Rdata]] = {}
         self._txn: _Txn | None = None
         self._published = False
         self._withdrawn = False
@@ -542,9 +549,18 @@ class Publisher:
         msg = dns.update.UpdateMessage(self.zone, id=message_id)
         new = frozenset() if withdraw else frozenset((r.name, int(r.rdtype)) for r in self._rrsets)
         for name, rdtype in sorted(self._owned | new):
-            msg.delete(name, dns.rdatatype.RdataType.make(rdtype))
+            if (name, rdtype) in self.shared:
+                for rd in sorted(self._shared_rdatas.get((name, rdtype), ()), key=str):
+                    msg.delete(name, rd)  # only the record we put there
+            else:
+                msg.delete(name, dns.rdatatype.RdataType.make(rdtype))
         for rrset in self._rrsets:
             msg.add(rrset.name, rrset)
+        # Until the server confirms, what we just sent may be there too: remember the union.
+        for rrset in self._rrsets:
+            key = (rrset.name, int(rrset.rdtype))
+            if key in self.shared:
+                self._shared_rdatas[key] = self._shared_rdatas.get(key, frozenset()) | frozenset(rrset)
         if not withdraw:
             msg.use_edns(0, payload=EDNS_PAYLOAD, options=[UpdateLeaseOption(self.lease_requested)])
         payload, mac = tsig_sign(msg.to_wire(), self._key, int(wall))  # no TSIG in msg: no clock read
@@ -608,6 +624,9 @@ class Publisher:
     def _success(self, msg: dns.message.Message, txn: _Txn, now: float) -> list[Event]:
         self._txn = None
         self._owned = txn.owned_after
+        self._shared_rdatas = {} if txn.withdraw else {
+            (r.name, int(r.rdtype)): frozenset(r) for r in self._rrsets
+            if (r.name, int(r.rdtype)) in self.shared}
         self._backoff = 0.0
         self.counters["updates accepted"] += 1
         event: Event
