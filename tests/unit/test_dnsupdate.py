@@ -32,6 +32,7 @@ from tunneld.proto.dnsupdate import (
     Failed,
     Published,
     Publisher,
+    Transmit,
     TsigError,
     TsigKey,
     Withdrawn,
@@ -767,9 +768,9 @@ def test_devices_share_the_browse_ptr_without_deleting_each_other() -> None:
     import ipaddress
 
     from crypto.kdf import derive_tsig_key
+    from tests.helpers import drbg
     from tunneld.dnsserver.core import DnsCore, account_key
     from tunneld.dnsserver.store import ZoneStore
-    from tests.helpers import drbg
     from tunneld.proto import records
 
     domain, secret = "home.example.net", bytes(range(32))
