@@ -1,0 +1,480 @@
+"""Sans-I/O LLQ server (RFC 8764) on top of :class:`tunneld.dnsserver.core.DnsCore`.
+
+Bytes and ``now_wall`` in, ``(dest, bytes)`` out; no clock, no socket, randomness only through the injected
+``rand(n) -> bytes``. The option class, parse helpers and constants come from :mod:`tunneld.proto.llq` (our
+client); TSIG validation and signing reuse the helpers of :mod:`tunneld.dnsserver.core`. Facts and sources:
+PROTOCOLS.md section 3.
+
+The adapter feeds every datagram to :meth:`LLQServer.handle` first; ``None`` means "not an LLQ message",
+pass it to :meth:`DnsCore.handle`. After an UPDATE changed the zone it calls
+:meth:`LLQServer.changes` with :attr:`DnsCore.last_changes`, after each :meth:`ZoneStore.expire` sweep with
+its result, and it calls :meth:`LLQServer.poll` at :meth:`LLQServer.deadline`.
+
+Behaviour:
+
+- **Handshake** (§5.2). SETUP request (LLQ-ID 0) -> challenge: same message ID, question echoed, no
+  answers, a fresh random nonzero 64-bit LLQ-ID, the requested lease clamped to [15 min, 2 h]. The LLQ is
+  now half-open; it is kept until that granted lease runs out (§5.1: never GC'd earlier) and is never
+  retransmitted on our own. A duplicate SETUP request (same source, message ID and question) gets the
+  cached challenge again, byte for byte. A new SETUP request for the same source and question replaces the
+  old LLQ (dnsextd ``UpdateLLQ``). Challenge response (SETUP with our LLQ-ID from the same source, lease
+  within +-60 s of the grant) -> ACK: the full answer set (:meth:`DnsCore.answer`) and the remaining lease.
+  A duplicate challenge response gets a fresh ACK (fresh answers, so a change that happened between a lost
+  ACK and the retransmission is not lost: the client ignores events before its ACK).
+- **Refresh** (§6). REFRESH with an established LLQ-ID -> same message ID, no answers, the granted lease
+  (clamped to [15 min, 2 h]; *not* dnsextd's clamp-to-minimum bug); lease 0 cancels and deletes the LLQ.
+  An unknown LLQ-ID (or one owned by another source or key) -> LLQ-ERROR NO-SUCH-LLQ.
+- **Events** (§7). :meth:`changes` takes the changed names (``Change`` values or ``RRsetRemoval``), and
+  for every established LLQ on such a name re-computes the answer and diffs it against what that client
+  was last sent: additions go out with their TTL, removals with TTL 0xFFFFFFFF, in one EVENT message (QR,
+  opcode QUERY, AA, the question, fresh message ID, ``LLQ{EVENT, LLQ-ID, remaining lease}``).
+  Unacknowledged events are resent with the same bytes: sent at t, resent at t+2 s and t+6 s (waits 2 s
+  then 4 s, mirroring the client rule of §5.1); 8 s after the third try without an ack the LLQ is
+  dropped. An ack is a response with the event's message ID and ``LLQ{EVENT, same LLQ-ID}`` from the
+  LLQ's source; both must match. One event is in flight per LLQ (so a resent event can never overtake a
+  newer one); changes meanwhile are coalesced and sent, as one diff, in reply to the ack: :meth:`handle`
+  of an ack may return the next event.
+- **TSIG** (BTMM draft §7.2: LLQs carry TSIG). A signed request is validated with the core's key set
+  (BADKEY/BADSIG/BADTIME answered as the core does) and its replies are signed with the request MAC. An
+  LLQ set up with a key stays bound to it: its challenge response, refreshes and acks must be signed with
+  the same key, and its events are signed with it (no request MAC). With ``require_tsig`` (the default)
+  an unsigned LLQ request is REFUSED.
+- **Robustness.** Garbage -> None (the core then answers FORMERR); a response that is not a valid ack
+  is dropped silently (``[]``); nothing raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.tsig
+
+from tunneld.dnsserver.core import DnsCore, _Signer
+from tunneld.dnsserver.store import Change, RRsetRemoval
+from tunneld.proto.errors import ParseError
+from tunneld.proto.llq import (
+    LLQ_ERR_BAD_VERS,
+    LLQ_ERR_FORMAT,
+    LLQ_ERR_NO_ERROR,
+    LLQ_ERR_NO_SUCH_LLQ,
+    LLQ_ERR_SERV_FULL,
+    LLQ_MAX_TRIES,
+    LLQ_OP_EVENT,
+    LLQ_OP_REFRESH,
+    LLQ_OP_SETUP,
+    LLQ_REMOVE_TTL,
+    LLQ_UDP_PAYLOAD,
+    LLQ_VERSION,
+    LLQOption,
+    find_llq_option,
+    parse_message,
+)
+
+__all__ = [
+    "EVENT_RETRY_WAITS",
+    "LLQ_LEASE_SLACK",
+    "LLQ_MAX_LEASE",
+    "LLQ_MIN_LEASE",
+    "LLQServer",
+]
+
+log = logging.getLogger(__name__)
+
+LLQ_MIN_LEASE: Final = 15 * 60  # dnsextd clamp [V], PROTOCOLS §3.3
+LLQ_MAX_LEASE: Final = 2 * 60 * 60
+LLQ_LEASE_SLACK: Final = 60  # challenge response lease must be within +-60 s of the grant (dnsextd [V])
+EVENT_RETRY_WAITS: Final = (2.0, 4.0, 8.0)  # resend after 2 s, then 4 s; give up 8 s after the 3rd try
+EVENT_MAX_TRIES: Final = LLQ_MAX_TRIES  # 3 sends in total
+
+Dest = object
+Output = list[tuple[Dest, bytes]]
+_Key = tuple[dns.name.Name, int]
+_Records = dict[_Key, dict[dns.rdata.Rdata, int]]
+
+
+@dataclass(slots=True)
+class _PendingEvent:
+    wire: bytes
+    tries: int
+    next_at: float
+
+
+@dataclass(slots=True)
+class _LLQ:
+    llq_id: int
+    src: Dest
+    qname: dns.name.Name
+    qtype: int
+    setup_msg_id: int
+    granted: int
+    expires: float
+    key: dns.tsig.Key | None
+    challenge: bytes
+    established: bool = False
+    dirty: bool = False  # changed while an event was in flight: send the next diff when it is acked
+    snapshot: _Records = field(default_factory=dict)
+    events: dict[int, _PendingEvent] = field(default_factory=dict)
+
+
+def _clamp(lease: int) -> int:
+    return min(max(lease, LLQ_MIN_LEASE), LLQ_MAX_LEASE)
+
+
+def _records(answers: Iterable[dns.rrset.RRset]) -> _Records:
+    out: _Records = {}
+    for rrset in answers:
+        held = out.setdefault((rrset.name, rrset.rdtype), {})
+        for rdata in rrset:
+            held[rdata] = rrset.ttl
+    return {k: v for k, v in out.items() if v}
+
+
+def _rrset(key: _Key, rdatas: Iterable[dns.rdata.Rdata], ttl: int) -> dns.rrset.RRset:
+    name, rdtype = key
+    rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
+    for rdata in rdatas:
+        rrset.add(rdata)
+    rrset.ttl = ttl  # set after add: add() would lower it to the minimum of the TTLs given
+    return rrset
+
+
+class LLQServer:
+    """The LLQ server for ``core``'s zone. See the module docstring.
+
+    ``rand(n)`` gives n random bytes (LLQ-IDs, event message IDs); ``max_llqs`` bounds the table (half-open
+    LLQs included: a full table answers SETUP with LLQ-ERROR SERV-FULL); ``require_tsig`` refuses unsigned
+    LLQ requests.
+    """
+
+    def __init__(self, core: DnsCore, rand: Callable[[int], bytes] = os.urandom, max_llqs: int = 1000,
+                 require_tsig: bool = True) -> None:
+        self.core = core
+        self.max_llqs = max_llqs
+        self.require_tsig = require_tsig
+        self._rand = rand
+        self._llqs: dict[int, _LLQ] = {}
+        self.counters: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<LLQServer zone={self.core.zone} llqs={len(self._llqs)}>"
+
+    def __len__(self) -> int:
+        return len(self._llqs)
+
+    # ---- entry points ---------------------------------------------------------------------------------
+
+    def handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest,
+               now_wall: float) -> Output | None:
+        """Handle one datagram from ``src``. None: not an LLQ message (give it to ``DnsCore.handle``).
+        A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises."""
+        try:
+            return self._handle(wire_or_parsed, src, now_wall)
+        except Exception:  # last line of defence: never raise into the listener
+            log.exception("internal error handling an LLQ message from %r", src)
+            self.counters["internal error"] += 1
+            return []
+
+    def changes(self, rrset_changes: Iterable[Change | RRsetRemoval], now: float) -> Output:
+        """EVENT messages for every established LLQ whose answer changed at the names in
+        ``rrset_changes`` (``DnsCore.last_changes`` or ``ZoneStore.expire`` results). Kept for resending
+        until acknowledged."""
+        owners = {ch.owner for ch in rrset_changes}
+        out: Output = []
+        for llq in list(self._llqs.values()):
+            if not llq.established or llq.qname not in owners:
+                continue
+            if now >= llq.expires:
+                self._drop(llq, "lease expired")
+                continue
+            if llq.events:
+                # One event in flight per LLQ, so a resent older event can never overtake a newer one
+                # (add X, then remove X, arriving in the other order, would leave X at the client). The
+                # change is sent, diffed against what the client was last sent, once that event is acked.
+                llq.dirty = True
+                self.counters["event deferred"] += 1
+                continue
+            wire = self._next_event(llq, now)
+            if wire is not None:
+                out.append((llq.src, wire))
+        return out
+
+    def poll(self, now: float) -> Output:
+        """Resend unacknowledged events, drop LLQs whose events went unacknowledged 3 times, and expire
+        LLQs (half-open ones included) whose lease has run out."""
+        out: Output = []
+        for llq in list(self._llqs.values()):
+            if now >= llq.expires:
+                self._drop(llq, "lease expired" if llq.established else "half-open lease expired")
+                continue
+            for msg_id, pending in list(llq.events.items()):
+                if now < pending.next_at:
+                    continue
+                if pending.tries >= EVENT_MAX_TRIES:
+                    self._drop(llq, "event not acknowledged")
+                    break
+                pending.tries += 1
+                pending.next_at = now + EVENT_RETRY_WAITS[pending.tries - 1]
+                self.counters["event resent"] += 1
+                out.append((llq.src, llq.events[msg_id].wire))
+        return out
+
+    def deadline(self) -> float | None:
+        """When :meth:`poll` must next be called (None: no LLQs)."""
+        times = [llq.expires for llq in self._llqs.values()]
+        times.extend(p.next_at for llq in self._llqs.values() for p in llq.events.values())
+        return min(times) if times else None
+
+    def llq_ids(self) -> list[int]:
+        """The LLQ-IDs in the table (half-open included); for status and tests."""
+        return list(self._llqs)
+
+    def pending_events(self, llq_id: int) -> int:
+        """How many events of ``llq_id`` await an ack (0 for unknown IDs)."""
+        llq = self._llqs.get(llq_id)
+        return 0 if llq is None else len(llq.events)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def _handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest, now: float) -> Output | None:
+        if isinstance(wire_or_parsed, dns.message.Message):
+            msg = wire_or_parsed
+            if msg.had_tsig:  # the signature cannot be checked without the original wire
+                option = find_llq_option(msg)
+                if option is None or msg.flags & dns.flags.QR:
+                    return None if option is None else []
+                bare = dns.message.Message(id=msg.id)  # unsigned: we could not check its MAC
+                bare.flags = dns.flags.QR | (msg.flags & dns.flags.RD)
+                bare.question = list(msg.question)
+                bare.set_rcode(dns.rcode.REFUSED)
+                return [(src, bare.to_wire())]
+            wire = msg.to_wire()
+        else:
+            wire = wire_or_parsed
+        try:
+            msg = parse_message(wire)
+        except ParseError:
+            return None
+        option = find_llq_option(msg)
+        if option is None or msg.opcode() != dns.opcode.QUERY or msg.edns > 0:
+            return None
+        signer: _Signer | None = None
+        if msg.flags & dns.flags.QR:
+            if msg.had_tsig:
+                checked = self.core._check_tsig(msg, wire, int(now))
+                if isinstance(checked, bytes):
+                    self.counters["ack tsig rejected"] += 1
+                    return []
+                signer = checked
+            return self._on_ack(msg, option, src, signer, now)
+        if msg.had_tsig:
+            checked = self.core._check_tsig(msg, wire, int(now))
+            if isinstance(checked, bytes):
+                self.counters["tsig rejected"] += 1
+                return [(src, checked)]
+            signer = checked
+        if len(msg.question) != 1:
+            return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
+        q = msg.question[0]
+        if q.rdclass != dns.rdataclass.IN or not self.core.store.in_zone(q.name):
+            return [(src, self._reply(msg, None, signer, now, rcode=dns.rcode.REFUSED))]
+        if q.rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR) or (
+                dns.rdatatype.is_metatype(q.rdtype) and q.rdtype != dns.rdatatype.ANY):
+            return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
+        if self.require_tsig and signer is None:
+            self.counters["unsigned LLQ refused"] += 1
+            return [(src, self._reply(msg, None, None, now, rcode=dns.rcode.REFUSED))]
+        if option.version != LLQ_VERSION:
+            return [(src, self._error(msg, option, LLQ_ERR_BAD_VERS, signer, now))]
+        if option.opcode == LLQ_OP_SETUP and option.llq_id == 0:
+            return [(src, self._setup(msg, option, src, signer, now))]
+        if option.opcode == LLQ_OP_SETUP:
+            return [(src, self._challenge_response(msg, option, src, signer, now))]
+        if option.opcode == LLQ_OP_REFRESH:
+            return [(src, self._refresh(msg, option, src, signer, now))]
+        return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now))]
+
+    def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+               now: float) -> bytes:
+        q = msg.question[0]
+        for llq in list(self._llqs.values()):
+            if llq.src != src or llq.qname != q.name or llq.qtype != q.rdtype:
+                continue
+            if not llq.established and llq.setup_msg_id == msg.id and self._key_ok(llq, signer):
+                self.counters["duplicate setup request"] += 1
+                return llq.challenge  # §5.1: re-send our reply to a duplicate, unchanged
+            self._drop(llq, "restarted by a new setup request")
+        if len(self._llqs) >= self.max_llqs:
+            self.counters["table full"] += 1
+            return self._error(msg, option, LLQ_ERR_SERV_FULL, signer, now)
+        granted = _clamp(option.lease)
+        llq_id = self._new_llq_id()
+        reply = self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq_id, granted),
+                            signer, now)
+        self._llqs[llq_id] = _LLQ(llq_id, src, q.name, q.rdtype, msg.id, granted, now + granted,
+                                  None if signer is None else signer.key, reply)
+        self.counters["challenge sent"] += 1
+        return reply
+
+    def _challenge_response(self, msg: dns.message.Message, option: LLQOption, src: Dest,
+                            signer: _Signer | None, now: float) -> bytes:
+        llq = self._find(msg, option, src, signer, now)
+        if llq is None:
+            return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
+        if abs(option.lease - llq.granted) > LLQ_LEASE_SLACK:
+            self.counters["challenge response lease mismatch"] += 1
+            return self._error(msg, option, LLQ_ERR_FORMAT, signer, now)
+        if llq.established:
+            # The client retransmits only before it has our ACK, and ignores events until then: the
+            # fresh ACK below carries the full answer set, so in-flight events are superseded.
+            self.counters["duplicate challenge response"] += 1
+            llq.events.clear()
+            llq.dirty = False
+        answers, rcode = self.core.answer(llq.qname, llq.qtype, now)
+        llq.snapshot = _records(answers)
+        llq.established = True
+        reply = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))
+        self.counters["ack sent"] += 1
+        return self._reply(msg, reply, signer, now, answers=answers, rcode=rcode)
+
+    def _refresh(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+                 now: float) -> bytes:
+        llq = self._find(msg, option, src, signer, now)
+        if llq is None or not llq.established:
+            return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
+        if option.lease == 0:
+            self._drop(llq, "cancelled")
+            return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id, 0),
+                               signer, now)
+        llq.granted = _clamp(option.lease)
+        llq.expires = now + llq.granted
+        self.counters["refreshed"] += 1
+        return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
+                                          llq.granted), signer, now)
+
+    def _on_ack(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+                now: float) -> Output:
+        llq = self._llqs.get(option.llq_id)
+        if option.opcode != LLQ_OP_EVENT or llq is None or llq.src != src or not self._key_ok(llq, signer):
+            self.counters["unmatched ack"] += 1
+            return []
+        if llq.events.pop(msg.id, None) is None:
+            self.counters["ack for no pending event"] += 1
+            return []
+        self.counters["event acked"] += 1
+        if llq.dirty and not llq.events and now < llq.expires:
+            wire = self._next_event(llq, now)
+            if wire is not None:
+                return [(llq.src, wire)]
+        return []
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    def _find(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+              now: float) -> _LLQ | None:
+        """The LLQ ``option`` names, if it belongs to this source, question and key and is still alive."""
+        llq = self._llqs.get(option.llq_id)
+        q = msg.question[0]
+        if (llq is None or llq.src != src or llq.qname != q.name or llq.qtype != q.rdtype
+                or not self._key_ok(llq, signer)):
+            self.counters["no such LLQ"] += 1
+            return None
+        if now >= llq.expires:
+            self._drop(llq, "lease expired")
+            return None
+        return llq
+
+    @staticmethod
+    def _key_ok(llq: _LLQ, signer: _Signer | None) -> bool:
+        if llq.key is None:
+            return True
+        return signer is not None and signer.key.name == llq.key.name
+
+    def _drop(self, llq: _LLQ, reason: str) -> None:
+        self.counters[f"dropped: {reason}"] += 1
+        self._llqs.pop(llq.llq_id, None)
+
+    @staticmethod
+    def _remaining(llq: _LLQ, now: float) -> int:
+        return max(1, min(math.ceil(llq.expires - now), 0xFFFFFFFF))
+
+    def _new_llq_id(self) -> int:
+        while True:
+            llq_id = int.from_bytes(self._rand(8), "big")
+            if llq_id and llq_id not in self._llqs:
+                return llq_id
+
+    def _error(self, msg: dns.message.Message, option: LLQOption, error: int, signer: _Signer | None,
+               now: float, rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
+        """A reply echoing the request's LLQ option with LLQ-ERROR ``error`` and lease 0."""
+        opcode = option.opcode if option.opcode in (LLQ_OP_SETUP, LLQ_OP_REFRESH) else LLQ_OP_SETUP
+        reply = LLQOption(LLQ_VERSION, opcode, error, option.llq_id, 0)
+        return self._reply(msg, reply, signer, now, rcode=rcode)
+
+    def _reply(self, msg: dns.message.Message, option: LLQOption | None, signer: _Signer | None, now: float,
+               answers: Iterable[dns.rrset.RRset] = (), rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
+        resp = dns.message.make_response(msg)
+        resp.use_edns(False)
+        if option is not None:
+            resp.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
+        resp.flags |= dns.flags.AA
+        resp.set_rcode(rcode)
+        resp.answer = list(answers)
+        return self.core._render(msg, resp, signer, now, None)
+
+    def _next_event(self, llq: _LLQ, now: float) -> bytes | None:
+        """Diff the current answer against what the client was last sent; an EVENT if anything changed:
+        removals first (TTL 0xFFFFFFFF), then additions and TTL changes (their TTL)."""
+        llq.dirty = False
+        answers, _rcode = self.core.answer(llq.qname, llq.qtype, now)
+        new = _records(answers)
+        old = llq.snapshot
+        llq.snapshot = new
+        removed: list[dns.rrset.RRset] = []
+        added: list[dns.rrset.RRset] = []
+        for key, held in old.items():
+            gone = [rd for rd in held if rd not in new.get(key, {})]
+            if gone:
+                removed.append(_rrset(key, gone, LLQ_REMOVE_TTL))
+        for key, fresh in new.items():
+            held = old.get(key, {})
+            came = [rd for rd, ttl in fresh.items() if held.get(rd) != ttl]
+            if came:
+                added.append(_rrset(key, came, min(fresh[rd] for rd in came)))
+        if not removed and not added:
+            return None
+        return self._event(llq, removed + added, now)
+
+    def _event(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float) -> bytes:
+        msg_id = int.from_bytes(self._rand(2), "big")
+        while msg_id in llq.events:
+            msg_id = int.from_bytes(self._rand(2), "big")
+        msg = dns.message.Message(id=msg_id)
+        msg.flags = dns.flags.QR | dns.flags.AA
+        msg.find_rrset(msg.question, llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype),
+                       create=True, force_unique=True)
+        msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
+            LLQOption(LLQ_VERSION, LLQ_OP_EVENT, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))])
+        msg.answer = answers
+        if llq.key is not None:
+            signer = _Signer(llq.key, b"", int(now), self.core.policy.fudge)
+            wire = self.core._sign(msg, signer, int(now))
+        else:
+            wire = msg.to_wire()
+        llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
+        self.counters["event sent"] += 1
+        return wire
