@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -118,6 +120,89 @@ def _startup_failure(e: BaseException) -> str | None:
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
                 f"or is the port in use? (set [interface] listen_port)")
     return None
+
+
+DEFAULT_DNS_DB = "/var/lib/tunneld/dns.sqlite"
+DEFAULT_DNS_LISTEN = "[::]:53"
+
+
+def cmd_serve_dns(args: argparse.Namespace) -> int:
+    """Run the rendezvous DNS server for one zone until SIGINT/SIGTERM (exit 0)."""
+    import sqlite3
+
+    import dns.name
+    import trio
+
+    from tunneld.config import load_account_secret, parse_endpoint
+    from tunneld.dnsserver.core import DnsCore, Policy, account_key
+    from tunneld.dnsserver.serve import bind_error_message, serve
+    from tunneld.dnsserver.store import ZoneStore
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="tunneld: %(levelname)s: %(message)s")
+    try:
+        zone = normalize_domain(args.zone)
+    except ValueError as e:
+        raise UsageError(f"bad --zone {args.zone!r}: {e}; give a DNS name such as home.example.net") from None
+    try:
+        listen = parse_endpoint(args.listen)
+    except ValueError as e:
+        raise UsageError(f"bad --listen: {e}") from None
+    if listen.port == 0:
+        raise UsageError(f"bad --listen {args.listen!r}: port 0; give a port such as 53")
+    try:
+        server = dns.name.from_text(args.server_name or f"ns.{zone}")
+    except Exception as e:  # dnspython's name errors are many classes
+        raise UsageError(f"bad --server-name {args.server_name!r}: {e}; give a DNS host name") from None
+    policy = Policy()
+    if args.default_lease is not None and not (policy.min_lease <= args.default_lease <= policy.max_lease):
+        raise UsageError(f"bad --default-lease {args.default_lease}: give {policy.min_lease} to "
+                         f"{policy.max_lease} seconds")
+    secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
+    db = Path(args.db)
+    try:
+        if db.parent != Path(""):
+            db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = ZoneStore(str(db), zone + ".", server, listen.port)
+    except ValueError as e:  # the database holds another zone
+        raise UsageError(f"--db {db}: {e}; give another --db for this zone") from None
+    except (OSError, sqlite3.Error) as e:
+        raise UsageError(f"cannot open the zone database --db {db}: {getattr(e, 'strerror', None) or e}; "
+                         f"check the path and its permissions") from None
+    keys = [account_key(secret, zone)]
+    core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, core, str(listen.host), listen.port)
+                async for signum in signals:
+                    logging.getLogger("tunneld.dnsserver").info(
+                        "%s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except BaseException as e:  # bind failures arrive wrapped in exception groups
+        err = _first_oserror(e)
+        if err is None:
+            raise
+        print(f"tunneld: {bind_error_message(err, str(listen))}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _first_oserror(e: BaseException) -> OSError | None:
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first_oserror(sub)
+            if found is not None:
+                return found
+        return None
+    return e if isinstance(e, OSError) else None
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -251,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     rebind.add_argument("--socket", help="control socket (default: from the config)")
     rebind.add_argument("--port", type=int, help="new port (default: the same)")
     rebind.set_defaults(func=cmd_rebind)
+
+    serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
+    serve_dns.add_argument("--zone", required=True, help="the account's domain, served as the zone")
+    serve_dns.add_argument("--secret-file", required=True,
+                           help="the account secret (first line of `tunneld account new`)")
+    serve_dns.add_argument("--listen", default=DEFAULT_DNS_LISTEN,
+                           help=f"ADDR:PORT for UDP and TCP (default {DEFAULT_DNS_LISTEN}, IPv4 and IPv6)")
+    serve_dns.add_argument("--db", default=DEFAULT_DNS_DB, help=f"zone database (default {DEFAULT_DNS_DB})")
+    serve_dns.add_argument("--server-name", help="this server's host name in NS/SOA/SRV (default ns.ZONE)")
+    serve_dns.add_argument("--default-lease", type=int, metavar="SECONDS",
+                           help="grant this lease to updates without an RFC 9664 lease option (plain "
+                                "RFC 2136 clients such as nsupdate); without it such updates are refused")
+    serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    serve_dns.set_defaults(func=cmd_serve_dns)
     return p
 
 

@@ -508,3 +508,15 @@ def test_fuzz_mutated_signed_update(wire: bytes) -> None:
     assert after in (before, GENUINE_AFTER)
     if after == GENUINE_AFTER:
         assert rcode == dns.rcode.NOERROR
+
+
+def test_default_lease_for_updates_without_the_option(core: DnsCore) -> None:
+    """Plain RFC 2136 clients (nsupdate) cannot send the lease option: with Policy.default_lease their
+    adds are accepted with that lease, clamped to max_lease, no option in the reply, and expire."""
+    nsupdate_like = DnsCore(core.store, [KEY], Policy(default_lease=99_999))
+    upd = update(None)
+    upd.add("plain", 120, "AAAA", "fd00::4")
+    reply = send(nsupdate_like, upd)
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.options
+    assert aaaa(core, "plain", T0 + 7199) == {"fd00::4"}
+    assert aaaa(core, "plain", T0 + 7200) == set()  # 99 999 s clamped to the 2 h maximum

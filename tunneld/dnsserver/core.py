@@ -79,6 +79,9 @@ class Policy:
     max_lease: int = 7200
     require_lease: bool = True
     """Refuse updates that add records without an Update Lease option (dnsextd precedent, PROTOCOLS §4)."""
+    default_lease: int | None = None
+    """If set, updates without the option get this lease (clamped) instead: plain RFC 2136 clients such as
+    nsupdate cannot send RFC 9664's option, and their records should still expire."""
     fudge: int = 300
 
 
@@ -368,8 +371,13 @@ class DnsCore:
     def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
         """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""
         opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION]
+        lo, hi = self.policy.min_lease, self.policy.max_lease
         if not opts:
-            return None, None
+            default = self.policy.default_lease
+            if default is None:
+                return None, None
+            granted = min(max(default, lo), hi)
+            return Lease(granted, granted), None  # no option asked, none in the reply
         if len(opts) > 1:
             raise _Reject(dns.rcode.FORMERR)
         data = opts[0].to_wire()
@@ -381,7 +389,6 @@ class DnsCore:
             asked, key_asked = struct.unpack("!II", data)
         else:
             raise _Reject(dns.rcode.FORMERR)
-        lo, hi = self.policy.min_lease, self.policy.max_lease
         lease = Lease(min(max(asked, lo), hi), min(max(key_asked, lo), hi))
         if len(data) == 4:
             return lease, struct.pack("!I", lease.lease)

@@ -1,0 +1,213 @@
+"""The trio listeners of the rendezvous DNS server (``tunneld serve-dns``).
+
+One UDP socket and one TCP listener on the same address and port feed every request to
+:meth:`DnsCore.handle` with the wall-clock time; a sweep task deletes expired leases. Everything runs in
+the trio thread that opened the :class:`ZoneStore` (its SQLite connection must stay in that thread), and
+the handler is synchronous, so requests are served one at a time, in arrival order.
+
+TCP (RFC 7766) uses 2-byte length framing; each connection is bounded: at most
+:data:`TCP_IDLE_TIMEOUT` seconds to deliver each message, :data:`TCP_MAX_LIFETIME` seconds and
+:data:`TCP_MAX_MESSAGES` messages in all, and at most :data:`TCP_MAX_CONNECTIONS` at once (extra
+connections are closed at once). A message's size is bounded by the framing (65535 bytes).
+
+The listen address ``::`` is dual-stack (IPv4-mapped addresses accepted); any other IPv6 address is
+IPv6-only. :func:`serve` reports readiness through ``task_status.started()`` once both sockets are bound,
+and raises OSError (port in use, no permission) before that.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import time
+from typing import Final
+
+import dns.message
+import dns.rdatatype
+import dns.tsig
+import trio
+
+from tunneld.dnsserver.core import DnsCore
+
+__all__ = [
+    "TCP_IDLE_TIMEOUT",
+    "TCP_MAX_CONNECTIONS",
+    "TCP_MAX_LIFETIME",
+    "TCP_MAX_MESSAGES",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+TCP_IDLE_TIMEOUT: Final = 10.0
+"""Seconds a TCP client has to deliver each message (and to send the first one)."""
+TCP_MAX_LIFETIME: Final = 120.0
+"""Seconds a TCP connection may stay open in all."""
+TCP_MAX_MESSAGES: Final = 100
+"""Requests served on one TCP connection before it is closed."""
+TCP_MAX_CONNECTIONS: Final = 64
+"""TCP connections served at once; further ones are closed on accept."""
+SWEEP_MAX_SLEEP: Final = 60.0
+"""The sweeper re-reads the wall clock at least this often (the clock may jump)."""
+
+_UDP_MAX: Final = 65535
+_OPCODE_UPDATE: Final = 5
+
+
+def _socket_family(host: str) -> int:
+    return trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+
+
+async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
+    family = _socket_family(host)
+    sock = trio.socket.socket(family, kind)
+    try:
+        if family == trio.socket.AF_INET6:
+            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        if kind == trio.socket.SOCK_STREAM:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        if kind == trio.socket.SOCK_STREAM:
+            sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
+    """``n`` bytes from the stream, or None at end of stream (also mid-message)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class _Server:
+    def __init__(self, core: DnsCore) -> None:
+        self.core = core
+        self.store = core.store
+        self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
+        self.tcp_slots = trio.CapacityLimiter(TCP_MAX_CONNECTIONS)
+
+    def handle(self, wire: bytes, src: object, max_size: int | None) -> bytes | None:
+        reply = self.core.handle(wire, src, time.time(), max_size=max_size)
+        if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
+            self.wake.set()
+        return reply
+
+    async def udp_loop(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            while True:
+                try:
+                    wire, src = await sock.recvfrom(_UDP_MAX)
+                except OSError as e:  # e.g. ICMP port unreachable reported on the socket
+                    log.debug("udp receive: %s", e)
+                    continue
+                reply = self.handle(wire, src, None)
+                if reply is not None:
+                    try:
+                        await sock.sendto(reply, src)
+                    except OSError as e:
+                        log.debug("udp send to %r: %s", src, e)
+
+    async def tcp_loop(self, sock: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery, trio.SocketListener(sock) as listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE and friends: back off a little
+                    log.warning("tcp accept: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                try:
+                    self.tcp_slots.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
+                    log.debug("tcp: too many connections, closing a new one")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                nursery.start_soon(self.tcp_conn, stream)
+
+    async def tcp_conn(self, stream: trio.SocketStream) -> None:
+        try:
+            src = stream.socket.getpeername()
+        except OSError:
+            src = None
+        try:
+            with trio.move_on_after(TCP_MAX_LIFETIME):
+                for _ in range(TCP_MAX_MESSAGES):
+                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
+                        head = await _receive_exactly(stream, 2)
+                        size = 0 if head is None else struct.unpack("!H", head)[0]
+                        wire = None if head is None else await _receive_exactly(stream, size)
+                    if idle.cancelled_caught or wire is None:
+                        break
+                    reply = self.handle(wire, src, 65535)
+                    if reply is None:
+                        continue
+                    with trio.move_on_after(TCP_IDLE_TIMEOUT):
+                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
+                        continue
+                    break  # the client does not read its replies
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("tcp %r: %s", src, e)
+        finally:
+            self.tcp_slots.release_on_behalf_of(stream)
+            await trio.aclose_forcefully(stream)
+
+    async def sweep_loop(self) -> None:
+        """Delete expired leases when the earliest one ends (records are already invisible before)."""
+        while True:
+            try:
+                for r in self.store.expire(time.time()):
+                    rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(r.rdtype))
+                    log.info("lease expired: %s %s (%d RR)", r.owner, rdtype, len(r.rrs))
+                nxt = self.store.next_expiry()
+            except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
+                log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
+                nxt = None
+            delay = SWEEP_MAX_SLEEP if nxt is None else min(max(nxt - time.time(), 0.0), SWEEP_MAX_SLEEP)
+            self.wake = trio.Event()
+            with trio.move_on_after(delay):
+                await self.wake.wait()  # an update arrived: recompute the next expiry
+
+
+async def serve(
+    core: DnsCore,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``core`` on UDP and TCP ``host:port`` until cancelled. OSError if a socket cannot be bound."""
+    udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
+    try:
+        tcp = await _bind(host, port, trio.socket.SOCK_STREAM)
+    except BaseException:
+        udp.close()
+        raise
+    server = _Server(core)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.udp_loop, udp)
+        nursery.start_soon(server.tcp_loop, tcp)
+        nursery.start_soon(server.sweep_loop)
+        log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
+        task_status.started()
+
+
+def bind_error_message(e: OSError, listen: str) -> str:
+    """One line for a listener that could not be bound."""
+    if e.errno == errno.EADDRINUSE:
+        why = "the address is in use; is another DNS server running there? (choose another --listen)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE (or use another port)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = "no interface has that address (give one of this host's addresses, or 0.0.0.0 / [::])"
+    else:
+        why = f"{e.strerror or e}"
+    return f"cannot listen on {listen}: {why}"
+
