@@ -1,0 +1,524 @@
+"""The account watcher: LLQ clients for every device's records, turned into peers learned and gone.
+
+Sans-I/O like :mod:`tunneld.proto.llq`: :class:`Watcher` takes datagrams from the LLQ server and ``now``
+(monotonic seconds) and returns datagrams to send and :data:`WatcherEvent` values. It never reads a clock
+and never touches a socket; randomness goes through the injected ``rand(n) -> bytes`` to its clients.
+
+What it follows (:mod:`tunneld.proto.records`):
+
+- the browse PTR question (:func:`~tunneld.proto.records.names_to_browse`): which devices the account has;
+- for every device other than ``own_name``: its AAAA, SRV and TXT
+  (:func:`~tunneld.proto.records.names_to_watch` without a key); once its TXT carries a public key, the
+  key's target A and AAAA too. The key taken from the TXT only chooses which names to watch; whether the
+  host is accepted is decided by :func:`~tunneld.proto.records.parse` over everything cached for it;
+- a device that leaves the PTR set has its clients stopped (an established LLQ gets lease 0).
+
+Each question has one LLQ client (``client_factory``, :class:`~tunneld.proto.llq.LLQClient` by default).
+A question shared by two hosts (two TXT records carrying the same key) has one client, used by both.
+The adapter sends every datagram from the server to :meth:`Watcher.receive`, which routes it to the client
+whose question it carries (anything else is counted and dropped), calls :meth:`Watcher.poll` at
+:meth:`Watcher.deadline` and sends every :class:`~tunneld.proto.llq.Transmit`.
+
+After every change the affected hosts are re-parsed:
+
+- complete and consistent, and different from the last good state -> :class:`PeerLearned`
+  (for :meth:`tunneld.proto.tunnel.TunnelCore.learn_peer`); if the key changed, :class:`PeerGone` for the
+  old key comes first;
+- was good and now incomplete or inconsistent, or left the PTR set -> :class:`PeerGone`
+  (for :meth:`tunneld.proto.tunnel.TunnelCore.forget_peer`);
+- inconsistent (a :class:`~tunneld.proto.errors.ParseError` other than ``missing ...``) ->
+  :class:`PeerRejected`, once per distinct reason until the host is good again. A host whose records are
+  merely incomplete (``missing ...``: still arriving, or withdrawn) is not rejected, just not learned.
+  A host publishing the key of another host already learned is rejected (``duplicate key``).
+
+LLQ status (:class:`~tunneld.proto.llq.Established`, :class:`~tunneld.proto.llq.Failed`,
+:class:`~tunneld.proto.llq.Fallback`) is reported as :class:`QueryStatus` for logging; nothing needs to be
+done about it: after a Fallback the client polls by itself and its answers arrive as Added/Removed.
+
+Known limit: there is no grace period. A change within one question arrives as one EVENT (our server diffs
+per LLQ: removals and additions together), but a change spanning questions passes through intermediate
+states: a new key touches the TXT, the AAAA and the SRV, so :class:`PeerGone`, a transient
+:class:`PeerRejected` (``ula mismatch``, ``srv target mismatch``) and then :class:`PeerLearned` can follow
+each other; a server that sends a removal and its replacement in separate events does the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import dns.message
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+import dns.rrset
+
+from tunneld.proto import records
+from tunneld.proto.errors import ParseError
+from tunneld.proto.llq import (
+    LLQ_DEFAULT_LEASE,
+    Added,
+    Established,
+    Event,
+    Failed,
+    Fallback,
+    LLQClient,
+    LLQState,
+    Output,
+    Removed,
+    Transmit,
+    TsigHooks,
+    parse_message,
+)
+
+__all__ = [
+    "ClientFactory",
+    "PeerGone",
+    "PeerLearned",
+    "PeerRejected",
+    "QueryStatus",
+    "WatchClient",
+    "Watcher",
+    "WatcherEvent",
+    "WatcherOutput",
+]
+
+Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
+_RecordKey = tuple[dns.name.Name, int, int]  # owner, rdclass, rdtype
+
+
+# -- events ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerLearned:
+    """A host's records are complete and consistent (new, or changed since the last PeerLearned)."""
+
+    host: records.HostRecords
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The host's published outer (address, port) pairs, IPv4 first."""
+        return [(str(address), self.host.port) for address in self.host.addresses]
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The first published endpoint (IPv4 preferred), for ``TunnelCore.learn_peer``."""
+        return self.endpoints[0]
+
+
+@dataclass(frozen=True)
+class PeerGone:
+    """A host learned before is no longer usable (records withdrawn, broken, or the host left)."""
+
+    name: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class PeerRejected:
+    """A host's records are inconsistent; ``reason`` is the ParseError message (``<counter>: <detail>``)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class QueryStatus:
+    """A client's LLQ status changed: ``status`` is ``established``, ``failed`` or ``fallback``."""
+
+    qname: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    status: str
+    detail: str = ""
+
+
+WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus
+
+
+class WatcherOutput(NamedTuple):
+    """What :meth:`Watcher.receive` and :meth:`Watcher.poll` return."""
+
+    transmits: list[Transmit]
+    events: list[WatcherEvent]
+
+
+# -- the client interface ----------------------------------------------------------------------------------
+
+
+class WatchClient(Protocol):
+    """What the watcher needs of a client for one question (:class:`~tunneld.proto.llq.LLQClient`)."""
+
+    qname: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    state: LLQState
+    counters: Counter[str]
+
+    def start(self, now: float) -> Transmit: ...
+
+    def stop(self, now: float) -> list[Transmit]: ...
+
+    def receive(self, wire: bytes, now: float) -> Output: ...
+
+    def poll(self, now: float) -> Output: ...
+
+    def deadline(self) -> float | None: ...
+
+
+class ClientFactory(Protocol):
+    def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *,
+                 rand: Callable[[int], bytes], lease: int, tsig: TsigHooks | None) -> WatchClient: ...
+
+
+class _Hooks:
+    """TsigHooks from the optional ``sign`` / ``verify`` callables (a missing one: unsigned / unchecked)."""
+
+    def __init__(self, sign: Callable[[dns.message.Message], bytes] | None,
+                 verify: Callable[[bytes], None] | None) -> None:
+        self._sign = sign
+        self._verify = verify
+
+    def sign(self, message: dns.message.Message) -> bytes:
+        return self._sign(message) if self._sign is not None else message.to_wire()
+
+    def verify(self, wire: bytes) -> None:
+        if self._verify is not None:
+            self._verify(wire)
+
+
+# -- state -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Watch:
+    """One question: its client, the records its events gave, the hosts that use it."""
+
+    client: WatchClient
+    cache: dict[_RecordKey, set[dns.rdata.Rdata]] = field(default_factory=dict)
+    hosts: set[str] = field(default_factory=set)  # lower-case host names; empty for the browse question
+
+
+@dataclass
+class _Host:
+    name: str
+    questions: set[Question] = field(default_factory=set)
+    target_key: bytes | None = None  # the key whose target A/AAAA are watched
+    good: records.HostRecords | None = None
+    reason: str | None = None  # why it does not parse now (None: it does)
+    reported: set[str] = field(default_factory=set)  # rejection reasons already reported
+
+
+def _txt_key(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> bytes | None:
+    """The public key in the host's TXT, leniently (it only picks names to watch; parse() decides)."""
+    service = records.service_name(domain, name)
+    found: list[dns.rdata.Rdata] = []
+    for rrset in rrsets:
+        if rrset.rdtype == dns.rdatatype.TXT and rrset.rdclass == dns.rdataclass.IN and rrset.name == service:
+            found.extend(rrset)
+    if len(found) != 1 or not isinstance(found[0], dns.rdtypes.ANY.TXT.TXT):
+        return None
+    for string in found[0].strings:
+        key, sep, value = string.partition(b"=")
+        if sep and key.lower() == b"pk":
+            try:
+                public_key = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            return public_key if len(public_key) == records.PUBLIC_KEY_LEN else None
+    return None
+
+
+# -- the watcher -------------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Follows the account ``domain``'s devices (except ``own_name``) by LLQ. See the module docstring.
+
+    ``rand``, ``lease`` and the TSIG hooks go to every client: ``sign(message) -> wire`` renders a request
+    with TSIG, ``verify(wire)`` raises for a datagram whose TSIG does not verify (see
+    :class:`~tunneld.proto.llq.TsigHooks`). ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes
+    the client for one question.
+    """
+
+    def __init__(self, domain: str, own_name: str, rand: Callable[[int], bytes] = os.urandom,
+                 lease: int = LLQ_DEFAULT_LEASE,
+                 sign: Callable[[dns.message.Message], bytes] | None = None,
+                 verify: Callable[[bytes], None] | None = None,
+                 client_factory: ClientFactory = LLQClient) -> None:
+        self.domain = domain
+        self.own_name = own_name
+        self.lease = lease
+        self._rand = rand
+        hooks = sign is not None or verify is not None
+        self._tsig: TsigHooks | None = _Hooks(sign, verify) if hooks else None
+        self._factory = client_factory
+        self._browse: Question = records.names_to_browse(domain)[0]
+        self._watches: dict[Question, _Watch] = {}
+        self._hosts: dict[str, _Host] = {}  # by lower-case name
+        self.counters: Counter[str] = Counter()
+        self.running = False
+
+    # -- public API ----------------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Transmit]:
+        """Begin: an LLQ on the browse PTR question (hosts follow as the PTR set names them)."""
+        if self.running:
+            return []
+        self.running = True
+        transmit = self._start_client(self._browse, None, now)
+        return [transmit] if transmit is not None else []
+
+    def stop(self, now: float) -> list[Transmit]:
+        """Stop every client (established LLQs are cancelled with lease 0) and forget all hosts."""
+        out: list[Transmit] = []
+        for watch in self._watches.values():
+            out.extend(watch.client.stop(now))
+        self._watches.clear()
+        self._hosts.clear()
+        self.running = False
+        return out
+
+    def receive(self, wire: bytes, now: float) -> WatcherOutput:
+        """Route one datagram from the server to its question's client. Never raises for network input."""
+        out = WatcherOutput([], [])
+        if not self.running:
+            self.counters["not running"] += 1
+            return out
+        try:
+            msg = parse_message(wire)
+        except ParseError as e:
+            self.counters[f"parse error: {e}"] += 1
+            return out
+        if len(msg.question) != 1:
+            self.counters["not one question"] += 1
+            return out
+        q = msg.question[0]
+        question: Question = (q.name, dns.rdatatype.RdataType.make(q.rdtype))
+        watch = self._watches.get(question)
+        if watch is None or q.rdclass != dns.rdataclass.IN:
+            self.counters["unknown question"] += 1
+            return out
+        self._handle(question, watch, watch.client.receive(wire, now), now, out)
+        return out
+
+    def poll(self, now: float) -> WatcherOutput:
+        """Run every client's timers due at ``now``."""
+        out = WatcherOutput([], [])
+        for question, watch in list(self._watches.items()):
+            if self._watches.get(question) is not watch:
+                continue  # stopped while handling an earlier client's output
+            deadline = watch.client.deadline()
+            if deadline is not None and deadline <= now:
+                self._handle(question, watch, watch.client.poll(now), now, out)
+        return out
+
+    def deadline(self) -> float | None:
+        """When :meth:`poll` must next be called (None: nothing scheduled)."""
+        times = [t for t in (w.client.deadline() for w in self._watches.values()) if t is not None]
+        return min(times) if times else None
+
+    def peers(self) -> list[records.HostRecords]:
+        """The hosts currently learned (complete and consistent), by name."""
+        learned = [h.good for h in self._hosts.values() if h.good is not None]
+        return sorted(learned, key=lambda r: r.name.lower())
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Status for humans: the browse LLQ, every host and its clients, counters."""
+        def client_state(question: Question) -> str:
+            watch = self._watches.get(question)
+            return watch.client.state.value if watch is not None else "stopped"
+
+        def label(question: Question) -> str:
+            return f"{question[0]} {dns.rdatatype.to_text(question[1])}"
+
+        hosts: dict[str, Any] = {}
+        for host in sorted(self._hosts.values(), key=lambda h: h.name.lower()):
+            hosts[host.name] = {
+                "known": True,
+                "complete": host.good is not None,
+                "rejected": host.reason if host.reason and not host.reason.startswith("missing ") else None,
+                "incomplete": host.reason if host.reason and host.reason.startswith("missing ") else None,
+                "public_key": base64.b64encode(host.good.public_key).decode("ascii") if host.good else None,
+                "endpoints": PeerLearned(host.good).endpoints if host.good else [],
+                "clients": {label(q): client_state(q) for q in sorted(host.questions, key=label)},
+            }
+        counters: Counter[str] = Counter(self.counters)
+        for watch in self._watches.values():
+            counters.update(watch.client.counters)
+        return {
+            "running": self.running,
+            "browse": {label(self._browse): client_state(self._browse)},
+            "hosts": hosts,
+            "counters": dict(counters),
+        }
+
+    # -- clients -------------------------------------------------------------------------------------------
+
+    def _start_client(self, question: Question, host: str | None, now: float) -> Transmit | None:
+        """Start (or share) the client for ``question``; its first request, or None when shared."""
+        watch = self._watches.get(question)
+        if watch is not None:
+            if host is not None:
+                watch.hosts.add(host)
+            return None
+        client = self._factory(question[0], question[1], rand=self._rand, lease=self.lease, tsig=self._tsig)
+        watch = _Watch(client)
+        if host is not None:
+            watch.hosts.add(host)
+        self._watches[question] = watch
+        self.counters["clients started"] += 1
+        return client.start(now)
+
+    def _release(self, question: Question, host: str, now: float, out: WatcherOutput) -> None:
+        watch = self._watches.get(question)
+        if watch is None:
+            return
+        watch.hosts.discard(host)
+        if not watch.hosts:
+            del self._watches[question]
+            self.counters["clients stopped"] += 1
+            out.transmits.extend(watch.client.stop(now))
+
+    def _watch_host(self, host: _Host, questions: Iterable[Question], now: float, out: WatcherOutput) -> None:
+        for question in questions:
+            if question in host.questions:
+                continue
+            host.questions.add(question)
+            transmit = self._start_client(question, host.name.lower(), now)
+            if transmit is not None:
+                out.transmits.append(transmit)
+
+    # -- events --------------------------------------------------------------------------------------------
+
+    def _handle(self, question: Question, watch: _Watch, output: Output, now: float,
+                out: WatcherOutput) -> None:
+        out.transmits.extend(output.transmits)
+        changed = False
+        for event in output.events:
+            changed |= self._apply(question, watch, event, out)
+        if not changed:
+            return
+        if question == self._browse:
+            self._update_hosts(watch, now, out)
+        else:
+            for key in sorted(watch.hosts):
+                host = self._hosts.get(key)
+                if host is not None:
+                    self._update_host(host, now, out)
+        # A host refused for publishing a learned host's key may be acceptable now that the other is gone.
+        for key in sorted(self._hosts):
+            host = self._hosts[key]
+            if host.reason is not None and host.reason.startswith("duplicate key:"):
+                self._evaluate(host, out)
+
+    def _apply(self, question: Question, watch: _Watch, event: Event, out: WatcherOutput) -> bool:
+        """Apply one client event to the question's cache; True if the cache may have changed."""
+        if isinstance(event, Added):
+            held = watch.cache.setdefault(_key(event.rrset), set())
+            held.update(event.rrset)
+            return True
+        if isinstance(event, Removed):
+            key = _key(event.rrset)
+            held = watch.cache.get(key, set())
+            held.difference_update(event.rrset)
+            if not held:
+                watch.cache.pop(key, None)
+            return True
+        if isinstance(event, Established):
+            watch.cache = {}
+            for rrset in event.answers:
+                watch.cache.setdefault(_key(rrset), set()).update(rrset)
+            out.events.append(QueryStatus(question[0], question[1], "established"))
+            return True
+        if isinstance(event, Failed):
+            self.counters["LLQ failed"] += 1
+            out.events.append(QueryStatus(question[0], question[1], "failed", event.reason))
+        elif isinstance(event, Fallback):
+            self.counters["LLQ fallback"] += 1
+            out.events.append(QueryStatus(question[0], question[1], "fallback", event.reason))
+        return False
+
+    def _rrsets(self, questions: Iterable[Question]) -> list[dns.rrset.RRset]:
+        result = []
+        for question in questions:
+            watch = self._watches.get(question)
+            if watch is None:
+                continue
+            for (name, rdclass, rdtype), rdatas in watch.cache.items():
+                rrset = dns.rrset.RRset(name, dns.rdataclass.RdataClass.make(rdclass),
+                                        dns.rdatatype.RdataType.make(rdtype))
+                for rdata in rdatas:
+                    rrset.add(rdata)
+                result.append(rrset)
+        return result
+
+    def _update_hosts(self, browse: _Watch, now: float, out: WatcherOutput) -> None:
+        names = records.list_hosts(self.domain, self._rrsets([self._browse]))
+        wanted = {name.lower(): name for name in names if name.lower() != self.own_name.lower()}
+        for key in sorted(set(self._hosts) - set(wanted)):
+            host = self._hosts.pop(key)
+            self.counters["hosts gone"] += 1
+            for question in sorted(host.questions, key=str):
+                self._release(question, key, now, out)
+            if host.good is not None:
+                out.events.append(PeerGone(host.name, host.good.public_key))
+        for key, name in sorted(wanted.items()):
+            if key in self._hosts:
+                continue
+            host = _Host(name)
+            self._hosts[key] = host
+            self.counters["hosts found"] += 1
+            self._watch_host(host, records.names_to_watch(self.domain, name), now, out)
+
+    def _update_host(self, host: _Host, now: float, out: WatcherOutput) -> None:
+        key = _txt_key(self.domain, host.name, self._rrsets(host.questions))
+        if key != host.target_key:
+            if host.target_key is not None:
+                old = set(records.names_to_watch(self.domain, host.name, host.target_key))
+                old -= set(records.names_to_watch(self.domain, host.name))
+                for question in old:
+                    host.questions.discard(question)
+                    self._release(question, host.name.lower(), now, out)
+            host.target_key = key
+            if key is not None:
+                self._watch_host(host, records.names_to_watch(self.domain, host.name, key), now, out)
+        self._evaluate(host, out)
+
+    def _evaluate(self, host: _Host, out: WatcherOutput) -> None:
+        try:
+            parsed = records.parse(self.domain, host.name, self._rrsets(host.questions))
+            for other in self._hosts.values():
+                held = other.good.public_key if other is not host and other.good is not None else None
+                if held == parsed.public_key:
+                    raise ParseError(f"duplicate key: {host.name} publishes the key of {other.name}")
+        except ParseError as e:
+            reason = str(e)
+            host.reason = reason
+            if host.good is not None:
+                out.events.append(PeerGone(host.name, host.good.public_key))
+                host.good = None
+            if not reason.startswith("missing ") and reason not in host.reported:
+                host.reported.add(reason)
+                self.counters["hosts rejected"] += 1
+                out.events.append(PeerRejected(host.name, reason))
+            return
+        host.reason = None
+        host.reported.clear()
+        if parsed == host.good:
+            return
+        if host.good is not None and host.good.public_key != parsed.public_key:
+            out.events.append(PeerGone(host.name, host.good.public_key))
+        host.good = parsed
+        out.events.append(PeerLearned(parsed))
+
+
+def _key(rrset: dns.rrset.RRset) -> _RecordKey:
+    return (rrset.name, int(rrset.rdclass), int(rrset.rdtype))
