@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -135,6 +136,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
 
     from tunneld.config import load_account_secret, parse_endpoint
     from tunneld.dnsserver.core import DnsCore, Policy, account_key
+    from tunneld.dnsserver.llq import LLQServer
     from tunneld.dnsserver.serve import bind_error_message, serve
     from tunneld.dnsserver.store import ZoneStore
 
@@ -175,7 +177,9 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve, core, str(listen.host), listen.port)
+                # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
+                await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
+                                                      llq=LLQServer(core)))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)

@@ -29,6 +29,8 @@ import dns.tsig
 import trio
 
 from tunneld.dnsserver.core import DnsCore
+from tunneld.dnsserver.llq import LLQServer
+from tunneld.dnsserver.llq import Output as LLQOutput
 
 __all__ = [
     "TCP_IDLE_TIMEOUT",
@@ -88,17 +90,57 @@ async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
 
 
 class _Server:
-    def __init__(self, core: DnsCore) -> None:
+    def __init__(self, core: DnsCore, llq: LLQServer | None) -> None:
         self.core = core
         self.store = core.store
+        self.llq = llq
+        self.udp: trio.socket.SocketType | None = None  # LLQ events go out from the UDP socket
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
+        self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp_slots = trio.CapacityLimiter(TCP_MAX_CONNECTIONS)
 
-    def handle(self, wire: bytes, src: object, max_size: int | None) -> bytes | None:
-        reply = self.core.handle(wire, src, time.time(), max_size=max_size)
+    def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
+        """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
+        now = time.time()
+        if self.llq is not None and max_size is None:  # LLQ runs over UDP (RFC 8764 §5)
+            out = self.llq.handle(wire, src, now)
+            if out is not None:
+                self.llq_wake.set()
+                return None, out
+        self.core.last_changes = []
+        reply = self.core.handle(wire, src, now, max_size=max_size)
+        events: LLQOutput = []
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
             self.wake.set()
-        return reply
+            if self.llq is not None and self.core.last_changes:
+                events = self.llq.changes(self.core.last_changes, now)
+                self.llq_wake.set()
+        return reply, events
+
+    async def send_llq(self, out: LLQOutput) -> None:
+        sock = self.udp
+        for dest, wire in out:
+            if sock is None:
+                return
+            if not isinstance(dest, tuple):  # LLQs are set up over UDP, so dest is a socket address
+                log.debug("llq message for a non-UDP destination %r dropped", dest)
+                continue
+            try:
+                await sock.sendto(wire, dest)
+            except OSError as e:  # a watcher gone away: its LLQ expires with its lease
+                log.debug("llq send to %r: %s", dest, e)
+
+    async def llq_loop(self) -> None:
+        """Resend unacknowledged events and expire LLQs when the LLQ server says it is time."""
+        assert self.llq is not None
+        while True:
+            deadline = self.llq.deadline()  # wall-clock seconds, like everything the store keeps
+            delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
+                                                                  SWEEP_MAX_SLEEP)
+            with trio.move_on_after(delay):
+                await self.llq_wake.wait()
+            self.llq_wake = trio.Event()
+            await self.send_llq(self.llq.poll(time.time()))
 
     async def udp_loop(self, sock: trio.socket.SocketType) -> None:
         with sock:
@@ -108,12 +150,13 @@ class _Server:
                 except OSError as e:  # e.g. ICMP port unreachable reported on the socket
                     log.debug("udp receive: %s", e)
                     continue
-                reply = self.handle(wire, src, None)
+                reply, events = self.handle(wire, src, None)
                 if reply is not None:
                     try:
                         await sock.sendto(reply, src)
                     except OSError as e:
                         log.debug("udp send to %r: %s", src, e)
+                await self.send_llq(events)
 
     async def tcp_loop(self, sock: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery, trio.SocketListener(sock) as listener:
@@ -146,7 +189,8 @@ class _Server:
                         wire = None if head is None else await _receive_exactly(stream, size)
                     if idle.cancelled_caught or wire is None:
                         break
-                    reply = self.handle(wire, src, 65535)
+                    reply, events = self.handle(wire, src, 65535)
+                    await self.send_llq(events)
                     if reply is None:
                         continue
                     with trio.move_on_after(TCP_IDLE_TIMEOUT):
@@ -163,9 +207,14 @@ class _Server:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
         while True:
             try:
-                for r in self.store.expire(time.time()):
+                now = time.time()
+                removed = self.store.expire(now)
+                for r in removed:
                     rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(r.rdtype))
                     log.info("lease expired: %s %s (%d RR)", r.owner, rdtype, len(r.rrs))
+                if removed and self.llq is not None:
+                    await self.send_llq(self.llq.changes(removed, now))  # removal events
+                    self.llq_wake.set()
                 nxt = self.store.next_expiry()
             except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
@@ -181,20 +230,25 @@ async def serve(
     host: str,
     port: int,
     *,
+    llq: LLQServer | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``core`` on UDP and TCP ``host:port`` until cancelled. OSError if a socket cannot be bound."""
+    """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
+    is given. OSError if a socket cannot be bound."""
     udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
     try:
         tcp = await _bind(host, port, trio.socket.SOCK_STREAM)
     except BaseException:
         udp.close()
         raise
-    server = _Server(core)
+    server = _Server(core, llq)
+    server.udp = udp
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.udp_loop, udp)
         nursery.start_soon(server.tcp_loop, tcp)
         nursery.start_soon(server.sweep_loop)
+        if llq is not None:
+            nursery.start_soon(server.llq_loop)
         log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
         task_status.started()
 

@@ -1,0 +1,79 @@
+"""Long-lived queries end to end: our LLQ client in one namespace, `tunneld serve-dns` in another,
+changes made with nsupdate (an independent client). Events arrive without polling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate
+from tests.integration.test_serve_dns import served as served
+from tools.lab import wait_for
+from tools.tunnel import REPO
+
+
+class Watch:
+    def __init__(self, s: Served, name: str, rdtype: str, seconds: float = 30) -> None:
+        self.proc = s.lab.spawn(s.a, [sys.executable, "-m", "tests.integration.llq_watch", SERVER, str(PORT),
+                                      ZONE, f"{name}.{ZONE}", rdtype, str(s.account.secret), str(seconds)],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.events: list[dict[str, Any]] = []
+
+    def next(self, timeout: float = 10) -> dict[str, Any]:
+        """The next event line (bounded: the watcher exits after its run time)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        assert line, f"watcher ended without an event (rc {self.proc.poll()})"
+        assert time.monotonic() < deadline + 1, "event too late"
+        ev = json.loads(line)
+        self.events.append(ev)
+        return ev
+
+    def until(self, kind: str, timeout: float = 10) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ev = self.next(timeout=end - time.monotonic())
+            if ev["event"] == kind:
+                return ev
+        raise AssertionError(f"no {kind} event in {timeout} s: {self.events}")
+
+
+def test_change_is_seen_within_a_second_without_polling(served: Served) -> None:
+    s = served
+    w = Watch(s, "laptop", "AAAA")
+    w.until("established")
+    t = time.monotonic()
+    assert nsupdate(s, s.account.key, f"update add laptop.{ZONE} 60 AAAA fd00::1").returncode == 0
+    ev = w.until("added")
+    assert time.monotonic() - t < 1.0, ev
+    assert any("fd00::1" in r for r in ev["records"])
+    # The host moves: the old address is removed, the new one added.
+    assert nsupdate(s, s.account.key, f"update delete laptop.{ZONE} AAAA",
+                    f"update add laptop.{ZONE} 60 AAAA fd00::2").returncode == 0
+    kinds = {w.next()["event"], w.next()["event"]}
+    assert kinds == {"added", "removed"}, w.events
+
+
+def test_a_lost_event_is_retransmitted(served: Served) -> None:
+    s = served
+    w = Watch(s, "desktop", "AAAA")
+    w.until("established")
+    # Drop what the server sends over UDP to the watcher's host (nsupdate uses TCP here, -v).
+    s.lab.nft(s.a, "table inet lose { chain in { type filter hook input priority 0; "
+                   f"udp sport {PORT} counter drop; }}; }}")
+    script = f"server {SERVER} {PORT}\nzone {ZONE}\nupdate add desktop.{ZONE} 60 AAAA fd00::3\nsend\n"
+    assert s.lab.run(s.a, ["nsupdate", "-v", "-t", "5", "-k", str(s.account.key)], input=script,
+                     check=False, timeout=30).returncode == 0
+
+    def dropped() -> bool:  # the first event was sent, and lost
+        out = s.lab.run(s.a, ["nft", "list", "table", "inet", "lose"]).stdout
+        return "packets 0 " not in out and "counter packets" in out
+
+    wait_for(dropped, timeout=5, what="the first event to be dropped")
+    s.lab.run(s.a, ["nft", "delete", "table", "inet", "lose"])
+    ev = w.until("added", timeout=10)  # the server's retransmission, +2 s after the first try
+    assert any("fd00::3" in r for r in ev["records"])
