@@ -11,9 +11,11 @@ cd "$ROOT"
 # wireguard-go as the baseline, tshark to decrypt captures, miniupnpd as the NAT-PMP/PCP server
 # and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
 # scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
+# bind9 is the DNS UPDATE server the publishing tests run (tools/bind.py, in a namespace, in the
+# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
-          miniupnpd-nftables natpmpc)
+          miniupnpd-nftables natpmpc bind9 bind9-dnsutils)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -28,6 +30,20 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# bind9 ships a named service. The tests start their own named in a namespace; a system-wide one
+# would hold port 53 on the host and outlive the tests. Machines with a policy-rc.d that exits 101
+# (containers) never start it; elsewhere, stop and disable it: this machine is not a DNS server.
+if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' bind9 2>/dev/null | grep -q "install ok installed"; then
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now named.service >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/named ]; then
+    # Not `/etc/init.d/named stop`: without the service's rndc it falls back to killing every
+    # /usr/sbin/named, the labs' included. The service's own instance is the one in its pid file.
+    pid=$(cat /run/named/named.pid 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" || true; fi
+    if command -v update-rc.d >/dev/null 2>&1; then update-rc.d named disable >/dev/null 2>&1 || true; fi
+  fi
 fi
 
 # The interpreter: Debian's own python3 first. It is built with PGO and LTO, and the data path is

@@ -18,6 +18,9 @@ Schema::
     [account]                        # required
     domain = "home.example.net"      # normalized by crypto.kdf.normalize_domain
     secret_file = "/etc/tunneld/account.secret"   # one line: base64 of 32 bytes, mode 0600
+    server = "192.0.2.53:53"         # optional: the DNS UPDATE server (IP literal); none: publishing off
+    name = "laptop"                  # optional: this device's DNS label (default: the hostname's 1st label)
+    lease = 5400                     # optional: the update lease to ask for, 1800..7200 seconds
 
     [[peer]]                         # any number, optional: peers are also found through DNS
     name = "laptop"                  # unique DNS label
@@ -42,6 +45,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -53,7 +57,9 @@ from typing import Final, NoReturn
 from crypto.aead import DEFAULT_SUITE, SUITES
 from crypto.kdf import ACCOUNT_SECRET_LEN, derive_psk, derive_tsig_key, normalize_domain
 from tunneld.identity import account_prefix, ula_for
+from tunneld.proto.dnsupdate import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE
 from tunneld.proto.peer import Timers
+from tunneld.proto.records import check_name
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -99,7 +105,7 @@ _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite")
-_ACCOUNT_KEYS: Final = ("domain", "secret_file")
+_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
 
 
@@ -148,10 +154,17 @@ class InterfaceConfig:
 
 @dataclass(frozen=True)
 class AccountConfig:
-    """``[account]``: the domain (normalized) and where the secret lives; the secret itself is not kept."""
+    """``[account]``: the domain (normalized) and where the secret lives; the secret itself is not kept.
+
+    ``server`` is the DNS UPDATE server our records are published to (None: publishing is off); ``name``
+    is this device's DNS label (None only when no name was given, the hostname is not a valid label and
+    publishing is off); ``lease`` is the update lease asked for, in seconds."""
 
     domain: str
     secret_file: Path
+    server: Endpoint | None = None
+    name: str | None = None
+    lease: int = DEFAULT_LEASE
 
 
 @dataclass(frozen=True)
@@ -522,7 +535,35 @@ class _Loader:
             secret = _read_secret(secret_file)
         except _Problem as p:
             self.fail(f"{w}.secret_file", p.problem, p.fix)
-        return AccountConfig(domain=domain, secret_file=secret_file), secret
+
+        server = None
+        server_text = self.string(table, w, "server", '"192.0.2.53:53"')
+        if server_text is not None:
+            try:
+                server = _parse_endpoint(server_text)
+            except _Problem as p:
+                self.fail(f"{w}.server", p.problem,
+                          'write the DNS UPDATE server as "address:port", e.g. "192.0.2.53:53" or '
+                          '"[2001:db8::53]:53", or leave server out to turn publishing off')
+
+        name = self.string(table, w, "name", '"laptop"')
+        if name is not None:
+            try:
+                check_name(name)
+            except ValueError as e:
+                self.fail(f"{w}.name", str(e), 'write e.g. name = "laptop"')
+        else:
+            name = _default_device_name()
+            if name is None and server is not None:
+                self.fail(f"{w}.name", "missing, and the hostname's first label is not a valid DNS label",
+                          'add name = "laptop" (1 to 63 letters, digits and inner hyphens)')
+
+        lease = self.integer(table, w, "lease", DEFAULT_LEASE, str(DEFAULT_LEASE))
+        if not MIN_LEASE <= lease <= MAX_LEASE:
+            self.fail(f"{w}.lease", f"{lease} is out of range",
+                      f"use {MIN_LEASE} to {MAX_LEASE} seconds (default {DEFAULT_LEASE})")
+        return AccountConfig(domain=domain, secret_file=secret_file, server=server, name=name,
+                             lease=lease), secret
 
     def peers(self, value: object, domain: str) -> tuple[PeerConfig, ...]:
         if value is None:
@@ -612,6 +653,15 @@ def _check_ifname(name: str) -> None:
         c in "/:" or not c.isascii() or not c.isprintable() or c.isspace() for c in name
     ):
         raise _Problem(f"{_show(name)} is not a valid Linux interface name", fix)
+
+
+def _default_device_name() -> str | None:
+    """The hostname's first label, lower-cased, if it is a valid device name."""
+    label = socket.gethostname().split(".")[0].lower()
+    try:
+        return check_name(label)
+    except ValueError:
+        return None
 
 
 def _decode_public_key(text: str) -> bytes:

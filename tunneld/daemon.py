@@ -32,6 +32,7 @@ from tunneld.proto.natpmp import Endpoint
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.services import control
 from tunneld.services.portmap import PortmapService, status_dict
+from tunneld.services.publisher import PublisherService, disabled_status, host_records
 
 log = logging.getLogger("tunneld")
 
@@ -56,7 +57,8 @@ class Daemon:
         self.tun_write_drops = 0
         self.portmap: PortmapService | None = None
         self.portmap_static = ("disabled", "disabled in the config")  # (state, result) without a mapper
-        self.public_endpoint: str | None = None  # what we would publish: address:port seen from outside
+        self.publisher: PublisherService | None = None
+        self._public_endpoint: str | None = None  # what we publish: address:port seen from outside
         self._nursery: trio.Nursery | None = None
         self._portmap_scope: trio.CancelScope | None = None
 
@@ -76,6 +78,7 @@ class Daemon:
                     await nursery.start(control.serve, iface.control_socket, self.handle_control)
                     self._nursery = nursery
                     await self._start_portmap()
+                    await self._start_publisher()
                     log.info("up: %s %s, listening on UDP %d (GSO %s, GRO %s), %d peers",
                              self.tun.name, self.ula, self.udp.local_port,
                              "on" if self.udp.gso else "off", "on" if self.udp.gro else "off",
@@ -173,6 +176,51 @@ class Daemon:
     def _on_public(self, endpoint: Endpoint | None) -> None:
         self.public_endpoint = f"{endpoint.address}:{endpoint.port}" if endpoint else None
 
+    # -- publishing -----------------------------------------------------------------------------------
+
+    @property
+    def public_endpoint(self) -> str | None:
+        """address:port seen from outside (port mapper or a public default route), or None."""
+        return self._public_endpoint
+
+    @public_endpoint.setter
+    def public_endpoint(self, value: str | None) -> None:
+        self._public_endpoint = value
+        self._republish()
+
+    def _republish(self) -> None:
+        """Hand the publisher our records for the current public endpoint (it republishes if they changed;
+        without an endpoint the published records stay until their lease runs out or we withdraw)."""
+        acct = self.config.account
+        if self.publisher is None or self._public_endpoint is None or acct.name is None:
+            return
+        try:
+            rrsets = host_records(acct.name, acct.domain, self.identity.public_key, self._public_endpoint)
+        except ValueError as e:
+            log.warning("cannot publish endpoint %s: %s", self._public_endpoint, e)
+            return
+        self.publisher.set_records(rrsets)
+
+    async def _start_publisher(self) -> None:
+        """Publish our records to the account's DNS UPDATE server, if one is configured; the service
+        withdraws them when the nursery is cancelled (clean shutdown)."""
+        assert self._nursery is not None
+        acct = self.config.account
+        if acct.server is None:
+            return
+        self.publisher = PublisherService((str(acct.server.host), acct.server.port), acct.domain,
+                                          self.config.tsig_key, acct.lease)
+        await self._nursery.start(self.publisher.run)
+        self._republish()
+
+    def _publish_status(self) -> dict[str, Any]:
+        if self.publisher is not None:
+            return self.publisher.status(trio.current_time())
+        if self.config.account.server is None:
+            return disabled_status("no [account] server configured: publishing is off (finding the server "
+                                   "through the _dns-update._udp SRV record is not implemented yet)")
+        return disabled_status("not started")
+
     # -- control --------------------------------------------------------------------------------------
 
     async def rebind(self, port: int | None = None) -> None:
@@ -188,6 +236,10 @@ class Daemon:
             self.portmap = None
             self.public_endpoint = None
             await self._start_portmap()
+        elif self.udp.local_port != old_port and self.portmap_static[0] == "public" and self.public_endpoint:
+            # No NAT: the public endpoint is our own address with the new port (and is republished).
+            address = self.public_endpoint.rpartition(":")[0]
+            self.public_endpoint = f"{address}:{self.udp.local_port}"
 
     async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -218,6 +270,7 @@ class Daemon:
             "public_endpoint": self.public_endpoint,
             "portmap": self.portmap.status(trio.current_time()) if self.portmap else
             status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),
+            "publish": self._publish_status(),
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,
