@@ -498,3 +498,26 @@ def test_timers_and_portmap_errors_name_the_key(tmp_path: Path, secret_file: Pat
         load_config(_write(tmp_path, _account(secret_file) + "\n" + table))
     assert e.value.key == key
     assert "\n" not in str(e.value) and "; " in str(e.value)  # one line, with the fix after "; "
+
+
+def test_account_server_name_and_lease(tmp_path: Path, secret_file: Path) -> None:
+    text = _account(secret_file) + 'server = "192.0.2.53:5353"\nname = "Laptop"\nlease = 1800\n'
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.account.server is not None and str(cfg.account.server) == "192.0.2.53:5353"
+    assert cfg.account.name is not None and cfg.account.name.lower() == "laptop"
+    assert cfg.account.lease == 1800
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('server = "ns.example.net:53"\n', "account.server"),  # an IP literal, not a name to resolve
+        ('server = "192.0.2.53"\n', "account.server"),  # no port
+        ('server = "192.0.2.53:53"\nname = "two.labels"\n', "account.name"),
+        ("lease = 60\n", "account.lease"),
+    ],
+)
+def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: str, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _account(secret_file) + extra))
+    assert e.value.key == key and "\n" not in str(e.value), str(e.value)
