@@ -30,9 +30,11 @@ from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.proto.natpmp import Endpoint
 from tunneld.proto.tunnel import Sends, TunnelCore
+from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
 from tunneld.services.portmap import PortmapService, status_dict
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
+from tunneld.services.watcher import WatcherService
 
 log = logging.getLogger("tunneld")
 
@@ -50,6 +52,8 @@ class Daemon:
         for pc in config.peers:
             ep = to_socket_addr(str(pc.endpoint.host), pc.endpoint.port) if pc.endpoint else None
             self.core.add_peer(pc.name, pc.public_key, pc.ula, ep)
+        self.static_peers = frozenset(pc.public_key for pc in config.peers)  # never forgotten by DNS
+        self.watcher: WatcherService | None = None
         if keylog is not None:
             self.core.on_session = self._log_keys
         self.tun: Tun | None = None
@@ -79,6 +83,7 @@ class Daemon:
                     self._nursery = nursery
                     await self._start_portmap()
                     await self._start_publisher()
+                    await self._start_watcher()
                     log.info("up: %s %s, listening on UDP %d (GSO %s, GRO %s), %d peers",
                              self.tun.name, self.ula, self.udp.local_port,
                              "on" if self.udp.gso else "off", "on" if self.udp.gro else "off",
@@ -213,6 +218,32 @@ class Daemon:
         await self._nursery.start(self.publisher.run)
         self._republish()
 
+    # -- discovery ----------------------------------------------------------------------------------
+
+    async def _start_watcher(self) -> None:
+        """Learn the account's other devices from its DNS server by long-lived queries."""
+        assert self._nursery is not None
+        acct = self.config.account
+        if acct.server is None or acct.name is None:
+            return
+        self.watcher = WatcherService((str(acct.server.host), acct.server.port), acct.domain, acct.name,
+                                      self.config.tsig_key, self._on_watch_event)
+        await self._nursery.start(self.watcher.run)
+
+    def _on_watch_event(self, event: WatcherEvent) -> None:
+        now = trio.current_time()
+        if isinstance(event, PeerLearned):
+            host = event.host
+            addr, port = event.endpoint
+            self.core.learn_peer(host.name, host.public_key, host.ula, to_socket_addr(addr, port), now)
+            log.info("peer %s (%s) learned from DNS at %s port %d", host.name, host.ula, addr, port)
+        elif isinstance(event, PeerGone):
+            if event.public_key not in self.static_peers:
+                self.core.forget_peer(event.public_key)
+                log.info("peer %s is gone from DNS", event.name)
+        elif isinstance(event, PeerRejected):
+            log.warning("peer %s refused: %s", event.name, event.reason)
+
     def _publish_status(self) -> dict[str, Any]:
         if self.publisher is not None:
             return self.publisher.status(trio.current_time())
@@ -271,6 +302,7 @@ class Daemon:
             "portmap": self.portmap.status(trio.current_time()) if self.portmap else
             status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),
             "publish": self._publish_status(),
+            "watch": self.watcher.status() if self.watcher else {"state": "disabled"},
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,

@@ -1,0 +1,91 @@
+"""The full path of the DNS issue: two hosts with no static peers find each other through our own
+rendezvous server (`tunneld serve-dns`) — each publishes its records by signed UPDATE and learns the
+other's by long-lived query — then run ssh between their ULAs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.lab import Lab, two_hosts, wait_for
+from tools.tunnel import (
+    DOMAIN,
+    TUNNELD,
+    Node,
+    _interface_toml,
+    ping6,
+    ssh,
+    start,
+    start_sshd,
+    status,
+    write_secret,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig"),
+                                reason="needs root and dig (bind9-dnsutils)")
+
+DNS = ("192.0.2.2", 5353)
+
+
+def _serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path) -> subprocess.Popen[Any]:
+    log = workdir / "serve-dns.log"
+    with log.open("ab") as out:
+        proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
+                                  "--listen", f"{DNS[0]}:{DNS[1]}", "--db", str(workdir / "dns.sqlite")],
+                         stdout=out, stderr=out)
+
+    def answers() -> bool:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        r = lab.run(n.host, ["dig", f"@{DNS[0]}", "-p", str(DNS[1]), "+short", "+tries=1", "+time=1",
+                             "SOA", DOMAIN], check=False)
+        return bool(r.stdout.strip())
+
+    wait_for(answers, timeout=15, what="serve-dns to answer")
+    return proc
+
+
+@pytest.fixture
+def discovered(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
+    with Lab() as lab:
+        ha, hb = two_hosts(lab)
+        # Each host's address is public (no NAT): with a default route, it publishes that address.
+        lab.ip(ha, "route", "add", "default", "via", hb.addr4)
+        lab.ip(hb, "route", "add", "default", "via", ha.addr4)
+        secret = tmp_path / "secret"
+        write_secret(secret)
+        _serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path)
+        nodes = []
+        for h, name in ((ha, "laptop"), (hb, "desktop")):
+            n = Node(h, tmp_path / name, h.addr4, name=name)
+            n.dir.mkdir(parents=True)
+            # No [[peer]] at all: the account's DNS server is the only way to find the other host.
+            n.config.write_text(_interface_toml(n, secret) +
+                                f'server = "{DNS[0]}:{DNS[1]}"\nname = "{name}"\n')
+            out = lab.run(h, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
+            n.public_key, n.ula = out[1], out[3]
+            start(lab, n)
+            nodes.append(n)
+        yield lab, nodes[0], nodes[1]
+
+
+def test_hosts_find_each_other_and_ssh(discovered: tuple[Lab, Node, Node], tmp_path: Path) -> None:
+    lab, laptop, desktop = discovered
+
+    def knows(n: Node, other: Node) -> bool:
+        return any(p["ula"] == other.ula for p in status(n)["peers"])
+
+    wait_for(lambda: knows(laptop, desktop) and knows(desktop, laptop), timeout=15,
+             what="each host to learn the other from DNS")
+    for n in (laptop, desktop):
+        st = status(n)
+        assert st["publish"]["published"], st["publish"]
+    ping6(lab, laptop, desktop)
+    key, known = start_sshd(lab, desktop, tmp_path / "ssh")
+    r = ssh(lab, laptop, desktop, key, known, "echo found via dns from $SSH_CLIENT")
+    assert f"found via dns from {laptop.ula} " in r.stdout, r.stdout
