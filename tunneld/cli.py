@@ -237,11 +237,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
            f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
            f"GRO {'on' if st['gro'] else 'off'})"]
+    pm = st.get("portmap") or {}
+    if pm.get("state") not in (None, "disabled"):
+        out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"
+                   + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
+    pub = st.get("publish") or {}
+    if pub.get("state") not in (None, "disabled"):
+        out.append(f"  dns publish: {pub.get('state')}: {pub.get('message', '')}")
+    watch = st.get("watch") or {}
+    if watch.get("state") not in (None, "disabled"):
+        out.append(f"  dns watch: {watch.get('state')} via {watch.get('server', '?')}")
     for p in st["peers"]:
         hs = p["last_handshake"]
         ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
-        out += ["", f"peer: {p['name']}", f"  ula: {p['ula']}", f"  endpoint: {p['endpoint'] or '(none)'}",
-                f"  latest handshake: {ago}",
+        out += ["", f"peer: {p['name']} (from {p.get('source', 'config')})", f"  ula: {p['ula']}",
+                f"  endpoint: {p['endpoint'] or '(none)'}", f"  latest handshake: {ago}",
                 f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK

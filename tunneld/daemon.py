@@ -12,6 +12,7 @@ clocks and logs. Everything runs in one trio thread: the loops never block, they
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import signal
@@ -290,6 +291,7 @@ class Daemon:
         peers = self.core.peer_status(trio.current_time())
         for p in peers:
             p["endpoint"] = display_addr(p["endpoint"]) if p["endpoint"] else None
+            p["source"] = "config" if base64.b64decode(p["public_key"]) in self.static_peers else "dns"
         c = self.core.counters
         return {
             "interface": self.tun.name if self.tun else self.config.interface.name,

@@ -85,6 +85,9 @@ def test_hosts_find_each_other_and_ssh(discovered: tuple[Lab, Node, Node], tmp_p
     for n in (laptop, desktop):
         st = status(n)
         assert st["publish"]["published"], st["publish"]
+        assert [p["source"] for p in st["peers"]] == ["dns"]
+        shown = lab.run(n.host, [TUNNELD, "status", "--config", str(n.config)]).stdout
+        assert "(from dns)" in shown and "dns watch: watching" in shown and "dns publish:" in shown, shown
     ping6(lab, laptop, desktop)
     key, known = start_sshd(lab, desktop, tmp_path / "ssh")
     r = ssh(lab, laptop, desktop, key, known, "echo found via dns from $SSH_CLIENT")
