@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate
+from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate, start_server
 from tests.integration.test_serve_dns import served as served
 from tools.lab import wait_for
 from tools.tunnel import REPO
@@ -77,3 +77,14 @@ def test_a_lost_event_is_retransmitted(served: Served) -> None:
     s.lab.run(s.a, ["nft", "delete", "table", "inet", "lose"])
     ev = w.until("added", timeout=10)  # the server's retransmission, +2 s after the first try
     assert any("fd00::3" in r for r in ev["records"])
+
+
+def test_watchers_survive_a_server_restart(served: Served) -> None:
+    s = served
+    w = Watch(s, "tablet", "AAAA", seconds=40)
+    w.until("established")
+    assert s.lab.stop(s.proc) == 0  # SIGTERM: a clean stop
+    s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)  # same database
+    assert nsupdate(s, s.account.key, f"update add tablet.{ZONE} 60 AAAA fd00::5").returncode == 0
+    ev = w.until("added", timeout=10)  # the LLQ from before the restart still delivers
+    assert any("fd00::5" in r for r in ev["records"])

@@ -7,6 +7,7 @@ import random
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import cast
 from unittest import mock
 
@@ -517,3 +518,50 @@ def test_parsed_signed_message_is_refused_not_trusted() -> None:
     [(dest, reply)] = server.handle(parsed, CSRC, T0) or []
     assert dest == CSRC and dns.message.from_wire(reply).rcode() == dns.rcode.REFUSED
     assert server.handle(wire, CSRC, T0) is not None and len(server.llq_ids()) == 1  # the wire is fine
+
+
+def test_restart_keeps_established_llqs(tmp_path: Path) -> None:
+    """The LLQ table is kept in the zone database: after a restart the same LLQ keeps delivering events,
+    and a change made while the server was down is sent at once, diffed against what the client held."""
+    db = str(tmp_path / "zone.sqlite")
+
+    def server_on_disk() -> LLQServer:
+        core = DnsCore(ZoneStore(db, ZONE, "ns.example.com.", 53, llq_port=5352), [KEY])
+        return LLQServer(core, random.Random(7).randbytes, require_tsig=False)
+
+    first = server_on_disk()
+    update(first, add="0 0 4500 a.example.com.")
+    client = make_client()
+    establish(first, client)
+    llq_id = client.llq_id
+    first.core.store.close()  # the server stops
+
+    down = server_on_disk()  # a change while no LLQ server runs (another instance, or an admin)
+    update(down, add="0 0 4500 b.example.com.", at=T0 + 20)
+    down.core.store.close()
+
+    second = server_on_disk()
+    [(dest, event)] = second.restore(T0 + 30)  # what the client missed: the change above
+    assert dest == CSRC and option_of(event).llq_id == llq_id
+    out = client.receive(event, T0 + 30)
+    assert [type(e) for e in out.events] == [Added]
+    assert targets(client) == {"0 0 4500 a.example.com.", "0 0 4500 b.example.com."}
+    [ack] = out.transmits
+    assert send(second, ack.wire, T0 + 30) == []
+    # and later changes keep flowing on the same LLQ
+    changes = update(second, delete="0 0 4500 a.example.com.", at=T0 + 40)
+    [(_, event)] = second.changes(changes, T0 + 40)
+    assert [type(e) for e in client.receive(event, T0 + 40).events] == [Removed]
+    assert targets(client) == {"0 0 4500 b.example.com."}
+
+
+def test_restore_drops_expired_llqs(tmp_path: Path) -> None:
+    db = str(tmp_path / "zone.sqlite")
+    core = DnsCore(ZoneStore(db, ZONE, "ns.example.com.", 53, llq_port=5352), [KEY])
+    first = LLQServer(core, random.Random(7).randbytes, require_tsig=False)
+    establish(first, make_client())
+    core.store.close()
+    again = LLQServer(DnsCore(ZoneStore(db, ZONE, "ns.example.com.", 53, llq_port=5352), [KEY]),
+                      random.Random(7).randbytes, require_tsig=False)
+    assert again.restore(T0 + 7201) == [] and again.llq_ids() == []
+    assert again.core.store.llq_all() == []

@@ -45,6 +45,7 @@ Behaviour:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -347,6 +349,7 @@ class LLQServer:
         answers, rcode = self.core.answer(llq.qname, llq.qtype, now)
         llq.snapshot = _records(answers)
         llq.established = True
+        self._persist(llq)
         reply = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))
         self.counters["ack sent"] += 1
         return self._reply(msg, reply, signer, now, answers=answers, rcode=rcode)
@@ -362,6 +365,8 @@ class LLQServer:
                                signer, now)
         llq.granted = _clamp(option.lease)
         llq.expires = now + llq.granted
+        if not llq.events:
+            self._persist(llq)
         self.counters["refreshed"] += 1
         return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
                                           llq.granted), signer, now)
@@ -376,6 +381,8 @@ class LLQServer:
             self.counters["ack for no pending event"] += 1
             return []
         self.counters["event acked"] += 1
+        if not llq.events:
+            self._persist(llq)  # what the client now holds: the base of the next diff, even after a restart
         if llq.dirty and not llq.events and now < llq.expires:
             wire = self._next_event(llq, now)
             if wire is not None:
@@ -407,6 +414,56 @@ class LLQServer:
     def _drop(self, llq: _LLQ, reason: str) -> None:
         self.counters[f"dropped: {reason}"] += 1
         self._llqs.pop(llq.llq_id, None)
+        if llq.established:
+            self.core.store.llq_delete(llq.llq_id)
+
+    # ---- durability -----------------------------------------------------------------------------------
+
+    def _persist(self, llq: _LLQ) -> None:
+        """Keep an established LLQ in the store with the answer its client has acknowledged."""
+        src = llq.src if isinstance(llq.src, tuple) else None
+        state = {
+            "src": list(src) if src is not None else None,
+            "qname": llq.qname.to_text(), "qtype": int(llq.qtype), "granted": llq.granted,
+            "expires": llq.expires, "key": llq.key.name.to_text() if llq.key is not None else None,
+            "records": [[name.to_text(), int(rdtype), rd.to_text(), ttl]
+                        for (name, rdtype), held in llq.snapshot.items() for rd, ttl in held.items()],
+        }
+        self.core.store.llq_put(llq.llq_id, json.dumps(state))
+
+    def restore(self, now: float) -> Output:
+        """After a restart: reload the established LLQs from the store and send each client what changed
+        since the answer it acknowledged (nothing, usually: the events resume where they stopped)."""
+        out: Output = []
+        for llq_id, text in self.core.store.llq_all():
+            try:
+                st = json.loads(text)
+                key = None
+                if st["key"] is not None:
+                    key = self.core._keys.get(dns.name.from_text(st["key"]).canonicalize())
+                    if key is None:
+                        raise ValueError("its key is no longer configured")
+                snapshot: _Records = {}
+                for name, rdtype, rdata, ttl in st["records"]:
+                    rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rdata)
+                    snapshot.setdefault((dns.name.from_text(name), rdtype), {})[rd] = int(ttl)
+                llq = _LLQ(llq_id, tuple(st["src"]), dns.name.from_text(st["qname"]), int(st["qtype"]),
+                           0, int(st["granted"]), float(st["expires"]), key, b"", established=True,
+                           snapshot=snapshot)
+            except (ValueError, KeyError, TypeError, dns.exception.DNSException) as e:
+                self.counters["llq not restored"] += 1
+                log.info("LLQ %x not restored: %s", llq_id, e)
+                self.core.store.llq_delete(llq_id)
+                continue
+            if now >= llq.expires:
+                self.core.store.llq_delete(llq_id)
+                continue
+            self._llqs[llq_id] = llq
+            self.counters["restored"] += 1
+            wire = self._next_event(llq, now)
+            if wire is not None:
+                out.append((llq.src, wire))
+        return out
 
     @staticmethod
     def _remaining(llq: _LLQ, now: float) -> int:

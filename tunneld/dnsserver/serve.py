@@ -243,6 +243,9 @@ async def serve(
         raise
     server = _Server(core, llq)
     server.udp = udp
+    if llq is not None:
+        # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
+        await server.send_llq(llq.restore(time.time()))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.udp_loop, udp)
         nursery.start_soon(server.tcp_loop, tcp)

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (owner, rdtype, rdata)
 );
 CREATE INDEX IF NOT EXISTS records_expires ON records (expires);
+CREATE TABLE IF NOT EXISTS llqs (id TEXT PRIMARY KEY, state TEXT NOT NULL);
 """
 
 
@@ -192,6 +193,20 @@ class ZoneStore:
 
     def close(self) -> None:
         self._db.close()
+
+    # ---- long-lived queries (kept so that a restart does not lose the watchers) --------------------
+
+    def llq_put(self, llq_id: int, state: str) -> None:
+        """Store one established LLQ's state (JSON text from the LLQ server), replacing the old one."""
+        with self._db:  # 64-bit unsigned IDs do not fit SQLite's signed INTEGER: stored as text
+            self._db.execute("INSERT OR REPLACE INTO llqs (id, state) VALUES (?, ?)", (str(llq_id), state))
+
+    def llq_delete(self, llq_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
+
+    def llq_all(self) -> list[tuple[int, str]]:
+        return [(int(i), st) for i, st in self._db.execute("SELECT id, state FROM llqs")]
 
     # ---- the zone's own records -------------------------------------------------------------------
 
