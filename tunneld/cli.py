@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,50 @@ def cmd_identity(args: argparse.Namespace) -> int:
     config = _config(args)
     ident = _identity(config)
     sys.stdout.write(f"public_key {ident.public_key_b64}\nula {ident.ula(config.account.domain)}\n")
+    return EXIT_OK
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    """Write this machine's config for an account and create its identity: the one step after
+    `tunneld account new` (and copying the secret file over) before `tunneld up`."""
+    from tunneld.config import load_account_secret, parse_endpoint
+    from tunneld.proto.records import check_name
+
+    try:
+        domain = normalize_domain(args.domain)
+    except ValueError as e:
+        raise UsageError(f"bad account domain {args.domain!r}: {e}; give a DNS name such as "
+                         f"home.example.net") from None
+    try:
+        server = str(parse_endpoint(args.server))
+    except ValueError:
+        try:  # no port given: DNS's own
+            bare = f"[{args.server}]:53" if ":" in args.server else f"{args.server}:53"
+            server = str(parse_endpoint(bare))
+        except ValueError as e:
+            raise UsageError(f"bad --server {args.server!r}: {e}") from None
+    name = args.name or socket.gethostname().split(".")[0].lower()
+    try:
+        name = check_name(name)
+    except ValueError as e:
+        raise UsageError(f"bad device name {name!r}: {e}; pass --name NAME (one DNS label)") from None
+    secret_file = Path(args.secret_file).absolute()
+    load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
+    path = Path(args.config)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists; pass --force to replace it, or --config PATH to write elsewhere")
+    state = f"state_dir = \"{Path(args.state_dir).absolute()}\"\n" if args.state_dir else ""
+    text = (f"# Written by `tunneld join`.\n[interface]\nname = \"btmm0\"\n{state}\n"
+            f"[account]\ndomain = \"{domain}\"\nsecret_file = \"{secret_file}\"\n"
+            f"server = \"{server}\"\nname = \"{name}\"\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    config = load_config(path)  # what we wrote must load, or nothing is claimed
+    ident = _identity(config)
+    sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
+                     f"ula {ident.ula(config.account.domain)}\n")
     return EXIT_OK
 
 
@@ -321,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
                         help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+
+    join = sub.add_parser("join", help="write this machine's config for an account and create its identity")
+    join.add_argument("domain", help="the account's DNS domain")
+    join.add_argument("--server", required=True, help="the account's DNS server, HOST[:PORT] (IP literal)")
+    join.add_argument("--secret-file", required=True, help="the account secret (from `tunneld account new`)")
+    join.add_argument("--name", help="this device's DNS label (default: the host name)")
+    join.add_argument("--force", action="store_true", help="replace an existing config")
+    join.add_argument("--state-dir", help="where the device key lives (default /var/lib/tunneld)")
+    with_config(join)
+    join.set_defaults(func=cmd_join)
 
     ident = sub.add_parser("identity", help="create the device key if missing; print public key and ULA")
     with_config(ident)

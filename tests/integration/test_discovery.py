@@ -18,7 +18,6 @@ from tools.tunnel import (
     DOMAIN,
     TUNNELD,
     Node,
-    _interface_toml,
     ping6,
     ssh,
     start,
@@ -63,12 +62,16 @@ def discovered(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
         nodes = []
         for h, name in ((ha, "laptop"), (hb, "desktop")):
             n = Node(h, tmp_path / name, h.addr4, name=name)
-            n.dir.mkdir(parents=True)
-            # No [[peer]] at all: the account's DNS server is the only way to find the other host.
-            n.config.write_text(_interface_toml(n, secret) +
-                                f'server = "{DNS[0]}:{DNS[1]}"\nname = "{name}"\n')
-            out = lab.run(h, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
-            n.public_key, n.ula = out[1], out[3]
+            # As a user would: `tunneld join`, no [[peer]] at all; the account's DNS server is the
+            # only way to find the other host.
+            out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{DNS[0]}:{DNS[1]}", "--secret-file",
+                              str(secret), "--name", name, "--config", str(n.config),
+                              "--state-dir", str(n.dir / "state")]).stdout
+            fields = dict(line.split(" ", 1) for line in out.splitlines())
+            n.public_key, n.ula = fields["public_key"], fields["ula"]
+            # Test-only: the control socket next to the config (the default is /run/tunneld).
+            n.config.write_text(n.config.read_text().replace(
+                "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
             start(lab, n)
             nodes.append(n)
         yield lab, nodes[0], nodes[1]
