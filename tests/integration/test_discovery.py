@@ -32,16 +32,17 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig"),
 DNS = ("192.0.2.2", 5353)
 
 
-def _serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path) -> subprocess.Popen[Any]:
+def _serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
+               at: tuple[str, int] = DNS) -> subprocess.Popen[Any]:
     log = workdir / "serve-dns.log"
     with log.open("ab") as out:
         proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
-                                  "--listen", f"{DNS[0]}:{DNS[1]}", "--db", str(workdir / "dns.sqlite")],
+                                  "--listen", f"{at[0]}:{at[1]}", "--db", str(workdir / "dns.sqlite")],
                          stdout=out, stderr=out)
 
     def answers() -> bool:
         assert proc.poll() is None, log.read_text()[-2000:]
-        r = lab.run(n.host, ["dig", f"@{DNS[0]}", "-p", str(DNS[1]), "+short", "+tries=1", "+time=1",
+        r = lab.run(n.host, ["dig", f"@{at[0]}", "-p", str(at[1]), "+short", "+tries=1", "+time=1",
                              "SOA", DOMAIN], check=False)
         return bool(r.stdout.strip())
 
@@ -95,3 +96,49 @@ def test_hosts_find_each_other_and_ssh(discovered: tuple[Lab, Node, Node], tmp_p
     key, known = start_sshd(lab, desktop, tmp_path / "ssh")
     r = ssh(lab, laptop, desktop, key, known, "echo found via dns from $SSH_CLIENT")
     assert f"found via dns from {laptop.ula} " in r.stdout, r.stdout
+
+
+def test_host_behind_nat_and_public_host_find_each_other(tmp_path: Path) -> None:
+    """One host behind a home router (miniupnpd, nftables NAT), one public: the NATed host maps its port
+    by PCP, publishes the router's public address and the granted port, and the two find each other
+    through serve-dns on the public side; the public host reaches the NATed one only through the
+    mapping (it has no route to the private network)."""
+    from tools.lab import behind_nat
+    from tools.upnp import MiniUPnPd
+
+    with Lab() as lab:
+        host, router, peer = behind_nat(lab)
+        lab.ip(peer, "route", "add", "default", "via", router.addr4)  # public, with a default route
+        secret = tmp_path / "secret"
+        write_secret(secret)
+        dns_at = (peer.addr4, 5353)
+        _serve_dns(lab, Node(peer, tmp_path / "dns", peer.addr4), secret, tmp_path, dns_at)
+        with MiniUPnPd(lab, host, router, peer) as upnp:
+            upnp.start()
+            nodes = []
+            for h, name in ((host, "laptop"), (peer, "server")):
+                n = Node(h, tmp_path / name, h.addr4, name=name)
+                out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}",
+                                  "--secret-file", str(secret), "--name", name, "--config", str(n.config),
+                                  "--state-dir", str(n.dir / "state")]).stdout
+                fields = dict(line.split(" ", 1) for line in out.splitlines())
+                n.public_key, n.ula = fields["public_key"], fields["ula"]
+                n.config.write_text(n.config.read_text().replace(
+                    "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
+                start(lab, n)
+                nodes.append(n)
+            laptop, server = nodes
+
+            def knows(n: Node, other: Node) -> bool:
+                return any(p["ula"] == other.ula for p in status(n)["peers"])
+
+            wait_for(lambda: knows(laptop, server) and knows(server, laptop), timeout=20,
+                     what="both hosts to learn each other through DNS")
+            mapped = status(laptop)["portmap"]
+            assert mapped["state"] == "mapping" and mapped["external_address"] == router.addr4, mapped
+            assert status(laptop)["public_endpoint"] == mapped["endpoint"]
+            ping6(lab, server, laptop)  # in through the mapping
+            ping6(lab, laptop, server)
+            key, known = start_sshd(lab, laptop, tmp_path / "ssh")
+            r = ssh(lab, server, laptop, key, known, "echo behind the nat")
+            assert "behind the nat" in r.stdout
