@@ -105,7 +105,8 @@ _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite")
-_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease")
+_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm")
+_TSIG_ALGORITHMS: Final = ("hmac-sha256", "hmac-md5")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
 
 
@@ -165,6 +166,7 @@ class AccountConfig:
     server: Endpoint | None = None
     name: str | None = None
     lease: int = DEFAULT_LEASE
+    tsig_algorithm: str = "hmac-sha256"  # hmac-md5 for old servers that know nothing better
 
 
 @dataclass(frozen=True)
@@ -562,8 +564,12 @@ class _Loader:
         if not MIN_LEASE <= lease <= MAX_LEASE:
             self.fail(f"{w}.lease", f"{lease} is out of range",
                       f"use {MIN_LEASE} to {MAX_LEASE} seconds (default {DEFAULT_LEASE})")
+        algorithm = self.string(table, w, "tsig_algorithm", '"hmac-sha256"') or "hmac-sha256"
+        if algorithm not in _TSIG_ALGORITHMS:
+            self.fail(f"{w}.tsig_algorithm", f"{_show(algorithm)} is not supported",
+                      'use "hmac-sha256" (the default), or "hmac-md5" for an old server')
         return AccountConfig(domain=domain, secret_file=secret_file, server=server, name=name,
-                             lease=lease), secret
+                             lease=lease, tsig_algorithm=algorithm), secret
 
     def peers(self, value: object, domain: str) -> tuple[PeerConfig, ...]:
         if value is None:

@@ -215,7 +215,7 @@ class Daemon:
         if acct.server is None:
             return
         self.publisher = PublisherService((str(acct.server.host), acct.server.port), acct.domain,
-                                          self.config.tsig_key, acct.lease)
+                                          self.config.tsig_key, acct.lease, algorithm=acct.tsig_algorithm)
         await self._nursery.start(self.publisher.run)
         self._republish()
 

@@ -47,10 +47,13 @@ class BindLab:
     bind: Bind
     dir: Path
     secret: Path
+    algorithm: str = "hmac-sha256"
 
 
-@pytest.fixture
-def bindlab(tmp_path: Path) -> Iterator[BindLab]:
+@pytest.fixture(params=["hmac-sha256", "hmac-md5"])
+def bindlab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BindLab]:
+    """BIND with the account key, as hmac-sha256 (the default) or hmac-md5 (an old server's only choice:
+    the same key bytes, the algorithm set on both sides)."""
     for tool in (NAMED, DIG):
         if not os.access(tool, os.X_OK):
             pytest.fail(f"{tool} is missing: tools/install.sh installs Debian bind9 and bind9-dnsutils")
@@ -62,11 +65,11 @@ def bindlab(tmp_path: Path) -> Iterator[BindLab]:
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(out.splitlines()[0] + "\n")
-        stanza = out[out.index("key \""):]
+        stanza = out[out.index("key \""):].replace("hmac-sha256", request.param)
         # Another device of the account is already discoverable: our publish must leave its PTR alone.
         other = f"_autotunnel._udp IN PTR {OTHER_PTR}\n"
         with Bind(lab, b, DOMAIN, stanza, tmp_path / "bind", port=DNS_PORT, extra_zone=other) as bind:
-            yield BindLab(lab, a, b, bind, tmp_path, secret)
+            yield BindLab(lab, a, b, bind, tmp_path, secret, request.param)
 
 
 def node(bl: BindLab, secret: Path) -> Node:
@@ -76,7 +79,7 @@ def node(bl: BindLab, secret: Path) -> Node:
         f'[interface]\nname = "btmm0"\nlisten_port = {PORT}\nmtu = 1400\n'
         f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
         f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n'
-        f'server = "{bl.b.addr4}:{DNS_PORT}"\nname = "{NAME}"\n')
+        f'server = "{bl.b.addr4}:{DNS_PORT}"\nname = "{NAME}"\ntsig_algorithm = "{bl.algorithm}"\n')
     out = bl.lab.run(bl.a, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
     n.public_key, n.ula = out[1], out[3]
     return n

@@ -501,8 +501,11 @@ def test_timers_and_portmap_errors_name_the_key(tmp_path: Path, secret_file: Pat
 
 
 def test_account_server_name_and_lease(tmp_path: Path, secret_file: Path) -> None:
-    text = _account(secret_file) + 'server = "192.0.2.53:5353"\nname = "Laptop"\nlease = 1800\n'
+    text = _account(secret_file) + ('server = "192.0.2.53:5353"\nname = "Laptop"\nlease = 1800\n'
+                                    'tsig_algorithm = "hmac-md5"\n')
     cfg = load_config(_write(tmp_path, text))
+    assert cfg.account.tsig_algorithm == "hmac-md5"
+    assert load_config(_write(tmp_path, _account(secret_file))).account.tsig_algorithm == "hmac-sha256"
     assert cfg.account.server is not None and str(cfg.account.server) == "192.0.2.53:5353"
     assert cfg.account.name is not None and cfg.account.name.lower() == "laptop"
     assert cfg.account.lease == 1800
@@ -515,6 +518,7 @@ def test_account_server_name_and_lease(tmp_path: Path, secret_file: Path) -> Non
         ('server = "192.0.2.53"\n', "account.server"),  # no port
         ('server = "192.0.2.53:53"\nname = "two.labels"\n', "account.name"),
         ("lease = 60\n", "account.lease"),
+        ('tsig_algorithm = "hmac-sha1"\n', "account.tsig_algorithm"),
     ],
 )
 def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: str, key: str) -> None:

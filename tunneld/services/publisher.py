@@ -47,9 +47,9 @@ def host_records(name: str, domain: str, public_key: bytes, endpoint: str) -> li
 
 class PublisherService:
     def __init__(self, server: tuple[str, int], zone: str, key_secret: bytes, lease: int,
-                 start_delay: float | None = None) -> None:
+                 start_delay: float | None = None, algorithm: str = "hmac-sha256") -> None:
         # `tunneld account new` prints the key as "DOMAIN.": the key is named after the account's zone.
-        self.publisher = Publisher(zone, zone, key_secret, lease=lease,
+        self.publisher = Publisher(zone, zone, key_secret, algorithm=algorithm, lease=lease,
                                    shared=[(records.browse_name(zone), dns.rdatatype.PTR)])
         self.server = server
         self.start_delay = startup_delay() if start_delay is None else start_delay
