@@ -202,6 +202,10 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     except Exception as e:  # dnspython's name errors are many classes
         raise UsageError(f"bad --server-name {args.server_name!r}: {e}; give a DNS host name") from None
     policy = Policy()
+    if args.min_lease is not None:
+        if not 1 <= args.min_lease <= policy.max_lease:
+            raise UsageError(f"bad --min-lease {args.min_lease}: give 1 to {policy.max_lease} seconds")
+        policy = dataclasses.replace(policy, min_lease=args.min_lease)
     if args.default_lease is not None and not (policy.min_lease <= args.default_lease <= policy.max_lease):
         raise UsageError(f"bad --default-lease {args.default_lease}: give {policy.min_lease} to "
                          f"{policy.max_lease} seconds")
@@ -414,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"ADDR:PORT for UDP and TCP (default {DEFAULT_DNS_LISTEN}, IPv4 and IPv6)")
     serve_dns.add_argument("--db", default=DEFAULT_DNS_DB, help=f"zone database (default {DEFAULT_DNS_DB})")
     serve_dns.add_argument("--server-name", help="this server's host name in NS/SOA/SRV (default ns.ZONE)")
+    serve_dns.add_argument("--min-lease", type=int, metavar="SECONDS",
+                           help="the shortest update lease granted (default 1800, RFC 9664's minimum)")
     serve_dns.add_argument("--default-lease", type=int, metavar="SECONDS",
                            help="grant this lease to updates without an RFC 9664 lease option (plain "
                                 "RFC 2136 clients such as nsupdate); without it such updates are refused")

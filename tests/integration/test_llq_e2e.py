@@ -12,7 +12,7 @@ from typing import Any
 from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate, start_server
 from tests.integration.test_serve_dns import served as served
 from tools.lab import wait_for
-from tools.tunnel import REPO
+from tools.tunnel import REPO, TUNNELD
 
 
 class Watch:
@@ -88,3 +88,21 @@ def test_watchers_survive_a_server_restart(served: Served) -> None:
     assert nsupdate(s, s.account.key, f"update add tablet.{ZONE} 60 AAAA fd00::5").returncode == 0
     ev = w.until("added", timeout=10)  # the LLQ from before the restart still delivers
     assert any("fd00::5" in r for r in ev["records"])
+
+
+def test_an_expired_lease_is_a_removal_event(served: Served) -> None:
+    s = served
+    assert s.lab.stop(s.proc) == 0
+    # The same server with 2 s leases (the minimum is an admin's setting; 1800 s by default).
+    with s.log.open("ab") as out:
+        s.proc = s.lab.spawn(s.b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file",
+                                   str(s.account.secret), "--listen", f"{SERVER}:{PORT}", "--db", str(s.db),
+                                   "--min-lease", "2", "--default-lease", "2"], stdout=out, stderr=out)
+    w = Watch(s, "phone", "AAAA")
+    w.until("established", timeout=15)
+    assert nsupdate(s, s.account.key, f"update add phone.{ZONE} 60 AAAA fd00::6").returncode == 0
+    w.until("added")
+    t = time.monotonic()
+    ev = w.until("removed", timeout=10)  # nobody refreshed the lease: the server's sweep removes it
+    assert any("fd00::6" in r for r in ev["records"])
+    assert time.monotonic() - t < 4, "removed within about the 2 s lease"
