@@ -214,7 +214,11 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         if db.parent != Path(""):
             db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = ZoneStore(str(db), zone + ".", server, listen.port)
+        # Our SRV records (_dns-update._udp, _dns-llq._udp) name this server: give the name an address
+        # when we listen on a specific one inside the zone, so that clients can follow the SRV.
+        specific = not listen.host.is_unspecified and server.is_subdomain(dns.name.from_text(zone))
+        store = ZoneStore(str(db), zone + ".", server, listen.port,
+                          addresses=[str(listen.host)] if specific else ())
     except ValueError as e:  # the database holds another zone
         raise UsageError(f"--db {db}: {e}; give another --db for this zone") from None
     except (OSError, sqlite3.Error) as e:

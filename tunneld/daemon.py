@@ -33,6 +33,7 @@ from tunneld.proto.natpmp import Endpoint
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
+from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_server
 from tunneld.services.portmap import PortmapService, status_dict
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
 from tunneld.services.watcher import WatcherService
@@ -214,8 +215,9 @@ class Daemon:
         acct = self.config.account
         if acct.server is None:
             return
-        self.publisher = PublisherService((str(acct.server.host), acct.server.port), acct.domain,
-                                          self.config.tsig_key, acct.lease, algorithm=acct.tsig_algorithm)
+        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, UPDATE_SERVICE)
+        self.publisher = PublisherService(server, acct.domain, self.config.tsig_key, acct.lease,
+                                          algorithm=acct.tsig_algorithm)
         await self._nursery.start(self.publisher.run)
         self._republish()
 
@@ -227,8 +229,9 @@ class Daemon:
         acct = self.config.account
         if acct.server is None or acct.name is None:
             return
-        self.watcher = WatcherService((str(acct.server.host), acct.server.port), acct.domain, acct.name,
-                                      self.config.tsig_key, self._on_watch_event)
+        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE)
+        self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
+                                      self._on_watch_event)
         await self._nursery.start(self.watcher.run)
 
     def _on_watch_event(self, event: WatcherEvent) -> None:
