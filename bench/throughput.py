@@ -12,6 +12,11 @@ wireguard-go and tunneld, with the CPU the tunnel daemon uses on each side; need
 Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [--rounds R] [--json]
        python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
                                       [--modes veth,wireguard-go,tunneld] [--json]
+       python -m bench.throughput dns [--updates 500] [--window 32] [--rounds 3] [--watchers 100]
+                                      [--events 20] [--json]
+
+`dns`: signed DNS UPDATEs per second against `tunneld serve-dns` and BIND in the same run, and
+update-to-event latency with many LLQ watchers (bench/dns.py); needs root and BIND 9.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from bench import e2e
+from bench import dns, e2e
 from crypto.aead import SUITES
 from crypto.esp import SecurityAssociation
 
@@ -131,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
     e2e.add_arguments(sub.add_parser("e2e", help="iperf3 through veth, wireguard-go and tunneld (root)"))
+    dns.add_arguments(sub.add_parser("dns", help="signed UPDATEs/s vs BIND, LLQ event latency (root)"))
     args = parser.parse_args(argv)
     if args.mode == "e2e":
         return e2e.main(args)
+    if args.mode == "dns":
+        return dns.main(args)
     for name in ("size", "packets", "batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -1,0 +1,288 @@
+"""Signed DNS UPDATE rate, ours against BIND, and update-to-event latency with many LLQ watchers.
+
+One two-host lab (tools.lab.two_hosts). Host b runs, in the same run, `tunneld serve-dns` on
+192.0.2.2:5353 (--default-lease 7200, so plain RFC 2136 updates are accepted) and BIND 9 (tools.bind)
+on 192.0.2.2:5354, both authoritative for the same fresh account domain and both trusting the TSIG key
+`tunneld account new` printed. The client (bench/dns_client.py) runs in host a:
+
+- updates: per round and server, N signed UPDATEs (one AAAA each, at distinct names) sent one at a
+  time over UDP, then N more with W outstanding. Rounds alternate ours, BIND, ours, BIND, ... so that
+  noise from other work on the machine falls on both alike; the table shows medians over the rounds,
+  and the CPU time each server used per update. Every reply must be signed and NOERROR: any failure
+  fails the run.
+- events: K LLQ watchers (one process, one UDP socket each, TSIG-signed) on one name at our server,
+  then M updates to that name, one after another; for every watcher x update, the time from the
+  UPDATE's send to the kernel's receive timestamp of the watcher's event. BIND has no LLQ (RFC 8764).
+
+Every process is ended by PID and the namespaces deleted by the Lab, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from bench.e2e import Recorder, _terminate_as_exit, tree_cpu_seconds
+from tools.bind import NAMED, Bind
+from tools.lab import Host, Lab, LabError, two_hosts, wait_for
+
+ZONE = "bench.tunneld.test"
+SERVER = "192.0.2.2"
+OURS_PORT = 5353
+BIND_PORT = 5354
+REPO = Path(__file__).resolve().parents[1]
+SERVERS = ("tunneld", "bind")
+MODES = ("sequential", "pipelined")
+LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named"}
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return ""
+
+
+def _bind_version() -> str:
+    try:
+        out = subprocess.run([NAMED, "-v"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "BIND 9"
+    return out.split(" (")[0] or "BIND 9"
+
+
+def _client(lab: Lab, a: Host, rec: Recorder, args: list[str], timeout: float) -> dict[str, Any]:
+    """Run bench.dns_client in host a; its JSON result."""
+    p = rec.spawn(lab, a, [sys.executable, "-m", "bench.dns_client", *args], cwd=REPO,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lab.stop(p)
+        raise LabError(f"dns client {args[0]} did not finish within {timeout:.0f} s") from None
+    if p.returncode != 0:
+        raise LabError(f"dns client {args[0]} exited {p.returncode}: {(err or out).strip()[-2000:]}")
+    return dict(json.loads(out))
+
+
+def _dig_ok(lab: Lab, a: Host, port: int) -> bool:
+    r = lab.run(a, ["dig", f"@{SERVER}", "-p", str(port), "+norec", "+tries=1", "+time=1", "SOA", ZONE],
+                check=False, timeout=10)
+    return "status: NOERROR" in r.stdout
+
+
+def _summary(samples: list[dict[str, Any]], cpu: list[float]) -> dict[str, Any]:
+    rates = [s["per_second"] for s in samples]
+    return {
+        "per_second_median": statistics.median(rates),
+        "per_second_min": min(rates),
+        "per_second_max": max(rates),
+        "latency_median_ms": statistics.median(s["median_ms"] for s in samples),
+        "latency_p90_ms": statistics.median(s["p90_ms"] for s in samples),
+        "server_cpu_us_per_update": statistics.median(cpu) * 1e6,
+        "failures": sum(s["failures"] for s in samples),
+        "samples": samples,
+    }
+
+
+def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
+            log: Callable[[str], None] | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    for tool in ("ip", "dig"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} not found (Debian: apt-get install iproute2 bind9-dnsutils)")
+    if not os.access(NAMED, os.X_OK):
+        raise LabError(f"{NAMED} not found (Debian: apt-get install bind9)")
+    tunneld = Path(sys.prefix) / "bin" / "tunneld"
+    if not tunneld.exists():
+        raise LabError(f"{tunneld} not found: install the project into this venv (pip install -e .)")
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    info = {} if info is None else info
+    rec = Recorder()
+    result: dict[str, Any] = {"updates": updates, "window": window, "rounds": rounds, "watchers": watchers,
+                              "events": events, "cpu_count": os.cpu_count(), "bind_version": _bind_version(),
+                              "rows": {}, "ratios": {}, "llq": {}}
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SERVERS for m in MODES}
+    cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in SERVERS for m in MODES}
+    with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp, Lab() as lab:
+        work = Path(tmp)
+        info.update(lab_id=lab.id, pids=rec.pids)
+        a, b = two_hosts(lab)
+        info["namespaces"] = [a.netns, b.netns]
+        out = subprocess.run([str(tunneld), "account", "new", ZONE], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        secret = work / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(out.splitlines()[0] + "\n")
+        stanza = out[out.index('key "'):]
+
+        slog = work / "serve-dns.log"
+        with slog.open("ab") as logf:
+            ours = rec.spawn(lab, b, [str(tunneld), "serve-dns", "--zone", ZONE, "--secret-file", str(secret),
+                                      "--listen", f"{SERVER}:{OURS_PORT}", "--db", str(work / "dns.sqlite"),
+                                      "--default-lease", "7200"], stdout=logf, stderr=logf)
+
+        def ready() -> bool:
+            if ours.poll() is not None:
+                raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+            return _dig_ok(lab, a, OURS_PORT)
+
+        wait_for(ready, timeout=15, interval=0.05, what="serve-dns to answer")
+        with Bind(lab, b, ZONE, stanza, work / "bind", port=BIND_PORT, address=SERVER) as bind:
+            assert bind.proc is not None
+            rec.pids.append(bind.proc.pid)
+            pids = {"tunneld": ours.pid, "bind": bind.proc.pid}
+            ports = {"tunneld": OURS_PORT, "bind": BIND_PORT}
+            base = [SERVER, "", ZONE, str(secret)]
+            timeout = 60 + updates * 0.05
+
+            def updates_run(server: str, mode: str, prefix: str, count: int) -> tuple[dict[str, Any], float]:
+                w = 1 if mode == "sequential" else window
+                argv = ["updates", *base, "--count", str(count), "--window", str(w), "--prefix", prefix]
+                argv[2] = str(ports[server])
+                cpu0 = tree_cpu_seconds(pids[server])
+                r = _client(lab, a, rec, argv, timeout)
+                used = tree_cpu_seconds(pids[server]) - cpu0
+                if ours.poll() is not None:
+                    raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+                return r, used / count
+
+            log(f"[dns] lab {lab.id}: warming up")
+            for server in SERVERS:
+                updates_run(server, "pipelined", f"warm-{server}", min(updates, 50))
+            for rnd in range(rounds):
+                for mode in MODES:  # ours, BIND, ours, BIND: drift in the machine's load hits both alike
+                    for server in SERVERS:
+                        r, per_update = updates_run(server, mode, f"r{rnd}-{server}-{mode[0]}", updates)
+                        samples[(server, mode)].append(r)
+                        cpu[(server, mode)].append(per_update)
+                        log(f"[dns] round {rnd + 1}/{rounds} {server} {mode}: {r['per_second']:.0f}/s, "
+                            f"median {r['median_ms']:.2f} ms, server CPU {per_update * 1e6:.0f} us/update, "
+                            f"failures {r['failures']}")
+
+            if watchers > 0 and events > 0:
+                log(f"[dns] {watchers} LLQ watchers, {events} updates")
+                argv = ["events", *base, "--watchers", str(watchers), "--events", str(events)]
+                argv[2] = str(OURS_PORT)
+                result["llq"] = _client(lab, a, rec, argv, 60 + events * 12)
+        if ours.poll() is not None:
+            raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+        if "Traceback" in _tail(slog, 100_000):
+            raise LabError(f"serve-dns logged a traceback: {_tail(slog)}")
+
+    for server in SERVERS:
+        for mode in MODES:
+            result["rows"][f"{server}/{mode}"] = {"server": server, "mode": mode,
+                                                  **_summary(samples[(server, mode)], cpu[(server, mode)])}
+    for mode in MODES:
+        theirs = result["rows"][f"bind/{mode}"]["per_second_median"]
+        if theirs > 0:
+            result["ratios"][mode] = result["rows"][f"tunneld/{mode}"]["per_second_median"] / theirs
+    return result
+
+
+def failures(r: dict[str, Any]) -> list[str]:
+    """What makes the run fail: failed updates, and events that never arrived."""
+    bad = [f"{name}: {row['failures']} failed update(s)"
+           for name, row in r["rows"].items() if row["failures"]]
+    llq = r["llq"]
+    if llq:
+        if llq["failures"]:
+            bad.append(f"llq: {llq['failures']} failed update(s)")
+        if llq["received"] < llq["expected"]:
+            bad.append(f"llq: {llq['received']} of {llq['expected']} events received")
+    return bad
+
+
+def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    print(f"Signed DNS UPDATE over UDP (TSIG hmac-sha256, one AAAA per update), {r['updates']} updates x "
+          f"{r['rounds']} interleaved rounds per mode (medians, min..max); server and client in two "
+          f"namespaces on one machine, {r['cpu_count']} CPUs; {r['bind_version']}", file=out)
+    head = (f"| {'server':<17} | {'mode':<14} | {'updates/s (min..max)':<22} | {'median ms':>9} | "
+            f"{'p90 ms':>7} | {'server CPU us/upd':>17} | {'failed':>6} |")
+    print(head, file=out)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
+    for row in r["rows"].values():
+        mode = "sequential" if row["mode"] == "sequential" else f"window {r['window']}"
+        rate = f"{row['per_second_median']:.0f} ({row['per_second_min']:.0f}..{row['per_second_max']:.0f})"
+        print(f"| {LABELS[row['server']]:<17} | {mode:<14} | {rate:<22} | {row['latency_median_ms']:>9.3f} | "
+              f"{row['latency_p90_ms']:>7.3f} | {row['server_cpu_us_per_update']:>17.0f} | "
+              f"{row['failures']:>6} |", file=out)
+    if r["ratios"]:
+        parts = [f"{'sequential' if m == 'sequential' else 'window ' + str(r['window'])}: {v:.2f}x"
+                 for m, v in r["ratios"].items()]
+        print("tunneld/BIND (median updates/s): " + ", ".join(parts), file=out)
+    print("(server CPU us/upd: CPU time the server process used during the run, per update)", file=out)
+    llq = r["llq"]
+    print(file=out)
+    print(f"Update-to-event latency: {r['watchers']} LLQ watchers (TSIG-signed, one UDP socket each) on one "
+          f"name, {r['events']} updates to it, one at a time; send of the UPDATE -> kernel receive "
+          "timestamp of each watcher's event", file=out)
+    head = (f"| {'server':<17} | {'events received/expected':<26} | {'median ms':>9} | {'p90 ms':>7} | "
+            f"{'max ms':>7} |")
+    print(head, file=out)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
+    if llq:
+        got = f"{llq['received']}/{llq['expected']}"
+        print(f"| {LABELS['tunneld']:<17} | {got:<26} | {llq['median_ms']:>9.3f} | {llq['p90_ms']:>7.3f} | "
+              f"{llq['max_ms']:>7.3f} |", file=out)
+    else:
+        print(f"| {LABELS['tunneld']:<17} | {'not measured':<26} | {'-':>9} | {'-':>7} | {'-':>7} |",
+              file=out)
+    print(f"| {LABELS['bind']:<17} | {'no LLQ support (RFC 8764)':<26} | {'-':>9} | {'-':>7} | {'-':>7} |",
+          file=out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--updates", type=int, default=500, help="UPDATEs per round and mode (default 500)")
+    p.add_argument("--window", type=int, default=32, help="outstanding UPDATEs when pipelined (default 32)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--watchers", type=int, default=100, help="LLQ watchers (default 100)")
+    p.add_argument("--events", type=int, default=20, help="updates to the watched name (default 20)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for `python -m bench.throughput dns`: exit 0 on success, 1 when an update failed or
+    an event did not arrive (the table is still printed), 2 on bad arguments or without root."""
+    if os.geteuid() != 0:
+        print("bench dns: needs root (network namespaces); run it with sudo", file=sys.stderr)
+        return 2
+    for name in ("updates", "window", "rounds"):
+        if getattr(args, name) < 1:
+            print(f"bench dns: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.updates > 65535 or args.watchers < 0 or args.events < 0:
+        print("bench dns: --updates must be at most 65535, --watchers and --events not negative",
+              file=sys.stderr)
+        return 2
+    info: dict[str, Any] = {}
+    try:
+        with _terminate_as_exit():
+            r = run_dns(args.updates, args.window, args.rounds, args.watchers, args.events, info=info)
+    except KeyboardInterrupt:
+        print("bench dns: interrupted; every namespace and process it started has been removed",
+              file=sys.stderr)
+        return 130
+    except (LabError, subprocess.SubprocessError, OSError, ValueError) as e:
+        print(f"bench dns: failed: {e}", file=sys.stderr)
+        return 1
+    r["lab"] = info
+    if args.json:
+        json.dump(r, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(r)
+    bad = failures(r)
+    for line in bad:
+        print(f"bench dns: {line}", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,344 @@
+"""The client side of `python -m bench.throughput dns`, run inside the lab's client namespace.
+
+  python -m bench.dns_client updates SERVER PORT ZONE SECRET_FILE --count N --window W --prefix P
+  python -m bench.dns_client events SERVER PORT ZONE SECRET_FILE --watchers K --events M --name NAME
+
+Prints one JSON object on stdout.
+
+`updates`: N TSIG-signed UPDATEs (each adds one AAAA at a distinct name) over UDP: with W = 1 one at
+a time, each waiting for its reply; otherwise with up to W outstanding. Every message is signed before the
+clock starts (so the client's signing cost is not measured), every reply is checked afterwards (TSIG
+with the request MAC, rcode NOERROR); a reply that does not come within TIMEOUT seconds is a failure.
+
+`events`: K LLQ clients (tunneld.proto.llq.LLQClient, TSIG-signed, one UDP socket each) watch NAME
+AAAA; then M times: an UPDATE replaces NAME's AAAA and the client waits until every watcher has its
+Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to the kernel's
+receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process spends
+handling the other 99 watchers is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.update
+
+from tunneld.config import load_account_secret
+from tunneld.dnsserver.core import account_key
+from tunneld.proto import llq
+
+TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
+EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
+SETUP_TIMEOUT = 30.0  # seconds for all LLQs to be established
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python 3.11 does not export it
+TTL = 60
+
+
+class Signer:
+    """TSIG-signs UPDATEs with the account key and checks the replies (outside the timed loops)."""
+
+    def __init__(self, zone: str, secret: bytes) -> None:
+        self.zone = dns.name.from_text(zone)
+        self.key = account_key(secret, zone)
+        self.keyring = {self.key.name: self.key}
+
+    def update(self, owner: str, address: str, msg_id: int, replace: bool = False) -> tuple[bytes, bytes]:
+        """(wire, request MAC) of an UPDATE setting `owner` AAAA `address` (replacing any other)."""
+        upd = dns.update.UpdateMessage(self.zone, id=msg_id)
+        name = dns.name.from_text(owner)  # absolute: a string would be taken relative to the zone
+        if replace:
+            upd.replace(name, TTL, "AAAA", address)
+        else:
+            upd.add(name, TTL, "AAAA", address)
+        upd.use_tsig(self.keyring, self.key.name)
+        wire = upd.to_wire()
+        return wire, upd.mac or b""
+
+    def check(self, reply: bytes | None, mac: bytes) -> str:
+        """'NOERROR' for a good signed reply, else what went wrong (rcode, 'timeout', 'bad TSIG: ...')."""
+        if reply is None:
+            return "timeout"
+        try:
+            msg = dns.message.from_wire(reply, keyring=self.keyring, request_mac=mac)
+        except Exception as e:  # any TSIG or parse failure is a failed update
+            return f"bad reply: {type(e).__name__}"
+        if not msg.had_tsig:
+            return "unsigned reply"
+        return dns.rcode.to_text(msg.rcode())
+
+
+def _pct(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return 0.0
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+def _latency_summary(lat: list[float]) -> dict[str, float]:
+    s = sorted(lat)
+    return {"median_ms": _pct(s, 0.5) * 1e3, "p90_ms": _pct(s, 0.9) * 1e3,
+            "max_ms": (s[-1] if s else 0) * 1e3}
+
+
+def _connect(server: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.connect((server, port))
+    return sock
+
+
+def _failures(signer: Signer, replies: list[bytes | None], macs: list[bytes]) -> dict[str, int]:
+    bad: dict[str, int] = {}
+    for reply, mac in zip(replies, macs, strict=True):
+        rc = signer.check(reply, mac)
+        if rc != "NOERROR":
+            bad[rc] = bad.get(rc, 0) + 1
+    return bad
+
+
+def sequential(sock: socket.socket, signer: Signer, prefix: str, count: int) -> dict[str, Any]:
+    msgs = [signer.update(f"{prefix}-s{i}.{signer.zone}", f"2001:db8:5::{i % 65536:x}", i % 65536)
+            for i in range(count)]
+    replies: list[bytes | None] = []
+    lat: list[float] = []
+    t_start = time.perf_counter()
+    for wire, _mac in msgs:
+        msg_id = wire[:2]
+        t0 = time.perf_counter()
+        sock.send(wire)
+        got: bytes | None = None
+        deadline = t0 + TIMEOUT
+        while (left := deadline - time.perf_counter()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65535)
+            except (TimeoutError, ConnectionRefusedError):
+                break
+            if data[:2] == msg_id:
+                got = data
+                break
+        lat.append(time.perf_counter() - t0)
+        replies.append(got)
+    elapsed = time.perf_counter() - t_start
+    bad = _failures(signer, replies, [m for _, m in msgs])
+    return {"updates": count, "seconds": elapsed, "per_second": count / elapsed, **_latency_summary(lat),
+            "failures": sum(bad.values()), "failure_kinds": bad}
+
+
+def pipelined(sock: socket.socket, signer: Signer, prefix: str, count: int, window: int) -> dict[str, Any]:
+    msgs = [signer.update(f"{prefix}-p{i}.{signer.zone}", f"2001:db8:6::{i % 65536:x}", i % 65536)
+            for i in range(count)]
+    replies: list[bytes | None] = [None] * count
+    sent_at = [0.0] * count
+    lat: list[float] = []
+    outstanding: dict[int, int] = {}  # message ID -> index
+    sock.setblocking(False)
+    nxt = 0
+    t_start = last_progress = time.perf_counter()
+    while nxt < count or outstanding:
+        while nxt < count and len(outstanding) < window:
+            sent_at[nxt] = time.perf_counter()
+            sock.send(msgs[nxt][0])
+            outstanding[nxt % 65536] = nxt
+            nxt += 1
+        ready, _, _ = select.select([sock], [], [], max(0.0, last_progress + TIMEOUT - time.perf_counter()))
+        now = time.perf_counter()
+        if not ready:  # nothing for TIMEOUT seconds: whatever is outstanding is lost
+            outstanding.clear()
+            last_progress = now
+            continue
+        while True:
+            try:
+                data = sock.recv(65535)
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+            idx = outstanding.pop(int.from_bytes(data[:2], "big"), None) if len(data) >= 2 else None
+            if idx is not None:
+                replies[idx] = data
+                lat.append(now - sent_at[idx])
+                last_progress = now
+    elapsed = time.perf_counter() - t_start
+    sock.setblocking(True)
+    bad = _failures(signer, replies, [m for _, m in msgs])
+    return {"updates": count, "window": window, "seconds": elapsed, "per_second": count / elapsed,
+            **_latency_summary(lat), "failures": sum(bad.values()), "failure_kinds": bad}
+
+
+def cmd_updates(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
+    with _connect(a.server, a.port) as sock:
+        if a.window == 1:
+            return sequential(sock, signer, a.prefix, a.count)
+        return pipelined(sock, signer, a.prefix, a.count, a.window)
+
+
+class Hooks:
+    """TSIG hooks for LLQClient (as tests/integration/llq_watch.py): sign requests, verify replies."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.keyring, self.name = signer.keyring, signer.key.name
+        self.macs: dict[int, bytes] = {}
+
+    def sign(self, message: dns.message.Message) -> bytes:
+        message.use_tsig(self.keyring, self.name)
+        wire = message.to_wire()
+        self.macs[message.id] = message.mac or b""
+        return wire
+
+    def verify(self, wire: bytes) -> None:
+        msg_id = int.from_bytes(wire[:2], "big")
+        dns.message.from_wire(wire, keyring=self.keyring, request_mac=self.macs.get(msg_id, b""))
+
+
+def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
+    """One datagram and its kernel receive time (CLOCK_REALTIME seconds), or None if none is waiting."""
+    try:
+        data, anc, _flags, _addr = sock.recvmsg(65535, socket.CMSG_SPACE(16))
+    except (BlockingIOError, ConnectionRefusedError):
+        return None
+    stamp = time.time()
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
+            sec, nsec = struct.unpack("@qq", cdata[:16])
+            stamp = sec + nsec / 1e9
+    return data, stamp
+
+
+def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
+    qname = dns.name.from_text(a.name)
+    dest = (a.server, a.port)
+    clients: list[llq.LLQClient] = []
+    socks: list[socket.socket] = []
+    by_fd: dict[int, int] = {}
+    t0 = time.monotonic()
+    for i in range(a.watchers):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setblocking(False)
+        s.connect(dest)
+        c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=Hooks(signer))
+        socks.append(s)
+        clients.append(c)
+        by_fd[s.fileno()] = i
+    upd_sock = _connect(a.server, a.port)
+    poller = select.poll()
+    for s in socks:
+        poller.register(s, select.POLLIN)
+
+    established: set[int] = set()
+    got: dict[int, float] = {}  # watcher -> arrival time of the current update's event
+    target = ""  # the address the current update sets
+
+    def handle(i: int, data: bytes, stamp: float) -> None:
+        out = clients[i].receive(data, time.monotonic() - t0)
+        for tx in out.transmits:
+            socks[i].send(tx.wire)
+        for ev in out.events:
+            if isinstance(ev, llq.Established):
+                established.add(i)
+            elif isinstance(ev, llq.Added) and target and i not in got and \
+                    any(r.to_text() == target for r in ev.rrset):
+                got[i] = stamp
+
+    def pump(timeout: float) -> None:
+        for fd, _ in poller.poll(max(0, int(timeout * 1000))):
+            i = by_fd[fd]
+            while (item := _recv_stamped(socks[i])) is not None:
+                handle(i, *item)
+        now = time.monotonic() - t0
+        for i, c in enumerate(clients):
+            d = c.deadline()
+            if d is not None and d <= now:
+                for tx in c.poll(now).transmits:
+                    socks[i].send(tx.wire)
+
+    try:
+        # The name exists before the watchers start, so every event is a replacement.
+        wire, mac = signer.update(a.name, "2001:db8:7::", 1, replace=True)
+        upd_sock.send(wire)
+        upd_sock.settimeout(TIMEOUT)
+        first = signer.check(upd_sock.recv(65535), mac)
+        if first != "NOERROR":
+            raise SystemExit(f"the first update failed: {first}")
+        for i, c in enumerate(clients):
+            socks[i].send(c.start(time.monotonic() - t0).wire)
+        end = time.monotonic() + SETUP_TIMEOUT
+        while len(established) < len(clients) and time.monotonic() < end:
+            pump(0.05)
+        setup_seconds = time.monotonic() - t0
+        if len(established) < len(clients):
+            raise SystemExit(f"only {len(established)} of {len(clients)} LLQs were established")
+
+        samples: list[float] = []
+        failures: dict[str, int] = {}
+        for k in range(a.events):
+            target = f"2001:db8:7::{k + 1:x}"
+            got.clear()
+            wire, mac = signer.update(a.name, target, (k + 2) % 65536, replace=True)
+            upd_sock.setblocking(False)
+            t_send = time.time()
+            upd_sock.send(wire)
+            reply: bytes | None = None
+            end = time.monotonic() + EVENT_TIMEOUT
+            while (len(got) < len(clients) or reply is None) and time.monotonic() < end:
+                with_reply = select.select([upd_sock], [], [], 0)[0]
+                if with_reply and reply is None:
+                    data = upd_sock.recv(65535)
+                    if data[:2] == wire[:2]:
+                        reply = data
+                pump(0.005 if reply is None else 0.05)
+            rc = signer.check(reply, mac)
+            if rc != "NOERROR":
+                failures[rc] = failures.get(rc, 0) + 1
+            samples += [stamp - t_send for stamp in got.values()]
+        expected = a.watchers * a.events
+        for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
+            for tx in c.stop(time.monotonic() - t0):
+                socks[i].send(tx.wire)
+    finally:
+        for s in socks:
+            s.close()
+        upd_sock.close()
+    return {"watchers": a.watchers, "updates": a.events, "expected": expected, "received": len(samples),
+            "setup_seconds": setup_seconds, **_latency_summary(samples),
+            "failures": sum(failures.values()), "failure_kinds": failures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.dns_client")
+    p.add_argument("mode", choices=("updates", "events"))
+    p.add_argument("server")
+    p.add_argument("port", type=int)
+    p.add_argument("zone")
+    p.add_argument("secret_file")
+    p.add_argument("--count", type=int, default=500)
+    p.add_argument("--window", type=int, default=32, help="outstanding updates; 1: sequential")
+    p.add_argument("--prefix", default="bench")
+    p.add_argument("--watchers", type=int, default=100)
+    p.add_argument("--events", type=int, default=20)
+    p.add_argument("--name", default="watched")
+    a = p.parse_args(argv)
+    signer = Signer(a.zone, load_account_secret(Path(a.secret_file)))
+    if a.mode == "updates":
+        r = cmd_updates(a, signer)
+    else:
+        a.name = f"{a.name}.{a.zone}"
+        r = cmd_events(a, signer)
+    json.dump(r, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

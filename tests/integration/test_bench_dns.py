@@ -1,0 +1,82 @@
+"""The DNS benchmark (`python -m bench.throughput dns`): one quick run against `tunneld serve-dns` and
+BIND reports positive update rates and event latencies, every update and event succeeded, and it leaves
+no namespace or process behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.dns import print_table
+from tools.bind import NAMED
+from tools.lab import list_namespaces
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
+    pytest.mark.skipif(shutil.which("ip") is None or shutil.which("dig") is None
+                       or not os.access(NAMED, os.X_OK),
+                       reason="needs iproute2, dig and named (Debian: iproute2 bind9-dnsutils bind9)"),
+]
+
+TIMEOUT = 120  # one lab, BIND start-up and a few hundred updates take about 5 s
+
+
+def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
+    argv = [sys.executable, "-m", "bench.throughput", "dns", "--updates", "40", "--window", "8",
+            "--rounds", "2", "--watchers", "10", "--events", "3", "--json"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGINT)  # lets the benchmark tear its lab down
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
+    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    r = json.loads(out)
+
+    assert set(r["rows"]) == {"tunneld/sequential", "tunneld/pipelined", "bind/sequential", "bind/pipelined"}
+    for name, row in r["rows"].items():
+        assert row["failures"] == 0, name
+        assert len(row["samples"]) == 2, name
+        assert row["per_second_median"] > 0, name
+        assert row["latency_median_ms"] > 0, name
+        for s in row["samples"]:
+            assert s["updates"] == 40 and s["failures"] == 0, (name, s)
+    assert set(r["ratios"]) == {"sequential", "pipelined"}
+    llq = r["llq"]
+    assert llq["expected"] == 30 and llq["received"] == 30, llq
+    assert llq["failures"] == 0
+    assert 0 < llq["median_ms"] <= llq["p90_ms"] <= llq["max_ms"] < 10_000, llq
+
+    # The table is printed from the same result.
+    buf = io.StringIO()
+    print_table(r, buf)
+    assert "BIND named" in buf.getvalue() and "no LLQ support" in buf.getvalue()
+
+    # Nothing is left: the lab's namespaces and every process it started (server, BIND, clients).
+    lab = r["lab"]
+    assert lab["namespaces"] and not set(lab["namespaces"]) & set(list_namespaces())
+    assert list_namespaces(lab["lab_id"]) == []
+    assert len(lab["pids"]) >= 2
+    for pid in lab["pids"]:
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists():
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            assert not any(w in cmd for w in ("serve-dns", "named", "bench.dns_client")), \
+                f"pid {pid} is still running: {cmd}"
