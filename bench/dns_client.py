@@ -39,6 +39,7 @@ import dns.update
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
+from tunneld.services.watcher import AccountTsig
 
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
@@ -183,24 +184,6 @@ def cmd_updates(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         return pipelined(sock, signer, a.prefix, a.count, a.window)
 
 
-class Hooks:
-    """TSIG hooks for LLQClient (as tests/integration/llq_watch.py): sign requests, verify replies."""
-
-    def __init__(self, signer: Signer) -> None:
-        self.keyring, self.name = signer.keyring, signer.key.name
-        self.macs: dict[int, bytes] = {}
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        message.use_tsig(self.keyring, self.name)
-        wire = message.to_wire()
-        self.macs[message.id] = message.mac or b""
-        return wire
-
-    def verify(self, wire: bytes) -> None:
-        msg_id = int.from_bytes(wire[:2], "big")
-        dns.message.from_wire(wire, keyring=self.keyring, request_mac=self.macs.get(msg_id, b""))
-
-
 def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
     """One datagram and its kernel receive time (CLOCK_REALTIME seconds), or None if none is waiting."""
     try:
@@ -227,7 +210,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.setblocking(False)
         s.connect(dest)
-        c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=Hooks(signer))
+        tsig = AccountTsig(signer.key.name.to_text(), signer.key.secret)
+        c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=tsig)
         socks.append(s)
         clients.append(c)
         by_fd[s.fileno()] = i

@@ -23,31 +23,14 @@ import dns.tsigkeyring
 from crypto.kdf import derive_tsig_key
 from tunneld.config import load_account_secret
 from tunneld.proto import llq
-
-
-class Hooks:
-    def __init__(self, zone: str, secret: bytes) -> None:
-        name = dns.name.from_text(zone)
-        self.keyring = {name: dns.tsig.Key(name, derive_tsig_key(secret, zone), "hmac-sha256")}
-        self.name = name
-        self.macs: dict[int, bytes] = {}
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        message.use_tsig(self.keyring, self.name)
-        wire = message.to_wire()
-        self.macs[message.id] = message.mac or b""
-        return wire
-
-    def verify(self, wire: bytes) -> None:
-        msg_id = int.from_bytes(wire[:2], "big")
-        dns.message.from_wire(wire, keyring=self.keyring, request_mac=self.macs.get(msg_id, b""))
+from tunneld.services.watcher import AccountTsig
 
 
 def main() -> int:
     server, port, zone, qname, rdtype, secret_file, seconds = sys.argv[1:8]
     secret = load_account_secret(secret_file)  # type: ignore[arg-type]
     client = llq.LLQClient(dns.name.from_text(qname), dns.rdatatype.from_text(rdtype), rand=os.urandom,
-                           tsig=Hooks(zone, secret))
+                           tsig=AccountTsig(zone, derive_tsig_key(secret, zone)))
     t0 = time.monotonic()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dest = (server, int(port))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Lab, two_hosts, wait_for
+from tools.lab import Host, Lab, two_hosts, wait_for
 from tools.tunnel import (
     DOMAIN,
     TUNNELD,
@@ -50,6 +50,22 @@ def _serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
     return proc
 
 
+def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], tmp_path: Path) -> Node:
+    """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
+    only way to find the others), then `tunneld up`."""
+    n = Node(h, tmp_path / name, h.addr4, name=name)
+    out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
+                      str(secret), "--name", name, "--config", str(n.config),
+                      "--state-dir", str(n.dir / "state")]).stdout
+    fields = dict(line.split(" ", 1) for line in out.splitlines())
+    n.public_key, n.ula = fields["public_key"], fields["ula"]
+    # Test-only: the control socket next to the config (the default is /run/tunneld).
+    n.config.write_text(n.config.read_text().replace(
+        "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
+    start(lab, n)
+    return n
+
+
 @pytest.fixture
 def discovered(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
     with Lab() as lab:
@@ -62,18 +78,7 @@ def discovered(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
         _serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path)
         nodes = []
         for h, name in ((ha, "laptop"), (hb, "desktop")):
-            n = Node(h, tmp_path / name, h.addr4, name=name)
-            # As a user would: `tunneld join`, no [[peer]] at all; the account's DNS server is the
-            # only way to find the other host.
-            out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{DNS[0]}:{DNS[1]}", "--secret-file",
-                              str(secret), "--name", name, "--config", str(n.config),
-                              "--state-dir", str(n.dir / "state")]).stdout
-            fields = dict(line.split(" ", 1) for line in out.splitlines())
-            n.public_key, n.ula = fields["public_key"], fields["ula"]
-            # Test-only: the control socket next to the config (the default is /run/tunneld).
-            n.config.write_text(n.config.read_text().replace(
-                "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
-            start(lab, n)
+            n = joined(lab, h, name, secret, DNS, tmp_path)
             nodes.append(n)
         yield lab, nodes[0], nodes[1]
 
@@ -117,15 +122,7 @@ def test_host_behind_nat_and_public_host_find_each_other(tmp_path: Path) -> None
             upnp.start()
             nodes = []
             for h, name in ((host, "laptop"), (peer, "server")):
-                n = Node(h, tmp_path / name, h.addr4, name=name)
-                out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}",
-                                  "--secret-file", str(secret), "--name", name, "--config", str(n.config),
-                                  "--state-dir", str(n.dir / "state")]).stdout
-                fields = dict(line.split(" ", 1) for line in out.splitlines())
-                n.public_key, n.ula = fields["public_key"], fields["ula"]
-                n.config.write_text(n.config.read_text().replace(
-                    "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
-                start(lab, n)
+                n = joined(lab, h, name, secret, dns_at, tmp_path)
                 nodes.append(n)
             laptop, server = nodes
 

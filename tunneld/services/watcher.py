@@ -29,8 +29,9 @@ STOP_GRACE = 1.0  # seconds to let the LLQ cancellations leave on shutdown
 MAX_MESSAGE = 65535
 
 
-class _Tsig:
-    """Sign requests and verify answers with the account key (hmac-sha256, named after the domain)."""
+class AccountTsig:
+    """TSIG hooks for LLQ clients: sign requests and verify answers with the account key (hmac-sha256,
+    named after the domain). Keeps each request's MAC, as a signed answer is checked against it."""
 
     def __init__(self, zone: str, key_secret: bytes) -> None:
         name = dns.name.from_text(zone)
@@ -55,7 +56,7 @@ class _Tsig:
 class WatcherService:
     def __init__(self, server: tuple[str, int], zone: str, own_name: str, key_secret: bytes,
                  on_event: Callable[[WatcherEvent], None]) -> None:
-        tsig = _Tsig(zone, key_secret)
+        tsig = AccountTsig(zone, key_secret)
         self.watcher = Watcher(zone, own_name, rand=os.urandom, sign=tsig.sign, verify=tsig.verify)
         self.server = server
         self.on_event = on_event
