@@ -13,6 +13,12 @@ CPU seconds per second of run: the number of cores that daemon kept busy.
 Everything is measured within one invocation; nothing is compared with stored numbers. Every
 process is ended by PID and every namespace deleted by the Lab, also on failure and on Ctrl-C or
 SIGTERM.
+
+With `--profile DIR` (off by default: sampling costs CPU and changes the numbers), the first tunneld
+run of each streams count is profiled: `py-spy record` is attached to the daemon in a (sender) and
+in b (receiver) for the iperf3 duration, and writes a flamegraph (tunneld-a-P1.svg) and the raw
+collapsed stacks (tunneld-a-P1.txt) into DIR; the frames with the most own samples are printed
+after the table.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +53,8 @@ TUNNELD_PORT = 4500
 TUNNELD_IF = "btmm0"  # per namespace, so the same name on both sides
 TUNNELD_DOMAIN = "bench.tunneld.test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SIDE_ROLE = {"a": "sender", "b": "receiver"}
+PROFILE_TOP = 10
 
 
 @dataclass
@@ -286,19 +295,123 @@ def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld
     return setup
 
 
+# -- profiling ------------------------------------------------------------------------------------
+
+@dataclass
+class Profiler:
+    """Runs `py-spy record` against the tunnel daemons during one iperf3 run and keeps what it got.
+
+    Two py-spy processes per daemon, each with `-d <duration>`: the raw collapsed stacks (the top
+    list is computed from them) pause the daemon for each sample, as py-spy does by default; the
+    flamegraph SVG is sampled with --nonblocking, since two tracers pausing one process get in each
+    other's way (py-spy then counts failed samples). A py-spy that fails is reported in one line
+    and the benchmark goes on.
+    """
+
+    out_dir: Path
+    pyspy: Path
+    log: Callable[[str], None]
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def start(self, daemons: dict[str, subprocess.Popen[Any]], tag: str, duration: int, rec: Recorder,
+              started: list[tuple[str, str, Path, subprocess.Popen[Any], Path]]) -> None:
+        """Start py-spy against each daemon, appending (side, format, output, process, log) to
+        `started` as it goes, so that the caller can end them all if anything fails half-way."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for side, d in daemons.items():
+            for fmt, ext, extra in (("raw", "txt", []), ("flamegraph", "svg", ["--nonblocking"])):
+                out = self.out_dir / f"tunneld-{side}-{tag}.{ext}"
+                out.unlink(missing_ok=True)
+                errlog = self.out_dir / f".py-spy-{side}-{tag}-{ext}.log"
+                with errlog.open("w") as errf:
+                    p = subprocess.Popen([str(self.pyspy), "record", "-p", str(d.pid), "-d", str(duration),
+                                          "-f", fmt, "-o", str(out), *extra],
+                                         stdin=subprocess.DEVNULL, stdout=errf, stderr=subprocess.STDOUT)
+                rec.pids.append(p.pid)
+                started.append((side, fmt, out, p, errlog))
+
+    @staticmethod
+    def abandon(started: list[tuple[str, str, Path, subprocess.Popen[Any], Path]]) -> None:
+        """On failure: end every py-spy still running (by PID) and remove its log."""
+        for *_, p, errlog in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=5)
+            errlog.unlink(missing_ok=True)
+        started.clear()
+
+    def finish(self, started: list[tuple[str, str, Path, subprocess.Popen[Any], Path]], tag: str,
+               timeout: float) -> None:
+        """Wait (bounded) for every py-spy started by `start`, then record files, top frames, errors."""
+        deadline = time.monotonic() + timeout
+        per_side: dict[str, dict[str, Any]] = {}
+        for side, fmt, out, p, errlog in started:
+            entry = per_side.setdefault(side, {"side": side, "role": SIDE_ROLE.get(side, side), "tag": tag,
+                                               "files": [], "errors": []})
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+                entry["errors"].append(f"py-spy ({fmt}) did not finish within {timeout:.0f} s")
+            else:
+                if p.returncode != 0 or not out.exists() or out.stat().st_size == 0:
+                    msg = [ln.strip() for ln in _tail(errlog).splitlines() if ln.strip().startswith("Error")]
+                    why = msg[0] if msg else (_tail(errlog, 300).splitlines() or ["no output"])[-1].strip()
+                    entry["errors"].append(f"py-spy ({fmt}) exit {p.returncode}: {why}")
+            if out.exists() and out.stat().st_size > 0:
+                entry["files"].append(str(out))
+                if fmt == "raw":
+                    entry.update(top_frames(out.read_text(errors="replace")))
+                    # py-spy ends with "... Samples: N Errors: M": samples it failed to take
+                    tail = _tail(errlog).split("Errors:")
+                    if len(tail) > 1 and tail[-1].split()[:1] and tail[-1].split()[0].isdigit():
+                        entry["sample_errors"] = int(tail[-1].split()[0])
+            errlog.unlink(missing_ok=True)
+        for entry in per_side.values():
+            if entry["errors"]:
+                self.log(f"[tunneld] profile of tunneld in {entry['side']} ({tag}) failed: "
+                         + "; ".join(entry["errors"]))
+            self.results.append(entry)
+
+
+def top_frames(raw: str, n: int = PROFILE_TOP) -> dict[str, Any]:
+    """From py-spy's raw collapsed stacks ("outer;...;leaf count" per line): total samples, and the
+    `n` frames with the most own (leaf) samples, as [frame, samples, percent]. Line numbers are
+    dropped, so one function counts once however many of its lines were sampled."""
+    own: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        name, sep, where = leaf.partition(" (")
+        if sep and ":" in where:
+            leaf = f"{name} ({where.rsplit(':', 1)[0]})"
+        own[leaf] += int(count)
+        total += int(count)
+    top = [[frame, c, 100.0 * c / total] for frame, c in own.most_common(n)] if total else []
+    return {"samples": total, "top": top}
+
+
 # -- measuring ------------------------------------------------------------------------------------
 
 def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration: int, streams: int,
-               work: Path) -> dict[str, Any]:
-    """One iperf3 run a -> b, with the daemons' CPU time sampled around it."""
+               work: Path, profiler: Profiler | None = None) -> dict[str, Any]:
+    """One iperf3 run a -> b, with the daemons' CPU time sampled around it (and profiled, if a
+    profiler is given)."""
     slog = work / "iperf3-server.log"
     with slog.open("w") as logf:
         server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
                            stdout=logf, stderr=subprocess.STDOUT)
+    spies: list[tuple[str, str, Path, subprocess.Popen[Any], Path]] = []
     try:
         wait_for(lambda: _alive(server, "iperf3 server", slog) and _listening(lab, b, IPERF_PORT),
                  timeout=10, what="iperf3 server to listen")
         tx0 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
+        if profiler is not None:
+            profiler.start(setup.daemons, f"P{streams}", duration, rec, spies)
         cpu0 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
         t0 = time.monotonic()
         client = rec.spawn(lab, a, ["iperf3", "-c", setup.server_addr, "-p", str(IPERF_PORT),
@@ -312,9 +425,13 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
         elapsed = time.monotonic() - t0
         cpu1 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
         tx1 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
+        if profiler is not None:
+            profiler.finish(spies, f"P{streams}", timeout=15)
+            spies.clear()
         for side, p in setup.daemons.items():
             _alive(p, f"daemon in {side}", setup.logs.get(side))
     finally:
+        Profiler.abandon(spies)  # only on failure: finish() has waited for them otherwise
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=5)
         lab.stop(server)
@@ -372,7 +489,8 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, tunneld: Path,
-             log: Callable[[str], None], info: dict[str, Any]) -> list[dict[str, Any]]:
+             log: Callable[[str], None], info: dict[str, Any],
+             profiler: Profiler | None = None) -> list[dict[str, Any]]:
     """Measure one mode in its own lab; `info` gets the lab id, namespaces and every PID started."""
     rec = Recorder()
     with contextlib.ExitStack() as stack:
@@ -395,16 +513,20 @@ def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, t
         samples: dict[int, list[dict[str, Any]]] = {n: [] for n in streams_list}
         for run in range(runs):
             for n in streams_list:  # interleaved, so drift in the machine's load hits all counts alike
-                s = iperf_once(lab, a, b, setup, rec, duration, n, work)
+                prof = profiler if (mode == "tunneld" and run == 0) else None
+                s = iperf_once(lab, a, b, setup, rec, duration, n, work, prof)
+                s["profiled"] = prof is not None
                 samples[n].append(s)
                 cpu = " ".join(f"{side}={c:.2f}" for side, c in s["cpu"].items())
                 log(f"[{mode}] run {run + 1}/{runs} P={n}: {s['gbps']:.3f} Gb/s, "
-                    f"{s['retransmits']} retransmits" + (f", daemon cores {cpu}" if cpu else ""))
+                    f"{s['retransmits']} retransmits" + (f", daemon cores {cpu}" if cpu else "")
+                    + (" (profiled)" if prof else ""))
     return [_summary(mode, n, samples[n]) for n in streams_list]
 
 
 def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, runs: int,
-            tunneld: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            tunneld: Path | None = None, log: Callable[[str], None] | None = None,
+            profile_dir: Path | None = None) -> dict[str, Any]:
     for tool in ("iperf3", "ip", "ss", "ping") + (("wireguard-go", "wg") if "wireguard-go" in modes else ()):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found (Debian: apt-get install iperf3 iproute2 iputils-ping "
@@ -414,11 +536,23 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
     result: dict[str, Any] = {"duration": duration, "runs": runs, "streams": list(streams_list),
                               "modes": list(modes), "cpu_count": os.cpu_count(), "mtu": MTU,
                               "rows": [], "ratios": {}, "labs": [], "errors": {}}
+    profiler: Profiler | None = None
+    if profile_dir is not None:
+        result["profile"] = {"dir": str(profile_dir), "sides": [], "errors": []}
+        pyspy = Path(sys.prefix) / "bin" / "py-spy"
+        if "tunneld" not in modes:
+            result["profile"]["errors"].append("nothing profiled: --profile only profiles tunneld mode")
+        elif not pyspy.exists():
+            result["profile"]["errors"].append(f"{pyspy} not found (pip install py-spy); not profiled")
+        else:
+            profiler = Profiler(profile_dir, pyspy, log, result["profile"]["sides"])
+        for err in result["profile"]["errors"]:
+            log(f"[profile] {err}")
     with _terminate_as_exit():
         for mode in modes:
             info: dict[str, Any] = {"mode": mode}
             try:
-                rows = run_mode(mode, streams_list, duration, runs, tunneld, log, info)
+                rows = run_mode(mode, streams_list, duration, runs, tunneld, log, info, profiler)
             except (LabError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
                 # Report it and go on with the other modes; the lab has been torn down already.
                 log(f"[{mode}] failed: {e}")
@@ -441,6 +575,9 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print(f"End-to-end TCP, iperf3 -t {r['duration']}, {r['runs']} run(s) per row, medians (min..max); "
           f"MTU {r['mtu']} in tunnels; {r['cpu_count']} CPUs", file=out)
     print("CPU = cores used by the tunnel daemon in host a (iperf3 client) / host b (server)", file=out)
+    if "profile" in r:
+        print("PROFILING ON (--profile): py-spy sampled both tunneld daemons during the first tunneld run "
+              "of each streams count; those runs are slowed by it and are in the numbers below", file=out)
     head = f"| {'mode':<12} | {'streams':>7} | {'Gb/s (min..max)':<24} | {'retrans':>8} | " \
            f"{'CPU a':>6} | {'CPU b':>6} |"
     print(head, file=out)
@@ -457,6 +594,27 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         print(f"{name} (median Gb/s): " + ", ".join(parts), file=out)
     for mode, err in r["errors"].items():
         print(f"{mode}: NOT MEASURED: {err.splitlines()[0] if err else 'failed'}", file=out)
+    if "profile" in r:
+        print_profile(r["profile"], out)
+
+
+def print_profile(prof: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """The top of each profile: the frames with the most own samples, as a share of all samples."""
+    for err in prof["errors"]:
+        print(f"profile: {err}", file=out)
+    for side in prof["sides"]:
+        head = f"Top of the profile: tunneld in {side['side']} ({side['role']}), {side['tag']}"
+        files = ", ".join(side["files"]) or "no files"
+        if not side.get("top"):
+            why = "; ".join(side["errors"]) or "no samples"
+            print(f"\n{head}: NOT PROFILED: {why} ({files})", file=out)
+            continue
+        failed = f" ({side['sample_errors']} failed)" if side.get("sample_errors") else ""
+        print(f"\n{head}, {side['samples']} samples{failed}, own time per frame ({files}):", file=out)
+        for frame, _count, pct in side["top"]:
+            print(f"  {pct:5.1f}%  {frame}", file=out)
+        for err in side["errors"]:
+            print(f"  (also: {err})", file=out)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -473,7 +631,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         r = run_e2e(args.modes, args.streams, args.duration, args.runs,
-                    Path(args.tunneld) if args.tunneld else None)
+                    Path(args.tunneld) if args.tunneld else None,
+                    profile_dir=Path(args.profile) if args.profile else None)
     except KeyboardInterrupt:  # the labs have been torn down on the way out
         print("bench e2e: interrupted; every namespace and process it started has been removed",
               file=sys.stderr)
@@ -518,4 +677,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(MODES)} (default all)")
     p.add_argument("--tunneld", default=None,
                    help="tunneld executable for tunneld mode (default: <sys.prefix>/bin/tunneld)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="profile both tunneld daemons with py-spy during the first tunneld run of each "
+                        "streams count: flamegraph SVG and raw stacks into DIR, top frames after the "
+                        "table. Off by default: sampling costs CPU and changes the numbers")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")

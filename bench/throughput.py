@@ -11,7 +11,7 @@ wireguard-go and tunneld, with the CPU the tunnel daemon uses on each side; need
 
 Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [--rounds R] [--json]
        python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
-                                      [--modes veth,wireguard-go,tunneld] [--json]
+                                      [--modes veth,wireguard-go,tunneld] [--profile DIR] [--json]
        python -m bench.throughput dns [--updates 500] [--window 32] [--rounds 3] [--watchers 100]
                                       [--events 20] [--json]
 

@@ -1,5 +1,7 @@
 """The end-to-end benchmark (`python -m bench.throughput e2e`): one quick run through veth and
-wireguard-go reports positive throughput, and leaves no namespace, process or control socket behind."""
+wireguard-go reports positive throughput, and leaves no namespace, process or control socket behind;
+one quick tunneld run with --profile leaves a flamegraph and raw stacks per side and prints the top
+frames."""
 
 from __future__ import annotations
 
@@ -92,4 +94,60 @@ def test_quick_run_veth_and_wireguard_go_cleans_up() -> None:
     for ifname in wg_lab["interfaces"]:
         assert not Path(f"/var/run/wireguard/{ifname}.sock").exists()
     left = {pid: cmd for pid, cmd in _procs(("wireguard-go", "iperf3")).items() if pid not in before}
+    assert not left, f"processes left behind: {left}"
+
+
+PYSPY = Path(sys.prefix) / "bin" / "py-spy"
+TUNNELD = Path(sys.prefix) / "bin" / "tunneld"
+
+
+@pytest.mark.skipif(not PYSPY.exists(), reason=f"needs {PYSPY} (pip install py-spy)")
+@pytest.mark.skipif(not TUNNELD.exists(), reason=f"needs {TUNNELD} (pip install -e .)")
+def test_profile_tunneld_writes_flamegraphs_and_top_frames(tmp_path: Path) -> None:
+    """`--profile DIR`: py-spy on both tunneld daemons leaves an SVG and raw stacks per side in DIR,
+    the top frames are printed after the table, and nothing (namespace, daemon, iperf3, py-spy) is
+    left behind."""
+    names = ("tunneld", "iperf3", "py-spy")
+    before, ns_before = _procs(names), set(list_namespaces())
+    out_dir = tmp_path / "prof"
+    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
+            "--streams", "1", "--modes", "tunneld", "--profile", str(out_dir)]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
+    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    assert "PROFILING ON" in out, "the table header must say the numbers were taken under the profiler"
+    assert "| tunneld " in out and "failed" not in err, err[-2000:]
+
+    for side in ("a", "b"):
+        for ext in ("svg", "txt"):
+            f = out_dir / f"tunneld-{side}-P1.{ext}"
+            assert f.exists() and f.stat().st_size > 0, f"{f} missing or empty"
+        assert "<svg" in (out_dir / f"tunneld-{side}-P1.svg").read_text()
+        # The top list: a header naming the side, then "  NN.N%  frame (file)" lines.
+        lines = out.splitlines()
+        heads = [i for i, ln in enumerate(lines) if ln.startswith(f"Top of the profile: tunneld in {side} ")]
+        assert len(heads) == 1, out
+        frames = []
+        for ln in lines[heads[0] + 1:]:
+            if not ln.startswith("  ") or "%" not in ln:
+                break
+            frames.append(ln)
+        assert 1 <= len(frames) <= 10, out
+        pcts = [float(ln.split("%")[0]) for ln in frames]
+        assert all(0 < x <= 100 for x in pcts) and pcts == sorted(pcts, reverse=True), frames
+        assert all(".py)" in ln for ln in frames), frames
+    assert not [f for f in out_dir.iterdir() if f.name.startswith(".")], "py-spy logs left in DIR"
+
+    assert set(list_namespaces()) <= ns_before, "namespaces left behind"
+    left = {pid: cmd for pid, cmd in _procs(names).items() if pid not in before}
     assert not left, f"processes left behind: {left}"
