@@ -43,7 +43,8 @@ from typing import Any, TextIO
 
 from tools.lab import NETNS_PREFIX, Host, Lab, LabError, two_hosts, wait_for
 
-MODES = ("veth", "wireguard-go", "tunneld")
+MODES = ("veth", "wireguard-go", "tunneld", "tunneld-offload")
+TUNNELD_MODES = ("tunneld", "tunneld-offload")  # the second with TUN segmentation offload on
 MTU = 1400
 IPERF_PORT = 5201
 WG_PORT = 51820
@@ -66,6 +67,7 @@ class Setup:
     logs: dict[str, Path] = field(default_factory=dict)  # side -> daemon log, for error messages
     interfaces: list[str] = field(default_factory=list)
     tunnel_if: str = ""  # the tunnel interface in a: its tx counter proves the traffic went through it
+    tag: str = ""  # prefix of profile file names ("offload-" for tunneld-offload)
 
 
 class Recorder:
@@ -211,7 +213,8 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
     return setup
 
 
-def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, peer_outer: str) -> Path:
+def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, peer_outer: str,
+                   offload: bool = False) -> Path:
     """Write <work>/<side>/tunneld.toml per the daemon's config contract; no [[peer]] if no key yet."""
     d = work / side
     (d / "state").mkdir(parents=True, exist_ok=True)
@@ -221,6 +224,7 @@ def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, 
         f'name = "{TUNNELD_IF}"\n'
         f"listen_port = {TUNNELD_PORT}\n"
         f"mtu = {MTU}\n"
+        f"offload = {'true' if offload else 'false'}\n"
         f'state_dir = "{d / "state"}"\n'
         f'control_socket = "{d / "control.sock"}"\n'
         "\n[account]\n"
@@ -251,7 +255,8 @@ def parse_identity(out: str) -> tuple[str, str]:
     return got["public_key"], got["ula"]
 
 
-def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld: Path) -> Setup:
+def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld: Path,
+                  offload: bool = False) -> Setup:
     if not tunneld.exists():
         raise LabError(f"{tunneld} not found: install the project into this venv (pip install -e .)")
     hosts = {"a": a, "b": b}
@@ -269,7 +274,7 @@ def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld
     confs: dict[str, Path] = {}
     for side in hosts:
         other = "b" if side == "a" else "a"
-        confs[side] = tunneld_config(work, side, other, ident[other][0], hosts[other].addr4)
+        confs[side] = tunneld_config(work, side, other, ident[other][0], hosts[other].addr4, offload)
 
     setup = Setup(server_addr=ident["b"][1], interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
     for side, h in hosts.items():
@@ -411,7 +416,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
                  timeout=10, what="iperf3 server to listen")
         tx0 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
         if profiler is not None:
-            profiler.start(setup.daemons, f"P{streams}", duration, rec, spies)
+            profiler.start(setup.daemons, f"{setup.tag}P{streams}", duration, rec, spies)
         cpu0 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
         t0 = time.monotonic()
         client = rec.spawn(lab, a, ["iperf3", "-c", setup.server_addr, "-p", str(IPERF_PORT),
@@ -505,15 +510,16 @@ def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, t
             setup = setup_veth(lab, a, b, work, rec)
         elif mode == "wireguard-go":
             setup = setup_wireguard_go(lab, a, b, work, rec, cleanup)
-        elif mode == "tunneld":
-            setup = setup_tunneld(lab, a, b, work, rec, tunneld)
+        elif mode in TUNNELD_MODES:
+            setup = setup_tunneld(lab, a, b, work, rec, tunneld, offload=mode == "tunneld-offload")
+            setup.tag = "offload-" if mode == "tunneld-offload" else ""
         else:
             raise ValueError(f"unknown mode {mode!r}")
         info["interfaces"] = setup.interfaces
         samples: dict[int, list[dict[str, Any]]] = {n: [] for n in streams_list}
         for run in range(runs):
             for n in streams_list:  # interleaved, so drift in the machine's load hits all counts alike
-                prof = profiler if (mode == "tunneld" and run == 0) else None
+                prof = profiler if (mode in TUNNELD_MODES and run == 0) else None
                 s = iperf_once(lab, a, b, setup, rec, duration, n, work, prof)
                 s["profiled"] = prof is not None
                 samples[n].append(s)
@@ -540,7 +546,7 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
     if profile_dir is not None:
         result["profile"] = {"dir": str(profile_dir), "sides": [], "errors": []}
         pyspy = Path(sys.prefix) / "bin" / "py-spy"
-        if "tunneld" not in modes:
+        if not set(TUNNELD_MODES) & set(modes):
             result["profile"]["errors"].append("nothing profiled: --profile only profiles tunneld mode")
         elif not pyspy.exists():
             result["profile"]["errors"].append(f"{pyspy} not found (pip install py-spy); not profiled")
@@ -562,10 +568,11 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
             result["labs"].append(info)
     med = {(r["mode"], r["streams"]): r["gbps_median"] for r in result["rows"]}
     measured = {r["mode"] for r in result["rows"]}
-    for base in ("wireguard-go", "veth"):
-        if "tunneld" in measured and base in measured:
-            result["ratios"][f"tunneld/{base}"] = {
-                str(n): med[("tunneld", n)] / med[(base, n)] for n in streams_list if med[(base, n)] > 0}
+    for ours in TUNNELD_MODES:
+        for base in ("wireguard-go", "veth"):
+            if ours in measured and base in measured:
+                result["ratios"][f"{ours}/{base}"] = {
+                    str(n): med[(ours, n)] / med[(base, n)] for n in streams_list if med[(base, n)] > 0}
     return result
 
 
@@ -578,7 +585,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     if "profile" in r:
         print("PROFILING ON (--profile): py-spy sampled both tunneld daemons during the first tunneld run "
               "of each streams count; those runs are slowed by it and are in the numbers below", file=out)
-    head = f"| {'mode':<12} | {'streams':>7} | {'Gb/s (min..max)':<24} | {'retrans':>8} | " \
+    head = f"| {'mode':<15} | {'streams':>7} | {'Gb/s (min..max)':<24} | {'retrans':>8} | " \
            f"{'CPU a':>6} | {'CPU b':>6} |"
     print(head, file=out)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
@@ -587,7 +594,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         cpu = row["cpu_cores_median"]
         ca = f"{cpu['a']:.2f}" if "a" in cpu else "-"
         cb = f"{cpu['b']:.2f}" if "b" in cpu else "-"
-        print(f"| {row['mode']:<12} | {row['streams']:>7} | {gb:<24} | {row['retransmits_median']:>8g} | "
+        print(f"| {row['mode']:<15} | {row['streams']:>7} | {gb:<24} | {row['retransmits_median']:>8g} | "
               f"{ca:>6} | {cb:>6} |", file=out)
     for name, per in r["ratios"].items():
         parts = [f"{n} stream{'s' if n != '1' else ''}: {v:.2f}x" for n, v in per.items()]

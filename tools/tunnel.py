@@ -35,6 +35,7 @@ class Node:
     log: Path = field(default_factory=Path)
     extra: str = ""  # more TOML appended to the config (e.g. a [timers] table)
     name: str = ""  # the name the other node's config gives this one (default: the host's)
+    offload: bool = False  # [interface] offload: TUN segmentation offload
 
     def __post_init__(self) -> None:
         self.name = self.name or self.host.name
@@ -56,6 +57,7 @@ def write_secret(path: Path) -> None:
 
 def _interface_toml(n: Node, secret: Path) -> str:
     return (f'[interface]\nname = "btmm0"\nlisten_port = {n.port}\nmtu = 1400\n'
+            f'offload = {"true" if n.offload else "false"}\n'
             f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
             f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
 
@@ -219,7 +221,8 @@ def ssh(lab: Lab, src: Node, dst: Node, key: Path, known: Path,
 
 
 @contextlib.contextmanager
-def running_pair(workdir: Path, extra: str = "", start_b: bool = True, a_args: Sequence[str] = (),
+def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: bool = False,
+                 a_args: Sequence[str] = (),
                  b_args: Sequence[str] = (), b_env: dict[str, str] | None = None,
                  before_start: Callable[[Lab, Node, Node], None] | None = None,
                  ) -> Iterator[tuple[Lab, Node, Node]]:
@@ -230,8 +233,8 @@ def running_pair(workdir: Path, extra: str = "", start_b: bool = True, a_args: S
     """
     with Lab() as lab:
         ha, hb = two_hosts(lab)
-        a = Node(ha, workdir / "a", ha.addr4, extra=extra)
-        b = Node(hb, workdir / "b", hb.addr4, extra=extra)
+        a = Node(ha, workdir / "a", ha.addr4, extra=extra, offload=offload)
+        b = Node(hb, workdir / "b", hb.addr4, extra=extra, offload=offload)
         setup_pair(lab, a, b)
         if before_start is not None:
             before_start(lab, a, b)

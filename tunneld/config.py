@@ -104,7 +104,7 @@ _TABLES: Final = ("interface", "account", "peer", "timers", "portmap")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
-_INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite")
+_INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload")
 _ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm")
 _TSIG_ALGORITHMS: Final = ("hmac-sha256", "hmac-md5")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
@@ -151,6 +151,7 @@ class InterfaceConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     suite: str = DEFAULT_SUITE
+    offload: bool = False  # TUN segmentation offload (issue 6): off until it is the measured default
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,10 @@ class _Loader:
         elif suite not in SUITES:
             self.fail(f"{w}.suite", f"{_show(suite)} is not a known suite", "use one of " + ", ".join(SUITES))
 
+        offload = table.get("offload", False)
+        if not isinstance(offload, bool):
+            self.fail(f"{w}.offload", f"expected true or false, got {_show(offload)}", "write offload = true")
+
         return InterfaceConfig(
             name=name,
             listen_port=listen_port,
@@ -516,6 +521,7 @@ class _Loader:
             state_dir=state_dir,
             control_socket=control_socket,
             suite=suite,
+            offload=offload,
         )
 
     def account(self, table: Mapping[str, object]) -> tuple[AccountConfig, bytes]:

@@ -74,7 +74,7 @@ class Daemon:
         iface = self.config.interface
         self.udp = UDPTransport(iface.listen_port)
         try:
-            self.tun = Tun(iface.name, iface.mtu)
+            self.tun = Tun(iface.name, iface.mtu, offload=iface.offload)
             try:
                 self.tun.configure(self.ula, self.config.prefix)
                 async with trio.open_nursery() as nursery:
@@ -303,6 +303,8 @@ class Daemon:
             "listen_port": udp.local_port if udp else None,
             "gso": bool(udp and udp.gso),
             "gro": bool(udp and udp.gro),
+            "offload": bool(self.tun and self.tun.offload),
+            "offload_error": self.tun.offload_error if self.tun else None,
             "public_endpoint": self.public_endpoint,
             "portmap": self.portmap.status(trio.current_time()) if self.portmap else
             status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),

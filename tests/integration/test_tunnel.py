@@ -26,9 +26,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
-    with running_pair(tmp_path) as p:
+@pytest.fixture(params=[False, True], ids=["plain", "offload"])
+def pair(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Lab, Node, Node]]:
+    """Both ways the data path can run: plain TUN packets, and TUN segmentation offload (IFF_VNET_HDR)."""
+    with running_pair(tmp_path, offload=request.param) as p:
+        assert status(p[1])["offload"] is request.param, status(p[1])["offload_error"]
         yield p
 
 
