@@ -8,14 +8,13 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench.dns import print_table
+from tests.helpers import run_bench
 from tools.bind import NAMED
 from tools.lab import list_namespaces
 
@@ -35,19 +34,7 @@ TIMEOUT = 120  # one lab, BIND start-up and a few hundred updates take about 5 s
 def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
     argv = [sys.executable, "-m", "bench.throughput", "dns", "--updates", "40", "--window", "8",
             "--rounds", "2", "--watchers", "10", "--events", "3", "--json"]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)  # lets the benchmark tear its lab down
-        try:
-            out, err = p.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
-    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    out, _err = run_bench(argv, ROOT, TIMEOUT)
     r = json.loads(out)
 
     assert set(r["rows"]) == {"tunneld/sequential", "tunneld/pipelined", "bind/sequential", "bind/pipelined"}

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_bench
 from tools.lab import list_namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,20 +50,7 @@ def test_quick_run_veth_and_wireguard_go_cleans_up() -> None:
     before = _procs(("wireguard-go", "iperf3"))
     argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
             "--streams", "1", "--modes", "veth,wireguard-go", "--json"]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # SIGINT lets the benchmark tear its labs down; SIGKILL only if that hangs too.
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            out, err = p.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
-    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    out, _err = run_bench(argv, ROOT, TIMEOUT)
     r = json.loads(out)
 
     assert r["errors"] == {}
@@ -112,19 +98,7 @@ def test_profile_tunneld_writes_flamegraphs_and_top_frames(tmp_path: Path) -> No
     out_dir = tmp_path / "prof"
     argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
             "--streams", "1", "--modes", "tunneld", "--profile", str(out_dir)]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            out, err = p.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"benchmark did not finish within {TIMEOUT} s; stderr: {err[-2000:]}")
-    assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
+    out, err = run_bench(argv, ROOT, TIMEOUT)
     assert "PROFILING ON" in out, "the table header must say the numbers were taken under the profiler"
     assert "| tunneld " in out and "failed" not in err, err[-2000:]
 
