@@ -112,6 +112,15 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent not idle so far (/proc/stat), to tell whether a run
+    was limited by the machine's cores or by something else."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used so far by a process and its live descendants."""
     total, todo, seen = 0, [pid], set()
@@ -418,6 +427,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
         if profiler is not None:
             profiler.start(setup.daemons, f"{setup.tag}P{streams}", duration, rec, spies)
         cpu0 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
+        busy0 = machine_busy_seconds()
         t0 = time.monotonic()
         client = rec.spawn(lab, a, ["iperf3", "-c", setup.server_addr, "-p", str(IPERF_PORT),
                                     "-t", str(duration), "-P", str(streams), "-J"],
@@ -428,6 +438,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
             lab.stop(client)
             raise LabError(f"iperf3 client did not finish within {duration + 30} s") from None
         elapsed = time.monotonic() - t0
+        busy1 = machine_busy_seconds()
         cpu1 = {side: tree_cpu_seconds(p.pid) for side, p in setup.daemons.items()}
         tx1 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
         if profiler is not None:
@@ -461,6 +472,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
         "tunnel_tx_bytes": tx1 - tx0,
         "received_bytes": received,
         "cpu": {side: (cpu1[side] - cpu0[side]) / elapsed for side in setup.daemons},
+        "busy": (busy1 - busy0) / elapsed,
     }
 
 
@@ -475,6 +487,7 @@ def _summary(mode: str, streams: int, samples: list[dict[str, Any]]) -> dict[str
         "gbps_max": max(g),
         "retransmits_median": statistics.median(s["retransmits"] for s in samples),
         "cpu_cores_median": {side: statistics.median(s["cpu"][side] for s in samples) for side in sides},
+        "busy_cores_median": statistics.median(s["busy"] for s in samples),
         "samples": samples,
     }
 
@@ -526,6 +539,7 @@ def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, t
                 cpu = " ".join(f"{side}={c:.2f}" for side, c in s["cpu"].items())
                 log(f"[{mode}] run {run + 1}/{runs} P={n}: {s['gbps']:.3f} Gb/s, "
                     f"{s['retransmits']} retransmits" + (f", daemon cores {cpu}" if cpu else "")
+                    + f", machine busy {s['busy']:.2f}"
                     + (" (profiled)" if prof else ""))
     return [_summary(mode, n, samples[n]) for n in streams_list]
 
@@ -581,12 +595,13 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
 def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print(f"End-to-end TCP, iperf3 -t {r['duration']}, {r['runs']} run(s) per row, medians (min..max); "
           f"MTU {r['mtu']} in tunnels; {r['cpu_count']} CPUs", file=out)
-    print("CPU = cores used by the tunnel daemon in host a (iperf3 client) / host b (server)", file=out)
+    print("CPU = cores used by the tunnel daemon in host a (iperf3 client) / host b (server); "
+          "busy = cores the whole machine kept busy (/proc/stat)", file=out)
     if "profile" in r:
         print("PROFILING ON (--profile): py-spy sampled both tunneld daemons during the first tunneld run "
               "of each streams count; those runs are slowed by it and are in the numbers below", file=out)
     head = f"| {'mode':<15} | {'streams':>7} | {'Gb/s (min..max)':<24} | {'retrans':>8} | " \
-           f"{'CPU a':>6} | {'CPU b':>6} |"
+           f"{'CPU a':>6} | {'CPU b':>6} | {'busy':>5} |"
     print(head, file=out)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
     for row in r["rows"]:
@@ -595,7 +610,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         ca = f"{cpu['a']:.2f}" if "a" in cpu else "-"
         cb = f"{cpu['b']:.2f}" if "b" in cpu else "-"
         print(f"| {row['mode']:<15} | {row['streams']:>7} | {gb:<24} | {row['retransmits_median']:>8g} | "
-              f"{ca:>6} | {cb:>6} |", file=out)
+              f"{ca:>6} | {cb:>6} | {row.get('busy_cores_median', 0):>5.2f} |", file=out)
     for name, per in r["ratios"].items():
         parts = [f"{n} stream{'s' if n != '1' else ''}: {v:.2f}x" for n, v in per.items()]
         print(f"{name} (median Gb/s): " + ", ".join(parts), file=out)

@@ -62,7 +62,7 @@ class AEAD:
     ESP batch loops can bind them to locals and skip one call layer per packet.
     """
 
-    __slots__ = ("decrypt", "encrypt", "salt", "suite")
+    __slots__ = ("decrypt", "decrypt_into", "encrypt", "salt", "suite")
 
     def __init__(self, suite: str | Suite, key: bytes, salt: bytes) -> None:
         s = suite if isinstance(suite, Suite) else get_suite(suite)
@@ -75,6 +75,7 @@ class AEAD:
         self.salt = bytes(salt)
         self.encrypt = ctx.encrypt
         self.decrypt = ctx.decrypt
+        self.decrypt_into = ctx.decrypt_into  # (nonce, data, aad, out): plaintext into a caller's buffer
 
     @classmethod
     def from_keymat(cls, suite: str, keymat: bytes) -> AEAD:

@@ -87,6 +87,27 @@ class ReplayWindow:
         blocks[idx] = b | bit
         return True
 
+    def commit_run(self, first: int, count: int) -> None:
+        """Mark the authenticated numbers `first` .. `first + count - 1`, all above `top`, in one pass
+        per 64-bit block instead of one `commit` per packet (the in-order fast path of a GRO batch).
+
+        The caller has checked that `first > top` and that the run stays within `limit`; a run longer
+        than the window would wrap the ring onto itself, so it is refused."""
+        if count <= 0 or count > self.window or first <= self.top or first + count - 1 > self.limit:
+            raise ValueError("commit_run: not a run of fresh sequence numbers above the window")
+        last = first + count - 1
+        blocks = self._blocks
+        mask = self._mask
+        cur = self.top >> 6
+        for i in range(cur + 1, min(last >> 6, cur + mask + 1) + 1):
+            blocks[i & mask] = 0
+        self.top = last
+        s = first
+        while s <= last:
+            e = min(last, s | 63)  # the end of s's block, or of the run
+            blocks[(s >> 6) & mask] |= ((1 << (e - s + 1)) - 1) << (s & 63)
+            s = e + 1
+
     def snapshot(self) -> tuple[int, tuple[int, ...]]:
         """The whole state, for tests that assert a rejected packet left the window unchanged."""
         return self.top, tuple(self._blocks)

@@ -30,6 +30,7 @@ from tunneld.net import links
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.proto.natpmp import Endpoint
+from tunneld.proto.runs import Pairs, RxRun, TxRun
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
@@ -102,7 +103,10 @@ class Daemon:
     async def _send(self, sends: Sends) -> None:
         assert self.udp is not None
         for dest, datagrams in sends:
-            await self.udp.send_batch(datagrams, dest)
+            if type(datagrams) is Pairs:
+                await self.udp.send_pairs(datagrams, dest)
+            else:
+                await self.udp.send_batch(datagrams, dest)
         while self.core.events:
             log.info("%s", self.core.events.popleft())
 
@@ -112,7 +116,7 @@ class Daemon:
         task_status.started()
         while True:
             await tun.wait_readable()
-            packets: list[bytes] = []
+            packets: list[bytes | TxRun] = []
             tun.read_batch(packets)
             await self._send(core.outbound(packets, trio.current_time(), time.time()))
 
@@ -127,10 +131,10 @@ class Daemon:
             except (OSError, trio.ClosedResourceError):
                 await trio.sleep(0)  # rebind() replaced the socket; wait on the new one
                 continue
-            batch: list[tuple[bytes, Addr]] = []
-            udp.recv_batch(batch)
-            to_tun: list[bytes] = []
-            sends = core.inbound(batch, trio.current_time(), time.time(), to_tun)
+            batch: list[tuple[bytes, Addr, int]] = []
+            udp.recv_runs(batch)
+            to_tun: list[bytes | RxRun] = []
+            sends = core.inbound_gro(batch, trio.current_time(), time.time(), to_tun)
             if to_tun:
                 self.tun_write_drops += tun.write_batch(to_tun)
             if sends:

@@ -33,6 +33,7 @@ from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tunneld.proto import handshake as hs
 from tunneld.proto.peer import Peer, Timers
+from tunneld.proto.runs import RxRun
 from tunneld.proto.tunnel import Addr, Sends, TunnelCore
 
 EPOCH = 1_700_000_000.0
@@ -55,6 +56,25 @@ def inner(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, seq: int, tag:
 def seq_of(packet: bytes) -> int:
     assert packet[40:44] == b"seq:"
     return int.from_bytes(packet[44:52], "big")
+
+
+def gro_merge(batch: list[tuple[bytes, Addr]], limit: int = 64) -> list[tuple[bytes, Addr, int]]:
+    """What UDP GRO makes of a burst: consecutive datagrams from one source with one size merged into one
+    buffer (the last may be shorter, and ends the merge), at most `limit` per buffer."""
+    out: list[tuple[bytes, Addr, int]] = []
+    i = 0
+    while i < len(batch):
+        data, src = batch[i]
+        size = len(data)
+        parts = [data]
+        i += 1
+        while i < len(batch) and len(parts) < limit and batch[i][1] == src and len(batch[i][0]) <= size:
+            parts.append(batch[i][0])
+            i += 1
+            if len(parts[-1]) < size:
+                break
+        out.append((b"".join(parts), src, size if len(parts) > 1 else 0))
+    return out
 
 
 def is_initiation(data: bytes) -> bool:
@@ -97,8 +117,11 @@ class Net:
     """Two nodes and a seeded lossy, duplicating, reordering network between them."""
 
     def __init__(self, seed: int, loss: float = 0.0, dup: float = 0.0, max_delay: float = 0.05,
-                 timers: Timers = T) -> None:
+                 timers: Timers = T, gro: bool | None = None) -> None:
         self.r = random.Random(seed)
+        # Odd seeds receive through inbound_gro (UDP GRO emulated by gro_merge), even ones through
+        # inbound: every scenario runs on both receive paths.
+        self.gro = seed % 2 == 1 if gro is None else gro
         self.loss, self.dup, self.max_delay = loss, dup, max_delay
         self.blackhole: Callable[[Addr, Addr], bool] = lambda src, dst: False
         self.log: list[Sent] = []
@@ -129,6 +152,7 @@ class Net:
         now = trio.current_time()
         src.kick.set()  # the core was touched: its deadline may have moved
         for dst, datagrams in sends:
+            burst: list[bytes] = []
             for data in datagrams:
                 self.log.append(Sent(now, src.addr, dst, data))
                 if classify(data) is Kind.ESP:
@@ -136,19 +160,27 @@ class Net:
                 if self.blackhole(src.addr, dst) or self.r.random() < self.loss:
                     continue
                 copies = 2 if self.r.random() < self.dup else 1
+                if self.gro:
+                    burst += [data] * copies  # one burst, so the receiver can merge it (GRO)
+                    continue
                 for _ in range(copies):
                     delay = self.r.uniform(0, self.max_delay)
                     assert self.nursery is not None
-                    self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], data, src.addr)
+                    self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], [data], src.addr)
+            if burst:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._deliver, self.r.uniform(0, self.max_delay), self.by_addr[dst],
+                                        burst, src.addr)
 
     def _check_sealed_with_live_session(self, src: Node, data: bytes, now: float) -> None:
         spi = int.from_bytes(data[:4], "big")
         (session,) = [s for s in src.peer.sessions() if s.outbound.spi == spi]
         self.session_ages.append(now - session.created)
 
-    async def _deliver(self, delay: float, dst: Node, data: bytes, src: Addr) -> None:
+    async def _deliver(self, delay: float, dst: Node, burst: list[bytes], src: Addr) -> None:
         await trio.sleep(delay)
-        dst.inbox.send_nowait((data, src))
+        for data in burst:
+            dst.inbox.send_nowait((data, src))
 
     # -- the tasks of one node ------------------------------------------------------------------------
 
@@ -162,9 +194,13 @@ class Net:
                     break
             now = trio.current_time()
             node.received.extend((now, d) for d, _ in batch)
-            tun: list[bytes] = []
-            sends = node.core.inbound(batch, now, node.wall(), tun)
-            node.tun.extend((now, p) for p in tun)
+            tun: list[bytes | RxRun] = []
+            if self.gro:
+                sends = node.core.inbound_gro(gro_merge(batch), now, node.wall(), tun)
+            else:
+                sends = node.core.inbound(batch, now, node.wall(), tun)
+            node.tun.extend((now, p) for item in tun
+                            for p in (item.packets() if isinstance(item, RxRun) else (item,)))
             self.transmit(node, sends)
 
     async def timer(self, node: Node) -> None:
@@ -183,18 +219,20 @@ class Net:
                 self.transmit(node, node.core.poll(now, node.wall()))
                 polled_at = now
 
-    def send(self, node: Node, seq: int, src: ipaddress.IPv6Address | None = None) -> None:
-        """The app writes one packet to the TUN."""
+    def send(self, node: Node, seq: int, src: ipaddress.IPv6Address | None = None, count: int = 1) -> None:
+        """The app writes `count` packets (`seq`, `seq + 1`, ...) to the TUN at once."""
         now = trio.current_time()
-        node.sent.append((now, seq))
-        pkt = inner(src or node.ula, self.other(node).ula, seq)
-        self.transmit(node, node.core.outbound([pkt], now, node.wall()))
+        node.sent += [(now, s) for s in range(seq, seq + count)]
+        pkts = [inner(src or node.ula, self.other(node).ula, s) for s in range(seq, seq + count)]
+        self.transmit(node, node.core.outbound(pkts, now, node.wall()))
 
     async def app(self, node: Node, interval: float, until: float, first_seq: int = 0) -> None:
+        """Packets every `interval`: one at a time, or with GRO bursts of 4 (the receiver merges them)."""
         seq = first_seq
+        count = 4 if self.gro else 1
         while trio.current_time() < until:
-            self.send(node, seq)
-            seq += 1
+            self.send(node, seq, count=count)
+            seq += count
             await trio.sleep(interval)
 
     def start(self, nursery: trio.Nursery) -> None:

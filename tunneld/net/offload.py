@@ -41,13 +41,14 @@ coalescing 45 such segments 160-190 µs with checksum verification (3.5-4.2 µs 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as _np  # vectorised checksums for segmentation (see _segment_sums)
 
 from tunneld.proto.errors import ParseError
+from tunneld.proto.runs import RxRun, TxRun
 
 __all__ = [
     "GSO_ECN",
@@ -61,7 +62,9 @@ __all__ = [
     "VNET_HDR_LEN",
     "VnetHeader",
     "coalesce",
+    "coalesce_run",
     "segment",
+    "segment_run",
 ]
 
 # include/uapi/linux/virtio_net.h
@@ -345,19 +348,19 @@ def _tcp_valid(packet: bytes, version: int, ihl: int) -> bool:
 def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[bytes, bytes]]:
     """Merge consecutive TCP segments of each flow into GSO superpackets for one TUN write each.
 
-    Returns ``(vnet_header, packet)`` pairs in arrival order of each output's first segment (order
-    within a flow is kept; order between flows may change, as with the kernel's GRO). A segment joins
-    the open run of its flow (same addresses and ports, same ACK number, same TCP options bytes and data
-    offset, same flags except FIN/PSH allowed on the last and CWR on the first, same IPv4 TOS/TTL/DF or
-    IPv6 traffic class/flow label/hop limit, IPv4 ID +1 per segment unless DF is set) when its sequence
-    number is contiguous, its payload is no longer than the first's, the run has not ended (a shorter
-    segment, PSH or FIN ends it) and the caps (``MAX_COALESCE_SEGMENTS`` segments, 65535 in the IP length
-    field) hold. Only segments whose checksums verify are merged (``verify=False`` skips that check, about
-    2 µs per 1400-byte segment, for a caller that already knows the checksums are complete — but a merged
-    packet gets a fresh checksum, so a segment that was corrupt before ESP sealed it would then be
-    accepted by TCP; the default matches the kernel's GRO). SYN/RST/URG segments, empty segments,
-    IP options, IPv6 extension headers, non-TCP and unparseable packets pass through unchanged with a
-    ``GSO_NONE`` header (the kernel's own stack validates and drops garbage).
+    Returns ``(vnet_header, packet)`` pairs in arrival order of each output's first segment (order within a
+    flow is kept; order between flows may change, as with the kernel's GRO). A segment joins the open run of
+    its flow (same addresses and ports, same ACK number, same window, same TCP options bytes and data
+    offset, same flags except FIN/PSH allowed on the last and CWR on the first, same IPv4 TOS/TTL/DF or IPv6
+    traffic class/flow label/hop limit, IPv4 ID +1 per segment unless DF is set) when its sequence number is
+    contiguous, its payload is no longer than the first's, the run has not ended (a shorter segment, PSH or
+    FIN ends it) and the caps (``MAX_COALESCE_SEGMENTS`` segments, 65535 in the IP length field) hold. Only
+    segments whose checksums verify are merged (``verify=False`` skips that check, about 2 µs per 1400-byte
+    segment, for a caller that already knows the checksums are complete — but a merged packet gets a fresh
+    checksum, so a segment that was corrupt before ESP sealed it would then be accepted by TCP; the default
+    matches the kernel's GRO). SYN/RST/URG segments, empty segments, IP options, IPv6 extension headers,
+    non-TCP and unparseable packets pass through unchanged with a ``GSO_NONE`` header (the kernel's own
+    stack validates and drops garbage).
 
     A merged packet's TCP checksum field holds the pseudo-header sum (addresses, protocol and the merged
     TCP length; folded, not complemented) and the header says ``NEEDS_CSUM`` with ``csum_start`` at the
@@ -409,22 +412,26 @@ def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[byt
             slots.append(pkt)
             continue
         if version == 4:
-            # ver/ihl, TOS, DF, TTL, addresses | ports, ACK, data offset, flags w/o FIN/PSH/CWR, options
+            # ver/ihl, TOS, DF, TTL, addresses | ports, ACK, data offset, flags w/o FIN/PSH/CWR, window,
+            # options (the window is in tcp_gro_receive's flag word: a change flushes)
             key = (
                 pkt[0:2]
                 + bytes((pkt[6] & 0x40, pkt[8]))
                 + pkt[12:24]
                 + pkt[28:33]
                 + bytes((flags & ~(_FIN | _PSH | _CWR),))
+                + pkt[34:36]
                 + pkt[40 : 20 + thl]
             )
         else:
-            # version/traffic class/flow label, hop limit, addresses | ports, ACK, data offset, flags, options
+            # version/traffic class/flow label, hop limit, addresses | ports, ACK, data offset, flags,
+            # window, options
             key = (
                 pkt[0:4]
                 + pkt[7:44]
                 + pkt[48:53]
                 + bytes((flags & ~(_FIN | _PSH | _CWR),))
+                + pkt[54:56]
                 + pkt[60 : 40 + thl]
             )
         seq = _I.unpack_from(pkt, ihl + 4)[0]
@@ -514,3 +521,149 @@ def _merge(run: _Run) -> tuple[bytes, bytes]:
     _H.pack_into(hdr, ihl + 16, (_pseudo_sum(hdr, version) + tcp_len) % 0xFFFF or 0xFFFF)
     vnet = _VNET.pack(NEEDS_CSUM, gso, hl, run.size, ihl, 16)
     return vnet, b"".join([hdr, *run.payloads])
+
+
+# -- runs: the vectorised forms of segment and coalesce for the common case (issue 6) ------------------
+
+_RUN_SLICES: dict[tuple[int, ...], list[slice]] = {}
+
+
+def _slices(key: tuple[int, ...], start: int, stride: int, length: int, count: int) -> list[slice]:
+    """`count` slices of `length` bytes at `stride` from `start`, cached by shape (a run's shapes repeat)."""
+    s = _RUN_SLICES.get(key)
+    if s is None:
+        if len(_RUN_SLICES) > 512:
+            _RUN_SLICES.clear()
+        s = _RUN_SLICES[key] = [slice(start + i * stride, start + i * stride + length) for i in range(count)]
+    return s
+
+
+def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes,
+                trailer: Callable[[int], bytes]) -> TxRun | None:
+    """`segment` for an IPv6 TCP superpacket, vectorised, with each segment followed by `trailer(length)`
+    (the ESP trailer) so the result can be sealed in place: one NumPy buffer holds all full-sized
+    segments at a fixed stride, and the per-segment fields (sequence number, payload length, flags,
+    checksum) are written as columns. The segments are byte for byte those of `segment`
+    (tests/unit/test_offload.py). The short last segment, if any, is built by the scalar code.
+
+    Returns None when the packet is not an IPv6 TCP GSO packet of at least two full segments with an
+    even segment size (the caller uses `segment`); raises ParseError as `segment` does.
+    """
+    hdr = VnetHeader.decode(vnet)
+    if hdr.gso_type & ~GSO_ECN != GSO_TCPV6:
+        return None
+    version, ihl, thl = _parse_tcp(packet)
+    size = hdr.gso_size
+    hl = ihl + thl
+    n = len(packet)
+    k = (n - hl) // size if size > 0 else 0
+    if version != 6 or k < 2 or size & 1:
+        return None
+    rem = n - hl - k * size
+    length = hl + size
+    tr = trailer(length)
+    stride = length + len(tr)
+    tcp_len = thl + size
+    flags = packet[53]
+    mid = flags & ~(_CWR | _FIN | _PSH)
+    first = flags & ~(_FIN | _PSH)
+    last = flags & ~_CWR
+    tmpl = bytearray(packet[:hl])
+    seq0 = _I.unpack_from(tmpl, 44)[0]
+    _H.pack_into(tmpl, 4, tcp_len)
+    tmpl[44:48] = bytes(4)
+    tmpl[53] = 0
+    tmpl[56:58] = bytes(2)
+    base = (_pseudo_sum(tmpl, 6) + int.from_bytes(tmpl[40:hl], "big") + tcp_len + mid) % 0xFFFF
+    a = _np.empty((k, stride), _np.uint8)
+    a[:, :hl] = _np.frombuffer(tmpl, _np.uint8)
+    pay = _np.frombuffer(packet, _np.uint8, k * size, hl).reshape(k, size)
+    a[:, hl:length] = pay
+    a[:, length:] = _np.frombuffer(tr, _np.uint8)
+    seqs = _np.arange(k, dtype=_np.uint32) * _np.uint32(size) + _np.uint32(seq0)  # wraps mod 2**32
+    a[:, 44:48] = seqs.astype(">u4").view(_np.uint8).reshape(k, 4)
+    # Payload sums per row, plus sequence number (≡ its two 16-bit words, mod 0xFFFF) and the constants.
+    tot = pay.view(">u2").sum(axis=1, dtype=_np.uint64) + seqs + _np.uint64(base)
+    a[:, 53] = mid
+    if first != mid:
+        a[0, 53] = first
+        tot[0] += first - mid
+    if not rem and last != mid:
+        a[k - 1, 53] = last
+        tot[k - 1] += last - mid
+    csum = (_np.uint64(0xFFFF) - tot % _np.uint64(0xFFFF)) % _np.uint64(0xFFFF)
+    a[:, 56:58] = csum.astype(">u2").view(_np.uint8).reshape(k, 2)
+    mv = a.data.cast("B")
+    slots: list[memoryview | bytes] = list(map(mv.__getitem__, _slices((0, k, stride), 0, stride, stride, k)))
+    if rem:
+        s = (seq0 + k * size) & 0xFFFFFFFF
+        payload = memoryview(packet)[hl + k * size :]
+        tl = thl + rem
+        _H.pack_into(tmpl, 4, tl)
+        _I.pack_into(tmpl, 44, s)
+        tmpl[53] = last
+        c = _csum(base - tcp_len - mid + tl + (s >> 16) + (s & 0xFFFF) + last + _sum(payload))
+        _H.pack_into(tmpl, 56, c)
+        slots.append(b"".join((tmpl, payload, trailer(hl + rem))))
+    return TxRun(packet[24:40], slots, n + (len(slots) - 1) * hl)
+
+
+_INVARIANT: dict[int, _np.ndarray] = {}  # header columns every segment of a run repeats, by header length
+
+
+def coalesce_run(run: RxRun) -> list[bytes | bytearray | memoryview] | None:
+    """`coalesce` for an `RxRun` that is one in-order IPv6 TCP flow: the iovecs of one TUN write
+    (virtio-net header, merged headers, each segment's payload as a view of the arena: no copy).
+
+    The merge rules are `coalesce`'s (the kernel's GRO): same addresses, ports, ACK number, data offset,
+    window and options, traffic class, flow label and hop limit; contiguous sequence numbers; every
+    payload as long as the first but the last, which may be shorter; FIN/PSH only on the last, CWR only
+    on the first; no SYN/RST/URG; at most 64 segments and 65535 bytes. Checksums are not verified
+    (the run came through ESP, as with ``coalesce(verify=False)``). Returns None when the run breaks a
+    rule anywhere; the caller then falls back to `coalesce` on its packets.
+    """
+    arena, stride, lengths = run.arena, run.stride, run.lengths
+    k = len(lengths)
+    if k < 2 or k > MAX_COALESCE_SEGMENTS or arena[0] >> 4 != 6 or arena[6] != _PROTO_TCP:
+        return None
+    thl = (arena[52] >> 4) * 4
+    hl = 40 + thl
+    full = lengths[0]
+    size = full - hl
+    tail = lengths[-1] - hl
+    total = size * (k - 1) + tail
+    if thl < 20 or size <= 0 or tail <= 0 or tail > size or thl + total > MAX_IP_PAYLOAD:
+        return None
+    if k > 2 and lengths.count(full) < k - 1:
+        return None
+    h = _np.ndarray((k, hl), _np.uint8, arena, 0, (stride, 1))
+    cols = _INVARIANT.get(hl)
+    if cols is None:
+        cols = _INVARIANT[hl] = _np.r_[0:4, 6:44, 48:53, 54:56, 60:hl]
+    if not (h[:, cols] == h[0, cols]).all():
+        return None
+    f0 = arena[53]
+    base = f0 & ~_CWR
+    fl = h[:, 53]
+    if base & (_NO_MERGE_FLAGS | _FIN | _PSH) or (k > 2 and not (fl[1:-1] == base).all()):
+        return None
+    fk = arena[(k - 1) * stride + 53]
+    if fk & ~(_FIN | _PSH) != base:
+        return None
+    plens = _np.ndarray((k,), ">u2", arena, 4, (stride,))
+    if not (plens[:-1] == full - 40).all() or plens[-1] != lengths[-1] - 40:
+        return None
+    seqs = _np.ndarray((k,), ">u4", arena, 44, (stride,))
+    if not (seqs == _np.arange(k, dtype=_np.uint32) * _np.uint32(size) + seqs[0]).all():
+        return None
+    hdr = bytearray(arena[:hl])
+    tcp_len = thl + total
+    _H.pack_into(hdr, 4, tcp_len)
+    hdr[53] = f0 | (fk & (_FIN | _PSH))
+    _H.pack_into(hdr, 56, (_pseudo_sum(hdr, 6) + tcp_len) % 0xFFFF or 0xFFFF)
+    vnet = _VNET.pack(NEEDS_CSUM, GSO_TCPV6 | (GSO_ECN if f0 & _CWR else 0), hl, size, 40, 16)
+    mv = memoryview(arena)
+    iov: list[bytes | bytearray | memoryview] = [vnet, hdr]
+    iov += map(mv.__getitem__, _slices((1, k - 1, stride, hl, full), hl, stride, size, k - 1))
+    iov.append(mv[(k - 1) * stride + hl : (k - 1) * stride + lengths[-1]])
+    return iov

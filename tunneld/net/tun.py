@@ -18,8 +18,10 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tunneld.net.offload import VNET_HDR_LEN, coalesce, segment
+from crypto.esp import trailer
+from tunneld.net.offload import VNET_HDR_LEN, coalesce, coalesce_run, segment, segment_run
 from tunneld.proto.errors import ParseError
+from tunneld.proto.runs import RxRun, TxRun
 
 MAX_PACKET: Final = 65535
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
@@ -94,7 +96,9 @@ class Tun:
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fd)
 
-    def read_batch(self, out: list[bytes], max_packets: int = 128) -> int:
+    def read_batch(self, out: list[bytes | TxRun], max_packets: int = 128) -> int:
+        """Drain the device: packets, and with offload one `TxRun` per IPv6 TCP superpacket (its
+        segments laid out for ESP with their trailers); returns how many packets that is."""
         if self.offload:
             return self._read_offload(out, max_packets)
         fd = self.fd
@@ -114,7 +118,7 @@ class Tun:
             n += 1
         return n
 
-    def _read_offload(self, out: list[bytes], max_reads: int) -> int:
+    def _read_offload(self, out: list[bytes | TxRun], max_reads: int) -> int:
         fd = self.fd
         n = 0
         for _ in range(max_reads // 8 or 1):  # a read may be a 64 KB superpacket: fewer reads per wakeup
@@ -126,7 +130,13 @@ class Tun:
                 self.read_errors += 1
                 break
             try:
-                segments = segment(data[:VNET_HDR_LEN], data[VNET_HDR_LEN:])
+                vnet = data[:VNET_HDR_LEN]
+                packet = data[VNET_HDR_LEN:]
+                if data[1] and (run := segment_run(vnet, packet, trailer)) is not None:  # [1]: gso_type
+                    out.append(run)
+                    n += len(run.slots)
+                    continue
+                segments = segment(vnet, packet)
             except ParseError:
                 self.offload_errors += 1
                 continue
@@ -134,28 +144,49 @@ class Tun:
             n += len(segments)
         return n
 
-    def write_batch(self, packets: list[bytes]) -> int:
-        """Write packets; a packet the kernel refuses (EINVAL on a malformed header) is dropped."""
+    def write_batch(self, packets: list[bytes | RxRun]) -> int:
+        """Write packets and runs, in order; returns how many writes the kernel refused (a full queue,
+        EINVAL on a malformed header): those are dropped, as a NIC would."""
         if self.offload:
-            # The packets came through ESP, which authenticated them and whose sender completed their
-            # checksums: no need to verify them again before merging (the kernel completes the merged
-            # packet's partial checksum itself).
-            dropped = 0
-            writev = os.writev
-            for hdr, pkt in coalesce(packets, verify=False):
-                try:
-                    writev(self.fd, (hdr, pkt))
-                except OSError:
-                    dropped += 1
-            return dropped
+            return self._write_offload(packets)
         fd = self.fd
         write = os.write
         dropped = 0
         for p in packets:
+            for q in (p.packets() if isinstance(p, RxRun) else (p,)):
+                try:
+                    write(fd, q)
+                except OSError:
+                    dropped += 1
+        return dropped
+
+    def _write_offload(self, items: list[bytes | RxRun]) -> int:
+        # The packets came through ESP, which authenticated them and whose sender completed their
+        # checksums: no need to verify them again before merging (the kernel completes the merged
+        # packet's partial checksum itself).
+        dropped = 0
+        writev = os.writev
+        fd = self.fd
+        loose: list[bytes] = []
+        for item in (*items, None):
+            if isinstance(item, bytes):
+                loose.append(item)
+                continue
+            if loose:
+                for hdr, pkt in coalesce(loose, verify=False):
+                    try:
+                        writev(fd, (hdr, pkt))
+                    except OSError:
+                        dropped += 1
+                loose = []
+            if item is None:
+                break
+            iov = coalesce_run(item)
+            if iov is None:
+                loose = item.packets()  # not one in-order flow: merge what can be merged
+                continue
             try:
-                write(fd, p)
-            except BlockingIOError:
-                dropped += 1  # the kernel's queue is full: drop, as a NIC would
+                writev(fd, iov)
             except OSError:
                 dropped += 1
         return dropped

@@ -184,7 +184,52 @@ class UDPTransport:
                 n += 1
         return n
 
+    def recv_runs(self, out: list[tuple[bytes, Addr, int]], max_datagrams: int = 256) -> int:
+        """As `recv_batch`, but a GRO receive stays whole: appends (buffer, source, segment size), where
+        a size of 0 means the buffer is one datagram. Returns the number of datagrams received."""
+        sock = self.sock
+        if sock is None:
+            return 0
+        n = 0
+        append = out.append
+        recvmsg = sock.recvmsg
+        while n < max_datagrams:
+            try:
+                data, anc, _flags, addr = recvmsg(RECV_BUF, _GSO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                raise
+            seg = 0
+            if anc:
+                for level, typ, cdata in anc:
+                    if level == SOL_UDP and typ == UDP_GRO and len(cdata) >= 4:
+                        seg = struct.unpack_from("=i", cdata)[0]
+            if seg and len(data) > seg:
+                append((data, (addr[0], addr[1]), seg))
+                n += -(-len(data) // seg)
+            else:
+                append((data, (addr[0], addr[1]), 0))
+                n += 1
+        return n
+
     # -- send -------------------------------------------------------------------------------------
+
+    async def send_pairs(self, iov: Sequence[bytes], dest: Addr) -> None:
+        """Send datagrams given as (header, body) buffer pairs (`tunneld.proto.runs.Pairs`), all the same
+        size but the last: as few GSO sends as the 64 KB limit allows, each a list of iovecs."""
+        count = len(iov) // 2
+        if count == 1 or not self.gso:
+            for i in range(0, len(iov), 2):
+                await self._send(iov[i:i + 2], dest, 0, 2)
+            return
+        size = len(iov[0]) + len(iov[1])
+        per = 2 * max(1, min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size))
+        for start in range(0, len(iov), per):
+            chunk = iov[start:start + per]
+            await self._send(chunk, dest, size if len(chunk) > 2 else 0, 2)
 
     async def send_batch(self, datagrams: Sequence[bytes], dest: Addr) -> None:
         """Send datagrams to one destination in as few system calls as GSO allows."""
@@ -212,7 +257,8 @@ class UDPTransport:
     async def send_one(self, datagram: bytes, dest: Addr) -> None:
         await self._send((datagram,), dest, 0)
 
-    async def _send(self, bufs: Sequence[bytes], dest: Addr, gso_size: int) -> None:
+    async def _send(self, bufs: Sequence[bytes], dest: Addr, gso_size: int, per: int = 1) -> None:
+        """One sendmsg of `bufs` (`per` buffers make one datagram), as GSO segments of `gso_size`."""
         anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", gso_size))] if gso_size else []
         for _ in range(100):  # bounded: a socket that stays unwritable is an error, not a hang
             sock = self.sock
@@ -220,7 +266,7 @@ class UDPTransport:
                 return
             try:
                 sock.sendmsg(bufs, anc, 0, dest)
-                self.sent_datagrams += len(bufs)
+                self.sent_datagrams += len(bufs) // per
                 return
             except (BlockingIOError, InterruptedError):
                 await trio.lowlevel.wait_writable(sock)
@@ -228,8 +274,8 @@ class UDPTransport:
                 if gso_size and e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                     # No GSO here (old kernel, or a device without checksum offload): fall back.
                     self.gso = False
-                    for b in bufs:
-                        await self._send((b,), dest, 0)
+                    for i in range(0, len(bufs), per):
+                        await self._send(bufs[i:i + per], dest, 0, per)
                     return
                 # Unreachable peers, no route, and so on: count, drop, go on (the peer's timers
                 # will retry the handshake; a dead endpoint must not kill the data plane).

@@ -23,13 +23,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from crypto.esp import NH_NONE, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
 from tunneld.proto import handshake as hs
 from tunneld.proto.peer import Action, Peer, Session, Timers
+from tunneld.proto.runs import Pairs, RxRun, TxRun
 
 Addr = tuple[str, int]
-Sends = list[tuple[Addr, list[bytes]]]  # datagrams to send, grouped by destination
+# Datagrams to send, grouped by destination: a list of datagrams, or `Pairs` (header and body buffers of
+# each datagram, from the offload path).
+Sends = list[tuple[Addr, list[bytes]]]
 UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
 # Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
 SessionHook = Callable[[SecurityAssociation, bytes, Addr | None], None]
@@ -99,35 +104,58 @@ class TunnelCore:
 
     # -- TUN -> UDP ------------------------------------------------------------------------------------
 
-    def outbound(self, packets: Iterable[bytes], now: float, wall: float) -> Sends:
-        groups: dict[bytes, list[bytes]] = defaultdict(list)
+    def outbound(self, packets: Iterable[bytes | TxRun], now: float, wall: float) -> Sends:
+        """Seal packets from the TUN for their peers. A `TxRun` (a segmented superpacket) is sealed in
+        one piece into `Pairs`; order is kept per destination."""
+        groups: dict[bytes, list[bytes | TxRun]] = defaultdict(list)
         for p in packets:
-            if len(p) >= 40 and p[0] >> 4 == 6:
+            if isinstance(p, TxRun):
+                groups[p.dst].append(p)
+            elif len(p) >= 40 and p[0] >> 4 == 6:
                 groups[p[24:40]].append(p)
         sends: Sends = []
         for dst, plist in groups.items():
             peer = self.by_ula.get(dst)
             if peer is None:
-                self.counters.tx_no_route += len(plist)
+                self.counters.tx_no_route += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
                 continue
             self._send_data(peer, plist, now, wall, sends)
         return sends
 
-    def _send_data(self, peer: Peer, plist: list[bytes], now: float, wall: float, sends: Sends) -> None:
+    def _send_data(self, peer: Peer, plist: list[bytes | TxRun] | list[bytes], now: float, wall: float,
+                   sends: Sends) -> None:
         session = peer.sendable(now)
         if peer.wants_rekey(now) and not peer.handshake_in_progress():
             self._initiate(peer, now, wall, sends)
         if session is None:
-            peer.staged.extend(plist)  # sent when the handshake completes (bounded deque)
+            for p in plist:  # sent when the handshake completes (bounded deque)
+                peer.staged.extend(p.packets() if isinstance(p, TxRun) else (p,))
             return
         if peer.endpoint is None:
-            self.counters.tx_no_endpoint += len(plist)
+            self.counters.tx_no_endpoint += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
             return
-        sends.append((peer.endpoint, session.outbound.seal_many(plist)))
-        peer.tx_packets += len(plist)
-        peer.tx_bytes += sum(map(len, plist))
+        sa = session.outbound
+        loose: list[bytes] = []
+        for p in plist:
+            if not isinstance(p, TxRun):
+                loose.append(p)
+                continue
+            if loose:
+                self._seal_loose(peer, sa, loose, sends)
+                loose = []
+            sends.append((peer.endpoint, sa.seal_padded(p.slots, Pairs())))
+            peer.tx_packets += len(p.slots)
+            peer.tx_bytes += p.nbytes
+        if loose:
+            self._seal_loose(peer, sa, loose, sends)
         peer.data_sent(now)
         peer.any_authenticated_packet_sent(now)
+
+    def _seal_loose(self, peer: Peer, sa: SecurityAssociation, plist: list[bytes], sends: Sends) -> None:
+        assert peer.endpoint is not None
+        sends.append((peer.endpoint, sa.seal_many(plist)))
+        peer.tx_packets += len(plist)
+        peer.tx_bytes += sum(map(len, plist))
 
     def _keepalive(self, peer: Peer, now: float, sends: Sends) -> None:
         session = peer.sendable(now)
@@ -139,7 +167,7 @@ class TunnelCore:
     # -- UDP -> TUN ------------------------------------------------------------------------------------
 
     def inbound(self, batch: Iterable[tuple[bytes, Addr]], now: float, wall: float,
-                tun_out: list[bytes]) -> Sends:
+                tun_out: list[bytes] | list[bytes | RxRun]) -> Sends:
         """Process received datagrams; appends packets for the TUN to `tun_out`, returns replies."""
         sends: Sends = []
         by_spi = self.by_spi
@@ -173,24 +201,9 @@ class TunnelCore:
             inner = inbound.open_many(wires)
             if not inner and inbound.rx_dummy == dummies:
                 continue  # nothing from this source authenticated
-            self._unregister(peer.received_on(session, now, wall))
-            if peer.endpoint != src:
-                # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
-                self.events.append(f"peer {peer.name} moved to {src[0]} port {src[1]}")
-                peer.endpoint = src
-            if peer.staged and peer.sendable(now) is not None:
-                staged = list(peer.staged)
-                peer.staged.clear()
-                self._send_data(peer, staged, now, wall, sends)
+            self._authenticated(peer, session, src, now, wall, sends)
             if inner:
-                # Cryptokey routing: an inner packet must come from the ULA bound to the key it used.
-                ula = peer.ula
-                good = [p for p in inner if p[8:24] == ula and len(p) >= 40]
-                if len(good) != len(inner):
-                    peer.dropped_spoofed += len(inner) - len(good)
-                peer.rx_packets += len(good)
-                peer.rx_bytes += sum(map(len, good))
-                tun_out.extend(good)
+                self._deliver(peer, inner, tun_out)
                 peer.data_received(now)
             if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
                 self._initiate(peer, now, wall, sends)
@@ -199,6 +212,83 @@ class TunnelCore:
             for data, src in control:
                 self._on_handshake_message(data[4:], src, now, wall, under_load, sends)
         return sends
+
+    def inbound_gro(self, batch: Iterable[tuple[bytes, Addr, int]], now: float, wall: float,
+                    tun_out: list[bytes | RxRun]) -> Sends:
+        """As `inbound`, for receives that may each hold several datagrams: (buffer, source, size) with
+        datagrams of `size` bytes back to back (UDP GRO; the last may be shorter), size 0 for one
+        datagram. A receive that is an in-order run of one SA's packets is opened in one piece
+        (`SecurityAssociation.open_run`) and reaches `tun_out` as one `RxRun`; everything else is split
+        and takes the per-datagram path of `inbound`. Arrival order is kept."""
+        sends: Sends = []
+        pending: list[tuple[bytes, Addr]] = []
+        for data, src, size in batch:
+            if size and len(data) > size:
+                if pending:
+                    sends += self.inbound(pending, now, wall, tun_out)
+                    pending = []
+                if self._open_run(data, size, src, now, wall, tun_out, sends):
+                    continue
+                pending.extend([(data[o:o + size], src) for o in range(0, len(data), size)])
+            else:
+                pending.append((data, src))
+        if pending:
+            sends += self.inbound(pending, now, wall, tun_out)
+        return sends
+
+    def _open_run(self, data: bytes, size: int, src: Addr, now: float, wall: float,
+                  tun_out: list[bytes | RxRun], sends: Sends) -> bool:
+        """The fast path of `inbound_gro` for one receive; False (nothing done) if it does not apply."""
+        entry = self.by_spi.get(int.from_bytes(data[:4], "big"))
+        if entry is None:
+            return False  # also the non-ESP marker (SPI 0) of handshake messages
+        peer, session = entry
+        if peer.expired(session, now):
+            return False
+        opened = session.inbound.open_run(data, size)
+        if opened is None:
+            return False
+        arena, stride, lengths = opened
+        k = len(lengths)
+        self.counters.rx_datagrams += k
+        self._authenticated(peer, session, src, now, wall, sends)
+        # Cryptokey routing for every packet at once: each inner source must be the peer's ULA.
+        srcs = np.ndarray((k, 16), np.uint8, arena, 8, (stride, 1))
+        if min(lengths) >= 40 and (srcs == np.frombuffer(peer.ula, np.uint8)).all():
+            tun_out.append(RxRun(arena, stride, lengths))
+            peer.rx_packets += k
+            peer.rx_bytes += sum(lengths)
+        else:
+            self._deliver(peer, RxRun(arena, stride, lengths).packets(), tun_out)
+        peer.data_received(now)
+        if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
+            self._initiate(peer, now, wall, sends)
+        return True
+
+    def _authenticated(self, peer: Peer, session: Session, src: Addr, now: float, wall: float,
+                       sends: Sends) -> None:
+        """Bookkeeping after packets from `src` authenticated under `session`: timers, roaming, and
+        whatever was staged waiting for the session."""
+        self._unregister(peer.received_on(session, now, wall))
+        if peer.endpoint != src:
+            # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
+            self.events.append(f"peer {peer.name} moved to {src[0]} port {src[1]}")
+            peer.endpoint = src
+        if peer.staged and peer.sendable(now) is not None:
+            staged = list(peer.staged)
+            peer.staged.clear()
+            self._send_data(peer, staged, now, wall, sends)
+
+    @staticmethod
+    def _deliver(peer: Peer, inner: list[bytes], tun_out: list[bytes] | list[bytes | RxRun]) -> None:
+        # Cryptokey routing: an inner packet must come from the ULA bound to the key it used.
+        ula = peer.ula
+        good = [p for p in inner if p[8:24] == ula and len(p) >= 40]
+        if len(good) != len(inner):
+            peer.dropped_spoofed += len(inner) - len(good)
+        peer.rx_packets += len(good)
+        peer.rx_bytes += sum(map(len, good))
+        tun_out.extend(good)
 
     # -- handshakes ------------------------------------------------------------------------------------
 

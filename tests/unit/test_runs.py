@@ -1,0 +1,345 @@
+"""The offload fast path (issue 6): runs of packets handled as one object.
+
+Every vectorised form is checked against the per-packet form it replaces, which stays the reference:
+`seal_padded` against `seal_many`, `open_run` against `open_many`, `commit_run` against `commit`,
+`segment_run` against `segment`, `coalesce_run` against `coalesce`, and `TunnelCore.inbound_gro`
+against `TunnelCore.inbound`. A fast path that does not apply must change nothing and say so (None),
+so that the per-packet path, which counts every drop, runs instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crypto.esp import NH_NONE, SecurityAssociation, trailer
+from crypto.replay import ReplayWindow
+from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
+from tests.unit.test_tunnel_core import Net, run
+from tunneld.net.offload import GSO_NONE, VnetHeader, coalesce, coalesce_run, segment, segment_run
+from tunneld.net.udp import UDPTransport
+from tunneld.proto.runs import Pairs, RxRun, TxRun
+
+KEY = bytes(range(32))
+SALT = bytes.fromhex("a0a1a2a3")
+MSS = 1340
+WALL = 1_700_000_002.0
+
+
+def sa(esn: bool = True, top: int = 0, seq: int = 0) -> SecurityAssociation:
+    s = SecurityAssociation(0x1000, KEY, SALT, esn=esn)
+    s.seq = seq
+    s.replay.top = top
+    return s
+
+
+def superpacket(nseg: int, extra: int, *, seq: int = 1000, flags: int = ACK | PSH,
+                options: bytes = b"") -> bytes:
+    payload = os.urandom(MSS * nseg + extra)
+    return tcp_packet(6, payload, seq=seq, flags=flags, options=options, csum="partial")
+
+
+def wires_of(packets: list[bytes], start: int = 0, esn: bool = True) -> list[bytes]:
+    return sa(esn, seq=start).seal_many(packets)
+
+
+# -- ESP ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("esn", "start"), [(True, 0), (True, 2**32 - 3), (False, 0), (False, 2**32 - 20)])
+def test_seal_padded_is_seal_many_as_pairs(esn: bool, start: int) -> None:
+    packets = [os.urandom(n) for n in (40, 41, 42, 43, 1400, 1400, 7)]
+    a, b = sa(esn, seq=start), sa(esn, seq=start)
+    pairs = a.seal_padded([p + trailer(len(p)) for p in packets], Pairs())
+    assert [pairs[i] + pairs[i + 1] for i in range(0, len(pairs), 2)] == b.seal_many(packets)
+    assert a.seq == b.seq == start + len(packets)
+    assert all(len(pairs[i]) == 16 for i in range(0, len(pairs), 2))
+
+
+def test_seal_padded_checks_the_limit_before_sealing() -> None:
+    s = sa(esn=False, seq=2**32 - 2)
+    with pytest.raises(Exception, match="exhausted"):
+        s.seal_padded([b"x" * 40 + trailer(40)] * 3, [])
+    assert s.seq == 2**32 - 2
+
+
+@pytest.mark.parametrize(("esn", "start"), [(True, 0), (True, 5000), (True, 2**32 - 10), (False, 0),
+                                             (False, 2**32 - 30)])
+@pytest.mark.parametrize("tail", [1400, 1397, 100, 40])
+def test_open_run_is_open_many(esn: bool, start: int, tail: int) -> None:
+    """In-order runs, across the 2**32 boundary of the ESN counter, with every kind of last datagram."""
+    packets = [os.urandom(1400) for _ in range(20)] + [os.urandom(tail)]
+    wires = wires_of(packets, start, esn)
+    fast, ref = sa(esn, top=start), sa(esn, top=start)
+    opened = fast.open_run(b"".join(wires), len(wires[0]))
+    assert opened is not None
+    assert RxRun(*opened).packets() == ref.open_many(wires) == packets
+    assert fast.replay.snapshot() == ref.replay.snapshot()
+    assert fast.rx_dropped == 0
+
+
+def _refused(rx: SecurityAssociation, data: bytes, size: int) -> None:
+    before = (rx.replay.snapshot(), rx.rx_auth_fail, rx.rx_malformed, rx.rx_replay, rx.rx_dummy)
+    assert rx.open_run(data, size) is None
+    assert (rx.replay.snapshot(), rx.rx_auth_fail, rx.rx_malformed, rx.rx_replay, rx.rx_dummy) == before
+
+
+def test_open_run_refuses_and_changes_nothing_unless_everything_is_in_order() -> None:
+    packets = [os.urandom(1400) for _ in range(10)]
+    wires = wires_of(packets, 100)
+    size = len(wires[0])
+    rx = sa(top=100)
+    # Any flipped bit anywhere: header (SPI, sequence, IV), ciphertext, ICV.
+    data = b"".join(wires)
+    for pos in (0, 5, 12, 16, 700, size - 1, 5 * size + 3, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        _refused(rx, bytes(bad), size)
+    _refused(rx, b"".join(wires[:3] + wires[4:]), size)  # a gap
+    _refused(rx, b"".join(wires[:3] + wires[2:]), size)  # a duplicate
+    _refused(rx, b"".join(wires[1:] + wires[:1]), size)  # out of order
+    _refused(rx, b"".join(wires[:1]), size)  # one datagram is not a run
+    other = SecurityAssociation(0x2000, KEY, SALT)
+    other.seq = 100
+    _refused(rx, b"".join(wires[:5] + other.seal_many(packets[5:])), size)  # another SPI inside
+    _refused(rx, b"".join(wires[:5] + wires[5:6]) + b"\0" * 3, size)  # a tail not 4-byte aligned
+    assert rx.open_run(data, size) is not None
+    _refused(rx, data, size)  # replayed as a whole
+    # The per-packet path then sorts out what is wrong and counts it.
+    ref = sa(top=100)
+    assert ref.open_many(wires[:3] + wires[2:]) == packets
+    assert ref.rx_replay == 1
+
+
+def test_open_run_refuses_padding_it_does_not_expect() -> None:
+    tx = sa()
+    packets = [os.urandom(1400) for _ in range(4)]
+    wires = [*tx.seal_many(packets[:2]), tx.seal(packets[2], next_header=NH_NONE), *tx.seal_many(packets[3:])]
+    _refused(sa(), b"".join(wires), len(wires[0]))  # a dummy packet inside: per-packet path
+    # Different inner lengths in the full slots (one pad length per run is the fast case).
+    mixed = [os.urandom(1400), os.urandom(1399), os.urandom(1400)]
+    w = sa().seal_many(mixed)
+    assert len({len(x) for x in w}) == 1
+    _refused(sa(), b"".join(w), len(w[0]))
+    assert sa().open_many(w) == mixed
+
+
+@settings(max_examples=200, deadline=None)
+@given(top=st.integers(0, 2**40), gap=st.integers(1, 20_000), count=st.integers(1, 64))
+def test_commit_run_is_commit_one_by_one(top: int, gap: int, count: int) -> None:
+    a, b = ReplayWindow(), ReplayWindow()
+    for w in (a, b):
+        if top:
+            assert w.commit(top)
+            w.commit(max(1, top - 70))
+    first = top + gap
+    a.commit_run(first, count)
+    for s in range(first, first + count):
+        assert b.commit(s)
+    assert a.snapshot() == b.snapshot()
+
+
+def test_commit_run_refuses_what_is_not_a_fresh_run() -> None:
+    w = ReplayWindow()
+    w.commit(100)
+    for first, count in ((100, 2), (50, 2), (101, 0), (101, 9000)):
+        with pytest.raises(ValueError):
+            w.commit_run(first, count)
+    assert w.top == 100
+
+
+# -- segmentation and coalescing ---------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(nseg=st.integers(2, 48), extra=st.integers(0, MSS), seq=st.integers(0, 2**32 - 1),
+       flags=st.sampled_from([ACK, ACK | PSH, ACK | FIN, ACK | PSH | FIN, ACK | CWR, ACK | CWR | PSH]),
+       options=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(range(8))]))
+def test_segment_run_is_segment(nseg: int, extra: int, seq: int, flags: int, options: bytes) -> None:
+    if nseg * MSS + extra + 60 + len(options) > 65535:
+        nseg -= 2
+    sp = superpacket(nseg, extra, seq=seq, flags=flags, options=options)
+    vnet = gso_header(sp, MSS)
+    ref = segment(vnet, sp)
+    run = segment_run(vnet, sp, trailer)
+    assert run is not None
+    assert run.packets() == ref
+    assert all(bytes(s).endswith(trailer(len(p))) and len(s) == len(p) + len(trailer(len(p)))
+               for s, p in zip(run.slots, ref, strict=True))
+    assert all(tcp_checksum_ok(p) for p in run.packets())
+    assert run.dst == sp[24:40] and run.nbytes == sum(map(len, ref))
+
+
+def test_segment_run_declines_what_segment_handles_alone() -> None:
+    sp = superpacket(10, 5)
+    assert segment_run(VnetHeader().encode(), sp, trailer) is None  # not GSO
+    assert segment_run(gso_header(sp, 20000), sp, trailer) is None  # one full segment
+    assert segment_run(gso_header(sp, 1339), sp, trailer) is None  # odd segment size
+    v4 = tcp_packet(4, os.urandom(5000), csum="partial")
+    assert segment_run(gso_header(v4, 1000), v4, trailer) is None
+
+
+def _run_of(packets: list[bytes]) -> RxRun:
+    stride = max(map(len, packets)) + 4
+    arena = bytearray(stride * len(packets))
+    for i, p in enumerate(packets):
+        arena[i * stride : i * stride + len(p)] = p
+    return RxRun(arena, stride, [len(p) for p in packets])
+
+
+@pytest.mark.parametrize("extra", [0, 1, 700])
+@pytest.mark.parametrize("flags", [ACK, ACK | PSH | FIN, ACK | CWR])
+def test_coalesce_run_is_coalesce(extra: int, flags: int) -> None:
+    sp = superpacket(30, extra, flags=flags, options=b"\x01\x01\x08\x0a" + bytes(8))
+    segs = segment(gso_header(sp, MSS), sp)
+    iov = coalesce_run(_run_of(segs))
+    assert iov is not None
+    ((hdr, merged),) = coalesce(segs, verify=False)
+    assert bytes(iov[0]) == hdr and b"".join(bytes(x) for x in iov[1:]) == merged
+    # and what the TUN gets back is the superpacket the sender's kernel handed up (payload, headers)
+    assert merged[60 + 12 :] == sp[60 + 12 :]
+
+
+def test_coalesce_run_declines_anything_but_one_in_order_flow() -> None:
+    segs = segment(gso_header(superpacket(6, 100), MSS), superpacket(6, 100))
+    cases = {
+        "reordered": segs[:2] + segs[3:4] + segs[2:3] + segs[4:],
+        "two flows": [*segs[:3], tcp_packet(6, bytes(MSS), seq=1000 + 3 * MSS, sport=1), *segs[4:]],
+        "psh in the middle": [*segs[:2], segs[2][:53] + bytes([ACK | PSH]) + segs[2][54:], *segs[3:]],
+        "syn": [segs[0][:53] + bytes([ACK | SYN]) + segs[0][54:], *segs[1:]],
+        "window changes": [*segs[:2], segs[2][:54] + b"\x7f\xff" + segs[2][56:], *segs[3:]],
+        "one packet": segs[:1],
+        "not tcp": [b"\x60" + bytes(5) + b"\x3b\x40" + bytes(32) + bytes(MSS)] * 3,
+    }
+    for name, pkts in cases.items():
+        assert coalesce_run(_run_of(pkts)) is None, name
+    # The caller's fallback (coalesce) follows the same rules (a window change ends a merge, as the
+    # kernel's tcp_gro_receive compares the whole flag word), and still merges what they allow.
+    merged = coalesce(cases["window changes"], verify=False)
+    assert [VnetHeader.decode(h).gso_type for h, _ in merged] == [4, GSO_NONE, 4]  # 0-1 | 2 | 3-6
+    assert [h[1] for h in coalesce(cases["reordered"], verify=False)] != [GSO_NONE] * 6
+
+
+# -- the tunnel core ---------------------------------------------------------------------------------------
+
+
+A_ULA = ipaddress.IPv6Address("fd00:1::a")
+B_ULA = ipaddress.IPv6Address("fd00:1::b")
+
+
+def _established() -> Net:
+    """Two cores with a confirmed session, from the in-memory simulation."""
+    net = Net(1, gro=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            net.start(nursery)
+            net.send(net.a, 0)
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    assert net.confirmed_pair()
+    return net
+
+
+def test_inbound_gro_opens_a_run_whole_and_checks_every_inner_source() -> None:
+    net = _established()
+    a, b = net.a, net.b
+    now = 2.0
+    good = [tcp_packet(6, os.urandom(1000), seq=i) for i in range(8)]
+    good = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in good]
+    sends = a.core.outbound(good, now, WALL)
+    (dest, datagrams), = sends
+    gro = [(b"".join(datagrams), dest, len(datagrams[0]))]
+    tun: list[bytes | RxRun] = []
+    rx_before = b.peer.rx_packets
+    b.core.inbound_gro(gro, now, WALL, tun)
+    (item,) = tun
+    assert isinstance(item, RxRun) and item.packets() == good
+    assert b.peer.rx_packets == rx_before + 8
+    # A spoofed inner source inside a run: that packet alone is dropped and counted.
+    spoofed = [*good[:3], good[3][:8] + ipaddress.IPv6Address("fd00:1::c").packed + good[3][24:], *good[4:]]
+    (dest, datagrams), = a.core.outbound(spoofed, now, WALL)
+    tun = []
+    b.core.inbound_gro([(b"".join(datagrams), dest, len(datagrams[0]))], now, WALL, tun)
+    assert tun == good[:3] + good[4:]
+    assert b.peer.dropped_spoofed == 1
+
+
+def test_inbound_gro_keeps_arrival_order_between_single_datagrams_and_runs() -> None:
+    net = _established()
+    a, b = net.a, net.b
+    now = 2.0
+    pkts = [tcp_packet(6, os.urandom(500), seq=i) for i in range(9)]
+    pkts = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in pkts]
+    (dest, w), = a.core.outbound(pkts, now, WALL)
+    batch = [(w[0], dest, 0), (b"".join(w[1:5]), dest, len(w[1])), (w[5], dest, 0),
+             (b"".join(w[7:9]), dest, len(w[7])), (w[6], dest, 0)]  # 6 arrives after 7 and 8
+    tun: list[bytes | RxRun] = []
+    b.core.inbound_gro(batch, now, WALL, tun)
+    flat = [p for item in tun for p in (item.packets() if isinstance(item, RxRun) else (item,))]
+    assert flat == pkts[:6] + pkts[7:9] + pkts[6:7]
+    assert sum(isinstance(item, RxRun) for item in tun) == 2
+
+
+def test_outbound_seals_a_txrun_as_pairs_in_order_with_loose_packets() -> None:
+    net = _established()
+    a, b = net.a, net.b
+    now = 2.0
+    sp = superpacket(5, 77)
+    sp = sp[:8] + A_ULA.packed + B_ULA.packed + sp[40:]
+    run = segment_run(gso_header(sp, MSS), sp, trailer)
+    assert isinstance(run, TxRun)
+    loose = [tcp_packet(6, b"ack", seq=7)]
+    loose = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in loose]
+    sends = a.core.outbound([loose[0], run, loose[0]], now, WALL)
+    assert [type(d) for _, d in sends] == [list, Pairs, list]
+    datagrams = []
+    for _, d in sends:
+        datagrams += [d[i] + d[i + 1] for i in range(0, len(d), 2)] if isinstance(d, Pairs) else d
+    tun: list[bytes] = []
+    b.core.inbound([(d, sends[0][0]) for d in datagrams], now, WALL, tun)
+    assert tun == loose + run.packets() + loose
+
+
+# -- UDP ------------------------------------------------------------------------------------------------
+
+
+def test_send_pairs_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> None:
+    """Over loopback: Pairs go out as GSO sends of whole datagrams (header and body joined), and a GRO
+    receive is handed up as one buffer with its segment size."""
+    bodies = [os.urandom(1400) for _ in range(70)] + [os.urandom(333)]
+    iov = Pairs()
+    for i, body in enumerate(bodies):
+        iov += [struct.pack("!IIQ", 0x1000, i + 1, i + 1), body]
+    got: list[tuple[bytes, tuple[str, int], int]] = []
+    flags: dict[str, bool] = {}
+
+    async def main() -> None:
+        rx = UDPTransport(0, "::1")
+        tx = UDPTransport(0, "::1")
+        try:
+            await tx.send_pairs(iov, ("::1", rx.local_port))
+            with trio.fail_after(5):
+                while sum(-(-len(d) // s) if s else 1 for d, _, s in got) < len(bodies):
+                    await rx.wait_readable()
+                    rx.recv_runs(got)
+            flags.update(gro=rx.gro, gso=tx.gso)
+        finally:
+            rx.close()
+            tx.close()
+
+    trio.run(main)
+    datagrams = []
+    for data, _src, size in got:
+        datagrams += [data[o : o + size] for o in range(0, len(data), size)] if size else [data]
+    assert datagrams == [iov[i] + iov[i + 1] for i in range(0, len(iov), 2)]
+    if flags["gro"] and flags["gso"]:
+        assert any(size for _, _, size in got)  # loopback merged at least one burst

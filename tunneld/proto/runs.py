@@ -1,0 +1,50 @@
+"""Runs: many packets of one flow handled as one object on the offload fast path (issue 6).
+
+A TCP superpacket from the TUN becomes one `TxRun` (its segments, each already followed by its ESP
+trailer, laid out in one buffer), is sealed by `SecurityAssociation.seal_padded` into `Pairs` (the
+iovecs of one UDP GSO send), and a UDP GRO receive that opens in one piece
+(`SecurityAssociation.open_run`) becomes one `RxRun` that the TUN writes as one coalesced superpacket.
+Everything per packet happens inside C-level `map` calls and NumPy column operations, so Python pays
+per run, not per packet. Anything that does not fit a run takes the per-packet path, which stays the
+reference for behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class TxRun:
+    """Segments of one superpacket, all to `dst` (16 bytes, the inner IPv6 destination): each slot is an
+    inner packet followed by its ESP trailer (`crypto.esp.trailer`). `nbytes` counts the inner bytes."""
+
+    dst: bytes
+    slots: list[memoryview | bytes]
+    nbytes: int
+
+    def packets(self) -> list[bytes]:
+        """The inner packets without their trailers (for the slow paths: staging before a handshake)."""
+        return [bytes(s[: len(s) - 2 - s[-2]]) for s in self.slots]
+
+
+@dataclass(slots=True)
+class RxRun:
+    """Opened packets of one security association from one source: packet i is
+    `arena[i * stride : i * stride + lengths[i]]`."""
+
+    arena: bytearray
+    stride: int
+    lengths: list[int]
+
+    def packets(self) -> list[bytes]:
+        mv = memoryview(self.arena)
+        st = self.stride
+        return [bytes(mv[i * st : i * st + n]) for i, n in enumerate(self.lengths)]
+
+
+class Pairs(list[bytes]):
+    """Datagrams given as two buffers each, ESP header then body, to be concatenated by one `sendmsg`:
+    items 2i and 2i+1 are datagram i. All datagrams but the last have the same size (a GSO run)."""
+
+    __slots__ = ()
