@@ -72,6 +72,9 @@ class Tun:
         self.mtu = mtu
         self.read_errors = 0
         self.offload_errors = 0  # superpackets that could not be segmented (dropped)
+        self._vnet = bytearray(VNET_HDR_LEN)
+        self._packet = bytearray(MAX_PACKET)
+        self._view = memoryview(self._packet)
 
     def configure(self, address: ipaddress.IPv6Address, prefix: ipaddress.IPv6Network) -> None:
         """Address /128, the account's prefix routed to us, MTU, link up (via netlink)."""
@@ -123,20 +126,24 @@ class Tun:
         n = 0
         for _ in range(max_reads // 8 or 1):  # a read may be a 64 KB superpacket: fewer reads per wakeup
             try:
-                data = os.read(fd, VNET_HDR_LEN + MAX_PACKET)
+                # Into buffers kept across reads: a superpacket is copied once more at most (into its
+                # run's buffer), never allocated per read and sliced off its header.
+                got = os.readv(fd, (self._vnet, self._packet)) - VNET_HDR_LEN
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self.read_errors += 1
                 break
             try:
-                vnet = data[:VNET_HDR_LEN]
-                packet = data[VNET_HDR_LEN:]
-                if data[1] and (run := segment_run(vnet, packet, trailer)) is not None:  # [1]: gso_type
+                if got < 0:
+                    raise ParseError("truncated")
+                vnet = self._vnet
+                # vnet[1] is the GSO type: only a superpacket can be a run
+                if vnet[1] and (run := segment_run(vnet, self._view[:got], trailer)) is not None:
                     out.append(run)
                     n += len(run.slots)
                     continue
-                segments = segment(vnet, packet)
+                segments = segment(bytes(vnet), bytes(self._view[:got]))
             except ParseError:
                 self.offload_errors += 1
                 continue

@@ -33,7 +33,7 @@ class RxRun:
     """Opened packets of one security association from one source: packet i is
     `arena[i * stride : i * stride + lengths[i]]`."""
 
-    arena: bytearray
+    arena: bytearray | memoryview
     stride: int
     lengths: list[int]
 

@@ -254,7 +254,7 @@ class TunnelCore:
         self._authenticated(peer, session, src, now, wall, sends)
         # Cryptokey routing for every packet at once: each inner source must be the peer's ULA.
         srcs = np.ndarray((k, 16), np.uint8, arena, 8, (stride, 1))
-        if min(lengths) >= 40 and (srcs == np.frombuffer(peer.ula, np.uint8)).all():
+        if min(lengths) >= 40 and srcs.tobytes() == peer.ula * k:
             tun_out.append(RxRun(arena, stride, lengths))
             peer.rx_packets += k
             peer.rx_bytes += sum(lengths)
