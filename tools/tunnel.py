@@ -35,7 +35,7 @@ class Node:
     log: Path = field(default_factory=Path)
     extra: str = ""  # more TOML appended to the config (e.g. a [timers] table)
     name: str = ""  # the name the other node's config gives this one (default: the host's)
-    offload: bool = False  # [interface] offload: TUN segmentation offload
+    offload: bool = True  # [interface] offload: TUN segmentation offload (the default, as in tunneld)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.host.name
@@ -221,7 +221,7 @@ def ssh(lab: Lab, src: Node, dst: Node, key: Path, known: Path,
 
 
 @contextlib.contextmanager
-def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: bool = False,
+def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: bool = True,
                  a_args: Sequence[str] = (),
                  b_args: Sequence[str] = (), b_env: dict[str, str] | None = None,
                  before_start: Callable[[Lab, Node, Node], None] | None = None,

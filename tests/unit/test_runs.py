@@ -18,12 +18,21 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.esp import NH_NONE, SecurityAssociation, trailer
+from crypto.esp import NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
 from crypto.replay import ReplayWindow
 from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
 from tests.unit.test_tunnel_core import Net, run
-from tunneld.net.offload import GSO_NONE, VnetHeader, coalesce, coalesce_run, segment, segment_run
-from tunneld.net.udp import UDPTransport
+from tunneld.net.offload import (
+    GSO_NONE,
+    VNET_HDR_LEN,
+    VnetHeader,
+    coalesce,
+    coalesce_run,
+    segment,
+    segment_run,
+)
+from tunneld.net.tun import MAX_TCP_HEADERS, Tun, gso_max_size_for
+from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UDPTransport
 from tunneld.proto.runs import Pairs, RxRun, TxRun
 
 KEY = bytes(range(32))
@@ -343,3 +352,45 @@ def test_send_pairs_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> 
     assert datagrams == [iov[i] + iov[i + 1] for i in range(0, len(iov), 2)]
     if flags["gro"] and flags["gso"]:
         assert any(size for _, _, size in got)  # loopback merged at least one burst
+
+
+@pytest.mark.parametrize("mtu", [1280, 1400, 1420, 1500, 9000])
+def test_a_superpacket_of_the_chosen_size_fits_one_gso_send(mtu: int) -> None:
+    """With the TUN's gso_max_size from gso_max_size_for, every superpacket (any TCP header length)
+    splits into segments that, sealed, fit one UDP GSO send: one sendmsg, one run at the peer."""
+    g = gso_max_size_for(mtu)
+    for hl in range(60, MAX_TCP_HEADERS + 1, 4):
+        segments = -(-(g - hl) // (mtu - hl))
+        assert segments * (mtu + OVERHEAD_MAX) <= MAX_GSO_BYTES, (hl, segments)
+        assert segments <= MAX_GSO_SEGMENTS
+    assert -(-(g - 72) // (mtu - 72)) >= MAX_GSO_BYTES // (mtu + OVERHEAD_MAX) - 1  # and not much smaller
+
+
+def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() -> None:
+    """Tun.write_batch with offload: loose packets, a mergeable run (one writev of the merged
+    superpacket) and a run that is not one flow (merged by coalesce instead), in arrival order. The
+    device is a pipe here, so the test reads back exactly the byte stream the writes produced."""
+    segs = segment(gso_header(superpacket(4, 9), MSS), superpacket(4, 9))
+    other = segment(gso_header(superpacket(3, 0, seq=9), MSS), superpacket(3, 0, seq=9))
+    broken = _run_of([other[0], other[2], other[1]])  # reordered: coalesce_run declines
+    loose = tcp_packet(6, b"loose")
+    r, w = os.pipe()
+    try:
+        tun = Tun.__new__(Tun)
+        tun.offload, tun.fd = True, w
+        assert tun.write_batch([loose, _run_of(segs), broken, loose]) == 0
+        os.close(w)
+        w = -1
+        got = b""
+        while chunk := os.read(r, 1 << 20):
+            got += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    none = bytes(VNET_HDR_LEN)
+    want = none + loose
+    want += b"".join(bytes(x) for x in coalesce_run(_run_of(segs)) or [])
+    want += b"".join(h + p for h, p in coalesce([other[0], other[2], other[1]], verify=False))
+    want += none + loose
+    assert got == want

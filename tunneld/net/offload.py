@@ -29,13 +29,14 @@ for a 1400-byte payload: ``int.from_bytes % 0xFFFF`` 1.9 µs; ``sum(memoryview.c
 before the modulo 1.7-2.7 µs (no clear win, so not used). For 64 KB: 85 µs vs 177 µs for the cast. The
 final checksum of a non-zero sum ``total`` is ``(-total) % 0xFFFF``: that is ``~fold(total)`` with the
 kernel's canonical choice between the two zeros (a non-zero sum folds to 1..0xFFFF, never 0, so the
-checksum is never 0xFFFF). A vectorised NumPy sum over all segments at once would be faster still, but
-NumPy is not a dependency.
+checksum is never 0xFFFF). Where many segments are summed at once (``_segment_sums``, ``_row_sums``)
+NumPy sums all of them in one vectorised pass.
 
-Measured end to end (same VM, noisy, best of 5): segmenting a 63 KB superpacket into 46 segments of
-1400 bytes costs 130-150 µs (2.8-3.3 µs per segment, of which ~2 µs is the payload checksum);
-coalescing 45 such segments 160-190 µs with checksum verification (3.5-4.2 µs per segment) and
-40-45 µs with ``verify=False`` (0.9-1.0 µs per segment).
+Two forms of each operation: ``segment`` and ``coalesce`` work packet by packet on anything and are the
+reference; ``segment_run`` and ``coalesce_run`` are the fast path for the common case (one IPv6 TCP flow
+in order), with the per-segment fields written and checked as NumPy columns, and are tested to give
+the same bytes. Measured here (CPython 3.11, 44-46 segments of 1340 bytes): ``segment`` 59 µs,
+``segment_run`` 17-22 µs; ``coalesce(verify=False)`` 40-64 µs, ``coalesce_run`` 9 µs.
 """
 
 from __future__ import annotations

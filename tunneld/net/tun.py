@@ -18,8 +18,9 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from crypto.esp import trailer
+from crypto.esp import OVERHEAD_MAX, trailer
 from tunneld.net.offload import VNET_HDR_LEN, coalesce, coalesce_run, segment, segment_run
+from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS
 from tunneld.proto.errors import ParseError
 from tunneld.proto.runs import RxRun, TxRun
 
@@ -27,6 +28,22 @@ MAX_PACKET: Final = 65535
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
 # default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
 TX_QUEUE_LEN: Final = 1000
+
+
+MAX_TCP_HEADERS: Final = 40 + 60  # IPv6 header and the longest TCP header (RFC 9293 §3.1: 15 words)
+
+
+def gso_max_size_for(mtu: int) -> int:
+    """The largest superpacket the kernel may hand us, so that all its segments, sealed, fit one UDP GSO
+    send (`MAX_GSO_BYTES`): then one superpacket is one sendmsg, one GRO receive at the peer, one run
+    and one TUN write there, instead of a full batch and a small remainder with the per-run costs twice.
+
+    With S = MAX_GSO_BYTES // (mtu + ESP overhead) datagrams per send, a superpacket of G bytes with
+    h bytes of headers has ceil((G - h) / (mtu - h)) segments, at most S for every h up to
+    MAX_TCP_HEADERS when G = S * mtu - (S - 1) * MAX_TCP_HEADERS (58600 for MTU 1400: 44 segments of
+    1328 bytes with TCP timestamps, the Linux default, instead of 49 that need two sends)."""
+    per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // (mtu + OVERHEAD_MAX))
+    return max(mtu, per_send * mtu - (per_send - 1) * MAX_TCP_HEADERS)
 
 
 class TunError(Exception):
@@ -72,6 +89,7 @@ class Tun:
         self.mtu = mtu
         self.read_errors = 0
         self.offload_errors = 0  # superpackets that could not be segmented (dropped)
+        self.gso_max_size: int | None = None  # what we limited the kernel's superpackets to, if we could
         self._vnet = bytearray(VNET_HDR_LEN)
         self._packet = bytearray(MAX_PACKET)
         self._view = memoryview(self._packet)
@@ -92,6 +110,12 @@ class Tun:
                 raise TunError(f"TUN device {self.name} vanished")
             index = idx[0]
             ip.link("set", index=index, mtu=self.mtu, txqlen=TX_QUEUE_LEN)
+            if self.offload:
+                try:
+                    ip.link("set", index=index, gso_max_size=gso_max_size_for(self.mtu))
+                    self.gso_max_size = gso_max_size_for(self.mtu)
+                except NetlinkError:
+                    pass  # an older kernel: superpackets then sometimes take two sends, and still work
             ip.addr("add", index=index, address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
             ip.link("set", index=index, state="up")
             ip.route("add", dst=str(prefix.network_address), dst_len=prefix.prefixlen, oif=index)
