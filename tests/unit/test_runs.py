@@ -372,13 +372,15 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     device is a pipe here, so the test reads back exactly the byte stream the writes produced."""
     segs = segment(gso_header(superpacket(4, 9), MSS), superpacket(4, 9))
     other = segment(gso_header(superpacket(3, 0, seq=9), MSS), superpacket(3, 0, seq=9))
-    broken = _run_of([other[0], other[2], other[1]])  # reordered: coalesce_run declines
+    changed = [other[0], other[1], other[2][:54] + b"\x7f\xff" + other[2][56:]]  # the window changes
+    broken = _run_of(changed)  # coalesce_run declines; coalesce merges the first two
     loose = tcp_packet(6, b"loose")
     r, w = os.pipe()
     try:
         tun = Tun.__new__(Tun)
-        tun.offload, tun.fd = True, w
+        tun.offload, tun.fd, tun.superpackets_written = True, w, 0
         assert tun.write_batch([loose, _run_of(segs), broken, loose]) == 0
+        assert tun.superpackets_written == 2  # the run, and the broken run merged by coalesce
         os.close(w)
         w = -1
         got = b""
@@ -391,6 +393,6 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     none = bytes(VNET_HDR_LEN)
     want = none + loose
     want += b"".join(bytes(x) for x in coalesce_run(_run_of(segs)) or [])
-    want += b"".join(h + p for h, p in coalesce([other[0], other[2], other[1]], verify=False))
+    want += b"".join(h + p for h, p in coalesce(changed, verify=False))
     want += none + loose
     assert got == want

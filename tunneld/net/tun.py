@@ -89,6 +89,7 @@ class Tun:
         self.mtu = mtu
         self.read_errors = 0
         self.offload_errors = 0  # superpackets that could not be segmented (dropped)
+        self.superpackets_written = 0  # coalesced writes (GSO) with offload, runs or not
         self.gso_max_size: int | None = None  # what we limited the kernel's superpackets to, if we could
         self._vnet = bytearray(VNET_HDR_LEN)
         self._packet = bytearray(MAX_PACKET)
@@ -207,6 +208,7 @@ class Tun:
                 for hdr, pkt in coalesce(loose, verify=False):
                     try:
                         writev(fd, (hdr, pkt))
+                        self.superpackets_written += hdr[1] != 0  # [1]: the GSO type
                     except OSError:
                         dropped += 1
                 loose = []
@@ -218,6 +220,7 @@ class Tun:
                 continue
             try:
                 writev(fd, iov)
+                self.superpackets_written += 1
             except OSError:
                 dropped += 1
         return dropped

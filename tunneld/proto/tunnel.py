@@ -49,6 +49,11 @@ class Counters:
     rx_handshake: int = 0
     tx_no_route: int = 0
     tx_no_endpoint: int = 0
+    # The fast path's share: runs sealed / opened in one piece, and the datagrams they held.
+    tx_runs: int = 0
+    tx_run_datagrams: int = 0
+    rx_runs: int = 0
+    rx_run_datagrams: int = 0
 
 
 class TunnelCore:
@@ -144,6 +149,8 @@ class TunnelCore:
                 self._seal_loose(peer, sa, loose, sends)
                 loose = []
             sends.append((peer.endpoint, sa.seal_padded(p.slots, Pairs())))
+            self.counters.tx_runs += 1
+            self.counters.tx_run_datagrams += len(p.slots)
             peer.tx_packets += len(p.slots)
             peer.tx_bytes += p.nbytes
         if loose:
@@ -250,7 +257,10 @@ class TunnelCore:
             return False
         arena, stride, lengths = opened
         k = len(lengths)
-        self.counters.rx_datagrams += k
+        c = self.counters
+        c.rx_datagrams += k
+        c.rx_runs += 1
+        c.rx_run_datagrams += k
         self._authenticated(peer, session, src, now, wall, sends)
         # Cryptokey routing for every packet at once: each inner source must be the peer's ULA.
         srcs = np.ndarray((k, 16), np.uint8, arena, 8, (stride, 1))
