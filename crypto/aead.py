@@ -62,7 +62,7 @@ class AEAD:
     ESP batch loops can bind them to locals and skip one call layer per packet.
     """
 
-    __slots__ = ("decrypt", "decrypt_into", "encrypt", "salt", "suite")
+    __slots__ = ("decrypt", "decrypt_into", "encrypt", "encrypt_into", "salt", "suite")
 
     def __init__(self, suite: str | Suite, key: bytes, salt: bytes) -> None:
         s = suite if isinstance(suite, Suite) else get_suite(suite)
@@ -76,6 +76,7 @@ class AEAD:
         self.encrypt = ctx.encrypt
         self.decrypt = ctx.decrypt
         self.decrypt_into = ctx.decrypt_into  # (nonce, data, aad, out): plaintext into a caller's buffer
+        self.encrypt_into = ctx.encrypt_into  # (nonce, data, aad, out): ciphertext and ICV into it
 
     @classmethod
     def from_keymat(cls, suite: str, keymat: bytes) -> AEAD:

@@ -65,6 +65,7 @@ def trailer(length: int, next_header: int = NH_IPV6) -> bytes:
 
 
 _RUN_SLICES: dict[tuple[int, int, int], tuple[list[slice], list[slice]]] = {}  # open_run's slices by shape
+_SEAL_SLICES: dict[tuple[int, int, int], list[slice]] = {}  # seal_run's, by shape
 
 
 @functools.cache
@@ -188,37 +189,50 @@ class SecurityAssociation:
         self.seq = seq
         return out
 
-    def seal_padded(self, plaintexts: Sequence[Buffer], out: list[bytes]) -> list[bytes]:
-        """Encrypt plaintexts that already end in their ESP trailer (see `trailer`), appending each
-        packet to `out` as two buffers, the 16-byte header then ciphertext and ICV: `out` is the iovec
-        list of one UDP GSO `sendmsg`, with no copy of any packet after encryption.
+    def seal_run(self, plaintexts: Sequence[Buffer]) -> tuple[memoryview, int]:
+        """Encrypt plaintexts that already end in their ESP trailer (see `trailer`), all of one length
+        but the last, which may be shorter, into one buffer of datagrams back to back: returns the buffer
+        and the datagram size, which is what one UDP GSO `sendmsg` takes (one iovec, no other copy).
 
         This is the vectorised form of `seal_many` for the offload path, where the segmenter lays the
-        plaintexts out in one buffer. Every per-packet step (nonce, AAD, header, encryption) runs inside
-        a C-level `map`, so no Python bytecode runs per packet; the wire bytes are identical to
-        `seal_many`'s for the same sequence numbers (tests/unit/test_esp.py)."""
+        plaintexts out in one buffer. The headers are written as NumPy columns and every per-packet step
+        (nonce, AAD, encryption into its place) runs inside a C-level `map`, so no Python bytecode runs
+        per packet; the wire bytes are identical to `seal_many`'s for the same sequence numbers
+        (tests/unit/test_runs.py). Raises ESPError once the sequence number space is used up, and
+        ValueError for plaintexts of unequal lengths (before the last)."""
         k = len(plaintexts)
         if not k:
-            return out
+            raise ValueError("nothing to seal")
+        first, last = len(plaintexts[0]), len(plaintexts[-1])
+        if last > first or (k > 2 and set(map(len, plaintexts[1:-1])) != {first}):
+            raise ValueError("a run's plaintexts are all of one length but the last")
         if self.seq + k > self.limit:
             raise ESPError("sequence number space exhausted: the SA must be rekeyed")
+        size = HEADER_LEN + first + ICV_LEN
+        total = (k - 1) * size + HEADER_LEN + last + ICV_LEN
+        key = (k, size, total)
+        outs = _SEAL_SLICES.get(key)
+        if outs is None:
+            if len(_SEAL_SLICES) > 256:
+                _SEAL_SLICES.clear()
+            outs = [slice(i * size + HEADER_LEN, (i + 1) * size) for i in range(k - 1)]
+            outs.append(slice((k - 1) * size + HEADER_LEN, total))
+            _SEAL_SLICES[key] = outs
+        buf = np.empty(total, np.uint8)  # every byte is written below: headers, then ciphertexts
         s0 = self.seq + 1
-        seqs = range(s0, s0 + k)
+        seqs = np.arange(s0, s0 + k, dtype=np.uint64)
+        hdrs = np.ndarray((k,), _HDR_DTYPE, buf, 0, (size,))
+        hdrs["spi"] = self.spi
+        hdrs["lo"] = seqs & np.uint64(_M32)
+        hdrs["iv"] = seqs
         spi = self.spi
-        if not self.esn:
-            los: Iterable[int] = seqs
-            aads = map(_AAD.pack, repeat(spi, k), seqs)
-        else:
-            lo0 = s0 & _M32
-            los = range(lo0, lo0 + k) if lo0 + k <= _2_32 else [s & _M32 for s in seqs]
-            aads = map(_AAD_ESN.pack, repeat(spi, k), seqs)
-        nonces = map(_NONCE.pack, repeat(self._aead.salt, k), seqs)
-        iov: list[bytes] = [b""] * (2 * k)
-        iov[0::2] = list(map(_HDR.pack, repeat(spi, k), los, seqs))
-        iov[1::2] = list(map(self._aead.encrypt, nonces, plaintexts, aads))
+        r = range(s0, s0 + k)
+        aads = map(_AAD_ESN.pack, repeat(spi, k), r) if self.esn else map(_AAD.pack, repeat(spi, k), r)
+        nonces = map(_NONCE.pack, repeat(self._aead.salt, k), r)
+        out = buf.data
+        list(map(self._aead.encrypt_into, nonces, plaintexts, aads, map(out.__getitem__, outs)))
         self.seq = s0 + k - 1
-        out.extend(iov)
-        return out
+        return out, size
 
     # -- receiving ----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from tunneld.net import links
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.proto.natpmp import Endpoint
-from tunneld.proto.runs import Pairs, RxRun, TxRun
+from tunneld.proto.runs import Burst, RxRun, TxRun
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
@@ -103,8 +103,8 @@ class Daemon:
     async def _send(self, sends: Sends) -> None:
         assert self.udp is not None
         for dest, datagrams in sends:
-            if type(datagrams) is Pairs:
-                await self.udp.send_pairs(datagrams, dest)
+            if isinstance(datagrams, Burst):
+                await self.udp.send_burst(datagrams.buf, datagrams.size, dest)
             else:
                 await self.udp.send_batch(datagrams, dest)
         while self.core.events:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import struct
 
 import pytest
 import trio
@@ -33,7 +32,7 @@ from tunneld.net.offload import (
 )
 from tunneld.net.tun import MAX_TCP_HEADERS, Tun, gso_max_size_for
 from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UDPTransport
-from tunneld.proto.runs import Pairs, RxRun, TxRun
+from tunneld.proto.runs import Burst, RxRun, TxRun
 
 KEY = bytes(range(32))
 SALT = bytes.fromhex("a0a1a2a3")
@@ -62,20 +61,26 @@ def wires_of(packets: list[bytes], start: int = 0, esn: bool = True) -> list[byt
 
 
 @pytest.mark.parametrize(("esn", "start"), [(True, 0), (True, 2**32 - 3), (False, 0), (False, 2**32 - 20)])
-def test_seal_padded_is_seal_many_as_pairs(esn: bool, start: int) -> None:
-    packets = [os.urandom(n) for n in (40, 41, 42, 43, 1400, 1400, 7)]
+@pytest.mark.parametrize("lengths", [[1400] * 7 + [1397], [1401] * 3, [40, 40], [1400, 7]])
+def test_seal_run_is_seal_many_back_to_back(esn: bool, start: int, lengths: list[int]) -> None:
+    packets = [os.urandom(n) for n in lengths]
     a, b = sa(esn, seq=start), sa(esn, seq=start)
-    pairs = a.seal_padded([p + trailer(len(p)) for p in packets], Pairs())
-    assert [pairs[i] + pairs[i + 1] for i in range(0, len(pairs), 2)] == b.seal_many(packets)
+    buf, size = a.seal_run([p + trailer(len(p)) for p in packets])
+    wires = b.seal_many(packets)
+    assert size == len(wires[0]) and bytes(buf) == b"".join(wires)
+    assert Burst(buf, size).datagrams() == wires
     assert a.seq == b.seq == start + len(packets)
-    assert all(len(pairs[i]) == 16 for i in range(0, len(pairs), 2))
 
 
-def test_seal_padded_checks_the_limit_before_sealing() -> None:
+def test_seal_run_checks_the_limit_and_the_lengths_before_sealing() -> None:
     s = sa(esn=False, seq=2**32 - 2)
     with pytest.raises(Exception, match="exhausted"):
-        s.seal_padded([b"x" * 40 + trailer(40)] * 3, [])
-    assert s.seq == 2**32 - 2
+        s.seal_run([b"x" * 40 + trailer(40)] * 3)
+    s = sa()
+    for lengths in ([40, 44, 40], [40, 44], []):
+        with pytest.raises(ValueError):
+            s.seal_run([bytes(n) + trailer(n) for n in lengths])
+    assert s.seq == 0
 
 
 @pytest.mark.parametrize(("esn", "start"), [(True, 0), (True, 5000), (True, 2**32 - 10), (False, 0),
@@ -298,7 +303,7 @@ def test_inbound_gro_keeps_arrival_order_between_single_datagrams_and_runs() -> 
     assert sum(isinstance(item, RxRun) for item in tun) == 2
 
 
-def test_outbound_seals_a_txrun_as_pairs_in_order_with_loose_packets() -> None:
+def test_outbound_seals_a_txrun_as_a_burst_in_order_with_loose_packets() -> None:
     net = _established()
     a, b = net.a, net.b
     now = 2.0
@@ -309,10 +314,10 @@ def test_outbound_seals_a_txrun_as_pairs_in_order_with_loose_packets() -> None:
     loose = [tcp_packet(6, b"ack", seq=7)]
     loose = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in loose]
     sends = a.core.outbound([loose[0], run, loose[0]], now, WALL)
-    assert [type(d) for _, d in sends] == [list, Pairs, list]
-    datagrams = []
+    assert [type(d) for _, d in sends] == [list, Burst, list]
+    datagrams: list[bytes] = []
     for _, d in sends:
-        datagrams += [d[i] + d[i + 1] for i in range(0, len(d), 2)] if isinstance(d, Pairs) else d
+        datagrams += d.datagrams() if isinstance(d, Burst) else d
     tun: list[bytes] = []
     b.core.inbound([(d, sends[0][0]) for d in datagrams], now, WALL, tun)
     assert tun == loose + run.packets() + loose
@@ -321,13 +326,11 @@ def test_outbound_seals_a_txrun_as_pairs_in_order_with_loose_packets() -> None:
 # -- UDP ------------------------------------------------------------------------------------------------
 
 
-def test_send_pairs_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> None:
-    """Over loopback: Pairs go out as GSO sends of whole datagrams (header and body joined), and a GRO
+def test_send_burst_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> None:
+    """Over loopback: a Burst goes out as GSO sends of whole datagrams (split every 64 KB), and a GRO
     receive is handed up as one buffer with its segment size."""
-    bodies = [os.urandom(1400) for _ in range(70)] + [os.urandom(333)]
-    iov = Pairs()
-    for i, body in enumerate(bodies):
-        iov += [struct.pack("!IIQ", 0x1000, i + 1, i + 1), body]
+    bodies = [os.urandom(1416) for _ in range(70)] + [os.urandom(333)]
+    buf = memoryview(b"".join(bodies))
     got: list[tuple[bytes, tuple[str, int], int]] = []
     flags: dict[str, bool] = {}
 
@@ -335,7 +338,7 @@ def test_send_pairs_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> 
         rx = UDPTransport(0, "::1")
         tx = UDPTransport(0, "::1")
         try:
-            await tx.send_pairs(iov, ("::1", rx.local_port))
+            await tx.send_burst(buf, 1416, ("::1", rx.local_port))
             with trio.fail_after(5):
                 while sum(-(-len(d) // s) if s else 1 for d, _, s in got) < len(bodies):
                     await rx.wait_readable()
@@ -349,7 +352,7 @@ def test_send_pairs_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> 
     datagrams = []
     for data, _src, size in got:
         datagrams += [data[o : o + size] for o in range(0, len(data), size)] if size else [data]
-    assert datagrams == [iov[i] + iov[i + 1] for i in range(0, len(iov), 2)]
+    assert datagrams == bodies
     if flags["gro"] and flags["gso"]:
         assert any(size for _, _, size in got)  # loopback merged at least one burst
 

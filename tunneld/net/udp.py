@@ -217,19 +217,18 @@ class UDPTransport:
 
     # -- send -------------------------------------------------------------------------------------
 
-    async def send_pairs(self, iov: Sequence[bytes], dest: Addr) -> None:
-        """Send datagrams given as (header, body) buffer pairs (`tunneld.proto.runs.Pairs`), all the same
-        size but the last: as few GSO sends as the 64 KB limit allows, each a list of iovecs."""
-        count = len(iov) // 2
-        if count == 1 or not self.gso:
-            for i in range(0, len(iov), 2):
-                await self._send(iov[i:i + 2], dest, 0, 2)
+    async def send_burst(self, buf: memoryview, size: int, dest: Addr) -> None:
+        """Send datagrams laid back to back in `buf`, each `size` bytes but the last (a sealed run,
+        `tunneld.proto.runs.Burst`): one GSO sendmsg of one iovec per 64 KB."""
+        n = len(buf)
+        if n <= size or not self.gso:
+            for off in range(0, n, size):
+                await self._send((buf[off:off + size],), dest, 0)
             return
-        size = len(iov[0]) + len(iov[1])
-        per = 2 * max(1, min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size))
-        for start in range(0, len(iov), per):
-            chunk = iov[start:start + per]
-            await self._send(chunk, dest, size if len(chunk) > 2 else 0, 2)
+        step = size * max(1, min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size))
+        for off in range(0, n, step):
+            chunk = buf[off:off + step]
+            await self._send((chunk,), dest, size if len(chunk) > size else 0)
 
     async def send_batch(self, datagrams: Sequence[bytes], dest: Addr) -> None:
         """Send datagrams to one destination in as few system calls as GSO allows."""
@@ -257,8 +256,8 @@ class UDPTransport:
     async def send_one(self, datagram: bytes, dest: Addr) -> None:
         await self._send((datagram,), dest, 0)
 
-    async def _send(self, bufs: Sequence[bytes], dest: Addr, gso_size: int, per: int = 1) -> None:
-        """One sendmsg of `bufs` (`per` buffers make one datagram), as GSO segments of `gso_size`."""
+    async def _send(self, bufs: Sequence[bytes | memoryview], dest: Addr, gso_size: int) -> None:
+        """One sendmsg of `bufs` (concatenated), as GSO segments of `gso_size` if it is not 0."""
         anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", gso_size))] if gso_size else []
         for _ in range(100):  # bounded: a socket that stays unwritable is an error, not a hang
             sock = self.sock
@@ -266,7 +265,7 @@ class UDPTransport:
                 return
             try:
                 sock.sendmsg(bufs, anc, 0, dest)
-                self.sent_datagrams += len(bufs) // per
+                self.sent_datagrams += -(-sum(map(len, bufs)) // gso_size) if gso_size else 1
                 return
             except (BlockingIOError, InterruptedError):
                 await trio.lowlevel.wait_writable(sock)
@@ -274,8 +273,9 @@ class UDPTransport:
                 if gso_size and e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                     # No GSO here (old kernel, or a device without checksum offload): fall back.
                     self.gso = False
-                    for i in range(0, len(bufs), per):
-                        await self._send(bufs[i:i + per], dest, 0, per)
+                    data = b"".join(bufs)
+                    for off in range(0, len(data), gso_size):
+                        await self._send((data[off:off + gso_size],), dest, 0)
                     return
                 # Unreachable peers, no route, and so on: count, drop, go on (the peer's timers
                 # will retry the handshake; a dead endpoint must not kill the data plane).

@@ -1,8 +1,8 @@
 """Runs: many packets of one flow handled as one object on the offload fast path (issue 6).
 
 A TCP superpacket from the TUN becomes one `TxRun` (its segments, each already followed by its ESP
-trailer, laid out in one buffer), is sealed by `SecurityAssociation.seal_padded` into `Pairs` (the
-iovecs of one UDP GSO send), and a UDP GRO receive that opens in one piece
+trailer, laid out in one buffer), is sealed by `SecurityAssociation.seal_run` into a `Burst` (one
+buffer for UDP GSO sends), and a UDP GRO receive that opens in one piece
 (`SecurityAssociation.open_run`) becomes one `RxRun` that the TUN writes as one coalesced superpacket.
 Everything per packet happens inside C-level `map` calls and NumPy column operations, so Python pays
 per run, not per packet. Anything that does not fit a run takes the per-packet path, which stays the
@@ -43,8 +43,13 @@ class RxRun:
         return [bytes(mv[i * st : i * st + n]) for i, n in enumerate(self.lengths)]
 
 
-class Pairs(list[bytes]):
-    """Datagrams given as two buffers each, ESP header then body, to be concatenated by one `sendmsg`:
-    items 2i and 2i+1 are datagram i. All datagrams but the last have the same size (a GSO run)."""
+@dataclass(slots=True)
+class Burst:
+    """Datagrams back to back in one buffer, each `size` bytes but the last, which may be shorter: what
+    one UDP GSO `sendmsg` takes as a single iovec (or several, split every 64 KB)."""
 
-    __slots__ = ()
+    buf: memoryview
+    size: int
+
+    def datagrams(self) -> list[bytes]:
+        return [bytes(self.buf[o : o + self.size]) for o in range(0, len(self.buf), self.size)]

@@ -29,12 +29,12 @@ from crypto.esp import NH_NONE, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
 from tunneld.proto import handshake as hs
 from tunneld.proto.peer import Action, Peer, Session, Timers
-from tunneld.proto.runs import Pairs, RxRun, TxRun
+from tunneld.proto.runs import Burst, RxRun, TxRun
 
 Addr = tuple[str, int]
-# Datagrams to send, grouped by destination: a list of datagrams, or `Pairs` (header and body buffers of
-# each datagram, from the offload path).
-Sends = list[tuple[Addr, list[bytes]]]
+# Datagrams to send, grouped by destination: a list of datagrams, or a `Burst` (a sealed run, from the
+# offload path: datagrams back to back in one buffer).
+Sends = list[tuple[Addr, list[bytes] | Burst]]
 UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
 # Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
 SessionHook = Callable[[SecurityAssociation, bytes, Addr | None], None]
@@ -111,7 +111,7 @@ class TunnelCore:
 
     def outbound(self, packets: Iterable[bytes | TxRun], now: float, wall: float) -> Sends:
         """Seal packets from the TUN for their peers. A `TxRun` (a segmented superpacket) is sealed in
-        one piece into `Pairs`; order is kept per destination."""
+        one piece into a `Burst`; order is kept per destination."""
         groups: dict[bytes, list[bytes | TxRun]] = defaultdict(list)
         for p in packets:
             if isinstance(p, TxRun):
@@ -148,7 +148,7 @@ class TunnelCore:
             if loose:
                 self._seal_loose(peer, sa, loose, sends)
                 loose = []
-            sends.append((peer.endpoint, sa.seal_padded(p.slots, Pairs())))
+            sends.append((peer.endpoint, Burst(*sa.seal_run(p.slots))))
             self.counters.tx_runs += 1
             self.counters.tx_run_datagrams += len(p.slots)
             peer.tx_packets += len(p.slots)
