@@ -17,6 +17,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crypto.aead import SUITES
 from crypto.esp import NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
 from crypto.replay import ReplayWindow
 from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
@@ -40,8 +41,8 @@ MSS = 1340
 WALL = 1_700_000_002.0
 
 
-def sa(esn: bool = True, top: int = 0, seq: int = 0) -> SecurityAssociation:
-    s = SecurityAssociation(0x1000, KEY, SALT, esn=esn)
+def sa(esn: bool = True, top: int = 0, seq: int = 0, suite: str = "aes-256-gcm") -> SecurityAssociation:
+    s = SecurityAssociation(0x1000, KEY[: SUITES[suite].key_len], SALT, aead=suite, esn=esn)
     s.seq = seq
     s.replay.top = top
     return s
@@ -65,6 +66,21 @@ def wires_of(packets: list[bytes], start: int = 0, esn: bool = True) -> list[byt
 def test_seal_run_is_seal_many_back_to_back(esn: bool, start: int, lengths: list[int]) -> None:
     packets = [os.urandom(n) for n in lengths]
     a, b = sa(esn, seq=start), sa(esn, seq=start)
+    _seal_run_is_seal_many(a, b, packets, start)
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_runs_in_every_suite(suite: str) -> None:
+    packets = [os.urandom(1400) for _ in range(9)] + [os.urandom(99)]
+    a, b = sa(seq=7, suite=suite), sa(seq=7, suite=suite)
+    _seal_run_is_seal_many(a, b, packets, 7)
+    wires = sa(seq=7, suite=suite).seal_many(packets)
+    opened = sa(top=7, suite=suite).open_run(b"".join(wires), len(wires[0]))
+    assert opened is not None and RxRun(*opened).packets() == packets
+
+
+def _seal_run_is_seal_many(a: SecurityAssociation, b: SecurityAssociation, packets: list[bytes],
+                           start: int) -> None:
     buf, size = a.seal_run([p + trailer(len(p)) for p in packets])
     wires = b.seal_many(packets)
     assert size == len(wires[0]) and bytes(buf) == b"".join(wires)
