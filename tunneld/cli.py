@@ -280,6 +280,17 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None
         return None
 
 
+def _offload_line(st: dict[str, Any]) -> str:
+    """Whether TUN offload is on, and how much of the traffic took the fast path (runs)."""
+    if not st.get("offload"):
+        return f"offload: off ({st.get('offload_error') or 'unknown reason'})"
+    c = st.get("counters") or {}
+    got = c.get("rx_datagrams", 0)
+    share = f", {100 * c.get('rx_run_datagrams', 0) / got:.0f}% of received datagrams opened in runs" \
+        if got else ""
+    return f"offload: on ({c.get('tx_runs', 0)} superpackets sealed as runs{share})"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, {"cmd": "status"})
     if st is None:
@@ -289,7 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
            f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
-           f"GRO {'on' if st['gro'] else 'off'})"]
+           f"GRO {'on' if st['gro'] else 'off'})", "  " + _offload_line(st)]
     pm = st.get("portmap") or {}
     if pm.get("state") not in (None, "disabled"):
         out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"

@@ -14,7 +14,7 @@ import pytest
 
 from tools.lab import Lab
 from tools.traffic import FRAG_EVERY, Ping, UdpFlow
-from tools.tunnel import Blast, Node, peer_status, ping6, running_pair, status
+from tools.tunnel import TUNNELD, Blast, Node, peer_status, ping6, running_pair, status
 
 pytestmark = [
     pytest.mark.root,
@@ -85,6 +85,10 @@ def test_1gb_transfer_is_intact(offload_pair: tuple[Lab, Node, Node], direction:
     assert tx["tx_runs"] > 0 and tx["tun_superpackets_written"] >= 0
     assert rx["rx_run_datagrams"] - runs_before >= 0.5 * GB / 1400, rx
     assert rx["tun_superpackets_written"] > 0, rx
+    # and `tunneld status` says so in words
+    shown = lab.run(dst.host, [TUNNELD, "status", "--config", str(dst.config)]).stdout
+    line = next(x.strip() for x in shown.splitlines() if x.strip().startswith("offload:"))
+    assert line.startswith("offload: on (") and "% of received datagrams opened in runs" in line, shown
     assert_offload_on(a, b)
     assert_clean_counters(a, "b")
     assert_clean_counters(b, "a")
