@@ -185,11 +185,24 @@ class Tun:
         write = os.write
         dropped = 0
         for p in packets:
-            for q in (p.packets() if isinstance(p, RxRun) else (p,)):
-                try:
-                    write(fd, q)
-                except OSError:
-                    dropped += 1
+            if isinstance(p, RxRun):
+                dropped += self._write_each(p.views())
+                continue
+            try:
+                write(fd, p)
+            except OSError:
+                dropped += 1  # the kernel's queue is full, or it refused the packet: drop, as a NIC would
+        return dropped
+
+    def _write_each(self, packets: list[memoryview]) -> int:
+        dropped = 0
+        fd = self.fd
+        write = os.write
+        for p in packets:
+            try:
+                write(fd, p)
+            except OSError:
+                dropped += 1
         return dropped
 
     def _write_offload(self, items: list[bytes | RxRun]) -> int:

@@ -38,9 +38,13 @@ class RxRun:
     lengths: list[int]
 
     def packets(self) -> list[bytes]:
+        return [bytes(v) for v in self.views()]
+
+    def views(self) -> list[memoryview]:
+        """The packets as views of the arena (no copy), for writing them out one by one."""
         mv = memoryview(self.arena)
         st = self.stride
-        return [bytes(mv[i * st : i * st + n]) for i, n in enumerate(self.lengths)]
+        return [mv[i * st : i * st + n] for i, n in enumerate(self.lengths)]
 
 
 @dataclass(slots=True)

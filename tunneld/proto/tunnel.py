@@ -113,9 +113,11 @@ class TunnelCore:
         """Seal packets from the TUN for their peers. A `TxRun` (a segmented superpacket) is sealed in
         one piece into a `Burst`; order is kept per destination."""
         groups: dict[bytes, list[bytes | TxRun]] = defaultdict(list)
+        runs = False
         for p in packets:
             if isinstance(p, TxRun):
                 groups[p.dst].append(p)
+                runs = True
             elif len(p) >= 40 and p[0] >> 4 == 6:
                 groups[p[24:40]].append(p)
         sends: Sends = []
@@ -124,11 +126,12 @@ class TunnelCore:
             if peer is None:
                 self.counters.tx_no_route += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
                 continue
-            self._send_data(peer, plist, now, wall, sends)
+            self._send_data(peer, plist, now, wall, sends, runs)
         return sends
 
     def _send_data(self, peer: Peer, plist: list[bytes | TxRun] | list[bytes], now: float, wall: float,
-                   sends: Sends) -> None:
+                   sends: Sends, runs: bool = False) -> None:
+        """Seal for one peer; `runs` says whether `plist` may hold TxRuns (else: one seal_many, no scan)."""
         session = peer.sendable(now)
         if peer.wants_rekey(now) and not peer.handshake_in_progress():
             self._initiate(peer, now, wall, sends)
@@ -140,21 +143,24 @@ class TunnelCore:
             self.counters.tx_no_endpoint += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
             return
         sa = session.outbound
-        loose: list[bytes] = []
-        for p in plist:
-            if not isinstance(p, TxRun):
-                loose.append(p)
-                continue
+        if not runs:
+            self._seal_loose(peer, sa, plist, sends)  # type: ignore[arg-type]
+        else:
+            loose: list[bytes] = []
+            for p in plist:
+                if not isinstance(p, TxRun):
+                    loose.append(p)
+                    continue
+                if loose:
+                    self._seal_loose(peer, sa, loose, sends)
+                    loose = []
+                sends.append((peer.endpoint, Burst(*sa.seal_run(p.slots))))
+                self.counters.tx_runs += 1
+                self.counters.tx_run_datagrams += len(p.slots)
+                peer.tx_packets += len(p.slots)
+                peer.tx_bytes += p.nbytes
             if loose:
                 self._seal_loose(peer, sa, loose, sends)
-                loose = []
-            sends.append((peer.endpoint, Burst(*sa.seal_run(p.slots))))
-            self.counters.tx_runs += 1
-            self.counters.tx_run_datagrams += len(p.slots)
-            peer.tx_packets += len(p.slots)
-            peer.tx_bytes += p.nbytes
-        if loose:
-            self._seal_loose(peer, sa, loose, sends)
         peer.data_sent(now)
         peer.any_authenticated_packet_sent(now)
 
