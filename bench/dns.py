@@ -199,7 +199,11 @@ def failures(r: dict[str, Any]) -> list[str]:
         if llq["failures"]:
             bad.append(f"llq: {llq['failures']} failed update(s)")
         if llq["received"] < llq["expected"]:
-            bad.append(f"llq: {llq['received']} of {llq['expected']} events received")
+            seen = llq.get("client_counters", {})
+            why = ", ".join(f"{k} {seen[k]}" for k in ("tsig rejected", "event for another LLQ-ID",
+                                                       "LLQ lost") if seen.get(k))
+            bad.append(f"llq: {llq['received']} of {llq['expected']} events received"
+                       + (f" (watchers: {why})" if why else ""))
     return bad
 
 

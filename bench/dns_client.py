@@ -14,7 +14,10 @@ with the request MAC, rcode NOERROR); a reply that does not come within TIMEOUT 
 AAAA; then M times: an UPDATE replaces NAME's AAAA and the client waits until every watcher has its
 Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to the kernel's
 receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process spends
-handling the other 99 watchers is not counted.
+handling the other 99 watchers is not counted. The watchers sign and verify with the daemon's own TSIG
+hooks (tunneld.services.watcher.AccountTsig), so the run sees what `tunneld up` would; the sum of their
+LLQClient counters is reported (`client_counters`: "tsig rejected", "retransmission", "duplicate or no-op
+event", ...) to tell a lost datagram from a rejected one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +291,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
                 failures[rc] = failures.get(rc, 0) + 1
             samples += [stamp - t_send for stamp in got.values()]
         expected = a.watchers * a.events
+        counters: Counter[str] = Counter()
+        for c in clients:
+            counters.update(c.counters)
         for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
             for tx in c.stop(time.monotonic() - t0):
                 socks[i].send(tx.wire)
@@ -296,7 +303,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         upd_sock.close()
     return {"watchers": a.watchers, "updates": a.events, "expected": expected, "received": len(samples),
             "setup_seconds": setup_seconds, **_latency_summary(samples),
-            "failures": sum(failures.values()), "failure_kinds": failures}
+            "failures": sum(failures.values()), "failure_kinds": failures,
+            "client_counters": dict(sorted(counters.items()))}
 
 
 def main(argv: list[str] | None = None) -> int:

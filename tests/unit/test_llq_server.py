@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -21,6 +21,7 @@ import dns.tsig
 import dns.update
 import pytest
 
+from tunneld.dnsserver import llq as llq_server
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQ_MAX_LEASE, LLQ_MIN_LEASE, LLQServer
 from tunneld.dnsserver.store import Change, ZoneStore
@@ -43,6 +44,7 @@ from tunneld.proto.llq import (
     Removed,
     find_llq_option,
 )
+from tunneld.services.watcher import AccountTsig
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
@@ -85,6 +87,31 @@ class Hooks:
             raise ValueError("unsigned")
 
 
+class DaemonHooks:
+    """The TSIG hooks of the daemon's watcher (:class:`tunneld.services.watcher.AccountTsig`), which
+    keeps the MAC of every message it signs -- acks of events included -- under its message ID and checks
+    any datagram with that ID against it. Time pinned to ``at``."""
+
+    def __init__(self) -> None:
+        self.inner = AccountTsig(DOMAIN, KEY.secret)
+        self.at = T0
+
+    def sign(self, message: dns.message.Message) -> bytes:
+        with clock(self.at):
+            return self.inner.sign(message)
+
+    def verify(self, wire: bytes) -> None:
+        with clock(self.at):
+            self.inner.verify(wire)
+
+
+def event_ids_repeat(fixed: bytes = b"\x12\x34") -> Callable[[int], bytes]:
+    """A server's ``rand`` under which every 2-byte draw (a message ID) is ``fixed``: random message IDs
+    repeat sooner or later, this makes it at once."""
+    rnd = random.Random(5)
+    return lambda n: fixed if n == 2 else rnd.randbytes(n)
+
+
 def lease_opt(seconds: int) -> dns.edns.GenericOption:
     """An RFC 9664 Update Lease option (4-byte form)."""
     return dns.edns.GenericOption(cast(dns.edns.OptionType, 2), struct.pack("!I", seconds))
@@ -95,18 +122,18 @@ def make(require_tsig: bool = False, max_llqs: int = 1000) -> LLQServer:
     return LLQServer(core, random.Random(7).randbytes, max_llqs=max_llqs, require_tsig=require_tsig)
 
 
-def make_client(lease: int = 7200, tsig: Hooks | None = None) -> LLQClient:
+def make_client(lease: int = 7200, tsig: Hooks | DaemonHooks | None = None) -> LLQClient:
     return LLQClient(QNAME, "SRV", rand=random.Random(1).randbytes, lease=lease, tsig=tsig)
 
 
 def update(server: LLQServer, *, add: str | None = None, delete: str | None = None, lease: int = 5400,
-           at: float = T0) -> list[Change]:
+           at: float = T0, name: str = QNAME) -> list[Change]:
     """A signed UPDATE through the core; returns core.last_changes."""
     upd = dns.update.UpdateMessage(ZONE)
     if add is not None:
-        upd.add(QNAME, 300, "SRV", add)
+        upd.add(name, 300, "SRV", add)
     if delete is not None:
-        upd.delete(QNAME, "SRV", delete)
+        upd.delete(name, "SRV", delete)
     upd.use_edns(0, options=[lease_opt(lease)])
     upd.use_tsig(KEY)
     with clock(at):
@@ -565,3 +592,127 @@ def test_restore_drops_expired_llqs(tmp_path: Path) -> None:
                       random.Random(7).randbytes, require_tsig=False)
     assert again.restore(T0 + 7201) == [] and again.llq_ids() == []
     assert again.core.store.llq_all() == []
+
+
+# ---- event message IDs: a client that keeps a MAC per message ID must never see an ID it used again ------
+
+
+def deliver(server: LLQServer, client: LLQClient, hooks: DaemonHooks, changes: list[Change], at: float,
+            ids: list[int]) -> list[object]:
+    """The event for ``changes`` to ``client`` and its ack back; the client's events. Records the ID."""
+    [(_, event)] = server.changes(changes, at)
+    ids.append(dns.message.from_wire(event, keyring=False).id)
+    hooks.at = at
+    out = client.receive(event, at)
+    for ack in out.transmits:
+        assert send(server, ack.wire, at) == []
+    return list(out.events)
+
+
+def test_events_reach_a_client_that_keeps_macs_by_message_id() -> None:
+    """The benchmark's lost events: with random IDs an event sometimes drew the ID of an earlier event,
+    whose ack MAC the daemon's TSIG hooks held under that ID, so the event (and each resend) failed its
+    TSIG check, went unacknowledged, held back every later change and finally cost the LLQ."""
+    server = LLQServer(make().core, event_ids_repeat(), require_tsig=True)
+    hooks = DaemonHooks()
+    client = make_client(tsig=hooks)
+    establish(server, client)
+    ids: list[int] = []
+    for k in range(30):
+        at = T0 + 1 + k
+        events = deliver(server, client, hooks, update(server, add=f"0 0 {k + 1} b.example.com.", at=at), at,
+                         ids)
+        assert [type(e) for e in events] == [Added], (k, client.counters)
+        assert server.pending_events(client.llq_id) == 0
+    assert client.counters["tsig rejected"] == 0
+    assert len(set(ids)) == len(ids)
+
+
+def test_event_ids_skip_the_message_ids_of_the_clients_requests() -> None:
+    """The client signed its setup request under ID 0x1234 (the ID the server would draw for its first
+    event) and keeps that MAC: an event with that ID would fail its check."""
+    server = LLQServer(make().core, event_ids_repeat(), require_tsig=True)
+    hooks = DaemonHooks()
+    draws = iter([b"\x12\x34"])
+    rnd = random.Random(3)
+    client = LLQClient(QNAME, "SRV", rand=lambda n: next(draws, None) or rnd.randbytes(n), lease=7200,
+                       tsig=hooks)
+    establish(server, client)
+    ids: list[int] = []
+    changes = update(server, add="0 0 1 b.example.com.", at=T0 + 1)
+    events = deliver(server, client, hooks, changes, T0 + 1, ids)
+    assert [type(e) for e in events] == [Added] and client.counters["tsig rejected"] == 0
+    assert ids != [0x1234]
+    # a later request with the next ID in line (a refresh) is skipped too
+    nxt = (ids[-1] + 1) & 0xFFFF
+    refresh = dns.message.make_query(QNAME, "SRV", use_edns=0, payload=1440, id=nxt,
+                                     options=[LLQOption(1, LLQ_OP_REFRESH, 0, client.llq_id, 7200)])
+    [reply] = send(server, hooks.sign(refresh), T0 + 2)
+    assert option_of(reply).error == 0
+    changes = update(server, add="0 0 2 b.example.com.", at=T0 + 3)
+    events = deliver(server, client, hooks, changes, T0 + 3, ids)
+    assert [type(e) for e in events] == [Added] and client.counters["tsig rejected"] == 0
+    assert nxt not in ids
+
+
+def test_llqs_on_one_socket_share_the_event_id_sequence() -> None:
+    """The daemon's watcher runs one LLQ per peer name on one socket with one set of TSIG hooks."""
+    other = "_autotunnel._udp.carol.example.com."
+    server = LLQServer(make().core, event_ids_repeat(), require_tsig=True)
+    hooks = DaemonHooks()
+    bob = make_client(tsig=hooks)
+    carol = LLQClient(other, "SRV", rand=random.Random(2).randbytes, lease=7200, tsig=hooks)
+    establish(server, bob)
+    establish(server, carol)
+    ids: list[int] = []
+    for k in range(10):
+        at = T0 + 1 + k
+        for name, client in ((QNAME, bob), (other, carol)):
+            changes = update(server, add=f"0 0 {k + 1} b.example.com.", at=at, name=name)
+            assert [type(e) for e in deliver(server, client, hooks, changes, at, ids)] == [Added]
+    assert bob.counters["tsig rejected"] == carol.counters["tsig rejected"] == 0
+    assert len(set(ids)) == len(ids) == 20
+
+
+def test_event_ids_continue_after_a_restart(tmp_path: Path) -> None:
+    db = str(tmp_path / "zone.sqlite")
+
+    def server_on_disk() -> LLQServer:
+        core = DnsCore(ZoneStore(db, ZONE, "ns.example.com.", 53, llq_port=5352), [KEY])
+        return LLQServer(core, event_ids_repeat(), require_tsig=True)
+
+    first = server_on_disk()
+    hooks = DaemonHooks()
+    client = make_client(tsig=hooks)
+    establish(first, client)
+    ids: list[int] = []
+    deliver(first, client, hooks, update(first, add="0 0 1 b.example.com.", at=T0 + 1), T0 + 1, ids)
+    first.core.store.close()
+
+    second = server_on_disk()
+    assert second.restore(T0 + 10) == []
+    events = deliver(second, client, hooks, update(second, add="0 0 2 b.example.com.", at=T0 + 11), T0 + 11,
+                     ids)
+    assert [type(e) for e in events] == [Added] and client.counters["tsig rejected"] == 0
+    assert len(set(ids)) == len(ids) == 2
+    second.core.store.close()
+
+
+def test_id_state_of_sources_without_llqs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llq_server, "IDLE_SOURCES_KEPT", 3)
+    server = make(max_llqs=2)
+    keeper = make_client()
+    establish(server, keeper)
+    for port in range(10):  # LLQs set up and cancelled from ten other sources
+        src = ("198.51.100.20", 50000 + port)
+        c = LLQClient(QNAME, "SRV", rand=random.Random(port).randbytes)
+        [challenge] = send(server, c.start(T0).wire, T0, src=src)
+        [response] = c.receive(challenge, T0).transmits
+        [ack] = send(server, response.wire, T0, src=src)
+        c.receive(ack, T0)
+        [cancel] = c.stop(T0)
+        send(server, cancel.wire, T0, src=src)
+    assert server.llq_ids() == [keeper.llq_id]
+    assert len(server._sources) <= 2 + 3 and CSRC in server._sources
+    [(_, event)] = server.changes(update(server, add="0 0 1 b.example.com.", at=T0 + 1), T0 + 1)
+    assert [type(e) for e in keeper.receive(event, T0 + 1).events] == [Added]

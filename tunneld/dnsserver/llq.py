@@ -27,13 +27,23 @@ Behaviour:
 - **Events** (§7). :meth:`changes` takes the changed names (``Change`` values or ``RRsetRemoval``), and
   for every established LLQ on such a name re-computes the answer and diffs it against what that client
   was last sent: additions go out with their TTL, removals with TTL 0xFFFFFFFF, in one EVENT message (QR,
-  opcode QUERY, AA, the question, fresh message ID, ``LLQ{EVENT, LLQ-ID, remaining lease}``).
+  opcode QUERY, AA, the question, a message ID (below), ``LLQ{EVENT, LLQ-ID, remaining lease}``).
   Unacknowledged events are resent with the same bytes: sent at t, resent at t+2 s and t+6 s (waits 2 s
   then 4 s, mirroring the client rule of §5.1); 8 s after the third try without an ack the LLQ is
   dropped. An ack is a response with the event's message ID and ``LLQ{EVENT, same LLQ-ID}`` from the
   LLQ's source; both must match. One event is in flight per LLQ (so a resent event can never overtake a
   newer one); changes meanwhile are coalesced and sent, as one diff, in reply to the ack: :meth:`handle`
   of an ack may return the next event.
+- **Event message IDs.** An event answers no request, so it is signed without a request MAC; but a client
+  that keeps a MAC per message ID to verify replies (ours did, for its requests and for its own acks,
+  which carry the event's ID, until its hooks were fixed) checks an event whose ID it used before against
+  that MAC and rejects it, and every resend too (same bytes), so the LLQ is lost and later changes never
+  arrive. Random IDs did that to about one watcher in 300 per 20 events. So the IDs towards one source
+  address (all its LLQs: a client may run several on one socket with one TSIG state) are sequential from
+  a random start, and
+  skip the IDs of that source's recent requests (:data:`REQUEST_IDS_KEPT`): an ID comes back only after
+  65536 events to that source. The counter is kept with the LLQs across a restart. This also keeps a
+  late duplicate ack from acknowledging a newer event that drew the same random ID.
 - **TSIG** (BTMM draft §7.2: LLQs carry TSIG). A signed request is validated with the core's key set
   (BADKEY/BADSIG/BADTIME answered as the core does) and its replies are signed with the request MAC. An
   LLQ set up with a key stays bound to it: its challenge response, refreshes and acks must be signed with
@@ -45,6 +55,7 @@ Behaviour:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -89,9 +100,11 @@ from tunneld.proto.llq import (
 
 __all__ = [
     "EVENT_RETRY_WAITS",
+    "IDLE_SOURCES_KEPT",
     "LLQ_LEASE_SLACK",
     "LLQ_MAX_LEASE",
     "LLQ_MIN_LEASE",
+    "REQUEST_IDS_KEPT",
     "LLQServer",
 ]
 
@@ -102,11 +115,14 @@ LLQ_MAX_LEASE: Final = 2 * 60 * 60
 LLQ_LEASE_SLACK: Final = 60  # challenge response lease must be within +-60 s of the grant (dnsextd [V])
 EVENT_RETRY_WAITS: Final = (2.0, 4.0, 8.0)  # resend after 2 s, then 4 s; give up 8 s after the 3rd try
 EVENT_MAX_TRIES: Final = LLQ_MAX_TRIES  # 3 sends in total
+REQUEST_IDS_KEPT: Final = 1024  # per source: its latest request IDs, which event IDs avoid
+IDLE_SOURCES_KEPT: Final = 1024  # sources without LLQs whose ID state is kept (for a re-setup)
 
 Dest = object
 Output = list[tuple[Dest, bytes]]
 _Key = tuple[dns.name.Name, int]
 _Records = dict[_Key, dict[dns.rdata.Rdata, int]]
+_IDS_SAVED: Final = 64  # request IDs of the source saved with each LLQ (they outlive a restart)
 
 
 @dataclass(slots=True)
@@ -114,6 +130,15 @@ class _PendingEvent:
     wire: bytes
     tries: int
     next_at: float
+
+
+@dataclass(slots=True)
+class _Source:
+    """Message IDs towards one client address, shared by all its LLQs (see "Event message IDs")."""
+
+    next_id: int  # the next event's message ID (mod 2**16)
+    requests: dict[int, None] = field(default_factory=dict)  # its latest request IDs, oldest first
+    llqs: int = 0  # LLQs of this source in the table (a source with LLQs is never forgotten)
 
 
 @dataclass(slots=True)
@@ -170,6 +195,7 @@ class LLQServer:
         self.require_tsig = require_tsig
         self._rand = rand
         self._llqs: dict[int, _LLQ] = {}
+        self._sources: dict[Dest, _Source] = {}  # least recently used first
         self.counters: Counter[str] = Counter()
 
     def __repr__(self) -> str:
@@ -185,6 +211,7 @@ class LLQServer:
         """Handle one datagram from ``src``. None: not an LLQ message (give it to ``DnsCore.handle``).
         A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises."""
         try:
+            self._note_request(wire_or_parsed, src)
             return self._handle(wire_or_parsed, src, now_wall)
         except Exception:  # last line of defence: never raise into the listener
             log.exception("internal error handling an LLQ message from %r", src)
@@ -329,6 +356,8 @@ class LLQServer:
                             signer, now)
         self._llqs[llq_id] = _LLQ(llq_id, src, q.name, q.rdtype, msg.id, granted, now + granted,
                                   None if signer is None else signer.key, reply)
+        self._source(src).llqs += 1
+        self._note_id(src, msg.id)  # the source is known from now on (its first request included)
         self.counters["challenge sent"] += 1
         return reply
 
@@ -349,7 +378,7 @@ class LLQServer:
         answers, rcode = self.core.answer(llq.qname, llq.qtype, now)
         llq.snapshot = _records(answers)
         llq.established = True
-        self._persist(llq)
+        self._persist(llq, now)
         reply = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))
         self.counters["ack sent"] += 1
         return self._reply(msg, reply, signer, now, answers=answers, rcode=rcode)
@@ -366,7 +395,7 @@ class LLQServer:
         llq.granted = _clamp(option.lease)
         llq.expires = now + llq.granted
         if not llq.events:
-            self._persist(llq)
+            self._persist(llq, now)
         self.counters["refreshed"] += 1
         return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
                                           llq.granted), signer, now)
@@ -382,7 +411,7 @@ class LLQServer:
             return []
         self.counters["event acked"] += 1
         if not llq.events:
-            self._persist(llq)  # what the client now holds: the base of the next diff, even after a restart
+            self._persist(llq, now)  # what the client now holds: the next diff's base, even after a restart
         if llq.dirty and not llq.events and now < llq.expires:
             wire = self._next_event(llq, now)
             if wire is not None:
@@ -413,21 +442,27 @@ class LLQServer:
 
     def _drop(self, llq: _LLQ, reason: str) -> None:
         self.counters[f"dropped: {reason}"] += 1
-        self._llqs.pop(llq.llq_id, None)
+        if self._llqs.pop(llq.llq_id, None) is not None:
+            source = self._sources.get(llq.src)
+            if source is not None:
+                source.llqs -= 1
         if llq.established:
             self.core.store.llq_delete(llq.llq_id)
 
     # ---- durability -----------------------------------------------------------------------------------
 
-    def _persist(self, llq: _LLQ) -> None:
-        """Keep an established LLQ in the store with the answer its client has acknowledged."""
+    def _persist(self, llq: _LLQ, now: float) -> None:
+        """Keep an established LLQ in the store with the answer its client has acknowledged, and its
+        source's message-ID state (on restore, the latest saved for a source wins)."""
         src = llq.src if isinstance(llq.src, tuple) else None
+        source = self._source(llq.src)
         state = {
             "src": list(src) if src is not None else None,
             "qname": llq.qname.to_text(), "qtype": int(llq.qtype), "granted": llq.granted,
             "expires": llq.expires, "key": llq.key.name.to_text() if llq.key is not None else None,
             "records": [[name.to_text(), int(rdtype), rd.to_text(), ttl]
                         for (name, rdtype), held in llq.snapshot.items() for rd, ttl in held.items()],
+            "ids": {"saved": now, "next": source.next_id, "requests": list(source.requests)[-_IDS_SAVED:]},
         }
         self.core.store.llq_put(llq.llq_id, json.dumps(state))
 
@@ -435,6 +470,8 @@ class LLQServer:
         """After a restart: reload the established LLQs from the store and send each client what changed
         since the answer it acknowledged (nothing, usually: the events resume where they stopped)."""
         out: Output = []
+        restored: list[_LLQ] = []
+        saved: dict[Dest, tuple[float, int]] = {}  # source -> (when saved, next event ID)
         for llq_id, text in self.core.store.llq_all():
             try:
                 st = json.loads(text)
@@ -459,7 +496,20 @@ class LLQServer:
                 self.core.store.llq_delete(llq_id)
                 continue
             self._llqs[llq_id] = llq
+            self._source(llq.src).llqs += 1
             self.counters["restored"] += 1
+            restored.append(llq)
+            ids = st.get("ids")
+            if isinstance(ids, dict):  # absent in LLQs saved before event IDs were sequential
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    when, nxt = float(ids["saved"]), int(ids["next"]) & 0xFFFF
+                    if when >= saved.get(llq.src, (-math.inf, 0))[0]:
+                        saved[llq.src] = (when, nxt)
+                    for msg_id in ids.get("requests", ()):
+                        self._note_id(llq.src, int(msg_id) & 0xFFFF)
+        for src, (_when, nxt) in saved.items():
+            self._source(src).next_id = nxt
+        for llq in restored:  # after every source's ID state is back
             wire = self._next_event(llq, now)
             if wire is not None:
                 out.append((llq.src, wire))
@@ -517,9 +567,7 @@ class LLQServer:
         return self._event(llq, removed + added, now)
 
     def _event(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float) -> bytes:
-        msg_id = int.from_bytes(self._rand(2), "big")
-        while msg_id in llq.events:
-            msg_id = int.from_bytes(self._rand(2), "big")
+        msg_id = self._event_id(llq.src)
         msg = dns.message.Message(id=msg_id)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.find_rrset(msg.question, llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype),
@@ -535,3 +583,46 @@ class LLQServer:
         llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
         self.counters["event sent"] += 1
         return wire
+
+    # ---- message IDs towards a source (see "Event message IDs" in the module docstring) ----------------
+
+    def _source(self, src: Dest) -> _Source:
+        """The ID state of ``src`` (created with a random start), marked as the most recently used."""
+        source = self._sources.pop(src, None)
+        if source is None:
+            source = _Source(int.from_bytes(self._rand(2), "big"))
+            if len(self._sources) >= self.max_llqs + IDLE_SOURCES_KEPT:
+                for other, st in self._sources.items():  # forget the least recently used without LLQs
+                    if st.llqs <= 0:
+                        del self._sources[other]
+                        break
+        self._sources[src] = source
+        return source
+
+    def _note_request(self, wire_or_parsed: bytes | dns.message.Message, src: Dest) -> None:
+        """Remember the message ID of a request (QR clear, LLQ or not) from a source we send events to:
+        its client may keep that request's MAC under the ID."""
+        if src not in self._sources:
+            return
+        if isinstance(wire_or_parsed, dns.message.Message):
+            if not wire_or_parsed.flags & dns.flags.QR:
+                self._note_id(src, wire_or_parsed.id)
+        elif len(wire_or_parsed) >= 3 and not wire_or_parsed[2] & 0x80:
+            self._note_id(src, int.from_bytes(wire_or_parsed[:2], "big"))
+
+    def _note_id(self, src: Dest, msg_id: int) -> None:
+        requests = self._source(src).requests
+        requests.pop(msg_id, None)
+        requests[msg_id] = None
+        if len(requests) > REQUEST_IDS_KEPT:
+            del requests[next(iter(requests))]
+
+    def _event_id(self, src: Dest) -> int:
+        """The next event message ID towards ``src``: sequential, skipping its latest request IDs."""
+        source = self._source(src)
+        while True:  # ends: at most REQUEST_IDS_KEPT of the 65536 IDs are skipped
+            msg_id = source.next_id
+            source.next_id = (msg_id + 1) & 0xFFFF
+            if msg_id not in source.requests:
+                return msg_id
+            self.counters["event id skipped: a request id of the source"] += 1
