@@ -15,6 +15,8 @@ import dns.name
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import dns.tsig
+import pytest
 
 from tunneld.identity import ula_for
 from tunneld.proto import records
@@ -34,6 +36,7 @@ from tunneld.proto.llq import (
     find_llq_option,
 )
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, QueryStatus, Watcher
+from tunneld.services.watcher import AccountTsig
 
 DOMAIN = "members.example"
 BOB_KEY = bytes(range(32))
@@ -499,3 +502,33 @@ def test_response_without_qr_is_dropped_by_the_client() -> None:
     msg.flags &= ~dns.flags.QR
     assert watcher.receive(msg.to_wire(), 0.1) == ([], [])
     assert watcher.state["counters"]["not a query response"] == 1
+
+
+def _server_signed(msg_id: int, secret: bytes, request_mac: bytes = b"") -> bytes:
+    """A response from the server, signed with the account key over `request_mac` (b"": unsolicited)."""
+    name = dns.name.from_text(DOMAIN)
+    msg = dns.message.Message(id=msg_id)
+    msg.flags = dns.flags.QR
+    msg.use_tsig({name: dns.tsig.Key(name, secret, "hmac-sha256")}, name)
+    msg.request_mac = request_mac
+    return msg.to_wire()
+
+
+def test_account_tsig_checks_events_whatever_their_message_id() -> None:
+    """The daemon's TSIG hooks: an answer is checked against its request's MAC; an unsolicited event is
+    accepted even when its ID equals one of our requests' or acks' IDs (a server picks event IDs freely;
+    remembering acks and checking events against them made such an event unverifiable, and the LLQ
+    behind it stalled until the next refresh)."""
+    secret = bytes(range(32))
+    tsig = AccountTsig(DOMAIN, secret)
+    request = dns.message.make_query("x." + DOMAIN, "A", id=7)
+    tsig.sign(request)
+    tsig.verify(_server_signed(7, secret, request.mac))  # the answer to request 7
+    tsig.verify(_server_signed(7, secret))  # an event that drew ID 7
+    ack = dns.message.Message(id=9)
+    ack.flags = dns.flags.QR
+    tsig.sign(ack)
+    tsig.verify(_server_signed(9, secret))  # the next event that drew the ID of our ack
+    for wire in (_server_signed(7, bytes(32), request.mac), _server_signed(11, bytes(32))):
+        with pytest.raises(dns.tsig.BadSignature):
+            tsig.verify(wire)  # another key: refused either way
