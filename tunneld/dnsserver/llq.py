@@ -39,11 +39,10 @@ Behaviour:
   which carry the event's ID, until its hooks were fixed) checks an event whose ID it used before against
   that MAC and rejects it, and every resend too (same bytes), so the LLQ is lost and later changes never
   arrive. Random IDs did that to about one watcher in 300 per 20 events. So the IDs towards one source
-  address (all its LLQs: a client may run several on one socket with one TSIG state) are sequential from
-  a random start, and
-  skip the IDs of that source's recent requests (:data:`REQUEST_IDS_KEPT`): an ID comes back only after
-  65536 events to that source. The counter is kept with the LLQs across a restart. This also keeps a
-  late duplicate ack from acknowledging a newer event that drew the same random ID.
+  address (all its LLQs: a client may run several on one socket with one TSIG state) are sequential from a
+  random start, and skip the IDs of that source's recent requests (:data:`REQUEST_IDS_KEPT`): an ID comes
+  back only after 65536 events to that source. The counter is kept with the LLQs across a restart. This
+  also keeps a late duplicate ack from acknowledging a newer event that drew the same random ID.
 - **TSIG** (BTMM draft §7.2: LLQs carry TSIG). A signed request is validated with the core's key set
   (BADKEY/BADSIG/BADTIME answered as the core does) and its replies are signed with the request MAC. An
   LLQ set up with a key stays bound to it: its challenge response, refreshes and acks must be signed with
