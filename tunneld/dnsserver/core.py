@@ -51,7 +51,7 @@ from tunneld.dnsserver.store import (
     ZoneStore,
 )
 
-__all__ = ["UPDATE_LEASE_OPTION", "DnsCore", "Policy", "account_key"]
+__all__ = ["UPDATE_LEASE_OPTION", "DnsCore", "Policy", "Signer", "account_key"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Policy:
 
 
 @dataclass(slots=True)
-class _Signer:
+class Signer:
     """How to sign a reply: the validated request's key, MAC and TSIG fields."""
 
     key: dns.tsig.Key
@@ -175,9 +175,9 @@ class DnsCore:
             resp.set_rcode(dns.rcode.BADVERS)
             return resp.to_wire()
 
-        signer: _Signer | None = None
+        signer: Signer | None = None
         if req.had_tsig:
-            signer_or_reply = self._check_tsig(req, wire, int(now))
+            signer_or_reply = self.check_tsig(req, wire, int(now))
             if isinstance(signer_or_reply, bytes):
                 return signer_or_reply
             signer = signer_or_reply
@@ -191,9 +191,15 @@ class DnsCore:
             resp = self._error(req, dns.rcode.REFUSED) if signer is None else self._update(req, wire, now)
         else:
             resp = self._error(req, dns.rcode.NOTIMP)
-        return self._render(req, resp, signer, now, max_size)
+        return self.render(req, resp, signer, now, max_size)
 
-    def _check_tsig(self, req: dns.message.Message, wire: bytes, now: int) -> _Signer | bytes:
+    def key(self, name: dns.name.Name) -> dns.tsig.Key | None:
+        """The TSIG key of that name, if it is one of ours (for the LLQ server's restored LLQs)."""
+        return self._keys.get(name.canonicalize())
+
+    def check_tsig(self, req: dns.message.Message, wire: bytes, now: int) -> Signer | bytes:
+        """Validate a signed request (RFC 8945 §5.2): how to sign the reply, or the wire of the error
+        reply (BADKEY, BADSIG, BADTIME) to send instead. Shared with the LLQ server."""
         assert req.tsig is not None
         keyname = req.tsig.name
         rdata = req.tsig[0]
@@ -211,14 +217,14 @@ class DnsCore:
         except dns.tsig.BadSignature:
             return self._tsig_error(req, keyname, rdata, dns.rcode.BADSIG)
         except dns.tsig.BadTime:
-            signer = _Signer(key, rdata.mac, rdata.time_signed, rdata.fudge)
+            signer = Signer(key, rdata.mac, rdata.time_signed, rdata.fudge)
             resp = self._error(req, dns.rcode.NOTAUTH)
-            return self._sign(
+            return self.sign(
                 resp, signer, now, dns.rcode.BADTIME, rdata.time_signed, struct.pack("!Q", now)[2:]
             )
         except Exception:  # PeerError (a request carrying a TSIG error), FormError, bad algorithm...
             return self._error(req, dns.rcode.FORMERR).to_wire()
-        return _Signer(key, rdata.mac, rdata.time_signed, self.policy.fudge)
+        return Signer(key, rdata.mac, rdata.time_signed, self.policy.fudge)
 
     def _tsig_error(
         self, req: dns.message.Message, keyname: dns.name.Name, rdata: dns.rdtypes.ANY.TSIG.TSIG, error: int
@@ -231,10 +237,10 @@ class DnsCore:
         resp.tsig = dns.rrset.from_rdata(keyname, 0, tsig)
         return resp.to_wire()
 
-    def _sign(
+    def sign(
         self,
         resp: dns.message.Message,
-        signer: _Signer,
+        signer: Signer,
         now: int,
         error: int = 0,
         time_signed: int | None = None,
@@ -275,20 +281,22 @@ class DnsCore:
         resp.set_rcode(rcode)
         return resp
 
-    def _render(
+    def render(
         self,
         req: dns.message.Message,
         resp: dns.message.Message,
-        signer: _Signer | None,
+        signer: Signer | None,
         now: float,
         max_size: int | None,
     ) -> bytes:
+        """The reply's wire form, within the requester's size limit (truncated, TC set, if it does not
+        fit) and signed if the request was. Shared with the LLQ server."""
         if max_size is None:
             max_size = max(512, req.payload) if req.edns >= 0 else 512
         max_size = min(max_size, 65535)
         try:
             if signer is not None:
-                return self._sign(resp, signer, int(now), max_size=max_size)
+                return self.sign(resp, signer, int(now), max_size=max_size)
             return resp.to_wire(max_size=max_size)
         except dns.exception.TooBig:
             resp.answer = []
@@ -296,7 +304,7 @@ class DnsCore:
             resp.additional = []
             resp.flags |= dns.flags.TC
             if signer is not None:
-                return self._sign(resp, signer, int(now), max_size=max_size)
+                return self.sign(resp, signer, int(now), max_size=max_size)
             return resp.to_wire(max_size=max_size)
 
     # ---- QUERY ----------------------------------------------------------------------------------------

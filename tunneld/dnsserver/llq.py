@@ -76,7 +76,7 @@ import dns.rdatatype
 import dns.rrset
 import dns.tsig
 
-from tunneld.dnsserver.core import DnsCore, _Signer
+from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import (
@@ -300,17 +300,17 @@ class LLQServer:
         option = find_llq_option(msg)
         if option is None or msg.opcode() != dns.opcode.QUERY or msg.edns > 0:
             return None
-        signer: _Signer | None = None
+        signer: Signer | None = None
         if msg.flags & dns.flags.QR:
             if msg.had_tsig:
-                checked = self.core._check_tsig(msg, wire, int(now))
+                checked = self.core.check_tsig(msg, wire, int(now))
                 if isinstance(checked, bytes):
                     self.counters["ack tsig rejected"] += 1
                     return []
                 signer = checked
             return self._on_ack(msg, option, src, signer, now)
         if msg.had_tsig:
-            checked = self.core._check_tsig(msg, wire, int(now))
+            checked = self.core.check_tsig(msg, wire, int(now))
             if isinstance(checked, bytes):
                 self.counters["tsig rejected"] += 1
                 return [(src, checked)]
@@ -336,7 +336,7 @@ class LLQServer:
             return [(src, self._refresh(msg, option, src, signer, now))]
         return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now))]
 
-    def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+    def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                now: float) -> bytes:
         q = msg.question[0]
         for llq in list(self._llqs.values()):
@@ -361,7 +361,7 @@ class LLQServer:
         return reply
 
     def _challenge_response(self, msg: dns.message.Message, option: LLQOption, src: Dest,
-                            signer: _Signer | None, now: float) -> bytes:
+                            signer: Signer | None, now: float) -> bytes:
         llq = self._find(msg, option, src, signer, now)
         if llq is None:
             return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
@@ -382,7 +382,7 @@ class LLQServer:
         self.counters["ack sent"] += 1
         return self._reply(msg, reply, signer, now, answers=answers, rcode=rcode)
 
-    def _refresh(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+    def _refresh(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                  now: float) -> bytes:
         llq = self._find(msg, option, src, signer, now)
         if llq is None or not llq.established:
@@ -399,7 +399,7 @@ class LLQServer:
         return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
                                           llq.granted), signer, now)
 
-    def _on_ack(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+    def _on_ack(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                 now: float) -> Output:
         llq = self._llqs.get(option.llq_id)
         if option.opcode != LLQ_OP_EVENT or llq is None or llq.src != src or not self._key_ok(llq, signer):
@@ -419,7 +419,7 @@ class LLQServer:
 
     # ---- helpers --------------------------------------------------------------------------------------
 
-    def _find(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: _Signer | None,
+    def _find(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
               now: float) -> _LLQ | None:
         """The LLQ ``option`` names, if it belongs to this source, question and key and is still alive."""
         llq = self._llqs.get(option.llq_id)
@@ -434,7 +434,7 @@ class LLQServer:
         return llq
 
     @staticmethod
-    def _key_ok(llq: _LLQ, signer: _Signer | None) -> bool:
+    def _key_ok(llq: _LLQ, signer: Signer | None) -> bool:
         if llq.key is None:
             return True
         return signer is not None and signer.key.name == llq.key.name
@@ -476,7 +476,7 @@ class LLQServer:
                 st = json.loads(text)
                 key = None
                 if st["key"] is not None:
-                    key = self.core._keys.get(dns.name.from_text(st["key"]).canonicalize())
+                    key = self.core.key(dns.name.from_text(st["key"]))
                     if key is None:
                         raise ValueError("its key is no longer configured")
                 snapshot: _Records = {}
@@ -524,14 +524,14 @@ class LLQServer:
             if llq_id and llq_id not in self._llqs:
                 return llq_id
 
-    def _error(self, msg: dns.message.Message, option: LLQOption, error: int, signer: _Signer | None,
+    def _error(self, msg: dns.message.Message, option: LLQOption, error: int, signer: Signer | None,
                now: float, rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
         """A reply echoing the request's LLQ option with LLQ-ERROR ``error`` and lease 0."""
         opcode = option.opcode if option.opcode in (LLQ_OP_SETUP, LLQ_OP_REFRESH) else LLQ_OP_SETUP
         reply = LLQOption(LLQ_VERSION, opcode, error, option.llq_id, 0)
         return self._reply(msg, reply, signer, now, rcode=rcode)
 
-    def _reply(self, msg: dns.message.Message, option: LLQOption | None, signer: _Signer | None, now: float,
+    def _reply(self, msg: dns.message.Message, option: LLQOption | None, signer: Signer | None, now: float,
                answers: Iterable[dns.rrset.RRset] = (), rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
         resp = dns.message.make_response(msg)
         resp.use_edns(False)
@@ -540,7 +540,7 @@ class LLQServer:
         resp.flags |= dns.flags.AA
         resp.set_rcode(rcode)
         resp.answer = list(answers)
-        return self.core._render(msg, resp, signer, now, None)
+        return self.core.render(msg, resp, signer, now, None)
 
     def _next_event(self, llq: _LLQ, now: float) -> bytes | None:
         """Diff the current answer against what the client was last sent; an EVENT if anything changed:
@@ -575,8 +575,8 @@ class LLQServer:
             LLQOption(LLQ_VERSION, LLQ_OP_EVENT, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))])
         msg.answer = answers
         if llq.key is not None:
-            signer = _Signer(llq.key, b"", int(now), self.core.policy.fudge)
-            wire = self.core._sign(msg, signer, int(now))
+            signer = Signer(llq.key, b"", int(now), self.core.policy.fudge)
+            wire = self.core.sign(msg, signer, int(now))
         else:
             wire = msg.to_wire()
         llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
