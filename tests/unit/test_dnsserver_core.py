@@ -520,3 +520,38 @@ def test_default_lease_for_updates_without_the_option(core: DnsCore) -> None:
     assert reply.rcode() == dns.rcode.NOERROR and not reply.options
     assert aaaa(core, "plain", T0 + 7199) == {"fd00::4"}
     assert aaaa(core, "plain", T0 + 7200) == set()  # 99 999 s clamped to the 2 h maximum
+
+
+# ---- replays within the TSIG time window ------------------------------------------------------------
+
+
+def test_a_replayed_update_changes_nothing_and_gets_the_reply_that_was_sent(core: DnsCore) -> None:
+    """TSIG's time check lets a captured update be replayed for `fudge` seconds. An attacker replaying a
+    device's old endpoint after it moved must not move it back: the copy gets the first reply again
+    (which is also what a client retransmitting after a lost reply needs) and the zone keeps the newer
+    record."""
+    old = update()
+    old.replace("host", 120, "AAAA", "fd00::1")
+    old_wire = sign(old, at=T0)
+    first = core.handle(old_wire, SRC, T0)
+    new = update()
+    new.replace("host", 120, "AAAA", "fd00::2")
+    assert send(core, new, T0 + 10).rcode() == dns.rcode.NOERROR
+    assert aaaa(core, "host", T0 + 10) == {"fd00::2"}
+    replay = core.handle(old_wire, SRC, T0 + 20)
+    assert replay == first
+    assert aaaa(core, "host", T0 + 20) == {"fd00::2"}
+    assert core.replays == 1
+    # Outside the window the copy is refused by the time check, as before (BADTIME), and still changes
+    # nothing.
+    late = core.handle(old_wire, SRC, T0 + 400)
+    assert late is not None and late != first
+    assert aaaa(core, "host", T0 + 400) == {"fd00::2"}
+
+
+def test_replay_memory_forgets_requests_whose_window_closed(core: DnsCore) -> None:
+    for i in range(5):
+        register(core, f"h{i}", at=T0 + i)
+    assert len(core._answered) == 5
+    register(core, "later", at=T0 + 1000)  # every earlier request's window (T0 + i + 300) has closed
+    assert len(core._answered) == 1

@@ -123,6 +123,9 @@ def _rr_starts(wire: bytes) -> list[tuple[int, int]]:
     return out
 
 
+_ANSWERED_MAX: Final = 65536  # signed UPDATE replies remembered against replays (some 20 MB at most)
+
+
 class DnsCore:
     """The handler for one zone. ``keys`` maps key names to dnspython TSIG keys (usually one: the account)."""
 
@@ -133,6 +136,10 @@ class DnsCore:
         self.policy = policy or Policy()
         self.last_changes: list[Change] = []
         """The change list of the last update that changed the zone (for the future LLQ server)."""
+        # Signed UPDATEs answered within their TSIG time window, by request MAC: a copy of one (a replay,
+        # or the client's own retransmission) gets the reply that was sent and changes nothing.
+        self._answered: dict[bytes, tuple[int, bytes]] = {}  # MAC -> (last second it is valid, reply)
+        self.replays = 0
 
     def __repr__(self) -> str:  # never show the keys
         return f"<DnsCore zone={self.zone} keys={len(self._keys)}>"
@@ -188,10 +195,37 @@ class DnsCore:
         elif opcode == dns.opcode.UPDATE:
             assert isinstance(req, dns.update.UpdateMessage)
             # Unsigned updates are refused: only the account's devices may write (RFC 2136 §3.3).
-            resp = self._error(req, dns.rcode.REFUSED) if signer is None else self._update(req, wire, now)
+            if signer is None:
+                resp = self._error(req, dns.rcode.REFUSED)
+            else:
+                return self._update_once(req, wire, signer, now, max_size)
         else:
             resp = self._error(req, dns.rcode.NOTIMP)
         return self.render(req, resp, signer, now, max_size)
+
+    def _update_once(self, req: dns.update.UpdateMessage, wire: bytes, signer: Signer, now: float,
+                     max_size: int | None) -> bytes:
+        """Apply a signed UPDATE once. TSIG's time check (RFC 8945 §5.2.3) only bounds a replay to the
+        fudge window, and the account key is shared by all its devices, so a per-key "no earlier time"
+        rule would refuse one device's update after another's. Instead the request MAC, unique per
+        signed message, is remembered until the request's time window closes: a replay within it (say,
+        an old endpoint replayed after the device moved) changes nothing and gets the reply that was
+        sent, which is also what a client retransmitting after a lost reply needs."""
+        done = self._answered.get(signer.request_mac)
+        if done is not None:
+            self.replays += 1
+            return done[1]
+        reply = self.render(req, self._update(req, wire, now), signer, now, max_size)
+        if signer.request_mac:
+            answered = self._answered
+            t = int(now)
+            if len(answered) >= _ANSWERED_MAX or (answered and next(iter(answered.values()))[0] < t):
+                for mac in [m for m, (until, _) in answered.items() if until < t][:_ANSWERED_MAX]:
+                    del answered[mac]
+                while len(answered) >= _ANSWERED_MAX:  # a flood of valid updates: forget the oldest
+                    del answered[next(iter(answered))]
+            answered[signer.request_mac] = (signer.request_time + signer.fudge, reply)
+        return reply
 
     def key(self, name: dns.name.Name) -> dns.tsig.Key | None:
         """The TSIG key of that name, if it is one of ours (for the LLQ server's restored LLQs)."""
