@@ -1,11 +1,11 @@
 """The outer UDP socket: one dual-stack socket, drained and filled in batches, with GSO and GRO.
 
-One `UDPTransport` owns the socket. Receive drains it until EAGAIN (bounded per wakeup) and, where
-the kernel coalesced datagrams with UDP GRO, splits the coalesced buffer at the segment size it
-reports; send hands runs of equal-sized datagrams to the kernel as one UDP GSO `sendmsg` whose
-iovecs are the datagrams themselves. `rebind()` replaces the socket (new address or port) without
-touching anything above it: security associations live elsewhere, and peers learn the new endpoint
-from the next authenticated packet.
+One `UDPTransport` owns the socket. Receive drains it until EAGAIN (bounded per wakeup) and hands up
+each receive whole, with the segment size where the kernel coalesced datagrams with UDP GRO (the
+tunnel core opens such a run in one piece, or splits it). Send hands runs of equal-sized datagrams to
+the kernel as one UDP GSO `sendmsg`: a list of datagrams as its iovecs, or a sealed run's one buffer.
+`rebind()` replaces the socket (new address or port) without touching anything above it: security
+associations live elsewhere, and peers learn the new endpoint from the next authenticated packet.
 
 IPv4 peers appear as IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) on the dual-stack socket; `endpoint`
 helpers convert for display.
@@ -152,8 +152,10 @@ class UDPTransport:
         assert self.sock is not None
         await trio.lowlevel.wait_readable(self.sock)
 
-    def recv_batch(self, out: list[tuple[bytes, Addr]], max_datagrams: int = 256) -> int:
-        """Drain the socket until EAGAIN or `max_datagrams`, appending (payload, source)."""
+    def recv_runs(self, out: list[tuple[bytes, Addr, int]], max_datagrams: int = 256) -> int:
+        """Drain the socket until EAGAIN or `max_datagrams`, appending (buffer, source, segment size) per
+        receive: a GRO receive stays whole (datagrams of `segment size` back to back, the last may be
+        shorter), a size of 0 means the buffer is one datagram. Returns the number of datagrams."""
         sock = self.sock
         if sock is None:
             return 0
@@ -170,43 +172,11 @@ class UDPTransport:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 raise
-            src: Addr = (addr[0], addr[1])
-            seg = 0
-            for level, typ, cdata in anc:
-                if level == SOL_UDP and typ == UDP_GRO and len(cdata) >= 4:
-                    seg = struct.unpack_from("=i", cdata)[0]  # the kernel reports an int
-            if seg and len(data) > seg:
-                for off in range(0, len(data), seg):
-                    append((data[off:off + seg], src))
-                    n += 1
-            else:
-                append((data, src))
-                n += 1
-        return n
-
-    def recv_runs(self, out: list[tuple[bytes, Addr, int]], max_datagrams: int = 256) -> int:
-        """As `recv_batch`, but a GRO receive stays whole: appends (buffer, source, segment size), where
-        a size of 0 means the buffer is one datagram. Returns the number of datagrams received."""
-        sock = self.sock
-        if sock is None:
-            return 0
-        n = 0
-        append = out.append
-        recvmsg = sock.recvmsg
-        while n < max_datagrams:
-            try:
-                data, anc, _flags, addr = recvmsg(RECV_BUF, _GSO_CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                raise
             seg = 0
             if anc:
                 for level, typ, cdata in anc:
                     if level == SOL_UDP and typ == UDP_GRO and len(cdata) >= 4:
-                        seg = struct.unpack_from("=i", cdata)[0]
+                        seg = struct.unpack_from("=i", cdata)[0]  # the kernel reports an int
             if seg and len(data) > seg:
                 append((data, (addr[0], addr[1]), seg))
                 n += -(-len(data) // seg)
