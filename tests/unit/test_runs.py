@@ -263,6 +263,12 @@ A_ULA = ipaddress.IPv6Address("fd00:1::a")
 B_ULA = ipaddress.IPv6Address("fd00:1::b")
 
 
+def a_to_b(packet: bytes) -> bytes:
+    """The packet with the simulation's a as source and b as destination (the TCP checksum is not
+    recomputed: nothing here checks it)."""
+    return packet[:8] + A_ULA.packed + B_ULA.packed + packet[40:]
+
+
 def _established() -> Net:
     """Two cores with a confirmed session, from the in-memory simulation."""
     net = Net(1, gro=True)
@@ -283,8 +289,7 @@ def test_inbound_gro_opens_a_run_whole_and_checks_every_inner_source() -> None:
     net = _established()
     a, b = net.a, net.b
     now = 2.0
-    good = [tcp_packet(6, os.urandom(1000), seq=i) for i in range(8)]
-    good = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in good]
+    good = [a_to_b(tcp_packet(6, os.urandom(1000), seq=i)) for i in range(8)]
     sends = a.core.outbound(good, now, WALL)
     (dest, datagrams), = sends
     gro = [(b"".join(datagrams), dest, len(datagrams[0]))]
@@ -307,8 +312,7 @@ def test_inbound_gro_keeps_arrival_order_between_single_datagrams_and_runs() -> 
     net = _established()
     a, b = net.a, net.b
     now = 2.0
-    pkts = [tcp_packet(6, os.urandom(500), seq=i) for i in range(9)]
-    pkts = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in pkts]
+    pkts = [a_to_b(tcp_packet(6, os.urandom(500), seq=i)) for i in range(9)]
     (dest, w), = a.core.outbound(pkts, now, WALL)
     batch = [(w[0], dest, 0), (b"".join(w[1:5]), dest, len(w[1])), (w[5], dest, 0),
              (b"".join(w[7:9]), dest, len(w[7])), (w[6], dest, 0)]  # 6 arrives after 7 and 8
@@ -324,11 +328,10 @@ def test_outbound_seals_a_txrun_as_a_burst_in_order_with_loose_packets() -> None
     a, b = net.a, net.b
     now = 2.0
     sp = superpacket(5, 77)
-    sp = sp[:8] + A_ULA.packed + B_ULA.packed + sp[40:]
+    sp = a_to_b(sp)
     run = segment_run(gso_header(sp, MSS), sp, trailer)
     assert isinstance(run, TxRun)
-    loose = [tcp_packet(6, b"ack", seq=7)]
-    loose = [p[:8] + A_ULA.packed + B_ULA.packed + p[40:] for p in loose]
+    loose = [a_to_b(tcp_packet(6, b"ack", seq=7))]
     sends = a.core.outbound([loose[0], run, loose[0]], now, WALL)
     assert [type(d) for _, d in sends] == [list, Burst, list]
     datagrams: list[bytes] = []
