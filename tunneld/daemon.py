@@ -13,6 +13,7 @@ clocks and logs. Everything runs in one trio thread: the loops never block, they
 from __future__ import annotations
 
 import base64
+import ctypes
 import logging
 import os
 import signal
@@ -42,6 +43,24 @@ from tunneld.services.watcher import WatcherService
 log = logging.getLogger("tunneld")
 
 TIMER_TICK = 0.25  # seconds: the timer loop's longest sleep, so newly armed timers are seen soon
+M_TRIM_THRESHOLD = -1  # glibc malloc.h: mallopt parameter
+KEEP_FREED_BYTES = 64 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed heap memory instead of returning it to the kernel at once.
+
+    Why: the fast path allocates a few 60 KB buffers per superpacket (the segments, the sealed run, the
+    opened run) and frees them a moment later. With glibc's default 128 KB trim threshold, freeing them
+    at the top of the heap shrinks it, and the next run faults the pages back in, zero-filled: 5 000 to
+    12 000 page faults a second at 3.5 Gb/s and about 5% of the throughput (measured with the e2e
+    benchmark against MALLOC_TRIM_THRESHOLD_ set in the environment). Keeping up to 64 MB costs little.
+    Returns False where this is not glibc (nothing changes then)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 class Daemon:
@@ -73,6 +92,7 @@ class Daemon:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         iface = self.config.interface
+        keep_freed_memory()
         self.udp = UDPTransport(iface.listen_port)
         try:
             self.tun = Tun(iface.name, iface.mtu, offload=iface.offload)

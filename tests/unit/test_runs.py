@@ -418,3 +418,13 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     want += b"".join(h + p for h, p in coalesce(changed, verify=False))
     want += none + loose
     assert got == want
+
+
+def test_the_daemon_can_keep_freed_memory_on_glibc() -> None:
+    """The per-run buffers must not make glibc trim the heap and fault pages back in per superpacket
+    (tunneld.daemon.keep_freed_memory); CI's Debian has glibc, where mallopt accepts the setting."""
+    import platform
+
+    from tunneld.daemon import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
