@@ -25,6 +25,7 @@ from tunneld.proto.errors import ParseError
 from tunneld.proto.runs import RxRun, TxRun
 
 MAX_PACKET: Final = 65535
+_NO_GSO: Final = bytes(VNET_HDR_LEN)  # virtio-net header of a packet written as it is
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
 # default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
 TX_QUEUE_LEN: Final = 1000
@@ -218,7 +219,9 @@ class Tun:
                 loose.append(item)
                 continue
             if loose:
-                for hdr, pkt in coalesce(loose, verify=False):
+                # One packet (an ACK, mostly) merges with nothing: skip the coalescer's parsing.
+                pairs = coalesce(loose, verify=False) if len(loose) > 1 else [(_NO_GSO, loose[0])]
+                for hdr, pkt in pairs:
                     try:
                         writev(fd, (hdr, pkt))
                         self.superpackets_written += hdr[1] != 0  # [1]: the GSO type
