@@ -59,7 +59,7 @@ Buffer = bytes | bytearray | memoryview
 def trailer(length: int, next_header: int = NH_IPV6) -> bytes:
     """The ESP trailer that follows an inner packet of `length` bytes: the default padding (1, 2, 3, ...)
     that 4-byte-aligns the end of the trailer, pad length and next header (RFC 4303 §2.4-2.6). This is
-    what `seal` appends; `seal_padded` takes plaintexts that already end in it."""
+    what `seal` appends; `seal_run` takes plaintexts that already end in it."""
     pad = (-(length + 2)) & 3
     return _PADS[pad] + bytes((pad, next_header))
 

@@ -1,7 +1,7 @@
 """The offload fast path (issue 6): runs of packets handled as one object.
 
 Every vectorised form is checked against the per-packet form it replaces, which stays the reference:
-`seal_padded` against `seal_many`, `open_run` against `open_many`, `commit_run` against `commit`,
+`seal_run` against `seal_many`, `open_run` against `open_many`, `commit_run` against `commit`,
 `segment_run` against `segment`, `coalesce_run` against `coalesce`, and `TunnelCore.inbound_gro`
 against `TunnelCore.inbound`. A fast path that does not apply must change nothing and say so (None),
 so that the per-packet path, which counts every drop, runs instead.
