@@ -21,13 +21,14 @@ import functools
 import struct
 from collections.abc import Iterable, Sequence, Sized
 from enum import IntEnum
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Final
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from crypto.aead import AEAD, ICV_LEN, IV_LEN, get_suite
+from crypto.layout import strided
 from crypto.replay import DEFAULT_BLOCKS, ReplayWindow
 
 NH_IPV4: Final = 4  # IANA protocol numbers used as ESP next header (RFC 4303 §2.6)
@@ -62,10 +63,6 @@ def trailer(length: int, next_header: int = NH_IPV6) -> bytes:
     what `seal` appends; `seal_run` takes plaintexts that already end in it."""
     pad = (-(length + 2)) & 3
     return _PADS[pad] + bytes((pad, next_header))
-
-
-_RUN_SLICES: dict[tuple[int, int, int], tuple[list[slice], list[slice]]] = {}  # open_run's slices by shape
-_SEAL_SLICES: dict[tuple[int, int, int], list[slice]] = {}  # seal_run's, by shape
 
 
 @functools.cache
@@ -210,14 +207,9 @@ class SecurityAssociation:
             raise ESPError("sequence number space exhausted: the SA must be rekeyed")
         size = HEADER_LEN + first + ICV_LEN
         total = (k - 1) * size + HEADER_LEN + last + ICV_LEN
-        key = (k, size, total)
-        outs = _SEAL_SLICES.get(key)
-        if outs is None:
-            if len(_SEAL_SLICES) > 256:
-                _SEAL_SLICES.clear()
-            outs = [slice(i * size + HEADER_LEN, (i + 1) * size) for i in range(k - 1)]
-            outs.append(slice((k - 1) * size + HEADER_LEN, total))
-            _SEAL_SLICES[key] = outs
+        # Each datagram's ciphertext goes after its header; the last may be shorter.
+        outs = chain(strided(HEADER_LEN, size, size - HEADER_LEN, k - 1),
+                     (slice((k - 1) * size + HEADER_LEN, total),))
         buf = np.empty(total, np.uint8)  # every byte is written below: headers, then ciphertexts
         s0 = self.seq + 1
         seqs = np.arange(s0, s0 + k, dtype=np.uint64)
@@ -420,18 +412,11 @@ class SecurityAssociation:
         want["lo"] = np.arange(lo0, lo0 + k, dtype=np.uint64).astype(np.uint32)
         if np.ndarray((k, 8), np.uint8, data, 0, (size, 1)).tobytes() != want.tobytes():
             return None
-        key = (k, size, tail)
-        slices = _RUN_SLICES.get(key)
-        if slices is None:
-            if len(_RUN_SLICES) > 256:
-                _RUN_SLICES.clear()
-            stride = size - HEADER_LEN - ICV_LEN
-            cts = [slice(i * size + HEADER_LEN, (i + 1) * size) for i in range(k - 1)]
-            cts.append(slice((k - 1) * size + HEADER_LEN, n))
-            outs = [slice(i * stride, (i + 1) * stride) for i in range(k - 1)]
-            outs.append(slice((k - 1) * stride, (k - 1) * stride + tail - HEADER_LEN - ICV_LEN))
-            slices = _RUN_SLICES[key] = (cts, outs)
         stride = size - HEADER_LEN - ICV_LEN
+        tpt = tail - HEADER_LEN - ICV_LEN  # the last datagram's plaintext length
+        cts = chain(strided(HEADER_LEN, size, stride + ICV_LEN, k - 1),
+                    (slice((k - 1) * size + HEADER_LEN, n),))
+        outs = chain(strided(0, stride, stride, k - 1), (slice((k - 1) * stride, (k - 1) * stride + tpt),))
         out = np.empty(k * stride, np.uint8).data  # not zero-filled: every byte is about to be written
         mv = memoryview(data)
         seqs = range(seq0, seq0 + k)
@@ -440,8 +425,8 @@ class SecurityAssociation:
             map(_AAD.pack, repeat(spi, k), seqs)
         nonces = map(_NONCE.pack, repeat(self._aead.salt, k), hdrs["iv"].tolist())
         try:
-            list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, slices[0]), aads,
-                     map(out.__getitem__, slices[1])))
+            list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, cts), aads,
+                     map(out.__getitem__, outs)))
         except InvalidTag:
             return None
         # Trailers: the full slots must share one minimal padding (the usual case: equal inner lengths).
@@ -452,7 +437,6 @@ class SecurityAssociation:
         suffix = _PADS[pad] + bytes((pad, next_header))
         if full[:, stride - 2 - pad:].tobytes() != suffix * (k - 1):
             return None
-        tpt = tail - HEADER_LEN - ICV_LEN
         tail_pt = out[(k - 1) * stride:(k - 1) * stride + tpt]
         if not bytes(tail_pt[-5:] if tpt >= 5 else tail_pt).endswith(_minimal_trailers(next_header)):
             return None

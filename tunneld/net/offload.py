@@ -48,6 +48,7 @@ from typing import Final
 
 import numpy as _np  # vectorised checksums for segmentation (see _segment_sums)
 
+from crypto.layout import strided
 from tunneld.proto.errors import ParseError
 from tunneld.proto.runs import RxRun, TxRun
 
@@ -503,11 +504,19 @@ def _can_append(run: _Run, pkt: bytes, seq: int, plen: int, flags: int) -> bool:
 
 def _merge(run: _Run) -> tuple[bytes, bytes]:
     """One superpacket from a run: first segment's headers with lengths, flags and checksums fixed."""
-    ihl, thl, version = run.ihl, run.thl, run.version
-    hl = ihl + thl
-    hdr = bytearray(run.first[:hl])
-    tcp_len = thl + sum(len(p) for p in run.payloads)
-    hdr[ihl + 13] |= run.last_flags & (_FIN | _PSH)
+    tcp_len = run.thl + sum(len(p) for p in run.payloads)
+    vnet, hdr = _superpacket_headers(run.first, run.version, run.ihl, run.thl, tcp_len, run.last_flags,
+                                     run.size)
+    return vnet, b"".join([hdr, *run.payloads])
+
+
+def _superpacket_headers(first: bytes | bytearray | memoryview, version: int, ihl: int, thl: int,
+                         tcp_len: int, last_flags: int, size: int) -> tuple[bytes, bytearray]:
+    """The virtio-net header and the IP and TCP headers of a merged superpacket: the first segment's
+    headers with the merged lengths, the last segment's FIN/PSH, and the partial checksum a GSO write
+    needs (the folded, not complemented, pseudo-header sum including the merged length)."""
+    hdr = bytearray(first[: ihl + thl])
+    hdr[ihl + 13] |= last_flags & (_FIN | _PSH)
     if version == 6:
         _H.pack_into(hdr, 4, tcp_len)
         gso = GSO_TCPV6
@@ -518,26 +527,11 @@ def _merge(run: _Run) -> tuple[bytes, bytes]:
         gso = GSO_TCPV4
     if hdr[ihl + 13] & _CWR:
         gso |= GSO_ECN
-    # Partial checksum: the folded (not complemented) pseudo-header sum including the merged length.
     _H.pack_into(hdr, ihl + 16, (_pseudo_sum(hdr, version) + tcp_len) % 0xFFFF or 0xFFFF)
-    vnet = _VNET.pack(NEEDS_CSUM, gso, hl, run.size, ihl, 16)
-    return vnet, b"".join([hdr, *run.payloads])
+    return _VNET.pack(NEEDS_CSUM, gso, ihl + thl, size, ihl, 16), hdr
 
 
 # -- runs: the vectorised forms of segment and coalesce for the common case (issue 6) ------------------
-
-_RUN_SLICES: dict[tuple[int, ...], list[slice]] = {}
-
-
-def _slices(key: tuple[int, ...], start: int, stride: int, length: int, count: int) -> list[slice]:
-    """`count` slices of `length` bytes at `stride` from `start`, cached by shape (a run's shapes repeat)."""
-    s = _RUN_SLICES.get(key)
-    if s is None:
-        if len(_RUN_SLICES) > 512:
-            _RUN_SLICES.clear()
-        s = _RUN_SLICES[key] = [slice(start + i * stride, start + i * stride + length) for i in range(count)]
-    return s
-
 
 def _row_sums(rows: _np.ndarray, size: int) -> _np.ndarray:
     """Per row of 16-bit big-endian words, a uint64 congruent to its RFC 1071 sum modulo 0xFFFF (not
@@ -625,7 +619,7 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     tot %= _np.uint64(0xFFFF)  # (-sum) mod 0xFFFF: 0, not 0xFFFF, for a sum ≡ 0 (as _csum)
     _np.ndarray((k,), ">u2", a, 56, (stride,))[:] = tot
     mv = a.data.cast("B")
-    slots: list[memoryview | bytes] = list(map(mv.__getitem__, _slices((0, k, stride), 0, stride, stride, k)))
+    slots: list[memoryview | bytes] = list(map(mv.__getitem__, strided(0, stride, stride, k)))
     if rem:
         s = (seq0 + k * size) & 0xFFFFFFFF
         payload = memoryview(packet)[hl + k * size :]
@@ -689,14 +683,9 @@ def coalesce_run(run: RxRun) -> list[bytes | bytearray | memoryview] | None:
     want = _np.arange(k, dtype=_np.uint32) * _np.uint32(size) + seqs[0]  # wraps mod 2**32 as TCP's
     if seqs.tobytes() != want.astype(">u4").tobytes():
         return None
-    hdr = bytearray(arena[:hl])
-    tcp_len = thl + total
-    _H.pack_into(hdr, 4, tcp_len)
-    hdr[53] = f0 | (fk & (_FIN | _PSH))
-    _H.pack_into(hdr, 56, (_pseudo_sum(hdr, 6) + tcp_len) % 0xFFFF or 0xFFFF)
-    vnet = _VNET.pack(NEEDS_CSUM, GSO_TCPV6 | (GSO_ECN if f0 & _CWR else 0), hl, size, 40, 16)
+    vnet, hdr = _superpacket_headers(arena, 6, 40, thl, thl + total, fk, size)
     mv = memoryview(arena)
     iov: list[bytes | bytearray | memoryview] = [vnet, hdr]
-    iov += map(mv.__getitem__, _slices((1, k - 1, stride, hl, full), hl, stride, size, k - 1))
+    iov += map(mv.__getitem__, strided(hl, stride, size, k - 1))
     iov.append(mv[(k - 1) * stride + hl : (k - 1) * stride + lengths[-1]])
     return iov
