@@ -284,9 +284,7 @@ def segment(vnet: bytes | bytearray | memoryview, packet: bytes, mss: int | None
         s = (seq + i * size) & 0xFFFFFFFF
         tcp_len = thl + end - off
         payload = mv[off:end]
-        _I.pack_into(tmpl, ihl + 4, s)
-        tmpl[ihl + 13] = f
-        _H.pack_into(tmpl, ihl + 16, _csum(base + tcp_len + (s >> 16) + (s & 0xFFFF) + f + sums[i]))
+        _set_tcp_fields(tmpl, ihl, base, s, f, tcp_len, sums[i])
         if version == 6:
             _H.pack_into(tmpl, 4, tcp_len)
         else:
@@ -301,6 +299,16 @@ def segment(vnet: bytes | bytearray | memoryview, packet: bytes, mss: int | None
         off = end
         i += 1
     return out
+
+
+def _set_tcp_fields(tmpl: bytearray, ihl: int, base: int, seq: int, flags: int, tcp_len: int,
+                    payload_sum: int) -> None:
+    """Write one segment's sequence number, flags and complete TCP checksum into its header copy.
+    ``base`` is the sum of the pseudo-header's addresses and protocol and of the TCP header with those
+    three fields zero; the length, the fields and the payload's sum are added here."""
+    _I.pack_into(tmpl, ihl + 4, seq)
+    tmpl[ihl + 13] = flags
+    _H.pack_into(tmpl, ihl + 16, _csum(base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + flags + payload_sum))
 
 
 @dataclass(slots=True)
@@ -377,6 +385,8 @@ def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[byt
     always has at least two segments). ``GSO_ECN`` is set when the first segment carries CWR, so the
     kernel's re-segmentation keeps CWR on the first segment only (``SKB_GSO_TCP_ECN``).
     """
+    if len(packets) == 1:  # merges with nothing (a lone ACK, mostly): no parsing
+        return [(_NONE_HDR, packets[0])]
     slots: list[_Run | bytes] = []
     open_runs: dict[bytes, _Run] = {}
     for pkt in packets:
@@ -589,7 +599,7 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     tmpl[44:48] = bytes(4)
     tmpl[53] = 0
     tmpl[56:58] = bytes(2)
-    base = (_pseudo_sum(tmpl, 6) + int.from_bytes(tmpl[40:hl], "big") + tcp_len + mid) % 0xFFFF
+    base = (_pseudo_sum(tmpl, 6) + int.from_bytes(tmpl[40:hl], "big")) % 0xFFFF
     a = _np.empty((k, stride), _np.uint8)
     a[:, :hl] = _np.frombuffer(tmpl, _np.uint8)
     pay = _np.frombuffer(packet, _np.uint8, k * size, hl).reshape(k, size)
@@ -607,7 +617,7 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     # reduced once; each step in place (no temporaries).
     tot = _row_sums(pay, size)
     tot += seqs
-    tot += _np.uint64(base)
+    tot += _np.uint64(base + tcp_len + mid)
     if first != mid:
         a[0, 53] = first
         tot[0] += first - mid
@@ -621,14 +631,9 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     mv = a.data.cast("B")
     slots: list[memoryview | bytes] = list(map(mv.__getitem__, strided(0, stride, stride, k)))
     if rem:
-        s = (seq0 + k * size) & 0xFFFFFFFF
         payload = memoryview(packet)[hl + k * size :]
-        tl = thl + rem
-        _H.pack_into(tmpl, 4, tl)
-        _I.pack_into(tmpl, 44, s)
-        tmpl[53] = last
-        c = _csum(base - tcp_len - mid + tl + (s >> 16) + (s & 0xFFFF) + last + _sum(payload))
-        _H.pack_into(tmpl, 56, c)
+        _H.pack_into(tmpl, 4, thl + rem)
+        _set_tcp_fields(tmpl, 40, base, (seq0 + k * size) & 0xFFFFFFFF, last, thl + rem, _sum(payload))
         slots.append(b"".join((tmpl, payload, trailer(hl + rem))))
     return TxRun(bytes(packet[24:40]), slots, n + (len(slots) - 1) * hl)
 
