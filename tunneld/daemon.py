@@ -329,6 +329,7 @@ class Daemon:
             "gro": bool(udp and udp.gro),
             "offload": bool(self.tun and self.tun.offload),
             "offload_error": self.tun.offload_error if self.tun else None,
+            "gso_max_size": self.tun.gso_max_size if self.tun else None,
             "public_endpoint": self.public_endpoint,
             "portmap": self.portmap.status(trio.current_time()) if self.portmap else
             status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),

@@ -15,6 +15,7 @@ import pytest
 from tools.lab import Lab
 from tools.traffic import FRAG_EVERY, Ping, UdpFlow
 from tools.tunnel import TUNNELD, Blast, Node, peer_status, ping6, running_pair, status
+from tunneld.net.tun import gso_max_size_for
 
 pytestmark = [
     pytest.mark.root,
@@ -42,6 +43,7 @@ def assert_offload_on(*nodes: Node) -> None:
         st = status(n)
         assert st["offload"] is True, f"offload is off in {n.host.name}: {st['offload_error']}"
         assert st["offload_error"] is None, st["offload_error"]
+        assert st["gso_max_size"] == gso_max_size_for(1400), st  # tools/tunnel.py: mtu = 1400
 
 
 def assert_clean_counters(n: Node, peer: str) -> dict[str, Any]:

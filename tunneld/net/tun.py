@@ -11,7 +11,7 @@ import errno
 import fcntl
 import ipaddress
 import os
-from typing import Final
+from typing import Final, cast
 
 import pytun
 import trio
@@ -25,7 +25,6 @@ from tunneld.proto.errors import ParseError
 from tunneld.proto.runs import RxRun, TxRun
 
 MAX_PACKET: Final = 65535
-_NO_GSO: Final = bytes(VNET_HDR_LEN)  # virtio-net header of a packet written as it is
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
 # default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
 TX_QUEUE_LEN: Final = 1000
@@ -182,28 +181,19 @@ class Tun:
         EINVAL on a malformed header): those are dropped, as a NIC would."""
         if self.offload:
             return self._write_offload(packets)
+        writes: list[bytes] | list[bytes | memoryview]
+        if any(isinstance(p, RxRun) for p in packets):  # runs opened for a plain TUN: packet by packet
+            writes = [q for p in packets for q in (p.views() if isinstance(p, RxRun) else (p,))]
+        else:
+            writes = cast("list[bytes]", packets)
         fd = self.fd
         write = os.write
         dropped = 0
-        for p in packets:
-            if isinstance(p, RxRun):
-                dropped += self._write_each(p.views())
-                continue
+        for p in writes:
             try:
                 write(fd, p)
             except OSError:
                 dropped += 1  # the kernel's queue is full, or it refused the packet: drop, as a NIC would
-        return dropped
-
-    def _write_each(self, packets: list[memoryview]) -> int:
-        dropped = 0
-        fd = self.fd
-        write = os.write
-        for p in packets:
-            try:
-                write(fd, p)
-            except OSError:
-                dropped += 1
         return dropped
 
     def _write_offload(self, items: list[bytes | RxRun]) -> int:
@@ -219,9 +209,7 @@ class Tun:
                 loose.append(item)
                 continue
             if loose:
-                # One packet (an ACK, mostly) merges with nothing: skip the coalescer's parsing.
-                pairs = coalesce(loose, verify=False) if len(loose) > 1 else [(_NO_GSO, loose[0])]
-                for hdr, pkt in pairs:
+                for hdr, pkt in coalesce(loose, verify=False):
                     try:
                         writev(fd, (hdr, pkt))
                         self.superpackets_written += hdr[1] != 0  # [1]: the GSO type
