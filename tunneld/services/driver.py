@@ -1,0 +1,117 @@
+"""The one trio driver: runs any sans-I/O core (:mod:`tunneld.proto.core`) over its sockets.
+
+Datagrams go to ``core.receive``, timers to ``core.poll`` at ``core.deadline()``; whatever the core then
+has to send leaves by ``sendto`` on the first socket, and its events go to the service's ``on_event``. On
+cancellation the core is closed and its last messages (deletes, withdrawals) get a bounded, shielded grace
+to leave and be answered. A service is then: which sockets, which core, what to do with its events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from tunneld.proto.core import Core
+
+__all__ = ["MAX_NAP", "Driver"]
+
+log = logging.getLogger("tunneld.driver")
+
+E = TypeVar("E")
+
+MAX_NAP = 30.0
+"""Longest sleep between looks at the deadline: a core on the wall clock notices a clock step (or a
+resume from suspend) within this time."""
+
+
+class Driver(Generic[E]):
+    """Drive ``core`` over ``sockets`` (already bound or connected; the first one sends).
+
+    ``clock`` is the core's clock (``trio.current_time`` or a wall clock); ``grace`` bounds the goodbye.
+    Outside calls into the core (``core.publish(..., driver.now())``) are followed by :meth:`wake`, which
+    sends what they produced and lets the timer loop look at the new deadline.
+    """
+
+    def __init__(self, core: Core[E], sockets: Sequence[trio.socket.SocketType], *,
+                 on_event: Callable[[E], None] = lambda event: None,
+                 clock: Callable[[], float] = trio.current_time, grace: float = 1.0,
+                 max_datagram: int = 65535, name: str = "core") -> None:
+        if not sockets:
+            raise ValueError("the driver needs at least one socket")
+        self.core = core
+        self.sockets = list(sockets)
+        self.on_event = on_event
+        self.clock = clock
+        self.grace = grace
+        self.max_datagram = max_datagram
+        self.name = name
+        self.send_errors = 0
+        self.receive_errors = 0
+        self._wake = trio.Event()
+
+    def now(self) -> float:
+        return self.clock()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, then say goodbye within ``grace``. Reports ready once the core's
+        first messages have been sent."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in self.sockets:
+                    nursery.start_soon(self._receive, sock)
+                await self._flush()
+                task_status.started()
+                await self._timers()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.grace):
+                await self._goodbye()
+
+    async def _timers(self, until_finished: bool = False) -> None:
+        while not (until_finished and self.core.finished()):
+            deadline = self.core.deadline()
+            nap = MAX_NAP if deadline is None else min(MAX_NAP, max(0.0, deadline - self.clock()))
+            with trio.move_on_after(nap):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self.core.poll(self.clock())
+            await self._flush()
+
+    async def _goodbye(self) -> None:
+        self.core.close(self.clock())
+        await self._flush()
+        if self.core.finished():
+            return
+        async with trio.open_nursery() as nursery:
+            for sock in self.sockets:
+                nursery.start_soon(self._receive, sock)
+            await self._timers(until_finished=True)
+            nursery.cancel_scope.cancel()
+
+    async def _receive(self, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, source = await sock.recvfrom(self.max_datagram)
+            except OSError as e:  # an ICMP error for an earlier send: the core retransmits
+                self.receive_errors += 1
+                log.debug("%s: receive: %s", self.name, e)
+                continue
+            self.core.receive(data, (source[0], source[1]), self.clock())
+            await self._flush()
+            self._wake.set()  # the deadline may have moved
+
+    async def _flush(self) -> None:
+        sock = self.sockets[0]
+        for t in self.core.transmits():
+            try:
+                await sock.sendto(t.payload, t.destination)
+            except OSError as e:  # no route right now: the core's timers retry
+                self.send_errors += 1
+                log.debug("%s: send to %s: %s", self.name, t.destination, e)
+        for event in self.core.events():
+            self.on_event(event)
