@@ -155,3 +155,33 @@ def test_goodbye_is_bounded_when_nobody_answers() -> None:
 
 def test_wake_flushes_outside_calls_and_foreign_sources_are_the_cores_business() -> None:
     trio.run(_test_wake_flushes_outside_calls_and_foreign_sources_are_the_cores_business)
+
+
+async def _test_reopen_moves_to_new_sockets_and_keeps_the_core() -> None:
+    a, b = await _pair()
+    a2 = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await a2.bind(("127.0.0.1", 0))
+    with a, b, a2:
+        core = PingCore(b.getsockname(), interval=100.0, wait_for_ok=False)
+        got: list[str] = []
+        driver = Driver(core, [a], on_event=got.append, grace=0.5)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(5):
+                await nursery.start(driver.run)
+                assert (await b.recvfrom(100))[1] == a.getsockname()
+                driver.reopen([a2])
+                a.close()  # the old socket goes; nothing breaks
+                core._send(core.peer, b"ping")
+                driver.wake()
+                data, src = await b.recvfrom(100)
+                assert (data, src) == (b"ping", a2.getsockname())
+                await b.sendto(b"pong", a2.getsockname())  # answers reach the core on the new socket
+                while not got:
+                    await trio.sleep(0.01)
+                assert core.next is not None and not core.closed  # the same core, its timer kept
+            nursery.cancel_scope.cancel()
+        assert len(got) == 1
+
+
+def test_reopen_moves_to_new_sockets_and_keeps_the_core() -> None:
+    trio.run(_test_reopen_moves_to_new_sockets_and_keeps_the_core)

@@ -51,6 +51,8 @@ class Driver(Generic[E]):
         self.send_errors = 0
         self.receive_errors = 0
         self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._receivers: trio.CancelScope | None = None
 
     def now(self) -> float:
         return self.clock()
@@ -63,14 +65,40 @@ class Driver(Generic[E]):
         first messages have been sent."""
         try:
             async with trio.open_nursery() as nursery:
-                for sock in self.sockets:
-                    nursery.start_soon(self._receive, sock)
+                self._nursery = nursery
+                self._start_receivers()
                 await self._flush()
                 task_status.started()
                 await self._timers()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(self.grace):
                 await self._goodbye()
+
+    def reopen(self, sockets: Sequence[trio.socket.SocketType]) -> None:
+        """Carry on over new sockets (the network moved and the old ones are bound to a vanished
+        address); the core and its state stay. The caller closes the old sockets afterwards."""
+        if not sockets:
+            raise ValueError("the driver needs at least one socket")
+        self.sockets = list(sockets)
+        if self._receivers is not None:
+            self._receivers.cancel()
+        if self._nursery is not None:
+            self._start_receivers()
+        self.wake()
+
+    def _start_receivers(self) -> None:
+        assert self._nursery is not None
+        scope = self._receivers = trio.CancelScope()
+        sockets = list(self.sockets)
+
+        async def receivers() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for sock in sockets:
+                        nursery.start_soon(self._receive, sock)
+
+        self._nursery.start_soon(receivers)
 
     async def _timers(self, until_finished: bool = False) -> None:
         while not (until_finished and self.core.finished()):
@@ -97,6 +125,8 @@ class Driver(Generic[E]):
         while True:
             try:
                 data, source = await sock.recvfrom(self.max_datagram)
+            except trio.ClosedResourceError:  # closed under us (reopen): the new receivers carry on
+                return
             except OSError as e:  # an ICMP error for an earlier send: the core retransmits
                 self.receive_errors += 1
                 log.debug("%s: receive: %s", self.name, e)
