@@ -1,74 +1,53 @@
-"""NAT-PMP (RFC 6886) and PCP (RFC 6887) port mapping: wire formats and the PortMapper state machine.
+"""The port mapper (NAT-PMP RFC 6886, PCP RFC 6887) as a sans-I/O core: answers, announcements, timers, close.
 
-The hex fixtures are the constructed examples of PROTOCOLS.md §9 (built by a script from the field layouts,
-then reviewed by hand against RFC 6886 §3.2/§3.3/§3.5 and RFC 6887 §7.1/§7.2/§11.1); there are no public
-packet KATs for these protocols (PROTOCOLS.md §8). The PCP response and ANNOUNCE hex below were written by
-hand field by field in the same way. Time is virtual: plain floats passed as ``now``.
+Time is virtual: plain floats passed as ``now``. :class:`Harness` calls the core the way the driver does and
+returns what it queued after each input, so each step's sends are asserted where they happen.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tunneld.proto import constants as C
-from tunneld.proto.errors import ParseError
-from tunneld.proto.natpmp import (
-    NATPMP,
-    PCP,
-    Endpoint,
-    EndpointChanged,
-    NatPmpAddressResponse,
-    NatPmpMapResponse,
-    PcpMap,
-    PcpResponse,
-    PortMapper,
-    Transmit,
+from tests.unit.test_portmap_wire import (
+    _DATAGRAMS,
+    GW,
+    GW_SRC,
+    HEX_ADDR_REQUEST,
+    HEX_ADDR_RESPONSE,
+    HEX_DELETE,
+    HEX_MAP_REQUEST,
+    HEX_MAP_RESPONSE,
+    HEX_PCP_ANNOUNCE,
+    HEX_PCP_MAP_REQUEST,
+    HEX_PCP_MAP_RESPONSE,
+    HEX_UNSUPPORTED_VERSION,
+    ME,
+    NATPMP_MESSAGES,
+    NONCE,
+    PORT,
+    PUBLIC,
+)
+from tunneld.proto.core import Transmit
+from tunneld.proto.portmap.addresses import external_address_problem
+from tunneld.proto.portmap.events import Endpoint, EndpointChanged, Granted, PortmapEvent, Refused
+from tunneld.proto.portmap.mapper import NATPMP, PCP, PortMapper
+from tunneld.proto.portmap.natpmp_wire import (
     encode_natpmp_address_request,
     encode_natpmp_address_response,
     encode_natpmp_error,
     encode_natpmp_map_request,
     encode_natpmp_map_response,
-    encode_pcp_announce_request,
+)
+from tunneld.proto.portmap.pcp_wire import (
     encode_pcp_map_request,
     encode_pcp_map_response,
     encode_pcp_response,
-    external_address_problem,
-    natpmp_result_message,
-    parse_natpmp_response,
-    parse_pcp_response,
     pcp_result_message,
 )
-
-# -- PROTOCOLS.md §9 constructed examples ----------------------------------------------------------------
-
-HEX_ADDR_REQUEST = "0000"
-HEX_ADDR_RESPONSE = "00800000000004d2c6336407"  # SSSoE 1234, 198.51.100.7
-HEX_MAP_REQUEST = "000100001194119400001c20"  # UDP 4500 -> 4500, 7200 s
-HEX_MAP_RESPONSE = "00810000000004d81194ee4900001c20"  # SSSoE 1240, 4500 -> 61001, 7200 s
-HEX_DELETE = "000100001194000000000000"  # UDP 4500, lifetime 0, suggested port 0
-HEX_UNSUPPORTED_VERSION = "00810001000004d8"  # 8 bytes: the answer of a NAT-PMP-only box to a PCP MAP
-HEX_PCP_MAP_REQUEST = (
-    "0201000000001c20" "00000000000000000000ffffc0000221"  # v2, MAP, lifetime 7200, client 192.0.2.33
-    "0102030405060708090a0b0c" "11000000" "1194" "0000"  # nonce, UDP + reserved, port 4500, no suggestion
-    "00000000000000000000ffff00000000"  # suggested external address ::ffff:0.0.0.0
-)
-# Hand-built: PCP MAP success response, lifetime 7200, epoch 1234, same nonce, 4500 -> 61001 @ 198.51.100.7.
-HEX_PCP_MAP_RESPONSE = (
-    "02810000" "00001c20" "000004d2" "000000000000000000000000"
-    "0102030405060708090a0b0c" "11000000" "1194" "ee49" "00000000000000000000ffffc6336407"
-)
-HEX_PCP_ANNOUNCE = "02800000" "00000000" "000004d2" "000000000000000000000000"  # unsolicited, epoch 1234
-HEX_PCP_ANNOUNCE_REQUEST = "0200000000000000" "00000000000000000000ffffc0000221"
-
-NONCE = bytes(range(1, 13))
-GW = "192.168.1.1"
-ME = "192.168.1.20"
-PORT = 4500
-GW_SRC = (GW, 5351)
-PUBLIC = "198.51.100.7"
 
 
 class FakeRand:
@@ -88,19 +67,55 @@ class FakeRand:
         return min(int(self.fraction * 2**32), 2**32 - 1).to_bytes(4, "big")
 
 
-def mapper(**kw: object) -> PortMapper:
+class Harness:
+    """A PortMapper driven as the driver drives it: after each call, what it queued to send is returned and
+    its events are collected (all in ``events``, the endpoint changes in ``changes``)."""
+
+    def __init__(self, core: PortMapper) -> None:
+        self.core = core
+        self.events: list[PortmapEvent] = []
+
+    def _drain(self) -> list[Transmit]:
+        self.events += self.core.events()
+        return self.core.transmits()
+
+    def start(self, now: float) -> list[Transmit]:
+        self.core.start(now)
+        return self._drain()
+
+    def receive(self, data: bytes, source: tuple[str, int], now: float) -> list[Transmit]:
+        self.core.receive(data, source, now)
+        return self._drain()
+
+    def poll(self, now: float) -> list[Transmit]:
+        self.core.poll(now)
+        return self._drain()
+
+    def close(self, now: float) -> list[Transmit]:
+        self.core.close(now)
+        return self._drain()
+
+    @property
+    def changes(self) -> list[EndpointChanged]:
+        return [e for e in self.events if isinstance(e, EndpointChanged)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+
+def mapper(**kw: object) -> Harness:
     args: dict[str, object] = {"internal_address": ME, "internal_port": PORT, "gateway": GW,
                                "rand": FakeRand()}
     args.update(kw)
-    return PortMapper(**args)  # type: ignore[arg-type]
+    return Harness(PortMapper(**args))  # type: ignore[arg-type]
 
 
 def payloads(out: list[Transmit]) -> list[bytes]:
-    assert all(t.host == GW and t.port == 5351 for t in out)
+    assert all(t.destination == GW_SRC for t in out)
     return [t.payload for t in out]
 
 
-def natpmp_mapper(now: float = 0.0, epoch: int = 1000, **kw: object) -> PortMapper:
+def natpmp_mapper(now: float = 0.0, epoch: int = 1000, **kw: object) -> Harness:
     """A mapper that fell back to NAT-PMP at `now` (no answers yet)."""
     m = mapper(**kw)
     m.start(now)
@@ -110,7 +125,7 @@ def natpmp_mapper(now: float = 0.0, epoch: int = 1000, **kw: object) -> PortMapp
 
 
 def natpmp_mapped(now: float = 0.0, epoch: int = 1000, ext_port: int = 61001, lifetime: int = 7200,
-                  **kw: object) -> PortMapper:
+                  **kw: object) -> Harness:
     m = natpmp_mapper(now, epoch, **kw)
     assert m.receive(encode_natpmp_address_response(epoch, PUBLIC), GW_SRC, now) == []
     assert m.receive(encode_natpmp_map_response(epoch, PORT, ext_port, lifetime), GW_SRC, now) == []
@@ -118,191 +133,16 @@ def natpmp_mapped(now: float = 0.0, epoch: int = 1000, ext_port: int = 61001, li
 
 
 def pcp_mapped(now: float = 0.0, epoch: int = 1000, ext_port: int = 61001, lifetime: int = 7200,
-               **kw: object) -> PortMapper:
+               **kw: object) -> Harness:
     m = mapper(**kw)
     m.start(now)
     reply = encode_pcp_map_response(m.nonce, PORT, ext_port, PUBLIC, lifetime, epoch)
     assert m.receive(reply, GW_SRC, now) == []
     return m
 
-
-# -- encoders against the fixtures -----------------------------------------------------------------------
-
-
-def test_natpmp_encoders_match_fixtures() -> None:
-    assert encode_natpmp_address_request().hex() == HEX_ADDR_REQUEST
-    assert encode_natpmp_address_response(1234, PUBLIC).hex() == HEX_ADDR_RESPONSE
-    assert encode_natpmp_map_request(4500, 4500, 7200).hex() == HEX_MAP_REQUEST
-    assert encode_natpmp_map_response(1240, 4500, 61001, 7200).hex() == HEX_MAP_RESPONSE
-    assert encode_natpmp_map_request(4500, 0, 0).hex() == HEX_DELETE
-    assert encode_natpmp_error(1, 1, 1240).hex() == HEX_UNSUPPORTED_VERSION
-    # TCP uses opcode 2 / 130; everything else is the same.
-    assert encode_natpmp_map_request(4500, 4500, 7200, opcode=2).hex() == "0002" + HEX_MAP_REQUEST[4:]
-    tcp = encode_natpmp_map_response(1240, 4500, 61001, 7200, opcode=2)
-    assert tcp.hex() == "0082" + HEX_MAP_RESPONSE[4:]
-    with pytest.raises(ValueError):
-        encode_natpmp_map_request(4500, 4500, 7200, opcode=0)
-
-
-def test_pcp_encoders_match_fixtures() -> None:
-    assert encode_pcp_map_request(NONCE, "192.0.2.33", 4500, 7200).hex() == HEX_PCP_MAP_REQUEST
-    assert len(bytes.fromhex(HEX_PCP_MAP_REQUEST)) == 60
-    assert encode_pcp_map_response(NONCE, 4500, 61001, PUBLIC, 7200, 1234).hex() == HEX_PCP_MAP_RESPONSE
-    assert encode_pcp_response(C.PCP_OP_ANNOUNCE, 0, 0, 1234).hex() == HEX_PCP_ANNOUNCE
-    assert encode_pcp_announce_request("192.0.2.33").hex() == HEX_PCP_ANNOUNCE_REQUEST
-    # A suggested external address is IPv4-mapped (RFC 6887 §5).
-    suggested = encode_pcp_map_request(NONCE, "192.0.2.33", 4500, 7200, 61001, PUBLIC)
-    assert suggested[-20:].hex() == "1194" "ee49" "00000000000000000000ffffc6336407"
-    with pytest.raises(ValueError):
-        encode_pcp_map_request(b"short", "192.0.2.33", 4500, 7200)
-
-
 def test_state_machine_first_pcp_request_is_the_fixture() -> None:
     m = mapper(internal_address="192.0.2.33", suggested_external_port=0, rand=FakeRand([NONCE]))
     assert payloads(m.start(0.0)) == [bytes.fromhex(HEX_PCP_MAP_REQUEST)]
-
-
-# -- parsers ---------------------------------------------------------------------------------------------
-
-
-def test_parse_natpmp_responses() -> None:
-    assert parse_natpmp_response(bytes.fromhex(HEX_ADDR_RESPONSE)) == NatPmpAddressResponse(0, 1234, PUBLIC)
-    assert parse_natpmp_response(bytes.fromhex(HEX_MAP_RESPONSE)) == NatPmpMapResponse(
-        1, 0, 1240, 4500, 61001, 7200)
-    assert parse_natpmp_response(bytes.fromhex(HEX_UNSUPPORTED_VERSION)) == NatPmpMapResponse(
-        1, 1, 1240, None, None, None)
-    tcp = parse_natpmp_response(encode_natpmp_map_response(7, 22, 2222, 60, opcode=2))
-    assert tcp == NatPmpMapResponse(2, 0, 7, 22, 2222, 60)
-    # An error may also come in full size, or 8 bytes for the address request.
-    assert parse_natpmp_response(encode_natpmp_map_response(9, 4500, 0, 0, result=2)).result == 2
-    assert parse_natpmp_response(encode_natpmp_error(0, 3, 9)) == NatPmpAddressResponse(3, 9, None)
-    # Delete answer: lifetime 0, external port 0.
-    deleted = parse_natpmp_response(encode_natpmp_map_response(9, 4500, 0, 0))
-    assert isinstance(deleted, NatPmpMapResponse)
-    assert (deleted.lifetime, deleted.external_port) == (0, 0)
-
-
-def test_parse_pcp_responses() -> None:
-    r = parse_pcp_response(bytes.fromhex(HEX_PCP_MAP_RESPONSE))
-    assert r == PcpResponse(1, 0, 7200, 1234, PcpMap(NONCE, 17, 4500, 61001, PUBLIC))
-    assert parse_pcp_response(bytes.fromhex(HEX_PCP_ANNOUNCE)) == PcpResponse(0, 0, 0, 1234)
-    # An error reply without the MAP body (header only) is accepted.
-    assert parse_pcp_response(encode_pcp_response(1, 8, 30, 5)) == PcpResponse(1, 8, 30, 5)
-    # Reserved fields are ignored on receipt (§7.2, §11.1).
-    raw = bytearray(bytes.fromhex(HEX_PCP_MAP_RESPONSE))
-    raw[2] = 0xFF
-    raw[12:24] = b"\xff" * 12
-    raw[37:40] = b"\xff\xff\xff"
-    assert parse_pcp_response(bytes(raw)).map == r.map
-    # Options after the body are framed and kept: code 0x80, length 5, padded to 8.
-    opt = bytes.fromhex("80000005") + b"abcde" + b"\x00" * 3
-    with_opt = parse_pcp_response(bytes.fromhex(HEX_PCP_MAP_RESPONSE) + opt)
-    assert with_opt.options == ((0x80, b"abcde"),)
-    # An IPv6 external address is reported as such.
-    v6 = bytearray(bytes.fromhex(HEX_PCP_MAP_RESPONSE))
-    v6[44:60] = bytes.fromhex("20010db8000000000000000000000001")
-    assert parse_pcp_response(bytes(v6)).map.external_address == "2001:db8::1"  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(("data", "reason"), [
-    ("", "truncated"),
-    ("00", "truncated"),
-    ("00800000000004", "truncated"),  # 7 bytes
-    ("00800000000004d2", None),  # 8 bytes with success: an address response must be 12
-    ("00810000000004d81194ee49", "truncated"),  # 12-byte map success
-    ("00810002000004d81194", "truncated"),  # a 10-byte error: neither 8 nor full size
-    (HEX_ADDR_RESPONSE + "00", "oversized"),
-    (HEX_MAP_RESPONSE + "0000", "oversized"),
-    ("01" + HEX_ADDR_RESPONSE[2:], "version"),
-    ("02" + HEX_ADDR_RESPONSE[2:], "version"),
-    ("0000" + HEX_ADDR_RESPONSE[4:], "not a response"),
-    ("0001" + HEX_MAP_RESPONSE[4:], "not a response"),
-    ("0083" + HEX_MAP_RESPONSE[4:], "opcode"),
-])
-def test_natpmp_parse_errors(data: str, reason: str | None) -> None:
-    with pytest.raises(ParseError) as info:
-        parse_natpmp_response(bytes.fromhex(data))
-    assert reason is None or str(info.value) == reason
-    if reason is None:
-        assert str(info.value) == "truncated"
-
-
-@pytest.mark.parametrize(("data", "reason"), [
-    (HEX_PCP_ANNOUNCE[:-8], "truncated"),  # 20 bytes
-    (HEX_PCP_MAP_RESPONSE[:48], "truncated"),  # MAP success, header only
-    (HEX_PCP_MAP_RESPONSE[:96], "truncated"),  # MAP error cut inside the body
-    (HEX_PCP_MAP_RESPONSE + "00" * (1100 - 60 + 4), "oversized"),
-    (HEX_PCP_MAP_RESPONSE + "0000", "length"),
-    ("01" + HEX_PCP_MAP_RESPONSE[2:], "version"),
-    ("0201" + HEX_PCP_MAP_RESPONSE[4:], "not a response"),
-    ("0282" + HEX_PCP_MAP_RESPONSE[4:], "opcode"),  # PEER: not ours
-    (HEX_PCP_MAP_RESPONSE + "80000008" + "00000000", "truncated option"),
-    (HEX_PCP_ANNOUNCE + "8000", "length"),
-])
-def test_pcp_parse_errors(data: str, reason: str) -> None:
-    with pytest.raises(ParseError) as info:
-        parse_pcp_response(bytes.fromhex(data))
-    assert str(info.value) == reason
-
-
-def test_pcp_error_body_truncated_differs_from_header_only() -> None:
-    err = bytearray(bytes.fromhex(HEX_PCP_MAP_RESPONSE))
-    err[3] = 2  # NOT_AUTHORIZED with the full body echoed
-    assert parse_pcp_response(bytes(err)).result == 2
-    assert parse_pcp_response(bytes(err[:24])).map is None
-
-
-def test_parsers_raise_only_parse_error_on_random_input() -> None:
-    rng = random.Random(6886)
-    seeds = [bytes.fromhex(h) for h in (HEX_ADDR_RESPONSE, HEX_MAP_RESPONSE, HEX_UNSUPPORTED_VERSION,
-                                        HEX_PCP_MAP_RESPONSE, HEX_PCP_ANNOUNCE)]
-    for _ in range(3000):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randrange(4)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        data = data[:rng.randrange(len(data) + 1)] + bytes(rng.randrange(3) * rng.randrange(9))
-        for parse in (parse_natpmp_response, parse_pcp_response):
-            with contextlib.suppress(ParseError):
-                parse(bytes(data))
-
-
-# -- result codes ----------------------------------------------------------------------------------------
-
-
-NATPMP_MESSAGES = {
-    0: "NAT-PMP result 0: success",
-    1: "NAT-PMP result 1: unsupported version — the router does not speak this NAT-PMP version",
-    2: "NAT-PMP result 2: not authorized — port mapping is disabled on the router",
-    3: "NAT-PMP result 3: network failure — the router has no external address yet "
-       "(its Internet connection may be down)",
-    4: "NAT-PMP result 4: out of resources — the router cannot create more mappings",
-    5: "NAT-PMP result 5: unsupported opcode — the router does not support this request",
-    6: "NAT-PMP result 6: unknown result code",
-}
-
-PCP_NAMES = ["SUCCESS", "UNSUPP_VERSION", "NOT_AUTHORIZED", "MALFORMED_REQUEST", "UNSUPP_OPCODE",
-             "UNSUPP_OPTION", "MALFORMED_OPTION", "NETWORK_FAILURE", "NO_RESOURCES", "UNSUPP_PROTOCOL",
-             "USER_EX_QUOTA", "CANNOT_PROVIDE_EXTERNAL", "ADDRESS_MISMATCH", "EXCESSIVE_REMOTE_PEERS"]
-
-
-@pytest.mark.parametrize(("code", "message"), sorted(NATPMP_MESSAGES.items()))
-def test_natpmp_result_messages(code: int, message: str) -> None:
-    assert natpmp_result_message(code) == message
-
-
-@pytest.mark.parametrize(("code", "name"), [*enumerate(PCP_NAMES), (14, "UNKNOWN")])
-def test_pcp_result_messages(code: int, name: str) -> None:
-    message = pcp_result_message(code)
-    assert message.startswith(f"PCP result {code} ({name}): ")
-    assert len(message) > len(f"PCP result {code} ({name}): ") + 5
-
-
-def test_pcp_result_messages_are_distinct() -> None:
-    texts = {pcp_result_message(code).split(": ", 1)[1] for code in range(14)}
-    assert len(texts) == 14
-    assert "disabled on the router" in pcp_result_message(2)
-    assert "no external address" in pcp_result_message(7)
-
 
 @pytest.mark.parametrize("code", range(1, 6))
 def test_natpmp_error_result_reaches_status_and_retries_later(code: int) -> None:
@@ -355,7 +195,7 @@ def test_success_with_zero_lifetime_or_port_is_a_failure() -> None:
 # -- schedules under virtual time ------------------------------------------------------------------------
 
 
-def run_until(m: PortMapper, end: float) -> list[tuple[float, bytes]]:
+def run_until(m: Harness, end: float) -> list[tuple[float, bytes]]:
     sent: list[tuple[float, bytes]] = []
     while (t := m.deadline()) is not None and t <= end:
         sent += [(t, p) for p in payloads(m.poll(t))]
@@ -388,7 +228,7 @@ def test_pcp_schedule_irt_3s_doubling_mrt_1024() -> None:
     m = mapper()  # fraction 0.5: RAND = 0
     first = m.start(0.0)
     assert len(first) == 1
-    m.protocol = "pcp"  # it answered in PCP before (a renewal, say)
+    m.core.protocol = "pcp"  # it answered in PCP before (a renewal, say)
     sent = run_until(m, 6000.0)
     times = [t for t, _ in sent]
     intervals = [3, 6, 12, 24, 48, 96, 192, 384, 768, 1024, 1024, 1024]
@@ -450,11 +290,11 @@ def test_renewal_never_sooner_than_two_seconds() -> None:
 
 
 def test_granted_port_differs_from_requested_and_is_published() -> None:
-    seen: list[EndpointChanged] = []
-    m = natpmp_mapped(ext_port=61001, on_change=seen.append)
+    m = natpmp_mapped(ext_port=61001)
     assert m.state.endpoint == Endpoint(PUBLIC, 61001)
     assert m.state.external_port == 61001
-    assert m.events == seen == [EndpointChanged(None, Endpoint(PUBLIC, 61001), 0.0)]
+    assert m.changes == [EndpointChanged(None, Endpoint(PUBLIC, 61001), 0.0)]
+    assert m.events[-1] == Granted(NATPMP, 61001, 7200, 0.0)
     p = pcp_mapped(ext_port=50000)
     assert p.state.endpoint == Endpoint(PUBLIC, 50000)
 
@@ -468,7 +308,7 @@ def test_double_nat_refused(address: str) -> None:
     m.receive(encode_natpmp_address_response(1000, address), GW_SRC, 0.0)
     m.receive(encode_natpmp_map_response(1000, PORT, 61001, 7200), GW_SRC, 0.0)
     st = m.state
-    assert st.double_nat and st.endpoint is None and m.events == []
+    assert st.double_nat and st.endpoint is None and m.changes == []
     assert st.double_nat_message is not None and "double NAT" in st.double_nat_message
     assert st.external_port == 61001  # the mapping itself is kept and renewed
     p = mapper()
@@ -477,19 +317,15 @@ def test_double_nat_refused(address: str) -> None:
     assert p.state.double_nat and p.state.endpoint is None
 
 
-@pytest.mark.parametrize("address", ["198.51.100.7", "100.128.0.1", "172.32.0.1", "8.8.8.8"])
-def test_public_addresses_accepted(address: str) -> None:
-    assert external_address_problem(address) is None
-
 
 def test_double_nat_clears_when_the_address_becomes_public() -> None:
     m = natpmp_mapper()
     m.receive(encode_natpmp_address_response(1000, "100.64.3.4"), GW_SRC, 0.0)
     m.receive(encode_natpmp_map_response(1000, PORT, 61001, 7200), GW_SRC, 0.0)
     assert m.state.double_nat
-    m.announcement(encode_natpmp_address_response(1001, PUBLIC), (GW, 5351), 1.0)
+    m.receive(encode_natpmp_address_response(1001, PUBLIC), (GW, 5351), 1.0)
     assert not m.state.double_nat
-    assert m.events == [EndpointChanged(None, Endpoint(PUBLIC, 61001), 1.0)]
+    assert m.changes == [EndpointChanged(None, Endpoint(PUBLIC, 61001), 1.0)]
 
 
 # -- nonce, sources, parse errors in the state machine ---------------------------------------------------
@@ -525,7 +361,7 @@ def test_source_not_gateway_dropped() -> None:
     good = encode_pcp_map_response(m.nonce, PORT, 61001, PUBLIC, 7200, 1000)
     assert m.receive(good, ("192.168.1.99", 5351), 0.1) == []
     assert m.receive(good, (GW, 5350), 0.1) == []
-    assert m.announcement(bytes.fromhex(HEX_PCP_ANNOUNCE), ("192.168.1.99", 5350), 0.1) == []
+    assert m.receive(bytes.fromhex(HEX_PCP_ANNOUNCE), ("192.168.1.99", 5350), 0.1) == []
     assert m.counters["wrong source"] == 3
     assert m.state.endpoint is None
 
@@ -536,7 +372,7 @@ def test_parse_errors_counted_never_raised() -> None:
     for junk in (b"", b"\x02", b"\x07" * 24, bytes.fromhex(HEX_PCP_MAP_RESPONSE)[:50],
                  bytes.fromhex(HEX_PCP_MAP_RESPONSE) + b"\x00" * 1100, bytes.fromhex(HEX_ADDR_RESPONSE)[:5]):
         assert m.receive(junk, GW_SRC, 0.1) == []
-        assert m.announcement(junk, (GW, 5351), 0.1) == []
+        assert m.receive(junk, (GW, 5351), 0.1) == []
     assert sum(v for k, v in m.counters.items() if k.startswith("parse error")) == 12
     assert m.counters["parse error: oversized"] == 2
     assert m.counters["parse error: version"] == 2
@@ -578,16 +414,27 @@ def test_version0_other_results_do_not_trigger_fallback() -> None:
 
 def test_natpmp_epoch_regression_recreates_mapping_at_once_with_same_port() -> None:
     m = natpmp_mapped(now=0.0, epoch=1000, ext_port=61001)
-    out = m.receive(encode_natpmp_address_response(5, PUBLIC), GW_SRC, 10.0)  # went backwards
+    assert len(m.poll(3600.0)) == 2  # the renewal: address and mapping
+    out = m.receive(encode_natpmp_address_response(5, PUBLIC), GW_SRC, 3600.1)  # went backwards
     assert payloads(out) == [encode_natpmp_map_request(PORT, 61001, 7200)]
     assert m.counters["gateway lost state"] == 1
     assert "lost its state" in m.state.result_message
 
 
+def test_natpmp_announcement_with_lost_state_rechecks_address_and_mapping() -> None:
+    # Unsolicited (no address request pending): an announcement, whose epoch shows a reboot.
+    m = natpmp_mapped(now=0.0, epoch=1000, ext_port=61001)
+    out = m.receive(encode_natpmp_address_response(5, PUBLIC), GW_SRC, 10.0)
+    assert payloads(out) == [encode_natpmp_address_request(), encode_natpmp_map_request(PORT, 61001, 7200)]
+    assert m.counters["gateway lost state"] == 1
+
+
 @pytest.mark.parametrize(("their_elapsed", "lost"), [(697, True), (698, False), (800, False)])
 def test_natpmp_epoch_seven_eighths_rule(their_elapsed: int, lost: bool) -> None:
-    # our_elapsed 800 s: 7/8 of it is 700; lost if nat_elapsed + 2 < 700.
-    m = natpmp_mapped(now=0.0, epoch=1000)
+    # our_elapsed 800 s: 7/8 of it is 700; lost if nat_elapsed + 2 < 700. The address answer is the
+    # renewal's (granted 1600 s: renewed at 800 s).
+    m = natpmp_mapped(now=0.0, epoch=1000, lifetime=1600)
+    assert len(m.poll(800.0)) == 2
     out = m.receive(encode_natpmp_address_response(1000 + their_elapsed, PUBLIC), GW_SRC, 800.0)
     assert bool(out) is lost
 
@@ -643,19 +490,24 @@ def test_pcp_epoch_loss_on_success_keeps_the_fresh_mapping() -> None:
 
 def test_natpmp_announcement_updates_address_and_rechecks() -> None:
     m = natpmp_mapped(now=0.0, epoch=1000)
-    out = m.announcement(encode_natpmp_address_response(1010, "203.0.113.9"), (GW, 5351), 10.0)
+    out = m.receive(encode_natpmp_address_response(1010, "203.0.113.9"), (GW, 5351), 10.0)
     assert payloads(out) == [encode_natpmp_address_request(), encode_natpmp_map_request(PORT, 61001, 7200)]
     assert m.state.endpoint == Endpoint("203.0.113.9", 61001)
-    assert m.events[-1] == EndpointChanged(Endpoint(PUBLIC, 61001), Endpoint("203.0.113.9", 61001), 10.0)
-    # The gateway's repeats of the same announcement do not re-check again.
-    assert m.announcement(encode_natpmp_address_response(1010, "203.0.113.9"), (GW, 5351), 10.25) == []
+    assert m.changes[-1] == EndpointChanged(Endpoint(PUBLIC, 61001), Endpoint("203.0.113.9", 61001), 10.0)
+    # A repeat while our re-check's address request is pending carries the same fact as its answer: it is
+    # taken as the answer, nothing is sent.
+    assert m.receive(encode_natpmp_address_response(1010, "203.0.113.9"), (GW, 5351), 10.25) == []
+    assert m.receive(encode_natpmp_map_response(1010, PORT, 61001, 7200), GW_SRC, 10.3) == []
+    assert m.deadline() == pytest.approx(10.3 + 3600)  # nothing pending but the renewal
+    # The gateway's later repeats of the same announcement do not re-check again.
+    assert m.receive(encode_natpmp_address_response(1010, "203.0.113.9"), (GW, 5351), 10.75) == []
     assert m.counters["repeated announcement"] == 1
 
 
 def test_pcp_announce_rechecks_after_random_delay() -> None:
     m = pcp_mapped(now=0.0, epoch=1000)
     nonce = m.nonce
-    assert m.announcement(encode_pcp_response(0, 0, 0, 1100), (GW, 5351), 100.0) == []
+    assert m.receive(encode_pcp_response(0, 0, 0, 1100), (GW, 5351), 100.0) == []
     assert m.deadline() == pytest.approx(102.5)  # a random 0-5 s (fraction 0.5)
     assert payloads(m.poll(102.5)) == [encode_pcp_map_request(nonce, ME, PORT, 7200, 61001, PUBLIC)]
 
@@ -663,7 +515,7 @@ def test_pcp_announce_rechecks_after_random_delay() -> None:
 def test_pcp_announce_with_lost_state_uses_new_nonce_and_remaps_within_a_second() -> None:
     m = pcp_mapped(now=0.0, epoch=1000)
     old = m.nonce
-    m.announcement(encode_pcp_response(0, 0, 0, 2), (GW, 5351), 100.0)
+    m.receive(encode_pcp_response(0, 0, 0, 2), (GW, 5351), 100.0)
     assert m.nonce != old
     # The epoch went backwards: the mapping is gone, so the re-map spreads over 0-1 s, not 0-5 s.
     assert m.deadline() == pytest.approx(100.5)  # fraction 0.5 of the 1 s spread
@@ -672,7 +524,7 @@ def test_pcp_announce_with_lost_state_uses_new_nonce_and_remaps_within_a_second(
 
 def test_pcp_announce_switches_natpmp_gateway_back_to_pcp() -> None:
     m = natpmp_mapped(now=0.0, epoch=1000)
-    m.announcement(encode_pcp_response(0, 0, 0, 5), (GW, 5351), 100.0)
+    m.receive(encode_pcp_response(0, 0, 0, 5), (GW, 5351), 100.0)
     out = payloads(m.poll(102.5))
     assert len(out) == 1 and out[0][0] == 2
 
@@ -685,25 +537,25 @@ def test_expiry_without_renewal_withdraws_endpoint_and_asks_same_port() -> None:
     run_until(m, 99.9)
     assert m.state.endpoint is not None
     m.poll(100.0)
-    assert m.state.endpoint is None and m.events[-1].new is None
+    assert m.state.endpoint is None and m.changes[-1].new is None
     out = run_until(m, 200.0)
     assert encode_natpmp_map_request(PORT, 61001, 7200) in [p for _, p in out]
 
 
-def test_stop_deletes_natpmp_mapping() -> None:
+def test_close_deletes_natpmp_mapping() -> None:
     m = natpmp_mapped()
-    out = m.stop(5.0)
+    out = m.close(5.0)
     assert payloads(out) == [bytes.fromhex(HEX_DELETE)]  # lifetime 0, suggested port 0
     assert m.state.endpoint is None
-    assert m.events[-1] == EndpointChanged(Endpoint(PUBLIC, 61001), None, 5.0)
-    assert m.deadline() is None and m.poll(10.0) == [] and m.stop(6.0) == []
+    assert m.changes[-1] == EndpointChanged(Endpoint(PUBLIC, 61001), None, 5.0)
+    assert m.deadline() is None and m.poll(10.0) == [] and m.close(6.0) == []
     assert m.receive(bytes.fromhex(HEX_MAP_RESPONSE), GW_SRC, 6.0) == []
 
 
-def test_stop_deletes_pcp_mapping_with_its_nonce() -> None:
+def test_close_deletes_pcp_mapping_with_its_nonce() -> None:
     m = pcp_mapped()
     nonce = m.nonce
-    (t,) = m.stop(5.0)
+    (t,) = m.close(5.0)
     assert t.payload == encode_pcp_map_request(nonce, ME, PORT, 0)
     assert t.payload[4:8] == b"\x00" * 4  # lifetime 0
     assert t.payload[42:44] == b"\x00\x00"  # suggested port 0
@@ -717,3 +569,75 @@ def test_bad_configuration_rejected() -> None:
         mapper(lifetime=0)
     with pytest.raises(ValueError):
         mapper(gateway="not-an-address")
+
+
+
+def test_close_waits_for_the_natpmp_delete_answer() -> None:
+    m = natpmp_mapped()
+    assert payloads(m.close(5.0)) == [bytes.fromhex(HEX_DELETE)]
+    assert not m.finished()
+    # A late answer to an earlier renewal is not the delete's answer; nor is one from another port.
+    assert m.receive(bytes.fromhex(HEX_MAP_RESPONSE), GW_SRC, 5.1) == []
+    assert m.receive(encode_natpmp_map_response(1005, PORT, 0, 0), (GW, 5350), 5.1) == []
+    assert not m.finished() and not m.delete_confirmed
+    assert m.receive(encode_natpmp_map_response(1005, PORT, 0, 0), GW_SRC, 5.2) == []
+    assert m.finished() and m.delete_confirmed
+
+
+def test_close_waits_for_the_pcp_delete_answer_with_its_nonce() -> None:
+    m = pcp_mapped()
+    m.close(5.0)
+    assert not m.finished()
+    m.receive(encode_pcp_map_response(b"\xee" * 12, PORT, 0, "0.0.0.0", 0, 1005), GW_SRC, 5.1)
+    m.receive(encode_pcp_response(0, 0, 0, 1005), GW_SRC, 5.1)  # an ANNOUNCE (lifetime 0) is no answer
+    assert not m.finished()
+    m.receive(encode_pcp_map_response(m.nonce, PORT, 0, "0.0.0.0", 0, 1005), GW_SRC, 5.2)
+    assert m.finished() and m.delete_confirmed
+
+
+def test_a_refused_delete_is_answered_but_not_confirmed() -> None:
+    m = pcp_mapped()
+    m.close(5.0)
+    m.receive(encode_pcp_map_response(m.nonce, PORT, 0, "0.0.0.0", 0, 1005, result=2), GW_SRC, 5.1)
+    assert m.finished() and not m.delete_confirmed
+    assert "refused to delete" in m.state.result_message and m.state.result_code == 2
+
+
+def test_close_with_nothing_mapped_is_finished_at_once() -> None:
+    idle = mapper()
+    assert idle.close(0.0) == [] and idle.finished()  # never started: nothing to say
+    m = mapper()
+    m.start(0.0)
+    (t,) = m.close(1.0)  # the delete still goes, in case a grant is on its way
+    assert t.payload == encode_pcp_map_request(m.nonce, ME, PORT, 0)
+    assert m.finished() and not m.delete_confirmed
+
+
+def test_answers_become_granted_and_refused_events() -> None:
+    m = mapper()
+    m.start(0.0)
+    m.receive(encode_pcp_map_response(m.nonce, PORT, 0, "0.0.0.0", 0, 1000, result=8), GW_SRC, 0.5)
+    assert m.events == [Refused(PCP, 8, pcp_result_message(8), 0.5)]
+    m.poll(30.5)
+    m.receive(encode_pcp_map_response(m.nonce, PORT, 61001, PUBLIC, 7200, 1030), GW_SRC, 30.6)
+    assert m.events[1:] == [EndpointChanged(None, Endpoint(PUBLIC, 61001), 30.6),
+                            Granted(PCP, 61001, 7200, 30.6)]
+
+
+def test_transmits_and_events_are_drained() -> None:
+    core = PortMapper(ME, PORT, GW, rand=FakeRand())
+    core.start(0.0)
+    assert len(core.transmits()) == 1 and core.transmits() == []
+    core.receive(encode_pcp_map_response(core.nonce, PORT, 61001, PUBLIC, 7200, 1000), GW_SRC, 0.1)
+    assert len(core.events()) == 2 and core.events() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_DATAGRAMS, port=st.sampled_from([5351, 5350]), natpmp=st.booleans(), closed=st.booleans())
+def test_receive_never_raises(data: bytes, port: int, natpmp: bool, closed: bool) -> None:
+    m = natpmp_mapped() if natpmp else pcp_mapped()
+    if closed:
+        m.close(1.0)
+    m.receive(data, (GW, port), 2.0)
+    m.poll(3.0)
+    assert m.deadline() is None or m.deadline() >= 2.0
