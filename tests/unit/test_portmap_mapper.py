@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_portmap_wire import (
-    _DATAGRAMS,
+    DATAGRAMS,
     GW,
     GW_SRC,
     HEX_ADDR_REQUEST,
@@ -633,7 +633,7 @@ def test_transmits_and_events_are_drained() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=_DATAGRAMS, port=st.sampled_from([5351, 5350]), natpmp=st.booleans(), closed=st.booleans())
+@given(data=DATAGRAMS, port=st.sampled_from([5351, 5350]), natpmp=st.booleans(), closed=st.booleans())
 def test_receive_never_raises(data: bytes, port: int, natpmp: bool, closed: bool) -> None:
     m = natpmp_mapped() if natpmp else pcp_mapped()
     if closed:

@@ -204,11 +204,11 @@ def test_parsers_raise_only_parse_error_on_random_input() -> None:
 
 
 # Realistic sizes: anything up to PCP's largest message and a little beyond, raw or behind a valid header.
-_SEEDS = [bytes.fromhex(h) for h in (HEX_ADDR_RESPONSE, HEX_MAP_RESPONSE, HEX_UNSUPPORTED_VERSION,
+SEEDS = [bytes.fromhex(h) for h in (HEX_ADDR_RESPONSE, HEX_MAP_RESPONSE, HEX_UNSUPPORTED_VERSION,
                                      HEX_PCP_MAP_RESPONSE, HEX_PCP_ANNOUNCE)]
-_DATAGRAMS = st.one_of(
+DATAGRAMS = st.one_of(
     st.binary(max_size=PCP_MAX_MESSAGE_LEN + 4),
-    st.tuples(st.sampled_from(_SEEDS), st.integers(0, 60), st.binary(max_size=PCP_MAX_MESSAGE_LEN))
+    st.tuples(st.sampled_from(SEEDS), st.integers(0, 60), st.binary(max_size=PCP_MAX_MESSAGE_LEN))
     .map(lambda t: t[0][:t[1]] + t[2]),
 )
 
@@ -217,7 +217,7 @@ REASONS = {"truncated", "oversized", "length", "version", "not a response", "opc
 
 
 @settings(max_examples=500, deadline=None)
-@given(data=_DATAGRAMS)
+@given(data=DATAGRAMS)
 def test_parsers_raise_only_parse_error_property(data: bytes) -> None:
     for parse in (parse_natpmp_response, parse_pcp_response):
         try:

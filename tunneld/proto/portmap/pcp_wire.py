@@ -17,18 +17,33 @@ __all__ = [
     "PCP_ANNOUNCE_MAX_DELAY",
     "PCP_EPOCH_BACKWARDS_TOLERANCE",
     "PCP_EPOCH_SLACK",
+    "PCP_HEADER_LEN",
     "PCP_IRT",
+    "PCP_MAP_BODY_LEN",
     "PCP_MAX_MESSAGE_LEN",
     "PCP_MRT",
     "PCP_NONCE_LEN",
     "PCP_OP_ANNOUNCE",
     "PCP_OP_MAP",
-    "PCP_PROTO_TCP",
     "PCP_PROTO_UDP",
     "PCP_RAND",
     "PCP_RENEW_MAX_FRACTION",
     "PCP_RENEW_MIN_FRACTION",
+    "PCP_RESULT_ADDRESS_MISMATCH",
+    "PCP_RESULT_CANNOT_PROVIDE_EXTERNAL",
+    "PCP_RESULT_EXCESSIVE_REMOTE_PEERS",
+    "PCP_RESULT_MALFORMED_OPTION",
+    "PCP_RESULT_MALFORMED_REQUEST",
+    "PCP_RESULT_NETWORK_FAILURE",
+    "PCP_RESULT_NOT_AUTHORIZED",
+    "PCP_RESULT_NO_RESOURCES",
     "PCP_RESULT_SUCCESS",
+    "PCP_RESULT_UNSUPP_OPCODE",
+    "PCP_RESULT_UNSUPP_OPTION",
+    "PCP_RESULT_UNSUPP_PROTOCOL",
+    "PCP_RESULT_UNSUPP_VERSION",
+    "PCP_RESULT_USER_EX_QUOTA",
+    "PCP_R_BIT",
     "PCP_VERSION",
     "PcpMap",
     "PcpResponse",
@@ -48,8 +63,7 @@ PCP_HEADER_LEN: Final = 24  # §7.1 request header and §7.2 response header
 PCP_MAP_BODY_LEN: Final = 36  # §11.1
 PCP_MAX_MESSAGE_LEN: Final = 1100  # §7, §8.3: longer responses are invalid
 PCP_NONCE_LEN: Final = 12  # §11.1: 96-bit mapping nonce
-PCP_PROTO_TCP: Final = 6  # §11.1 protocol field (IANA protocol numbers)
-PCP_PROTO_UDP: Final = 17
+PCP_PROTO_UDP: Final = 17  # §11.1 protocol field (IANA protocol numbers)
 
 PCP_RESULT_SUCCESS: Final = 0  # §7.4 result codes
 PCP_RESULT_UNSUPP_VERSION: Final = 1
