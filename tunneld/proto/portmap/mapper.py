@@ -198,8 +198,7 @@ class PortMapper(Outbox[PortmapEvent]):
             if isinstance(msg, PcpResponse) and msg.opcode == PCP_OP_ANNOUNCE:
                 self._on_pcp_announce(msg, now)
                 return
-            if self._is_natpmp_announcement(msg):
-                assert isinstance(msg, NatPmpAddressResponse)
+            if isinstance(msg, NatPmpAddressResponse) and self._unsolicited(msg):
                 self._on_natpmp_announce(msg, now)
                 return
         if source[1] != PORTMAP_SERVER_PORT:  # answers come from the port the requests went to
@@ -324,11 +323,10 @@ class PortMapper(Outbox[PortmapEvent]):
 
     # -- receiving ---------------------------------------------------------------------------------------
 
-    def _is_natpmp_announcement(self, msg: Message) -> bool:
-        """An address response that answers nothing we asked (RFC 6886 §3.2.1). One arriving while our
-        own address request is pending is taken as its answer: it carries the same fact."""
-        return (isinstance(msg, NatPmpAddressResponse) and self._addr is None
-                and msg.result != NATPMP_RESULT_UNSUPPORTED_VERSION)
+    def _unsolicited(self, msg: NatPmpAddressResponse) -> bool:
+        """An address response that answers nothing we asked: an announcement (RFC 6886 §3.2.1). One
+        arriving while our own address request is pending is taken as its answer: it carries the same fact."""
+        return self._addr is None and msg.result != NATPMP_RESULT_UNSUPPORTED_VERSION
 
     def _epoch_lost(self, protocol: str, epoch: int, now: float) -> bool:
         """Record this packet's epoch; True if it shows the gateway lost state (NAT-PMP §3.6, PCP §8.5)."""
