@@ -59,6 +59,7 @@ from crypto.kdf import ACCOUNT_SECRET_LEN, derive_psk, derive_tsig_key, normaliz
 from tunneld.identity import account_prefix, ula_for
 from tunneld.proto.dnsupdate import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE
 from tunneld.proto.peer import Timers
+from tunneld.proto.portmap.natpmp_wire import NATPMP_DEFAULT_LIFETIME
 from tunneld.proto.records import check_name
 
 __all__ = [
@@ -192,7 +193,7 @@ class PortmapConfig:
 
     enabled: bool = True
     gateway: str | None = None
-    lifetime: int = 7200
+    lifetime: int = NATPMP_DEFAULT_LIFETIME
 
 
 @dataclass(frozen=True)
@@ -441,10 +442,11 @@ class _Loader:
                 self.fail("portmap.gateway", f"{_show(gateway)} is not an IPv4 address",
                           'write the router\'s LAN address, e.g. "192.168.1.1", or leave it out to use the '
                           "default gateway")
-        lifetime = self.integer(table, "portmap", "lifetime", 7200, "7200")
+        lifetime = self.integer(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME,
+                                str(NATPMP_DEFAULT_LIFETIME))
         if not 120 <= lifetime <= 86400:
             self.fail("portmap.lifetime", f"{lifetime} is out of range",
-                      "use 120 to 86400 seconds (RFC 6886 recommends 7200)")
+                      f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
         return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
 
     def timers(self, table: Mapping[str, object]) -> Timers:

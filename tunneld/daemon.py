@@ -30,7 +30,7 @@ from tunneld.keylog import KeyLog
 from tunneld.net import links
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
-from tunneld.proto.natpmp import Endpoint
+from tunneld.proto.portmap.events import Endpoint
 from tunneld.proto.runs import Burst, RxRun, TxRun
 from tunneld.proto.tunnel import Sends, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent

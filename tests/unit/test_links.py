@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tunneld.net.links import DefaultRoute, is_private_v4
+from tunneld.net.links import DefaultRoute
+from tunneld.proto.portmap.addresses import is_private_v4
 
 
 @pytest.mark.parametrize(

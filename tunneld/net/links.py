@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-# Addresses that only make sense behind a NAT (RFC 1918 private, RFC 6598 carrier-grade NAT space).
-PRIVATE_V4 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                         "100.64.0.0/10"))
+from tunneld.proto.portmap.addresses import is_private_v4
+from tunneld.proto.portmap.natpmp_wire import PORTMAP_SERVER_PORT
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,6 @@ class DefaultRoute:
     @property
     def behind_nat(self) -> bool:
         return is_private_v4(self.address)
-
-
-def is_private_v4(address: str) -> bool:
-    ip = ipaddress.IPv4Address(address)
-    return any(ip in net for net in PRIVATE_V4)
 
 
 def default_route_v4() -> DefaultRoute | None:
@@ -67,5 +61,5 @@ def default_route_v4() -> DefaultRoute | None:
 def source_address_for(destination: str) -> str:
     """Our IPv4 source address toward `destination` (a UDP connect sends nothing; it only routes)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((destination, 5351))
+        s.connect((destination, PORTMAP_SERVER_PORT))
         return str(s.getsockname()[0])

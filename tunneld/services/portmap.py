@@ -1,109 +1,64 @@
-"""The port-mapping service: a thin trio adapter around the sans-I/O PortMapper.
+"""The port-mapping service: the sans-I/O PortMapper on the one driver, with two sockets.
 
-It owns two sockets: one for requests to the gateway's port 5351 (and their answers), and one bound
-to 224.0.0.1:5350 for the gateway's announcements (RFC 6886 §3.2.1, RFC 6887 §14.1). It hands the
-mapper bytes and `now`, sends what the mapper returns, sleeps until the mapper's deadline, and on
-cancellation sends the mapper's delete (lifetime 0) before it returns, so a clean shutdown leaves no
-mapping on the router.
+One socket talks to the gateway's port 5351; the other, bound to 224.0.0.1:5350, hears the gateway's
+announcements (RFC 6886 §3.2.1, RFC 6887 §14.1). On cancellation the driver sends the mapper's delete
+(lifetime 0) and waits briefly for its answer, so a clean shutdown leaves no mapping on the router.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from tunneld.proto import natpmp
+from tunneld.proto.portmap.events import Endpoint, EndpointChanged, PortmapEvent
+from tunneld.proto.portmap.mapper import PortMapper
+from tunneld.proto.portmap.natpmp_wire import PORTMAP_ANNOUNCE_GROUP, PORTMAP_CLIENT_PORT
+from tunneld.proto.portmap.pcp_wire import PCP_MAX_MESSAGE_LEN
+from tunneld.services.driver import Driver
 
 log = logging.getLogger("tunneld.portmap")
 
-ANNOUNCE_GROUP = "224.0.0.1"
-ANNOUNCE_PORT = 5350
-MAX_REPLY = 1100  # RFC 6887 §8: the largest PCP message; NAT-PMP replies are shorter
 STOP_GRACE = 1.0  # seconds to wait for the delete's answer on shutdown
 
 
 class PortmapService:
     def __init__(self, internal_address: str, internal_port: int, gateway: str, lifetime: int,
-                 on_endpoint: Callable[[natpmp.Endpoint | None], None] | None = None) -> None:
-        self.mapper = natpmp.PortMapper(internal_address, internal_port, gateway, lifetime,
-                                        on_change=self._changed)
+                 on_endpoint: Callable[[Endpoint | None], None] | None = None) -> None:
+        self.mapper = PortMapper(internal_address, internal_port, gateway, lifetime)
         self.internal_address = internal_address
         self.on_endpoint = on_endpoint
-        self._sock: trio.socket.SocketType | None = None
-        self._changed_event = trio.Event()
 
-    def _changed(self, ev: natpmp.EndpointChanged) -> None:
-        new = f"{ev.new.address}:{ev.new.port}" if ev.new else "none"
+    def _on_event(self, event: PortmapEvent) -> None:
+        if not isinstance(event, EndpointChanged):
+            return
+        new = f"{event.new.address}:{event.new.port}" if event.new else "none"
         log.info("public endpoint %s", new)
         if self.on_endpoint is not None:
-            self.on_endpoint(ev.new)
-
-    async def _send(self, transmits: list[natpmp.Transmit]) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        for t in transmits:
-            try:
-                await sock.sendto(t.payload, (t.host, t.port))
-            except OSError as e:  # no route to the gateway right now: the mapper retries
-                log.debug("port mapping request to %s failed: %s", t.host, e)
+            self.on_endpoint(event.new)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        announce: trio.socket.SocketType | None = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             await sock.bind((self.internal_address, 0))
-            assert announce is not None
+            sockets = [sock]
+            announce = stack.enter_context(trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             announce.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 # Every interface is in the all-hosts group already; binding to it is enough.
-                await announce.bind((ANNOUNCE_GROUP, ANNOUNCE_PORT))
+                await announce.bind((PORTMAP_ANNOUNCE_GROUP, PORTMAP_CLIENT_PORT))
+                sockets.append(announce)
             except OSError as e:
-                log.info("cannot listen for gateway announcements on %s:%d: %s", ANNOUNCE_GROUP,
-                         ANNOUNCE_PORT, e)
-                announce.close()
-                announce = None
-            self._sock = sock
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive, sock, False)
-                if announce is not None:
-                    nursery.start_soon(self._receive, announce, True)
-                await self._send(self.mapper.start(trio.current_time()))
-                task_status.started()
-                try:
-                    while True:
-                        # Sleep until the mapper's deadline, or until a received packet changed it
-                        # (an announcement schedules a re-check much sooner than the renewal).
-                        deadline = self.mapper.deadline()
-                        with trio.move_on_at(deadline if deadline is not None else math.inf):
-                            await self._changed_event.wait()
-                        self._changed_event = trio.Event()
-                        await self._send(self.mapper.poll(trio.current_time()))
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
-                        await self._send(self.mapper.stop(trio.current_time()))
-                        await trio.sleep(0.05)  # let the delete leave before the socket closes
-        finally:
-            self._sock = None
-            sock.close()
-            if announce is not None:
-                announce.close()
-
-    async def _receive(self, sock: trio.socket.SocketType, announcements: bool) -> None:
-        while True:
-            data, src = await sock.recvfrom(MAX_REPLY + 1)
-            now = trio.current_time()
-            if announcements:
-                out = self.mapper.announcement(data, (src[0], src[1]), now)
-            else:
-                out = self.mapper.receive(data, (src[0], src[1]), now)
-            await self._send(out)
-            self._changed_event.set()  # the deadline may have moved: let the timer loop look again
+                log.info("cannot listen for gateway announcements on %s:%d: %s", PORTMAP_ANNOUNCE_GROUP,
+                         PORTMAP_CLIENT_PORT, e)
+            driver = Driver(self.mapper, sockets, on_event=self._on_event, grace=STOP_GRACE,
+                            max_datagram=PCP_MAX_MESSAGE_LEN + 1, name="portmap")
+            self.mapper.start(driver.now())
+            await driver.run(task_status=task_status)
 
     def status(self, now: float) -> dict[str, Any]:
         st = self.mapper.state
