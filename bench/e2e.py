@@ -1,6 +1,6 @@
 """End-to-end TCP throughput between two namespaces: plain veth, wireguard-go, and tunneld.
 
-For each mode a fresh two-host lab (tools.lab.two_hosts) is built, the mode's tunnel (if any) is
+For each mode a fresh two-host lab (lab.topology.two_hosts) is built, the mode's tunnel (if any) is
 brought up between a and b, and `iperf3 -c` in a measures TCP throughput to `iperf3 -s -1` in b,
 `runs` times for each streams count. Around every iperf3 run the CPU time (utime+stime, from
 /proc/<pid>/stat, children included) of the tunnel daemon on each side is sampled, and reported as
@@ -28,36 +28,33 @@ after the table.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from tools.lab import NETNS_PREFIX, Host, Lab, LabError, two_hosts, wait_for
+from bench.procs import Recorder, machine_busy_seconds, tree_cpu_seconds
+from lab.netns import NETNS_PREFIX, Host, Lab, LabError, terminate_as_exit, wait_for
+from lab.topology import two_hosts
+from lab.tunnel import IFNAME as TUNNELD_IF
+from lab.tunnel import MTU, Node, setup_pair, start, write_private
 
 MODES = ("veth", "wireguard-go", "tunneld", "tunneld-offload")
 TUNNELD_MODES = ("tunneld", "tunneld-offload")  # the second with TUN segmentation offload on
-MTU = 1400
 IPERF_PORT = 5201
 WG_PORT = 51820
 WG_INNER = ("2001:db8:77::1", "2001:db8:77::2")
 WG_RUN_DIR = Path("/var/run/wireguard")
-TUNNELD_PORT = 4500
-TUNNELD_IF = "btmm0"  # per namespace, so the same name on both sides
-TUNNELD_DOMAIN = "bench.tunneld.test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIDE_ROLE = {"a": "sender", "b": "receiver"}
 PROFILE_TOP = 10
 
@@ -74,18 +71,6 @@ class Setup:
     tag: str = ""  # prefix of profile file names ("offload-" for tunneld-offload)
 
 
-class Recorder:
-    """Keeps every PID the benchmark started, so the caller (and the test) can check they are gone."""
-
-    def __init__(self) -> None:
-        self.pids: list[int] = []
-
-    def spawn(self, lab: Lab, h: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
-        p = lab.spawn(h, argv, **popen)
-        self.pids.append(p.pid)
-        return p
-
-
 # -- small helpers --------------------------------------------------------------------------------
 
 def _tail(path: Path | None, n: int = 2000) -> str:
@@ -95,47 +80,6 @@ def _tail(path: Path | None, n: int = 2000) -> str:
         return path.read_text(errors="replace")[-n:].strip()
     except OSError:
         return ""
-
-
-def _proc_ticks(pid: int) -> int:
-    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs of the machine spent not idle so far (/proc/stat), to tell whether a run
-    was limited by the machine's cores or by something else."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by a process and its live descendants."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _proc_ticks(p)
-        todo += _children(p)
-    return total / CLK_TCK
 
 
 def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool:
@@ -188,9 +132,7 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
         pub = subprocess.run(["wg", "pubkey"], input=priv + "\n", capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         path = work / f"{side}.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(priv + "\n")
+        write_private(path, priv + "\n")
         keys[side] = (path, pub)
 
     setup = Setup(server_addr=WG_INNER[1], interfaces=list(names.values()), tunnel_if=names["a"])
@@ -226,90 +168,23 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
     return setup
 
 
-def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, peer_outer: str,
-                   offload: bool = False) -> Path:
-    """Write <work>/<side>/tunneld.toml per the daemon's config contract; no [[peer]] if no key yet."""
-    d = work / side
-    (d / "state").mkdir(parents=True, exist_ok=True)
-    os.chmod(d / "state", 0o700)
-    text = (
-        "[interface]\n"
-        f'name = "{TUNNELD_IF}"\n'
-        f"listen_port = {TUNNELD_PORT}\n"
-        f"mtu = {MTU}\n"
-        f"offload = {'true' if offload else 'false'}\n"
-        f'state_dir = "{d / "state"}"\n'
-        f'control_socket = "{d / "control.sock"}"\n'
-        "\n[account]\n"
-        f'domain = "{TUNNELD_DOMAIN}"\n'
-        f'secret_file = "{work / "secret"}"\n'
-    )
-    if peer_key is not None:
-        text += (
-            "\n[[peer]]\n"
-            f'name = "{peer_name}"\n'
-            f'public_key = "{peer_key}"\n'
-            f'endpoint = "{peer_outer}:{TUNNELD_PORT}"\n'
-        )
-    conf = d / "tunneld.toml"
-    conf.write_text(text)
-    return conf
-
-
-def parse_identity(out: str) -> tuple[str, str]:
-    """`tunneld identity` prints `public_key <base64>` and `ula <address>`, one per line."""
-    got: dict[str, str] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            got[parts[0]] = parts[1]
-    if "public_key" not in got or "ula" not in got:
-        raise LabError(f"unexpected `tunneld identity` output: {out.strip()!r}")
-    return got["public_key"], got["ula"]
-
-
 def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld: Path,
                   offload: bool = False) -> Setup:
+    """`tunneld up` on both sides, configured and started as the integration tests do (lab.tunnel)."""
     if not tunneld.exists():
         raise LabError(f"{tunneld} not found: install the project into this venv (pip install -e .)")
-    hosts = {"a": a, "b": b}
-    fd = os.open(work / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-
-    # Phase 1: configs without peers, so `tunneld identity` can create each key and report it.
-    ident: dict[str, tuple[str, str]] = {}
-    for side, h in hosts.items():
-        conf = tunneld_config(work, side, "", None, "")
-        out = lab.run(h, [str(tunneld), "identity", "--config", str(conf)]).stdout
-        ident[side] = parse_identity(out)
-    # Phase 2: each side's config names the other as its peer.
-    confs: dict[str, Path] = {}
-    for side in hosts:
-        other = "b" if side == "a" else "a"
-        confs[side] = tunneld_config(work, side, other, ident[other][0], hosts[other].addr4, offload)
-
-    setup = Setup(server_addr=ident["b"][1], interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
-    for side, h in hosts.items():
-        log = work / f"tunneld-{side}.log"
-        with log.open("w") as logf:
-            p = rec.spawn(lab, h, [str(tunneld), "up", "--config", str(confs[side])],
-                          stdout=logf, stderr=subprocess.STDOUT)
-        setup.daemons[side], setup.logs[side] = p, log
-
-    for side, h in hosts.items():
-        p, log = setup.daemons[side], setup.logs[side]
-
-        def answers(p: subprocess.Popen[Any] = p, h: Host = h, side: str = side, log: Path = log) -> bool:
-            _alive(p, f"tunneld in {side}", log)
-            r = lab.run(h, [str(tunneld), "status", "--json", "--config", str(confs[side])], check=False)
-            return r.returncode == 0
-
-        wait_for(answers, timeout=20, interval=0.1, what=f"`tunneld status` in {side}")
-
-    watch = [(setup.daemons[s], f"tunneld in {s}", setup.logs[s]) for s in hosts]
-    _ping_until(lab, a, ident["b"][1], 30, "the tunneld handshake (ping6 a -> b's ULA)", watch)
-    _ping_until(lab, b, ident["a"][1], 10, "tunneld ping6 b -> a's ULA", watch)
+    nodes = {side: Node(h, work / side, h.addr4, offload=offload, exe=str(tunneld))
+             for side, h in (("a", a), ("b", b))}
+    setup_pair(lab, nodes["a"], nodes["b"])
+    setup = Setup(server_addr=nodes["b"].ula, interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
+    for side, n in nodes.items():
+        start(lab, n, timeout=20)
+        assert n.proc is not None
+        rec.pids.append(n.proc.pid)
+        setup.daemons[side], setup.logs[side] = n.proc, n.log
+    watch = [(setup.daemons[s], f"tunneld in {s}", setup.logs[s]) for s in nodes]
+    _ping_until(lab, a, nodes["b"].ula, 30, "the tunneld handshake (ping6 a -> b's ULA)", watch)
+    _ping_until(lab, b, nodes["a"].ula, 10, "tunneld ping6 b -> a's ULA", watch)
     return setup
 
 
@@ -496,20 +371,6 @@ def _summary(mode: str, streams: int, samples: list[dict[str, Any]]) -> dict[str
     }
 
 
-@contextlib.contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so the Lab tears down (Ctrl-C already raises)."""
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, tunneld: Path,
              log: Callable[[str], None], info: dict[str, Any],
              profiler: Profiler | None = None) -> list[dict[str, Any]]:
@@ -572,7 +433,7 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
             profiler = Profiler(profile_dir, pyspy, log, result["profile"]["sides"])
         for err in result["profile"]["errors"]:
             log(f"[profile] {err}")
-    with _terminate_as_exit():
+    with terminate_as_exit():
         for mode in modes:
             info: dict[str, Any] = {"mode": mode}
             try:

@@ -14,7 +14,7 @@ are answered with its own, unchanged address and port — which is true of the l
 address is on its own interface. Everything else (non-requests, other methods, short or malformed
 datagrams) is dropped silently.
 
-Usage: python tools/stun.py BIND_ADDR [PORT]   (default port 3478). It prints one line
+Usage: python -m lab.progs.stun BIND_ADDR [PORT]   (default port 3478). It prints one line
 "stun listening on ADDR:PORT" once bound, then one line per answered request, and runs until killed.
 """
 

@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tools.lab import Host, Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError, wait_for
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 DIG = shutil.which("dig") or "/usr/bin/dig"
