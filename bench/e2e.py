@@ -1,28 +1,16 @@
 """End-to-end TCP throughput between two namespaces: plain veth, wireguard-go, and tunneld.
 
-For each mode a fresh two-host lab (lab.topology.two_hosts) is built, the mode's tunnel (if any) is
-brought up between a and b, and `iperf3 -c` in a measures TCP throughput to `iperf3 -s -1` in b,
-`runs` times for each streams count. Around every iperf3 run the CPU time (utime+stime, from
-/proc/<pid>/stat, children included) of the tunnel daemon on each side is sampled, and reported as
-CPU seconds per second of run: the number of cores that daemon kept busy. The machine's busy cores
-(/proc/stat, everything but idle and iowait) are sampled the same way: a run whose daemon is near one
-core while the machine still has idle time is limited by that daemon's single thread, not by the
-machine.
+For each mode a fresh two-host lab (lab.topology.two_hosts) gets the mode's tunnel, and `iperf3 -c`
+in a measures TCP throughput to `iperf3 -s -1` in b, `runs` times per streams count, with the CPU the
+tunnel daemon on each side and the whole machine used around every run (bench.procs).
 
 - veth: iperf3 straight over 192.0.2.x, no tunnel: the ceiling of this machine.
 - wireguard-go: the userspace WireGuard baseline, MTU 1400, inner 2001:db8:77::1 / ::2.
-- tunneld: `tunneld up` on both sides (MTU 1400) with `offload = false`, iperf3 between the two ULAs.
+- tunneld: `tunneld up` on both sides (lab.tunnel, MTU 1400) with `offload = false`, between the ULAs.
 - tunneld-offload: the same with TUN segmentation offload (the default since it was measured).
 
-Everything is measured within one invocation; nothing is compared with stored numbers. Every
-process is ended by PID and every namespace deleted by the Lab, also on failure and on Ctrl-C or
-SIGTERM.
-
-With `--profile DIR` (off by default: sampling costs CPU and changes the numbers), the first tunneld
-run of each streams count is profiled: `py-spy record` is attached to the daemon in a (sender) and
-in b (receiver) for the iperf3 duration, and writes a flamegraph (tunneld-a-P1.svg) and the raw
-collapsed stacks (tunneld-a-P1.txt) into DIR; the frames with the most own samples are printed
-after the table.
+Everything is measured within one invocation. How to read the CPU columns and what `--profile DIR`
+does: docs/lab.md.
 """
 
 from __future__ import annotations
