@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.procs import Recorder, tree_cpu_seconds
+from bench.procs import Recorder, log_tail, tree_cpu_seconds
 from lab import progs
 from lab.bind import NAMED, Bind
 from lab.netns import Host, Lab, LabError, terminate_as_exit, wait_for
@@ -44,13 +44,6 @@ BIND_PORT = 5354
 SERVERS = ("tunneld", "bind")
 MODES = ("sequential", "pipelined")
 LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named"}
-
-
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:].strip()
-    except OSError:
-        return ""
 
 
 def _bind_version() -> str:
@@ -134,7 +127,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
 
         def ready() -> bool:
             if ours.poll() is not None:
-                raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+                raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
             return _dig_ok(lab, a, OURS_PORT)
 
         wait_for(ready, timeout=15, interval=0.05, what="serve-dns to answer")
@@ -154,7 +147,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                 r = _client(lab, a, rec, argv, timeout)
                 used = tree_cpu_seconds(pids[server]) - cpu0
                 if ours.poll() is not None:
-                    raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+                    raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
                 return r, used / count
 
             log(f"[dns] lab {lab.id}: warming up")
@@ -176,9 +169,9 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                 argv[2] = str(OURS_PORT)
                 result["llq"] = _client(lab, a, rec, argv, 60 + events * 12)
         if ours.poll() is not None:
-            raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
-        if "Traceback" in _tail(slog, 100_000):
-            raise LabError(f"serve-dns logged a traceback: {_tail(slog)}")
+            raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
+        if "Traceback" in log_tail(slog, 100_000):
+            raise LabError(f"serve-dns logged a traceback: {log_tail(slog)}")
 
     for server in SERVERS:
         for mode in MODES:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.procs import Recorder, machine_busy_seconds, tree_cpu_seconds
+from bench.procs import Recorder, log_tail, machine_busy_seconds, tree_cpu_seconds
 from lab.netns import NETNS_PREFIX, Host, Lab, LabError, terminate_as_exit, wait_for
 from lab.topology import two_hosts
 from lab.tunnel import IFNAME as TUNNELD_IF
@@ -61,18 +61,9 @@ class Setup:
 
 # -- small helpers --------------------------------------------------------------------------------
 
-def _tail(path: Path | None, n: int = 2000) -> str:
-    if path is None:
-        return ""
-    try:
-        return path.read_text(errors="replace")[-n:].strip()
-    except OSError:
-        return ""
-
-
 def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool:
     if p.poll() is not None:
-        tail = _tail(log)
+        tail = log_tail(log)
         raise LabError(f"{what} exited with {p.returncode}" + (f": {tail}" if tail else ""))
     return True
 
@@ -136,9 +127,11 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
             p = rec.spawn(lab, h, ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", "-f", ifname],
                           stdout=logf, stderr=subprocess.STDOUT)
         setup.daemons[side], setup.logs[side] = p, log
-        wait_for(lambda p=p, sock=sock, log=log, side=side:
-                 _alive(p, f"wireguard-go in {side}", log) and sock.exists(),
-                 timeout=10, what=f"wireguard-go control socket {sock}")
+
+        def ready(p: subprocess.Popen[Any] = p, sock: Path = sock, log: Path = log, side: str = side) -> bool:
+            return _alive(p, f"wireguard-go in {side}", log) and sock.exists()
+
+        wait_for(ready, timeout=10, what=f"wireguard-go control socket {sock}")
 
     for i, (side, h) in enumerate(hosts.items()):
         other = "b" if side == "a" else "a"
@@ -237,15 +230,16 @@ class Profiler:
                 entry["errors"].append(f"py-spy ({fmt}) did not finish within {timeout:.0f} s")
             else:
                 if p.returncode != 0 or not out.exists() or out.stat().st_size == 0:
-                    msg = [ln.strip() for ln in _tail(errlog).splitlines() if ln.strip().startswith("Error")]
-                    why = msg[0] if msg else (_tail(errlog, 300).splitlines() or ["no output"])[-1].strip()
+                    msg = [ln.strip() for ln in log_tail(errlog).splitlines()
+                           if ln.strip().startswith("Error")]
+                    why = msg[0] if msg else (log_tail(errlog, 300).splitlines() or ["no output"])[-1].strip()
                     entry["errors"].append(f"py-spy ({fmt}) exit {p.returncode}: {why}")
             if out.exists() and out.stat().st_size > 0:
                 entry["files"].append(str(out))
                 if fmt == "raw":
                     entry.update(top_frames(out.read_text(errors="replace")))
                     # py-spy ends with "... Samples: N Errors: M": samples it failed to take
-                    tail = _tail(errlog).split("Errors:")
+                    tail = log_tail(errlog).split("Errors:")
                     if len(tail) > 1 and tail[-1].split()[:1] and tail[-1].split()[0].isdigit():
                         entry["sample_errors"] = int(tail[-1].split()[0])
             errlog.unlink(missing_ok=True)
@@ -325,7 +319,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
                        f"{(err or out).strip()[-1000:]}") from None
     if client.returncode != 0 or "error" in data:
         raise LabError(f"iperf3 client failed: {data.get('error', err.strip())}; "
-                       f"server: {_tail(slog, 500)}")
+                       f"server: {log_tail(slog, 500)}")
     end = data["end"]
     received = int(end["sum_received"]["bytes"])
     if setup.tunnel_if and tx1 - tx0 < received:

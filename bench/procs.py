@@ -10,9 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lab.netns import Host, Lab
+from lab.netns import Host, Lab, read_log
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log_tail(path: Path | None, n: int = 2000) -> str:
+    """The end of a log, for an error message."""
+    return read_log(path, n).strip()
 
 
 class Recorder:

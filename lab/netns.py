@@ -124,7 +124,10 @@ class Lab:
         return p
 
     def stop(self, p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 5) -> int:
-        """End one process: `sig`, then SIGKILL if it has not exited within `timeout` seconds."""
+        """End one process: `sig`, then SIGKILL if it has not exited within `timeout` seconds. The lab
+        forgets it (closing will not stop it again)."""
+        with contextlib.suppress(ValueError):
+            self.procs.remove(p)
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(sig)
@@ -142,7 +145,7 @@ class Lab:
 
     def close(self) -> None:
         errors: list[str] = []
-        for p in reversed(self.procs):
+        for p in reversed(list(self.procs)):
             try:
                 self.stop(p)
             except Exception as e:  # keep tearing down; report at the end
@@ -170,6 +173,17 @@ def sweep() -> list[str]:
         if _sh(["ip", "netns", "del", n], check=False).returncode == 0:
             gone.append(n)
     return gone
+
+
+def read_log(path: Path | None, last: int | None = None) -> str:
+    """A log file's text (only its `last` characters if given); "" if there is none."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text if last is None else text[-last:]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02,

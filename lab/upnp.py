@@ -21,7 +21,6 @@ mappings, the ports below 1024 that make miniupnpd spin): docs/lab.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lab import progs
-from lab.netns import Host, Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError, read_log, wait_for
 
 MINIUPNPD = "/usr/sbin/miniupnpd"
 NATPMP_PORT = 5351
@@ -148,7 +147,7 @@ class MiniUPnPd:
         try:
             self.stop()
             if self.stun is not None:
-                self._end(self.stun)
+                self.lab.stop(self.stun)
                 self.stun = None
         finally:
             self._cleanup()
@@ -228,7 +227,7 @@ class MiniUPnPd:
         exchange defers the signal until STUN is over, so it gets the SIGKILL."""
         if self.proc is None:
             return None
-        rc = self._end(self.proc, timeout)
+        rc = self.lab.stop(self.proc, timeout=timeout)
         self.proc = None
         return rc
 
@@ -308,16 +307,10 @@ class MiniUPnPd:
 
     def log_text(self) -> str:
         """miniupnpd's log (all starts, each after a `--- start N ---` line)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stun_log_text(self) -> str:
-        try:
-            return self.stun_log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.stun_log_path)
 
     def natpmpc(self, *args: str, timeout: float = 10.0, check: bool = True) -> str:
         """Run natpmpc (an independent NAT-PMP client) in the host namespace against our gateway.
@@ -349,8 +342,3 @@ class MiniUPnPd:
 
         wait_for(ready, timeout=10, interval=0.01, what="the STUN server to listen")
 
-    def _end(self, p: subprocess.Popen[Any], timeout: float = 5.0) -> int:
-        rc = self.lab.stop(p, timeout=timeout)
-        with contextlib.suppress(ValueError):
-            self.lab.procs.remove(p)
-        return rc
