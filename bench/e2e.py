@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.procs import Recorder, log_tail, machine_busy_seconds, tree_cpu_seconds
-from lab.netns import NETNS_PREFIX, Host, Lab, LabError, terminate_as_exit, wait_for
+from lab.netns import NETNS_PREFIX, Host, Lab, LabError, ping_until, terminate_as_exit, wait_for
 from lab.topology import two_hosts
 from lab.tunnel import IFNAME as TUNNELD_IF
 from lab.tunnel import MTU, Node, setup_pair, start, write_private
@@ -70,15 +70,8 @@ def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool
 
 def _ping_until(lab: Lab, h: Host, addr: str, timeout: float, what: str,
                 watch: Sequence[tuple[subprocess.Popen[Any], str, Path | None]] = ()) -> None:
-    """Ping until one answer arrives (each try waits at most 1 s), or raise after `timeout`."""
-    fam = "-6" if ":" in addr else "-4"
-
-    def answered() -> bool:
-        for p, name, log in watch:
-            _alive(p, name, log)
-        return lab.run(h, ["ping", fam, "-c1", "-W1", addr], check=False).returncode == 0
-
-    wait_for(answered, timeout=timeout, interval=0.05, what=what)
+    """ping_until, failing at once if one of the watched daemons has exited."""
+    ping_until(lab, h, addr, timeout, what, alive=lambda: [_alive(*w) for w in watch])
 
 
 def _tx_bytes(lab: Lab, h: Host, ifname: str) -> int:

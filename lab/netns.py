@@ -198,6 +198,19 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def ping_until(lab: Lab, h: Host, addr: str, timeout: float, what: str,
+               alive: Callable[[], object] = lambda: True) -> None:
+    """Ping `addr` from `h` until one answer arrives (each try waits at most 1 s), or raise after
+    `timeout` s; `alive()` runs before each try and may raise (a daemon that died)."""
+    fam = "-6" if ":" in addr else "-4"
+
+    def answered() -> bool:
+        alive()
+        return lab.run(h, ["ping", fam, "-c1", "-W1", addr], check=False).returncode == 0
+
+    wait_for(answered, timeout=timeout, interval=0.05, what=what)
+
+
 @contextlib.contextmanager
 def terminate_as_exit() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into SystemExit so the Lab tears down (Ctrl-C already raises)."""

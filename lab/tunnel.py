@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.netns import Host, Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError, ping_until, wait_for
 from lab.topology import two_hosts
 
 TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")
@@ -79,6 +79,18 @@ def _peer_toml(name: str, other: Node, with_endpoint: bool = True) -> str:
     return s
 
 
+def parse_identity(out: str) -> tuple[str, str]:
+    """(public key, ULA) from `tunneld identity`, which prints `public_key <base64>` and `ula <address>`."""
+    got: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            got[parts[0]] = parts[1]
+    if "public_key" not in got or "ula" not in got:
+        raise LabError(f"unexpected `tunneld identity` output: {out.strip()!r}")
+    return got["public_key"], got["ula"]
+
+
 def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
                a_knows_b_endpoint: bool = True, b_knows_a_endpoint: bool = True) -> None:
     """Write both configs with each other as peer (identities created by `tunneld identity`)."""
@@ -88,8 +100,8 @@ def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
     for n in (a, b):
         n.dir.mkdir(parents=True, exist_ok=True)
         n.config.write_text(_interface_toml(n, secret))
-        out = lab.run(n.host, [n.exe, "identity", "--config", str(n.config)]).stdout.split()
-        n.public_key, n.ula = out[1], out[3]
+        n.public_key, n.ula = parse_identity(lab.run(n.host, [n.exe, "identity", "--config",
+                                                              str(n.config)]).stdout)
     a.config.write_text(_interface_toml(a, secret) + _peer_toml(b.name, b, a_knows_b_endpoint) + a.extra)
     b.config.write_text(_interface_toml(b, secret) + _peer_toml(a.name, a, b_knows_a_endpoint) + b.extra)
 
@@ -133,10 +145,7 @@ def control(n: Node, req: dict[str, Any]) -> dict[str, Any]:
 
 def ping6(lab: Lab, src: Node, dst: Node, count: int = 1, timeout: float = 15) -> None:
     """Ping until one answer arrives (the first packets trigger the handshake), bounded."""
-    def ok() -> bool:
-        r = lab.run(src.host, ["ping", "-6", "-c1", "-W1", dst.ula], check=False)
-        return r.returncode == 0
-    wait_for(ok, timeout=timeout, interval=0.05, what=f"ping6 {src.host.name} -> {dst.ula}")
+    ping_until(lab, src.host, dst.ula, timeout, f"ping6 {src.host.name} -> {dst.ula}")
     if count > 1:
         lab.run(src.host, ["ping", "-6", "-c", str(count), "-i", "0.01", "-W2", dst.ula])
 

@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -61,34 +60,6 @@ table inet {TABLE} {{
   chain postrouting_miniupnpd {{ }}
 }}
 """
-
-# Run in the client's namespace: NAT-PMP external-address requests (RFC 6886 opcode 0) every 20 ms
-# until a good answer or the deadline. An unconnected socket, so the ICMP port-unreachable that comes
-# back before miniupnpd has bound its socket is not reported as an error.
-_PROBE = r"""
-import json, socket, struct, sys, time
-gw, expect, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-deadline = time.monotonic() + timeout
-last = None
-while time.monotonic() < deadline:
-    s.sendto(b"\x00\x00", (gw, 5351))
-    s.settimeout(0.02)
-    try:
-        while True:
-            data, src = s.recvfrom(64)
-            if src != (gw, 5351) or len(data) < 12 or data[:2] != b"\x00\x80":
-                continue
-            _, _, result, epoch = struct.unpack("!BBHI", data[:8])
-            last = {"result": result, "epoch": epoch, "address": socket.inet_ntoa(data[8:12])}
-            if result == 0 and (not expect or last["address"] == expect):
-                print(json.dumps(last)); sys.exit(0)
-    except (TimeoutError, ConnectionRefusedError):
-        pass
-print(json.dumps(last)); sys.exit(1)
-"""
-
 
 class Mapping(NamedTuple):
     """One port mapping as installed in the router's nftables: external port -> internal addr:port."""
@@ -260,8 +231,8 @@ class MiniUPnPd:
     def external_address(self, timeout: float = 2.0) -> PublicAddress | None:
         """Ask, from the host namespace, for the external address (NAT-PMP opcode 0), retrying every
         20 ms for up to `timeout` s; the first answer with result 0 (or the last answer, or None)."""
-        r = self.lab.run(self.host, [sys.executable, "-c", _PROBE, self.gateway, "", f"{timeout:.3f}"],
-                         timeout=timeout + 10, check=False)
+        r = self.lab.run(self.host, progs.argv("natpmp_probe", self.gateway, f"{timeout:.3f}"),
+                         timeout=timeout + 10, check=False, cwd=progs.REPO)
         try:
             last = json.loads(r.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError) as e:
