@@ -1,9 +1,9 @@
 """Signed DNS UPDATE rate, ours against BIND, and update-to-event latency with many LLQ watchers.
 
-One two-host lab (tools.lab.two_hosts). Host b runs, in the same run, `tunneld serve-dns` on
-192.0.2.2:5353 (--default-lease 7200, so plain RFC 2136 updates are accepted) and BIND 9 (tools.bind)
+One two-host lab (lab.topology.two_hosts). Host b runs, in the same run, `tunneld serve-dns` on
+192.0.2.2:5353 (--default-lease 7200, so plain RFC 2136 updates are accepted) and BIND 9 (lab.bind)
 on 192.0.2.2:5354, both authoritative for the same fresh account domain and both trusting the TSIG key
-`tunneld account new` printed. The client (bench/dns_client.py) runs in host a:
+`tunneld account new` printed. The client (lab/progs/dns_client.py) runs in host a:
 
 - updates: per round and server, N signed UPDATEs (one AAAA each, at distinct names) sent one at a
   time over UDP, then N more with W outstanding. Rounds alternate ours, BIND, ours, BIND, ... so that
@@ -31,25 +31,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.e2e import Recorder, _terminate_as_exit, tree_cpu_seconds
-from tools.bind import NAMED, Bind
-from tools.lab import Host, Lab, LabError, two_hosts, wait_for
+from bench.procs import Recorder, log_tail, tree_cpu_seconds
+from lab import progs
+from lab.bind import NAMED, Bind
+from lab.netns import Host, Lab, LabError, terminate_as_exit, wait_for
+from lab.topology import two_hosts
 
 ZONE = "bench.tunneld.test"
 SERVER = "192.0.2.2"
 OURS_PORT = 5353
 BIND_PORT = 5354
-REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("tunneld", "bind")
 MODES = ("sequential", "pipelined")
 LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named"}
-
-
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:].strip()
-    except OSError:
-        return ""
 
 
 def _bind_version() -> str:
@@ -61,8 +55,8 @@ def _bind_version() -> str:
 
 
 def _client(lab: Lab, a: Host, rec: Recorder, args: list[str], timeout: float) -> dict[str, Any]:
-    """Run bench.dns_client in host a; its JSON result."""
-    p = rec.spawn(lab, a, [sys.executable, "-m", "bench.dns_client", *args], cwd=REPO,
+    """Run lab.progs.dns_client in host a; its JSON result."""
+    p = rec.spawn(lab, a, progs.argv("dns_client", *args), cwd=progs.REPO,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -71,7 +65,7 @@ def _client(lab: Lab, a: Host, rec: Recorder, args: list[str], timeout: float) -
         raise LabError(f"dns client {args[0]} did not finish within {timeout:.0f} s") from None
     if p.returncode != 0:
         raise LabError(f"dns client {args[0]} exited {p.returncode}: {(err or out).strip()[-2000:]}")
-    return dict(json.loads(out))
+    return progs.last_json(out)
 
 
 def _dig_ok(lab: Lab, a: Host, port: int) -> bool:
@@ -133,7 +127,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
 
         def ready() -> bool:
             if ours.poll() is not None:
-                raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+                raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
             return _dig_ok(lab, a, OURS_PORT)
 
         wait_for(ready, timeout=15, interval=0.05, what="serve-dns to answer")
@@ -153,7 +147,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                 r = _client(lab, a, rec, argv, timeout)
                 used = tree_cpu_seconds(pids[server]) - cpu0
                 if ours.poll() is not None:
-                    raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
+                    raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
                 return r, used / count
 
             log(f"[dns] lab {lab.id}: warming up")
@@ -175,9 +169,9 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                 argv[2] = str(OURS_PORT)
                 result["llq"] = _client(lab, a, rec, argv, 60 + events * 12)
         if ours.poll() is not None:
-            raise LabError(f"serve-dns exited {ours.returncode}: {_tail(slog)}")
-        if "Traceback" in _tail(slog, 100_000):
-            raise LabError(f"serve-dns logged a traceback: {_tail(slog)}")
+            raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
+        if "Traceback" in log_tail(slog, 100_000):
+            raise LabError(f"serve-dns logged a traceback: {log_tail(slog)}")
 
     for server in SERVERS:
         for mode in MODES:
@@ -271,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     info: dict[str, Any] = {}
     try:
-        with _terminate_as_exit():
+        with terminate_as_exit():
             r = run_dns(args.updates, args.window, args.rounds, args.watchers, args.events, info=info)
     except KeyboardInterrupt:
         print("bench dns: interrupted; every namespace and process it started has been removed",

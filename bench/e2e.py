@@ -1,63 +1,48 @@
 """End-to-end TCP throughput between two namespaces: plain veth, wireguard-go, and tunneld.
 
-For each mode a fresh two-host lab (tools.lab.two_hosts) is built, the mode's tunnel (if any) is
-brought up between a and b, and `iperf3 -c` in a measures TCP throughput to `iperf3 -s -1` in b,
-`runs` times for each streams count. Around every iperf3 run the CPU time (utime+stime, from
-/proc/<pid>/stat, children included) of the tunnel daemon on each side is sampled, and reported as
-CPU seconds per second of run: the number of cores that daemon kept busy. The machine's busy cores
-(/proc/stat, everything but idle and iowait) are sampled the same way: a run whose daemon is near one
-core while the machine still has idle time is limited by that daemon's single thread, not by the
-machine.
+For each mode a fresh two-host lab (lab.topology.two_hosts) gets the mode's tunnel, and `iperf3 -c`
+in a measures TCP throughput to `iperf3 -s -1` in b, `runs` times per streams count, with the CPU the
+tunnel daemon on each side and the whole machine used around every run (bench.procs).
 
 - veth: iperf3 straight over 192.0.2.x, no tunnel: the ceiling of this machine.
 - wireguard-go: the userspace WireGuard baseline, MTU 1400, inner 2001:db8:77::1 / ::2.
-- tunneld: `tunneld up` on both sides (MTU 1400) with `offload = false`, iperf3 between the two ULAs.
+- tunneld: `tunneld up` on both sides (lab.tunnel, MTU 1400) with `offload = false`, between the ULAs.
 - tunneld-offload: the same with TUN segmentation offload (the default since it was measured).
 
-Everything is measured within one invocation; nothing is compared with stored numbers. Every
-process is ended by PID and every namespace deleted by the Lab, also on failure and on Ctrl-C or
-SIGTERM.
-
-With `--profile DIR` (off by default: sampling costs CPU and changes the numbers), the first tunneld
-run of each streams count is profiled: `py-spy record` is attached to the daemon in a (sender) and
-in b (receiver) for the iperf3 duration, and writes a flamegraph (tunneld-a-P1.svg) and the raw
-collapsed stacks (tunneld-a-P1.txt) into DIR; the frames with the most own samples are printed
-after the table.
+Everything is measured within one invocation. How to read the CPU columns and what `--profile DIR`
+does: docs/lab.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from tools.lab import NETNS_PREFIX, Host, Lab, LabError, two_hosts, wait_for
+from bench.procs import Recorder, log_tail, machine_busy_seconds, tree_cpu_seconds
+from lab.netns import NETNS_PREFIX, Host, Lab, LabError, ping_until, terminate_as_exit, wait_for
+from lab.topology import two_hosts
+from lab.tunnel import IFNAME as TUNNELD_IF
+from lab.tunnel import MTU, Node, setup_pair, start, write_private
 
 MODES = ("veth", "wireguard-go", "tunneld", "tunneld-offload")
 TUNNELD_MODES = ("tunneld", "tunneld-offload")  # the second with TUN segmentation offload on
-MTU = 1400
 IPERF_PORT = 5201
 WG_PORT = 51820
 WG_INNER = ("2001:db8:77::1", "2001:db8:77::2")
 WG_RUN_DIR = Path("/var/run/wireguard")
-TUNNELD_PORT = 4500
-TUNNELD_IF = "btmm0"  # per namespace, so the same name on both sides
-TUNNELD_DOMAIN = "bench.tunneld.test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIDE_ROLE = {"a": "sender", "b": "receiver"}
 PROFILE_TOP = 10
 
@@ -74,88 +59,19 @@ class Setup:
     tag: str = ""  # prefix of profile file names ("offload-" for tunneld-offload)
 
 
-class Recorder:
-    """Keeps every PID the benchmark started, so the caller (and the test) can check they are gone."""
-
-    def __init__(self) -> None:
-        self.pids: list[int] = []
-
-    def spawn(self, lab: Lab, h: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
-        p = lab.spawn(h, argv, **popen)
-        self.pids.append(p.pid)
-        return p
-
-
 # -- small helpers --------------------------------------------------------------------------------
-
-def _tail(path: Path | None, n: int = 2000) -> str:
-    if path is None:
-        return ""
-    try:
-        return path.read_text(errors="replace")[-n:].strip()
-    except OSError:
-        return ""
-
-
-def _proc_ticks(pid: int) -> int:
-    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs of the machine spent not idle so far (/proc/stat), to tell whether a run
-    was limited by the machine's cores or by something else."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by a process and its live descendants."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _proc_ticks(p)
-        todo += _children(p)
-    return total / CLK_TCK
-
 
 def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool:
     if p.poll() is not None:
-        tail = _tail(log)
+        tail = log_tail(log)
         raise LabError(f"{what} exited with {p.returncode}" + (f": {tail}" if tail else ""))
     return True
 
 
 def _ping_until(lab: Lab, h: Host, addr: str, timeout: float, what: str,
                 watch: Sequence[tuple[subprocess.Popen[Any], str, Path | None]] = ()) -> None:
-    """Ping until one answer arrives (each try waits at most 1 s), or raise after `timeout`."""
-    fam = "-6" if ":" in addr else "-4"
-
-    def answered() -> bool:
-        for p, name, log in watch:
-            _alive(p, name, log)
-        return lab.run(h, ["ping", fam, "-c1", "-W1", addr], check=False).returncode == 0
-
-    wait_for(answered, timeout=timeout, interval=0.05, what=what)
+    """ping_until, failing at once if one of the watched daemons has exited."""
+    ping_until(lab, h, addr, timeout, what, alive=lambda: [_alive(*w) for w in watch])
 
 
 def _tx_bytes(lab: Lab, h: Host, ifname: str) -> int:
@@ -188,9 +104,7 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
         pub = subprocess.run(["wg", "pubkey"], input=priv + "\n", capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         path = work / f"{side}.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(priv + "\n")
+        write_private(path, priv + "\n")
         keys[side] = (path, pub)
 
     setup = Setup(server_addr=WG_INNER[1], interfaces=list(names.values()), tunnel_if=names["a"])
@@ -206,9 +120,11 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
             p = rec.spawn(lab, h, ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", "-f", ifname],
                           stdout=logf, stderr=subprocess.STDOUT)
         setup.daemons[side], setup.logs[side] = p, log
-        wait_for(lambda p=p, sock=sock, log=log, side=side:
-                 _alive(p, f"wireguard-go in {side}", log) and sock.exists(),
-                 timeout=10, what=f"wireguard-go control socket {sock}")
+
+        def ready(p: subprocess.Popen[Any] = p, sock: Path = sock, log: Path = log, side: str = side) -> bool:
+            return _alive(p, f"wireguard-go in {side}", log) and sock.exists()
+
+        wait_for(ready, timeout=10, what=f"wireguard-go control socket {sock}")
 
     for i, (side, h) in enumerate(hosts.items()):
         other = "b" if side == "a" else "a"
@@ -226,90 +142,23 @@ def setup_wireguard_go(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder,
     return setup
 
 
-def tunneld_config(work: Path, side: str, peer_name: str, peer_key: str | None, peer_outer: str,
-                   offload: bool = False) -> Path:
-    """Write <work>/<side>/tunneld.toml per the daemon's config contract; no [[peer]] if no key yet."""
-    d = work / side
-    (d / "state").mkdir(parents=True, exist_ok=True)
-    os.chmod(d / "state", 0o700)
-    text = (
-        "[interface]\n"
-        f'name = "{TUNNELD_IF}"\n'
-        f"listen_port = {TUNNELD_PORT}\n"
-        f"mtu = {MTU}\n"
-        f"offload = {'true' if offload else 'false'}\n"
-        f'state_dir = "{d / "state"}"\n'
-        f'control_socket = "{d / "control.sock"}"\n'
-        "\n[account]\n"
-        f'domain = "{TUNNELD_DOMAIN}"\n'
-        f'secret_file = "{work / "secret"}"\n'
-    )
-    if peer_key is not None:
-        text += (
-            "\n[[peer]]\n"
-            f'name = "{peer_name}"\n'
-            f'public_key = "{peer_key}"\n'
-            f'endpoint = "{peer_outer}:{TUNNELD_PORT}"\n'
-        )
-    conf = d / "tunneld.toml"
-    conf.write_text(text)
-    return conf
-
-
-def parse_identity(out: str) -> tuple[str, str]:
-    """`tunneld identity` prints `public_key <base64>` and `ula <address>`, one per line."""
-    got: dict[str, str] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            got[parts[0]] = parts[1]
-    if "public_key" not in got or "ula" not in got:
-        raise LabError(f"unexpected `tunneld identity` output: {out.strip()!r}")
-    return got["public_key"], got["ula"]
-
-
 def setup_tunneld(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder, tunneld: Path,
                   offload: bool = False) -> Setup:
+    """`tunneld up` on both sides, configured and started as the integration tests do (lab.tunnel)."""
     if not tunneld.exists():
         raise LabError(f"{tunneld} not found: install the project into this venv (pip install -e .)")
-    hosts = {"a": a, "b": b}
-    fd = os.open(work / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-
-    # Phase 1: configs without peers, so `tunneld identity` can create each key and report it.
-    ident: dict[str, tuple[str, str]] = {}
-    for side, h in hosts.items():
-        conf = tunneld_config(work, side, "", None, "")
-        out = lab.run(h, [str(tunneld), "identity", "--config", str(conf)]).stdout
-        ident[side] = parse_identity(out)
-    # Phase 2: each side's config names the other as its peer.
-    confs: dict[str, Path] = {}
-    for side in hosts:
-        other = "b" if side == "a" else "a"
-        confs[side] = tunneld_config(work, side, other, ident[other][0], hosts[other].addr4, offload)
-
-    setup = Setup(server_addr=ident["b"][1], interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
-    for side, h in hosts.items():
-        log = work / f"tunneld-{side}.log"
-        with log.open("w") as logf:
-            p = rec.spawn(lab, h, [str(tunneld), "up", "--config", str(confs[side])],
-                          stdout=logf, stderr=subprocess.STDOUT)
-        setup.daemons[side], setup.logs[side] = p, log
-
-    for side, h in hosts.items():
-        p, log = setup.daemons[side], setup.logs[side]
-
-        def answers(p: subprocess.Popen[Any] = p, h: Host = h, side: str = side, log: Path = log) -> bool:
-            _alive(p, f"tunneld in {side}", log)
-            r = lab.run(h, [str(tunneld), "status", "--json", "--config", str(confs[side])], check=False)
-            return r.returncode == 0
-
-        wait_for(answers, timeout=20, interval=0.1, what=f"`tunneld status` in {side}")
-
-    watch = [(setup.daemons[s], f"tunneld in {s}", setup.logs[s]) for s in hosts]
-    _ping_until(lab, a, ident["b"][1], 30, "the tunneld handshake (ping6 a -> b's ULA)", watch)
-    _ping_until(lab, b, ident["a"][1], 10, "tunneld ping6 b -> a's ULA", watch)
+    nodes = {side: Node(h, work / side, h.addr4, offload=offload, exe=str(tunneld))
+             for side, h in (("a", a), ("b", b))}
+    setup_pair(lab, nodes["a"], nodes["b"])
+    setup = Setup(server_addr=nodes["b"].ula, interfaces=[TUNNELD_IF], tunnel_if=TUNNELD_IF)
+    for side, n in nodes.items():
+        start(lab, n, timeout=20)
+        assert n.proc is not None
+        rec.pids.append(n.proc.pid)
+        setup.daemons[side], setup.logs[side] = n.proc, n.log
+    watch = [(setup.daemons[s], f"tunneld in {s}", setup.logs[s]) for s in nodes]
+    _ping_until(lab, a, nodes["b"].ula, 30, "the tunneld handshake (ping6 a -> b's ULA)", watch)
+    _ping_until(lab, b, nodes["a"].ula, 10, "tunneld ping6 b -> a's ULA", watch)
     return setup
 
 
@@ -374,15 +223,16 @@ class Profiler:
                 entry["errors"].append(f"py-spy ({fmt}) did not finish within {timeout:.0f} s")
             else:
                 if p.returncode != 0 or not out.exists() or out.stat().st_size == 0:
-                    msg = [ln.strip() for ln in _tail(errlog).splitlines() if ln.strip().startswith("Error")]
-                    why = msg[0] if msg else (_tail(errlog, 300).splitlines() or ["no output"])[-1].strip()
+                    msg = [ln.strip() for ln in log_tail(errlog).splitlines()
+                           if ln.strip().startswith("Error")]
+                    why = msg[0] if msg else (log_tail(errlog, 300).splitlines() or ["no output"])[-1].strip()
                     entry["errors"].append(f"py-spy ({fmt}) exit {p.returncode}: {why}")
             if out.exists() and out.stat().st_size > 0:
                 entry["files"].append(str(out))
                 if fmt == "raw":
                     entry.update(top_frames(out.read_text(errors="replace")))
                     # py-spy ends with "... Samples: N Errors: M": samples it failed to take
-                    tail = _tail(errlog).split("Errors:")
+                    tail = log_tail(errlog).split("Errors:")
                     if len(tail) > 1 and tail[-1].split()[:1] and tail[-1].split()[0].isdigit():
                         entry["sample_errors"] = int(tail[-1].split()[0])
             errlog.unlink(missing_ok=True)
@@ -462,7 +312,7 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
                        f"{(err or out).strip()[-1000:]}") from None
     if client.returncode != 0 or "error" in data:
         raise LabError(f"iperf3 client failed: {data.get('error', err.strip())}; "
-                       f"server: {_tail(slog, 500)}")
+                       f"server: {log_tail(slog, 500)}")
     end = data["end"]
     received = int(end["sum_received"]["bytes"])
     if setup.tunnel_if and tx1 - tx0 < received:
@@ -494,20 +344,6 @@ def _summary(mode: str, streams: int, samples: list[dict[str, Any]]) -> dict[str
         "busy_cores_median": statistics.median(s["busy"] for s in samples),
         "samples": samples,
     }
-
-
-@contextlib.contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so the Lab tears down (Ctrl-C already raises)."""
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, tunneld: Path,
@@ -572,7 +408,7 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
             profiler = Profiler(profile_dir, pyspy, log, result["profile"]["sides"])
         for err in result["profile"]["errors"]:
             log(f"[profile] {err}")
-    with _terminate_as_exit():
+    with terminate_as_exit():
         for mode in modes:
             info: dict[str, Any] = {"mode": mode}
             try:

@@ -1,10 +1,16 @@
-"""Small helpers shared by the unit tests."""
+"""Small helpers shared by the tests."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def drbg(seed: int) -> Callable[[int], bytes]:
@@ -23,12 +29,6 @@ def drbg(seed: int) -> Callable[[int], bytes]:
 def run_bench(argv: list[str], cwd: Path, timeout: float) -> tuple[str, str]:
     """Run a benchmark command to completion, bounded: on timeout SIGINT lets it tear its labs down,
     SIGKILL follows if that hangs too, and the test fails. Returns (stdout, stderr) of a zero exit."""
-    import os
-    import signal
-    import subprocess
-
-    import pytest
-
     p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -43,3 +43,16 @@ def run_bench(argv: list[str], cwd: Path, timeout: float) -> tuple[str, str]:
         pytest.fail(f"benchmark did not finish within {timeout} s; stderr: {err[-2000:]}")
     assert p.returncode == 0, f"exit {p.returncode}; stderr: {err[-2000:]}"
     return out, err
+
+
+def exit_on_signal(proc: subprocess.Popen[Any], sig: signal.Signals, log: Path, what: str,
+                   timeout: float = 5) -> None:
+    """Send `sig` to a daemon and require that it exits with 0 within `timeout` seconds and that its
+    log has no traceback."""
+    proc.send_signal(sig)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not exit within {timeout:g} s of {sig.name}:\n{log.read_text()[-2000:]}")
+    assert rc == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]

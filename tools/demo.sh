@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 tools/install.sh
-exec .venv/bin/python -m tools.demo "$@"
+exec .venv/bin/python -m lab.demo "$@"

@@ -11,7 +11,7 @@ cd "$ROOT"
 # wireguard-go as the baseline, tshark to decrypt captures, miniupnpd as the NAT-PMP/PCP server
 # and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
 # scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
-# bind9 is the DNS UPDATE server the publishing tests run (tools/bind.py, in a namespace, in the
+# bind9 is the DNS UPDATE server the publishing tests run (lab/bind.py, in a namespace, in the
 # foreground) and bind9-dnsutils gives dig/nsupdate to check it independently.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.dns import print_table
+from lab.bind import NAMED
+from lab.netns import list_namespaces
 from tests.helpers import run_bench
-from tools.bind import NAMED
-from tools.lab import list_namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,5 +65,5 @@ def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
         cmdline = Path(f"/proc/{pid}/cmdline")
         if cmdline.exists():
             cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            assert not any(w in cmd for w in ("serve-dns", "named", "bench.dns_client")), \
+            assert not any(w in cmd for w in ("serve-dns", "named", "lab.progs.dns_client")), \
                 f"pid {pid} is still running: {cmd}"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.netns import list_namespaces
 from tests.helpers import run_bench
-from tools.lab import list_namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "ss", "ping", "iperf3", "wireguard-go", "wg")

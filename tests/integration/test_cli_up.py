@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Host, Lab, wait_for
-from tools.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, status, write_secret
+from lab.netns import Host, Lab, wait_for
+from lab.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, status, write_secret
+from tests.helpers import exit_on_signal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")
@@ -175,13 +176,7 @@ def test_signal_shuts_down_cleanly(running: tuple[Lab, Node], sig: signal.Signal
     assert lab.run(a.host, ["ip", "link", "show", "btmm0"], check=False).returncode == 0
     assert account_routes(lab, a), "no route to the account's /48 while up"
     assert status(a)["interface"] == "btmm0"
-    a.proc.send_signal(sig)
-    try:
-        rc = a.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tunneld did not exit within 5 s of {sig.name}:\n{a.log.read_text()[-2000:]}")
-    assert rc == 0, a.log.read_text()[-2000:]
-    assert "Traceback" not in a.log.read_text()
+    exit_on_signal(a.proc, sig, a.log, "tunneld")
     r = lab.run(a.host, ["ip", "link", "show", "btmm0"], check=False)
     assert r.returncode != 0, "btmm0 is still there"
     assert account_routes(lab, a) == [], "the route to the account's /48 is still there"

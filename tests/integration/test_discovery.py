@@ -13,18 +13,9 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Host, Lab, two_hosts, wait_for
-from tools.tunnel import (
-    DOMAIN,
-    TUNNELD,
-    Node,
-    ping6,
-    ssh,
-    start,
-    start_sshd,
-    status,
-    write_secret,
-)
+from lab.netns import Host, Lab, wait_for
+from lab.topology import two_hosts
+from lab.tunnel import DOMAIN, TUNNELD, Node, ping6, ssh, start, start_sshd, status, write_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig"),
                                 reason="needs root and dig (bind9-dnsutils)")
@@ -108,8 +99,8 @@ def test_host_behind_nat_and_public_host_find_each_other(tmp_path: Path) -> None
     by PCP, publishes the router's public address and the granted port, and the two find each other
     through serve-dns on the public side; the public host reaches the NATed one only through the
     mapping (it has no route to the private network)."""
-    from tools.lab import behind_nat
-    from tools.upnp import MiniUPnPd
+    from lab.topology import behind_nat
+    from lab.upnp import MiniUPnPd
 
     with Lab() as lab:
         host, router, peer = behind_nat(lab)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tools.lab import Lab, LabError, behind_nat, list_namespaces, two_hosts, wait_for
+from lab.netns import Lab, LabError, list_namespaces, wait_for
+from lab.topology import behind_nat, two_hosts
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("ip") and shutil.which("nft")) or __import__("os").geteuid() != 0,

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from typing import Any
 
+from lab import progs
+from lab.netns import wait_for
+from lab.tunnel import TUNNELD
 from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate, start_server
 from tests.integration.test_serve_dns import served as served
-from tools.lab import wait_for
-from tools.tunnel import REPO, TUNNELD
 
 
 class Watch:
     def __init__(self, s: Served, name: str, rdtype: str, seconds: float = 30) -> None:
-        self.proc = s.lab.spawn(s.a, [sys.executable, "-m", "tests.integration.llq_watch", SERVER, str(PORT),
-                                      ZONE, f"{name}.{ZONE}", rdtype, str(s.account.secret), str(seconds)],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.proc = progs.spawn(s.lab, s.a, "llq_watch", SERVER, str(PORT), ZONE, f"{name}.{ZONE}", rdtype,
+                                str(s.account.secret), str(seconds), stdout=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
 
     def next(self, timeout: float = 10) -> dict[str, Any]:

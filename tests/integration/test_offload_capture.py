@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.attack import _checksum, capture, is_esp, udp_payloads
-from tools.lab import Lab, wait_for
-from tools.tunnel import Blast, Node, peer_status, ping6, running_pair, status
+from lab.capture import capture, is_esp, udp_payloads
+from lab.flows import Blast
+from lab.netns import Lab, wait_for
+from lab.progs.attack import checksum
+from lab.tunnel import Node, peer_status, ping6, running_pair, status
 
 pytestmark = [
     pytest.mark.root,
@@ -34,7 +36,7 @@ pytestmark = [
         reason="needs root, iproute2, tcpdump and tshark (CI runs as root)"),
 ]
 
-MTU = 1400  # tools/tunnel.py writes `mtu = 1400` into both configs
+MTU = 1400  # lab/tunnel.py writes `mtu = 1400` into both configs
 NBYTES = 4 * 1024 * 1024  # each way
 CSUM_BAD, CSUM_GOOD, CSUM_UNVERIFIED = "0", "1", "2"  # tcp.checksum.status in tshark 4.0 -T fields
 
@@ -57,7 +59,7 @@ def tshark(pcap: Path, uat_lines: list[str], display_filter: str, *fields: str) 
 def _tcp6(payload: bytes, corrupt: bool) -> bytes:
     src, dst = ipaddress.IPv6Address("fd00::1").packed, ipaddress.IPv6Address("fd00::2").packed
     tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 1, 5 << 4, 0x18, 65535, 0, 0) + payload
-    csum = _checksum(src + dst + struct.pack("!I3xB", len(tcp), 6) + tcp) ^ (0x5555 if corrupt else 0)
+    csum = checksum(src + dst + struct.pack("!I3xB", len(tcp), 6) + tcp) ^ (0x5555 if corrupt else 0)
     tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
     return struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src + dst + tcp
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Lab
-from tools.traffic import FRAG_EVERY, Ping, UdpFlow
-from tools.tunnel import TUNNELD, Blast, Node, peer_status, ping6, running_pair, status
+from lab.flows import Blast, Ping, UdpFlow
+from lab.netns import Lab
+from lab.progs.traffic import FRAG_EVERY
+from lab.tunnel import TUNNELD, Node, peer_status, ping6, running_pair, status
 from tunneld.net.tun import gso_max_size_for
 
 pytestmark = [
@@ -43,7 +44,7 @@ def assert_offload_on(*nodes: Node) -> None:
         st = status(n)
         assert st["offload"] is True, f"offload is off in {n.host.name}: {st['offload_error']}"
         assert st["offload_error"] is None, st["offload_error"]
-        assert st["gso_max_size"] == gso_max_size_for(1400), st  # tools/tunnel.py: mtu = 1400
+        assert st["gso_max_size"] == gso_max_size_for(1400), st  # lab/tunnel.py: mtu = 1400
 
 
 def assert_clean_counters(n: Node, peer: str) -> dict[str, Any]:

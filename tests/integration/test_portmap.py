@@ -1,9 +1,9 @@
 """Port mapping (NAT-PMP/PCP) by `tunneld up` against a real server: miniupnpd on the lab's NAT router.
 
-Topology (tools/lab.behind_nat): host 192.168.77.2 — router lan0 192.168.77.1 / wan0 203.0.113.1
+Topology (lab/topology.py behind_nat): host 192.168.77.2 — router lan0 192.168.77.1 / wan0 203.0.113.1
 (masquerade, miniupnpd on lan0) — peer 203.0.113.2, which has no route back to 192.168.77.0/24: only
 the NAT (or a mapping) can carry traffic between them. The daemon's outer port is 4500 (internal ports
-below 1024 make miniupnpd spin, see tools/upnp.py).
+below 1024 make miniupnpd spin, see docs/lab.md).
 
 What is checked: the daemon gets the public address and a mapping (PCP), miniupnpd has installed it and
 an independent client (natpmpc) gets the same mapping back; an inbound datagram from the public side
@@ -38,9 +38,10 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Host, Lab, LabError, behind_nat, wait_for
-from tools.tunnel import DOMAIN, TUNNELD, Node, peer_status, ping6, start, status, write_secret
-from tools.upnp import MINIUPNPD, Mapping, MiniUPnPd
+from lab.netns import Host, Lab, LabError, wait_for
+from lab.topology import behind_nat
+from lab.tunnel import DOMAIN, TUNNELD, Node, peer_status, ping6, start, status, write_secret
+from lab.upnp import MINIUPNPD, Mapping, MiniUPnPd
 
 NATPMPC = shutil.which("natpmpc") or "/usr/bin/natpmpc"
 
@@ -53,7 +54,7 @@ pytestmark = [
 HOST_ADDR = "192.168.77.2"
 GATEWAY = "192.168.77.1"
 PUBLIC = "203.0.113.1"
-PORT = 4500  # the daemon's listen port: >= 1024 (miniupnpd's allow rule; see tools/upnp.py)
+PORT = 4500  # the daemon's listen port: >= 1024 (miniupnpd's allow rule; see docs/lab.md)
 RESTORE_LIMIT = 5.0  # seconds from the rebooted router answering to the mapping being back
 
 CONTRACT_KEYS = {"state", "protocol", "gateway", "internal_port", "external_address", "external_port",

@@ -1,8 +1,8 @@
 """Publishing our records by `tunneld up` to a real DNS UPDATE server: BIND 9 in a lab namespace.
 
-Topology (tools/lab.two_hosts): a 192.0.2.1 runs tunneld, with a default route via b so that its own
+Topology (lab/topology.py two_hosts): a 192.0.2.1 runs tunneld, with a default route via b so that its own
 address counts as public (the port mapper's "public" state gives the public endpoint 192.0.2.1:4500);
-b 192.0.2.2 runs named (tools/bind.py) on port 5353 with the account's TSIG key from `tunneld account new`
+b 192.0.2.2 runs named (lab/bind.py) on port 5353 with the account's TSIG key from `tunneld account new`
 and `update-policy { grant KEY zonesub ANY; }`.
 
 What is checked, with dig as the independent client: the records appear (AAAA with the ULA, SRV with
@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from tools.bind import DIG, NAMED, Bind
-from tools.lab import Host, Lab, LabError, two_hosts, wait_for
-from tools.tunnel import DOMAIN, TUNNELD, Node, control, start, status, write_secret
+from lab.bind import DIG, NAMED, Bind
+from lab.netns import Host, Lab, LabError, wait_for
+from lab.topology import two_hosts
+from lab.tunnel import DOMAIN, TUNNELD, Node, control, start, status, write_secret
 from tunneld.identity import iid_label
 
 pytestmark = [

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Host, Lab, two_hosts, wait_for
-from tools.tunnel import TUNNELD
+from lab.netns import Host, Lab, wait_for
+from lab.topology import two_hosts
+from lab.tunnel import TUNNELD
+from tests.helpers import exit_on_signal
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("dig") or not shutil.which("nsupdate"),
@@ -196,12 +198,7 @@ def test_records_survive_a_restart(served: Served) -> None:
     s = served
     name = f"desktop.{ZONE}"
     assert nsupdate(s, s.account.key, f"update add {name} 60 AAAA 2001:db8::7").returncode == 0
-    s.proc.send_signal(signal.SIGTERM)
-    try:
-        rc = s.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"serve-dns did not exit within 5 s of SIGTERM:\n{s.log.read_text()[-2000:]}")
-    assert rc == 0, s.log.read_text()[-2000:]
+    exit_on_signal(s.proc, signal.SIGTERM, s.log, "serve-dns")
     assert dig(s.lab, s.a, "SOA", ZONE).returncode != 0  # really down (dig: no servers reached)
     s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
     assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::7"]
@@ -254,13 +251,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, case: str, named: tu
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_the_server_with_exit_0(served: Served, sig: signal.Signals) -> None:
     s = served
-    s.proc.send_signal(sig)
-    try:
-        rc = s.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"serve-dns did not exit within 5 s of {sig.name}:\n{s.log.read_text()[-2000:]}")
-    assert rc == 0, s.log.read_text()[-2000:]
-    assert "Traceback" not in s.log.read_text()
+    exit_on_signal(s.proc, sig, s.log, "serve-dns")
 
 
 # From inside host a: a stalled TCP client (half a message) must not hold up a second connection, which

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Lab, wait_for
-from tools.tunnel import (
-    Blast,
-    Node,
-    control,
-    peer_status,
-    ping6,
-    running_pair,
-    ssh,
-    start_sshd,
-    status,
-)
+from lab.flows import Blast
+from lab.netns import Lab, wait_for
+from lab.tunnel import Node, control, peer_status, ping6, running_pair, ssh, start_sshd, status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")

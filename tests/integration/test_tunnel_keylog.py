@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.attack import capture, is_esp, udp_payloads
-from tools.lab import Lab, wait_for
-from tools.tunnel import Node, ping6, running_pair
+from lab.capture import capture, is_esp, udp_payloads
+from lab.netns import Lab, wait_for
+from lab.tunnel import Node, ping6, running_pair
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tcpdump") or not shutil.which("tshark"),

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Lab, wait_for
-from tools.tunnel import Blast, Node, peer_status, ping6, running_pair, status
+from lab.flows import Blast
+from lab.netns import Lab, wait_for
+from lab.tunnel import Node, peer_status, ping6, running_pair, status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")

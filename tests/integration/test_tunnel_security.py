@@ -4,7 +4,7 @@ Every test starts from a pair that has already exchanged a ping, attacks b, chec
 attack with the counter that names it (tunneld status: per-peer `dropped_spoofed`, `replayed`,
 `dropped_inbound`; `counters.rx_malformed`, `rx_unknown_spi`, `rx_keepalive`, `rx_handshake`,
 `handshake_drops` by reason), that nothing of the data-plane attacks reached b's TUN, and ends with a
-ping a -> b that still works. The attacker's tools are tests/integration/attack.py, run inside a namespace.
+ping a -> b that still works. The attacker's tools are lab/progs/attack.py, run inside a namespace.
 
 The intruder daemons (a third tunneld) run in a third namespace c, linked to b only: a second tunneld of
 the same account cannot run in a's namespace, because both would route the account's /48 to their own
@@ -25,20 +25,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.attack import attack, capture, is_esp, udp_payloads
-from tools.lab import Lab, wait_for
-from tools.tunnel import (
-    DOMAIN,
-    TUNNELD,
-    Blast,
-    Node,
-    peer_status,
-    ping6,
-    running_pair,
-    start,
-    status,
-    write_secret,
-)
+from lab import progs
+from lab.capture import capture, is_esp, udp_payloads
+from lab.flows import Blast
+from lab.netns import Lab, wait_for
+from lab.tunnel import DOMAIN, TUNNELD, Node, peer_status, ping6, running_pair, start, status, write_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tcpdump"),
                                 reason="needs root, iproute2 and tcpdump (CI runs as root)")
@@ -103,7 +94,7 @@ def write_hex(path: Path, payloads: list[bytes]) -> Path:
 
 
 def node_toml(n: Node, secret: Path, ifname: str = "btmm0", peers: tuple[tuple[str, Node], ...] = ()) -> str:
-    """A config in tools/tunnel.py's format, with a TUN name of our choice (the intruder's is btmm1)."""
+    """A config in lab/tunnel.py's format, with a TUN name of our choice (the intruder's is btmm1)."""
     s = (f'[interface]\nname = "{ifname}"\nlisten_port = {n.port}\nmtu = 1400\n'
          f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
          f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
@@ -152,7 +143,7 @@ def test_spoofed_inner_source_is_dropped(pair: Pair) -> None:
     for src in spoofed:
         # Straight into a's TUN: a's daemon reads it like any packet the kernel routed to it and, having
         # no business policing its own host, seals it to b with a's keys. b must check the inner source.
-        attack(lab, a.host, "inject", "btmm0", src, b.ula, "--count", str(per_source))
+        progs.run(lab, a.host, "attack", "inject", "btmm0", src, b.ula, "--count", str(per_source))
     expected = before + per_source * len(spoofed)
     wait_for(lambda: peer_status(b, "a")["dropped_spoofed"] >= expected, timeout=10,
              what="b to drop the spoofed packets")
@@ -171,8 +162,8 @@ def test_replayed_datagrams_are_dropped(pair: Pair, tmp_path: Path) -> None:
     before, endpoint = pb["replayed"], pb["endpoint"]
     rx_before = tun_rx_packets(lab, b)
     # From a's namespace, another port (a's daemon holds 4500): an attacker on a's path.
-    report = attack(lab, a.host, "udp", b.host.addr4, "4500", str(write_hex(tmp_path / "esp.hex", esp)),
-                    "--repeat", "2")
+    report = progs.run(lab, a.host, "attack", "udp", b.host.addr4, "4500",
+                       str(write_hex(tmp_path / "esp.hex", esp)), "--repeat", "2")
     assert report["sent"] == 2 * len(esp)
     wait_for(lambda: peer_status(b, "a")["replayed"] >= before + 2 * len(esp), timeout=10,
              what="b to count the replays")
@@ -220,7 +211,8 @@ def test_garbage_datagrams_are_counted_and_dropped(pair: Pair, tmp_path: Path) -
     ]
     for name, payloads, delta in groups:
         # One group at a time, each waited for, so no socket buffer can overflow and the counts are exact.
-        attack(lab, a.host, "udp", b.host.addr4, "4500", str(write_hex(tmp_path / f"{name}.hex", payloads)))
+        progs.run(lab, a.host, "attack", "udp", b.host.addr4, "4500",
+                  str(write_hex(tmp_path / f"{name}.hex", payloads)))
         wait_count(delta, len(payloads), f"b to count the {name} datagrams")
         assert delta() == len(payloads), name
 
@@ -300,8 +292,8 @@ def test_forged_datagrams_during_traffic_do_not_move_endpoint(pair: Pair, tmp_pa
     hexfile = write_hex(tmp_path / "esp.hex", esp)
     blast = Blast(lab, a, b, seconds=3)
     wait_for(lambda: peer_status(b, "a")["rx_bytes"] > 5_000_000, timeout=10, what="the stream to flow")
-    report = attack(lab, a.host, "udp", b.host.addr4, "4500", str(hexfile), "--src", "192.0.2.99",
-                    "--sport", "40000", "--repeat", "2000", "--drain", "0.5")
+    report = progs.run(lab, a.host, "attack", "udp", b.host.addr4, "4500", str(hexfile),
+                       "--src", "192.0.2.99", "--sport", "40000", "--repeat", "2000", "--drain", "0.5")
     sent, got = blast.result()
     assert sent["sha256"] == got["sha256"]
     assert report["received"] == 0, f"b sent {report['received']} datagrams to the attacker"

@@ -1,6 +1,6 @@
 """The lab's real NAT-PMP/PCP server: miniupnpd on the router of `behind_nat`, driven by natpmpc.
 
-These check the lab itself (tools/upnp.py, tools/stun.py) against an independent client, so the
+These check the lab itself (lab/upnp.py, lab/progs/stun.py) against an independent client, so the
 NAT-traversal tests can trust it: the public address, a mapping that really carries inbound traffic,
 a router reboot that forgets its mappings, and the multicast announcements.
 """
@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from tools.lab import Host, Lab, behind_nat
-from tools.stun import binding_response
-from tools.upnp import MINIUPNPD, Mapping, MiniUPnPd
+from lab.netns import Host, Lab
+from lab.progs.stun import binding_response
+from lab.topology import behind_nat
+from lab.upnp import MINIUPNPD, Mapping, MiniUPnPd
 
 _ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces); CI runs as root")
 

@@ -9,7 +9,7 @@ run) never collide, and `sweep()` removes leftovers of crashed runs by that pref
 Addresses are documentation ranges (RFC 5737, RFC 3849) and, behind a NAT, an RFC 1918 range: they
 exist only inside the lab's namespaces, so nothing a test sends can leave the machine.
 
-Usage:
+Usage (topologies such as `two_hosts` are in lab.topology):
     with Lab() as lab:
         a, b = two_hosts(lab)
         lab.run(a, ["ping", "-c1", b.addr4])
@@ -23,8 +23,9 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 NETNS_PREFIX = "tdl"  # every lab namespace starts with this, then the lab's own id
@@ -104,9 +105,9 @@ class Lab:
     # -- running ----------------------------------------------------------------------------------
 
     def run(self, h: Host, argv: Sequence[str], timeout: float = 30, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+            input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([*h.exec_prefix(), *argv], capture_output=True, text=True, timeout=timeout,
-                           check=False, input=input)
+                           check=False, input=input, cwd=cwd)
         if check and r.returncode != 0:
             raise LabError(f"[{h.name}] {' '.join(argv)}: exit {r.returncode}: "
                            f"{(r.stderr or r.stdout).strip()[-2000:]}")
@@ -123,7 +124,10 @@ class Lab:
         return p
 
     def stop(self, p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 5) -> int:
-        """End one process: `sig`, then SIGKILL if it has not exited within `timeout` seconds."""
+        """End one process: `sig`, then SIGKILL if it has not exited within `timeout` seconds. The lab
+        forgets it (closing will not stop it again)."""
+        with contextlib.suppress(ValueError):
+            self.procs.remove(p)
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(sig)
@@ -141,7 +145,7 @@ class Lab:
 
     def close(self) -> None:
         errors: list[str] = []
-        for p in reversed(self.procs):
+        for p in reversed(list(self.procs)):
             try:
                 self.stop(p)
             except Exception as e:  # keep tearing down; report at the end
@@ -171,7 +175,19 @@ def sweep() -> list[str]:
     return gone
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.02, what: str = "condition") -> None:
+def read_log(path: Path | None, last: int | None = None) -> str:
+    """A log file's text (only its `last` characters if given); "" if there is none."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text if last is None else text[-last:]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
+             what: str = "condition") -> None:
     """Poll a readiness check (never a bare sleep) until it holds, or raise after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -182,55 +198,31 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.02, what: str =
         time.sleep(interval)
 
 
-# -- topologies -----------------------------------------------------------------------------------
+def ping_until(lab: Lab, h: Host, addr: str, timeout: float, what: str,
+               alive: Callable[[], object] = lambda: True) -> None:
+    """Ping `addr` from `h` until one answer arrives (each try waits at most 1 s), or raise after
+    `timeout` s; `alive()` runs before each try and may raise (a daemon that died)."""
+    fam = "-6" if ":" in addr else "-4"
 
-def two_hosts(lab: Lab) -> tuple[Host, Host]:
-    """Two hosts on one veth: a = 192.0.2.1, 2001:db8::1; b = 192.0.2.2, 2001:db8::2."""
-    a, b = lab.host("a"), lab.host("b")
-    lab.veth(a, "eth0", b, "eth0")
-    for h, n in ((a, 1), (b, 2)):
-        # Tests move addresses: deleting the primary must promote, not delete, the secondaries.
-        lab.sysctl(h, "net.ipv4.conf.all.promote_secondaries", "1")
-        lab.addr(h, "eth0", f"192.0.2.{n}/24")
-        lab.addr(h, "eth0", f"2001:db8::{n}/64")
-        h.addr4, h.addr6, h.ifname = f"192.0.2.{n}", f"2001:db8::{n}", "eth0"
-    return a, b
+    def answered() -> bool:
+        alive()
+        return lab.run(h, ["ping", fam, "-c1", "-W1", addr], check=False).returncode == 0
+
+    wait_for(answered, timeout=timeout, interval=0.05, what=what)
 
 
-NAT_RULESET = """
-table ip nat {
-  chain postrouting {
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname "wan0" masquerade
-  }
-}
-"""
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit so the Lab tears down (Ctrl-C already raises)."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
 
-
-def behind_nat(lab: Lab) -> tuple[Host, Host, Host]:
-    """A host behind a NAT router, and a public peer.
-
-    host 192.168.77.2/24 (default route via the router) — router lan0 192.168.77.1, wan0 203.0.113.1
-    (masquerade out of wan0) — peer 203.0.113.2/24, with no route back to 192.168.77.0/24, so only
-    traffic the NAT translated (or a mapping forwards) can pass.
-    """
-    host, router, peer = lab.host("host"), lab.host("router"), lab.host("peer")
-    lab.veth(host, "eth0", router, "lan0")
-    lab.veth(router, "wan0", peer, "eth0")
-    lab.addr(host, "eth0", "192.168.77.2/24")
-    lab.addr(router, "lan0", "192.168.77.1/24")
-    lab.addr(router, "wan0", "203.0.113.1/24")
-    lab.addr(peer, "eth0", "203.0.113.2/24")
-    lab.ip(host, "route", "add", "default", "via", "192.168.77.1")
-    lab.sysctl(router, "net.ipv4.ip_forward", "1")
-    # Moving WAN addresses must not silently delete the secondaries with the primary.
-    lab.sysctl(router, "net.ipv4.conf.all.promote_secondaries", "1")
-    lab.nft(router, NAT_RULESET)
-    host.addr4, host.ifname = "192.168.77.2", "eth0"
-    router.addr4, router.ifname = "203.0.113.1", "wan0"
-    router.extra["lan4"] = "192.168.77.1"
-    peer.addr4, peer.ifname = "203.0.113.2", "eth0"
-    return host, router, peer
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def is_root() -> bool:

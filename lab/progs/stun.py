@@ -1,20 +1,12 @@
-"""A tiny STUN (RFC 5389) Binding responder, stdlib only, for the NAT lab.
+"""A tiny STUN (RFC 5389) Binding responder, stdlib only, for the NAT lab's miniupnpd (docs/lab.md:
+with the lab's TEST-NET-3 WAN address it forwards nothing unless STUN tells it its public address).
 
-It exists for miniupnpd 2.3.1: the lab's WAN address (203.0.113.1, TEST-NET-3) is on miniupnpd's
-built-in list of "reserved" addresses, and with such an address it refuses every mapping (NAT-PMP
-result 3) unless `ext_perform_stun=yes` lets it learn its public address from a STUN server. So the
-lab runs this on the public peer, before miniupnpd starts.
+Every Binding request gets a success response with XOR-MAPPED-ADDRESS (the request's source), plus
+MAPPED-ADDRESS for an RFC 3489 client (no magic cookie), sent back from the port it came to.
+CHANGE-REQUEST (RFC 5780) is ignored on purpose: miniupnpd calls the NAT "restrictive" unless all four
+of its requests are answered with its own address and port. Anything else is dropped silently.
 
-What it does: every Binding request (class request, method 0x001) gets a success response carrying
-XOR-MAPPED-ADDRESS (the request's source address and port), plus MAPPED-ADDRESS when the request has
-no RFC 5389 magic cookie (an RFC 3489 client). The response goes back from the port the request came
-to. CHANGE-REQUEST (RFC 5780) is deliberately ignored: miniupnpd sends four requests (no change,
-change port, change address, both) and calls the NAT "restrictive" (no forwarding) unless all four
-are answered with its own, unchanged address and port — which is true of the lab router, whose WAN
-address is on its own interface. Everything else (non-requests, other methods, short or malformed
-datagrams) is dropped silently.
-
-Usage: python tools/stun.py BIND_ADDR [PORT]   (default port 3478). It prints one line
+Usage: python -m lab.progs.stun BIND_ADDR [PORT]   (default port 3478). It prints one line
 "stun listening on ADDR:PORT" once bound, then one line per answered request, and runs until killed.
 """
 

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.lab import Host, Lab, LabError, two_hosts, wait_for
+from lab.netns import Host, Lab, LabError, ping_until, wait_for
+from lab.topology import two_hosts
 
 TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")
 DOMAIN = "lab.tunneld.test"
+MTU = 1400
+IFNAME = "btmm0"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Node:
     extra: str = ""  # more TOML appended to the config (e.g. a [timers] table)
     name: str = ""  # the name the other node's config gives this one (default: the host's)
     offload: bool = True  # [interface] offload: TUN segmentation offload (the default, as in tunneld)
+    exe: str = TUNNELD  # the tunneld executable
 
     def __post_init__(self) -> None:
         self.name = self.name or self.host.name
@@ -49,14 +53,20 @@ class Node:
         return self.dir / "control.sock"
 
 
-def write_secret(path: Path) -> None:
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (keys, secrets)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        f.write(text)
+
+
+def write_secret(path: Path) -> None:
+    """A fresh account secret file: 32 random bytes, base64."""
+    write_private(path, base64.b64encode(os.urandom(32)).decode() + "\n")
 
 
 def _interface_toml(n: Node, secret: Path) -> str:
-    return (f'[interface]\nname = "btmm0"\nlisten_port = {n.port}\nmtu = 1400\n'
+    return (f'[interface]\nname = "{IFNAME}"\nlisten_port = {n.port}\nmtu = {MTU}\n'
             f'offload = {"true" if n.offload else "false"}\n'
             f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
             f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
@@ -69,6 +79,18 @@ def _peer_toml(name: str, other: Node, with_endpoint: bool = True) -> str:
     return s
 
 
+def parse_identity(out: str) -> tuple[str, str]:
+    """(public key, ULA) from `tunneld identity`, which prints `public_key <base64>` and `ula <address>`."""
+    got: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            got[parts[0]] = parts[1]
+    if "public_key" not in got or "ula" not in got:
+        raise LabError(f"unexpected `tunneld identity` output: {out.strip()!r}")
+    return got["public_key"], got["ula"]
+
+
 def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
                a_knows_b_endpoint: bool = True, b_knows_a_endpoint: bool = True) -> None:
     """Write both configs with each other as peer (identities created by `tunneld identity`)."""
@@ -78,19 +100,20 @@ def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
     for n in (a, b):
         n.dir.mkdir(parents=True, exist_ok=True)
         n.config.write_text(_interface_toml(n, secret))
-        out = lab.run(n.host, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
-        n.public_key, n.ula = out[1], out[3]
+        n.public_key, n.ula = parse_identity(lab.run(n.host, [n.exe, "identity", "--config",
+                                                              str(n.config)]).stdout)
     a.config.write_text(_interface_toml(a, secret) + _peer_toml(b.name, b, a_knows_b_endpoint) + a.extra)
     b.config.write_text(_interface_toml(b, secret) + _peer_toml(a.name, a, b_knows_a_endpoint) + b.extra)
 
 
-def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None) -> None:
+def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, timeout: float = 15) -> None:
+    """`tunneld up` in n's namespace (log in n.log), waiting until it answers on its control socket."""
     n.log = n.dir / "tunneld.log"
     with open(n.log, "ab") as logf:  # the child keeps its own copy of the fd
-        n.proc = lab.spawn(n.host, [TUNNELD, "up", "--config", str(n.config), *args], stdout=logf,
+        n.proc = lab.spawn(n.host, [n.exe, "up", "--config", str(n.config), *args], stdout=logf,
                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
-        wait_for(lambda: _ready(n), timeout=15, what=f"tunneld in {n.host.name} to answer status")
+        wait_for(lambda: _ready(n), timeout=timeout, what=f"tunneld in {n.host.name} to answer status")
     except LabError:
         raise LabError(f"tunneld in {n.host.name} did not start:\n{n.log.read_text()[-3000:]}") from None
 
@@ -122,10 +145,7 @@ def control(n: Node, req: dict[str, Any]) -> dict[str, Any]:
 
 def ping6(lab: Lab, src: Node, dst: Node, count: int = 1, timeout: float = 15) -> None:
     """Ping until one answer arrives (the first packets trigger the handshake), bounded."""
-    def ok() -> bool:
-        r = lab.run(src.host, ["ping", "-6", "-c1", "-W1", dst.ula], check=False)
-        return r.returncode == 0
-    wait_for(ok, timeout=timeout, interval=0.05, what=f"ping6 {src.host.name} -> {dst.ula}")
+    ping_until(lab, src.host, dst.ula, timeout, f"ping6 {src.host.name} -> {dst.ula}")
     if count > 1:
         lab.run(src.host, ["ping", "-6", "-c", str(count), "-i", "0.01", "-W2", dst.ula])
 
@@ -140,39 +160,6 @@ def peer_status(n: Node, name: str) -> dict[str, Any]:
 
 def dump(n: Node) -> str:
     return json.dumps(status(n), indent=1)
-
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-class Blast:
-    """A checked TCP stream from one node to another's ULA (tools/tcpblast.py), run in the background
-    so that a test can rebind, move addresses or wait for rekeys while it flows."""
-
-    def __init__(self, lab: Lab, src: Node, dst: Node, port: int = 5001, nbytes: int | None = None,
-                 seconds: float | None = None) -> None:
-        self.lab = lab
-        self.server = lab.spawn(dst.host,
-                                [sys.executable, "-m", "tools.tcpblast", "serve", dst.ula, str(port)],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)
-        assert self.server.stdout is not None
-        line = self.server.stdout.readline()
-        if "listening" not in line:
-            raise LabError(f"tcpblast server did not start: {line!r}")
-        amount = ["--bytes", str(nbytes)] if nbytes is not None else ["--seconds", str(seconds)]
-        self.client = lab.spawn(src.host, [sys.executable, "-m", "tools.tcpblast", "send", dst.ula, str(port),
-                                           *amount], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO)
-
-    def result(self, timeout: float = 60) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(sender's report, receiver's report); raises if either failed."""
-        out, err = self.client.communicate(timeout=timeout)
-        if self.client.returncode != 0:
-            raise LabError(f"tcpblast sender failed ({self.client.returncode}): {err.strip()[-2000:]}")
-        assert self.server.stdout is not None
-        sline = self.server.stdout.readline()
-        self.server.wait(timeout=timeout)
-        return json.loads(out), json.loads(sline)
 
 
 SSHD_CONFIG = """\

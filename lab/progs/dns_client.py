@@ -1,7 +1,7 @@
 """The client side of `python -m bench.throughput dns`, run inside the lab's client namespace.
 
-  python -m bench.dns_client updates SERVER PORT ZONE SECRET_FILE --count N --window W --prefix P
-  python -m bench.dns_client events SERVER PORT ZONE SECRET_FILE --watchers K --events M --name NAME
+  python -m lab.progs.dns_client updates SERVER PORT ZONE SECRET_FILE --count N --window W --prefix P
+  python -m lab.progs.dns_client events SERVER PORT ZONE SECRET_FILE --watchers K --events M --name NAME
 
 Prints one JSON object on stdout.
 
@@ -23,7 +23,6 @@ event", ...) to tell a lost datagram from a rejected one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import socket
@@ -40,6 +39,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.update
 
+from lab.progs import cli
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
@@ -307,29 +307,39 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
             "client_counters": dict(sorted(counters.items()))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.dns_client")
-    p.add_argument("mode", choices=("updates", "events"))
+def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("server")
     p.add_argument("port", type=int)
     p.add_argument("zone")
     p.add_argument("secret_file")
+
+
+def _updates_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
     p.add_argument("--count", type=int, default=500)
     p.add_argument("--window", type=int, default=32, help="outstanding updates; 1: sequential")
     p.add_argument("--prefix", default="bench")
+
+
+def _events_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--events", type=int, default=20)
     p.add_argument("--name", default="watched")
-    a = p.parse_args(argv)
-    signer = Signer(a.zone, load_account_secret(Path(a.secret_file)))
-    if a.mode == "updates":
-        r = cmd_updates(a, signer)
-    else:
-        a.name = f"{a.name}.{a.zone}"
-        r = cmd_events(a, signer)
-    json.dump(r, sys.stdout)
-    print()
-    return 0
+
+
+def _signer(a: argparse.Namespace) -> Signer:
+    return Signer(a.zone, load_account_secret(Path(a.secret_file)))
+
+
+def _events(a: argparse.Namespace) -> dict[str, Any]:
+    a.name = f"{a.name}.{a.zone}"
+    return cmd_events(a, _signer(a))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("dns_client", {"updates": (_updates_args, lambda a: cmd_updates(a, _signer(a))),
+                              "events": (_events_args, _events)}, argv)
 
 
 if __name__ == "__main__":

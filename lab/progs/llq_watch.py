@@ -1,6 +1,6 @@
 """Watch one name by DNS long-lived query and print each event as a JSON line (for the LLQ tests).
 
-  python -m tests.integration.llq_watch SERVER PORT ZONE QNAME RDTYPE SECRET_FILE SECONDS
+  python -m lab.progs.llq_watch SERVER PORT ZONE QNAME RDTYPE SECRET_FILE SECONDS
 
 Runs our LLQClient over a UDP socket, signing with the account's TSIG key (as tunneld will); prints
 {"event": "established"|"added"|"removed"|..., "t": seconds since start, "records": [...]}.
@@ -8,7 +8,6 @@ Runs our LLQClient over a UDP socket, signing with the account's TSIG key (as tu
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -21,6 +20,7 @@ import dns.tsig
 import dns.tsigkeyring
 
 from crypto.kdf import derive_tsig_key
+from lab.progs import report
 from tunneld.config import load_account_secret
 from tunneld.proto import llq
 from tunneld.services.watcher import AccountTsig
@@ -50,8 +50,7 @@ def main() -> int:
         for ev in out.events:
             recs = [r.to_text() for r in getattr(ev, "answers", ())] + \
                 ([ev.rrset.to_text()] if hasattr(ev, "rrset") else [])
-            print(json.dumps({"event": type(ev).__name__.lower(), "t": time.monotonic() - t0,
-                              "records": recs}), flush=True)
+            report({"event": type(ev).__name__.lower(), "t": time.monotonic() - t0, "records": recs})
     return 0
 
 

@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tools.lab import Host, Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError, read_log, wait_for
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 DIG = shutil.which("dig") or "/usr/bin/dig"
@@ -112,15 +112,10 @@ class Bind:
     def stop(self) -> None:
         if self.proc is not None:
             self.lab.stop(self.proc)
-            if self.proc in self.lab.procs:
-                self.lab.procs.remove(self.proc)
             self.proc = None
 
     def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log)
 
     def dig(self, name: str, rdtype: str, timeout: int = 2) -> list[str]:
         """The answer's records, as dig +short prints them (empty for NXDOMAIN or NODATA)."""

@@ -1,6 +1,6 @@
 """A real NAT-PMP / PCP server for the lab: miniupnpd 2.3.1 (Debian `miniupnpd-nftables`) on the router.
 
-Usage (the `behind_nat` topology of tools/lab.py):
+Usage (the `behind_nat` topology of lab/topology.py):
 
     with Lab() as lab:
         host, router, peer = behind_nat(lab)
@@ -15,49 +15,17 @@ Every process is started with `lab.spawn` (so the lab ends it by PID even if the
 nftables objects live in the router namespace (deleted with it). The temporary directory (config,
 lease file, pidfile, logs) is removed by `close()` / the context manager, or at garbage collection.
 
-What the setup handles, each learned the hard way (see also /work/shared/lab/README.md):
-
-- miniupnpd refuses to forward when its WAN address is "reserved", and 203.0.113.0/24 (TEST-NET-3)
-  is on its built-in list: every request would get result 3 (network failure), and `ext_ip=` is
-  rejected for such addresses too. `ext_perform_stun=yes` against tools/stun.py on the peer makes it
-  learn 203.0.113.1 as a public, unfiltered address. The STUN server must answer BEFORE miniupnpd
-  starts: miniupnpd asks once at startup (four requests, three rounds of 3 s) and exits with
-  "Performing STUN failed. EXITING" after about 9.6 s without an answer (start() then raises with
-  the log). It asks again on SIGUSR1, so the STUN server stays up across restarts (and start()
-  restarts it if it died).
-- miniupnpd never creates its nftables table or chains, it only adds rules to them: `start()` loads
-  NFT_SKELETON first. It uses its own table (`inet miniupnpd`, not the default `inet filter`) so that
-  nothing else a test loads can collide with it. It coexists with the lab's `table ip nat`
-  masquerade: the miniupnpd postrouting chain hooks at `srcnat - 1`, so an explicit SNAT miniupnpd
-  installs wins over the generic masquerade (the first NAT chain that binds a connection wins).
-- `-P PIDFILE` in the temporary directory: the default pidfile is global and blocks a second instance.
-- The lease file re-installs its mappings at the next start, and SIGTERM leaves the nft rules behind:
-  `restart()` flushes the three chains (a reboot loses kernel state) and deletes the lease file only
-  when asked (`delete_leases=True`).
-- A request for an internal port that the allow rule denies (< 1024) makes miniupnpd walk all 65,535
-  ports at full CPU and answer nothing for 40+ s: `natpmpc()` refuses such requests.
-- Announcements (multicast to 224.0.0.1:5350, out of lan0): at start only a PCP ANNOUNCE; on SIGUSR1
-  a NAT-PMP opcode-128 packet to ports 5350 and 5351 plus a PCP ANNOUNCE, each sent once.
-- miniupnpd 2.3.1 (nftables) installs only a DNAT rule (prerouting) and a forward accept per
-  NAT-PMP mapping, never an SNAT rule: for a mapping public 4700 -> internal 4500, inbound to
-  203.0.113.1:4700 reaches host:4500, but what host:4500 sends leaves through the masquerade as
-  203.0.113.1:4500 (masquerade keeps the port when it is free). The mapping is asymmetric.
-- Multicast to 224.0.0.1 needs no socket membership (the kernel joins all-hosts on every interface);
-  an explicit join with INADDR_ANY as the interface fails with ENODEV in a namespace without a
-  default route, a join by interface index (struct ip_mreqn) always works.
-- Not reproduced by `restart()`: a real reboot also empties the router's conntrack table (no
-  `conntrack` tool here), so flows that existed before keep their NAT bindings.
+Why the setup is as it is (STUN for a "reserved" WAN address, the nft skeleton, the asymmetric
+mappings, the ports below 1024 that make miniupnpd spin): docs/lab.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -65,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tools.lab import Host, Lab, LabError, wait_for
+from lab import progs
+from lab.netns import Host, Lab, LabError, read_log, wait_for
 
 MINIUPNPD = "/usr/sbin/miniupnpd"
-STUN_SCRIPT = Path(__file__).with_name("stun.py")
 NATPMP_PORT = 5351
 TABLE = "miniupnpd"
 CHAINS = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
@@ -92,34 +60,6 @@ table inet {TABLE} {{
   chain postrouting_miniupnpd {{ }}
 }}
 """
-
-# Run in the client's namespace: NAT-PMP external-address requests (RFC 6886 opcode 0) every 20 ms
-# until a good answer or the deadline. An unconnected socket, so the ICMP port-unreachable that comes
-# back before miniupnpd has bound its socket is not reported as an error.
-_PROBE = r"""
-import json, socket, struct, sys, time
-gw, expect, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-deadline = time.monotonic() + timeout
-last = None
-while time.monotonic() < deadline:
-    s.sendto(b"\x00\x00", (gw, 5351))
-    s.settimeout(0.02)
-    try:
-        while True:
-            data, src = s.recvfrom(64)
-            if src != (gw, 5351) or len(data) < 12 or data[:2] != b"\x00\x80":
-                continue
-            _, _, result, epoch = struct.unpack("!BBHI", data[:8])
-            last = {"result": result, "epoch": epoch, "address": socket.inet_ntoa(data[8:12])}
-            if result == 0 and (not expect or last["address"] == expect):
-                print(json.dumps(last)); sys.exit(0)
-    except (TimeoutError, ConnectionRefusedError):
-        pass
-print(json.dumps(last)); sys.exit(1)
-"""
-
 
 class Mapping(NamedTuple):
     """One port mapping as installed in the router's nftables: external port -> internal addr:port."""
@@ -178,7 +118,7 @@ class MiniUPnPd:
         try:
             self.stop()
             if self.stun is not None:
-                self._end(self.stun)
+                self.lab.stop(self.stun)
                 self.stun = None
         finally:
             self._cleanup()
@@ -258,7 +198,7 @@ class MiniUPnPd:
         exchange defers the signal until STUN is over, so it gets the SIGKILL."""
         if self.proc is None:
             return None
-        rc = self._end(self.proc, timeout)
+        rc = self.lab.stop(self.proc, timeout=timeout)
         self.proc = None
         return rc
 
@@ -291,8 +231,8 @@ class MiniUPnPd:
     def external_address(self, timeout: float = 2.0) -> PublicAddress | None:
         """Ask, from the host namespace, for the external address (NAT-PMP opcode 0), retrying every
         20 ms for up to `timeout` s; the first answer with result 0 (or the last answer, or None)."""
-        r = self.lab.run(self.host, [sys.executable, "-c", _PROBE, self.gateway, "", f"{timeout:.3f}"],
-                         timeout=timeout + 10, check=False)
+        r = self.lab.run(self.host, progs.argv("natpmp_probe", self.gateway, f"{timeout:.3f}"),
+                         timeout=timeout + 10, check=False, cwd=progs.REPO)
         try:
             last = json.loads(r.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError) as e:
@@ -338,16 +278,10 @@ class MiniUPnPd:
 
     def log_text(self) -> str:
         """miniupnpd's log (all starts, each after a `--- start N ---` line)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stun_log_text(self) -> str:
-        try:
-            return self.stun_log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.stun_log_path)
 
     def natpmpc(self, *args: str, timeout: float = 10.0, check: bool = True) -> str:
         """Run natpmpc (an independent NAT-PMP client) in the host namespace against our gateway.
@@ -368,8 +302,8 @@ class MiniUPnPd:
             return
         self.stun_log_path.unlink(missing_ok=True)
         with self.stun_log_path.open("w") as log:
-            self.stun = self.lab.spawn(self.peer, [sys.executable, str(STUN_SCRIPT), self.peer.addr4,
-                                                   str(self.stun_port)], stdout=log, stderr=subprocess.STDOUT)
+            self.stun = progs.spawn(self.lab, self.peer, "stun", self.peer.addr4, str(self.stun_port),
+                                    stdout=log, stderr=subprocess.STDOUT)
         stun = self.stun
 
         def ready() -> bool:
@@ -379,8 +313,3 @@ class MiniUPnPd:
 
         wait_for(ready, timeout=10, interval=0.01, what="the STUN server to listen")
 
-    def _end(self, p: subprocess.Popen[Any], timeout: float = 5.0) -> int:
-        rc = self.lab.stop(p, timeout=timeout)
-        with contextlib.suppress(ValueError):
-            self.lab.procs.remove(p)
-        return rc

@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.lab import Lab, LabError, two_hosts
-from tools.tunnel import TUNNELD, Node, ping6, setup_pair, ssh, start, start_sshd
+from lab.netns import Lab, LabError
+from lab.topology import two_hosts
+from lab.tunnel import TUNNELD, Node, ping6, setup_pair, ssh, start, start_sshd
 
 
 def say(text: str) -> None:

@@ -1,0 +1,73 @@
+"""The processes a benchmark starts: their PIDs (so that a caller can check they are gone) and the CPU
+time they and the whole machine use, read from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lab.netns import Host, Lab, read_log
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log_tail(path: Path | None, n: int = 2000) -> str:
+    """The end of a log, for an error message."""
+    return read_log(path, n).strip()
+
+
+class Recorder:
+    """Keeps every PID the benchmark started, so the caller (and the test) can check they are gone."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def spawn(self, lab: Lab, h: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+        p = lab.spawn(h, argv, **popen)
+        self.pids.append(p.pid)
+        return p
+
+
+def _proc_ticks(pid: int) -> int:
+    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent not idle so far (/proc/stat), to tell whether a run
+    was limited by the machine's cores or by something else."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _proc_ticks(p)
+        todo += _children(p)
+    return total / CLK_TCK

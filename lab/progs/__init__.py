@@ -1,0 +1,69 @@
+"""Programs that run inside lab namespaces, each as `python -m lab.progs.NAME ...`.
+
+They print JSON lines on stdout. `spawn` and `run` start one in a namespace with this interpreter and
+the repository as working directory (so `lab` and `tunneld` import from any caller's directory);
+`cli` is the subcommand dispatch their mains share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lab.netns import Host, Lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def argv(name: str, *args: str) -> list[str]:
+    """The command line that runs program `name` with this interpreter."""
+    return [sys.executable, "-m", f"lab.progs.{name}", *args]
+
+
+def spawn(lab: Lab, host: Host, name: str, *args: str, **popen: Any) -> subprocess.Popen[Any]:
+    """Start program `name` in `host`'s namespace (ended by PID when the lab closes)."""
+    popen.setdefault("cwd", REPO)
+    return lab.spawn(host, argv(name, *args), **popen)
+
+
+def run(lab: Lab, host: Host, name: str, *args: str, timeout: float = 30) -> dict[str, Any]:
+    """Run program `name` to completion in `host`'s namespace; its last JSON line."""
+    r = lab.run(host, argv(name, *args), timeout=timeout, cwd=REPO)
+    return last_json(r.stdout)
+
+
+def last_json(out: str) -> dict[str, Any]:
+    """The last line of a program's output, parsed as a JSON object."""
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def report(obj: dict[str, Any]) -> None:
+    """Print one JSON line and flush it (a caller reads it while the program runs on)."""
+    print(json.dumps(obj), flush=True)
+
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict[str, Any]]]
+
+
+def cli(prog: str, commands: dict[str, Command], args: list[str] | None = None) -> int:
+    """Parse `prog COMMAND ...`: each command adds its arguments, then runs and returns the JSON report
+    that is printed as the last line."""
+    p = argparse.ArgumentParser(prog=f"python -m lab.progs.{prog}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (add, _) in commands.items():
+        add(sub.add_parser(name))
+    a = p.parse_args(args)
+    report(commands[a.command][1](a))
+    return 0
+
+
+def endpoint(p: argparse.ArgumentParser) -> None:
+    """The ADDR PORT positionals most commands take."""
+    p.add_argument("addr")
+    p.add_argument("port", type=int)
