@@ -8,9 +8,13 @@ the repository as working directory (so `lab` and `tunneld` import from any call
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import queue
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,3 +71,50 @@ def endpoint(p: argparse.ArgumentParser) -> None:
     """The ADDR PORT positionals most commands take."""
     p.add_argument("addr")
     p.add_argument("port", type=int)
+
+
+class Lines:
+    """The JSON lines a spawned program prints, read by a thread so that every wait is bounded."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.seen: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        stdout = proc.stdout
+
+        def read() -> None:
+            for line in stdout:
+                with contextlib.suppress(ValueError):
+                    self._queue.put(dict(json.loads(line)))
+            self._queue.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        try:
+            obj = self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise TimeoutError(f"no line in {timeout:.1f} s; seen: {self.seen}") from None
+        if obj is None:
+            raise EOFError(f"the program ended (rc {self.proc.poll()}); seen: {self.seen}")
+        self.seen.append(obj)
+        return obj
+
+    def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            obj = self.next(end - time.monotonic())
+            if predicate(obj):
+                return obj
+
+    def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        """Whatever arrives within ``seconds`` (to show that nothing more does)."""
+        out = []
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                out.append(self.next(left))
+            except TimeoutError:
+                break
+        return out

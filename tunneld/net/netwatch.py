@@ -108,6 +108,8 @@ async def watch(core: NetWatch, on_change: Callable[[NetworkChanged], Awaitable[
     ``on_change`` (awaited, one at a time, in order)."""
     events = NetlinkEvents()
     try:
+        # Whatever changed before the socket listened is seen by this first reading.
+        core.observe(read_snapshot(excluded_ifnames), clock())
         task_status.started()
         while True:
             deadline = core.deadline()
