@@ -96,6 +96,7 @@ from tunneld.proto.llq import (
     find_llq_option,
     parse_message,
 )
+from tunneld.proto.tsig import TsigKey
 
 __all__ = [
     "EVENT_RETRY_WAITS",
@@ -149,7 +150,7 @@ class _LLQ:
     setup_msg_id: int
     granted: int
     expires: float
-    key: dns.tsig.Key | None
+    key: TsigKey | None
     challenge: bytes
     established: bool = False
     dirty: bool = False  # changed while an event was in flight: send the next diff when it is acked
