@@ -15,7 +15,7 @@ AAAA; then M times: an UPDATE replaces NAME's AAAA and the client waits until ev
 Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to the kernel's
 receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process spends
 handling the other 99 watchers is not counted. The watchers sign and verify with the daemon's own TSIG
-hooks (tunneld.services.watcher.AccountTsig), so the run sees what `tunneld up` would; the sum of their
+session (tunneld.proto.tsig.TsigSession), so the run sees what `tunneld up` would; the sum of their
 LLQClient counters is reported (`client_counters`: "tsig rejected", "retransmission", "duplicate or no-op
 event", ...) to tell a lost datagram from a rejected one.
 """
@@ -43,7 +43,7 @@ import dns.update
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
-from tunneld.services.watcher import AccountTsig
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
@@ -214,7 +214,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.setblocking(False)
         s.connect(dest)
-        tsig = AccountTsig(signer.key.name.to_text(), signer.key.secret)
+        tsig = TsigSession(TsigKey.of(signer.key))  # LLQ clients sign at Unix time: they run on time.time()
         c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=tsig)
         socks.append(s)
         clients.append(c)
@@ -229,7 +229,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     target = ""  # the address the current update sets
 
     def handle(i: int, data: bytes, stamp: float) -> None:
-        out = clients[i].receive(data, time.monotonic() - t0)
+        out = clients[i].receive(data, time.time())
         for tx in out.transmits:
             socks[i].send(tx.wire)
         for ev in out.events:
@@ -244,7 +244,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
             i = by_fd[fd]
             while (item := _recv_stamped(socks[i])) is not None:
                 handle(i, *item)
-        now = time.monotonic() - t0
+        now = time.time()
         for i, c in enumerate(clients):
             d = c.deadline()
             if d is not None and d <= now:
@@ -260,7 +260,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         if first != "NOERROR":
             raise SystemExit(f"the first update failed: {first}")
         for i, c in enumerate(clients):
-            socks[i].send(c.start(time.monotonic() - t0).wire)
+            socks[i].send(c.start(time.time()).wire)
         end = time.monotonic() + SETUP_TIMEOUT
         while len(established) < len(clients) and time.monotonic() < end:
             pump(0.05)
@@ -295,7 +295,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for c in clients:
             counters.update(c.counters)
         for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
-            for tx in c.stop(time.monotonic() - t0):
+            for tx in c.stop(time.time()):
                 socks[i].send(tx.wire)
     finally:
         for s in socks:

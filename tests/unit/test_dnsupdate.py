@@ -33,18 +33,21 @@ from tunneld.proto.dnsupdate import (
     Published,
     Publisher,
     Transmit,
-    TsigError,
-    TsigKey,
     Withdrawn,
     build_srv_query,
-    find_tsig,
     pick_srv_target,
     startup_delay,
-    tsig_sign,
-    tsig_verify,
 )
-from tunneld.proto.edns_options import UpdateLeaseOption, decode_update_lease, encode_update_lease, register
+from tunneld.proto.dnswire import (
+    UPDATE_LEASE_OPTION_CODE,
+    UpdateLeaseOption,
+    decode_update_lease,
+    encode_update_lease,
+)
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import TsigError, TsigKey, find_tsig
+from tunneld.proto.tsig import sign as tsig_sign
+from tunneld.proto.tsig import verify as tsig_verify
 
 ZONE = "example.com."
 SECRET = bytes(range(32))
@@ -696,7 +699,7 @@ def test_update_lease_option_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert encode_update_lease(7200, 604800) == bytes.fromhex("00001c2000093a80")
     assert decode_update_lease(bytes.fromhex("00001c2000093a80")) == (7200, 604800)
     for bad in (b"", b"\x00" * 3, b"\x00" * 5, b"\x00" * 9):
-        with pytest.raises(ValueError):
+        with pytest.raises(ParseError):
             decode_update_lease(bad)
     msg = dns.message.make_query("example.com.", "SOA")
     msg.use_edns(0, options=[UpdateLeaseOption(7200, 604800)])
@@ -711,7 +714,7 @@ def test_update_lease_option_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     dns.message.from_wire(bad)  # unregistered: other parsers in the process still see the bad option
     with monkeypatch.context() as m:  # the registry is global: restore it afterwards
         m.setattr(dns.edns, "_type_to_class", dict(dns.edns._type_to_class))
-        register()
+        dns.edns.register_type(UpdateLeaseOption, dns.edns.OptionType.make(UPDATE_LEASE_OPTION_CODE))
         [option] = dns.message.from_wire(wire).options
         assert isinstance(option, UpdateLeaseOption) and (option.lease, option.key_lease) == (7200, 604800)
         with pytest.raises(dns.exception.FormError):

@@ -4,8 +4,10 @@ Vectors from PROTOCOLS.md §8/§9; the server side is built with dnspython."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import random
+import time
 
 import dns.edns
 import dns.flags
@@ -38,6 +40,7 @@ from tunneld.proto.llq import (
     parse_llq_option,
     parse_message,
 )
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 QNAME = "_autotunnel._udp.bob.members.example."
 RDTYPE = "SRV"
@@ -513,62 +516,27 @@ def test_wrong_question_and_not_response_ignored() -> None:
     assert state(client) == LLQState.SETUP_SENT
 
 
-def test_tsig_hooks_sign_and_verify() -> None:
-    signed: list[dns.message.Message] = []
-
-    class Hooks:
-        reject = False
-
-        def sign(self, message: dns.message.Message) -> bytes:
-            signed.append(message)
-            return message.to_wire()
-
-        def verify(self, wire: bytes) -> None:
-            if self.reject:
-                raise ValueError("bad MAC")
-
-    hooks = Hooks()
-    client = LLQClient(QNAME, RDTYPE, rand=random.Random(3).randbytes, tsig=hooks)
-    setup = client.start(0.0).wire
-    assert len(signed) == 1
-    hooks.reject = True
-    out = client.receive(reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)), 0.1)
-    assert out == ([], []) and client.counters["tsig rejected"] == 1
-    hooks.reject = False
-    out = client.receive(reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)), 0.1)
-    assert len(out.transmits) == 1 and len(signed) == 2
-
-
-def test_tsig_with_dnspython_keyring() -> None:
-    """An adapter-side TSIG implementation with dnspython (which reads the wall clock itself)."""
+def test_tsig_session_signs_requests_and_verifies_replies() -> None:
+    """Requests are signed at ``now``; a reply is verified over its request's MAC before it is parsed,
+    and refused (counted) when it does not verify. dnspython is the independent other side."""
     import dns.tsigkeyring
 
     keyring = dns.tsigkeyring.from_text({"llq-key.": "NoTCJU+DMqFWywaPyxSijrDEA/eC3nK0xi3AMEZuPVk="})
-
-    class Hooks:
-        def __init__(self) -> None:
-            self.macs: dict[int, bytes] = {}
-
-        def sign(self, message: dns.message.Message) -> bytes:
-            message.use_tsig(keyring, "llq-key.")
-            wire = message.to_wire()
-            self.macs[message.id] = message.mac or b""
-            return wire
-
-        def verify(self, wire: bytes) -> None:
-            msg_id = int.from_bytes(wire[:2], "big")
-            dns.message.from_wire(wire, keyring=keyring, request_mac=self.macs.get(msg_id, b""))
-
-    client = LLQClient(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=Hooks())
-    setup = client.start(0.0).wire
+    key = TsigKey(dns.name.from_text("llq-key."),
+                  base64.b64decode("NoTCJU+DMqFWywaPyxSijrDEA/eC3nK0xi3AMEZuPVk="))
+    now = time.time()  # dnspython checks the time against its own clock
+    client = LLQClient(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=TsigSession(key))
+    setup = client.start(now).wire
     query = dns.message.from_wire(setup, keyring=keyring)
     assert query.had_tsig
     response = dns.message.make_response(query)  # signed with the request MAC, as a server does
     response.use_edns(0, payload=1440, options=[LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)])
     wire = response.to_wire()
     tampered = wire[:-1] + bytes([wire[-1] ^ 1])
-    assert client.receive(tampered, 0.1) == ([], [])
+    assert client.receive(tampered, now + 0.1) == ([], [])
     assert client.counters["tsig rejected"] == 1
-    out = client.receive(wire, 0.1)
+    assert client.receive(wire, now + 400) == ([], [])  # outside the fudge of our clock
+    assert client.counters["tsig rejected"] == 2
+    out = client.receive(wire, now + 0.1)
     assert state(client) == LLQState.CHALLENGE_SENT
     assert dns.message.from_wire(out.transmits[0].wire, keyring=keyring).had_tsig

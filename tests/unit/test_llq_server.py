@@ -44,7 +44,7 @@ from tunneld.proto.llq import (
     Removed,
     find_llq_option,
 )
-from tunneld.services.watcher import AccountTsig
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
@@ -62,47 +62,12 @@ def clock(at: float) -> Iterator[None]:
         yield
 
 
-class Hooks:
-    """Client-side TSIG with the account key (dnspython signs; time pinned to ``at``)."""
-
-    def __init__(self, key: dns.tsig.Key = KEY) -> None:
-        self.key = key
-        self.at = T0
-        self.macs: dict[int, bytes] = {}
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        message.use_tsig(self.key)
-        with clock(self.at):
-            wire: bytes = message.to_wire()
-        if not message.flags & dns.flags.QR:  # requests: remember the MAC to verify the reply
-            assert message.mac is not None
-            self.macs[message.id] = message.mac
-        return wire
-
-    def verify(self, wire: bytes) -> None:
-        (msg_id,) = struct.unpack_from("!H", wire)
-        with clock(self.at):
-            msg = dns.message.from_wire(wire, keyring=self.key, request_mac=self.macs.get(msg_id, b""))
-        if not msg.had_tsig:
-            raise ValueError("unsigned")
+def Hooks(key: dns.tsig.Key = KEY) -> TsigSession:
+    """The client side's TSIG: our session, with the account key (or another)."""
+    return TsigSession(TsigKey.of(key))
 
 
-class DaemonHooks:
-    """The TSIG hooks of the daemon's watcher (:class:`tunneld.services.watcher.AccountTsig`), which
-    keeps the MAC of every message it signs -- acks of events included -- under its message ID and checks
-    any datagram with that ID against it. Time pinned to ``at``."""
-
-    def __init__(self) -> None:
-        self.inner = AccountTsig(DOMAIN, KEY.secret)
-        self.at = T0
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        with clock(self.at):
-            return self.inner.sign(message)
-
-    def verify(self, wire: bytes) -> None:
-        with clock(self.at):
-            self.inner.verify(wire)
+DaemonHooks = Hooks  # the daemon's watcher uses the same session: MACs kept by request ID
 
 
 def event_ids_repeat(fixed: bytes = b"\x12\x34") -> Callable[[int], bytes]:
@@ -122,7 +87,7 @@ def make(require_tsig: bool = False, max_llqs: int = 1000) -> LLQServer:
     return LLQServer(core, random.Random(7).randbytes, max_llqs=max_llqs, require_tsig=require_tsig)
 
 
-def make_client(lease: int = 7200, tsig: Hooks | DaemonHooks | None = None) -> LLQClient:
+def make_client(lease: int = 7200, tsig: TsigSession | None = None) -> LLQClient:
     return LLQClient(QNAME, "SRV", rand=random.Random(1).randbytes, lease=lease, tsig=tsig)
 
 
@@ -434,7 +399,6 @@ def test_signed_llq_end_to_end() -> None:
     assert any(isinstance(e, Established) for e in events)
     assert client.counters["tsig rejected"] == 0
     [(_, event)] = server.changes(update(server, add="0 0 1 b.example.com.", at=T0 + 1), T0 + 1)
-    hooks.at = T0 + 1
     out = client.receive(event, T0 + 1)
     assert [type(e) for e in out.events] == [Added]
     [ack] = out.transmits
@@ -597,12 +561,11 @@ def test_restore_drops_expired_llqs(tmp_path: Path) -> None:
 # ---- event message IDs: a client that keeps a MAC per message ID must never see an ID it used again ------
 
 
-def deliver(server: LLQServer, client: LLQClient, hooks: DaemonHooks, changes: list[Change], at: float,
+def deliver(server: LLQServer, client: LLQClient, hooks: TsigSession, changes: list[Change], at: float,
             ids: list[int]) -> list[object]:
     """The event for ``changes`` to ``client`` and its ack back; the client's events. Records the ID."""
     [(_, event)] = server.changes(changes, at)
     ids.append(dns.message.from_wire(event, keyring=False).id)
-    hooks.at = at
     out = client.receive(event, at)
     for ack in out.transmits:
         assert send(server, ack.wire, at) == []
@@ -647,7 +610,7 @@ def test_event_ids_skip_the_message_ids_of_the_clients_requests() -> None:
     nxt = (ids[-1] + 1) & 0xFFFF
     refresh = dns.message.make_query(QNAME, "SRV", use_edns=0, payload=1440, id=nxt,
                                      options=[LLQOption(1, LLQ_OP_REFRESH, 0, client.llq_id, 7200)])
-    [reply] = send(server, hooks.sign(refresh), T0 + 2)
+    [reply] = send(server, hooks.sign(refresh.to_wire(), T0 + 2), T0 + 2)
     assert option_of(reply).error == 0
     changes = update(server, add="0 0 2 b.example.com.", at=T0 + 3)
     events = deliver(server, client, hooks, changes, T0 + 3, ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from collections import Counter
 
 import dns.flags
@@ -32,11 +33,10 @@ from tunneld.proto.llq import (
     Output,
     Removed,
     Transmit,
-    TsigHooks,
     find_llq_option,
 )
+from tunneld.proto.tsig import TsigError, TsigKey, TsigSession
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, QueryStatus, Watcher
-from tunneld.services.watcher import AccountTsig
 
 DOMAIN = "members.example"
 BOB_KEY = bytes(range(32))
@@ -89,10 +89,10 @@ class FakeFactory:
         self.clients: dict[Q, FakeClient] = {}
         self.started: list[Q] = []
         self.stopped: list[Q] = []
-        self.args: list[tuple[int, TsigHooks | None]] = []
+        self.args: list[tuple[int, TsigSession | None]] = []
 
     def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *, rand: object, lease: int,
-                 tsig: TsigHooks | None) -> FakeClient:
+                 tsig: TsigSession | None) -> FakeClient:
         client = FakeClient(self, qname, rdtype)
         self.clients[(qname, rdtype)] = client
         self.args.append((lease, tsig))
@@ -417,21 +417,13 @@ def test_stop_stops_every_client() -> None:
     assert watcher.receive(wire_for(BROWSE), 6.0) == ([], [])
 
 
-def test_tsig_hooks_and_lease_reach_the_clients() -> None:
+def test_tsig_session_and_lease_reach_the_clients() -> None:
     factory = FakeFactory()
-    signed: list[int] = []
-
-    def sign(message: dns.message.Message) -> bytes:
-        signed.append(message.id)
-        return message.to_wire()
-
-    watcher = Watcher(DOMAIN, "alice", lease=600, sign=sign, client_factory=factory)
+    key = TsigKey(dns.name.from_text(DOMAIN), bytes(range(32)))
+    watcher = Watcher(DOMAIN, "alice", lease=600, key=key, client_factory=factory)
     watcher.start(0.0)
     lease, tsig = factory.args[0]
-    assert lease == 600 and tsig is not None
-    tsig.sign(dns.message.make_query("x.example.", "A", id=7))
-    tsig.verify(b"anything")  # no verify hook: accepted
-    assert signed == [7]
+    assert lease == 600 and tsig is not None and tsig.key == key
     factory2 = FakeFactory()
     Watcher(DOMAIN, "alice", client_factory=factory2).start(0.0)
     assert factory2.args[0] == (7200, None)
@@ -505,7 +497,8 @@ def test_response_without_qr_is_dropped_by_the_client() -> None:
 
 
 def _server_signed(msg_id: int, secret: bytes, request_mac: bytes = b"") -> bytes:
-    """A response from the server, signed with the account key over `request_mac` (b"": unsolicited)."""
+    """A response from the server, signed by dnspython (at its clock) with the account key over
+    `request_mac` (b"": unsolicited)."""
     name = dns.name.from_text(DOMAIN)
     msg = dns.message.Message(id=msg_id)
     msg.flags = dns.flags.QR
@@ -514,21 +507,22 @@ def _server_signed(msg_id: int, secret: bytes, request_mac: bytes = b"") -> byte
     return msg.to_wire()
 
 
-def test_account_tsig_checks_events_whatever_their_message_id() -> None:
-    """The daemon's TSIG hooks: an answer is checked against its request's MAC; an unsolicited event is
-    accepted even when its ID equals one of our requests' or acks' IDs (a server picks event IDs freely;
-    remembering acks and checking events against them made such an event unverifiable, and the LLQ
-    behind it stalled until the next refresh)."""
+def test_tsig_session_checks_events_whatever_their_message_id() -> None:
+    """The watcher's TSIG session: an answer is checked against its request's MAC; an unsolicited event
+    is accepted even when its ID equals one of our requests' or acks' IDs (a server picks event IDs
+    freely; remembering acks and checking events against them made such an event unverifiable, and the
+    LLQ behind it stalled until the next refresh)."""
     secret = bytes(range(32))
-    tsig = AccountTsig(DOMAIN, secret)
-    request = dns.message.make_query("x." + DOMAIN, "A", id=7)
-    tsig.sign(request)
-    tsig.verify(_server_signed(7, secret, request.mac))  # the answer to request 7
-    tsig.verify(_server_signed(7, secret))  # an event that drew ID 7
+    session = TsigSession(TsigKey(dns.name.from_text(DOMAIN), secret))
+    now = time.time()
+    request = session.sign(dns.message.make_query("x." + DOMAIN, "A", id=7).to_wire(), now)
+    mac = dns.message.from_wire(request, keyring=False).tsig[0].mac  # type: ignore[index]
+    session.verify(_server_signed(7, secret, mac), now)  # the answer to request 7
+    session.verify(_server_signed(7, secret), now)  # an event that drew ID 7
     ack = dns.message.Message(id=9)
     ack.flags = dns.flags.QR
-    tsig.sign(ack)
-    tsig.verify(_server_signed(9, secret))  # the next event that drew the ID of our ack
-    for wire in (_server_signed(7, bytes(32), request.mac), _server_signed(11, bytes(32))):
-        with pytest.raises(dns.tsig.BadSignature):
-            tsig.verify(wire)  # another key: refused either way
+    session.sign(ack.to_wire(), now)
+    session.verify(_server_signed(9, secret), now)  # the next event that drew the ID of our ack
+    for wire in (_server_signed(7, bytes(32), mac), _server_signed(11, bytes(32))):
+        with pytest.raises(TsigError, match="mac"):
+            session.verify(wire, now)  # another key: refused either way

@@ -45,7 +45,7 @@ from tunneld.dnsserver.store import (
     Lease,
     ZoneStore,
 )
-from tunneld.proto.dnswire import walk
+from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import (
     BADKEY,
@@ -59,15 +59,13 @@ from tunneld.proto.tsig import (
 )
 from tunneld.proto.tsig import sign as tsig_sign
 
-__all__ = ["UPDATE_LEASE_OPTION", "DnsCore", "Policy", "Signer", "account_key"]
+__all__ = ["DnsCore", "Policy", "Signer", "account_key"]
 
 log = logging.getLogger(__name__)
 
-UPDATE_LEASE_OPTION: Final = 2
-"""EDNS option code of the Update Lease option (RFC 9664 §4)."""
 
 _HDR: Final = struct.Struct("!HHHHHH")
-_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION)  # dnspython has no name for code 2
+_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION_CODE)  # dnspython has no name for code 2
 
 
 def account_key(secret: bytes, domain: str) -> dns.tsig.Key:
@@ -363,7 +361,7 @@ class DnsCore:
 
     def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
         """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""
-        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION]
+        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION_CODE]
         lo, hi = self.policy.min_lease, self.policy.max_lease
         if not opts:
             default = self.policy.default_lease
@@ -373,19 +371,12 @@ class DnsCore:
             return Lease(granted, granted), None  # no option asked, none in the reply
         if len(opts) > 1:
             raise _Reject(dns.rcode.FORMERR)
-        data = opts[0].to_wire()
-        assert data is not None
-        if len(data) == 4:
-            (asked,) = struct.unpack("!I", data)
-            key_asked = asked
-        elif len(data) == 8:
-            asked, key_asked = struct.unpack("!II", data)
-        else:
-            raise _Reject(dns.rcode.FORMERR)
-        lease = Lease(min(max(asked, lo), hi), min(max(key_asked, lo), hi))
-        if len(data) == 4:
-            return lease, struct.pack("!I", lease.lease)
-        return lease, struct.pack("!II", lease.lease, lease.key_lease)
+        try:
+            asked, key_asked = decode_update_lease(opts[0].to_wire() or b"")
+        except ParseError:
+            raise _Reject(dns.rcode.FORMERR) from None
+        lease = Lease(min(max(asked, lo), hi), min(max(asked if key_asked is None else key_asked, lo), hi))
+        return lease, encode_update_lease(lease.lease, None if key_asked is None else lease.key_lease)
 
     def _check_update(
         self, req: dns.update.UpdateMessage, wire: bytes, now: float

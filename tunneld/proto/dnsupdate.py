@@ -51,8 +51,6 @@ Facts and sources: PROTOCOLS.md sections 4, 5.1 and 5.2.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 from collections import Counter
@@ -74,31 +72,26 @@ import dns.rdtypes.IN.SRV
 import dns.rrset
 import dns.update
 
-from tunneld.proto.edns_options import UPDATE_LEASE_OPTION_CODE, UpdateLeaseOption, decode_update_lease
+from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, UpdateLeaseOption, decode_update_lease
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import BADTIME, ERROR_NAMES, TsigError, TsigKey, TsigRecord, find_tsig
+from tunneld.proto.tsig import sign as tsig_sign
+from tunneld.proto.tsig import verify as tsig_verify
 
 __all__ = [
-    "ALGORITHMS",
     "DEFAULT_LEASE",
     "MAX_LEASE",
     "MIN_LEASE",
-    "TSIG_FUDGE",
     "Failed",
     "Published",
     "Publisher",
     "PublisherState",
     "Transmit",
-    "TsigError",
-    "TsigKey",
-    "TsigRecord",
     "Withdrawn",
     "build_srv_query",
-    "find_tsig",
     "pick_srv_target",
     "rcode_message",
     "startup_delay",
-    "tsig_sign",
-    "tsig_verify",
 ]
 
 # -- constants ----------------------------------------------------------------------------------------------
@@ -109,7 +102,6 @@ MAX_LEASE: Final = 7200  # to 2 h (Apple dnsextd caps leases at 7200 s)
 REFRESH_FRACTION: Final = 0.8  # RFC 9664 §5: refresh at 80 % of the lease ...
 REFRESH_JITTER: Final = 0.05  # ... plus a random 0-5 %
 MIN_REFRESH_INTERVAL: Final = 10.0  # our floor, so a tiny granted lease cannot make us spin
-TSIG_FUDGE: Final = 300  # RFC 8945 §10: the recommended fudge
 RETRANSMIT_INTERVALS: Final = (1.0, 2.0, 4.0, 8.0)  # waits after sends 1..4; the last one ends at 15 s
 RETRY_MIN: Final = 30.0  # first retry after a failed transaction
 RETRY_MAX: Final = 900.0  # doubling up to 15 min
@@ -118,208 +110,11 @@ STARTUP_DELAY_STEP: Final = 0.01  # ... in steps of at most 10 ms
 UPDATE_SRV_SERVICE: Final = "_dns-update._udp"
 EDNS_PAYLOAD: Final = 1232
 
-TSIG_BADSIG: Final = 16
-TSIG_BADKEY: Final = 17
-TSIG_BADTIME: Final = 18
-TSIG_BADTRUNC: Final = 22
-_TSIG_ERROR_NAMES: Final = {TSIG_BADSIG: "BADSIG", TSIG_BADKEY: "BADKEY", TSIG_BADTIME: "BADTIME",
-                            TSIG_BADTRUNC: "BADTRUNC"}
-_TSIG_TYPE: Final = 250
-_CLASS_ANY: Final = 255
-
-ALGORITHMS: Final = {
-    # our name: (TSIG algorithm name, hash). RFC 8945 §6: hmac-sha256 is mandatory to implement;
-    # HMAC-MD5 only for old servers that know nothing else.
-    "hmac-sha256": (dns.name.from_text("hmac-sha256"), hashlib.sha256),
-    "hmac-md5": (dns.name.from_text("HMAC-MD5.SIG-ALG.REG.INT"), hashlib.md5),
-}
-_ALGORITHM_ALIASES: Final = {"hmac-md5.sig-alg.reg.int": "hmac-md5"}
-
-
 class Transmit(NamedTuple):
     """A DNS message to send to the update server (UDP, port from SRV or 53)."""
 
     payload: bytes
     message_id: int
-
-
-# -- TSIG (RFC 8945) ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TsigKey:
-    """A TSIG key. ``algorithm`` is ``"hmac-sha256"`` or ``"hmac-md5"``. The secret is left out of repr."""
-
-    name: dns.name.Name
-    secret: bytes = field(repr=False)
-    algorithm: str = "hmac-sha256"
-
-    def __post_init__(self) -> None:
-        alg = self.algorithm.lower().rstrip(".")
-        alg = _ALGORITHM_ALIASES.get(alg, alg)
-        if alg not in ALGORITHMS:
-            raise ValueError(f"unsupported TSIG algorithm {self.algorithm!r} (use hmac-sha256 or hmac-md5)")
-        if not self.secret:
-            raise ValueError("empty TSIG secret")
-        object.__setattr__(self, "algorithm", alg)
-        if not self.name.is_absolute():
-            object.__setattr__(self, "name", self.name.concatenate(dns.name.root))
-
-    @property
-    def algorithm_name(self) -> dns.name.Name:
-        return ALGORITHMS[self.algorithm][0]
-
-    def mac(self, data: bytes) -> bytes:
-        return hmac.new(self.secret, data, ALGORITHMS[self.algorithm][1]).digest()
-
-
-class TsigError(Exception):
-    """A TSIG that does not verify; ``str()`` is a short fixed reason usable as a counter name."""
-
-
-@dataclass(frozen=True)
-class TsigRecord:
-    """The fields of a TSIG RR (RFC 8945 §4.2) and where it starts in the message."""
-
-    name: dns.name.Name
-    algorithm: dns.name.Name
-    time_signed: int
-    fudge: int
-    mac: bytes
-    original_id: int
-    error: int
-    other: bytes
-    start: int
-
-
-def _tsig_variables(key_name: dns.name.Name, algorithm: dns.name.Name, time_signed: int, fudge: int,
-                    error: int, other: bytes) -> bytes:
-    """RFC 8945 §4.3.3: the TSIG variables, names in canonical (lower-case, uncompressed) wire form."""
-    return (key_name.to_digestable() + struct.pack("!HI", _CLASS_ANY, 0) + algorithm.to_digestable()
-            + struct.pack("!HIHHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge, error, len(other))
-            + other)
-
-
-def _mac_input(message: bytes, original_id: int, request_mac: bytes, variables: bytes) -> bytes:
-    """``message`` is the DNS message without the TSIG RR, its ARCOUNT already excluding it."""
-    prefix = struct.pack("!H", len(request_mac)) + request_mac if request_mac else b""
-    return prefix + struct.pack("!H", original_id) + message[2:] + variables
-
-
-def tsig_sign(wire: bytes, key: TsigKey, time_signed: int, request_mac: bytes = b"",
-              fudge: int = TSIG_FUDGE, error: int = 0, other: bytes = b"") -> tuple[bytes, bytes]:
-    """Append a TSIG RR to the unsigned message ``wire``: returns (signed message, MAC).
-
-    ``time_signed`` is the caller's wall clock (Unix seconds); ``request_mac`` is given when signing a
-    response (RFC 8945 §4.3.1). Original ID is the message's ID. The key and algorithm names are written
-    lower-cased and uncompressed."""
-    if len(wire) < 12:
-        raise ValueError("not a DNS message")
-    if not 0 <= time_signed < 1 << 48:
-        raise ValueError("time signed out of range")
-    original_id, arcount = struct.unpack_from("!H", wire, 0)[0], struct.unpack_from("!H", wire, 10)[0]
-    variables = _tsig_variables(key.name, key.algorithm_name, time_signed, fudge, error, other)
-    mac = key.mac(_mac_input(wire, original_id, request_mac, variables))
-    rdata = (key.algorithm_name.to_digestable()
-             + struct.pack("!HIHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge, len(mac)) + mac
-             + struct.pack("!HHH", original_id, error, len(other)) + other)
-    rr = key.name.to_digestable() + struct.pack("!HHIH", _TSIG_TYPE, _CLASS_ANY, 0, len(rdata)) + rdata
-    signed = wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr
-    return signed, mac
-
-
-def _skip_name(wire: bytes, offset: int) -> int:
-    """The offset after the (possibly compressed) name at ``offset``."""
-    while True:
-        if offset >= len(wire):
-            raise ParseError("truncated")
-        length = wire[offset]
-        if length & 0xC0 == 0xC0:
-            return offset + 2
-        if length & 0xC0:
-            raise ParseError("bad label")
-        offset += 1 + length
-        if length == 0:
-            return offset
-
-
-def find_tsig(wire: bytes) -> TsigRecord | None:
-    """The TSIG RR of a message, or None if its last additional record is not one.
-
-    Raises ParseError for a message that does not frame correctly."""
-    if len(wire) < 12:
-        raise ParseError("truncated")
-    qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
-    offset = 12
-    for _ in range(qd):
-        offset = _skip_name(wire, offset) + 4
-    last = None
-    for _ in range(an + ns + ar):
-        last = offset
-        offset = _skip_name(wire, offset)
-        if offset + 10 > len(wire):
-            raise ParseError("truncated")
-        rdlen = struct.unpack_from("!H", wire, offset + 8)[0]
-        offset += 10 + rdlen
-    if offset > len(wire):
-        raise ParseError("truncated")
-    if offset < len(wire):
-        raise ParseError("trailing data")
-    if last is None or ar == 0:
-        return None
-    try:
-        name, used = dns.name.from_wire(wire, last)
-        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", wire, last + used)
-        if rtype != _TSIG_TYPE:
-            return None
-        if rclass != _CLASS_ANY or ttl != 0:  # RFC 8945 §4.2; neither is in the MAC input
-            raise ParseError("malformed tsig")
-        rdata_at = last + used + 10
-        algorithm, used = dns.name.from_wire(wire, rdata_at)
-        p = rdata_at + used
-        hi, lo, fudge, mac_size = struct.unpack_from("!HIHH", wire, p)
-        p += 10
-        mac = wire[p:p + mac_size]
-        p += mac_size
-        original_id, error, other_len = struct.unpack_from("!HHH", wire, p)
-        p += 6
-        other = wire[p:p + other_len]
-        p += other_len
-    except (struct.error, dns.exception.DNSException) as e:
-        raise ParseError("malformed tsig") from e
-    if len(mac) != mac_size or len(other) != other_len or p != rdata_at + rdlen:
-        raise ParseError("malformed tsig")
-    return TsigRecord(name, algorithm, (hi << 32) | lo, fudge, mac, original_id, error, other, last)
-
-
-def tsig_verify(wire: bytes, key: TsigKey, request_mac: bytes, wall: float | None,
-                tsig: TsigRecord | None = None) -> TsigRecord:
-    """Verify the TSIG of ``wire`` with ``key`` (RFC 8945 §5.2 order: key, then MAC, then time).
-
-    ``request_mac`` is the MAC of our request when ``wire`` is its response (b"" otherwise). ``wall`` is
-    our clock in Unix seconds; None skips the time check. Returns the TSIG; raises TsigError ("no tsig",
-    "key", "algorithm", "mac", "time") or ParseError for a message that does not frame."""
-    if tsig is None:
-        tsig = find_tsig(wire)
-    if tsig is None:
-        raise TsigError("no tsig")
-    if tsig.name != key.name:  # dns.name.Name compares case-insensitively
-        raise TsigError("key")
-    if tsig.algorithm != key.algorithm_name:
-        raise TsigError("algorithm")
-    if len(tsig.mac) < max(10, len(key.mac(b"")) // 2):  # §5.2.2.1: too short to be a valid truncation
-        raise TsigError("mac")
-    message = wire[:tsig.start]
-    arcount = struct.unpack_from("!H", message, 10)[0]
-    message = message[:10] + struct.pack("!H", arcount - 1) + message[12:]
-    variables = _tsig_variables(key.name, key.algorithm_name, tsig.time_signed, tsig.fudge, tsig.error,
-                                tsig.other)
-    expected = key.mac(_mac_input(message, tsig.original_id, request_mac, variables))
-    if not hmac.compare_digest(expected[:len(tsig.mac)], tsig.mac):
-        raise TsigError("mac")
-    if wall is not None and abs(int(wall) - tsig.time_signed) > tsig.fudge:
-        raise TsigError("time")
-    return tsig
 
 
 # -- status messages ----------------------------------------------------------------------------------------
@@ -608,10 +403,10 @@ class Publisher:
         rcode = dns.rcode.to_text(msg.rcode())
         signed = False
         if tsig is not None and tsig.error:
-            rcode = _TSIG_ERROR_NAMES.get(tsig.error, f"TSIG error {tsig.error}")
+            rcode = ERROR_NAMES.get(tsig.error, f"TSIG error {tsig.error}")
         if tsig is not None and tsig.mac:
             try:
-                tsig_verify(wire, self._key, txn.mac, None if tsig.error == TSIG_BADTIME else wall, tsig)
+                tsig_verify(wire, self._key, txn.mac, None if tsig.error == BADTIME else wall, tsig)
             except TsigError as e:
                 return self._drop(f"tsig {e}", txn)
             signed = True
@@ -656,7 +451,7 @@ class Publisher:
 
     def _granted_lease(self, msg: dns.message.Message) -> int | None:
         """LEASE from the first well-formed Update Lease option (either form), or None. The option class
-        is not registered with dnspython (edns_options explains why), so this decodes the raw data."""
+        is not registered with dnspython (dnswire.UpdateLeaseOption says why): this decodes the data."""
         for option in msg.options:
             if int(option.otype) != UPDATE_LEASE_OPTION_CODE:
                 continue
@@ -665,7 +460,7 @@ class Publisher:
             data = option.to_wire()
             try:
                 return decode_update_lease(data or b"")[0]
-            except ValueError:
+            except ParseError:
                 # A signed NOERROR with a broken option: the update took effect; treat it as "no lease
                 # option" (refresh at 80 % of ours) rather than discard the answer.
                 self.counters["bad lease option"] += 1

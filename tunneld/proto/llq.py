@@ -51,13 +51,9 @@ the previous cache, so the first ACK yields an :class:`Added` per RRset). :class
 :class:`Refreshed`, :class:`Failed` and :class:`Fallback` report status; :class:`Established` also carries
 the full answer set as a snapshot.
 
-TSIG (BTMM draft §7.2: LLQs carry TSIG). Signing needs wall-clock time, and the core reads no clock, so
-signing is left to the adapter through the optional ``tsig`` hooks (:class:`TsigHooks`):
-``tsig.sign(message)`` renders a :class:`dns.message.Message` with a TSIG record (for example
-``message.use_tsig(keyring, keyname); message.to_wire()``, keeping the request MAC per message ID for
-verification), and ``tsig.verify(wire)`` checks an incoming datagram's TSIG and raises on failure (it is
-counted as ``"tsig rejected"``). The core then parses the datagram itself with TSIG validation off.
-Without hooks, messages are rendered unsigned and an incoming TSIG record is not checked.
+TSIG (BTMM draft §7.2: LLQs carry TSIG): with a :class:`~tunneld.proto.tsig.TsigSession` every message
+is signed at ``now`` (which must then be Unix time) and every datagram verified before it is parsed.
+Without one, messages go unsigned and an incoming TSIG is not checked.
 """
 
 from __future__ import annotations
@@ -68,7 +64,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple
 
 import dns.edns
 import dns.exception
@@ -84,6 +80,7 @@ import dns.rrset
 import dns.wire
 
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import TsigError, TsigSession
 
 __all__ = [
     "LLQ_DEFAULT_LEASE",
@@ -115,7 +112,6 @@ __all__ = [
     "Refreshed",
     "Removed",
     "Transmit",
-    "TsigHooks",
     "find_llq_option",
     "parse_llq_option",
     "parse_message",
@@ -349,18 +345,6 @@ class Output(NamedTuple):
     events: list[Event]
 
 
-class TsigHooks(Protocol):
-    """TSIG done by the adapter (it owns the wall clock and the keys)."""
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        """Render ``message`` with a TSIG record."""
-        ...
-
-    def verify(self, wire: bytes) -> None:
-        """Check the TSIG of an incoming datagram; raise (any exception) to reject it."""
-        ...
-
-
 class LLQState(enum.Enum):
     IDLE = "idle"
     SETUP_SENT = "setup sent"  # waiting for the challenge
@@ -380,13 +364,13 @@ class LLQClient:
     """An LLQ client for one question (``qname``, ``rdtype``, class IN). See the module docstring.
 
     ``rand(n)`` returns n random bytes (``os.urandom`` by default). ``lease`` is the lease requested in
-    the SETUP request; ``tsig`` the optional :class:`TsigHooks`; ``poll_interval`` the fallback polling
+    the SETUP request; ``tsig`` the optional TSIG session; ``poll_interval`` the fallback polling
     interval.
     """
 
     def __init__(self, qname: dns.name.Name | str, rdtype: dns.rdatatype.RdataType | str | int,
                  rand: Callable[[int], bytes] = os.urandom, lease: int = LLQ_DEFAULT_LEASE,
-                 tsig: TsigHooks | None = None, poll_interval: float = LLQ_POLL_INTERVAL) -> None:
+                 tsig: TsigSession | None = None, poll_interval: float = LLQ_POLL_INTERVAL) -> None:
         if not 0 < lease < 1 << 32:
             raise ValueError("lease must be a positive 32-bit number of seconds")
         self.qname = dns.name.from_text(qname) if isinstance(qname, str) else qname
@@ -425,7 +409,7 @@ class LLQClient:
         if self.state == LLQState.ESTABLISHED:
             self._msg_id = self._new_id()
             out.append(Transmit(self._render(self._query(LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, 0,
-                                                                     self.llq_id, 0)))))
+                                                                     self.llq_id, 0)), now)))
         self.state = LLQState.STOPPED
         self._clear_timers()
         return out
@@ -472,8 +456,8 @@ class LLQClient:
             return out
         if self.tsig is not None:
             try:
-                self.tsig.verify(wire)
-            except Exception:
+                self.tsig.verify(wire, now)
+            except (TsigError, ParseError):
                 self.counters["tsig rejected"] += 1
                 return out
         try:
@@ -493,7 +477,7 @@ class LLQClient:
             return out
         option = find_llq_option(msg)
         if option is not None and option.opcode == LLQ_OP_EVENT:
-            self._on_event(msg, option, ttls, out)
+            self._on_event(msg, option, ttls, now, out)
             return out
         if (msg.id != self._msg_id and msg.id != self._setup_msg_id) or self._pending is None:
             self.counters["unexpected message ID"] += 1
@@ -605,7 +589,8 @@ class LLQClient:
             return
         self._replace_cache(self._answer_records(msg, ttls), out)
 
-    def _on_event(self, msg: dns.message.Message, option: LLQOption, ttls: list[int], out: Output) -> None:
+    def _on_event(self, msg: dns.message.Message, option: LLQOption, ttls: list[int], now: float,
+                  out: Output) -> None:
         if self.llq_id == 0 or option.llq_id != self.llq_id or self.state not in (
                 LLQState.CHALLENGE_SENT, LLQState.ESTABLISHED):
             self.counters["event for another LLQ-ID"] += 1
@@ -616,7 +601,7 @@ class LLQClient:
         ack.find_rrset(ack.question, self.qname, self.rdclass, self.rdtype, create=True, force_unique=True)
         ack.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
             LLQOption(option.version, LLQ_OP_EVENT, option.error, option.llq_id, option.lease)])
-        out.transmits.append(Transmit(self._render(ack)))
+        out.transmits.append(Transmit(self._render(ack, now)))
         self.counters["event acked"] += 1
         if self.state != LLQState.ESTABLISHED:
             # Before the ACK reached us: its full answer set will include this change.
@@ -711,7 +696,7 @@ class LLQClient:
 
     def _begin_request(self, now: float, msg: dns.message.Message, opcode: int,
                        retransmit: bool = True) -> Transmit:
-        wire = self._render(msg)
+        wire = self._render(msg, now)
         self._msg_id = msg.id
         self._pending = wire
         self._pending_opcode = opcode
@@ -725,10 +710,9 @@ class LLQClient:
             msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
         return msg
 
-    def _render(self, msg: dns.message.Message) -> bytes:
-        if self.tsig is not None:
-            return self.tsig.sign(msg)
-        return msg.to_wire()
+    def _render(self, msg: dns.message.Message, now: float) -> bytes:
+        wire = msg.to_wire()  # rendered once: what is signed is what is sent
+        return wire if self.tsig is None else self.tsig.sign(wire, now)
 
     def _new_id(self) -> int:
         return int.from_bytes(self._rand(2), "big")

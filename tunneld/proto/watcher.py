@@ -74,9 +74,9 @@ from tunneld.proto.llq import (
     Output,
     Removed,
     Transmit,
-    TsigHooks,
     parse_message,
 )
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 __all__ = [
     "ClientFactory",
@@ -174,23 +174,7 @@ class WatchClient(Protocol):
 
 class ClientFactory(Protocol):
     def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *,
-                 rand: Callable[[int], bytes], lease: int, tsig: TsigHooks | None) -> WatchClient: ...
-
-
-class _Hooks:
-    """TsigHooks from the optional ``sign`` / ``verify`` callables (a missing one: unsigned / unchecked)."""
-
-    def __init__(self, sign: Callable[[dns.message.Message], bytes] | None,
-                 verify: Callable[[bytes], None] | None) -> None:
-        self._sign = sign
-        self._verify = verify
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        return self._sign(message) if self._sign is not None else message.to_wire()
-
-    def verify(self, wire: bytes) -> None:
-        if self._verify is not None:
-            self._verify(wire)
+                 rand: Callable[[int], bytes], lease: int, tsig: TsigSession | None) -> WatchClient: ...
 
 
 # -- state -------------------------------------------------------------------------------------------------
@@ -241,23 +225,19 @@ def _txt_key(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> bytes
 class Watcher:
     """Follows the account ``domain``'s devices (except ``own_name``) by LLQ. See the module docstring.
 
-    ``rand``, ``lease`` and the TSIG hooks go to every client: ``sign(message) -> wire`` renders a request
-    with TSIG, ``verify(wire)`` raises for a datagram whose TSIG does not verify (see
-    :class:`~tunneld.proto.llq.TsigHooks`). ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes
-    the client for one question.
+    ``rand``, ``lease`` and one TSIG session with ``key`` (``now`` is then Unix time) go to every
+    client. ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes the client for one question.
     """
 
     def __init__(self, domain: str, own_name: str, rand: Callable[[int], bytes] = os.urandom,
                  lease: int = LLQ_DEFAULT_LEASE,
-                 sign: Callable[[dns.message.Message], bytes] | None = None,
-                 verify: Callable[[bytes], None] | None = None,
+                 key: TsigKey | None = None,
                  client_factory: ClientFactory = LLQClient) -> None:
         self.domain = domain
         self.own_name = own_name
         self.lease = lease
         self._rand = rand
-        hooks = sign is not None or verify is not None
-        self._tsig: TsigHooks | None = _Hooks(sign, verify) if hooks else None
+        self._tsig = None if key is None else TsigSession(key)  # one per socket: shared by the clients
         self._factory = client_factory
         self._browse: Question = records.names_to_browse(domain)[0]
         self._watches: dict[Question, _Watch] = {}
