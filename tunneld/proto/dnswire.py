@@ -20,6 +20,9 @@ import dns.wire
 from tunneld.proto.errors import ParseError
 
 __all__ = [
+    "ADDITIONAL",
+    "ANSWER",
+    "AUTHORITY",
     "HEADER_SIZE",
     "MAX_MESSAGE",
     "UPDATE_LEASE_OPTION_CODE",

@@ -79,6 +79,7 @@ import dns.rdatatype
 import dns.rrset
 import dns.wire
 
+from tunneld.proto.dnswire import ANSWER, MAX_MESSAGE, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigSession
 
@@ -225,37 +226,9 @@ dns.edns.register_type(LLQOption, dns.edns.OptionType.make(LLQ_OPTION_CODE))
 # -- messages ----------------------------------------------------------------------------------------------
 
 
-def _skip_name(wire: bytes, pos: int) -> int:
-    while True:
-        if pos >= len(wire):
-            raise ParseError("truncated")
-        length = wire[pos]
-        if length == 0:
-            return pos + 1
-        if length & 0xC0 == 0xC0:
-            return pos + 2
-        if length & 0xC0:
-            raise ParseError("bad label")
-        pos += 1 + length
-
-
 def _answer_ttls(wire: bytes) -> list[int]:
     """The raw TTLs of the answer section, in order (dnspython turns TTLs above 0x7FFFFFFF into 0)."""
-    if len(wire) < 12:
-        raise ParseError("truncated")
-    qdcount, ancount = struct.unpack_from("!HH", wire, 4)
-    pos = 12
-    for _ in range(qdcount):
-        pos = _skip_name(wire, pos) + 4
-    ttls = []
-    for _ in range(ancount):
-        pos = _skip_name(wire, pos)
-        if pos + 10 > len(wire):
-            raise ParseError("truncated")
-        _rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", wire, pos)
-        ttls.append(ttl)
-        pos += 10 + rdlen
-    return ttls
+    return [r.ttl for r in walk(wire) if r.section == ANSWER]
 
 
 def parse_message(wire: bytes) -> dns.message.Message:
@@ -263,6 +236,8 @@ def parse_message(wire: bytes) -> dns.message.Message:
 
     Raises ParseError and nothing else: "truncated" for a short header or a message that ends early,
     "malformed DNS message" for anything else dnspython rejects (a malformed LLQ option included)."""
+    if len(wire) > MAX_MESSAGE:
+        raise ParseError("oversized")
     try:
         return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True)
     except (dns.message.ShortHeader, dns.message.Truncated) as e:
