@@ -215,7 +215,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         s.setblocking(False)
         s.connect(dest)
         tsig = TsigSession(TsigKey.of(signer.key))  # LLQ clients sign at Unix time: they run on time.time()
-        c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=tsig)
+        c = llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom, tsig=tsig)
         socks.append(s)
         clients.append(c)
         by_fd[s.fileno()] = i
@@ -229,10 +229,10 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     target = ""  # the address the current update sets
 
     def handle(i: int, data: bytes, stamp: float) -> None:
-        out = clients[i].receive(data, time.time())
-        for tx in out.transmits:
-            socks[i].send(tx.wire)
-        for ev in out.events:
+        clients[i].receive(data, dest, time.time())  # a connected socket: only the server's datagrams
+        for tx in clients[i].transmits():
+            socks[i].send(tx.payload)
+        for ev in clients[i].events():
             if isinstance(ev, llq.Established):
                 established.add(i)
             elif isinstance(ev, llq.Added) and target and i not in got and \
@@ -248,8 +248,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for i, c in enumerate(clients):
             d = c.deadline()
             if d is not None and d <= now:
-                for tx in c.poll(now).transmits:
-                    socks[i].send(tx.wire)
+                c.poll(now)
+                for tx in c.transmits():
+                    socks[i].send(tx.payload)
 
     try:
         # The name exists before the watchers start, so every event is a replacement.
@@ -260,7 +261,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         if first != "NOERROR":
             raise SystemExit(f"the first update failed: {first}")
         for i, c in enumerate(clients):
-            socks[i].send(c.start(time.time()).wire)
+            c.start(time.time())
+            for tx in c.transmits():
+                socks[i].send(tx.payload)
         end = time.monotonic() + SETUP_TIMEOUT
         while len(established) < len(clients) and time.monotonic() < end:
             pump(0.05)
@@ -295,8 +298,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for c in clients:
             counters.update(c.counters)
         for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
-            for tx in c.stop(time.time()):
-                socks[i].send(tx.wire)
+            c.close(time.time())
+            for tx in c.transmits():
+                socks[i].send(tx.payload)
     finally:
         for s in socks:
             s.close()

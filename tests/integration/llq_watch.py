@@ -29,25 +29,28 @@ from tunneld.proto.tsig import TsigKey, TsigSession
 def main() -> int:
     server, port, zone, qname, rdtype, secret_file, seconds = sys.argv[1:8]
     secret = load_account_secret(secret_file)  # type: ignore[arg-type]
-    client = llq.LLQClient(dns.name.from_text(qname), dns.rdatatype.from_text(rdtype), rand=os.urandom,
+    dest = (server, int(port))
+    client = llq.LLQClient(dns.name.from_text(qname), dns.rdatatype.from_text(rdtype), server=dest,
+                           rand=os.urandom,
                            tsig=TsigSession(TsigKey(dns.name.from_text(zone), derive_tsig_key(secret, zone))))
     t0 = time.time()  # the client signs with Unix time: it runs on the wall clock
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    dest = (server, int(port))
-    sock.sendto(client.start(t0).wire, dest)
+    client.start(t0)
     end = t0 + float(seconds)
     while (now := time.time()) < end:
+        for tx in client.transmits():
+            sock.sendto(tx.payload, tx.destination)
         deadline = client.deadline()
         wait = min(end - now, (deadline - now) if deadline is not None else end - now)
         sock.settimeout(max(wait, 0.01))
         try:
-            wire, _ = sock.recvfrom(65535)
-            out = client.receive(wire, time.time())
+            wire, source = sock.recvfrom(65535)
+            client.receive(wire, source[:2], time.time())
         except TimeoutError:
-            out = client.poll(time.time())
-        for tx in out.transmits:
-            sock.sendto(tx.wire, dest)
-        for ev in out.events:
+            client.poll(time.time())
+        for tx in client.transmits():
+            sock.sendto(tx.payload, tx.destination)
+        for ev in client.events():
             recs = [r.to_text() for r in getattr(ev, "answers", ())] + \
                 ([ev.rrset.to_text()] if hasattr(ev, "rrset") else [])
             print(json.dumps({"event": type(ev).__name__.lower(), "t": time.time() - t0,

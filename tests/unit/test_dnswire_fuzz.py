@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 from tunneld.proto import dnswire
 from tunneld.proto.dnsupdate import Publisher
 from tunneld.proto.errors import ParseError
-from tunneld.proto.llq import LLQClient, parse_llq_option, parse_message
+from tunneld.proto.llq import (
+    LLQClient,
+)
+from tunneld.proto.llq_wire import (
+    parse_llq_option,
+    parse_message,
+)
 from tunneld.proto.tsig import TsigError, TsigKey, find_tsig, sign, verify
 
 ZONE = dns.name.from_text("example.com.")
@@ -111,9 +117,10 @@ def test_random_bytes_raise_only_parse_error(data: bytes) -> None:
 def test_cores_never_raise_on_received_garbage(seed: int, records: int) -> None:
     rnd = random.Random(seed)
     publisher = Publisher(ZONE, ZONE, KEY.secret, rand=rnd.randbytes)
-    client = LLQClient("q.example.com.", "ANY", rand=rnd.randbytes)
+    server = ("192.0.2.53", 53)
+    client = LLQClient("q.example.com.", "ANY", server=server, rand=rnd.randbytes)
     client.start(T)
     wire = big_message(rnd, records, 40)
     for data in [wire] + [mutate(rnd, wire) for _ in range(4)]:
         publisher.receive(data, T, T)
-        client.receive(data, T)
+        client.receive(data, server, T)

@@ -18,24 +18,26 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from tests.unit.dns_steps import SERVER, ClientView, llq_client
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import (
+    LLQ_POLL_INTERVAL,
+    Added,
+    Established,
+    Failed,
+    Fallback,
+    LLQState,
+    Refreshed,
+    Removed,
+)
+from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_SUCH_LLQ,
     LLQ_ERR_SERV_FULL,
     LLQ_OP_EVENT,
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
-    LLQ_POLL_INTERVAL,
     LLQ_REMOVE_TTL,
-    Added,
-    Established,
-    Failed,
-    Fallback,
-    LLQClient,
     LLQOption,
-    LLQState,
-    Refreshed,
-    Removed,
     find_llq_option,
     parse_llq_option,
     parse_message,
@@ -54,8 +56,8 @@ def srv(target: str, port: int = 4500, ttl: int = 300, name: str = QNAME) -> dns
     return dns.rrset.from_text(name, ttl, "IN", "SRV", f"0 0 {port} {target}")
 
 
-def make_client(lease: int = 7200, seed: int = 1) -> LLQClient:
-    return LLQClient(QNAME, RDTYPE, rand=random.Random(seed).randbytes, lease=lease)
+def make_client(lease: int = 7200, seed: int = 1) -> ClientView:
+    return llq_client(QNAME, RDTYPE, rand=random.Random(seed).randbytes, lease=lease)
 
 
 def reply(query_wire: bytes, option: LLQOption | None = None, answers: tuple[dns.rrset.RRset, ...] = (),
@@ -85,7 +87,7 @@ def event(llq_id: int, msg_id: int, answers: tuple[dns.rrset.RRset, ...], lease:
     return msg.to_wire()
 
 
-def state(client: LLQClient) -> LLQState:
+def state(client: ClientView) -> LLQState:
     """The client's state (a call, so mypy does not narrow it across calls)."""
     return client.state
 
@@ -94,7 +96,7 @@ def llq_of(wire: bytes) -> LLQOption | None:
     return find_llq_option(dns.message.from_wire(wire))
 
 
-def establish(client: LLQClient, answers: tuple[dns.rrset.RRset, ...] = (), lease: int = 7200,
+def establish(client: ClientView, answers: tuple[dns.rrset.RRset, ...] = (), lease: int = 7200,
               now: float = 0.0) -> list[object]:
     setup = client.start(now).wire
     challenge = reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, lease))
@@ -525,7 +527,7 @@ def test_tsig_session_signs_requests_and_verifies_replies() -> None:
     key = TsigKey(dns.name.from_text("llq-key."),
                   base64.b64decode("NoTCJU+DMqFWywaPyxSijrDEA/eC3nK0xi3AMEZuPVk="))
     now = time.time()  # dnspython checks the time against its own clock
-    client = LLQClient(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=TsigSession(key))
+    client = llq_client(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=TsigSession(key))
     setup = client.start(now).wire
     query = dns.message.from_wire(setup, keyring=keyring)
     assert query.had_tsig
@@ -540,3 +542,17 @@ def test_tsig_session_signs_requests_and_verifies_replies() -> None:
     out = client.receive(wire, now + 0.1)
     assert state(client) == LLQState.CHALLENGE_SENT
     assert dns.message.from_wire(out.transmits[0].wire, keyring=keyring).had_tsig
+
+
+def test_datagrams_from_anywhere_but_the_server_are_dropped() -> None:
+    """A reply must come from where the request went: the same challenge from another address or port
+    changes nothing; from the server (its address written another way too) it is taken."""
+    client = make_client()
+    setup = client.start(0.0).wire
+    challenge = reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200))
+    host, port = SERVER
+    for source in (("203.0.113.1", port), (host, port + 1)):
+        assert client.receive(challenge, 0.1, source=source) == ([], [])
+    assert client.counters["not from the server"] == 2 and state(client) == LLQState.SETUP_SENT
+    out = client.receive(challenge, 0.1, source=(f"::ffff:{host}", port))
+    assert len(out.transmits) == 1 and state(client) == LLQState.CHALLENGE_SENT

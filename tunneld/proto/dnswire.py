@@ -9,6 +9,7 @@ octets) and raises :class:`~tunneld.proto.errors.ParseError` and nothing else.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,6 +31,7 @@ __all__ = [
     "UpdateLeaseOption",
     "decode_update_lease",
     "encode_update_lease",
+    "from_server",
     "skip_name",
     "walk",
 ]
@@ -112,6 +114,23 @@ def walk(wire: bytes) -> list[Record]:
     if offset < len(wire):
         raise ParseError("trailing data")
     return records
+
+
+def from_server(source: tuple[str, int], server: tuple[str, int]) -> bool:
+    """Whether a datagram from ``source`` comes from ``server`` (a client core drops any other: a reply
+    must come from where the request went, RFC 5452 §9.1). Addresses compare by value, so "::1" and
+    "0:0::1" are one, and an IPv4-mapped IPv6 source matches its IPv4 server."""
+    if source[1] != server[1]:
+        return False
+    try:
+        a, b = ipaddress.ip_address(source[0].split("%")[0]), ipaddress.ip_address(server[0].split("%")[0])
+    except ValueError:
+        return source[0] == server[0]
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
+        b = b.ipv4_mapped
+    return a == b
 
 
 # -- the Update Lease option (RFC 9664 §4) ----------------------------------------------------------------
