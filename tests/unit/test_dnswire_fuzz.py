@@ -116,11 +116,12 @@ def test_random_bytes_raise_only_parse_error(data: bytes) -> None:
 @given(seed=st.integers(0, 2**32), records=st.integers(0, 300))
 def test_cores_never_raise_on_received_garbage(seed: int, records: int) -> None:
     rnd = random.Random(seed)
-    publisher = Publisher(ZONE, ZONE, KEY.secret, rand=rnd.randbytes)
     server = ("192.0.2.53", 53)
+    publisher = Publisher(ZONE, ZONE, KEY.secret, rand=rnd.randbytes, server=server)
+    publisher.publish([dns.rrset.from_text("h.example.com.", 60, "IN", "A", "192.0.2.1")], T)
     client = LLQClient("q.example.com.", "ANY", server=server, rand=rnd.randbytes)
     client.start(T)
     wire = big_message(rnd, records, 40)
     for data in [wire] + [mutate(rnd, wire) for _ in range(4)]:
-        publisher.receive(data, T, T)
+        publisher.receive(data, server, T)
         client.receive(data, server, T)
