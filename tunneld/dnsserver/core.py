@@ -24,14 +24,11 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TSIG
 import dns.rrset
 import dns.tsig
 import dns.update
-import dns.wire
 
 from crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.store import (

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -27,8 +26,6 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TSIG
-import dns.rdtypes.IN.SRV
 import dns.rrset
 import dns.update
 
@@ -70,7 +67,7 @@ RETRY_MIN: Final = 30.0  # first retry after a failed transaction
 RETRY_MAX: Final = 900.0  # doubling up to 15 min
 STARTUP_DELAY_MAX_STEPS: Final = 300  # RFC 9664 §4.2: delay the first registration 0-3000 ms ...
 STARTUP_DELAY_STEP: Final = 0.01  # ... in steps of at most 10 ms
-EDNS_PAYLOAD: Final = 1232
+EDNS_PAYLOAD: Final = 1232  # DNS flag day 2020: a UDP payload size that avoids fragmentation
 
 # -- status messages ----------------------------------------------------------------------------------------
 
