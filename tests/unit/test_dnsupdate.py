@@ -695,7 +695,7 @@ def test_find_tsig_rejects_bad_framing() -> None:
 
 
 def test_update_lease_option_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
-    # PROTOCOLS.md section 9 (constructed examples).
+    # Constructed by hand from the RFC 9664 §4 layout.
     assert UpdateLeaseOption(7200).to_wire() == encode_update_lease(7200) == bytes.fromhex("00001c20")
     assert encode_update_lease(7200, 604800) == bytes.fromhex("00001c2000093a80")
     assert decode_update_lease(bytes.fromhex("00001c2000093a80")) == (7200, 604800)

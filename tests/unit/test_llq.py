@@ -1,6 +1,7 @@
 """LLQ (RFC 8764) option and sans-I/O client.
 
-Vectors from PROTOCOLS.md §8/§9; the server side is built with dnspython."""
+Vectors: an option built by hand from the RFC 8764 §3.2 layout, and the LLQ option data of BIND's
+digdelv; the server side is built with dnspython."""
 
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ from tunneld.proto.tsig import TsigKey, TsigSession
 QNAME = "_autotunnel._udp.bob.members.example."
 RDTYPE = "SRV"
 SERVER_ID = 0x0123456789ABCDEF
-SETUP_OPTION_HEX = "00010012000100010000000000000000000000001c20"  # PROTOCOLS §9
-SETUP_OPT_RR_HEX = "00002905a000000000001600010012000100010000000000000000000000001c20"  # PROTOCOLS §9
-BIND_LLQ_DATA_HEX = "0001000200001234567812345678fefefefe"  # BIND digdelv, PROTOCOLS §8
+SETUP_OPTION_HEX = "00010012000100010000000000000000000000001c20"  # RFC 8764 §3.2 layout, by hand
+SETUP_OPT_RR_HEX = "00002905a000000000001600010012000100010000000000000000000000001c20"  # in an OPT RR
+BIND_LLQ_DATA_HEX = "0001000200001234567812345678fefefefe"  # BIND digdelv
 
 
 def srv(target: str, port: int = 4500, ttl: int = 300, name: str = QNAME) -> dns.rrset.RRset:

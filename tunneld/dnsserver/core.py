@@ -75,12 +75,12 @@ def account_key(secret: bytes, domain: str) -> dns.tsig.Key:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Server limits. Leases are clamped to [min_lease, max_lease] (ARCHITECTURE: 30 min to 2 h)."""
+    """Server limits. Leases are clamped to [min_lease, max_lease] (by default 30 min to 2 h)."""
 
     min_lease: int = 1800
     max_lease: int = 7200
     require_lease: bool = True
-    """Refuse updates that add records without an Update Lease option (dnsextd precedent, PROTOCOLS §4)."""
+    """Refuse updates that add records without an Update Lease option (as Apple's dnsextd does)."""
     default_lease: int | None = None
     """If set, updates without the option get this lease (clamped) instead: plain RFC 2136 clients such as
     nsupdate cannot send RFC 9664's option, and their records should still expire."""

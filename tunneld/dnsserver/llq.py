@@ -66,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LLQ_MIN_LEASE: Final = 15 * 60  # dnsextd clamp [V], PROTOCOLS §3.3
+LLQ_MIN_LEASE: Final = 15 * 60  # Apple dnsextd's clamp
 LLQ_MAX_LEASE: Final = 2 * 60 * 60
 LLQ_LEASE_SLACK: Final = 60  # challenge response lease must be within +-60 s of the grant (dnsextd [V])
 EVENT_RETRY_WAITS: Final = (2.0, 4.0, 8.0)  # resend after 2 s, then 4 s; give up 8 s after the 3rd try

@@ -56,7 +56,7 @@ __all__ = [
 
 # -- constants ----------------------------------------------------------------------------------------------
 
-DEFAULT_LEASE: Final = 5400  # ARCHITECTURE.md: 90 min
+DEFAULT_LEASE: Final = 5400  # our default: 90 min
 MIN_LEASE: Final = 1800  # our range: 30 min (RFC 9664 §4.2: SHOULD be >= 1800 s)
 MAX_LEASE: Final = 7200  # to 2 h (Apple dnsextd caps leases at 7200 s)
 REFRESH_FRACTION: Final = 0.8  # RFC 9664 §5: refresh at 80 % of the lease ...

@@ -2,43 +2,11 @@
 
 A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (its LLQs are
 signed); it talks to one server and drops datagrams from anywhere else. Randomness goes through the
-injected ``rand(n) -> bytes`` to its clients.
-
-What it follows (:mod:`tunneld.proto.records`):
-
-- the browse PTR question (:func:`~tunneld.proto.records.names_to_browse`): which devices the account has;
-- for every device other than ``own_name``: its AAAA, SRV and TXT
-  (:func:`~tunneld.proto.records.names_to_watch` without a key); once its TXT carries a public key, the
-  key's target A and AAAA too. The key taken from the TXT only chooses which names to watch; whether the
-  host is accepted is decided by :func:`~tunneld.proto.records.parse` over everything cached for it;
-- a device that leaves the PTR set has its clients stopped (an established LLQ gets lease 0).
-
-Each question has one LLQ client (``client_factory``, :class:`~tunneld.proto.llq.LLQClient` by default).
-A question shared by two hosts (two TXT records carrying the same key) has one client, used by both.
-:meth:`Watcher.receive` routes a datagram to the client whose question it carries (anything else is
-counted and dropped); :meth:`Watcher.close` cancels every established LLQ (lease 0).
-
-After every change the affected hosts are re-parsed:
-
-- complete and consistent, and different from the last good state -> :class:`PeerLearned`
-  (for :meth:`tunneld.proto.tunnel.TunnelCore.learn_peer`); if the key changed, :class:`PeerGone` for the
-  old key comes first;
-- was good and now incomplete or inconsistent, or left the PTR set -> :class:`PeerGone`
-  (for :meth:`tunneld.proto.tunnel.TunnelCore.forget_peer`);
-- inconsistent (a :class:`~tunneld.proto.errors.ParseError` other than ``missing ...``) ->
-  :class:`PeerRejected`, once per distinct reason until the host is good again. A host whose records are
-  merely incomplete (``missing ...``: still arriving, or withdrawn) is not rejected, just not learned.
-  A host publishing the key of another host already learned is rejected (``duplicate key``).
-
-LLQ status (:class:`~tunneld.proto.llq.Established`, :class:`~tunneld.proto.llq.Failed`,
-:class:`~tunneld.proto.llq.Fallback`) is reported as :class:`QueryStatus` for logging; nothing needs to be
-done about it: after a Fallback the client polls by itself and its answers arrive as Added/Removed.
-
-Known limit: there is no grace period. A change within one question arrives as one EVENT (our server diffs
-per LLQ: removals and additions together), but a change spanning questions passes through intermediate
-states: a new key touches the TXT, the AAAA and the SRV, so :class:`PeerGone`, a transient
-:class:`PeerRejected` (``ula mismatch``, ``srv target mismatch``) and then :class:`PeerLearned` can follow
-each other; a server that sends a removal and its replacement in separate events does the same.
+injected ``rand(n) -> bytes`` to its clients. It follows the browse PTR, then each other device's AAAA,
+SRV and TXT, then the target addresses its key names (:mod:`tunneld.proto.records`), one LLQ client per
+question (shared between hosts that need the same one). What each change makes of a host
+(:class:`PeerLearned`, :class:`PeerGone`, :class:`PeerRejected`), and the known limits, are in
+docs/protocol.md ("Watcher behaviour").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Finding the account's servers: `_dns-update._udp.DOMAIN` and `_dns-llq._udp.DOMAIN` SRV records
-(ARCHITECTURE: servers are found by SRV, falling back to the configured server).
+(servers are found by SRV, falling back to the configured server).
 
 The configured server is asked; an SRV answer's target is resolved (A, then AAAA) from the same server.
 Anything missing — no answer, no SRV, a target "." or without an address — means the configured server
