@@ -31,6 +31,7 @@ from tunneld.proto.llq_wire import (
     parse_message,
 )
 from tunneld.proto.tsig import TsigError, TsigKey, find_tsig, sign, verify
+from tunneld.proto.watcher import Watcher
 
 ZONE = dns.name.from_text("example.com.")
 KEY = TsigKey(ZONE, bytes(range(32)))
@@ -121,7 +122,10 @@ def test_cores_never_raise_on_received_garbage(seed: int, records: int) -> None:
     publisher.publish([dns.rrset.from_text("h.example.com.", 60, "IN", "A", "192.0.2.1")], T)
     client = LLQClient("q.example.com.", "ANY", server=server, rand=rnd.randbytes)
     client.start(T)
+    watcher = Watcher("example.com", "me", server=server, rand=rnd.randbytes, key=KEY)
+    watcher.start(T)
     wire = big_message(rnd, records, 40)
     for data in [wire] + [mutate(rnd, wire) for _ in range(4)]:
         publisher.receive(data, server, T)
         client.receive(data, server, T)
+        watcher.receive(data, server, T)

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_LEASE",
     "MAX_LEASE",
     "MIN_LEASE",
+    "Event",
     "Failed",
     "Published",
     "Publisher",
