@@ -78,8 +78,8 @@ def test_publisher_service_publishes_then_withdraws_on_shutdown() -> None:
             async with trio.open_nursery() as inner:
                 await inner.start(service.run)
                 service.set_records(ours)
-                await until(published, "our records are in the zone")
-                assert service.status()["state"] == "published" and service.status()["lease_left"] > 1700
+                await until(lambda: service.status()["state"] == "published", "the server's answer taken")
+                assert published() and service.status()["lease_left"] > 1700
                 inner.cancel_scope.cancel()
             # run() returned: the withdrawal was sent and answered within the driver's grace.
             assert not published()
