@@ -57,7 +57,7 @@ class Signer:
 
     def __init__(self, zone: str, secret: bytes) -> None:
         self.zone = dns.name.from_text(zone)
-        self.key = account_key(secret, zone)
+        self.key = account_key(secret, zone).dnspython()
         self.keyring = {self.key.name: self.key}
 
     def update(self, owner: str, address: str, msg_id: int, replace: bool = False) -> tuple[bytes, bytes]:

@@ -50,7 +50,7 @@ from tunneld.proto.tsig import TsigKey, TsigSession
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
-KEY = account_key(bytes(range(32)), DOMAIN)
+KEY = account_key(bytes(range(32)), DOMAIN).dnspython()  # dnspython signs the updates here
 T0 = 1_800_000_000.0
 QNAME = "_autotunnel._udp.bob.example.com."
 CSRC = ("198.51.100.9", 40000)  # the LLQ client
@@ -416,7 +416,7 @@ def test_signed_llq_end_to_end() -> None:
 
 def test_signed_with_wrong_key_is_notauth() -> None:
     server = make(require_tsig=True)
-    wrong = account_key(b"\x01" * 32, DOMAIN)
+    wrong = account_key(b"\x01" * 32, DOMAIN).dnspython()
     client = make_client(tsig=Hooks(wrong))
     [reply] = send(server, client.start(T0).wire, T0)
     assert dns.message.from_wire(reply, keyring=False).rcode() == dns.rcode.NOTAUTH

@@ -25,13 +25,13 @@ from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, DeleteRR, Lease, ZoneStore
 from tunneld.proto.llq import LLQ_OP_EVENT, LLQ_OP_SETUP, LLQ_VERSION, LLQOption
-from tunneld.proto.tsig import TsigKey, sign, verify
+from tunneld.proto.tsig import sign, verify
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
 SECRET = bytes(range(32))
-KEY = account_key(SECRET, DOMAIN)
-OUR_KEY = TsigKey(ZONE, KEY.secret)  # the same key, as our client code holds it
+OUR_KEY = account_key(SECRET, DOMAIN)
+KEY = OUR_KEY.dnspython()  # the same key, for the independent verifier
 SRC = ("198.51.100.9", 40000)
 ROUNDS = 1000
 LEASE = Lease(7200, 7200)

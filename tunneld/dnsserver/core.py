@@ -65,12 +65,11 @@ _HDR: Final = struct.Struct("!HHHHHH")
 _LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION_CODE)  # dnspython has no name for code 2
 
 
-def account_key(secret: bytes, domain: str) -> dns.tsig.Key:
-    """The account's TSIG key for dnspython (tools and tests sign with it): hmac-sha256, key name = the
-    domain, secret from crypto.kdf. Never log or repr it: ``dns.tsig.Key.__repr__`` prints the secret.
-    :class:`DnsCore` takes it as it is and holds it as a :class:`~tunneld.proto.tsig.TsigKey`."""
-    name = dns.name.from_text(domain).canonicalize()
-    return dns.tsig.Key(name, derive_tsig_key(secret, domain), dns.tsig.HMAC_SHA256)
+def account_key(secret: bytes, domain: str) -> TsigKey:
+    """The account's TSIG key: hmac-sha256, key name = the domain, secret from crypto.kdf. Its repr never
+    shows the secret; :meth:`~tunneld.proto.tsig.TsigKey.dnspython` gives the key to tools that sign with
+    dnspython."""
+    return TsigKey(dns.name.from_text(domain).canonicalize(), derive_tsig_key(secret, domain))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +110,7 @@ class DnsCore:
 
     def __init__(self, store: ZoneStore, keys: Sequence[TsigKey | dns.tsig.Key],
                  policy: Policy | None = None) -> None:
+        """``keys``: ours, or dnspython's (as tests and tools hold them), held as ours."""
         self.store = store
         self.zone = store.zone
         ours = [TsigKey.of(k) for k in keys]
