@@ -231,11 +231,9 @@ class LLQClient(Outbox["Event"]):
             elif self._poll_at is not None and now >= self._poll_at:
                 self._poll_at = now + self.poll_interval
                 self._begin_request(now, self._query(None), 0, retransmit=False)
-        return
 
     def receive(self, data: bytes, source: Address, now: float) -> None:
         """Handle one datagram. Never raises for network input."""
-        wire = data
         if not from_server(source, self.server):
             self.counters["not from the server"] += 1
             return
@@ -244,13 +242,13 @@ class LLQClient(Outbox["Event"]):
             return
         if self.tsig is not None:
             try:
-                self.tsig.verify(wire, now)
+                self.tsig.verify(data, now)
             except (TsigError, ParseError):
                 self.counters["tsig rejected"] += 1
                 return
         try:
-            msg = parse_message(wire)
-            ttls = answer_ttls(wire)
+            msg = parse_message(data)
+            ttls = answer_ttls(data)
         except ParseError as e:
             self.counters[f"parse error: {e}"] += 1
             return
