@@ -15,7 +15,7 @@ AAAA; then M times: an UPDATE replaces NAME's AAAA and the client waits until ev
 Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to the kernel's
 receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process spends
 handling the other 99 watchers is not counted. The watchers sign and verify with the daemon's own TSIG
-hooks (tunneld.services.watcher.AccountTsig), so the run sees what `tunneld up` would; the sum of their
+session (tunneld.proto.tsig.TsigSession), so the run sees what `tunneld up` would; the sum of their
 LLQClient counters is reported (`client_counters`: "tsig rejected", "retransmission", "duplicate or no-op
 event", ...) to tell a lost datagram from a rejected one.
 """
@@ -43,7 +43,7 @@ from lab.progs import cli
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
-from tunneld.services.watcher import AccountTsig
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
@@ -57,7 +57,7 @@ class Signer:
 
     def __init__(self, zone: str, secret: bytes) -> None:
         self.zone = dns.name.from_text(zone)
-        self.key = account_key(secret, zone)
+        self.key = account_key(secret, zone).dnspython()
         self.keyring = {self.key.name: self.key}
 
     def update(self, owner: str, address: str, msg_id: int, replace: bool = False) -> tuple[bytes, bytes]:
@@ -214,8 +214,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.setblocking(False)
         s.connect(dest)
-        tsig = AccountTsig(signer.key.name.to_text(), signer.key.secret)
-        c = llq.LLQClient(qname, dns.rdatatype.AAAA, rand=os.urandom, tsig=tsig)
+        tsig = TsigSession(TsigKey.of(signer.key))  # LLQ clients sign at Unix time: they run on time.time()
+        c = llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom, tsig=tsig)
         socks.append(s)
         clients.append(c)
         by_fd[s.fileno()] = i
@@ -229,10 +229,10 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     target = ""  # the address the current update sets
 
     def handle(i: int, data: bytes, stamp: float) -> None:
-        out = clients[i].receive(data, time.monotonic() - t0)
-        for tx in out.transmits:
-            socks[i].send(tx.wire)
-        for ev in out.events:
+        clients[i].receive(data, dest, time.time())  # a connected socket: only the server's datagrams
+        for tx in clients[i].transmits():
+            socks[i].send(tx.payload)
+        for ev in clients[i].events():
             if isinstance(ev, llq.Established):
                 established.add(i)
             elif isinstance(ev, llq.Added) and target and i not in got and \
@@ -244,12 +244,13 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
             i = by_fd[fd]
             while (item := _recv_stamped(socks[i])) is not None:
                 handle(i, *item)
-        now = time.monotonic() - t0
+        now = time.time()
         for i, c in enumerate(clients):
             d = c.deadline()
             if d is not None and d <= now:
-                for tx in c.poll(now).transmits:
-                    socks[i].send(tx.wire)
+                c.poll(now)
+                for tx in c.transmits():
+                    socks[i].send(tx.payload)
 
     try:
         # The name exists before the watchers start, so every event is a replacement.
@@ -260,7 +261,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         if first != "NOERROR":
             raise SystemExit(f"the first update failed: {first}")
         for i, c in enumerate(clients):
-            socks[i].send(c.start(time.monotonic() - t0).wire)
+            c.start(time.time())
+            for tx in c.transmits():
+                socks[i].send(tx.payload)
         end = time.monotonic() + SETUP_TIMEOUT
         while len(established) < len(clients) and time.monotonic() < end:
             pump(0.05)
@@ -295,8 +298,9 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for c in clients:
             counters.update(c.counters)
         for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
-            for tx in c.stop(time.monotonic() - t0):
-                socks[i].send(tx.wire)
+            c.close(time.time())
+            for tx in c.transmits():
+                socks[i].send(tx.payload)
     finally:
         for s in socks:
             s.close()

@@ -168,7 +168,7 @@ from unittest import mock
 import dns.message, dns.rcode, dns.update
 from tunneld.dnsserver.core import account_key
 zone, server, port, secret = sys.argv[1], sys.argv[2], int(sys.argv[3]), base64.b64decode(sys.argv[4])
-key = account_key(secret, zone)
+key = account_key(secret, zone).dnspython()
 upd = dns.update.UpdateMessage(zone)
 upd.add("stale", 60, "AAAA", "2001:db8::99")
 upd.use_tsig(key)

@@ -34,7 +34,7 @@ from tunneld.dnsserver.store import ZoneStore
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
 SECRET = bytes(range(32))
-KEY = account_key(SECRET, DOMAIN)
+KEY = account_key(SECRET, DOMAIN).dnspython()  # dnspython signs the requests here
 T0 = 1_800_000_000
 SRC = ("192.0.2.50", 5353)
 

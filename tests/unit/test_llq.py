@@ -1,11 +1,14 @@
 """LLQ (RFC 8764) option and sans-I/O client.
 
-Vectors from PROTOCOLS.md §8/§9; the server side is built with dnspython."""
+Vectors: an option built by hand from the RFC 8764 §3.2 layout, and the LLQ option data of BIND's
+digdelv; the server side is built with dnspython."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import random
+import time
 
 import dns.edns
 import dns.flags
@@ -16,43 +19,46 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from tests.unit.dns_steps import SERVER, ClientView, llq_client
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import (
+    LLQ_POLL_INTERVAL,
+    Added,
+    Established,
+    Failed,
+    Fallback,
+    LLQState,
+    Refreshed,
+    Removed,
+)
+from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_SUCH_LLQ,
     LLQ_ERR_SERV_FULL,
     LLQ_OP_EVENT,
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
-    LLQ_POLL_INTERVAL,
     LLQ_REMOVE_TTL,
-    Added,
-    Established,
-    Failed,
-    Fallback,
-    LLQClient,
     LLQOption,
-    LLQState,
-    Refreshed,
-    Removed,
     find_llq_option,
     parse_llq_option,
     parse_message,
 )
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 QNAME = "_autotunnel._udp.bob.members.example."
 RDTYPE = "SRV"
 SERVER_ID = 0x0123456789ABCDEF
-SETUP_OPTION_HEX = "00010012000100010000000000000000000000001c20"  # PROTOCOLS §9
-SETUP_OPT_RR_HEX = "00002905a000000000001600010012000100010000000000000000000000001c20"  # PROTOCOLS §9
-BIND_LLQ_DATA_HEX = "0001000200001234567812345678fefefefe"  # BIND digdelv, PROTOCOLS §8
+SETUP_OPTION_HEX = "00010012000100010000000000000000000000001c20"  # RFC 8764 §3.2 layout, by hand
+SETUP_OPT_RR_HEX = "00002905a000000000001600010012000100010000000000000000000000001c20"  # in an OPT RR
+BIND_LLQ_DATA_HEX = "0001000200001234567812345678fefefefe"  # BIND digdelv
 
 
 def srv(target: str, port: int = 4500, ttl: int = 300, name: str = QNAME) -> dns.rrset.RRset:
     return dns.rrset.from_text(name, ttl, "IN", "SRV", f"0 0 {port} {target}")
 
 
-def make_client(lease: int = 7200, seed: int = 1) -> LLQClient:
-    return LLQClient(QNAME, RDTYPE, rand=random.Random(seed).randbytes, lease=lease)
+def make_client(lease: int = 7200, seed: int = 1) -> ClientView:
+    return llq_client(QNAME, RDTYPE, rand=random.Random(seed).randbytes, lease=lease)
 
 
 def reply(query_wire: bytes, option: LLQOption | None = None, answers: tuple[dns.rrset.RRset, ...] = (),
@@ -82,7 +88,7 @@ def event(llq_id: int, msg_id: int, answers: tuple[dns.rrset.RRset, ...], lease:
     return msg.to_wire()
 
 
-def state(client: LLQClient) -> LLQState:
+def state(client: ClientView) -> LLQState:
     """The client's state (a call, so mypy does not narrow it across calls)."""
     return client.state
 
@@ -91,7 +97,7 @@ def llq_of(wire: bytes) -> LLQOption | None:
     return find_llq_option(dns.message.from_wire(wire))
 
 
-def establish(client: LLQClient, answers: tuple[dns.rrset.RRset, ...] = (), lease: int = 7200,
+def establish(client: ClientView, answers: tuple[dns.rrset.RRset, ...] = (), lease: int = 7200,
               now: float = 0.0) -> list[object]:
     setup = client.start(now).wire
     challenge = reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, lease))
@@ -513,62 +519,41 @@ def test_wrong_question_and_not_response_ignored() -> None:
     assert state(client) == LLQState.SETUP_SENT
 
 
-def test_tsig_hooks_sign_and_verify() -> None:
-    signed: list[dns.message.Message] = []
-
-    class Hooks:
-        reject = False
-
-        def sign(self, message: dns.message.Message) -> bytes:
-            signed.append(message)
-            return message.to_wire()
-
-        def verify(self, wire: bytes) -> None:
-            if self.reject:
-                raise ValueError("bad MAC")
-
-    hooks = Hooks()
-    client = LLQClient(QNAME, RDTYPE, rand=random.Random(3).randbytes, tsig=hooks)
-    setup = client.start(0.0).wire
-    assert len(signed) == 1
-    hooks.reject = True
-    out = client.receive(reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)), 0.1)
-    assert out == ([], []) and client.counters["tsig rejected"] == 1
-    hooks.reject = False
-    out = client.receive(reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)), 0.1)
-    assert len(out.transmits) == 1 and len(signed) == 2
-
-
-def test_tsig_with_dnspython_keyring() -> None:
-    """An adapter-side TSIG implementation with dnspython (which reads the wall clock itself)."""
+def test_tsig_session_signs_requests_and_verifies_replies() -> None:
+    """Requests are signed at ``now``; a reply is verified over its request's MAC before it is parsed,
+    and refused (counted) when it does not verify. dnspython is the independent other side."""
     import dns.tsigkeyring
 
     keyring = dns.tsigkeyring.from_text({"llq-key.": "NoTCJU+DMqFWywaPyxSijrDEA/eC3nK0xi3AMEZuPVk="})
-
-    class Hooks:
-        def __init__(self) -> None:
-            self.macs: dict[int, bytes] = {}
-
-        def sign(self, message: dns.message.Message) -> bytes:
-            message.use_tsig(keyring, "llq-key.")
-            wire = message.to_wire()
-            self.macs[message.id] = message.mac or b""
-            return wire
-
-        def verify(self, wire: bytes) -> None:
-            msg_id = int.from_bytes(wire[:2], "big")
-            dns.message.from_wire(wire, keyring=keyring, request_mac=self.macs.get(msg_id, b""))
-
-    client = LLQClient(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=Hooks())
-    setup = client.start(0.0).wire
+    key = TsigKey(dns.name.from_text("llq-key."),
+                  base64.b64decode("NoTCJU+DMqFWywaPyxSijrDEA/eC3nK0xi3AMEZuPVk="))
+    now = time.time()  # dnspython checks the time against its own clock
+    client = llq_client(QNAME, RDTYPE, rand=random.Random(4).randbytes, tsig=TsigSession(key))
+    setup = client.start(now).wire
     query = dns.message.from_wire(setup, keyring=keyring)
     assert query.had_tsig
     response = dns.message.make_response(query)  # signed with the request MAC, as a server does
     response.use_edns(0, payload=1440, options=[LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200)])
     wire = response.to_wire()
     tampered = wire[:-1] + bytes([wire[-1] ^ 1])
-    assert client.receive(tampered, 0.1) == ([], [])
+    assert client.receive(tampered, now + 0.1) == ([], [])
     assert client.counters["tsig rejected"] == 1
-    out = client.receive(wire, 0.1)
+    assert client.receive(wire, now + 400) == ([], [])  # outside the fudge of our clock
+    assert client.counters["tsig rejected"] == 2
+    out = client.receive(wire, now + 0.1)
     assert state(client) == LLQState.CHALLENGE_SENT
     assert dns.message.from_wire(out.transmits[0].wire, keyring=keyring).had_tsig
+
+
+def test_datagrams_from_anywhere_but_the_server_are_dropped() -> None:
+    """A reply must come from where the request went: the same challenge from another address or port
+    changes nothing; from the server (its address written another way too) it is taken."""
+    client = make_client()
+    setup = client.start(0.0).wire
+    challenge = reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, SERVER_ID, 7200))
+    host, port = SERVER
+    for source in (("203.0.113.1", port), (host, port + 1)):
+        assert client.receive(challenge, 0.1, source=source) == ([], [])
+    assert client.counters["not from the server"] == 2 and state(client) == LLQState.SETUP_SENT
+    out = client.receive(challenge, 0.1, source=(f"::ffff:{host}", port))
+    assert len(out.transmits) == 1 and state(client) == LLQState.CHALLENGE_SENT

@@ -21,11 +21,21 @@ import dns.tsig
 import dns.update
 import pytest
 
+from tests.unit.dns_steps import ClientView, llq_client
 from tunneld.dnsserver import llq as llq_server
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQ_MAX_LEASE, LLQ_MIN_LEASE, LLQServer
 from tunneld.dnsserver.store import Change, ZoneStore
 from tunneld.proto.llq import (
+    Added,
+    Established,
+    Failed,
+    Fallback,
+    LLQState,
+    Refreshed,
+    Removed,
+)
+from tunneld.proto.llq_wire import (
     LLQ_ERR_FORMAT,
     LLQ_ERR_NO_SUCH_LLQ,
     LLQ_ERR_SERV_FULL,
@@ -33,22 +43,14 @@ from tunneld.proto.llq import (
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
     LLQ_REMOVE_TTL,
-    Added,
-    Established,
-    Failed,
-    Fallback,
-    LLQClient,
     LLQOption,
-    LLQState,
-    Refreshed,
-    Removed,
     find_llq_option,
 )
-from tunneld.services.watcher import AccountTsig
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
-KEY = account_key(bytes(range(32)), DOMAIN)
+KEY = account_key(bytes(range(32)), DOMAIN).dnspython()  # dnspython signs the updates here
 T0 = 1_800_000_000.0
 QNAME = "_autotunnel._udp.bob.example.com."
 CSRC = ("198.51.100.9", 40000)  # the LLQ client
@@ -62,47 +64,12 @@ def clock(at: float) -> Iterator[None]:
         yield
 
 
-class Hooks:
-    """Client-side TSIG with the account key (dnspython signs; time pinned to ``at``)."""
-
-    def __init__(self, key: dns.tsig.Key = KEY) -> None:
-        self.key = key
-        self.at = T0
-        self.macs: dict[int, bytes] = {}
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        message.use_tsig(self.key)
-        with clock(self.at):
-            wire: bytes = message.to_wire()
-        if not message.flags & dns.flags.QR:  # requests: remember the MAC to verify the reply
-            assert message.mac is not None
-            self.macs[message.id] = message.mac
-        return wire
-
-    def verify(self, wire: bytes) -> None:
-        (msg_id,) = struct.unpack_from("!H", wire)
-        with clock(self.at):
-            msg = dns.message.from_wire(wire, keyring=self.key, request_mac=self.macs.get(msg_id, b""))
-        if not msg.had_tsig:
-            raise ValueError("unsigned")
+def Hooks(key: dns.tsig.Key = KEY) -> TsigSession:
+    """The client side's TSIG: our session, with the account key (or another)."""
+    return TsigSession(TsigKey.of(key))
 
 
-class DaemonHooks:
-    """The TSIG hooks of the daemon's watcher (:class:`tunneld.services.watcher.AccountTsig`), which
-    keeps the MAC of every message it signs -- acks of events included -- under its message ID and checks
-    any datagram with that ID against it. Time pinned to ``at``."""
-
-    def __init__(self) -> None:
-        self.inner = AccountTsig(DOMAIN, KEY.secret)
-        self.at = T0
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        with clock(self.at):
-            return self.inner.sign(message)
-
-    def verify(self, wire: bytes) -> None:
-        with clock(self.at):
-            self.inner.verify(wire)
+DaemonHooks = Hooks  # the daemon's watcher uses the same session: MACs kept by request ID
 
 
 def event_ids_repeat(fixed: bytes = b"\x12\x34") -> Callable[[int], bytes]:
@@ -122,8 +89,8 @@ def make(require_tsig: bool = False, max_llqs: int = 1000) -> LLQServer:
     return LLQServer(core, random.Random(7).randbytes, max_llqs=max_llqs, require_tsig=require_tsig)
 
 
-def make_client(lease: int = 7200, tsig: Hooks | DaemonHooks | None = None) -> LLQClient:
-    return LLQClient(QNAME, "SRV", rand=random.Random(1).randbytes, lease=lease, tsig=tsig)
+def make_client(lease: int = 7200, tsig: TsigSession | None = None) -> ClientView:
+    return llq_client(QNAME, "SRV", rand=random.Random(1).randbytes, lease=lease, tsig=tsig)
 
 
 def update(server: LLQServer, *, add: str | None = None, delete: str | None = None, lease: int = 5400,
@@ -152,7 +119,7 @@ def send(server: LLQServer, wire: bytes, at: float, src: object = CSRC) -> list[
     return [w for _, w in out]
 
 
-def establish(server: LLQServer, client: LLQClient, at: float = T0) -> list[object]:
+def establish(server: LLQServer, client: ClientView, at: float = T0) -> list[object]:
     [challenge] = send(server, client.start(at).wire, at)
     out = client.receive(challenge, at)
     [response] = out.transmits
@@ -169,7 +136,7 @@ def option_of(wire: bytes) -> LLQOption:
     return option
 
 
-def targets(client: LLQClient) -> set[str]:
+def targets(client: ClientView) -> set[str]:
     return {rd.to_text() for rrset in client.records() for rd in rrset}
 
 
@@ -410,7 +377,7 @@ def test_half_open_kept_until_granted_lease() -> None:
 def test_server_full() -> None:
     server = make(max_llqs=1)
     send(server, make_client().start(T0).wire, T0)
-    other = LLQClient("x.example.com.", "A", rand=random.Random(5).randbytes)
+    other = llq_client("x.example.com.", "A", rand=random.Random(5).randbytes)
     [reply] = send(server, other.start(T0).wire, T0)
     assert option_of(reply).error == LLQ_ERR_SERV_FULL
     assert any(isinstance(e, Fallback) for e in other.receive(reply, T0).events)
@@ -434,7 +401,6 @@ def test_signed_llq_end_to_end() -> None:
     assert any(isinstance(e, Established) for e in events)
     assert client.counters["tsig rejected"] == 0
     [(_, event)] = server.changes(update(server, add="0 0 1 b.example.com.", at=T0 + 1), T0 + 1)
-    hooks.at = T0 + 1
     out = client.receive(event, T0 + 1)
     assert [type(e) for e in out.events] == [Added]
     [ack] = out.transmits
@@ -450,7 +416,7 @@ def test_signed_llq_end_to_end() -> None:
 
 def test_signed_with_wrong_key_is_notauth() -> None:
     server = make(require_tsig=True)
-    wrong = account_key(b"\x01" * 32, DOMAIN)
+    wrong = account_key(b"\x01" * 32, DOMAIN).dnspython()
     client = make_client(tsig=Hooks(wrong))
     [reply] = send(server, client.start(T0).wire, T0)
     assert dns.message.from_wire(reply, keyring=False).rcode() == dns.rcode.NOTAUTH
@@ -514,7 +480,7 @@ def test_new_setup_restarts_llq() -> None:
     first = make_client()
     establish(server, first)
     old = first.llq_id
-    second = LLQClient(QNAME, "SRV", rand=random.Random(99).randbytes)
+    second = llq_client(QNAME, "SRV", rand=random.Random(99).randbytes)
     establish(server, second, T0 + 5)
     assert server.llq_ids() == [second.llq_id] and second.llq_id != old
 
@@ -597,12 +563,11 @@ def test_restore_drops_expired_llqs(tmp_path: Path) -> None:
 # ---- event message IDs: a client that keeps a MAC per message ID must never see an ID it used again ------
 
 
-def deliver(server: LLQServer, client: LLQClient, hooks: DaemonHooks, changes: list[Change], at: float,
+def deliver(server: LLQServer, client: ClientView, hooks: TsigSession, changes: list[Change], at: float,
             ids: list[int]) -> list[object]:
     """The event for ``changes`` to ``client`` and its ack back; the client's events. Records the ID."""
     [(_, event)] = server.changes(changes, at)
     ids.append(dns.message.from_wire(event, keyring=False).id)
-    hooks.at = at
     out = client.receive(event, at)
     for ack in out.transmits:
         assert send(server, ack.wire, at) == []
@@ -635,7 +600,7 @@ def test_event_ids_skip_the_message_ids_of_the_clients_requests() -> None:
     hooks = DaemonHooks()
     draws = iter([b"\x12\x34"])
     rnd = random.Random(3)
-    client = LLQClient(QNAME, "SRV", rand=lambda n: next(draws, None) or rnd.randbytes(n), lease=7200,
+    client = llq_client(QNAME, "SRV", rand=lambda n: next(draws, None) or rnd.randbytes(n), lease=7200,
                        tsig=hooks)
     establish(server, client)
     ids: list[int] = []
@@ -647,7 +612,7 @@ def test_event_ids_skip_the_message_ids_of_the_clients_requests() -> None:
     nxt = (ids[-1] + 1) & 0xFFFF
     refresh = dns.message.make_query(QNAME, "SRV", use_edns=0, payload=1440, id=nxt,
                                      options=[LLQOption(1, LLQ_OP_REFRESH, 0, client.llq_id, 7200)])
-    [reply] = send(server, hooks.sign(refresh), T0 + 2)
+    [reply] = send(server, hooks.sign(refresh.to_wire(), T0 + 2), T0 + 2)
     assert option_of(reply).error == 0
     changes = update(server, add="0 0 2 b.example.com.", at=T0 + 3)
     events = deliver(server, client, hooks, changes, T0 + 3, ids)
@@ -661,7 +626,7 @@ def test_llqs_on_one_socket_share_the_event_id_sequence() -> None:
     server = LLQServer(make().core, event_ids_repeat(), require_tsig=True)
     hooks = DaemonHooks()
     bob = make_client(tsig=hooks)
-    carol = LLQClient(other, "SRV", rand=random.Random(2).randbytes, lease=7200, tsig=hooks)
+    carol = llq_client(other, "SRV", rand=random.Random(2).randbytes, lease=7200, tsig=hooks)
     establish(server, bob)
     establish(server, carol)
     ids: list[int] = []
@@ -705,7 +670,7 @@ def test_id_state_of_sources_without_llqs_is_bounded(monkeypatch: pytest.MonkeyP
     establish(server, keeper)
     for port in range(10):  # LLQs set up and cancelled from ten other sources
         src = ("198.51.100.20", 50000 + port)
-        c = LLQClient(QNAME, "SRV", rand=random.Random(port).randbytes)
+        c = llq_client(QNAME, "SRV", rand=random.Random(port).randbytes)
         [challenge] = send(server, c.start(T0).wire, T0, src=src)
         [response] = c.receive(challenge, T0).transmits
         [ack] = send(server, response.wire, T0, src=src)

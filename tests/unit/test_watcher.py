@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from collections import Counter
 
 import dns.flags
@@ -18,25 +19,27 @@ import dns.rrset
 import dns.tsig
 import pytest
 
+from tests.unit.dns_steps import SERVER, Sent, Step, WatcherView
+from tests.unit.dns_steps import watcher as make_watcher
 from tunneld.identity import ula_for
 from tunneld.proto import records
+from tunneld.proto.core import Address, Outbox
 from tunneld.proto.llq import (
-    LLQ_OP_SETUP,
     Added,
     Established,
     Event,
     Failed,
     Fallback,
-    LLQOption,
     LLQState,
-    Output,
     Removed,
-    Transmit,
-    TsigHooks,
+)
+from tunneld.proto.llq_wire import (
+    LLQ_OP_SETUP,
+    LLQOption,
     find_llq_option,
 )
+from tunneld.proto.tsig import TsigError, TsigKey, TsigSession
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, QueryStatus, Watcher
-from tunneld.services.watcher import AccountTsig
 
 DOMAIN = "members.example"
 BOB_KEY = bytes(range(32))
@@ -47,38 +50,48 @@ V4_NEW = ipaddress.IPv4Address("203.0.113.9")
 Q = tuple[dns.name.Name, dns.rdatatype.RdataType]
 
 
-class FakeClient:
-    """Stand-in for LLQClient: the test queues Outputs; start/stop/poll are recorded."""
+class FakeClient(Outbox[Event]):
+    """Stand-in for LLQClient: the test queues Steps (what the client sends and reports on its next
+    receive or poll); start/close/poll are recorded."""
 
     def __init__(self, factory: FakeFactory, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+        super().__init__()
         self.factory = factory
         self.qname = qname
         self.rdtype = rdtype
         self.state = LLQState.IDLE
         self.counters: Counter[str] = Counter()
-        self.queued: list[Output] = []
+        self.queued: list[Step[Event]] = []
         self.received: list[bytes] = []
         self.polled: list[float] = []
         self.next_deadline: float | None = None
 
-    def start(self, now: float) -> Transmit:
+    def start(self, now: float) -> None:
         self.state = LLQState.SETUP_SENT
         self.factory.started.append((self.qname, self.rdtype))
         rdtype = dns.rdatatype.to_text(self.rdtype)
-        return Transmit(f"start {self.qname} {rdtype}".encode())
+        self._send(SERVER, f"start {self.qname} {rdtype}".encode())
 
-    def stop(self, now: float) -> list[Transmit]:
+    def close(self, now: float) -> None:
         self.state = LLQState.STOPPED
         self.factory.stopped.append((self.qname, self.rdtype))
-        return [Transmit(b"stop " + self.qname.to_text().encode())]
+        self._send(SERVER, b"stop " + self.qname.to_text().encode())
 
-    def receive(self, wire: bytes, now: float) -> Output:
-        self.received.append(wire)
-        return self.queued.pop(0) if self.queued else Output([], [])
+    def _next(self) -> None:
+        if self.queued:
+            step = self.queued.pop(0)
+            for sent in step.transmits:
+                self._send(SERVER, sent.wire)
+            for event in step.events:
+                self._emit(event)
 
-    def poll(self, now: float) -> Output:
+    def receive(self, data: bytes, source: Address, now: float) -> None:
+        self.received.append(data)
+        self._next()
+
+    def poll(self, now: float) -> None:
         self.polled.append(now)
-        return self.queued.pop(0) if self.queued else Output([], [])
+        self._next()
 
     def deadline(self) -> float | None:
         return self.next_deadline
@@ -89,10 +102,10 @@ class FakeFactory:
         self.clients: dict[Q, FakeClient] = {}
         self.started: list[Q] = []
         self.stopped: list[Q] = []
-        self.args: list[tuple[int, TsigHooks | None]] = []
+        self.args: list[tuple[int, TsigSession | None]] = []
 
-    def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *, rand: object, lease: int,
-                 tsig: TsigHooks | None) -> FakeClient:
+    def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *, server: Address,
+                 rand: object, lease: int, tsig: TsigSession | None) -> FakeClient:
         client = FakeClient(self, qname, rdtype)
         self.clients[(qname, rdtype)] = client
         self.args.append((lease, tsig))
@@ -106,10 +119,10 @@ def wire_for(question: Q) -> bytes:
     return dns.message.make_response(dns.message.make_query(question[0], question[1])).to_wire()
 
 
-def deliver(watcher: Watcher, factory: FakeFactory, question: Q, events: list[Event],
-            now: float = 1.0) -> tuple[list[Transmit], list[object]]:
+def deliver(watcher: WatcherView, factory: FakeFactory, question: Q, events: list[Event],
+            now: float = 1.0) -> tuple[list[Sent], list[object]]:
     client = factory.clients[question]
-    client.queued.append(Output([Transmit(b"ack")], events))
+    client.queued.append(Step([Sent(b"ack")], events))
     out = watcher.receive(wire_for(question), now)
     assert client.received, "the message was not routed to its question's client"
     return out.transmits, [e for e in out.events if not isinstance(e, QueryStatus)]
@@ -135,7 +148,7 @@ def host(name: str = "bob", key: bytes = BOB_KEY, address: ipaddress.IPv4Address
     return records.HostRecords.derive(name, DOMAIN, key, port, [address])
 
 
-def publish(watcher: Watcher, factory: FakeFactory, rec: records.HostRecords,
+def publish(watcher: WatcherView, factory: FakeFactory, rec: records.HostRecords,
             targets: bool = True) -> list[object]:
     """Deliver the host's records (except the browse PTR) as Added events, question by question, to the
     clients running (in build order, so a TXT starts the target clients before the target's records)."""
@@ -152,14 +165,15 @@ def publish(watcher: Watcher, factory: FakeFactory, rec: records.HostRecords,
 
 def setup(own: str = "alice") -> tuple[Watcher, FakeFactory]:
     factory = FakeFactory()
-    watcher = Watcher(DOMAIN, own, rand=random.Random(1).randbytes, client_factory=factory)
+    watcher = make_watcher(DOMAIN, own, rand=random.Random(1).randbytes, client_factory=factory)
     transmits = watcher.start(0.0)
     assert factory.started == [BROWSE]
     assert len(transmits) == 1
     return watcher, factory
 
 
-def learn_bob(watcher: Watcher, factory: FakeFactory, rec: records.HostRecords | None = None) -> list[object]:
+def learn_bob(watcher: WatcherView, factory: FakeFactory,
+              rec: records.HostRecords | None = None) -> list[object]:
     rec = rec or host()
     deliver(watcher, factory, BROWSE, [Added(ptr(rec.name))])
     return publish(watcher, factory, rec)
@@ -267,7 +281,7 @@ def test_txt_removed_gives_peer_gone_and_stops_target_clients() -> None:
     assert events == [PeerGone("bob", BOB_KEY)]
     target = records.target_name(DOMAIN, BOB_KEY)
     assert set(factory.stopped) == {(target, dns.rdatatype.A), (target, dns.rdatatype.AAAA)}
-    assert Transmit(b"stop " + target.to_text().encode()) in transmits
+    assert Sent(b"stop " + target.to_text().encode()) in transmits
     assert watcher.peers() == []
     assert watcher.state["hosts"]["bob"]["incomplete"].startswith("missing txt:")
 
@@ -335,10 +349,10 @@ def test_failed_llq_is_reported_and_records_kept() -> None:
     watcher, factory = setup()
     learn_bob(watcher, factory)
     srv_q = (records.service_name(DOMAIN, "bob"), dns.rdatatype.SRV)
-    factory.clients[srv_q].queued.append(Output([Transmit(b"setup")], [Failed("NO-SUCH-LLQ")]))
+    factory.clients[srv_q].queued.append(Step([Sent(b"setup")], [Failed("NO-SUCH-LLQ")]))
     factory.clients[srv_q].next_deadline = 3.0
     out = watcher.poll(3.0)
-    assert out == ([Transmit(b"setup")], [QueryStatus(srv_q[0], srv_q[1], "failed", "NO-SUCH-LLQ")])
+    assert out == ([Sent(b"setup")], [QueryStatus(srv_q[0], srv_q[1], "failed", "NO-SUCH-LLQ")])
     assert watcher.peers() == [host()]
     assert watcher.state["counters"]["LLQ failed"] == 1
 
@@ -381,6 +395,10 @@ def test_messages_are_routed_by_question() -> None:
     assert counters["unknown question"] == 1
     assert counters["not one question"] == 1
     assert sum(v for k, v in counters.items() if k.startswith("parse error")) == 1
+    # From anywhere but the server: dropped before it reaches a client.
+    assert watcher.receive(wire_for(srv_q), 2.0, source=("203.0.113.1", 53)) == ([], [])
+    assert len(factory.clients[srv_q].received) == 2
+    assert watcher.state["counters"]["not from the server"] == 1
 
 
 def test_deadline_and_poll_aggregate_clients() -> None:
@@ -393,16 +411,16 @@ def test_deadline_and_poll_aggregate_clients() -> None:
     factory.clients[srv_q].next_deadline = 10.0
     factory.clients[txt_q].next_deadline = 20.0
     assert watcher.deadline() == 10.0
-    factory.clients[srv_q].queued.append(Output([Transmit(b"retry")], [Fallback(900.0, "silence")]))
+    factory.clients[srv_q].queued.append(Step([Sent(b"retry")], [Fallback(900.0, "silence")]))
     out = watcher.poll(15.0)
-    assert out.transmits == [Transmit(b"retry")]
+    assert out.transmits == [Sent(b"retry")]
     assert out.events == [QueryStatus(srv_q[0], srv_q[1], "fallback", "silence")]
     assert factory.clients[srv_q].polled == [15.0]
     assert factory.clients[txt_q].polled == [] and factory.clients[BROWSE].polled == []
     # A poll answer (records from the fallback) is handled like events.
     rec = host()
     txt = by_question(records.build(rec, 300))[txt_q]
-    factory.clients[txt_q].queued.append(Output([], [Added(r) for r in txt]))
+    factory.clients[txt_q].queued.append(Step([], [Added(r) for r in txt]))
     watcher.poll(20.0)
     assert (records.target_name(DOMAIN, BOB_KEY), dns.rdatatype.A) in factory.live()
 
@@ -417,23 +435,15 @@ def test_stop_stops_every_client() -> None:
     assert watcher.receive(wire_for(BROWSE), 6.0) == ([], [])
 
 
-def test_tsig_hooks_and_lease_reach_the_clients() -> None:
+def test_tsig_session_and_lease_reach_the_clients() -> None:
     factory = FakeFactory()
-    signed: list[int] = []
-
-    def sign(message: dns.message.Message) -> bytes:
-        signed.append(message.id)
-        return message.to_wire()
-
-    watcher = Watcher(DOMAIN, "alice", lease=600, sign=sign, client_factory=factory)
+    key = TsigKey(dns.name.from_text(DOMAIN), bytes(range(32)))
+    watcher = make_watcher(DOMAIN, "alice", lease=600, key=key, client_factory=factory)
     watcher.start(0.0)
     lease, tsig = factory.args[0]
-    assert lease == 600 and tsig is not None
-    tsig.sign(dns.message.make_query("x.example.", "A", id=7))
-    tsig.verify(b"anything")  # no verify hook: accepted
-    assert signed == [7]
+    assert lease == 600 and tsig is not None and tsig.key == key
     factory2 = FakeFactory()
-    Watcher(DOMAIN, "alice", client_factory=factory2).start(0.0)
+    make_watcher(DOMAIN, "alice", client_factory=factory2).start(0.0)
     assert factory2.args[0] == (7200, None)
 
 
@@ -447,8 +457,8 @@ def respond(query_wire: bytes, option: LLQOption, answers: list[dns.rrset.RRset]
     return response.to_wire()
 
 
-def handshake(watcher: Watcher, setup_wire: bytes, answers: list[dns.rrset.RRset], llq_id: int,
-              now: float) -> tuple[list[Transmit], list[object]]:
+def handshake(watcher: WatcherView, setup_wire: bytes, answers: list[dns.rrset.RRset], llq_id: int,
+              now: float) -> tuple[list[Sent], list[object]]:
     """Challenge, then ACK with ``answers``; returns what the watcher emitted on the ACK."""
     out = watcher.receive(respond(setup_wire, LLQOption(1, LLQ_OP_SETUP, 0, llq_id, 3600), []), now)
     assert len(out.transmits) == 1  # the challenge response
@@ -460,7 +470,7 @@ def handshake(watcher: Watcher, setup_wire: bytes, answers: list[dns.rrset.RRset
     return ack.transmits, list(ack.events)
 
 
-def questions_of(transmits: list[Transmit]) -> dict[Q, bytes]:
+def questions_of(transmits: list[Sent]) -> dict[Q, bytes]:
     result: dict[Q, bytes] = {}
     for transmit in transmits:
         q = dns.message.from_wire(transmit.wire).question[0]
@@ -469,7 +479,7 @@ def questions_of(transmits: list[Transmit]) -> dict[Q, bytes]:
 
 
 def test_real_llq_clients_end_to_end() -> None:
-    watcher = Watcher(DOMAIN, "alice", rand=random.Random(7).randbytes)
+    watcher = make_watcher(DOMAIN, "alice", rand=random.Random(7).randbytes)
     [setup_wire] = [t.wire for t in watcher.start(0.0)]
     transmits, events = handshake(watcher, setup_wire, [ptr("bob")], 0x1111, 0.5)
     assert QueryStatus(BROWSE[0], BROWSE[1], "established") in events
@@ -478,7 +488,7 @@ def test_real_llq_clients_end_to_end() -> None:
     rec = host()
     grouped = by_question(records.build(rec, 300))
     learned: list[object] = []
-    new_setups: list[Transmit] = []
+    new_setups: list[Sent] = []
     for i, (question, wire) in enumerate(sorted(questions.items(), key=str)):
         sent, got = handshake(watcher, wire, grouped[question], 0x2000 + i, 1.0)
         new_setups += sent
@@ -496,7 +506,7 @@ def test_real_llq_clients_end_to_end() -> None:
 
 
 def test_response_without_qr_is_dropped_by_the_client() -> None:
-    watcher = Watcher(DOMAIN, "alice", rand=random.Random(3).randbytes)
+    watcher = make_watcher(DOMAIN, "alice", rand=random.Random(3).randbytes)
     [setup_wire] = [t.wire for t in watcher.start(0.0)]
     msg = dns.message.from_wire(respond(setup_wire, LLQOption(1, LLQ_OP_SETUP, 0, 5, 3600), []))
     msg.flags &= ~dns.flags.QR
@@ -505,7 +515,8 @@ def test_response_without_qr_is_dropped_by_the_client() -> None:
 
 
 def _server_signed(msg_id: int, secret: bytes, request_mac: bytes = b"") -> bytes:
-    """A response from the server, signed with the account key over `request_mac` (b"": unsolicited)."""
+    """A response from the server, signed by dnspython (at its clock) with the account key over
+    `request_mac` (b"": unsolicited)."""
     name = dns.name.from_text(DOMAIN)
     msg = dns.message.Message(id=msg_id)
     msg.flags = dns.flags.QR
@@ -514,21 +525,22 @@ def _server_signed(msg_id: int, secret: bytes, request_mac: bytes = b"") -> byte
     return msg.to_wire()
 
 
-def test_account_tsig_checks_events_whatever_their_message_id() -> None:
-    """The daemon's TSIG hooks: an answer is checked against its request's MAC; an unsolicited event is
-    accepted even when its ID equals one of our requests' or acks' IDs (a server picks event IDs freely;
-    remembering acks and checking events against them made such an event unverifiable, and the LLQ
-    behind it stalled until the next refresh)."""
+def test_tsig_session_checks_events_whatever_their_message_id() -> None:
+    """The watcher's TSIG session: an answer is checked against its request's MAC; an unsolicited event
+    is accepted even when its ID equals one of our requests' or acks' IDs (a server picks event IDs
+    freely; remembering acks and checking events against them made such an event unverifiable, and the
+    LLQ behind it stalled until the next refresh)."""
     secret = bytes(range(32))
-    tsig = AccountTsig(DOMAIN, secret)
-    request = dns.message.make_query("x." + DOMAIN, "A", id=7)
-    tsig.sign(request)
-    tsig.verify(_server_signed(7, secret, request.mac))  # the answer to request 7
-    tsig.verify(_server_signed(7, secret))  # an event that drew ID 7
+    session = TsigSession(TsigKey(dns.name.from_text(DOMAIN), secret))
+    now = time.time()
+    request = session.sign(dns.message.make_query("x." + DOMAIN, "A", id=7).to_wire(), now)
+    mac = dns.message.from_wire(request, keyring=False).tsig[0].mac  # type: ignore[index]
+    session.verify(_server_signed(7, secret, mac), now)  # the answer to request 7
+    session.verify(_server_signed(7, secret), now)  # an event that drew ID 7
     ack = dns.message.Message(id=9)
     ack.flags = dns.flags.QR
-    tsig.sign(ack)
-    tsig.verify(_server_signed(9, secret))  # the next event that drew the ID of our ack
-    for wire in (_server_signed(7, bytes(32), request.mac), _server_signed(11, bytes(32))):
-        with pytest.raises(dns.tsig.BadSignature):
-            tsig.verify(wire)  # another key: refused either way
+    session.sign(ack.to_wire(), now)
+    session.verify(_server_signed(9, secret), now)  # the next event that drew the ID of our ack
+    for wire in (_server_signed(7, bytes(32), mac), _server_signed(11, bytes(32))):
+        with pytest.raises(TsigError, match="mac"):
+            session.verify(wire, now)  # another key: refused either way

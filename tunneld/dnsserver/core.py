@@ -3,15 +3,10 @@ and the Update Lease option (RFC 9664).
 
 :meth:`DnsCore.handle` takes one request's wire bytes, the sender and the wall-clock time, and returns the
 reply's wire bytes or None (no reply). It never reads a clock, never touches a socket and never raises.
-dnspython parses and renders everything; only TSIG validation and signing are driven by hand, through
-``dns.tsig.validate``/``dns.tsig.sign`` with our ``now``, because ``Message.from_wire``/``to_wire`` would
-read ``time.time()`` themselves. Requests are parsed with ``keyring=False`` (no validation), then the TSIG
-is checked in RFC 8945 §5.2 order: key (BADKEY), MAC (BADSIG), then time (BADTIME).
-
-Seams for the next pieces: a UDP/TCP listener calls ``handle(wire, src, now, max_size=...)`` per datagram
-or TCP message; the LLQ server can take QUERY messages that carry an LLQ option before they get here (or
-wrap :meth:`DnsCore.answer` for the ACK+answers and event bodies), and turns ``ZoneStore.expire`` results
-and :attr:`DnsCore.last_changes` into events.
+dnspython parses and renders; TSIG is :mod:`tunneld.proto.tsig`'s, with our ``now``: a signed reply is
+rendered once and its TSIG computed over exactly those bytes (dnspython shuffles an RRset's records at
+each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`DnsCore.check_tsig`,
+:meth:`DnsCore.render` and :meth:`DnsCore.answer`.
 """
 
 from __future__ import annotations
@@ -29,14 +24,11 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TSIG
 import dns.rrset
 import dns.tsig
 import dns.update
-import dns.wire
 
 from crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.store import (
@@ -50,35 +42,44 @@ from tunneld.dnsserver.store import (
     Lease,
     ZoneStore,
 )
+from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
+from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import (
+    BADKEY,
+    BADSIG,
+    BADTIME,
+    TsigError,
+    TsigKey,
+    check,
+    signed_size,
+    unsigned_error,
+)
+from tunneld.proto.tsig import sign as tsig_sign
 
-__all__ = ["UPDATE_LEASE_OPTION", "DnsCore", "Policy", "Signer", "account_key"]
+__all__ = ["DnsCore", "Policy", "Signer", "account_key"]
 
 log = logging.getLogger(__name__)
 
-UPDATE_LEASE_OPTION: Final = 2
-"""EDNS option code of the Update Lease option (RFC 9664 §4)."""
 
 _HDR: Final = struct.Struct("!HHHHHH")
-_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION)  # dnspython has no name for code 2
+_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION_CODE)  # dnspython has no name for code 2
 
 
-def account_key(secret: bytes, domain: str) -> dns.tsig.Key:
-    """The account's TSIG key: hmac-sha256, key name = the domain, secret from crypto.kdf.
-
-    Never log or repr the result: ``dns.tsig.Key.__repr__`` prints the secret.
-    """
-    name = dns.name.from_text(domain).canonicalize()
-    return dns.tsig.Key(name, derive_tsig_key(secret, domain), dns.tsig.HMAC_SHA256)
+def account_key(secret: bytes, domain: str) -> TsigKey:
+    """The account's TSIG key: hmac-sha256, key name = the domain, secret from crypto.kdf. Its repr never
+    shows the secret; :meth:`~tunneld.proto.tsig.TsigKey.dnspython` gives the key to tools that sign with
+    dnspython."""
+    return TsigKey(dns.name.from_text(domain).canonicalize(), derive_tsig_key(secret, domain))
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Server limits. Leases are clamped to [min_lease, max_lease] (ARCHITECTURE: 30 min to 2 h)."""
+    """Server limits. Leases are clamped to [min_lease, max_lease] (by default 30 min to 2 h)."""
 
     min_lease: int = 1800
     max_lease: int = 7200
     require_lease: bool = True
-    """Refuse updates that add records without an Update Lease option (dnsextd precedent, PROTOCOLS §4)."""
+    """Refuse updates that add records without an Update Lease option (as Apple's dnsextd does)."""
     default_lease: int | None = None
     """If set, updates without the option get this lease (clamped) instead: plain RFC 2136 clients such as
     nsupdate cannot send RFC 9664's option, and their records should still expire."""
@@ -89,7 +90,7 @@ class Policy:
 class Signer:
     """How to sign a reply: the validated request's key, MAC and TSIG fields."""
 
-    key: dns.tsig.Key
+    key: TsigKey
     request_mac: bytes
     request_time: int
     fudge: int
@@ -101,38 +102,19 @@ class _Reject(Exception):
         self.rcode = rcode
 
 
-def _rr_starts(wire: bytes) -> list[tuple[int, int]]:
-    """(offset, TTL) of every RR after the question section, walked with dnspython's wire parser.
-
-    dnspython keeps neither the TSIG RR's offset (needed by ``dns.tsig.validate``) nor the TTL of RRs
-    without RDATA (RFC 2136 prerequisites and deletions must have TTL 0), so we read them here. Only
-    called on wire that ``dns.message.from_wire`` has already accepted.
-    """
-    p = dns.wire.Parser(wire)
-    _, _, qd, an, ns, ar = p.get_struct("!HHHHHH")
-    for _ in range(qd):
-        p.get_name(decompress=True)
-        p.get_struct("!HH")
-    out: list[tuple[int, int]] = []
-    for _ in range(an + ns + ar):
-        start = p.current
-        p.get_name(decompress=True)
-        _, _, ttl, rdlen = p.get_struct("!HHIH")
-        p.get_bytes(rdlen)
-        out.append((start, ttl))
-    return out
-
-
 _ANSWERED_MAX: Final = 65536  # signed UPDATE replies remembered against replays (some 20 MB at most)
 
 
 class DnsCore:
     """The handler for one zone. ``keys`` maps key names to dnspython TSIG keys (usually one: the account)."""
 
-    def __init__(self, store: ZoneStore, keys: Sequence[dns.tsig.Key], policy: Policy | None = None) -> None:
+    def __init__(self, store: ZoneStore, keys: Sequence[TsigKey | dns.tsig.Key],
+                 policy: Policy | None = None) -> None:
+        """``keys``: ours, or dnspython's (as tests and tools hold them), held as ours."""
         self.store = store
         self.zone = store.zone
-        self._keys: dict[dns.name.Name, dns.tsig.Key] = {k.name.canonicalize(): k for k in keys}
+        ours = [TsigKey.of(k) for k in keys]
+        self._keys: dict[dns.name.Name, TsigKey] = {k.name.canonicalize(): k for k in ours}
         self.policy = policy or Policy()
         self.last_changes: list[Change] = []
         """The change list of the last update that changed the zone (for the future LLQ server)."""
@@ -227,49 +209,28 @@ class DnsCore:
             answered[signer.request_mac] = (signer.request_time + signer.fudge, reply)
         return reply
 
-    def key(self, name: dns.name.Name) -> dns.tsig.Key | None:
+    def key(self, name: dns.name.Name) -> TsigKey | None:
         """The TSIG key of that name, if it is one of ours (for the LLQ server's restored LLQs)."""
         return self._keys.get(name.canonicalize())
 
     def check_tsig(self, req: dns.message.Message, wire: bytes, now: int) -> Signer | bytes:
-        """Validate a signed request (RFC 8945 §5.2): how to sign the reply, or the wire of the error
-        reply (BADKEY, BADSIG, BADTIME) to send instead. Shared with the LLQ server."""
-        assert req.tsig is not None
-        keyname = req.tsig.name
-        rdata = req.tsig[0]
-        assert isinstance(rdata, dns.rdtypes.ANY.TSIG.TSIG)
-        key = self._keys.get(keyname.canonicalize())
-        if key is None:
-            return self._tsig_error(req, keyname, rdata, dns.rcode.BADKEY)
-        tsig_start = _rr_starts(wire)[-1][0]
+        """Validate a signed request (RFC 8945 §5.2: key, MAC, time): how to sign the reply, or the wire
+        of the error reply (BADKEY, BADSIG unsigned; BADTIME signed) to send instead. Shared with the LLQ
+        server."""
         try:
-            dns.tsig.validate(  # type: ignore[no-untyped-call]  # dnspython leaves validate unannotated
-                wire, key, keyname, rdata, now, b"", tsig_start
-            )
-        except (dns.tsig.BadKey, dns.tsig.BadAlgorithm):
-            return self._tsig_error(req, keyname, rdata, dns.rcode.BADKEY)
-        except dns.tsig.BadSignature:
-            return self._tsig_error(req, keyname, rdata, dns.rcode.BADSIG)
-        except dns.tsig.BadTime:
-            signer = Signer(key, rdata.mac, rdata.time_signed, rdata.fudge)
-            resp = self._error(req, dns.rcode.NOTAUTH)
-            return self.sign(
-                resp, signer, now, dns.rcode.BADTIME, rdata.time_signed, struct.pack("!Q", now)[2:]
-            )
-        except Exception:  # PeerError (a request carrying a TSIG error), FormError, bad algorithm...
+            key, tsig = check(wire, self._keys, now)
+        except ParseError:
             return self._error(req, dns.rcode.FORMERR).to_wire()
-        return Signer(key, rdata.mac, rdata.time_signed, self.policy.fudge)
-
-    def _tsig_error(
-        self, req: dns.message.Message, keyname: dns.name.Name, rdata: dns.rdtypes.ANY.TSIG.TSIG, error: int
-    ) -> bytes:
-        """NOTAUTH with an unsigned TSIG carrying ``error`` (BADKEY/BADSIG, RFC 8945 §5.3.2)."""
-        resp = self._error(req, dns.rcode.NOTAUTH)
-        tsig = dns.rdtypes.ANY.TSIG.TSIG(  # type: ignore[no-untyped-call]  # dnspython: unannotated __init__
-            dns.rdataclass.ANY, dns.rdatatype.TSIG, rdata.algorithm, 0, rdata.fudge, b"", req.id, error, b""
-        )
-        resp.tsig = dns.rrset.from_rdata(keyname, 0, tsig)
-        return resp.to_wire()
+        except TsigError as e:
+            if e.tsig is None or e.error not in (BADKEY, BADSIG, BADTIME):
+                return self._error(req, dns.rcode.FORMERR).to_wire()  # a request carrying a TSIG error
+            if e.error == BADTIME:
+                key = self._keys[e.tsig.name.canonicalize()]
+                signer = Signer(key, e.tsig.mac, e.tsig.time_signed, e.tsig.fudge)
+                return self.sign(self._error(req, dns.rcode.NOTAUTH), signer, now, BADTIME,
+                                 e.tsig.time_signed, struct.pack("!Q", now)[2:])
+            return unsigned_error(self._error(req, dns.rcode.NOTAUTH).to_wire(), e.tsig, e.error)
+        return Signer(key, tsig.mac, tsig.time_signed, self.policy.fudge)
 
     def sign(
         self,
@@ -281,29 +242,14 @@ class DnsCore:
         other: bytes = b"",
         max_size: int = 65535,
     ) -> bytes:
-        """Render ``resp`` and sign it with the request MAC at ``time_signed`` (default ``now``)."""
+        """Render ``resp`` once (leaving room for the TSIG RR within ``max_size``) and append a TSIG
+        computed over exactly those bytes, with the request MAC, at ``time_signed`` (default ``now``).
+        Raises dns.exception.TooBig if it does not fit."""
         resp.tsig = None
-        unsigned = resp.to_wire(max_size=max_size)
-        template = dns.rdtypes.ANY.TSIG.TSIG(  # type: ignore[no-untyped-call]  # unannotated __init__
-            dns.rdataclass.ANY,
-            dns.rdatatype.TSIG,
-            signer.key.algorithm,
-            0,
-            signer.fudge,
-            b"",
-            resp.id,
-            error,
-            other,
-        )
-        signed, _ = dns.tsig.sign(  # type: ignore[no-untyped-call]  # dnspython leaves sign unannotated
-            unsigned,
-            signer.key,
-            template,
-            now if time_signed is None else time_signed,
-            signer.request_mac,
-        )
-        resp.tsig = dns.rrset.from_rdata(signer.key.name, 0, signed)
-        return resp.to_wire(max_size=max_size)
+        unsigned = resp.to_wire(max_size=max_size - signed_size(signer.key, len(other)))
+        signed, _ = tsig_sign(unsigned, signer.key, now if time_signed is None else time_signed,
+                              signer.request_mac, signer.fudge, error, other)
+        return signed
 
     def _error(self, req: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
         mode = (
@@ -412,7 +358,7 @@ class DnsCore:
 
     def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
         """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""
-        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION]
+        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION_CODE]
         lo, hi = self.policy.min_lease, self.policy.max_lease
         if not opts:
             default = self.policy.default_lease
@@ -422,19 +368,12 @@ class DnsCore:
             return Lease(granted, granted), None  # no option asked, none in the reply
         if len(opts) > 1:
             raise _Reject(dns.rcode.FORMERR)
-        data = opts[0].to_wire()
-        assert data is not None
-        if len(data) == 4:
-            (asked,) = struct.unpack("!I", data)
-            key_asked = asked
-        elif len(data) == 8:
-            asked, key_asked = struct.unpack("!II", data)
-        else:
-            raise _Reject(dns.rcode.FORMERR)
-        lease = Lease(min(max(asked, lo), hi), min(max(key_asked, lo), hi))
-        if len(data) == 4:
-            return lease, struct.pack("!I", lease.lease)
-        return lease, struct.pack("!II", lease.lease, lease.key_lease)
+        try:
+            asked, key_asked = decode_update_lease(opts[0].to_wire() or b"")
+        except ParseError:
+            raise _Reject(dns.rcode.FORMERR) from None
+        lease = Lease(min(max(asked, lo), hi), min(max(asked if key_asked is None else key_asked, lo), hi))
+        return lease, encode_update_lease(lease.lease, None if key_asked is None else lease.key_lease)
 
     def _check_update(
         self, req: dns.update.UpdateMessage, wire: bytes, now: float
@@ -447,7 +386,7 @@ class DnsCore:
         z = req.zone[0]
         if z.rdclass != dns.rdataclass.IN or z.name != self.zone:
             raise _Reject(dns.rcode.NOTAUTH)
-        ttls = [ttl for _, ttl in _rr_starts(wire)]
+        ttls = [r.ttl for r in walk(wire)]
         pre_ttls = ttls[: len(req.prerequisite)]
         upd_ttls = ttls[len(req.prerequisite) : len(req.prerequisite) + len(req.update)]
         # §3.2 prerequisites (dnspython gives one RRset per RR for updates, in wire order)

@@ -1,55 +1,11 @@
 """Sans-I/O LLQ server (RFC 8764) on top of :class:`tunneld.dnsserver.core.DnsCore`.
 
 Bytes and ``now_wall`` in, ``(dest, bytes)`` out; no clock, no socket, randomness only through the injected
-``rand(n) -> bytes``. The option class, parse helpers and constants come from :mod:`tunneld.proto.llq` (our
-client); TSIG validation and signing reuse the helpers of :mod:`tunneld.dnsserver.core`. Facts and sources:
-PROTOCOLS.md section 3.
-
-The adapter feeds every datagram to :meth:`LLQServer.handle` first; ``None`` means "not an LLQ message",
-pass it to :meth:`DnsCore.handle`. After an UPDATE changed the zone it calls
-:meth:`LLQServer.changes` with :attr:`DnsCore.last_changes`, after each :meth:`ZoneStore.expire` sweep with
-its result, and it calls :meth:`LLQServer.poll` at :meth:`LLQServer.deadline`.
-
-Behaviour:
-
-- **Handshake** (§5.2). SETUP request (LLQ-ID 0) -> challenge: same message ID, question echoed, no
-  answers, a fresh random nonzero 64-bit LLQ-ID, the requested lease clamped to [15 min, 2 h]. The LLQ is
-  now half-open; it is kept until that granted lease runs out (§5.1: never GC'd earlier) and is never
-  retransmitted on our own. A duplicate SETUP request (same source, message ID and question) gets the
-  cached challenge again, byte for byte. A new SETUP request for the same source and question replaces the
-  old LLQ (dnsextd ``UpdateLLQ``). Challenge response (SETUP with our LLQ-ID from the same source, lease
-  within +-60 s of the grant) -> ACK: the full answer set (:meth:`DnsCore.answer`) and the remaining lease.
-  A duplicate challenge response gets a fresh ACK (fresh answers, so a change that happened between a lost
-  ACK and the retransmission is not lost: the client ignores events before its ACK).
-- **Refresh** (§6). REFRESH with an established LLQ-ID -> same message ID, no answers, the granted lease
-  (clamped to [15 min, 2 h]; *not* dnsextd's clamp-to-minimum bug); lease 0 cancels and deletes the LLQ.
-  An unknown LLQ-ID (or one owned by another source or key) -> LLQ-ERROR NO-SUCH-LLQ.
-- **Events** (§7). :meth:`changes` takes the changed names (``Change`` values or ``RRsetRemoval``), and
-  for every established LLQ on such a name re-computes the answer and diffs it against what that client
-  was last sent: additions go out with their TTL, removals with TTL 0xFFFFFFFF, in one EVENT message (QR,
-  opcode QUERY, AA, the question, a message ID (below), ``LLQ{EVENT, LLQ-ID, remaining lease}``).
-  Unacknowledged events are resent with the same bytes: sent at t, resent at t+2 s and t+6 s (waits 2 s
-  then 4 s, mirroring the client rule of §5.1); 8 s after the third try without an ack the LLQ is
-  dropped. An ack is a response with the event's message ID and ``LLQ{EVENT, same LLQ-ID}`` from the
-  LLQ's source; both must match. One event is in flight per LLQ (so a resent event can never overtake a
-  newer one); changes meanwhile are coalesced and sent, as one diff, in reply to the ack: :meth:`handle`
-  of an ack may return the next event.
-- **Event message IDs.** An event answers no request, so it is signed without a request MAC; but a client
-  that keeps a MAC per message ID to verify replies (ours did, for its requests and for its own acks,
-  which carry the event's ID, until its hooks were fixed) checks an event whose ID it used before against
-  that MAC and rejects it, and every resend too (same bytes), so the LLQ is lost and later changes never
-  arrive. Random IDs did that to about one watcher in 300 per 20 events. So the IDs towards one source
-  address (all its LLQs: a client may run several on one socket with one TSIG state) are sequential from a
-  random start, and skip the IDs of that source's recent requests (:data:`REQUEST_IDS_KEPT`): an ID comes
-  back only after 65536 events to that source. The counter is kept with the LLQs across a restart. This
-  also keeps a late duplicate ack from acknowledging a newer event that drew the same random ID.
-- **TSIG** (BTMM draft §7.2: LLQs carry TSIG). A signed request is validated with the core's key set
-  (BADKEY/BADSIG/BADTIME answered as the core does) and its replies are signed with the request MAC. An
-  LLQ set up with a key stays bound to it: its challenge response, refreshes and acks must be signed with
-  the same key, and its events are signed with it (no request MAC). With ``require_tsig`` (the default)
-  an unsigned LLQ request is REFUSED.
-- **Robustness.** Garbage -> None (the core then answers FORMERR); a response that is not a valid ack
-  is dropped silently (``[]``); nothing raises.
+``rand(n) -> bytes``. The wire is :mod:`tunneld.proto.llq_wire` (shared with our client); TSIG checks and
+signed rendering are the core's. The adapter feeds every UDP datagram to :meth:`LLQServer.handle` first
+(``None``: not an LLQ message, give it to :meth:`DnsCore.handle`), passes zone changes to
+:meth:`LLQServer.changes` and calls :meth:`LLQServer.poll` at :meth:`LLQServer.deadline`. The handshake,
+refresh, event, event-ID and TSIG rules, and why, are in docs/protocol.md ("LLQ server behaviour").
 """
 
 from __future__ import annotations
@@ -79,7 +35,7 @@ import dns.tsig
 from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.errors import ParseError
-from tunneld.proto.llq import (
+from tunneld.proto.llq_wire import (
     LLQ_ERR_BAD_VERS,
     LLQ_ERR_FORMAT,
     LLQ_ERR_NO_ERROR,
@@ -96,6 +52,7 @@ from tunneld.proto.llq import (
     find_llq_option,
     parse_message,
 )
+from tunneld.proto.tsig import TsigKey
 
 __all__ = [
     "EVENT_RETRY_WAITS",
@@ -109,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LLQ_MIN_LEASE: Final = 15 * 60  # dnsextd clamp [V], PROTOCOLS §3.3
+LLQ_MIN_LEASE: Final = 15 * 60  # Apple dnsextd's clamp
 LLQ_MAX_LEASE: Final = 2 * 60 * 60
 LLQ_LEASE_SLACK: Final = 60  # challenge response lease must be within +-60 s of the grant (dnsextd [V])
 EVENT_RETRY_WAITS: Final = (2.0, 4.0, 8.0)  # resend after 2 s, then 4 s; give up 8 s after the 3rd try
@@ -149,7 +106,7 @@ class _LLQ:
     setup_msg_id: int
     granted: int
     expires: float
-    key: dns.tsig.Key | None
+    key: TsigKey | None
     challenge: bytes
     established: bool = False
     dirty: bool = False  # changed while an event was in flight: send the next diff when it is acked

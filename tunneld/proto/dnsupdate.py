@@ -1,66 +1,23 @@
 """Publishing our records: DNS UPDATE (RFC 2136) signed with TSIG (RFC 8945), with an Update Lease (RFC 9664).
 
-Sans-I/O, like :mod:`tunneld.proto.natpmp`: a :class:`Publisher` takes datagrams, ``now`` (monotonic
-seconds, for timers) and ``wall`` (Unix seconds, only for the TSIG Time Signed field) as arguments and
-returns :class:`Transmit` tuples; it never reads a clock, never touches a socket, and draws randomness
-(message IDs, refresh jitter) only through the injected ``rand``. The service owns a UDP socket towards
-the update server (found with :func:`build_srv_query` / :func:`pick_srv_target`), calls :meth:`Publisher.poll`
-at :meth:`Publisher.deadline`, and shows :attr:`Publisher.state` in ``tunneld status``.
-
-**The clock stays out of dnspython.** dnspython builds and parses messages, but never signs or verifies:
-``Message.to_wire()`` with a TSIG would read ``time.time()``, and ``dns.message.from_wire(keyring=...)``
-validates against ``time.time()``. We render the update *without* TSIG, then :func:`tsig_sign` appends the
-TSIG RR computed here (stdlib ``hmac``) with Time Signed = ``int(wall)``; responses are parsed with
-``keyring=False`` (which skips dnspython's validation) and checked by :func:`tsig_verify` against the
-request MAC and ``wall``. The key is a :class:`TsigKey`, whose repr never shows the secret (unlike
-``dns.tsig.Key``).
-
-Behaviour of :class:`Publisher`:
-
-- **One atomic UPDATE per publication** (RFC 2136 §3.4): zone SOA in the zone section, no prerequisites
-  (so a refresh succeeds whether or not the server still has our records, RFC 9664 §5), then in the
-  update section "delete RRset" (class ANY, TTL 0) for every <name, type> we own -- those we publish now
-  and those we published before, so a type that disappears is removed -- followed by our RRsets.
-- **Lease** (RFC 9664 §4.2): every publishing UPDATE carries the 4-byte Update Lease option with the
-  requested lease (default 90 min, allowed 30 min to 2 h). The granted lease in a NOERROR answer is
-  obeyed whether shorter or longer (either form; the 8-byte form's LEASE counts, we publish no KEY RRs).
-  No option in the answer (BIND ignores it) means the server does not do leases: we refresh as if the
-  requested lease had been granted. Refresh at 80 % of the lease plus a random 0-5 % (§5), never sooner
-  than :data:`MIN_REFRESH_INTERVAL`.
-- **Retransmission** (RFC 1035 §4.2.1 style, the same bytes and ID each time): sends at 0, 1, 3 and 7 s;
-  no verified answer by 15 s is a timeout ("is the server reachable?"). After a timeout or an error
-  answer, the publication is retried after 30 s, doubling to 15 min; while a granted lease is still
-  running the wait is also capped at a ninth of what is left of it (RFC 9664 §5: about nine evenly
-  spaced retries before expiry).
-- **Endpoint change**: :meth:`Publisher.endpoint_changed` republishes at once (replacing any pending
-  transaction; late answers to the old one no longer match the ID and are dropped).
-- **Withdraw**: :meth:`Publisher.withdraw` sends one UPDATE deleting every RRset we own (no lease option:
-  deletions are permanent), retransmitted like the rest; nothing is refreshed afterwards.
-- **Answers** must come from the pending transaction (QR set, opcode UPDATE, same ID). A NOERROR answer
-  must carry a TSIG that verifies with the request MAC (§5.3) and a Time Signed within the fudge of our
-  clock; anything else is dropped and counted. BADSIG and BADKEY answers are unsigned by design
-  (RFC 8945 §5.3.2), and some servers answer other errors without TSIG: such error answers are accepted as
-  the outcome, with ``unsigned`` set in the status because they cannot be authenticated. BADTIME answers are
-  signed and verified (without the time check; their Other Data carries the server's clock, which the
-  status message uses).
-- **Robustness.** Malformed, truncated or foreign datagrams are counted in :attr:`Publisher.counters`;
-  nothing from the network raises out of :meth:`Publisher.receive`.
-
-Facts and sources: PROTOCOLS.md sections 4, 5.1 and 5.2.
+A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (TSIG's Time
+Signed, and leases that keep counting while a laptop sleeps). It talks to one server and drops datagrams
+from anywhere else; randomness (message IDs, refresh jitter) comes from the injected ``rand``. Messages are
+rendered once by dnspython and signed by :mod:`tunneld.proto.tsig`. :meth:`Publisher.close` withdraws our
+records; :meth:`Publisher.finished` says when that is answered or given up. The rules it follows (one
+atomic UPDATE, lease and refresh, retransmission and retry, which answers count), and why, are in
+docs/protocol.md ("Publisher behaviour").
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import Final
 
-import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -69,258 +26,49 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TSIG
-import dns.rdtypes.IN.SRV
 import dns.rrset
 import dns.update
 
-from tunneld.proto.edns_options import UPDATE_LEASE_OPTION_CODE, UpdateLeaseOption, decode_update_lease
+from tunneld.proto.core import Address, Outbox
+from tunneld.proto.dnswire import (
+    UPDATE_LEASE_OPTION_CODE,
+    UpdateLeaseOption,
+    decode_update_lease,
+    from_server,
+)
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import BADTIME, ERROR_NAMES, TsigError, TsigKey, TsigRecord, find_tsig
+from tunneld.proto.tsig import sign as tsig_sign
+from tunneld.proto.tsig import verify as tsig_verify
 
 __all__ = [
-    "ALGORITHMS",
     "DEFAULT_LEASE",
     "MAX_LEASE",
     "MIN_LEASE",
-    "TSIG_FUDGE",
+    "Event",
     "Failed",
     "Published",
     "Publisher",
     "PublisherState",
-    "Transmit",
-    "TsigError",
-    "TsigKey",
-    "TsigRecord",
     "Withdrawn",
-    "build_srv_query",
-    "find_tsig",
-    "pick_srv_target",
     "rcode_message",
     "startup_delay",
-    "tsig_sign",
-    "tsig_verify",
 ]
 
 # -- constants ----------------------------------------------------------------------------------------------
 
-DEFAULT_LEASE: Final = 5400  # ARCHITECTURE.md: 90 min
+DEFAULT_LEASE: Final = 5400  # our default: 90 min
 MIN_LEASE: Final = 1800  # our range: 30 min (RFC 9664 §4.2: SHOULD be >= 1800 s)
 MAX_LEASE: Final = 7200  # to 2 h (Apple dnsextd caps leases at 7200 s)
 REFRESH_FRACTION: Final = 0.8  # RFC 9664 §5: refresh at 80 % of the lease ...
 REFRESH_JITTER: Final = 0.05  # ... plus a random 0-5 %
 MIN_REFRESH_INTERVAL: Final = 10.0  # our floor, so a tiny granted lease cannot make us spin
-TSIG_FUDGE: Final = 300  # RFC 8945 §10: the recommended fudge
 RETRANSMIT_INTERVALS: Final = (1.0, 2.0, 4.0, 8.0)  # waits after sends 1..4; the last one ends at 15 s
 RETRY_MIN: Final = 30.0  # first retry after a failed transaction
 RETRY_MAX: Final = 900.0  # doubling up to 15 min
 STARTUP_DELAY_MAX_STEPS: Final = 300  # RFC 9664 §4.2: delay the first registration 0-3000 ms ...
 STARTUP_DELAY_STEP: Final = 0.01  # ... in steps of at most 10 ms
-UPDATE_SRV_SERVICE: Final = "_dns-update._udp"
-EDNS_PAYLOAD: Final = 1232
-
-TSIG_BADSIG: Final = 16
-TSIG_BADKEY: Final = 17
-TSIG_BADTIME: Final = 18
-TSIG_BADTRUNC: Final = 22
-_TSIG_ERROR_NAMES: Final = {TSIG_BADSIG: "BADSIG", TSIG_BADKEY: "BADKEY", TSIG_BADTIME: "BADTIME",
-                            TSIG_BADTRUNC: "BADTRUNC"}
-_TSIG_TYPE: Final = 250
-_CLASS_ANY: Final = 255
-
-ALGORITHMS: Final = {
-    # our name: (TSIG algorithm name, hash). RFC 8945 §6: hmac-sha256 is mandatory to implement;
-    # HMAC-MD5 only for old servers that know nothing else.
-    "hmac-sha256": (dns.name.from_text("hmac-sha256"), hashlib.sha256),
-    "hmac-md5": (dns.name.from_text("HMAC-MD5.SIG-ALG.REG.INT"), hashlib.md5),
-}
-_ALGORITHM_ALIASES: Final = {"hmac-md5.sig-alg.reg.int": "hmac-md5"}
-
-
-class Transmit(NamedTuple):
-    """A DNS message to send to the update server (UDP, port from SRV or 53)."""
-
-    payload: bytes
-    message_id: int
-
-
-# -- TSIG (RFC 8945) ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TsigKey:
-    """A TSIG key. ``algorithm`` is ``"hmac-sha256"`` or ``"hmac-md5"``. The secret is left out of repr."""
-
-    name: dns.name.Name
-    secret: bytes = field(repr=False)
-    algorithm: str = "hmac-sha256"
-
-    def __post_init__(self) -> None:
-        alg = self.algorithm.lower().rstrip(".")
-        alg = _ALGORITHM_ALIASES.get(alg, alg)
-        if alg not in ALGORITHMS:
-            raise ValueError(f"unsupported TSIG algorithm {self.algorithm!r} (use hmac-sha256 or hmac-md5)")
-        if not self.secret:
-            raise ValueError("empty TSIG secret")
-        object.__setattr__(self, "algorithm", alg)
-        if not self.name.is_absolute():
-            object.__setattr__(self, "name", self.name.concatenate(dns.name.root))
-
-    @property
-    def algorithm_name(self) -> dns.name.Name:
-        return ALGORITHMS[self.algorithm][0]
-
-    def mac(self, data: bytes) -> bytes:
-        return hmac.new(self.secret, data, ALGORITHMS[self.algorithm][1]).digest()
-
-
-class TsigError(Exception):
-    """A TSIG that does not verify; ``str()`` is a short fixed reason usable as a counter name."""
-
-
-@dataclass(frozen=True)
-class TsigRecord:
-    """The fields of a TSIG RR (RFC 8945 §4.2) and where it starts in the message."""
-
-    name: dns.name.Name
-    algorithm: dns.name.Name
-    time_signed: int
-    fudge: int
-    mac: bytes
-    original_id: int
-    error: int
-    other: bytes
-    start: int
-
-
-def _tsig_variables(key_name: dns.name.Name, algorithm: dns.name.Name, time_signed: int, fudge: int,
-                    error: int, other: bytes) -> bytes:
-    """RFC 8945 §4.3.3: the TSIG variables, names in canonical (lower-case, uncompressed) wire form."""
-    return (key_name.to_digestable() + struct.pack("!HI", _CLASS_ANY, 0) + algorithm.to_digestable()
-            + struct.pack("!HIHHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge, error, len(other))
-            + other)
-
-
-def _mac_input(message: bytes, original_id: int, request_mac: bytes, variables: bytes) -> bytes:
-    """``message`` is the DNS message without the TSIG RR, its ARCOUNT already excluding it."""
-    prefix = struct.pack("!H", len(request_mac)) + request_mac if request_mac else b""
-    return prefix + struct.pack("!H", original_id) + message[2:] + variables
-
-
-def tsig_sign(wire: bytes, key: TsigKey, time_signed: int, request_mac: bytes = b"",
-              fudge: int = TSIG_FUDGE, error: int = 0, other: bytes = b"") -> tuple[bytes, bytes]:
-    """Append a TSIG RR to the unsigned message ``wire``: returns (signed message, MAC).
-
-    ``time_signed`` is the caller's wall clock (Unix seconds); ``request_mac`` is given when signing a
-    response (RFC 8945 §4.3.1). Original ID is the message's ID. The key and algorithm names are written
-    lower-cased and uncompressed."""
-    if len(wire) < 12:
-        raise ValueError("not a DNS message")
-    if not 0 <= time_signed < 1 << 48:
-        raise ValueError("time signed out of range")
-    original_id, arcount = struct.unpack_from("!H", wire, 0)[0], struct.unpack_from("!H", wire, 10)[0]
-    variables = _tsig_variables(key.name, key.algorithm_name, time_signed, fudge, error, other)
-    mac = key.mac(_mac_input(wire, original_id, request_mac, variables))
-    rdata = (key.algorithm_name.to_digestable()
-             + struct.pack("!HIHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge, len(mac)) + mac
-             + struct.pack("!HHH", original_id, error, len(other)) + other)
-    rr = key.name.to_digestable() + struct.pack("!HHIH", _TSIG_TYPE, _CLASS_ANY, 0, len(rdata)) + rdata
-    signed = wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr
-    return signed, mac
-
-
-def _skip_name(wire: bytes, offset: int) -> int:
-    """The offset after the (possibly compressed) name at ``offset``."""
-    while True:
-        if offset >= len(wire):
-            raise ParseError("truncated")
-        length = wire[offset]
-        if length & 0xC0 == 0xC0:
-            return offset + 2
-        if length & 0xC0:
-            raise ParseError("bad label")
-        offset += 1 + length
-        if length == 0:
-            return offset
-
-
-def find_tsig(wire: bytes) -> TsigRecord | None:
-    """The TSIG RR of a message, or None if its last additional record is not one.
-
-    Raises ParseError for a message that does not frame correctly."""
-    if len(wire) < 12:
-        raise ParseError("truncated")
-    qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
-    offset = 12
-    for _ in range(qd):
-        offset = _skip_name(wire, offset) + 4
-    last = None
-    for _ in range(an + ns + ar):
-        last = offset
-        offset = _skip_name(wire, offset)
-        if offset + 10 > len(wire):
-            raise ParseError("truncated")
-        rdlen = struct.unpack_from("!H", wire, offset + 8)[0]
-        offset += 10 + rdlen
-    if offset > len(wire):
-        raise ParseError("truncated")
-    if offset < len(wire):
-        raise ParseError("trailing data")
-    if last is None or ar == 0:
-        return None
-    try:
-        name, used = dns.name.from_wire(wire, last)
-        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", wire, last + used)
-        if rtype != _TSIG_TYPE:
-            return None
-        if rclass != _CLASS_ANY or ttl != 0:  # RFC 8945 §4.2; neither is in the MAC input
-            raise ParseError("malformed tsig")
-        rdata_at = last + used + 10
-        algorithm, used = dns.name.from_wire(wire, rdata_at)
-        p = rdata_at + used
-        hi, lo, fudge, mac_size = struct.unpack_from("!HIHH", wire, p)
-        p += 10
-        mac = wire[p:p + mac_size]
-        p += mac_size
-        original_id, error, other_len = struct.unpack_from("!HHH", wire, p)
-        p += 6
-        other = wire[p:p + other_len]
-        p += other_len
-    except (struct.error, dns.exception.DNSException) as e:
-        raise ParseError("malformed tsig") from e
-    if len(mac) != mac_size or len(other) != other_len or p != rdata_at + rdlen:
-        raise ParseError("malformed tsig")
-    return TsigRecord(name, algorithm, (hi << 32) | lo, fudge, mac, original_id, error, other, last)
-
-
-def tsig_verify(wire: bytes, key: TsigKey, request_mac: bytes, wall: float | None,
-                tsig: TsigRecord | None = None) -> TsigRecord:
-    """Verify the TSIG of ``wire`` with ``key`` (RFC 8945 §5.2 order: key, then MAC, then time).
-
-    ``request_mac`` is the MAC of our request when ``wire`` is its response (b"" otherwise). ``wall`` is
-    our clock in Unix seconds; None skips the time check. Returns the TSIG; raises TsigError ("no tsig",
-    "key", "algorithm", "mac", "time") or ParseError for a message that does not frame."""
-    if tsig is None:
-        tsig = find_tsig(wire)
-    if tsig is None:
-        raise TsigError("no tsig")
-    if tsig.name != key.name:  # dns.name.Name compares case-insensitively
-        raise TsigError("key")
-    if tsig.algorithm != key.algorithm_name:
-        raise TsigError("algorithm")
-    if len(tsig.mac) < max(10, len(key.mac(b"")) // 2):  # §5.2.2.1: too short to be a valid truncation
-        raise TsigError("mac")
-    message = wire[:tsig.start]
-    arcount = struct.unpack_from("!H", message, 10)[0]
-    message = message[:10] + struct.pack("!H", arcount - 1) + message[12:]
-    variables = _tsig_variables(key.name, key.algorithm_name, tsig.time_signed, tsig.fudge, tsig.error,
-                                tsig.other)
-    expected = key.mac(_mac_input(message, tsig.original_id, request_mac, variables))
-    if not hmac.compare_digest(expected[:len(tsig.mac)], tsig.mac):
-        raise TsigError("mac")
-    if wall is not None and abs(int(wall) - tsig.time_signed) > tsig.fudge:
-        raise TsigError("time")
-    return tsig
-
+EDNS_PAYLOAD: Final = 1232  # DNS flag day 2020: a UDP payload size that avoids fragmentation
 
 # -- status messages ----------------------------------------------------------------------------------------
 
@@ -426,13 +174,19 @@ def startup_delay(rand: Callable[[int], bytes] = os.urandom) -> float:
 # -- the publisher ------------------------------------------------------------------------------------------
 
 
-class Publisher:
+class Publisher(Outbox["Event"]):
     """DNS UPDATE client state for one device's records in ``zone`` (see the module docstring)."""
 
     def __init__(self, zone: str | dns.name.Name, key_name: str | dns.name.Name, key_secret: bytes,
                  algorithm: str = "hmac-sha256", rand: Callable[[int], bytes] = os.urandom,
                  lease: int = DEFAULT_LEASE,
-                 shared: Iterable[tuple[str | dns.name.Name, int]] = ()) -> None:
+                 shared: Iterable[tuple[str | dns.name.Name, int]] = (), *, server: Address,
+                 start_delay: float = 0.0) -> None:
+        super().__init__()
+        self.server = server
+        self.start_delay = start_delay  # RFC 9664 §4.2: before the first registration (startup_delay())
+        self._delay_until: float | None = None
+        self._closed = False
         self.zone = zone if isinstance(zone, dns.name.Name) else dns.name.from_text(zone)
         name = key_name if isinstance(key_name, dns.name.Name) else dns.name.from_text(key_name)
         self._key = TsigKey(name, bytes(key_secret), algorithm)
@@ -441,7 +195,6 @@ class Publisher:
         self.lease_requested = lease
         self.rand = rand
         self.counters: Counter[str] = Counter()
-        self.events: list[Event] = []
         self._rrsets: tuple[dns.rrset.RRset, ...] = ()
         self._owned: frozenset[tuple[dns.name.Name, int]] = frozenset()
         # RRsets other devices publish into too (the account's browse PTR): there we add and delete
@@ -476,51 +229,66 @@ class Publisher:
             lease_granted=self._lease_granted, server_ignores_lease=self._ignores_lease,
             expires_at=self._expires_at, next_refresh_at=self._next_attempt, withdrawn=self._withdrawn)
 
-    def publish(self, rrsets: Iterable[dns.rrset.RRset], now: float, wall: float) -> Transmit:
-        """Publish ``rrsets`` (replacing what we published before) in one UPDATE, sent now."""
+    def publish(self, rrsets: Iterable[dns.rrset.RRset], now: float) -> None:
+        """Publish ``rrsets`` (replacing what we published before) in one UPDATE, sent now -- or, the
+        first time, after the start-up delay."""
         rrsets = tuple(rrsets)
         for rrset in rrsets:
             if not rrset.name.is_subdomain(self.zone):
                 raise ValueError(f"{rrset.name} is not in the zone {self.zone}")
             if rrset.rdclass != dns.rdataclass.IN or not len(rrset):
                 raise ValueError(f"{rrset.name}: only non-empty class IN RRsets can be published")
+        if self._closed:
+            return
         self._rrsets = rrsets
         self._withdrawn = False
-        return self._start(now, wall, withdraw=False)
+        if self._delay_until is None and self.start_delay > 0:
+            self._delay_until = self._next_attempt = now + self.start_delay
+        if self._delay_until is not None and now < self._delay_until:
+            self._set_status(self._rcode, "waiting for the start-up delay before the first registration")
+            return
+        self._start(now, withdraw=False)
 
-    def endpoint_changed(self, rrsets: Iterable[dns.rrset.RRset], now: float, wall: float) -> Transmit:
+    def endpoint_changed(self, rrsets: Iterable[dns.rrset.RRset], now: float) -> None:
         """The public endpoint moved: republish at once, whatever the refresh schedule."""
         self.counters["endpoint changed"] += 1
-        return self.publish(rrsets, now, wall)
+        self.publish(rrsets, now)
 
-    def withdraw(self, now: float, wall: float) -> Transmit | None:
-        """Delete every RRset we own (clean shutdown); None if we own none. Nothing is refreshed after."""
+    def withdraw(self, now: float) -> None:
+        """Delete every RRset we own (clean shutdown), if any. Nothing is refreshed after."""
         self._rrsets = ()
         self._withdrawn = True
         self._next_attempt = None
         if not self._owned:
             self._txn = None
             self._set_status(None, "nothing to withdraw")
-            return None
-        return self._start(now, wall, withdraw=True)
+            return
+        self._start(now, withdraw=True)
 
-    def poll(self, now: float, wall: float) -> list[Transmit]:
+    def close(self, now: float) -> None:
+        """The goodbye: withdraw our records; nothing is published after."""
+        self._closed = True
+        self.withdraw(now)
+
+    def finished(self) -> bool:
+        """Closed, and the withdrawal answered or given up."""
+        return self._closed and self._txn is None
+
+    def poll(self, now: float) -> None:
         """Run the timers that are due: retransmission or timeout, lease expiry, refresh or retry."""
-        out: list[Transmit] = []
         txn = self._txn
         if txn is not None and now >= txn.next_at:
             if txn.attempts >= len(RETRANSMIT_INTERVALS):
                 self._timeout(txn, now)
             else:
-                out.append(self._send(txn, now))
+                self._transmit(txn, now)
         if self._published and self._expires_at is not None and now >= self._expires_at:
             self._published = False
             self._set_status(self._rcode, "our records' lease ran out on the server without a successful "
                              "refresh: they are no longer published; " + self._message, self._unsigned)
         if (self._txn is None and self._next_attempt is not None and now >= self._next_attempt
                 and self._rrsets and not self._withdrawn):
-            out.append(self._start(now, wall, withdraw=False))
-        return out
+            self._start(now, withdraw=False)
 
     def deadline(self) -> float | None:
         """When :meth:`poll` next has work, or None."""
@@ -533,18 +301,20 @@ class Publisher:
             times.append(self._expires_at)
         return min(times, default=None)
 
-    def receive(self, wire: bytes, now: float, wall: float) -> list[Event]:
+    def receive(self, data: bytes, source: Address, now: float) -> None:
         """An answer from the update server; anything that is not a verified answer to the pending
         transaction is counted and dropped. Never raises for network input."""
+        if not from_server(source, self.server):
+            self._drop("not from the server")
+            return
         try:
-            return self._receive(wire, now, wall)
+            self._receive(data, now)
         except ParseError as e:
             self._drop(f"parse error: {e}")
-            return []
 
     # -- sending -----------------------------------------------------------------------------------------
 
-    def _start(self, now: float, wall: float, *, withdraw: bool) -> Transmit:
+    def _start(self, now: float, *, withdraw: bool) -> None:
         message_id = int.from_bytes(self.rand(2), "big")
         msg = dns.update.UpdateMessage(self.zone, id=message_id)
         new = frozenset() if withdraw else frozenset((r.name, int(r.rdtype)) for r in self._rrsets)
@@ -563,7 +333,7 @@ class Publisher:
                 self._shared_rdatas[key] = self._shared_rdatas.get(key, frozenset()) | frozenset(rrset)
         if not withdraw:
             msg.use_edns(0, payload=EDNS_PAYLOAD, options=[UpdateLeaseOption(self.lease_requested)])
-        payload, mac = tsig_sign(msg.to_wire(), self._key, int(wall))  # no TSIG in msg: no clock read
+        payload, mac = tsig_sign(msg.to_wire(), self._key, int(now))  # rendered once, then signed
         # After success we own exactly what this message added: it deleted everything else we owned.
         self._txn = _Txn(withdraw, message_id, payload, mac, new, first_sent=now)
         # Until the server confirms, whatever we just sent may be there: own its union with the old set.
@@ -571,24 +341,23 @@ class Publisher:
         what = "withdrawing our records" if withdraw else f"publishing {len(self._rrsets)} RRsets"
         self._set_status(self._rcode, f"{what} in {self.zone}: waiting for the server", self._unsigned)
         self.counters["updates sent"] += 1
-        return self._send(self._txn, now)
+        self._transmit(self._txn, now)
 
-    def _send(self, txn: _Txn, now: float) -> Transmit:
+    def _transmit(self, txn: _Txn, now: float) -> None:
         if txn.attempts:
             self.counters["retransmissions"] += 1
         txn.next_at = now + RETRANSMIT_INTERVALS[txn.attempts]
         txn.attempts += 1
-        return Transmit(txn.payload, txn.message_id)
+        self._send(self.server, txn.payload)
 
     # -- receiving ---------------------------------------------------------------------------------------
 
-    def _drop(self, reason: str, txn: _Txn | None = None) -> list[Event]:
+    def _drop(self, reason: str, txn: _Txn | None = None) -> None:
         self.counters[reason] += 1
         if txn is not None:
             txn.dropped[reason] += 1
-        return []
 
-    def _receive(self, wire: bytes, now: float, wall: float) -> list[Event]:
+    def _receive(self, wire: bytes, now: float) -> None:
         try:
             # keyring=False: dnspython keeps the TSIG RR but does not validate it (that would read the
             # clock); we verify below.
@@ -596,32 +365,40 @@ class Publisher:
         except Exception as e:  # dnspython's parser raises many types for hostile input: none may escape
             raise ParseError("malformed" if wire else "truncated") from e
         if not msg.flags & dns.flags.QR:
-            return self._drop("not a response")
+            self._drop("not a response")
+            return
         if msg.opcode() != dns.opcode.UPDATE:
-            return self._drop("not an update response")
+            self._drop("not an update response")
+            return
         txn = self._txn
         if txn is None:
-            return self._drop("no update pending")
+            self._drop("no update pending")
+            return
         if msg.id != txn.message_id:
-            return self._drop("wrong id")
+            self._drop("wrong id")
+            return
         tsig = find_tsig(wire)
         rcode = dns.rcode.to_text(msg.rcode())
         signed = False
         if tsig is not None and tsig.error:
-            rcode = _TSIG_ERROR_NAMES.get(tsig.error, f"TSIG error {tsig.error}")
+            rcode = ERROR_NAMES.get(tsig.error, f"TSIG error {tsig.error}")
         if tsig is not None and tsig.mac:
             try:
-                tsig_verify(wire, self._key, txn.mac, None if tsig.error == TSIG_BADTIME else wall, tsig)
+                tsig_verify(wire, self._key, txn.mac, None if tsig.error == BADTIME else now, tsig)
             except TsigError as e:
-                return self._drop(f"tsig {e}", txn)
+                self._drop(f"tsig {e}", txn)
+                return
             signed = True
         if msg.rcode() == dns.rcode.NOERROR and (tsig is None or not tsig.error):
             if not signed:
-                return self._drop("unsigned success", txn)
-            return self._success(msg, txn, now)
-        return self._failure(rcode, txn, now, unsigned=not signed, tsig=tsig if signed else None)
+                self._drop("unsigned success", txn)
+                return
+            self._success(msg, txn, now)
+            return
+        self._failure(rcode, txn, now, unsigned=not signed, tsig=tsig if signed else None)
+        return
 
-    def _success(self, msg: dns.message.Message, txn: _Txn, now: float) -> list[Event]:
+    def _success(self, msg: dns.message.Message, txn: _Txn, now: float) -> None:
         self._txn = None
         self._owned = txn.owned_after
         self._shared_rdatas = {} if txn.withdraw else {
@@ -651,12 +428,11 @@ class Publisher:
                 how = f"lease {granted} s granted"
             self._set_status("NOERROR", f"published {len(self._rrsets)} RRsets in {self.zone}: {how}")
             event = Published(lease, granted is not None, self._expires_at, self._next_attempt)
-        self.events.append(event)
-        return [event]
+        self._emit(event)
 
     def _granted_lease(self, msg: dns.message.Message) -> int | None:
         """LEASE from the first well-formed Update Lease option (either form), or None. The option class
-        is not registered with dnspython (edns_options explains why), so this decodes the raw data."""
+        is not registered with dnspython (dnswire.UpdateLeaseOption says why): this decodes the data."""
         for option in msg.options:
             if int(option.otype) != UPDATE_LEASE_OPTION_CODE:
                 continue
@@ -665,14 +441,14 @@ class Publisher:
             data = option.to_wire()
             try:
                 return decode_update_lease(data or b"")[0]
-            except ValueError:
+            except ParseError:
                 # A signed NOERROR with a broken option: the update took effect; treat it as "no lease
                 # option" (refresh at 80 % of ours) rather than discard the answer.
                 self.counters["bad lease option"] += 1
         return None
 
     def _failure(self, rcode: str, txn: _Txn, now: float, *, unsigned: bool,
-                 tsig: TsigRecord | None) -> list[Event]:
+                 tsig: TsigRecord | None) -> None:
         self._txn = None
         self.counters[f"rcode {rcode}"] += 1
         message = rcode_message(rcode)
@@ -688,8 +464,7 @@ class Publisher:
             message += self._schedule_retry(now)
         self._set_status(rcode, message, unsigned)
         event = Failed(rcode, self._message, unsigned)
-        self.events.append(event)
-        return [event]
+        self._emit(event)
 
     def _timeout(self, txn: _Txn, now: float) -> None:
         self._txn = None
@@ -703,7 +478,7 @@ class Publisher:
             message += self._schedule_retry(now)
         self._set_status("TIMEOUT", message)
         event = Failed("TIMEOUT", message)
-        self.events.append(event)
+        self._emit(event)
 
     def _schedule_retry(self, now: float) -> str:
         self._backoff = min(max(2 * self._backoff, RETRY_MIN), RETRY_MAX)
@@ -717,63 +492,3 @@ class Publisher:
         self._rcode = rcode
         self._message = message
         self._unsigned = unsigned
-
-
-# -- server discovery (RFC 2782, ARCHITECTURE.md "DNS records") ----------------------------------------------
-
-
-def build_srv_query(domain: str | dns.name.Name, rand: Callable[[int], bytes] = os.urandom,
-                    service: str = UPDATE_SRV_SERVICE) -> Transmit:
-    """A recursive SRV query for ``<service>.<domain>`` (``_dns-update._udp`` by default)."""
-    zone = domain if isinstance(domain, dns.name.Name) else dns.name.from_text(domain)
-    qname = dns.name.from_text(service, zone)
-    message_id = int.from_bytes(rand(2), "big")
-    msg = dns.message.make_query(qname, dns.rdatatype.SRV, id=message_id)
-    return Transmit(msg.to_wire(), message_id)
-
-
-def pick_srv_target(wire: bytes, query: Transmit, rand: Callable[[int], bytes] = os.urandom,
-                    ) -> tuple[str, int] | None:
-    """(target host, port) from the answer to ``query``, chosen as RFC 2782 says: the lowest priority,
-    then at random by weight. None if the answer has no SRV for the name, or the target is "." (the
-    service is decidedly not available). Raises ParseError for a malformed or non-matching answer."""
-    try:
-        msg = dns.message.from_wire(wire, keyring=False)
-        sent = dns.message.from_wire(query.payload)
-    except Exception as e:  # as in Publisher.receive: any parser failure is a ParseError
-        raise ParseError("malformed" if wire else "truncated") from e
-    if not msg.flags & dns.flags.QR or msg.id != query.message_id:
-        raise ParseError("not our answer")
-    if [(q.name, q.rdtype) for q in msg.question] != [(q.name, q.rdtype) for q in sent.question]:
-        raise ParseError("question mismatch")
-    qname = sent.question[0].name
-    records: list[dns.rdtypes.IN.SRV.SRV] = []
-    for rrset in msg.answer:
-        if rrset.name == qname and rrset.rdtype == dns.rdatatype.SRV:
-            records.extend(rd for rd in rrset if isinstance(rd, dns.rdtypes.IN.SRV.SRV))
-    if not records:
-        return None
-    best = min(r.priority for r in records)
-    choice = _weighted_pick([r for r in records if r.priority == best], rand)
-    if choice.target == dns.name.root:
-        return None
-    return choice.target.to_text(omit_final_dot=True), choice.port
-
-
-def _weighted_pick(records: Sequence[dns.rdtypes.IN.SRV.SRV],
-                   rand: Callable[[int], bytes]) -> dns.rdtypes.IN.SRV.SRV:
-    """RFC 2782: a random order with the zero weights first, running sums, a random number in [0, total],
-    the first record whose running sum reaches it."""
-    shuffled = list(records)
-    for i in range(len(shuffled) - 1, 0, -1):  # Fisher-Yates with the injected rand
-        j = int.from_bytes(rand(4), "big") % (i + 1)
-        shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
-    ordered = sorted(shuffled, key=lambda r: r.weight != 0)
-    total = sum(r.weight for r in ordered)
-    pick = int.from_bytes(rand(4), "big") % (total + 1)
-    running = 0
-    for record in ordered:
-        running += record.weight
-        if running >= pick:
-            return record
-    return ordered[-1]  # pragma: no cover - running reaches total

@@ -1,77 +1,24 @@
-"""DNS Long-Lived Queries (RFC 8764): the EDNS(0) LLQ option and a sans-I/O client for one question.
+"""A sans-I/O client for one DNS Long-Lived Query (RFC 8764), on the core face of :mod:`tunneld.proto.core`.
 
-Sans-I/O like :mod:`tunneld.proto.natpmp`: :class:`LLQClient` takes datagrams and ``now`` (monotonic
-seconds) and returns datagrams to send and :data:`Event` values; it never reads a clock, never touches a
-socket and draws randomness (message IDs, refresh jitter) only through the injected ``rand(n) -> bytes``.
-The adapter owns one UDP socket towards the LLQ server (SRV ``_dns-llq._udp.<zone>``), feeds every datagram
-from it to :meth:`LLQClient.receive`, calls :meth:`LLQClient.poll` at :meth:`LLQClient.deadline` and sends
-every :class:`Transmit` to the server. Facts and sources: PROTOCOLS.md section 3.
-
-Importing this module registers :class:`LLQOption` with dnspython for option code 1 (process-wide, the way
-dnspython registers ``CookieOption``), so messages carrying the option parse and render.
-
-The option (RFC 8764 §3.1/§3.2), 18 bytes of data: VERSION u16 (1) | OPCODE u16 | ERROR u16 | LLQ-ID u64 |
-LEASE u32. (Some docs show a 16-byte layout without ERROR: wrong.)
-
-Behaviour of :class:`LLQClient`:
-
-- **Handshake** (§5.2). SETUP request (ID 0, requested lease) -> challenge (a SETUP response echoing our
-  message ID, no answers, nonzero LLQ-ID, granted lease) -> challenge response (SETUP, that ID, the granted
-  lease, a fresh message ID) -> ACK + answers (SETUP, the ID). Challenge and ACK both carry opcode SETUP;
-  they are told apart by our state and by which request's message ID they echo. A re-sent challenge (the
-  answer to a retransmitted SETUP request) is counted and ignored. The ACK's answer set is authoritative:
-  it replaces the cache.
-- **Retransmission** (§5.1). Each request step is sent up to 3 times: at 0 s, +2 s, +4 s after that (so
-  at 0, 2 and 6 s), with the same message ID; we listen 8 s after the third (until 14 s). Then the server
-  is treated as down: :class:`Fallback` and polling.
-- **Fallback.** A server that answers the SETUP request without an LLQ option (or with an LLQ version we
-  do not speak), a challenge or ACK with LLQ-ERROR != 0, an unusable rcode (only NOERROR and NXDOMAIN are
-  accepted, as Apple does) or silence -> :class:`Fallback` (``poll_interval``, 15 min as Apple's
-  ``LLQ_POLL_INTERVAL``). The client then sends a plain query (no LLQ option) every poll interval and
-  applies each answer as a full snapshot; a plain answer to the SETUP request is used as the first
-  snapshot. LLQ setup is retried no more than once per hour (§5.1).
-- **Refresh** (§6). At ``lease * uniform(0.5, 0.6)`` after the ACK or the last refresh reply (Apple:
-  ``lease/2 + random(lease/10)``) a REFRESH with the LLQ-ID and the lease the challenge granted is sent,
-  retransmitted like the setup (3 tries). A reply with error 0 -> :class:`Refreshed`. NO-SUCH-LLQ (or any
-  error), 3 unanswered tries or lease expiry -> :class:`Failed` and an immediate new handshake.
-- **Events** (§7). An event is a response with the LLQ opcode EVENT; it is matched to our LLQ on the
-  LLQ-ID only, never on the message ID (the server chooses it). Every answer RR with TTL 0xFFFFFFFF is a
-  removal, any other an addition. (dnspython rewrites TTLs above 0x7FFFFFFF to 0, so the TTLs are read
-  from the wire.) Each event for our LLQ-ID is acknowledged -- duplicates included, as the server resends
-  until acknowledged -- with a response (QR=1) carrying the event's message ID, our question and the
-  event's LLQ option echoed (opcode EVENT, same LLQ-ID; Apple's ``uDNS_recvLLQResponse``). Changes are
-  applied to the cache, so a duplicate produces no second :class:`Added`. Events for another LLQ-ID are
-  ignored (counted) and not acknowledged.
-- **Robustness.** Garbage, truncated messages, malformed options, mismatched IDs, unexpected opcodes and
-  TSIG failures are counted in :attr:`LLQClient.counters` and dropped; nothing from the network raises.
+:class:`LLQClient` is driven with ``now`` (Unix seconds: its TSIG needs them); randomness (message IDs,
+refresh jitter) comes from the injected ``rand(n) -> bytes``. It sends to one server and ignores datagrams
+from anywhere else. The handshake, retransmission, refresh, event and fallback rules it follows, and why,
+are in docs/protocol.md ("LLQ client"); the wire is :mod:`tunneld.proto.llq_wire`.
 
 Events: :class:`Added` / :class:`Removed` are a diff stream -- applying them in order to an empty set
-gives :meth:`LLQClient.records` at all times (after an ACK or a poll answer they carry the difference to
-the previous cache, so the first ACK yields an :class:`Added` per RRset). :class:`Established`,
-:class:`Refreshed`, :class:`Failed` and :class:`Fallback` report status; :class:`Established` also carries
-the full answer set as a snapshot.
-
-TSIG (BTMM draft §7.2: LLQs carry TSIG). Signing needs wall-clock time, and the core reads no clock, so
-signing is left to the adapter through the optional ``tsig`` hooks (:class:`TsigHooks`):
-``tsig.sign(message)`` renders a :class:`dns.message.Message` with a TSIG record (for example
-``message.use_tsig(keyring, keyname); message.to_wire()``, keeping the request MAC per message ID for
-verification), and ``tsig.verify(wire)`` checks an incoming datagram's TSIG and raises on failure (it is
-counted as ``"tsig rejected"``). The core then parses the datagram itself with TSIG validation off.
-Without hooks, messages are rendered unsigned and an incoming TSIG record is not checked.
+gives :meth:`LLQClient.records` at all times. :class:`Established`, :class:`Refreshed`, :class:`Failed`
+and :class:`Fallback` report status; :class:`Established` also carries the full answer set.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Final
 
-import dns.edns
-import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -81,215 +28,53 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-import dns.wire
 
+from tunneld.proto.core import Address, Outbox
+from tunneld.proto.dnswire import from_server
 from tunneld.proto.errors import ParseError
+from tunneld.proto.llq_wire import (
+    LLQ_ERR_NO_ERROR,
+    LLQ_MAX_TRIES,
+    LLQ_OP_EVENT,
+    LLQ_OP_REFRESH,
+    LLQ_OP_SETUP,
+    LLQ_REMOVE_TTL,
+    LLQ_UDP_PAYLOAD,
+    LLQ_VERSION,
+    LLQOption,
+    answer_ttls,
+    error_name,
+    find_llq_option,
+    parse_message,
+)
+from tunneld.proto.tsig import TsigError, TsigSession
 
 __all__ = [
     "LLQ_DEFAULT_LEASE",
-    "LLQ_ERR_BAD_VERS",
-    "LLQ_ERR_FORMAT",
-    "LLQ_ERR_NO_ERROR",
-    "LLQ_ERR_NO_SUCH_LLQ",
-    "LLQ_ERR_SERV_FULL",
-    "LLQ_ERR_STATIC",
-    "LLQ_ERR_UNKNOWN",
-    "LLQ_OPTION_CODE",
-    "LLQ_OPTION_LEN",
-    "LLQ_OP_EVENT",
-    "LLQ_OP_REFRESH",
-    "LLQ_OP_SETUP",
     "LLQ_POLL_INTERVAL",
-    "LLQ_REMOVE_TTL",
     "LLQ_SETUP_RETRY_INTERVAL",
-    "LLQ_VERSION",
     "Added",
     "Established",
     "Event",
     "Failed",
     "Fallback",
     "LLQClient",
-    "LLQOption",
     "LLQState",
-    "Output",
     "Refreshed",
     "Removed",
-    "Transmit",
-    "TsigHooks",
-    "find_llq_option",
-    "parse_llq_option",
-    "parse_message",
 ]
 
-# -- constants (PROTOCOLS.md §3) -----------------------------------------------------------------------------
+# -- timing (RFC 8764 §5.1 and §6; Apple's mDNSResponder where the RFC leaves a choice) --------------------
 
-LLQ_OPTION_CODE: Final = 1  # RFC 8764 §3.1
-LLQ_OPTION_LEN: Final = 18  # §3.2: version, opcode, error (u16 each), ID (u64), lease (u32)
-LLQ_VERSION: Final = 1
-LLQ_OP_SETUP: Final = 1
-LLQ_OP_REFRESH: Final = 2
-LLQ_OP_EVENT: Final = 3
-LLQ_ERR_NO_ERROR: Final = 0
-LLQ_ERR_SERV_FULL: Final = 1
-LLQ_ERR_STATIC: Final = 2
-LLQ_ERR_FORMAT: Final = 3
-LLQ_ERR_NO_SUCH_LLQ: Final = 4
-LLQ_ERR_BAD_VERS: Final = 5
-LLQ_ERR_UNKNOWN: Final = 6
-LLQ_REMOVE_TTL: Final = 0xFFFFFFFF  # an event RR with this TTL is a removal (§7)
 LLQ_DEFAULT_LEASE: Final = 7200  # Apple kLLQ_DefLease
-LLQ_UDP_PAYLOAD: Final = 1440  # Apple's OPT class
-LLQ_MAX_TRIES: Final = 3  # §5.1, Apple kLLQ_MAX_TRIES
 LLQ_RETRY_WAITS: Final = (2.0, 4.0, 8.0)  # §5.1: >=2 s, >=4 s before the retransmissions, 8 s after the 3rd
 LLQ_POLL_INTERVAL: Final = 15 * 60.0  # Apple LLQ_POLL_INTERVAL
 LLQ_SETUP_RETRY_INTERVAL: Final = 3600.0  # §5.1: re-try setup no more than once per hour
 LLQ_REFRESH_MIN_FRACTION: Final = 0.5  # Apple: lease/2 + random(lease/10)
 LLQ_REFRESH_MAX_FRACTION: Final = 0.6
 
-_ERROR_NAMES: Final = {
-    LLQ_ERR_NO_ERROR: "NO-ERROR",
-    LLQ_ERR_SERV_FULL: "SERV-FULL",
-    LLQ_ERR_STATIC: "STATIC",
-    LLQ_ERR_FORMAT: "FORMAT-ERR",
-    LLQ_ERR_NO_SUCH_LLQ: "NO-SUCH-LLQ",
-    LLQ_ERR_BAD_VERS: "BAD-VERS",
-    LLQ_ERR_UNKNOWN: "UNKNOWN-ERR",
-}
-_OPCODE_NAMES: Final = {LLQ_OP_SETUP: "SETUP", LLQ_OP_REFRESH: "REFRESH", LLQ_OP_EVENT: "EVENT"}
 
-_LLQ_STRUCT: Final = struct.Struct("!HHHQI")
-
-
-def _error_name(code: int) -> str:
-    return f"LLQ-ERROR {code} ({_ERROR_NAMES.get(code, 'unknown')})"
-
-
-# -- the option --------------------------------------------------------------------------------------------
-
-
-class LLQOption(dns.edns.Option):
-    """The LLQ EDNS(0) option (code 1): 18 bytes of data, all fields unsigned big-endian."""
-
-    def __init__(self, version: int = LLQ_VERSION, opcode: int = LLQ_OP_SETUP, error: int = 0,
-                 llq_id: int = 0, lease: int = 0) -> None:
-        super().__init__(dns.edns.OptionType.make(LLQ_OPTION_CODE))
-        for name, value, bits in (("version", version, 16), ("opcode", opcode, 16), ("error", error, 16),
-                                  ("llq_id", llq_id, 64), ("lease", lease, 32)):
-            if not 0 <= value < 1 << bits:
-                raise ValueError(f"LLQ {name} out of range")
-        self.version = version
-        self.opcode = opcode
-        self.error = error
-        self.llq_id = llq_id
-        self.lease = lease
-
-    def to_wire(self, file: Any | None = None) -> bytes | None:
-        data = _LLQ_STRUCT.pack(self.version, self.opcode, self.error, self.llq_id, self.lease)
-        if file:
-            file.write(data)
-            return None
-        return data
-
-    def to_bytes(self) -> bytes:
-        """The 18 option data bytes (without option code and length)."""
-        return _LLQ_STRUCT.pack(self.version, self.opcode, self.error, self.llq_id, self.lease)
-
-    def to_text(self) -> str:
-        op = _OPCODE_NAMES.get(self.opcode, str(self.opcode))
-        return (f"LLQ v{self.version} {op} error {self.error} id {self.llq_id:#018x} lease {self.lease}")
-
-    def __repr__(self) -> str:
-        return (f"LLQOption(version={self.version}, opcode={self.opcode}, error={self.error}, "
-                f"llq_id={self.llq_id:#x}, lease={self.lease})")
-
-    def __hash__(self) -> int:
-        return hash(self.to_bytes())
-
-    @classmethod
-    def from_wire_parser(cls, otype: dns.edns.OptionType | str, parser: dns.wire.Parser) -> dns.edns.Option:
-        """dnspython's hook; a wrong length raises dnspython's own FormError (wrapped by
-        :func:`parse_message`)."""
-        data = parser.get_remaining()
-        if len(data) != LLQ_OPTION_LEN:
-            # dnspython's exception classes are untyped.
-            raise dns.exception.FormError("LLQ option must be 18 bytes")  # type: ignore[no-untyped-call]
-        return cls(*_LLQ_STRUCT.unpack(data))
-
-
-def parse_llq_option(data: bytes) -> LLQOption:
-    """Parse the 18 option data bytes; ParseError("LLQ option length") for any other length."""
-    if len(data) != LLQ_OPTION_LEN:
-        raise ParseError("LLQ option length")
-    return LLQOption(*_LLQ_STRUCT.unpack(data))
-
-
-dns.edns.register_type(LLQOption, dns.edns.OptionType.make(LLQ_OPTION_CODE))
-
-
-# -- messages ----------------------------------------------------------------------------------------------
-
-
-def _skip_name(wire: bytes, pos: int) -> int:
-    while True:
-        if pos >= len(wire):
-            raise ParseError("truncated")
-        length = wire[pos]
-        if length == 0:
-            return pos + 1
-        if length & 0xC0 == 0xC0:
-            return pos + 2
-        if length & 0xC0:
-            raise ParseError("bad label")
-        pos += 1 + length
-
-
-def _answer_ttls(wire: bytes) -> list[int]:
-    """The raw TTLs of the answer section, in order (dnspython turns TTLs above 0x7FFFFFFF into 0)."""
-    if len(wire) < 12:
-        raise ParseError("truncated")
-    qdcount, ancount = struct.unpack_from("!HH", wire, 4)
-    pos = 12
-    for _ in range(qdcount):
-        pos = _skip_name(wire, pos) + 4
-    ttls = []
-    for _ in range(ancount):
-        pos = _skip_name(wire, pos)
-        if pos + 10 > len(wire):
-            raise ParseError("truncated")
-        _rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", wire, pos)
-        ttls.append(ttl)
-        pos += 10 + rdlen
-    return ttls
-
-
-def parse_message(wire: bytes) -> dns.message.Message:
-    """Parse a DNS message with one RR per RRset (so per-RR TTLs survive) and TSIG validation off.
-
-    Raises ParseError and nothing else: "truncated" for a short header or a message that ends early,
-    "malformed DNS message" for anything else dnspython rejects (a malformed LLQ option included)."""
-    try:
-        return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True)
-    except (dns.message.ShortHeader, dns.message.Truncated) as e:
-        raise ParseError("truncated") from e
-    except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error, ...)
-        raise ParseError("malformed DNS message") from e
-
-
-def find_llq_option(message: dns.message.Message) -> LLQOption | None:
-    """The first LLQ option in the message's OPT RR (option i belongs to question i; we ask one)."""
-    for option in message.options:
-        if isinstance(option, LLQOption):
-            return option
-    return None
-
-
-# -- events and outputs ------------------------------------------------------------------------------------
-
-
-class Transmit(NamedTuple):
-    """A DNS message to send to the LLQ server."""
-
-    wire: bytes
+# -- events ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -342,25 +127,6 @@ class Fallback:
 Event = Added | Removed | Established | Refreshed | Failed | Fallback
 
 
-class Output(NamedTuple):
-    """What :meth:`LLQClient.receive` and :meth:`LLQClient.poll` return."""
-
-    transmits: list[Transmit]
-    events: list[Event]
-
-
-class TsigHooks(Protocol):
-    """TSIG done by the adapter (it owns the wall clock and the keys)."""
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        """Render ``message`` with a TSIG record."""
-        ...
-
-    def verify(self, wire: bytes) -> None:
-        """Check the TSIG of an incoming datagram; raise (any exception) to reject it."""
-        ...
-
-
 class LLQState(enum.Enum):
     IDLE = "idle"
     SETUP_SENT = "setup sent"  # waiting for the challenge
@@ -376,17 +142,19 @@ _RecordKey = tuple[dns.name.Name, int, int]  # name, rdclass, rdtype
 # -- the client --------------------------------------------------------------------------------------------
 
 
-class LLQClient:
+class LLQClient(Outbox["Event"]):
     """An LLQ client for one question (``qname``, ``rdtype``, class IN). See the module docstring.
 
-    ``rand(n)`` returns n random bytes (``os.urandom`` by default). ``lease`` is the lease requested in
-    the SETUP request; ``tsig`` the optional :class:`TsigHooks`; ``poll_interval`` the fallback polling
-    interval.
+    ``server`` is where requests go (datagrams from elsewhere are dropped). ``rand(n)`` returns n random
+    bytes. ``lease`` is the lease requested in the SETUP request; ``tsig`` the optional TSIG session
+    (every message signed, every datagram verified); ``poll_interval`` the fallback polling interval.
     """
 
-    def __init__(self, qname: dns.name.Name | str, rdtype: dns.rdatatype.RdataType | str | int,
-                 rand: Callable[[int], bytes] = os.urandom, lease: int = LLQ_DEFAULT_LEASE,
-                 tsig: TsigHooks | None = None, poll_interval: float = LLQ_POLL_INTERVAL) -> None:
+    def __init__(self, qname: dns.name.Name | str, rdtype: dns.rdatatype.RdataType | str | int, *,
+                 server: Address, rand: Callable[[int], bytes] = os.urandom, lease: int = LLQ_DEFAULT_LEASE,
+                 tsig: TsigSession | None = None, poll_interval: float = LLQ_POLL_INTERVAL) -> None:
+        super().__init__()
+        self.server = server
         if not 0 < lease < 1 << 32:
             raise ValueError("lease must be a positive 32-bit number of seconds")
         self.qname = dns.name.from_text(qname) if isinstance(qname, str) else qname
@@ -415,20 +183,22 @@ class LLQClient:
 
     # -- public API --------------------------------------------------------------------------------------
 
-    def start(self, now: float) -> Transmit:
+    def start(self, now: float) -> None:
         """Begin (or restart) the handshake: the SETUP request."""
-        return self._send_setup(now)
+        self._send_setup(now)
 
-    def stop(self, now: float) -> list[Transmit]:
-        """Cancel: an established LLQ gets a REFRESH with lease 0 (sent once); then nothing more."""
-        out = []
+    def close(self, now: float) -> None:
+        """Cancel: an established LLQ gets a REFRESH with lease 0 (sent once, unanswered); then nothing
+        more."""
         if self.state == LLQState.ESTABLISHED:
             self._msg_id = self._new_id()
-            out.append(Transmit(self._render(self._query(LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, 0,
-                                                                     self.llq_id, 0)))))
+            cancel = LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, 0, self.llq_id, 0)
+            self._tx(self._render(self._query(cancel), now))
         self.state = LLQState.STOPPED
         self._clear_timers()
-        return out
+
+    def finished(self) -> bool:
+        return self.state in (LLQState.IDLE, LLQState.STOPPED)
 
     def records(self) -> list[dns.rrset.RRset]:
         """The current answer set, one RRset per name and type (TTLs as received)."""
@@ -441,72 +211,71 @@ class LLQClient:
                              self._setup_retry_at) if t is not None]
         return min(times) if times else None
 
-    def poll(self, now: float) -> Output:
+    def poll(self, now: float) -> None:
         """Run the timers due at ``now``: retransmissions, give-up, refresh, lease expiry, polling."""
-        out = Output([], [])
         if self.state in (LLQState.IDLE, LLQState.STOPPED):
-            return out
+            return
         if self._retry_at is not None and now >= self._retry_at:
-            self._retry_due(now, out)
+            self._retry_due(now)
         if self.state == LLQState.ESTABLISHED:
             if self._expires_at is not None and now >= self._expires_at:
-                self._lost(now, out, "lease expired without a refresh reply")
+                self._lost(now, "lease expired without a refresh reply")
             elif self._refresh_at is not None and now >= self._refresh_at:
                 self._refresh_at = None
                 option = LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, 0, self.llq_id, self._refresh_lease)
-                out.transmits.append(self._begin_request(now, self._query(option), LLQ_OP_REFRESH))
+                self._begin_request(now, self._query(option), LLQ_OP_REFRESH)
         if self.state == LLQState.POLLING:
             if self._setup_retry_at is not None and now >= self._setup_retry_at:
                 self.counters["setup retry"] += 1
-                out.transmits.append(self._send_setup(now))
+                self._send_setup(now)
             elif self._poll_at is not None and now >= self._poll_at:
                 self._poll_at = now + self.poll_interval
-                out.transmits.append(self._begin_request(now, self._query(None), 0, retransmit=False))
-        return out
+                self._begin_request(now, self._query(None), 0, retransmit=False)
 
-    def receive(self, wire: bytes, now: float) -> Output:
-        """Handle one datagram from the server. Never raises for network input."""
-        out = Output([], [])
+    def receive(self, data: bytes, source: Address, now: float) -> None:
+        """Handle one datagram. Never raises for network input."""
+        if not from_server(source, self.server):
+            self.counters["not from the server"] += 1
+            return
         if self.state in (LLQState.IDLE, LLQState.STOPPED):
             self.counters["not running"] += 1
-            return out
+            return
         if self.tsig is not None:
             try:
-                self.tsig.verify(wire)
-            except Exception:
+                self.tsig.verify(data, now)
+            except (TsigError, ParseError):
                 self.counters["tsig rejected"] += 1
-                return out
+                return
         try:
-            msg = parse_message(wire)
-            ttls = _answer_ttls(wire)
+            msg = parse_message(data)
+            ttls = answer_ttls(data)
         except ParseError as e:
             self.counters[f"parse error: {e}"] += 1
-            return out
+            return
         if len(ttls) != len(msg.answer):  # one RR per RRset, so they must line up
             self.counters["parse error: answer count"] += 1
-            return out
+            return
         if not msg.flags & dns.flags.QR or msg.opcode() != dns.opcode.QUERY:
             self.counters["not a query response"] += 1
-            return out
+            return
         if not self._our_question(msg):
             self.counters["other question"] += 1
-            return out
+            return
         option = find_llq_option(msg)
         if option is not None and option.opcode == LLQ_OP_EVENT:
-            self._on_event(msg, option, ttls, out)
-            return out
+            self._on_event(msg, option, ttls, now)
+            return
         if (msg.id != self._msg_id and msg.id != self._setup_msg_id) or self._pending is None:
             self.counters["unexpected message ID"] += 1
-            return out
+            return
         if self.state == LLQState.SETUP_SENT:
-            self._on_setup_reply(msg, option, ttls, now, out)
+            self._on_setup_reply(msg, option, ttls, now)
         elif self.state == LLQState.CHALLENGE_SENT:
-            self._on_ack(msg, option, ttls, now, out)
+            self._on_ack(msg, option, ttls, now)
         elif self.state == LLQState.ESTABLISHED:
-            self._on_refresh_reply(msg, option, now, out)
+            self._on_refresh_reply(msg, option, now)
         elif self.state == LLQState.POLLING:
-            self._on_poll_reply(msg, ttls, out)
-        return out
+            self._on_poll_reply(msg, ttls)
 
     # -- receive paths -----------------------------------------------------------------------------------
 
@@ -520,44 +289,44 @@ class LLQClient:
         return msg.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
 
     def _on_setup_reply(self, msg: dns.message.Message, option: LLQOption | None, ttls: list[int],
-                        now: float, out: Output) -> None:
+                        now: float) -> None:
         if msg.id != self._msg_id:
             self.counters["unexpected message ID"] += 1
             return
         if not self._rcode_ok(msg):
-            self._fallback(now, out, f"rcode {dns.rcode.to_text(msg.rcode())} to the LLQ setup request")
+            self._fallback(now, f"rcode {dns.rcode.to_text(msg.rcode())} to the LLQ setup request")
             return
         if option is None or option.version != LLQ_VERSION:
             # Not an LLQ server: the answer is an ordinary answer, use it as the first poll result.
-            self._replace_cache(self._answer_records(msg, ttls), out)
+            self._replace_cache(self._answer_records(msg, ttls))
             what = "no LLQ option" if option is None else f"LLQ version {option.version}"
-            self._fallback(now, out, f"the server answered the setup request with {what}", poll_now=False)
+            self._fallback(now, f"the server answered the setup request with {what}", poll_now=False)
             return
         if option.opcode != LLQ_OP_SETUP:
             self.counters["unexpected LLQ opcode"] += 1
             return
         if option.error != LLQ_ERR_NO_ERROR:
-            self._fallback(now, out, f"setup challenge carried {_error_name(option.error)}")
+            self._fallback(now, f"setup challenge carried {error_name(option.error)}")
             return
         if msg.answer:
             self.counters["answers in challenge ignored"] += 1
         if option.llq_id == 0 or option.lease == 0:
-            self._fallback(now, out, "setup challenge with LLQ-ID 0 or lease 0")
+            self._fallback(now, "setup challenge with LLQ-ID 0 or lease 0")
             return
         self.llq_id = option.llq_id
         self.granted_lease = self._refresh_lease = option.lease
         self.state = LLQState.CHALLENGE_SENT
         response = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, 0, option.llq_id, option.lease)
-        out.transmits.append(self._begin_request(now, self._query(response), LLQ_OP_SETUP))
+        self._begin_request(now, self._query(response), LLQ_OP_SETUP)
 
-    def _on_ack(self, msg: dns.message.Message, option: LLQOption | None, ttls: list[int], now: float,
-                out: Output) -> None:
+    def _on_ack(self, msg: dns.message.Message, option: LLQOption | None, ttls: list[int],
+                now: float) -> None:
         if msg.id != self._msg_id:
             # The server re-sent the challenge (it answers every retransmitted SETUP request).
             self.counters["duplicate challenge"] += 1
             return
         if not self._rcode_ok(msg):
-            self._fallback(now, out, f"rcode {dns.rcode.to_text(msg.rcode())} to the challenge response")
+            self._fallback(now, f"rcode {dns.rcode.to_text(msg.rcode())} to the challenge response")
             return
         if option is None or option.version != LLQ_VERSION or option.opcode != LLQ_OP_SETUP:
             self.counters["ACK without LLQ SETUP option"] += 1
@@ -566,15 +335,14 @@ class LLQClient:
             self.counters["ACK for another LLQ-ID"] += 1
             return
         if option.error != LLQ_ERR_NO_ERROR:
-            self._fallback(now, out, f"setup ACK carried {_error_name(option.error)}")
+            self._fallback(now, f"setup ACK carried {error_name(option.error)}")
             return
         # The ACK's answer set is authoritative: it replaces the cache (Apple: "protocol anomaly").
-        self._replace_cache(self._answer_records(msg, ttls), out)
+        self._replace_cache(self._answer_records(msg, ttls))
         self._established(now, option.lease or self.granted_lease)
-        out.events.append(Established(tuple(self.records()), self.llq_id, self.granted_lease))
+        self._emit(Established(tuple(self.records()), self.llq_id, self.granted_lease))
 
-    def _on_refresh_reply(self, msg: dns.message.Message, option: LLQOption | None, now: float,
-                          out: Output) -> None:
+    def _on_refresh_reply(self, msg: dns.message.Message, option: LLQOption | None, now: float) -> None:
         if self._pending_opcode != LLQ_OP_REFRESH or msg.id != self._msg_id:
             self.counters["unexpected message ID"] += 1
             return
@@ -582,19 +350,19 @@ class LLQClient:
             self.counters["bad refresh reply"] += 1
             return
         if option.error != LLQ_ERR_NO_ERROR or not self._rcode_ok(msg):
-            reason = (f"refresh answered with {_error_name(option.error)}" if option.error
+            reason = (f"refresh answered with {error_name(option.error)}" if option.error
                       else f"refresh answered with rcode {dns.rcode.to_text(msg.rcode())}")
-            self._lost(now, out, reason)
+            self._lost(now, reason)
             return
         if msg.answer:
             self.counters["answers in refresh reply ignored"] += 1
         if option.lease == 0:
-            self._lost(now, out, "refresh granted lease 0")
+            self._lost(now, "refresh granted lease 0")
             return
         self._established(now, option.lease)
-        out.events.append(Refreshed(option.lease))
+        self._emit(Refreshed(option.lease))
 
-    def _on_poll_reply(self, msg: dns.message.Message, ttls: list[int], out: Output) -> None:
+    def _on_poll_reply(self, msg: dns.message.Message, ttls: list[int]) -> None:
         if msg.id != self._msg_id:
             self.counters["unexpected message ID"] += 1
             return
@@ -603,9 +371,9 @@ class LLQClient:
         if not self._rcode_ok(msg):
             self.counters[f"poll rcode {dns.rcode.to_text(msg.rcode())}"] += 1
             return
-        self._replace_cache(self._answer_records(msg, ttls), out)
+        self._replace_cache(self._answer_records(msg, ttls))
 
-    def _on_event(self, msg: dns.message.Message, option: LLQOption, ttls: list[int], out: Output) -> None:
+    def _on_event(self, msg: dns.message.Message, option: LLQOption, ttls: list[int], now: float) -> None:
         if self.llq_id == 0 or option.llq_id != self.llq_id or self.state not in (
                 LLQState.CHALLENGE_SENT, LLQState.ESTABLISHED):
             self.counters["event for another LLQ-ID"] += 1
@@ -616,7 +384,7 @@ class LLQClient:
         ack.find_rrset(ack.question, self.qname, self.rdclass, self.rdtype, create=True, force_unique=True)
         ack.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
             LLQOption(option.version, LLQ_OP_EVENT, option.error, option.llq_id, option.lease)])
-        out.transmits.append(Transmit(self._render(ack)))
+        self._tx(self._render(ack, now))
         self.counters["event acked"] += 1
         if self.state != LLQState.ESTABLISHED:
             # Before the ACK reached us: its full answer set will include this change.
@@ -640,20 +408,21 @@ class LLQClient:
                     del self._cache[key]
         if not added and not removed:
             self.counters["duplicate or no-op event"] += 1
-        out.events.extend(Removed(self._rrset(k, v)) for k, v in removed.items())
-        out.events.extend(Added(self._rrset(k, v)) for k, v in added.items())
+        for gone_key, gone in removed.items():
+            self._emit(Removed(self._rrset(gone_key, gone)))
+        for came_key, came in added.items():
+            self._emit(Added(self._rrset(came_key, came)))
 
     # -- state changes -----------------------------------------------------------------------------------
 
-    def _send_setup(self, now: float) -> Transmit:
+    def _send_setup(self, now: float) -> None:
         self._clear_timers()
         self.state = LLQState.SETUP_SENT
         self.llq_id = 0
         self.granted_lease = 0
         request = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, 0, 0, self.lease)
-        transmit = self._begin_request(now, self._query(request), LLQ_OP_SETUP)
+        self._begin_request(now, self._query(request), LLQ_OP_SETUP)
         self._setup_msg_id = self._msg_id
-        return transmit
 
     def _established(self, now: float, lease: int) -> None:
         self._clear_timers()
@@ -663,13 +432,13 @@ class LLQClient:
         self._refresh_at = now + lease * self._uniform(LLQ_REFRESH_MIN_FRACTION, LLQ_REFRESH_MAX_FRACTION)
         self._expires_at = now + lease
 
-    def _lost(self, now: float, out: Output, reason: str) -> None:
+    def _lost(self, now: float, reason: str) -> None:
         """The established LLQ is gone: report it and start a new handshake at once."""
         self.counters["LLQ lost"] += 1
-        out.events.append(Failed(reason))
-        out.transmits.append(self._send_setup(now))
+        self._emit(Failed(reason))
+        self._send_setup(now)
 
-    def _fallback(self, now: float, out: Output, reason: str, poll_now: bool = True) -> None:
+    def _fallback(self, now: float, reason: str, poll_now: bool = True) -> None:
         self.counters["fallback"] += 1
         self._clear_timers()
         self.state = LLQState.POLLING
@@ -677,14 +446,14 @@ class LLQClient:
         self.granted_lease = 0
         self._setup_msg_id = None
         self._setup_retry_at = now + LLQ_SETUP_RETRY_INTERVAL
-        out.events.append(Fallback(self.poll_interval, reason))
+        self._emit(Fallback(self.poll_interval, reason))
         if poll_now:
             self._poll_at = now + self.poll_interval
-            out.transmits.append(self._begin_request(now, self._query(None), 0, retransmit=False))
+            self._begin_request(now, self._query(None), 0, retransmit=False)
         else:
             self._poll_at = now + self.poll_interval
 
-    def _retry_due(self, now: float, out: Output) -> None:
+    def _retry_due(self, now: float) -> None:
         self._retry_at = None
         if self._pending is None:
             return
@@ -692,14 +461,14 @@ class LLQClient:
             self._tries += 1
             self._retry_at = now + LLQ_RETRY_WAITS[self._tries - 1]
             self.counters["retransmission"] += 1
-            out.transmits.append(Transmit(self._pending))
+            self._tx(self._pending)
             return
         self._pending = None
         if self.state == LLQState.ESTABLISHED:
-            self._lost(now, out, f"{LLQ_MAX_TRIES} refresh requests unanswered")
+            self._lost(now, f"{LLQ_MAX_TRIES} refresh requests unanswered")
         elif self.state in (LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT):
             step = "setup request" if self.state == LLQState.SETUP_SENT else "challenge response"
-            self._fallback(now, out, f"no answer to {LLQ_MAX_TRIES} LLQ {step}s")
+            self._fallback(now, f"no answer to {LLQ_MAX_TRIES} LLQ {step}s")
 
     def _clear_timers(self) -> None:
         self._pending = None
@@ -710,14 +479,14 @@ class LLQClient:
     # -- building messages ---------------------------------------------------------------------------
 
     def _begin_request(self, now: float, msg: dns.message.Message, opcode: int,
-                       retransmit: bool = True) -> Transmit:
-        wire = self._render(msg)
+                       retransmit: bool = True) -> None:
+        wire = self._render(msg, now)
         self._msg_id = msg.id
         self._pending = wire
         self._pending_opcode = opcode
         self._tries = 1
         self._retry_at = now + LLQ_RETRY_WAITS[0] if retransmit else None
-        return Transmit(wire)
+        self._tx(wire)
 
     def _query(self, option: LLQOption | None) -> dns.message.Message:
         msg = dns.message.make_query(self.qname, self.rdtype, self.rdclass, id=self._new_id(), flags=0)
@@ -725,10 +494,12 @@ class LLQClient:
             msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
         return msg
 
-    def _render(self, msg: dns.message.Message) -> bytes:
-        if self.tsig is not None:
-            return self.tsig.sign(msg)
-        return msg.to_wire()
+    def _tx(self, wire: bytes) -> None:
+        self._send(self.server, wire)
+
+    def _render(self, msg: dns.message.Message, now: float) -> bytes:
+        wire = msg.to_wire()  # rendered once: what is signed is what is sent
+        return wire if self.tsig is None else self.tsig.sign(wire, now)
 
     def _new_id(self) -> int:
         return int.from_bytes(self._rand(2), "big")
@@ -750,16 +521,16 @@ class LLQClient:
                 held[rdata] = ttl
         return records
 
-    def _replace_cache(self, new: dict[_RecordKey, dict[dns.rdata.Rdata, int]], out: Output) -> None:
+    def _replace_cache(self, new: dict[_RecordKey, dict[dns.rdata.Rdata, int]]) -> None:
         for key, held in self._cache.items():
             gone = [(rd, ttl) for rd, ttl in held.items() if rd not in new.get(key, {})]
             if gone:
-                out.events.append(Removed(self._rrset(key, gone)))
+                self._emit(Removed(self._rrset(key, gone)))
         for key, fresh in new.items():
             held = self._cache.get(key, {})
             came = [(rd, ttl) for rd, ttl in fresh.items() if rd not in held]
             if came:
-                out.events.append(Added(self._rrset(key, came)))
+                self._emit(Added(self._rrset(key, came)))
         self._cache = {key: dict(held) for key, held in new.items() if held}
 
     @staticmethod

@@ -3,8 +3,8 @@
 Sans-I/O and pure: :func:`build` turns a :class:`HostRecords` into dnspython RRsets for the publisher to put
 in an RFC 2136 UPDATE, and :func:`parse` turns whatever RRsets the watcher has learned (from LLQ events, plain
 queries or a response's answer section) back into a :class:`HostRecords`, or raises
-:class:`~tunneld.proto.errors.ParseError`. The layout is the firm contract of ARCHITECTURE.md ("DNS records"),
-after BTMM's (PROTOCOLS.md §5.3); docs/protocol.md specifies it with a worked example.
+:class:`~tunneld.proto.errors.ParseError`. The layout follows Back to My Mac's; docs/protocol.md
+("DNS records") specifies it, with the rules :func:`parse` applies and a worked example.
 
 Per device ``NAME`` of the account ``DOMAIN``::
 
@@ -14,21 +14,6 @@ Per device ``NAME`` of the account ``DOMAIN``::
     AutoTunnel-<IID>.DOMAIN          A     <public IPv4>      (and/or)
     AutoTunnel-<IID>.DOMAIN          AAAA  <public IPv6>
     _autotunnel._udp.DOMAIN          PTR   _autotunnel._udp.NAME.DOMAIN      (ours: discovery, optional)
-
-Why :func:`parse` is strict. Anything that can send a TSIG-signed UPDATE can write these records, and so can
-a stale lease or a half-applied change, so the watcher takes nothing on trust that it can check:
-
-- the ULA is never taken from DNS: it must equal the one the published key gives
-  (:func:`tunneld.identity.ula_for`), otherwise the host is refused, naming both addresses;
-- the SRV target must be the label the key gives (:func:`tunneld.identity.iid_label`), so a record cannot
-  point one device's name at another device's outer address;
-- anything ambiguous (two SRVs, two TXT records, two ULAs, a TXT key twice) is refused rather than guessed,
-  because picking one would make two watchers disagree about the same zone.
-
-What is deliberately lenient: SRV priority and weight (there is one target, so they mean nothing), TXT keys
-other than ``v`` and ``pk`` (the contract says "more keys may follow", so a newer publisher can add some),
-empty TXT strings (RFC 6763 §6.1 uses one for "no keys") and strings beginning with ``=`` (§6.4: ignored),
-TTLs, and RRsets for unrelated names in the input.
 
 Every ParseError message is ``<fixed reason>: <detail>``; the part before the first colon is a stable
 counter name, the detail names the records involved (names and addresses, never key material beyond the

@@ -1,45 +1,12 @@
 """The account watcher: LLQ clients for every device's records, turned into peers learned and gone.
 
-Sans-I/O like :mod:`tunneld.proto.llq`: :class:`Watcher` takes datagrams from the LLQ server and ``now``
-(monotonic seconds) and returns datagrams to send and :data:`WatcherEvent` values. It never reads a clock
-and never touches a socket; randomness goes through the injected ``rand(n) -> bytes`` to its clients.
-
-What it follows (:mod:`tunneld.proto.records`):
-
-- the browse PTR question (:func:`~tunneld.proto.records.names_to_browse`): which devices the account has;
-- for every device other than ``own_name``: its AAAA, SRV and TXT
-  (:func:`~tunneld.proto.records.names_to_watch` without a key); once its TXT carries a public key, the
-  key's target A and AAAA too. The key taken from the TXT only chooses which names to watch; whether the
-  host is accepted is decided by :func:`~tunneld.proto.records.parse` over everything cached for it;
-- a device that leaves the PTR set has its clients stopped (an established LLQ gets lease 0).
-
-Each question has one LLQ client (``client_factory``, :class:`~tunneld.proto.llq.LLQClient` by default).
-A question shared by two hosts (two TXT records carrying the same key) has one client, used by both.
-The adapter sends every datagram from the server to :meth:`Watcher.receive`, which routes it to the client
-whose question it carries (anything else is counted and dropped), calls :meth:`Watcher.poll` at
-:meth:`Watcher.deadline` and sends every :class:`~tunneld.proto.llq.Transmit`.
-
-After every change the affected hosts are re-parsed:
-
-- complete and consistent, and different from the last good state -> :class:`PeerLearned`
-  (for :meth:`tunneld.proto.tunnel.TunnelCore.learn_peer`); if the key changed, :class:`PeerGone` for the
-  old key comes first;
-- was good and now incomplete or inconsistent, or left the PTR set -> :class:`PeerGone`
-  (for :meth:`tunneld.proto.tunnel.TunnelCore.forget_peer`);
-- inconsistent (a :class:`~tunneld.proto.errors.ParseError` other than ``missing ...``) ->
-  :class:`PeerRejected`, once per distinct reason until the host is good again. A host whose records are
-  merely incomplete (``missing ...``: still arriving, or withdrawn) is not rejected, just not learned.
-  A host publishing the key of another host already learned is rejected (``duplicate key``).
-
-LLQ status (:class:`~tunneld.proto.llq.Established`, :class:`~tunneld.proto.llq.Failed`,
-:class:`~tunneld.proto.llq.Fallback`) is reported as :class:`QueryStatus` for logging; nothing needs to be
-done about it: after a Fallback the client polls by itself and its answers arrive as Added/Removed.
-
-Known limit: there is no grace period. A change within one question arrives as one EVENT (our server diffs
-per LLQ: removals and additions together), but a change spanning questions passes through intermediate
-states: a new key touches the TXT, the AAAA and the SRV, so :class:`PeerGone`, a transient
-:class:`PeerRejected` (``ula mismatch``, ``srv target mismatch``) and then :class:`PeerLearned` can follow
-each other; a server that sends a removal and its replacement in separate events does the same.
+A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (its LLQs are
+signed); it talks to one server and drops datagrams from anywhere else. Randomness goes through the
+injected ``rand(n) -> bytes`` to its clients. It follows the browse PTR, then each other device's AAAA,
+SRV and TXT, then the target addresses its key names (:mod:`tunneld.proto.records`), one LLQ client per
+question (shared between hosts that need the same one). What each change makes of a host
+(:class:`PeerLearned`, :class:`PeerGone`, :class:`PeerRejected`), and the known limits, are in
+docs/protocol.md ("Watcher behaviour").
 """
 
 from __future__ import annotations
@@ -50,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import dns.message
 import dns.name
@@ -61,6 +28,8 @@ import dns.rdtypes.ANY.TXT
 import dns.rrset
 
 from tunneld.proto import records
+from tunneld.proto.core import Address, Outbox, Transmit
+from tunneld.proto.dnswire import from_server
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import (
     LLQ_DEFAULT_LEASE,
@@ -71,12 +40,10 @@ from tunneld.proto.llq import (
     Fallback,
     LLQClient,
     LLQState,
-    Output,
     Removed,
-    Transmit,
-    TsigHooks,
-    parse_message,
 )
+from tunneld.proto.llq_wire import parse_message
+from tunneld.proto.tsig import TsigKey, TsigSession
 
 __all__ = [
     "ClientFactory",
@@ -87,7 +54,6 @@ __all__ = [
     "WatchClient",
     "Watcher",
     "WatcherEvent",
-    "WatcherOutput",
 ]
 
 Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
@@ -143,13 +109,6 @@ class QueryStatus:
 WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus
 
 
-class WatcherOutput(NamedTuple):
-    """What :meth:`Watcher.receive` and :meth:`Watcher.poll` return."""
-
-    transmits: list[Transmit]
-    events: list[WatcherEvent]
-
-
 # -- the client interface ----------------------------------------------------------------------------------
 
 
@@ -161,36 +120,25 @@ class WatchClient(Protocol):
     state: LLQState
     counters: Counter[str]
 
-    def start(self, now: float) -> Transmit: ...
+    def start(self, now: float) -> None: ...
 
-    def stop(self, now: float) -> list[Transmit]: ...
+    def close(self, now: float) -> None: ...
 
-    def receive(self, wire: bytes, now: float) -> Output: ...
+    def receive(self, data: bytes, source: Address, now: float) -> None: ...
 
-    def poll(self, now: float) -> Output: ...
+    def poll(self, now: float) -> None: ...
+
+    def transmits(self) -> list[Transmit]: ...
+
+    def events(self) -> list[Event]: ...
 
     def deadline(self) -> float | None: ...
 
 
 class ClientFactory(Protocol):
     def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *,
-                 rand: Callable[[int], bytes], lease: int, tsig: TsigHooks | None) -> WatchClient: ...
-
-
-class _Hooks:
-    """TsigHooks from the optional ``sign`` / ``verify`` callables (a missing one: unsigned / unchecked)."""
-
-    def __init__(self, sign: Callable[[dns.message.Message], bytes] | None,
-                 verify: Callable[[bytes], None] | None) -> None:
-        self._sign = sign
-        self._verify = verify
-
-    def sign(self, message: dns.message.Message) -> bytes:
-        return self._sign(message) if self._sign is not None else message.to_wire()
-
-    def verify(self, wire: bytes) -> None:
-        if self._verify is not None:
-            self._verify(wire)
+                 server: Address, rand: Callable[[int], bytes], lease: int,
+                 tsig: TsigSession | None) -> WatchClient: ...
 
 
 # -- state -------------------------------------------------------------------------------------------------
@@ -238,26 +186,25 @@ def _txt_key(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> bytes
 # -- the watcher -------------------------------------------------------------------------------------------
 
 
-class Watcher:
+class Watcher(Outbox[WatcherEvent]):
     """Follows the account ``domain``'s devices (except ``own_name``) by LLQ. See the module docstring.
 
-    ``rand``, ``lease`` and the TSIG hooks go to every client: ``sign(message) -> wire`` renders a request
-    with TSIG, ``verify(wire)`` raises for a datagram whose TSIG does not verify (see
-    :class:`~tunneld.proto.llq.TsigHooks`). ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes
-    the client for one question.
+    ``rand``, ``lease`` and one TSIG session with ``key`` (``now`` is then Unix time) go to every
+    client. ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes the client for one question.
     """
 
-    def __init__(self, domain: str, own_name: str, rand: Callable[[int], bytes] = os.urandom,
+    def __init__(self, domain: str, own_name: str, *, server: Address,
+                 rand: Callable[[int], bytes] = os.urandom,
                  lease: int = LLQ_DEFAULT_LEASE,
-                 sign: Callable[[dns.message.Message], bytes] | None = None,
-                 verify: Callable[[bytes], None] | None = None,
+                 key: TsigKey | None = None,
                  client_factory: ClientFactory = LLQClient) -> None:
+        super().__init__()
+        self.server = server
         self.domain = domain
         self.own_name = own_name
         self.lease = lease
         self._rand = rand
-        hooks = sign is not None or verify is not None
-        self._tsig: TsigHooks | None = _Hooks(sign, verify) if hooks else None
+        self._tsig = None if key is None else TsigSession(key)  # one per socket: shared by the clients
         self._factory = client_factory
         self._browse: Question = records.names_to_browse(domain)[0]
         self._watches: dict[Question, _Watch] = {}
@@ -267,57 +214,59 @@ class Watcher:
 
     # -- public API ----------------------------------------------------------------------------------------
 
-    def start(self, now: float) -> list[Transmit]:
+    def start(self, now: float) -> None:
         """Begin: an LLQ on the browse PTR question (hosts follow as the PTR set names them)."""
         if self.running:
-            return []
+            return
         self.running = True
-        transmit = self._start_client(self._browse, None, now)
-        return [transmit] if transmit is not None else []
+        self._start_client(self._browse, None, now)
 
-    def stop(self, now: float) -> list[Transmit]:
+    def close(self, now: float) -> None:
         """Stop every client (established LLQs are cancelled with lease 0) and forget all hosts."""
-        out: list[Transmit] = []
         for watch in self._watches.values():
-            out.extend(watch.client.stop(now))
+            watch.client.close(now)
+            self._transmits.extend(watch.client.transmits())
         self._watches.clear()
         self._hosts.clear()
         self.running = False
-        return out
 
-    def receive(self, wire: bytes, now: float) -> WatcherOutput:
+    def finished(self) -> bool:
+        return not self.running  # the cancellations are sent once and not answered
+
+    def receive(self, data: bytes, source: Address, now: float) -> None:
         """Route one datagram from the server to its question's client. Never raises for network input."""
-        out = WatcherOutput([], [])
         if not self.running:
             self.counters["not running"] += 1
-            return out
+            return
+        if not from_server(source, self.server):
+            self.counters["not from the server"] += 1
+            return
         try:
-            msg = parse_message(wire)
+            msg = parse_message(data)
         except ParseError as e:
             self.counters[f"parse error: {e}"] += 1
-            return out
+            return
         if len(msg.question) != 1:
             self.counters["not one question"] += 1
-            return out
+            return
         q = msg.question[0]
         question: Question = (q.name, dns.rdatatype.RdataType.make(q.rdtype))
         watch = self._watches.get(question)
         if watch is None or q.rdclass != dns.rdataclass.IN:
             self.counters["unknown question"] += 1
-            return out
-        self._handle(question, watch, watch.client.receive(wire, now), now, out)
-        return out
+            return
+        watch.client.receive(data, source, now)
+        self._handle(question, watch, now)
 
-    def poll(self, now: float) -> WatcherOutput:
+    def poll(self, now: float) -> None:
         """Run every client's timers due at ``now``."""
-        out = WatcherOutput([], [])
         for question, watch in list(self._watches.items()):
             if self._watches.get(question) is not watch:
                 continue  # stopped while handling an earlier client's output
             deadline = watch.client.deadline()
             if deadline is not None and deadline <= now:
-                self._handle(question, watch, watch.client.poll(now), now, out)
-        return out
+                watch.client.poll(now)
+                self._handle(question, watch, now)
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing scheduled)."""
@@ -362,22 +311,24 @@ class Watcher:
 
     # -- clients -------------------------------------------------------------------------------------------
 
-    def _start_client(self, question: Question, host: str | None, now: float) -> Transmit | None:
-        """Start (or share) the client for ``question``; its first request, or None when shared."""
+    def _start_client(self, question: Question, host: str | None, now: float) -> None:
+        """Start (or share) the client for ``question``."""
         watch = self._watches.get(question)
         if watch is not None:
             if host is not None:
                 watch.hosts.add(host)
-            return None
-        client = self._factory(question[0], question[1], rand=self._rand, lease=self.lease, tsig=self._tsig)
+            return
+        client = self._factory(question[0], question[1], server=self.server, rand=self._rand,
+                               lease=self.lease, tsig=self._tsig)
         watch = _Watch(client)
         if host is not None:
             watch.hosts.add(host)
         self._watches[question] = watch
         self.counters["clients started"] += 1
-        return client.start(now)
+        client.start(now)
+        self._transmits.extend(client.transmits())
 
-    def _release(self, question: Question, host: str, now: float, out: WatcherOutput) -> None:
+    def _release(self, question: Question, host: str, now: float) -> None:
         watch = self._watches.get(question)
         if watch is None:
             return
@@ -385,41 +336,40 @@ class Watcher:
         if not watch.hosts:
             del self._watches[question]
             self.counters["clients stopped"] += 1
-            out.transmits.extend(watch.client.stop(now))
+            watch.client.close(now)
+            self._transmits.extend(watch.client.transmits())
 
-    def _watch_host(self, host: _Host, questions: Iterable[Question], now: float, out: WatcherOutput) -> None:
+    def _watch_host(self, host: _Host, questions: Iterable[Question], now: float) -> None:
         for question in questions:
             if question in host.questions:
                 continue
             host.questions.add(question)
-            transmit = self._start_client(question, host.name.lower(), now)
-            if transmit is not None:
-                out.transmits.append(transmit)
+            self._start_client(question, host.name.lower(), now)
 
     # -- events --------------------------------------------------------------------------------------------
 
-    def _handle(self, question: Question, watch: _Watch, output: Output, now: float,
-                out: WatcherOutput) -> None:
-        out.transmits.extend(output.transmits)
+    def _handle(self, question: Question, watch: _Watch, now: float) -> None:
+        """Pass on what the client sent, and apply what it reported."""
+        self._transmits.extend(watch.client.transmits())
         changed = False
-        for event in output.events:
-            changed |= self._apply(question, watch, event, out)
+        for event in watch.client.events():
+            changed |= self._apply(question, watch, event)
         if not changed:
             return
         if question == self._browse:
-            self._update_hosts(watch, now, out)
+            self._update_hosts(watch, now)
         else:
             for key in sorted(watch.hosts):
                 host = self._hosts.get(key)
                 if host is not None:
-                    self._update_host(host, now, out)
+                    self._update_host(host, now)
         # A host refused for publishing a learned host's key may be acceptable now that the other is gone.
         for key in sorted(self._hosts):
             host = self._hosts[key]
             if host.reason is not None and host.reason.startswith("duplicate key:"):
-                self._evaluate(host, out)
+                self._evaluate(host)
 
-    def _apply(self, question: Question, watch: _Watch, event: Event, out: WatcherOutput) -> bool:
+    def _apply(self, question: Question, watch: _Watch, event: Event) -> bool:
         """Apply one client event to the question's cache; True if the cache may have changed."""
         if isinstance(event, Added):
             held = watch.cache.setdefault(_key(event.rrset), set())
@@ -436,14 +386,14 @@ class Watcher:
             watch.cache = {}
             for rrset in event.answers:
                 watch.cache.setdefault(_key(rrset), set()).update(rrset)
-            out.events.append(QueryStatus(question[0], question[1], "established"))
+            self._emit(QueryStatus(question[0], question[1], "established"))
             return True
         if isinstance(event, Failed):
             self.counters["LLQ failed"] += 1
-            out.events.append(QueryStatus(question[0], question[1], "failed", event.reason))
+            self._emit(QueryStatus(question[0], question[1], "failed", event.reason))
         elif isinstance(event, Fallback):
             self.counters["LLQ fallback"] += 1
-            out.events.append(QueryStatus(question[0], question[1], "fallback", event.reason))
+            self._emit(QueryStatus(question[0], question[1], "fallback", event.reason))
         return False
 
     def _rrsets(self, questions: Iterable[Question]) -> list[dns.rrset.RRset]:
@@ -460,25 +410,25 @@ class Watcher:
                 result.append(rrset)
         return result
 
-    def _update_hosts(self, browse: _Watch, now: float, out: WatcherOutput) -> None:
+    def _update_hosts(self, browse: _Watch, now: float) -> None:
         names = records.list_hosts(self.domain, self._rrsets([self._browse]))
         wanted = {name.lower(): name for name in names if name.lower() != self.own_name.lower()}
         for key in sorted(set(self._hosts) - set(wanted)):
             host = self._hosts.pop(key)
             self.counters["hosts gone"] += 1
             for question in sorted(host.questions, key=str):
-                self._release(question, key, now, out)
+                self._release(question, key, now)
             if host.good is not None:
-                out.events.append(PeerGone(host.name, host.good.public_key))
+                self._emit(PeerGone(host.name, host.good.public_key))
         for key, name in sorted(wanted.items()):
             if key in self._hosts:
                 continue
             host = _Host(name)
             self._hosts[key] = host
             self.counters["hosts found"] += 1
-            self._watch_host(host, records.names_to_watch(self.domain, name), now, out)
+            self._watch_host(host, records.names_to_watch(self.domain, name), now)
 
-    def _update_host(self, host: _Host, now: float, out: WatcherOutput) -> None:
+    def _update_host(self, host: _Host, now: float) -> None:
         key = _txt_key(self.domain, host.name, self._rrsets(host.questions))
         if key != host.target_key:
             if host.target_key is not None:
@@ -486,13 +436,13 @@ class Watcher:
                 old -= set(records.names_to_watch(self.domain, host.name))
                 for question in old:
                     host.questions.discard(question)
-                    self._release(question, host.name.lower(), now, out)
+                    self._release(question, host.name.lower(), now)
             host.target_key = key
             if key is not None:
-                self._watch_host(host, records.names_to_watch(self.domain, host.name, key), now, out)
-        self._evaluate(host, out)
+                self._watch_host(host, records.names_to_watch(self.domain, host.name, key), now)
+        self._evaluate(host)
 
-    def _evaluate(self, host: _Host, out: WatcherOutput) -> None:
+    def _evaluate(self, host: _Host) -> None:
         try:
             parsed = records.parse(self.domain, host.name, self._rrsets(host.questions))
             for other in self._hosts.values():
@@ -503,21 +453,21 @@ class Watcher:
             reason = str(e)
             host.reason = reason
             if host.good is not None:
-                out.events.append(PeerGone(host.name, host.good.public_key))
+                self._emit(PeerGone(host.name, host.good.public_key))
                 host.good = None
             if not reason.startswith("missing ") and reason not in host.reported:
                 host.reported.add(reason)
                 self.counters["hosts rejected"] += 1
-                out.events.append(PeerRejected(host.name, reason))
+                self._emit(PeerRejected(host.name, reason))
             return
         host.reason = None
         host.reported.clear()
         if parsed == host.good:
             return
         if host.good is not None and host.good.public_key != parsed.public_key:
-            out.events.append(PeerGone(host.name, host.good.public_key))
+            self._emit(PeerGone(host.name, host.good.public_key))
         host.good = parsed
-        out.events.append(PeerLearned(parsed))
+        self._emit(PeerLearned(parsed))
 
 
 def _key(rrset: dns.rrset.RRset) -> _RecordKey:

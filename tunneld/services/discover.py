@@ -1,5 +1,5 @@
 """Finding the account's servers: `_dns-update._udp.DOMAIN` and `_dns-llq._udp.DOMAIN` SRV records
-(ARCHITECTURE: servers are found by SRV, falling back to the configured server).
+(servers are found by SRV, falling back to the configured server).
 
 The configured server is asked; an SRV answer's target is resolved (A, then AAAA) from the same server.
 Anything missing — no answer, no SRV, a target "." or without an address — means the configured server
@@ -19,13 +19,13 @@ import dns.name
 import dns.rdatatype
 import trio
 
-from tunneld.proto.dnsupdate import build_srv_query, pick_srv_target
 from tunneld.proto.errors import ParseError
+from tunneld.proto.srv import LLQ_SRV_SERVICE, UPDATE_SRV_SERVICE, build_srv_query, pick_srv_target
 
 log = logging.getLogger("tunneld.discover")
 
-UPDATE_SERVICE = "_dns-update._udp"
-LLQ_SERVICE = "_dns-llq._udp"
+UPDATE_SERVICE = UPDATE_SRV_SERVICE
+LLQ_SERVICE = LLQ_SRV_SERVICE
 EXCHANGE_TIMEOUT = 2.0  # seconds per question
 
 

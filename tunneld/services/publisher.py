@@ -1,11 +1,11 @@
-"""The publishing service: a thin trio adapter around the sans-I/O :class:`dnsupdate.Publisher`.
+"""The publishing service: the :class:`~tunneld.proto.dnsupdate.Publisher` core over one UDP socket
+connected to the account's DNS UPDATE server, run by the :class:`Driver` on the wall clock.
 
-It owns one UDP socket connected to the account's DNS UPDATE server. It hands the publisher the answers,
-``now`` and ``wall``, sends what the publisher returns, and sleeps until the publisher's deadline or until
-something changes (an answer arrived, or the daemon gave it new records because the public endpoint moved).
-On cancellation (clean shutdown) it withdraws our records, shielded and bounded by :data:`STOP_GRACE`, so a
-stopped device does not stay published until its lease runs out -- or forever, on a server that ignores
-leases, as BIND does.
+The daemon hands it our records (:meth:`PublisherService.set_records`, when the public endpoint moves). The
+first registration waits RFC 9664's random start-up delay (in the core), so devices that boot together do
+not all hit the server at once. On cancellation (clean shutdown) the driver closes the core, which
+withdraws our records, and waits for the answer at most :data:`STOP_GRACE`: a stopped device does not stay
+published until its lease runs out -- or forever, on a server that ignores leases, as BIND does.
 
 The browse PTR (``_autotunnel._udp.DOMAIN PTR``) is the one RRset shared by every device of the account:
 it is declared shared to the publisher, which adds and deletes only our record there (class NONE), so
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import socket
 import time
 from collections.abc import Sequence
@@ -27,13 +26,13 @@ import dns.rrset
 import trio
 
 from tunneld.proto import records
-from tunneld.proto.dnsupdate import Failed, Published, Publisher, Transmit, Withdrawn, startup_delay
+from tunneld.proto.dnsupdate import Event, Failed, Published, Publisher, Withdrawn, startup_delay
+from tunneld.services.driver import Driver
 
 log = logging.getLogger("tunneld.publish")
 
 RECORD_TTL = 60  # seconds: endpoints move, so peers must not cache them for long
 STOP_GRACE = 2.0  # seconds to wait for the withdrawal's answer on shutdown
-MAX_ANSWER = 65535
 
 
 def host_records(name: str, domain: str, public_key: bytes, endpoint: str) -> list[dns.rrset.RRset]:
@@ -50,15 +49,12 @@ class PublisherService:
                  start_delay: float | None = None, algorithm: str = "hmac-sha256") -> None:
         # `tunneld account new` prints the key as "DOMAIN.": the key is named after the account's zone.
         self.publisher = Publisher(zone, zone, key_secret, algorithm=algorithm, lease=lease,
-                                   shared=[(records.browse_name(zone), dns.rdatatype.PTR)])
+                                   shared=[(records.browse_name(zone), dns.rdatatype.PTR)], server=server,
+                                   start_delay=startup_delay() if start_delay is None else start_delay)
         self.server = server
-        self.start_delay = startup_delay() if start_delay is None else start_delay
-        self._sock: trio.socket.SocketType | None = None
         self._rrsets: list[dns.rrset.RRset] | None = None  # what we should publish; None: nothing yet
-        self._dirty = False  # _rrsets changed since we last handed them to the publisher
-        self._started = False  # the first publication went out
-        self._wake = trio.Event()
-        self.send_errors = 0
+        self._driver: Driver[Event] | None = None
+        self._started = False  # the first publication was handed to the core
 
     # -- the daemon's side -------------------------------------------------------------------------------
 
@@ -70,10 +66,23 @@ class PublisherService:
         if self._rrsets is not None and _same(new, self._rrsets):
             return
         self._rrsets = new
-        self._dirty = True
-        self._wake.set()
+        self._hand_over()
 
-    def status(self, now: float) -> dict[str, Any]:
+    def _hand_over(self) -> None:
+        driver = self._driver
+        if driver is None or self._rrsets is None:
+            return  # run() hands them over once the socket is up
+        if self._started:
+            self.publisher.endpoint_changed(self._rrsets, driver.now())
+        else:
+            self._started = True
+            self.publisher.publish(self._rrsets, driver.now())
+        driver.wake()
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """``tunneld status``'s publish object. The core runs on the wall clock, so the times left are
+        counted from ``time.time()`` (``now`` is accepted for the daemon's call and not used)."""
+        wall = time.time()
         st = self.publisher.state
         if st.withdrawn:
             state = "withdrawn"
@@ -91,7 +100,7 @@ class PublisherService:
         if state == "waiting":
             message = "no public endpoint yet: nothing to publish"
         lease = st.lease_granted if st.lease_granted is not None else st.lease_requested
-        lease_left = round(st.expires_at - now, 1) if st.published and st.expires_at is not None else None
+        lease_left = round(st.expires_at - wall, 1) if st.published and st.expires_at is not None else None
         return {
             "state": state,
             "server": _show_server(self.server),
@@ -104,103 +113,36 @@ class PublisherService:
             "lease_granted": st.lease_granted,
             "server_ignores_lease": st.server_ignores_lease,
             "lease_left": lease_left,
-            "next_refresh_in": (round(st.next_refresh_at - now, 1)
+            "next_refresh_in": (round(st.next_refresh_at - wall, 1)
                                 if st.next_refresh_at is not None and not st.withdrawn else None),
             "published": st.published,
             "records": [line for r in (self._rrsets or []) for line in r.to_text().splitlines()],
             "dropped": dict(self.publisher.counters),
         }
 
-    # -- the loop ----------------------------------------------------------------------------------------
+    # -- the socket ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        try:
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
             await sock.connect(self.server)  # the kernel drops datagrams from any other source
-            self._sock = sock
+            driver = Driver(self.publisher, [sock], on_event=self._log_event, clock=time.time,
+                            grace=STOP_GRACE, name="publish")
+            self._driver = driver
+            self._hand_over()
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receive, sock)
-                    task_status.started()
-                    await self._loop()
+                await driver.run(task_status=task_status)
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
-                    await self._withdraw(sock)
-        finally:
-            self._sock = None
-            sock.close()
+                self._driver = None
 
-    async def _loop(self) -> None:
-        # RFC 9664 §4.2: a random delay before the first registration, so devices that boot together
-        # (after a power cut) do not all hit the server at once.
-        await trio.sleep(self.start_delay)
-        while True:
-            now, wall = trio.current_time(), time.time()
-            if self._dirty and self._rrsets is not None:
-                self._dirty = False
-                if self._started:
-                    await self._send([self.publisher.endpoint_changed(self._rrsets, now, wall)])
-                else:
-                    self._started = True
-                    await self._send([self.publisher.publish(self._rrsets, now, wall)])
-            deadline = self.publisher.deadline()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            self._log_events()
-            await self._send(self.publisher.poll(trio.current_time(), time.time()))
-            self._log_events()
-
-    async def _receive(self, sock: trio.socket.SocketType) -> None:
-        while True:
-            try:
-                data = await sock.recv(MAX_ANSWER)
-            except OSError as e:  # ICMP port unreachable and friends: the publisher times out and retries
-                log.debug("update server %s: %s", _show_server(self.server), e)
-                continue
-            self.publisher.receive(data, trio.current_time(), time.time())
-            self._wake.set()  # the deadline moved (an answer ends the retransmissions)
-
-    async def _send(self, transmits: Sequence[Transmit]) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        for t in transmits:
-            try:
-                await sock.send(t.payload)
-            except OSError as e:  # no route right now: the publisher retransmits and retries
-                self.send_errors += 1
-                log.debug("update to %s failed: %s", _show_server(self.server), e)
-
-    async def _withdraw(self, sock: trio.socket.SocketType) -> None:
-        """Delete our records before we go: one UPDATE, retransmitted, until answered or STOP_GRACE."""
-        t = self.publisher.withdraw(trio.current_time(), time.time())
-        if t is None:
-            return
-        await self._send([t])
-        while self.publisher.state.pending:
-            deadline = self.publisher.deadline()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                try:
-                    data = await sock.recv(MAX_ANSWER)
-                except OSError:
-                    data = b""
-                if data:
-                    self.publisher.receive(data, trio.current_time(), time.time())
-            await self._send(self.publisher.poll(trio.current_time(), time.time()))
-        self._log_events()
-
-    def _log_events(self) -> None:
-        for event in self.publisher.events:
-            if isinstance(event, Published):
-                log.info("published our records on %s (lease %d s%s)", _show_server(self.server), event.lease,
-                         "" if event.granted else ", server ignores leases")
-            elif isinstance(event, Withdrawn):
-                log.info("withdrew our records from %s", _show_server(self.server))
-            elif isinstance(event, Failed):
-                log.warning("publishing on %s failed: %s", _show_server(self.server), event.message)
-        self.publisher.events.clear()
+    def _log_event(self, event: Event) -> None:
+        if isinstance(event, Published):
+            log.info("published our records on %s (lease %d s%s)", _show_server(self.server), event.lease,
+                     "" if event.granted else ", server ignores leases")
+        elif isinstance(event, Withdrawn):
+            log.info("withdrew our records from %s", _show_server(self.server))
+        elif isinstance(event, Failed):
+            log.warning("publishing on %s failed: %s", _show_server(self.server), event.message)
 
 
 def _same(a: Sequence[dns.rrset.RRset], b: Sequence[dns.rrset.RRset]) -> bool:

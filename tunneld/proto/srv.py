@@ -1,0 +1,87 @@
+"""Finding a service's server by SRV (RFC 2782): the query, and the choice among the answer's targets.
+
+Sans-I/O: the query and the answer are bytes; the weighted choice draws from the injected ``rand``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Final, NamedTuple
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.rdtypes.IN.SRV
+
+from tunneld.proto.errors import ParseError
+
+__all__ = ["LLQ_SRV_SERVICE", "UPDATE_SRV_SERVICE", "SrvQuery", "build_srv_query", "pick_srv_target"]
+
+UPDATE_SRV_SERVICE: Final = "_dns-update._udp"  # RFC 2136 servers (DNS-SD, RFC 6763 §10)
+LLQ_SRV_SERVICE: Final = "_dns-llq._udp"  # RFC 8764 §5.1
+
+
+class SrvQuery(NamedTuple):
+    """A query to send, and its message ID (which the answer must echo)."""
+
+    payload: bytes
+    message_id: int
+
+
+def build_srv_query(domain: str | dns.name.Name, rand: Callable[[int], bytes] = os.urandom,
+                    service: str = UPDATE_SRV_SERVICE) -> SrvQuery:
+    """A recursive SRV query for ``<service>.<domain>`` (``_dns-update._udp`` by default)."""
+    zone = domain if isinstance(domain, dns.name.Name) else dns.name.from_text(domain)
+    qname = dns.name.from_text(service, zone)
+    message_id = int.from_bytes(rand(2), "big")
+    msg = dns.message.make_query(qname, dns.rdatatype.SRV, id=message_id)
+    return SrvQuery(msg.to_wire(), message_id)
+
+
+def pick_srv_target(wire: bytes, query: SrvQuery, rand: Callable[[int], bytes] = os.urandom,
+                    ) -> tuple[str, int] | None:
+    """(target host, port) from the answer to ``query``, chosen as RFC 2782 says: the lowest priority,
+    then at random by weight. None if the answer has no SRV for the name, or the target is "." (the
+    service is decidedly not available). Raises ParseError for a malformed or non-matching answer."""
+    try:
+        msg = dns.message.from_wire(wire, keyring=False)
+        sent = dns.message.from_wire(query.payload)
+    except Exception as e:  # as in Publisher.receive: any parser failure is a ParseError
+        raise ParseError("malformed" if wire else "truncated") from e
+    if not msg.flags & dns.flags.QR or msg.id != query.message_id:
+        raise ParseError("not our answer")
+    if [(q.name, q.rdtype) for q in msg.question] != [(q.name, q.rdtype) for q in sent.question]:
+        raise ParseError("question mismatch")
+    qname = sent.question[0].name
+    records: list[dns.rdtypes.IN.SRV.SRV] = []
+    for rrset in msg.answer:
+        if rrset.name == qname and rrset.rdtype == dns.rdatatype.SRV:
+            records.extend(rd for rd in rrset if isinstance(rd, dns.rdtypes.IN.SRV.SRV))
+    if not records:
+        return None
+    best = min(r.priority for r in records)
+    choice = _weighted_pick([r for r in records if r.priority == best], rand)
+    if choice.target == dns.name.root:
+        return None
+    return choice.target.to_text(omit_final_dot=True), choice.port
+
+
+def _weighted_pick(records: Sequence[dns.rdtypes.IN.SRV.SRV],
+                   rand: Callable[[int], bytes]) -> dns.rdtypes.IN.SRV.SRV:
+    """RFC 2782: a random order with the zero weights first, running sums, a random number in [0, total],
+    the first record whose running sum reaches it."""
+    shuffled = list(records)
+    for i in range(len(shuffled) - 1, 0, -1):  # Fisher-Yates with the injected rand
+        j = int.from_bytes(rand(4), "big") % (i + 1)
+        shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
+    ordered = sorted(shuffled, key=lambda r: r.weight != 0)
+    total = sum(r.weight for r in ordered)
+    pick = int.from_bytes(rand(4), "big") % (total + 1)
+    running = 0
+    for record in ordered:
+        running += record.weight
+        if running >= pick:
+            return record
+    return ordered[-1]  # pragma: no cover - running reaches total
