@@ -67,6 +67,7 @@ class Driver(Generic[E]):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._start_receivers()
+                self.core.poll(self.clock())
                 await self._flush()
                 task_status.started()
                 await self._timers()
