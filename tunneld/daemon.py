@@ -261,10 +261,11 @@ class Daemon:
     def _on_watch_event(self, event: WatcherEvent) -> None:
         now = trio.current_time()
         if isinstance(event, PeerLearned):
-            host = event.host
-            addr, port = event.endpoint
-            self.core.learn_peer(host.name, host.public_key, host.ula, to_socket_addr(addr, port), now)
-            log.info("peer %s (%s) learned from DNS at %s port %d", host.name, host.ula, addr, port)
+            host, ep = event.host, event.endpoint
+            endpoint = to_socket_addr(*ep) if ep else None
+            self.core.learn_peer(host.name, host.public_key, host.ula, endpoint, now)
+            log.info("peer %s (%s) learned from DNS %s", host.name, host.ula,
+                     f"at {ep[0]} port {ep[1]}" if ep else "without an endpoint (it reaches us first)")
         elif isinstance(event, PeerGone):
             if event.public_key not in self.static_peers:
                 self.core.forget_peer(event.public_key)

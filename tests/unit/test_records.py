@@ -189,7 +189,8 @@ def test_good_names_accepted(name: str) -> None:
         {"ula": ipaddress.IPv6Address("fd00::1")},  # not the key's ULA: peers would refuse it
         {"port": 0},
         {"port": 65536},
-        {"addresses": ()},
+        {"addresses": ()},  # a port needs an address
+        {"port": None},  # and addresses need a port
         {"addresses": ("198.51.100.7",)},
         {"domain": "bad..domain"},
         {"domain": "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 60},  # too long with labels
@@ -336,7 +337,6 @@ def test_ula_in_other_domain() -> None:
     [
         ("missing aaaa", lambda r: _replace(r, "laptop.home.example.net.", "AAAA")),
         ("ambiguous aaaa", lambda r: _replace(r, "laptop.home.example.net.", "AAAA", str(ULA), "fd00::1")),
-        ("missing srv", lambda r: _replace(r, SERVICE, "SRV")),
         ("ambiguous srv", lambda r: _replace(r, SERVICE, "SRV", f"0 0 4500 {TARGET}", f"0 0 4501 {TARGET}")),
         ("ambiguous srv", lambda r: _replace(r, SERVICE, "SRV", f"0 0 4500 {TARGET}", f"1 0 4500 {TARGET}")),
         (
@@ -347,7 +347,6 @@ def test_ula_in_other_domain() -> None:
         ("srv target mismatch", lambda r: _replace(r, SERVICE, "SRV", f"0 0 4500 {LABEL}.example.net.")),
         ("srv no service", lambda r: _replace(r, SERVICE, "SRV", "0 0 4500 .")),
         ("srv bad port", lambda r: _replace(r, SERVICE, "SRV", f"0 0 0 {TARGET}")),
-        ("missing address", lambda r: _replace(_replace(r, TARGET, "A"), TARGET, "AAAA")),
     ],
 )
 def test_inconsistent(reason: str, edit: Callable[[list[dns.rrset.RRset]], list[dns.rrset.RRset]]) -> None:
@@ -367,8 +366,29 @@ def test_srv_split_across_rrsets_is_ambiguous() -> None:
 def test_addresses_of_other_target_not_used() -> None:
     rrsets = _replace(_replace(build(_host(), TTL), TARGET, "A"), TARGET, "AAAA")
     rrsets.append(_rrset(f"{iid_label(OTHER_KEY)}.home.example.net.", "A", str(V4)))
-    with pytest.raises(ParseError, match=r"^missing address"):
-        parse(DOMAIN, "laptop", rrsets)
+    host = parse(DOMAIN, "laptop", rrsets)
+    assert host.port is None and host.addresses == () and host.endpoints == []
+
+
+def test_identity_alone_is_a_member_without_endpoint() -> None:
+    """A device behind a NAT that maps nothing publishes its AAAA, TXT and browse PTR only."""
+    host = HostRecords.derive("laptop", DOMAIN, PUBLIC_KEY)
+    rrsets = build(host, TTL)
+    assert [(str(r.name), dns.rdatatype.to_text(r.rdtype)) for r in rrsets] == [
+        ("laptop.home.example.net.", "AAAA"), (SERVICE, "TXT"), ("_autotunnel._udp.home.example.net.", "PTR")]
+    for got in (parse(DOMAIN, "laptop", rrsets), parse(DOMAIN, "laptop", _via_wire(rrsets))):
+        assert got == host and got.port is None and got.endpoints == [] and got.ula == ULA
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: _replace(r, SERVICE, "SRV"),  # no SRV: no endpoint
+    lambda r: _replace(_replace(r, TARGET, "A"), TARGET, "AAAA"),  # SRV, no address (yet): no endpoint
+])
+def test_endpoint_records_missing_leave_the_identity(
+        edit: Callable[[list[dns.rrset.RRset]], list[dns.rrset.RRset]]) -> None:
+    rrsets = edit(build(_host(), TTL))
+    for got in (parse(DOMAIN, "laptop", rrsets), parse(DOMAIN, "laptop", _via_wire(rrsets))):
+        assert got.public_key == PUBLIC_KEY and got.port is None and got.addresses == ()
 
 
 def test_empty_input() -> None:

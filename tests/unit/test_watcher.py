@@ -83,6 +83,8 @@ class FakeClient(Outbox[Event]):
             for sent in step.transmits:
                 self._send(SERVER, sent.wire)
             for event in step.events:
+                if isinstance(event, Established | Added | Removed) and self.state != LLQState.POLLING:
+                    self.state = LLQState.ESTABLISHED  # as the real client: answers mean it is set up
                 self._emit(event)
 
     def receive(self, data: bytes, source: Address, now: float) -> None:
@@ -160,6 +162,16 @@ def publish(watcher: WatcherView, factory: FakeFactory, rec: records.HostRecords
         if question not in factory.clients:
             continue
         events += deliver(watcher, factory, question, [Added(r) for r in rrsets])[1]
+    return events + (settle(watcher, factory) if targets else [])
+
+
+def settle(watcher: WatcherView, factory: FakeFactory) -> list[object]:
+    """Answer every question still waiting for its first answer with an empty one, as the server does
+    for names that have no records (the watcher judges a host only once all its questions answered)."""
+    events: list[object] = []
+    for question, client in list(factory.clients.items()):
+        if client.state == LLQState.SETUP_SENT:
+            events += deliver(watcher, factory, question, [Established((), 1, 7200)])[1]
     return events
 
 
@@ -204,7 +216,7 @@ def test_complete_records_give_peer_learned_with_endpoint() -> None:
     deliver(watcher, factory, BROWSE, [Added(ptr("bob"))])
     rec = host()
     first = publish(watcher, factory, rec, targets=False)
-    assert first == []  # no address yet: incomplete, neither learned nor rejected
+    assert first == []  # the target's questions have not answered yet: neither learned nor rejected
     target = records.target_name(DOMAIN, BOB_KEY)
     assert (target, dns.rdatatype.A) in factory.live() and (target, dns.rdatatype.AAAA) in factory.live()
     events = publish(watcher, factory, rec)
@@ -251,6 +263,7 @@ def test_wrong_ula_is_rejected_once_and_never_learned() -> None:
                 wrong = str(ula_for(DOMAIN, CAROL_KEY))
                 rrsets = [dns.rrset.from_text(question[0], 300, "IN", "AAAA", wrong)]
             events += deliver(watcher, factory, question, [Added(r) for r in rrsets])[1]
+        events += settle(watcher, factory)
     assert not any(isinstance(e, PeerLearned) for e in events)
     rejected = [e for e in events if isinstance(e, PeerRejected)]
     assert len(rejected) == 1
@@ -317,6 +330,7 @@ def test_key_change_forgets_old_key_and_watches_new_target() -> None:
             change: list[Event] = [Removed(r) for r in old]
             change += [Added(r) for r in rrsets]
             events += deliver(watcher, factory, question, change)[1]
+    events += settle(watcher, factory)
     assert PeerGone("bob", BOB_KEY) in events
     old_target = records.target_name(DOMAIN, BOB_KEY)
     assert (old_target, dns.rdatatype.A) in factory.stopped
@@ -367,6 +381,7 @@ def test_rejected_host_leaving_emits_nothing() -> None:
             rrsets = [dns.rrset.from_text(question[0], 300, "IN", "SRV", "0 0 4500 elsewhere.example.")]
         if question in factory.clients and question != BROWSE:
             events += deliver(watcher, factory, question, [Added(r) for r in rrsets])[1]
+    events += settle(watcher, factory)
     assert [type(e) for e in events] == [PeerRejected]
     assert isinstance(events[0], PeerRejected) and events[0].reason.startswith("srv target mismatch:")
     _, events = deliver(watcher, factory, BROWSE, [Removed(ptr("bob"))])
@@ -544,3 +559,26 @@ def test_tsig_session_checks_events_whatever_their_message_id() -> None:
     for wire in (_server_signed(7, bytes(32), mac), _server_signed(11, bytes(32))):
         with pytest.raises(TsigError, match="mac"):
             session.verify(wire, now)  # another key: refused either way
+
+
+def test_identity_alone_is_learned_without_endpoint_then_its_endpoint_when_published() -> None:
+    """A device behind a NAT that maps nothing is a member (its key is known) with no endpoint; when it
+    gets one (a mapping), it is learned again with the endpoint, and without it again after."""
+    watcher, factory = setup()
+    deliver(watcher, factory, BROWSE, [Added(ptr("bob"))])
+    alone = records.HostRecords.derive("bob", DOMAIN, BOB_KEY)
+    events = publish(watcher, factory, alone)
+    assert events == [PeerLearned(alone)]
+    assert isinstance(events[0], PeerLearned) and events[0].endpoint is None and events[0].endpoints == []
+    assert watcher.state["hosts"]["bob"]["complete"] is True
+    mapped = host()
+    target = records.target_name(DOMAIN, BOB_KEY)
+    srv_q = (records.service_name(DOMAIN, "bob"), dns.rdatatype.SRV)
+    a_q = (target, dns.rdatatype.A)
+    grouped = by_question(records.build(mapped, 300))
+    assert deliver(watcher, factory, srv_q, [Added(r) for r in grouped[srv_q]])[1] == []  # no address yet
+    events = deliver(watcher, factory, a_q, [Added(r) for r in grouped[a_q]])[1]
+    assert events == [PeerLearned(mapped)]
+    events = deliver(watcher, factory, srv_q, [Removed(r) for r in grouped[srv_q]])[1]
+    events += deliver(watcher, factory, a_q, [Removed(r) for r in grouped[a_q]])[1]
+    assert events == [PeerLearned(alone)]  # the endpoint withdrawn, the member stays

@@ -162,10 +162,11 @@ class HostRecords:
     """The device's raw 32-byte X25519 static public key."""
     ula: ipaddress.IPv6Address
     """The device's inner address, ``ula_for(domain, public_key)``."""
-    port: int
-    """The public (NAT-mapped) UDP port of the device's outer socket, 1..65535."""
+    port: int | None
+    """The public (NAT-mapped) UDP port of the device's outer socket, 1..65535; None when the device has
+    no endpoint to publish (behind a NAT that maps nothing): it is then a member by its identity alone."""
     addresses: tuple[IPAddress, ...]
-    """The public outer addresses, IPv4 and/or IPv6; at least one."""
+    """The public outer addresses, IPv4 and/or IPv6; at least one with a port, none without."""
     version: int = SUPPORTED_VERSION
     """The ``v=`` TXT key. Only 1 is parsed; other values exist so tests can build what peers must refuse."""
 
@@ -174,16 +175,18 @@ class HostRecords:
         object.__setattr__(self, "domain", normalize_domain(self.domain))
         if not isinstance(self.public_key, bytes) or len(self.public_key) != PUBLIC_KEY_LEN:
             raise ValueError(f"public_key must be {PUBLIC_KEY_LEN} bytes")
-        if not isinstance(self.port, int) or not 1 <= self.port <= 0xFFFF:
-            raise ValueError(f"port must be 1..65535, got {self.port!r}")
+        if self.port is not None and (not isinstance(self.port, int) or not 1 <= self.port <= 0xFFFF):
+            raise ValueError(f"port must be 1..65535 or None, got {self.port!r}")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise ValueError(f"version must be a non-negative integer, got {self.version!r}")
         addresses = tuple(self.addresses)
         for address in addresses:
             if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
                 raise ValueError(f"outer address {address!r} is not an IPv4Address or IPv6Address")
-        if not addresses:
-            raise ValueError("a host needs at least one outer address (IPv4 or IPv6)")
+        if not addresses and self.port is not None:
+            raise ValueError("a host with a port needs at least one outer address (IPv4 or IPv6)")
+        if addresses and self.port is None:
+            raise ValueError("outer addresses need a port")
         object.__setattr__(self, "addresses", tuple(sorted(set(addresses), key=_sort_key)))
         expected = ula_for(self.domain, self.public_key)
         if self.ula != expected:
@@ -197,8 +200,8 @@ class HostRecords:
         name: str,
         domain: str,
         public_key: bytes,
-        port: int,
-        addresses: Iterable[IPAddress],
+        port: int | None = None,
+        addresses: Iterable[IPAddress] = (),
     ) -> HostRecords:
         """The records of the device with ``public_key``, its ULA computed from the key."""
         return cls(
@@ -209,6 +212,12 @@ class HostRecords:
             port=port,
             addresses=tuple(addresses),
         )
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The published outer (address, port) pairs, IPv4 first; empty for an identity alone."""
+        port = self.port
+        return [] if port is None else [(str(address), port) for address in self.addresses]
 
     @property
     def public_key_b64(self) -> str:
@@ -241,7 +250,8 @@ def _rd_ptr(target: dns.name.Name) -> dns.rdata.Rdata:
 
 
 def build(host: HostRecords, ttl: int) -> list[dns.rrset.RRset]:
-    """The device's RRsets, in a fixed order: AAAA, SRV, TXT, target A, target AAAA, browse PTR.
+    """The device's RRsets, in a fixed order: AAAA, SRV, TXT, target A, target AAAA, browse PTR (without
+    an endpoint, no SRV and no target addresses: the identity alone).
 
     Names are absolute; the domain is lower case (normalized), the device's label keeps its case and the
     target label is ``AutoTunnel-`` + lower-case hex. The target's A and AAAA RRsets are present only when
@@ -256,9 +266,10 @@ def build(host: HostRecords, ttl: int) -> list[dns.rrset.RRset]:
     service = service_name(host.domain, host.name)
     target = target_name(host.domain, host.public_key)
 
-    rrsets = [
-        dns.rrset.from_rdata(owner, ttl, _rd_aaaa(host.ula)),
-        dns.rrset.from_rdata(service, ttl, _rd_srv(host.port, target)),
+    rrsets = [dns.rrset.from_rdata(owner, ttl, _rd_aaaa(host.ula))]
+    if host.port is not None:
+        rrsets.append(dns.rrset.from_rdata(service, ttl, _rd_srv(host.port, target)))
+    rrsets += [
         dns.rrset.from_rdata(
             service,
             ttl,
@@ -414,8 +425,10 @@ def parse(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> HostReco
     ``rrsets`` may hold anything else too (other devices, the browse PTR, other types): only the records of
     this device are read, class IN only, merged across RRsets of the same owner and type. Checks, in order:
     exactly one TXT with ``v=1`` and a ``pk`` of 32 bytes in canonical base64, no key twice; exactly one AAAA
-    at ``NAME.DOMAIN``, equal to the ULA the key gives; exactly one SRV, its target ``AutoTunnel-<IID of
-    pk>.DOMAIN`` and its port 1..65535 (priority and weight ignored); at least one A or AAAA at the target.
+    at ``NAME.DOMAIN``, equal to the ULA the key gives. The endpoint is optional (a device behind a NAT that
+    maps nothing publishes its identity alone): if there is an SRV, exactly one, its target ``AutoTunnel-<IID
+    of pk>.DOMAIN`` and its port 1..65535 (priority and weight ignored); with no A or AAAA at the target yet,
+    the host has no endpoint.
     ``domain`` and ``name`` come from our own config or :func:`list_hosts`, so a bad one is a ValueError.
     """
     owner = host_name(domain, name)
@@ -433,25 +446,26 @@ def parse(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> HostReco
     if claimed != expected:
         raise ParseError(f"ula mismatch: {owner} claims {claimed}, its public key gives {expected}")
 
-    srv = _one(records, service, _SRV)
-    assert isinstance(srv, dns.rdtypes.IN.SRV.SRV)
-    target = target_name(domain, public_key)
-    if srv.target == dns.name.root:
-        raise ParseError(f"srv no service: target of {service} is '.'")  # RFC 2782: decidedly not available
-    if srv.target != target:
-        raise ParseError(f"srv target mismatch: {service} points to {srv.target}, the key gives {target}")
-    if not 1 <= srv.port <= 0xFFFF:
-        raise ParseError(f"srv bad port: {srv.port} at {service}")
-
+    port: int | None = None
     addresses: list[IPAddress] = []
-    for rdata in records.get((target, _A), []):
-        assert isinstance(rdata, dns.rdtypes.IN.A.A)
-        addresses.append(ipaddress.IPv4Address(rdata.address))
-    for rdata in records.get((target, _AAAA), []):
-        assert isinstance(rdata, dns.rdtypes.IN.AAAA.AAAA)
-        addresses.append(ipaddress.IPv6Address(rdata.address))
-    if not addresses:
-        raise ParseError(f"missing address: no A or AAAA at {target}")
+    if (service, _SRV) in records:
+        srv = _one(records, service, _SRV)
+        assert isinstance(srv, dns.rdtypes.IN.SRV.SRV)
+        target = target_name(domain, public_key)
+        if srv.target == dns.name.root:
+            raise ParseError(f"srv no service: target of {service} is '.'")  # RFC 2782: not available
+        if srv.target != target:
+            raise ParseError(f"srv target mismatch: {service} points to {srv.target}, the key gives {target}")
+        if not 1 <= srv.port <= 0xFFFF:
+            raise ParseError(f"srv bad port: {srv.port} at {service}")
+        for rdata in records.get((target, _A), []):
+            assert isinstance(rdata, dns.rdtypes.IN.A.A)
+            addresses.append(ipaddress.IPv4Address(rdata.address))
+        for rdata in records.get((target, _AAAA), []):
+            assert isinstance(rdata, dns.rdtypes.IN.AAAA.AAAA)
+            addresses.append(ipaddress.IPv6Address(rdata.address))
+        # A port without an address (records still arriving, or half withdrawn) is no endpoint yet.
+        port = srv.port if addresses else None
 
     try:
         return HostRecords(
@@ -459,7 +473,7 @@ def parse(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> HostReco
             domain=domain,
             public_key=public_key,
             ula=claimed,
-            port=srv.port,
+            port=port,
             addresses=tuple(addresses),
             version=version,
         )

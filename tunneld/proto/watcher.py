@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import dns.message
 import dns.name
@@ -58,6 +58,7 @@ __all__ = [
 
 Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
 _RecordKey = tuple[dns.name.Name, int, int]  # owner, rdclass, rdtype
+_AWAITING_FIRST_ANSWER: Final = frozenset({LLQState.IDLE, LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
 
 
 # -- events ------------------------------------------------------------------------------------------------
@@ -65,19 +66,22 @@ _RecordKey = tuple[dns.name.Name, int, int]  # owner, rdclass, rdtype
 
 @dataclass(frozen=True)
 class PeerLearned:
-    """A host's records are complete and consistent (new, or changed since the last PeerLearned)."""
+    """A host's records are consistent (new, or changed since the last PeerLearned): its identity, and
+    its endpoint if it publishes one."""
 
     host: records.HostRecords
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
-        """The host's published outer (address, port) pairs, IPv4 first."""
-        return [(str(address), self.host.port) for address in self.host.addresses]
+        """The host's published outer (address, port) pairs, IPv4 first (none for an identity alone)."""
+        return self.host.endpoints
 
     @property
-    def endpoint(self) -> tuple[str, int]:
-        """The first published endpoint (IPv4 preferred), for ``TunnelCore.learn_peer``."""
-        return self.endpoints[0]
+    def endpoint(self) -> tuple[str, int] | None:
+        """The first published endpoint (IPv4 preferred), for ``TunnelCore.learn_peer``; None when the
+        host publishes no endpoint (it is then reached once it has sent us an authenticated packet)."""
+        endpoints = self.endpoints
+        return endpoints[0] if endpoints else None
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,10 @@ class Watcher(Outbox[WatcherEvent]):
             self._emit(QueryStatus(question[0], question[1], "fallback", event.reason))
         return False
 
+    def _unanswered(self, question: Question) -> bool:
+        watch = self._watches.get(question)
+        return watch is not None and watch.client.state in _AWAITING_FIRST_ANSWER
+
     def _rrsets(self, questions: Iterable[Question]) -> list[dns.rrset.RRset]:
         result = []
         for question in questions:
@@ -443,6 +451,8 @@ class Watcher(Outbox[WatcherEvent]):
         self._evaluate(host)
 
     def _evaluate(self, host: _Host) -> None:
+        if any(self._unanswered(q) for q in host.questions):
+            return  # wait for every question's first answer: no half-learned host (identity, then endpoint)
         try:
             parsed = records.parse(self.domain, host.name, self._rrsets(host.questions))
             for other in self._hosts.values():
