@@ -18,7 +18,7 @@ import trio
 from crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
-from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
+from tunneld.dnsserver.store import AddRR, DeleteRRset, Lease, ZoneStore
 from tunneld.proto import records
 from tunneld.proto.watcher import PeerLearned, WatcherEvent
 from tunneld.services.publisher import PublisherService, host_records
@@ -116,3 +116,39 @@ def test_watcher_service_learns_a_device_and_cancels_its_llqs_on_shutdown() -> N
 
     trio.run(main)
 
+
+
+def test_watcher_renews_its_llqs_from_a_new_socket_and_learns_what_changed_meanwhile() -> None:
+    """After a network change the watcher reopens its socket and sets every LLQ up again from it: events
+    then reach the new socket, and a change made while it was away (bob moved) is learned."""
+    core, llq = make_server()
+    bob = records.HostRecords.derive("bob", ZONE, BOB_KEY, 4500, [ipaddress.IPv4Address("198.51.100.7")])
+    moved = records.HostRecords.derive("bob", ZONE, BOB_KEY, 4501, [ipaddress.IPv4Address("203.0.113.9")])
+    core.store.apply_update([AddRR(r.name, r.ttl, rd) for r in records.build(bob, 60) for rd in r],
+                            Lease(7200, 7200), time.time())
+    events: list[WatcherEvent] = []
+
+    def learned() -> list[records.HostRecords]:
+        return [e.host for e in events if isinstance(e, PeerLearned)]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serving, core, llq)
+            service = WatcherService(server, ZONE, "alice", derive_tsig_key(SECRET, ZONE), events.append)
+            await nursery.start(service.run)
+            await until(lambda: learned() == [bob], "bob learned")
+            assert service._sock is not None
+            before = service._sock.getsockname()
+            established = len(llq.llq_ids())
+            # While "away", bob moves: the zone changes under LLQs that point at the old socket.
+            new = [r for r in records.build(moved, 60) if r.rdtype != dns.rdatatype.PTR]
+            core.store.apply_update([*(DeleteRRset(r.name, r.rdtype) for r in new),
+                                     *(AddRR(r.name, r.ttl, rd) for r in new for rd in r)],
+                                    Lease(7200, 7200), time.time())
+            assert await service.renew()
+            assert service._sock.getsockname() != before and service.reopened == 1
+            await until(lambda: len(llq.llq_ids()) >= 2 * established, "every LLQ set up again")
+            await until(lambda: moved.port in [h.port for h in learned()[1:]], "the move learned")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

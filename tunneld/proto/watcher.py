@@ -225,6 +225,14 @@ class Watcher(Outbox[WatcherEvent]):
         self.running = True
         self._start_client(self._browse, None, now)
 
+    def renew(self, now: float) -> None:
+        """The network moved: the server's LLQs point at our old address, so every client sets its LLQ up
+        again (from the new one), and the answers tell what changed while we were away."""
+        for watch in self._watches.values():
+            watch.client.start(now)
+            self._transmits.extend(watch.client.transmits())
+        self.counters["renewals"] += 1
+
     def close(self, now: float) -> None:
         """Stop every client (established LLQs are cancelled with lease 0) and forget all hosts."""
         for watch in self._watches.values():

@@ -9,6 +9,8 @@ to leave and be answered. A service is then: which sockets, which core, what to 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -16,7 +18,7 @@ import trio
 
 from tunneld.proto.core import Core
 
-__all__ = ["MAX_NAP", "Driver"]
+__all__ = ["MAX_NAP", "Driver", "ServerLink", "connect_udp"]
 
 log = logging.getLogger("tunneld.driver")
 
@@ -146,3 +148,58 @@ class Driver(Generic[E]):
                 log.debug("%s: send to %s: %s", self.name, t.destination, e)
         for event in self.core.events():
             self.on_event(event)
+
+
+async def connect_udp(server: tuple[str, int]) -> trio.socket.SocketType:
+    """A UDP socket connected to ``server``: the kernel drops datagrams from anyone else, and the source
+    address is chosen by the routes of the moment (so after a network change, a new one is needed)."""
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        await sock.connect(server)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ServerLink(Generic[E]):
+    """A core that talks to one server over a connected UDP socket (the publisher, the watcher), on the
+    wall clock. :meth:`reopen` moves it to a fresh socket when the network changed under it."""
+
+    def __init__(self, core: Core[E], server: tuple[str, int], *, grace: float, name: str) -> None:
+        self.core = core
+        self.server = server
+        self.grace = grace
+        self.name = name
+        self.reopened = 0
+        self._sock: trio.socket.SocketType | None = None
+        self.driver: Driver[E] | None = None
+
+    def on_event(self, event: E) -> None:
+        """What to do with the core's events (a subclass's business)."""
+
+    def ready(self, driver: Driver[E]) -> None:
+        """Called once the socket is up, before the driver runs: hand the core its first work."""
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._sock = await connect_udp(self.server)
+        try:
+            self.driver = Driver(self.core, [self._sock], on_event=self.on_event, clock=time.time,
+                                 grace=self.grace, name=self.name)
+            self.ready(self.driver)
+            await self.driver.run(task_status=task_status)
+        finally:
+            self.driver = None
+            self._sock.close()
+
+    async def reopen(self) -> bool:
+        """A new socket (the old one's source address may be gone); False if not running."""
+        if self.driver is None or self._sock is None:
+            return False
+        new = await connect_udp(self.server)
+        old, self._sock = self._sock, new
+        self.driver.reopen([new])
+        old.close()
+        self.reopened += 1
+        return True

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import dns.rdatatype
 import dns.rrset
-import trio
 
 from tunneld.proto import records
 from tunneld.proto.dnsupdate import Event, Failed, Published, Publisher, Withdrawn, startup_delay
-from tunneld.services.driver import Driver
+from tunneld.services.driver import Driver, ServerLink
 
 log = logging.getLogger("tunneld.publish")
 
@@ -47,16 +45,15 @@ def host_records(name: str, domain: str, public_key: bytes, endpoint: str | None
     return records.build(rec, RECORD_TTL)
 
 
-class PublisherService:
+class PublisherService(ServerLink[Event]):
     def __init__(self, server: tuple[str, int], zone: str, key_secret: bytes, lease: int,
                  start_delay: float | None = None, algorithm: str = "hmac-sha256") -> None:
         # `tunneld account new` prints the key as "DOMAIN.": the key is named after the account's zone.
         self.publisher = Publisher(zone, zone, key_secret, algorithm=algorithm, lease=lease,
                                    shared=[(records.browse_name(zone), dns.rdatatype.PTR)], server=server,
                                    start_delay=startup_delay() if start_delay is None else start_delay)
-        self.server = server
+        super().__init__(self.publisher, server, grace=STOP_GRACE, name="publish")
         self._rrsets: list[dns.rrset.RRset] | None = None  # what we should publish; None: nothing yet
-        self._driver: Driver[Event] | None = None
         self._started = False  # the first publication was handed to the core
 
     # -- the daemon's side -------------------------------------------------------------------------------
@@ -71,8 +68,11 @@ class PublisherService:
         self._rrsets = new
         self._hand_over()
 
+    def ready(self, driver: Driver[Event]) -> None:
+        self._hand_over()
+
     def _hand_over(self) -> None:
-        driver = self._driver
+        driver = self.driver
         if driver is None or self._rrsets is None:
             return  # run() hands them over once the socket is up
         if self._started:
@@ -123,22 +123,7 @@ class PublisherService:
             "dropped": dict(self.publisher.counters),
         }
 
-    # -- the socket ----------------------------------------------------------------------------------------
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
-        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-            await sock.connect(self.server)  # the kernel drops datagrams from any other source
-            driver = Driver(self.publisher, [sock], on_event=self._log_event, clock=time.time,
-                            grace=STOP_GRACE, name="publish")
-            self._driver = driver
-            self._hand_over()
-            try:
-                await driver.run(task_status=task_status)
-            finally:
-                self._driver = None
-
-    def _log_event(self, event: Event) -> None:
+    def on_event(self, event: Event) -> None:
         if isinstance(event, Published):
             log.info("published our records on %s (lease %d s%s)", _show_server(self.server), event.lease,
                      "" if event.granted else ", server ignores leases")

@@ -10,39 +10,42 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 import dns.name
-import trio
 
 from tunneld.proto.tsig import TsigKey
 from tunneld.proto.watcher import Watcher, WatcherEvent
-from tunneld.services.driver import Driver
+from tunneld.services.driver import Driver, ServerLink
 
 log = logging.getLogger("tunneld.watch")
 
 STOP_GRACE = 1.0  # seconds to let the LLQ cancellations leave on shutdown
 
 
-class WatcherService:
+class WatcherService(ServerLink[WatcherEvent]):
     def __init__(self, server: tuple[str, int], zone: str, own_name: str, key_secret: bytes,
                  on_event: Callable[[WatcherEvent], None]) -> None:
         key = TsigKey(dns.name.from_text(zone), key_secret)
         self.watcher = Watcher(zone, own_name, server=server, rand=os.urandom, key=key)
-        self.server = server
-        self.on_event = on_event
+        super().__init__(self.watcher, server, grace=STOP_GRACE, name="watch")
+        self._deliver = on_event
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
-        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-            await sock.connect(self.server)  # the kernel drops datagrams from any other source
-            driver = Driver(self.watcher, [sock], on_event=self.on_event, clock=time.time, grace=STOP_GRACE,
-                            name="watch")
-            self.watcher.start(driver.now())
-            await driver.run(task_status=task_status)
+    def on_event(self, event: WatcherEvent) -> None:
+        self._deliver(event)
+
+    def ready(self, driver: Driver[WatcherEvent]) -> None:
+        self.watcher.start(driver.now())
+
+    async def renew(self) -> bool:
+        """The network moved: a new socket, and every LLQ set up again from it."""
+        if not await self.reopen():
+            return False
+        assert self.driver is not None
+        self.watcher.renew(self.driver.now())
+        self.driver.wake()
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"state": "watching", "server": f"{self.server[0]}:{self.server[1]}", **self.watcher.state}
