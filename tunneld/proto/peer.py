@@ -18,8 +18,8 @@ read side by side. `poll(now)` fires what is due and returns actions for the ada
 from __future__ import annotations
 
 import enum
-import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crypto.esp import SecurityAssociation
@@ -65,7 +65,7 @@ class Peer:
     ula: bytes  # the 16 packed bytes of the peer's ULA: inner sources must equal it
     endpoint: tuple[str, int] | None = None
     timers: Timers = field(default_factory=Timers)
-    rng: random.Random = field(default_factory=random.Random)
+    rand: Callable[[int], bytes] = field(kw_only=True)  # the timers' jitter (the core's randomness)
 
     current: Session | None = None
     previous: Session | None = None
@@ -182,13 +182,17 @@ class Peer:
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
 
+    def _jitter(self) -> float:
+        """Uniform in [0, REKEY_TIMEOUT_JITTER_MAX), from `rand` (as wireguard-go's fastrandn)."""
+        return int.from_bytes(self.rand(4), "big") / 2**32 * C.REKEY_TIMEOUT_JITTER_MAX
+
     # -- timer hooks (wireguard-go device/timers.go) ----------------------------------------------
 
     def handshake_initiated(self, now: float) -> None:
         """timersHandshakeInitiated: retry after rekey_timeout plus jitter unless answered."""
         if self.handshake_started is None:
             self.handshake_started = now
-        self.retry_at = now + self.timers.rekey_timeout + self.rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
+        self.retry_at = now + self.timers.rekey_timeout + self._jitter()
 
     def handshake_complete(self, now: float, wall: float) -> None:
         """timersHandshakeComplete: stop retrying, record the time for status."""
@@ -202,7 +206,7 @@ class Peer:
         peers that both time out do not initiate at the same instant), else rehandshake."""
         if self.new_handshake_at is None:
             self.new_handshake_at = now + self.timers.keepalive_timeout + self.timers.rekey_timeout \
-                + self.rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
+                + self._jitter()
 
     def data_received(self, now: float) -> None:
         """timersDataReceived: answer within keepalive_timeout, with a keepalive if nothing else."""
