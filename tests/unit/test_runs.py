@@ -443,6 +443,30 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     assert got == want
 
 
+def test_plain_tun_writes_runs_packet_by_packet_in_their_place() -> None:
+    """Tun.write_batch without offload: a run goes out as its packets, one write each, after the first
+    `run.at` loose packets (read back through a pipe standing in for the device)."""
+    segs = segment(gso_header(superpacket(3, 9), MSS), superpacket(3, 9))
+    first, last = tcp_packet(6, b"first"), tcp_packet(6, b"last")
+    r, w = os.pipe()
+    try:
+        tun = Tun.__new__(Tun)
+        tun.offload, tun.fd = False, w
+        run = _run_of(segs)
+        run.at = 1
+        assert tun.write_batch([first, last], [run]) == 0
+        os.close(w)
+        w = -1
+        got = b""
+        while chunk := os.read(r, 1 << 20):
+            got += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert got == first + b"".join(segs) + last
+
+
 def test_the_daemon_can_keep_freed_memory_on_glibc() -> None:
     """The per-run buffers must not make glibc trim the heap and fault pages back in per superpacket
     (tunneld.daemon.keep_freed_memory); CI's Debian has glibc, where mallopt accepts the setting."""

@@ -205,7 +205,7 @@ class TunnelCore:
     def outbound(self, packets: Sequence[bytes], runs: Sequence[TxRun], now: float, wall: float) -> Output:
         """Seal packets from the TUN for their peers: loose packets, and runs (segmented superpackets,
         each after the first `run.at` loose packets), each run sealed in one piece into a `Burst`.
-        Order is kept per destination."""
+        Order is kept per destination (a run's `at` is rewritten to count its destination's packets)."""
         out = self._output()
         if not runs:
             groups: dict[bytes, list[bytes]] = defaultdict(list)
