@@ -12,6 +12,7 @@ fakes in virtual time (as wireguard-go's tun/tuntest and conn/bindtest).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -124,9 +125,15 @@ class Dataplane:
 
     async def _timer_loop(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        polled_at = -math.inf
         while True:
             now = trio.current_time()
             deadline = self.core.deadline()
-            wake = now + TIMER_TICK if deadline is None else min(deadline, now + TIMER_TICK)
+            if deadline is None or deadline <= polled_at:
+                # Nothing armed, or a deadline the last poll should have cleared: never spin on it.
+                wake = now + TIMER_TICK
+            else:
+                wake = min(deadline, now + TIMER_TICK)
             await trio.sleep_until(max(wake, now))
-            await self.send(self.core.poll(trio.current_time(), self.wall()))
+            polled_at = trio.current_time()
+            await self.send(self.core.poll(polled_at, self.wall()))
