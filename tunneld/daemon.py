@@ -40,14 +40,10 @@ KEEP_FREED_BYTES = 64 << 20
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed heap memory instead of returning it to the kernel at once.
-
-    Why: the fast path allocates a few 60 KB buffers per superpacket (the segments, the sealed run, the
-    opened run) and frees them a moment later. With glibc's default 128 KB trim threshold, freeing them
-    at the top of the heap shrinks it, and the next run faults the pages back in, zero-filled: 5 000 to
-    12 000 page faults a second at 3.5 Gb/s and about 5% of the throughput (measured with the e2e
-    benchmark against MALLOC_TRIM_THRESHOLD_ set in the environment). Keeping up to 64 MB costs little.
-    Returns False where this is not glibc (nothing changes then)."""
+    """Ask glibc to keep freed heap memory instead of returning it to the kernel at once: the fast path
+    frees a few 60 KB buffers per superpacket, and with glibc's default 128 KB trim threshold the heap
+    shrinks and the next run faults its pages back in (docs/fastpath.md has the measurement). Returns
+    False where this is not glibc (nothing changes then)."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
