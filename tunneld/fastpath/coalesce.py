@@ -105,41 +105,42 @@ def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[byt
     """
     if len(packets) == 1:  # merges with nothing (a lone ACK, mostly): no parsing
         return [(NONE_HDR, packets[0])]
-    slots: list[_Run | bytes] = []
+    out: list[tuple[bytes, bytes]] = []  # a run's first packet alone until the run is merged below
+    started: list[tuple[int, _Run]] = []  # (place in out, run)
     open_runs: dict[bytes, _Run] = {}
     for pkt in packets:
         n = len(pkt)
         if n < 40:
-            slots.append(pkt)
+            out.append((NONE_HDR, pkt))
             continue
         b0 = pkt[0]
         if b0 == 0x45:
             if pkt[9] != PROTO_TCP or U16.unpack_from(pkt, 2)[0] != n:
-                slots.append(pkt)
+                out.append((NONE_HDR, pkt))
                 continue
             frag = U16.unpack_from(pkt, 6)[0]
             if frag & 0xBFFF:  # MF or a fragment offset (or the reserved bit)
-                slots.append(pkt)
+                out.append((NONE_HDR, pkt))
                 continue
             ihl = 20
             version = 4
         elif b0 >> 4 == 6:
             if pkt[6] != PROTO_TCP or U16.unpack_from(pkt, 4)[0] != n - 40:
-                slots.append(pkt)
+                out.append((NONE_HDR, pkt))
                 continue
             ihl = 40
             version = 6
         else:
-            slots.append(pkt)
+            out.append((NONE_HDR, pkt))
             continue
         if n < ihl + 20:
-            slots.append(pkt)
+            out.append((NONE_HDR, pkt))
             continue
         thl = (pkt[ihl + 12] >> 4) * 4
         flags = pkt[ihl + 13]
         plen = n - ihl - thl
         if thl < 20 or plen <= 0 or flags & NO_MERGE_FLAGS:
-            slots.append(pkt)
+            out.append((NONE_HDR, pkt))
             continue
         if version == 4:
             # ver/ihl, TOS, DF, TTL, addresses | ports, ACK, data offset, flags w/o FIN/PSH/CWR, window,
@@ -185,7 +186,7 @@ def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[byt
                         run.closed = True
                     continue
                 run.closed = True  # this segment is corrupt: pass it through, the flow restarts after it
-                slots.append(pkt)
+                out.append((NONE_HDR, pkt))
                 continue
         run = _Run(
             key=key,
@@ -205,16 +206,11 @@ def coalesce(packets: Sequence[bytes], *, verify: bool = True) -> list[tuple[byt
             verified=False,
         )
         open_runs[key] = run
-        slots.append(run)
-    out: list[tuple[bytes, bytes]] = []
-    for slot in slots:
-        if isinstance(slot, _Run):
-            if len(slot.packets) == 1:
-                out.append((NONE_HDR, slot.first))
-            else:
-                out.append(_merge(slot))
-        else:
-            out.append((NONE_HDR, slot))
+        started.append((len(out), run))
+        out.append((NONE_HDR, pkt))
+    for i, run in started:
+        if len(run.packets) > 1:
+            out[i] = _merge(run)
     return out
 
 
