@@ -20,16 +20,16 @@ from tunneld.fastpath.segment import segment, segment_run
 from tunneld.proto.core import Address
 
 
-class _Readable:
+class Readable:
     """A queue a loop can wait on, as on a file descriptor."""
 
     def __init__(self) -> None:
         self._ready = trio.Event()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         self._ready.set()
 
-    async def _wait(self, ready: Callable[[], bool]) -> None:
+    async def wait(self, ready: Callable[[], bool]) -> None:
         while not ready():
             self._ready = trio.Event()
             await self._ready.wait()
@@ -72,10 +72,10 @@ class Wire:
     async def _deliver(delay: float, end: FakeUDP, items: list[tuple[bytes, Address, int]]) -> None:
         await trio.sleep(delay)
         end.inbox += items
-        end._wake()
+        end.wake()
 
 
-class FakeUDP(_Readable):
+class FakeUDP(Readable):
     """One end of the wire, with the face of `tunneld.net.udp.UDPTransport` the loops use."""
 
     def __init__(self, wire: Wire, addr: Address) -> None:
@@ -86,7 +86,7 @@ class FakeUDP(_Readable):
         wire.ends[addr] = self
 
     async def wait_readable(self) -> None:
-        await self._wait(lambda: bool(self.inbox))
+        await self.wait(lambda: bool(self.inbox))
 
     def recv_runs(self, out: list[tuple[bytes, Address, int]], max_datagrams: int = 256) -> int:
         n = 0
@@ -105,7 +105,7 @@ class FakeUDP(_Readable):
         self.wire.carry(self.addr, dest, [bytes(buf[o : o + size]) for o in range(0, len(buf), size)], size)
 
 
-class FakeTun(_Readable):
+class FakeTun(Readable):
     """The TUN, with the face of `tunneld.net.tun.Tun` the loops use. `layout` is for segmenting
     injected superpackets into runs (as a TUN with offload); `on_write` sees every packet written."""
 
@@ -120,10 +120,10 @@ class FakeTun(_Readable):
     def inject(self, packet: bytes, vnet: bytes | None = None) -> None:
         """The host sends `packet` into the tunnel (a superpacket if `vnet` is its GSO header)."""
         self.queue.append((vnet, packet))
-        self._wake()
+        self.wake()
 
     async def wait_readable(self) -> None:
-        await self._wait(lambda: bool(self.queue))
+        await self.wait(lambda: bool(self.queue))
 
     def read_batch(self, packets: list[bytes], runs: list[TxRun], max_packets: int = 128) -> int:
         n = 0

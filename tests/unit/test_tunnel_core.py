@@ -6,10 +6,10 @@ In the style of trio's own test_dtls.py (test_handshake_over_terrible_network): 
 so WireGuard's timers (5 s retries, 10 s keepalives, 120 s rekeys, 180 s expiry) run at their real
 values.
 
-Each node is a model of what the daemon is around the core: a receive task fed by a trio memory channel
-that calls `inbound`, a timer task that sleeps until `deadline()` (or until something else touched the
-core) and calls `poll`, and an app task that sends numbered inner packets through `outbound`. `now` is
-`trio.current_time()` and `wall` a fixed epoch plus it. (test_dataplane.py runs the daemon's own loops.)
+Each node runs the daemon's own packet loops (`tunneld.dataplane.Dataplane`: receive, TUN, timers) over
+an in-memory TUN (tests/unit/fake_io.py) and a simulated socket whose sends go through the network
+model below; an app injects numbered inner packets into the TUN. `now` is `trio.current_time()` and
+`wall` a fixed epoch plus it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import random
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,6 +31,8 @@ from crypto.esp import Kind, classify
 from crypto.kdf import derive_psk
 from crypto.noise import generate_keypair
 from tests.helpers import drbg
+from tests.unit.fake_io import FakeTun, Readable
+from tunneld.dataplane import Dataplane
 from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address as Addr
 from tunneld.proto.peer import Peer, Timers
@@ -98,13 +100,17 @@ class Node:
     ula: ipaddress.IPv6Address
     core: TunnelCore
     peer: Peer  # this node's entry for the other node
-    inbox: trio.MemorySendChannel[tuple[bytes, Addr]]
-    outbox: trio.MemoryReceiveChannel[tuple[bytes, Addr]]
-    kick: trio.Event = field(default_factory=trio.Event)
-    tun: list[tuple[float, bytes]] = field(default_factory=list)  # (arrival, packet) written to the TUN
-    sent: list[tuple[float, int]] = field(default_factory=list)  # (time, seq) handed to outbound
-    received: list[tuple[float, bytes]] = field(default_factory=list)  # datagrams delivered to inbound
+    dev: FakeTun
+    udp: SimUDP
+    plane: Dataplane
+    sent: list[tuple[float, int]] = field(default_factory=list)  # (time, seq) injected into the TUN
+    received: list[tuple[float, bytes]] = field(default_factory=list)  # datagrams the socket handed up
     events: list[TunnelEvent] = field(default_factory=list)  # from every Output of the core
+
+    @property
+    def tun(self) -> list[tuple[float, bytes]]:
+        """(arrival, packet) written to the TUN."""
+        return self.dev.written
 
     def wall(self) -> float:
         return EPOCH + trio.current_time()
@@ -114,14 +120,44 @@ class Node:
         return st
 
 
+class SimUDP(Readable):
+    """A node's socket: sends go through the Net's model, receives drain what it delivered (merged as
+    UDP GRO would when the Net says so)."""
+
+    def __init__(self, net: Net, addr: Addr) -> None:
+        super().__init__()
+        self.net, self.addr = net, addr
+        self.inbox: list[tuple[bytes, Addr]] = []
+        self.node: Node | None = None
+
+    async def wait_readable(self) -> None:
+        await self.wait(lambda: bool(self.inbox))
+
+    def recv_runs(self, out: list[tuple[bytes, Addr, int]], max_datagrams: int = 256) -> int:
+        batch, self.inbox = self.inbox, []
+        assert self.node is not None
+        now = trio.current_time()
+        self.node.received.extend((now, d) for d, _ in batch)
+        out += gro_merge(batch) if self.net.gro else [(d, src, 0) for d, src in batch]
+        return len(batch)
+
+    async def send_batch(self, datagrams: Sequence[bytes], dest: Addr) -> None:
+        await trio.lowlevel.checkpoint()
+        assert self.node is not None
+        self.net.transmit(self.node, dest, list(datagrams))
+
+    async def send_burst(self, buf: memoryview, size: int, dest: Addr) -> None:
+        await self.send_batch([bytes(buf[o : o + size]) for o in range(0, len(buf), size)], dest)
+
+
 class Net:
     """Two nodes and a seeded lossy, duplicating, reordering network between them."""
 
     def __init__(self, seed: int, loss: float = 0.0, dup: float = 0.0, max_delay: float = 0.05,
                  timers: Timers = T, gro: bool | None = None) -> None:
         self.r = random.Random(seed)
-        # Odd seeds receive through inbound_gro (UDP GRO emulated by gro_merge), even ones through
-        # inbound: every scenario runs on both receive paths.
+        # Odd seeds receive with UDP GRO (emulated by gro_merge: runs are opened whole), even ones
+        # datagram by datagram (inbound's per-datagram path): every scenario runs on both.
         self.gro = seed % 2 == 1 if gro is None else gro
         self.loss, self.dup, self.max_delay = loss, dup, max_delay
         self.blackhole: Callable[[Addr, Addr], bool] = lambda src, dst: False
@@ -129,51 +165,65 @@ class Net:
         self.nursery: trio.Nursery | None = None
         self.session_ages: list[float] = []  # age of the session each ESP datagram was sealed with
         (a_priv, a_pub), (b_priv, b_pub) = generate_keypair(), generate_keypair()
+        self.by_addr: dict[Addr, Node] = {}
         self.a = self._node("a", A_ADDR, A_ULA, a_priv, seed * 2, timers)
         self.b = self._node("b", B_ADDR, B_ULA, b_priv, seed * 2 + 1, timers)
         self.a.peer = self.a.core.add_peer("b", b_pub, B_ULA, B_ADDR)
         self.b.peer = self.b.core.add_peer("a", a_pub, A_ULA, A_ADDR)
         self.a.peer.rand = random.Random(seed * 2).randbytes  # the retry jitter, reproducible
         self.b.peer.rand = random.Random(seed * 2 + 1).randbytes
-        self.by_addr = {A_ADDR: self.a, B_ADDR: self.b}
+        self.by_addr.update({A_ADDR: self.a, B_ADDR: self.b})
 
-    @staticmethod
-    def _node(name: str, addr: Addr, ula: ipaddress.IPv6Address, priv: bytes, seed: int,
+    def _node(self, name: str, addr: Addr, ula: ipaddress.IPv6Address, priv: bytes, seed: int,
               timers: Timers) -> Node:
-        send, recv = trio.open_memory_channel[tuple[bytes, Addr]](math.inf)
         core = TunnelCore(priv, PSK, timers=timers, rand=drbg(seed))
-        return Node(name, addr, ula, core, None, send, recv)  # type: ignore[arg-type]
+        poll = core.poll
+
+        def checked_poll(now: float, wall: float) -> Output:
+            # Everything due at a poll must fire; a deadline left in the past would stall virtual time
+            # (regression guard for the float mismatch in session expiry).
+            out = poll(now, wall)
+            deadline = core.deadline()
+            if deadline is not None and deadline <= now:
+                raise AssertionError(f"poll({now}) left deadline {deadline} in place")
+            return out
+
+        core.poll = checked_poll  # type: ignore[method-assign]
+        dev = FakeTun(core.layout)
+        udp = SimUDP(self, addr)
+        events: list[TunnelEvent] = []
+        plane = Dataplane(core, dev, udp, wall=lambda: EPOCH + trio.current_time(), on_event=events.append)
+        node = Node(name, addr, ula, core, None, dev, udp, plane, events=events)  # type: ignore[arg-type]
+        udp.node = node
+        return node
 
     def other(self, node: Node) -> Node:
         return self.b if node is self.a else self.a
 
     # -- the wire -------------------------------------------------------------------------------------
 
-    def transmit(self, src: Node, out: Output) -> None:
+    def transmit(self, src: Node, dst: Addr, datagrams: list[bytes]) -> None:
+        """One send of the node's socket: each datagram is logged, then lost, duplicated or delayed."""
         now = trio.current_time()
-        src.kick.set()  # the core was touched: its deadline may have moved
-        src.events += out.events
-        for flight in out.sends:
-            dst = flight.destination
-            burst: list[bytes] = []
-            for data in flight.all_datagrams():
-                self.log.append(Sent(now, src.addr, dst, data))
-                if classify(data) is Kind.ESP:
-                    self._check_sealed_with_live_session(src, data, now)
-                if self.blackhole(src.addr, dst) or self.r.random() < self.loss:
-                    continue
-                copies = 2 if self.r.random() < self.dup else 1
-                if self.gro:
-                    burst += [data] * copies  # one burst, so the receiver can merge it (GRO)
-                    continue
-                for _ in range(copies):
-                    delay = self.r.uniform(0, self.max_delay)
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], [data], src.addr)
-            if burst:
+        burst: list[bytes] = []
+        for data in datagrams:
+            self.log.append(Sent(now, src.addr, dst, data))
+            if classify(data) is Kind.ESP:
+                self._check_sealed_with_live_session(src, data, now)
+            if self.blackhole(src.addr, dst) or self.r.random() < self.loss:
+                continue
+            copies = 2 if self.r.random() < self.dup else 1
+            if self.gro:
+                burst += [data] * copies  # one burst, so the receiver can merge it (GRO)
+                continue
+            for _ in range(copies):
+                delay = self.r.uniform(0, self.max_delay)
                 assert self.nursery is not None
-                self.nursery.start_soon(self._deliver, self.r.uniform(0, self.max_delay), self.by_addr[dst],
-                                        burst, src.addr)
+                self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], [data], src.addr)
+        if burst:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._deliver, self.r.uniform(0, self.max_delay), self.by_addr[dst],
+                                    burst, src.addr)
 
     def _check_sealed_with_live_session(self, src: Node, data: bytes, now: float) -> None:
         spi = int.from_bytes(data[:4], "big")
@@ -182,50 +232,15 @@ class Net:
 
     async def _deliver(self, delay: float, dst: Node, burst: list[bytes], src: Addr) -> None:
         await trio.sleep(delay)
-        for data in burst:
-            dst.inbox.send_nowait((data, src))
-
-    # -- the tasks of one node ------------------------------------------------------------------------
-
-    async def receiver(self, node: Node) -> None:
-        async for first in node.outbox:
-            batch = [first]
-            while True:
-                try:
-                    batch.append(node.outbox.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            now = trio.current_time()
-            node.received.extend((now, d) for d, _ in batch)
-            if self.gro:
-                out = node.core.inbound_gro(gro_merge(batch), now, node.wall())
-            else:
-                out = node.core.inbound(batch, now, node.wall())
-            node.tun.extend((now, p) for p in out.tun_in_order())
-            self.transmit(node, out)
-
-    async def timer(self, node: Node) -> None:
-        polled_at: float | None = None
-        while True:
-            deadline = node.core.deadline()
-            if deadline is not None and polled_at is not None and deadline <= polled_at:
-                # Everything due at the last poll must have fired; a deadline left in the past would
-                # stall virtual time (regression guard for the float mismatch in session expiry).
-                raise AssertionError(f"poll({polled_at}) left deadline {deadline} in place")
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await node.kick.wait()
-            node.kick = trio.Event()
-            now = trio.current_time()
-            if deadline is not None and now >= deadline:
-                self.transmit(node, node.core.poll(now, node.wall()))
-                polled_at = now
+        dst.udp.inbox += [(data, src) for data in burst]
+        dst.udp.wake()
 
     def send(self, node: Node, seq: int, src: ipaddress.IPv6Address | None = None, count: int = 1) -> None:
         """The app writes `count` packets (`seq`, `seq + 1`, ...) to the TUN at once."""
         now = trio.current_time()
         node.sent += [(now, s) for s in range(seq, seq + count)]
-        pkts = [inner(src or node.ula, self.other(node).ula, s) for s in range(seq, seq + count)]
-        self.transmit(node, node.core.outbound(pkts, [], now, node.wall()))
+        for s in range(seq, seq + count):
+            node.dev.inject(inner(src or node.ula, self.other(node).ula, s))
 
     async def app(self, node: Node, interval: float, until: float, first_seq: int = 0) -> None:
         """Packets every `interval`: one at a time, or with GRO bursts of 4 (the receiver merges them)."""
@@ -239,8 +254,7 @@ class Net:
     def start(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         for node in (self.a, self.b):
-            nursery.start_soon(self.receiver, node)
-            nursery.start_soon(self.timer, node)
+            nursery.start_soon(node.plane.run)
 
     # -- observations ---------------------------------------------------------------------------------
 
