@@ -170,8 +170,6 @@ class Net:
         self.b = self._node("b", B_ADDR, B_ULA, b_priv, seed * 2 + 1, timers)
         self.a.peer = self.a.core.add_peer("b", b_pub, B_ULA, B_ADDR)
         self.b.peer = self.b.core.add_peer("a", a_pub, A_ULA, A_ADDR)
-        self.a.peer.rand = random.Random(seed * 2).randbytes  # the retry jitter, reproducible
-        self.b.peer.rand = random.Random(seed * 2 + 1).randbytes
         self.by_addr.update({A_ADDR: self.a, B_ADDR: self.b})
 
     def _node(self, name: str, addr: Addr, ula: ipaddress.IPv6Address, priv: bytes, seed: int,

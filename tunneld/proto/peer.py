@@ -18,6 +18,7 @@ read side by side. `poll(now)` fires what is due and returns actions for the ada
 from __future__ import annotations
 
 import enum
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class Peer:
     ula: bytes  # the 16 packed bytes of the peer's ULA: inner sources must equal it
     endpoint: tuple[str, int] | None = None
     timers: Timers = field(default_factory=Timers)
-    rand: Callable[[int], bytes] = field(kw_only=True)  # the timers' jitter (the core's randomness)
+    rand: Callable[[int], bytes] = field(kw_only=True)  # seeds the timers' jitter (the core's randomness)
 
     current: Session | None = None
     previous: Session | None = None
@@ -89,6 +90,12 @@ class Peer:
     dropped_spoofed: int = 0
     rx_dropped_retired: int = 0  # drop counts of sessions already discarded
     rx_replay_retired: int = 0
+    _jitter_rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Seeded once from `rand`: jitter is drawn on the data path (data_sent), where a system call
+        # per draw (os.urandom) would cost, and it needs no cryptographic strength.
+        self._jitter_rng = random.Random(self.rand(16))
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -183,8 +190,8 @@ class Peer:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
 
     def _jitter(self) -> float:
-        """Uniform in [0, REKEY_TIMEOUT_JITTER_MAX), from `rand` (as wireguard-go's fastrandn)."""
-        return int.from_bytes(self.rand(4), "big") / 2**32 * C.REKEY_TIMEOUT_JITTER_MAX
+        """Uniform in [0, REKEY_TIMEOUT_JITTER_MAX] (wireguard-go draws it with its fast PRNG too)."""
+        return self._jitter_rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
 
     # -- timer hooks (wireguard-go device/timers.go) ----------------------------------------------
 

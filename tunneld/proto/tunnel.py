@@ -159,7 +159,8 @@ class TunnelCore:
 
     def _output(self) -> Output:
         out = Output()
-        out.events, self._events = self._events, []
+        if self._events:
+            out.events, self._events = self._events, []
         return out
 
     def add_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
