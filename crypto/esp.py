@@ -28,7 +28,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from crypto.aead import AEAD, ICV_LEN, IV_LEN, get_suite
-from crypto.layout import strided
+from crypto.layout import SealLayout, strided
 from crypto.replay import DEFAULT_BLOCKS, ReplayWindow
 
 NH_IPV4: Final = 4  # IANA protocol numbers used as ESP next header (RFC 4303 §2.6)
@@ -63,6 +63,10 @@ def trailer(length: int, next_header: int = NH_IPV6) -> bytes:
     what `seal` appends; `seal_run` takes plaintexts that already end in it."""
     pad = (-(length + 2)) & 3
     return _PADS[pad] + bytes((pad, next_header))
+
+
+LAYOUT: Final = SealLayout(trailer, OVERHEAD_MAX)
+"""What `seal_run` expects of its plaintexts, for the code that lays them out (the TUN's segmenter)."""
 
 
 @functools.cache
@@ -133,6 +137,12 @@ class SecurityAssociation:
         # on a 4-byte boundary (RFC 4303 §2.4; the AEAD block size is 1), then the two trailer bytes.
         self._trailers: dict[int, list[bytes]] = {}
         self.rx_auth_fail = self.rx_malformed = self.rx_replay = self.rx_dummy = 0
+
+    @property
+    def layout(self) -> SealLayout:
+        """What `seal_run` expects of its plaintexts (the same for every suite here: all are AEADs with
+        a 16-byte ICV and a block size of 1)."""
+        return LAYOUT
 
     def _trailer_table(self, next_header: int) -> list[bytes]:
         t = self._trailers.get(next_header)

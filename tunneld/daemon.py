@@ -1,13 +1,7 @@
-"""The daemon: the root nursery around a TunnelCore, one TUN and one UDP socket.
+"""The daemon: the root nursery around a TunnelCore, its TUN and UDP socket, and the services.
 
-Packets flow one way through each loop, in batches:
-
-    TUN --read until EAGAIN--> core.outbound --> UDP (GSO runs per destination)
-    UDP --recv until EAGAIN (GRO split)--> core.inbound --> TUN, and replies --> UDP
-    timer --> core.poll --> UDP
-
-All decisions are the core's (tunneld/proto/tunnel.py); this module only moves bytes, reads the
-clocks and logs. Everything runs in one trio thread: the loops never block, they drain what is ready.
+The packet loops are `tunneld.dataplane`'s; this module opens the devices, wires the services (port
+mapping, publishing, discovery, control) and reports status. Everything runs in one trio thread.
 """
 
 from __future__ import annotations
@@ -17,7 +11,6 @@ import ctypes
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +18,14 @@ import trio
 
 from crypto.esp import SecurityAssociation
 from tunneld.config import Config
+from tunneld.dataplane import Dataplane
 from tunneld.identity import DeviceIdentity
 from tunneld.keylog import KeyLog
 from tunneld.net import links
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.proto.portmap.events import Endpoint
-from tunneld.proto.runs import Burst, RxRun, TxRun
-from tunneld.proto.tunnel import Sends, TunnelCore
+from tunneld.proto.tunnel import TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_server
@@ -42,20 +35,15 @@ from tunneld.services.watcher import WatcherService
 
 log = logging.getLogger("tunneld")
 
-TIMER_TICK = 0.25  # seconds: the timer loop's longest sleep, so newly armed timers are seen soon
 M_TRIM_THRESHOLD = -1  # glibc malloc.h: mallopt parameter
 KEEP_FREED_BYTES = 64 << 20
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed heap memory instead of returning it to the kernel at once.
-
-    Why: the fast path allocates a few 60 KB buffers per superpacket (the segments, the sealed run, the
-    opened run) and frees them a moment later. With glibc's default 128 KB trim threshold, freeing them
-    at the top of the heap shrinks it, and the next run faults the pages back in, zero-filled: 5 000 to
-    12 000 page faults a second at 3.5 Gb/s and about 5% of the throughput (measured with the e2e
-    benchmark against MALLOC_TRIM_THRESHOLD_ set in the environment). Keeping up to 64 MB costs little.
-    Returns False where this is not glibc (nothing changes then)."""
+    """Ask glibc to keep freed heap memory instead of returning it to the kernel at once: the fast path
+    frees a few 60 KB buffers per superpacket, and with glibc's default 128 KB trim threshold the heap
+    shrinks and the next run faults its pages back in (docs/fastpath.md has the measurement). Returns
+    False where this is not glibc (nothing changes then)."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
@@ -80,7 +68,7 @@ class Daemon:
             self.core.on_session = self._log_keys
         self.tun: Tun | None = None
         self.udp: UDPTransport | None = None
-        self.tun_write_drops = 0
+        self.dataplane: Dataplane | None = None
         self.portmap: PortmapService | None = None
         self.portmap_static = ("disabled", "disabled in the config")  # (state, result) without a mapper
         self.publisher: PublisherService | None = None
@@ -95,13 +83,12 @@ class Daemon:
         keep_freed_memory()
         self.udp = UDPTransport(iface.listen_port)
         try:
-            self.tun = Tun(iface.name, iface.mtu, offload=iface.offload)
+            self.tun = Tun(iface.name, iface.mtu, self.core.layout, offload=iface.offload)
             try:
                 self.tun.configure(self.ula, self.config.prefix)
+                self.dataplane = Dataplane(self.core, self.tun, self.udp)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self._udp_loop)
-                    await nursery.start(self._tun_loop)
-                    await nursery.start(self._timer_loop)
+                    await nursery.start(self.dataplane.run)
                     await nursery.start(control.serve, iface.control_socket, self.handle_control)
                     self._nursery = nursery
                     await self._start_portmap()
@@ -119,55 +106,6 @@ class Daemon:
             if self.keylog is not None:
                 self.keylog.close()
             log.info("down: interface and routes removed")
-
-    async def _send(self, sends: Sends) -> None:
-        assert self.udp is not None
-        for dest, datagrams in sends:
-            if isinstance(datagrams, Burst):
-                await self.udp.send_burst(datagrams.buf, datagrams.size, dest)
-            else:
-                await self.udp.send_batch(datagrams, dest)
-        while self.core.events:
-            log.info("%s", self.core.events.popleft())
-
-    async def _tun_loop(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.tun is not None
-        tun, core = self.tun, self.core
-        task_status.started()
-        while True:
-            await tun.wait_readable()
-            packets: list[bytes | TxRun] = []
-            tun.read_batch(packets)
-            await self._send(core.outbound(packets, trio.current_time(), time.time()))
-
-    async def _udp_loop(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.udp is not None and self.tun is not None
-        tun, core = self.tun, self.core
-        task_status.started()
-        while True:
-            udp = self.udp
-            try:
-                await udp.wait_readable()
-            except (OSError, trio.ClosedResourceError):
-                await trio.sleep(0)  # rebind() replaced the socket; wait on the new one
-                continue
-            batch: list[tuple[bytes, Addr, int]] = []
-            udp.recv_runs(batch)
-            to_tun: list[bytes | RxRun] = []
-            sends = core.inbound_gro(batch, trio.current_time(), time.time(), to_tun)
-            if to_tun:
-                self.tun_write_drops += tun.write_batch(to_tun)
-            if sends:
-                await self._send(sends)
-
-    async def _timer_loop(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            now = trio.current_time()
-            deadline = self.core.deadline()
-            wake = now + TIMER_TICK if deadline is None else min(deadline, now + TIMER_TICK)
-            await trio.sleep_until(max(wake, now))
-            await self._send(self.core.poll(trio.current_time(), time.time()))
 
     def _log_keys(self, sa: SecurityAssociation, keymat: bytes, endpoint: Addr | None) -> None:
         assert self.keylog is not None
@@ -341,7 +279,8 @@ class Daemon:
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,
                 "rx_unknown_spi": c.rx_unknown_spi, "rx_keepalive": c.rx_keepalive,
                 "rx_handshake": c.rx_handshake, "tx_no_route": c.tx_no_route,
-                "tx_no_endpoint": c.tx_no_endpoint, "tun_write_drops": self.tun_write_drops,
+                "tx_no_endpoint": c.tx_no_endpoint,
+                "tun_write_drops": self.dataplane.tun_write_drops if self.dataplane else 0,
                 "tx_runs": c.tx_runs, "tx_run_datagrams": c.tx_run_datagrams,
                 "rx_runs": c.rx_runs, "rx_run_datagrams": c.rx_run_datagrams,
                 "tun_superpackets_written": self.tun.superpackets_written if self.tun else 0,

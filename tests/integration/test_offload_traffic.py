@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from crypto.esp import LAYOUT
 from lab.flows import Blast, Ping, UdpFlow
 from lab.netns import Lab
 from lab.progs.traffic import FRAG_EVERY
@@ -44,7 +45,7 @@ def assert_offload_on(*nodes: Node) -> None:
         st = status(n)
         assert st["offload"] is True, f"offload is off in {n.host.name}: {st['offload_error']}"
         assert st["offload_error"] is None, st["offload_error"]
-        assert st["gso_max_size"] == gso_max_size_for(1400), st  # lab/tunnel.py: mtu = 1400
+        assert st["gso_max_size"] == gso_max_size_for(1400, LAYOUT.overhead), st  # lab/tunnel.py: mtu = 1400
 
 
 def assert_clean_counters(n: Node, peer: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunneld.net.offload import (
+from tunneld.fastpath.coalesce import coalesce
+from tunneld.fastpath.headers import (
     GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
@@ -24,9 +25,8 @@ from tunneld.net.offload import (
     NEEDS_CSUM,
     VNET_HDR_LEN,
     VnetHeader,
-    coalesce,
-    segment,
 )
+from tunneld.fastpath.segment import segment
 from tunneld.proto.errors import ParseError
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80

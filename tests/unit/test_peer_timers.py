@@ -32,7 +32,7 @@ def session(created: float, initiator: bool, confirmed: bool | None = None) -> S
 
 def peer(seed: int = 0, timers: Timers = T) -> Peer:
     return Peer(name="b", public_key=bytes(32), ula=bytes(16), endpoint=("::1", 4500), timers=timers,
-                rng=random.Random(seed))
+                rand=random.Random(seed).randbytes)
 
 
 def test_defaults_are_the_protocol_constants() -> None:

@@ -18,22 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.aead import SUITES
-from crypto.esp import NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
+from crypto.esp import LAYOUT, NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
 from crypto.replay import ReplayWindow
 from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
 from tests.unit.test_tunnel_core import Net, run
-from tunneld.net.offload import (
-    GSO_NONE,
-    VNET_HDR_LEN,
-    VnetHeader,
-    coalesce,
-    coalesce_run,
-    segment,
-    segment_run,
-)
+from tunneld.fastpath.coalesce import coalesce, coalesce_run
+from tunneld.fastpath.headers import GSO_NONE, VNET_HDR_LEN, VnetHeader
+from tunneld.fastpath.runs import Burst, RxRun, TxRun
+from tunneld.fastpath.segment import segment, segment_run
 from tunneld.net.tun import MAX_TCP_HEADERS, Tun, gso_max_size_for
 from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UDPTransport
-from tunneld.proto.runs import Burst, RxRun, TxRun
 
 KEY = bytes(range(32))
 SALT = bytes.fromhex("a0a1a2a3")
@@ -197,7 +191,7 @@ def test_segment_run_is_segment(nseg: int, extra: int, seq: int, flags: int, opt
     sp = superpacket(nseg, extra, seq=seq, flags=flags, options=options)
     vnet = gso_header(sp, MSS)
     ref = segment(vnet, sp)
-    run = segment_run(vnet, sp, trailer)
+    run = segment_run(vnet, sp, LAYOUT)
     assert run is not None
     assert run.packets() == ref
     assert all(bytes(s).endswith(trailer(len(p))) and len(s) == len(p) + len(trailer(len(p)))
@@ -208,11 +202,11 @@ def test_segment_run_is_segment(nseg: int, extra: int, seq: int, flags: int, opt
 
 def test_segment_run_declines_what_segment_handles_alone() -> None:
     sp = superpacket(10, 5)
-    assert segment_run(VnetHeader().encode(), sp, trailer) is None  # not GSO
-    assert segment_run(gso_header(sp, 20000), sp, trailer) is None  # one full segment
-    assert segment_run(gso_header(sp, 1339), sp, trailer) is None  # odd segment size
+    assert segment_run(VnetHeader().encode(), sp, LAYOUT) is None  # not GSO
+    assert segment_run(gso_header(sp, 20000), sp, LAYOUT) is None  # one full segment
+    assert segment_run(gso_header(sp, 1339), sp, LAYOUT) is None  # odd segment size
     v4 = tcp_packet(4, os.urandom(5000), csum="partial")
-    assert segment_run(gso_header(v4, 1000), v4, trailer) is None
+    assert segment_run(gso_header(v4, 1000), v4, LAYOUT) is None
 
 
 def _run_of(packets: list[bytes]) -> RxRun:
@@ -290,21 +284,20 @@ def test_inbound_gro_opens_a_run_whole_and_checks_every_inner_source() -> None:
     a, b = net.a, net.b
     now = 2.0
     good = [a_to_b(tcp_packet(6, os.urandom(1000), seq=i)) for i in range(8)]
-    sends = a.core.outbound(good, now, WALL)
-    (dest, datagrams), = sends
+    (flight,) = a.core.outbound(good, [], now, WALL).sends
+    dest, datagrams = flight.destination, flight.datagrams
     gro = [(b"".join(datagrams), dest, len(datagrams[0]))]
-    tun: list[bytes | RxRun] = []
     rx_before = b.peer.rx_packets
-    b.core.inbound_gro(gro, now, WALL, tun)
-    (item,) = tun
-    assert isinstance(item, RxRun) and item.packets() == good
+    out = b.core.inbound_gro(gro, now, WALL)
+    (item,) = out.tun_runs
+    assert out.tun_packets == [] and item.packets() == good
     assert b.peer.rx_packets == rx_before + 8
     # A spoofed inner source inside a run: that packet alone is dropped and counted.
     spoofed = [*good[:3], good[3][:8] + ipaddress.IPv6Address("fd00:1::c").packed + good[3][24:], *good[4:]]
-    (dest, datagrams), = a.core.outbound(spoofed, now, WALL)
-    tun = []
-    b.core.inbound_gro([(b"".join(datagrams), dest, len(datagrams[0]))], now, WALL, tun)
-    assert tun == good[:3] + good[4:]
+    (flight,) = a.core.outbound(spoofed, [], now, WALL).sends
+    dest, datagrams = flight.destination, flight.datagrams
+    out = b.core.inbound_gro([(b"".join(datagrams), dest, len(datagrams[0]))], now, WALL)
+    assert out.tun_runs == [] and out.tun_packets == good[:3] + good[4:]
     assert b.peer.dropped_spoofed == 1
 
 
@@ -313,14 +306,14 @@ def test_inbound_gro_keeps_arrival_order_between_single_datagrams_and_runs() -> 
     a, b = net.a, net.b
     now = 2.0
     pkts = [a_to_b(tcp_packet(6, os.urandom(500), seq=i)) for i in range(9)]
-    (dest, w), = a.core.outbound(pkts, now, WALL)
+    (flight,) = a.core.outbound(pkts, [], now, WALL).sends
+    dest, w = flight.destination, flight.datagrams
     batch = [(w[0], dest, 0), (b"".join(w[1:5]), dest, len(w[1])), (w[5], dest, 0),
              (b"".join(w[7:9]), dest, len(w[7])), (w[6], dest, 0)]  # 6 arrives after 7 and 8
-    tun: list[bytes | RxRun] = []
-    b.core.inbound_gro(batch, now, WALL, tun)
-    flat = [p for item in tun for p in (item.packets() if isinstance(item, RxRun) else (item,))]
-    assert flat == pkts[:6] + pkts[7:9] + pkts[6:7]
-    assert sum(isinstance(item, RxRun) for item in tun) == 2
+    out = b.core.inbound_gro(batch, now, WALL)
+    assert out.tun_in_order() == pkts[:6] + pkts[7:9] + pkts[6:7]
+    assert len(out.tun_runs) == 2 and [r.at for r in out.tun_runs] == [1, 2]
+    assert out.tun_packets == [pkts[0], pkts[5], pkts[6]]
 
 
 def test_outbound_seals_a_txrun_as_a_burst_in_order_with_loose_packets() -> None:
@@ -329,17 +322,45 @@ def test_outbound_seals_a_txrun_as_a_burst_in_order_with_loose_packets() -> None
     now = 2.0
     sp = superpacket(5, 77)
     sp = a_to_b(sp)
-    run = segment_run(gso_header(sp, MSS), sp, trailer)
+    run = segment_run(gso_header(sp, MSS), sp, LAYOUT)
     assert isinstance(run, TxRun)
     loose = [a_to_b(tcp_packet(6, b"ack", seq=7))]
-    sends = a.core.outbound([loose[0], run, loose[0]], now, WALL)
-    assert [type(d) for _, d in sends] == [list, Burst, list]
-    datagrams: list[bytes] = []
-    for _, d in sends:
-        datagrams += d.datagrams() if isinstance(d, Burst) else d
-    tun: list[bytes] = []
-    b.core.inbound([(d, sends[0][0]) for d in datagrams], now, WALL, tun)
-    assert tun == loose + run.packets() + loose
+    run.at = 1  # after the first loose packet
+    (flight,) = a.core.outbound([loose[0], loose[0]], [run], now, WALL).sends
+    assert len(flight.datagrams) == 2 and [b.at for b in flight.bursts] == [1]
+    assert isinstance(flight.bursts[0], Burst)
+    datagrams = flight.all_datagrams()
+    out = b.core.inbound([(d, flight.destination) for d in datagrams], now, WALL)
+    assert out.tun_packets == loose + run.packets() + loose
+    # sealed in sending order: the sequence numbers follow the datagrams
+    seqs = [int.from_bytes(d[4:8], "big") for d in datagrams]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_outbound_counts_each_runs_place_again_within_its_destination() -> None:
+    """Runs and loose packets to several destinations: each destination's flight keeps their order,
+    with a run's `at` counted among that destination's loose packets only."""
+    net = _established()
+    a, b = net.a, net.b
+    now = 2.0
+    nowhere = ipaddress.IPv6Address("fd00:1::99").packed
+
+    def to(dst: bytes, packet: bytes) -> bytes:
+        return packet[:24] + dst + packet[40:]
+
+    ack = a_to_b(tcp_packet(6, b"ack", seq=7))
+    lost = to(nowhere, ack)
+    run_b = segment_run(gso_header(a_to_b(superpacket(3, 5)), MSS), a_to_b(superpacket(3, 5)), LAYOUT)
+    sp = to(nowhere, superpacket(4, 0))
+    run_x = segment_run(gso_header(sp, MSS), sp, LAYOUT)
+    assert run_b is not None and run_x is not None
+    run_x.at, run_b.at = 1, 2  # ack | lost, run_x | run_b, ack
+    before = a.core.counters.tx_no_route
+    (flight,) = a.core.outbound([ack, lost, ack], [run_x, run_b], now, WALL).sends
+    assert a.core.counters.tx_no_route == before + 1 + len(run_x.slots)
+    assert [burst.at for burst in flight.bursts] == [1]  # after b's first loose packet, not after two
+    out = b.core.inbound([(d, flight.destination) for d in flight.all_datagrams()], now, WALL)
+    assert out.tun_packets == [ack, *run_b.packets(), ack]
 
 
 # -- UDP ------------------------------------------------------------------------------------------------
@@ -380,7 +401,7 @@ def test_send_burst_arrives_as_the_datagrams_and_recv_runs_keeps_gro_whole() -> 
 def test_a_superpacket_of_the_chosen_size_fits_one_gso_send(mtu: int) -> None:
     """With the TUN's gso_max_size from gso_max_size_for, every superpacket (any TCP header length)
     splits into segments that, sealed, fit one UDP GSO send: one sendmsg, one run at the peer."""
-    g = gso_max_size_for(mtu)
+    g = gso_max_size_for(mtu, LAYOUT.overhead)
     for hl in range(60, MAX_TCP_HEADERS + 1, 4):
         segments = -(-(g - hl) // (mtu - hl))
         assert segments * (mtu + OVERHEAD_MAX) <= MAX_GSO_BYTES, (hl, segments)
@@ -395,13 +416,15 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     segs = segment(gso_header(superpacket(4, 9), MSS), superpacket(4, 9))
     other = segment(gso_header(superpacket(3, 0, seq=9), MSS), superpacket(3, 0, seq=9))
     changed = [other[0], other[1], other[2][:54] + b"\x7f\xff" + other[2][56:]]  # the window changes
-    broken = _run_of(changed)  # coalesce_run declines; coalesce merges the first two
+    # a run of `changed`: coalesce_run declines; coalesce merges the first two
     loose = tcp_packet(6, b"loose")
     r, w = os.pipe()
     try:
         tun = Tun.__new__(Tun)
         tun.offload, tun.fd, tun.superpackets_written = True, w, 0
-        assert tun.write_batch([loose, _run_of(segs), broken, loose]) == 0
+        run, broken_run = _run_of(segs), _run_of(changed)
+        run.at = broken_run.at = 1  # both after the first loose packet
+        assert tun.write_batch([loose, loose], [run, broken_run]) == 0
         assert tun.superpackets_written == 2  # the run, and the broken run merged by coalesce
         os.close(w)
         w = -1
@@ -418,6 +441,30 @@ def test_tun_writes_runs_and_packets_in_order_and_falls_back_for_a_broken_run() 
     want += b"".join(h + p for h, p in coalesce(changed, verify=False))
     want += none + loose
     assert got == want
+
+
+def test_plain_tun_writes_runs_packet_by_packet_in_their_place() -> None:
+    """Tun.write_batch without offload: a run goes out as its packets, one write each, after the first
+    `run.at` loose packets (read back through a pipe standing in for the device)."""
+    segs = segment(gso_header(superpacket(3, 9), MSS), superpacket(3, 9))
+    first, last = tcp_packet(6, b"first"), tcp_packet(6, b"last")
+    r, w = os.pipe()
+    try:
+        tun = Tun.__new__(Tun)
+        tun.offload, tun.fd = False, w
+        run = _run_of(segs)
+        run.at = 1
+        assert tun.write_batch([first, last], [run]) == 0
+        os.close(w)
+        w = -1
+        got = b""
+        while chunk := os.read(r, 1 << 20):
+            got += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert got == first + b"".join(segs) + last
 
 
 def test_the_daemon_can_keep_freed_memory_on_glibc() -> None:

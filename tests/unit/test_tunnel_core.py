@@ -6,10 +6,10 @@ In the style of trio's own test_dtls.py (test_handshake_over_terrible_network): 
 so WireGuard's timers (5 s retries, 10 s keepalives, 120 s rekeys, 180 s expiry) run at their real
 values.
 
-Each node is what the daemon is around the core: a receive task fed by a trio memory channel that
-calls `inbound`, a timer task that sleeps until `deadline()` (or until something else touched the
-core) and calls `poll`, and an app task that sends numbered inner packets through `outbound`.
-`now` is `trio.current_time()` and `wall` a fixed epoch plus it.
+Each node runs the daemon's own packet loops (`tunneld.dataplane.Dataplane`: receive, TUN, timers) over
+an in-memory TUN (tests/unit/fake_io.py) and a simulated socket whose sends go through the network
+model below; an app injects numbered inner packets into the TUN. `now` is `trio.current_time()` and
+`wall` a fixed epoch plus it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import random
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,10 +31,12 @@ from crypto.esp import Kind, classify
 from crypto.kdf import derive_psk
 from crypto.noise import generate_keypair
 from tests.helpers import drbg
+from tests.unit.fake_io import FakeTun, Readable
+from tunneld.dataplane import Dataplane
 from tunneld.proto import handshake as hs
+from tunneld.proto.core import Address as Addr
 from tunneld.proto.peer import Peer, Timers
-from tunneld.proto.runs import RxRun
-from tunneld.proto.tunnel import Addr, Sends, TunnelCore
+from tunneld.proto.tunnel import HandshakeGaveUp, Output, TunnelCore, TunnelEvent
 
 EPOCH = 1_700_000_000.0
 PSK = derive_psk(bytes(range(32)), "example.net")
@@ -98,12 +100,17 @@ class Node:
     ula: ipaddress.IPv6Address
     core: TunnelCore
     peer: Peer  # this node's entry for the other node
-    inbox: trio.MemorySendChannel[tuple[bytes, Addr]]
-    outbox: trio.MemoryReceiveChannel[tuple[bytes, Addr]]
-    kick: trio.Event = field(default_factory=trio.Event)
-    tun: list[tuple[float, bytes]] = field(default_factory=list)  # (arrival, packet) written to the TUN
-    sent: list[tuple[float, int]] = field(default_factory=list)  # (time, seq) handed to outbound
-    received: list[tuple[float, bytes]] = field(default_factory=list)  # datagrams delivered to inbound
+    dev: FakeTun
+    udp: SimUDP
+    plane: Dataplane
+    sent: list[tuple[float, int]] = field(default_factory=list)  # (time, seq) injected into the TUN
+    received: list[tuple[float, bytes]] = field(default_factory=list)  # datagrams the socket handed up
+    events: list[TunnelEvent] = field(default_factory=list)  # from every Output of the core
+
+    @property
+    def tun(self) -> list[tuple[float, bytes]]:
+        """(arrival, packet) written to the TUN."""
+        return self.dev.written
 
     def wall(self) -> float:
         return EPOCH + trio.current_time()
@@ -113,14 +120,44 @@ class Node:
         return st
 
 
+class SimUDP(Readable):
+    """A node's socket: sends go through the Net's model, receives drain what it delivered (merged as
+    UDP GRO would when the Net says so)."""
+
+    def __init__(self, net: Net, addr: Addr) -> None:
+        super().__init__()
+        self.net, self.addr = net, addr
+        self.inbox: list[tuple[bytes, Addr]] = []
+        self.node: Node | None = None
+
+    async def wait_readable(self) -> None:
+        await self.wait(lambda: bool(self.inbox))
+
+    def recv_runs(self, out: list[tuple[bytes, Addr, int]], max_datagrams: int = 256) -> int:
+        batch, self.inbox = self.inbox, []
+        assert self.node is not None
+        now = trio.current_time()
+        self.node.received.extend((now, d) for d, _ in batch)
+        out += gro_merge(batch) if self.net.gro else [(d, src, 0) for d, src in batch]
+        return len(batch)
+
+    async def send_batch(self, datagrams: Sequence[bytes], dest: Addr) -> None:
+        await trio.lowlevel.checkpoint()
+        assert self.node is not None
+        self.net.transmit(self.node, dest, list(datagrams))
+
+    async def send_burst(self, buf: memoryview, size: int, dest: Addr) -> None:
+        await self.send_batch([bytes(buf[o : o + size]) for o in range(0, len(buf), size)], dest)
+
+
 class Net:
     """Two nodes and a seeded lossy, duplicating, reordering network between them."""
 
     def __init__(self, seed: int, loss: float = 0.0, dup: float = 0.0, max_delay: float = 0.05,
                  timers: Timers = T, gro: bool | None = None) -> None:
         self.r = random.Random(seed)
-        # Odd seeds receive through inbound_gro (UDP GRO emulated by gro_merge), even ones through
-        # inbound: every scenario runs on both receive paths.
+        # Odd seeds receive with UDP GRO (emulated by gro_merge: runs are opened whole), even ones
+        # datagram by datagram (inbound's per-datagram path): every scenario runs on both.
         self.gro = seed % 2 == 1 if gro is None else gro
         self.loss, self.dup, self.max_delay = loss, dup, max_delay
         self.blackhole: Callable[[Addr, Addr], bool] = lambda src, dst: False
@@ -128,49 +165,63 @@ class Net:
         self.nursery: trio.Nursery | None = None
         self.session_ages: list[float] = []  # age of the session each ESP datagram was sealed with
         (a_priv, a_pub), (b_priv, b_pub) = generate_keypair(), generate_keypair()
+        self.by_addr: dict[Addr, Node] = {}
         self.a = self._node("a", A_ADDR, A_ULA, a_priv, seed * 2, timers)
         self.b = self._node("b", B_ADDR, B_ULA, b_priv, seed * 2 + 1, timers)
         self.a.peer = self.a.core.add_peer("b", b_pub, B_ULA, B_ADDR)
         self.b.peer = self.b.core.add_peer("a", a_pub, A_ULA, A_ADDR)
-        self.a.peer.rng = random.Random(seed * 2)  # the retry jitter, reproducible
-        self.b.peer.rng = random.Random(seed * 2 + 1)
-        self.by_addr = {A_ADDR: self.a, B_ADDR: self.b}
+        self.by_addr.update({A_ADDR: self.a, B_ADDR: self.b})
 
-    @staticmethod
-    def _node(name: str, addr: Addr, ula: ipaddress.IPv6Address, priv: bytes, seed: int,
+    def _node(self, name: str, addr: Addr, ula: ipaddress.IPv6Address, priv: bytes, seed: int,
               timers: Timers) -> Node:
-        send, recv = trio.open_memory_channel[tuple[bytes, Addr]](math.inf)
         core = TunnelCore(priv, PSK, timers=timers, rand=drbg(seed))
-        return Node(name, addr, ula, core, None, send, recv)  # type: ignore[arg-type]
+        poll = core.poll
+
+        def checked_poll(now: float, wall: float) -> Output:
+            # Everything due at a poll must fire; a deadline left in the past would stall virtual time
+            # (regression guard for the float mismatch in session expiry).
+            out = poll(now, wall)
+            deadline = core.deadline()
+            if deadline is not None and deadline <= now:
+                raise AssertionError(f"poll({now}) left deadline {deadline} in place")
+            return out
+
+        core.poll = checked_poll  # type: ignore[method-assign]
+        dev = FakeTun(core.layout)
+        udp = SimUDP(self, addr)
+        events: list[TunnelEvent] = []
+        plane = Dataplane(core, dev, udp, wall=lambda: EPOCH + trio.current_time(), on_event=events.append)
+        node = Node(name, addr, ula, core, None, dev, udp, plane, events=events)  # type: ignore[arg-type]
+        udp.node = node
+        return node
 
     def other(self, node: Node) -> Node:
         return self.b if node is self.a else self.a
 
     # -- the wire -------------------------------------------------------------------------------------
 
-    def transmit(self, src: Node, sends: Sends) -> None:
+    def transmit(self, src: Node, dst: Addr, datagrams: list[bytes]) -> None:
+        """One send of the node's socket: each datagram is logged, then lost, duplicated or delayed."""
         now = trio.current_time()
-        src.kick.set()  # the core was touched: its deadline may have moved
-        for dst, datagrams in sends:
-            burst: list[bytes] = []
-            for data in datagrams:
-                self.log.append(Sent(now, src.addr, dst, data))
-                if classify(data) is Kind.ESP:
-                    self._check_sealed_with_live_session(src, data, now)
-                if self.blackhole(src.addr, dst) or self.r.random() < self.loss:
-                    continue
-                copies = 2 if self.r.random() < self.dup else 1
-                if self.gro:
-                    burst += [data] * copies  # one burst, so the receiver can merge it (GRO)
-                    continue
-                for _ in range(copies):
-                    delay = self.r.uniform(0, self.max_delay)
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], [data], src.addr)
-            if burst:
+        burst: list[bytes] = []
+        for data in datagrams:
+            self.log.append(Sent(now, src.addr, dst, data))
+            if classify(data) is Kind.ESP:
+                self._check_sealed_with_live_session(src, data, now)
+            if self.blackhole(src.addr, dst) or self.r.random() < self.loss:
+                continue
+            copies = 2 if self.r.random() < self.dup else 1
+            if self.gro:
+                burst += [data] * copies  # one burst, so the receiver can merge it (GRO)
+                continue
+            for _ in range(copies):
+                delay = self.r.uniform(0, self.max_delay)
                 assert self.nursery is not None
-                self.nursery.start_soon(self._deliver, self.r.uniform(0, self.max_delay), self.by_addr[dst],
-                                        burst, src.addr)
+                self.nursery.start_soon(self._deliver, delay, self.by_addr[dst], [data], src.addr)
+        if burst:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._deliver, self.r.uniform(0, self.max_delay), self.by_addr[dst],
+                                    burst, src.addr)
 
     def _check_sealed_with_live_session(self, src: Node, data: bytes, now: float) -> None:
         spi = int.from_bytes(data[:4], "big")
@@ -179,52 +230,15 @@ class Net:
 
     async def _deliver(self, delay: float, dst: Node, burst: list[bytes], src: Addr) -> None:
         await trio.sleep(delay)
-        for data in burst:
-            dst.inbox.send_nowait((data, src))
-
-    # -- the tasks of one node ------------------------------------------------------------------------
-
-    async def receiver(self, node: Node) -> None:
-        async for first in node.outbox:
-            batch = [first]
-            while True:
-                try:
-                    batch.append(node.outbox.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            now = trio.current_time()
-            node.received.extend((now, d) for d, _ in batch)
-            tun: list[bytes | RxRun] = []
-            if self.gro:
-                sends = node.core.inbound_gro(gro_merge(batch), now, node.wall(), tun)
-            else:
-                sends = node.core.inbound(batch, now, node.wall(), tun)
-            node.tun.extend((now, p) for item in tun
-                            for p in (item.packets() if isinstance(item, RxRun) else (item,)))
-            self.transmit(node, sends)
-
-    async def timer(self, node: Node) -> None:
-        polled_at: float | None = None
-        while True:
-            deadline = node.core.deadline()
-            if deadline is not None and polled_at is not None and deadline <= polled_at:
-                # Everything due at the last poll must have fired; a deadline left in the past would
-                # stall virtual time (regression guard for the float mismatch in session expiry).
-                raise AssertionError(f"poll({polled_at}) left deadline {deadline} in place")
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await node.kick.wait()
-            node.kick = trio.Event()
-            now = trio.current_time()
-            if deadline is not None and now >= deadline:
-                self.transmit(node, node.core.poll(now, node.wall()))
-                polled_at = now
+        dst.udp.inbox += [(data, src) for data in burst]
+        dst.udp.wake()
 
     def send(self, node: Node, seq: int, src: ipaddress.IPv6Address | None = None, count: int = 1) -> None:
         """The app writes `count` packets (`seq`, `seq + 1`, ...) to the TUN at once."""
         now = trio.current_time()
         node.sent += [(now, s) for s in range(seq, seq + count)]
-        pkts = [inner(src or node.ula, self.other(node).ula, s) for s in range(seq, seq + count)]
-        self.transmit(node, node.core.outbound(pkts, now, node.wall()))
+        for s in range(seq, seq + count):
+            node.dev.inject(inner(src or node.ula, self.other(node).ula, s))
 
     async def app(self, node: Node, interval: float, until: float, first_seq: int = 0) -> None:
         """Packets every `interval`: one at a time, or with GRO bursts of 4 (the receiver merges them)."""
@@ -238,8 +252,7 @@ class Net:
     def start(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         for node in (self.a, self.b):
-            nursery.start_soon(self.receiver, node)
-            nursery.start_soon(self.timer, node)
+            nursery.start_soon(node.plane.run)
 
     # -- observations ---------------------------------------------------------------------------------
 
@@ -447,7 +460,7 @@ def test_initiation_retried_every_rekey_timeout_then_given_up(seed: int) -> None
     assert all(T.rekey_timeout <= g <= T.rekey_timeout + JITTER for g in gaps), gaps
     assert 17 <= len(first) <= 19
     assert first[-1] < T.rekey_attempt_time <= first[-1] + T.rekey_timeout + JITTER
-    assert any("did not complete" in e for e in a.core.events)
+    assert any(isinstance(e, HandshakeGaveUp) and "did not complete" in str(e) for e in a.events)
     assert staged == [0]  # the staged packets were dropped with the attempt
     assert second[0] == 300.0 and len(second) == 2  # 300 and ~305.x
     assert b.tun == [] and a.tun == []
@@ -576,127 +589,3 @@ def test_spoofed_inner_source_is_dropped_and_counted() -> None:
     assert b.status(end)["dropped_spoofed"] == 2
     assert b.status(end)["rx_packets"] == 2
     assert a.status(end)["dropped_spoofed"] == 0
-
-
-# -- deterministic scenarios, one datagram at a time ------------------------------------------------
-
-
-class Pump:
-    """Two cores, no trio: datagrams are queued and delivered by hand, `now` is a number."""
-
-    def __init__(self) -> None:
-        self.net = Net(0)
-        self.queue: list[tuple[Node, Node, bytes]] = []  # (from, to, datagram)
-
-    def push(self, src: Node, sends: Sends) -> None:
-        for dst, datagrams in sends:
-            self.queue.extend((src, self.net.by_addr[dst], d) for d in datagrams)
-
-    def take(self, pred: Callable[[Node, bytes], bool]) -> tuple[Node, Node, bytes]:
-        (item,) = [q for q in self.queue if pred(q[0], q[2])]
-        self.queue.remove(item)
-        return item
-
-    def deliver(self, item: tuple[Node, Node, bytes], now: float) -> list[bytes]:
-        src, dst, data = item
-        tun: list[bytes] = []
-        self.push(dst, dst.core.inbound([(data, src.addr)], now, EPOCH + now, tun))
-        return tun
-
-    def send(self, node: Node, seq: int, now: float) -> None:
-        pkt = inner(node.ula, self.net.other(node).ula, seq)
-        self.push(node, node.core.outbound([pkt], now, EPOCH + now))
-
-
-def test_crossing_initiations_keep_both_sessions() -> None:
-    """Regression (fixed): both apps send at the same time, so both sides initiate; each initiation arrives
-    before the other side's response. Each side then holds a responder session (`next`) for the peer's
-    handshake when its own response arrives. wireguard-go (BeginSymmetricSession, initiator branch)
-    moves `next` to `previous`, so the packets the peer sends on the session it initiated are still
-    accepted, and data flows both ways at once. Peer.add_session used to drop `next`; each side then sent on
-    a session the other had discarded: every data packet was dropped as an unknown SPI until the
-    new-handshake timer fires 15 s later (and the retry may cross again)."""
-    pump = Pump()
-    a, b = pump.net.a, pump.net.b
-    pump.send(a, 0, 0.0)
-    pump.send(b, 1_000_000, 0.0)
-    init = lambda who: lambda src, d: src is who and is_initiation(d)  # noqa: E731
-    resp = lambda who: lambda src, d: src is who and classify(d) is Kind.CONTROL  # noqa: E731
-    pump.deliver(pump.take(init(a)), 0.01)  # b answers a's initiation
-    pump.deliver(pump.take(init(b)), 0.01)  # a answers b's
-    pump.deliver(pump.take(resp(b)), 0.02)  # a's handshake completes: a sends seq 0
-    pump.deliver(pump.take(resp(a)), 0.02)  # b's completes: b sends seq 1_000_000
-    got: dict[str, list[int]] = {"a": [], "b": []}
-    while pump.queue:
-        item = pump.queue[0]
-        pump.queue.pop(0)
-        got[item[1].name] += [seq_of(p) for p in pump.deliver(item, 0.03)]
-    assert got == {"a": [1_000_000], "b": [0]}
-    assert a.core.counters.rx_unknown_spi == b.core.counters.rx_unknown_spi == 0
-
-
-def test_responder_does_not_initiate_right_after_answering() -> None:
-    """Regression (fixed): b answers a's initiation and, before a's first packet confirms the session, b's
-    app sends. wireguard-go sets lastSentHandshake in SendHandshakeResponse and SendHandshakeInitiation
-    refuses to start a handshake within RekeyTimeout (5 s) of it, so b stages the packet and sends it
-    when a's packet confirms the session a moment later. TunnelCore used to initiate at once (Peer.wants_rekey
-    is true, no handshake "in progress"): a needless second handshake that crosses a's, the situation
-    of test_crossing_initiations_keep_both_sessions."""
-    pump = Pump()
-    a, b = pump.net.a, pump.net.b
-    pump.send(a, 0, 0.0)
-    pump.deliver(pump.queue.pop(0), 0.01)  # b answers; its response is in flight
-    pump.send(b, 1_000_000, 0.015)
-    assert [d for src, _, d in pump.queue if src is b and is_initiation(d)] == []
-    assert len(b.peer.staged) == 1
-    pump.deliver(pump.take(lambda src, d: src is b), 0.02)  # the response: a completes, sends seq 0
-    assert [seq_of(p) for p in pump.deliver(pump.take(lambda src, d: src is a), 0.03)] == [0]
-    # the confirmation releases b's staged packet on the new session
-    assert [seq_of(p) for p in pump.deliver(pump.take(lambda src, d: src is b), 0.04)] == [1_000_000]
-
-
-def test_handshake_in_lockstep_delivers_staged_data_once() -> None:
-    """The plain sequence: initiation, response, the staged packets as key confirmation."""
-    pump = Pump()
-    a, b = pump.net.a, pump.net.b
-    for i in range(3):
-        pump.send(a, i, 0.0)
-    assert len(pump.queue) == 1 and is_initiation(pump.queue[0][2])
-    assert a.peer.handshake_in_progress() and len(a.peer.staged) == 3
-    assert pump.deliver(pump.queue.pop(0), 0.01) == []  # b answers
-    assert b.peer.next is not None and b.peer.current is None
-    assert pump.deliver(pump.queue.pop(0), 0.02) == []  # a completes and flushes its staged packets
-    assert a.peer.handshakes == 1 and not a.peer.handshake_in_progress() and len(a.peer.staged) == 0
-    items, pump.queue = pump.queue, []
-    assert len(items) == 3 and all(classify(d) is Kind.ESP for _, _, d in items)  # one seal_many batch
-    assert [seq_of(p) for p in pump.deliver(items[0], 0.03)] == [0]
-    assert b.peer.current is not None and b.peer.current.confirmed and b.peer.next is None
-    assert [seq_of(p) for p in pump.deliver(items[2], 0.03)] == [2]  # reordered: still accepted
-    assert [seq_of(p) for p in pump.deliver(items[1], 0.03)] == [1]
-    assert pump.deliver(items[1], 0.04) == []  # a duplicate is not
-    assert a.peer.tx_packets == 3 and b.peer.rx_packets == 3
-    assert b.status(0.04)["replayed"] == 1
-    # b's answer needs no handshake: it goes out on the confirmed session at once.
-    pump.send(b, 7, 0.05)
-    (item,) = pump.queue
-    pump.queue.clear()
-    assert classify(item[2]) is Kind.ESP
-    assert [seq_of(p) for p in pump.deliver(item, 0.06)] == [7]
-
-
-def test_expired_session_is_not_accepted_on_receive() -> None:
-    """Regression (fixed): a session older than reject_after_time is neither used nor *accepted*
-    (WireGuard checks the keypair's age on receive). TunnelCore.inbound used to stop accepting only once
-    poll() has expired the session; a caller that processes a datagram at `now` past the expiry before
-    polling (the core is sans-I/O; nothing says poll must come first) still writes it to the TUN."""
-    pump = Pump()
-    a = pump.net.a
-    pump.send(a, 0, 0.0)
-    pump.deliver(pump.queue.pop(0), 0.0)
-    pump.deliver(pump.queue.pop(0), 0.0)
-    assert [seq_of(p) for p in pump.deliver(pump.queue.pop(0), 0.0)] == [0]
-    # A packet sealed at 179 s (still valid then) is delivered at 181 s, before b has polled.
-    pump.send(a, 1, 179.0)
-    esp = [q for q in pump.queue if classify(q[2]) is Kind.ESP]
-    assert len(esp) == 1
-    assert pump.deliver(esp[0], T.reject_after_time + 1.0) == []

@@ -8,7 +8,7 @@ import pytest
 
 from crypto.noise import generate_keypair
 from tests.helpers import drbg
-from tunneld.proto.tunnel import TunnelCore
+from tunneld.proto.tunnel import Output, TunnelCore
 
 PSK = bytes(32)
 A_ULA = ipaddress.IPv6Address("fd00:1::a")
@@ -29,15 +29,16 @@ def pair() -> tuple[TunnelCore, TunnelCore, bytes, bytes]:
     return a, b, a_pub, b_pub
 
 
-def deliver(sends: list[tuple[tuple[str, int], list[bytes]]], to: TunnelCore, src: tuple[str, int],
-            now: float, tun: list[bytes]) -> list[tuple[tuple[str, int], list[bytes]]]:
-    return to.inbound([(d, src) for _, ds in sends for d in ds], now, 1e9 + now, tun)
+def deliver(sent: Output, to: TunnelCore, src: tuple[str, int], now: float, tun: list[bytes]) -> Output:
+    out = to.inbound([(d, src) for f in sent.sends for d in f.all_datagrams()], now, 1e9 + now)
+    tun += out.tun_in_order()
+    return out
 
 
 def handshake(a: TunnelCore, b: TunnelCore, now: float) -> list[bytes]:
     """a sends one packet to b; the handshake runs; returns what reached b's TUN."""
     tun_b: list[bytes] = []
-    init = a.outbound([packet(A_ULA, B_ULA)], now, 1e9 + now)
+    init = a.outbound([packet(A_ULA, B_ULA)], [], now, 1e9 + now)
     resp = deliver(init, b, A_ADDR, now, tun_b)
     data = deliver(resp, a, B_ADDR, now, [])
     deliver(data, b, A_ADDR, now, tun_b)
@@ -76,13 +77,13 @@ def test_forgotten_peer_is_unreachable_and_its_spis_are_gone() -> None:
     assert not set(b.by_spi) & spis and A_ULA.packed not in b.by_ula
     # a's packets on the old session now hit unknown SPIs and reach nothing.
     tun: list[bytes] = []
-    deliver(a.outbound([packet(A_ULA, B_ULA)], 2.0, 1e9 + 2), b, A_ADDR, 2.0, tun)
+    deliver(a.outbound([packet(A_ULA, B_ULA)], [], 2.0, 1e9 + 2), b, A_ADDR, 2.0, tun)
     assert tun == [] and b.counters.rx_unknown_spi >= 1
     # and its handshakes are refused: it is not a peer any more.
     before = b.handshaker.drops.get("unknown-peer", 0)
     a.forget_peer(b_pub)
     a.learn_peer("b", b_pub, B_ULA, B_ADDR, 10.0)
-    deliver(a.outbound([packet(A_ULA, B_ULA)], 10.0, 1e9 + 10), b, A_ADDR, 10.0, tun)
+    deliver(a.outbound([packet(A_ULA, B_ULA)], [], 10.0, 1e9 + 10), b, A_ADDR, 10.0, tun)
     assert b.handshaker.drops.get("unknown-peer", 0) == before + 1
 
 

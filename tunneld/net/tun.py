@@ -1,7 +1,8 @@
 """The TUN device carrying the host's ULA, and its address, route and MTU (through netlink).
 
-The device is opened IFF_TUN | IFF_NO_PI: each read returns one IPv6 packet and each write takes one.
-Reads drain the device until EAGAIN (bounded per wakeup) so one wakeup serves a whole burst.
+Reads drain the device until EAGAIN (bounded per wakeup) so one wakeup serves a whole burst; with
+offload (IFF_VNET_HDR) superpackets are segmented on read and segments coalesced on write by the pure
+code of `tunneld.fastpath`. Loose packets and runs come and go in separate lists.
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ import errno
 import fcntl
 import ipaddress
 import os
-from typing import Final, cast
+from typing import Final
 
 import pytun
 import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from crypto.esp import OVERHEAD_MAX, trailer
-from tunneld.net.offload import VNET_HDR_LEN, coalesce, coalesce_run, segment, segment_run
+from crypto.layout import SealLayout
+from tunneld.fastpath.coalesce import coalesce, coalesce_run
+from tunneld.fastpath.headers import VNET_HDR_LEN
+from tunneld.fastpath.runs import RxRun, TxRun
+from tunneld.fastpath.segment import segment, segment_run
 from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS
 from tunneld.proto.errors import ParseError
-from tunneld.proto.runs import RxRun, TxRun
 
 MAX_PACKET: Final = 65535
 # Packets the kernel queues for us before dropping (the TUN ring, sized by txqueuelen; 500 by
@@ -33,16 +36,17 @@ TX_QUEUE_LEN: Final = 1000
 MAX_TCP_HEADERS: Final = 40 + 60  # IPv6 header and the longest TCP header (RFC 9293 §3.1: 15 words)
 
 
-def gso_max_size_for(mtu: int) -> int:
+def gso_max_size_for(mtu: int, overhead: int) -> int:
     """The largest superpacket the kernel may hand us, so that all its segments, sealed, fit one UDP GSO
     send (`MAX_GSO_BYTES`): then one superpacket is one sendmsg, one GRO receive at the peer, one run
     and one TUN write there, instead of a full batch and a small remainder with the per-run costs twice.
 
-    With S = MAX_GSO_BYTES // (mtu + ESP overhead) datagrams per send, a superpacket of G bytes with
+    With S = MAX_GSO_BYTES // (mtu + overhead) datagrams per send (`overhead`: the most that sealing
+    adds to a packet, `SealLayout.overhead`), a superpacket of G bytes with
     h bytes of headers has ceil((G - h) / (mtu - h)) segments, at most S for every h up to
     MAX_TCP_HEADERS when G = S * mtu - (S - 1) * MAX_TCP_HEADERS (58600 for MTU 1400: 44 segments of
     1328 bytes with TCP timestamps, the Linux default, instead of 49 that need two sends)."""
-    per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // (mtu + OVERHEAD_MAX))
+    per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // (mtu + overhead))
     return max(mtu, per_send * mtu - (per_send - 1) * MAX_TCP_HEADERS)
 
 
@@ -61,9 +65,11 @@ class Tun:
     """With `offload`, the device is opened IFF_VNET_HDR with checksum and TSO offload: reads return TCP
     superpackets (up to 64 KB) that are split into standard packets here, and writes coalesce consecutive
     segments of a flow into one superpacket, so the kernel runs its TCP code once per superpacket
-    instead of once per packet. If the kernel refuses, the device is plain (`offload_error` says why)."""
+    instead of once per packet. If the kernel refuses, the device is plain (`offload_error` says why).
+    `layout` is what the seal expects of a run's plaintexts (from the security associations)."""
 
-    def __init__(self, name: str, mtu: int, offload: bool = False) -> None:
+    def __init__(self, name: str, mtu: int, layout: SealLayout, offload: bool = False) -> None:
+        self.layout = layout
         self.offload = False
         self.offload_error: str | None = None if offload else "off in the config"
         dev = None
@@ -113,8 +119,9 @@ class Tun:
             ip.link("set", index=index, mtu=self.mtu, txqlen=TX_QUEUE_LEN)
             if self.offload:
                 try:
-                    ip.link("set", index=index, gso_max_size=gso_max_size_for(self.mtu))
-                    self.gso_max_size = gso_max_size_for(self.mtu)
+                    size = gso_max_size_for(self.mtu, self.layout.overhead)
+                    ip.link("set", index=index, gso_max_size=size)
+                    self.gso_max_size = size
                 except NetlinkError:
                     pass  # an older kernel: superpackets then sometimes take two sends, and still work
             ip.addr("add", index=index, address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
@@ -124,15 +131,16 @@ class Tun:
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fd)
 
-    def read_batch(self, out: list[bytes | TxRun], max_packets: int = 128) -> int:
-        """Drain the device: packets, and with offload one `TxRun` per IPv6 TCP superpacket (its
-        segments laid out for ESP with their trailers); returns how many packets that is."""
+    def read_batch(self, packets: list[bytes], runs: list[TxRun], max_packets: int = 128) -> int:
+        """Drain the device into `packets`, and with offload into `runs` one `TxRun` per IPv6 TCP
+        superpacket (its segments laid out for sealing, after the first `run.at` packets); returns how
+        many packets that is in all."""
         if self.offload:
-            return self._read_offload(out, max_packets)
+            return self._read_offload(packets, runs, max_packets)
         fd = self.fd
         read = os.read
         n = 0
-        append = out.append
+        append = packets.append
         while n < max_packets:
             try:
                 append(read(fd, MAX_PACKET))
@@ -146,8 +154,9 @@ class Tun:
             n += 1
         return n
 
-    def _read_offload(self, out: list[bytes | TxRun], max_reads: int) -> int:
+    def _read_offload(self, packets: list[bytes], runs: list[TxRun], max_reads: int) -> int:
         fd = self.fd
+        layout = self.layout
         n = 0
         for _ in range(max_reads // 8 or 1):  # a read may be a 64 KB superpacket: fewer reads per wakeup
             try:
@@ -164,28 +173,35 @@ class Tun:
                     raise ParseError("truncated")
                 vnet = self._vnet
                 # vnet[1] is the GSO type: only a superpacket can be a run
-                if vnet[1] and (run := segment_run(vnet, self._view[:got], trailer)) is not None:
-                    out.append(run)
+                if vnet[1] and (run := segment_run(vnet, self._view[:got], layout)) is not None:
+                    run.at = len(packets)
+                    runs.append(run)
                     n += len(run.slots)
                     continue
                 segments = segment(bytes(vnet), bytes(self._view[:got]))
             except ParseError:
                 self.offload_errors += 1
                 continue
-            out.extend(segments)
+            packets.extend(segments)
             n += len(segments)
         return n
 
-    def write_batch(self, packets: list[bytes | RxRun]) -> int:
-        """Write packets and runs, in order; returns how many writes the kernel refused (a full queue,
-        EINVAL on a malformed header): those are dropped, as a NIC would."""
+    def write_batch(self, packets: list[bytes], runs: list[RxRun]) -> int:
+        """Write packets and runs (each after the first `run.at` packets), in order; returns how many
+        writes the kernel refused (a full queue, EINVAL on a malformed header): those are dropped, as a
+        NIC would."""
         if self.offload:
-            return self._write_offload(packets)
-        writes: list[bytes] | list[bytes | memoryview]
-        if any(isinstance(p, RxRun) for p in packets):  # runs opened for a plain TUN: packet by packet
-            writes = [q for p in packets for q in (p.views() if isinstance(p, RxRun) else (p,))]
-        else:
-            writes = cast("list[bytes]", packets)
+            return self._write_offload(packets, runs)
+        writes: list[bytes] | list[bytes | memoryview] = packets
+        if runs:  # runs opened for a plain TUN: packet by packet
+            mixed: list[bytes | memoryview] = []
+            writes = mixed
+            prev = 0
+            for run in runs:
+                mixed += packets[prev : run.at]
+                mixed += run.views()
+                prev = max(prev, run.at)
+            mixed += packets[prev:]
         fd = self.fd
         write = os.write
         dropped = 0
@@ -196,35 +212,35 @@ class Tun:
                 dropped += 1  # the kernel's queue is full, or it refused the packet: drop, as a NIC would
         return dropped
 
-    def _write_offload(self, items: list[bytes | RxRun]) -> int:
+    def _write_offload(self, packets: list[bytes], runs: list[RxRun]) -> int:
         # The packets came through ESP, which authenticated them and whose sender completed their
         # checksums: no need to verify them again before merging (the kernel completes the merged
         # packet's partial checksum itself).
         dropped = 0
-        writev = os.writev
-        fd = self.fd
-        loose: list[bytes] = []
-        for item in (*items, None):
-            if isinstance(item, bytes):
-                loose.append(item)
-                continue
-            if loose:
-                for hdr, pkt in coalesce(loose, verify=False):
-                    try:
-                        writev(fd, (hdr, pkt))
-                        self.superpackets_written += hdr[1] != 0  # [1]: the GSO type
-                    except OSError:
-                        dropped += 1
-                loose = []
-            if item is None:
-                break
-            iov = coalesce_run(item)
+        prev = 0
+        for run in runs:
+            if run.at > prev:
+                dropped += self._write_coalesced(packets[prev : run.at])
+                prev = run.at
+            iov = coalesce_run(run)
             if iov is None:
-                loose = item.packets()  # not one in-order flow: merge what can be merged
+                dropped += self._write_coalesced(run.packets())  # not one in-order flow: merge what can be
                 continue
             try:
-                writev(fd, iov)
+                os.writev(self.fd, iov)
                 self.superpackets_written += 1
+            except OSError:
+                dropped += 1
+        if prev < len(packets):
+            dropped += self._write_coalesced(packets[prev:])
+        return dropped
+
+    def _write_coalesced(self, packets: list[bytes]) -> int:
+        dropped = 0
+        for hdr, pkt in coalesce(packets, verify=False):
+            try:
+                os.writev(self.fd, (hdr, pkt))
+                self.superpackets_written += hdr[1] != 0  # [1]: the GSO type
             except OSError:
                 dropped += 1
         return dropped

@@ -189,7 +189,7 @@ class UDPTransport:
 
     async def send_burst(self, buf: memoryview, size: int, dest: Addr) -> None:
         """Send datagrams laid back to back in `buf`, each `size` bytes but the last (a sealed run,
-        `tunneld.proto.runs.Burst`): one GSO sendmsg of one iovec per 64 KB."""
+        `tunneld.fastpath.runs.Burst`): one GSO sendmsg of one iovec per 64 KB."""
         n = len(buf)
         if n <= size or not self.gso:
             for off in range(0, n, size):

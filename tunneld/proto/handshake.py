@@ -1,48 +1,26 @@
-"""The tunneld handshake: WireGuard's Noise IKpsk2 messages behind the RFC 3948 non-ESP marker.
+"""The tunneld handshake's state machine: WireGuard's Noise IKpsk2, sans I/O.
 
-Sans-I/O, in the style of h11 and aioquic: a :class:`Handshaker` takes bytes, the time and the source
-address as arguments and returns bytes to send and events; it opens no socket, reads no clock, keeps no
-global state, and draws randomness only through the ``rand`` callable it was given (``os.urandom`` by
-default). Two clocks are passed in: ``now``, a monotonic time in seconds that drives the cookie lifetime,
-the cookie secret's rotation and the initiation rate limit, and ``now_wall``, Unix time in seconds, used
-only for the TAI64N timestamp of an initiation.
+A :class:`Handshaker` takes bytes, the time and the source address and returns bytes to send and
+events; it opens no socket, reads no clock and draws randomness only through the ``rand`` it is given.
+``now`` (monotonic seconds) drives the cookie lifetime, the cookie secret's rotation and the initiation
+rate limit; ``now_wall`` (Unix seconds) is only for an initiation's TAI64N timestamp. The messages
+themselves are :mod:`tunneld.proto.handshake_wire`'s.
 
-Wire format (docs/protocol.md has it byte by byte, with a worked example): a UDP/4500 payload is
-the four zero bytes of the RFC 3948 non-ESP marker followed by one of WireGuard's three handshake messages
-(initiation, 148 bytes; response, 92 bytes; cookie reply, 64 bytes), unchanged except that our Noise
-prologue is :data:`IDENTIFIER` instead of WireGuard's, so a tunneld peer and a WireGuard peer can never
-complete a handshake by accident.
-
-The index each side puts in the ``sender`` field is the ESP SPI on which that side will *receive*; the
-peer sends ESP with it. So indices are drawn in ``crypto.esp.MIN_SPI .. 2**32 - 1`` and never collide with
-one in local use (the ``index_in_use`` callback, plus the Handshaker's own pending initiations). On the
-handshake wire an index is little-endian, as in WireGuard; in the ESP header the same number is big-endian
-(RFC 4303).
-
-Behaviour follows wireguard-go (device/noise-protocol.go, device/cookie.go), written afresh:
-
-- mac1 is always checked first (cheap, keyed by our static public key); a bad mac1 is dropped silently.
-- Under load (the ``under_load`` flag), a message whose mac2 is not valid for its source address is
-  answered with a cookie reply instead of being processed; the sender keeps the cookie for 120 s and puts
-  mac2 on its next message.
-- The responder accepts an initiation only if its TAI64N timestamp is strictly greater than the greatest
-  one already accepted from that peer, and at most one initiation per peer per 1/50 s.
-- A response that fails authentication leaves the pending initiation intact, so a forged response cannot
-  cancel a genuine handshake.
-
-Network input never raises out of :meth:`Handshaker.receive`: malformed messages raise :class:`ParseError`
-internally, every rejection becomes a :class:`Dropped` event with a short reason, and the reasons are
-counted in :attr:`Handshaker.drops`.
+The index each side puts in the ``sender`` field is the ESP SPI on which that side will *receive*, so
+indices are drawn from ``MIN_SPI .. 2**32 - 1`` and never collide with one in local use. Behaviour
+follows wireguard-go (device/noise-protocol.go, device/cookie.go), written afresh: mac1 is checked first
+and a bad one dropped silently; under load a message without a valid mac2 gets a cookie reply; an
+initiation is accepted only with a TAI64N timestamp greater than the last accepted from that peer, and
+at most one per peer per 1/50 s; a response that fails authentication leaves the pending initiation
+intact. Network input never raises out of :meth:`Handshaker.receive`: every rejection becomes a
+:class:`Dropped` event with a short reason, counted in :attr:`Handshaker.drops`.
 """
 
 from __future__ import annotations
 
 import copy
 import hmac
-import ipaddress
-import math
 import os
-import struct
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Final
@@ -51,7 +29,6 @@ from crypto.esp import MIN_SPI, SecurityAssociation
 from crypto.kdf import derive_esp_keymat
 from crypto.noise import (
     DHLEN,
-    HASH,
     MAC,
     TAGLEN,
     XNONCELEN,
@@ -63,6 +40,34 @@ from crypto.noise import (
 )
 from tunneld.proto import constants as C
 from tunneld.proto.errors import ParseError
+from tunneld.proto.handshake_wire import (
+    COOKIE_LEN,
+    COOKIE_REPLY_LEN,
+    HEADER,
+    HEADER2,
+    IDENTIFIER,
+    INITIATION_LEN,
+    LABEL_COOKIE,
+    LABEL_MAC1,
+    MAC_LEN,
+    MARKER,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    RESERVED,
+    RESPONSE_LEN,
+    TAI64_BASE,
+    CookieReply,
+    Initiation,
+    Response,
+    cookie_key,
+    frame,
+    mac1_key,
+    parse_tai64n,
+    source_bytes,
+    tai64n,
+    unframe,
+)
 
 __all__ = [
     "COOKIE_REFRESH_TIME",
@@ -100,43 +105,11 @@ __all__ = [
     "unframe",
 ]
 
-MARKER: Final = b"\x00\x00\x00\x00"
-"""The RFC 3948 §2.2 non-ESP marker that precedes every handshake message in a UDP payload."""
-IDENTIFIER: Final = b"tunneld v1 esp-in-udp"
-"""Our Noise prologue, in the place of WireGuard's ``"WireGuard v1 zx2c4 Jason@zx2c4.com"``."""
-LABEL_MAC1: Final = b"mac1----"
-LABEL_COOKIE: Final = b"cookie--"
-
-MSG_INITIATION: Final = 1
-MSG_RESPONSE: Final = 2
-MSG_COOKIE_REPLY: Final = 3
-
-INITIATION_LEN: Final = 148
-RESPONSE_LEN: Final = 92
-COOKIE_REPLY_LEN: Final = 64
-MAC_LEN: Final = 16
-TIMESTAMP_LEN: Final = 12
-COOKIE_LEN: Final = 16
-
-TAI64_BASE: Final = 0x400000000000000A
-"""TAI64 label of the Unix epoch (1970-01-01 00:00:10 TAI), as in WireGuard's tai64n package."""
 COOKIE_REFRESH_TIME: Final = C.COOKIE_REFRESH_TIME
 # The minimum gap between two initiations accepted from one peer (WireGuard's 50 per second).
 HANDSHAKE_INITIATION_RATE: Final = 1.0 / C.HANDSHAKE_INITIATIONS_PER_SECOND
 
 _MAX_INDEX_TRIES: Final = 64
-_RESERVED: Final = b"\x00\x00\x00"
-_M32: Final = 0xFFFFFFFF
-
-# Little-endian like WireGuard; the first byte is the type, then 3 reserved zero bytes.
-_INITIATION = struct.Struct("<B3sI32s48s28s16s16s")
-_RESPONSE = struct.Struct("<B3sII32s16s16s16s")
-_COOKIE_REPLY = struct.Struct("<B3sI24s32s")
-_HEADER = struct.Struct("<B3sI")
-_HEADER2 = struct.Struct("<B3sII")
-assert _INITIATION.size == INITIATION_LEN
-assert _RESPONSE.size == RESPONSE_LEN
-assert _COOKIE_REPLY.size == COOKIE_REPLY_LEN
 
 
 class HandshakeError(Exception):
@@ -148,169 +121,6 @@ class HandshakeError(Exception):
 
 class _Reject(Exception):
     """Internal: a well-formed message that is refused; the argument is the drop reason."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Framing, timestamps and MAC keys
-# --------------------------------------------------------------------------------------------------------
-
-
-def frame(message: bytes) -> bytes:
-    """The UDP payload carrying ``message``: the non-ESP marker, then the message."""
-    return MARKER + message
-
-
-def unframe(payload: bytes) -> bytes:
-    """The message behind the non-ESP marker of a UDP payload; ParseError if there is no marker."""
-    if len(payload) <= len(MARKER) or payload[:4] != MARKER:
-        raise ParseError("no-marker")
-    return payload[4:]
-
-
-def tai64n(now_wall: float) -> bytes:
-    """The 12-byte TAI64N label of a Unix time: big-endian ``TAI64_BASE + seconds``, then nanoseconds.
-
-    Like WireGuard we ignore leap seconds (the label is only compared, never converted back). Unlike
-    wireguard-go we do not round the nanoseconds down to 2**24 ns, so two initiations are distinct whenever
-    the caller's clock moved at all.
-    """
-    if not math.isfinite(now_wall):
-        raise ValueError("wall-clock time must be finite")
-    seconds = math.floor(now_wall)
-    nanos = min(int((now_wall - seconds) * 1_000_000_000), 999_999_999)
-    return (TAI64_BASE + seconds).to_bytes(8, "big") + nanos.to_bytes(4, "big")
-
-
-def parse_tai64n(label: bytes) -> float:
-    """Inverse of :func:`tai64n` (for logs and tests); ParseError unless 12 bytes with nanoseconds < 10**9."""
-    if len(label) != TIMESTAMP_LEN:
-        raise ParseError("bad-timestamp")
-    nanos = int.from_bytes(label[8:], "big")
-    if nanos >= 1_000_000_000:
-        raise ParseError("bad-timestamp")
-    return int.from_bytes(label[:8], "big") - TAI64_BASE + nanos / 1_000_000_000
-
-
-def mac1_key(receiver_public: bytes) -> bytes:
-    """``HASH("mac1----" || receiver's static public key)``: the key of mac1 on messages to that receiver."""
-    return HASH(LABEL_MAC1 + receiver_public)
-
-
-def cookie_key(cookie_sender_public: bytes) -> bytes:
-    """``HASH("cookie--" || static public key of the side that sends the cookie reply)``: the XAEAD key."""
-    return HASH(LABEL_COOKIE + cookie_sender_public)
-
-
-def source_bytes(src: tuple[str, int]) -> bytes:
-    """What a cookie is bound to: the packed source address, then the port as 2 little-endian bytes.
-
-    (wireguard-go's ``netip.AddrPort.MarshalBinary``.) An IPv4-mapped IPv6 address counts as the IPv4
-    address, so a dual-stack socket and an IPv4 socket give the same cookie; an IPv6 zone (``%eth0``) is
-    ignored. ValueError for a bad address.
-    """
-    host, port = src[0], src[1]
-    addr = ipaddress.ip_address(host)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError("port out of range")
-    return addr.packed + port.to_bytes(2, "little")
-
-
-def _check_frame(message: bytes, length: int) -> None:
-    if len(message) < length:
-        raise ParseError("truncated")
-    if len(message) > length:
-        raise ParseError("oversized")
-    if message[1:4] != _RESERVED:
-        raise ParseError("bad-reserved")
-
-
-def _check_index(index: int) -> None:
-    # A sender index becomes the peer's outbound ESP SPI, so it must be a usable SPI (RFC 4303 §2.1).
-    if index < MIN_SPI:
-        raise ParseError("bad-index")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Messages
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Initiation:
-    """Message type 1: ``type, reserved[3], sender, ephemeral[32], static[48], timestamp[28], mac1, mac2``."""
-
-    sender: int
-    ephemeral: bytes
-    encrypted_static: bytes
-    encrypted_timestamp: bytes
-    mac1: bytes
-    mac2: bytes
-
-    @classmethod
-    def parse(cls, message: bytes) -> Initiation:
-        _check_frame(message, INITIATION_LEN)
-        t, _, sender, eph, static, ts, mac1, mac2 = _INITIATION.unpack(message)
-        if t != MSG_INITIATION:
-            raise ParseError("bad-type")
-        _check_index(sender)
-        return cls(sender, eph, static, ts, mac1, mac2)
-
-    def encode(self) -> bytes:
-        return _INITIATION.pack(
-            MSG_INITIATION, _RESERVED, self.sender, self.ephemeral, self.encrypted_static,
-            self.encrypted_timestamp, self.mac1, self.mac2,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """Message type 2: ``type, reserved[3], sender, receiver, ephemeral[32], empty[16], mac1, mac2``."""
-
-    sender: int
-    receiver: int
-    ephemeral: bytes
-    encrypted_nothing: bytes
-    mac1: bytes
-    mac2: bytes
-
-    @classmethod
-    def parse(cls, message: bytes) -> Response:
-        _check_frame(message, RESPONSE_LEN)
-        t, _, sender, receiver, eph, empty, mac1, mac2 = _RESPONSE.unpack(message)
-        if t != MSG_RESPONSE:
-            raise ParseError("bad-type")
-        _check_index(sender)
-        return cls(sender, receiver, eph, empty, mac1, mac2)
-
-    def encode(self) -> bytes:
-        return _RESPONSE.pack(
-            MSG_RESPONSE, _RESERVED, self.sender, self.receiver, self.ephemeral, self.encrypted_nothing,
-            self.mac1, self.mac2,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CookieReply:
-    """Message type 3: ``type, reserved[3], receiver, nonce[24], encrypted cookie[32]``."""
-
-    receiver: int
-    nonce: bytes
-    encrypted_cookie: bytes
-
-    @classmethod
-    def parse(cls, message: bytes) -> CookieReply:
-        _check_frame(message, COOKIE_REPLY_LEN)
-        t, _, receiver, nonce, enc = _COOKIE_REPLY.unpack(message)
-        if t != MSG_COOKIE_REPLY:
-            raise ParseError("bad-type")
-        return cls(receiver, nonce, enc)
-
-    def encode(self) -> bytes:
-        return _COOKIE_REPLY.pack(
-            MSG_COOKIE_REPLY, _RESERVED, self.receiver, self.nonce, self.encrypted_cookie
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -510,7 +320,7 @@ class Handshaker:
         self._drop_pending(state)
         hs = HandshakeState("IKpsk2", True, IDENTIFIER, self._private, rs=peer, psk=self._psk, e=ephemeral)
         noise = hs.write_message(tai64n(now_wall))
-        message = self._finish(_HEADER.pack(MSG_INITIATION, _RESERVED, index) + noise, state, now, index)
+        message = self._finish(HEADER.pack(MSG_INITIATION, RESERVED, index) + noise, state, now, index)
         pending = _Pending(hs, peer, index, now)
         state.pending = pending
         self._pending[index] = pending
@@ -593,7 +403,7 @@ class Handshaker:
         state.last_timestamp = timestamp
         state.last_initiation_at = now
         noise = hs.write_message(b"")
-        body = _HEADER2.pack(MSG_RESPONSE, _RESERVED, index, msg.sender) + noise
+        body = HEADER2.pack(MSG_RESPONSE, RESERVED, index, msg.sender) + noise
         reply = self._finish(body, state, now, index)
         keys = self._keys(hs, peer, index, msg.sender, is_initiator=False)
         return InitiationReceived(peer, frame(reply), keys)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crypto.esp import SecurityAssociation
@@ -65,7 +66,7 @@ class Peer:
     ula: bytes  # the 16 packed bytes of the peer's ULA: inner sources must equal it
     endpoint: tuple[str, int] | None = None
     timers: Timers = field(default_factory=Timers)
-    rng: random.Random = field(default_factory=random.Random)
+    rand: Callable[[int], bytes] = field(kw_only=True)  # seeds the timers' jitter (the core's randomness)
 
     current: Session | None = None
     previous: Session | None = None
@@ -89,6 +90,12 @@ class Peer:
     dropped_spoofed: int = 0
     rx_dropped_retired: int = 0  # drop counts of sessions already discarded
     rx_replay_retired: int = 0
+    _jitter_rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Seeded once from `rand`: jitter is drawn on the data path (data_sent), where a system call
+        # per draw (os.urandom) would cost, and it needs no cryptographic strength.
+        self._jitter_rng = random.Random(self.rand(16))
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -182,13 +189,17 @@ class Peer:
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
 
+    def _jitter(self) -> float:
+        """Uniform in [0, REKEY_TIMEOUT_JITTER_MAX] (wireguard-go draws it with its fast PRNG too)."""
+        return self._jitter_rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
+
     # -- timer hooks (wireguard-go device/timers.go) ----------------------------------------------
 
     def handshake_initiated(self, now: float) -> None:
         """timersHandshakeInitiated: retry after rekey_timeout plus jitter unless answered."""
         if self.handshake_started is None:
             self.handshake_started = now
-        self.retry_at = now + self.timers.rekey_timeout + self.rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
+        self.retry_at = now + self.timers.rekey_timeout + self._jitter()
 
     def handshake_complete(self, now: float, wall: float) -> None:
         """timersHandshakeComplete: stop retrying, record the time for status."""
@@ -202,7 +213,7 @@ class Peer:
         peers that both time out do not initiate at the same instant), else rehandshake."""
         if self.new_handshake_at is None:
             self.new_handshake_at = now + self.timers.keepalive_timeout + self.timers.rekey_timeout \
-                + self.rng.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
+                + self._jitter()
 
     def data_received(self, now: float) -> None:
         """timersDataReceived: answer within keepalive_timeout, with a keepalive if nothing else."""

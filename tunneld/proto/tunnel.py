@@ -1,16 +1,16 @@
-"""The tunnel's decisions, without I/O: packets and `now` in, datagrams and TUN packets out.
+"""The tunnel's decisions, without I/O: packets and `now` in, one `Output` out.
 
 `TunnelCore` owns the peer table, the handshake engine and every per-packet decision:
 
-    outbound(tun packets)   -> group by destination ULA, seal_many per peer -> datagrams per endpoint
-    inbound(UDP datagrams)  -> classify (RFC 3948), open_many per SA, inner-source check -> TUN packets,
-                               handshake messages -> replies; roaming on authenticated packets only
-    poll(now)               -> the peers' timers: retries, keepalives, rekeys, expiry
+    outbound(tun packets, runs) -> group by destination ULA, seal per peer -> datagrams and GSO bursts
+    inbound(UDP datagrams)      -> classify (RFC 3948), open per SA, inner-source check -> TUN packets
+                                   and runs, handshake messages -> replies; roaming on authenticated
+                                   packets only
+    poll(now)                   -> the peers' timers: retries, keepalives, rekeys, expiry
 
-It never reads a clock (callers pass `now`, monotonic, and `wall`, Unix time for the handshake's
-TAI64N), never touches a socket and draws randomness only through the Handshaker's `rand`. The trio
-daemon is a thin adapter around it, and tests run two cores against each other over a simulated
-network in virtual time.
+Each call returns one `Output` (as boringtun's TunnResult, for a batch): what to write to the TUN, what
+to send, what happened. It never reads a clock (callers pass `now`, monotonic, and `wall`, Unix time for
+the handshake's TAI64N), never touches a socket and draws randomness only through the `rand` it is given.
 """
 
 from __future__ import annotations
@@ -18,26 +18,102 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from crypto.esp import NH_NONE, Kind, SecurityAssociation, classify
+from crypto.esp import LAYOUT, NH_NONE, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
+from crypto.layout import SealLayout
+from tunneld.fastpath.runs import Burst, RxRun, TxRun, interleave
 from tunneld.proto import handshake as hs
+from tunneld.proto.core import Address
 from tunneld.proto.peer import Action, Peer, Session, Timers
-from tunneld.proto.runs import Burst, RxRun, TxRun
 
-Addr = tuple[str, int]
-# Datagrams to send, grouped by destination: a list of datagrams, or a `Burst` (a sealed run, from the
-# offload path: datagrams back to back in one buffer).
-Sends = list[tuple[Addr, list[bytes] | Burst]]
 UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
 # Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
-SessionHook = Callable[[SecurityAssociation, bytes, Addr | None], None]
+SessionHook = Callable[[SecurityAssociation, bytes, Address | None], None]
+
+
+@dataclass(slots=True)
+class Flight:
+    """Datagrams to one destination, in this order: loose datagrams, with each sealed run (a `Burst`)
+    sent after the first `burst.at` of them."""
+
+    destination: Address
+    datagrams: list[bytes]
+    bursts: list[Burst] = field(default_factory=list)
+
+    def all_datagrams(self) -> list[bytes]:
+        """Every datagram in sending order, the bursts split (for tests and slow paths)."""
+        out: list[bytes] = []
+        prev = 0
+        for b in self.bursts:
+            out += self.datagrams[prev : b.at]
+            out += b.datagrams()
+            prev = max(prev, b.at)
+        return out + self.datagrams[prev:]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMoved:
+    """An authenticated packet came from a new endpoint: the peer roamed."""
+
+    name: str
+    endpoint: Address
+
+    def __str__(self) -> str:
+        return f"peer {self.name} moved to {self.endpoint[0]} port {self.endpoint[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointFromDns:
+    """An idle peer's endpoint was replaced by the one its DNS records publish."""
+
+    name: str
+    endpoint: Address
+
+    def __str__(self) -> str:
+        return f"peer {self.name}: endpoint {self.endpoint[0]} port {self.endpoint[1]} from DNS"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRemoved:
+    name: str
+
+    def __str__(self) -> str:
+        return f"peer {self.name} removed"
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeGaveUp:
+    """No handshake completed within rekey_attempt_time; staged packets were dropped."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"handshake with {self.name} did not complete; giving up until there is traffic"
+
+
+TunnelEvent = PeerMoved | EndpointFromDns | PeerRemoved | HandshakeGaveUp
+
+
+@dataclass(slots=True)
+class Output:
+    """What one call into the core asks for: packets and runs for the TUN (each run written after the
+    first `run.at` loose packets), flights of datagrams to send, and what happened."""
+
+    tun_packets: list[bytes] = field(default_factory=list)
+    tun_runs: list[RxRun] = field(default_factory=list)
+    sends: list[Flight] = field(default_factory=list)
+    events: list[TunnelEvent] = field(default_factory=list)
+
+    def tun_in_order(self) -> list[bytes]:
+        """Every packet for the TUN in order, the runs split (for tests and slow paths)."""
+        return interleave(self.tun_packets, self.tun_runs)
 
 
 @dataclass
@@ -61,26 +137,44 @@ class TunnelCore:
                  timers: Timers | None = None, rand: Callable[[int], bytes] = os.urandom) -> None:
         self.suite = suite
         self.timers = timers or Timers()
+        self.rand = rand
         self.by_ula: dict[bytes, Peer] = {}
         self.by_key: dict[bytes, Peer] = {}
         self.by_spi: dict[int, tuple[Peer, Session]] = {}
         self.handshaker = hs.Handshaker(private_key, psk, self.by_key, index_in_use=self.by_spi.__contains__,
                                         rand=rand)
         self.counters = Counters()
-        self.events: deque[str] = deque(maxlen=256)  # human-readable happenings, drained by the adapter
+        self._events: list[TunnelEvent] = []  # handed out with the next Output
         self.on_session: SessionHook | None = None
 
+    @property
+    def layout(self) -> SealLayout:
+        """How the TUN's segmenter lays out plaintexts for this core's security associations."""
+        return LAYOUT
+
+    def events(self) -> list[TunnelEvent]:
+        """What happened since the last call (the same events each `Output` carries)."""
+        out, self._events = self._events, []
+        return out
+
+    def _output(self) -> Output:
+        out = Output()
+        if self._events:
+            out.events, self._events = self._events, []
+        return out
+
     def add_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
-                 endpoint: Addr | None) -> Peer:
+                 endpoint: Address | None) -> Peer:
         if public_key in self.by_key or ula.packed in self.by_ula:
             raise ValueError(f"peer {name}: its key or ULA is already in the table")
-        peer = Peer(name=name, public_key=public_key, ula=ula.packed, endpoint=endpoint, timers=self.timers)
+        peer = Peer(name=name, public_key=public_key, ula=ula.packed, endpoint=endpoint, timers=self.timers,
+                    rand=self.rand)
         self.by_ula[peer.ula] = peer
         self.by_key[public_key] = peer
         return peer
 
     def learn_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
-                   endpoint: Addr | None, now: float) -> Peer:
+                   endpoint: Address | None, now: float) -> Peer:
         """Add or update a peer learned from DNS (its records are checked by the caller: the ULA is
         the key's). A known peer gets the published endpoint unless it is already talking to us:
         an endpoint learned from authenticated packets is fresher than a DNS record."""
@@ -89,7 +183,7 @@ class TunnelCore:
             return self.add_peer(name, public_key, ula, endpoint)
         if endpoint is not None and peer.endpoint != endpoint and peer.sendable(now) is None:
             peer.endpoint = endpoint
-            self.events.append(f"peer {name}: endpoint {endpoint[0]} port {endpoint[1]} from DNS")
+            self._events.append(EndpointFromDns(name, endpoint))
         return peer
 
     def forget_peer(self, public_key: bytes) -> bool:
@@ -104,90 +198,126 @@ class TunnelCore:
         # The handshaker keeps the peer's last timestamp: if it comes back, an initiation captured
         # before still counts as a replay.
         self.handshaker.cancel(public_key)
-        self.events.append(f"peer {peer.name} removed")
+        self._events.append(PeerRemoved(peer.name))
         return True
 
     # -- TUN -> UDP ------------------------------------------------------------------------------------
 
-    def outbound(self, packets: Iterable[bytes | TxRun], now: float, wall: float) -> Sends:
-        """Seal packets from the TUN for their peers. A `TxRun` (a segmented superpacket) is sealed in
-        one piece into a `Burst`; order is kept per destination."""
-        groups: dict[bytes, list[bytes | TxRun]] = defaultdict(list)
-        runs = False
-        for p in packets:
-            if isinstance(p, TxRun):
-                groups[p.dst].append(p)
-                runs = True
-            elif len(p) >= 40 and p[0] >> 4 == 6:
-                groups[p[24:40]].append(p)
-        sends: Sends = []
-        for dst, plist in groups.items():
+    def outbound(self, packets: Sequence[bytes], runs: Sequence[TxRun], now: float, wall: float) -> Output:
+        """Seal packets from the TUN for their peers: loose packets, and runs (segmented superpackets,
+        each after the first `run.at` loose packets), each run sealed in one piece into a `Burst`.
+        Order is kept per destination (a run's `at` is rewritten to count its destination's packets)."""
+        out = self._output()
+        if not runs:
+            groups: dict[bytes, list[bytes]] = defaultdict(list)
+            for p in packets:
+                if len(p) >= 40 and p[0] >> 4 == 6:
+                    groups[p[24:40]].append(p)
+            for dst, plist in groups.items():
+                peer = self.by_ula.get(dst)
+                if peer is None:
+                    self.counters.tx_no_route += len(plist)
+                    continue
+                self._send_data(peer, plist, (), now, wall, out)
+            return out
+        # With runs: group both kinds by destination, each run's `at` counted again within its group.
+        both: dict[bytes, tuple[list[bytes], list[TxRun]]] = {}
+        r, nruns = 0, len(runs)
+        for i, p in enumerate(packets):
+            while r < nruns and runs[r].at <= i:
+                self._group_run(both, runs[r])
+                r += 1
+            if len(p) >= 40 and p[0] >> 4 == 6:
+                g = both.get(p[24:40])
+                if g is None:
+                    g = both[p[24:40]] = ([], [])
+                g[0].append(p)
+        for run in runs[r:]:
+            self._group_run(both, run)
+        for dst, (plist, rlist) in both.items():
             peer = self.by_ula.get(dst)
             if peer is None:
-                self.counters.tx_no_route += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
+                self.counters.tx_no_route += len(plist) + sum(len(run.slots) for run in rlist)
                 continue
-            self._send_data(peer, plist, now, wall, sends, runs)
-        return sends
+            self._send_data(peer, plist, rlist, now, wall, out)
+        return out
 
-    def _send_data(self, peer: Peer, plist: list[bytes | TxRun] | list[bytes], now: float, wall: float,
-                   sends: Sends, runs: bool = False) -> None:
-        """Seal for one peer; `runs` says whether `plist` may hold TxRuns (else: one seal_many, no scan)."""
+    @staticmethod
+    def _group_run(groups: dict[bytes, tuple[list[bytes], list[TxRun]]], run: TxRun) -> None:
+        g = groups.get(run.dst)
+        if g is None:
+            g = groups[run.dst] = ([], [])
+        run.at = len(g[0])
+        g[1].append(run)
+
+    def _send_data(self, peer: Peer, loose: list[bytes], runs: Sequence[TxRun], now: float, wall: float,
+                   out: Output) -> None:
+        """Seal for one peer, in order: `loose` packets, with each run after the first `run.at` of them."""
         session = peer.sendable(now)
         if peer.wants_rekey(now) and not peer.handshake_in_progress():
-            self._initiate(peer, now, wall, sends)
-        if session is None:
-            for p in plist:  # sent when the handshake completes (bounded deque)
-                peer.staged.extend(p.packets() if isinstance(p, TxRun) else (p,))
+            self._initiate(peer, now, wall, out)
+        if session is None:  # sent when the handshake completes (bounded deque)
+            if runs:
+                prev = 0
+                for run in runs:
+                    peer.staged.extend(loose[prev : run.at])
+                    peer.staged.extend(run.packets())
+                    prev = max(prev, run.at)
+                loose = loose[prev:]
+            peer.staged.extend(loose)
             return
         if peer.endpoint is None:
-            self.counters.tx_no_endpoint += sum(len(p.slots) if isinstance(p, TxRun) else 1 for p in plist)
+            self.counters.tx_no_endpoint += len(loose) + sum(len(run.slots) for run in runs)
             return
         sa = session.outbound
         if not runs:
-            self._seal_loose(peer, sa, plist, sends)  # type: ignore[arg-type]
+            datagrams = sa.seal_many(loose)
+            out.sends.append(Flight(peer.endpoint, datagrams))
         else:
-            loose: list[bytes] = []
-            for p in plist:
-                if not isinstance(p, TxRun):
-                    loose.append(p)
-                    continue
-                if loose:
-                    self._seal_loose(peer, sa, loose, sends)
-                    loose = []
-                sends.append((peer.endpoint, Burst(*sa.seal_run(p.slots))))
-                self.counters.tx_runs += 1
-                self.counters.tx_run_datagrams += len(p.slots)
-                peer.tx_packets += len(p.slots)
-                peer.tx_bytes += p.nbytes
-            if loose:
-                self._seal_loose(peer, sa, loose, sends)
+            # Sealed in sending order, so that sequence numbers follow the inner packets' order.
+            datagrams = []
+            bursts: list[Burst] = []
+            c = self.counters
+            prev = 0
+            for run in runs:
+                if run.at > prev:
+                    datagrams += sa.seal_many(loose[prev : run.at])
+                    prev = run.at
+                buf, size = sa.seal_run(run.slots)
+                bursts.append(Burst(buf, size, len(datagrams)))
+                c.tx_runs += 1
+                c.tx_run_datagrams += len(run.slots)
+                peer.tx_packets += len(run.slots)
+                peer.tx_bytes += run.nbytes
+            if prev < len(loose):
+                datagrams += sa.seal_many(loose[prev:])
+            out.sends.append(Flight(peer.endpoint, datagrams, bursts))
+        peer.tx_packets += len(loose)
+        peer.tx_bytes += sum(map(len, loose))
         peer.data_sent(now)
         peer.any_authenticated_packet_sent(now)
 
-    def _seal_loose(self, peer: Peer, sa: SecurityAssociation, plist: list[bytes], sends: Sends) -> None:
-        assert peer.endpoint is not None
-        sends.append((peer.endpoint, sa.seal_many(plist)))
-        peer.tx_packets += len(plist)
-        peer.tx_bytes += sum(map(len, plist))
-
-    def _keepalive(self, peer: Peer, now: float, sends: Sends) -> None:
+    def _keepalive(self, peer: Peer, now: float, out: Output) -> None:
         session = peer.sendable(now)
         if session is None or peer.endpoint is None:
             return
-        sends.append((peer.endpoint, [session.outbound.seal(b"", next_header=NH_NONE)]))
+        out.sends.append(Flight(peer.endpoint, [session.outbound.seal(b"", next_header=NH_NONE)]))
         peer.any_authenticated_packet_sent(now)
 
     # -- UDP -> TUN ------------------------------------------------------------------------------------
 
-    def inbound(self, batch: Iterable[tuple[bytes, Addr]], now: float, wall: float,
-                tun_out: list[bytes] | list[bytes | RxRun]) -> Sends:
-        """Process received datagrams; appends packets for the TUN to `tun_out`, returns replies."""
-        sends: Sends = []
+    def inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float) -> Output:
+        """Process received datagrams, one by one (the reference for `inbound_gro`)."""
+        out = self._output()
+        self._inbound(batch, now, wall, out)
+        return out
+
+    def _inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float, out: Output) -> None:
         by_spi = self.by_spi
         # Grouped by (SPI, source): a source may become the peer's endpoint only if a datagram it
         # sent authenticated. (GRO hands us one source per receive, so the groups stay large.)
-        esp: dict[tuple[int, Addr], list[bytes]] = defaultdict(list)
-        control: list[tuple[bytes, Addr]] = []
+        esp: dict[tuple[int, Address], list[bytes]] = defaultdict(list)
+        control: list[tuple[bytes, Address]] = []
         c = self.counters
         for data, src in batch:
             c.rx_datagrams += 1
@@ -214,43 +344,41 @@ class TunnelCore:
             inner = inbound.open_many(wires)
             if not inner and inbound.rx_dummy == dummies:
                 continue  # nothing from this source authenticated
-            self._authenticated(peer, session, src, now, wall, sends)
+            self._authenticated(peer, session, src, now, wall, out)
             if inner:
-                self._deliver(peer, inner, tun_out)
+                self._deliver(peer, inner, out)
                 peer.data_received(now)
             if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
-                self._initiate(peer, now, wall, sends)
+                self._initiate(peer, now, wall, out)
         if control:
             under_load = len(control) >= UNDER_LOAD_BACKLOG
             for data, src in control:
-                self._on_handshake_message(data[4:], src, now, wall, under_load, sends)
-        return sends
+                self._on_handshake_message(data[4:], src, now, wall, under_load, out)
 
-    def inbound_gro(self, batch: Iterable[tuple[bytes, Addr, int]], now: float, wall: float,
-                    tun_out: list[bytes | RxRun]) -> Sends:
+    def inbound_gro(self, batch: Iterable[tuple[bytes, Address, int]], now: float, wall: float) -> Output:
         """As `inbound`, for receives that may each hold several datagrams: (buffer, source, size) with
         datagrams of `size` bytes back to back (UDP GRO; the last may be shorter), size 0 for one
         datagram. A receive that is an in-order run of one SA's packets is opened in one piece
-        (`SecurityAssociation.open_run`) and reaches `tun_out` as one `RxRun`; everything else is split
-        and takes the per-datagram path of `inbound`. Arrival order is kept."""
-        sends: Sends = []
-        pending: list[tuple[bytes, Addr]] = []
+        (`SecurityAssociation.open_run`) and comes out as one `RxRun`; everything else is split and takes
+        the per-datagram path of `inbound`. Arrival order is kept."""
+        out = self._output()
+        pending: list[tuple[bytes, Address]] = []
         for data, src, size in batch:
             if size and len(data) > size:
                 if pending:
-                    sends += self.inbound(pending, now, wall, tun_out)
+                    self._inbound(pending, now, wall, out)
                     pending = []
-                if self._open_run(data, size, src, now, wall, tun_out, sends):
+                if self._open_run(data, size, src, now, wall, out):
                     continue
                 pending.extend([(data[o:o + size], src) for o in range(0, len(data), size)])
             else:
                 pending.append((data, src))
         if pending:
-            sends += self.inbound(pending, now, wall, tun_out)
-        return sends
+            self._inbound(pending, now, wall, out)
+        return out
 
-    def _open_run(self, data: bytes, size: int, src: Addr, now: float, wall: float,
-                  tun_out: list[bytes | RxRun], sends: Sends) -> bool:
+    def _open_run(self, data: bytes, size: int, src: Address, now: float, wall: float,
+                  out: Output) -> bool:
         """The fast path of `inbound_gro` for one receive; False (nothing done) if it does not apply."""
         entry = self.by_spi.get(int.from_bytes(data[:4], "big"))
         if entry is None:
@@ -267,36 +395,36 @@ class TunnelCore:
         c.rx_datagrams += k
         c.rx_runs += 1
         c.rx_run_datagrams += k
-        self._authenticated(peer, session, src, now, wall, sends)
+        self._authenticated(peer, session, src, now, wall, out)
         # Cryptokey routing for every packet at once: each inner source must be the peer's ULA.
         srcs = np.ndarray((k, 16), np.uint8, arena, 8, (stride, 1))
         if min(lengths) >= 40 and srcs.tobytes() == peer.ula * k:
-            tun_out.append(RxRun(arena, stride, lengths))
+            out.tun_runs.append(RxRun(arena, stride, lengths, len(out.tun_packets)))
             peer.rx_packets += k
             peer.rx_bytes += sum(lengths)
         else:
-            self._deliver(peer, RxRun(arena, stride, lengths).packets(), tun_out)
+            self._deliver(peer, RxRun(arena, stride, lengths).packets(), out)
         peer.data_received(now)
         if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
-            self._initiate(peer, now, wall, sends)
+            self._initiate(peer, now, wall, out)
         return True
 
-    def _authenticated(self, peer: Peer, session: Session, src: Addr, now: float, wall: float,
-                       sends: Sends) -> None:
+    def _authenticated(self, peer: Peer, session: Session, src: Address, now: float, wall: float,
+                       out: Output) -> None:
         """Bookkeeping after packets from `src` authenticated under `session`: timers, roaming, and
         whatever was staged waiting for the session."""
         self._unregister(peer.received_on(session, now, wall))
         if peer.endpoint != src:
             # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
-            self.events.append(f"peer {peer.name} moved to {src[0]} port {src[1]}")
+            out.events.append(PeerMoved(peer.name, src))
             peer.endpoint = src
         if peer.staged and peer.sendable(now) is not None:
             staged = list(peer.staged)
             peer.staged.clear()
-            self._send_data(peer, staged, now, wall, sends)
+            self._send_data(peer, staged, (), now, wall, out)
 
     @staticmethod
-    def _deliver(peer: Peer, inner: list[bytes], tun_out: list[bytes] | list[bytes | RxRun]) -> None:
+    def _deliver(peer: Peer, inner: list[bytes], out: Output) -> None:
         # Cryptokey routing: an inner packet must come from the ULA bound to the key it used.
         ula = peer.ula
         good = [p for p in inner if p[8:24] == ula and len(p) >= 40]
@@ -304,11 +432,11 @@ class TunnelCore:
             peer.dropped_spoofed += len(inner) - len(good)
         peer.rx_packets += len(good)
         peer.rx_bytes += sum(map(len, good))
-        tun_out.extend(good)
+        out.tun_packets.extend(good)
 
     # -- handshakes ------------------------------------------------------------------------------------
 
-    def _initiate(self, peer: Peer, now: float, wall: float, sends: Sends, retry: bool = False) -> None:
+    def _initiate(self, peer: Peer, now: float, wall: float, out: Output, retry: bool = False) -> None:
         if peer.endpoint is None:
             return  # we can only answer this peer; it will contact us
         last = peer.last_sent_handshake
@@ -317,19 +445,19 @@ class TunnelCore:
             # response; the one in flight (or the peer's) is about to complete.
             return
         payload, _pending = self.handshaker.initiate(peer.public_key, now, wall)
-        sends.append((peer.endpoint, [payload]))
+        out.sends.append(Flight(peer.endpoint, [payload]))
         peer.last_sent_handshake = now
         peer.handshake_initiated(now)
 
-    def _on_handshake_message(self, message: bytes, src: Addr, now: float, wall: float, under_load: bool,
-                              sends: Sends) -> None:
+    def _on_handshake_message(self, message: bytes, src: Address, now: float, wall: float, under_load: bool,
+                              out: Output) -> None:
         self.counters.rx_handshake += 1
         event = self.handshaker.receive(message, src, now, under_load)
         if isinstance(event, hs.InitiationReceived):
             peer = self.by_key[event.peer]
             peer.endpoint = src  # authenticated by the handshake itself
             self._install(peer, event.keys, now, wall)
-            sends.append((src, [event.datagram]))
+            out.sends.append(Flight(src, [event.datagram]))
             peer.last_sent_handshake = now
         elif isinstance(event, hs.ResponseReceived):
             peer = self.by_key[event.peer]
@@ -339,11 +467,11 @@ class TunnelCore:
             staged = list(peer.staged)
             peer.staged.clear()
             if staged:
-                self._send_data(peer, staged, now, wall, sends)
+                self._send_data(peer, staged, (), now, wall, out)
             else:
-                self._keepalive(peer, now, sends)  # key confirmation for the responder
+                self._keepalive(peer, now, out)  # key confirmation for the responder
         elif isinstance(event, hs.SendCookie):
-            sends.append((src, [event.datagram]))
+            out.sends.append(Flight(src, [event.datagram]))
 
     def _install(self, peer: Peer, keys: hs.SessionKeys, now: float, wall: float) -> None:
         outbound, inbound = keys.security_associations(self.suite)
@@ -371,22 +499,21 @@ class TunnelCore:
         ds = [d for p in self.by_key.values() if (d := p.deadline()) is not None]
         return min(ds) if ds else None
 
-    def poll(self, now: float, wall: float) -> Sends:
-        sends: Sends = []
+    def poll(self, now: float, wall: float) -> Output:
+        out = self._output()
         for peer in self.by_key.values():
             actions, dropped = peer.poll(now)
             self._unregister(dropped)
             for action in actions:
                 if action is Action.RETRY:
-                    self._initiate(peer, now, wall, sends, retry=True)
+                    self._initiate(peer, now, wall, out, retry=True)
                 elif action is Action.INITIATE:
-                    self._initiate(peer, now, wall, sends)
+                    self._initiate(peer, now, wall, out)
                 elif action is Action.KEEPALIVE:
-                    self._keepalive(peer, now, sends)
+                    self._keepalive(peer, now, out)
                 elif action is Action.GAVE_UP:
-                    self.events.append(f"handshake with {peer.name} did not complete; "
-                                       f"giving up until there is traffic")
-        return sends
+                    out.events.append(HandshakeGaveUp(peer.name))
+        return out
 
     # -- status ----------------------------------------------------------------------------------------
 

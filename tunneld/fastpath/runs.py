@@ -1,27 +1,28 @@
-"""Runs: many packets of one flow handled as one object on the offload fast path (issue 6).
+"""Runs: many packets of one flow handled as one object, so Python pays per run, not per packet.
 
-A TCP superpacket from the TUN becomes one `TxRun` (its segments, each already followed by its ESP
-trailer, laid out in one buffer), is sealed by `SecurityAssociation.seal_run` into a `Burst` (one
-buffer for UDP GSO sends), and a UDP GRO receive that opens in one piece
-(`SecurityAssociation.open_run`) becomes one `RxRun` that the TUN writes as one coalesced superpacket.
-Everything per packet happens inside C-level `map` calls and NumPy column operations, so Python pays
-per run, not per packet. Anything that does not fit a run takes the per-packet path, which stays the
-reference for behaviour.
+A TCP superpacket from the TUN becomes one `TxRun`, is sealed into one `Burst` (one buffer for UDP GSO
+sends), and a UDP GRO receive that opens in one piece becomes one `RxRun`, written to the TUN as one
+coalesced superpacket. Runs travel in their own lists beside the loose packets of the same batch; a
+run's `at` is the number of those loose packets that come before it, so that order is kept without
+mixing the two kinds in one list (docs/fastpath.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["Burst", "RxRun", "TxRun", "interleave"]
+
 
 @dataclass(slots=True)
 class TxRun:
     """Segments of one superpacket, all to `dst` (16 bytes, the inner IPv6 destination): each slot is an
-    inner packet followed by its ESP trailer (`crypto.esp.trailer`). `nbytes` counts the inner bytes."""
+    inner packet followed by its ESP trailer (the seal's `SealLayout`). `nbytes` counts the inner bytes."""
 
     dst: bytes
     slots: list[memoryview | bytes]
     nbytes: int
+    at: int = 0
 
     def packets(self) -> list[bytes]:
         """The inner packets without their trailers (for the slow paths: staging before a handshake)."""
@@ -36,6 +37,7 @@ class RxRun:
     arena: bytearray | memoryview
     stride: int
     lengths: list[int]
+    at: int = 0
 
     def packets(self) -> list[bytes]:
         return [bytes(v) for v in self.views()]
@@ -54,6 +56,19 @@ class Burst:
 
     buf: memoryview
     size: int
+    at: int = 0
 
     def datagrams(self) -> list[bytes]:
         return [bytes(self.buf[o : o + self.size]) for o in range(0, len(self.buf), self.size)]
+
+
+def interleave(loose: list[bytes], runs: list[RxRun]) -> list[bytes]:
+    """Loose packets and runs' packets in their order (by each run's `at`): for slow paths and tests."""
+    out: list[bytes] = []
+    prev = 0
+    for run in runs:
+        out += loose[prev : run.at]
+        out += run.packets()
+        prev = max(prev, run.at)
+    out += loose[prev:]
+    return out
