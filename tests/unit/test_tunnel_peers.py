@@ -8,7 +8,7 @@ import pytest
 
 from crypto.noise import generate_keypair
 from tests.helpers import drbg
-from tunneld.proto.tunnel import Output, TunnelCore
+from tunneld.proto.tunnel import FRESH_PACKET, Output, TunnelCore
 
 PSK = bytes(32)
 A_ULA = ipaddress.IPv6Address("fd00:1::a")
@@ -64,6 +64,21 @@ def test_dns_endpoint_updates_an_idle_peer_but_not_a_live_one() -> None:
     # A live session's endpoint comes from authenticated packets; a DNS record cannot move it.
     assert a.learn_peer("b", b_pub, B_ULA, moved, 1.0).endpoint == B_ADDR
     assert len(a.by_key) == 1  # updated in place, not added twice
+    peer = a.by_key[b_pub]
+    assert (peer.endpoint_source, peer.endpoint_at) == ("packet", 0.0)
+    # A peer silent for longer than FRESH_PACKET may have moved and published it: the record wins then.
+    assert a.learn_peer("b", b_pub, B_ULA, moved, FRESH_PACKET + 0.5).endpoint == moved
+    assert (peer.endpoint_source, peer.endpoint_at) == ("dns", FRESH_PACKET + 0.5)
+
+
+def test_a_peer_without_a_published_endpoint_keeps_the_one_its_packets_showed() -> None:
+    a, b, a_pub, b_pub = pair()
+    a.learn_peer("b", b_pub, B_ULA, B_ADDR, 0.0)
+    b.learn_peer("a", a_pub, A_ULA, None, 0.0)
+    handshake(a, b, 0.0)
+    assert b.by_key[a_pub].endpoint == A_ADDR
+    b.learn_peer("a", a_pub, A_ULA, None, 100.0)  # its records again, still without an endpoint
+    assert b.by_key[a_pub].endpoint == A_ADDR and b.by_key[a_pub].endpoint_source == "packet"
 
 
 def test_forgotten_peer_is_unreachable_and_its_spis_are_gone() -> None:

@@ -43,6 +43,7 @@ class Action(enum.Enum):
     INITIATE = "initiate"  # start a new handshake
     RETRY = "retry"  # the last initiation was not answered within rekey_timeout: send another
     KEEPALIVE = "keepalive"  # send an empty authenticated packet on the current session
+    PERSISTENT = "persistent"  # keep the path (a NAT's binding) open: keepalive, or handshake if needed
     GAVE_UP = "gave-up"  # the handshake did not complete within rekey_attempt_time
 
 
@@ -66,6 +67,8 @@ class Peer:
     ula: bytes  # the 16 packed bytes of the peer's ULA: inner sources must equal it
     endpoint: tuple[str, int] | None = None
     timers: Timers = field(default_factory=Timers)
+    endpoint_source: str | None = None  # "config", "dns" or "packet": where `endpoint` came from
+    endpoint_at: float | None = None  # `now` when it was set
     rand: Callable[[int], bytes] = field(kw_only=True)  # seeds the timers' jitter (the core's randomness)
 
     current: Session | None = None
@@ -77,6 +80,9 @@ class Peer:
     retry_at: float | None = None
     keepalive_at: float | None = None  # data arrived: say something back by then
     new_handshake_at: float | None = None  # data sent: expect something back by then
+    persistent_keepalive: float | None = None  # seconds: keep the path open (we sit behind a NAT)
+    traffic_at: float | None = None  # last authenticated packet either way (persistent keepalive's clock)
+    received_at: float | None = None  # last authenticated packet from the peer
     staged: deque[bytes] = field(default_factory=lambda: deque(maxlen=C.MAX_STAGED_PACKETS))
 
     # counters, for status
@@ -223,15 +229,34 @@ class Peer:
     def any_authenticated_packet_sent(self, now: float) -> None:
         """timersAnyAuthenticatedPacketSent: what we sent answers the peer; no keepalive needed."""
         self.keepalive_at = None
+        self.traffic_at = now
 
     def any_authenticated_packet_received(self, now: float) -> None:
         """timersAnyAuthenticatedPacketReceived: the peer is alive; no new handshake needed."""
         self.new_handshake_at = None
+        self.traffic_at = self.received_at = now
+
+    def heard(self, now: float) -> None:
+        """An authenticated handshake message came from the peer (its endpoint is confirmed fresh)."""
+        self.traffic_at = self.received_at = now
+
+    def set_endpoint(self, endpoint: tuple[str, int] | None, source: str, now: float | None) -> None:
+        self.endpoint, self.endpoint_source, self.endpoint_at = endpoint, source, now
+
+    def heard_from_within(self, now: float, seconds: float) -> bool:
+        """Whether an authenticated packet from the peer arrived in the last ``seconds``."""
+        return self.received_at is not None and now - self.received_at <= seconds
+
+    def _persistent_due(self) -> float | None:
+        if self.persistent_keepalive is None or self.endpoint is None:
+            return None
+        return 0.0 if self.traffic_at is None else self.traffic_at + self.persistent_keepalive
 
     # -- the timer wheel --------------------------------------------------------------------------
 
     def deadline(self) -> float | None:
-        times = [t for t in (self.retry_at, self.keepalive_at, self.new_handshake_at) if t is not None]
+        times = [t for t in (self.retry_at, self.keepalive_at, self.new_handshake_at, self._persistent_due())
+                 if t is not None]
         times += [s.created + self.timers.reject_after_time for s in self.sessions()]
         return min(times) if times else None
 
@@ -257,6 +282,10 @@ class Peer:
             self.keepalive_at = None
             if self.sendable(now) is not None:
                 actions.append(Action.KEEPALIVE)
+        due = self._persistent_due()
+        if due is not None and now >= due:
+            self.traffic_at = now  # once per interval, answered or not
+            actions.append(Action.PERSISTENT)
         return actions, dropped
 
     def handshake_in_progress(self) -> bool:

@@ -29,11 +29,16 @@ from crypto.esp import LAYOUT, NH_NONE, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
 from crypto.layout import SealLayout
 from tunneld.fastpath.runs import Burst, RxRun, TxRun, interleave
+from tunneld.proto import constants as C
 from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address
 from tunneld.proto.peer import Action, Peer, Session, Timers
 
 UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
+# An endpoint learned from an authenticated packet this recent beats a DNS record: the peer is talking to
+# us from there (keepalive_timeout + rekey_timeout: a live peer sends at least that often when spoken to).
+FRESH_PACKET = C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT
+PERSISTENT_KEEPALIVE = 25.0  # seconds, as WireGuard's usual setting: under every common NAT's UDP timeout
 # Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
 SessionHook = Callable[[SecurityAssociation, bytes, Address | None], None]
 
@@ -144,6 +149,7 @@ class TunnelCore:
         self.handshaker = hs.Handshaker(private_key, psk, self.by_key, index_in_use=self.by_spi.__contains__,
                                         rand=rand)
         self.counters = Counters()
+        self.persistent_keepalive: float | None = None
         self._events: list[TunnelEvent] = []  # handed out with the next Output
         self.on_session: SessionHook | None = None
 
@@ -164,11 +170,12 @@ class TunnelCore:
         return out
 
     def add_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
-                 endpoint: Address | None) -> Peer:
+                 endpoint: Address | None, source: str = "config", now: float | None = None) -> Peer:
         if public_key in self.by_key or ula.packed in self.by_ula:
             raise ValueError(f"peer {name}: its key or ULA is already in the table")
-        peer = Peer(name=name, public_key=public_key, ula=ula.packed, endpoint=endpoint, timers=self.timers,
-                    rand=self.rand)
+        peer = Peer(name=name, public_key=public_key, ula=ula.packed, timers=self.timers, rand=self.rand)
+        peer.set_endpoint(endpoint, source if endpoint is not None else "none", now)
+        peer.persistent_keepalive = self.persistent_keepalive
         self.by_ula[peer.ula] = peer
         self.by_key[public_key] = peer
         return peer
@@ -176,15 +183,38 @@ class TunnelCore:
     def learn_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
                    endpoint: Address | None, now: float) -> Peer:
         """Add or update a peer learned from DNS (its records are checked by the caller: the ULA is
-        the key's). A known peer gets the published endpoint unless it is already talking to us:
-        an endpoint learned from authenticated packets is fresher than a DNS record."""
+        the key's). A known peer gets the published endpoint unless an authenticated packet came from
+        it within FRESH_PACKET: the endpoint it talks to us from beats a record, which may lag. A peer
+        that publishes no endpoint keeps the one its packets showed."""
         peer = self.by_key.get(public_key)
         if peer is None:
-            return self.add_peer(name, public_key, ula, endpoint)
-        if endpoint is not None and peer.endpoint != endpoint and peer.sendable(now) is None:
-            peer.endpoint = endpoint
+            return self.add_peer(name, public_key, ula, endpoint, "dns", now)
+        fresh = peer.heard_from_within(now, FRESH_PACKET)
+        if endpoint is not None and peer.endpoint != endpoint and not fresh:
+            peer.set_endpoint(endpoint, "dns", now)
             self._events.append(EndpointFromDns(name, endpoint))
         return peer
+
+    def set_persistent_keepalive(self, seconds: float | None) -> None:
+        """Keep every peer's path open (we sit behind a NAT that maps nothing for us, so a peer can reach
+        us only through the binding our own packets hold open); None stops it."""
+        self.persistent_keepalive = seconds
+        for peer in self.by_key.values():
+            peer.persistent_keepalive = seconds
+
+    def roamed(self, now: float, wall: float) -> Output:
+        """Our network changed: tell every peer where we are now, at once, by an authenticated packet from
+        the new address (a keepalive on a live session, else a handshake), so that a peer that only sends
+        learns our new endpoint within one round trip."""
+        out = self._output()
+        for peer in self.by_key.values():
+            if peer.endpoint is None:
+                continue
+            if peer.sendable(now) is not None and not peer.wants_rekey(now):
+                self._keepalive(peer, now, out)
+            elif not peer.handshake_in_progress():
+                self._initiate(peer, now, wall, out, retry=True)
+        return out
 
     def forget_peer(self, public_key: bytes) -> bool:
         """Remove a peer (its records were withdrawn or expired): its sessions and SPIs go with it,
@@ -417,7 +447,9 @@ class TunnelCore:
         if peer.endpoint != src:
             # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
             out.events.append(PeerMoved(peer.name, src))
-            peer.endpoint = src
+            peer.set_endpoint(src, "packet", now)
+        elif peer.endpoint_source != "packet":
+            peer.set_endpoint(src, "packet", now)  # confirmed by the peer itself
         if peer.staged and peer.sendable(now) is not None:
             staged = list(peer.staged)
             peer.staged.clear()
@@ -455,13 +487,17 @@ class TunnelCore:
         event = self.handshaker.receive(message, src, now, under_load)
         if isinstance(event, hs.InitiationReceived):
             peer = self.by_key[event.peer]
-            peer.endpoint = src  # authenticated by the handshake itself
+            if peer.endpoint != src:
+                out.events.append(PeerMoved(peer.name, src))
+            peer.set_endpoint(src, "packet", now)  # authenticated by the handshake itself
+            peer.heard(now)
             self._install(peer, event.keys, now, wall)
             out.sends.append(Flight(src, [event.datagram]))
             peer.last_sent_handshake = now
         elif isinstance(event, hs.ResponseReceived):
             peer = self.by_key[event.peer]
-            peer.endpoint = src
+            peer.set_endpoint(src, "packet", now)
+            peer.heard(now)
             self._install(peer, event.keys, now, wall)
             peer.handshake_complete(now, wall)
             staged = list(peer.staged)
@@ -511,6 +547,10 @@ class TunnelCore:
                     self._initiate(peer, now, wall, out)
                 elif action is Action.KEEPALIVE:
                     self._keepalive(peer, now, out)
+                elif action is Action.PERSISTENT:
+                    if peer.wants_rekey(now) and not peer.handshake_in_progress():
+                        self._initiate(peer, now, wall, out)
+                    self._keepalive(peer, now, out)
                 elif action is Action.GAVE_UP:
                     out.events.append(HandshakeGaveUp(peer.name))
         return out
@@ -526,6 +566,9 @@ class TunnelCore:
                 "public_key": base64.b64encode(p.public_key).decode(),
                 "ula": str(ipaddress.IPv6Address(p.ula)),
                 "endpoint": p.endpoint,
+                "endpoint_source": p.endpoint_source,
+                "endpoint_age": round(now - p.endpoint_at, 1) if p.endpoint_at is not None else None,
+                "last_received_age": round(now - p.received_at, 1) if p.received_at is not None else None,
                 "last_handshake": p.last_handshake_wall,
                 "session_age": round(now - cur.created, 3) if cur else None,
                 "handshakes": p.handshakes,
