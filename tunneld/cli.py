@@ -291,6 +291,13 @@ def _offload_line(st: dict[str, Any]) -> str:
     return f"offload: on ({c.get('tx_runs', 0)} superpackets sealed as runs{share})"
 
 
+def _endpoint_origin(p: dict[str, Any]) -> str:
+    source, age = p.get("endpoint_source"), p.get("endpoint_age")
+    if not p.get("endpoint") or not source:
+        return ""
+    return f" (from {source}" + (f", {age:g} s ago)" if age is not None else ")")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, {"cmd": "status"})
     if st is None:
@@ -301,6 +308,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
            f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
            f"GRO {'on' if st['gro'] else 'off'})", "  " + _offload_line(st)]
+    net = st.get("network") or {}
+    if net.get("generation"):
+        out.append(f"  network: moved {net['generation']} time(s), last {net.get('last_change_ago')} s ago "
+                   f"({', '.join(net.get('changed') or [])}); redone: {', '.join(net.get('redone') or [])}")
+    if net.get("keepalive"):
+        out.append(f"  keepalive: every {net['keepalive']:g} s (no public endpoint: NAT bindings held open)")
     pm = st.get("portmap") or {}
     if pm.get("state") not in (None, "disabled"):
         out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"
@@ -315,7 +328,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         hs = p["last_handshake"]
         ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
         out += ["", f"peer: {p['name']} (from {p.get('source', 'config')})", f"  ula: {p['ula']}",
-                f"  endpoint: {p['endpoint'] or '(none)'}", f"  latest handshake: {ago}",
+                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", f"  latest handshake: {ago}",
                 f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,17 @@ from tunneld.config import Config
 from tunneld.dataplane import Dataplane
 from tunneld.identity import DeviceIdentity
 from tunneld.keylog import KeyLog
-from tunneld.net import links
+from tunneld.net import netwatch
+from tunneld.net.netwatch import read_snapshot
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
-from tunneld.proto.portmap.events import Endpoint
-from tunneld.proto.tunnel import TunnelCore
+from tunneld.proto.netchange import NetWatch, NetworkChanged
+from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_server
-from tunneld.services.portmap import PortmapService, status_dict
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
+from tunneld.services.uplink import Uplink
 from tunneld.services.watcher import WatcherService
 
 log = logging.getLogger("tunneld")
@@ -69,12 +71,12 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: UDPTransport | None = None
         self.dataplane: Dataplane | None = None
-        self.portmap: PortmapService | None = None
-        self.portmap_static = ("disabled", "disabled in the config")  # (state, result) without a mapper
+        self.uplink = Uplink(config.portmap, self._local_port, self._on_endpoint)
         self.publisher: PublisherService | None = None
-        self._public_endpoint: str | None = None  # what we publish: address:port seen from outside
+        self.network: NetWatch | None = None
+        self.last_change_at: float | None = None
+        self.last_redone: list[str] = []
         self._nursery: trio.Nursery | None = None
-        self._portmap_scope: trio.CancelScope | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -91,7 +93,8 @@ class Daemon:
                     await nursery.start(self.dataplane.run)
                     await nursery.start(control.serve, iface.control_socket, self.handle_control)
                     self._nursery = nursery
-                    await self._start_portmap()
+                    await nursery.start(self._watch_network)
+                    await self.uplink.start(nursery)
                     await self._start_publisher()
                     await self._start_watcher()
                     log.info("up: %s %s, listening on UDP %d (GSO %s, GRO %s), %d peers",
@@ -111,62 +114,66 @@ class Daemon:
         assert self.keylog is not None
         self.keylog.log(sa, keymat, ipv6=endpoint is not None and not endpoint[0].startswith("::ffff:"))
 
-    # -- port mapping ---------------------------------------------------------------------------------
+    # -- where we are: port mapping, public endpoint, network changes ----------------------------------
 
-    async def _start_portmap(self) -> None:
-        """Keep our UDP port open on the home router, if we are behind one (NAT-PMP/PCP)."""
-        assert self.udp is not None and self._nursery is not None
-        cfg = self.config.portmap
-        port = self.udp.local_port
-        if not cfg.enabled:
-            return
-        route = links.default_route_v4()
-        if cfg.gateway is None and route is None:
-            self.portmap_static = ("no-gateway", "no IPv4 default route: nothing to map")
-            return
-        if cfg.gateway is None and route is not None and not route.behind_nat:
-            self.portmap_static = ("public", f"{route.address} is a public address: no port mapping needed")
-            self.public_endpoint = f"{route.address}:{port}"
-            return
-        gateway = cfg.gateway or (route.gateway if route else "")
-        internal = route.address if route is not None and cfg.gateway is None else \
-            links.source_address_for(gateway)
-        self.portmap = PortmapService(internal, port, gateway, cfg.lifetime, on_endpoint=self._on_public)
-        scope = trio.CancelScope()
-        self._portmap_scope = scope
+    def _local_port(self) -> int:
+        return self.udp.local_port if self.udp else 0
 
-        async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            assert self.portmap is not None
-            with scope:
-                await self.portmap.run(task_status=task_status)
-
-        await self._nursery.start(run)
-
-    def _on_public(self, endpoint: Endpoint | None) -> None:
-        self.public_endpoint = f"{endpoint.address}:{endpoint.port}" if endpoint else None
-
-    # -- publishing -----------------------------------------------------------------------------------
+    def _on_endpoint(self, endpoint: str | None) -> None:
+        """The uplink found our public endpoint (or that there is none): publish it, and keep NAT
+        bindings open ourselves while nobody maps a port for us."""
+        if endpoint is None:
+            log.info("no public endpoint: publishing our identity alone; keeping NAT bindings open")
+        else:
+            log.info("public endpoint %s", endpoint)
+        self.core.set_persistent_keepalive(None if endpoint is not None else PERSISTENT_KEEPALIVE)
+        self._republish()
 
     @property
     def public_endpoint(self) -> str | None:
         """address:port seen from outside (port mapper or a public default route), or None."""
-        return self._public_endpoint
+        return self.uplink.endpoint
 
-    @public_endpoint.setter
-    def public_endpoint(self, value: str | None) -> None:
-        self._public_endpoint = value
-        self._republish()
+    async def _watch_network(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.tun is not None
+        core = NetWatch(read_snapshot([self.tun.name]), trio.current_time())
+        self.network = core
+        await netwatch.watch(core, self.network_changed, [self.tun.name], task_status=task_status)
+
+    async def network_changed(self, change: NetworkChanged | None) -> None:
+        """The network moved (or the user asked, with None): redo everything that depended on it.
+        The TUN and the security associations stay; sockets, mapping, endpoint and LLQs are redone."""
+        assert self.udp is not None and self._nursery is not None and self.dataplane is not None
+        now = trio.current_time()
+        redone = []
+        if change is not None:
+            log.info("network changed (%s): %s", ", ".join(sorted(change.changed)), change.new.describe())
+        if self.udp.bind_host in (change.vanished if change else ()):
+            self.udp.rebind(bind_host="::")
+            redone.append("tunnel socket")
+        await self.dataplane.send(self.core.roamed(now, time.time()))  # peers hear from our new address
+        redone.append("peers told")
+        await self.uplink.start(self._nursery)
+        redone.append(f"uplink ({self.uplink.status(now)['state']})")
+        if self.publisher is not None and await self.publisher.reopen():
+            redone.append("publisher socket")
+        if self.watcher is not None and await self.watcher.renew():
+            redone.append("LLQs renewed")
+        self.last_redone = redone
+        self.last_change_at = now
+        log.info("after the network change: %s", ", ".join(redone))
 
     def _republish(self) -> None:
-        """Hand the publisher our records for the current public endpoint (it republishes if they changed;
-        without an endpoint the published records stay until their lease runs out or we withdraw)."""
+        """Hand the publisher our records for the current public endpoint, or our identity alone without
+        one (it republishes only what changed; the old endpoint's records are deleted)."""
         acct = self.config.account
-        if self.publisher is None or self._public_endpoint is None or acct.name is None:
+        if self.publisher is None or acct.name is None:
             return
+        endpoint = self.uplink.endpoint
         try:
-            rrsets = host_records(acct.name, acct.domain, self.identity.public_key, self._public_endpoint)
+            rrsets = host_records(acct.name, acct.domain, self.identity.public_key, endpoint)
         except ValueError as e:
-            log.warning("cannot publish endpoint %s: %s", self._public_endpoint, e)
+            log.warning("cannot publish endpoint %s: %s", endpoint, e)
             return
         self.publisher.set_records(rrsets)
 
@@ -222,22 +229,12 @@ class Daemon:
     # -- control --------------------------------------------------------------------------------------
 
     async def rebind(self, port: int | None = None) -> None:
-        """New outer socket (address or port); sessions stay, peers learn us from our next packet.
-        A port mapping follows the new port (the old one is deleted on the way)."""
+        """New outer socket (address or port), then the same path as a network change: sessions stay,
+        peers hear from us at once, the mapping follows the new port, records and LLQs are redone."""
         assert self.udp is not None
-        old_port = self.udp.local_port
         self.udp.rebind(port)
         log.info("outer socket rebound to port %d", self.udp.local_port)
-        if self.udp.local_port != old_port and self._portmap_scope is not None:
-            self._portmap_scope.cancel()
-            self._portmap_scope = None
-            self.portmap = None
-            self.public_endpoint = None
-            await self._start_portmap()
-        elif self.udp.local_port != old_port and self.portmap_static[0] == "public" and self.public_endpoint:
-            # No NAT: the public endpoint is our own address with the new port (and is republished).
-            address = self.public_endpoint.rpartition(":")[0]
-            self.public_endpoint = f"{address}:{self.udp.local_port}"
+        await self.network_changed(None)
 
     async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -252,9 +249,21 @@ class Daemon:
             return {"ok": True, "listen_port": self.udp.local_port if self.udp else None}
         return {"error": f"unknown command {cmd!r}; known: status, rebind"}
 
+    def _network_status(self, now: float) -> dict[str, Any]:
+        net = self.network
+        return {
+            "generation": net.generation if net else 0,
+            "last_change_ago": None if self.last_change_at is None else round(now - self.last_change_at, 1),
+            "changed": sorted(net.last_changes) if net else [],
+            "redone": self.last_redone,
+            "current": net.current.describe() if net else None,
+            "keepalive": self.core.persistent_keepalive,
+        }
+
     def status(self) -> dict[str, Any]:
         udp = self.udp
-        peers = self.core.peer_status(trio.current_time())
+        now = trio.current_time()
+        peers = self.core.peer_status(now)
         for p in peers:
             p["endpoint"] = display_addr(p["endpoint"]) if p["endpoint"] else None
             p["source"] = "config" if base64.b64decode(p["public_key"]) in self.static_peers else "dns"
@@ -270,8 +279,8 @@ class Daemon:
             "offload_error": self.tun.offload_error if self.tun else None,
             "gso_max_size": self.tun.gso_max_size if self.tun else None,
             "public_endpoint": self.public_endpoint,
-            "portmap": self.portmap.status(trio.current_time()) if self.portmap else
-            status_dict(*self.portmap_static, udp.local_port if udp else None, self.public_endpoint),
+            "network": self._network_status(now),
+            "portmap": self.uplink.status(now),
             "publish": self._publish_status(),
             "watch": self.watcher.status() if self.watcher else {"state": "disabled"},
             "peers": peers,

@@ -42,38 +42,45 @@ class Uplink:
         self._scope: trio.CancelScope | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Find out where we are and, behind a NAT, start mapping (ready once the first request left)."""
+        """Find out where we are and, behind a NAT, start mapping (ready once the first request left).
+        ``on_endpoint`` hears the outcome once, even when it is the same as before: the caller redoes
+        what depends on it (until a gateway answers, the endpoint is None: the old one belongs to the
+        old network)."""
         self._stop_mapping()
+        self.endpoint = self._decide()
+        if self.static[0] == "mapping":
+            cfg, route = self.config, self.default_route()
+            gateway = cfg.gateway or (route.gateway if route else "")
+            internal = route.address if route is not None and cfg.gateway is None else \
+                links.source_address_for(gateway)
+            service = PortmapService(internal, self.local_port(), gateway, cfg.lifetime,
+                                     on_endpoint=self._on_mapped)
+            scope = trio.CancelScope()
+            self.portmap, self._scope = service, scope
+            self.mappings_started += 1
+
+            async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                with scope:  # cancelled: the service deletes its mapping within its grace, on its own
+                    await service.run(task_status=task_status)
+
+            await nursery.start(run)
+        self.on_endpoint(self.endpoint)
+
+    def _decide(self) -> str | None:
+        """Sets ``static`` and returns the endpoint known without asking a gateway."""
         cfg = self.config
-        port = self.local_port()
         if not cfg.enabled:
             self.static = ("disabled", "disabled in the config")
-            self._set_endpoint(None)
-            return
+            return None
         route = self.default_route()
         if cfg.gateway is None and route is None:
             self.static = ("no-gateway", "no IPv4 default route: nothing to map")
-            self._set_endpoint(None)
-            return
+            return None
         if cfg.gateway is None and route is not None and not route.behind_nat:
             self.static = ("public", f"{route.address} is a public address: no port mapping needed")
-            self._set_endpoint(f"{route.address}:{port}")
-            return
-        gateway = cfg.gateway or (route.gateway if route else "")
-        internal = route.address if route is not None and cfg.gateway is None else \
-            links.source_address_for(gateway)
-        # Until the gateway answers we have no endpoint: the old one belongs to the old network.
-        self._set_endpoint(None)
-        service = PortmapService(internal, port, gateway, cfg.lifetime, on_endpoint=self._on_mapped)
-        scope = trio.CancelScope()
-        self.portmap, self._scope = service, scope
-        self.mappings_started += 1
-
-        async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:  # cancelled: the service deletes its mapping within its grace, on its own
-                await service.run(task_status=task_status)
-
-        await nursery.start(run)
+            return f"{route.address}:{self.local_port()}"
+        self.static = ("mapping", "asking the gateway")
+        return None
 
     def _stop_mapping(self) -> None:
         if self._scope is not None:
