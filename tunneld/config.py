@@ -46,9 +46,9 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
 from crypto.aead import DEFAULT_SUITE, SUITES
 from crypto.kdf import derive_psk, derive_tsig_key, normalize_domain
@@ -111,6 +111,9 @@ _ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsi
 _TSIG_ALGORITHMS: Final = ("hmac-sha256", "hmac-md5")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
 
 def load_config(path: Path) -> Config:
     """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong."""
@@ -126,7 +129,7 @@ def load_account_secret(path: Path) -> bytes:
     try:
         return values.account_secret(path)
     except Problem as p:
-        raise ConfigError(f"{p.problem}; {p.fix}", key=None) from None
+        raise ConfigError(str(p), key=None) from None
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -138,7 +141,7 @@ def parse_endpoint(text: str) -> Endpoint:
     try:
         return values.endpoint(text)
     except Problem as p:
-        raise ValueError(f"{p.problem}; {p.fix}") from None
+        raise ValueError(str(p)) from None
 
 
 def _unknown(key: str, known: tuple[str, ...]) -> str:
@@ -245,13 +248,29 @@ class _Loader:
             self.fail(f"{where}.{key}", "missing", f"add {key} = {example}")
         return value
 
-    def integer(self, table: Mapping[str, object], where: str, key: str, default: int, example: str) -> int:
+    def integer(self, table: Mapping[str, object], where: str, key: str, default: int) -> int:
         value = table.get(key, default)
         # TOML booleans are Python bools, which are ints: refuse them explicitly.
         if not isinstance(value, int) or isinstance(value, bool):
             self.fail(
-                f"{where}.{key}", f"expected an integer, got {show(value)}", f"write {key} = {example}"
+                f"{where}.{key}", f"expected an integer, got {show(value)}", f"write {key} = {default}"
             )
+        return value
+
+    def bounded(
+        self, table: Mapping[str, object], where: str, key: str, default: int, low: int, high: int, fix: str
+    ) -> int:
+        """An integer from ``low`` to ``high``; ``fix`` tells the range to a user who went outside it."""
+        value = self.integer(table, where, key, default)
+        if not low <= value <= high:
+            self.fail(f"{where}.{key}", f"{value} is out of range", fix)
+        return value
+
+    def boolean(self, table: Mapping[str, object], where: str, key: str, fix: str) -> bool:
+        """A boolean that defaults to true."""
+        value = table.get(key, True)
+        if not isinstance(value, bool):
+            self.fail(f"{where}.{key}", f"expected true or false, got {show(value)}", fix)
         return value
 
     def path_value(
@@ -273,15 +292,26 @@ class _Loader:
                       f"write {key} = {default:g}")
         return float(value)
 
+    def endpoint(
+        self, table: Mapping[str, object], where: str, key: str, example: str, fix: str | None = None
+    ) -> Endpoint | None:
+        """An optional "address:port"; ``fix``, if given, replaces the parser's own advice."""
+        text = self.string(table, where, key, example)
+        return None if text is None else self.parsed(f"{where}.{key}", values.endpoint, text, fix)
+
+    def parsed(self, key: str, parse: Callable[[_In], _Out], value: _In, fix: str | None = None) -> _Out:
+        """``parse(value)``, its Problem reported at ``key`` (with ``fix``, if given, as the fix)."""
+        try:
+            return parse(value)
+        except Problem as p:
+            self.fail(key, p.problem, fix or p.fix)
+
     # -- tables ----------------------------------------------------------------------------------------------
 
     def portmap(self, table: Mapping[str, object]) -> PortmapConfig:
         """[portmap]: keep the tunnel port open on the home router by NAT-PMP/PCP (RFC 6886/6887)."""
         self.check_keys(table, "[portmap]", _PORTMAP_KEYS)
-        enabled = table.get("enabled", True)
-        if not isinstance(enabled, bool):
-            self.fail("portmap.enabled", f"expected true or false, got {show(enabled)}",
-                      "write enabled = true")
+        enabled = self.boolean(table, "portmap", "enabled", "write enabled = true")
         gateway = self.string(table, "portmap", "gateway", '"192.168.1.1"')
         if gateway is not None:
             try:
@@ -290,11 +320,8 @@ class _Loader:
                 self.fail("portmap.gateway", f"{show(gateway)} is not an IPv4 address",
                           'write the router\'s LAN address, e.g. "192.168.1.1", or leave it out to use the '
                           "default gateway")
-        lifetime = self.integer(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME,
-                                str(NATPMP_DEFAULT_LIFETIME))
-        if not 120 <= lifetime <= 86400:
-            self.fail("portmap.lifetime", f"{lifetime} is out of range",
-                      f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
+        lifetime = self.bounded(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME, 120, 86400,
+                                f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
         return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
 
     def timers(self, table: Mapping[str, object]) -> Timers:
@@ -307,8 +334,9 @@ class _Loader:
             rekey_attempt_time=self.seconds(table, "timers", "rekey_attempt_time", d.rekey_attempt_time),
             rekey_timeout=self.seconds(table, "timers", "rekey_timeout", d.rekey_timeout),
             keepalive_timeout=self.seconds(table, "timers", "keepalive_timeout", d.keepalive_timeout),
-            rekey_after_messages=self.integer(table, "timers", "rekey_after_messages",
-                                              d.rekey_after_messages, "1152921504606846976"),
+            rekey_after_messages=self.integer(
+                table, "timers", "rekey_after_messages", d.rekey_after_messages
+            ),
         )
         if t.rekey_after_messages < 1:
             self.fail("timers.rekey_after_messages", "must be at least 1", "use the default, 2^60")
@@ -323,27 +351,11 @@ class _Loader:
         w = "interface"
 
         name = self.string(table, w, "name", '"btmm0"')
-        if name is None:
-            name = DEFAULT_INTERFACE
-        else:
-            try:
-                values.interface_name(name)
-            except Problem as p:
-                self.fail(f"{w}.name", p.problem, p.fix)
-
-        listen_port = self.integer(table, w, "listen_port", DEFAULT_LISTEN_PORT, "4500")
-        if not 0 <= listen_port <= 65535:
-            self.fail(
-                f"{w}.listen_port", f"{listen_port} is out of range", "use 1 to 65535, or 0 for any free port"
-            )
-
-        mtu = self.integer(table, w, "mtu", DEFAULT_MTU, str(DEFAULT_MTU))
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            self.fail(
-                f"{w}.mtu",
-                f"{mtu} is out of range",
-                f"use {MIN_MTU} (the IPv6 minimum) to {MAX_MTU}, e.g. {DEFAULT_MTU}",
-            )
+        name = DEFAULT_INTERFACE if name is None else self.parsed(f"{w}.name", values.interface_name, name)
+        listen_port = self.bounded(table, w, "listen_port", DEFAULT_LISTEN_PORT, 0, 65535,
+                                   "use 1 to 65535, or 0 for any free port")
+        mtu = self.bounded(table, w, "mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU,
+                           f"use {MIN_MTU} (the IPv6 minimum) to {MAX_MTU}, e.g. {DEFAULT_MTU}")
 
         state_dir = self.path_value(table, w, "state_dir", DEFAULT_STATE_DIR)
         control_socket = self.path_value(table, w, "control_socket", DEFAULT_CONTROL_SOCKET)
@@ -362,10 +374,7 @@ class _Loader:
         elif suite not in SUITES:
             self.fail(f"{w}.suite", f"{show(suite)} is not a known suite", "use one of " + ", ".join(SUITES))
 
-        offload = table.get("offload", True)
-        if not isinstance(offload, bool):
-            self.fail(f"{w}.offload", f"expected true or false, got {show(offload)}",
-                      "write offload = true (the default) or offload = false")
+        offload = self.boolean(table, w, "offload", "write offload = true (the default) or offload = false")
 
         return InterfaceConfig(
             name=name,
@@ -392,20 +401,10 @@ class _Loader:
         self.required_string(table, w, "secret_file", '"/etc/tunneld/account.secret"')
         secret_file = self.path_value(table, w, "secret_file", None)
         assert secret_file is not None
-        try:
-            secret = values.account_secret(secret_file)
-        except Problem as p:
-            self.fail(f"{w}.secret_file", p.problem, p.fix)
-
-        server = None
-        server_text = self.string(table, w, "server", '"192.0.2.53:53"')
-        if server_text is not None:
-            try:
-                server = values.endpoint(server_text)
-            except Problem as p:
-                self.fail(f"{w}.server", p.problem,
-                          'write the DNS UPDATE server as "address:port", e.g. "192.0.2.53:53" or '
-                          '"[2001:db8::53]:53", or leave server out to turn publishing off')
+        secret = self.parsed(f"{w}.secret_file", values.account_secret, secret_file)
+        server = self.endpoint(table, w, "server", '"192.0.2.53:53"',
+                               'write the DNS UPDATE server as "address:port", e.g. "192.0.2.53:53" or '
+                               '"[2001:db8::53]:53", or leave server out to turn publishing off')
 
         name = self.string(table, w, "name", '"laptop"')
         if name is not None:
@@ -419,10 +418,8 @@ class _Loader:
                 self.fail(f"{w}.name", "missing, and the hostname's first label is not a valid DNS label",
                           'add name = "laptop" (1 to 63 letters, digits and inner hyphens)')
 
-        lease = self.integer(table, w, "lease", DEFAULT_LEASE, str(DEFAULT_LEASE))
-        if not MIN_LEASE <= lease <= MAX_LEASE:
-            self.fail(f"{w}.lease", f"{lease} is out of range",
-                      f"use {MIN_LEASE} to {MAX_LEASE} seconds (default {DEFAULT_LEASE})")
+        lease = self.bounded(table, w, "lease", DEFAULT_LEASE, MIN_LEASE, MAX_LEASE,
+                             f"use {MIN_LEASE} to {MAX_LEASE} seconds (default {DEFAULT_LEASE})")
         algorithm = self.string(table, w, "tsig_algorithm", '"hmac-sha256"') or "hmac-sha256"
         if algorithm not in _TSIG_ALGORITHMS:
             self.fail(f"{w}.tsig_algorithm", f"{show(algorithm)} is not supported",
@@ -460,10 +457,7 @@ class _Loader:
             names[name.lower()] = i
 
             b64 = self.required_string(table, w, "public_key", '"<the peer\'s public key in base64>"')
-            try:
-                public_key = values.public_key(b64)
-            except Problem as p:
-                self.fail(f"{w}.public_key", p.problem, p.fix)
+            public_key = self.parsed(f"{w}.public_key", values.public_key, b64)
             if public_key in keys:
                 self.fail(
                     f"{w}.public_key",
@@ -472,14 +466,7 @@ class _Loader:
                 )
             keys[public_key] = i
 
-            endpoint = None
-            endpoint_text = self.string(table, w, "endpoint", '"192.0.2.1:4500"')
-            if endpoint_text is not None:
-                try:
-                    endpoint = values.endpoint(endpoint_text)
-                except Problem as p:
-                    self.fail(f"{w}.endpoint", p.problem, p.fix)
-
+            endpoint = self.endpoint(table, w, "endpoint", '"192.0.2.1:4500"')
             ula = ula_for(domain, public_key)
             ula_text = self.string(table, w, "ula", f'"{ula}"')
             if ula_text is not None:
