@@ -14,6 +14,7 @@ Schema::
     state_dir = "/var/lib/tunneld"   # holds device.key (tunneld.identity)
     control_socket = "/run/tunneld/control.sock"
     suite = "aes-256-gcm"            # one of crypto.aead.SUITES
+    offload = true                   # TUN segmentation offload (the fast path)
 
     [account]                        # required
     domain = "home.example.net"      # normalized by crypto.kdf.normalize_domain
@@ -21,12 +22,17 @@ Schema::
     server = "192.0.2.53:53"         # optional: the DNS UPDATE server (IP literal); none: publishing off
     name = "laptop"                  # optional: this device's DNS label (default: the hostname's 1st label)
     lease = 5400                     # optional: the update lease to ask for, 1800..7200 seconds
+    tsig_algorithm = "hmac-sha256"   # optional: or "hmac-md5" for an old server
 
     [[peer]]                         # any number, optional: peers are also found through DNS
     name = "laptop"                  # unique DNS label
     public_key = "<base64 of 32 bytes>"
     endpoint = "192.0.2.1:4500"      # optional; IP literal only ("[2001:db8::1]:4500"), no DNS lookups
     ula = "fd..."                    # optional; if given, must equal tunneld.identity.ula_for(domain, key)
+
+    [portmap]                        # optional: NAT-PMP/PCP; enabled = true, gateway = "192.168.1.1",
+                                     # lifetime = 7200 (120..86400 seconds)
+    [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
 can be moved together (tests and ``tunneld join`` write absolute paths anyway).
