@@ -32,6 +32,7 @@ MAX_MTU: Final = 9000
 DEFAULT_STATE_DIR: Final = Path("/var/lib/tunneld")
 DEFAULT_CONTROL_SOCKET: Final = Path("/run/tunneld/control.sock")
 
+
 class ConfigError(Exception):
     """Anything wrong with the configuration: one line naming the file, the key and the fix.
 
