@@ -1,0 +1,139 @@
+"""The configuration model: frozen dataclasses for a validated ``tunneld.toml``, its defaults and ConfigError.
+
+Kept apart from the reader (tunneld.config) so the daemon and services depend on plain values, not on how the
+file is parsed. The derived keys are excluded from every repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from crypto.aead import DEFAULT_SUITE
+from tunneld.identity import account_prefix
+from tunneld.proto.dnsupdate import DEFAULT_LEASE
+from tunneld.proto.peer import Timers
+from tunneld.proto.portmap.natpmp_wire import NATPMP_DEFAULT_LIFETIME
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/tunneld/tunneld.toml")
+DEFAULT_INTERFACE: Final = "btmm0"
+DEFAULT_LISTEN_PORT: Final = 4500
+"""RFC 3948's port: the port NATs and middleboxes expect ESP-in-UDP on."""
+DEFAULT_MTU: Final = 1400
+"""Leaves room for outer IPv4/UDP/ESP overhead (about 70 bytes) under a 1500-byte path MTU, with slack for
+PPPoE and similar links."""
+MIN_MTU: Final = 1280
+"""RFC 8200 §5: every IPv6 link must carry 1280-byte packets; the TUN carries IPv6."""
+MAX_MTU: Final = 9000
+"""Jumbo frames; larger inner packets could not be carried without fragmenting the outer UDP anyway."""
+DEFAULT_STATE_DIR: Final = Path("/var/lib/tunneld")
+DEFAULT_CONTROL_SOCKET: Final = Path("/run/tunneld/control.sock")
+
+
+class ConfigError(Exception):
+    """Anything wrong with the configuration: one line naming the file, the key and the fix.
+
+    ``key`` is the dotted key (``peer[2].endpoint``) or table (``[interface]``) concerned, or None for a
+    problem with the file as a whole; the message already contains it.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        # One line, whatever ended up in it (a path with a newline, say): the CLI prints it as one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+        self.key = key
+
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A peer's outer UDP address: an IP literal and a port."""
+
+    host: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        if isinstance(self.host, ipaddress.IPv6Address):
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class InterfaceConfig:
+    """``[interface]``: the local TUN device and the outer socket."""
+
+    name: str = DEFAULT_INTERFACE
+    listen_port: int = DEFAULT_LISTEN_PORT
+    mtu: int = DEFAULT_MTU
+    state_dir: Path = DEFAULT_STATE_DIR
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    suite: str = DEFAULT_SUITE
+    # TUN segmentation offload: superpackets from the kernel, sealed and coalesced in runs (the fast path;
+    # the device falls back to plain packets by itself where the kernel refuses).
+    offload: bool = True
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """``[account]``: the domain (normalized) and where the secret lives; the secret itself is not kept.
+
+    ``server`` is the DNS UPDATE server our records are published to (None: publishing is off); ``name``
+    is this device's DNS label (None only when no name was given, the hostname is not a valid label and
+    publishing is off); ``lease`` is the update lease asked for, in seconds."""
+
+    domain: str
+    secret_file: Path
+    server: Endpoint | None = None
+    name: str | None = None
+    lease: int = DEFAULT_LEASE
+    tsig_algorithm: str = "hmac-sha256"  # hmac-md5 for old servers that know nothing better
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One ``[[peer]]``. ``ula`` is always set: derived from the key, checked against the file if given."""
+
+    name: str
+    public_key: bytes
+    ula: ipaddress.IPv6Address
+    endpoint: Endpoint | None = None
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode("ascii")
+
+
+@dataclass(frozen=True)
+class PortmapConfig:
+    """[portmap]: NAT-PMP/PCP on the default gateway (or `gateway`), asking for `lifetime` seconds."""
+
+    enabled: bool = True
+    gateway: str | None = None
+    lifetime: int = NATPMP_DEFAULT_LIFETIME
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, validated. ``psk`` and ``tsig_key`` are derived from the account secret."""
+
+    path: Path
+    interface: InterfaceConfig
+    account: AccountConfig
+    peers: tuple[PeerConfig, ...]
+    psk: bytes = field(repr=False)
+    tsig_key: bytes = field(repr=False)
+    timers: Timers = field(default_factory=Timers)
+    portmap: PortmapConfig = field(default_factory=PortmapConfig)
+
+    @property
+    def prefix(self) -> ipaddress.IPv6Network:
+        """The account's /48 (tunneld.identity.account_prefix)."""
+        return account_prefix(self.account.domain)
+
+    def peer(self, name: str) -> PeerConfig | None:
+        """The configured peer called ``name`` (DNS names compare case-insensitively), if any."""
+        wanted = name.lower()
+        return next((p for p in self.peers if p.name.lower() == wanted), None)
+
