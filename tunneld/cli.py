@@ -1,6 +1,6 @@
 """The `tunneld` command line.
 
-Exit codes (ARCHITECTURE.md): 0 ok, 1 runtime failure, 2 bad usage or config, always with one line
+Exit codes (docs/architecture.md): 0 ok, 1 runtime failure, 2 bad usage or config, always with one line
 that names the problem and the fix, never a traceback.
 """
 

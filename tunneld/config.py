@@ -3,7 +3,7 @@
 Strict because a daemon that quietly ignores ``nmae = "wlan0"`` or a peer without a port fails much later and
 much less clearly. Every problem is reported as one :class:`ConfigError` whose message is one line that
 names the file, the key (``interface.mtu``, ``peer[2].endpoint``; peers are counted from 1 in file order)
-and the fix, so the command line can print it as is and exit 2 (ARCHITECTURE.md, "Command line").
+and the fix, so the command line can print it as is and exit 2 (docs/architecture.md, "Contracts").
 
 Schema::
 

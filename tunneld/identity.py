@@ -1,8 +1,8 @@
 """Device identity: the X25519 key pair in the state directory, and the ULA every peer derives from it.
 
-Why the address is a function of the key (ARCHITECTURE.md, "Identity"): BTMM built its inner addresses from
-the MAC address, which leaked hardware identity and changed with the network card. Here a device's ULA is
-``fd`` + 40 bits from the account domain + subnet 0 + 64 bits from the device's public key, so
+Why the address is a function of the key (docs/protocol.md, "Device identity and addresses"): BTMM built
+its inner addresses from the MAC address, which leaked hardware identity and changed with the network
+card. Here a device's ULA is ``fd`` + 40 bits from the account domain + subnet 0 + 64 bits from the device's public key, so
 
 - it is stable across reboots and hardware changes for as long as the key file lives;
 - every device can compute every peer's address from the peer's public key alone, with no registry;
@@ -53,7 +53,8 @@ GLOBAL_ID_LEN: Final = 5
 IID_LEN: Final = 8
 """RFC 4291 §2.5.1: the interface identifier is 64 bits."""
 IID_LABEL_PREFIX: Final = "AutoTunnel-"
-"""The seed's host label prefix for a device's outer-address records (ARCHITECTURE.md, "DNS records")."""
+"""Back to My Mac's host label prefix for a device's outer-address records (docs/protocol.md, "DNS
+records")."""
 
 _ULA_PREFIX: Final = b"\xfd"  # FC00::/7 with L = 1: locally assigned (RFC 4193 §3.1)
 _SUBNET: Final = b"\x00\x00"  # subnet ID 0: one flat /64 per account
@@ -116,7 +117,7 @@ def account_prefix(domain: str) -> ipaddress.IPv6Network:
 def iid_label(public_key: bytes) -> str:
     """The DNS label of a device's outer-address records: ``AutoTunnel-`` + the IID as 8 hex pairs.
 
-    E.g. ``AutoTunnel-63-0d-cd-29-66-c4-33-66`` (lower-case hex, dash-separated, like the seed's layout).
+    E.g. ``AutoTunnel-63-0d-cd-29-66-c4-33-66`` (lower-case hex, dash-separated, as Back to My Mac's).
     Derived from the key, not the name, so renaming a device does not move its SRV target.
     """
     return IID_LABEL_PREFIX + "-".join(f"{b:02x}" for b in interface_id(public_key))
@@ -135,8 +136,8 @@ def check_peer_ula(
     """Refuse a peer whose claimed ULA is not the one its public key gives; return the address otherwise.
 
     Addresses are bound to keys so that a device of the account cannot take over another device's address
-    (ARCHITECTURE.md: "A peer whose ULA does not match its key is refused"). ``peer`` names the peer in the
-    message (its configured name); without it the peer is named by its public key, which is not secret.
+    (docs/architecture.md: "A peer whose ULA does not match its key is refused"). ``peer`` names the peer
+    in the message (its configured name); without it the peer is named by its public key, which is not secret.
     """
     who = f"peer {peer!r}" if peer is not None else f"peer with public key {_b64(public_key)}"
     expected = ula_for(domain, public_key)

@@ -1,7 +1,7 @@
 """`tunneld up` and `tunneld status` as a user runs them: exit codes, one-line errors, clean shutdown.
 
-ARCHITECTURE.md's contract: exit 0 ok, 1 runtime failure, 2 bad usage or config, always with one line that
-names the problem and the fix, never a traceback. Daemons run in lab namespaces only, so a config that
+docs/architecture.md's contract: exit 0 ok, 1 runtime failure, 2 bad usage or config, always with one line
+that names the problem and the fix, never a traceback. Daemons run in lab namespaces only, so a config that
 unexpectedly works could not touch the machine's own interfaces.
 """
 

@@ -115,7 +115,7 @@ def complete(
 
 
 def test_wireguard_initial_chaining_key_and_hash() -> None:
-    """PROTOCOLS.md 7.1: C0 = HASH(construction) begins 96, 226, 109, 174; H0 = HASH(C0 || identifier).
+    """C0 = HASH(construction) begins 96, 226, 109, 174; H0 = HASH(C0 || identifier).
 
     The full values are WireGuard's (boringtun's INITIAL_CHAIN_KEY / INITIAL_CHAIN_HASH). Feeding the
     identifier to crypto.noise as the prologue reproduces them, which is why tunneld passes its own

@@ -45,7 +45,7 @@ V4 = ipaddress.IPv4Address("198.51.100.7")
 V6 = ipaddress.IPv6Address("2001:db8::7")
 TTL = 120
 
-# Written by hand from ARCHITECTURE.md "DNS records", not from the module.
+# Written by hand from docs/protocol.md "DNS records", not from the module.
 EXPECTED_ZONE = f"""\
 laptop.home.example.net. 120 IN AAAA {ULA}
 _autotunnel._udp.laptop.home.example.net. 120 IN SRV 0 0 4500 {LABEL}.home.example.net.

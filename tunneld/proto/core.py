@@ -1,4 +1,4 @@
-"""The one face of every sans-I/O protocol core (ARCHITECTURE.md, "Cores and the driver").
+"""The one face of every sans-I/O protocol core (docs/architecture.md, "Cores and the driver").
 
 A core takes bytes and ``now`` and hands out what to send and what happened, the same way for every
 protocol, so one trio driver (:mod:`tunneld.services.driver`) runs any of them and tests drive any of them
