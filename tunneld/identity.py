@@ -2,7 +2,8 @@
 
 Why the address is a function of the key (docs/protocol.md, "Device identity and addresses"): BTMM built
 its inner addresses from the MAC address, which leaked hardware identity and changed with the network
-card. Here a device's ULA is ``fd`` + 40 bits from the account domain + subnet 0 + 64 bits from the device's public key, so
+card. Here a device's ULA is ``fd`` + 40 bits from the account domain + subnet 0 + 64 bits from the
+device's public key, so
 
 - it is stable across reboots and hardware changes for as long as the key file lives;
 - every device can compute every peer's address from the peer's public key alone, with no registry;
