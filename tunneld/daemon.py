@@ -146,6 +146,9 @@ class Daemon:
         assert self.udp is not None and self._nursery is not None and self.dataplane is not None
         now = trio.current_time()
         redone = []
+        if change is not None and not change.moved:
+            log.debug("new addresses, no move: %s", sorted(change.new.addresses - change.old.addresses))
+            return
         if change is not None:
             log.info("network changed (%s): %s", ", ".join(sorted(change.changed)), change.new.describe())
         if self.udp.bind_host in (change.vanished if change else ()):

@@ -113,3 +113,19 @@ def test_force_reports_a_change_at_once_even_when_nothing_differs() -> None:
     w.poll(7.0)
     [ev] = w.events()
     assert ev.changed == {"manual"} and ev.generation == 1 and ev.vanished == frozenset()
+
+
+def test_only_a_move_asks_for_the_redo() -> None:
+    w = NetWatch(HOME, now=0.0)
+    more = build_snapshot([Route(V4, "192.168.1.1", 2)],
+                          [IfAddr(2, V4, "192.168.1.20", 24), IfAddr(2, V6, "2001:db8::5", 64)])
+    w.observe(more, 1.0)  # an address finished DAD, or a temporary one was added: no move
+    w.poll(2.0)
+    w.observe(HOME, 3.0)  # and it went away again: something may have used it
+    w.poll(4.0)
+    w.observe(CAFE, 5.0)
+    w.poll(6.0)
+    added, removed, moved = w.events()
+    assert (added.changed, added.moved) == ({"addresses"}, False)
+    assert removed.vanished == {"2001:db8::5"} and removed.moved
+    assert moved.moved and moved.generation == 3

@@ -31,6 +31,9 @@ IFA_F_DEPRECATED: Final = 0x20
 IFA_F_TENTATIVE: Final = 0x40
 RT_SCOPE_UNIVERSE: Final = 0
 
+MOVES: Final = frozenset({"default-route", "gateway", "primary-address", "ipv6", "manual"})
+"""The kinds of change that move the host (``addresses`` alone does not)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -101,6 +104,13 @@ class NetworkChanged:
     def vanished(self) -> frozenset[str]:
         """Our addresses that are gone: sockets bound to them must be reopened."""
         return self.old.addresses - self.new.addresses
+
+    @property
+    def moved(self) -> bool:
+        """Whether what depends on where we are must be redone: the way out changed, or an address we
+        may be using is gone. A new address alone (DAD finishing, a temporary IPv6 address rotating)
+        moves nothing."""
+        return bool(self.changed & MOVES) or bool(self.vanished)
 
 
 def _usable(a: IfAddr, excluded: Collection[int]) -> bool:
