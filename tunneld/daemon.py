@@ -122,11 +122,13 @@ class Daemon:
     def _on_endpoint(self, endpoint: str | None) -> None:
         """The uplink found our public endpoint (or that there is none): publish it, and keep NAT
         bindings open ourselves while nobody maps a port for us."""
-        if endpoint is None:
-            log.info("no public endpoint: publishing our identity alone; keeping NAT bindings open")
-        else:
+        held_open = self.uplink.behind_unmapped_nat
+        if endpoint is not None:
             log.info("public endpoint %s", endpoint)
-        self.core.set_persistent_keepalive(None if endpoint is not None else PERSISTENT_KEEPALIVE)
+        else:
+            log.info("no public endpoint (%s): publishing our identity alone%s", self.uplink.static[1],
+                     "; keeping NAT bindings open" if held_open else "")
+        self.core.set_persistent_keepalive(PERSISTENT_KEEPALIVE if held_open else None)
         self._republish()
 
     @property

@@ -82,6 +82,13 @@ class Uplink:
         self.static = ("mapping", "asking the gateway")
         return None
 
+    @property
+    def behind_unmapped_nat(self) -> bool:
+        """Whether we may sit behind a NAT that forwards nothing to us: a gateway is being asked and has
+        not granted a mapping, or mapping is off and we cannot tell. Peers can then reach us only
+        through bindings our own packets hold open."""
+        return self.endpoint is None and self.static[0] in ("mapping", "disabled")
+
     def _stop_mapping(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
