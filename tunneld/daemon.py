@@ -158,10 +158,11 @@ class Daemon:
             redone.append("tunnel socket")
         await self.dataplane.send(self.core.roamed(now, time.time()))  # peers hear from our new address
         redone.append("peers told")
-        await self.uplink.start(self._nursery)
-        redone.append(f"uplink ({self.uplink.status(now)['state']})")
+        # The publisher's socket first: the uplink's new endpoint is republished at once, through it.
         if self.publisher is not None and await self.publisher.reopen():
             redone.append("publisher socket")
+        await self.uplink.start(self._nursery)
+        redone.append(f"uplink ({self.uplink.status(now)['state']})")
         if self.watcher is not None and await self.watcher.renew():
             redone.append("LLQs renewed")
         self.last_redone = redone
