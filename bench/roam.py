@@ -118,8 +118,10 @@ def run_roam(runs: int, workdir: Path) -> dict[str, Any]:
                 p.stop()
             for to, first in IDLE:
                 rows.append({"run": run, **_move(r, to, target, f"idle, {first} first", None, first)})
+        lab = {"lab_id": r.lab.id, "namespaces": [h.netns for h in r.lab.hosts],
+               "pids": [p.pid for p in r.lab.procs]}
     seconds = time.monotonic() - t0
-    return {"rows": rows, "seconds": round(seconds, 1),
+    return {"rows": rows, "seconds": round(seconds, 1), "lab": lab,
             "machine_busy_cores": round((machine_busy_seconds() - busy0) / seconds, 2)}
 
 

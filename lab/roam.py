@@ -76,10 +76,11 @@ def wan(where: str) -> str:
 
 @contextlib.contextmanager
 def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
-             udp_timeout: int | None = None) -> Iterator[Roam]:
+             udp_timeout: int | None = None, verbose: bool = False) -> Iterator[Roam]:
     """The roaming lab with serve-dns and `tunneld up` on the desktop, miniupnpd on the home router (if
     `upnp`), and the laptop joined at `at`; returns once each knows the other from DNS. `udp_timeout`
-    sets both routers' conntrack UDP timeouts (seconds) before anything flows."""
+    sets both routers' conntrack UDP timeouts (seconds) before anything flows; `verbose` runs both daemons
+    with debug logging."""
     with Lab() as lab, contextlib.ExitStack() as stack:
         hosts = roaming(lab, at="home")
         if udp_timeout is not None:
@@ -98,8 +99,9 @@ def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
             mini.start()  # probes from the laptop: it must be at home
         if at != "home":
             move(lab, hosts["laptop"], at)
-        desktop = joined(lab, desktop_h, "desktop", secret, dns_at, workdir)
-        laptop = joined(lab, hosts["laptop"], "laptop", secret, dns_at, workdir)
+        args = ("--verbose",) if verbose else ()
+        desktop = joined(lab, desktop_h, "desktop", secret, dns_at, workdir, args=args)
+        laptop = joined(lab, hosts["laptop"], "laptop", secret, dns_at, workdir, args=args)
         r = Roam(lab, hosts, desktop, laptop, secret, dns_at, workdir, mini)
         wait_for(lambda: knows(laptop, desktop) and knows(desktop, laptop), timeout=20,
                  what="the laptop and the desktop to learn each other through DNS")
@@ -166,3 +168,22 @@ def first_reply(lab: Lab, src: Node, dst: Node, since: float, timeout: float) ->
     finally:
         p.stop()
 
+
+
+def udp_bindings(lab: Lab, router: Host, port: int) -> list[dict[str, str]]:
+    """The router's conntrack entries (its NAT bindings) for UDP from an inside port `port`: each with
+    `timeout` (seconds left) and the original direction's src, dst, sport, dport."""
+    out = lab.run(router, ["cat", "/proc/net/nf_conntrack"]).stdout
+    found = []
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) < 5 or f[2] != "udp":
+            continue
+        entry = {"timeout": f[4]}
+        for kv in f[5:]:
+            k, _, v = kv.partition("=")
+            if k in ("src", "dst", "sport", "dport") and k not in entry:
+                entry[k] = v
+        if entry.get("sport") == str(port):
+            found.append(entry)
+    return found

@@ -255,9 +255,9 @@ def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
 
 
 def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], workdir: Path,
-           run: bool = True) -> Node:
+           run: bool = True, args: Sequence[str] = ()) -> Node:
     """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
-    only way to find the others), then `tunneld up` unless `run` is False."""
+    only way to find the others), then `tunneld up ARGS` unless `run` is False."""
     n = Node(h, workdir / name, h.addr4, name=name)
     out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
                       str(secret), "--name", name, "--config", str(n.config),
@@ -268,7 +268,7 @@ def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], 
     n.config.write_text(n.config.read_text().replace(
         "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
     if run:
-        start(lab, n)
+        start(lab, n, *args)
     return n
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from lab.netns import wait_for
-from lab.roam import Pinger, endpoint_host, first_reply, knows, roam_lab, wan
+from lab.roam import Pinger, endpoint_host, first_reply, knows, roam_lab, udp_bindings, wan
 from lab.topology import public_host
 from lab.tunnel import peer_status, ping6, ssh, start_sshd, status
+from lab.upnp import MINIUPNPD
 
-MINIUPNPD = "/usr/sbin/miniupnpd"
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig") or not os.access(MINIUPNPD, os.X_OK),
@@ -100,6 +100,11 @@ def test_idle_past_the_cafe_nat_udp_timeout_the_desktop_still_reaches_the_laptop
             time.sleep(5)  # (waiting out a timeout: there is nothing to poll for)
             assert r.laptop.proc is not None and r.laptop.proc.poll() is None
         assert peer_status(r.desktop, "laptop")["rx_packets"] == rx_before  # idle: no data arrived
+        # The café binding toward the desktop is still there, refreshed within the timeout: only the
+        # laptop's keepalives can have done it (the public desktop sends none).
+        bindings = [b for b in udp_bindings(r.lab, r.hosts["cafe"], r.laptop.port)
+                    if b["dst"] == r.hosts["desktop"].addr4]
+        assert bindings and all(int(b["timeout"]) <= NAT_UDP_TIMEOUT for b in bindings), bindings
         t0 = time.time()
         took = first_reply(r.lab, r.desktop, r.laptop, t0, timeout=REACH_BOUND + 2)
         print(f"after {2 * NAT_UDP_TIMEOUT + 5} s idle: desktop->laptop first reply after {took:.2f} s")
