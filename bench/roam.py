@@ -26,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.procs import log_tail, machine_busy_seconds
 from lab.netns import LabError, terminate_as_exit, wait_for
-from lab.roam import Pinger, Roam, endpoint_host, roam_lab, wan
+from lab.roam import Pinger, Roam, endpoint_host, moved, roam_lab, wan
 from lab.tunnel import status
 
 TIMEOUT = 20.0  # seconds a move may take to settle before the run fails
@@ -51,11 +52,10 @@ def _settle(r: Roam, to: str, began: float, target: str, generation: int) -> dic
     """Poll until the desktop shows the new endpoint, DNS holds the new records and the laptop handled the
     move; seconds from `began` to each."""
     got: dict[str, float] = {}
-    checks = {
+    checks: dict[str, Callable[[], bool]] = {
         "endpoint_s": lambda: endpoint_host(r.desktop, "laptop") == wan(to),
         "dns_s": lambda: _dns_holds(r, to, target),
-        "handled_s": lambda: int(status(r.laptop)["network"]["generation"]) > generation
-        and "LLQs renewed" in status(r.laptop)["network"]["redone"],
+        "handled_s": lambda: moved(status(r.laptop), generation),
     }
 
     def done() -> bool:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import ROAMING_WAN, move, roaming, set_udp_timeout
@@ -61,6 +62,13 @@ class Roam:
 
 def knows(n: Node, other: Node) -> bool:
     return any(p["ula"] == other.ula for p in status(n)["peers"])
+
+
+def moved(st: dict[str, Any], generation: int) -> bool:
+    """A status shows a network generation newer than `generation`, with everything redone (the LLQs
+    are renewed last)."""
+    net = st["network"]
+    return int(net["generation"]) > generation and "LLQs renewed" in net["redone"]
 
 
 def endpoint_host(n: Node, peer: str) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import wait_for
-from lab.roam import Pinger, endpoint_host, first_reply, knows, roam_lab, udp_bindings, wan
+from lab.roam import Pinger, endpoint_host, first_reply, knows, moved, roam_lab, udp_bindings, wan
 from lab.topology import public_host
 from lab.tunnel import peer_status, ping6, ssh, start_sshd, status
 from lab.upnp import MINIUPNPD
@@ -28,12 +28,6 @@ pytestmark = [
 GAP_BOUND = 3.0  # seconds without traffic a move may cost (the goal is < 1 s; the machine is shared)
 REACH_BOUND = 3.0  # an idle peer answers within this after a move or an idle spell
 NAT_UDP_TIMEOUT = 30  # the routers' conntrack UDP timeout: above the 25 s persistent keepalive
-
-
-def _moved(n_status: dict[str, object], generation: int) -> bool:
-    net = n_status["network"]
-    assert isinstance(net, dict)
-    return int(net["generation"]) > generation and "LLQs renewed" in net["redone"]
 
 
 def test_cafe_laptop_and_public_desktop_find_each_other_and_ssh_both_ways(tmp_path: Path) -> None:
@@ -86,7 +80,7 @@ def test_moves_home_cafe_home_with_flows_each_way_and_idle(tmp_path: Path) -> No
             figures.append(f"idle, to {to}: desktop->laptop first reply after {gap:.2f} s")
             assert gap < REACH_BOUND, figures
             assert endpoint_host(r.desktop, "laptop") == wan(to)
-            wait_for(lambda g=generation: _moved(status(r.laptop), g), timeout=10,
+            wait_for(lambda g=generation: moved(status(r.laptop), g), timeout=10,
                      what="the laptop to redo its sockets")
     print("\n".join(figures))
 
@@ -116,7 +110,7 @@ def test_shutdown_after_a_move_withdraws_the_records(tmp_path: Path) -> None:
         wait_for(lambda: r.laptop_srv() != [], timeout=10, what="the laptop's home records")
         generation = int(status(r.laptop)["network"]["generation"])
         r.move("cafe")
-        wait_for(lambda: _moved(status(r.laptop), generation), timeout=10, what="the move to be handled")
+        wait_for(lambda: moved(status(r.laptop), generation), timeout=10, what="the move to be handled")
         # At the café there is no endpoint: the home endpoint records go, the identity stays.
         wait_for(lambda: r.laptop_srv() == [], timeout=10, what="the home endpoint records to be deleted")
         assert r.laptop_txt()
@@ -131,7 +125,7 @@ def test_a_device_that_joins_after_the_move_is_learned(tmp_path: Path) -> None:
     with roam_lab(tmp_path, at="home") as r:
         generation = int(status(r.laptop)["network"]["generation"])
         r.move("cafe")
-        wait_for(lambda: _moved(status(r.laptop), generation), timeout=10, what="the move to be handled")
+        wait_for(lambda: moved(status(r.laptop), generation), timeout=10, what="the move to be handled")
         phone = r.join(public_host(r.lab, r.hosts["inet"], "phone", 2), "phone")
         wait_for(lambda: knows(r.laptop, phone) and knows(r.desktop, phone) and knows(phone, r.laptop),
                  timeout=15, what="the laptop and the desktop to learn the phone (and it them)")
