@@ -1,5 +1,7 @@
 """Run real `tunneld up` daemons in lab namespaces: configs, identities, start, readiness, status.
 
+Also the account's own DNS server (`serve_dns`) and a device set up by `tunneld join` (`joined`).
+
 Used by the integration tests, the demo and the benchmark, so that all three exercise the daemon the
 way a user runs it: the console script, a TOML config, the control socket.
 """
@@ -229,3 +231,49 @@ def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: 
         if start_b:
             start(lab, b, *b_args, env=b_env)
         yield lab, a, b
+
+
+def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
+              at: tuple[str, int]) -> subprocess.Popen[Any]:
+    """`tunneld serve-dns` for the account's zone in n's namespace at `at` (log in workdir), waiting
+    until it answers an SOA query."""
+    log = workdir / "serve-dns.log"
+    with log.open("ab") as out:
+        proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
+                                  "--listen", f"{at[0]}:{at[1]}", "--db", str(workdir / "dns.sqlite")],
+                         stdout=out, stderr=out)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise LabError(f"serve-dns exited: {log.read_text()[-2000:]}")
+        r = lab.run(n.host, ["dig", f"@{at[0]}", "-p", str(at[1]), "+short", "+tries=1", "+time=1",
+                             "SOA", DOMAIN], check=False)
+        return bool(r.stdout.strip())
+
+    wait_for(answers, timeout=15, what="serve-dns to answer")
+    return proc
+
+
+def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], workdir: Path,
+           run: bool = True, args: Sequence[str] = ()) -> Node:
+    """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
+    only way to find the others), then `tunneld up ARGS` unless `run` is False."""
+    n = Node(h, workdir / name, h.addr4, name=name)
+    out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
+                      str(secret), "--name", name, "--config", str(n.config),
+                      "--state-dir", str(n.dir / "state")]).stdout
+    fields = dict(line.split(" ", 1) for line in out.splitlines())
+    n.public_key, n.ula = fields["public_key"], fields["ula"]
+    # Test-only: the control socket next to the config (the default is /run/tunneld).
+    n.config.write_text(n.config.read_text().replace(
+        "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
+    if run:
+        start(lab, n, *args)
+    return n
+
+
+def dig(lab: Lab, h: Host, server: tuple[str, int], qtype: str, name: str) -> list[str]:
+    """The answer lines (`dig +short`) for one query to the account's server, from h."""
+    r = lab.run(h, ["dig", f"@{server[0]}", "-p", str(server[1]), "+short", "+tries=1", "+time=1",
+                    qtype, name], check=False)
+    return [line for line in r.stdout.splitlines() if line.strip() and not line.startswith(";")]

@@ -6,55 +6,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from lab.netns import Host, Lab, wait_for
+from lab.netns import Lab, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import DOMAIN, TUNNELD, Node, ping6, ssh, start, start_sshd, status, write_secret
+from lab.tunnel import TUNNELD, Node, joined, ping6, serve_dns, ssh, start_sshd, status, write_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig"),
                                 reason="needs root and dig (bind9-dnsutils)")
 
 DNS = ("192.0.2.2", 5353)
-
-
-def _serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
-               at: tuple[str, int] = DNS) -> subprocess.Popen[Any]:
-    log = workdir / "serve-dns.log"
-    with log.open("ab") as out:
-        proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
-                                  "--listen", f"{at[0]}:{at[1]}", "--db", str(workdir / "dns.sqlite")],
-                         stdout=out, stderr=out)
-
-    def answers() -> bool:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        r = lab.run(n.host, ["dig", f"@{at[0]}", "-p", str(at[1]), "+short", "+tries=1", "+time=1",
-                             "SOA", DOMAIN], check=False)
-        return bool(r.stdout.strip())
-
-    wait_for(answers, timeout=15, what="serve-dns to answer")
-    return proc
-
-
-def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], tmp_path: Path) -> Node:
-    """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
-    only way to find the others), then `tunneld up`."""
-    n = Node(h, tmp_path / name, h.addr4, name=name)
-    out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
-                      str(secret), "--name", name, "--config", str(n.config),
-                      "--state-dir", str(n.dir / "state")]).stdout
-    fields = dict(line.split(" ", 1) for line in out.splitlines())
-    n.public_key, n.ula = fields["public_key"], fields["ula"]
-    # Test-only: the control socket next to the config (the default is /run/tunneld).
-    n.config.write_text(n.config.read_text().replace(
-        "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
-    start(lab, n)
-    return n
 
 
 @pytest.fixture
@@ -66,7 +30,7 @@ def discovered(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
         lab.ip(hb, "route", "add", "default", "via", ha.addr4)
         secret = tmp_path / "secret"
         write_secret(secret)
-        _serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path)
+        serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path, DNS)
         nodes = []
         for h, name in ((ha, "laptop"), (hb, "desktop")):
             n = joined(lab, h, name, secret, DNS, tmp_path)
@@ -108,7 +72,7 @@ def test_host_behind_nat_and_public_host_find_each_other(tmp_path: Path) -> None
         secret = tmp_path / "secret"
         write_secret(secret)
         dns_at = (peer.addr4, 5353)
-        _serve_dns(lab, Node(peer, tmp_path / "dns", peer.addr4), secret, tmp_path, dns_at)
+        serve_dns(lab, Node(peer, tmp_path / "dns", peer.addr4), secret, tmp_path, dns_at)
         with MiniUPnPd(lab, host, router, peer) as upnp:
             upnp.start()
             nodes = []

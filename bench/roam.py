@@ -1,0 +1,177 @@
+"""The handover when a laptop moves between networks: `python -m bench.roam [--runs N] [--json]`.
+
+One roaming lab (lab.topology.roaming, lab.roam): a public desktop runs `tunneld serve-dns` for the
+account and `tunneld up`; the laptop joins by DNS behind the home router (NAT, miniupnpd for PCP/NAT-PMP)
+and moves between it and the café router (NAT, no mapping). Each run moves the laptop four times while
+`ping -6 -i 0.05` flows each way (café, home, café, home), then four times idle: twice the desktop sends
+first after the move, twice the laptop does. Per move and direction it reports:
+
+- gap: with flows, from the last reply before the move to the first after it; idle, from the move to
+  the first reply of a ping started right after it;
+- endpoint: from the move until the desktop's status shows the laptop at the new NAT's address;
+- dns: until the account's server holds the new records (at home the SRV and the A record of the home
+  address; at the café no SRV: identity alone);
+- old mapping: after leaving home, whether miniupnpd still holds the home mapping (the laptop cannot
+  reach the old gateway any more to delete it) once the move was handled.
+
+Everything is removed by the Lab, also on failure, Ctrl-C or SIGTERM. The goal is every gap under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.procs import log_tail, machine_busy_seconds
+from lab.netns import LabError, terminate_as_exit, wait_for
+from lab.roam import Pinger, Roam, endpoint_host, moved, roam_lab, wan
+from lab.tunnel import status
+
+TIMEOUT = 20.0  # seconds a move may take to settle before the run fails
+POLL = 0.02
+FLOWING = ("cafe", "home", "cafe", "home")
+IDLE = (("cafe", "desktop"), ("home", "desktop"), ("cafe", "laptop"), ("home", "laptop"))
+
+
+def _dns_holds(r: Roam, to: str, target: str) -> bool:
+    srv = r.laptop_srv()
+    if to == "cafe":
+        return srv == [] and bool(r.laptop_txt())
+    return bool(srv) and r.dig("A", target) == [wan(to)]
+
+
+def _settle(r: Roam, to: str, began: float, target: str, generation: int) -> dict[str, float]:
+    """Poll until the desktop shows the new endpoint, DNS holds the new records and the laptop handled the
+    move; seconds from `began` to each."""
+    got: dict[str, float] = {}
+    checks: dict[str, Callable[[], bool]] = {
+        "endpoint_s": lambda: endpoint_host(r.desktop, "laptop") == wan(to),
+        "dns_s": lambda: _dns_holds(r, to, target),
+        "handled_s": lambda: moved(status(r.laptop), generation),
+    }
+
+    def done() -> bool:
+        for key, check in checks.items():
+            if key not in got and check():
+                got[key] = time.time() - began
+        return len(got) == len(checks)
+
+    try:
+        wait_for(done, timeout=TIMEOUT, interval=POLL, what=f"the move to {to} to settle")
+    except LabError as e:
+        raise LabError(f"{e}; settled so far: {got}; laptop log:\n{log_tail(r.laptop.log)}") from None
+    return got
+
+
+def _old_mapping(r: Roam) -> str:
+    assert r.upnp is not None
+    home = r.hosts["home"].extra["lan_net"].rsplit(".", 1)[0] + "."
+    return "left" if any(m.internal_addr.startswith(home) for m in r.upnp.list_mappings()) else "deleted"
+
+
+def _move(r: Roam, to: str, target: str, traffic: str, pingers: dict[str, Pinger] | None,
+          first: str = "") -> dict[str, Any]:
+    """One move; `target` is the laptop's SRV target (the owner of its A record)."""
+    generation = int(status(r.laptop)["network"]["generation"])
+    began = r.move(to)
+    done = time.time()
+    row: dict[str, Any] = {"to": to, "traffic": traffic}
+    if pingers is not None:
+        for direction, p in pingers.items():
+            row[f"gap_{direction}_s"] = p.gap(began, done, TIMEOUT)
+    else:
+        src, dst = (r.desktop, r.laptop) if first == "desktop" else (r.laptop, r.desktop)
+        p = Pinger(r.lab, src, dst)
+        try:
+            row[f"gap_{src.name}_s"] = p.wait_reply_after(p.started, TIMEOUT) - began
+        finally:
+            p.stop()
+    row.update(_settle(r, to, began, target, generation))
+    if to == "cafe":
+        time.sleep(1.0)  # the old mapping's delete is sent within the service's grace: give it that
+        row["old_mapping"] = _old_mapping(r)
+    return row
+
+
+def run_roam(runs: int, workdir: Path) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    with roam_lab(workdir, at="home") as r:
+        wait_for(lambda: bool(r.laptop_srv()), timeout=10, what="the laptop's home records")
+        target = r.laptop_srv()[0].split()[-1]
+        for run in range(1, runs + 1):
+            pingers = {"desktop": Pinger(r.lab, r.desktop, r.laptop),
+                       "laptop": Pinger(r.lab, r.laptop, r.desktop)}
+            for p in pingers.values():
+                p.wait_reply_after(time.time(), TIMEOUT)
+            for to in FLOWING:
+                rows.append({"run": run, **_move(r, to, target, "flowing", pingers)})
+            for p in pingers.values():
+                p.stop()
+            for to, first in IDLE:
+                rows.append({"run": run, **_move(r, to, target, f"idle, {first} first", None, first)})
+        lab = {"lab_id": r.lab.id, "namespaces": [h.netns for h in r.lab.hosts],
+               "pids": [p.pid for p in r.lab.procs]}
+    seconds = time.monotonic() - t0
+    return {"rows": rows, "seconds": round(seconds, 1), "lab": lab,
+            "machine_busy_cores": round((machine_busy_seconds() - busy0) / seconds, 2)}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    head = ("| run | to   | traffic              | gap desktop->laptop ms | gap laptop->desktop ms "
+            "| desktop endpoint ms | dns ms | handled ms | old mapping |")
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for row in r["rows"]:
+        print(f"| {row['run']:>3} | {row['to']:<4} | {row['traffic']:<20} "
+              f"| {_ms(row.get('gap_desktop_s')):>22} | {_ms(row.get('gap_laptop_s')):>22} "
+              f"| {_ms(row['endpoint_s']):>19} | {_ms(row['dns_s']):>6} "
+              f"| {_ms(row['handled_s']):>10} | {row.get('old_mapping', '-'):<11} |")
+    gaps = [v for row in r["rows"] for k, v in row.items() if k.startswith("gap_")]
+    print(f"\nworst gap {max(gaps) * 1000:.0f} ms (goal < 1000 ms); {r['seconds']} s, the machine kept "
+          f"{r['machine_busy_cores']} cores busy on average")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.roam", description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=1, help="runs of eight moves (default 1)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    a = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench roam: needs root (network namespaces); run it with sudo", file=sys.stderr)
+        return 2
+    if not 1 <= a.runs <= 20:
+        print("bench roam: --runs must be between 1 and 20", file=sys.stderr)
+        return 2
+    try:
+        with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="tdl-roam-") as tmp:
+            r = run_roam(a.runs, Path(tmp))
+    except KeyboardInterrupt:
+        print("bench roam: interrupted; every namespace and process it started has been removed",
+              file=sys.stderr)
+        return 130
+    except (LabError, subprocess.SubprocessError, OSError, ValueError) as e:
+        print(f"bench roam: failed: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        json.dump(r, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
