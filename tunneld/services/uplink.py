@@ -39,6 +39,7 @@ class Uplink:
         self.static = ("disabled", "disabled in the config")  # (state, result) without a mapper
         self.endpoint: str | None = None
         self.mappings_started = 0
+        self._announced = False
         self._scope: trio.CancelScope | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -47,6 +48,7 @@ class Uplink:
         what depends on it (until a gateway answers, the endpoint is None: the old one belongs to the
         old network)."""
         self._stop_mapping()
+        self._announced = False
         self.endpoint = self._decide()
         if self.static[0] == "mapping":
             cfg, route = self.config, self.default_route()
@@ -64,7 +66,8 @@ class Uplink:
                     await service.run(task_status=task_status)
 
             await nursery.start(run)
-        self.on_endpoint(self.endpoint)
+        if not self._announced:  # a gateway that answered at once has announced it already
+            self.on_endpoint(self.endpoint)
 
     def _decide(self) -> str | None:
         """Sets ``static`` and returns the endpoint known without asking a gateway."""
@@ -102,6 +105,7 @@ class Uplink:
         if endpoint == self.endpoint:
             return
         self.endpoint = endpoint
+        self._announced = True
         self.on_endpoint(endpoint)
 
     def status(self, now: float) -> dict[str, Any]:
