@@ -3,16 +3,20 @@
 `Blast` is a TCP stream whose two ends hash what crossed (lab.progs.tcpblast), `UdpFlow` numbered
 datagrams checked byte for byte (lab.progs.traffic), `Ping` a `ping -6` summary. Each starts its
 processes with the lab (ended by PID when it closes) and `result()` returns both ends' reports.
+`Stream` is a rate-limited TCP stream whose receiver timestamps its progress (lab.progs.tcpgap), to
+measure how long it stalls across a change.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
+import threading
 from typing import Any
 
 from lab import progs
-from lab.netns import Lab, LabError
+from lab.netns import Lab, LabError, wait_for
 from lab.tunnel import Node
 
 
@@ -41,6 +45,74 @@ class Blast:
         sline = self.server.stdout.readline()
         self.server.wait(timeout=timeout)
         return progs.last_json(out), progs.last_json(sline)
+
+
+class Stream:
+    """A TCP stream of `rate` bytes/s from one node to another's ULA for at most `seconds`; keeps the
+    receiver's progress samples (wall time, bytes so far) to measure how long the bytes stop."""
+
+    def __init__(self, lab: Lab, src: Node, dst: Node, port: int, rate: float = 2e6,
+                 seconds: float = 120, timeout: float = 60) -> None:
+        self.lab, self.src, self.dst = lab, src, dst
+        self.receiver = progs.spawn(lab, dst.host, "tcpgap", "recv", dst.ula, str(port),
+                                    "--timeout", str(timeout),
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._lines = progs.Lines(self.receiver)
+        try:
+            self._lines.until(lambda o: "listening" in o, timeout=10)
+        except (TimeoutError, EOFError) as e:
+            raise LabError(f"tcpgap receiver on {dst.name} did not start: {e}") from None
+        self.sender = progs.spawn(lab, src.host, "tcpgap", "send", dst.ula, str(port), "--rate", str(rate),
+                                  "--seconds", str(seconds), "--timeout", str(timeout),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                obj = self._lines.next(timeout=3600)
+            except (TimeoutError, EOFError):
+                return
+            if "t" in obj:
+                with self._lock:
+                    self.samples.append((float(obj["t"]), int(obj["bytes"])))
+
+    def _times_after(self, t: float) -> list[float]:
+        with self._lock:
+            return [s for s, _ in self.samples if s > t]
+
+    def wait_bytes_after(self, t: float, timeout: float) -> float:
+        """The time of the first progress after wall time t (waiting at most `timeout` s)."""
+        def got() -> bool:
+            for p, who in ((self.receiver, "receiver"), (self.sender, "sender")):
+                if p.poll() is not None:
+                    raise LabError(f"tcpgap {who} {self.src.name} -> {self.dst.name} exited "
+                                   f"({p.returncode})")
+            return bool(self._times_after(t))
+        wait_for(got, timeout=timeout, interval=0.02,
+                 what=f"TCP bytes {self.src.name} -> {self.dst.name} after t={t:.2f}")
+        return self._times_after(t)[0]
+
+    def gap(self, began: float, end: float, timeout: float) -> float:
+        """The longest time the receiver got no new bytes around a change that began at `began` and was
+        over at `end`: the largest interval between consecutive progress samples that reaches past
+        `began` and starts before `end` (waiting for the first progress after `end`)."""
+        self.wait_bytes_after(end, timeout)
+        with self._lock:
+            times = [t for t, _ in self.samples]
+        before = [t for t in times if t <= began]
+        edges = [before[-1] if before else began] + [t for t in times if t > began]
+        return max(b - a for a, b in itertools.pairwise(edges) if a < end)
+
+    def bytes(self) -> int:
+        with self._lock:
+            return self.samples[-1][1] if self.samples else 0
+
+    def stop(self) -> None:
+        self.lab.stop(self.sender)
+        self.lab.stop(self.receiver)
 
 
 class UdpFlow:
