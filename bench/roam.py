@@ -9,7 +9,8 @@ idle: twice the desktop sends first after the move, twice the laptop does. Per m
 - gap: ping; with flows, from the last reply before the move to the first after it; idle, from the move
   to the first reply of a ping started right after it;
 - tcp gap: with flows, the longest time the stream's receiver got no new bytes from just before the
-  move until it settled (lab.flows.Stream); TCP's retransmission backoff shows here, not in ping;
+  move until it settled (lab.flows.Stream), and the sender's retransmission timeouts meanwhile: TCP's
+  recovery (fast retransmit, or a timeout of at least 200 ms and its backoff) shows here, not in ping;
 - endpoint: from the move until the desktop's status shows the laptop at the new NAT's address;
 - dns: until the account's server holds the new records (at home the SRV and the A record of the home
   address; at the café no SRV: identity alone);
@@ -86,6 +87,7 @@ def _move(r: Roam, to: str, target: str, traffic: str, pingers: dict[str, Pinger
           first: str = "", streams: dict[str, Stream] | None = None) -> dict[str, Any]:
     """One move; `target` is the laptop's SRV target (the owner of its A record)."""
     generation = int(status(r.laptop)["network"]["generation"])
+    rtos = {direction: st.timeouts() for direction, st in (streams or {}).items()}
     began = r.move(to)
     done = time.time()
     row: dict[str, Any] = {"to": to, "traffic": traffic}
@@ -105,6 +107,7 @@ def _move(r: Roam, to: str, target: str, traffic: str, pingers: dict[str, Pinger
         row["old_mapping"] = _old_mapping(r)
     for direction, st in (streams or {}).items():
         row[f"tcp_gap_{direction}_s"] = st.gap(began, time.time(), TIMEOUT)
+        row[f"tcp_rto_{direction}"] = st.timeouts() - rtos[direction]
     return row
 
 
@@ -142,6 +145,12 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+def _tcp(row: dict[str, Any], direction: str) -> str:
+    """The TCP gap in ms, with the sender's retransmission timeouts during the move if any."""
+    ms, rto = _ms(row.get(f"tcp_gap_{direction}_s")), row.get(f"tcp_rto_{direction}")
+    return f"{ms} ({rto} RTO)" if rto else ms
+
+
 def print_table(r: dict[str, Any]) -> None:
     head = ("| run | to   | traffic              | gap desktop->laptop ms | gap laptop->desktop ms "
             "| tcp desktop->laptop ms | tcp laptop->desktop ms "
@@ -151,7 +160,7 @@ def print_table(r: dict[str, Any]) -> None:
     for row in r["rows"]:
         print(f"| {row['run']:>3} | {row['to']:<4} | {row['traffic']:<20} "
               f"| {_ms(row.get('gap_desktop_s')):>22} | {_ms(row.get('gap_laptop_s')):>22} "
-              f"| {_ms(row.get('tcp_gap_desktop_s')):>22} | {_ms(row.get('tcp_gap_laptop_s')):>22} "
+              f"| {_tcp(row, 'desktop'):>22} | {_tcp(row, 'laptop'):>22} "
               f"| {_ms(row['endpoint_s']):>19} | {_ms(row['dns_s']):>6} "
               f"| {_ms(row['handled_s']):>10} | {row.get('old_mapping', '-'):<11} |")
     gaps = [v for row in r["rows"] for k, v in row.items() if k.startswith("gap_")]

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from lab import progs
-from lab.netns import Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError, wait_for
 from lab.tunnel import Node
 
 
@@ -110,9 +110,23 @@ class Stream:
         with self._lock:
             return self.samples[-1][1] if self.samples else 0
 
+    def timeouts(self) -> int:
+        """The retransmission timeouts so far in the sender's namespace (TcpExt TCPTimeouts: every TCP
+        connection there counts; in the roaming lab the stream's sender is the only one with data)."""
+        return tcp_counter(self.lab, self.src.host, "TCPTimeouts")
+
     def stop(self) -> None:
         self.lab.stop(self.sender)
         self.lab.stop(self.receiver)
+
+
+def tcp_counter(lab: Lab, host: Host, name: str) -> int:
+    """One TcpExt counter of `host`'s namespace (/proc/net/netstat is per namespace)."""
+    lines = [ln.split() for ln in lab.run(host, ["cat", "/proc/net/netstat"]).stdout.splitlines()]
+    for head, values in itertools.pairwise(lines):
+        if head and head[0] == "TcpExt:" and values and values[0] == "TcpExt:" and name in head:
+            return int(values[head.index(name)])
+    raise LabError(f"no TcpExt {name} in {host.name}'s /proc/net/netstat")
 
 
 class UdpFlow:

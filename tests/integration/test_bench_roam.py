@@ -1,6 +1,7 @@
 """The handover benchmark (`python -m bench.roam`): one quick run prints a row per move with a gap for
-the direction(s) measured (and, with flows, a TCP gap each way), the times until the desktop shows the new endpoint and DNS holds the new
-records, the old mapping's fate after leaving home, and leaves no namespace or process behind."""
+the direction(s) measured (with flows, a TCP gap and its retransmission timeouts each way too), the
+times until the desktop shows the new endpoint and DNS holds the new records, the old mapping's fate
+after leaving home, and leaves no namespace or process behind."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def test_quick_run_reports_every_move_and_cleans_up() -> None:
         assert len(gaps) == (2 if row["traffic"] == "flowing" else 1), row
         tcp = [v for k, v in row.items() if k.startswith("tcp_gap_")]
         assert len(tcp) == (2 if row["traffic"] == "flowing" else 0), row
+        rtos = [v for k, v in row.items() if k.startswith("tcp_rto_")]
+        assert len(rtos) == len(tcp) and all(isinstance(v, int) and v >= 0 for v in rtos), row
         assert all(0 < v < 20 for v in [*gaps, *tcp, row["endpoint_s"], row["dns_s"], row["handled_s"]]), row
         assert (row.get("old_mapping") in ("left", "deleted")) == (row["to"] == "cafe"), row
     lab = r["lab"]
