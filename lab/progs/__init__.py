@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +66,21 @@ def cli(prog: str, commands: dict[str, Command], args: list[str] | None = None) 
     a = p.parse_args(args)
     report(commands[a.command][1](a))
     return 0
+
+
+def accept_one(addr: str, port: int, timeout: float) -> socket.socket:
+    """Listen on ADDR:PORT, say {"listening": true} (the caller's readiness check), accept one TCP
+    connection within ``timeout`` and return it with the same timeout on its reads."""
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as ls:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((addr, port))
+        ls.listen(1)
+        ls.settimeout(timeout)
+        report({"listening": True})
+        conn, _ = ls.accept()
+    conn.settimeout(timeout)
+    return conn
 
 
 def endpoint(p: argparse.ArgumentParser) -> None:

@@ -19,32 +19,23 @@ import sys
 import time
 from typing import Any
 
-from lab.progs import cli, endpoint, report
+from lab.progs import accept_one, cli, endpoint
 
 CHUNK = 256 * 1024
 
 
 def serve(addr: str, port: int, timeout: float) -> dict[str, Any]:
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as ls:
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind((addr, port))
-        ls.listen(1)
-        ls.settimeout(timeout)
-        report({"listening": True})
-        conn, _ = ls.accept()
-        with conn:
-            conn.settimeout(timeout)
-            h = hashlib.sha256()
-            n = 0
-            t0 = time.monotonic()
-            while True:
-                data = conn.recv(CHUNK)
-                if not data:
-                    break
-                h.update(data)
-                n += len(data)
-        return {"bytes": n, "sha256": h.hexdigest(), "seconds": time.monotonic() - t0}
+    with accept_one(addr, port, timeout) as conn:
+        h = hashlib.sha256()
+        n = 0
+        t0 = time.monotonic()
+        while True:
+            data = conn.recv(CHUNK)
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+    return {"bytes": n, "sha256": h.hexdigest(), "seconds": time.monotonic() - t0}
 
 
 def send(addr: str, port: int, nbytes: int | None, seconds: float | None, timeout: float) -> dict[str, Any]:

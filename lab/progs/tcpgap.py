@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from lab.progs import cli, endpoint, report
+from lab.progs import accept_one, cli, endpoint, report
 
 CHUNK = 16 * 1024
 SLOT = 0.01  # seconds: progress resolution
@@ -27,32 +27,23 @@ CATCH_UP = 0.1  # seconds of a stall the sender may make up for
 
 
 def recv(addr: str, port: int, timeout: float) -> dict[str, Any]:
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as ls:
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind((addr, port))
-        ls.listen(1)
-        ls.settimeout(timeout)
-        report({"listening": True})
-        conn, _ = ls.accept()
-        with conn:
-            conn.settimeout(timeout)
-            n = 0
-            t0 = time.monotonic()
-            last: tuple[float, int] | None = None  # the latest read
-            printed = 0.0  # wall time of the latest printed read
-            while True:
-                data = conn.recv(256 * 1024)
-                if not data:
-                    break
-                now = time.time()
-                n += len(data)
-                if last is not None and now - last[0] >= SLOT and last[0] > printed:
-                    report({"t": last[0], "bytes": last[1]})  # a silence ends: its start too
-                if last is None or now - last[0] >= SLOT or now - printed >= SLOT:
-                    report({"t": now, "bytes": n})
-                    printed = now
-                last = (now, n)
+    with accept_one(addr, port, timeout) as conn:
+        n = 0
+        t0 = time.monotonic()
+        last: tuple[float, int] | None = None  # the latest read
+        printed = 0.0  # wall time of the latest printed read
+        while True:
+            data = conn.recv(256 * 1024)
+            if not data:
+                break
+            now = time.time()
+            n += len(data)
+            if last is not None and now - last[0] >= SLOT and last[0] > printed:
+                report({"t": last[0], "bytes": last[1]})  # a silence ends: its start too
+            if last is None or now - last[0] >= SLOT or now - printed >= SLOT:
+                report({"t": now, "bytes": n})
+                printed = now
+            last = (now, n)
     return {"bytes": n, "seconds": time.monotonic() - t0}
 
 
