@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,18 +154,38 @@ class Daemon:
             return
         if change is not None:
             log.info("network changed (%s): %s", ", ".join(sorted(change.changed)), change.new.describe())
-        if self.udp.bind_host in (change.vanished if change else ()):
+        nursery = self._nursery
+
+        async def tunnel_socket() -> bool:
+            if self.udp is None or self.udp.bind_host not in (change.vanished if change else ()):
+                return False
             self.udp.rebind(bind_host="::")
-            redone.append("tunnel socket")
-        await self.dataplane.send(self.core.roamed(now, time.time()))  # peers hear from our new address
-        redone.append("peers told")
-        # The publisher's socket first: the uplink's new endpoint is republished at once, through it.
-        if self.publisher is not None and await self.publisher.reopen():
-            redone.append("publisher socket")
-        await self.uplink.start(self._nursery)
-        redone.append(f"uplink ({self.uplink.status(now)['state']})")
-        if self.watcher is not None and await self.watcher.renew():
-            redone.append("LLQs renewed")
+            return True
+
+        async def tell_peers() -> bool:
+            assert self.dataplane is not None
+            await self.dataplane.send(self.core.roamed(now, time.time()))  # from our new address
+            return True
+
+        async def uplink() -> bool:
+            await self.uplink.start(nursery)
+            return True
+
+        steps: list[tuple[str, Callable[[], Awaitable[bool]]]] = [
+            ("tunnel socket", tunnel_socket), ("peers told", tell_peers),
+            # The publisher's socket before the uplink: its new endpoint is republished through it.
+            ("publisher socket", self.publisher.reopen if self.publisher else _nothing),
+            ("uplink", uplink),
+            ("LLQs renewed", self.watcher.renew if self.watcher else _nothing),
+        ]
+        for what, step in steps:
+            try:
+                if await step():
+                    state = self.uplink.status(now)["state"]
+                    redone.append(f"uplink ({state})" if what == "uplink" else what)
+            except OSError as e:  # no route (yet): the next change redoes it; the old state stays
+                log.info("after the network change, %s failed: %s", what, e)
+                redone.append(f"{what} failed: {e.strerror or e}")
         self.last_redone = redone
         self.last_change_at = now
         log.info("after the network change: %s", ", ".join(redone))
@@ -303,6 +324,10 @@ class Daemon:
                 "handshake_drops": dict(self.core.handshaker.drops),
             },
         }
+
+
+async def _nothing() -> bool:
+    return False
 
 
 async def run_until_signalled(daemon: Daemon) -> None:

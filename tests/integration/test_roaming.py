@@ -158,3 +158,24 @@ def test_a_device_that_joins_after_the_move_is_learned(tmp_path: Path) -> None:
         ping6(r.lab, r.laptop, phone)
         ping6(r.lab, phone, r.laptop, timeout=5)
         ping6(r.lab, r.desktop, phone)
+
+
+def test_a_spell_without_any_network_then_the_cafe(tmp_path: Path) -> None:
+    """Out of range: the laptop loses its uplink and has no route at all for a while (every socket that
+    connects to the server fails then), then arrives at the café; it carries on and is reached there."""
+    from lab.topology import arrive, leave
+
+    with roam_lab(tmp_path, at="home") as r:
+        generation = int(status(r.laptop)["network"]["generation"])
+        leave(r.lab, r.hosts["laptop"])
+        wait_for(lambda: int(status(r.laptop)["network"]["generation"]) > generation, timeout=10,
+                 what="the loss of the network to be seen")
+        assert r.laptop.proc is not None and r.laptop.proc.poll() is None, "the daemon died offline"
+        offline = status(r.laptop)
+        assert offline["public_endpoint"] is None and offline["portmap"]["state"] == "no-gateway"
+        generation = int(offline["network"]["generation"])
+        arrive(r.lab, r.hosts["laptop"], "cafe")
+        wait_for(lambda: moved(status(r.laptop), generation), timeout=10, what="the café to be handled")
+        ping6(r.lab, r.desktop, r.laptop, timeout=REACH_BOUND)
+        wait_for(lambda: r.laptop_srv() == [] and bool(r.laptop_txt()), timeout=10,
+                 what="the identity alone published from the café")

@@ -98,3 +98,13 @@ def test_without_persistent_keepalive_an_idle_peer_goes_quiet() -> None:
     assert b_blind and b_blind[-1] == 400.0  # and b loses the session: it cannot reach a first
     a.set_persistent_keepalive(None)
     assert a.by_key[b_pub].persistent_keepalive is None
+
+
+def test_a_handshake_begun_offline_is_begun_again_from_the_new_network() -> None:
+    """Offline, the move's initiation went nowhere (and its retry is 5 s away); arriving somewhere new,
+    the handshake starts again at once rather than waiting for that retry."""
+    a, _, _, b_pub = pair()
+    a.learn_peer("b", b_pub, B_ULA, B_ADDR, 0.0)
+    first = datagrams(a.roamed(10.0, 1e9 + 10), B_ADDR)  # offline: this one is lost
+    again = datagrams(a.roamed(11.0, 1e9 + 11), B_ADDR)  # at the café, one second later
+    assert len(first) == len(again) == 1 and classify(again[0]) is Kind.CONTROL and again != first

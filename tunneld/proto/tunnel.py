@@ -212,7 +212,7 @@ class TunnelCore:
                 continue
             if peer.sendable(now) is not None and not peer.wants_rekey(now):
                 self._keepalive(peer, now, out)
-            elif not peer.handshake_in_progress():
+            else:  # a handshake in progress began elsewhere (or nowhere: offline): begin it again from here
                 self._initiate(peer, now, wall, out, retry=True)
         return out
 
