@@ -43,6 +43,7 @@ from tunneld.proto.handshake import (
     tai64n,
     unframe,
 )
+from tunneld.proto.handshake_load import HandshakeLoad, LoadMeter
 
 I_PRIV = bytes([0x11]) * 32
 R_PRIV = bytes([0x22]) * 32
@@ -74,10 +75,15 @@ def scripted(chunks: Iterable[bytes]) -> Callable[[int], bytes]:
 
 
 def make_pair(
-    seed: int = 1, *, r_psk: bytes = PSK, r_peers: Iterable[bytes] = (I_PUB,)
+    seed: int = 1, *, r_psk: bytes = PSK, r_peers: Iterable[bytes] = (I_PUB,), unmetered: bool = False
 ) -> tuple[Handshaker, Handshaker]:
-    initiator = Handshaker(I_PRIV, PSK, {R_PUB}, rand=drbg(seed))
-    responder = Handshaker(R_PRIV, r_psk, set(r_peers), rand=drbg(seed + 1000))
+    """Two Handshakers; ``unmetered`` for tests that send more than UNDER_LOAD_RATE messages a second on
+    purpose, about something else than load (tests/unit/test_handshake_load.py is about load)."""
+    def load() -> HandshakeLoad | None:
+        return HandshakeLoad(LoadMeter(rate=1_000_000)) if unmetered else None
+
+    initiator = Handshaker(I_PRIV, PSK, {R_PUB}, rand=drbg(seed), load=load())
+    responder = Handshaker(R_PRIV, r_psk, set(r_peers), rand=drbg(seed + 1000), load=load())
     return initiator, responder
 
 
@@ -332,7 +338,7 @@ def test_every_bit_flip_under_a_recomputed_mac1_of_an_initiation() -> None:
 
 
 def test_every_bit_flip_of_a_response() -> None:
-    initiator, responder = make_pair()
+    initiator, responder = make_pair(unmetered=True)
     d1, pending = initiator.initiate(R_PUB, 10.0, WALL)
     ev1 = responder.receive(body(d1), I_ADDR, 10.0)
     assert isinstance(ev1, InitiationReceived)
@@ -493,7 +499,7 @@ def test_older_and_equal_timestamps_are_replays() -> None:
 
 
 def test_rate_limit() -> None:
-    initiator, responder = make_pair()
+    initiator, responder = make_pair(unmetered=True)
     accepted = 0
     for k in range(200):  # 200 fresh initiations in one second, every 5 ms
         d1, _ = initiator.initiate(R_PUB, 100.0 + k * 0.005, WALL + k * 0.005)

@@ -40,6 +40,7 @@ from crypto.noise import (
 )
 from tunneld.proto import constants as C
 from tunneld.proto.errors import ParseError
+from tunneld.proto.handshake_load import HandshakeLoad
 from tunneld.proto.handshake_wire import (
     COOKIE_LEN,
     COOKIE_REPLY_LEN,
@@ -273,6 +274,7 @@ class Handshaker:
         peers: Container[bytes],
         index_in_use: Callable[[int], bool] = lambda index: False,
         rand: Callable[[int], bytes] = os.urandom,
+        load: HandshakeLoad | None = None,
     ) -> None:
         if len(private_key) != DHLEN:
             raise HandshakeError("static private key must be 32 bytes")
@@ -293,6 +295,8 @@ class Handshaker:
         self._cookie_secret_at = 0.0
         self.drops: dict[str, int] = {}
         """Count of Dropped events by reason."""
+        self.load = load or HandshakeLoad()
+        """Load over time, the per-source limit and the per-batch work budget (`handshake_load`)."""
 
     def __repr__(self) -> str:
         return f"Handshaker(public={self._public.hex()[:16]}..., pending={len(self._pending)})"
@@ -353,9 +357,11 @@ class Handshaker:
     def receive(self, message: bytes, src: tuple[str, int], now: float, under_load: bool = False) -> Event:
         """Process one handshake message (the bytes after the non-ESP marker) from ``src``.
 
-        Never raises for bad input: it returns :class:`Dropped`. ``under_load`` is the caller's DoS signal
-        (for example, a backlog of handshake messages); while it is true, initiations and responses without
-        a valid mac2 for ``src`` are answered with :class:`SendCookie` instead of being processed.
+        Never raises for bad input: it returns :class:`Dropped`. Each initiation or response with a valid
+        mac1 counts towards the load (:attr:`load`); while under load (or ``under_load`` forces it), one
+        without a valid mac2 for ``src`` is answered with :class:`SendCookie` instead of being processed,
+        and one with it is subject to the per-source limit. The X25519 work then comes out of the
+        current batch's budget.
         """
         event: Event
         try:
@@ -379,8 +385,10 @@ class Handshaker:
     def _on_initiation(self, message: bytes, src: tuple[str, int], now: float, under_load: bool) -> Event:
         msg = Initiation.parse(message)
         self._check_mac1(message)
-        if under_load and not self._mac2_valid(message, src, now):
-            return SendCookie(self._cookie_reply(msg.sender, msg.mac1, src, now))
+        if (cookie := self._admit(message, msg.sender, msg.mac1, src, now, under_load)) is not None:
+            return cookie
+        if not self.load.take_work():
+            raise _Reject("busy")
         hs = HandshakeState("IKpsk2", False, IDENTIFIER, self._private, psk=self._psk, e=self._rand(DHLEN))
         try:
             timestamp = hs.read_message(msg.ephemeral + msg.encrypted_static + msg.encrypted_timestamp)
@@ -411,11 +419,13 @@ class Handshaker:
     def _on_response(self, message: bytes, src: tuple[str, int], now: float, under_load: bool) -> Event:
         msg = Response.parse(message)
         self._check_mac1(message)
-        if under_load and not self._mac2_valid(message, src, now):
-            return SendCookie(self._cookie_reply(msg.sender, msg.mac1, src, now))
+        if (cookie := self._admit(message, msg.sender, msg.mac1, src, now, under_load)) is not None:
+            return cookie
         pending = self._pending.get(msg.receiver)
         if pending is None:
             raise _Reject("unknown-index")
+        if not self.load.take_work():
+            raise _Reject("busy")
         # Work on a copy: HandshakeState is spent by a failed read, and a forged response (mac1 is keyed
         # by a public value) must not be able to kill the genuine handshake.
         hs = copy.deepcopy(pending.hs)
@@ -484,6 +494,20 @@ class Handshaker:
         body, mac1 = message[: -2 * MAC_LEN], message[-2 * MAC_LEN : -MAC_LEN]
         if not hmac.compare_digest(MAC(self._mac1_key, body), mac1):
             raise _Reject("bad-mac1")
+
+    def _admit(self, message: bytes, sender: int, mac1: bytes, src: tuple[str, int], now: float,
+               forced: bool) -> SendCookie | None:
+        """The load checks of a message whose mac1 is good: count it; under load, a cookie reply unless
+        mac2 is valid for ``src``, and then the per-source limit (its source is proven by the cookie)."""
+        if not (self.load.meter.arrived(now) or forced):
+            return None
+        if not self._mac2_valid(message, src, now):
+            reply = self._cookie_reply(sender, mac1, src, now)
+            self.load.cookie_replies += 1
+            return SendCookie(reply)
+        if not self.load.limiter.allow(src[0], now):
+            raise _Reject("source-rate-limited")
+        return None
 
     def _secret_fresh(self, now: float) -> bool:
         return self._cookie_secret is not None and now - self._cookie_secret_at < COOKIE_REFRESH_TIME

@@ -34,7 +34,6 @@ from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address
 from tunneld.proto.peer import Action, Peer, Session, Timers
 
-UNDER_LOAD_BACKLOG = 64  # handshake messages in one receive batch that count as being under load
 # An endpoint learned from an authenticated packet this recent beats a DNS record: the peer is talking to
 # us from there (keepalive_timeout + rekey_timeout: a live peer sends at least that often when spoken to).
 FRESH_PACKET = C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT
@@ -339,7 +338,9 @@ class TunnelCore:
     def inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float) -> Output:
         """Process received datagrams, one by one (the reference for `inbound_gro`)."""
         out = self._output()
+        self.handshaker.load.begin_batch()
         self._inbound(batch, now, wall, out)
+        self.handshaker.load.end_batch()
         return out
 
     def _inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float, out: Output) -> None:
@@ -380,10 +381,8 @@ class TunnelCore:
                 peer.data_received(now)
             if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
                 self._initiate(peer, now, wall, out)
-        if control:
-            under_load = len(control) >= UNDER_LOAD_BACKLOG
-            for data, src in control:
-                self._on_handshake_message(data[4:], src, now, wall, under_load, out)
+        for data, src in control:  # after the data: their X25519 work shares one budget per batch
+            self._on_handshake_message(data[4:], src, now, wall, out)
 
     def inbound_gro(self, batch: Iterable[tuple[bytes, Address, int]], now: float, wall: float) -> Output:
         """As `inbound`, for receives that may each hold several datagrams: (buffer, source, size) with
@@ -392,6 +391,7 @@ class TunnelCore:
         (`SecurityAssociation.open_run`) and comes out as one `RxRun`; everything else is split and takes
         the per-datagram path of `inbound`. Arrival order is kept."""
         out = self._output()
+        self.handshaker.load.begin_batch()  # one budget of handshake work for the whole receive
         pending: list[tuple[bytes, Address]] = []
         for data, src, size in batch:
             if size and len(data) > size:
@@ -405,6 +405,7 @@ class TunnelCore:
                 pending.append((data, src))
         if pending:
             self._inbound(pending, now, wall, out)
+        self.handshaker.load.end_batch()
         return out
 
     def _open_run(self, data: bytes, size: int, src: Address, now: float, wall: float,
@@ -481,10 +482,10 @@ class TunnelCore:
         peer.last_sent_handshake = now
         peer.handshake_initiated(now)
 
-    def _on_handshake_message(self, message: bytes, src: Address, now: float, wall: float, under_load: bool,
+    def _on_handshake_message(self, message: bytes, src: Address, now: float, wall: float,
                               out: Output) -> None:
         self.counters.rx_handshake += 1
-        event = self.handshaker.receive(message, src, now, under_load)
+        event = self.handshaker.receive(message, src, now)
         if isinstance(event, hs.InitiationReceived):
             peer = self.by_key[event.peer]
             if peer.endpoint != src:
