@@ -322,6 +322,7 @@ class Daemon:
                 "tun_superpackets_written": self.tun.superpackets_written if self.tun else 0,
                 "udp_send_errors": udp.send_errors if udp else 0,
                 "handshake_drops": dict(self.core.handshaker.drops),
+                "handshake_load": self.core.handshaker.load.status(now),
             },
         }
 
