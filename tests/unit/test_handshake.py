@@ -6,6 +6,7 @@ exact values for the worked example in docs/protocol.md), and both clocks are pl
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,9 +94,9 @@ def body(datagram: bytes) -> bytes:
 
 
 def with_mac1(message: bytes, receiver_public: bytes) -> bytes:
-    """Recompute mac1 as any attacker can (it is keyed by a public value); mac2 zero."""
+    """Recompute mac1 as anyone holding the account PSK can (one of the account's devices); mac2 zero."""
     b = message[:-32]
-    return b + MAC(mac1_key(receiver_public), b) + bytes(16)
+    return b + MAC(mac1_key(receiver_public, PSK), b) + bytes(16)
 
 
 def flip(message: bytes, bit: int) -> bytes:
@@ -318,7 +319,7 @@ def test_every_bit_flip_of_an_initiation() -> None:
 
 
 def test_every_bit_flip_under_a_recomputed_mac1_of_an_initiation() -> None:
-    """mac1 is keyed by a public value, so an attacker can fix it up; the Noise AEADs must still refuse."""
+    """An insider (the account PSK) can fix mac1 up; the Noise AEADs must still refuse."""
     initiator, _ = make_pair()
     d1, pending = initiator.initiate(R_PUB, 10.0, WALL)
     m1 = body(d1)
@@ -366,7 +367,7 @@ def test_every_bit_flip_of_a_response() -> None:
 
 
 def test_response_sender_index_is_not_authenticated() -> None:
-    """As in WireGuard, only mac1 (keyed by a public value) covers the indices; the session then fails."""
+    """As in WireGuard, only mac1 covers the indices (an insider can fix it up); the session then fails."""
     initiator, responder = make_pair()
     d1, _ = initiator.initiate(R_PUB, 10.0, WALL)
     ev1 = responder.receive(body(d1), I_ADDR, 10.0)
@@ -468,13 +469,37 @@ def test_initiation_to_someone_else_fails_mac1() -> None:
 
 
 def test_wrong_psk() -> None:
-    """psk2: the PSK is mixed in only after message 1, so the responder accepts; the initiator refuses."""
+    """mac1 is keyed by the PSK too: a device of another account fails it, before any X25519 work."""
     initiator, responder = make_pair(r_psk=bytes([0x34]) * 32)
     d1, pending = initiator.initiate(R_PUB, 10.0, WALL)
-    ev1 = responder.receive(body(d1), I_ADDR, 10.0)
+    assert responder.receive(body(d1), I_ADDR, 10.0) == Dropped("bad-mac1")
+    assert responder.load.worked == 0 and responder.load.meter.recent(10.0) == 0
+    # Even with mac1 made with the other PSK, psk2 still refuses: the PSK is mixed in after message 1,
+    # so the responder answers, and the initiator cannot read the response.
+    b = body(d1)[:-32]
+    fixed = b + MAC(mac1_key(R_PUB, bytes([0x34]) * 32), b) + bytes(16)
+    ev1 = responder.receive(fixed, I_ADDR, 10.0)
     assert isinstance(ev1, InitiationReceived)
-    assert initiator.receive(body(ev1.datagram), R_ADDR, 10.1) == Dropped("decrypt-failed")
+    assert initiator.receive(body(ev1.datagram), R_ADDR, 10.1) == Dropped("bad-mac1")
+    m2 = body(ev1.datagram)[:-32]
+    m2 = m2 + MAC(mac1_key(I_PUB, PSK), m2) + bytes(16)
+    assert initiator.receive(m2, R_ADDR, 10.1) == Dropped("decrypt-failed")
     assert initiator.pending(R_PUB) == pending
+
+
+def test_a_stranger_with_the_public_key_cannot_pass_mac1() -> None:
+    """WireGuard's mac1 needs only the receiver's public key, which our DNS records publish; ours needs
+    the account PSK as well. A stranger's initiations, however well formed, cost one BLAKE2s each."""
+    stranger_priv = bytes([0x55]) * 32
+    stranger = Handshaker(stranger_priv, bytes([0x99]) * 32, {R_PUB}, rand=drbg(3))
+    _, responder = make_pair(r_peers=(I_PUB, public_key(stranger_priv)))
+    d1, _ = stranger.initiate(R_PUB, 10.0, WALL)
+    b = body(d1)[:-32]
+    wireguards = b + MAC(HASH(b"mac1----" + R_PUB), b) + bytes(16)
+    for message in (body(d1), wireguards):
+        assert responder.receive(message, I_ADDR, 10.0) == Dropped("bad-mac1")
+        assert responder.receive(message, I_ADDR, 10.0, under_load=True) == Dropped("bad-mac1")  # no cookie
+    assert responder.load.worked == 0 and responder.load.cookie_replies == 0
 
 
 def test_replayed_initiation() -> None:
@@ -542,8 +567,9 @@ def test_cookie_flow_for_initiations() -> None:
     assert isinstance(ev, SendCookie)
     reply = CookieReply.parse(body(ev.datagram))
     assert reply.receiver == p1.local_index
-    # The cookie is MAC(secret, source) encrypted under HASH("cookie--" || responder public), AD = mac1.
-    cookie = xaead_decrypt(cookie_key(R_PUB), reply.nonce, reply.encrypted_cookie, body(d1)[-32:-16])
+    # The cookie is MAC(secret, source) encrypted under HASH("cookie--" || responder public || psk),
+    # AD = mac1.
+    cookie = xaead_decrypt(cookie_key(R_PUB, PSK), reply.nonce, reply.encrypted_cookie, body(d1)[-32:-16])
     assert len(cookie) == 16
     assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == CookieReceived(R_PUB)
     # The same reply again is refused: one cookie per message sent.
@@ -648,18 +674,18 @@ EXAMPLE = {
         "000000000100000001020304ff2ee45601ec1b67310c7790404585ae697331ee"
         "e1c1f8cf2419731c1fff3e6b3b6f1324884f7dfcb616f1440bce015ad114bc97"
         "a5052c5972a42150ca66244e1b9de66909d5ee16196b50a2ec9e46b70ed41251"
-        "d4d6d77924f81ab18114d4de3c0f732c45971868dd6fc43d7a2e3f95f46f22f4"
-        "54a61c7c7878589b00000000000000000000000000000000"
+        "d4d6d77924f81ab18114d4de3c0f732c45971868dd6fc43dbfa56c6b93add609"
+        "728777355e254b8700000000000000000000000000000000"
     ),
     "response": (
         "0000000002000000050607080102030438ab664bd86f77d7e66bdd9ae0792913"
         "a94fd8b33a1260027e4b46c1f4884c674bf0a548524991022f1bab473177aa56"
-        "a31e0458e096227558ed0e1a470f7f7600000000000000000000000000000000"
+        "60b6b0e41eabe51218cb87471b01fea600000000000000000000000000000000"
     ),
     "cookie_reply": (
         "0000000003000000010203047777777777777777777777777777777777777777"
-        "77777777326b788c8f98af23a2a2a26ab9a7375adbef9c5fd7d5f5d9f10f841d"
-        "a2f086b3"
+        "77777777428f6dca9f547e9c2c16d8fac507613e0499b48b3a5d3896b2b0c43d"
+        "8c2180a3"
     ),
     "i2r": "2177a14cf336f1f30ee0a4797cf26797017dae77cbea489248bc3298bea5f869",
     "r2i": "a3109f7f0c20e0ee4b829f8bc301eb1235feb3b04ddfb7f34a5189e65a2ea192",
@@ -709,17 +735,17 @@ def test_protocol_doc_example() -> None:
     noise1 = HandshakeState("IKpsk2", True, IDENTIFIER, I_PRIV, rs=R_PUB, psk=PSK, e=bytes([0x44]) * 32)
     assert noise1.write_message(tai64n(WALL)) == m1[8:116]
     assert m1[:8] == bytes.fromhex("0100000001020304")
-    assert m1[116:132] == MAC(HASH(b"mac1----" + R_PUB), m1[:116])
+    assert m1[116:132] == MAC(HASH(b"mac1----" + R_PUB + PSK), m1[:116])
     m2 = bytes.fromhex(EXAMPLE["response"])[4:]
     assert m2[:12] == bytes.fromhex("020000000506070801020304")
-    assert m2[60:76] == MAC(HASH(b"mac1----" + I_PUB), m2[:60])
+    assert m2[60:76] == MAC(HASH(b"mac1----" + I_PUB + PSK), m2[:60])
     noise2 = HandshakeState("IKpsk2", False, IDENTIFIER, R_PRIV, psk=PSK, e=bytes([0x55]) * 32)
     assert noise2.read_message(m1[8:116]) == tai64n(WALL)
     assert noise2.write_message(b"") == m2[12:60]
     assert noise2.split_keys() == (bytes.fromhex(EXAMPLE["i2r"]), bytes.fromhex(EXAMPLE["r2i"]))
     m3 = bytes.fromhex(EXAMPLE["cookie_reply"])[4:]
     cookie = MAC(bytes([0x66]) * 32, bytes([192, 0, 2, 1]) + (4500).to_bytes(2, "little"))
-    assert xaead_decrypt(HASH(b"cookie--" + R_PUB), m3[8:32], m3[32:], m1[116:132]) == cookie
+    assert xaead_decrypt(HASH(b"cookie--" + R_PUB + PSK), m3[8:32], m3[32:], m1[116:132]) == cookie
     # The intermediate values the document quotes.
     assert IDENTIFIER.hex() == "74756e6e656c64207631206573702d696e2d756470"
     assert public_key(bytes([0x44]) * 32).hex() == m1[8:40].hex() == (
@@ -728,8 +754,13 @@ def test_protocol_doc_example() -> None:
     assert public_key(bytes([0x55]) * 32).hex() == m2[12:44].hex() == (
         "38ab664bd86f77d7e66bdd9ae0792913a94fd8b33a1260027e4b46c1f4884c67"
     )
-    assert mac1_key(R_PUB).hex() == "2b14c2a1d73fe52519772891d6df632bd2408279e87eb80c61bc395fccadf4a6"
-    assert cookie_key(R_PUB).hex() == "f38243a909cf26b7ec109798fd3dfdbdb7592367db444819154f6582389fdc1b"
+    assert mac1_key(R_PUB, PSK).hex() == "3526b4ba99d4a9bedd4e75296974b161a8716a82b96a69e2ab88621db059a799"
+    assert mac1_key(I_PUB, PSK).hex() == "502ee653a41e372d6a4c5e90257c5d4bfb5c4b963d179c6a402f289c0bc26c8e"
+    assert cookie_key(R_PUB, PSK).hex() == "fc407fbbc4f486b5bc5f95ae73da9e73cca020544b20af57172da92394474e03"
+    # The same keys and mac1 from hashlib's BLAKE2s directly, not through crypto.noise.
+    assert mac1_key(R_PUB, PSK) == hashlib.blake2s(b"mac1----" + R_PUB + PSK).digest()
+    assert cookie_key(R_PUB, PSK) == hashlib.blake2s(b"cookie--" + R_PUB + PSK).digest()
+    assert m1[116:132] == hashlib.blake2s(m1[:116], key=mac1_key(R_PUB, PSK), digest_size=16).digest()
     assert cookie.hex() == "131708a50a7e0b2daa12faed33d98b12"
     assert tai64n(WALL).hex() == "400000006553f10a0ee6b280"
 

@@ -53,7 +53,7 @@ def _fix_mac1(message: bytes, receiver: bytes) -> bytes:
     if len(message) < 32:
         return message
     b = message[:-32]
-    return b + MAC(hs.mac1_key(receiver), b) + message[-16:]
+    return b + MAC(hs.mac1_key(receiver, PSK), b) + message[-16:]
 
 
 def _build(kind: int, which: int, pos: int, val: int, cut: int, seed: int, size: int, fix: bool) -> bytes:

@@ -2,6 +2,9 @@
 
 A flood is made the cheap way an attacker would: one initiation, its sender index changed and mac1
 recomputed for each copy, so each copy passes mac1 and would cost the responder the full X25519 work.
+mac1 needs the account PSK, so this attacker is an insider: a key that holds the account secret but is no
+longer (or not yet) a peer. A stranger fails mac1 (tests/unit/test_handshake.py); a replayed capture of a
+genuine initiation passes it too, and costs the same work before its timestamp is found old.
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ def msg_type(datagram: bytes) -> int | None:
 
 
 def flood(receiver: TunnelCore, seed: int = 7) -> Iterator[bytes]:
-    """Endless valid-mac1 initiations to ``receiver`` from a stranger's key (unknown-peer after X25519)."""
+    """Endless valid-mac1 initiations to ``receiver`` from a key that is no peer (unknown-peer after the
+    X25519 work)."""
     stranger_priv, _ = generate_keypair()
     stranger = hs.Handshaker(stranger_priv, PSK, {receiver.handshaker.public_key}, rand=drbg(seed))
     template = hs.unframe(stranger.initiate(receiver.handshaker.public_key, 0.0, WALL)[0])
-    key = hs.mac1_key(receiver.handshaker.public_key)
+    key = hs.mac1_key(receiver.handshaker.public_key, PSK)
     rng = random.Random(seed)
     while True:
         body = template[:4] + rng.randrange(256, 1 << 32).to_bytes(4, "little") + template[8:116]

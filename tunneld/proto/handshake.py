@@ -8,12 +8,14 @@ themselves are :mod:`tunneld.proto.handshake_wire`'s.
 
 The index each side puts in the ``sender`` field is the ESP SPI on which that side will *receive*, so
 indices are drawn from ``MIN_SPI .. 2**32 - 1`` and never collide with one in local use. Behaviour
-follows wireguard-go (device/noise-protocol.go, device/cookie.go), written afresh: mac1 is checked first
-and a bad one dropped silently; under load a message without a valid mac2 gets a cookie reply; an
-initiation is accepted only with a TAI64N timestamp greater than the last accepted from that peer, and
-at most one per peer per 1/50 s; a response that fails authentication leaves the pending initiation
-intact. Network input never raises out of :meth:`Handshaker.receive`: every rejection becomes a
-:class:`Dropped` event with a short reason, counted in :attr:`Handshaker.drops`.
+follows wireguard-go (device/noise-protocol.go, device/cookie.go), written afresh: mac1 (keyed also by
+the account PSK) is checked first and a bad one dropped silently; under load (`handshake_load`: the rate
+over time) a message without a valid mac2 gets a cookie reply, and one with it counts against its
+source's rate; the X25519 work comes out of a per-batch budget; an initiation is accepted only with a
+TAI64N timestamp greater than the last accepted from that peer, and at most one per peer per 1/50 s; a
+response that fails authentication leaves the pending initiation intact. Network input never raises
+out of :meth:`Handshaker.receive`: every rejection becomes a :class:`Dropped` event with a short
+reason, counted in :attr:`Handshaker.drops`.
 """
 
 from __future__ import annotations
@@ -286,8 +288,8 @@ class Handshaker:
         self._peers = peers
         self._index_in_use = index_in_use
         self._rand = rand
-        self._mac1_key = mac1_key(self._public)
-        self._cookie_key = cookie_key(self._public)
+        self._mac1_key = mac1_key(self._public, psk)
+        self._cookie_key = cookie_key(self._public, psk)
         self._state: dict[bytes, _Peer] = {}
         self._pending: dict[int, _Pending] = {}
         self._sent_index: dict[int, bytes] = {}  # our sender index in the last message to a peer -> peer
@@ -426,8 +428,8 @@ class Handshaker:
             raise _Reject("unknown-index")
         if not self.load.take_work():
             raise _Reject("busy")
-        # Work on a copy: HandshakeState is spent by a failed read, and a forged response (mac1 is keyed
-        # by a public value) must not be able to kill the genuine handshake.
+        # Work on a copy: HandshakeState is spent by a failed read, and a forged response (any device of
+        # the account can make mac1) must not be able to kill the genuine handshake.
         hs = copy.deepcopy(pending.hs)
         try:
             hs.read_message(msg.ephemeral + msg.encrypted_nothing)
@@ -460,7 +462,8 @@ class Handshaker:
     def _peer(self, peer: bytes) -> _Peer:
         state = self._state.get(peer)
         if state is None:
-            state = self._state[peer] = _Peer(peer, mac1_key(peer), cookie_key(peer))
+            psk = self._psk
+            state = self._state[peer] = _Peer(peer, mac1_key(peer, psk), cookie_key(peer, psk))
         return state
 
     def _drop_pending(self, state: _Peer) -> None:

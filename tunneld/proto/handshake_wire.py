@@ -87,14 +87,17 @@ def parse_tai64n(label: bytes) -> float:
     return int.from_bytes(label[:8], "big") - TAI64_BASE + nanos / 1_000_000_000
 
 
-def mac1_key(receiver_public: bytes) -> bytes:
-    """``HASH("mac1----" || receiver's static public key)``: the key of mac1 on messages to that receiver."""
-    return HASH(LABEL_MAC1 + receiver_public)
+def mac1_key(receiver_public: bytes, psk: bytes) -> bytes:
+    """``HASH("mac1----" || receiver's static public key || psk)``: the key of mac1 on messages to that
+    receiver. WireGuard's key is the public key alone; ours adds the account PSK, so that only the
+    account's devices can make a message that passes mac1 (docs/protocol.md, "mac1 and mac2")."""
+    return HASH(LABEL_MAC1 + receiver_public + psk)
 
 
-def cookie_key(cookie_sender_public: bytes) -> bytes:
-    """``HASH("cookie--" || static public key of the side that sends the cookie reply)``: the XAEAD key."""
-    return HASH(LABEL_COOKIE + cookie_sender_public)
+def cookie_key(cookie_sender_public: bytes, psk: bytes) -> bytes:
+    """``HASH("cookie--" || static public key of the side that sends the cookie reply || psk)``: the
+    XAEAD key of a cookie reply (WireGuard's, with the account PSK added as for mac1)."""
+    return HASH(LABEL_COOKIE + cookie_sender_public + psk)
 
 
 def source_bytes(src: tuple[str, int]) -> bytes:
