@@ -20,6 +20,7 @@ from crypto.noise import MAC, generate_keypair
 from tests.helpers import drbg
 from tunneld.proto import handshake as hs
 from tunneld.proto.handshake_load import (
+    COOKIES_PER_BATCH,
     SOURCE_BURST,
     SOURCE_RATE,
     UNDER_LOAD_AFTER_TIME,
@@ -75,6 +76,14 @@ def flood(receiver: TunnelCore, seed: int = 7) -> Iterator[bytes]:
     while True:
         body = template[:4] + rng.randrange(256, 1 << 32).to_bytes(4, "little") + template[8:116]
         yield hs.frame(body + MAC(key, body) + bytes(16))
+
+
+def overload(meter: LoadMeter, now: float, after: float = UNDER_LOAD_AFTER_TIME) -> None:
+    """Put ``meter`` under load at ``now`` the honest way (UNDER_LOAD_RATE + 1 arrivals at once)."""
+    meter.after = after
+    for _ in range(UNDER_LOAD_RATE + 1):
+        meter.arrived(now)
+    assert meter.under_load(now)
 
 
 def worked(core: TunnelCore) -> int:
@@ -198,7 +207,7 @@ def test_per_source_limit_after_mac2() -> None:
     stranger_priv, _ = generate_keypair()
     stranger = hs.Handshaker(stranger_priv, PSK, {core.handshaker.public_key}, rand=drbg(4))
     src = ("198.51.100.5", 777)
-    core.handshaker.load.meter._until = 1e9  # under load throughout
+    overload(core.handshaker.load.meter, 0.0, after=1e9)  # under load throughout
     first = hs.unframe(stranger.initiate(core.handshaker.public_key, 0.0, WALL)[0])
     ev = core.handshaker.receive(first, src, 0.0)
     assert isinstance(ev, hs.SendCookie)
@@ -251,13 +260,26 @@ def test_inbound_gro_shares_one_budget_per_receive() -> None:
     assert b.handshaker.drops["busy"] == 2 * WORK_PER_BATCH
 
 
+def test_cookie_replies_per_batch_are_bounded_too() -> None:
+    """Under load, a batch of 200 valid-mac1 initiations (a replayed capture from spoofed sources, say)
+    gets COOKIES_PER_BATCH cookie replies; the rest are dropped, and no X25519 work is done."""
+    _, b = pair()
+    gen = flood(b)
+    overload(b.handshaker.load.meter, 1.0)
+    out = b.inbound([(next(gen), (f"203.0.113.{i % 200 + 1}", 9)) for i in range(200)], 1.0, WALL + 1.0)
+    assert [msg_type(d) for d in datagrams(out)] == [hs.MSG_COOKIE_REPLY] * COOKIES_PER_BATCH
+    assert b.handshaker.drops == {"cookie-busy": 200 - COOKIES_PER_BATCH}
+    assert b.handshaker.load.cookie_replies == COOKIES_PER_BATCH and b.handshaker.load.worked == 0
+
+
 def test_a_handshaker_on_its_own_has_no_batch_budget() -> None:
-    load = HandshakeLoad(work_per_batch=2)
-    assert all(load.take_work() for _ in range(10))
+    load = HandshakeLoad(work_per_batch=2, cookies_per_batch=1)
+    assert all(load.take_work() for _ in range(10)) and all(load.take_cookie() for _ in range(10))
     load.begin_batch()
     assert [load.take_work() for _ in range(3)] == [True, True, False]
+    assert [load.take_cookie() for _ in range(2)] == [True, False]
     load.end_batch()
-    assert load.take_work() and load.worked == 13
+    assert load.take_work() and load.take_cookie() and load.worked == 13
 
 
 @pytest.mark.parametrize("forced", [False, True])

@@ -10,8 +10,9 @@ over time with the `now` the caller passes:
 - :class:`SourceLimiter` -- under load, after mac2 proved the source address: a token bucket per source
   (an IPv4 address, an IPv6 /64), ``SOURCE_RATE`` per second with a burst of ``SOURCE_BURST``, in a
   bounded table.
-- a per-batch budget of X25519 work (``WORK_PER_BATCH``), so that a receive batch full of handshake
-  messages cannot hold up the data in the batches behind it; the excess is dropped, never queued.
+- a per-batch budget of X25519 work (``WORK_PER_BATCH``) and of cookie replies (``COOKIES_PER_BATCH``),
+  so that a receive batch full of handshake messages cannot hold up the data in the batches behind it;
+  the excess is dropped, never queued.
 
 docs/hardening.md ("The tunnel port under load") gives the reasoning behind the numbers.
 """
@@ -41,6 +42,10 @@ IPV6_PREFIX_BYTES: Final = 8  # IPv6 sources are counted by /64, as WireGuard: o
 WORK_PER_BATCH: Final = 16
 """Handshake messages per receive batch that get X25519 work: 16 x ~0.5 ms keeps the data behind a batch
 waiting a few milliseconds at most; a larger burst of genuine handshakes retries after rekey_timeout."""
+COOKIES_PER_BATCH: Final = 64
+"""Cookie replies per receive batch: 64 x ~30 us (an XChaCha20-Poly1305 and a MAC each) is about what
+reading and checking a full batch of 256 datagrams costs, so cookie replies can at most double the cost
+of a flood of replayed initiations, however fast it comes."""
 
 
 class LoadMeter:
@@ -125,20 +130,25 @@ class HandshakeLoad:
     """The three defences of one Handshaker, and their counters (:meth:`status`)."""
 
     def __init__(self, meter: LoadMeter | None = None, limiter: SourceLimiter | None = None,
-                 work_per_batch: int = WORK_PER_BATCH) -> None:
+                 work_per_batch: int = WORK_PER_BATCH, cookies_per_batch: int = COOKIES_PER_BATCH) -> None:
         self.meter = meter or LoadMeter()
         self.limiter = limiter or SourceLimiter()
         self.work_per_batch = work_per_batch
-        self._work_left: int | None = None  # None: no batch begun, no budget (a Handshaker on its own)
+        self.cookies_per_batch = cookies_per_batch
+        # What is left of this batch's budgets; None: no batch begun, no budget (a Handshaker on its own).
+        self._work_left: int | None = None
+        self._cookies_left: int | None = None
         self.cookie_replies = 0
         self.worked = 0  # messages that got the X25519 work
 
     def begin_batch(self) -> None:
-        """A new receive batch: its handshake messages share ``work_per_batch`` X25519 work."""
+        """A new receive batch: its handshake messages share ``work_per_batch`` X25519 work and
+        ``cookies_per_batch`` cookie replies."""
         self._work_left = self.work_per_batch
+        self._cookies_left = self.cookies_per_batch
 
     def end_batch(self) -> None:
-        self._work_left = None
+        self._work_left = self._cookies_left = None
 
     def take_work(self) -> bool:
         """Whether one more message of this batch may have the X25519 work (and count it if so)."""
@@ -147,6 +157,14 @@ class HandshakeLoad:
                 return False
             self._work_left -= 1
         self.worked += 1
+        return True
+
+    def take_cookie(self) -> bool:
+        """Whether one more message of this batch may have a cookie reply."""
+        if self._cookies_left is not None:
+            if self._cookies_left <= 0:
+                return False
+            self._cookies_left -= 1
         return True
 
     def status(self, now: float) -> dict[str, Any]:
