@@ -571,7 +571,7 @@ def test_cookie_flow_for_initiations() -> None:
     # AD = mac1.
     cookie = xaead_decrypt(cookie_key(R_PUB, PSK), reply.nonce, reply.encrypted_cookie, body(d1)[-32:-16])
     assert len(cookie) == 16
-    assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == CookieReceived(R_PUB)
+    assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == CookieReceived(R_PUB, retry_now=True)
     # The same reply again is refused: one cookie per message sent.
     assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == Dropped("unexpected-cookie")
 
@@ -597,7 +597,7 @@ def test_cookie_reply_rejections() -> None:
         got = initiator.receive(flip(m, bit), R_ADDR, 10.1)
         expected = "unknown-index" if bit < 64 else "bad-cookie"
         assert got == Dropped(expected), bit
-    assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == CookieReceived(R_PUB)
+    assert initiator.receive(body(ev.datagram), R_ADDR, 10.1) == CookieReceived(R_PUB, retry_now=True)
     # A cookie reply for an earlier message (the AD is the mac1 of the last message sent) is refused.
     initiator2, responder2 = make_pair(3)
     d_a, _ = initiator2.initiate(R_PUB, 10.0, WALL)
@@ -615,7 +615,7 @@ def test_cookie_older_than_120_s_is_not_used() -> None:
     d1, _ = initiator.initiate(R_PUB, 0.0, WALL)
     ev = responder.receive(body(d1), I_ADDR, 0.0, under_load=True)
     assert isinstance(ev, SendCookie)
-    assert initiator.receive(body(ev.datagram), R_ADDR, 0.0) == CookieReceived(R_PUB)
+    assert initiator.receive(body(ev.datagram), R_ADDR, 0.0) == CookieReceived(R_PUB, retry_now=True)
     d2, _ = initiator.initiate(R_PUB, 119.5, WALL + 1)
     assert body(d2)[-16:] != bytes(16)
     d3, _ = initiator.initiate(R_PUB, 120.0, WALL + 2)
@@ -631,7 +631,7 @@ def test_cookie_secret_rotates_after_120_s() -> None:
     d2, _ = initiator.initiate(R_PUB, 100.0, WALL + 100)
     ev = responder.receive(body(d2), I_ADDR, 100.0, under_load=True)
     assert isinstance(ev, SendCookie)
-    assert initiator.receive(body(ev.datagram), R_ADDR, 100.0) == CookieReceived(R_PUB)
+    assert initiator.receive(body(ev.datagram), R_ADDR, 100.0) == CookieReceived(R_PUB, retry_now=True)
     # t=110: valid (secret 110 s old).
     d3, _ = initiator.initiate(R_PUB, 110.0, WALL + 110)
     assert isinstance(responder.receive(body(d3), I_ADDR, 110.0, under_load=True), InitiationReceived)
@@ -640,6 +640,7 @@ def test_cookie_secret_rotates_after_120_s() -> None:
     assert body(d4)[-16:] != bytes(16)
     ev4 = responder.receive(body(d4), I_ADDR, 125.0, under_load=True)
     assert isinstance(ev4, SendCookie)
+    # d4 carried mac2 already: no immediate retry (cookies cannot make an initiator loop).
     assert initiator.receive(body(ev4.datagram), R_ADDR, 125.0) == CookieReceived(R_PUB)
     d5, _ = initiator.initiate(R_PUB, 126.0, WALL + 126)
     assert isinstance(responder.receive(body(d5), I_ADDR, 126.0, under_load=True), InitiationReceived)

@@ -157,20 +157,9 @@ def test_source_table_is_bounded() -> None:
     assert not lim.allow("10.0.3.231", 0.0)
 
 
-def cookie_handshake(a: TunnelCore, b: TunnelCore, now: float) -> Output:
-    """a starts a handshake with b under load: b answers with a cookie, a's next initiation carries mac2.
-    Returns b's answer to that second initiation."""
-    init = a.outbound([packet(A_ULA, B_ULA)], [], now, WALL + now)
-    reply = b.inbound([(d, A_ADDR) for d in datagrams(init)], now, WALL + now)
-    assert [msg_type(d) for d in datagrams(reply)] == [hs.MSG_COOKIE_REPLY]
-    a.inbound([(d, B_ADDR) for d in datagrams(reply)], now, WALL + now)
-    retry = a.poll(now + 6.0, WALL + now + 6.0)  # the retransmission after rekey_timeout
-    assert [msg_type(d) for d in datagrams(retry)] == [hs.MSG_INITIATION]
-    assert hs.unframe(datagrams(retry)[0])[-16:] != bytes(16), "the retry carries mac2"
-    return b.inbound([(d, A_ADDR) for d in datagrams(retry)], now + 6.0, WALL + now + 6.0)
-
-
 def test_a_peer_completes_its_handshake_during_a_flood_from_other_sources() -> None:
+    """b is under a flood; a's initiation earns a cookie, and a retries with mac2 at once (not a
+    rekey_timeout later), so the handshake takes two round trips instead of five seconds."""
     a, b = pair()
     gen = flood(b)
     t = 10.0
@@ -178,26 +167,27 @@ def test_a_peer_completes_its_handshake_during_a_flood_from_other_sources() -> N
         b.inbound([(next(gen), (f"203.0.113.{i + 1}", 5000)) for i in range(50)], t, WALL + t)
         t += 0.01
     assert b.handshaker.load.meter.under_load(t)
-    # The flood goes on in every batch; a's handshake goes through it (a cookie, then a retry with mac2).
+    # The flood goes on in every batch; a's messages arrive last in theirs.
     init = a.outbound([packet(A_ULA, B_ULA, 1)], [], t, WALL + t)
     batch = [(next(gen), ("203.0.113.99", 5000)) for _ in range(49)] + [(datagrams(init)[0], A_ADDR)]
     reply = b.inbound(batch, t, WALL + t)
     cookie = [d for f in reply.sends if f.destination == A_ADDR for d in f.datagrams]
     assert [msg_type(d) for d in cookie] == [hs.MSG_COOKIE_REPLY]
-    a.inbound([(d, B_ADDR) for d in cookie], t, WALL + t)
-    retry = datagrams(a.poll(t + 6.0, WALL + t + 6.0))
-    t += 6.0
-    for _ in range(3):  # the flood keeps b under load until the retry
-        b.inbound([(next(gen), ("203.0.113.98", 5000)) for _ in range(50)], t - 0.01, WALL + t)
+    t += 0.001
+    retry = datagrams(a.inbound([(d, B_ADDR) for d in cookie], t, WALL + t))
+    assert [msg_type(d) for d in retry] == [hs.MSG_INITIATION]
+    assert hs.unframe(retry[0])[-16:] != bytes(16), "the retry carries mac2"
+    t += 0.001
     resp = b.inbound([(next(gen), ("203.0.113.97", 5000)) for _ in range(49)] + [(retry[0], A_ADDR)], t,
                      WALL + t)
     to_a = [d for f in resp.sends if f.destination == A_ADDR for d in f.datagrams]
     assert [msg_type(d) for d in to_a] == [hs.MSG_RESPONSE]
+    t += 0.001
     data = a.inbound([(to_a[0], B_ADDR)], t, WALL + t)
-    tun: list[bytes] = []
-    tun += b.inbound([(d, A_ADDR) for d in datagrams(data)], t, WALL + t).tun_in_order()
+    tun = b.inbound([(d, A_ADDR) for d in datagrams(data)], t, WALL + t).tun_in_order()
     assert tun == [packet(A_ULA, B_ULA, 1)]
-    assert b.handshaker.drops.get("unknown-peer", 0) <= UNDER_LOAD_RATE + 1  # the flood did no work
+    assert b.handshaker.drops.get("unknown-peer", 0) <= UNDER_LOAD_RATE  # the flood did little work
+    assert b.handshaker.load.status(t)["under_load"]
 
 
 def test_per_source_limit_after_mac2() -> None:

@@ -204,9 +204,15 @@ class ResponseReceived:
 
 @dataclass(frozen=True, slots=True)
 class CookieReceived:
-    """The peer is under load and sent a cookie; our next message to it carries mac2. Nothing to send."""
+    """The peer is under load and sent a cookie; our next message to it carries mac2. Nothing to send.
+
+    ``retry_now``: the cookie answers our pending initiation, which carried no mac2, so a new initiation
+    sent now gets through at once (rather than at the next retransmission, rekey_timeout later, as in
+    WireGuard). A cookie for a message that had mac2 does not ask for one, so cookies cannot make us loop.
+    """
 
     peer: bytes
+    retry_now: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +256,7 @@ class _Peer:
     cookie_at: float = 0.0
     last_mac1: bytes | None = None  # mac1 of the last message we sent it: the AD of a cookie reply
     last_sent_index: int | None = None  # our sender index in that message
+    last_had_mac2: bool = False  # whether that message carried a mac2
     pending: _Pending | None = None
 
 
@@ -455,7 +462,9 @@ class Handshaker:
         state.cookie = cookie
         state.cookie_at = now
         state.last_mac1 = None  # one cookie reply per message sent, as wireguard-go
-        return CookieReceived(state.public)
+        pending = state.pending
+        retry = pending is not None and pending.local_index == msg.receiver and not state.last_had_mac2
+        return CookieReceived(state.public, retry)
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -482,10 +491,8 @@ class Handshaker:
         """Append mac1 and mac2 to a message for ``state``'s peer and remember them for a cookie reply."""
         mac1 = MAC(state.mac1_key, body)
         cookie = state.cookie
-        if cookie is not None and now - state.cookie_at < COOKIE_REFRESH_TIME:
-            mac2 = MAC(cookie, body + mac1)
-        else:
-            mac2 = bytes(MAC_LEN)
+        state.last_had_mac2 = cookie is not None and now - state.cookie_at < COOKIE_REFRESH_TIME
+        mac2 = MAC(cookie, body + mac1) if cookie is not None and state.last_had_mac2 else bytes(MAC_LEN)
         state.last_mac1 = mac1
         if state.last_sent_index is not None and self._sent_index.get(state.last_sent_index) == state.public:
             del self._sent_index[state.last_sent_index]

@@ -509,6 +509,8 @@ class TunnelCore:
                 self._keepalive(peer, now, out)  # key confirmation for the responder
         elif isinstance(event, hs.SendCookie):
             out.sends.append(Flight(src, [event.datagram]))
+        elif isinstance(event, hs.CookieReceived) and event.retry_now and event.peer in self.by_key:
+            self._initiate(self.by_key[event.peer], now, wall, out, retry=True)  # now with mac2
 
     def _install(self, peer: Peer, keys: hs.SessionKeys, now: float, wall: float) -> None:
         outbound, inbound = keys.security_associations(self.suite)
