@@ -38,6 +38,7 @@ __all__ = [
     "DeleteRRset",
     "DiskFull",
     "Lease",
+    "NotWritable",
     "RRsetRemoval",
     "StoredRR",
     "ZoneStore",
@@ -78,6 +79,10 @@ IF NOT EXISTS above when such a database is opened), 2 since."""
 
 class DiskFull(sqlite3.OperationalError):
     """A write failed for want of space (SQLITE_FULL: ENOSPC, or a page limit). Rolled back."""
+
+
+class NotWritable(Exception):
+    """The database cannot be written; ``str()`` says why, for one line at start-up."""
 
 
 def _is_full(e: BaseException) -> bool:
@@ -249,11 +254,24 @@ class ZoneStore:
             log.warning("zone database %s: writable again", self.path)
 
     def check_writable(self) -> None:
-        """Commit one write (the serial rewritten as it is), so that a database that cannot be written,
-        or a directory where SQLite cannot create its journal, is found at start rather than at the first
-        update. Raises sqlite3.Error (DiskFull for a full disk)."""
-        with self._write():
-            self._db.execute("UPDATE meta SET value=value WHERE key='serial'")
+        """Commit one write (a row added and removed), so that a database that cannot be written, or a
+        directory where SQLite cannot create its journal, is found at start rather than at the first
+        update (an unchanged row would not do: SQLite skips writing it). Raises NotWritable."""
+        try:
+            with self._write():
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', '')")
+                self._db.execute("DELETE FROM meta WHERE key='probe'")
+        except DiskFull:
+            raise NotWritable("the disk is full") from None
+        except sqlite3.Error as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_READONLY_DIRECTORY":
+                why = "its directory is not writable, and SQLite creates its journal there"
+            elif name.startswith("SQLITE_READONLY"):
+                why = "the file, or its file system, is read-only"
+            else:
+                why = str(e)
+            raise NotWritable(why) from None
 
     # ---- long-lived queries (kept so that a restart does not lose the watchers) --------------------
 
