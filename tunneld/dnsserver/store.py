@@ -231,9 +231,11 @@ class ZoneStore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, report: bool = True) -> Iterator[None]:
         """One write transaction: committed, or rolled back on any exception. For want of space it
-        raises DiskFull, and says so once (one log line until a write succeeds again)."""
+        raises DiskFull, and says so once if ``report`` (one log line until a write that changed
+        something succeeds again: one that changed nothing wrote nothing)."""
+        changes = self._db.total_changes
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -244,12 +246,12 @@ class ZoneStore:
                     self._db.execute("ROLLBACK")
             if not _is_full(e):
                 raise
-            if not self.full:
+            if report and not self.full:
                 self.full = True
-                log.error("zone database %s: the disk is full (%s); updates are answered SERVFAIL until "
-                          "there is space again, queries are still answered", self.path, e)
+                log.error("zone database %s: the disk is full; updates are answered SERVFAIL until there "
+                          "is space again, queries are still answered", self.path)
             raise DiskFull(str(e)) from e
-        if self.full:
+        if self.full and self._db.total_changes != changes:
             self.full = False
             log.warning("zone database %s: writable again", self.path)
 
@@ -258,7 +260,7 @@ class ZoneStore:
         directory where SQLite cannot create its journal, is found at start rather than at the first
         update (an unchanged row would not do: SQLite skips writing it). Raises NotWritable."""
         try:
-            with self._write():
+            with self._write(report=False):  # the caller says it, in one line
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', '')")
                 self._db.execute("DELETE FROM meta WHERE key='probe'")
         except DiskFull:
