@@ -46,8 +46,8 @@ __all__ = [
 FUDGE: Final = 300  # RFC 8945 §10: the recommended fudge
 MAX_FUDGE: Final = 300
 """The widest window a server accepts (RFC 8945 §5.2.3 answers a request outside the accepted time
-window with BADTIME): a request signed with a larger fudge could be replayed, and would have to be
-remembered, for up to 18 hours."""
+window with BADTIME): a request signed with a fudge of up to 65535 s could be replayed, and would have
+to be remembered, for up to 36 hours."""
 TSIG_TYPE: Final = 250  # §4.2
 CLASS_ANY: Final = 255  # §4.2: TSIG RRs are class ANY, TTL 0
 
