@@ -20,6 +20,7 @@ from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.replay import Answered
 from tunneld.dnsserver.store import (
     SCHEMA_VERSION,
+    SWEEP_RETRY,
     AddRR,
     DeleteName,
     DeleteRR,
@@ -312,3 +313,35 @@ def test_a_full_disk_is_reported_once_and_queries_are_still_answered(
     assert texts(store, "h1000", "TXT", T0 + 1000) == {'"' + "x" * 200 + '"'}
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 2 and "writable again" in warnings[1]
+
+
+class _FullOnDelete:
+    """The store's connection, failing record deletions as a full disk does (DELETE needs the journal)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith("DELETE FROM records"):
+            e = sqlite3.OperationalError("database or disk is full")
+            e.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+            raise e
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_a_sweep_that_cannot_delete_is_retried_later_not_at_once(store: ZoneStore) -> None:
+    """Otherwise the sweeper, seeing an expiry already past, would spin on a full disk."""
+    store.apply_update([AddRR(n("host"), 60, rd("AAAA", "fd00::1"))], LEASE, T0)
+    real = store._db
+    store._db = _FullOnDelete(real)  # type: ignore[assignment]
+    assert store.expire(T0 + 3600) == []
+    assert store.next_expiry() == T0 + 3600 + SWEEP_RETRY
+    assert texts(store, "host", "AAAA", T0 + 3600) == set()  # invisible all the same
+    store._db = real
+    assert [r.owner for r in store.expire(T0 + 3600 + SWEEP_RETRY)] == [n("host")]
+    assert store.next_expiry() is None
+    store.apply_update([AddRR(n("next"), 60, rd("AAAA", "fd00::2"))], LEASE, T0 + 4000)
+    assert store.next_expiry() == T0 + 4000 + 3600  # the retry time is forgotten after a good sweep

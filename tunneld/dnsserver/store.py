@@ -49,6 +49,9 @@ LLQ_SRV_LABELS: Final = ("_dns-llq", "_udp")
 
 log = logging.getLogger(__name__)
 
+SWEEP_RETRY: Final = 60.0
+"""Seconds before a lease sweep that failed for want of space is tried again."""
+
 SOA_REFRESH: Final = 3600
 SOA_RETRY: Final = 600
 SOA_EXPIRE: Final = 86400
@@ -206,6 +209,7 @@ class ZoneStore:
         self.replays_kept = MAX_KEPT
         self.full = False
         """A write failed for want of space and none has succeeded since (reported once)."""
+        self._sweep_after: float | None = None
         self._db = sqlite3.connect(path, isolation_level=None)
         try:
             self._db.execute("PRAGMA synchronous=FULL")
@@ -479,7 +483,8 @@ class ZoneStore:
 
         Bumps the serial when anything was removed. The LLQ server turns the result into removal events.
         Also forgets replay entries whose window closed before ``now``. On a full disk nothing is removed
-        (the expired records stay invisible) and the result is empty.
+        (the expired records stay invisible), the result is empty, and :meth:`next_expiry` says to retry
+        in :data:`SWEEP_RETRY` seconds rather than at once.
         """
         try:
             with self._write():
@@ -493,7 +498,9 @@ class ZoneStore:
                     self._bump_serial()
                 self._db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
         except DiskFull:
+            self._sweep_after = now + SWEEP_RETRY
             return []
+        self._sweep_after = None
         grouped: dict[tuple[str, int], list[StoredRR]] = {}
         for owner, rdtype, wire, ttl in rows:
             grouped.setdefault((owner, rdtype), []).append(StoredRR(ttl, _rdata_from_wire(rdtype, wire)))
@@ -508,6 +515,9 @@ class ZoneStore:
         return self.serial, [(o, t, bytes(w), ttl, e) for o, t, w, ttl, e in rows]
 
     def next_expiry(self) -> float | None:
-        """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep."""
+        """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep (not
+        before the retry time after a sweep that failed for want of space)."""
         row = self._db.execute("SELECT min(expires) FROM records").fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        if row is None or row[0] is None:
+            return None
+        return max(float(row[0]), self._sweep_after or 0.0)
