@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import dns.message
@@ -265,6 +270,37 @@ def test_check_writable_writes(tmp_path: Path) -> None:
     store._db.execute("PRAGMA query_only=1")  # what a read-only file looks like to a writer
     with pytest.raises(NotWritable, match="read-only"):
         store.check_writable()
+
+
+_AS_NOBODY = """
+import sys
+from tunneld.dnsserver.store import NotWritable, ZoneStore
+try:
+    ZoneStore(sys.argv[1], "example.com.", "ns.example.com.", 53).check_writable()
+except NotWritable as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_check_writable_names_a_directory_sqlite_cannot_write_its_journal_in() -> None:
+    """The file is writable but its directory is not: opening and reading work, the first write does
+    not. Root writes anywhere, so the check runs as nobody."""
+    d = Path(tempfile.mkdtemp(prefix="tunneld-store-"))
+    try:
+        d.chmod(0o755)
+        db = d / "z.sqlite"
+        ZoneStore(str(db), ZONE, "ns.example.com.", 53).close()
+        db.chmod(0o666)
+        d.chmod(0o555)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", _AS_NOBODY, str(db)], capture_output=True, text=True, timeout=30,
+                           check=False, cwd=Path(__file__).parents[2])
+        assert r.returncode == 0, r.stderr
+        assert "directory is not writable" in r.stdout, r.stdout
+    finally:
+        d.chmod(0o755)
+        shutil.rmtree(d)
 
 
 def _update(i: int) -> bytes:
