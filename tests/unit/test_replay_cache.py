@@ -172,5 +172,8 @@ def test_the_table_is_bounded_and_forgets_the_oldest(tmp_path: Path) -> None:
     assert core.handle(wires[4], SRC, T0 + 1) == replies[4]  # the newest are remembered
     assert core.handle(wires[2], SRC, T0 + 1) == replies[2]
     assert core.replays == 2
+    forgotten = core.handle(wires[0], SRC, T0 + 1)  # the oldest went: applied again, a new reply
+    assert forgotten != replies[0] and rcode(forgotten, wires[0], T0 + 1) == dns.rcode.NOERROR
+    assert core.replays == 2 and len(core._answered) == 3
     core.store.close()
     assert MAX_KEPT >= 10_000  # the real bound leaves room for a large account's updates in a window
