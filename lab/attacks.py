@@ -80,9 +80,10 @@ def query(qname: str, rdtype: str, payload: int = 65535, msg_id: int = 0x5151) -
 
 
 def reflection_queries(zone: str) -> dict[str, bytes]:
-    """The queries a reflector is tried with: the account's browse PTR, and ANY at the same name."""
+    """The queries a reflector is tried with: the account's browse PTR, ANY at the same name and ANY at
+    the zone's apex."""
     browse = f"_autotunnel._udp.{zone}"
-    return {"browse PTR": query(browse, "PTR"), "ANY": query(browse, "ANY")}
+    return {"browse PTR": query(browse, "PTR"), "ANY": query(browse, "ANY"), "ANY apex": query(zone, "ANY")}
 
 
 def handshake_initiations(victim_public: bytes, n: int, now_wall: float | None = None) -> list[bytes]:

@@ -1,11 +1,12 @@
 """A legitimate device of the account, run in the lab's client namespace while (or before) an attack runs.
 
   python -m lab.progs.legit run SERVER PORT ZONE SECRET_FILE --seconds S --rate R [--ops query,update,llq]
-      [--tcp] [--name NAME]: operations round-robin at R per second for S seconds, each within
-      OP_TIMEOUT: a signed query for the device's AAAA (over TCP with --tcp), a signed UPDATE that
-      replaces it, an LLQ set up (our LLQClient, signed) until established and then cancelled.
-      Reports per operation and overall: count, successes, p50/p95 latency (a failure counts at the
-      time it took, a timeout at OP_TIMEOUT).
+      [--tcp] [--name NAME]: operations round-robin, started at R per second for S seconds (each in
+      its own thread, so a stuck one does not hold up the next), each within OP_TIMEOUT: a signed
+      query for the device's AAAA (over TCP with --tcp), a signed UPDATE that replaces it, an LLQ set
+      up (our LLQClient, signed) until established and then cancelled. Reports per operation and
+      overall: count, successes, p50/p95 latency (a failure counts at the time it took, a timeout at
+      OP_TIMEOUT).
   ... publish ... --devices K       K devices' full record sets (lab addresses), one signed UPDATE each
   ... update ... --name N (--add ADDR | --delete)   one signed UPDATE of N's AAAA; its wire in hex too
   ... setup ... --name N            a signed LLQ SETUP for N AAAA, built and not sent (what a wire
@@ -26,6 +27,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,42 +146,51 @@ def summary(samples: list[tuple[bool, float]]) -> dict[str, Any]:
             "p50_ms": _pct(lat, 0.5), "p95_ms": _pct(lat, 0.95)}
 
 
+def _op(dev: Device, op: str, label: str, i: int, tcp: bool) -> tuple[str, str, float]:
+    """(operation, "ok" or what went wrong, seconds it took; a timeout counts OP_TIMEOUT)."""
+    start = time.monotonic()
+    try:
+        if op == "query":
+            r = dev.query(dev.name(label), "AAAA", tcp=tcp)
+            outcome = "ok" if r.rcode() == dns.rcode.NOERROR and r.answer else \
+                f"query {dns.rcode.to_text(r.rcode())}{' TC' if r.flags & 0x200 else ''}"
+        elif op == "update":
+            rc, _ = dev.update([dev.aaaa(label, f"2001:db8:77::{i % 65000 + 2:x}")], replace=True)
+            outcome = "ok" if rc == "NOERROR" else f"update {rc}"
+        else:
+            outcome = dev.llq_setup(label)
+            outcome = outcome if outcome == "ok" else f"llq {outcome}"
+    except dns.exception.Timeout:
+        outcome = f"{op} timeout"
+    except Exception as e:  # anything else (EOF, a bad reply): a failed operation, by its kind
+        outcome = f"{op} {type(e).__name__}"
+    elapsed = time.monotonic() - start
+    return op, outcome, min(elapsed, OP_TIMEOUT) if outcome.endswith("timeout") else elapsed
+
+
 def _run(a: argparse.Namespace) -> dict[str, Any]:
+    """Operations start on schedule, each in its own thread, so a slow or failing one does not delay
+    the next: the success rate is over what the device tried at its own pace."""
     dev = Device(a)
     ops = [o for o in a.ops.split(",") if o]
     label = a.name
     first, _ = dev.update([dev.aaaa(label, "2001:db8:77::1")], replace=True)
+    t0 = time.monotonic()
+    futures = []
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        i = 0
+        while (due := t0 + i / a.rate) < t0 + a.seconds:
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            futures.append(pool.submit(_op, dev, ops[i % len(ops)], label, i, a.tcp))
+            i += 1
     samples: dict[str, list[tuple[bool, float]]] = {o: [] for o in ops}
     failures: dict[str, int] = {}
-    t0 = time.monotonic()
-    i = 0
-    while time.monotonic() - t0 < a.seconds:
-        due = t0 + i / a.rate
-        if (wait := due - time.monotonic()) > 0:
-            time.sleep(wait)
-        op = ops[i % len(ops)]
-        start = time.monotonic()
-        try:
-            if op == "query":
-                r = dev.query(dev.name(label), "AAAA", tcp=a.tcp)
-                outcome = "ok" if r.rcode() == dns.rcode.NOERROR and r.answer else \
-                    f"query {dns.rcode.to_text(r.rcode())}{' TC' if r.flags & 0x200 else ''}"
-            elif op == "update":
-                rc, _ = dev.update([dev.aaaa(label, f"2001:db8:77::{i % 65000 + 2:x}")], replace=True)
-                outcome = "ok" if rc == "NOERROR" else f"update {rc}"
-            else:
-                outcome = dev.llq_setup(label)
-                outcome = outcome if outcome == "ok" else f"llq {outcome}"
-        except dns.exception.Timeout:
-            outcome = f"{op} timeout"
-        except (OSError, dns.exception.DNSException) as e:
-            outcome = f"{op} {type(e).__name__}"
-        elapsed = min(time.monotonic() - start, OP_TIMEOUT) if outcome.endswith("timeout") else \
-            time.monotonic() - start
+    for f in futures:
+        op, outcome, elapsed = f.result()
         samples[op].append((outcome == "ok", elapsed))
         if outcome != "ok":
             failures[outcome] = failures.get(outcome, 0) + 1
-        i += 1
     every = [s for v in samples.values() for s in v]
     return {"first_update": first, **summary(every), "ops": {o: summary(v) for o, v in samples.items()},
             "failures": failures, "seconds": time.monotonic() - t0}
