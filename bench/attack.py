@@ -42,7 +42,7 @@ SERVER = "192.0.2.1"  # the server's address towards the device
 SERVER_ATT = "198.51.100.1"  # ... and towards the attacker
 ATTACKERS = [f"198.51.100.{i}" for i in range(2, 10)]
 DNS_ATTACKS = ("pointer bomb udp", "pointer bomb tcp", "reflection 20", "reflection 50", "slow-loris",
-               "llq replay", "update replay")
+               "llq replay", "update replay", "privacy")
 TUNNEL_ATTACKS = ("handshake 5k/s", "handshake 100k/s")
 
 
@@ -120,10 +120,6 @@ class Rig:
 
         wait_for(answers, timeout=15, interval=0.05, what="serve-dns to answer")
 
-    def cpu(self) -> float:
-        assert self.proc is not None
-        return tree_cpu_seconds(self.proc.pid)
-
     def legit_args(self, cmd: str) -> list[str]:
         return [cmd, SERVER, str(PORT), ZONE, str(self.secret)]
 
@@ -149,24 +145,33 @@ def _finish(lab: Lab, p: subprocess.Popen[str], timeout: float) -> dict[str, Any
     return attacks.result(lab, p, timeout)
 
 
-def during(rig: Rig, seconds: float, flood_args: list[str] | None, legit_args: tuple[str, ...] = (),
-           before: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any], float]:
+Cpu = tuple[float, float]  # (CPU seconds a process used, over how many seconds)
+
+
+def meter(pid: int) -> Callable[[], Cpu]:
+    """Start measuring a process tree's CPU time; the returned function reads (CPU s, wall s) so far."""
+    cpu0, t0 = tree_cpu_seconds(pid), time.monotonic()
+    return lambda: (tree_cpu_seconds(pid) - cpu0, time.monotonic() - t0)
+
+
+def during(rig: Rig, seconds: float, flood_args: list[str] | None,
+           legit_args: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], Cpu]:
     """Start the flood (if any), then the device's run for `seconds`; (device report, flood report,
-    server CPU seconds from the flood's start until both ended)."""
-    cpu0 = rig.cpu()
+    the server's CPU from the flood's start until both ended)."""
+    assert rig.proc is not None
+    cpu = meter(rig.proc.pid)
     flood = rig.flood(*flood_args) if flood_args else None
-    if before is not None:
-        before()
     legit = rig.spawn_legit(seconds, *legit_args)
     got = _finish(rig.lab, legit, seconds + 30)
     report = _finish(rig.lab, flood, attacks.MAX_SECONDS + 30) if flood is not None else {}
-    return got, report, rig.cpu() - cpu0
+    return got, report, cpu()
 
 
-def row(attack: str, legit: dict[str, Any], baseline: dict[str, Any], cpu: float, notes: str,
+def row(attack: str, legit: dict[str, Any], baseline: dict[str, Any], cpu: Cpu, notes: str,
         **extra: Any) -> dict[str, Any]:
-    return {"attack": attack, "legit": legit, "baseline": baseline, "server_cpu_s": round(cpu, 2),
-            "notes": notes, **extra}
+    """One line of the table: the device during the attack, its baseline, the server's CPU."""
+    return {"attack": attack, "legit": legit, "baseline": baseline, "server_cpu_s": round(cpu[0], 2),
+            "window_s": round(cpu[1], 1), "notes": notes, **extra}
 
 
 def _srcs() -> str:
@@ -202,14 +207,14 @@ def reflection(rig: Rig, t: Timing, baseline: dict[str, Any], devices: int) -> d
     queries = attacks.reflection_queries(ZONE)
     ratios: dict[str, float] = {}
     floods: dict[str, Any] = {}
-    cpu = 0.0
+    cpu = (0.0, 0.0)
     legit: dict[str, Any] = {}
     for kind, wire in queries.items():
         n = int(20 * t.seconds / len(queries))
         args = ["udp", SERVER_ATT, str(PORT), rig.payloads("reflect", [wire]),
                 *attacks.Bounds(n, 20, t.seconds / len(queries)).args(), "--sources", _srcs(), "--ports", "8"]
         got, flood, used = during(rig, t.seconds / len(queries), args)
-        cpu += used
+        cpu = (cpu[0] + used[0], cpu[1] + used[1])
         floods[kind] = flood
         ratios[kind] = round(flood["largest_reply"] / len(wire), 1)
         legit = _merge(legit, got)
@@ -237,14 +242,15 @@ def slow_loris(rig: Rig, t: Timing, baseline_tcp: dict[str, Any]) -> dict[str, A
     rig.start_server()
     args = ["slowloris", SERVER_ATT, str(PORT), "--connections", str(t.connections),
             "--hold", str(t.seconds + 3), "--sources", _srcs()]
-    cpu0 = rig.cpu()
+    assert rig.proc is not None
+    cpu = meter(rig.proc.pid)
     flood = rig.flood(*args)
     # The device starts once the connections are open (at most 500/s).
     wait_for(lambda: _established(rig) >= min(t.connections, 64), timeout=10, interval=0.05,
              what="the slow-loris connections to open")
     legit = _finish(rig.lab, rig.spawn_legit(t.seconds, "--tcp", "--ops", "query"), t.seconds + 30)
     report = _finish(rig.lab, flood, attacks.MAX_SECONDS + 30)
-    return row("slow-loris", legit, baseline_tcp, rig.cpu() - cpu0,
+    return row("slow-loris", legit, baseline_tcp, cpu(),
                f"{report['opened']} idle connections held, {report['closed_by_server']} closed by the server;"
                " TCP queries", flood=report)
 
@@ -260,11 +266,12 @@ def llq_replay(rig: Rig, t: Timing, baseline: dict[str, Any]) -> dict[str, Any]:
     args = ["udp", SERVER_ATT, str(PORT), rig.payloads("setup", [setup]),
             *attacks.Bounds(t.replay_ports, 2000, 10).args(), "--sources", _srcs(),
             "--ports", str(t.replay_ports)]
-    cpu0 = rig.cpu()
+    assert rig.proc is not None
+    cpu = meter(rig.proc.pid)
     flood = _finish(rig.lab, rig.flood(*args), 60)
     legit = _finish(rig.lab, rig.spawn_legit(t.seconds, "--ops", "llq", "--name", "newdevice"),
                     t.seconds + 30)
-    return row("llq replay", legit, baseline, rig.cpu() - cpu0,
+    return row("llq replay", legit, baseline, cpu(),
                f"one signed SETUP replayed from {t.replay_ports} ports ({flood['received']} answered); "
                "then a new device sets up LLQs", flood=flood)
 
@@ -289,8 +296,36 @@ def update_replay(rig: Rig, t: Timing, baseline: dict[str, Any]) -> dict[str, An
                stale_returned=bool(back), flood=flood)
 
 
-def run_dns(work: Path, t: Timing, only: set[str], info: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def privacy(rig: Rig, t: Timing, baseline: dict[str, Any], devices: int = 5) -> dict[str, Any]:
+    """What a stranger (unsigned, from the attacker's host) reads of `devices` published devices, while
+    the device reads its own."""
+    rig.start_server()
+    pub = rig.legit("publish", "--devices", str(devices), timeout=60)
+    if pub["failures"]:
+        raise LabError(f"publishing {devices} devices failed: {pub['failures']}")
+    assert rig.proc is not None
+    cpu = meter(rig.proc.pid)
+    legit = _finish(rig.lab, rig.spawn_legit(t.seconds / 2, "--ops", "query"), t.seconds + 30)
+    stranger = progs.run(rig.lab, rig.att, "legit", "stranger", SERVER_ATT, str(PORT), ZONE, timeout=60)
+    own = rig.legit("read", "--name", "_autotunnel._udp", "--type", "PTR")["records"]
+    sees = sum(len(r.splitlines()) for r in own)
+    counts = ", ".join(f"{v} {k}" for k, v in stranger["counts"].items())
+    return row("privacy", legit, baseline, cpu(),
+               f"{devices} devices published; a stranger reads {stranger['records']} records ({counts}); "
+               f"the device reads {sees} browse PTRs", stranger=stranger, device_sees=sees)
+
+
+@dataclass
+class DnsRig:
+    """The DNS lab with a server running and the device's baselines (UDP operations, TCP queries)."""
+
+    rig: Rig
+    baseline: dict[str, Any]
+    baseline_tcp: dict[str, Any]
+
+
+@contextmanager
+def dns_rig(work: Path, t: Timing, info: dict[str, Any]) -> Iterator[DnsRig]:
     with Lab() as lab:
         srv, dev, att = dns_lab(lab)
         info.setdefault("namespaces", []).extend(h.netns for h in lab.hosts)
@@ -300,21 +335,26 @@ def run_dns(work: Path, t: Timing, only: set[str], info: dict[str, Any]) -> list
         rig.start_server()
         base = _finish(lab, rig.spawn_legit(t.seconds), t.seconds + 30)
         base_tcp = _finish(lab, rig.spawn_legit(t.seconds, "--tcp", "--ops", "query"), t.seconds + 30)
-        steps: dict[str, Callable[[], dict[str, Any]]] = {
-            "pointer bomb udp": lambda: pointer_bomb_udp(rig, t, base),
-            "pointer bomb tcp": lambda: pointer_bomb_tcp(rig, t, base),
-            "reflection 20": lambda: reflection(rig, t, base, 20),
-            "reflection 50": lambda: reflection(rig, t, base, 50),
-            "slow-loris": lambda: slow_loris(rig, t, base_tcp),
-            "llq replay": lambda: llq_replay(rig, t, base),
-            "update replay": lambda: update_replay(rig, t, base),
-        }
-        for name, step in steps.items():
-            if name in only:
-                rows.append(step())
+        yield DnsRig(rig, base, base_tcp)
         if "Traceback" in log_tail(rig.log, 1_000_000):
             info["server_traceback"] = log_tail(rig.log, 3000)
-    return rows
+
+
+STEPS: dict[str, Callable[[DnsRig, Timing], dict[str, Any]]] = {
+    "pointer bomb udp": lambda d, t: pointer_bomb_udp(d.rig, t, d.baseline),
+    "pointer bomb tcp": lambda d, t: pointer_bomb_tcp(d.rig, t, d.baseline),
+    "reflection 20": lambda d, t: reflection(d.rig, t, d.baseline, 20),
+    "reflection 50": lambda d, t: reflection(d.rig, t, d.baseline, 50),
+    "slow-loris": lambda d, t: slow_loris(d.rig, t, d.baseline_tcp),
+    "llq replay": lambda d, t: llq_replay(d.rig, t, d.baseline),
+    "update replay": lambda d, t: update_replay(d.rig, t, d.baseline),
+    "privacy": lambda d, t: privacy(d.rig, t, d.baseline),
+}
+
+
+def run_dns(work: Path, t: Timing, only: set[str], info: dict[str, Any]) -> list[dict[str, Any]]:
+    with dns_rig(work, t, info) as d:
+        return [step(d, t) for name, step in STEPS.items() if name in only]
 
 
 # -- the tunnel port -----------------------------------------------------------------------------------------
@@ -376,7 +416,7 @@ def handshake_floods(work: Path, t: Timing, rates: list[int], info: dict[str, An
         hexfile = attacks.write_payloads(work / "initiations.hex", pool)
         for rate in rates:
             assert b.proc is not None
-            cpu0 = tree_cpu_seconds(b.proc.pid)
+            cpu = meter(b.proc.pid)
             duration = min(t.seconds + 12, attacks.MAX_SECONDS)
             flood = attacks.start(lab, att, "udp", B_ATT, "4500", hexfile,
                                   *attacks.Bounds(int(rate * duration), rate, duration).args(),
@@ -387,11 +427,11 @@ def handshake_floods(work: Path, t: Timing, rates: list[int], info: dict[str, An
             hs = restart_handshake(lab, a, b)
             pids.extend(p.pid for p in (a.proc, b.proc) if p is not None)
             report = attacks.result(lab, flood, duration + 30)
-            cpu = tree_cpu_seconds(b.proc.pid) - cpu0
+            used = cpu()
             achieved = report["sent"] / report["seconds"] if report["seconds"] else 0.0
-            hs_text = "none within 25 s" if hs is None else f"{hs:.1f} s"
-            base_text = "none" if base_hs is None else f"{base_hs:.1f} s"
-            rows.append(row(f"handshake {rate // 1000}k/s", legit, baseline, cpu,
+            hs_text = "none within 25 s" if hs is None else f"{hs:.2f} s"
+            base_text = "none" if base_hs is None else f"{base_hs:.2f} s"
+            rows.append(row(f"handshake {rate // 1000}k/s", legit, baseline, used,
                             f"{achieved / 1000:.0f}k/s sent; ping over the tunnel; restarted peer's "
                             f"handshake {hs_text} (baseline {base_text})",
                             handshake_s=hs, baseline_handshake_s=base_hs, achieved_rate=achieved,
@@ -403,13 +443,14 @@ def handshake_floods(work: Path, t: Timing, rates: list[int], info: dict[str, An
 
 
 def print_table(r: dict[str, Any]) -> None:
-    head = ("| attack | legit success | p50 ms | p95 ms | baseline p50 ms | server CPU s | notes |")
+    head = ("| attack | legit success | p50 ms | p95 ms | baseline p50 ms | server CPU s (in s) | notes |")
     print(head)
     print("|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         lg, bs = x["legit"], x["baseline"]
         print(f"| {x['attack']} | {lg['ok']}/{lg['n']} ({lg['success'] * 100:.0f} %) | {lg['p50_ms']:.0f} "
-              f"| {lg['p95_ms']:.0f} | {bs['p50_ms']:.1f} | {x['server_cpu_s']:.2f} | {x['notes']} |")
+              f"| {lg['p95_ms']:.0f} | {bs['p50_ms']:.1f} | {x['server_cpu_s']:.2f} ({x['window_s']:.0f}) "
+              f"| {x['notes']} |")
     print(f"\n{r['seconds']} s in all; legit = signed query, UPDATE and LLQ setup round-robin (slow-loris: "
           "TCP queries; handshake: ping over the tunnel)")
 
@@ -445,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="tdl-attack-") as tmp:
-            (Path(tmp) / "dns").mkdir()
+            for sub in ("dns", "tunnel"):
+                (Path(tmp) / sub).mkdir()
             r = run(Path(tmp), Timing(seconds=a.seconds), only)
     except KeyboardInterrupt:
         print("bench attack: interrupted; every namespace and process it started has been removed",
