@@ -264,7 +264,7 @@ def llq_replay(rig: Rig, t: Timing, baseline: dict[str, Any]) -> dict[str, Any]:
     rig.start_server()
     setup = bytes.fromhex(rig.legit("setup", "--name", "victim")["wire"])
     args = ["udp", SERVER_ATT, str(PORT), rig.payloads("setup", [setup]),
-            *attacks.Bounds(t.replay_ports, 2000, 10).args(), "--sources", _srcs(),
+            *attacks.Bounds(t.replay_ports, 400, 10).args(), "--sources", _srcs(),
             "--ports", str(t.replay_ports)]
     assert rig.proc is not None
     cpu = meter(rig.proc.pid)
