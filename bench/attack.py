@@ -245,19 +245,15 @@ def slow_loris(rig: Rig, t: Timing, baseline_tcp: dict[str, Any]) -> dict[str, A
     assert rig.proc is not None
     cpu = meter(rig.proc.pid)
     flood = rig.flood(*args)
-    # The device starts once the connections are open (at most 500/s).
-    wait_for(lambda: _established(rig) >= min(t.connections, 64), timeout=10, interval=0.05,
-             what="the slow-loris connections to open")
+    lines = progs.Lines(flood)
+    # The device starts once the attacker has opened its connections (at most 500/s).
+    lines.until(lambda o: o.get("phase") == "open", timeout=t.connections / 500 + 15)
     legit = _finish(rig.lab, rig.spawn_legit(t.seconds, "--tcp", "--ops", "query"), t.seconds + 30)
-    report = _finish(rig.lab, flood, attacks.MAX_SECONDS + 30)
+    report = lines.until(lambda o: "closed_by_server" in o, timeout=t.seconds + 30)
+    flood.wait(timeout=10)
     return row("slow-loris", legit, baseline_tcp, cpu(),
                f"{report['opened']} idle connections held, {report['closed_by_server']} closed by the server;"
                " TCP queries", flood=report)
-
-
-def _established(rig: Rig) -> int:
-    out = rig.lab.run(rig.att, ["ss", "-tnH", "state", "established"], check=False).stdout
-    return sum(1 for line in out.splitlines() if f":{PORT}" in line)
 
 
 def llq_replay(rig: Rig, t: Timing, baseline: dict[str, Any]) -> dict[str, Any]:

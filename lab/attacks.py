@@ -221,10 +221,11 @@ def tcp_flood(dst: str, port: int, payloads: Sequence[bytes], bounds: Bounds,
     return {**paced(bounds, send), "failed": failed}
 
 
-def slowloris(dst: str, port: int, n: int, hold: float, sources: Sequence[str] = (),
-              rate: float = 500.0) -> dict[str, Any]:
+def slowloris(dst: str, port: int, n: int, hold: float, sources: Sequence[str] = (), rate: float = 500.0,
+              on_open: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Open `n` TCP connections (at `rate` per second), each sending one byte of a length prefix and
-    nothing more, and hold them for `hold` seconds from the first; how many the server closed meanwhile."""
+    nothing more, and hold them for `hold` seconds from the first; how many the server closed meanwhile.
+    `on_open` hears how many opened (and failed) once the opening is over."""
     if not 0 < n <= MAX_SOCKETS or not 0 < hold <= MAX_SECONDS:
         raise ValueError("slowloris bounds out of range")
     _enough_files(n + 64)
@@ -244,6 +245,8 @@ def slowloris(dst: str, port: int, n: int, hold: float, sources: Sequence[str] =
 
     paced(Bounds(n, rate, hold), open_one)
     opened = len(conns)
+    if on_open is not None:
+        on_open({"opened": opened, "failed": failed})
     sel = selectors.DefaultSelector()
     for s in conns:
         sel.register(s, selectors.EVENT_READ)

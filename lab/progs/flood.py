@@ -6,7 +6,8 @@
   python -m lab.progs.flood tcp DST PORT HEXFILE --count N --rate R --duration S [--sources A,B]
       one connection per framed payload
   python -m lab.progs.flood slowloris DST PORT --connections N --hold S [--sources A,B]
-      N connections that send one byte and then nothing, held S seconds
+      N connections that send one byte and then nothing, held S seconds; a line {"phase": "open", ...}
+      once they are open
 
 Prints one JSON report line (lab.attacks gives each flood's fields).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import attacks
-from lab.progs import cli, endpoint
+from lab.progs import cli, endpoint, report
 
 
 def _payloads(path: str) -> list[bytes]:
@@ -65,7 +66,8 @@ def _loris_args(p: argparse.ArgumentParser) -> None:
 
 
 def _loris(a: argparse.Namespace) -> dict[str, Any]:
-    return attacks.slowloris(a.addr, a.port, a.connections, a.hold, _sources(a))
+    return attacks.slowloris(a.addr, a.port, a.connections, a.hold, _sources(a),
+                             on_open=lambda got: report({"phase": "open", **got}))
 
 
 def main(argv: list[str] | None = None) -> int:
