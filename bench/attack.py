@@ -132,17 +132,25 @@ class Rig:
         self.pids.append(p.pid)
         return p
 
-    def flood(self, *args: str) -> subprocess.Popen[str]:
-        p = attacks.start(self.lab, self.att, *args)
-        self.pids.append(p.pid)
-        return p
+    def flood(self, *args: str) -> attacks.Flood:
+        f = attacks.Flood(self.lab, self.att, *args)
+        self.pids.append(f.pid)
+        return f
 
     def payloads(self, name: str, payloads: list[bytes]) -> str:
         return attacks.write_payloads(self.work / f"{name}.hex", payloads)
 
 
 def _finish(lab: Lab, p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    return attacks.result(lab, p, timeout)
+    """The report of the device's run; it is stopped by PID if it overran `timeout`."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lab.stop(p)
+        raise LabError(f"the device's run did not finish within {timeout:.0f} s") from None
+    if p.returncode != 0:
+        raise LabError(f"the device's run exited {p.returncode}: {(err or out).strip()[-2000:]}")
+    return progs.last_json(out)
 
 
 Cpu = tuple[float, float]  # (CPU seconds a process used, over how many seconds)
@@ -156,14 +164,14 @@ def meter(pid: int) -> Callable[[], Cpu]:
 
 def during(rig: Rig, seconds: float, flood_args: list[str] | None,
            legit_args: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], Cpu]:
-    """Start the flood (if any), then the device's run for `seconds`; (device report, flood report,
-    the server's CPU from the flood's start until both ended)."""
+    """Start the flood (if any) and, once it is under way, the device's run for `seconds`; (device report,
+    flood report, the server's CPU from the flood's start until both ended)."""
     assert rig.proc is not None
     cpu = meter(rig.proc.pid)
     flood = rig.flood(*flood_args) if flood_args else None
     legit = rig.spawn_legit(seconds, *legit_args)
     got = _finish(rig.lab, legit, seconds + 30)
-    report = _finish(rig.lab, flood, attacks.MAX_SECONDS + 30) if flood is not None else {}
+    report = flood.result(attacks.MAX_SECONDS + 30) if flood is not None else {}
     return got, report, cpu()
 
 
@@ -244,13 +252,9 @@ def slow_loris(rig: Rig, t: Timing, baseline_tcp: dict[str, Any]) -> dict[str, A
             "--hold", str(t.seconds + 3), "--sources", _srcs()]
     assert rig.proc is not None
     cpu = meter(rig.proc.pid)
-    flood = rig.flood(*args)
-    lines = progs.Lines(flood)
-    # The device starts once the attacker has opened its connections (at most 500/s).
-    lines.until(lambda o: o.get("phase") == "open", timeout=t.connections / 500 + 15)
+    flood = rig.flood(*args)  # returns once the connections are open (at most 500/s)
     legit = _finish(rig.lab, rig.spawn_legit(t.seconds, "--tcp", "--ops", "query"), t.seconds + 30)
-    report = lines.until(lambda o: "closed_by_server" in o, timeout=t.seconds + 30)
-    flood.wait(timeout=10)
+    report = flood.result(t.seconds + 30)
     return row("slow-loris", legit, baseline_tcp, cpu(),
                f"{report['opened']} idle connections held, {report['closed_by_server']} closed by the server;"
                " TCP queries", flood=report)
@@ -264,7 +268,7 @@ def llq_replay(rig: Rig, t: Timing, baseline: dict[str, Any]) -> dict[str, Any]:
             "--ports", str(t.replay_ports)]
     assert rig.proc is not None
     cpu = meter(rig.proc.pid)
-    flood = _finish(rig.lab, rig.flood(*args), 60)
+    flood = rig.flood(*args).result(60)
     legit = _finish(rig.lab, rig.spawn_legit(t.seconds, "--ops", "llq", "--name", "newdevice"),
                     t.seconds + 30)
     return row("llq replay", legit, baseline, cpu(),
@@ -414,15 +418,14 @@ def handshake_floods(work: Path, t: Timing, rates: list[int], info: dict[str, An
             assert b.proc is not None
             cpu = meter(b.proc.pid)
             duration = min(t.seconds + 12, attacks.MAX_SECONDS)
-            flood = attacks.start(lab, att, "udp", B_ATT, "4500", hexfile,
+            flood = attacks.Flood(lab, att, "udp", B_ATT, "4500", hexfile,
                                   *attacks.Bounds(int(rate * duration), rate, duration).args(),
                                   "--sources", _srcs(), "--ports", "64", "--drain", "0")
             pids.append(flood.pid)
-            time.sleep(0.3)  # the flood is under way (its first burst leaves at once)
             legit = ping_stats(lab, a, b, t.seconds)
             hs = restart_handshake(lab, a, b)
             pids.extend(p.pid for p in (a.proc, b.proc) if p is not None)
-            report = attacks.result(lab, flood, duration + 30)
+            report = flood.result(duration + 30)
             used = cpu()
             achieved = report["sent"] / report["seconds"] if report["seconds"] else 0.0
             hs_text = "none within 25 s" if hs is None else f"{hs:.2f} s"
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench attack: interrupted; every namespace and process it started has been removed",
               file=sys.stderr)
         return 130
-    except (LabError, subprocess.SubprocessError, OSError, ValueError) as e:
+    except (LabError, subprocess.SubprocessError, OSError, ValueError, EOFError) as e:
         print(f"bench attack: failed: {e}", file=sys.stderr)
         return 1
     if a.json:

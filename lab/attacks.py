@@ -2,7 +2,7 @@
 
 Every flood stops by itself: it sends at most `Bounds.count` messages, paced at `Bounds.rate` per second,
 and stops after `Bounds.duration` seconds, whichever comes first (hard ceilings: MAX_COUNT, MAX_SECONDS).
-The floods run inside the attacker's namespace (`python -m lab.progs.flood`, started with `start`); the
+The floods run inside the attacker's namespace (`python -m lab.progs.flood`, started by `Flood`); the
 payload builders are pure and run anywhere. Targets are only addresses of the lab's own namespaces.
 
 - `pointer_bomb`: a DNS message whose question is a name of 126 one-letter labels, then as many
@@ -275,26 +275,42 @@ def slowloris(dst: str, port: int, n: int, hold: float, sources: Sequence[str] =
 # -- launching (host side) -----------------------------------------------------------------------------------
 
 
-def start(lab: Lab, host: Host, *args: str) -> subprocess.Popen[str]:
-    """Start `python -m lab.progs.flood ARGS` in the attacker's namespace (ended by PID with the lab)."""
-    from lab import progs
+class Flood:
+    """`python -m lab.progs.flood ARGS` in the attacker's namespace (ended by PID with the lab).
 
-    return progs.spawn(lab, host, "flood", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    The constructor returns once the flood says it is under way (its "sending" line, or "open" for a
+    slow-loris once its connections are open), so a measurement started next overlaps the attack."""
 
+    def __init__(self, lab: Lab, host: Host, *args: str, ready_timeout: float = 15.0) -> None:
+        from lab import progs
+        from lab.netns import LabError
 
-def result(lab: Lab, proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The flood's report; the process is stopped by PID if it overran `timeout` (then an error)."""
-    from lab import progs
-    from lab.netns import LabError
+        self.lab = lab
+        self.proc = progs.spawn(lab, host, "flood", *args, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.lines = progs.Lines(self.proc)
+        try:
+            self.ready = self.lines.until(lambda o: o.get("phase") in ("sending", "open"), ready_timeout)
+        except (TimeoutError, EOFError) as e:
+            lab.stop(self.proc)
+            raise LabError(f"flood {args[0]} did not start: {e}") from None
 
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        lab.stop(proc)
-        raise LabError(f"flood did not stop within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise LabError(f"flood exited {proc.returncode}: {(err or out).strip()[-2000:]}")
-    return progs.last_json(out)
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        """The flood's final report; the process is stopped by PID if it overran `timeout` (an error)."""
+        from lab.netns import LabError
+
+        try:
+            report = self.lines.until(lambda o: "phase" not in o, timeout)
+            self.proc.wait(timeout=10)
+        except (TimeoutError, EOFError, subprocess.TimeoutExpired) as e:
+            self.lab.stop(self.proc)
+            raise LabError(f"flood did not finish within {timeout:.0f} s: {e}") from None
+        self.lab.stop(self.proc)  # it has exited: this closes its pipe and forgets it
+        return report
 
 
 def write_payloads(path: os.PathLike[str] | str, payloads: Sequence[bytes]) -> str:

@@ -6,10 +6,10 @@
   python -m lab.progs.flood tcp DST PORT HEXFILE --count N --rate R --duration S [--sources A,B]
       one connection per framed payload
   python -m lab.progs.flood slowloris DST PORT --connections N --hold S [--sources A,B]
-      N connections that send one byte and then nothing, held S seconds; a line {"phase": "open", ...}
-      once they are open
+      N connections that send one byte and then nothing, held S seconds
 
-Prints one JSON report line (lab.attacks gives each flood's fields).
+Prints {"phase": "sending"} as it starts (a slow-loris: {"phase": "open", ...} once its connections are
+open), then one JSON report line (lab.attacks gives each flood's fields).
 """
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ def _udp_args(p: argparse.ArgumentParser) -> None:
 
 
 def _udp(a: argparse.Namespace) -> dict[str, Any]:
+    report({"phase": "sending"})
     return attacks.udp_flood(a.addr, a.port, _payloads(a.hexfile), _bounds(a), _sources(a), a.ports, a.drain)
 
 
 def _tcp(a: argparse.Namespace) -> dict[str, Any]:
+    report({"phase": "sending"})
     return attacks.tcp_flood(a.addr, a.port, _payloads(a.hexfile), _bounds(a), _sources(a))
 
 
