@@ -9,8 +9,9 @@ payload builders are pure and run anywhere. Targets are only addresses of the la
   records as fit whose owner and PTR target are 2-byte compression pointers back to it: a parser that
   expands every pointer walks the 126 labels twice per record.
 - `reflection_queries`: small unsigned queries (browse PTR, ANY) asking for a 65535-byte EDNS buffer.
-- `handshake_initiations`: valid-format Noise initiations (valid mac1, a static key the victim does not
-  know) to a victim whose public key a stranger read from DNS: each costs the victim its X25519 work.
+- `handshake_initiations`: valid-format Noise initiations from static keys the victim does not know, with
+  the mac1 a stranger can compute (it read the victim's public key in DNS; it does not know the account
+  PSK): a daemon whose mac1 covers the public key alone does its X25519 work for each.
 - `udp_flood`, `tcp_flood`, `slowloris`: the senders, with source-address and source-port variety.
 """
 
@@ -87,7 +88,8 @@ def reflection_queries(zone: str) -> dict[str, bytes]:
 
 
 def handshake_initiations(victim_public: bytes, n: int, now_wall: float | None = None) -> list[bytes]:
-    """`n` framed initiations to the victim from `n` random static keys it does not know (valid mac1)."""
+    """`n` framed initiations to the victim from `n` random static keys it does not know, each with a
+    random PSK in the place of the account's (a stranger's mac1)."""
     from tunneld.proto.handshake import Handshaker
 
     out = []
