@@ -9,9 +9,10 @@ payload builders are pure and run anywhere. Targets are only addresses of the la
   records as fit whose owner and PTR target are 2-byte compression pointers back to it: a parser that
   expands every pointer walks the 126 labels twice per record.
 - `reflection_queries`: small unsigned queries (browse PTR, ANY) asking for a 65535-byte EDNS buffer.
-- `handshake_initiations`: valid-format Noise initiations from static keys the victim does not know, with
-  the mac1 a stranger can compute (it read the victim's public key in DNS; it does not know the account
-  PSK): a daemon whose mac1 covers the public key alone does its X25519 work for each.
+- `handshake_initiations`: valid-format Noise initiations from static keys the victim does not know. With
+  no `psk` their mac1 is what a stranger can compute (it read the victim's public key in DNS, not the
+  account PSK): refused at mac1 once mac1 covers the PSK. With the account's `psk` they pass mac1, as a
+  flood from a lost device would: the daemon's load meter, cookies and per-source limits then decide.
 - `udp_flood`, `tcp_flood`, `slowloris`: the senders, with source-address and source-port variety.
 """
 
@@ -87,15 +88,16 @@ def reflection_queries(zone: str) -> dict[str, bytes]:
     return {"browse PTR": query(browse, "PTR"), "ANY": query(browse, "ANY"), "ANY apex": query(zone, "ANY")}
 
 
-def handshake_initiations(victim_public: bytes, n: int, now_wall: float | None = None) -> list[bytes]:
-    """`n` framed initiations to the victim from `n` random static keys it does not know, each with a
-    random PSK in the place of the account's (a stranger's mac1)."""
+def handshake_initiations(victim_public: bytes, n: int, now_wall: float | None = None,
+                          psk: bytes | None = None) -> list[bytes]:
+    """`n` framed initiations to the victim from `n` random static keys it does not know, with the
+    account's `psk` (mac1 passes) or, if None, a random PSK in its place (a stranger's mac1)."""
     from tunneld.proto.handshake import Handshaker
 
     out = []
     wall = time.time() if now_wall is None else now_wall
     for _ in range(n):
-        h = Handshaker(os.urandom(32), os.urandom(32), {victim_public})
+        h = Handshaker(os.urandom(32), os.urandom(32) if psk is None else psk, {victim_public})
         payload, _ = h.initiate(victim_public, 0.0, wall)
         out.append(payload)
     return out
