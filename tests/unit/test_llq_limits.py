@@ -10,7 +10,8 @@ import dns.message
 import dns.tsig
 import dns.update
 
-from tests.unit.dns_steps import llq_client
+from tests.unit import test_llq as canned
+from tests.unit.dns_steps import ClientView, llq_client
 from tests.unit.test_llq_server import (
     CSRC,
     KEY,
@@ -32,7 +33,15 @@ from tests.unit.test_llq_server import (
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import ZoneStore
-from tunneld.proto.llq_wire import LLQ_ERR_NO_ERROR, LLQ_ERR_SERV_FULL, LLQ_OP_EVENT, UDP_PAYLOAD
+from tunneld.proto.llq import LLQ_TCP_TIMEOUT, Added, Established, Fallback, LLQState, Removed, TcpQuery
+from tunneld.proto.llq_wire import (
+    LLQ_ERR_NO_ERROR,
+    LLQ_ERR_SERV_FULL,
+    LLQ_OP_EVENT,
+    LLQ_OP_SETUP,
+    UDP_PAYLOAD,
+    LLQOption,
+)
 
 ATTACKER = "203.0.113.66"
 
@@ -180,3 +189,97 @@ def test_a_large_change_is_split_over_several_events_that_each_fit() -> None:
     [last] = nxt  # released by the last ack
     client.receive(last, T0 + 3)
     assert len(targets(client)) == 121
+
+
+# ---- the client: truncated answers come over TCP; every request offers a real EDNS size --------------------
+
+
+def tc(wire: bytes) -> bytes:
+    """``wire`` as a server that could not fit it sends it: TC set, no answers."""
+    msg = dns.message.from_wire(wire, keyring=False)
+    msg.flags |= dns.flags.TC
+    msg.answer = []
+    return msg.to_wire()
+
+
+def handshake_to_ack(client: ClientView) -> bytes:
+    """The client's challenge response (the ACK's request)."""
+    setup = client.start(0.0).wire
+    [response] = client.receive(canned.reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, canned.SERVER_ID, 7200)),
+                                0.1).transmits
+    return response.wire
+
+
+def test_requests_offer_a_real_edns_size() -> None:
+    client = canned.make_client()
+    setup = client.start(0.0).wire
+    sent = [setup]
+    [response] = client.receive(canned.reply(setup, LLQOption(1, LLQ_OP_SETUP, 0, canned.SERVER_ID, 7200)),
+                                0.1).transmits
+    sent.append(response.wire)
+    client.receive(canned.reply(response.wire, LLQOption(1, LLQ_OP_SETUP, 0, canned.SERVER_ID, 7200)), 0.2)
+    due = client.deadline()
+    assert due is not None
+    [refresh] = client.poll(due).transmits
+    sent.append(refresh.wire)
+    fallback = canned.make_client(seed=2)
+    fallback.start(0.0)
+    [poll] = [t for at in (2.0, 6.0, 14.0) for t in fallback.poll(at).transmits][-1:]
+    assert canned.llq_of(poll.wire) is None  # the fallback query: no LLQ option, but EDNS
+    sent.append(poll.wire)
+    for wire in sent:
+        msg = dns.message.from_wire(wire)
+        assert msg.edns == 0 and msg.payload == UDP_PAYLOAD == 1232
+
+
+def test_a_truncated_ack_is_fetched_over_tcp_and_events_meanwhile_are_kept() -> None:
+    client = canned.make_client()
+    response = handshake_to_ack(client)
+    out = client.receive(tc(canned.reply(response, LLQOption(1, LLQ_OP_SETUP, 0, canned.SERVER_ID, 7200))),
+                         0.2)
+    [fetch] = out.events
+    assert isinstance(fetch, TcpQuery) and out.transmits == []  # no Established yet: no answers yet
+    assert client.state == LLQState.ESTABLISHED
+    query = dns.message.from_wire(fetch.payload)
+    assert canned.llq_of(fetch.payload) is None and query.payload == UDP_PAYLOAD
+    # an event before the whole answer: acked at once, applied after it
+    out = client.receive(canned.event(canned.SERVER_ID, 7, (canned.srv("new.example."),)), 0.3)
+    assert len(out.transmits) == 1 and out.events == []
+    whole = canned.reply(fetch.payload, None, tuple(canned.srv(f"d{i}.example.") for i in range(3)))
+    out = client.receive(whole, 0.4)
+    kinds = [type(e) for e in out.events]
+    assert kinds == [Added, Added, Established]  # the whole answer (one RRset), then the held event
+    established = out.events[-1]
+    assert isinstance(established, Established) and len(established.answers[0]) == 4
+    assert client.counters["truncated answer fetched over TCP"] == 1
+
+
+def test_an_unanswered_tcp_fetch_is_retried_then_falls_back() -> None:
+    client = canned.make_client()
+    response = handshake_to_ack(client)
+    [fetch] = client.receive(tc(canned.reply(response, LLQOption(1, LLQ_OP_SETUP, 0, canned.SERVER_ID,
+                                                                 7200))), 0.2).events
+    assert isinstance(fetch, TcpQuery)
+    assert client.deadline() == 0.2 + LLQ_TCP_TIMEOUT
+    assert client.poll(10.2).events == [fetch]
+    assert client.poll(20.2).events == [fetch]
+    out = client.poll(30.2)
+    assert [type(e) for e in out.events] == [Fallback]
+    assert client.counters["no answer over TCP"] == 1
+    assert client.state == LLQState.POLLING
+
+
+def test_a_truncated_poll_answer_is_fetched_over_tcp() -> None:
+    client = canned.make_client()
+    setup = client.start(0.0).wire
+    out = client.receive(tc(canned.reply(setup, None, (canned.srv("a.example."),))), 0.1)
+    fetch = out.events[-1]
+    assert [type(e) for e in out.events] == [Fallback, TcpQuery] and isinstance(fetch, TcpQuery)
+    out = client.receive(canned.reply(fetch.payload, None, (canned.srv("a.example."),)), 0.2)
+    assert [type(e) for e in out.events] == [Added]
+    [poll] = client.poll(0.1 + 900).transmits
+    out = client.receive(tc(canned.reply(poll.wire, None, ())), 901.0)
+    [again] = out.events
+    assert isinstance(again, TcpQuery)
+    out = client.receive(canned.reply(again.payload, None, ()), 901.1)
+    assert [type(e) for e in out.events] == [Removed]

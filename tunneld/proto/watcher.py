@@ -41,6 +41,7 @@ from tunneld.proto.llq import (
     LLQClient,
     LLQState,
     Removed,
+    TcpQuery,
 )
 from tunneld.proto.llq_wire import parse_message
 from tunneld.proto.tsig import TsigKey, TsigSession
@@ -51,6 +52,7 @@ __all__ = [
     "PeerLearned",
     "PeerRejected",
     "QueryStatus",
+    "TcpQuery",
     "WatchClient",
     "Watcher",
     "WatcherEvent",
@@ -110,7 +112,8 @@ class QueryStatus:
     detail: str = ""
 
 
-WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus
+WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus | TcpQuery
+"""A client's :class:`TcpQuery` is passed on as it is: the service sends it and feeds the reply back."""
 
 
 # -- the client interface ----------------------------------------------------------------------------------
@@ -400,7 +403,9 @@ class Watcher(Outbox[WatcherEvent]):
                 watch.cache.setdefault(_key(rrset), set()).update(rrset)
             self._emit(QueryStatus(question[0], question[1], "established"))
             return True
-        if isinstance(event, Failed):
+        if isinstance(event, TcpQuery):
+            self._emit(event)
+        elif isinstance(event, Failed):
             self.counters["LLQ failed"] += 1
             self._emit(QueryStatus(question[0], question[1], "failed", event.reason))
         elif isinstance(event, Fallback):
