@@ -3,10 +3,13 @@ source or one key trying to take the table, and unsigned acks (as Apple's mDNSRe
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import dns.flags
 import dns.message
+import dns.name
+import dns.rdatatype
 import dns.tsig
 import dns.update
 
@@ -30,9 +33,10 @@ from tests.unit.test_llq_server import (
     targets,
     update,
 )
-from tunneld.dnsserver.core import DnsCore
+from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
-from tunneld.dnsserver.store import ZoneStore
+from tunneld.dnsserver.store import AddRR, Lease, RRsetRemoval, ZoneStore
+from tunneld.proto import records
 from tunneld.proto.llq import LLQ_TCP_TIMEOUT, Added, Established, Fallback, LLQState, Removed, TcpQuery
 from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_ERROR,
@@ -42,6 +46,8 @@ from tunneld.proto.llq_wire import (
     UDP_PAYLOAD,
     LLQOption,
 )
+from tunneld.proto.tsig import TsigSession, check, sign
+from tunneld.proto.watcher import PeerLearned, Watcher
 
 ATTACKER = "203.0.113.66"
 
@@ -283,3 +289,91 @@ def test_a_truncated_poll_answer_is_fetched_over_tcp() -> None:
     assert isinstance(again, TcpQuery)
     out = client.receive(canned.reply(again.payload, None, ()), 901.1)
     assert [type(e) for e in out.events] == [Removed]
+
+
+# ---- an account of 100 devices: the real server core and the real watcher, in memory ----------------------
+
+ACCOUNT = "fleet.example"
+WATCHER_SRC = ("198.51.100.9", 40000)
+
+
+def publish_devices(store: ZoneStore, count: int, now: float) -> None:
+    changes: list[AddRR] = []
+    for i in range(count):
+        address = ipaddress.ip_address(f"192.0.2.{i % 250}")
+        host = records.HostRecords.derive(f"dev{i:03d}", ACCOUNT, bytes([i % 256, i // 256]) + bytes(30),
+                                          port=4500 + i, addresses=[address])
+        changes += [AddRR(rrset.name, 300, rd) for rrset in records.build(host, 300) for rd in rrset]
+    assert store.apply_update(changes, Lease(5400, 5400), now)
+
+
+def exchange(watcher: Watcher, server: LLQServer, now: float) -> tuple[set[str], int]:
+    """Carry everything between the watcher and the server until both are quiet (bounded): UDP through
+    the LLQ server or the core, TcpQuery through the core with TCP's size. The peers learned, and how
+    many queries went over TCP."""
+    core = server.core
+    learned: set[str] = set()
+    tcp = 0
+    for _round in range(20):
+        sent = [t.payload for t in watcher.transmits()]
+        events = watcher.events()
+        if not sent and not events:
+            return learned, tcp
+        for wire in sent:
+            assert len(wire) <= UDP_PAYLOAD
+            out = server.handle(wire, WATCHER_SRC, now)
+            if out is None:  # not an LLQ message: the core's (UDP rules)
+                reply = core.handle(wire, WATCHER_SRC, now)
+                out = [] if reply is None else [(WATCHER_SRC, reply)]
+            for dest, reply in out:
+                assert dest == WATCHER_SRC and len(reply) <= UDP_PAYLOAD
+                watcher.receive(reply, canned.SERVER, now)
+        for event in events:
+            if isinstance(event, TcpQuery):  # what the service does: the same core, over TCP
+                tcp += 1
+                reply = core.handle(event.payload, WATCHER_SRC, now, max_size=65535)
+                assert reply is not None
+                watcher.receive(reply, canned.SERVER, now)
+            elif isinstance(event, PeerLearned):
+                learned.add(event.host.name)
+    raise AssertionError("the watcher and the server never went quiet")
+
+
+def test_an_account_of_100_devices_is_learned_whole() -> None:
+    """With 50 devices the browse answer no longer fit the LLQ's UDP ACK: it came truncated and empty,
+    and the watcher learned no peer."""
+    zone = dns.name.from_text(ACCOUNT)
+    key = account_key(bytes(range(32)), ACCOUNT)
+    core = DnsCore(ZoneStore(":memory:", zone, f"ns.{ACCOUNT}.", 53, llq_port=5352), [key])
+    server = LLQServer(core, random.Random(7).randbytes)
+    publish_devices(core.store, 100, T0)
+    watcher = Watcher(ACCOUNT, "me", server=canned.SERVER, rand=random.Random(3).randbytes, key=key)
+    watcher.start(T0)
+    learned, tcp = exchange(watcher, server, T0)
+    assert len(learned) == 100 == len(watcher.peers())
+    assert tcp >= 1  # the browse answer did not fit a datagram
+    assert len(server) == 1 + 5 * 100  # the browse PTR, and each device's AAAA, SRV, TXT, A and AAAA
+    assert server.counters["table full"] == server.counters["address cap"] == 0
+    # a 101st device arrives by an event (it fits a datagram), and is learned too
+    publish_devices(core.store, 101, T0 + 1)
+    browse = RRsetRemoval(records.browse_name(ACCOUNT), dns.rdatatype.PTR)  # which name changed
+    for _dest, wire in server.changes([browse], T0 + 1):
+        watcher.receive(wire, canned.SERVER, T0 + 1)
+    learned, _tcp = exchange(watcher, server, T0 + 1)
+    assert learned == {"dev100"} and len(watcher.peers()) == 101
+
+
+def test_replies_to_two_requests_with_one_message_id_both_verify() -> None:
+    """Hundreds of LLQs share one TSIG session on one socket: their random IDs meet (in the test above,
+    one ACK in 500 was refused, and its question fell back to polling every 15 minutes)."""
+    key = account_key(bytes(range(32)), ACCOUNT)
+    session, server_keys = TsigSession(key), {key.name: key}
+    first = dns.message.make_query("a.fleet.example.", "AAAA", id=77).to_wire()
+    second = dns.message.make_query("b.fleet.example.", "AAAA", id=77).to_wire()
+    signed = [session.sign(first, T0), session.sign(second, T0)]
+    for request in signed:
+        _key, tsig = check(request, server_keys, T0)
+        reply = dns.message.make_response(dns.message.from_wire(request, keyring=False))
+        reply.tsig = None
+        wire, _mac = sign(reply.to_wire(), key, int(T0), tsig.mac)
+        session.verify(wire, T0)  # raises if it is checked against the other request's MAC only
