@@ -140,6 +140,7 @@ class LLQServer:
         self.replays = Replays()
         self._rand = rand
         self._llqs: dict[int, _LLQ] = {}
+        self._by_question: dict[tuple[Dest, dns.name.Name, int], _LLQ] = {}  # one per source and question
         self._sources: dict[Dest, _Source] = {}  # least recently used first
         self.counters: Counter[str] = Counter()
 
@@ -293,16 +294,14 @@ class LLQServer:
     def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                now: float, repeated: bool) -> bytes | None:
         q = msg.question[0]
-        for llq in list(self._llqs.values()):
-            if llq.src != src or llq.qname != q.name or llq.qtype != q.rdtype:
-                continue
+        llq = self._by_question.get((src, q.name, q.rdtype))
+        if llq is not None:
             if (not llq.established and llq.setup_msg_id == msg.id and self._key_ok(llq, signer)
                     and now < llq.half_open_until):
                 self.counters["duplicate setup request"] += 1
                 return llq.challenge  # §5.1: re-send our reply to a duplicate, unchanged
-            if repeated:
-                break
-            self._drop(llq, "restarted by a new setup request")
+            if not repeated:
+                self._drop(llq, "restarted by a new setup request")
         if repeated:  # its LLQ went on (or went away): a late copy must not restart it
             self.counters["replayed request"] += 1
             return None
@@ -408,12 +407,15 @@ class LLQServer:
         return signer is not None and signer.key.name == llq.key.name
 
     def _admit(self, llq: _LLQ) -> None:
+        self._by_question[(llq.src, llq.qname, llq.qtype)] = llq
         self._source(llq.src).llqs += 1
         self.caps.add(llq.src, None if llq.key is None else llq.key.name)
 
     def _drop(self, llq: _LLQ, reason: str) -> None:
         self.counters[f"dropped: {reason}"] += 1
         if self._llqs.pop(llq.llq_id, None) is not None:
+            if self._by_question.get((llq.src, llq.qname, llq.qtype)) is llq:
+                del self._by_question[(llq.src, llq.qname, llq.qtype)]
             self.caps.remove(llq.src, None if llq.key is None else llq.key.name)
             source = self._sources.get(llq.src)
             if source is not None:
