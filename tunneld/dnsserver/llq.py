@@ -35,6 +35,7 @@ import dns.tsig
 from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.llq_events import Records, diff, records, split
 from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, Caps, Replays
+from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import (
@@ -56,15 +57,8 @@ from tunneld.proto.llq_wire import (
 )
 from tunneld.proto.tsig import TsigKey, signed_size
 
-__all__ = [
-    "EVENT_RETRY_WAITS",
-    "IDLE_SOURCES_KEPT",
-    "LLQ_LEASE_SLACK",
-    "LLQ_MAX_LEASE",
-    "LLQ_MIN_LEASE",
-    "REQUEST_IDS_KEPT",
-    "LLQServer",
-]
+__all__ = ["EVENT_RETRY_WAITS", "IDLE_SOURCES_KEPT", "LLQ_LEASE_SLACK", "LLQ_MAX_LEASE", "LLQ_MIN_LEASE",
+           "REQUEST_IDS_KEPT", "LLQServer"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +132,7 @@ class LLQServer:
         self.caps = Caps(max(1, max_llqs // 4) if per_address is None else per_address,
                          max_llqs - max_llqs // 4 if per_key is None else per_key)
         self.replays = Replays()
+        self.saver = Saver(core.store)
         self._rand = rand
         self._llqs: dict[int, _LLQ] = {}
         self._by_question: dict[tuple[Dest, dns.name.Name, int], _LLQ] = {}  # one per source and question
@@ -174,7 +169,7 @@ class LLQServer:
             if not llq.established or llq.qname not in owners:
                 continue
             if now >= llq.expires:
-                self._drop(llq, "lease expired")
+                self._drop(llq, "lease expired", now)
                 continue
             if llq.events:
                 # One diff in flight per LLQ, so a resent older event can never overtake a newer one
@@ -192,27 +187,29 @@ class LLQServer:
         out: Output = []
         for llq in list(self._llqs.values()):
             if now >= llq.expires:
-                self._drop(llq, "lease expired" if llq.established else "half-open lease expired")
+                self._drop(llq, "lease expired" if llq.established else "half-open lease expired", now)
                 continue
             if now >= llq.half_open_until:
-                self._drop(llq, "challenge not answered")
+                self._drop(llq, "challenge not answered", now)
                 continue
             for msg_id, pending in list(llq.events.items()):
                 if now < pending.next_at:
                     continue
                 if pending.tries >= EVENT_MAX_TRIES:
-                    self._drop(llq, "event not acknowledged")
+                    self._drop(llq, "event not acknowledged", now)
                     break
                 pending.tries += 1
                 pending.next_at = now + EVENT_RETRY_WAITS[pending.tries - 1]
                 self.counters["event resent"] += 1
                 out.append((llq.src, llq.events[msg_id].wire))
+        self.saver.poll(now)
         return out
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: no LLQs)."""
         times = [min(llq.expires, llq.half_open_until) for llq in self._llqs.values()]
         times.extend(p.next_at for llq in self._llqs.values() for p in llq.events.values())
+        times.extend(t for t in (self.saver.due(),) if t is not None)
         return min(times) if times else None
 
     def llq_ids(self) -> list[int]:
@@ -301,7 +298,7 @@ class LLQServer:
                 self.counters["duplicate setup request"] += 1
                 return llq.challenge  # §5.1: re-send our reply to a duplicate, unchanged
             if not repeated:
-                self._drop(llq, "restarted by a new setup request")
+                self._drop(llq, "restarted by a new setup request", now)
         if repeated:  # its LLQ went on (or went away): a late copy must not restart it
             self.counters["replayed request"] += 1
             return None
@@ -353,7 +350,7 @@ class LLQServer:
         if llq is None or not llq.established:
             return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
         if option.lease == 0:
-            self._drop(llq, "cancelled")
+            self._drop(llq, "cancelled", now)
             return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id, 0),
                                signer, now)
         llq.granted = _clamp(option.lease)
@@ -396,7 +393,7 @@ class LLQServer:
             self.counters["no such LLQ"] += 1
             return None
         if now >= min(llq.expires, llq.half_open_until):
-            self._drop(llq, "lease expired" if now >= llq.expires else "challenge not answered")
+            self._drop(llq, "lease expired" if now >= llq.expires else "challenge not answered", now)
             return None
         return llq
 
@@ -411,7 +408,7 @@ class LLQServer:
         self._source(llq.src).llqs += 1
         self.caps.add(llq.src, None if llq.key is None else llq.key.name)
 
-    def _drop(self, llq: _LLQ, reason: str) -> None:
+    def _drop(self, llq: _LLQ, reason: str, now: float) -> None:
         self.counters[f"dropped: {reason}"] += 1
         if self._llqs.pop(llq.llq_id, None) is not None:
             if self._by_question.get((llq.src, llq.qname, llq.qtype)) is llq:
@@ -421,7 +418,7 @@ class LLQServer:
             if source is not None:
                 source.llqs -= 1
         if llq.established:
-            self.core.store.llq_delete(llq.llq_id)
+            self.saver.put(llq.llq_id, None, now)
 
     # ---- durability -----------------------------------------------------------------------------------
 
@@ -439,7 +436,7 @@ class LLQServer:
                         for (name, rdtype), held in llq.snapshot.items() for rd, ttl in held.items()],
             "ids": {"saved": now, "next": source.next_id, "requests": list(source.requests)[-_IDS_SAVED:]},
         }
-        self.core.store.llq_put(llq.llq_id, json.dumps(state))
+        self.saver.put(llq.llq_id, json.dumps(state), now)
 
     def restore(self, now: float) -> Output:
         """After a restart: reload the established LLQs from the store and send each client what changed

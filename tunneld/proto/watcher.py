@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -61,6 +61,10 @@ __all__ = [
 Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
 _RecordKey = tuple[dns.name.Name, int, int]  # owner, rdclass, rdtype
 _AWAITING_FIRST_ANSWER: Final = frozenset({LLQState.IDLE, LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
+_HANDSHAKING: Final = frozenset({LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
+MAX_HANDSHAKES: Final = 32
+"""LLQ handshakes in flight at once; the other clients wait their turn. An account of 100 devices starts
+some 300 at once: the burst overflowed the server's socket buffer, and the retransmissions doubled it."""
 
 
 # -- events ------------------------------------------------------------------------------------------------
@@ -216,6 +220,7 @@ class Watcher(Outbox[WatcherEvent]):
         self._browse: Question = records.names_to_browse(domain)[0]
         self._watches: dict[Question, _Watch] = {}
         self._hosts: dict[str, _Host] = {}  # by lower-case name
+        self._waiting: deque[Question] = deque()  # clients made, not started yet (MAX_HANDSHAKES)
         self.counters: Counter[str] = Counter()
         self.running = False
 
@@ -243,6 +248,7 @@ class Watcher(Outbox[WatcherEvent]):
             self._transmits.extend(watch.client.transmits())
         self._watches.clear()
         self._hosts.clear()
+        self._waiting.clear()
         self.running = False
 
     def finished(self) -> bool:
@@ -272,6 +278,7 @@ class Watcher(Outbox[WatcherEvent]):
             return
         watch.client.receive(data, source, now)
         self._handle(question, watch, now)
+        self._start_waiting(now)
 
     def poll(self, now: float) -> None:
         """Run every client's timers due at ``now``."""
@@ -282,6 +289,7 @@ class Watcher(Outbox[WatcherEvent]):
             if deadline is not None and deadline <= now:
                 watch.client.poll(now)
                 self._handle(question, watch, now)
+        self._start_waiting(now)
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing scheduled)."""
@@ -340,8 +348,21 @@ class Watcher(Outbox[WatcherEvent]):
             watch.hosts.add(host)
         self._watches[question] = watch
         self.counters["clients started"] += 1
-        client.start(now)
-        self._transmits.extend(client.transmits())
+        self._waiting.append(question)
+        self._start_waiting(now)
+
+    def _start_waiting(self, now: float) -> None:
+        """Start waiting clients while fewer than MAX_HANDSHAKES handshakes are in flight."""
+        if not self._waiting:
+            return
+        busy = sum(1 for w in self._watches.values() if w.client.state in _HANDSHAKING)
+        while self._waiting and busy < MAX_HANDSHAKES:
+            watch = self._watches.get(self._waiting.popleft())
+            if watch is None or watch.client.state != LLQState.IDLE:
+                continue  # released meanwhile
+            watch.client.start(now)
+            self._transmits.extend(watch.client.transmits())
+            busy += 1
 
     def _release(self, question: Question, host: str, now: float) -> None:
         watch = self._watches.get(question)
