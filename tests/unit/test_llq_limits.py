@@ -3,8 +3,10 @@ source or one key trying to take the table, and unsigned acks (as Apple's mDNSRe
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
+import time
 
 import dns.flags
 import dns.message
@@ -12,7 +14,9 @@ import dns.name
 import dns.rdatatype
 import dns.tsig
 import dns.update
+import trio
 
+from crypto.kdf import derive_tsig_key
 from tests.unit import test_llq as canned
 from tests.unit.dns_steps import ClientView, llq_client
 from tests.unit.test_llq_server import (
@@ -36,6 +40,7 @@ from tests.unit.test_llq_server import (
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq_saver import SAVE_DELAY
+from tunneld.dnsserver.serve import serve
 from tunneld.dnsserver.store import AddRR, Lease, RRsetRemoval, ZoneStore
 from tunneld.proto import records
 from tunneld.proto.llq import LLQ_TCP_TIMEOUT, Added, Established, Fallback, LLQState, Removed, TcpQuery
@@ -49,7 +54,8 @@ from tunneld.proto.llq_wire import (
     find_llq_option,
 )
 from tunneld.proto.tsig import TsigSession, check, sign
-from tunneld.proto.watcher import MAX_HANDSHAKES, PeerLearned, Watcher
+from tunneld.proto.watcher import MAX_HANDSHAKES, PeerLearned, Watcher, WatcherEvent
+from tunneld.services.watcher import WatcherService
 
 ATTACKER = "203.0.113.66"
 
@@ -398,3 +404,45 @@ def test_a_burst_of_setups_is_saved_in_a_few_writes() -> None:
     server.poll(T0 + SAVE_DELAY)
     assert server.saver.writes == 2
     assert {i for i, _state in server.core.store.llq_all()} == {first.llq_id} | {c.llq_id for c in clients}
+
+
+# ---- the watching service against the real listeners, on loopback ---------------------------------------
+
+
+def test_the_watching_service_fetches_a_truncated_answer_over_tcp() -> None:
+    """The service makes the core's TcpQuery with trio and hands the reply back (serve-dns on loopback)."""
+    secret = bytes(range(32))
+    core = DnsCore(ZoneStore(":memory:", ACCOUNT + ".", f"ns.{ACCOUNT}.", 53), [account_key(secret, ACCOUNT)])
+    publish_devices(core.store, 60, time.time())
+    learned: set[str] = set()
+    counters: dict[str, int] = {}
+
+    def on_event(event: WatcherEvent) -> None:
+        assert not isinstance(event, TcpQuery)  # the service's business, never the daemon's
+        if isinstance(event, PeerLearned):
+            learned.add(event.host.name)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _attempt in range(5):  # one port for UDP and TCP: find one free for both
+                with trio.socket.socket() as probe:
+                    await probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                try:
+                    await nursery.start(functools.partial(serve, core, "127.0.0.1", port,
+                                                          llq=LLQServer(core)))
+                    break
+                except OSError:
+                    continue
+            key = derive_tsig_key(secret, ACCOUNT)
+            service = WatcherService(("127.0.0.1", port), ACCOUNT, "me", key, on_event)
+            await nursery.start(service.run)
+            with trio.fail_after(20):
+                while len(learned) < 60:
+                    await trio.sleep(0.05)
+            counters.update(service.watcher.state["counters"])
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(learned) == 60
+    assert counters["truncated answer fetched over TCP"] >= 1
