@@ -183,7 +183,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     from tunneld.dnsserver.core import DnsCore, Policy, account_key
     from tunneld.dnsserver.llq import LLQServer
     from tunneld.dnsserver.serve import bind_error_message, serve
-    from tunneld.dnsserver.store import ZoneStore
+    from tunneld.dnsserver.store import NotWritable, ZoneStore
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
@@ -224,6 +224,11 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error) as e:
         raise UsageError(f"cannot open the zone database --db {db}: {getattr(e, 'strerror', None) or e}; "
                          f"check the path and its permissions") from None
+    try:  # found now, not at the first update
+        store.check_writable()
+    except NotWritable as e:
+        store.close()
+        raise UsageError(f"cannot write the zone database --db {db}: {e}") from None
     keys = [account_key(secret, zone)]
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
 

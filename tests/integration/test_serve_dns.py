@@ -7,6 +7,7 @@ prints. nsupdate cannot send the RFC 9664 Update Lease option, so the server run
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from lab.netns import Host, Lab, wait_for
 from lab.topology import two_hosts
 from lab.tunnel import TUNNELD
 from tests.helpers import exit_on_signal
+from tunneld.dnsserver.store import ZoneStore
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("dig") or not shutil.which("nsupdate"),
@@ -309,3 +312,128 @@ def test_wildcard_listen_is_dual_stack(tmp_path: Path) -> None:
                                     "SOA", ZONE], check=False, timeout=20)
                     return "status: NOERROR" in r.stdout
                 wait_for(ready, timeout=15, interval=0.05, what=f"serve-dns to answer on {addr} {tcp}")
+
+
+# ---- replays of signed updates across a restart; the database's disk ---------------------------------
+
+# From inside host a: "capture" sends a signed update (host's AAAA := 2001:db8::1) and prints it with its
+# reply; "replay" sends the captured bytes again, as an attacker would, and prints the reply.
+REPLAY_SNIPPET = r"""
+import base64, json, socket, sys
+import dns.message, dns.rcode, dns.update
+from tunneld.dnsserver.core import account_key
+zone, server, port, secret, mode = sys.argv[1:6]
+if mode == "capture":
+    upd = dns.update.UpdateMessage(zone)
+    upd.replace("roamer", 60, "AAAA", "2001:db8::1")
+    upd.use_tsig(account_key(base64.b64decode(secret), zone).dnspython())
+    wire = upd.to_wire()
+else:
+    wire = bytes.fromhex(sys.argv[6])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(wire, (server, int(port)))
+reply = s.recv(65535)
+print(json.dumps({"wire": wire.hex(), "reply": reply.hex(),
+                  "rcode": dns.rcode.to_text(dns.message.from_wire(reply, keyring=False).rcode())}))
+"""
+
+
+def replay_snippet(s: Served, *args: str) -> dict[str, str]:
+    r = s.lab.run(s.a, [sys.executable, "-c", REPLAY_SNIPPET, ZONE, SERVER, str(PORT), s.account.secret_b64,
+                        *args], timeout=30)
+    out: dict[str, str] = json.loads(r.stdout)
+    return out
+
+
+def test_a_signed_update_replayed_after_a_restart_changes_nothing(served: Served) -> None:
+    """The issue's case: a device's update is captured, the device moves, the server is killed (no clean
+    shutdown) and restarted, and the captured update is replayed within its TSIG window. The stale AAAA
+    must not come back, and the copy gets the reply the original got."""
+    s = served
+    name = f"roamer.{ZONE}"
+    captured = replay_snippet(s, "capture")
+    assert captured["rcode"] == "NOERROR"
+    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::1"]
+    moved = nsupdate(s, s.account.key, f"update delete {name} AAAA", f"update add {name} 60 AAAA 2001:db8::2")
+    assert moved.returncode == 0, moved.stderr
+    s.proc.kill()
+    s.proc.wait(timeout=10)
+    s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
+    replayed = replay_snippet(s, "replay", captured["wire"])
+    assert replayed["reply"] == captured["reply"]
+    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::2"]
+
+
+@contextmanager
+def tiny_tmpfs(where: Path, size: str = "512k") -> Iterator[Path]:
+    """A small file system of our own, unmounted afterwards, to fill or make read-only."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tunneld-test", str(where)],
+                   check=True, timeout=10)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=10)
+
+
+def fill(fs: Path) -> Path:
+    """Fill the file system to its last byte; the filler file, to delete for room again."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(1_000_000):  # bounded; a 512 KB tmpfs is full after 128 blocks
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    else:
+        raise AssertionError("the file system never filled")
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("case", ["read-only", "full"])
+def test_an_unwritable_database_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
+    account = new_account(tmp_path / "account")
+    with tiny_tmpfs(tmp_path / "fs") as fs:
+        db = fs / "dns.sqlite"
+        ZoneStore(str(db), ZONE + ".", f"ns.{ZONE}.", PORT).close()
+        if case == "full":
+            fill(fs)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True, timeout=10)
+        with Lab() as lab:
+            h = lab.host("dns")
+            r = lab.run(h, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(account.secret),
+                            "--listen", LISTEN, "--db", str(db)], check=False, timeout=30)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("tunneld: cannot write the zone database"), r.stderr
+    assert ("disk is full" if case == "full" else "read-only") in lines[0], lines[0]
+
+
+def test_a_full_disk_is_reported_once_and_queries_are_still_answered(tmp_path: Path) -> None:
+    account = new_account(tmp_path / "account")
+    log = tmp_path / "serve-dns.log"
+    with tiny_tmpfs(tmp_path / "fs", "1m") as fs, Lab() as lab:
+        a, b = two_hosts(lab)
+        s = Served(lab, a, b, account, fs / "dns.sqlite", start_server(lab, b, a, account, fs / "dns.sqlite",
+                                                                       log), log)
+        assert nsupdate(s, account.key, f"update add before.{ZONE} 60 AAAA 2001:db8::1").returncode == 0
+        filler = fill(fs)
+        for i in range(3):
+            r = nsupdate(s, account.key, f"update add full{i}.{ZONE} 60 TXT {'x' * 200}")
+            assert r.returncode != 0 and "SERVFAIL" in r.stderr, r.stderr
+            assert answer(lab, a, f"before.{ZONE}", "AAAA") == ["2001:db8::1"]
+        assert s.proc.poll() is None
+        text = log.read_text()
+        assert text.count("disk is full") == 1, text
+        filler.unlink()
+        assert nsupdate(s, account.key, f"update add after.{ZONE} 60 AAAA 2001:db8::3").returncode == 0
+        assert answer(lab, a, f"after.{ZONE}", "AAAA") == ["2001:db8::3"]
+        assert answer(lab, a, f"full0.{ZONE}", "TXT") == []
+        text = log.read_text()
+        assert text.count("disk is full") == 1 and text.count("writable again") == 1, text
+        assert "Traceback" not in text, text
+        exit_on_signal(s.proc, signal.SIGTERM, log, "serve-dns")

@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import dns.message
 import dns.name
+import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.update
 import pytest
 
+from tunneld.dnsserver.core import DnsCore, account_key
+from tunneld.dnsserver.replay import Answered
 from tunneld.dnsserver.store import (
+    SCHEMA_VERSION,
+    SWEEP_RETRY,
     AddRR,
     DeleteName,
     DeleteRR,
     DeleteRRset,
     Lease,
+    NotWritable,
     ZoneStore,
 )
+from tunneld.proto.tsig import sign
 
 ZONE = dns.name.from_text("example.com.")
 T0 = 1_800_000_000.0
@@ -214,3 +231,153 @@ def test_server_addresses_are_served_and_protected() -> None:
     assert not store.is_protected(n("ns"), dns.rdatatype.TXT)
     with pytest.raises(ValueError):
         ZoneStore(":memory:", "example.com.", "ns.example.net.", 53, addresses=["192.0.2.53"])
+
+
+# ---- schema migration, writability, full disk ---------------------------------------------------------
+
+_OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE records (owner TEXT NOT NULL, rdtype INTEGER NOT NULL, rdata BLOB NOT NULL,
+    ttl INTEGER NOT NULL, expires REAL, PRIMARY KEY (owner, rdtype, rdata));
+CREATE INDEX records_expires ON records (expires);
+CREATE TABLE llqs (id TEXT PRIMARY KEY, state TEXT NOT NULL);
+INSERT INTO meta VALUES ('zone', 'example.com.'), ('serial', '7');
+"""
+
+
+def test_a_database_from_before_the_replay_table_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SCHEMA)
+    old.execute("INSERT INTO records VALUES ('host.example.com.', 28, ?, 120, NULL)",
+                (rd("AAAA", "fd00::1").to_digestable(),))
+    old.commit()
+    old.close()
+    store = ZoneStore(str(path), ZONE, "ns.example.com.", 53)
+    assert store.serial == 7 and texts(store, "host", "AAAA", T0) == {"fd00::1"}
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.replay_put(Answered(b"mac", int(T0) + 300, b"reply"), T0)
+    store.close()
+    again = ZoneStore(str(path), ZONE, "ns.example.com.", 53)
+    assert again.replay_get(b"mac") == (int(T0) + 300, b"reply")
+    again.check_writable()
+
+
+def test_check_writable_writes(tmp_path: Path) -> None:
+    """A probe that changes nothing would not reach the disk (SQLite skips an unchanged row)."""
+    store = ZoneStore(str(tmp_path / "z.sqlite"), ZONE, "ns.example.com.", 53)
+    store.check_writable()
+    store._db.execute("PRAGMA query_only=1")  # what a read-only file looks like to a writer
+    with pytest.raises(NotWritable, match="read-only"):
+        store.check_writable()
+
+
+_AS_NOBODY = """
+import sys
+from tunneld.dnsserver.store import NotWritable, ZoneStore
+try:
+    ZoneStore(sys.argv[1], "example.com.", "ns.example.com.", 53).check_writable()
+except NotWritable as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_check_writable_names_a_directory_sqlite_cannot_write_its_journal_in() -> None:
+    """The file is writable but its directory is not: opening and reading work, the first write does
+    not. Root writes anywhere, so the check runs as nobody."""
+    d = Path(tempfile.mkdtemp(prefix="tunneld-store-"))
+    try:
+        d.chmod(0o755)
+        db = d / "z.sqlite"
+        ZoneStore(str(db), ZONE, "ns.example.com.", 53).close()
+        db.chmod(0o666)
+        d.chmod(0o555)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", _AS_NOBODY, str(db)], capture_output=True, text=True, timeout=30,
+                           check=False, cwd=Path(__file__).parents[2])
+        assert r.returncode == 0, r.stderr
+        assert "directory is not writable" in r.stdout, r.stdout
+    finally:
+        d.chmod(0o755)
+        shutil.rmtree(d)
+
+
+def _update(i: int) -> bytes:
+    upd = dns.update.UpdateMessage(ZONE, id=i)
+    upd.use_edns(0, options=[dns.edns.GenericOption(2, struct.pack("!I", 3600))])  # type: ignore[arg-type]
+    upd.add(f"h{i}", 120, "TXT", "x" * 200)
+    return sign(upd.to_wire(), account_key(b"k" * 32, "example.com"), int(T0) + i)[0]
+
+
+def _rcode(reply: bytes | None) -> dns.rcode.Rcode:
+    assert reply is not None
+    return dns.message.from_wire(reply, keyring=False).rcode()
+
+
+def test_a_full_disk_is_reported_once_and_queries_are_still_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLITE_FULL (here from a page limit, as ENOSPC gives it): the update that does not fit, and every
+    one after it, gets SERVFAIL and changes nothing; one log line says so; queries go on, and saving an
+    LLQ fails quietly; once there is room, updates work again (and that is said once too)."""
+    core = DnsCore(ZoneStore(str(tmp_path / "z.sqlite"), ZONE, "ns.example.com.", 53),
+                   [account_key(b"k" * 32, "example.com")])
+    store = core.store
+    assert _rcode(core.handle(_update(0), ("192.0.2.1", 1), T0)) == dns.rcode.NOERROR
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    caplog.set_level(logging.INFO, logger="tunneld.dnsserver")
+    rcodes = [_rcode(core.handle(_update(i), ("192.0.2.1", 1), T0 + i)) for i in range(1, 80)]
+    assert dns.rcode.SERVFAIL in rcodes
+    full_at = rcodes.index(dns.rcode.SERVFAIL) + 1
+    assert set(rcodes[full_at - 1:]) == {dns.rcode.SERVFAIL}
+    assert texts(store, f"h{full_at}", "TXT", T0 + 100) == set()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "disk is full" in errors[0].getMessage()
+    assert "Traceback" not in caplog.text
+    query = dns.message.make_query(f"h0.{ZONE}", "TXT")
+    answer = dns.message.from_wire(core.handle(query.to_wire(), ("192.0.2.1", 1), T0 + 100) or b"")
+    assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+    store.llq_put(1, "x" * 10_000)  # needs new pages: the LLQ lives on unsaved, nothing raised
+    assert store.llq_all() == []
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+    store._db.execute(f"PRAGMA max_page_count={pages * 100}")
+    again = _update(1000)
+    assert _rcode(core.handle(again, ("192.0.2.1", 1), T0 + 1000)) == dns.rcode.NOERROR
+    assert texts(store, "h1000", "TXT", T0 + 1000) == {'"' + "x" * 200 + '"'}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and "writable again" in warnings[1]
+
+
+class _FullOnDelete:
+    """The store's connection, failing record deletions as a full disk does (DELETE needs the journal)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith("DELETE FROM records"):
+            e = sqlite3.OperationalError("database or disk is full")
+            e.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+            raise e
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_a_sweep_that_cannot_delete_is_retried_later_not_at_once(store: ZoneStore) -> None:
+    """Otherwise the sweeper, seeing an expiry already past, would spin on a full disk."""
+    store.apply_update([AddRR(n("host"), 60, rd("AAAA", "fd00::1"))], LEASE, T0)
+    real = store._db
+    store._db = _FullOnDelete(real)  # type: ignore[assignment]
+    assert store.expire(T0 + 3600) == []
+    assert store.next_expiry() == T0 + 3600 + SWEEP_RETRY
+    assert texts(store, "host", "AAAA", T0 + 3600) == set()  # invisible all the same
+    store._db = real
+    assert [r.owner for r in store.expire(T0 + 3600 + SWEEP_RETRY)] == [n("host")]
+    assert store.next_expiry() is None
+    store.apply_update([AddRR(n("next"), 60, rd("AAAA", "fd00::2"))], LEASE, T0 + 4000)
+    assert store.next_expiry() == T0 + 4000 + 3600  # the retry time is forgotten after a good sweep

@@ -28,6 +28,7 @@ from tunneld.proto.tsig import (
     BADKEY,
     BADSIG,
     BADTIME,
+    MAX_FUDGE,
     TsigError,
     TsigKey,
     TsigSession,
@@ -116,6 +117,26 @@ def test_check_order_key_mac_time() -> None:
     with pytest.raises(TsigError) as e:  # right name, wrong algorithm: BADKEY
         check(sign(message(), md5, T)[0], keys, T)
     assert e.value.error == BADKEY
+
+
+def test_a_server_refuses_a_fudge_over_300_s_with_badtime_after_the_mac() -> None:
+    """A wider fudge would stretch the time a captured request can be replayed (RFC 8945 §5.2.3 answers
+    a request outside the window the server accepts with BADTIME). The MAC is checked first, so that a
+    forgery is BADSIG and the BADTIME answer can be signed."""
+    key = TsigKey(NAME, SECRET)
+    keys = {NAME: key}
+    assert MAX_FUDGE == 300
+    assert check(sign(message(), key, T, fudge=MAX_FUDGE)[0], keys, T)[1].fudge == MAX_FUDGE
+    for fudge in (MAX_FUDGE + 1, 0xFFFF):
+        with pytest.raises(TsigError, match="fudge") as e:
+            check(sign(message(), key, T, fudge=fudge)[0], keys, T)
+        assert e.value.error == BADTIME and e.value.tsig is not None and e.value.tsig.fudge == fudge
+    forged, _ = sign(message(), TsigKey(NAME, bytes(32)), T, fudge=0xFFFF)
+    with pytest.raises(TsigError) as e:
+        check(forged, keys, T)
+    assert e.value.error == BADSIG
+    # A client checking a reply is not bound by it (the reply is tied to its request's MAC).
+    verify(sign(message(), key, T, fudge=0xFFFF)[0], key, b"", T)
 
 
 def test_unsigned_error_answer_parses_with_dnspython() -> None:

@@ -11,6 +11,7 @@ each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`Dns
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import dns.tsig
 import dns.update
 
 from crypto.kdf import derive_tsig_key
+from tunneld.dnsserver.replay import Answered, ReplayCache
 from tunneld.dnsserver.store import (
     SOA_MINIMUM,
     ZONE_TTL,
@@ -39,6 +41,7 @@ from tunneld.dnsserver.store import (
     DeleteName,
     DeleteRR,
     DeleteRRset,
+    DiskFull,
     Lease,
     ZoneStore,
 )
@@ -94,15 +97,15 @@ class Signer:
     request_mac: bytes
     request_time: int
     fudge: int
+    """The fudge of the reply (the server's)."""
+    request_fudge: int = 0
+    """The request's own fudge: its TSIG window, hence its replay window, is request_time ± this."""
 
 
 class _Reject(Exception):
     def __init__(self, rcode: dns.rcode.Rcode) -> None:
         super().__init__(rcode)
         self.rcode = rcode
-
-
-_ANSWERED_MAX: Final = 65536  # signed UPDATE replies remembered against replays (some 20 MB at most)
 
 
 class DnsCore:
@@ -118,9 +121,9 @@ class DnsCore:
         self.policy = policy or Policy()
         self.last_changes: list[Change] = []
         """The change list of the last update that changed the zone (for the future LLQ server)."""
-        # Signed UPDATEs answered within their TSIG time window, by request MAC: a copy of one (a replay,
-        # or the client's own retransmission) gets the reply that was sent and changes nothing.
-        self._answered: dict[bytes, tuple[int, bytes]] = {}  # MAC -> (last second it is valid, reply)
+        # Signed UPDATEs answered within their TSIG time window, by request MAC, kept with the zone: a
+        # copy of one (a replay, or the client's own retransmission) gets the reply that was sent.
+        self._answered = ReplayCache(store)
         self.replays = 0
 
     def __repr__(self) -> str:  # never show the keys
@@ -188,26 +191,18 @@ class DnsCore:
     def _update_once(self, req: dns.update.UpdateMessage, wire: bytes, signer: Signer, now: float,
                      max_size: int | None) -> bytes:
         """Apply a signed UPDATE once. TSIG's time check (RFC 8945 §5.2.3) only bounds a replay to the
-        fudge window, and the account key is shared by all its devices, so a per-key "no earlier time"
-        rule would refuse one device's update after another's. Instead the request MAC, unique per
-        signed message, is remembered until the request's time window closes: a replay within it (say,
-        an old endpoint replayed after the device moved) changes nothing and gets the reply that was
-        sent, which is also what a client retransmitting after a lost reply needs."""
-        done = self._answered.get(signer.request_mac)
+        request's time window, and the account key is shared by all its devices, so a per-key "no earlier
+        time" rule would refuse one device's update after another's. Instead the request MAC, unique per
+        signed message, is remembered (:mod:`tunneld.dnsserver.replay`) until the request's own window
+        closes: a copy within it (say, an old endpoint replayed after the device moved, or after a server
+        restart) changes nothing and gets the reply that was sent, under the copy's message ID (the MAC
+        covers the original ID only), which is also what a client retransmitting after a lost reply
+        needs."""
+        done = self._answered.find(signer.request_mac, now)
         if done is not None:
             self.replays += 1
-            return done[1]
-        reply = self.render(req, self._update(req, wire, now), signer, now, max_size)
-        if signer.request_mac:
-            answered = self._answered
-            t = int(now)
-            if len(answered) >= _ANSWERED_MAX or (answered and next(iter(answered.values()))[0] < t):
-                for mac in [m for m, (until, _) in answered.items() if until < t][:_ANSWERED_MAX]:
-                    del answered[mac]
-                while len(answered) >= _ANSWERED_MAX:  # a flood of valid updates: forget the oldest
-                    del answered[next(iter(answered))]
-            answered[signer.request_mac] = (signer.request_time + signer.fudge, reply)
-        return reply
+            return wire[:2] + done[2:]
+        return self._update(req, wire, now, signer, max_size)
 
     def key(self, name: dns.name.Name) -> TsigKey | None:
         """The TSIG key of that name, if it is one of ours (for the LLQ server's restored LLQs)."""
@@ -230,7 +225,7 @@ class DnsCore:
                 return self.sign(self._error(req, dns.rcode.NOTAUTH), signer, now, BADTIME,
                                  e.tsig.time_signed, struct.pack("!Q", now)[2:])
             return unsigned_error(self._error(req, dns.rcode.NOTAUTH).to_wire(), e.tsig, e.error)
-        return Signer(key, tsig.mac, tsig.time_signed, self.policy.fudge)
+        return Signer(key, tsig.mac, tsig.time_signed, self.policy.fudge, tsig.fudge)
 
     def sign(
         self,
@@ -338,23 +333,39 @@ class DnsCore:
 
     # ---- UPDATE ---------------------------------------------------------------------------------------
 
-    def _update(self, req: dns.update.UpdateMessage, wire: bytes, now: float) -> dns.message.Message:
+    def _update(self, req: dns.update.UpdateMessage, wire: bytes, now: float, signer: Signer,
+                max_size: int | None) -> bytes:
+        """Check and apply an UPDATE; the reply, remembered against replays in the update's transaction
+        (or alone when nothing is applied)."""
+
+        def reply(resp: dns.message.Message) -> bytes:
+            return self.render(req, resp, signer, now, max_size)
+
+        def remembered(out: bytes) -> Answered:
+            return ReplayCache.entry(signer.request_mac, signer.request_time, signer.request_fudge, out)
+
         try:
             changes, lease_reply, lease = self._check_update(req, wire, now)
         except _Reject as r:
             log.debug("update %d rejected: %s", req.id, dns.rcode.to_text(r.rcode))
-            return self._error(req, r.rcode)
-        try:
-            changed = self.store.apply_update(changes, lease, now)
-        except Exception:
-            log.exception("update %d failed; rolled back", req.id)
-            return self._error(req, dns.rcode.SERVFAIL)
-        if changed:
-            self.last_changes = list(changes)
+            out = reply(self._error(req, r.rcode))
+            with contextlib.suppress(DiskFull):  # reported by the store; the reply is still right
+                self._answered.remember(remembered(out), now)
+            return out
         resp = self._error(req, dns.rcode.NOERROR)
         if lease_reply is not None:
             resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(_LEASE_OTYPE, lease_reply)])
-        return resp
+        out = reply(resp)  # rendered before the update, so that it is committed with it
+        try:
+            changed = self.store.apply_update(changes, lease, now, remembered(out))
+        except DiskFull:  # reported once by the store
+            return reply(self._error(req, dns.rcode.SERVFAIL))
+        except Exception:
+            log.exception("update %d failed; rolled back", req.id)
+            return reply(self._error(req, dns.rcode.SERVFAIL))
+        if changed:
+            self.last_changes = list(changes)
+        return out
 
     def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
         """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""

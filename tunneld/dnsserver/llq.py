@@ -261,8 +261,8 @@ class LLQServer:
                 self.counters["tsig rejected"] += 1
                 return [(src, checked)]
             signer = checked
-            first, repeated = self.replays.first(signer.request_mac, src, signer.request_time, signer.fudge,
-                                                 now)
+            first, repeated = self.replays.first(signer.request_mac, src, signer.request_time,
+                                                 signer.request_fudge, now)
             if first != src:  # a copy of another source's signed request: a replay, answered by nothing
                 self.counters["replayed request"] += 1
                 return []

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Final
 
-from tunneld.proto.tsig import FUDGE
-
 __all__ = ["CHALLENGE_TIMEOUT", "MACS_KEPT", "Caps", "Replays", "address_of"]
 
 CHALLENGE_TIMEOUT: Final = 30.0
@@ -41,15 +39,15 @@ class Replays:
         return len(self._seen)
 
     def first(self, mac: bytes, src: Dest, time_signed: int, fudge: int, now: float) -> tuple[Dest, bool]:
-        """Who sent ``mac`` first (``src`` if nobody), and whether it was seen before. The window is the
-        request's time plus its fudge, at least RFC 8945's 300 s (the TSIG check accepts no more)."""
+        """Who sent ``mac`` first (``src`` if nobody), and whether it was seen before. The MAC is kept for
+        the request's own window, its time signed plus its fudge: the TSIG check refuses it after that."""
         self._forget(now)
         seen = self._seen.get(mac)
         if seen is not None:
             return seen[1], True
         while len(self._seen) >= self.max_kept:
             del self._seen[next(iter(self._seen))]
-        self._seen[mac] = (time_signed + max(fudge, FUDGE), src)
+        self._seen[mac] = (time_signed + fudge, src)
         return src, False
 
     def _forget(self, now: float) -> None:

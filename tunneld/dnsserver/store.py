@@ -8,13 +8,18 @@ are synthesised from the creation arguments and the stored serial; they are serv
 prerequisites but clients cannot change them.
 
 Time is always passed in (``now``, wall seconds); the store never reads a clock. Records whose lease has
-expired are never returned, even before :meth:`ZoneStore.expire` sweeps them (RFC 9664 §7).
+expired are never returned, even before :meth:`ZoneStore.expire` sweeps them (RFC 9664 §7). The
+``replays`` table is :mod:`tunneld.dnsserver.replay`'s memory of signed updates, written in each update's
+own transaction. A full disk fails writes with :class:`DiskFull`, logged once until a write succeeds
+again; reads go on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -23,13 +28,17 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
+from tunneld.dnsserver.replay import MAX_KEPT, Answered
+
 __all__ = [
     "AddRR",
     "Change",
     "DeleteName",
     "DeleteRR",
     "DeleteRRset",
+    "DiskFull",
     "Lease",
+    "NotWritable",
     "RRsetRemoval",
     "StoredRR",
     "ZoneStore",
@@ -37,6 +46,11 @@ __all__ = [
 
 UPDATE_SRV_LABELS: Final = ("_dns-update", "_udp")
 LLQ_SRV_LABELS: Final = ("_dns-llq", "_udp")
+
+log = logging.getLogger(__name__)
+
+SWEEP_RETRY: Final = 60.0
+"""Seconds before a lease sweep that failed for want of space is tried again."""
 
 SOA_REFRESH: Final = 3600
 SOA_RETRY: Final = 600
@@ -58,7 +72,24 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_expires ON records (expires);
 CREATE TABLE IF NOT EXISTS llqs (id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replays (mac BLOB PRIMARY KEY, until INTEGER NOT NULL, reply BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS replays_until ON replays (until);
 """
+SCHEMA_VERSION: Final = 2
+"""``PRAGMA user_version``: 0 for databases made before the ``replays`` table (added by the CREATE ...
+IF NOT EXISTS above when such a database is opened), 2 since."""
+
+
+class DiskFull(sqlite3.OperationalError):
+    """A write failed for want of space (SQLITE_FULL: ENOSPC, or a page limit). Rolled back."""
+
+
+class NotWritable(Exception):
+    """The database cannot be written; ``str()`` says why, for one line at start-up."""
+
+
+def _is_full(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
 
 
 def canonical(name: dns.name.Name) -> str:
@@ -174,18 +205,27 @@ class ZoneStore:
         for addr in addresses:
             rdtype = dns.rdatatype.AAAA if ":" in addr else dns.rdatatype.A
             self._add_static(self.server, rdtype, addr)
+        self.path = path
+        self.replays_kept = MAX_KEPT
+        self.full = False
+        """A write failed for want of space and none has succeeded since (reported once)."""
+        self._sweep_after: float | None = None
         self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='zone'").fetchone()
-        if row is None:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO meta VALUES ('zone', ?)", (self.zone.to_text(),))
-            self._db.execute("INSERT INTO meta VALUES ('serial', '1')")
-            self._db.execute("COMMIT")
-        elif row[0] != self.zone.to_text():
+        try:
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)  # also the migration of older databases (SCHEMA_VERSION)
+            row = self._db.execute("SELECT value FROM meta WHERE key='zone'").fetchone()
+            if row is not None and row[0] != self.zone.to_text():
+                raise ValueError(f"database holds zone {row[0]}, not {self.zone.to_text()}")
+            if row is None:
+                with self._write():
+                    self._db.execute("INSERT INTO meta VALUES ('zone', ?)", (self.zone.to_text(),))
+                    self._db.execute("INSERT INTO meta VALUES ('serial', '1')")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
             self._db.close()
-            raise ValueError(f"database holds zone {row[0]}, not {self.zone.to_text()}")
+            raise
 
     def _add_static(self, owner: dns.name.Name, rdtype: dns.rdatatype.RdataType, text: str) -> None:
         rdata = dns.rdata.from_text(dns.rdataclass.IN, rdtype, text)  # ValueError-family on bad input
@@ -194,31 +234,75 @@ class ZoneStore:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _write(self, report: bool = True) -> Iterator[None]:
+        """One write transaction: committed, or rolled back on any exception. For want of space it
+        raises DiskFull, and says so once if ``report`` (one log line until a write that changed
+        something succeeds again: one that changed nothing wrote nothing)."""
+        changes = self._db.total_changes
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException as e:
+            if self._db.in_transaction:  # SQLite may have rolled back already (a failed COMMIT)
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if not _is_full(e):
+                raise
+            if report and not self.full:
+                self.full = True
+                log.error("zone database %s: the disk is full; updates are answered SERVFAIL until there "
+                          "is space again, queries are still answered", self.path)
+            raise DiskFull(str(e)) from e
+        if self.full and self._db.total_changes != changes:
+            self.full = False
+            log.warning("zone database %s: writable again", self.path)
+
+    def check_writable(self) -> None:
+        """Commit one write (a row added and removed), so that a database that cannot be written, or a
+        directory where SQLite cannot create its journal, is found at start rather than at the first
+        update (an unchanged row would not do: SQLite skips writing it). Raises NotWritable."""
+        try:
+            with self._write(report=False):  # the caller says it, in one line
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', '')")
+                self._db.execute("DELETE FROM meta WHERE key='probe'")
+        except DiskFull:
+            raise NotWritable("the disk is full") from None
+        except sqlite3.Error as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_READONLY_DIRECTORY":
+                why = "its directory is not writable, and SQLite creates its journal there"
+            elif name.startswith("SQLITE_READONLY"):
+                why = "the file, or its file system, is read-only"
+            else:
+                why = str(e)
+            raise NotWritable(why) from None
+
     # ---- long-lived queries (kept so that a restart does not lose the watchers) --------------------
 
     def llq_put(self, llq_id: int, state: str) -> None:
-        """Store one established LLQ's state (JSON text from the LLQ server), replacing the old one."""
-        with self._db:  # 64-bit unsigned IDs do not fit SQLite's signed INTEGER: stored as text
+        """Store one established LLQ's state (JSON text from the LLQ server), replacing the old one. On a
+        full disk the LLQ lives on unsaved (only a restart would lose it)."""
+        with contextlib.suppress(DiskFull), self._write():
+            # 64-bit unsigned IDs do not fit SQLite's signed INTEGER: stored as text
             self._db.execute("INSERT OR REPLACE INTO llqs (id, state) VALUES (?, ?)", (str(llq_id), state))
 
     def llq_delete(self, llq_id: int) -> None:
-        with self._db:
+        """Forget one LLQ. On a full disk it stays saved, and expires with its lease after a restart."""
+        with contextlib.suppress(DiskFull), self._write():
             self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
 
     def llq_write(self, states: Iterable[tuple[int, str | None]]) -> None:
-        """Store (or, for None, delete) several LLQs' states in one transaction: one disk sync."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        """Store (or, for None, delete) several LLQs' states in one transaction: one disk sync. On a full
+        disk they live on unsaved, as with :meth:`llq_put`."""
+        with contextlib.suppress(DiskFull), self._write():
             for llq_id, state in states:
                 if state is None:
                     self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
                 else:
                     self._db.execute("INSERT OR REPLACE INTO llqs (id, state) VALUES (?, ?)",
                                      (str(llq_id), state))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def llq_all(self) -> list[tuple[int, str]]:
         return [(int(i), st) for i, st in self._db.execute("SELECT id, state FROM llqs")]
@@ -296,8 +380,6 @@ class ZoneStore:
         ).fetchone()
         return None if row is None else row[0]
 
-    # ---- changes ------------------------------------------------------------------------------------
-
     def _visible(self, owners: Iterable[str], now: float) -> set[tuple[str, int, bytes, int]]:
         out: set[tuple[str, int, bytes, int]] = set()
         for owner in owners:
@@ -312,14 +394,43 @@ class ZoneStore:
         serial = (self.serial + 1) & 0xFFFFFFFF or 1
         self._db.execute("UPDATE meta SET value=? WHERE key='serial'", (str(serial),))
 
-    def apply_update(self, changes: Sequence[Change], lease: Lease | None, now: float) -> bool:
+    # ---- replays of signed updates (tunneld.dnsserver.replay) -----------------------------------------
+
+    def replay_get(self, mac: bytes) -> tuple[int, bytes] | None:
+        """(until, reply) remembered for a request MAC, if any (expired or not)."""
+        row = self._db.execute("SELECT until, reply FROM replays WHERE mac=?", (mac,)).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def replay_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM replays").fetchone()[0])
+
+    def replay_put(self, answered: Answered, now: float) -> None:
+        """Remember one answered request in its own transaction (one that changed nothing)."""
+        with self._write():
+            self._remember(answered, now)
+
+    def _remember(self, answered: Answered, now: float) -> None:
+        """Inside a write transaction: drop expired entries, add this one, keep the newest
+        ``replays_kept`` (rowids grow with each insert, so the oldest have the lowest)."""
+        self._db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
+        self._db.execute("INSERT OR REPLACE INTO replays (mac, until, reply) VALUES (?, ?, ?)",
+                         (answered.mac, answered.until, answered.reply))
+        self._db.execute("DELETE FROM replays WHERE rowid <= (SELECT max(rowid) FROM replays) - ?",
+                         (self.replays_kept,))
+
+    # ---- changes ------------------------------------------------------------------------------------
+
+    def apply_update(self, changes: Sequence[Change], lease: Lease | None, now: float,
+                     answered: Answered | None = None) -> bool:
         """Apply RFC 2136 update operations atomically; return True if served content changed.
 
         Added RRs get ``now + lease`` as expiry (permanent when ``lease`` is None); re-adding an existing
         RR only refreshes its TTL and lease. Changes to protected RRsets must have been refused by the
         caller; they raise ValueError here (and nothing is applied). The SOA serial is bumped only when the
         visible content changed, so a refresh that only extends leases leaves it alone (RFC 9664 §5.3).
-        CNAME conflicts are ignored as RFC 2136 §3.4.2.2 says. Any exception rolls the whole update back.
+        CNAME conflicts are ignored as RFC 2136 §3.4.2.2 says. ``answered`` (the request's replay entry)
+        is written in the same transaction. Any exception rolls the whole update back; DiskFull for want
+        of space.
         """
         for ch in changes:
             rdtype = (
@@ -332,18 +443,15 @@ class ZoneStore:
             if self.is_protected(ch.owner, rdtype) or not self.in_zone(ch.owner):
                 raise ValueError(f"change to protected or out-of-zone RRset {ch.owner} {rdtype}")
         owners = {canonical(ch.owner) for ch in changes}
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             before = self._visible(owners, now)
             for ch in changes:
                 self._apply_one(ch, lease, now)
             changed = before != self._visible(owners, now)
             if changed:
                 self._bump_serial()
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+            if answered is not None and answered.mac:
+                self._remember(answered, now)
         return changed
 
     def _apply_one(self, ch: Change, lease: Lease | None, now: float) -> None:
@@ -385,21 +493,25 @@ class ZoneStore:
         """Delete every RR whose lease ended at or before ``now``; return what went, one entry per RRset.
 
         Bumps the serial when anything was removed. The LLQ server turns the result into removal events.
+        Also forgets replay entries whose window closed before ``now``. On a full disk nothing is removed
+        (the expired records stay invisible), the result is empty, and :meth:`next_expiry` says to retry
+        in :data:`SWEEP_RETRY` seconds rather than at once.
         """
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            rows = self._db.execute(
-                "SELECT owner, rdtype, rdata, ttl FROM records WHERE expires IS NOT NULL AND expires<=? "
-                "ORDER BY owner, rdtype, rdata",
-                (now,),
-            ).fetchall()
-            if rows:
-                self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires<=?", (now,))
-                self._bump_serial()
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+            with self._write():
+                rows = self._db.execute(
+                    "SELECT owner, rdtype, rdata, ttl FROM records WHERE expires IS NOT NULL AND expires<=? "
+                    "ORDER BY owner, rdtype, rdata",
+                    (now,),
+                ).fetchall()
+                if rows:
+                    self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires<=?", (now,))
+                    self._bump_serial()
+                self._db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
+        except DiskFull:
+            self._sweep_after = now + SWEEP_RETRY
+            return []
+        self._sweep_after = None
         grouped: dict[tuple[str, int], list[StoredRR]] = {}
         for owner, rdtype, wire, ttl in rows:
             grouped.setdefault((owner, rdtype), []).append(StoredRR(ttl, _rdata_from_wire(rdtype, wire)))
@@ -414,6 +526,9 @@ class ZoneStore:
         return self.serial, [(o, t, bytes(w), ttl, e) for o, t, w, ttl, e in rows]
 
     def next_expiry(self) -> float | None:
-        """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep."""
+        """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep (not
+        before the retry time after a sweep that failed for want of space)."""
         row = self._db.execute("SELECT min(expires) FROM records").fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        if row is None or row[0] is None:
+            return None
+        return max(float(row[0]), self._sweep_after or 0.0)

@@ -30,6 +30,7 @@ __all__ = [
     "BADTRUNC",
     "ERROR_NAMES",
     "FUDGE",
+    "MAX_FUDGE",
     "TsigError",
     "TsigKey",
     "TsigRecord",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 FUDGE: Final = 300  # RFC 8945 §10: the recommended fudge
+MAX_FUDGE: Final = 300
+"""The widest window a server accepts (RFC 8945 §5.2.3 answers a request outside the accepted time
+window with BADTIME): a request signed with a fudge of up to 65535 s could be replayed, and would have
+to be remembered, for up to 36 hours."""
 TSIG_TYPE: Final = 250  # §4.2
 CLASS_ANY: Final = 255  # §4.2: TSIG RRs are class ANY, TTL 0
 
@@ -246,7 +251,8 @@ def verify(wire: bytes, key: TsigKey, request_mac: bytes, now: float | None,
 def check(wire: bytes, keys: Mapping[dns.name.Name, TsigKey], now: float) -> tuple[TsigKey, TsigRecord]:
     """A server's check of a signed request (§5.2) against its ``keys`` (by canonical name): the key
     and the TSIG, or TsigError whose ``error`` says how to answer (BADKEY, BADSIG, BADTIME). A request
-    that carries a TSIG error itself is refused with reason "peer error" (error 0: FORMERR)."""
+    that carries a TSIG error itself is refused with reason "peer error" (error 0: FORMERR); one that
+    asks for a fudge over :data:`MAX_FUDGE` with reason "fudge" (BADTIME)."""
     tsig = find_tsig(wire)
     if tsig is None:
         raise TsigError("no tsig")
@@ -255,7 +261,10 @@ def check(wire: bytes, keys: Mapping[dns.name.Name, TsigKey], now: float) -> tup
         raise TsigError("key", BADKEY, tsig)
     if tsig.error:
         raise TsigError("peer error", 0, tsig)
-    return key, verify(wire, key, b"", now, tsig)
+    verify(wire, key, b"", now, tsig)
+    if tsig.fudge > MAX_FUDGE:  # after the MAC (§5.2 order), so that the BADTIME answer is signed
+        raise TsigError("fudge", BADTIME, tsig)
+    return key, tsig
 
 
 class TsigSession:
