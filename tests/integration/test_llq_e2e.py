@@ -137,5 +137,4 @@ def test_a_watcher_learns_an_account_of_100_devices(served: Served) -> None:
                     timeout=40)
     assert out["peers"] == 100, out
     assert out["counters"].get("truncated answer fetched over TCP", 0) >= 1, out  # the browse answer
-    print(out)
     assert out["t"] < 25, out
