@@ -221,6 +221,8 @@ class Watcher(Outbox[WatcherEvent]):
         self._watches: dict[Question, _Watch] = {}
         self._hosts: dict[str, _Host] = {}  # by lower-case name
         self._waiting: deque[Question] = deque()  # clients made, not started yet (MAX_HANDSHAKES)
+        self._renewing: set[Question] = set()  # waiting to set up again after a network change
+        self._starting: set[Question] = set()  # started from the queue, maybe still in their handshake
         self.counters: Counter[str] = Counter()
         self.running = False
 
@@ -235,10 +237,11 @@ class Watcher(Outbox[WatcherEvent]):
 
     def renew(self, now: float) -> None:
         """The network moved: the server's LLQs point at our old address, so every client sets its LLQ up
-        again (from the new one), and the answers tell what changed while we were away."""
-        for watch in self._watches.values():
-            watch.client.start(now)
-            self._transmits.extend(watch.client.transmits())
+        again (from the new one; MAX_HANDSHAKES at a time), and the answers tell what changed meanwhile."""
+        queued = set(self._waiting)
+        self._renewing.update(self._watches)
+        self._waiting.extend(q for q in self._watches if q not in queued)
+        self._start_waiting(now)
         self.counters["renewals"] += 1
 
     def close(self, now: float) -> None:
@@ -249,6 +252,8 @@ class Watcher(Outbox[WatcherEvent]):
         self._watches.clear()
         self._hosts.clear()
         self._waiting.clear()
+        self._renewing.clear()
+        self._starting.clear()
         self.running = False
 
     def finished(self) -> bool:
@@ -355,14 +360,20 @@ class Watcher(Outbox[WatcherEvent]):
         """Start waiting clients while fewer than MAX_HANDSHAKES handshakes are in flight."""
         if not self._waiting:
             return
-        busy = sum(1 for w in self._watches.values() if w.client.state in _HANDSHAKING)
-        while self._waiting and busy < MAX_HANDSHAKES:
-            watch = self._watches.get(self._waiting.popleft())
-            if watch is None or watch.client.state != LLQState.IDLE:
+        for question in list(self._starting):
+            watch = self._watches.get(question)
+            if watch is None or watch.client.state not in _HANDSHAKING:
+                self._starting.discard(question)
+        while self._waiting and len(self._starting) < MAX_HANDSHAKES:
+            question = self._waiting.popleft()
+            watch = self._watches.get(question)
+            renewing = question in self._renewing
+            self._renewing.discard(question)
+            if watch is None or (watch.client.state != LLQState.IDLE and not renewing):
                 continue  # released meanwhile
             watch.client.start(now)
             self._transmits.extend(watch.client.transmits())
-            busy += 1
+            self._starting.add(question)
 
     def _release(self, question: Question, host: str, now: float) -> None:
         watch = self._watches.get(question)
