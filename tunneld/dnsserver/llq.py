@@ -5,7 +5,8 @@ Bytes and ``now_wall`` in, ``(dest, bytes)`` out; no clock, no socket, randomnes
 signed rendering are the core's. The adapter feeds every UDP datagram to :meth:`LLQServer.handle` first
 (``None``: not an LLQ message, give it to :meth:`DnsCore.handle`), passes zone changes to
 :meth:`LLQServer.changes` and calls :meth:`LLQServer.poll` at :meth:`LLQServer.deadline`. The handshake,
-refresh, event, event-ID and TSIG rules, and why, are in docs/protocol.md ("LLQ server behaviour").
+refresh, event, event-ID and TSIG rules, and why, are in docs/protocol.md ("LLQ server behaviour"); what
+it admits (replays, half-open LLQs, caps per address and key) in docs/hardening.md ("LLQ limits").
 """
 
 from __future__ import annotations
