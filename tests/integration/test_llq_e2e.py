@@ -1,11 +1,14 @@
 """Long-lived queries end to end: our LLQ client in one namespace, `tunneld serve-dns` in another,
-changes made with nsupdate (an independent client). Events arrive without polling."""
+changes made with nsupdate (an independent client). Events arrive without polling. And an account of
+100 devices, learned by the daemon's own watching service."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from lab import progs
@@ -13,6 +16,8 @@ from lab.netns import wait_for
 from lab.tunnel import TUNNELD
 from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Served, nsupdate, start_server
 from tests.integration.test_serve_dns import served as served
+from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
+from tunneld.proto import records
 
 
 class Watch:
@@ -105,3 +110,31 @@ def test_an_expired_lease_is_a_removal_event(served: Served) -> None:
     ev = w.until("removed", timeout=10)  # nobody refreshed the lease: the server's sweep removes it
     assert any("fd00::6" in r for r in ev["records"])
     assert time.monotonic() - t < 4, "removed within about the 2 s lease"
+
+
+def publish_devices(db: Path, count: int) -> None:
+    """``count`` devices' records, written into the server's database (as their UPDATEs would)."""
+    store = ZoneStore(str(db), ZONE + ".", f"ns.{ZONE}.", PORT, addresses=[SERVER])
+    try:
+        changes: list[AddRR] = []
+        for i in range(count):
+            host = records.HostRecords.derive(f"dev{i:03d}", ZONE, bytes([1, i]) + bytes(30), port=4500 + i,
+                                              addresses=[ipaddress.ip_address(f"198.51.100.{i + 1}")])
+            changes += [AddRR(rrset.name, 300, rd) for rrset in records.build(host, 300) for rd in rrset]
+        assert store.apply_update(changes, Lease(7200, 7200), time.time())
+    finally:
+        store.close()
+
+
+def test_a_watcher_learns_an_account_of_100_devices(served: Served) -> None:
+    """Before: with about 10 devices fallback polling learned nothing, and from 50 the LLQ's own answer
+    came truncated (no TCP, no EDNS size) and no peer was learned."""
+    s = served
+    assert s.lab.stop(s.proc) == 0
+    publish_devices(s.db, 100)
+    s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
+    out = progs.run(s.lab, s.a, "watch_account", SERVER, str(PORT), ZONE, str(s.account.secret), "100", "25",
+                    timeout=40)
+    assert out["peers"] == 100, out
+    assert out["counters"].get("truncated answer fetched over TCP", 0) >= 1, out  # the browse answer
+    assert out["t"] < 25, out

@@ -176,7 +176,7 @@ def test_four_way_handshake() -> None:
     assert not setup.flags & dns.flags.QR and setup.opcode() == 0
     assert setup.question[0].name == dns.name.from_text(QNAME)
     assert setup.question[0].rdtype == dns.rdatatype.SRV
-    assert setup.payload == 1440
+    assert setup.payload == 1232  # DNS Flag Day 2020, not Apple's 1440
     opt = find_llq_option(setup)
     assert opt is not None
     assert (opt.version, opt.opcode, opt.error, opt.llq_id, opt.lease) == (1, 1, 0, 0, 7200)

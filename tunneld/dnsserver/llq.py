@@ -5,7 +5,8 @@ Bytes and ``now_wall`` in, ``(dest, bytes)`` out; no clock, no socket, randomnes
 signed rendering are the core's. The adapter feeds every UDP datagram to :meth:`LLQServer.handle` first
 (``None``: not an LLQ message, give it to :meth:`DnsCore.handle`), passes zone changes to
 :meth:`LLQServer.changes` and calls :meth:`LLQServer.poll` at :meth:`LLQServer.deadline`. The handshake,
-refresh, event, event-ID and TSIG rules, and why, are in docs/protocol.md ("LLQ server behaviour").
+refresh, event, event-ID and TSIG rules, and why, are in docs/protocol.md ("LLQ server behaviour"); what
+it admits (replays, half-open LLQs, caps per address and key) in docs/hardening.md ("LLQ limits").
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import dns.rrset
 import dns.tsig
 
 from tunneld.dnsserver.core import DnsCore, Signer
+from tunneld.dnsserver.llq_events import Records, diff, records, split
+from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, Caps, Replays
+from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import (
@@ -45,24 +49,17 @@ from tunneld.proto.llq_wire import (
     LLQ_OP_EVENT,
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
-    LLQ_REMOVE_TTL,
     LLQ_UDP_PAYLOAD,
     LLQ_VERSION,
+    UDP_PAYLOAD,
     LLQOption,
     find_llq_option,
     parse_message,
 )
-from tunneld.proto.tsig import TsigKey
+from tunneld.proto.tsig import TsigKey, signed_size
 
-__all__ = [
-    "EVENT_RETRY_WAITS",
-    "IDLE_SOURCES_KEPT",
-    "LLQ_LEASE_SLACK",
-    "LLQ_MAX_LEASE",
-    "LLQ_MIN_LEASE",
-    "REQUEST_IDS_KEPT",
-    "LLQServer",
-]
+__all__ = ["EVENT_RETRY_WAITS", "IDLE_SOURCES_KEPT", "LLQ_LEASE_SLACK", "LLQ_MAX_LEASE", "LLQ_MIN_LEASE",
+           "REQUEST_IDS_KEPT", "LLQServer"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +73,6 @@ IDLE_SOURCES_KEPT: Final = 1024  # sources without LLQs whose ID state is kept (
 
 Dest = object
 Output = list[tuple[Dest, bytes]]
-_Key = tuple[dns.name.Name, int]
-_Records = dict[_Key, dict[dns.rdata.Rdata, int]]
 _IDS_SAVED: Final = 64  # request IDs of the source saved with each LLQ (they outlive a restart)
 
 
@@ -109,8 +104,10 @@ class _LLQ:
     key: TsigKey | None
     challenge: bytes
     established: bool = False
+    half_open_until: float = math.inf  # a half-open LLQ goes at CHALLENGE_TIMEOUT, not at its lease
+    payload: int = UDP_PAYLOAD  # the largest event datagram: the client's EDNS size, at most 1232
     dirty: bool = False  # changed while an event was in flight: send the next diff when it is acked
-    snapshot: _Records = field(default_factory=dict)
+    snapshot: Records = field(default_factory=dict)
     events: dict[int, _PendingEvent] = field(default_factory=dict)
 
 
@@ -118,39 +115,28 @@ def _clamp(lease: int) -> int:
     return min(max(lease, LLQ_MIN_LEASE), LLQ_MAX_LEASE)
 
 
-def _records(answers: Iterable[dns.rrset.RRset]) -> _Records:
-    out: _Records = {}
-    for rrset in answers:
-        held = out.setdefault((rrset.name, rrset.rdtype), {})
-        for rdata in rrset:
-            held[rdata] = rrset.ttl
-    return {k: v for k, v in out.items() if v}
-
-
-def _rrset(key: _Key, rdatas: Iterable[dns.rdata.Rdata], ttl: int) -> dns.rrset.RRset:
-    name, rdtype = key
-    rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
-    for rdata in rdatas:
-        rrset.add(rdata)
-    rrset.ttl = ttl  # set after add: add() would lower it to the minimum of the TTLs given
-    return rrset
-
-
 class LLQServer:
     """The LLQ server for ``core``'s zone. See the module docstring.
 
     ``rand(n)`` gives n random bytes (LLQ-IDs, event message IDs); ``max_llqs`` bounds the table (half-open
-    LLQs included: a full table answers SETUP with LLQ-ERROR SERV-FULL); ``require_tsig`` refuses unsigned
-    LLQ requests.
+    LLQs included: a full table answers SETUP with LLQ-ERROR SERV-FULL), ``per_address`` and ``per_key``
+    what one source IP and one TSIG key may hold of it (default a quarter and three quarters);
+    ``require_tsig`` refuses unsigned LLQ requests.
     """
 
-    def __init__(self, core: DnsCore, rand: Callable[[int], bytes] = os.urandom, max_llqs: int = 1000,
-                 require_tsig: bool = True) -> None:
+    def __init__(self, core: DnsCore, rand: Callable[[int], bytes] = os.urandom, max_llqs: int = 10_000,
+                 require_tsig: bool = True, per_address: int | None = None,
+                 per_key: int | None = None) -> None:
         self.core = core
         self.max_llqs = max_llqs
         self.require_tsig = require_tsig
+        self.caps = Caps(max(1, max_llqs // 4) if per_address is None else per_address,
+                         max_llqs - max_llqs // 4 if per_key is None else per_key)
+        self.replays = Replays()
+        self.saver = Saver(core.store)
         self._rand = rand
         self._llqs: dict[int, _LLQ] = {}
+        self._by_question: dict[tuple[Dest, dns.name.Name, int], _LLQ] = {}  # one per source and question
         self._sources: dict[Dest, _Source] = {}  # least recently used first
         self.counters: Counter[str] = Counter()
 
@@ -184,18 +170,16 @@ class LLQServer:
             if not llq.established or llq.qname not in owners:
                 continue
             if now >= llq.expires:
-                self._drop(llq, "lease expired")
+                self._drop(llq, "lease expired", now)
                 continue
             if llq.events:
-                # One event in flight per LLQ, so a resent older event can never overtake a newer one
+                # One diff in flight per LLQ, so a resent older event can never overtake a newer one
                 # (add X, then remove X, arriving in the other order, would leave X at the client). The
-                # change is sent, diffed against what the client was last sent, once that event is acked.
+                # change is sent, diffed against what the client was last sent, once that diff is acked.
                 llq.dirty = True
                 self.counters["event deferred"] += 1
                 continue
-            wire = self._next_event(llq, now)
-            if wire is not None:
-                out.append((llq.src, wire))
+            out.extend((llq.src, wire) for wire in self._next_event(llq, now))
         return out
 
     def poll(self, now: float) -> Output:
@@ -204,24 +188,29 @@ class LLQServer:
         out: Output = []
         for llq in list(self._llqs.values()):
             if now >= llq.expires:
-                self._drop(llq, "lease expired" if llq.established else "half-open lease expired")
+                self._drop(llq, "lease expired" if llq.established else "half-open lease expired", now)
+                continue
+            if now >= llq.half_open_until:
+                self._drop(llq, "challenge not answered", now)
                 continue
             for msg_id, pending in list(llq.events.items()):
                 if now < pending.next_at:
                     continue
                 if pending.tries >= EVENT_MAX_TRIES:
-                    self._drop(llq, "event not acknowledged")
+                    self._drop(llq, "event not acknowledged", now)
                     break
                 pending.tries += 1
                 pending.next_at = now + EVENT_RETRY_WAITS[pending.tries - 1]
                 self.counters["event resent"] += 1
                 out.append((llq.src, llq.events[msg_id].wire))
+        self.saver.poll(now)
         return out
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: no LLQs)."""
-        times = [llq.expires for llq in self._llqs.values()]
+        times = [min(llq.expires, llq.half_open_until) for llq in self._llqs.values()]
         times.extend(p.next_at for llq in self._llqs.values() for p in llq.events.values())
+        times.extend(t for t in (self.saver.due(),) if t is not None)
         return min(times) if times else None
 
     def llq_ids(self) -> list[int]:
@@ -266,12 +255,18 @@ class LLQServer:
                     return []
                 signer = checked
             return self._on_ack(msg, option, src, signer, now)
+        repeated = False
         if msg.had_tsig:
             checked = self.core.check_tsig(msg, wire, int(now))
             if isinstance(checked, bytes):
                 self.counters["tsig rejected"] += 1
                 return [(src, checked)]
             signer = checked
+            first, repeated = self.replays.first(signer.request_mac, src, signer.request_time,
+                                                 signer.request_fudge, now)
+            if first != src:  # a copy of another source's signed request: a replay, answered by nothing
+                self.counters["replayed request"] += 1
+                return []
         if len(msg.question) != 1:
             return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
         q = msg.question[0]
@@ -286,7 +281,8 @@ class LLQServer:
         if option.version != LLQ_VERSION:
             return [(src, self._error(msg, option, LLQ_ERR_BAD_VERS, signer, now))]
         if option.opcode == LLQ_OP_SETUP and option.llq_id == 0:
-            return [(src, self._setup(msg, option, src, signer, now))]
+            reply = self._setup(msg, option, src, signer, now, repeated)
+            return [] if reply is None else [(src, reply)]
         if option.opcode == LLQ_OP_SETUP:
             return [(src, self._challenge_response(msg, option, src, signer, now))]
         if option.opcode == LLQ_OP_REFRESH:
@@ -294,25 +290,34 @@ class LLQServer:
         return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now))]
 
     def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
-               now: float) -> bytes:
+               now: float, repeated: bool) -> bytes | None:
         q = msg.question[0]
-        for llq in list(self._llqs.values()):
-            if llq.src != src or llq.qname != q.name or llq.qtype != q.rdtype:
-                continue
-            if not llq.established and llq.setup_msg_id == msg.id and self._key_ok(llq, signer):
+        llq = self._by_question.get((src, q.name, q.rdtype))
+        if llq is not None:
+            if (not llq.established and llq.setup_msg_id == msg.id and self._key_ok(llq, signer)
+                    and now < llq.half_open_until):
                 self.counters["duplicate setup request"] += 1
                 return llq.challenge  # §5.1: re-send our reply to a duplicate, unchanged
-            self._drop(llq, "restarted by a new setup request")
-        if len(self._llqs) >= self.max_llqs:
-            self.counters["table full"] += 1
+            if not repeated:
+                self._drop(llq, "restarted by a new setup request", now)
+        if repeated:  # its LLQ went on (or went away): a late copy must not restart it
+            self.counters["replayed request"] += 1
+            return None
+        key = None if signer is None else signer.key
+        refused = self.caps.refuse(src, None if key is None else key.name)
+        if refused is None and len(self._llqs) >= self.max_llqs:
+            refused = "table full"
+        if refused is not None:
+            self.counters[refused] += 1
             return self._error(msg, option, LLQ_ERR_SERV_FULL, signer, now)
         granted = _clamp(option.lease)
         llq_id = self._new_llq_id()
         reply = self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq_id, granted),
                             signer, now)
-        self._llqs[llq_id] = _LLQ(llq_id, src, q.name, q.rdtype, msg.id, granted, now + granted,
-                                  None if signer is None else signer.key, reply)
-        self._source(src).llqs += 1
+        payload = max(512, msg.payload) if msg.edns >= 0 else 512
+        self._llqs[llq_id] = _LLQ(llq_id, src, q.name, q.rdtype, msg.id, granted, now + granted, key, reply,
+                                  half_open_until=now + CHALLENGE_TIMEOUT, payload=min(payload, UDP_PAYLOAD))
+        self._admit(self._llqs[llq_id])
         self._note_id(src, msg.id)  # the source is known from now on (its first request included)
         self.counters["challenge sent"] += 1
         return reply
@@ -332,8 +337,9 @@ class LLQServer:
             llq.events.clear()
             llq.dirty = False
         answers, rcode = self.core.answer(llq.qname, llq.qtype, now)
-        llq.snapshot = _records(answers)
+        llq.snapshot = records(answers)
         llq.established = True
+        llq.half_open_until = math.inf
         self._persist(llq, now)
         reply = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))
         self.counters["ack sent"] += 1
@@ -345,7 +351,7 @@ class LLQServer:
         if llq is None or not llq.established:
             return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
         if option.lease == 0:
-            self._drop(llq, "cancelled")
+            self._drop(llq, "cancelled", now)
             return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id, 0),
                                signer, now)
         llq.granted = _clamp(option.lease)
@@ -359,19 +365,21 @@ class LLQServer:
     def _on_ack(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                 now: float) -> Output:
         llq = self._llqs.get(option.llq_id)
-        if option.opcode != LLQ_OP_EVENT or llq is None or llq.src != src or not self._key_ok(llq, signer):
+        # Apple's client acks events without TSIG: an unsigned ack from the LLQ's own address and port
+        # is accepted, as it only stops resends (it reads nothing); a signed one must carry the LLQ's key.
+        if (option.opcode != LLQ_OP_EVENT or llq is None or llq.src != src
+                or (signer is not None and not self._key_ok(llq, signer))):
             self.counters["unmatched ack"] += 1
             return []
         if llq.events.pop(msg.id, None) is None:
             self.counters["ack for no pending event"] += 1
             return []
-        self.counters["event acked"] += 1
+        unsigned = signer is None and llq.key is not None
+        self.counters["unsigned ack accepted" if unsigned else "event acked"] += 1
         if not llq.events:
             self._persist(llq, now)  # what the client now holds: the next diff's base, even after a restart
         if llq.dirty and not llq.events and now < llq.expires:
-            wire = self._next_event(llq, now)
-            if wire is not None:
-                return [(llq.src, wire)]
+            return [(llq.src, wire) for wire in self._next_event(llq, now)]
         return []
 
     # ---- helpers --------------------------------------------------------------------------------------
@@ -385,8 +393,8 @@ class LLQServer:
                 or not self._key_ok(llq, signer)):
             self.counters["no such LLQ"] += 1
             return None
-        if now >= llq.expires:
-            self._drop(llq, "lease expired")
+        if now >= min(llq.expires, llq.half_open_until):
+            self._drop(llq, "lease expired" if now >= llq.expires else "challenge not answered", now)
             return None
         return llq
 
@@ -396,14 +404,22 @@ class LLQServer:
             return True
         return signer is not None and signer.key.name == llq.key.name
 
-    def _drop(self, llq: _LLQ, reason: str) -> None:
+    def _admit(self, llq: _LLQ) -> None:
+        self._by_question[(llq.src, llq.qname, llq.qtype)] = llq
+        self._source(llq.src).llqs += 1
+        self.caps.add(llq.src, None if llq.key is None else llq.key.name)
+
+    def _drop(self, llq: _LLQ, reason: str, now: float) -> None:
         self.counters[f"dropped: {reason}"] += 1
         if self._llqs.pop(llq.llq_id, None) is not None:
+            if self._by_question.get((llq.src, llq.qname, llq.qtype)) is llq:
+                del self._by_question[(llq.src, llq.qname, llq.qtype)]
+            self.caps.remove(llq.src, None if llq.key is None else llq.key.name)
             source = self._sources.get(llq.src)
             if source is not None:
                 source.llqs -= 1
         if llq.established:
-            self.core.store.llq_delete(llq.llq_id)
+            self.saver.put(llq.llq_id, None, now)
 
     # ---- durability -----------------------------------------------------------------------------------
 
@@ -416,11 +432,12 @@ class LLQServer:
             "src": list(src) if src is not None else None,
             "qname": llq.qname.to_text(), "qtype": int(llq.qtype), "granted": llq.granted,
             "expires": llq.expires, "key": llq.key.name.to_text() if llq.key is not None else None,
+            "payload": llq.payload,
             "records": [[name.to_text(), int(rdtype), rd.to_text(), ttl]
                         for (name, rdtype), held in llq.snapshot.items() for rd, ttl in held.items()],
             "ids": {"saved": now, "next": source.next_id, "requests": list(source.requests)[-_IDS_SAVED:]},
         }
-        self.core.store.llq_put(llq.llq_id, json.dumps(state))
+        self.saver.put(llq.llq_id, json.dumps(state), now)
 
     def restore(self, now: float) -> Output:
         """After a restart: reload the established LLQs from the store and send each client what changed
@@ -436,13 +453,13 @@ class LLQServer:
                     key = self.core.key(dns.name.from_text(st["key"]))
                     if key is None:
                         raise ValueError("its key is no longer configured")
-                snapshot: _Records = {}
+                snapshot: Records = {}
                 for name, rdtype, rdata, ttl in st["records"]:
                     rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rdata)
                     snapshot.setdefault((dns.name.from_text(name), rdtype), {})[rd] = int(ttl)
                 llq = _LLQ(llq_id, tuple(st["src"]), dns.name.from_text(st["qname"]), int(st["qtype"]),
                            0, int(st["granted"]), float(st["expires"]), key, b"", established=True,
-                           snapshot=snapshot)
+                           snapshot=snapshot, payload=min(max(512, int(st.get("payload", 512))), UDP_PAYLOAD))
             except (ValueError, KeyError, TypeError, dns.exception.DNSException) as e:
                 self.counters["llq not restored"] += 1
                 log.info("LLQ %x not restored: %s", llq_id, e)
@@ -452,7 +469,7 @@ class LLQServer:
                 self.core.store.llq_delete(llq_id)
                 continue
             self._llqs[llq_id] = llq
-            self._source(llq.src).llqs += 1
+            self._admit(llq)
             self.counters["restored"] += 1
             restored.append(llq)
             ids = st.get("ids")
@@ -466,9 +483,7 @@ class LLQServer:
         for src, (_when, nxt) in saved.items():
             self._source(src).next_id = nxt
         for llq in restored:  # after every source's ID state is back
-            wire = self._next_event(llq, now)
-            if wire is not None:
-                out.append((llq.src, wire))
+            out.extend((llq.src, wire) for wire in self._next_event(llq, now))
         return out
 
     @staticmethod
@@ -499,31 +514,24 @@ class LLQServer:
         resp.answer = list(answers)
         return self.core.render(msg, resp, signer, now, None)
 
-    def _next_event(self, llq: _LLQ, now: float) -> bytes | None:
-        """Diff the current answer against what the client was last sent; an EVENT if anything changed:
-        removals first (TTL 0xFFFFFFFF), then additions and TTL changes (their TTL)."""
+    def _next_event(self, llq: _LLQ, now: float) -> list[bytes]:
+        """The EVENT messages with what changed since the client was last sent the answer (none if
+        nothing): as few as fit its UDP size. The next diff waits until every part is acked."""
         llq.dirty = False
         answers, _rcode = self.core.answer(llq.qname, llq.qtype, now)
-        new = _records(answers)
-        old = llq.snapshot
+        new = records(answers)
+        changed = diff(llq.snapshot, new)
         llq.snapshot = new
-        removed: list[dns.rrset.RRset] = []
-        added: list[dns.rrset.RRset] = []
-        for key, held in old.items():
-            gone = [rd for rd in held if rd not in new.get(key, {})]
-            if gone:
-                removed.append(_rrset(key, gone, LLQ_REMOVE_TTL))
-        for key, fresh in new.items():
-            held = old.get(key, {})
-            came = [rd for rd, ttl in fresh.items() if held.get(rd) != ttl]
-            if came:
-                added.append(_rrset(key, came, min(fresh[rd] for rd in came)))
-        if not removed and not added:
-            return None
-        return self._event(llq, removed + added, now)
+        if not changed:
+            return []
+        room = llq.payload - (0 if llq.key is None else signed_size(llq.key))
+        parts = split(changed, lambda answers: len(self._event_message(llq, answers, now).to_wire()), room)
+        if len(parts) > 1:
+            self.counters["event split"] += 1
+        return [self._event(llq, part, now) for part in parts]
 
-    def _event(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float) -> bytes:
-        msg_id = self._event_id(llq.src)
+    def _event_message(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float,
+                       msg_id: int = 0) -> dns.message.Message:
         msg = dns.message.Message(id=msg_id)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.find_rrset(msg.question, llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype),
@@ -531,6 +539,11 @@ class LLQServer:
         msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
             LLQOption(LLQ_VERSION, LLQ_OP_EVENT, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))])
         msg.answer = answers
+        return msg
+
+    def _event(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float) -> bytes:
+        msg_id = self._event_id(llq.src)
+        msg = self._event_message(llq, answers, now, msg_id)
         if llq.key is not None:
             signer = Signer(llq.key, b"", int(now), self.core.policy.fudge)
             wire = self.core.sign(msg, signer, int(now))

@@ -293,6 +293,17 @@ class ZoneStore:
         with contextlib.suppress(DiskFull), self._write():
             self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
 
+    def llq_write(self, states: Iterable[tuple[int, str | None]]) -> None:
+        """Store (or, for None, delete) several LLQs' states in one transaction: one disk sync. On a full
+        disk they live on unsaved, as with :meth:`llq_put`."""
+        with contextlib.suppress(DiskFull), self._write():
+            for llq_id, state in states:
+                if state is None:
+                    self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
+                else:
+                    self._db.execute("INSERT OR REPLACE INTO llqs (id, state) VALUES (?, ?)",
+                                     (str(llq_id), state))
+
     def llq_all(self) -> list[tuple[int, str]]:
         return [(int(i), st) for i, st in self._db.execute("SELECT id, state FROM llqs")]
 

@@ -8,6 +8,8 @@ are in docs/protocol.md ("LLQ client"); the wire is :mod:`tunneld.proto.llq_wire
 Events: :class:`Added` / :class:`Removed` are a diff stream -- applying them in order to an empty set
 gives :meth:`LLQClient.records` at all times. :class:`Established`, :class:`Refreshed`, :class:`Failed`
 and :class:`Fallback` report status; :class:`Established` also carries the full answer set.
+:class:`TcpQuery` asks the service for one exchange over TCP: an answer that came truncated (TC) is
+fetched whole that way, and the service gives the reply to :meth:`LLQClient.receive`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,7 +26,6 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -32,15 +33,15 @@ import dns.rrset
 from tunneld.proto.core import Address, Outbox
 from tunneld.proto.dnswire import from_server
 from tunneld.proto.errors import ParseError
+from tunneld.proto.llq_cache import Added, AnswerCache, Removed
 from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_ERROR,
     LLQ_MAX_TRIES,
     LLQ_OP_EVENT,
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
-    LLQ_REMOVE_TTL,
-    LLQ_UDP_PAYLOAD,
     LLQ_VERSION,
+    UDP_PAYLOAD,
     LLQOption,
     answer_ttls,
     error_name,
@@ -53,6 +54,7 @@ __all__ = [
     "LLQ_DEFAULT_LEASE",
     "LLQ_POLL_INTERVAL",
     "LLQ_SETUP_RETRY_INTERVAL",
+    "LLQ_TCP_TIMEOUT",
     "Added",
     "Established",
     "Event",
@@ -62,6 +64,7 @@ __all__ = [
     "LLQState",
     "Refreshed",
     "Removed",
+    "TcpQuery",
 ]
 
 # -- timing (RFC 8764 §5.1 and §6; Apple's mDNSResponder where the RFC leaves a choice) --------------------
@@ -72,23 +75,10 @@ LLQ_POLL_INTERVAL: Final = 15 * 60.0  # Apple LLQ_POLL_INTERVAL
 LLQ_SETUP_RETRY_INTERVAL: Final = 3600.0  # §5.1: re-try setup no more than once per hour
 LLQ_REFRESH_MIN_FRACTION: Final = 0.5  # Apple: lease/2 + random(lease/10)
 LLQ_REFRESH_MAX_FRACTION: Final = 0.6
+LLQ_TCP_TIMEOUT: Final = 10.0  # one TCP exchange for a truncated answer (RFC 7766); 3 tries, as over UDP
 
 
 # -- events ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Added:
-    """Records that entered the answer set (one RRset per name and type)."""
-
-    rrset: dns.rrset.RRset
-
-
-@dataclass(frozen=True)
-class Removed:
-    """Records that left the answer set."""
-
-    rrset: dns.rrset.RRset
 
 
 @dataclass(frozen=True)
@@ -124,7 +114,15 @@ class Fallback:
     retry_setup_in: float = LLQ_SETUP_RETRY_INTERVAL
 
 
-Event = Added | Removed | Established | Refreshed | Failed | Fallback
+@dataclass(frozen=True)
+class TcpQuery:
+    """Send ``payload`` (a signed query, no LLQ option) to the server over TCP and hand the reply to
+    ``receive``: an answer came truncated. The client retries after ``LLQ_TCP_TIMEOUT`` seconds."""
+
+    payload: bytes
+
+
+Event = Added | Removed | Established | Refreshed | Failed | Fallback | TcpQuery
 
 
 class LLQState(enum.Enum):
@@ -134,9 +132,6 @@ class LLQState(enum.Enum):
     ESTABLISHED = "established"
     POLLING = "polling"  # fallback
     STOPPED = "stopped"
-
-
-_RecordKey = tuple[dns.name.Name, int, int]  # name, rdclass, rdtype
 
 
 # -- the client --------------------------------------------------------------------------------------------
@@ -179,7 +174,13 @@ class LLQClient(Outbox["Event"]):
         self._expires_at: float | None = None
         self._poll_at: float | None = None
         self._setup_retry_at: float | None = None
-        self._cache: dict[_RecordKey, dict[dns.rdata.Rdata, int]] = {}
+        self._cache = AnswerCache(self.counters)
+        self._fetch_id: int | None = None  # the query fetching a truncated answer over TCP
+        self._fetch_wire = b""
+        self._fetch_tries = 0
+        self._fetch_at: float | None = None
+        self._announce = False  # Established is reported once the fetched answer is in
+        self._held: list[tuple[list[dns.rrset.RRset], list[int]]] = []  # events while fetching
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -196,19 +197,19 @@ class LLQClient(Outbox["Event"]):
             self._tx(self._render(self._query(cancel), now))
         self.state = LLQState.STOPPED
         self._clear_timers()
+        self._stop_fetch()
 
     def finished(self) -> bool:
         return self.state in (LLQState.IDLE, LLQState.STOPPED)
 
     def records(self) -> list[dns.rrset.RRset]:
         """The current answer set, one RRset per name and type (TTLs as received)."""
-        return [self._rrset(key, rdatas.items()) for key, rdatas in sorted(
-            self._cache.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])) if rdatas]
+        return self._cache.records()
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing scheduled)."""
         times = [t for t in (self._retry_at, self._refresh_at, self._expires_at, self._poll_at,
-                             self._setup_retry_at) if t is not None]
+                             self._setup_retry_at, self._fetch_at) if t is not None]
         return min(times) if times else None
 
     def poll(self, now: float) -> None:
@@ -217,6 +218,8 @@ class LLQClient(Outbox["Event"]):
             return
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_due(now)
+        if self._fetch_at is not None and now >= self._fetch_at:
+            self._fetch_due(now)
         if self.state == LLQState.ESTABLISHED:
             if self._expires_at is not None and now >= self._expires_at:
                 self._lost(now, "lease expired without a refresh reply")
@@ -265,6 +268,9 @@ class LLQClient(Outbox["Event"]):
         if option is not None and option.opcode == LLQ_OP_EVENT:
             self._on_event(msg, option, ttls, now)
             return
+        if self._fetch_id is not None and msg.id == self._fetch_id and option is None:
+            self._on_fetched(msg, ttls, now)
+            return
         if (msg.id != self._msg_id and msg.id != self._setup_msg_id) or self._pending is None:
             self.counters["unexpected message ID"] += 1
             return
@@ -275,7 +281,7 @@ class LLQClient(Outbox["Event"]):
         elif self.state == LLQState.ESTABLISHED:
             self._on_refresh_reply(msg, option, now)
         elif self.state == LLQState.POLLING:
-            self._on_poll_reply(msg, ttls)
+            self._on_poll_reply(msg, ttls, now)
 
     # -- receive paths -----------------------------------------------------------------------------------
 
@@ -298,9 +304,13 @@ class LLQClient(Outbox["Event"]):
             return
         if option is None or option.version != LLQ_VERSION:
             # Not an LLQ server: the answer is an ordinary answer, use it as the first poll result.
-            self._replace_cache(self._answer_records(msg, ttls))
+            truncated = bool(msg.flags & dns.flags.TC)
+            if not truncated:
+                self._replace_cache(msg, ttls)
             what = "no LLQ option" if option is None else f"LLQ version {option.version}"
             self._fallback(now, f"the server answered the setup request with {what}", poll_now=False)
+            if truncated:
+                self._fetch(now, announce=False)
             return
         if option.opcode != LLQ_OP_SETUP:
             self.counters["unexpected LLQ opcode"] += 1
@@ -337,8 +347,12 @@ class LLQClient(Outbox["Event"]):
         if option.error != LLQ_ERR_NO_ERROR:
             self._fallback(now, f"setup ACK carried {error_name(option.error)}")
             return
+        if msg.flags & dns.flags.TC:  # the answer set did not fit: the LLQ is up, its answer comes by TCP
+            self._established(now, option.lease or self.granted_lease)
+            self._fetch(now, announce=True)
+            return
         # The ACK's answer set is authoritative: it replaces the cache (Apple: "protocol anomaly").
-        self._replace_cache(self._answer_records(msg, ttls))
+        self._replace_cache(msg, ttls)
         self._established(now, option.lease or self.granted_lease)
         self._emit(Established(tuple(self.records()), self.llq_id, self.granted_lease))
 
@@ -362,7 +376,7 @@ class LLQClient(Outbox["Event"]):
         self._established(now, option.lease)
         self._emit(Refreshed(option.lease))
 
-    def _on_poll_reply(self, msg: dns.message.Message, ttls: list[int]) -> None:
+    def _on_poll_reply(self, msg: dns.message.Message, ttls: list[int], now: float) -> None:
         if msg.id != self._msg_id:
             self.counters["unexpected message ID"] += 1
             return
@@ -371,7 +385,10 @@ class LLQClient(Outbox["Event"]):
         if not self._rcode_ok(msg):
             self.counters[f"poll rcode {dns.rcode.to_text(msg.rcode())}"] += 1
             return
-        self._replace_cache(self._answer_records(msg, ttls))
+        if msg.flags & dns.flags.TC:
+            self._fetch(now, announce=False)
+            return
+        self._replace_cache(msg, ttls)
 
     def _on_event(self, msg: dns.message.Message, option: LLQOption, ttls: list[int], now: float) -> None:
         if self.llq_id == 0 or option.llq_id != self.llq_id or self.state not in (
@@ -382,7 +399,7 @@ class LLQClient(Outbox["Event"]):
         ack = dns.message.Message(id=msg.id)
         ack.flags = dns.flags.QR
         ack.find_rrset(ack.question, self.qname, self.rdclass, self.rdtype, create=True, force_unique=True)
-        ack.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
+        ack.use_edns(0, payload=UDP_PAYLOAD, options=[
             LLQOption(option.version, LLQ_OP_EVENT, option.error, option.llq_id, option.lease)])
         self._tx(self._render(ack, now))
         self.counters["event acked"] += 1
@@ -390,33 +407,69 @@ class LLQClient(Outbox["Event"]):
             # Before the ACK reached us: its full answer set will include this change.
             self.counters["event before ACK"] += 1
             return
-        added: dict[_RecordKey, list[tuple[dns.rdata.Rdata, int]]] = {}
-        removed: dict[_RecordKey, list[tuple[dns.rdata.Rdata, int]]] = {}
-        for rrset, ttl in zip(msg.answer, ttls, strict=True):
-            key = (rrset.name, rrset.rdclass, rrset.rdtype)
-            for rdata in rrset:
-                held = self._cache.setdefault(key, {})
-                if ttl == LLQ_REMOVE_TTL:
-                    if rdata in held:
-                        removed.setdefault(key, []).append((rdata, held.pop(rdata)))
-                elif rdata not in held:
-                    held[rdata] = ttl
-                    added.setdefault(key, []).append((rdata, ttl))
-                else:
-                    held[rdata] = ttl
-                if not held:
-                    del self._cache[key]
-        if not added and not removed:
-            self.counters["duplicate or no-op event"] += 1
-        for gone_key, gone in removed.items():
-            self._emit(Removed(self._rrset(gone_key, gone)))
-        for came_key, came in added.items():
-            self._emit(Added(self._rrset(came_key, came)))
+        if self._fetch_id is not None:  # applied once the whole answer is in (it may predate them)
+            self._held.append((list(msg.answer), ttls))
+        else:
+            changes = self._cache.apply(msg.answer, ttls)
+            if not changes:
+                self.counters["duplicate or no-op event"] += 1
+            for change in changes:
+                self._emit(change)
+        if msg.flags & dns.flags.TC:
+            self._fetch(now, announce=False)
+
+    def _on_fetched(self, msg: dns.message.Message, ttls: list[int], now: float) -> None:
+        """The whole answer, over TCP: it replaces the cache, then the events held meanwhile apply
+        (each is a diff from an earlier state, so in order they end at the server's)."""
+        if msg.flags & dns.flags.TC or not self._rcode_ok(msg):
+            self.counters["unusable answer over TCP"] += 1
+            return  # the fetch timer tries again
+        held, announce = self._held, self._announce
+        self._stop_fetch()
+        self._replace_cache(msg, ttls)
+        for answers, event_ttls in held:
+            for change in self._cache.apply(answers, event_ttls):
+                self._emit(change)
+        if announce and self.state == LLQState.ESTABLISHED:
+            self._emit(Established(tuple(self.records()), self.llq_id, self.granted_lease))
+
+    def _fetch(self, now: float, announce: bool) -> None:
+        """Fetch the whole answer over TCP (once at a time)."""
+        self._announce |= announce
+        if self._fetch_id is not None:
+            return
+        msg = self._query(None)
+        self._fetch_id = msg.id
+        self._fetch_wire = self._render(msg, now)
+        self._fetch_tries = 1
+        self._fetch_at = now + LLQ_TCP_TIMEOUT
+        self.counters["truncated answer fetched over TCP"] += 1
+        self._emit(TcpQuery(self._fetch_wire))
+
+    def _fetch_due(self, now: float) -> None:
+        if self._fetch_tries < LLQ_MAX_TRIES:
+            self._fetch_tries += 1
+            self._fetch_at = now + LLQ_TCP_TIMEOUT
+            self.counters["TCP retry"] += 1
+            self._emit(TcpQuery(self._fetch_wire))
+            return
+        self._stop_fetch()
+        self.counters["no answer over TCP"] += 1
+        if self.state == LLQState.ESTABLISHED:  # polling tries TCP again at each poll
+            self._fallback(now, f"the answer is truncated and {LLQ_MAX_TRIES} tries over TCP failed",
+                           poll_now=False)
+
+    def _stop_fetch(self) -> None:
+        self._fetch_id = self._fetch_at = None
+        self._fetch_tries = 0
+        self._announce = False
+        self._held = []
 
     # -- state changes -----------------------------------------------------------------------------------
 
     def _send_setup(self, now: float) -> None:
         self._clear_timers()
+        self._stop_fetch()
         self.state = LLQState.SETUP_SENT
         self.llq_id = 0
         self.granted_lease = 0
@@ -441,6 +494,7 @@ class LLQClient(Outbox["Event"]):
     def _fallback(self, now: float, reason: str, poll_now: bool = True) -> None:
         self.counters["fallback"] += 1
         self._clear_timers()
+        self._stop_fetch()
         self.state = LLQState.POLLING
         self.llq_id = 0
         self.granted_lease = 0
@@ -490,8 +544,7 @@ class LLQClient(Outbox["Event"]):
 
     def _query(self, option: LLQOption | None) -> dns.message.Message:
         msg = dns.message.make_query(self.qname, self.rdtype, self.rdclass, id=self._new_id(), flags=0)
-        if option is not None:
-            msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
+        msg.use_edns(0, payload=UDP_PAYLOAD, options=[] if option is None else [option])  # a real size
         return msg
 
     def _tx(self, wire: bytes) -> None:
@@ -507,39 +560,6 @@ class LLQClient(Outbox["Event"]):
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * int.from_bytes(self._rand(4), "big") / 2**32
 
-    # -- the cache -----------------------------------------------------------------------------------------
-
-    def _answer_records(self, msg: dns.message.Message,
-                        ttls: list[int]) -> dict[_RecordKey, dict[dns.rdata.Rdata, int]]:
-        records: dict[_RecordKey, dict[dns.rdata.Rdata, int]] = {}
-        for rrset, ttl in zip(msg.answer, ttls, strict=True):
-            if ttl == LLQ_REMOVE_TTL:
-                self.counters["removal TTL in a full answer set"] += 1
-                continue
-            held = records.setdefault((rrset.name, rrset.rdclass, rrset.rdtype), {})
-            for rdata in rrset:
-                held[rdata] = ttl
-        return records
-
-    def _replace_cache(self, new: dict[_RecordKey, dict[dns.rdata.Rdata, int]]) -> None:
-        for key, held in self._cache.items():
-            gone = [(rd, ttl) for rd, ttl in held.items() if rd not in new.get(key, {})]
-            if gone:
-                self._emit(Removed(self._rrset(key, gone)))
-        for key, fresh in new.items():
-            held = self._cache.get(key, {})
-            came = [(rd, ttl) for rd, ttl in fresh.items() if rd not in held]
-            if came:
-                self._emit(Added(self._rrset(key, came)))
-        self._cache = {key: dict(held) for key, held in new.items() if held}
-
-    @staticmethod
-    def _rrset(key: _RecordKey, rdatas: Iterable[tuple[dns.rdata.Rdata, int]]) -> dns.rrset.RRset:
-        name, rdclass, rdtype = key
-        rrset = dns.rrset.RRset(name, dns.rdataclass.RdataClass.make(rdclass),
-                                dns.rdatatype.RdataType.make(rdtype))
-        items = list(rdatas)
-        for rdata, _ttl in items:
-            rrset.add(rdata)
-        rrset.ttl = min((ttl for _rd, ttl in items), default=0)
-        return rrset
+    def _replace_cache(self, msg: dns.message.Message, ttls: list[int]) -> None:
+        for change in self._cache.replace(msg.answer, ttls):
+            self._emit(change)

@@ -37,6 +37,7 @@ __all__ = [
     "LLQ_REMOVE_TTL",
     "LLQ_UDP_PAYLOAD",
     "LLQ_VERSION",
+    "UDP_PAYLOAD",
     "LLQOption",
     "answer_ttls",
     "error_name",
@@ -62,6 +63,7 @@ LLQ_ERR_BAD_VERS: Final = 5
 LLQ_ERR_UNKNOWN: Final = 6
 LLQ_REMOVE_TTL: Final = 0xFFFFFFFF  # an event RR with this TTL is a removal (§7)
 LLQ_UDP_PAYLOAD: Final = 1440  # Apple's OPT class
+UDP_PAYLOAD: Final = 1232  # the EDNS size our client offers and events never exceed (DNS Flag Day 2020)
 LLQ_MAX_TRIES: Final = 3  # §5.1, Apple kLLQ_MAX_TRIES: sends of one request (the server: of one event)
 
 _ERROR_NAMES: Final = {

@@ -276,11 +276,12 @@ class TsigSession:
     choice: an event whose ID equals one of our requests' fails the check against that request's MAC and
     is then checked as the unsolicited message it is."""
 
-    KEPT: Final = 4096  # request MACs kept (the oldest quarter is dropped beyond)
+    KEPT: Final = 4096  # request IDs whose MACs are kept (the oldest quarter is dropped beyond)
+    PER_ID: Final = 4  # MACs kept per ID: hundreds of LLQs on one socket draw the same random ID at times
 
     def __init__(self, key: TsigKey) -> None:
         self.key = key
-        self._macs: dict[int, bytes] = {}
+        self._macs: dict[int, list[bytes]] = {}
 
     def __repr__(self) -> str:
         return f"<TsigSession key={self.key.name} {self.key.algorithm}>"
@@ -289,8 +290,8 @@ class TsigSession:
         signed, mac = sign(wire, self.key, int(now))
         if len(wire) >= 3 and not wire[2] & 0x80:  # QR clear: a request
             (msg_id,) = struct.unpack_from("!H", wire)
-            self._macs.pop(msg_id, None)
-            self._macs[msg_id] = mac
+            macs = self._macs.pop(msg_id, [])
+            self._macs[msg_id] = [*macs[-(self.PER_ID - 1):], mac]
             if len(self._macs) > self.KEPT:
                 for old in list(self._macs)[:self.KEPT // 4]:
                     del self._macs[old]
@@ -299,8 +300,7 @@ class TsigSession:
     def verify(self, wire: bytes, now: float) -> TsigRecord:
         """Check an incoming datagram; raises TsigError or ParseError."""
         tsig = find_tsig(wire)
-        mac = self._macs.get(struct.unpack_from("!H", wire)[0])
-        if mac is not None:
+        for mac in reversed(self._macs.get(struct.unpack_from("!H", wire)[0], [])):
             try:
                 return verify(wire, self.key, mac, now, tsig)
             except TsigError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -41,6 +41,7 @@ from tunneld.proto.llq import (
     LLQClient,
     LLQState,
     Removed,
+    TcpQuery,
 )
 from tunneld.proto.llq_wire import parse_message
 from tunneld.proto.tsig import TsigKey, TsigSession
@@ -51,6 +52,7 @@ __all__ = [
     "PeerLearned",
     "PeerRejected",
     "QueryStatus",
+    "TcpQuery",
     "WatchClient",
     "Watcher",
     "WatcherEvent",
@@ -59,6 +61,10 @@ __all__ = [
 Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
 _RecordKey = tuple[dns.name.Name, int, int]  # owner, rdclass, rdtype
 _AWAITING_FIRST_ANSWER: Final = frozenset({LLQState.IDLE, LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
+_HANDSHAKING: Final = frozenset({LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
+MAX_HANDSHAKES: Final = 32
+"""LLQ handshakes in flight at once; the other clients wait their turn. An account of 100 devices starts
+some 300 at once: the burst overflowed the server's socket buffer, and the retransmissions doubled it."""
 
 
 # -- events ------------------------------------------------------------------------------------------------
@@ -110,7 +116,8 @@ class QueryStatus:
     detail: str = ""
 
 
-WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus
+WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus | TcpQuery
+"""A client's :class:`TcpQuery` is passed on as it is: the service sends it and feeds the reply back."""
 
 
 # -- the client interface ----------------------------------------------------------------------------------
@@ -213,6 +220,9 @@ class Watcher(Outbox[WatcherEvent]):
         self._browse: Question = records.names_to_browse(domain)[0]
         self._watches: dict[Question, _Watch] = {}
         self._hosts: dict[str, _Host] = {}  # by lower-case name
+        self._waiting: deque[Question] = deque()  # clients made, not started yet (MAX_HANDSHAKES)
+        self._renewing: set[Question] = set()  # waiting to set up again after a network change
+        self._starting: set[Question] = set()  # started from the queue, maybe still in their handshake
         self.counters: Counter[str] = Counter()
         self.running = False
 
@@ -227,10 +237,11 @@ class Watcher(Outbox[WatcherEvent]):
 
     def renew(self, now: float) -> None:
         """The network moved: the server's LLQs point at our old address, so every client sets its LLQ up
-        again (from the new one), and the answers tell what changed while we were away."""
-        for watch in self._watches.values():
-            watch.client.start(now)
-            self._transmits.extend(watch.client.transmits())
+        again (from the new one; MAX_HANDSHAKES at a time), and the answers tell what changed meanwhile."""
+        queued = set(self._waiting)
+        self._renewing.update(self._watches)
+        self._waiting.extend(q for q in self._watches if q not in queued)
+        self._start_waiting(now)
         self.counters["renewals"] += 1
 
     def close(self, now: float) -> None:
@@ -240,6 +251,9 @@ class Watcher(Outbox[WatcherEvent]):
             self._transmits.extend(watch.client.transmits())
         self._watches.clear()
         self._hosts.clear()
+        self._waiting.clear()
+        self._renewing.clear()
+        self._starting.clear()
         self.running = False
 
     def finished(self) -> bool:
@@ -269,6 +283,7 @@ class Watcher(Outbox[WatcherEvent]):
             return
         watch.client.receive(data, source, now)
         self._handle(question, watch, now)
+        self._start_waiting(now)
 
     def poll(self, now: float) -> None:
         """Run every client's timers due at ``now``."""
@@ -279,6 +294,7 @@ class Watcher(Outbox[WatcherEvent]):
             if deadline is not None and deadline <= now:
                 watch.client.poll(now)
                 self._handle(question, watch, now)
+        self._start_waiting(now)
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing scheduled)."""
@@ -337,8 +353,27 @@ class Watcher(Outbox[WatcherEvent]):
             watch.hosts.add(host)
         self._watches[question] = watch
         self.counters["clients started"] += 1
-        client.start(now)
-        self._transmits.extend(client.transmits())
+        self._waiting.append(question)
+        self._start_waiting(now)
+
+    def _start_waiting(self, now: float) -> None:
+        """Start waiting clients while fewer than MAX_HANDSHAKES handshakes are in flight."""
+        if not self._waiting:
+            return
+        for question in list(self._starting):
+            watch = self._watches.get(question)
+            if watch is None or watch.client.state not in _HANDSHAKING:
+                self._starting.discard(question)
+        while self._waiting and len(self._starting) < MAX_HANDSHAKES:
+            question = self._waiting.popleft()
+            watch = self._watches.get(question)
+            renewing = question in self._renewing
+            self._renewing.discard(question)
+            if watch is None or (watch.client.state != LLQState.IDLE and not renewing):
+                continue  # released meanwhile
+            watch.client.start(now)
+            self._transmits.extend(watch.client.transmits())
+            self._starting.add(question)
 
     def _release(self, question: Question, host: str, now: float) -> None:
         watch = self._watches.get(question)
@@ -400,7 +435,9 @@ class Watcher(Outbox[WatcherEvent]):
                 watch.cache.setdefault(_key(rrset), set()).update(rrset)
             self._emit(QueryStatus(question[0], question[1], "established"))
             return True
-        if isinstance(event, Failed):
+        if isinstance(event, TcpQuery):
+            self._emit(event)
+        elif isinstance(event, Failed):
             self.counters["LLQ failed"] += 1
             self._emit(QueryStatus(question[0], question[1], "failed", event.reason))
         elif isinstance(event, Fallback):
