@@ -9,7 +9,11 @@ account's own clients sign every query and still learn everything, at the size t
 from __future__ import annotations
 
 import ipaddress
+import random
+import socket
 import struct
+import time
+from collections import Counter
 
 import dns.flags
 import dns.message
@@ -18,16 +22,24 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+import trio
 
+from crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import UNSIGNED_UDP_MAX, DnsCore, account_key, unsigned_udp_limit
+from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
 from tunneld.proto import records
-from tunneld.proto.tsig import sign, verify
+from tunneld.proto.errors import ParseError
+from tunneld.proto.srv import build_srv_query, pick_srv_target
+from tunneld.proto.tsig import TsigKey, find_tsig, sign, verify
+from tunneld.proto.watcher import Watcher
+from tunneld.services.discover import UPDATE_SERVICE, find_server
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
 SECRET = bytes(range(32))
 KEY = account_key(SECRET, DOMAIN)
+SECRET_KEY = derive_tsig_key(SECRET, DOMAIN)  # the key's secret, as the daemon holds it
 T0 = 1_800_000_000
 SRC = ("198.51.100.7", 4242)
 DEVICES = 50
@@ -198,3 +210,88 @@ def test_unsigned_tcp_is_not_capped_but_still_private(core: DnsCore) -> None:
     assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer
     _, reply, raw = ask(core, records.browse_name(DOMAIN), dns.rdatatype.PTR, signed=True, tcp=True)
     assert len(reply.answer[0]) == DEVICES and struct.unpack("!H", raw[:2])[0] == 0x4242
+
+
+# ---- our clients sign, and learn everything; an unsigned client learns nothing ------------------------
+
+
+def watch(core: DnsCore, key: TsigKey | None, rounds: int = 200) -> tuple[list[str], Counter[str]]:
+    """Run a Watcher against the server's cores in virtual wall-clock time, datagram by datagram: the
+    names of the devices it learns, and how many requests reached the server signed and unsigned."""
+    server_addr, client_addr = ("192.0.2.53", 53), ("198.51.100.20", 40000)
+    llq = LLQServer(core, rand=random.Random(1).randbytes)
+    watcher = Watcher(DOMAIN, "host0", server=server_addr, rand=random.Random(2).randbytes, key=key)
+    now = float(T0)
+    seen: Counter[str] = Counter()
+    watcher.start(now)
+    for _ in range(rounds):
+        sent = watcher.transmits()
+        for t in sent:
+            seen["signed" if find_tsig(t.payload) else "unsigned"] += 1
+            out = llq.handle(t.payload, client_addr, now)
+            replies = [w for _, w in out] if out is not None else [core.handle(t.payload, client_addr, now)]
+            for reply in replies:
+                if reply is not None:
+                    watcher.receive(reply, server_addr, now)
+        deadline = watcher.deadline()
+        if not sent and deadline is None:
+            break
+        if not sent:
+            now = max(now, deadline or now)
+            watcher.poll(now)
+    return [p.name for p in watcher.peers()], seen
+
+
+def test_the_watcher_signs_every_query_and_learns_every_device() -> None:
+    core = zone_with_devices(5)
+    names, seen = watch(core, KEY)
+    assert names == [f"host{i}" for i in range(1, 5)]
+    assert seen["signed"] > 5 and seen["unsigned"] == 0
+
+
+def test_an_unsigned_watcher_learns_no_device() -> None:
+    core = zone_with_devices(5)
+    names, seen = watch(core, None)
+    assert names == [] and seen["unsigned"] > 1  # it asked (LLQ refused, then polling), and learned nothing
+
+
+def test_srv_query_is_signed_and_an_unsigned_answer_is_refused(core: DnsCore) -> None:
+    query = build_srv_query(DOMAIN, random.Random(3).randbytes, key=KEY, now=T0)
+    assert find_tsig(query.payload) is not None
+    reply = core.handle(query.payload, SRC, T0)
+    assert reply is not None
+    assert pick_srv_target(reply, query, now=T0) == ("ns.example.com", 53)
+    forged = dns.message.make_response(dns.message.from_wire(query.payload, keyring=False))
+    forged.answer = [dns.rrset.from_text(dns.name.from_text("_dns-update._udp", ZONE), 60, "IN", "SRV",
+                                         "0 0 53 evil.example.net.")]
+    with pytest.raises(ParseError, match="tsig"):
+        pick_srv_target(forged.to_wire(), query, now=T0)
+
+
+async def _serve_udp(core: DnsCore, seen: list[bytes], task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+    """The core on a loopback UDP socket, on the real wall clock (the client signs with it)."""
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname())
+        while True:
+            wire, src = await sock.recvfrom(65535)
+            seen.append(wire)
+            reply = core.handle(wire, src, time.time())
+            if reply is not None:
+                await sock.sendto(reply, src)
+
+
+def test_discovery_signs_its_queries_with_the_account_key() -> None:
+    core = DnsCore(ZoneStore(":memory:", ZONE, "ns.example.com.", 7777, addresses=["127.0.0.1"]), [KEY])
+    seen: list[bytes] = []
+
+    async def main() -> tuple[str, int]:
+        async with trio.open_nursery() as nursery:
+            addr = await nursery.start(_serve_udp, core, seen)
+            with trio.fail_after(10):
+                found = await find_server(addr, DOMAIN, UPDATE_SERVICE, SECRET_KEY, "hmac-sha256")
+            nursery.cancel_scope.cancel()
+        return found
+
+    assert trio.run(main) == ("127.0.0.1", 7777)  # the SRV, then the target's address, both followed
+    assert len(seen) == 2 and all(find_tsig(w) is not None for w in seen)
