@@ -5,10 +5,8 @@ One UDP socket and one TCP listener on the same address and port feed every requ
 the trio thread that opened the :class:`ZoneStore` (its SQLite connection must stay in that thread), and
 the handler is synchronous, so requests are served one at a time, in arrival order.
 
-TCP (RFC 7766) uses 2-byte length framing; each connection is bounded: at most
-:data:`TCP_IDLE_TIMEOUT` seconds to deliver each message, :data:`TCP_MAX_LIFETIME` seconds and
-:data:`TCP_MAX_MESSAGES` messages in all, and at most :data:`TCP_MAX_CONNECTIONS` at once (extra
-connections are closed at once). A message's size is bounded by the framing (65535 bytes).
+TCP (RFC 7766) is :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps
+per source and in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
 
 The listen address ``::`` is dual-stack (IPv4-mapped addresses accepted); any other IPv6 address is
 IPv6-only. :func:`serve` reports readiness through ``task_status.started()`` once both sockets are bound,
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import struct
 import time
 from typing import Final
 
@@ -31,25 +28,12 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 
-__all__ = [
-    "TCP_IDLE_TIMEOUT",
-    "TCP_MAX_CONNECTIONS",
-    "TCP_MAX_LIFETIME",
-    "TCP_MAX_MESSAGES",
-    "serve",
-]
+__all__ = ["TcpLimits", "serve"]
 
 log = logging.getLogger(__name__)
 
-TCP_IDLE_TIMEOUT: Final = 10.0
-"""Seconds a TCP client has to deliver each message (and to send the first one)."""
-TCP_MAX_LIFETIME: Final = 120.0
-"""Seconds a TCP connection may stay open in all."""
-TCP_MAX_MESSAGES: Final = 100
-"""Requests served on one TCP connection before it is closed."""
-TCP_MAX_CONNECTIONS: Final = 64
-"""TCP connections served at once; further ones are closed on accept."""
 SWEEP_MAX_SLEEP: Final = 60.0
 """The sweeper re-reads the wall clock at least this often (the clock may jump)."""
 
@@ -78,26 +62,15 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
     return sock
 
 
-async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
-    """``n`` bytes from the stream, or None at end of stream (also mid-message)."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
 class _Server:
-    def __init__(self, core: DnsCore, llq: LLQServer | None) -> None:
+    def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None) -> None:
         self.core = core
         self.store = core.store
         self.llq = llq
         self.udp: trio.socket.SocketType | None = None  # LLQ events go out from the UDP socket
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
-        self.tcp_slots = trio.CapacityLimiter(TCP_MAX_CONNECTIONS)
+        self.tcp = TcpServer(self.tcp_respond, tcp)
 
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
@@ -158,50 +131,11 @@ class _Server:
                         log.debug("udp send to %r: %s", src, e)
                 await self.send_llq(events)
 
-    async def tcp_loop(self, sock: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery, trio.SocketListener(sock) as listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:  # EMFILE and friends: back off a little
-                    log.warning("tcp accept: %s", e)
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    self.tcp_slots.acquire_on_behalf_of_nowait(stream)
-                except trio.WouldBlock:
-                    log.debug("tcp: too many connections, closing a new one")
-                    await trio.aclose_forcefully(stream)
-                    continue
-                nursery.start_soon(self.tcp_conn, stream)
-
-    async def tcp_conn(self, stream: trio.SocketStream) -> None:
-        try:
-            src = stream.socket.getpeername()
-        except OSError:
-            src = None
-        try:
-            with trio.move_on_after(TCP_MAX_LIFETIME):
-                for _ in range(TCP_MAX_MESSAGES):
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
-                        head = await _receive_exactly(stream, 2)
-                        size = 0 if head is None else struct.unpack("!H", head)[0]
-                        wire = None if head is None else await _receive_exactly(stream, size)
-                    if idle.cancelled_caught or wire is None:
-                        break
-                    reply, events = self.handle(wire, src, 65535)
-                    await self.send_llq(events)
-                    if reply is None:
-                        continue
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT):
-                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
-                        continue
-                    break  # the client does not read its replies
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            log.debug("tcp %r: %s", src, e)
-        finally:
-            self.tcp_slots.release_on_behalf_of(stream)
-            await trio.aclose_forcefully(stream)
+    async def tcp_respond(self, wire: bytes, peer: object) -> bytes | None:
+        """The reply to one request over TCP (any LLQ events it causes go out over UDP)."""
+        reply, events = self.handle(wire, peer, 65535)
+        await self.send_llq(events)
+        return reply
 
     async def sweep_loop(self) -> None:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
@@ -231,24 +165,26 @@ async def serve(
     port: int,
     *,
     llq: LLQServer | None = None,
+    tcp: TcpLimits | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
-    is given. OSError if a socket cannot be bound."""
+    is given and the TCP limits ``tcp`` (default :class:`TcpLimits`). OSError if a socket cannot be
+    bound."""
     udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
     try:
-        tcp = await _bind(host, port, trio.socket.SOCK_STREAM)
+        tcp_sock = await _bind(host, port, trio.socket.SOCK_STREAM)
     except BaseException:
         udp.close()
         raise
-    server = _Server(core, llq)
+    server = _Server(core, llq, tcp)
     server.udp = udp
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.udp_loop, udp)
-        nursery.start_soon(server.tcp_loop, tcp)
+        nursery.start_soon(server.tcp.serve, tcp_sock)
         nursery.start_soon(server.sweep_loop)
         if llq is not None:
             nursery.start_soon(server.llq_loop)
