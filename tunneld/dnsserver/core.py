@@ -142,6 +142,9 @@ class DnsCore:
         # copy of one (a replay, or the client's own retransmission) gets the reply that was sent.
         self._answered = ReplayCache(store)
         self.replays = 0
+        self.last_signed = False
+        """Whether the last reply :meth:`handle` returned was signed for a request that verified (for the
+        listener's response rate limiting: the account's own clients get a higher rate)."""
 
     def __repr__(self) -> str:  # never show the keys
         return f"<DnsCore zone={self.zone} keys={len(self._keys)}>"
@@ -153,6 +156,7 @@ class DnsCore:
     ) -> bytes | None:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
         listener passes 65535. Returns None for silence (no parseable header, or a response message)."""
+        self.last_signed = False
         try:
             return self._handle(wire, now_wall, max_size)
         except Exception:  # last line of defence: never raise into the listener
@@ -292,6 +296,7 @@ class DnsCore:
             if signer is None:
                 max_size = min(max_size, unsigned_udp_limit(query_size))
         max_size = min(max_size, 65535)
+        self.last_signed = signer is not None
         try:
             if signer is not None:
                 return self.sign(resp, signer, int(now), max_size=max_size)

@@ -5,8 +5,10 @@ One UDP socket and one TCP listener on the same address and port feed every requ
 the trio thread that opened the :class:`ZoneStore` (its SQLite connection must stay in that thread), and
 the handler is synchronous, so requests are served one at a time, in arrival order.
 
-TCP (RFC 7766) is :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps
-per source and in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
+UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
+larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
+:mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
+in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
 
 The listen address ``::`` is dual-stack (IPv4-mapped addresses accepted); any other IPv6 address is
 IPv6-only. :func:`serve` reports readiness through ``task_status.started()`` once both sockets are bound,
@@ -28,9 +30,10 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.rrl import ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 
-__all__ = ["TcpLimits", "serve"]
+__all__ = ["RrlLimits", "TcpLimits", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
 
 
 class _Server:
-    def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None) -> None:
+    def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None,
+                 rrl: RrlLimits | None = None) -> None:
         self.core = core
         self.store = core.store
         self.llq = llq
@@ -71,6 +75,7 @@ class _Server:
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp = TcpServer(self.tcp_respond, tcp)
+        self.rrl = ResponseLimiter(rrl)
 
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
@@ -125,11 +130,24 @@ class _Server:
                     continue
                 reply, events = self.handle(wire, src, None)
                 if reply is not None:
+                    reply = self.limit(reply, len(wire), src)
+                if reply is not None:
                     try:
                         await sock.sendto(reply, src)
                     except OSError as e:
                         log.debug("udp send to %r: %s", src, e)
                 await self.send_llq(events)
+
+    def limit(self, reply: bytes, query_size: int, src: object) -> bytes | None:
+        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing."""
+        signed = self.core.last_signed
+        if signed and len(reply) <= query_size:
+            self.rrl.counters["exempt: signed, not larger"] += 1
+            return reply
+        verdict = self.rrl.check(src, kind_of(reply, signed), trio.current_time())
+        if verdict is Verdict.SEND:
+            return reply
+        return truncated(reply) if verdict is Verdict.SLIP else None
 
     async def tcp_respond(self, wire: bytes, peer: object) -> bytes | None:
         """The reply to one request over TCP (any LLQ events it causes go out over UDP)."""
@@ -166,18 +184,19 @@ async def serve(
     *,
     llq: LLQServer | None = None,
     tcp: TcpLimits | None = None,
+    rrl: RrlLimits | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
-    is given and the TCP limits ``tcp`` (default :class:`TcpLimits`). OSError if a socket cannot be
-    bound."""
+    is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
+    :class:`TcpLimits`, :class:`RrlLimits`). OSError if a socket cannot be bound."""
     udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
     try:
         tcp_sock = await _bind(host, port, trio.socket.SOCK_STREAM)
     except BaseException:
         udp.close()
         raise
-    server = _Server(core, llq, tcp)
+    server = _Server(core, llq, tcp, rrl)
     server.udp = udp
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
