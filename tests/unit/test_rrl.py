@@ -7,6 +7,7 @@ import functools
 import socket
 import struct
 import time
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 from tests.unit.test_dnsserver_tcp import free_port
+from tunneld import cli
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, prefix_of, truncated
 from tunneld.dnsserver.serve import serve
@@ -186,3 +188,16 @@ def test_signed_queries_that_draw_larger_replies_have_their_own_bounded_rate() -
     replies = flood(RrlLimits(answers_per_second=1000, signed_per_second=1, burst=3, slip=0), wires)
     assert 3 <= len(replies) <= 5
     assert all(len(r) > len(wires[0]) for r in replies)
+
+
+def test_rate_limiting_can_be_turned_off() -> None:
+    rrl = ResponseLimiter(RrlLimits(answers_per_second=1, burst=1, enabled=False))
+    assert verdicts(rrl, 100) == [S] * 100
+
+
+def test_serve_dns_rate_limit_option(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["serve-dns", "--zone", DOMAIN, "--secret-file", str(tmp_path / "none"), "--db",
+            str(tmp_path / "db.sqlite"), "--rate-limit", "-1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--rate-limit -1" in err[0]

@@ -56,6 +56,8 @@ class RrlLimits:
     slip: int = 2
     """Every slip-th limited reply is sent truncated; 0 drops them all, 1 truncates them all."""
     max_prefixes: int = 100_000
+    enabled: bool = True
+    """False: every reply is sent (``tunneld serve-dns --rate-limit 0``)."""
 
     def __post_init__(self) -> None:
         rates = (self.answers_per_second, self.errors_per_second, self.signed_per_second)
@@ -129,6 +131,8 @@ class ResponseLimiter:
     def check(self, source: object, kind: Kind, now: float) -> Verdict:
         """May a reply of ``kind`` go to ``source`` at ``now``?"""
         limits = self.limits
+        if not limits.enabled:
+            return Verdict.SEND
         key = (prefix_of(source), kind)
         rate = limits.rate(kind)
         capacity = rate * limits.burst
