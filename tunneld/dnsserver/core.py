@@ -7,6 +7,10 @@ dnspython parses and renders; TSIG is :mod:`tunneld.proto.tsig`'s, with our ``no
 rendered once and its TSIG computed over exactly those bytes (dnspython shuffles an RRset's records at
 each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`DnsCore.check_tsig`,
 :meth:`DnsCore.render` and :meth:`DnsCore.answer`.
+
+Device records are answered only to queries signed with an account key; others see the server's own
+records alone, and unsigned UDP replies are held to a few times their request's size (why and how:
+docs/hardening.md, "Privacy and answer limits").
 """
 
 from __future__ import annotations
