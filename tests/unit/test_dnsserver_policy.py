@@ -30,6 +30,7 @@ from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
 from tunneld.proto import records
 from tunneld.proto.errors import ParseError
+from tunneld.proto.llq import LLQ_OP_SETUP, LLQ_VERSION, LLQOption
 from tunneld.proto.srv import build_srv_query, pick_srv_target
 from tunneld.proto.tsig import TsigKey, find_tsig, sign, verify
 from tunneld.proto.watcher import Watcher
@@ -295,3 +296,14 @@ def test_discovery_signs_its_queries_with_the_account_key() -> None:
 
     assert trio.run(main) == ("127.0.0.1", 7777)  # the SRV, then the target's address, both followed
     assert len(seen) == 2 and all(find_tsig(w) is not None for w in seen)
+
+
+def test_an_unsigned_llq_setup_reads_nothing(core: DnsCore) -> None:
+    llq = LLQServer(core, rand=random.Random(4).randbytes)  # as serve-dns runs it: TSIG required
+    q = dns.message.make_query(records.browse_name(DOMAIN), "PTR", id=11, use_edns=0, payload=1440,
+                               options=[LLQOption(LLQ_VERSION, LLQ_OP_SETUP, 0, 0, 3600)])
+    out = llq.handle(q.to_wire(), SRC, T0)
+    assert out is not None and len(out) == 1
+    reply = dns.message.from_wire(out[0][1])
+    assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+    assert len(llq) == 0 and llq.counters["unsigned LLQ refused"] == 1

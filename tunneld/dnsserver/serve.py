@@ -152,7 +152,8 @@ class _Server:
     async def tcp_respond(self, wire: bytes, peer: object) -> bytes | None:
         """The reply to one request over TCP (any LLQ events it causes go out over UDP)."""
         reply, events = self.handle(wire, peer, 65535)
-        await self.send_llq(events)
+        with trio.CancelScope(shield=True):  # the connection may be evicted meanwhile; the events are not its
+            await self.send_llq(events)
         return reply
 
     async def sweep_loop(self) -> None:
