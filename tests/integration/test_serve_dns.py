@@ -360,7 +360,7 @@ def test_a_signed_update_replayed_after_a_restart_changes_nothing(served: Served
     name = f"roamer.{ZONE}"
     captured = replay_snippet(s, "capture")
     assert captured["rcode"] == "NOERROR"
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::1"]
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::1"]
     moved = nsupdate(s, s.account.key, f"update delete {name} AAAA", f"update add {name} 60 AAAA 2001:db8::2")
     assert moved.returncode == 0, moved.stderr
     s.proc.kill()
@@ -368,7 +368,7 @@ def test_a_signed_update_replayed_after_a_restart_changes_nothing(served: Served
     s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
     replayed = replay_snippet(s, "replay", captured["wire"])
     assert replayed["reply"] == captured["reply"]
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::2"]
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::2"]
 
 
 @contextmanager
@@ -431,14 +431,14 @@ def test_a_full_disk_is_reported_once_and_queries_are_still_answered(tmp_path: P
         for i in range(3):
             r = nsupdate(s, account.key, f"update add full{i}.{ZONE} 60 TXT {'x' * 200}")
             assert r.returncode != 0 and "SERVFAIL" in r.stderr, r.stderr
-            assert answer(lab, a, f"before.{ZONE}", "AAAA") == ["2001:db8::1"]
+            assert answer(lab, a, f"before.{ZONE}", "AAAA", account.key) == ["2001:db8::1"]
         assert s.proc.poll() is None
         text = log.read_text()
         assert text.count("disk is full") == 1, text
         filler.unlink()
         assert nsupdate(s, account.key, f"update add after.{ZONE} 60 AAAA 2001:db8::3").returncode == 0
-        assert answer(lab, a, f"after.{ZONE}", "AAAA") == ["2001:db8::3"]
-        assert answer(lab, a, f"full0.{ZONE}", "TXT") == []
+        assert answer(lab, a, f"after.{ZONE}", "AAAA", account.key) == ["2001:db8::3"]
+        assert answer(lab, a, f"full0.{ZONE}", "TXT", account.key) == []
         text = log.read_text()
         assert text.count("disk is full") == 1 and text.count("writable again") == 1, text
         assert "Traceback" not in text, text
