@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from crypto.kdf import derive_tsig_key
-from tunneld.dnsserver.core import UNSIGNED_UDP_MAX, DnsCore, account_key, unsigned_udp_limit
+from tunneld.dnsserver.core import PUBLIC_SERIAL, UNSIGNED_UDP_MAX, DnsCore, account_key, unsigned_udp_limit
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
 from tunneld.proto import records
@@ -307,3 +307,16 @@ def test_an_unsigned_llq_setup_reads_nothing(core: DnsCore) -> None:
     reply = dns.message.from_wire(out[0][1])
     assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
     assert len(llq) == 0 and llq.counters["unsigned LLQ refused"] == 1
+
+
+def test_the_soa_serial_does_not_tell_a_stranger_when_devices_publish() -> None:
+    core = zone_with_devices(3)
+    def serials(signed: bool) -> tuple[int, int]:
+        _, apex, _ = ask(core, ZONE, dns.rdatatype.SOA, signed=signed)
+        _, nx, _ = ask(core, dns.name.from_text("nothing", ZONE), dns.rdatatype.A, signed=signed)
+        return apex.answer[0][0].serial, nx.authority[0][0].serial
+    before = serials(False)
+    core.store.apply_update([AddRR(dns.name.from_text("new", ZONE), 120,
+                                   dns.rdata.from_text("IN", "AAAA", "fd00::99"))], Lease(7200, 7200), T0)
+    assert serials(False) == before == (PUBLIC_SERIAL, PUBLIC_SERIAL)
+    assert serials(True) == (core.store.serial, core.store.serial) and core.store.serial > PUBLIC_SERIAL

@@ -29,6 +29,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -64,8 +65,8 @@ from tunneld.proto.tsig import (
 )
 from tunneld.proto.tsig import sign as tsig_sign
 
-__all__ = ["UNSIGNED_UDP_MAX", "UNSIGNED_UDP_RATIO", "DnsCore", "Policy", "Signer", "account_key",
-           "unsigned_udp_limit"]
+__all__ = ["PUBLIC_SERIAL", "UNSIGNED_UDP_MAX", "UNSIGNED_UDP_RATIO", "DnsCore", "Policy", "Signer",
+           "account_key", "unsigned_udp_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ UNSIGNED_UDP_MAX: Final = 1232
 UNSIGNED_UDP_RATIO: Final = 3
 """An unsigned UDP reply is at most this many times its request (truncated with TC beyond): a spoofed
 query must not draw a large reply at a third party. Signed replies keep the size their client asked."""
+PUBLIC_SERIAL: Final = 1
+"""The SOA serial unsigned queries see (the real one counts the zone's updates)."""
 _UNKNOWN_QUERY_LIMIT: Final = 512  # RFC 1035 §4.2.1, for a caller that does not give the request's size
 
 
@@ -332,9 +335,15 @@ class DnsCore:
         resp.set_rcode(rcode)
         resp.answer = answer
         if not answer:
-            soa = dns.rrset.from_rdata(self.zone, min(ZONE_TTL, SOA_MINIMUM), self.store.soa())
+            soa = dns.rrset.from_rdata(self.zone, min(ZONE_TTL, SOA_MINIMUM), self._soa(private=signed))
             resp.authority = [soa]
         return resp
+
+    def _soa(self, *, private: bool) -> dns.rdata.Rdata:
+        """The zone's SOA; in the public view with a fixed serial, since the serial counts the updates
+        and would tell a stranger when the devices publish (or move)."""
+        soa = self.store.soa()
+        return soa if private else soa.replace(serial=PUBLIC_SERIAL)
 
     def answer(
         self, qname: dns.name.Name, qtype: int, now: float, *, private: bool = True
@@ -373,7 +382,11 @@ class DnsCore:
         server, which whoever sends us a query knows already, and resolvers and clients that cannot sign
         (a zone delegated from the public DNS, a client finding the UPDATE server by SRV) need them."""
         store = self.store
-        return {t: rrs for t, rrs in store.rrsets(qname, now).items() if store.is_protected(qname, t)}
+        sets = {t: rrs for t, rrs in store.rrsets(qname, now).items() if store.is_protected(qname, t)}
+        if dns.rdatatype.SOA in sets:
+            sets[dns.rdatatype.SOA] = [StoredRR(rr.ttl, self._soa(private=False))
+                                       for rr in sets[dns.rdatatype.SOA]]
+        return sets
 
     def _publicly_exists(self, qname: dns.name.Name) -> bool:
         """Does ``qname`` exist in the public view: the apex, a name owning server records, or an empty
