@@ -4,6 +4,8 @@ on a fake clock; then the server on loopback under a query flood."""
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import socket
 import struct
 import time
@@ -159,9 +161,13 @@ def flood(limits: RrlLimits, wires: list[bytes]) -> list[bytes]:
     return trio.run(main)
 
 
-def test_a_flood_of_unsigned_queries_is_limited_with_truncated_slips() -> None:
+def test_a_flood_of_unsigned_queries_is_limited_with_truncated_slips(
+        caplog: pytest.LogCaptureFixture) -> None:
     wires = [dns.message.make_query(ZONE, "SOA", id=i).to_wire() for i in range(60)]
+    caplog.set_level(logging.INFO, logger="tunneld.dnsserver")
     replies = flood(RrlLimits(answers_per_second=1, burst=5, slip=2), wires)
+    assert re.search(r"udp rate limiting: dropped: answer \d+, sent: answer \d+, slipped: answer \d+",
+                     caplog.text), caplog.text  # the counters, said when the server stops
     full = [r for r in replies if not dns.message.from_wire(r).flags & dns.flags.TC]
     slipped = [r for r in replies if dns.message.from_wire(r).flags & dns.flags.TC]
     assert 5 <= len(full) <= 8  # the burst (and a token or two if the machine is slow)

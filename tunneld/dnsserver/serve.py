@@ -202,14 +202,19 @@ async def serve(
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.udp_loop, udp)
-        nursery.start_soon(server.tcp.serve, tcp_sock)
-        nursery.start_soon(server.sweep_loop)
-        if llq is not None:
-            nursery.start_soon(server.llq_loop)
-        log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
-        task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.udp_loop, udp)
+            nursery.start_soon(server.tcp.serve, tcp_sock)
+            nursery.start_soon(server.sweep_loop)
+            if llq is not None:
+                nursery.start_soon(server.llq_loop)
+            log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
+            task_status.started()
+    finally:
+        for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters)):
+            if counters:
+                log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 
 
 def bind_error_message(e: OSError, listen: str) -> str:
