@@ -50,7 +50,7 @@ class Roam:
         return joined(self.lab, host, name, self.secret, self.dns_at, self.workdir)
 
     def dig(self, qtype: str, name: str) -> list[str]:
-        return dig(self.lab, self.hosts["desktop"], self.dns_at, qtype, name)
+        return dig(self.lab, self.hosts["desktop"], self.dns_at, qtype, name, self.secret)
 
     def laptop_srv(self) -> list[str]:
         """The laptop's endpoint records as the server holds them (SRV; empty without an endpoint)."""

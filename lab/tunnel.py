@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crypto.kdf import derive_tsig_key
 from lab.netns import Host, Lab, LabError, ping_until, wait_for
 from lab.topology import two_hosts
+from tunneld.config import load_account_secret
 
 TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")
 DOMAIN = "lab.tunneld.test"
@@ -272,8 +274,18 @@ def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], 
     return n
 
 
-def dig(lab: Lab, h: Host, server: tuple[str, int], qtype: str, name: str) -> list[str]:
-    """The answer lines (`dig +short`) for one query to the account's server, from h."""
+def dig_key(secret: Path) -> str:
+    """dig's `-y` argument for the account's TSIG key (the server answers device records to signed
+    queries only)."""
+    tsig = derive_tsig_key(load_account_secret(secret), DOMAIN)
+    return f"hmac-sha256:{DOMAIN}.:{base64.b64encode(tsig).decode()}"
+
+
+def dig(lab: Lab, h: Host, server: tuple[str, int], qtype: str, name: str,
+        secret: Path | None = None) -> list[str]:
+    """The answer lines (`dig +short`) for one query to the account's server, from h; signed with the
+    account key of the secret file `secret` if given."""
+    key = [] if secret is None else ["-y", dig_key(secret)]
     r = lab.run(h, ["dig", f"@{server[0]}", "-p", str(server[1]), "+short", "+tries=1", "+time=1",
-                    qtype, name], check=False)
+                    *key, qtype, name], check=False)
     return [line for line in r.stdout.splitlines() if line.strip() and not line.startswith(";")]

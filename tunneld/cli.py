@@ -182,7 +182,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     from tunneld.config import load_account_secret, parse_endpoint
     from tunneld.dnsserver.core import DnsCore, Policy, account_key
     from tunneld.dnsserver.llq import LLQServer
-    from tunneld.dnsserver.serve import bind_error_message, serve
+    from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
     from tunneld.dnsserver.store import NotWritable, ZoneStore
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -209,6 +209,14 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     if args.default_lease is not None and not (policy.min_lease <= args.default_lease <= policy.max_lease):
         raise UsageError(f"bad --default-lease {args.default_lease}: give {policy.min_lease} to "
                          f"{policy.max_lease} seconds")
+    rrl = RrlLimits()
+    if args.rate_limit is not None:
+        if not 0 <= args.rate_limit <= 1_000_000:
+            raise UsageError(f"bad --rate-limit {args.rate_limit}: give 0 (no limit) to 1000000 replies "
+                             "per second")
+        rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
+               dataclasses.replace(rrl, answers_per_second=args.rate_limit,
+                                   errors_per_second=args.rate_limit / 2))
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     db = Path(args.db)
     try:
@@ -237,7 +245,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core)))
+                                                      llq=LLQServer(core), rrl=rrl))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -456,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--default-lease", type=int, metavar="SECONDS",
                            help="grant this lease to updates without an RFC 9664 lease option (plain "
                                 "RFC 2136 clients such as nsupdate); without it such updates are refused")
+    serve_dns.add_argument("--rate-limit", type=int, metavar="REPLIES",
+                           help="unsigned UDP answers per second to one /24 or /56 (errors: half as many; "
+                                "default 20; 0: no rate limiting); beyond, replies are dropped or truncated")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p

@@ -211,7 +211,8 @@ class Daemon:
         acct = self.config.account
         if acct.server is None:
             return
-        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, UPDATE_SERVICE)
+        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, UPDATE_SERVICE,
+                                   self.config.tsig_key, acct.tsig_algorithm)
         self.publisher = PublisherService(server, acct.domain, self.config.tsig_key, acct.lease,
                                           algorithm=acct.tsig_algorithm)
         await self._nursery.start(self.publisher.run)
@@ -225,7 +226,8 @@ class Daemon:
         acct = self.config.account
         if acct.server is None or acct.name is None:
             return
-        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE)
+        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE,
+                                   self.config.tsig_key, acct.tsig_algorithm)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
                                       self._on_watch_event)
         await self._nursery.start(self.watcher.run)

@@ -71,16 +71,22 @@ class Served:
     log: Path
 
 
-def dig(lab: Lab, h: Host, *query: str, tcp: bool = False) -> subprocess.CompletedProcess[str]:
+def dig(lab: Lab, h: Host, *query: str, tcp: bool = False, key: Path | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    """dig at the server; signed with the BIND key stanza ``key`` if given (device records are answered
+    to signed queries only)."""
     argv = ["dig", f"@{SERVER}", "-p", str(PORT), "+norec", "+tries=1", "+time=2", *query]
     if tcp:
         argv.append("+tcp")
+    if key is not None:
+        argv += ["-k", str(key)]
     return lab.run(h, argv, check=False, timeout=20)
 
 
-def answer(lab: Lab, h: Host, name: str, rdtype: str) -> list[str]:
+def answer(lab: Lab, h: Host, name: str, rdtype: str, key: Path) -> list[str]:
+    """The answer's records (dig +short) to a query signed with ``key``."""
     r = lab.run(h, ["dig", f"@{SERVER}", "-p", str(PORT), "+norec", "+tries=1", "+time=2", "+short",
-                    name, rdtype], timeout=20)
+                    "-k", str(key), name, rdtype], timeout=20)
     return sorted(r.stdout.split("\n")[:-1]) if r.stdout else []
 
 
@@ -139,29 +145,29 @@ def test_nsupdate_adds_and_deletes_records(served: Served) -> None:
     r = nsupdate(s, s.account.key, f"update add {name} 60 AAAA 2001:db8::42",
                  f'update add {name} 60 TXT "v=1" "pk=abc"')
     assert r.returncode == 0, r.stderr
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::42"]
-    assert answer(s.lab, s.a, name, "TXT") == ['"v=1" "pk=abc"']
-    r = dig(s.lab, s.a, "AAAA", name, tcp=True)
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::42"]
+    assert answer(s.lab, s.a, name, "TXT", s.account.key) == ['"v=1" "pk=abc"']
+    r = dig(s.lab, s.a, "AAAA", name, tcp=True, key=s.account.key)
     assert "2001:db8::42" in r.stdout, r.stdout
     r = nsupdate(s, s.account.key, f"update delete {name} AAAA")
     assert r.returncode == 0, r.stderr
-    assert answer(s.lab, s.a, name, "AAAA") == []
-    assert answer(s.lab, s.a, name, "TXT") == ['"v=1" "pk=abc"']
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == []
+    assert answer(s.lab, s.a, name, "TXT", s.account.key) == ['"v=1" "pk=abc"']
     r = nsupdate(s, s.account.key, f"update delete {name}")
     assert r.returncode == 0, r.stderr
-    assert "status: NXDOMAIN" in dig(s.lab, s.a, "TXT", name).stdout
+    assert "status: NXDOMAIN" in dig(s.lab, s.a, "TXT", name, key=s.account.key).stdout
 
 
 def test_wrong_key_is_refused_and_changes_nothing(served: Served, tmp_path: Path) -> None:
     s = served
     other = new_account(tmp_path / "other")
     name = f"intruder.{ZONE}"
-    serial = answer(s.lab, s.a, ZONE, "SOA")
+    serial = answer(s.lab, s.a, ZONE, "SOA", s.account.key)
     r = nsupdate(s, other.key, f"update add {name} 60 AAAA 2001:db8::66")
     assert r.returncode != 0
     assert "BADSIG" in r.stderr or "tsig" in r.stderr.lower(), r.stderr
-    assert "status: NXDOMAIN" in dig(s.lab, s.a, "AAAA", name).stdout
-    assert answer(s.lab, s.a, ZONE, "SOA") == serial
+    assert "status: NXDOMAIN" in dig(s.lab, s.a, "AAAA", name, key=s.account.key).stdout
+    assert answer(s.lab, s.a, ZONE, "SOA", s.account.key) == serial
 
 
 # Sent from inside host a with the project's interpreter: an update signed 1000 s in the past.
@@ -194,7 +200,7 @@ def test_update_signed_at_a_stale_time_is_badtime(served: Served) -> None:
                   timeout=30)
     out = json.loads(r.stdout)
     assert out == {"rcode": "NOTAUTH", "tsig_error": "BADTIME", "signed": True}, out
-    assert "status: NXDOMAIN" in dig(s.lab, s.a, "AAAA", f"stale.{ZONE}").stdout
+    assert "status: NXDOMAIN" in dig(s.lab, s.a, "AAAA", f"stale.{ZONE}", key=s.account.key).stdout
 
 
 def test_records_survive_a_restart(served: Served) -> None:
@@ -204,7 +210,7 @@ def test_records_survive_a_restart(served: Served) -> None:
     exit_on_signal(s.proc, signal.SIGTERM, s.log, "serve-dns")
     assert dig(s.lab, s.a, "SOA", ZONE).returncode != 0  # really down (dig: no servers reached)
     s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::7"]
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::7"]
 
 
 def test_port_in_use_exits_1_with_one_line(served: Served, tmp_path: Path) -> None:
@@ -354,7 +360,7 @@ def test_a_signed_update_replayed_after_a_restart_changes_nothing(served: Served
     name = f"roamer.{ZONE}"
     captured = replay_snippet(s, "capture")
     assert captured["rcode"] == "NOERROR"
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::1"]
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::1"]
     moved = nsupdate(s, s.account.key, f"update delete {name} AAAA", f"update add {name} 60 AAAA 2001:db8::2")
     assert moved.returncode == 0, moved.stderr
     s.proc.kill()
@@ -362,7 +368,7 @@ def test_a_signed_update_replayed_after_a_restart_changes_nothing(served: Served
     s.proc = start_server(s.lab, s.b, s.a, s.account, s.db, s.log)
     replayed = replay_snippet(s, "replay", captured["wire"])
     assert replayed["reply"] == captured["reply"]
-    assert answer(s.lab, s.a, name, "AAAA") == ["2001:db8::2"]
+    assert answer(s.lab, s.a, name, "AAAA", s.account.key) == ["2001:db8::2"]
 
 
 @contextmanager
@@ -425,14 +431,14 @@ def test_a_full_disk_is_reported_once_and_queries_are_still_answered(tmp_path: P
         for i in range(3):
             r = nsupdate(s, account.key, f"update add full{i}.{ZONE} 60 TXT {'x' * 200}")
             assert r.returncode != 0 and "SERVFAIL" in r.stderr, r.stderr
-            assert answer(lab, a, f"before.{ZONE}", "AAAA") == ["2001:db8::1"]
+            assert answer(lab, a, f"before.{ZONE}", "AAAA", account.key) == ["2001:db8::1"]
         assert s.proc.poll() is None
         text = log.read_text()
         assert text.count("disk is full") == 1, text
         filler.unlink()
         assert nsupdate(s, account.key, f"update add after.{ZONE} 60 AAAA 2001:db8::3").returncode == 0
-        assert answer(lab, a, f"after.{ZONE}", "AAAA") == ["2001:db8::3"]
-        assert answer(lab, a, f"full0.{ZONE}", "TXT") == []
+        assert answer(lab, a, f"after.{ZONE}", "AAAA", account.key) == ["2001:db8::3"]
+        assert answer(lab, a, f"full0.{ZONE}", "TXT", account.key) == []
         text = log.read_text()
         assert text.count("disk is full") == 1 and text.count("writable again") == 1, text
         assert "Traceback" not in text, text

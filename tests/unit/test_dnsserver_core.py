@@ -160,8 +160,8 @@ def test_noop_refresh_keeps_serial_and_extends_lease(core: DnsCore) -> None:
 def test_lease_expiry_removes_records_from_answers(core: DnsCore) -> None:
     register(core)
     q = dns.message.make_query("host.example.com.", "AAAA")
-    assert send(core, q, T0 + 5399, key=None).answer
-    reply = send(core, q, T0 + 5400, key=None)
+    assert send(core, q, T0 + 5399).answer  # device records: signed queries only
+    reply = send(core, q, T0 + 5400)
     assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer
     removed = core.store.expire(T0 + 5400)
     assert [(r.owner.to_text(), r.rdtype) for r in removed] == [("host.example.com.", dns.rdatatype.AAAA)]
@@ -391,14 +391,14 @@ def test_nxdomain_nodata_and_refused(core: DnsCore) -> None:
     reply = query(core, "nope.example.com.", "A")
     assert reply.rcode() == dns.rcode.NXDOMAIN and reply.flags & dns.flags.AA
     assert [rrset.rdtype for rrset in reply.authority] == [dns.rdatatype.SOA]
-    reply = query(core, "host.example.com.", "A")
+    reply = query(core, "host.example.com.", "A", signed=True)  # device names: signed queries only
     assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
     assert [rrset.rdtype for rrset in reply.authority] == [dns.rdatatype.SOA]
     reply = query(core, "_udp.example.com.", "SRV")  # empty non-terminal: NODATA
     assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
     assert query(core, "www.example.net.", "A").rcode() == dns.rcode.REFUSED
     assert query(core, "example.com.", "AXFR").rcode() == dns.rcode.REFUSED
-    reply = query(core, "host.example.com.", "ANY")
+    reply = query(core, "host.example.com.", "ANY", signed=True)
     assert [rrset.rdtype for rrset in reply.answer] == [dns.rdatatype.AAAA]
 
 
@@ -433,13 +433,13 @@ def test_large_answer_is_truncated_over_udp(core: DnsCore) -> None:
     for i in range(60):
         upd.add("big", 120, "AAAA", f"fd00::{i + 1:x}")
     send(core, upd)
-    wire = dns.message.make_query("big.example.com.", "AAAA").to_wire()
+    wire = sign(dns.message.make_query("big.example.com.", "AAAA"))  # device records: signed only
     reply = core.handle(wire, SRC, T0)
     assert reply is not None and len(reply) <= 512
-    assert dns.message.from_wire(reply).flags & dns.flags.TC
+    assert dns.message.from_wire(reply, keyring=False).flags & dns.flags.TC
     tcp = core.handle(wire, SRC, T0, max_size=65535)
     assert tcp is not None
-    assert len(dns.message.from_wire(tcp).answer[0]) == 60
+    assert len(dns.message.from_wire(tcp, keyring=False).answer[0]) == 60
 
 
 # ---- fuzz --------------------------------------------------------------------------------------------

@@ -336,8 +336,9 @@ def test_a_full_disk_is_reported_once_and_queries_are_still_answered(
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and "disk is full" in errors[0].getMessage()
     assert "Traceback" not in caplog.text
-    query = dns.message.make_query(f"h0.{ZONE}", "TXT")
-    answer = dns.message.from_wire(core.handle(query.to_wire(), ("192.0.2.1", 1), T0 + 100) or b"")
+    query = sign(dns.message.make_query(f"h0.{ZONE}", "TXT").to_wire(),  # device records: signed only
+                 account_key(b"k" * 32, "example.com"), int(T0) + 100)[0]
+    answer = dns.message.from_wire(core.handle(query, ("192.0.2.1", 1), T0 + 100) or b"", keyring=False)
     assert answer.rcode() == dns.rcode.NOERROR and answer.answer
     store.llq_put(1, "x" * 10_000)  # needs new pages: the LLQ lives on unsaved, nothing raised
     assert store.llq_all() == []

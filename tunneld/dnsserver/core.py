@@ -7,6 +7,10 @@ dnspython parses and renders; TSIG is :mod:`tunneld.proto.tsig`'s, with our ``no
 rendered once and its TSIG computed over exactly those bytes (dnspython shuffles an RRset's records at
 each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`DnsCore.check_tsig`,
 :meth:`DnsCore.render` and :meth:`DnsCore.answer`.
+
+Device records are answered only to queries signed with an account key; others see the server's own
+records alone, and unsigned UDP replies are held to a few times their request's size (why and how:
+docs/hardening.md, "Privacy and answer limits").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -43,6 +48,7 @@ from tunneld.dnsserver.store import (
     DeleteRRset,
     DiskFull,
     Lease,
+    StoredRR,
     ZoneStore,
 )
 from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
@@ -59,7 +65,8 @@ from tunneld.proto.tsig import (
 )
 from tunneld.proto.tsig import sign as tsig_sign
 
-__all__ = ["DnsCore", "Policy", "Signer", "account_key"]
+__all__ = ["PUBLIC_SERIAL", "UNSIGNED_UDP_MAX", "UNSIGNED_UDP_RATIO", "DnsCore", "Policy", "Signer",
+           "account_key", "unsigned_udp_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,23 @@ class _Reject(Exception):
         self.rcode = rcode
 
 
+UNSIGNED_UDP_MAX: Final = 1232
+"""Largest unsigned UDP reply: the EDNS buffer size of DNS Flag Day 2020, which avoids IP fragmentation."""
+UNSIGNED_UDP_RATIO: Final = 3
+"""An unsigned UDP reply is at most this many times its request (truncated with TC beyond): a spoofed
+query must not draw a large reply at a third party. Signed replies keep the size their client asked."""
+PUBLIC_SERIAL: Final = 1
+"""The SOA serial unsigned queries see (the real one counts the zone's updates)."""
+_UNKNOWN_QUERY_LIMIT: Final = 512  # RFC 1035 §4.2.1, for a caller that does not give the request's size
+
+
+def unsigned_udp_limit(query_size: int | None) -> int:
+    """The size limit of an unsigned UDP reply to a request of ``query_size`` bytes."""
+    if query_size is None:
+        return _UNKNOWN_QUERY_LIMIT
+    return min(UNSIGNED_UDP_MAX, UNSIGNED_UDP_RATIO * query_size)
+
+
 class DnsCore:
     """The handler for one zone. ``keys`` maps key names to dnspython TSIG keys (usually one: the account)."""
 
@@ -125,6 +149,9 @@ class DnsCore:
         # copy of one (a replay, or the client's own retransmission) gets the reply that was sent.
         self._answered = ReplayCache(store)
         self.replays = 0
+        self.last_signed = False
+        """Whether the last reply :meth:`handle` returned was signed for a request that verified (for the
+        listener's response rate limiting: the account's own clients get a higher rate)."""
 
     def __repr__(self) -> str:  # never show the keys
         return f"<DnsCore zone={self.zone} keys={len(self._keys)}>"
@@ -136,6 +163,7 @@ class DnsCore:
     ) -> bytes | None:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
         listener passes 65535. Returns None for silence (no parseable header, or a response message)."""
+        self.last_signed = False
         try:
             return self._handle(wire, now_wall, max_size)
         except Exception:  # last line of defence: never raise into the listener
@@ -176,7 +204,7 @@ class DnsCore:
 
         opcode = req.opcode()
         if opcode == dns.opcode.QUERY:
-            resp = self._query(req, now)
+            resp = self._query(req, now, signed=signer is not None)
         elif opcode == dns.opcode.UPDATE:
             assert isinstance(req, dns.update.UpdateMessage)
             # Unsigned updates are refused: only the account's devices may write (RFC 2136 §3.3).
@@ -186,7 +214,7 @@ class DnsCore:
                 return self._update_once(req, wire, signer, now, max_size)
         else:
             resp = self._error(req, dns.rcode.NOTIMP)
-        return self.render(req, resp, signer, now, max_size)
+        return self.render(req, resp, signer, now, max_size, query_size=len(wire))
 
     def _update_once(self, req: dns.update.UpdateMessage, wire: bytes, signer: Signer, now: float,
                      max_size: int | None) -> bytes:
@@ -263,12 +291,19 @@ class DnsCore:
         signer: Signer | None,
         now: float,
         max_size: int | None,
+        query_size: int | None = None,
     ) -> bytes:
         """The reply's wire form, within the requester's size limit (truncated, TC set, if it does not
-        fit) and signed if the request was. Shared with the LLQ server."""
+        fit) and signed if the request was. Shared with the LLQ server.
+
+        Over UDP (``max_size`` None) an unsigned reply is also held to :func:`unsigned_udp_limit` of the
+        request's size (``query_size``), so that the server is no amplifier for spoofed sources."""
         if max_size is None:
             max_size = max(512, req.payload) if req.edns >= 0 else 512
+            if signer is None:
+                max_size = min(max_size, unsigned_udp_limit(query_size))
         max_size = min(max_size, 65535)
+        self.last_signed = signer is not None
         try:
             if signer is not None:
                 return self.sign(resp, signer, int(now), max_size=max_size)
@@ -284,7 +319,7 @@ class DnsCore:
 
     # ---- QUERY ----------------------------------------------------------------------------------------
 
-    def _query(self, req: dns.message.Message, now: float) -> dns.message.Message:
+    def _query(self, req: dns.message.Message, now: float, *, signed: bool) -> dns.message.Message:
         if len(req.question) != 1:
             return self._error(req, dns.rcode.FORMERR)
         q = req.question[0]
@@ -296,22 +331,31 @@ class DnsCore:
             return self._error(req, dns.rcode.FORMERR)
         resp = self._error(req, dns.rcode.NOERROR)
         resp.flags |= dns.flags.AA
-        answer, rcode = self.answer(q.name, q.rdtype, now)
+        answer, rcode = self.answer(q.name, q.rdtype, now, private=signed)
         resp.set_rcode(rcode)
         resp.answer = answer
         if not answer:
-            soa = dns.rrset.from_rdata(self.zone, min(ZONE_TTL, SOA_MINIMUM), self.store.soa())
+            soa = dns.rrset.from_rdata(self.zone, min(ZONE_TTL, SOA_MINIMUM), self._soa(private=signed))
             resp.authority = [soa]
         return resp
 
+    def _soa(self, *, private: bool) -> dns.rdata.Rdata:
+        """The zone's SOA; in the public view with a fixed serial, since the serial counts the updates
+        and would tell a stranger when the devices publish (or move)."""
+        soa = self.store.soa()
+        return soa if private else soa.replace(serial=PUBLIC_SERIAL)
+
     def answer(
-        self, qname: dns.name.Name, qtype: int, now: float
+        self, qname: dns.name.Name, qtype: int, now: float, *, private: bool = True
     ) -> tuple[list[dns.rrset.RRset], dns.rcode.Rcode]:
         """The answer RRsets and rcode for an in-zone question (NOERROR with none = NODATA).
 
+        ``private`` False gives the public view, for requests not signed with an account key: only the
+        server's own records (:meth:`public_rrsets`); any other name is NXDOMAIN, whether or not a
+        device published it, so that the answer tells a stranger nothing (docs/hardening.md).
         A CNAME at the name answers any other type (not chased). No wildcard synthesis.
         """
-        sets = self.store.rrsets(qname, now)
+        sets = self.store.rrsets(qname, now) if private else self.public_rrsets(qname, now)
         if qtype == dns.rdatatype.ANY:
             chosen = sorted(sets)
         elif qtype in sets:
@@ -327,9 +371,30 @@ class DnsCore:
             out.append(rrset)
         if out:
             return out, dns.rcode.NOERROR
-        if self.store.name_exists(qname, now):
+        exists = self.store.name_exists(qname, now) if private else self._publicly_exists(qname)
+        if exists:
             return [], dns.rcode.NOERROR
         return [], dns.rcode.NXDOMAIN
+
+    def public_rrsets(self, qname: dns.name.Name, now: float) -> dict[int, list[StoredRR]]:
+        """The RRsets at ``qname`` that anyone may read: those the server owns and devices cannot change
+        (apex SOA and NS, the two service SRV records, the server name's addresses). They name only the
+        server, which whoever sends us a query knows already, and resolvers and clients that cannot sign
+        (a zone delegated from the public DNS, a client finding the UPDATE server by SRV) need them."""
+        store = self.store
+        sets = {t: rrs for t, rrs in store.rrsets(qname, now).items() if store.is_protected(qname, t)}
+        if dns.rdatatype.SOA in sets:
+            sets[dns.rdatatype.SOA] = [StoredRR(rr.ttl, self._soa(private=False))
+                                       for rr in sets[dns.rdatatype.SOA]]
+        return sets
+
+    def _publicly_exists(self, qname: dns.name.Name) -> bool:
+        """Does ``qname`` exist in the public view: the apex, a name owning server records, or an empty
+        non-terminal above one (``_udp.ZONE``)?"""
+        s = self.store
+        owners = (s.zone, s.update_srv_name, s.llq_srv_name, s.server)
+        return any(s.in_zone(o) and s.is_protected(o, dns.rdatatype.ANY) and o.is_subdomain(qname)
+                   for o in owners)
 
     # ---- UPDATE ---------------------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ One UDP socket and one TCP listener on the same address and port feed every requ
 the trio thread that opened the :class:`ZoneStore` (its SQLite connection must stay in that thread), and
 the handler is synchronous, so requests are served one at a time, in arrival order.
 
-TCP (RFC 7766) uses 2-byte length framing; each connection is bounded: at most
-:data:`TCP_IDLE_TIMEOUT` seconds to deliver each message, :data:`TCP_MAX_LIFETIME` seconds and
-:data:`TCP_MAX_MESSAGES` messages in all, and at most :data:`TCP_MAX_CONNECTIONS` at once (extra
-connections are closed at once). A message's size is bounded by the framing (65535 bytes).
+UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
+larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
+:mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
+in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
 
 The listen address ``::`` is dual-stack (IPv4-mapped addresses accepted); any other IPv6 address is
 IPv6-only. :func:`serve` reports readiness through ``task_status.started()`` once both sockets are bound,
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import struct
 import time
 from typing import Final
 
@@ -31,25 +30,13 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.rrl import ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
+from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 
-__all__ = [
-    "TCP_IDLE_TIMEOUT",
-    "TCP_MAX_CONNECTIONS",
-    "TCP_MAX_LIFETIME",
-    "TCP_MAX_MESSAGES",
-    "serve",
-]
+__all__ = ["RrlLimits", "TcpLimits", "serve"]
 
 log = logging.getLogger(__name__)
 
-TCP_IDLE_TIMEOUT: Final = 10.0
-"""Seconds a TCP client has to deliver each message (and to send the first one)."""
-TCP_MAX_LIFETIME: Final = 120.0
-"""Seconds a TCP connection may stay open in all."""
-TCP_MAX_MESSAGES: Final = 100
-"""Requests served on one TCP connection before it is closed."""
-TCP_MAX_CONNECTIONS: Final = 64
-"""TCP connections served at once; further ones are closed on accept."""
 SWEEP_MAX_SLEEP: Final = 60.0
 """The sweeper re-reads the wall clock at least this often (the clock may jump)."""
 
@@ -78,26 +65,17 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
     return sock
 
 
-async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
-    """``n`` bytes from the stream, or None at end of stream (also mid-message)."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
 class _Server:
-    def __init__(self, core: DnsCore, llq: LLQServer | None) -> None:
+    def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None,
+                 rrl: RrlLimits | None = None) -> None:
         self.core = core
         self.store = core.store
         self.llq = llq
         self.udp: trio.socket.SocketType | None = None  # LLQ events go out from the UDP socket
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
-        self.tcp_slots = trio.CapacityLimiter(TCP_MAX_CONNECTIONS)
+        self.tcp = TcpServer(self.tcp_respond, tcp)
+        self.rrl = ResponseLimiter(rrl)
 
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
@@ -152,56 +130,31 @@ class _Server:
                     continue
                 reply, events = self.handle(wire, src, None)
                 if reply is not None:
+                    reply = self.limit(reply, len(wire), src)
+                if reply is not None:
                     try:
                         await sock.sendto(reply, src)
                     except OSError as e:
                         log.debug("udp send to %r: %s", src, e)
                 await self.send_llq(events)
 
-    async def tcp_loop(self, sock: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery, trio.SocketListener(sock) as listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:  # EMFILE and friends: back off a little
-                    log.warning("tcp accept: %s", e)
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    self.tcp_slots.acquire_on_behalf_of_nowait(stream)
-                except trio.WouldBlock:
-                    log.debug("tcp: too many connections, closing a new one")
-                    await trio.aclose_forcefully(stream)
-                    continue
-                nursery.start_soon(self.tcp_conn, stream)
+    def limit(self, reply: bytes, query_size: int, src: object) -> bytes | None:
+        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing."""
+        signed = self.core.last_signed
+        if signed and len(reply) <= query_size:
+            self.rrl.counters["exempt: signed, not larger"] += 1
+            return reply
+        verdict = self.rrl.check(src, kind_of(reply, signed), trio.current_time())
+        if verdict is Verdict.SEND:
+            return reply
+        return truncated(reply) if verdict is Verdict.SLIP else None
 
-    async def tcp_conn(self, stream: trio.SocketStream) -> None:
-        try:
-            src = stream.socket.getpeername()
-        except OSError:
-            src = None
-        try:
-            with trio.move_on_after(TCP_MAX_LIFETIME):
-                for _ in range(TCP_MAX_MESSAGES):
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
-                        head = await _receive_exactly(stream, 2)
-                        size = 0 if head is None else struct.unpack("!H", head)[0]
-                        wire = None if head is None else await _receive_exactly(stream, size)
-                    if idle.cancelled_caught or wire is None:
-                        break
-                    reply, events = self.handle(wire, src, 65535)
-                    await self.send_llq(events)
-                    if reply is None:
-                        continue
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT):
-                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
-                        continue
-                    break  # the client does not read its replies
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            log.debug("tcp %r: %s", src, e)
-        finally:
-            self.tcp_slots.release_on_behalf_of(stream)
-            await trio.aclose_forcefully(stream)
+    async def tcp_respond(self, wire: bytes, peer: object) -> bytes | None:
+        """The reply to one request over TCP (any LLQ events it causes go out over UDP)."""
+        reply, events = self.handle(wire, peer, 65535)
+        with trio.CancelScope(shield=True):  # the connection may be evicted meanwhile; the events are not its
+            await self.send_llq(events)
+        return reply
 
     async def sweep_loop(self) -> None:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
@@ -231,29 +184,37 @@ async def serve(
     port: int,
     *,
     llq: LLQServer | None = None,
+    tcp: TcpLimits | None = None,
+    rrl: RrlLimits | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
-    is given. OSError if a socket cannot be bound."""
+    is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
+    :class:`TcpLimits`, :class:`RrlLimits`). OSError if a socket cannot be bound."""
     udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
     try:
-        tcp = await _bind(host, port, trio.socket.SOCK_STREAM)
+        tcp_sock = await _bind(host, port, trio.socket.SOCK_STREAM)
     except BaseException:
         udp.close()
         raise
-    server = _Server(core, llq)
+    server = _Server(core, llq, tcp, rrl)
     server.udp = udp
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.udp_loop, udp)
-        nursery.start_soon(server.tcp_loop, tcp)
-        nursery.start_soon(server.sweep_loop)
-        if llq is not None:
-            nursery.start_soon(server.llq_loop)
-        log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
-        task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.udp_loop, udp)
+            nursery.start_soon(server.tcp.serve, tcp_sock)
+            nursery.start_soon(server.sweep_loop)
+            if llq is not None:
+                nursery.start_soon(server.llq_loop)
+            log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
+            task_status.started()
+    finally:
+        for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters)):
+            if counters:
+                log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 
 
 def bind_error_message(e: OSError, listen: str) -> str:

@@ -1,6 +1,8 @@
 """Finding a service's server by SRV (RFC 2782): the query, and the choice among the answer's targets.
 
-Sans-I/O: the query and the answer are bytes; the weighted choice draws from the injected ``rand``.
+Sans-I/O: the query and the answer are bytes; the weighted choice draws from the injected ``rand``. With
+the account key the query is signed (TSIG, at the ``now`` given) and only a reply signed over it counts:
+the account's server answers its own clients' signed queries.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dns.rdatatype
 import dns.rdtypes.IN.SRV
 
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
 __all__ = ["LLQ_SRV_SERVICE", "UPDATE_SRV_SERVICE", "SrvQuery", "build_srv_query", "pick_srv_target"]
 
@@ -24,30 +27,44 @@ LLQ_SRV_SERVICE: Final = "_dns-llq._udp"  # RFC 8764 §5.1
 
 
 class SrvQuery(NamedTuple):
-    """A query to send, and its message ID (which the answer must echo)."""
+    """A query to send, and its message ID (which the answer must echo); if signed, the key and the
+    query's MAC, over which the answer must be signed."""
 
     payload: bytes
     message_id: int
+    key: TsigKey | None = None
+    mac: bytes = b""
 
 
 def build_srv_query(domain: str | dns.name.Name, rand: Callable[[int], bytes] = os.urandom,
-                    service: str = UPDATE_SRV_SERVICE) -> SrvQuery:
-    """A recursive SRV query for ``<service>.<domain>`` (``_dns-update._udp`` by default)."""
+                    service: str = UPDATE_SRV_SERVICE, *, key: TsigKey | None = None,
+                    now: float = 0.0) -> SrvQuery:
+    """A recursive SRV query for ``<service>.<domain>`` (``_dns-update._udp`` by default), signed with
+    ``key`` at ``now`` (Unix seconds) if a key is given."""
     zone = domain if isinstance(domain, dns.name.Name) else dns.name.from_text(domain)
     qname = dns.name.from_text(service, zone)
     message_id = int.from_bytes(rand(2), "big")
-    msg = dns.message.make_query(qname, dns.rdatatype.SRV, id=message_id)
-    return SrvQuery(msg.to_wire(), message_id)
+    wire = dns.message.make_query(qname, dns.rdatatype.SRV, id=message_id).to_wire()
+    if key is None:
+        return SrvQuery(wire, message_id)
+    signed, mac = sign(wire, key, int(now))
+    return SrvQuery(signed, message_id, key, mac)
 
 
 def pick_srv_target(wire: bytes, query: SrvQuery, rand: Callable[[int], bytes] = os.urandom,
-                    ) -> tuple[str, int] | None:
+                    now: float = 0.0) -> tuple[str, int] | None:
     """(target host, port) from the answer to ``query``, chosen as RFC 2782 says: the lowest priority,
     then at random by weight. None if the answer has no SRV for the name, or the target is "." (the
-    service is decidedly not available). Raises ParseError for a malformed or non-matching answer."""
+    service is decidedly not available). Raises ParseError for a malformed or non-matching answer, and
+    for a signed query's answer whose TSIG does not verify at ``now``."""
+    if query.key is not None:
+        try:
+            verify(wire, query.key, query.mac, now)
+        except TsigError as e:
+            raise ParseError(f"tsig: {e}") from None
     try:
         msg = dns.message.from_wire(wire, keyring=False)
-        sent = dns.message.from_wire(query.payload)
+        sent = dns.message.from_wire(query.payload, keyring=False)
     except Exception as e:  # as in Publisher.receive: any parser failure is a ParseError
         raise ParseError("malformed" if wire else "truncated") from e
     if not msg.flags & dns.flags.QR or msg.id != query.message_id:

@@ -4,7 +4,8 @@
 The configured server is asked; an SRV answer's target is resolved (A, then AAAA) from the same server.
 Anything missing — no answer, no SRV, a target "." or without an address — means the configured server
 itself, so a plain setup (one server for everything, as `tunneld serve-dns` is) needs no records at all.
-Every exchange is bounded by a timeout.
+Every exchange is bounded by a timeout. With the account key every query is signed and only answers
+signed over it count (the account's server shows its records to its own clients alone).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import dns.flags
 import dns.message
@@ -21,6 +23,7 @@ import trio
 
 from tunneld.proto.errors import ParseError
 from tunneld.proto.srv import LLQ_SRV_SERVICE, UPDATE_SRV_SERVICE, build_srv_query, pick_srv_target
+from tunneld.proto.tsig import TsigKey, sign, verify
 
 log = logging.getLogger("tunneld.discover")
 
@@ -44,16 +47,21 @@ async def _exchange(server: tuple[str, int], wire: bytes, message_id: int) -> by
     return None
 
 
-async def _address(server: tuple[str, int], target: str) -> str | None:
+async def _address(server: tuple[str, int], target: str, key: TsigKey | None) -> str | None:
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         query = dns.message.make_query(dns.name.from_text(target), rdtype,
                                        id=int.from_bytes(os.urandom(2), "big"))
-        reply = await _exchange(server, query.to_wire(), query.id)
+        wire, mac = query.to_wire(), b""
+        if key is not None:
+            wire, mac = sign(wire, key, int(time.time()))
+        reply = await _exchange(server, wire, query.id)
         if reply is None:
             return None
         try:
+            if key is not None:
+                verify(reply, key, mac, time.time())
             msg = dns.message.from_wire(reply, keyring=False)
-        except Exception:  # dnspython raises many types; any of them means "no address"
+        except Exception:  # a TSIG that does not verify, or any of dnspython's errors: "no address"
             continue
         if not msg.flags & dns.flags.QR:
             continue
@@ -64,21 +72,24 @@ async def _address(server: tuple[str, int], target: str) -> str | None:
     return None
 
 
-async def find_server(configured: tuple[str, int], domain: str, service: str) -> tuple[str, int]:
-    """The (address, port) that serves `service` for `domain`, or `configured` if the SRV says nothing."""
-    query = build_srv_query(domain, service=service)
+async def find_server(configured: tuple[str, int], domain: str, service: str,
+                      key_secret: bytes | None = None, algorithm: str = "hmac-sha256") -> tuple[str, int]:
+    """The (address, port) that serves `service` for `domain`, or `configured` if the SRV says nothing.
+    Queries are signed with the account's TSIG key (named after `domain`) if `key_secret` is given."""
+    key = None if key_secret is None else TsigKey(dns.name.from_text(domain), key_secret, algorithm)
+    query = build_srv_query(domain, service=service, key=key, now=time.time())
     reply = await _exchange(configured, query.payload, query.message_id)
     if reply is None:
         return configured
     try:
-        target = pick_srv_target(reply, query)
+        target = pick_srv_target(reply, query, now=time.time())
     except ParseError as e:
         log.info("%s.%s SRV: unusable answer (%s); using %s:%d", service, domain, e, *configured)
         return configured
     if target is None:
         return configured
     name, port = target
-    address = await _address(configured, name)
+    address = await _address(configured, name, key)
     if address is None:
         log.info("%s.%s SRV target %s has no address; using %s:%d", service, domain, name, *configured)
         return configured

@@ -1,0 +1,245 @@
+"""DNS over TCP for the rendezvous server (RFC 7766): connection limits that evict idle clients first.
+
+A connection is idle from its last completed message (or its opening) until its next message is complete;
+it is closed when idle longer than the idle timeout (§6.2.3), so a slow or silent client (slow-loris) holds
+its slot for seconds, not minutes. Connections are capped per source and in total. When the server nears
+its total cap it shortens the idle timeout, and a new connection over either cap is admitted by evicting
+the longest-idle connection (of that source, or of all): a flood of idle connections can delay a client
+by one connection set-up, never lock it out.
+
+:class:`ConnTable` is the sans-I/O bookkeeping (time passed in); :class:`TcpServer` runs it with trio:
+2-byte length framing, one message at a time per connection, replies from an async ``respond`` callback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+__all__ = ["ConnTable", "TcpLimits", "TcpServer", "source_key"]
+
+log = logging.getLogger(__name__)
+
+_LENGTH: Final = struct.Struct("!H")  # RFC 1035 §4.2.2: each message is prefixed by its 2-byte length
+
+
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """The TCP limits of the server (RFC 7766 §6.2.3 leaves the values to the server)."""
+
+    max_connections: int = 256
+    """Connections open at once; a new one beyond evicts the longest-idle."""
+    per_source: int = 16
+    """Connections from one source (an IPv4 address, an IPv6 /64) at once; beyond, its longest-idle goes."""
+    idle_timeout: float = 10.0
+    """Seconds a connection may stay idle (and a message take to arrive in full)."""
+    busy_idle_timeout: float = 1.0
+    """The idle timeout while at least ``busy_fraction`` of ``max_connections`` are open."""
+    busy_fraction: float = 0.75
+    max_lifetime: float = 120.0
+    """Seconds a connection may stay open in all."""
+    max_messages: int = 100
+    """Requests served on one connection before it is closed."""
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.per_source < 1:
+            raise ValueError("connection limits must be at least 1")
+        if not 0 < self.busy_idle_timeout <= self.idle_timeout or self.max_lifetime <= 0:
+            raise ValueError("timeouts must be positive, the busy one no longer than the idle one")
+
+
+def source_key(address: object) -> str:
+    """The source a connection counts against: its IPv4 address, or its IPv6 /64 (one host's usual
+    allocation; an IPv4-mapped address counts as the IPv4 address). Anything else counts as itself."""
+    host = address[0] if isinstance(address, tuple) and address else address
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return str(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+@dataclass(slots=True)
+class _Entry:
+    source: str
+    idle_since: float
+
+
+class ConnTable:
+    """The open connections, by ID: which to evict to admit a new one, and when each times out."""
+
+    def __init__(self, limits: TcpLimits) -> None:
+        self.limits = limits
+        self._conns: dict[int, _Entry] = {}  # least recently active first
+        self._per_source: Counter[str] = Counter()
+        self._next_id = 0
+        self.counters: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __contains__(self, conn_id: object) -> bool:
+        return conn_id in self._conns
+
+    @property
+    def busy(self) -> bool:
+        """Near the total cap: idle connections get the short timeout."""
+        return len(self._conns) >= self.limits.busy_fraction * self.limits.max_connections
+
+    def idle_timeout(self) -> float:
+        return self.limits.busy_idle_timeout if self.busy else self.limits.idle_timeout
+
+    def admit(self, source: str, now: float) -> tuple[int, list[int]]:
+        """A new connection from ``source``: its ID, and the IDs of the connections evicted (already
+        removed from the table) to make room for it."""
+        evicted: list[int] = []
+        if self._per_source[source] >= self.limits.per_source:
+            victim = next(i for i, e in self._conns.items() if e.source == source)
+            self._remove(victim)
+            evicted.append(victim)
+            self.counters["evicted: per source"] += 1
+        while len(self._conns) >= self.limits.max_connections:
+            victim = next(iter(self._conns))
+            self._remove(victim)
+            evicted.append(victim)
+            self.counters["evicted: total"] += 1
+        self._next_id += 1
+        self._conns[self._next_id] = _Entry(source, now)
+        self._per_source[source] += 1
+        self.counters["admitted"] += 1
+        return self._next_id, evicted
+
+    def active(self, conn_id: int, now: float) -> None:
+        """A message completed on ``conn_id``: it is idle from ``now`` (and the most recently active)."""
+        entry = self._conns.pop(conn_id, None)
+        if entry is not None:
+            entry.idle_since = now
+            self._conns[conn_id] = entry
+
+    def deadline(self, conn_id: int) -> float:
+        """When ``conn_id`` times out unless a message completes first (-inf once it is gone)."""
+        entry = self._conns.get(conn_id)
+        return float("-inf") if entry is None else entry.idle_since + self.idle_timeout()
+
+    def remove(self, conn_id: int) -> None:
+        if conn_id in self._conns:
+            self._remove(conn_id)
+
+    def _remove(self, conn_id: int) -> None:
+        entry = self._conns.pop(conn_id)
+        self._per_source[entry.source] -= 1
+        if not self._per_source[entry.source]:
+            del self._per_source[entry.source]
+
+
+class TcpServer:
+    """Serves DNS over TCP on a listening socket with :class:`TcpLimits`. ``respond(wire, peer)`` gives
+    the reply to one request (None: no reply)."""
+
+    def __init__(self, respond: Callable[[bytes, object], Awaitable[bytes | None]],
+                 limits: TcpLimits | None = None) -> None:
+        self.respond = respond
+        self.table = ConnTable(limits or TcpLimits())
+        self._scopes: dict[int, trio.CancelScope] = {}  # each connection's, for eviction
+        self._reads: dict[int, trio.CancelScope] = {}  # the idle wait of each connection reading
+
+    @property
+    def counters(self) -> Counter[str]:
+        return self.table.counters
+
+    async def serve(self, sock: trio.socket.SocketType) -> None:
+        """Accept and serve connections until cancelled (the socket is closed then)."""
+        async with trio.open_nursery() as nursery, trio.SocketListener(sock) as listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE and friends: back off a little
+                    log.warning("tcp accept: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                try:
+                    peer = stream.socket.getpeername()
+                except OSError:  # already reset by the client
+                    await trio.aclose_forcefully(stream)
+                    continue
+                busy = self.table.busy
+                conn_id, evicted = self.table.admit(source_key(peer), trio.current_time())
+                for victim in evicted:
+                    scope = self._scopes.pop(victim, None)
+                    if scope is not None:
+                        scope.cancel()
+                if self.table.busy and not busy:
+                    self._shorten()
+                scope = trio.CancelScope(deadline=trio.current_time() + self.table.limits.max_lifetime)
+                self._scopes[conn_id] = scope
+                nursery.start_soon(self._connection, stream, peer, conn_id, scope)
+
+    def _shorten(self) -> None:
+        """The idle timeout just became the short one: connections waiting now get it too."""
+        for conn_id, read in self._reads.items():
+            read.deadline = min(read.deadline, self.table.deadline(conn_id))
+
+    async def _connection(self, stream: trio.SocketStream, peer: object, conn_id: int,
+                          scope: trio.CancelScope) -> None:
+        table = self.table
+        try:
+            with scope:
+                for _ in range(table.limits.max_messages):
+                    wire = await self._read_message(stream, conn_id)
+                    if wire is None:
+                        break
+                    table.active(conn_id, trio.current_time())
+                    reply = await self.respond(wire, peer)
+                    if reply is None:
+                        continue
+                    with trio.move_on_after(table.idle_timeout()):
+                        await stream.send_all(_LENGTH.pack(len(reply)) + reply)
+                        table.active(conn_id, trio.current_time())
+                        continue
+                    table.counters["closed: reply not read"] += 1
+                    break
+            if scope.cancelled_caught:
+                table.counters["closed: evicted or lifetime"] += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("tcp %r: %s", peer, e)
+        finally:
+            self._scopes.pop(conn_id, None)
+            self._reads.pop(conn_id, None)
+            table.remove(conn_id)
+            await trio.aclose_forcefully(stream)
+
+    async def _read_message(self, stream: trio.SocketStream, conn_id: int) -> bytes | None:
+        """The next framed message, or None at end of stream or when the idle timeout passes."""
+        with trio.CancelScope(deadline=self.table.deadline(conn_id)) as read:
+            self._reads[conn_id] = read
+            try:
+                head = await _receive_exactly(stream, _LENGTH.size)
+                if head is not None:
+                    return await _receive_exactly(stream, _LENGTH.unpack(head)[0])
+                return None
+            finally:
+                del self._reads[conn_id]
+        self.table.counters["closed: idle"] += 1
+        return None
+
+
+async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
+    """``n`` bytes from the stream, or None at end of stream (also mid-message)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
