@@ -44,7 +44,7 @@ from tunneld.proto.handshake import (
     tai64n,
     unframe,
 )
-from tunneld.proto.handshake_load import HandshakeLoad, LoadMeter
+from tunneld.proto.handshake_load import HandshakeLoad, LoadMeter, SourceLimiter
 
 I_PRIV = bytes([0x11]) * 32
 R_PRIV = bytes([0x22]) * 32
@@ -81,7 +81,8 @@ def make_pair(
     """Two Handshakers; ``unmetered`` for tests that send more than UNDER_LOAD_RATE messages a second on
     purpose, about something else than load (tests/unit/test_handshake_load.py is about load)."""
     def load() -> HandshakeLoad | None:
-        return HandshakeLoad(LoadMeter(rate=1_000_000)) if unmetered else None
+        return (HandshakeLoad(LoadMeter(rate=1_000_000), cookie_limiter=SourceLimiter(rate=1e6, burst=10**6))
+                if unmetered else None)
 
     initiator = Handshaker(I_PRIV, PSK, {R_PUB}, rand=drbg(seed), load=load())
     responder = Handshaker(R_PRIV, r_psk, set(r_peers), rand=drbg(seed + 1000), load=load())

@@ -92,7 +92,8 @@ def worked(core: TunnelCore) -> int:
 
 def test_a_flood_in_small_batches_engages_cookies() -> None:
     """5,000 initiations a second in batches of 50 (below the old 64-per-batch trigger): cookies engage
-    once the rate passes UNDER_LOAD_RATE, and from then on nothing gets the X25519 work."""
+    once the rate passes UNDER_LOAD_RATE, and from then on nothing gets the X25519 work. Each of the
+    flood's 50 addresses gets cookie replies at its bucket's rate, the rest are dropped."""
     _, b = pair()
     gen = flood(b)
     cookies = 0
@@ -104,7 +105,9 @@ def test_a_flood_in_small_batches_engages_cookies() -> None:
     # Before the load is seen (the first UNDER_LOAD_RATE), the per-batch budget holds the work down.
     busy = b.handshaker.drops.get("busy", 0)
     assert worked(b) + busy == UNDER_LOAD_RATE and worked(b) <= 3 * WORK_PER_BATCH
-    assert cookies == 5000 - worked(b) - busy
+    cookie_busy = b.handshaker.drops.get("cookie-busy", 0)
+    assert cookies + cookie_busy == 5000 - worked(b) - busy
+    assert 50 * SOURCE_BURST <= cookies <= 50 * (SOURCE_BURST + SOURCE_RATE * 1.0)
     status = b.handshaker.load.status(10.99)
     assert status["under_load"] and status["cookie_replies"] == cookies and status["under_load_episodes"] == 1
     # A second after the flood stops, the port is out of load: a message gets the work again.
@@ -264,12 +267,31 @@ def test_cookie_replies_per_batch_are_bounded_too() -> None:
 
 def test_a_handshaker_on_its_own_has_no_batch_budget() -> None:
     load = HandshakeLoad(work_per_batch=2, cookies_per_batch=1)
-    assert all(load.take_work() for _ in range(10)) and all(load.take_cookie() for _ in range(10))
+    assert all(load.take_work() for _ in range(10))
+    assert all(load.take_cookie(f"192.0.2.{i}", 1.0) for i in range(10))
     load.begin_batch()
     assert [load.take_work() for _ in range(3)] == [True, True, False]
-    assert [load.take_cookie() for _ in range(2)] == [True, False]
+    assert [load.take_cookie(f"198.51.100.{i}", 1.0) for i in range(2)] == [True, False]
     load.end_batch()
-    assert load.take_work() and load.take_cookie() and load.worked == 13
+    assert load.take_work() and load.take_cookie("203.0.113.1", 1.0) and load.worked == 13
+
+
+def test_cookie_replies_are_limited_per_source() -> None:
+    """Under load, one address flooding from many ports gets its bucket's cookie replies (a burst, then
+    SOURCE_RATE a second), whatever the batches; another address still gets its own."""
+    _, b = pair()
+    gen = flood(b)
+    overload(b.handshaker.load.meter, 1.0, after=10.0)
+    cookies = 0
+    for k in range(100):  # one second, 20 messages every 10 ms, each from a new port of one address
+        now = 1.0 + k * 0.01
+        batch = [(next(gen), ("198.51.100.7", 1000 + 20 * k + i)) for i in range(20)]
+        out = b.inbound(batch, now, WALL + now)
+        cookies += sum(1 for d in datagrams(out) if msg_type(d) == hs.MSG_COOKIE_REPLY)
+    assert SOURCE_BURST <= cookies <= SOURCE_BURST + SOURCE_RATE * 1.0 + 1
+    assert b.handshaker.drops["cookie-busy"] == 2000 - cookies
+    out = b.inbound([(next(gen), ("198.51.100.8", 1000))], 2.0, WALL + 2.0)
+    assert [msg_type(d) for d in datagrams(out)] == [hs.MSG_COOKIE_REPLY]
 
 
 @pytest.mark.parametrize("forced", [False, True])

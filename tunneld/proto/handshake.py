@@ -512,7 +512,7 @@ class Handshaker:
         if not (self.load.meter.arrived(now) or forced):
             return None
         if not self._mac2_valid(message, src, now):
-            if not self.load.take_cookie():
+            if not self.load.take_cookie(src[0], now):
                 raise _Reject("cookie-busy")
             reply = self._cookie_reply(sender, mac1, src, now)
             self.load.cookie_replies += 1

@@ -10,6 +10,9 @@ over time with the `now` the caller passes:
 - :class:`SourceLimiter` -- under load, after mac2 proved the source address: a token bucket per source
   (an IPv4 address, an IPv6 /64), ``SOURCE_RATE`` per second with a burst of ``SOURCE_BURST``, in a
   bounded table.
+- the same token bucket for cookie replies, per source: a flood that spreads over many ports of a few
+  addresses gets a few cookie replies a second instead of one per message (a genuine initiator needs
+  one per retry), which bounds both our cost and what a spoofed flood makes us send to a victim.
 - a per-batch budget of X25519 work (``WORK_PER_BATCH``) and of cookie replies (``COOKIES_PER_BATCH``),
   so that a receive batch full of handshake messages cannot hold up the data in the batches behind it;
   the excess is dropped, never queued.
@@ -130,9 +133,12 @@ class HandshakeLoad:
     """The three defences of one Handshaker, and their counters (:meth:`status`)."""
 
     def __init__(self, meter: LoadMeter | None = None, limiter: SourceLimiter | None = None,
-                 work_per_batch: int = WORK_PER_BATCH, cookies_per_batch: int = COOKIES_PER_BATCH) -> None:
-        self.meter = meter or LoadMeter()
-        self.limiter = limiter or SourceLimiter()
+                 work_per_batch: int = WORK_PER_BATCH, cookies_per_batch: int = COOKIES_PER_BATCH,
+                 cookie_limiter: SourceLimiter | None = None) -> None:
+        self.meter = LoadMeter() if meter is None else meter
+        # `is None`, not `or`: a SourceLimiter with an empty table is falsy (it has a length).
+        self.limiter = SourceLimiter() if limiter is None else limiter
+        self.cookie_limiter = SourceLimiter() if cookie_limiter is None else cookie_limiter
         self.work_per_batch = work_per_batch
         self.cookies_per_batch = cookies_per_batch
         # What is left of this batch's budgets; None: no batch begun, no budget (a Handshaker on its own).
@@ -159,8 +165,11 @@ class HandshakeLoad:
         self.worked += 1
         return True
 
-    def take_cookie(self) -> bool:
-        """Whether one more message of this batch may have a cookie reply."""
+    def take_cookie(self, host: str, now: float) -> bool:
+        """Whether one more message of this batch, from ``host``, may have a cookie reply: within the
+        batch's budget and ``host``'s bucket."""
+        if not self.cookie_limiter.allow(host, now):
+            return False
         if self._cookies_left is not None:
             if self._cookies_left <= 0:
                 return False
@@ -177,4 +186,5 @@ class HandshakeLoad:
             "cookie_replies": self.cookie_replies,
             "sources_tracked": len(self.limiter),
             "source_evictions": self.limiter.evictions,
+            "cookie_sources_tracked": len(self.cookie_limiter),
         }

@@ -4,8 +4,8 @@ ParseError; the state machine is `tunneld.proto.handshake`."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -100,6 +100,9 @@ def cookie_key(cookie_sender_public: bytes, psk: bytes) -> bytes:
     return HASH(LABEL_COOKIE + cookie_sender_public + psk)
 
 
+_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
+
+
 def source_bytes(src: tuple[str, int]) -> bytes:
     """What a cookie is bound to: the packed source address, then the port as 2 little-endian bytes.
 
@@ -107,13 +110,16 @@ def source_bytes(src: tuple[str, int]) -> bytes:
     address, so a dual-stack socket and an IPv4 socket give the same cookie; an IPv6 zone (``%eth0``) is
     ignored. ValueError for a bad address.
     """
-    host, port = src[0], src[1]
-    addr = ipaddress.ip_address(host)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    host, port = src[0].split("%", 1)[0], src[1]
     if not 0 <= port <= 0xFFFF:
         raise ValueError("port out of range")
-    return addr.packed + port.to_bytes(2, "little")
+    try:  # inet_pton, not ipaddress: this runs for every handshake message under load
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        raise ValueError("not an address") from None
+    if len(packed) == 16 and packed[:12] == _V4_MAPPED:
+        packed = packed[12:]
+    return packed + port.to_bytes(2, "little")
 
 
 def _check_frame(message: bytes, length: int) -> None:
