@@ -153,6 +153,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
+    from tunneld.services.control import ControlError
 
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -160,7 +161,7 @@ def _startup_failure(e: BaseException) -> str | None:
             if msg is not None:
                 return msg
         return None
-    if isinstance(e, TunError):
+    if isinstance(e, TunError | ControlError):
         return str(e)
     if isinstance(e, OSError):
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
@@ -335,6 +336,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rebind(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"bad --port {args.port}: give a port from 1 to 65535 (or 0 for any free port)")
     reply = _ask(args, {"cmd": "rebind", "port": args.port})
     if reply is None:
         return EXIT_FAILURE
