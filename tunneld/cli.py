@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from tunneld.config_values import show, toml_string
 from tunneld.identity import DeviceIdentity, IdentityError
 
 EXIT_OK = 0
@@ -34,6 +35,10 @@ class UsageError(Exception):
     """Bad usage or configuration: printed as one line, exit code 2."""
 
 
+class Failure(Exception):
+    """A runtime failure (the file system, the daemon): printed as one line, exit code 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block; we print one line that says what to do.
@@ -41,22 +46,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def tsig_stanza(domain: str, tsig_key: bytes) -> str:
-    """The key statement for BIND's named.conf (and `nsupdate -k`); Knot reads the same three fields."""
+    """The key statement for BIND's named.conf (and `nsupdate -k`); Knot reads the same three fields.
+
+    The name is checked again here (LDH only, ValueError otherwise): nothing but a DNS name may reach
+    the stanza's quotes. The secret is base64 and the algorithm fixed."""
+    name = normalize_domain(domain)
     return (
-        f'key "{domain}." {{\n'
+        f'key "{name}." {{\n'
         f"\talgorithm hmac-sha256;\n"
         f'\tsecret "{base64.b64encode(tsig_key).decode()}";\n'
         f"}};\n"
     )
 
 
-def cmd_account_new(args: argparse.Namespace) -> int:
+def _domain(value: str, what: str) -> str:
+    """A domain from the command line, normalized (LDH labels only), or UsageError naming ``what``."""
     try:
-        domain = normalize_domain(args.domain)
+        return normalize_domain(value)
     except ValueError as e:
-        raise UsageError(
-            f"bad account domain {args.domain!r}: {e}; give a DNS name such as home.example.net"
-        ) from None
+        raise UsageError(f"bad {what} {show(value)}: {e}; give a DNS name such as home.example.net") from None
+
+
+def _path(value: str, option: str, *, toml: bool = False) -> Path:
+    """A path from the command line, or UsageError: empty, a NUL byte, or (``toml``: to be written into a
+    config) not UTF-8."""
+    if not value:
+        raise UsageError(f"bad {option}: the path is empty; give a path")
+    if "\0" in value:
+        raise UsageError(f"bad {option} {show(value)}: a path cannot contain a NUL byte; give a real path")
+    if toml:
+        try:
+            toml_string(value)
+        except ValueError as e:
+            raise UsageError(f"bad {option} {show(value)}: {e}; rename it, or give another path") from None
+    return Path(value)
+
+
+def cmd_account_new(args: argparse.Namespace) -> int:
+    domain = _domain(args.domain, "account domain")
     secret = os.urandom(ACCOUNT_SECRET_LEN)
     # The first line alone is the secret file's content; everything after it is for the DNS server.
     sys.stdout.write(base64.b64encode(secret).decode() + "\n")
@@ -89,11 +116,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from tunneld.config import load_account_secret, parse_endpoint
     from tunneld.proto.records import check_name
 
-    try:
-        domain = normalize_domain(args.domain)
-    except ValueError as e:
-        raise UsageError(f"bad account domain {args.domain!r}: {e}; give a DNS name such as "
-                         f"home.example.net") from None
+    domain = _domain(args.domain, "account domain")
     try:
         server = str(parse_endpoint(args.server))
     except ValueError:
@@ -101,25 +124,32 @@ def cmd_join(args: argparse.Namespace) -> int:
             bare = f"[{args.server}]:53" if ":" in args.server else f"{args.server}:53"
             server = str(parse_endpoint(bare))
         except ValueError as e:
-            raise UsageError(f"bad --server {args.server!r}: {e}") from None
-    name = args.name or socket.gethostname().split(".")[0].lower()
+            raise UsageError(f"bad --server {show(args.server)}: {e}") from None
+    name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
     try:
         name = check_name(name)
-    except ValueError as e:
-        raise UsageError(f"bad device name {name!r}: {e}; pass --name NAME (one DNS label)") from None
-    secret_file = Path(args.secret_file).absolute()
+    except ValueError:
+        raise UsageError(f"bad device name {show(name)}: not one DNS label of 1 to 63 letters, digits and "
+                         f"inner hyphens; pass --name NAME, e.g. --name laptop") from None
+    secret_file = _path(args.secret_file, "--secret-file", toml=True).absolute()
+    state_dir = _path(args.state_dir, "--state-dir", toml=True).absolute() if args.state_dir else None
+    path = _path(args.config, "--config")
     load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
-    path = Path(args.config)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; pass --force to replace it, or --config PATH to write elsewhere")
-    state = f"state_dir = \"{Path(args.state_dir).absolute()}\"\n" if args.state_dir else ""
+    # Every value through the one TOML string encoder: a path may hold quotes and newlines.
+    state = f"state_dir = {toml_string(str(state_dir))}\n" if state_dir else ""
     text = (f"# Written by `tunneld join`.\n[interface]\nname = \"btmm0\"\n{state}\n"
-            f"[account]\ndomain = \"{domain}\"\nsecret_file = \"{secret_file}\"\n"
-            f"server = \"{server}\"\nname = \"{name}\"\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
+            f"[account]\ndomain = {toml_string(domain)}\nsecret_file = {toml_string(str(secret_file))}\n"
+            f"server = {toml_string(server)}\nname = {toml_string(name)}\n")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise Failure(f"cannot write {path}: {e.strerror or e}; check the directory and its permissions, "
+                      f"or pass --config PATH") from None
     config = load_config(path)  # what we wrote must load, or nothing is claimed
     ident = _identity(config)
     sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
@@ -188,10 +218,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
-    try:
-        zone = normalize_domain(args.zone)
-    except ValueError as e:
-        raise UsageError(f"bad --zone {args.zone!r}: {e}; give a DNS name such as home.example.net") from None
+    zone = _domain(args.zone, "--zone")
     try:
         listen = parse_endpoint(args.listen)
     except ValueError as e:
@@ -467,5 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, IdentityError) as e:
         print(f"tunneld: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Failure as e:
+        print(f"tunneld: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
