@@ -161,21 +161,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     import trio
 
     from tunneld.daemon import Daemon, keylog_path, run_until_signalled
-    from tunneld.keylog import KeyLog
+    from tunneld.keylog import KeyLog, KeyLogError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
     config = _config(args)
     ident = _identity(config)
+    if args.keylog == "":
+        raise UsageError("bad --keylog: the path is empty; give a file name, or leave --keylog out")
     kl = keylog_path(args.keylog)
-    keylog = KeyLog(kl) if kl else None
+    try:
+        keylog = KeyLog(kl) if kl else None
+    except KeyLogError as e:
+        raise UsageError(f"{e} (--keylog or TUNNELD_KEYLOG)") from None
     try:
         trio.run(run_until_signalled, Daemon(config, ident, keylog))
     except BaseException as e:  # start-up failures arrive wrapped in exception groups
         cause = _startup_failure(e)
         if cause is None:
             raise
-        print(f"tunneld: {cause}", file=sys.stderr)
+        print(f"tunneld: {_one_line(cause)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -303,8 +308,8 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None
     try:
         return request(path, req)
     except (OSError, ValueError) as e:
-        print(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
-              f"is `tunneld up` running with this config?", file=sys.stderr)
+        print(_one_line(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
+                        f"is `tunneld up` running with this config?"), file=sys.stderr)
         return None
 
 
@@ -369,7 +374,7 @@ def cmd_rebind(args: argparse.Namespace) -> int:
     if reply is None:
         return EXIT_FAILURE
     if "error" in reply:
-        print(f"tunneld: {reply['error']}", file=sys.stderr)
+        print(f"tunneld: {_one_line(reply['error'])}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"listen_port {reply['listen_port']}")
     return EXIT_OK
@@ -486,16 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: object) -> str:
+    """The message on one line, whatever a path or value in it holds."""
+    return str(e).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))
     except (UsageError, ConfigError, IdentityError) as e:
-        print(f"tunneld: {e}", file=sys.stderr)
+        print(f"tunneld: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Failure as e:
-        print(f"tunneld: {e}", file=sys.stderr)
+        print(f"tunneld: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,102 @@ def test_join_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
                  str(tmp_path / "c.toml"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
+
+
+# -- the key log -----------------------------------------------------------------------------------------
+
+
+def test_keylog_is_created_0600_whatever_the_umask(tmp_path: Path) -> None:
+    from tunneld.keylog import KeyLog
+
+    old = os.umask(0)
+    try:
+        log = KeyLog(tmp_path / "keys")
+    finally:
+        os.umask(old)
+    log.close()
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o600
+
+
+def test_keylog_appends_to_an_existing_private_file(tmp_path: Path) -> None:
+    from tunneld.keylog import KeyLog
+
+    path = tmp_path / "keys"
+    path.write_text("earlier\n")
+    path.chmod(0o600)
+    log = KeyLog(path)
+    log._f.write("later\n")
+    log.close()
+    assert path.read_text() == "earlier\nlater\n"
+
+
+def _keylog_case(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / "keys"
+    private = tmp_path / "private"
+    private.write_text("")
+    private.chmod(0o600)
+    if case.startswith("mode-"):
+        path.write_text("")
+        path.chmod(int(case[5:], 8))
+    elif case == "symlink":
+        path.symlink_to(private)  # even to a private file: the path could be pointed anywhere
+    elif case == "dangling-symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    elif case == "missing-dir":
+        path = tmp_path / "no" / "such" / "dir" / "keys"
+    elif case == "directory":
+        path.mkdir()
+    elif case == "fifo":
+        os.mkfifo(path, 0o600)
+    elif case == "nul":
+        path = tmp_path / "a\0b"
+    elif case == "newline":
+        path = tmp_path / "missing\nsecond line" / "keys"
+    return path
+
+
+KEYLOG_CASES = {"mode-0644": "0644", "mode-0640": "0640", "mode-0604": "0604", "mode-0620": "0620",
+                "symlink": "symbolic link", "dangling-symlink": "symbolic link",
+                "missing-dir": "does not exist", "directory": "is a directory", "fifo": "not a regular file",
+                "nul": "not a path", "newline": "does not exist"}
+
+
+@pytest.mark.parametrize(("case", "word"), KEYLOG_CASES.items(), ids=KEYLOG_CASES.keys())
+def test_keylog_refuses_unsafe_files(tmp_path: Path, case: str, word: str) -> None:
+    from tunneld.keylog import KeyLog, KeyLogError
+
+    path = _keylog_case(tmp_path, case)
+    with pytest.raises(KeyLogError, match=word):
+        KeyLog(path)
+    assert (tmp_path / "private").read_text() == ""  # nothing written through a link
+
+
+def _good_config(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    cfg = tmp_path / "tunneld.toml"
+    cfg.write_text(f'[interface]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'control_socket = "{tmp_path / "c.sock"}"\n'
+                   f'[account]\ndomain = "home.example.net"\nsecret_file = "{secret}"\n')
+    return cfg
+
+
+@pytest.mark.parametrize("via", ["option", "environment"])
+@pytest.mark.parametrize("case", ["mode-0644", "symlink", "missing-dir", "newline", "nul"])
+def test_up_with_an_unsafe_keylog_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, case: str,
+                                                     via: str) -> None:
+    """Refused before any device or socket is opened (the daemon is never started here)."""
+    path = _keylog_case(tmp_path, case)
+    if via == "environment":
+        if case == "nul":
+            pytest.skip("an environment variable cannot hold a NUL")
+        monkeypatch.setenv("TUNNELD_KEYLOG", str(path))
+        argv = ["up", "--config", str(_good_config(tmp_path))]
+    else:
+        argv = ["up", "--config", str(_good_config(tmp_path)), "--keylog", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tunneld: key log") and "Traceback" not in err, err
+    assert not (tmp_path / "c.sock").exists()
