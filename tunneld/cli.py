@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +25,8 @@ from typing import Any, NoReturn
 from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from tunneld.config_values import show, toml_string
+from tunneld.config_values import show
+from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.identity import DeviceIdentity, IdentityError
 
 EXIT_OK = 0
@@ -135,18 +138,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     state_dir = _path(args.state_dir, "--state-dir", toml=True).absolute() if args.state_dir else None
     path = _path(args.config, "--config")
     load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
-    if path.exists() and not args.force:
-        raise UsageError(f"{path} exists; pass --force to replace it, or --config PATH to write elsewhere")
-    # Every value through the one TOML string encoder: a path may hold quotes and newlines.
-    state = f"state_dir = {toml_string(str(state_dir))}\n" if state_dir else ""
-    text = (f"# Written by `tunneld join`.\n[interface]\nname = \"btmm0\"\n{state}\n"
-            f"[account]\ndomain = {toml_string(domain)}\nsecret_file = {toml_string(str(secret_file))}\n"
-            f"server = {toml_string(server)}\nname = {toml_string(name)}\n")
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_config(path, join_config(domain, secret_file, server, name, state_dir), args.force)
+    except WriteRefused as e:
+        raise UsageError(str(e)) from None
     except OSError as e:
         raise Failure(f"cannot write {path}: {e.strerror or e}; check the directory and its permissions, "
                       f"or pass --config PATH") from None
@@ -228,6 +223,9 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         listen = parse_endpoint(args.listen)
     except ValueError as e:
         raise UsageError(f"bad --listen: {e}") from None
+    if isinstance(listen.host, ipaddress.IPv6Address) and listen.host.scope_id is not None:
+        raise UsageError(f"bad --listen {show(args.listen)}: a scoped (link-local) address cannot be "
+                         f"published for clients elsewhere; give a global address, or [::]:53 for all")
     if listen.port == 0:
         raise UsageError(f"bad --listen {args.listen!r}: port 0; give a port such as 53")
     try:
@@ -296,8 +294,8 @@ def _first_oserror(e: BaseException) -> OSError | None:
 
 
 def _control_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
+    if args.socket is not None:
+        return _path(args.socket, "--socket")
     return _config(args).interface.control_socket
 
 
@@ -386,6 +384,12 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
     from tunneld.probe import PROBE_TIMEOUT, ProbeError, probe
 
     gateway = args.gateway
+    if gateway is not None:
+        try:
+            gateway = str(ipaddress.IPv4Address(gateway))
+        except ValueError:
+            raise UsageError(f"bad --gateway {show(gateway)}: not an IPv4 address; give the router's LAN "
+                             f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
     if gateway is None and args.config is not None:
         gateway = load_config(Path(args.config)).portmap.gateway
     try:
@@ -491,9 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CONTROL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}, ord("\n"): "\\n", ord("\r"): "\\r"}
+_MAX_MESSAGE = 1000  # characters: a huge value echoed in a message is cut in the middle, the fix kept
+
+
 def _one_line(e: object) -> str:
-    """The message on one line, whatever a path or value in it holds."""
-    return str(e).replace("\r", "\\r").replace("\n", "\\n")
+    """The message on one line and of bounded length, whatever a path or value in it holds."""
+    text = str(e).translate(_CONTROL_ESCAPES)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name's undecodable bytes
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE // 2] + " … " + text[-_MAX_MESSAGE // 2 :]
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,4 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunneld: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except BrokenPipeError:  # stdout closed early (`tunneld account new | head -1`): no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("tunneld: the output was closed before everything was written", file=sys.stderr)
         return EXIT_FAILURE

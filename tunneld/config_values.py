@@ -1,5 +1,4 @@
-"""Parsers for single configuration values (interface name, public key, endpoint, account secret), and
-the one TOML string encoder for what `tunneld join` writes (tomllib reads only).
+"""Parsers for single configuration values: interface name, public key, endpoint, account secret.
 
 Each raises :class:`Problem` (what is wrong and how to fix it) without knowing the file or key; the reader
 (tunneld.config) adds those. Values are rendered for messages by :func:`show`; secrets never are.
@@ -35,25 +34,6 @@ class Problem(Exception):
         self.problem = problem
         self.fix = fix
 
-
-
-# TOML 1.0, "Basic strings": the quotation mark, the backslash and the control characters U+0000..U+001F
-# and U+007F must be escaped; every other Unicode scalar value may appear as itself.
-_TOML_ESCAPES = {
-    **{c: f"\\u{c:04X}" for c in (*range(0x20), 0x7F)},
-    ord('"'): '\\"', ord("\\"): "\\\\", ord("\b"): "\\b", ord("\t"): "\\t", ord("\n"): "\\n",
-    ord("\f"): "\\f", ord("\r"): "\\r",
-}
-
-
-def toml_string(value: str) -> str:
-    """``value`` as a TOML basic string, quotes included, on one line; ValueError for text that is not
-    Unicode (a file name's undecodable bytes, which a UTF-8 TOML file cannot hold)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("not valid UTF-8 (a TOML file is UTF-8 text)") from None
-    return '"' + value.translate(_TOML_ESCAPES) + '"'
 
 
 def show(value: object) -> str:
@@ -169,6 +149,9 @@ def account_secret(path: Path) -> bytes:
     made_by = "the first line printed by `tunneld account new DOMAIN`"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except ValueError:  # a NUL byte
+        raise Problem(f"{str(path)!r} is not a path (it holds a NUL byte)",
+                      f"give the file holding {made_by}") from None
     except FileNotFoundError:
         raise Problem(
             f"{path} does not exist", f"save the account secret there ({made_by}), mode 0600"

@@ -197,3 +197,123 @@ def test_up_with_an_unsafe_keylog_is_one_line_exit_2(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tunneld: key log") and "Traceback" not in err, err
     assert not (tmp_path / "c.sock").exists()
+
+
+# -- hostile values for every option -------------------------------------------------------------------
+
+HOSTILE = {"empty": "", "huge": "x" * 100_000, "unicode": "é", "bidi": "\u202e", "nul": "a\0b",
+           "newline": "\n", "bracket": "[", "format": "%s%n", "not-utf8": "\udcff", "dash": "-"}
+
+
+def _templates(tmp_path: Path) -> dict[str, tuple[list[str], int]]:
+    """Commands with one hostile value (H) and every other argument valid but harmless: nothing here can
+    start a daemon or a server, or send anything (the checks come first, or a file is missing)."""
+    secret = str(tmp_path / "secret")  # written by the test
+    missing = str(tmp_path / "missing-secret")
+    cfg = str(tmp_path / "c.toml")
+    serve = ["serve-dns", "--zone", "z.example", "--secret-file", missing]
+    return {
+        "account-new": (["account", "new", "H"], 2),
+        "join-domain": (["join", "H", "--server", "192.0.2.53", "--secret-file", secret, "--config", cfg], 2),
+        "join-server": (["join", "a.example", "--server", "H", "--secret-file", secret, "--config", cfg], 2),
+        "join-name": (["join", "a.example", "--server", "192.0.2.53", "--secret-file", secret, "--name", "H",
+                       "--config", cfg], 2),
+        "join-secret": (["join", "a.example", "--server", "192.0.2.53", "--secret-file", "H",
+                         "--config", cfg], 2),
+        "identity-config": (["identity", "--config", "H"], 2),
+        "up-config": (["up", "--config", "H"], 2),
+        "status-config": (["status", "--config", "H"], 2),
+        "status-socket": (["status", "--socket", "H"], 1),
+        "rebind-socket": (["rebind", "--socket", "H"], 1),
+        "rebind-port": (["rebind", "--socket", str(tmp_path / "none.sock"), "--port", "H"], 2),
+        "probe-gateway": (["portmap", "probe", "--gateway", "H"], 2),
+        "probe-config": (["portmap", "probe", "--config", "H"], 2),
+        "serve-zone": (["serve-dns", "--zone", "H", "--secret-file", missing], 2),
+        "serve-listen": ([*serve, "--listen", "H"], 2),
+        "serve-server-name": ([*serve, "--server-name", "H"], 2),
+        "serve-min-lease": ([*serve, "--min-lease", "H"], 2),
+        "serve-default-lease": ([*serve, "--default-lease", "H"], 2),
+        "serve-secret": (["serve-dns", "--zone", "z.example", "--secret-file", "H"], 2),
+        "command": (["H"], 2),
+        "account-command": (["account", "H"], 2),
+        "portmap-command": (["portmap", "H"], 2),
+    }
+
+
+def _secret_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def _assert_one_line(capsys: pytest.CaptureFixture[str], rc: int, code: int) -> str:
+    out, err = capsys.readouterr()
+    assert rc == code, err
+    assert out == "" and err.count("\n") == 1 and err.startswith("tunneld: "), err[:300]
+    assert "Traceback" not in err and len(err) < 1100 and "\0" not in err
+    return err
+
+
+@pytest.mark.parametrize("value", HOSTILE.values(), ids=HOSTILE.keys())
+@pytest.mark.parametrize("template", list(_templates(Path("/nonexistent"))), ids=str)
+def test_hostile_values_give_one_line_and_the_right_exit_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, template: str,
+        value: str) -> None:
+    monkeypatch.chdir(tmp_path)  # relative hostile paths resolve here, where nothing exists
+    _secret_file(tmp_path)
+    argv, code = _templates(tmp_path)[template]
+    if template.endswith("-socket") and value in ("", "a\0b"):
+        code = 2  # not a path at all: bad usage, not an unreachable daemon
+    _assert_one_line(capsys, main([value if a == "H" else a for a in argv]), code)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_rebind_port_out_of_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   port: str) -> None:
+    rc = main(["rebind", "--socket", str(tmp_path / "none.sock"), "--port", port])
+    assert "--port" in _assert_one_line(capsys, rc, 2)
+
+
+@pytest.mark.parametrize("listen", ["[fe80::1%eth0]:53", "[fe80::1%1]:5353", "[::1%lo]:53"])
+def test_scoped_listen_is_refused_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          listen: str) -> None:
+    rc = main(["serve-dns", "--zone", "z.example", "--secret-file", str(_secret_file(tmp_path)),
+               "--db", str(tmp_path / "db.sqlite"), "--listen", listen])
+    assert "scoped" in _assert_one_line(capsys, rc, 2)
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "dot"])
+def test_join_never_replaces_what_is_not_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        kind: str) -> None:
+    """The rename that installs the config would replace a device or a link (it once replaced a device
+    node given as --config)."""
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink":
+        (tmp_path / "real").write_text("keep")
+        target.symlink_to(tmp_path / "real")
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        target = tmp_path / "."
+    before = os.lstat(target)
+    rc = main(["join", "a.example", "--server", "192.0.2.53", "--secret-file", str(_secret_file(tmp_path)),
+               "--name", "laptop", "--config", str(target), "--force", "--state-dir", str(tmp_path / "st")])
+    _assert_one_line(capsys, rc, 2)
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_closed_stdout_is_one_line_exit_1() -> None:
+    p = subprocess.Popen([sys.executable, "-m", "tunneld", "account", "new", "a.example"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # like `| head -0`: the first write meets a closed pipe
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=30) == 1
+    assert err.count("\n") == 1 and err.startswith("tunneld: ") and "Traceback" not in err, err

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from crypto.kdf import normalize_domain
 from tunneld.cli import main, tsig_stanza
 from tunneld.config import load_config
-from tunneld.config_values import toml_string
+from tunneld.config_write import toml_string
 
 INJECTIONS = [
     'x"; include "/etc/shadow',
