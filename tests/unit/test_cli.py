@@ -15,6 +15,24 @@ from crypto.kdf import derive_tsig_key
 from tunneld.cli import main
 
 
+@pytest.fixture(autouse=True)
+def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """These tests run on the host: a check that let a bad value through must fail the test, not start a
+    daemon, a DNS server or a port-mapping probe here, nor write to the default state directory."""
+    import tunneld.config
+    import tunneld.daemon
+    import tunneld.dnsserver.serve
+    import tunneld.probe
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a bad value got through: something was about to start")
+
+    monkeypatch.setattr(tunneld.daemon, "Daemon", refuse)
+    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", refuse)
+    monkeypatch.setattr(tunneld.probe, "probe", refuse)
+    monkeypatch.setattr(tunneld.config, "DEFAULT_STATE_DIR", tmp_path / "default-state")
+
+
 def test_account_new_prints_secret_then_stanza(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["account", "new", "Home.Example.NET."]) == 0
     out = capsys.readouterr().out
