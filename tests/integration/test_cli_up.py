@@ -90,6 +90,14 @@ def _not_toml(t: str, d: Path) -> str:
     return t + "\n[interface\n"
 
 
+def _nested_table_for_a_value(t: str, d: Path) -> str:
+    return t.replace('name = "btmm0"\n', "") + '\n[interface.name]\nx = "btmm0"\n'
+
+
+def _injected_domain(t: str, d: Path) -> str:
+    return t.replace(f'domain = "{DOMAIN}"', f'domain = "{DOMAIN}\\";x"')
+
+
 Mutation = Callable[[str, Path], str]
 BAD_CONFIGS: list[tuple[Mutation, tuple[str, ...]]] = [
     (_unknown_interface_key, ("[interface]", '"nmae"')),
@@ -103,6 +111,8 @@ BAD_CONFIGS: list[tuple[Mutation, tuple[str, ...]]] = [
     (_peer_key_not_base64, ("peer[1].public_key",)),
     (_timers_leave_no_time_to_rekey, ("timers.reject_after_time",)),
     (_not_toml, ("tunneld.toml",)),
+    (_nested_table_for_a_value, ("interface.name", "a table")),
+    (_injected_domain, ("account.domain",)),
 ]
 
 CASE_IDS = [m.__name__.strip("_") for m, _ in BAD_CONFIGS]
@@ -264,3 +274,26 @@ def test_a_second_daemon_with_the_same_control_socket_refuses_to_start(running: 
     assert lab.run(a.host, ["ip", "link", "show", "btmm9"], check=False).returncode != 0
     assert a.socket.stat().st_ino == inode, "the running daemon's socket was replaced or removed"
     assert status(a)["interface"] == "btmm0"
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "world-readable", "symlink"])
+def test_up_with_an_unsafe_keylog_exits_2_with_one_line(ns: tuple[Lab, Host], tmp_path: Path,
+                                                        where: str) -> None:
+    lab, h = ns
+    secret = tmp_path / "secret"
+    write_secret(secret)
+    cfg = tmp_path / "tunneld.toml"
+    cfg.write_text(good_toml(tmp_path, secret))
+    keys = tmp_path / "keys"
+    if where == "missing-dir":
+        keys = tmp_path / "no-such-dir" / "keys"
+    elif where == "world-readable":
+        keys.write_text("")
+        keys.chmod(0o644)
+    else:
+        keys.symlink_to(tmp_path / "elsewhere")
+    r = lab.run(h, [TUNNELD, "up", "--config", str(cfg), "--keylog", str(keys)], check=False, timeout=30)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "key log" in lines[0], r.stderr
+    assert lab.run(h, ["ip", "link", "show", "btmm0"], check=False).returncode != 0, "a TUN was created"
+    assert not (tmp_path / "elsewhere").exists()
