@@ -93,7 +93,7 @@ def parse_request(data: bytes) -> dict[str, Any]:
 
 
 def _line(reply: dict[str, Any]) -> bytes:
-    return (json.dumps(reply, allow_nan=False) + "\n").encode()
+    return (json.dumps(reply) + "\n").encode()  # NaN and Infinity as Python's json reads them
 
 
 async def answer(data: bytes, handler: Handler) -> bytes:
@@ -266,15 +266,6 @@ async def _read_request(conn: trio.socket.SocketType, timeout: float) -> bytes |
             buf += chunk
         return bytes(buf)
     return None
-
-
-async def serve(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Open the control socket at ``path``, serve it until cancelled, then close it."""
-    listener = Listener.open(path)
-    try:
-        await listener.serve(handler, task_status=task_status)
-    finally:
-        listener.close()
 
 
 def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
