@@ -97,6 +97,19 @@ def test_rebind_to_the_same_port_works() -> None:
     udp.close()
 
 
+@in_trio
+def test_rebind_to_another_address_on_the_same_port_works() -> None:
+    """What a network change does when the bound address vanished: the port stays, the address becomes ::.
+    The wildcard conflicts with our own ::1 binding, so ours goes first."""
+    udp = UDPTransport(0, bind_host="::1")
+    port = udp.local_port
+    udp.rebind(bind_host="::")
+    assert udp.local_port == port and udp.bind_host == "::"
+    assert udp.sock is not None and udp.sock.getsockname()[0] == "::"
+    _alive(udp)
+    udp.close()
+
+
 def _daemon(tmp_path: Path) -> Daemon:
     secret = tmp_path / "secret"
     secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
