@@ -248,8 +248,8 @@ class Listener:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
+        except OSError as e:  # gone already, or its directory changed: nothing of ours to remove
+            log.debug("control socket %s not removed: %s", self.path, e.strerror)
         finally:
             self._sock.close()
             os.close(self._lock_fd)
