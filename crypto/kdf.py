@@ -15,6 +15,7 @@ test vectors are in docs/protocol-kdf.md; changing any of them breaks interopera
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
@@ -69,6 +70,7 @@ ESP_DIRECTIONS: Final = frozenset({"i2r", "r2i"})
 
 _MAX_NAME = 253
 _MAX_LABEL = 63
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")  # RFC 1123 §2.1, lower case (normalized)
 
 
 def normalize_domain(domain: str) -> str:
@@ -77,7 +79,9 @@ def normalize_domain(domain: str) -> str:
     Lower-cased (ASCII only: DNS compares names case-insensitively, RFC 4343) and without the one trailing
     dot of an absolute name, so ``Example.COM.`` and ``example.com`` give the same keys. Internationalised
     names must already be in their ASCII (punycode) form. Empty names, empty labels, labels over 63 bytes
-    and names over 253 bytes are rejected with ValueError (RFC 1035 §2.3.4 limits).
+    and names over 253 bytes are rejected with ValueError (RFC 1035 §2.3.4 limits), and so is every label
+    that is not LDH (letters, digits, inner hyphens: RFC 1123 §2.1), so the name is safe to write into a
+    BIND stanza or a TOML file. Underscore labels are ours alone (``_dns-update._udp``), never a domain's.
     """
     if not domain.isascii():
         raise ValueError("domain must be ASCII (use the punycode form of an internationalised name)")
@@ -93,6 +97,8 @@ def normalize_domain(domain: str) -> str:
             raise ValueError("domain has an empty label")
         if len(label) > _MAX_LABEL:
             raise ValueError(f"domain has a label longer than {_MAX_LABEL} characters")
+        if not _LDH_LABEL.match(label):
+            raise ValueError("domain labels may hold only letters, digits and hyphens, not at either end")
     return name
 
 

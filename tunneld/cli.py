@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -23,6 +25,8 @@ from typing import Any, NoReturn
 from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from tunneld.config_values import show
+from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.identity import DeviceIdentity, IdentityError
 
 EXIT_OK = 0
@@ -34,6 +38,10 @@ class UsageError(Exception):
     """Bad usage or configuration: printed as one line, exit code 2."""
 
 
+class Failure(Exception):
+    """A runtime failure (the file system, the daemon): printed as one line, exit code 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block; we print one line that says what to do.
@@ -41,22 +49,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def tsig_stanza(domain: str, tsig_key: bytes) -> str:
-    """The key statement for BIND's named.conf (and `nsupdate -k`); Knot reads the same three fields."""
+    """The key statement for BIND's named.conf (and `nsupdate -k`); Knot reads the same three fields.
+
+    The name is checked again here (LDH only, ValueError otherwise): nothing but a DNS name may reach
+    the stanza's quotes. The secret is base64 and the algorithm fixed."""
+    name = normalize_domain(domain)
     return (
-        f'key "{domain}." {{\n'
+        f'key "{name}." {{\n'
         f"\talgorithm hmac-sha256;\n"
         f'\tsecret "{base64.b64encode(tsig_key).decode()}";\n'
         f"}};\n"
     )
 
 
-def cmd_account_new(args: argparse.Namespace) -> int:
+def _domain(value: str, what: str) -> str:
+    """A domain from the command line, normalized (LDH labels only), or UsageError naming ``what``."""
     try:
-        domain = normalize_domain(args.domain)
+        return normalize_domain(value)
     except ValueError as e:
-        raise UsageError(
-            f"bad account domain {args.domain!r}: {e}; give a DNS name such as home.example.net"
-        ) from None
+        raise UsageError(f"bad {what} {show(value)}: {e}; give a DNS name such as home.example.net") from None
+
+
+def _path(value: str, option: str, *, toml: bool = False) -> Path:
+    """A path from the command line, or UsageError: empty, a NUL byte, or (``toml``: to be written into a
+    config) not UTF-8."""
+    if not value:
+        raise UsageError(f"bad {option}: the path is empty; give a path")
+    if "\0" in value:
+        raise UsageError(f"bad {option} {show(value)}: a path cannot contain a NUL byte; give a real path")
+    if toml:
+        try:
+            toml_string(value)
+        except ValueError as e:
+            raise UsageError(f"bad {option} {show(value)}: {e}; rename it, or give another path") from None
+    return Path(value)
+
+
+def cmd_account_new(args: argparse.Namespace) -> int:
+    domain = _domain(args.domain, "account domain")
     secret = os.urandom(ACCOUNT_SECRET_LEN)
     # The first line alone is the secret file's content; everything after it is for the DNS server.
     sys.stdout.write(base64.b64encode(secret).decode() + "\n")
@@ -89,11 +119,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from tunneld.config import load_account_secret, parse_endpoint
     from tunneld.proto.records import check_name
 
-    try:
-        domain = normalize_domain(args.domain)
-    except ValueError as e:
-        raise UsageError(f"bad account domain {args.domain!r}: {e}; give a DNS name such as "
-                         f"home.example.net") from None
+    domain = _domain(args.domain, "account domain")
     try:
         server = str(parse_endpoint(args.server))
     except ValueError:
@@ -101,25 +127,24 @@ def cmd_join(args: argparse.Namespace) -> int:
             bare = f"[{args.server}]:53" if ":" in args.server else f"{args.server}:53"
             server = str(parse_endpoint(bare))
         except ValueError as e:
-            raise UsageError(f"bad --server {args.server!r}: {e}") from None
-    name = args.name or socket.gethostname().split(".")[0].lower()
+            raise UsageError(f"bad --server {show(args.server)}: {e}") from None
+    name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
     try:
         name = check_name(name)
-    except ValueError as e:
-        raise UsageError(f"bad device name {name!r}: {e}; pass --name NAME (one DNS label)") from None
-    secret_file = Path(args.secret_file).absolute()
+    except ValueError:
+        raise UsageError(f"bad device name {show(name)}: not one DNS label of 1 to 63 letters, digits and "
+                         f"inner hyphens; pass --name NAME, e.g. --name laptop") from None
+    secret_file = _path(args.secret_file, "--secret-file", toml=True).absolute()
+    state_dir = _path(args.state_dir, "--state-dir", toml=True).absolute() if args.state_dir else None
+    path = _path(args.config, "--config")
     load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
-    path = Path(args.config)
-    if path.exists() and not args.force:
-        raise UsageError(f"{path} exists; pass --force to replace it, or --config PATH to write elsewhere")
-    state = f"state_dir = \"{Path(args.state_dir).absolute()}\"\n" if args.state_dir else ""
-    text = (f"# Written by `tunneld join`.\n[interface]\nname = \"btmm0\"\n{state}\n"
-            f"[account]\ndomain = \"{domain}\"\nsecret_file = \"{secret_file}\"\n"
-            f"server = \"{server}\"\nname = \"{name}\"\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        write_config(path, join_config(domain, secret_file, server, name, state_dir), args.force)
+    except WriteRefused as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise Failure(f"cannot write {path}: {e.strerror or e}; check the directory and its permissions, "
+                      f"or pass --config PATH") from None
     config = load_config(path)  # what we wrote must load, or nothing is claimed
     ident = _identity(config)
     sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
@@ -131,21 +156,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     import trio
 
     from tunneld.daemon import Daemon, keylog_path, run_until_signalled
-    from tunneld.keylog import KeyLog
+    from tunneld.keylog import KeyLog, KeyLogError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
     config = _config(args)
     ident = _identity(config)
+    if args.keylog == "":
+        raise UsageError("bad --keylog: the path is empty; give a file name, or leave --keylog out")
     kl = keylog_path(args.keylog)
-    keylog = KeyLog(kl) if kl else None
+    try:
+        keylog = KeyLog(kl) if kl else None
+    except KeyLogError as e:
+        raise UsageError(f"{e} (--keylog or TUNNELD_KEYLOG)") from None
     try:
         trio.run(run_until_signalled, Daemon(config, ident, keylog))
     except BaseException as e:  # start-up failures arrive wrapped in exception groups
         cause = _startup_failure(e)
         if cause is None:
             raise
-        print(f"tunneld: {cause}", file=sys.stderr)
+        print(f"tunneld: {_one_line(cause)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -153,6 +183,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
+    from tunneld.services.control import ControlError
 
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -160,7 +191,7 @@ def _startup_failure(e: BaseException) -> str | None:
             if msg is not None:
                 return msg
         return None
-    if isinstance(e, TunError):
+    if isinstance(e, TunError | ControlError):
         return str(e)
     if isinstance(e, OSError):
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
@@ -187,14 +218,14 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
-    try:
-        zone = normalize_domain(args.zone)
-    except ValueError as e:
-        raise UsageError(f"bad --zone {args.zone!r}: {e}; give a DNS name such as home.example.net") from None
+    zone = _domain(args.zone, "--zone")
     try:
         listen = parse_endpoint(args.listen)
     except ValueError as e:
         raise UsageError(f"bad --listen: {e}") from None
+    if isinstance(listen.host, ipaddress.IPv6Address) and listen.host.scope_id is not None:
+        raise UsageError(f"bad --listen {show(args.listen)}: a scoped (link-local) address cannot be "
+                         f"published for clients elsewhere; give a global address, or [::]:53 for all")
     if listen.port == 0:
         raise UsageError(f"bad --listen {args.listen!r}: port 0; give a port such as 53")
     try:
@@ -276,8 +307,8 @@ def _first_oserror(e: BaseException) -> OSError | None:
 
 
 def _control_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
+    if args.socket is not None:
+        return _path(args.socket, "--socket")
     return _config(args).interface.control_socket
 
 
@@ -288,8 +319,8 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None
     try:
         return request(path, req)
     except (OSError, ValueError) as e:
-        print(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
-              f"is `tunneld up` running with this config?", file=sys.stderr)
+        print(_one_line(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
+                        f"is `tunneld up` running with this config?"), file=sys.stderr)
         return None
 
 
@@ -348,11 +379,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rebind(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"bad --port {args.port}: give a port from 1 to 65535 (or 0 for any free port)")
     reply = _ask(args, {"cmd": "rebind", "port": args.port})
     if reply is None:
         return EXIT_FAILURE
     if "error" in reply:
-        print(f"tunneld: {reply['error']}", file=sys.stderr)
+        print(f"tunneld: {_one_line(reply['error'])}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"listen_port {reply['listen_port']}")
     return EXIT_OK
@@ -364,6 +397,12 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
     from tunneld.probe import PROBE_TIMEOUT, ProbeError, probe
 
     gateway = args.gateway
+    if gateway is not None:
+        try:
+            gateway = str(ipaddress.IPv4Address(gateway))
+        except ValueError:
+            raise UsageError(f"bad --gateway {show(gateway)}: not an IPv4 address; give the router's LAN "
+                             f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
     if gateway is None and args.config is not None:
         gateway = load_config(Path(args.config)).portmap.gateway
     try:
@@ -472,13 +511,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CONTROL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}, ord("\n"): "\\n", ord("\r"): "\\r"}
+_MAX_MESSAGE = 1000  # characters: a huge value echoed in a message is cut in the middle, the fix kept
+
+
+def _one_line(e: object) -> str:
+    """The message on one line and of bounded length, whatever a path or value in it holds."""
+    text = str(e).translate(_CONTROL_ESCAPES)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name's undecodable bytes
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE // 2] + " … " + text[-_MAX_MESSAGE // 2 :]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))
     except (UsageError, ConfigError, IdentityError) as e:
-        print(f"tunneld: {e}", file=sys.stderr)
+        print(f"tunneld: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except Failure as e:
+        print(f"tunneld: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except BrokenPipeError:  # stdout closed early (`tunneld account new | head -1`): no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("tunneld: the output was closed before everything was written", file=sys.stderr)
         return EXIT_FAILURE

@@ -171,6 +171,8 @@ class _Loader:
         try:
             with open(self.path, "rb") as f:
                 data = f.read(_MAX_FILE + 1)
+        except ValueError:  # a NUL byte: no file can have that name
+            self.fail(None, "not a path (it holds a NUL byte)", "pass --config PATH")
         except FileNotFoundError:
             self.fail(
                 None,

@@ -149,6 +149,9 @@ def account_secret(path: Path) -> bytes:
     made_by = "the first line printed by `tunneld account new DOMAIN`"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except ValueError:  # a NUL byte
+        raise Problem(f"{str(path)!r} is not a path (it holds a NUL byte)",
+                      f"give the file holding {made_by}") from None
     except FileNotFoundError:
         raise Problem(
             f"{path} does not exist", f"save the account secret there ({made_by}), mode 0600"

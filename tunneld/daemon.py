@@ -84,6 +84,20 @@ class Daemon:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         iface = self.config.interface
         keep_freed_memory()
+        # The control socket's lock first: a second daemon with the same path stops before touching
+        # any port or device.
+        try:
+            listener = control.Listener.open(iface.control_socket)
+            try:
+                await self._run(listener, task_status)
+            finally:
+                listener.close()
+        finally:
+            if self.keylog is not None:
+                self.keylog.close()
+
+    async def _run(self, listener: control.Listener, task_status: Any) -> None:
+        iface = self.config.interface
         self.udp = UDPTransport(iface.listen_port)
         try:
             self.tun = Tun(iface.name, iface.mtu, self.core.layout, offload=iface.offload)
@@ -92,7 +106,7 @@ class Daemon:
                 self.dataplane = Dataplane(self.core, self.tun, self.udp)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.dataplane.run)
-                    await nursery.start(control.serve, iface.control_socket, self.handle_control)
+                    await nursery.start(listener.serve, self.handle_control)
                     self._nursery = nursery
                     await nursery.start(self._watch_network)
                     await self.uplink.start(nursery)
@@ -107,8 +121,6 @@ class Daemon:
                 self.tun.close()  # removes the device, its address and route
         finally:
             self.udp.close()
-            if self.keylog is not None:
-                self.keylog.close()
             log.info("down: interface and routes removed")
 
     def _log_keys(self, sa: SecurityAssociation, keymat: bytes, endpoint: Addr | None) -> None:
@@ -259,7 +271,8 @@ class Daemon:
 
     async def rebind(self, port: int | None = None) -> None:
         """New outer socket (address or port), then the same path as a network change: sessions stay,
-        peers hear from us at once, the mapping follows the new port, records and LLQs are redone."""
+        peers hear from us at once, the mapping follows the new port, records and LLQs are redone.
+        A port in use (OSError) or out of range (ValueError) changes nothing: the old socket stays."""
         assert self.udp is not None
         self.udp.rebind(port)
         log.info("outer socket rebound to port %d", self.udp.local_port)
@@ -271,12 +284,19 @@ class Daemon:
             return self.status()
         if cmd == "rebind":
             port = req.get("port")
+            if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+                return {"error": f"rebind failed: port must be an integer from 0 to 65535, "
+                                 f"not {control.shorten(port)}"}
             try:
-                await self.rebind(int(port) if port is not None else None)
-            except (OSError, ValueError) as e:
+                await self.rebind(port)
+            except ValueError as e:
                 return {"error": f"rebind failed: {e}"}
+            except OSError as e:
+                kept = self.udp.local_port if self.udp else None
+                return {"error": f"rebind failed: cannot open UDP port {kept if port is None else port}: "
+                                 f"{e.strerror or e}; the daemon keeps port {kept}"}
             return {"ok": True, "listen_port": self.udp.local_port if self.udp else None}
-        return {"error": f"unknown command {cmd!r}; known: status, rebind"}
+        return {"error": f"unknown command {control.shorten(cmd)}; known: status, rebind"}
 
     def _network_status(self, now: float) -> dict[str, Any]:
         net = self.network

@@ -13,13 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lab.netns import Host, Lab, wait_for
-from lab.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, control, running_pair, start, status, write_secret
 from tests.helpers import exit_on_signal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
@@ -89,6 +90,14 @@ def _not_toml(t: str, d: Path) -> str:
     return t + "\n[interface\n"
 
 
+def _nested_table_for_a_value(t: str, d: Path) -> str:
+    return t.replace('name = "btmm0"\n', "") + '\n[interface.name]\nx = "btmm0"\n'
+
+
+def _injected_domain(t: str, d: Path) -> str:
+    return t.replace(f'domain = "{DOMAIN}"', f'domain = "{DOMAIN}\\";x"')
+
+
 Mutation = Callable[[str, Path], str]
 BAD_CONFIGS: list[tuple[Mutation, tuple[str, ...]]] = [
     (_unknown_interface_key, ("[interface]", '"nmae"')),
@@ -102,6 +111,8 @@ BAD_CONFIGS: list[tuple[Mutation, tuple[str, ...]]] = [
     (_peer_key_not_base64, ("peer[1].public_key",)),
     (_timers_leave_no_time_to_rekey, ("timers.reject_after_time",)),
     (_not_toml, ("tunneld.toml",)),
+    (_nested_table_for_a_value, ("interface.name", "a table")),
+    (_injected_domain, ("account.domain",)),
 ]
 
 CASE_IDS = [m.__name__.strip("_") for m, _ in BAD_CONFIGS]
@@ -196,3 +207,93 @@ def test_up_when_port_in_use_exits_1_with_one_line(running: tuple[Lab, Node], tm
     assert r.returncode == 1, r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert lab.run(a.host, ["ip", "link", "show", "btmm9"], check=False).returncode != 0
+
+
+def _one_line(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    lines = r.stderr.splitlines()
+    assert r.returncode == code, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("tunneld: ") and "Traceback" not in r.stderr, r.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_rebind_to_a_busy_or_bad_port_is_refused_and_the_daemon_goes_on(running: tuple[Lab, Node]) -> None:
+    """Used to kill the daemon: the old socket was closed before the new one failed to open."""
+    lab, a = running
+    assert a.proc is not None
+    holder = lab.spawn(a.host, [sys.executable, "-c",
+                                "import socket, sys\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                                "s.bind(('::', 4600))\nprint('bound', flush=True)\nsys.stdin.read()"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "bound\n"
+    try:
+        rebind = [TUNNELD, "rebind", "--socket", str(a.socket), "--port"]
+        _one_line(lab.run(a.host, [*rebind, "4600"], check=False), 1, "4600", "4500")
+        _one_line(lab.run(a.host, [*rebind, "70000"], check=False), 2, "--port", "70000")
+        for port in (70000, -1, "4600", True, [4600]):  # past the command line's own check
+            reply = control(a, {"cmd": "rebind", "port": port})
+            assert "rebind failed" in reply["error"], reply
+        assert a.proc.poll() is None, "the daemon died"
+        assert status(a)["listen_port"] == 4500
+        ss = lab.run(a.host, ["ss", "-Hulnp"]).stdout
+        assert ":4500 " in ss, ss
+    finally:
+        lab.stop(holder)
+    r = lab.run(a.host, [TUNNELD, "rebind", "--socket", str(a.socket), "--port", "4601"], check=False)
+    assert r.returncode == 0 and r.stdout == "listen_port 4601\n", r.stderr
+    assert status(a)["listen_port"] == 4601
+
+
+def test_control_socket_survives_hostile_requests(running: tuple[Lab, Node]) -> None:
+    _, a = running
+    assert a.proc is not None
+    for data in (b"[" * 4096, b"{" * 70_000, b"\xff\xfe\n", b'{"cmd": "rebind", "port": 1e999}\n'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(a.socket))
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            assert b'"error"' in s.recv(65536)
+    assert a.proc.poll() is None and status(a)["listen_port"] == 4500
+
+
+def test_a_second_daemon_with_the_same_control_socket_refuses_to_start(running: tuple[Lab, Node],
+                                                                      tmp_path: Path) -> None:
+    """Another account's daemon given the same control_socket used to take the socket over and unlink
+    it on exit."""
+    lab, a = running
+    secret = tmp_path / "other-secret"
+    write_secret(secret)
+    cfg = tmp_path / "other.toml"
+    cfg.write_text(f'[interface]\nname = "btmm9"\nlisten_port = 4700\nstate_dir = "{tmp_path / "other"}"\n'
+                   f'control_socket = "{a.socket}"\n\n'
+                   f'[account]\ndomain = "other.example.org"\nsecret_file = "{secret}"\n')
+    inode = a.socket.stat().st_ino
+    r = lab.run(a.host, [TUNNELD, "up", "--config", str(cfg)], check=False, timeout=30)
+    _one_line(r, 1, str(a.socket), "control_socket")
+    assert lab.run(a.host, ["ip", "link", "show", "btmm9"], check=False).returncode != 0
+    assert a.socket.stat().st_ino == inode, "the running daemon's socket was replaced or removed"
+    assert status(a)["interface"] == "btmm0"
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "world-readable", "symlink"])
+def test_up_with_an_unsafe_keylog_exits_2_with_one_line(ns: tuple[Lab, Host], tmp_path: Path,
+                                                        where: str) -> None:
+    lab, h = ns
+    secret = tmp_path / "secret"
+    write_secret(secret)
+    cfg = tmp_path / "tunneld.toml"
+    cfg.write_text(good_toml(tmp_path, secret))
+    keys = tmp_path / "keys"
+    if where == "missing-dir":
+        keys = tmp_path / "no-such-dir" / "keys"
+    elif where == "world-readable":
+        keys.write_text("")
+        keys.chmod(0o644)
+    else:
+        keys.symlink_to(tmp_path / "elsewhere")
+    r = lab.run(h, [TUNNELD, "up", "--config", str(cfg), "--keylog", str(keys)], check=False, timeout=30)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "key log" in lines[0], r.stderr
+    assert lab.run(h, ["ip", "link", "show", "btmm0"], check=False).returncode != 0, "a TUN was created"
+    assert not (tmp_path / "elsewhere").exists()

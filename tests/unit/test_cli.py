@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,24 @@ import pytest
 
 from crypto.kdf import derive_tsig_key
 from tunneld.cli import main
+
+
+@pytest.fixture(autouse=True)
+def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """These tests run on the host: a check that let a bad value through must fail the test, not start a
+    daemon, a DNS server or a port-mapping probe here, nor write to the default state directory."""
+    import tunneld.config
+    import tunneld.daemon
+    import tunneld.dnsserver.serve
+    import tunneld.probe
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a bad value got through: something was about to start")
+
+    monkeypatch.setattr(tunneld.daemon, "Daemon", refuse)
+    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", refuse)
+    monkeypatch.setattr(tunneld.probe, "probe", refuse)
+    monkeypatch.setattr(tunneld.config, "DEFAULT_STATE_DIR", tmp_path / "default-state")
 
 
 def test_account_new_prints_secret_then_stanza(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +116,222 @@ def test_join_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
                  str(tmp_path / "c.toml"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
+
+
+# -- the key log -----------------------------------------------------------------------------------------
+
+
+def test_keylog_is_created_0600_whatever_the_umask(tmp_path: Path) -> None:
+    from tunneld.keylog import KeyLog
+
+    old = os.umask(0)
+    try:
+        log = KeyLog(tmp_path / "keys")
+    finally:
+        os.umask(old)
+    log.close()
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o600
+
+
+def test_keylog_appends_to_an_existing_private_file(tmp_path: Path) -> None:
+    from tunneld.keylog import KeyLog
+
+    path = tmp_path / "keys"
+    path.write_text("earlier\n")
+    path.chmod(0o600)
+    log = KeyLog(path)
+    log._f.write("later\n")
+    log.close()
+    assert path.read_text() == "earlier\nlater\n"
+
+
+def _keylog_case(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / "keys"
+    private = tmp_path / "private"
+    private.write_text("")
+    private.chmod(0o600)
+    if case.startswith("mode-"):
+        path.write_text("")
+        path.chmod(int(case[5:], 8))
+    elif case == "symlink":
+        path.symlink_to(private)  # even to a private file: the path could be pointed anywhere
+    elif case == "dangling-symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    elif case == "missing-dir":
+        path = tmp_path / "no" / "such" / "dir" / "keys"
+    elif case == "directory":
+        path.mkdir()
+    elif case == "fifo":
+        os.mkfifo(path, 0o600)
+    elif case == "nul":
+        path = tmp_path / "a\0b"
+    elif case == "newline":
+        path = tmp_path / "missing\nsecond line" / "keys"
+    return path
+
+
+KEYLOG_CASES = {"mode-0644": "0644", "mode-0640": "0640", "mode-0604": "0604", "mode-0620": "0620",
+                "symlink": "symbolic link", "dangling-symlink": "symbolic link",
+                "missing-dir": "does not exist", "directory": "is a directory", "fifo": "not a regular file",
+                "nul": "not a path", "newline": "does not exist"}
+
+
+@pytest.mark.parametrize(("case", "word"), KEYLOG_CASES.items(), ids=KEYLOG_CASES.keys())
+def test_keylog_refuses_unsafe_files(tmp_path: Path, case: str, word: str) -> None:
+    from tunneld.keylog import KeyLog, KeyLogError
+
+    path = _keylog_case(tmp_path, case)
+    with pytest.raises(KeyLogError, match=word):
+        KeyLog(path)
+    assert (tmp_path / "private").read_text() == ""  # nothing written through a link
+
+
+def _good_config(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    cfg = tmp_path / "tunneld.toml"
+    cfg.write_text(f'[interface]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'control_socket = "{tmp_path / "c.sock"}"\n'
+                   f'[account]\ndomain = "home.example.net"\nsecret_file = "{secret}"\n')
+    return cfg
+
+
+@pytest.mark.parametrize("via", ["option", "environment"])
+@pytest.mark.parametrize("case", ["mode-0644", "symlink", "missing-dir", "newline", "nul"])
+def test_up_with_an_unsafe_keylog_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, case: str,
+                                                     via: str) -> None:
+    """Refused before any device or socket is opened (the daemon is never started here)."""
+    path = _keylog_case(tmp_path, case)
+    if via == "environment":
+        if case == "nul":
+            pytest.skip("an environment variable cannot hold a NUL")
+        monkeypatch.setenv("TUNNELD_KEYLOG", str(path))
+        argv = ["up", "--config", str(_good_config(tmp_path))]
+    else:
+        argv = ["up", "--config", str(_good_config(tmp_path)), "--keylog", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tunneld: key log") and "Traceback" not in err, err
+    assert not (tmp_path / "c.sock").exists()
+
+
+# -- hostile values for every option -------------------------------------------------------------------
+
+HOSTILE = {"empty": "", "huge": "x" * 100_000, "unicode": "é", "bidi": "\u202e", "nul": "a\0b",
+           "newline": "\n", "bracket": "[", "format": "%s%n", "not-utf8": "\udcff", "dash": "-"}
+
+
+def _templates(tmp_path: Path) -> dict[str, tuple[list[str], int]]:
+    """Commands with one hostile value (H) and every other argument valid but harmless: nothing here can
+    start a daemon or a server, or send anything (the checks come first, or a file is missing)."""
+    secret = str(tmp_path / "secret")  # written by the test
+    missing = str(tmp_path / "missing-secret")
+    cfg = str(tmp_path / "c.toml")
+    serve = ["serve-dns", "--zone", "z.example", "--secret-file", missing]
+    return {
+        "account-new": (["account", "new", "H"], 2),
+        "join-domain": (["join", "H", "--server", "192.0.2.53", "--secret-file", secret, "--config", cfg], 2),
+        "join-server": (["join", "a.example", "--server", "H", "--secret-file", secret, "--config", cfg], 2),
+        "join-name": (["join", "a.example", "--server", "192.0.2.53", "--secret-file", secret, "--name", "H",
+                       "--config", cfg], 2),
+        "join-secret": (["join", "a.example", "--server", "192.0.2.53", "--secret-file", "H",
+                         "--config", cfg], 2),
+        "identity-config": (["identity", "--config", "H"], 2),
+        "up-config": (["up", "--config", "H"], 2),
+        "status-config": (["status", "--config", "H"], 2),
+        "status-socket": (["status", "--socket", "H"], 1),
+        "rebind-socket": (["rebind", "--socket", "H"], 1),
+        "rebind-port": (["rebind", "--socket", str(tmp_path / "none.sock"), "--port", "H"], 2),
+        "probe-gateway": (["portmap", "probe", "--gateway", "H"], 2),
+        "probe-config": (["portmap", "probe", "--config", "H"], 2),
+        "serve-zone": (["serve-dns", "--zone", "H", "--secret-file", missing], 2),
+        "serve-listen": ([*serve, "--listen", "H"], 2),
+        "serve-server-name": ([*serve, "--server-name", "H"], 2),
+        "serve-min-lease": ([*serve, "--min-lease", "H"], 2),
+        "serve-default-lease": ([*serve, "--default-lease", "H"], 2),
+        "serve-secret": (["serve-dns", "--zone", "z.example", "--secret-file", "H"], 2),
+        "command": (["H"], 2),
+        "account-command": (["account", "H"], 2),
+        "portmap-command": (["portmap", "H"], 2),
+    }
+
+
+def _secret_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def _assert_one_line(capsys: pytest.CaptureFixture[str], rc: int, code: int) -> str:
+    out, err = capsys.readouterr()
+    assert rc == code, err
+    assert out == "" and err.count("\n") == 1 and err.startswith("tunneld: "), err[:300]
+    assert "Traceback" not in err and len(err) < 1100 and "\0" not in err
+    return err
+
+
+@pytest.mark.parametrize("value", HOSTILE.values(), ids=HOSTILE.keys())
+@pytest.mark.parametrize("template", list(_templates(Path("/nonexistent"))), ids=str)
+def test_hostile_values_give_one_line_and_the_right_exit_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, template: str,
+        value: str) -> None:
+    monkeypatch.chdir(tmp_path)  # relative hostile paths resolve here, where nothing exists
+    _secret_file(tmp_path)
+    argv, code = _templates(tmp_path)[template]
+    if template.endswith("-socket") and value in ("", "a\0b"):
+        code = 2  # not a path at all: bad usage, not an unreachable daemon
+    _assert_one_line(capsys, main([value if a == "H" else a for a in argv]), code)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_rebind_port_out_of_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   port: str) -> None:
+    rc = main(["rebind", "--socket", str(tmp_path / "none.sock"), "--port", port])
+    assert "--port" in _assert_one_line(capsys, rc, 2)
+
+
+@pytest.mark.parametrize("listen", ["[fe80::1%eth0]:53", "[fe80::1%1]:5353", "[::1%lo]:53"])
+def test_scoped_listen_is_refused_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          listen: str) -> None:
+    rc = main(["serve-dns", "--zone", "z.example", "--secret-file", str(_secret_file(tmp_path)),
+               "--db", str(tmp_path / "db.sqlite"), "--listen", listen])
+    assert "scoped" in _assert_one_line(capsys, rc, 2)
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "dot"])
+def test_join_never_replaces_what_is_not_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        kind: str) -> None:
+    """The rename that installs the config would replace a device or a link (it once replaced a device
+    node given as --config)."""
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink":
+        (tmp_path / "real").write_text("keep")
+        target.symlink_to(tmp_path / "real")
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        target = tmp_path / "."
+    before = os.lstat(target)
+    rc = main(["join", "a.example", "--server", "192.0.2.53", "--secret-file", str(_secret_file(tmp_path)),
+               "--name", "laptop", "--config", str(target), "--force", "--state-dir", str(tmp_path / "st")])
+    _assert_one_line(capsys, rc, 2)
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_closed_stdout_is_one_line_exit_1() -> None:
+    p = subprocess.Popen([sys.executable, "-m", "tunneld", "account", "new", "a.example"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # like `| head -0`: the first write meets a closed pipe
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=30) == 1
+    assert err.count("\n") == 1 and err.startswith("tunneld: ") and "Traceback" not in err, err

@@ -525,3 +525,62 @@ def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: s
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, _account(secret_file) + extra))
     assert e.value.key == key and "\n" not in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile values: every key, every kind of TOML value, nested tables where values belong
+# --------------------------------------------------------------------------------------------------------
+
+_KEYS = {
+    "interface": ["name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload"],
+    "account": ["domain", "secret_file", "server", "name", "lease", "tsig_algorithm"],
+    "portmap": ["enabled", "gateway", "lifetime"],
+    "timers": ["rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
+               "keepalive_timeout", "rekey_after_messages"],
+    "peer": ["name", "public_key", "endpoint", "ula"],
+}
+_VALUES = ["{a = 1}", "{}", "[1]", "[]", "[[1]]", "1979-05-27T07:32:00Z", "07:32:00", "inf", "nan", "-0.0",
+           "1e400", "9223372036854775807", "-9223372036854775808", '""', '"\\u0000"',
+           '"' + "x" * 100_000 + '"', '"\\n"', '"é"', '"/"', '"."', "true", '"[fe80::1%eth0]:53"',
+           '"1.2.3.4:0"', '"::"', '"a\\"; b"']
+
+
+def test_every_key_with_every_kind_of_value_is_loaded_or_one_configerror(tmp_path: Path,
+                                                                          secret_file: Path) -> None:
+    base = {"account": {"domain": '"home.example.net"', "secret_file": f'"{secret_file}"'},
+            "peer": {"name": '"b"', "public_key": f'"{KEY1_B64}"'}}
+    path = tmp_path / "tunneld.toml"
+    for table, keys in _KEYS.items():
+        for key in keys:
+            for value in _VALUES:
+                tables = {t: dict(kv) for t, kv in base.items()}
+                tables.setdefault(table, {})[key] = value
+                path.write_text("".join(
+                    (f"[[{t}]]\n" if t == "peer" else f"[{t}]\n")
+                    + "".join(f"{k} = {v}\n" for k, v in kv.items())
+                    for t, kv in tables.items()))
+                try:
+                    load_config(path)
+                except ConfigError as e:
+                    assert "\n" not in str(e), (table, key, value)
+                    assert str(path) in str(e)
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [("[interface.name]", "interface.name"), ("[interface.mtu]", "interface.mtu"),
+     ("[portmap.enabled]", "portmap.enabled"), ("[timers.rekey_timeout]", "timers.rekey_timeout"),
+     ("[[interface]]", "interface"), ("[interface.x.y]", '"x"'), ("[account.domain]", "TOML syntax error"),
+     ("[peer.name]", "TOML syntax error")],
+)
+def test_nested_tables_where_values_belong(tmp_path: Path, secret_file: Path, header: str,
+                                           named: str) -> None:
+    text = _account(secret_file) + '\n[[peer]]\nname = "b"\npublic_key = "' + KEY1_B64 + '"\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, f"{text}\n{header}\na = 1\n"))
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_nul_in_the_config_path_is_a_configerror(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="NUL"):
+        load_config(tmp_path / "a\0b")

@@ -4,8 +4,9 @@ One `UDPTransport` owns the socket. Receive drains it until EAGAIN (bounded per 
 each receive whole, with the segment size where the kernel coalesced datagrams with UDP GRO (the
 tunnel core opens such a run in one piece, or splits it). Send hands runs of equal-sized datagrams to
 the kernel as one UDP GSO `sendmsg`: a list of datagrams as its iovecs, or a sealed run's one buffer.
-`rebind()` replaces the socket (new address or port) without touching anything above it: security
-associations live elsewhere, and peers learn the new endpoint from the next authenticated packet.
+`rebind()` replaces the socket (new address or port), opening the new one first so that a failure leaves
+the old one in place, without touching anything above it: security associations live elsewhere, and
+peers learn the new endpoint from the next authenticated packet.
 
 IPv4 peers appear as IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) on the dual-stack socket; `endpoint`
 helpers convert for display.
@@ -100,15 +101,22 @@ class UDPTransport:
         self._open()
 
     def _open(self) -> None:
+        self._install(self._bind(self.bind_host, self.port))
+
+    def _bind(self, host: str, port: int) -> socket.socket:
+        """A new socket bound to (host, port); the current one is not touched."""
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             _set_buffers(s, SOCKET_BUFFER)
-            s.bind((self.bind_host, self.port))
+            s.bind((host, port))
             s.setblocking(False)
         except OSError:
             s.close()
             raise
+        return s
+
+    def _install(self, s: socket.socket) -> None:
         self.gro = False
         if self.want_gro:
             try:
@@ -125,26 +133,43 @@ class UDPTransport:
         return self.port
 
     def rebind(self, port: int | None = None, bind_host: str | None = None) -> None:
-        """Close the socket and open a new one (another port or address); SAs are untouched."""
-        old = self.sock
-        if port is not None:
-            self.port = port
-        if bind_host is not None:
-            self.bind_host = bind_host
-        self.sock = None
+        """Replace the socket (another port or address); SAs are untouched.
+
+        The new socket is opened before the old one is closed, so a port in use (OSError) or out of range
+        (ValueError) leaves the old socket working. Only when our own socket holds the wanted port does it
+        have to go first; if the port is then lost to someone else, the old address is taken back.
+        """
+        new_port = self.port if port is None else port
+        new_host = self.bind_host if bind_host is None else bind_host
+        if isinstance(new_port, bool) or not isinstance(new_port, int) or not 0 <= new_port <= 65535:
+            raise ValueError(f"port {new_port!r} is out of range: give 0 (any free port) to 65535")
+        try:
+            s = self._bind(new_host, new_port)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or new_port != self.port or self.sock is None:
+                raise
+            self._close_current()
+            try:
+                s = self._bind(new_host, new_port)
+            except OSError:
+                self._install(self._bind(self.bind_host, self.port))  # our old address, just freed
+                self.generation += 1
+                raise
+        self._close_current()
+        self.bind_host = new_host
+        self._install(s)
+        self.generation += 1
+
+    def _close_current(self) -> None:
+        old, self.sock = self.sock, None
         if old is not None:
             # Wake any task parked in wait_readable/wait_writable on the old socket (it gets
             # ClosedResourceError and moves to the new one); without this it would wait forever.
             trio.lowlevel.notify_closing(old)
             old.close()
-        self._open()
-        self.generation += 1
 
     def close(self) -> None:
-        if self.sock is not None:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-            self.sock = None
+        self._close_current()
 
     # -- receive ----------------------------------------------------------------------------------
 
