@@ -22,9 +22,10 @@ docs/hardening.md ("The tunnel port under load") gives the reasoning behind the 
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict, deque
 from typing import Any, Final
+
+from tunneld.proto.handshake_wire import packed_address
 
 UNDER_LOAD_RATE: Final = 128
 """Handshake messages (valid mac1) per second beyond which we are under load: at about 0.2-0.6 ms of
@@ -83,15 +84,8 @@ class LoadMeter:
 def source_key(host: str) -> bytes | None:
     """What a source is counted by: its IPv4 address (also when IPv4-mapped), or its IPv6 /64; None if
     ``host`` is not an address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is None:
-            return addr.packed[:IPV6_PREFIX_BYTES]
-        addr = addr.ipv4_mapped
-    return addr.packed
+    packed = packed_address(host)
+    return packed if packed is None or len(packed) == 4 else packed[:IPV6_PREFIX_BYTES]
 
 
 class SourceLimiter:

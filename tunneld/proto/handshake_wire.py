@@ -103,6 +103,17 @@ def cookie_key(cookie_sender_public: bytes, psk: bytes) -> bytes:
 _V4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
+def packed_address(host: str) -> bytes | None:
+    """``host`` packed, an IPv4-mapped IPv6 address as its IPv4 address, a zone (``%eth0``) ignored; None
+    if it is not an address. inet_pton, not ipaddress: this runs for every handshake message under load."""
+    host = host.split("%", 1)[0]
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+    return packed[12:] if len(packed) == 16 and packed[:12] == _V4_MAPPED else packed
+
+
 def source_bytes(src: tuple[str, int]) -> bytes:
     """What a cookie is bound to: the packed source address, then the port as 2 little-endian bytes.
 
@@ -110,15 +121,12 @@ def source_bytes(src: tuple[str, int]) -> bytes:
     address, so a dual-stack socket and an IPv4 socket give the same cookie; an IPv6 zone (``%eth0``) is
     ignored. ValueError for a bad address.
     """
-    host, port = src[0].split("%", 1)[0], src[1]
+    port = src[1]
     if not 0 <= port <= 0xFFFF:
         raise ValueError("port out of range")
-    try:  # inet_pton, not ipaddress: this runs for every handshake message under load
-        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        raise ValueError("not an address") from None
-    if len(packed) == 16 and packed[:12] == _V4_MAPPED:
-        packed = packed[12:]
+    packed = packed_address(src[0])
+    if packed is None:
+        raise ValueError("not an address")
     return packed + port.to_bytes(2, "little")
 
 
