@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
@@ -42,6 +43,7 @@ from tunneld.dnsserver.store import (
     Lease,
     ZoneStore,
 )
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import (
@@ -116,6 +118,7 @@ class DnsCore:
         ours = [TsigKey.of(k) for k in keys]
         self._keys: dict[dns.name.Name, TsigKey] = {k.name.canonicalize(): k for k in ours}
         self.policy = policy or Policy()
+        self.parse_errors: Counter[str] = Counter()  # requests answered FORMERR, by the guard's reason
         self.last_changes: list[Change] = []
         """The change list of the last update that changed the zone (for the future LLQ server)."""
         # Signed UPDATEs answered within their TSIG time window, by request MAC: a copy of one (a replay,
@@ -129,12 +132,15 @@ class DnsCore:
     # ---- entry point ----------------------------------------------------------------------------------
 
     def handle(
-        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None
+        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None,
+        msg: dns.message.Message | ParseError | None = None,
     ) -> bytes | None:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
-        listener passes 65535. Returns None for silence (no parseable header, or a response message)."""
+        listener passes 65535. ``msg`` is the listener's parse of ``wire`` (``dnsguard.parse(wire,
+        query=True)``, or the ParseError it raised), so that a message is parsed once; None: parsed here.
+        Returns None for silence (no parseable header, or a response message)."""
         try:
-            return self._handle(wire, now_wall, max_size)
+            return self._handle(wire, now_wall, max_size, msg)
         except Exception:  # last line of defence: never raise into the listener
             log.exception("internal error handling a request from %r", src)
             return self._header_reply(wire, dns.rcode.SERVFAIL)
@@ -151,13 +157,19 @@ class DnsCore:
         out_flags = dns.flags.QR | (flags & (dns.flags.RD | 0x7800))  # keep the opcode bits and RD
         return _HDR.pack(msg_id, out_flags | (int(rcode) & 0xF), 0, 0, 0, 0)
 
-    def _handle(self, wire: bytes, now: float, max_size: int | None) -> bytes | None:
+    def _handle(self, wire: bytes, now: float, max_size: int | None,
+                msg: dns.message.Message | ParseError | None) -> bytes | None:
         if len(wire) < _HDR.size or struct.unpack_from("!H", wire, 2)[0] & dns.flags.QR:
             return None
-        try:
-            req = dns.message.from_wire(wire, keyring=False)
-        except Exception:  # any parse failure of untrusted input is FORMERR
+        if msg is None:
+            try:
+                msg = parse(wire, query=True)
+            except ParseError as e:
+                msg = e
+        if isinstance(msg, ParseError):  # any parse failure of untrusted input is FORMERR
+            self.parse_errors[str(msg)] += 1
             return self._header_reply(wire, dns.rcode.FORMERR)
+        req = msg
         if req.edns > 0:
             resp = dns.message.make_response(req, copy_mode=dns.message.CopyMode.NOTHING)
             resp.use_edns(0)

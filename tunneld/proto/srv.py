@@ -15,6 +15,7 @@ import dns.name
 import dns.rdatatype
 import dns.rdtypes.IN.SRV
 
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 
 __all__ = ["LLQ_SRV_SERVICE", "UPDATE_SRV_SERVICE", "SrvQuery", "build_srv_query", "pick_srv_target"]
@@ -45,11 +46,8 @@ def pick_srv_target(wire: bytes, query: SrvQuery, rand: Callable[[int], bytes] =
     """(target host, port) from the answer to ``query``, chosen as RFC 2782 says: the lowest priority,
     then at random by weight. None if the answer has no SRV for the name, or the target is "." (the
     service is decidedly not available). Raises ParseError for a malformed or non-matching answer."""
-    try:
-        msg = dns.message.from_wire(wire, keyring=False)
-        sent = dns.message.from_wire(query.payload)
-    except Exception as e:  # as in Publisher.receive: any parser failure is a ParseError
-        raise ParseError("malformed" if wire else "truncated") from e
+    msg = parse(wire)
+    sent = parse(query.payload)
     if not msg.flags & dns.flags.QR or msg.id != query.message_id:
         raise ParseError("not our answer")
     if [(q.name, q.rdtype) for q in msg.question] != [(q.name, q.rdtype) for q in sent.question]:

@@ -19,6 +19,7 @@ import dns.name
 import dns.rdatatype
 import trio
 
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.srv import LLQ_SRV_SERVICE, UPDATE_SRV_SERVICE, build_srv_query, pick_srv_target
 
@@ -52,8 +53,8 @@ async def _address(server: tuple[str, int], target: str) -> str | None:
         if reply is None:
             return None
         try:
-            msg = dns.message.from_wire(reply, keyring=False)
-        except Exception:  # dnspython raises many types; any of them means "no address"
+            msg = parse(reply)
+        except ParseError:  # bounded and parsed once; any failure means "no address"
             continue
         if not msg.flags & dns.flags.QR:
             continue
