@@ -4,7 +4,7 @@ dnspython's cost is not linear in a message's size: it decodes a compressed name
 reference, and rebuilds a name in RDATA once per suffix whenever it hashes the record, so 65 KB of
 2-byte pointers to a 127-label name cost seconds. :func:`check` reads the message once, in time linear
 in its size (each name suffix is read once and remembered), enforces RFC 1035's framing and name rules,
-and charges the work dnspython would do against a budget proportional to the message's size.
+and charges the work dnspython would do against a budget that grows with the message's size, capped.
 :func:`parse` is the one way untrusted bytes become a ``dns.message.Message``. The bounds and why:
 docs/hardening.md ("DNS input bounds").
 """
