@@ -43,7 +43,7 @@ from tunneld.dnsserver.store import (
     Lease,
     ZoneStore,
 )
-from tunneld.proto.dnsguard import parse
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import (
@@ -136,9 +136,8 @@ class DnsCore:
         msg: dns.message.Message | ParseError | None = None,
     ) -> bytes | None:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
-        listener passes 65535. ``msg`` is the listener's parse of ``wire`` (``dnsguard.parse(wire,
-        query=True)``, or the ParseError it raised), so that a message is parsed once; None: parsed here.
-        Returns None for silence (no parseable header, or a response message)."""
+        listener passes 65535. ``msg``: the listener's ``dnsguard.try_parse(wire, query=True)`` (a message
+        is parsed once); None: parsed here. Returns None for silence (no parseable header, or a response)."""
         try:
             return self._handle(wire, now_wall, max_size, msg)
         except Exception:  # last line of defence: never raise into the listener
@@ -162,10 +161,7 @@ class DnsCore:
         if len(wire) < _HDR.size or struct.unpack_from("!H", wire, 2)[0] & dns.flags.QR:
             return None
         if msg is None:
-            try:
-                msg = parse(wire, query=True)
-            except ParseError as e:
-                msg = e
+            msg = try_parse(wire, query=True)
         if isinstance(msg, ParseError):  # any parse failure of untrusted input is FORMERR
             self.parse_errors[str(msg)] += 1
             return self._header_reply(wire, dns.rcode.FORMERR)

@@ -34,6 +34,7 @@ import dns.tsig
 
 from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.store import Change, RRsetRemoval
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import (
     LLQ_ERR_BAD_VERS,
@@ -50,7 +51,6 @@ from tunneld.proto.llq_wire import (
     LLQ_VERSION,
     LLQOption,
     find_llq_option,
-    parse_message,
 )
 from tunneld.proto.tsig import TsigKey
 
@@ -165,9 +165,8 @@ class LLQServer:
     def handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest,
                now_wall: float, *, msg: dns.message.Message | ParseError | None = None) -> Output | None:
         """Handle one datagram from ``src``. None: not an LLQ message (give it to ``DnsCore.handle``).
-        A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises. With wire bytes,
-        ``msg`` is the listener's parse of them (``dnsguard.parse``, or the ParseError it raised), so
-        that a message is parsed once; None: parsed here."""
+        A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises. ``msg``: the
+        listener's ``dnsguard.try_parse`` of the wire bytes (a message is parsed once); None: parsed here."""
         try:
             self._note_request(wire_or_parsed, src)
             return self._handle(wire_or_parsed, src, now_wall, msg)
@@ -254,10 +253,7 @@ class LLQServer:
         else:
             wire = wire_or_parsed
         if parsed is None:
-            try:
-                parsed = parse_message(wire)
-            except ParseError as e:
-                parsed = e
+            parsed = try_parse(wire, one_rr_per_rrset=True)
         if isinstance(parsed, ParseError):
             return None
         msg = parsed

@@ -31,8 +31,7 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
-from tunneld.proto.dnsguard import parse
-from tunneld.proto.errors import ParseError
+from tunneld.proto.dnsguard import try_parse
 
 __all__ = [
     "TCP_IDLE_TIMEOUT",
@@ -104,11 +103,7 @@ class _Server:
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
         now = time.time()
-        msg: dns.message.Message | ParseError
-        try:
-            msg = parse(wire, query=True)  # bounded first, and parsed once for both handlers
-        except ParseError as e:
-            msg = e
+        msg = try_parse(wire, query=True)  # bounded first, and parsed once for both handlers
         if self.llq is not None and max_size is None:  # LLQ runs over UDP (RFC 8764 §5)
             out = self.llq.handle(wire, src, now, msg=msg)
             if out is not None:

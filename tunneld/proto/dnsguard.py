@@ -34,6 +34,7 @@ __all__ = [
     "check",
     "parse",
     "rdata_name_work",
+    "try_parse",
     "work",
 ]
 
@@ -347,3 +348,13 @@ def parse(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
         return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=one_rr_per_rrset)
     except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error, ...)
         raise ParseError("malformed DNS message") from e
+
+
+def try_parse(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
+              one_rr_per_rrset: bool = False) -> dns.message.Message | ParseError:
+    """:func:`parse`'s result or its ParseError, for a listener that parses a message once and hands
+    the outcome to more than one handler."""
+    try:
+        return parse(wire, max_size=max_size, query=query, one_rr_per_rrset=one_rr_per_rrset)
+    except ParseError as e:
+        return e
