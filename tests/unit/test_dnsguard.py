@@ -310,6 +310,15 @@ def test_an_in_a_record_is_not_read_as_a_name() -> None:
     assert check(wire)[0].rdlength == 4
 
 
+def test_an_srv_outside_class_in_is_generic_rdata() -> None:
+    """dnspython knows SRV in class IN only: elsewhere its RDATA is opaque, so not read as a name."""
+    forward = bytes(6) + b"\xc0\xff"  # a forward pointer, if it were a name
+    assert check(header(0, 1) + rr(b"\x00", SRV, forward, rclass=3))
+    dns.message.from_wire(header(0, 1) + rr(b"\x00", SRV, forward, rclass=3))
+    with pytest.raises(ParseError, match="bad pointer"):
+        check(header(0, 1) + rr(b"\x00", SRV, forward))
+
+
 def test_update_deletions_take_the_zone_class() -> None:
     """In an UPDATE, class NONE stands for the zone's: a Chaos zone's A record holds a name."""
     zone = question(name(b"ch"), SOA)[:-2] + b"\x00\x03"

@@ -215,12 +215,17 @@ _HIP: Final = 55  # HIT length u8, algorithm u8, key length u16, HIT, key, then 
 _IPSECKEY: Final = 45  # precedence, gateway type, algorithm, gateway (a name if its type is 3)
 _AMTRELAY: Final = 260  # precedence, D bit and relay type, relay (a name if its type is 3)
 RDATA_NAME_TYPES: Final = frozenset(_LAYOUTS) | {_HIP, _IPSECKEY, _AMTRELAY}
-"""The types whose RDATA holds names in any class (and Chaos A: a name, then an address)."""
+"""The types whose RDATA holds names (and Chaos A: a name, then an address)."""
+_IN_ONLY: Final = frozenset({23, 26, 33, 35, 36, 45, 64, 65})  # dnspython's rdtypes/IN: other classes get
+# generic RDATA, which holds no name
+_CLASS_IN: Final = 1
 
 
 def _rdata_names(names: _Names, rtype: int, rclass: int, start: int, end: int) -> list[int]:
     """The label counts of the names dnspython reads in this RDATA (ParseError if they do not fit)."""
     wire = names.wire
+    if rtype in _IN_ONLY and rclass != _CLASS_IN:
+        return []
     layout = _LAYOUTS.get(rtype)
     if layout is None:
         if rtype == _TYPE_A and rclass == _CLASS_CH:  # Chaos A (RFC 1035 §3.4.1 for IN): domain, address
