@@ -9,8 +9,9 @@ never raises and answers a request it cannot parse with FORMERR (or not at all);
 Structured inputs find more than random bytes, so the examples are drawn from: valid messages (queries,
 responses, UPDATEs, LLQ messages, signed or not, a few near 64 KB), their mutations (cuts, bit flips,
 pointers written over names, counts, splices), pointer tricks (the pointer bomb in owners and RDATA,
-chains, loops, pointers at random offsets), huge section counts, and random bytes. Examples are built
-from a seed with ``random.Random``, cheaply; the 10,000-example runs are marked slow.
+chains, loops, pointers at random offsets), huge section counts, and random bytes; the server also gets
+UPDATEs signed at the wall clock's time, which it applies. Examples are built from a seed with
+``random.Random``, cheaply; the 10,000-example runs are marked slow.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import random
 import struct
+import time
 from pathlib import Path
 
 import dns.exception
@@ -329,6 +331,21 @@ def _server(path: Path) -> _Server:
     return _Server(core, LLQServer(core, rand=random.Random(0).randbytes))
 
 
+def signed_update(rnd: random.Random) -> bytes:
+    """An UPDATE signed with the account key at the wall clock's time, so that the server applies it."""
+    names: list[dns.name.Name] = [ZONE]
+    upd = dns.update.UpdateMessage(ZONE, id=rnd.getrandbits(16))
+    for _ in range(rnd.randrange(1, 6)):
+        name, rd = _name(rnd, names), _rdata(rnd, names)
+        if rnd.random() < 0.7:
+            upd.add(name, 60, rd)
+        else:
+            upd.delete(name, rd.rdtype)
+    upd.use_edns(0, options=[dnswire.UpdateLeaseOption(1800)])
+    wire, _ = sign(_wire(upd), KEY, int(time.time()))
+    return wire
+
+
 def server_property(server: _Server, wire: bytes, tcp: bool) -> None:
     refused = sum(server.core.parse_errors.values())
     reply, events = server.handle(wire, CLIENT, 65535 if tcp else None)  # UDP goes by the LLQ server first
@@ -346,12 +363,15 @@ def server_property(server: _Server, wire: bytes, tcp: bool) -> None:
 
 def test_server_handles_any_message(tmp_path: Path) -> None:
     server = _server(tmp_path)
+    applied = [0]
 
     @QUICK
     @given(seed=seeds)
     def run(seed: int) -> None:
         rnd = random.Random(seed)
-        server_property(server, message(rnd), tcp=rnd.random() < 0.3)
+        wire = message(rnd) if rnd.random() < 0.9 else signed_update(rnd)
+        server_property(server, wire if rnd.random() < 0.7 else mutate(rnd, wire), tcp=rnd.random() < 0.3)
+        applied[0] += bool(server.core.last_changes)
 
     run()
     server.store.close()
@@ -361,15 +381,19 @@ def test_server_handles_any_message(tmp_path: Path) -> None:
 def test_server_handles_any_message_10k(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.CRITICAL, logger="tunneld")  # not 10,000 kept records: the property is enough
     server = _server(tmp_path)
+    applied = [0]
 
     @SLOW
     @given(seed=seeds)
     def run(seed: int) -> None:
         rnd = random.Random(seed)
-        server_property(server, message(rnd), tcp=rnd.random() < 0.3)
+        wire = message(rnd) if rnd.random() < 0.9 else signed_update(rnd)
+        server_property(server, wire if rnd.random() < 0.7 else mutate(rnd, wire), tcp=rnd.random() < 0.3)
+        applied[0] += bool(server.core.last_changes)
 
     run()
     assert sum(server.core.parse_errors.values()) > 1000  # the guard refused many, each counted
+    assert applied[0] > 100  # and signed updates changed the zone
     server.store.close()
 
 
