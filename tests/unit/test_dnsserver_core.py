@@ -555,3 +555,14 @@ def test_replay_memory_forgets_requests_whose_window_closed(core: DnsCore) -> No
     assert len(core._answered) == 5
     register(core, "later", at=T0 + 1000)  # every earlier request's window (T0 + i + 300) has closed
     assert len(core._answered) == 1
+
+
+@pytest.mark.parametrize("late", [0, 9999])
+def test_a_response_with_a_bad_tsig_gets_no_error_reply(core: DnsCore, late: int) -> None:
+    """A message with QR set (an LLQ ack) whose TSIG fails is refused with nothing to send: no error
+    reply may be built for a response (dnspython cannot, and it was logged as an internal error)."""
+    msg = dns.message.make_query(f"host.{DOMAIN}", "AAAA")
+    msg.flags |= dns.flags.QR
+    wire = sign(msg, dns.tsig.Key(KEY.name, b"\x01" * 32, KEY.algorithm) if late == 0 else KEY)
+    parsed = dns.message.from_wire(wire, keyring=False)
+    assert core.check_tsig(parsed, wire, int(T0) + late) == b""

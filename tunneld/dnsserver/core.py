@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
@@ -51,6 +52,7 @@ from tunneld.dnsserver.store import (
     StoredRR,
     ZoneStore,
 )
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import (
@@ -143,6 +145,7 @@ class DnsCore:
         ours = [TsigKey.of(k) for k in keys]
         self._keys: dict[dns.name.Name, TsigKey] = {k.name.canonicalize(): k for k in ours}
         self.policy = policy or Policy()
+        self.parse_errors: Counter[str] = Counter()  # requests answered FORMERR, by the guard's reason
         self.last_changes: list[Change] = []
         """The change list of the last update that changed the zone (for the future LLQ server)."""
         # Signed UPDATEs answered within their TSIG time window, by request MAC, kept with the zone: a
@@ -159,13 +162,15 @@ class DnsCore:
     # ---- entry point ----------------------------------------------------------------------------------
 
     def handle(
-        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None
+        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None,
+        msg: dns.message.Message | ParseError | None = None,
     ) -> bytes | None:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
-        listener passes 65535. Returns None for silence (no parseable header, or a response message)."""
+        listener passes 65535. ``msg``: the listener's ``dnsguard.try_parse(wire, query=True)`` (a message
+        is parsed once); None: parsed here. Returns None for silence (no parseable header, or a response)."""
         self.last_signed = False
         try:
-            return self._handle(wire, now_wall, max_size)
+            return self._handle(wire, now_wall, max_size, msg)
         except Exception:  # last line of defence: never raise into the listener
             log.exception("internal error handling a request from %r", src)
             return self._header_reply(wire, dns.rcode.SERVFAIL)
@@ -182,13 +187,16 @@ class DnsCore:
         out_flags = dns.flags.QR | (flags & (dns.flags.RD | 0x7800))  # keep the opcode bits and RD
         return _HDR.pack(msg_id, out_flags | (int(rcode) & 0xF), 0, 0, 0, 0)
 
-    def _handle(self, wire: bytes, now: float, max_size: int | None) -> bytes | None:
+    def _handle(self, wire: bytes, now: float, max_size: int | None,
+                msg: dns.message.Message | ParseError | None) -> bytes | None:
         if len(wire) < _HDR.size or struct.unpack_from("!H", wire, 2)[0] & dns.flags.QR:
             return None
-        try:
-            req = dns.message.from_wire(wire, keyring=False)
-        except Exception:  # any parse failure of untrusted input is FORMERR
+        if msg is None:
+            msg = try_parse(wire, query=True)
+        if isinstance(msg, ParseError):  # any parse failure of untrusted input is FORMERR
+            self.parse_errors[str(msg)] += 1
             return self._header_reply(wire, dns.rcode.FORMERR)
+        req = msg
         if req.edns > 0:
             resp = dns.message.make_response(req, copy_mode=dns.message.CopyMode.NOTHING)
             resp.use_edns(0)
@@ -238,22 +246,25 @@ class DnsCore:
 
     def check_tsig(self, req: dns.message.Message, wire: bytes, now: int) -> Signer | bytes:
         """Validate a signed request (RFC 8945 §5.2: key, MAC, time): how to sign the reply, or the wire
-        of the error reply (BADKEY, BADSIG unsigned; BADTIME signed) to send instead. Shared with the LLQ
-        server."""
+        of the error reply (BADKEY, BADSIG unsigned; BADTIME signed) to send instead: empty for a
+        response (an LLQ ack), which is never answered. Shared with the LLQ server."""
         try:
             key, tsig = check(wire, self._keys, now)
-        except ParseError:
-            return self._error(req, dns.rcode.FORMERR).to_wire()
-        except TsigError as e:
-            if e.tsig is None or e.error not in (BADKEY, BADSIG, BADTIME):
-                return self._error(req, dns.rcode.FORMERR).to_wire()  # a request carrying a TSIG error
-            if e.error == BADTIME:
-                key = self._keys[e.tsig.name.canonicalize()]
-                signer = Signer(key, e.tsig.mac, e.tsig.time_signed, e.tsig.fudge)
-                return self.sign(self._error(req, dns.rcode.NOTAUTH), signer, now, BADTIME,
-                                 e.tsig.time_signed, struct.pack("!Q", now)[2:])
-            return unsigned_error(self._error(req, dns.rcode.NOTAUTH).to_wire(), e.tsig, e.error)
+        except (ParseError, TsigError) as e:
+            if req.flags & dns.flags.QR:
+                return b""
+            return self._tsig_refusal(req, e, now)
         return Signer(key, tsig.mac, tsig.time_signed, self.policy.fudge, tsig.fudge)
+
+    def _tsig_refusal(self, req: dns.message.Message, e: ParseError | TsigError, now: int) -> bytes:
+        if isinstance(e, ParseError) or e.tsig is None or e.error not in (BADKEY, BADSIG, BADTIME):
+            return self._error(req, dns.rcode.FORMERR).to_wire()  # also a request carrying a TSIG error
+        if e.error == BADTIME:
+            key = self._keys[e.tsig.name.canonicalize()]
+            signer = Signer(key, e.tsig.mac, e.tsig.time_signed, e.tsig.fudge)
+            return self.sign(self._error(req, dns.rcode.NOTAUTH), signer, now, BADTIME,
+                             e.tsig.time_signed, struct.pack("!Q", now)[2:])
+        return unsigned_error(self._error(req, dns.rcode.NOTAUTH).to_wire(), e.tsig, e.error)
 
     def sign(
         self,

@@ -38,6 +38,7 @@ from tunneld.dnsserver.llq_events import Records, diff, records, split
 from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, Caps, Replays
 from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import (
     LLQ_ERR_BAD_VERS,
@@ -54,7 +55,6 @@ from tunneld.proto.llq_wire import (
     UDP_PAYLOAD,
     LLQOption,
     find_llq_option,
-    parse_message,
 )
 from tunneld.proto.tsig import TsigKey, signed_size
 
@@ -149,12 +149,13 @@ class LLQServer:
     # ---- entry points ---------------------------------------------------------------------------------
 
     def handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest,
-               now_wall: float) -> Output | None:
+               now_wall: float, *, msg: dns.message.Message | ParseError | None = None) -> Output | None:
         """Handle one datagram from ``src``. None: not an LLQ message (give it to ``DnsCore.handle``).
-        A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises."""
+        A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises. ``msg``: the
+        listener's ``dnsguard.try_parse`` of the wire bytes (a message is parsed once); None: parsed here."""
         try:
             self._note_request(wire_or_parsed, src)
-            return self._handle(wire_or_parsed, src, now_wall)
+            return self._handle(wire_or_parsed, src, now_wall, msg)
         except Exception:  # last line of defence: never raise into the listener
             log.exception("internal error handling an LLQ message from %r", src)
             self.counters["internal error"] += 1
@@ -224,7 +225,8 @@ class LLQServer:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def _handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest, now: float) -> Output | None:
+    def _handle(self, wire_or_parsed: bytes | dns.message.Message, src: Dest, now: float,
+                parsed: dns.message.Message | ParseError | None) -> Output | None:
         if isinstance(wire_or_parsed, dns.message.Message):
             msg = wire_or_parsed
             if msg.had_tsig:  # the signature cannot be checked without the original wire
@@ -236,13 +238,14 @@ class LLQServer:
                 bare.question = list(msg.question)
                 bare.set_rcode(dns.rcode.REFUSED)
                 return [(src, bare.to_wire())]
-            wire = msg.to_wire()
+            wire, parsed = msg.to_wire(), None
         else:
             wire = wire_or_parsed
-        try:
-            msg = parse_message(wire)
-        except ParseError:
+        if parsed is None:
+            parsed = try_parse(wire, one_rr_per_rrset=True)
+        if isinstance(parsed, ParseError):
             return None
+        msg = parsed
         option = find_llq_option(msg)
         if option is None or msg.opcode() != dns.opcode.QUERY or msg.edns > 0:
             return None

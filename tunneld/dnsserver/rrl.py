@@ -22,7 +22,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
-from tunneld.proto.dnswire import HEADER_SIZE, skip_name
+from tunneld.proto.dnsguard import name_end
+from tunneld.proto.dnswire import HEADER_SIZE
 from tunneld.proto.errors import ParseError
 
 __all__ = ["Kind", "ResponseLimiter", "RrlLimits", "Verdict", "kind_of", "prefix_of", "truncated"]
@@ -101,7 +102,7 @@ def truncated(reply: bytes) -> bytes:
     end = HEADER_SIZE
     if qdcount == 1:
         try:
-            end = skip_name(reply, HEADER_SIZE) + _QUESTION_FIXED
+            end = name_end(reply, HEADER_SIZE) + _QUESTION_FIXED
         except ParseError:
             qdcount, end = 0, HEADER_SIZE
     else:

@@ -32,6 +32,7 @@ from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
 from tunneld.dnsserver.rrl import ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
+from tunneld.proto.dnsguard import try_parse
 
 __all__ = ["RrlLimits", "TcpLimits", "serve"]
 
@@ -80,13 +81,14 @@ class _Server:
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
         now = time.time()
+        msg = try_parse(wire, query=True)  # bounded first, and parsed once for both handlers
         if self.llq is not None and max_size is None:  # LLQ runs over UDP (RFC 8764 §5)
-            out = self.llq.handle(wire, src, now)
+            out = self.llq.handle(wire, src, now, msg=msg)
             if out is not None:
                 self.llq_wake.set()
                 return None, out
         self.core.last_changes = []
-        reply = self.core.handle(wire, src, now, max_size=max_size)
+        reply = self.core.handle(wire, src, now, max_size=max_size, msg=msg)
         events: LLQOutput = []
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
             self.wake.set()

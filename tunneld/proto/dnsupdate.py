@@ -30,6 +30,7 @@ import dns.rrset
 import dns.update
 
 from tunneld.proto.core import Address, Outbox
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.dnswire import (
     UPDATE_LEASE_OPTION_CODE,
     UpdateLeaseOption,
@@ -358,12 +359,7 @@ class Publisher(Outbox["Event"]):
             txn.dropped[reason] += 1
 
     def _receive(self, wire: bytes, now: float) -> None:
-        try:
-            # keyring=False: dnspython keeps the TSIG RR but does not validate it (that would read the
-            # clock); we verify below.
-            msg = dns.message.from_wire(wire, keyring=False)
-        except Exception as e:  # dnspython's parser raises many types for hostile input: none may escape
-            raise ParseError("malformed" if wire else "truncated") from e
+        msg = parse(wire)  # bounded first; the TSIG RR is kept unverified (we verify it below)
         if not msg.flags & dns.flags.QR:
             self._drop("not a response")
             return

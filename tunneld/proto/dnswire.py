@@ -2,22 +2,22 @@
 
 dnspython parses messages, but keeps neither where a record starts (TSIG needs the offset of its RR) nor
 the TTL of a record as sent (it rewrites TTLs above 2**31-1 to 0, and drops them for RRs without RDATA),
-while LLQ removals (TTL 0xFFFFFFFF) and RFC 2136 deletions (TTL 0) depend on them. :func:`walk` reads the
-frame of every resource record; it is bounded (a message is at most 65535 bytes, a name at most 255
-octets) and raises :class:`~tunneld.proto.errors.ParseError` and nothing else.
+while LLQ removals (TTL 0xFFFFFFFF) and RFC 2136 deletions (TTL 0) depend on them. :func:`walk` gives
+the frame of every resource record; it is :func:`tunneld.proto.dnsguard.check` (so every bound on
+untrusted DNS input holds there too) and raises :class:`~tunneld.proto.errors.ParseError` and nothing else.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
 from typing import Any, Final
 
 import dns.edns
 import dns.exception
 import dns.wire
 
+from tunneld.proto.dnsguard import ADDITIONAL, ANSWER, AUTHORITY, HEADER_SIZE, MAX_MESSAGE, Record, check
 from tunneld.proto.errors import ParseError
 
 __all__ = [
@@ -32,88 +32,15 @@ __all__ = [
     "decode_update_lease",
     "encode_update_lease",
     "from_server",
-    "skip_name",
     "walk",
 ]
-
-# -- messages (RFC 1035 §4.1) ----------------------------------------------------------------------------
-
-MAX_MESSAGE: Final = 65535  # RFC 1035 §4.2.2: the TCP length prefix bounds every message
-HEADER_SIZE: Final = 12  # §4.1.1
-MAX_NAME: Final = 255  # §2.3.4: octets of a name in wire form
-_COUNTS: Final = struct.Struct("!HHHH")  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT at offset 4
-_RR_FIXED: Final = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH (§4.1.3)
-_QUESTION_FIXED: Final = 4  # QTYPE, QCLASS (§4.1.2)
-
-ANSWER: Final = 1
-AUTHORITY: Final = 2
-ADDITIONAL: Final = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """The frame of one resource record: where it starts, its fixed fields as sent, where its RDATA is.
-    ``section`` is :data:`ANSWER`, :data:`AUTHORITY` or :data:`ADDITIONAL` (for UPDATE: prerequisite,
-    update, additional)."""
-
-    offset: int
-    section: int
-    rtype: int
-    rclass: int
-    ttl: int
-    rdata: int
-    rdlength: int
-
-
-def skip_name(wire: bytes, offset: int) -> int:
-    """The offset just after the (possibly compressed) name at ``offset``. Pointers are not followed:
-    the name ends at the first one (§4.1.4)."""
-    size = 0
-    while True:
-        if offset >= len(wire):
-            raise ParseError("truncated")
-        length = wire[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 2 > len(wire):
-                raise ParseError("truncated")
-            return offset + 2
-        if length & 0xC0:
-            raise ParseError("bad label")  # 0x40 and 0x80: extended label types (RFC 6891 §5)
-        size += length + 1
-        if size > MAX_NAME:
-            raise ParseError("name too long")
-        offset += 1 + length
-        if length == 0:
-            return offset
 
 
 def walk(wire: bytes) -> list[Record]:
     """Every resource record after the question section, in wire order. The message must frame
-    exactly: no record may run past the end, and nothing may follow the last one."""
-    if len(wire) > MAX_MESSAGE:
-        raise ParseError("oversized")
-    if len(wire) < HEADER_SIZE:
-        raise ParseError("truncated")
-    qd, an, ns, ar = _COUNTS.unpack_from(wire, 4)
-    offset = HEADER_SIZE
-    for _ in range(qd):
-        offset = skip_name(wire, offset) + _QUESTION_FIXED
-    records: list[Record] = []
-    for section, count in ((ANSWER, an), (AUTHORITY, ns), (ADDITIONAL, ar)):
-        for _ in range(count):
-            start = offset
-            offset = skip_name(wire, offset)
-            if offset + _RR_FIXED.size > len(wire):
-                raise ParseError("truncated")
-            rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, offset)
-            offset += _RR_FIXED.size
-            records.append(Record(start, section, rtype, rclass, ttl, offset, rdlength))
-            offset += rdlength
-    if offset > len(wire):
-        raise ParseError("truncated")
-    if offset < len(wire):
-        raise ParseError("trailing data")
-    return records
+    exactly (no record may run past the end, and nothing may follow the last one) and keep within
+    every bound of :mod:`tunneld.proto.dnsguard`."""
+    return check(wire)
 
 
 def from_server(source: tuple[str, int], server: tuple[str, int]) -> bool:

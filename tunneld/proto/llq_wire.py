@@ -17,7 +17,8 @@ import dns.exception
 import dns.message
 import dns.wire
 
-from tunneld.proto.dnswire import ANSWER, MAX_MESSAGE, walk
+from tunneld.proto.dnsguard import parse
+from tunneld.proto.dnswire import ANSWER, walk
 from tunneld.proto.errors import ParseError
 
 __all__ = [
@@ -155,18 +156,12 @@ def answer_ttls(wire: bytes) -> list[int]:
 
 
 def parse_message(wire: bytes) -> dns.message.Message:
-    """Parse a DNS message with one RR per RRset (so per-RR TTLs survive) and TSIG validation off.
+    """Parse a DNS message, bounded first (:mod:`tunneld.proto.dnsguard`), with one RR per RRset (so
+    per-RR TTLs survive) and TSIG validation off.
 
-    Raises ParseError and nothing else: "truncated" for a short header or a message that ends early,
-    "malformed DNS message" for anything else dnspython rejects (a malformed LLQ option included)."""
-    if len(wire) > MAX_MESSAGE:
-        raise ParseError("oversized")
-    try:
-        return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True)
-    except (dns.message.ShortHeader, dns.message.Truncated) as e:
-        raise ParseError("truncated") from e
-    except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error, ...)
-        raise ParseError("malformed DNS message") from e
+    Raises ParseError and nothing else: the guard's reason ("truncated" for a message that ends early),
+    or "malformed DNS message" for anything dnspython rejects (a malformed LLQ option included)."""
+    return parse(wire, one_rr_per_rrset=True)
 
 
 def find_llq_option(message: dns.message.Message) -> LLQOption | None:

@@ -17,6 +17,7 @@ import dns.name
 import dns.rdatatype
 import dns.rdtypes.IN.SRV
 
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
@@ -62,11 +63,8 @@ def pick_srv_target(wire: bytes, query: SrvQuery, rand: Callable[[int], bytes] =
             verify(wire, query.key, query.mac, now)
         except TsigError as e:
             raise ParseError(f"tsig: {e}") from None
-    try:
-        msg = dns.message.from_wire(wire, keyring=False)
-        sent = dns.message.from_wire(query.payload, keyring=False)
-    except Exception as e:  # as in Publisher.receive: any parser failure is a ParseError
-        raise ParseError("malformed" if wire else "truncated") from e
+    msg = parse(wire)
+    sent = parse(query.payload)
     if not msg.flags & dns.flags.QR or msg.id != query.message_id:
         raise ParseError("not our answer")
     if [(q.name, q.rdtype) for q in msg.question] != [(q.name, q.rdtype) for q in sent.question]:

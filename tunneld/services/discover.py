@@ -21,9 +21,10 @@ import dns.name
 import dns.rdatatype
 import trio
 
+from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.srv import LLQ_SRV_SERVICE, UPDATE_SRV_SERVICE, build_srv_query, pick_srv_target
-from tunneld.proto.tsig import TsigKey, sign, verify
+from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
 log = logging.getLogger("tunneld.discover")
 
@@ -60,8 +61,8 @@ async def _address(server: tuple[str, int], target: str, key: TsigKey | None) ->
         try:
             if key is not None:
                 verify(reply, key, mac, time.time())
-            msg = dns.message.from_wire(reply, keyring=False)
-        except Exception:  # a TSIG that does not verify, or any of dnspython's errors: "no address"
+            msg = parse(reply)
+        except (TsigError, ParseError):  # a TSIG that does not verify, or a refused message: "no address"
             continue
         if not msg.flags & dns.flags.QR:
             continue
