@@ -119,7 +119,9 @@ def test_profile_tunneld_writes_flamegraphs_and_top_frames(tmp_path: Path) -> No
         assert 1 <= len(frames) <= 10, out
         pcts = [float(ln.split("%")[0]) for ln in frames]
         assert all(0 < x <= 100 for x in pcts) and pcts == sorted(pcts, reverse=True), frames
-        assert all(".py)" in ln for ln in frames), frames
+        # "frame (file)": mostly our .py files; a leaf in a frozen or native module names that instead.
+        assert all(ln.rstrip().endswith(")") and " (" in ln for ln in frames), frames
+        assert any(".py)" in ln for ln in frames), frames
     assert not [f for f in out_dir.iterdir() if f.name.startswith(".")], "py-spy logs left in DIR"
 
     assert set(list_namespaces()) <= ns_before, "namespaces left behind"
