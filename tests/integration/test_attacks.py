@@ -36,7 +36,10 @@ PLENTY = 10.0  # the device's p95 during an attack may be this many times its ba
 FLOOR_MS = 500.0  # ... or this, whichever is larger (the machine is shared and noisy)
 MAX_AMPLIFICATION = 3.0
 MAX_CPU_SHARE = 0.5  # of one core, for the tunnel daemon under a 5,000/s handshake flood
-MAX_HANDSHAKE_S = 10.0  # a restarted peer under flood: a cookie round trip and a retry
+MAX_HANDSHAKE_S = 16.0
+"""A restarted peer under flood: each try is an initiation and its retry with the cookie's mac2, both
+through b's overflowing socket (at 100k/s about half of what arrives is dropped by the kernel), and a
+lost try waits rekey_timeout (5 s): three tries. Measured 5-11 s with the defences; 17-28 s in the issue."""
 
 
 @pytest.fixture(scope="module")
