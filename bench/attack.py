@@ -18,12 +18,10 @@ on failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import log_tail, tree_cpu_seconds
+from bench.procs import log_tail, run_in_lab, tree_cpu_seconds
 from crypto.kdf import derive_psk
 from lab import attacks, progs
-from lab.netns import Host, Lab, LabError, terminate_as_exit, wait_for
+from lab.netns import Host, Lab, LabError, wait_for
 from lab.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, write_private
 from tunneld.config import load_account_secret
 
@@ -489,24 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench attack: unknown attack(s) {sorted(unknown)} or --seconds outside 1..20",
               file=sys.stderr)
         return 2
-    try:
-        with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="tdl-attack-") as tmp:
-            for sub in ("dns", "tunnel"):
-                (Path(tmp) / sub).mkdir()
-            r = run(Path(tmp), Timing(seconds=a.seconds), only)
-    except KeyboardInterrupt:
-        print("bench attack: interrupted; every namespace and process it started has been removed",
-              file=sys.stderr)
-        return 130
-    except (LabError, subprocess.SubprocessError, OSError, ValueError, EOFError) as e:
-        print(f"bench attack: failed: {e}", file=sys.stderr)
-        return 1
-    if a.json:
-        json.dump(r, sys.stdout, indent=2)
-        print()
-    else:
-        print_table(r)
-    return 0
+    def work(tmp: Path) -> dict[str, Any]:
+        for sub in ("dns", "tunnel"):
+            (tmp / sub).mkdir()
+        return run(tmp, Timing(seconds=a.seconds), only)
+
+    return run_in_lab("attack", work, a.json, print_table)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ time they and the whole machine use, read from /proc."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lab.netns import Host, Lab, read_log
+from lab.netns import Host, Lab, LabError, read_log, terminate_as_exit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -71,3 +74,25 @@ def tree_cpu_seconds(pid: int) -> float:
         total += _proc_ticks(p)
         todo += _children(p)
     return total / CLK_TCK
+
+
+def run_in_lab(name: str, work: Callable[[Path], dict[str, Any]], as_json: bool,
+               table: Callable[[dict[str, Any]], None]) -> int:
+    """The end of a namespace benchmark's main: run ``work`` in a temporary directory (SIGTERM acts as
+    an interrupt, so the lab is torn down), then print JSON or the table. Exit 0, 1 (failed) or 130."""
+    try:
+        with terminate_as_exit(), tempfile.TemporaryDirectory(prefix=f"tdl-{name}-") as tmp:
+            r = work(Path(tmp))
+    except KeyboardInterrupt:
+        print(f"bench {name}: interrupted; every namespace and process it started has been removed",
+              file=sys.stderr)
+        return 130
+    except (LabError, subprocess.SubprocessError, OSError, ValueError, EOFError) as e:
+        print(f"bench {name}: failed: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        json.dump(r, sys.stdout, indent=2)
+        print()
+    else:
+        table(r)
+    return 0

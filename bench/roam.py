@@ -23,19 +23,16 @@ Everything is removed by the Lab, also on failure, Ctrl-C or SIGTERM. The goal i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.procs import log_tail, machine_busy_seconds
+from bench.procs import log_tail, machine_busy_seconds, run_in_lab
 from lab.flows import Stream
-from lab.netns import LabError, terminate_as_exit, wait_for
+from lab.netns import LabError, wait_for
 from lab.roam import Pinger, Roam, endpoint_host, moved, roam_lab, wan
 from lab.tunnel import status
 
@@ -181,22 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= a.runs <= 20:
         print("bench roam: --runs must be between 1 and 20", file=sys.stderr)
         return 2
-    try:
-        with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="tdl-roam-") as tmp:
-            r = run_roam(a.runs, Path(tmp))
-    except KeyboardInterrupt:
-        print("bench roam: interrupted; every namespace and process it started has been removed",
-              file=sys.stderr)
-        return 130
-    except (LabError, subprocess.SubprocessError, OSError, ValueError) as e:
-        print(f"bench roam: failed: {e}", file=sys.stderr)
-        return 1
-    if a.json:
-        json.dump(r, sys.stdout, indent=2)
-        print()
-    else:
-        print_table(r)
-    return 0
+    return run_in_lab("roam", lambda tmp: run_roam(a.runs, tmp), a.json, print_table)
 
 
 if __name__ == "__main__":
