@@ -143,14 +143,7 @@ class Rig:
 
 def _finish(lab: Lab, p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The report of the device's run; it is stopped by PID if it overran `timeout`."""
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        lab.stop(p)
-        raise LabError(f"the device's run did not finish within {timeout:.0f} s") from None
-    if p.returncode != 0:
-        raise LabError(f"the device's run exited {p.returncode}: {(err or out).strip()[-2000:]}")
-    return progs.last_json(out)
+    return progs.finish(lab, p, timeout, "the device's run")
 
 
 Cpu = tuple[float, float]  # (CPU seconds a process used, over how many seconds)

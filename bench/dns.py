@@ -58,14 +58,7 @@ def _client(lab: Lab, a: Host, rec: Recorder, args: list[str], timeout: float) -
     """Run lab.progs.dns_client in host a; its JSON result."""
     p = rec.spawn(lab, a, progs.argv("dns_client", *args), cwd=progs.REPO,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        lab.stop(p)
-        raise LabError(f"dns client {args[0]} did not finish within {timeout:.0f} s") from None
-    if p.returncode != 0:
-        raise LabError(f"dns client {args[0]} exited {p.returncode}: {(err or out).strip()[-2000:]}")
-    return progs.last_json(out)
+    return progs.finish(lab, p, timeout, f"dns client {args[0]}")
 
 
 def _dig_ok(lab: Lab, a: Host, port: int) -> bool:

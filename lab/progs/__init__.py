@@ -43,6 +43,21 @@ def run(lab: Lab, host: Host, name: str, *args: str, timeout: float = 30) -> dic
     return last_json(r.stdout)
 
 
+def finish(lab: Lab, p: subprocess.Popen[str], timeout: float, what: str) -> dict[str, Any]:
+    """The last JSON line of a program started with text pipes; LabError naming `what` if it exits
+    with an error or overruns `timeout` (it is then stopped by PID)."""
+    from lab.netns import LabError  # here: the programs run inside namespaces need none of lab.netns
+
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lab.stop(p)
+        raise LabError(f"{what} did not finish within {timeout:.0f} s") from None
+    if p.returncode != 0:
+        raise LabError(f"{what} exited {p.returncode}: {(err or out).strip()[-2000:]}")
+    return last_json(out)
+
+
 def last_json(out: str) -> dict[str, Any]:
     """The last line of a program's output, parsed as a JSON object."""
     return dict(json.loads(out.strip().splitlines()[-1]))
