@@ -399,8 +399,8 @@ def _header(method: int, cls: int, transaction_id: bytes, length: int) -> bytes:
             + transaction_id)
 
 
-def _tlv(attr_type: int, value: bytes) -> bytes:
-    return attr_type.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value + bytes(_pad(len(value)))
+def _tlv(attr_type: int, value: bytes, fill: bytes = b"\0") -> bytes:
+    return attr_type.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value + fill * _pad(len(value))
 
 
 def encode(
@@ -412,12 +412,16 @@ def encode(
     integrity_key: bytes | None = None,
     integrity_sha256_key: bytes | None = None,
     fingerprint: bool = False,
+    fill: bytes = b"\0",
 ) -> bytes:
     """A STUN message; with a key, MESSAGE-INTEGRITY (§14.5) and/or -SHA256 (§14.6) are appended and computed,
-    then FINGERPRINT (§14.7) if asked: in that order, as §14 requires. Padding is zero bytes."""
+    then FINGERPRINT (§14.7) if asked: in that order, as §14 requires. Padding is `fill` (one byte: any
+    value is allowed, §14; only the RFC 5769 vectors need other than zero)."""
     if len(transaction_id) != TRANSACTION_ID_LEN:
         raise ValueError("transaction ID must be 12 bytes")
-    body = b"".join(_tlv(t, v) for t, v in attributes)
+    if len(fill) != 1:
+        raise ValueError("fill must be one byte")
+    body = b"".join(_tlv(t, v, fill) for t, v in attributes)
     for attr_type, key, digest, size in (
         (MESSAGE_INTEGRITY, integrity_key, hashlib.sha1, HMAC_SHA1_LEN),
         (MESSAGE_INTEGRITY_SHA256, integrity_sha256_key, hashlib.sha256, HMAC_SHA256_LEN),
