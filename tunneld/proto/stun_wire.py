@@ -27,9 +27,10 @@ TRANSACTION_ID_LEN = 12  # §5: 96 bits
 ATTR_HEADER_LEN = 4  # §14: type 2, length 2
 
 # Bounds (ours). The largest message we expect over UDP is a TURN Data indication or Send request carrying
-# one full-size ESP datagram (at most 1472 bytes on a 1500-byte path) plus a 20-byte header and 40 bytes
-# of XOR-PEER-ADDRESS (IPv6) and DATA headers; 2048 covers that with room, and anything larger cannot be
-# a single unfragmented datagram of ours. No message of ours has more than about ten attributes.
+# one full-size ESP datagram (at most 1472 bytes on a 1500-byte path) plus a 20-byte header and at most
+# 32 bytes of XOR-PEER-ADDRESS (IPv6), DATA header and padding; 2048 covers that with room, and anything
+# larger cannot be a single unfragmented datagram of ours. No message of ours has more than about ten
+# attributes.
 MAX_MESSAGE = 2048
 MAX_ATTRIBUTES = 32
 
@@ -53,7 +54,7 @@ MAPPED_ADDRESS = 0x0001  # §14.1
 USERNAME = 0x0006  # §14.3
 MESSAGE_INTEGRITY = 0x0008  # §14.5
 ERROR_CODE = 0x0009  # §14.8
-UNKNOWN_ATTRIBUTES = 0x000A  # §14.9
+UNKNOWN_ATTRIBUTES = 0x000A  # §14.13
 REALM = 0x0014  # §14.9
 NONCE = 0x0015  # §14.10
 MESSAGE_INTEGRITY_SHA256 = 0x001C  # §14.6
@@ -89,7 +90,7 @@ FAMILY_IPV6 = 0x02
 HMAC_SHA1_LEN = 20  # §14.5
 HMAC_SHA256_LEN = 32  # §14.6: we send and accept only the full 32 bytes
 FINGERPRINT_XOR = 0x5354554E  # §14.7: "STUN"
-MAX_TEXT = 763  # §14.3 (USERNAME < 513), §14.9/§14.10 (REALM, NONCE < 763 bytes), §14.14 (SOFTWARE)
+MAX_TEXT = 763  # §14.9, §14.10, §14.14: REALM, NONCE, SOFTWARE < 763 bytes (USERNAME < 509, §14.3)
 
 # ChannelData (RFC 8656 §12.4).
 CHANNEL_MIN = 0x4000  # §12: channel numbers 0x4000 through 0x4FFF
@@ -227,7 +228,7 @@ def decode_error_code(value: bytes) -> tuple[int, str]:
 
 
 def encode_unknown_attributes(types: Iterable[int]) -> bytes:
-    """An UNKNOWN-ATTRIBUTES value, §14.9: 16-bit attribute types."""
+    """An UNKNOWN-ATTRIBUTES value, §14.13: 16-bit attribute types."""
     return b"".join(t.to_bytes(2, "big") for t in types)
 
 
@@ -524,7 +525,7 @@ def short_term_key(password: str) -> bytes:
 
 def long_term_key(username: str, realm: str, password: str, *, sha256: bool = False) -> bytes:
     """The long-term credential key (§9.2.2): MD5(username ":" realm ":" password), or SHA-256 of the same
-    when PASSWORD-ALGORITHM is SHA-256 (§18.5.1.2). coturn uses the MD5 form."""
+    when PASSWORD-ALGORITHM selects SHA-256 (§9.2.2, §14.12). coturn uses the MD5 form."""
     text = f"{username}:{realm}:{password}".encode()
     return hashlib.sha256(text).digest() if sha256 else hashlib.md5(text, usedforsecurity=False).digest()
 
