@@ -1,9 +1,10 @@
 """STUN/TURN wire codec: RFC 5769 known answers, encoding, strict decoding, credentials, ChannelData.
 
 The four vectors are RFC 5769 ("Test Vectors for Session Traversal Utilities for NAT (STUN)") §2.1-§2.4,
-https://www.rfc-editor.org/rfc/rfc5769, copied as hex. Their MESSAGE-INTEGRITY and FINGERPRINT must check
-byte for byte, and re-encoding their attributes with our own integrity code must give the same bytes
-(the only difference allowed is padding, which RFC 8489 §14 lets a sender fill with anything).
+https://www.rfc-editor.org/rfc/rfc5769, copied as hex; a fifth is RFC 8489 Appendix B.1 (SHA-256).
+Their MESSAGE-INTEGRITY(-SHA256) and FINGERPRINT must check, and re-encoding their attributes with our
+own integrity code (padding with the byte the vector uses: RFC 8489 §14 lets a sender pad with anything,
+and the MACs cover the padding) must give the vectors byte for byte.
 """
 
 from __future__ import annotations
@@ -111,6 +112,31 @@ def test_rfc5769_long_term_request() -> None:
     assert not sw.check_fingerprint(msg)  # none in this vector
     ours = sw.encode(sw.BINDING, sw.REQUEST, LT_TID, msg.attributes[:3], integrity_key=key)
     assert ours == SAMPLE_LONG_TERM
+
+
+# RFC 8489 Appendix B.1: the long-term request of RFC 5769 §2.4 redone with USERHASH, a longer NONCE,
+# PASSWORD-ALGORITHM SHA-256 (0x0002) and MESSAGE-INTEGRITY-SHA256.
+SAMPLE_LONG_TERM_SHA256 = bytes.fromhex(
+    "00010090" "2112a442" "78ad3433" "c6ad72c0" "29da412e"
+    "001e0020" "4a3cf38f" "ef6992bd" "a952c678" "0417da0f" "24819415" "569e60b2" "05c46e41" "407f1704"
+    "00150029" "6f624d61" "744a6f73" "32414141" "43662f2f" "3439396b" "39353464" "364f4c33" "346f4c39"
+    "46535476" "79363473" "41000000"
+    "0014000b" "6578616d" "706c652e" "6f726700"
+    "001d0004" "00020000"
+    "001c0020" "b5c7bf00" "5b6c52a2" "1c51c5e8" "92f81924" "136296cb" "927c4314" "9309278c" "c6518e65"
+)
+
+
+def test_rfc8489_long_term_sha256_request() -> None:
+    msg = sw.decode(SAMPLE_LONG_TERM_SHA256)
+    assert msg.get(sw.USERHASH) == sw.userhash(LT_USERNAME, "example.org")
+    assert msg.nonce() == "obMatJos2AAACf//499k954d6OL34oL9FSTvy64sA"
+    key = sw.long_term_key(LT_USERNAME, "example.org", "TheMatrIX", sha256=True)
+    assert sw.check_integrity_sha256(msg, key)
+    assert not sw.check_integrity_sha256(msg, sw.long_term_key(LT_USERNAME, "example.org", "TheMatrIX"))
+    assert not sw.check_integrity(msg, key)  # no SHA-1 MAC in this one
+    ours = sw.encode(sw.BINDING, sw.REQUEST, LT_TID, msg.attributes[:4], integrity_sha256_key=key)
+    assert ours == SAMPLE_LONG_TERM_SHA256
 
 
 def test_message_type_bits() -> None:

@@ -530,6 +530,11 @@ def long_term_key(username: str, realm: str, password: str, *, sha256: bool = Fa
     return hashlib.sha256(text).digest() if sha256 else hashlib.md5(text, usedforsecurity=False).digest()
 
 
+def userhash(username: str, realm: str) -> bytes:
+    """A USERHASH value (§14.4): SHA-256(username ":" realm), sent instead of USERNAME for anonymity."""
+    return hashlib.sha256(f"{username}:{realm}".encode()).digest()
+
+
 def turn_rest_credentials(secret: bytes, user: str, expiry: int) -> tuple[str, str]:
     """(username, password) by the TURN REST convention coturn's `use-auth-secret` checks:
     username "EXPIRY:USER" (Unix seconds), password base64(HMAC-SHA1(secret, username))."""
