@@ -207,6 +207,10 @@ def test_attributes_after_integrity_are_ignored_and_fingerprint_is_last() -> Non
     raw = sw.encode(sw.BINDING, sw.REQUEST, TID, [(sw.USERNAME, b"a"), (sw.MESSAGE_INTEGRITY, bytes(20)),
                                                    (sw.SOFTWARE, b"late")])
     assert sw.decode(raw).software() is None
+    # Ignored means not even checked: a malformed address after MESSAGE-INTEGRITY does not spoil the message.
+    late = sw.encode(sw.BINDING, sw.REQUEST, TID, [(sw.MESSAGE_INTEGRITY, bytes(20)),
+                                                    (sw.XOR_MAPPED_ADDRESS, b"\0\7\0\0")])
+    assert sw.decode(late).attributes == ((sw.MESSAGE_INTEGRITY, bytes(20)),)
     with pytest.raises(ParseError):
         sw.decode(sw.encode(sw.BINDING, sw.REQUEST, TID, [(sw.FINGERPRINT, bytes(4)), (sw.SOFTWARE, b"x")]))
 
@@ -236,6 +240,10 @@ def test_attribute_count_is_bounded() -> None:
     assert len(sw.decode(ok).attributes) == sw.MAX_ATTRIBUTES
     with pytest.raises(ParseError, match="too many"):
         sw.decode(sw.encode(sw.BINDING, sw.REQUEST, TID, [(0x8fff, b"")] * (sw.MAX_ATTRIBUTES + 1)))
+    # Ignored attributes (after MESSAGE-INTEGRITY) count too.
+    ignored = [(sw.MESSAGE_INTEGRITY, bytes(20))] + [(0x8fff, b"")] * sw.MAX_ATTRIBUTES
+    with pytest.raises(ParseError, match="too many"):
+        sw.decode(sw.encode(sw.BINDING, sw.REQUEST, TID, ignored))
 
 
 def test_classification() -> None:

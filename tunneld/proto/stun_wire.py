@@ -450,9 +450,10 @@ def decode(datagram: bytes) -> Message:
     tid = data[8:HEADER_LEN]
     attrs: list[Attribute] = []
     offsets: list[int] = []
-    pos, seen_mi, seen_mi256, seen_fp = HEADER_LEN, False, False, False
+    pos, count, seen_mi, seen_mi256, seen_fp = HEADER_LEN, 0, False, False, False
     while pos < len(data):
-        if len(offsets) >= MAX_ATTRIBUTES:
+        count += 1
+        if count > MAX_ATTRIBUTES:
             raise ParseError("too many attributes")
         if seen_fp:
             raise ParseError("attribute after fingerprint")  # §14.7: FINGERPRINT is last
@@ -462,14 +463,14 @@ def decode(datagram: bytes) -> Message:
         if end > len(data):
             raise ParseError("attribute truncated")
         value = data[pos + ATTR_HEADER_LEN:end]
-        check = _CHECKS.get(attr_type)
-        if check is not None:
-            check(value)
-        elif attr_type in _XOR_ADDRESSES:
-            decode_xor_address(value, tid)
         keep = (not seen_mi and not seen_mi256) or attr_type == FINGERPRINT or (
             attr_type == MESSAGE_INTEGRITY_SHA256 and not seen_mi256)
         if keep:  # §14.5, §14.6: later attributes are ignored, except those that may follow
+            check = _CHECKS.get(attr_type)
+            if check is not None:
+                check(value)
+            elif attr_type in _XOR_ADDRESSES:
+                decode_xor_address(value, tid)
             attrs.append((attr_type, value))
             offsets.append(pos)
         seen_mi |= attr_type == MESSAGE_INTEGRITY
