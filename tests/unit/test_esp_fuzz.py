@@ -64,8 +64,8 @@ def test_any_bytes_give_result_or_esperror(data: bytes, esn: bool) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           database=None)
 @given(data=payloads, esn=st.booleans())
-def test_any_bytes_give_result_or_esperror_20k(data: bytes, esn: bool) -> None:
+def test_any_bytes_give_result_or_esperror_10k(data: bytes, esn: bool) -> None:
     _check(_sa(esn), data)
