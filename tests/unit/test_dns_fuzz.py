@@ -361,11 +361,12 @@ def server_property(server: _Server, wire: bytes, tcp: bool) -> None:
         dns.message.from_wire(reply, keyring=False)  # what we answer parses
 
 
-def test_server_handles_any_message(tmp_path: Path) -> None:
+def _fuzz_server(tmp_path: Path, profile: settings) -> tuple[_Server, int]:
+    """The server fed hypothesis' messages under `profile`; how many of them changed the zone."""
     server = _server(tmp_path)
     applied = [0]
 
-    @QUICK
+    @profile
     @given(seed=seeds)
     def run(seed: int) -> None:
         rnd = random.Random(seed)
@@ -374,26 +375,20 @@ def test_server_handles_any_message(tmp_path: Path) -> None:
         applied[0] += bool(server.core.last_changes)
 
     run()
+    return server, applied[0]
+
+
+def test_server_handles_any_message(tmp_path: Path) -> None:
+    server, _ = _fuzz_server(tmp_path, QUICK)
     server.store.close()
 
 
 @pytest.mark.slow
 def test_server_handles_any_message_10k(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.CRITICAL, logger="tunneld")  # not 10,000 kept records: the property is enough
-    server = _server(tmp_path)
-    applied = [0]
-
-    @SLOW
-    @given(seed=seeds)
-    def run(seed: int) -> None:
-        rnd = random.Random(seed)
-        wire = message(rnd) if rnd.random() < 0.9 else signed_update(rnd)
-        server_property(server, wire if rnd.random() < 0.7 else mutate(rnd, wire), tcp=rnd.random() < 0.3)
-        applied[0] += bool(server.core.last_changes)
-
-    run()
+    server, applied = _fuzz_server(tmp_path, SLOW)
     assert sum(server.core.parse_errors.values()) > 1000  # the guard refused many, each counted
-    assert applied[0] > 100  # and signed updates changed the zone
+    assert applied > 100  # and signed updates changed the zone
     server.store.close()
 
 
