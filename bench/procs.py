@@ -35,14 +35,24 @@ class Recorder:
         return p
 
 
-def _proc_ticks(pid: int) -> int:
-    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (the state) on, after "pid (comm) "; None if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _proc_ticks(pid: int) -> int:
+    """utime+stime of one process (all its threads), in clock ticks; 0 if it is gone."""
+    fields = _stat_fields(pid)
+    return 0 if fields is None else int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def still_running(pids: Sequence[int]) -> list[int]:
+    """Those of `pids` whose processes still run (zombies count as gone), for a benchmark's clean-up check."""
+    return [pid for pid in pids if (fields := _stat_fields(pid)) is not None and fields[0] != "Z"]
 
 
 def _children(pid: int) -> list[int]:

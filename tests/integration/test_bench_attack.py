@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import still_running
 from lab.netns import list_namespaces
 from tests.helpers import run_bench
 
@@ -40,14 +41,6 @@ def test_quick_run_reports_the_attack_and_cleans_up() -> None:
     assert row["server_cpu_s"] > 0 and row["window_s"] > 0, row
     lab = r["lab"]
     assert lab["namespaces"] and all(list_namespaces(i) == [] for i in lab["lab_ids"])
-    alive = [pid for pid in lab["pids"] if _running(pid)]
+    alive = still_running(lab["pids"])
     assert not alive, f"processes left behind: {alive}"
 
-
-def _running(pid: int) -> bool:
-    """The process still runs (and is not a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"

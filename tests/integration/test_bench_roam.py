@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import still_running
 from lab.netns import list_namespaces
 from lab.upnp import MINIUPNPD
 from tests.helpers import run_bench
@@ -46,14 +47,6 @@ def test_quick_run_reports_every_move_and_cleans_up() -> None:
         assert (row.get("old_mapping") in ("left", "deleted")) == (row["to"] == "cafe"), row
     lab = r["lab"]
     assert lab["namespaces"] and list_namespaces(lab["lab_id"]) == []
-    alive = [pid for pid in lab["pids"] if _running(pid)]
+    alive = still_running(lab["pids"])
     assert not alive, f"processes left behind: {alive}"
 
-
-def _running(pid: int) -> bool:
-    """The process still runs (and is not a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
