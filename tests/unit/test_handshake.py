@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto.esp import MIN_SPI, Kind, classify
+from crypto.esp import MIN_SPI, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
 from crypto.noise import HASH, MAC, HandshakeState, SymmetricState, public_key, xaead_decrypt
 from tests.helpers import drbg
@@ -22,6 +22,7 @@ from tunneld.proto.handshake import (
     COOKIE_REPLY_LEN,
     HANDSHAKE_INITIATION_RATE,
     IDENTIFIER,
+    INDEX_MIN,
     INITIATION_LEN,
     MARKER,
     RESPONSE_LEN,
@@ -45,6 +46,7 @@ from tunneld.proto.handshake import (
     unframe,
 )
 from tunneld.proto.handshake_load import HandshakeLoad, LoadMeter, SourceLimiter
+from tunneld.proto.stun_wire import is_channel_data, is_stun
 
 I_PRIV = bytes([0x11]) * 32
 R_PRIV = bytes([0x22]) * 32
@@ -205,6 +207,7 @@ def test_handshake_keys_esp_both_ways(suite: str) -> None:
     assert ik.local_index == pending.local_index == rk.remote_index
     assert rk.local_index == ik.remote_index
     assert ik.local_index >= MIN_SPI and rk.local_index >= MIN_SPI
+    assert ik.local_index >= INDEX_MIN and rk.local_index >= INDEX_MIN
     assert Initiation.parse(body(d1)).sender == ik.local_index
     resp = Response.parse(body(ev1.datagram))
     assert (resp.sender, resp.receiver) == (rk.local_index, ik.local_index)
@@ -237,12 +240,13 @@ def test_keys_not_in_repr() -> None:
 
 
 def test_indices_avoid_reserved_and_used_spis() -> None:
-    used = {0x0A0B0C0D}
-    # ephemeral, then index candidates: reserved SPI 5, an SPI in use, then a good one
-    values = [bytes(32)] + [i.to_bytes(4, "little") for i in (5, 0x0A0B0C0D, 0x1234)]
+    used = {0x8A0B0C0D}
+    # ephemeral, then index candidates: one that is an SPI in use once its top bit is set, then a small one
+    # (reserved SPI 5 as drawn: the top bit makes it 0x80000005)
+    values = [bytes(32)] + [i.to_bytes(4, "little") for i in (0x0A0B0C0D, 5)]
     hs = Handshaker(I_PRIV, PSK, {R_PUB}, index_in_use=used.__contains__, rand=scripted(values))
     _, pending = hs.initiate(R_PUB, 0.0, WALL)
-    assert pending.local_index == 0x1234
+    assert pending.local_index == 0x80000005
     # Exhaustion is a local error, not a crash in receive.
     stuck = Handshaker(I_PRIV, PSK, {R_PUB}, index_in_use=lambda i: True)
     with pytest.raises(HandshakeError):
@@ -250,6 +254,21 @@ def test_indices_avoid_reserved_and_used_spis() -> None:
     full = Handshaker(R_PRIV, PSK, {I_PUB}, index_in_use=lambda i: True)
     d1, _ = Handshaker(I_PRIV, PSK, {R_PUB}).initiate(R_PUB, 0.0, WALL)
     assert full.receive(body(d1), I_ADDR, 0.0) == Dropped("no-free-index")
+
+
+def test_indices_have_the_top_bit_set_so_esp_to_us_never_looks_like_stun_or_channel_data() -> None:
+    """Every index we draw is an inbound SPI in 0x80000000..0xFFFFFFFF: the first byte of an ESP packet sent
+    to us is then 0x80-0xFF, never STUN's (top bits 00) nor TURN ChannelData's (0x40-0x4F)."""
+    hs = Handshaker(I_PRIV, PSK, {R_PUB})
+    indices = set()
+    for _ in range(200):
+        _, pending = hs.initiate(R_PUB, 0.0, WALL)
+        indices.add(pending.local_index)
+    assert len(indices) == 200 and INDEX_MIN == 0x80000000
+    assert all(INDEX_MIN <= i <= 0xFFFFFFFF for i in indices)
+    sa = SecurityAssociation(min(indices), bytes(32), bytes(4))
+    wire = sa.seal(bytes(40))
+    assert wire[0] >= 0x80 and not is_stun(wire) and not is_channel_data(wire)
 
 
 def test_bad_constructor_and_initiate_arguments() -> None:
@@ -673,21 +692,21 @@ EXAMPLE = {
     "initiator_public": "7b4e909bbe7ffe44c465a220037d608ee35897d31ef972f07f74892cb0f73f13",
     "responder_public": "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20",
     "initiation": (
-        "000000000100000001020304ff2ee45601ec1b67310c7790404585ae697331ee"
+        "000000000100000001020384ff2ee45601ec1b67310c7790404585ae697331ee"
         "e1c1f8cf2419731c1fff3e6b3b6f1324884f7dfcb616f1440bce015ad114bc97"
         "a5052c5972a42150ca66244e1b9de66909d5ee16196b50a2ec9e46b70ed41251"
-        "d4d6d77924f81ab18114d4de3c0f732c45971868dd6fc43dbfa56c6b93add609"
-        "728777355e254b8700000000000000000000000000000000"
+        "d4d6d77924f81ab18114d4de3c0f732c45971868dd6fc43d00ab7de9111adbc9"
+        "c8affe13430f371f00000000000000000000000000000000"
     ),
     "response": (
-        "0000000002000000050607080102030438ab664bd86f77d7e66bdd9ae0792913"
+        "0000000002000000050607880102038438ab664bd86f77d7e66bdd9ae0792913"
         "a94fd8b33a1260027e4b46c1f4884c674bf0a548524991022f1bab473177aa56"
-        "60b6b0e41eabe51218cb87471b01fea600000000000000000000000000000000"
+        "a015b7f6673e7a915be653d06cf89b2000000000000000000000000000000000"
     ),
     "cookie_reply": (
-        "0000000003000000010203047777777777777777777777777777777777777777"
-        "77777777428f6dca9f547e9c2c16d8fac507613e0499b48b3a5d3896b2b0c43d"
-        "8c2180a3"
+        "0000000003000000010203847777777777777777777777777777777777777777"
+        "77777777428f6dca9f547e9c2c16d8fac507613e6ee06d361aba756235fa88e8"
+        "d5b77d82"
     ),
     "i2r": "2177a14cf336f1f30ee0a4797cf26797017dae77cbea489248bc3298bea5f869",
     "r2i": "a3109f7f0c20e0ee4b829f8bc301eb1235feb3b04ddfb7f34a5189e65a2ea192",
@@ -736,10 +755,10 @@ def test_protocol_doc_example() -> None:
     m1 = bytes.fromhex(EXAMPLE["initiation"])[4:]
     noise1 = HandshakeState("IKpsk2", True, IDENTIFIER, I_PRIV, rs=R_PUB, psk=PSK, e=bytes([0x44]) * 32)
     assert noise1.write_message(tai64n(WALL)) == m1[8:116]
-    assert m1[:8] == bytes.fromhex("0100000001020304")
+    assert m1[:8] == bytes.fromhex("0100000001020384")
     assert m1[116:132] == MAC(HASH(b"mac1----" + R_PUB + PSK), m1[:116])
     m2 = bytes.fromhex(EXAMPLE["response"])[4:]
-    assert m2[:12] == bytes.fromhex("020000000506070801020304")
+    assert m2[:12] == bytes.fromhex("020000000506078801020384")
     assert m2[60:76] == MAC(HASH(b"mac1----" + I_PUB + PSK), m2[:60])
     noise2 = HandshakeState("IKpsk2", False, IDENTIFIER, R_PRIV, psk=PSK, e=bytes([0x55]) * 32)
     assert noise2.read_message(m1[8:116]) == tai64n(WALL)

@@ -7,7 +7,8 @@ rate limit; ``now_wall`` (Unix seconds) is only for an initiation's TAI64N times
 themselves are :mod:`tunneld.proto.handshake_wire`'s.
 
 The index each side puts in the ``sender`` field is the ESP SPI on which that side will *receive*, so
-indices are drawn from ``MIN_SPI .. 2**32 - 1`` and never collide with one in local use. Behaviour
+indices are drawn from ``INDEX_MIN .. 2**32 - 1`` (top bit set: an ESP packet to us then never looks like STUN
+or TURN ChannelData on the shared socket) and never collide with one in local use. Behaviour
 follows wireguard-go (device/noise-protocol.go, device/cookie.go), written afresh: mac1 (keyed also by
 the account PSK) is checked first and a bad one dropped silently; under load (`handshake_load`: the rate
 over time) a message without a valid mac2 gets a cookie reply, and one with it counts against its
@@ -27,7 +28,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Final
 
-from crypto.esp import MIN_SPI, SecurityAssociation
+from crypto.esp import SecurityAssociation
 from crypto.kdf import derive_esp_keymat
 from crypto.noise import (
     DHLEN,
@@ -77,6 +78,7 @@ __all__ = [
     "COOKIE_REPLY_LEN",
     "HANDSHAKE_INITIATION_RATE",
     "IDENTIFIER",
+    "INDEX_MIN",
     "INITIATION_LEN",
     "LABEL_COOKIE",
     "LABEL_MAC1",
@@ -113,6 +115,10 @@ COOKIE_REFRESH_TIME: Final = C.COOKIE_REFRESH_TIME
 HANDSHAKE_INITIATION_RATE: Final = 1.0 / C.HANDSHAKE_INITIATIONS_PER_SECOND
 
 _MAX_INDEX_TRIES: Final = 64
+# Our sender indices (= our inbound SPIs) have the top bit set, so the first byte of every ESP packet sent to
+# us is 0x80-0xFF: never a STUN message (first two bits 00, RFC 8489 §5; RFC 7983 §7) nor TURN ChannelData
+# (first byte 0x40-0x4F, RFC 8656 §12.4). Also above MIN_SPI (RFC 4303 §2.1's reserved 1..255).
+INDEX_MIN: Final = 0x80000000
 
 
 class HandshakeError(Exception):
@@ -482,8 +488,8 @@ class Handshaker:
 
     def _allocate_index(self) -> int:
         for _ in range(_MAX_INDEX_TRIES):
-            index = int.from_bytes(self._rand(4), "little")
-            if index >= MIN_SPI and index not in self._pending and not self._index_in_use(index):
+            index = int.from_bytes(self._rand(4), "little") | INDEX_MIN
+            if index not in self._pending and not self._index_in_use(index):
                 return index
         raise HandshakeError("no free index")
 
