@@ -10,7 +10,7 @@ Per device ``NAME`` of the account ``DOMAIN``::
 
     NAME.DOMAIN                      AAAA  <ULA>
     _autotunnel._udp.NAME.DOMAIN     SRV   0 0 <public UDP port> AutoTunnel-<IID>.DOMAIN
-    _autotunnel._udp.NAME.DOMAIN     TXT   "v=1" "pk=<base64 public key>"
+    _autotunnel._udp.NAME.DOMAIN     TXT   "v=1" "pk=<base64 public key>" ["nat=ei|pd"] ["relay=IP:PORT"]
     AutoTunnel-<IID>.DOMAIN          A     <public IPv4>      (and/or)
     AutoTunnel-<IID>.DOMAIN          AAAA  <public IPv6>
     _autotunnel._udp.DOMAIN          PTR   _autotunnel._udp.NAME.DOMAIN      (ours: discovery, optional)
@@ -47,7 +47,9 @@ from tunneld.identity import IID_LABEL_PREFIX, iid_label, ula_for
 from tunneld.proto.errors import ParseError
 
 __all__ = [
+    "MAX_RELAY_TEXT",
     "MAX_TTL",
+    "NAT_KINDS",
     "PUBLIC_KEY_LEN",
     "SERVICE_LABELS",
     "SUPPORTED_VERSION",
@@ -56,12 +58,14 @@ __all__ = [
     "browse_name",
     "build",
     "check_name",
+    "format_relay",
     "host_from_browse_target",
     "host_name",
     "list_hosts",
     "names_to_browse",
     "names_to_watch",
     "parse",
+    "parse_relay",
     "service_name",
     "target_name",
 ]
@@ -76,6 +80,12 @@ SERVICE_LABELS: Final = (b"_autotunnel", b"_udp")
 """The service labels of the SRV/TXT owner and of the browse PTR owner (BTMM's ``_autotunnel._udp``)."""
 MAX_TTL: Final = 2**31 - 1
 """RFC 2181 §8: a TTL is an unsigned 32-bit number whose top bit must be zero."""
+NAT_KINDS: Final = ("ei", "pd")
+"""The ``nat=`` TXT values: the published endpoint is a STUN-observed binding of an endpoint-independent NAT
+(``ei``: punch it), or of a NAT that maps per destination (``pd``: only its address means something, for a
+relay's permissions). Absent: a mapped or public endpoint."""
+MAX_RELAY_TEXT: Final = 47
+"""The longest ``relay=`` value: ``[`` IPv6 (at most 39) ``]:`` port (at most 5)."""
 
 _IN: Final = dns.rdataclass.IN
 _A: Final = dns.rdatatype.A
@@ -169,6 +179,10 @@ class HostRecords:
     """The public outer addresses, IPv4 and/or IPv6; at least one with a port, none without."""
     version: int = SUPPORTED_VERSION
     """The ``v=`` TXT key. Only 1 is parsed; other values exist so tests can build what peers must refuse."""
+    nat: str | None = None
+    """The ``nat=`` TXT key (:data:`NAT_KINDS`), or None: how the published endpoint came about."""
+    relay: tuple[str, int] | None = None
+    """The ``relay=`` TXT key: the device's TURN relayed address (canonical address text, port), or None."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -188,6 +202,10 @@ class HostRecords:
         if addresses and self.port is None:
             raise ValueError("outer addresses need a port")
         object.__setattr__(self, "addresses", tuple(sorted(set(addresses), key=_sort_key)))
+        if self.nat is not None and self.nat not in NAT_KINDS:
+            raise ValueError(f"nat must be one of {NAT_KINDS} or None, got {self.nat!r}")
+        if self.relay is not None:
+            object.__setattr__(self, "relay", _check_relay(self.relay))
         expected = ula_for(self.domain, self.public_key)
         if self.ula != expected:
             raise ValueError(f"ula {self.ula} is not the one the key gives in {self.domain}: {expected}")
@@ -202,6 +220,8 @@ class HostRecords:
         public_key: bytes,
         port: int | None = None,
         addresses: Iterable[IPAddress] = (),
+        nat: str | None = None,
+        relay: tuple[str, int] | None = None,
     ) -> HostRecords:
         """The records of the device with ``public_key``, its ULA computed from the key."""
         return cls(
@@ -211,6 +231,8 @@ class HostRecords:
             ula=ula_for(domain, public_key),
             port=port,
             addresses=tuple(addresses),
+            nat=nat,
+            relay=relay,
         )
 
     @property
@@ -223,6 +245,52 @@ class HostRecords:
     def public_key_b64(self) -> str:
         """The ``pk=`` value: standard base64 with padding (RFC 4648 §4), 44 characters."""
         return base64.b64encode(self.public_key).decode("ascii")
+
+    def txt_strings(self) -> tuple[bytes, ...]:
+        """The TXT record's strings, in order: ``v``, ``pk``, then ``nat`` and ``relay`` when set."""
+        strings = [f"v={self.version}".encode("ascii"), f"pk={self.public_key_b64}".encode("ascii")]
+        if self.nat is not None:
+            strings.append(f"nat={self.nat}".encode("ascii"))
+        if self.relay is not None:
+            strings.append(b"relay=" + format_relay(self.relay).encode("ascii"))
+        return tuple(strings)
+
+
+def _check_relay(relay: tuple[str, int]) -> tuple[str, int]:
+    """(canonical address text, port) of a relayed address; ValueError if it is not one."""
+    host, port = relay
+    address = ipaddress.ip_address(host)  # ValueError
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ValueError(f"relay address {host!r} has a scope: it means nothing to a peer")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 0xFFFF:
+        raise ValueError(f"relay port must be 1..65535, got {port!r}")
+    return str(address), port
+
+
+def format_relay(relay: tuple[str, int]) -> str:
+    """``IP:PORT``, IPv6 in brackets (``[2001:db8::1]:3478``), as the ``relay=`` TXT value."""
+    host, port = _check_relay(relay)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_relay(value: bytes) -> tuple[str, int]:
+    """The ``relay=`` TXT value back to (address, port); ParseError on anything but the one canonical
+    spelling :func:`format_relay` writes (bounded first: at most :data:`MAX_RELAY_TEXT` bytes)."""
+    if len(value) > MAX_RELAY_TEXT:
+        raise ParseError(f"txt bad relay: {len(value)} bytes")
+    try:
+        text = value.decode("ascii")
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
+            raise ValueError(text)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        relay = _check_relay((host, int(port_text)))
+    except (UnicodeDecodeError, ValueError):
+        raise ParseError(f"txt bad relay: {_show(value)}") from None
+    if format_relay(relay).encode("ascii") != value:
+        raise ParseError(f"txt bad relay: not canonical {_show(value)}")  # one relay, one spelling
+    return relay
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -273,11 +341,7 @@ def build(host: HostRecords, ttl: int) -> list[dns.rrset.RRset]:
         dns.rrset.from_rdata(
             service,
             ttl,
-            dns.rdtypes.ANY.TXT.TXT(
-                _IN,
-                _TXT,
-                (f"v={host.version}".encode("ascii"), f"pk={host.public_key_b64}".encode("ascii")),
-            ),
+            dns.rdtypes.ANY.TXT.TXT(_IN, _TXT, host.txt_strings()),
         ),
     ]
     v4 = [_rd_a(a) for a in host.addresses if isinstance(a, ipaddress.IPv4Address)]
@@ -375,8 +439,8 @@ def _show(value: bytes) -> str:
     return repr(value[:16].decode("ascii", "replace")) + ("..." if len(value) > 16 else "")
 
 
-def _parse_txt(rdata: dns.rdtypes.ANY.TXT.TXT) -> tuple[int, bytes]:
-    """(version, public key) from the TXT strings, per RFC 6763 §6."""
+def _parse_txt(rdata: dns.rdtypes.ANY.TXT.TXT) -> tuple[int, bytes, str | None, tuple[str, int] | None]:
+    """(version, public key, nat, relay) from the TXT strings, per RFC 6763 §6."""
     keys: dict[bytes, bytes] = {}
     for string in rdata.strings:
         if not string or string.startswith(b"="):
@@ -402,7 +466,13 @@ def _parse_txt(rdata: dns.rdtypes.ANY.TXT.TXT) -> tuple[int, bytes]:
     if base64.b64encode(public_key) != encoded:
         # One key, one spelling: non-zero padding bits would let two TXT strings carry the same key.
         raise ParseError("txt bad pk: not canonical base64")
-    return SUPPORTED_VERSION, public_key
+    nat: str | None = None
+    if b"nat" in keys:
+        if keys[b"nat"] not in (b"ei", b"pd"):
+            raise ParseError(f"txt bad nat: {_show(keys[b'nat'])}")
+        nat = keys[b"nat"].decode("ascii")
+    relay = parse_relay(keys[b"relay"]) if b"relay" in keys else None
+    return SUPPORTED_VERSION, public_key, nat, relay
 
 
 def _one(
@@ -437,7 +507,7 @@ def parse(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> HostReco
 
     txt = _one(records, service, _TXT)
     assert isinstance(txt, dns.rdtypes.ANY.TXT.TXT)
-    version, public_key = _parse_txt(txt)
+    version, public_key, nat, relay = _parse_txt(txt)
 
     aaaa = _one(records, owner, _AAAA)
     assert isinstance(aaaa, dns.rdtypes.IN.AAAA.AAAA)
@@ -476,6 +546,8 @@ def parse(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> HostReco
             port=port,
             addresses=tuple(addresses),
             version=version,
+            nat=nat,
+            relay=relay,
         )
     except ValueError as e:  # every check above should have caught it; keep the one-exception promise
         raise ParseError(f"invalid host: {e}") from None

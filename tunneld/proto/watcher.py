@@ -89,6 +89,17 @@ class PeerLearned:
         endpoints = self.endpoints
         return endpoints[0] if endpoints else None
 
+    @property
+    def nat(self) -> str | None:
+        """The host's ``nat=`` mark: "ei" (its endpoint is an observed binding: punch it), "pd" (only its
+        address means something), or None (a mapped or public endpoint)."""
+        return self.host.nat
+
+    @property
+    def relay(self) -> tuple[str, int] | None:
+        """The host's TURN relayed address (``relay=``), where a peer sends when no direct path works."""
+        return self.host.relay
+
 
 @dataclass(frozen=True)
 class PeerGone:

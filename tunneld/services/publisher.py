@@ -33,15 +33,18 @@ RECORD_TTL = 60  # seconds: endpoints move, so peers must not cache them for lon
 STOP_GRACE = 2.0  # seconds to wait for the withdrawal's answer on shutdown
 
 
-def host_records(name: str, domain: str, public_key: bytes, endpoint: str | None) -> list[dns.rrset.RRset]:
+def host_records(name: str, domain: str, public_key: bytes, endpoint: str | None, *, nat: str | None = None,
+                 relay: tuple[str, int] | None = None) -> list[dns.rrset.RRset]:
     """Our RRsets for the public endpoint ``"a.b.c.d:port"`` (or ``"[v6]:port"``), the browse PTR to us
     included (see the module docstring); with no endpoint, our identity alone (AAAA, TXT, PTR): peers then
-    know our key and accept us when we reach them first."""
+    know our key and accept us when we reach them first. ``nat`` ("ei"/"pd": the endpoint is a STUN-observed
+    binding) and ``relay`` (our TURN relayed address) go into the TXT (docs/protocol.md, "DNS records")."""
     if endpoint is None:
-        return records.build(records.HostRecords.derive(name, domain, public_key), RECORD_TTL)
+        rec = records.HostRecords.derive(name, domain, public_key, nat=nat, relay=relay)
+        return records.build(rec, RECORD_TTL)
     host, _, port = endpoint.rpartition(":")
     address = ipaddress.ip_address(host.strip("[]"))
-    rec = records.HostRecords.derive(name, domain, public_key, int(port), [address])
+    rec = records.HostRecords.derive(name, domain, public_key, int(port), [address], nat=nat, relay=relay)
     return records.build(rec, RECORD_TTL)
 
 
