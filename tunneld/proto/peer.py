@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from crypto.esp import SecurityAssociation
 from tunneld.proto import constants as C
+from tunneld.proto.paths import PathState
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Peer:
     traffic_at: float | None = None  # last authenticated packet either way (persistent keepalive's clock)
     received_at: float | None = None  # last authenticated packet from the peer
     staged: deque[bytes] = field(default_factory=lambda: deque(maxlen=C.MAX_STAGED_PACKETS))
+    path: PathState = field(default_factory=PathState)  # direct or relayed, and the plans to change it
 
     # counters, for status
     rx_bytes: int = 0
@@ -258,6 +260,8 @@ class Peer:
         times = [t for t in (self.retry_at, self.keepalive_at, self.new_handshake_at, self._persistent_due())
                  if t is not None]
         times += [s.created + self.timers.reject_after_time for s in self.sessions()]
+        if (p := self.path.deadline()) is not None:
+            times.append(p)
         return min(times) if times else None
 
     def poll(self, now: float) -> tuple[list[Action], list[Session]]:

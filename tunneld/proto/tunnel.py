@@ -3,10 +3,11 @@
 `TunnelCore` owns the peer table, the handshake engine and every per-packet decision:
 
     outbound(tun packets, runs) -> group by destination ULA, seal per peer -> datagrams and GSO bursts
-    inbound(UDP datagrams)      -> classify (RFC 3948), open per SA, inner-source check -> TUN packets
-                                   and runs, handshake messages -> replies; roaming on authenticated
-                                   packets only
-    poll(now)                   -> the peers' timers: retries, keepalives, rekeys, expiry
+    inbound(UDP datagrams)      -> classify (RFC 3948; STUN out to the NAT service; our relay's data
+                                   unwrapped), open per SA, inner-source check -> TUN packets and runs,
+                                   handshake messages -> replies; roaming on authenticated packets only
+    poll(now)                   -> the peers' timers: retries, keepalives, rekeys, expiry, and their
+                                   paths' plans: punching, relay fallback, direct probes (`paths`)
 
 Each call returns one `Output` (as boringtun's TunnResult, for a batch): what to write to the TUN, what
 to send, what happened. It never reads a clock (callers pass `now`, monotonic, and `wall`, Unix time for
@@ -20,7 +21,6 @@ import ipaddress
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,115 +28,33 @@ import numpy as np
 from crypto.esp import LAYOUT, NH_NONE, Kind, SecurityAssociation, classify
 from crypto.kdf import derive_esp_keymat
 from crypto.layout import SealLayout
-from tunneld.fastpath.runs import Burst, RxRun, TxRun, interleave
-from tunneld.proto import constants as C
+from tunneld.fastpath.runs import Burst, RxRun, TxRun
 from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address
+from tunneld.proto.paths import DIRECT, FRESH_PACKET, RELAY, PathChanged
 from tunneld.proto.peer import Action, Peer, Session, Timers
+from tunneld.proto.stun_wire import is_stun
+from tunneld.proto.tunnel_paths import PathMixin
+from tunneld.proto.tunnel_types import (
+    Counters,
+    EndpointFromDns,
+    Flight,
+    HandshakeGaveUp,
+    Output,
+    PeerMoved,
+    PeerRemoved,
+    TunnelEvent,
+)
 
-# An endpoint learned from an authenticated packet this recent beats a DNS record: the peer is talking to
-# us from there (keepalive_timeout + rekey_timeout: a live peer sends at least that often when spoken to).
-FRESH_PACKET = C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT
+__all__ = ["FRESH_PACKET", "PERSISTENT_KEEPALIVE", "Counters", "EndpointFromDns", "Flight", "HandshakeGaveUp",
+           "Output", "PathChanged", "PeerMoved", "PeerRemoved", "TunnelCore", "TunnelEvent"]
+
 PERSISTENT_KEEPALIVE = 25.0  # seconds, as WireGuard's usual setting: under every common NAT's UDP timeout
 # Called with each new SA, its KEYMAT (key || salt) and the peer's current endpoint, for the key log.
 SessionHook = Callable[[SecurityAssociation, bytes, Address | None], None]
 
 
-@dataclass(slots=True)
-class Flight:
-    """Datagrams to one destination, in this order: loose datagrams, with each sealed run (a `Burst`)
-    sent after the first `burst.at` of them."""
-
-    destination: Address
-    datagrams: list[bytes]
-    bursts: list[Burst] = field(default_factory=list)
-
-    def all_datagrams(self) -> list[bytes]:
-        """Every datagram in sending order, the bursts split (for tests and slow paths)."""
-        out: list[bytes] = []
-        prev = 0
-        for b in self.bursts:
-            out += self.datagrams[prev : b.at]
-            out += b.datagrams()
-            prev = max(prev, b.at)
-        return out + self.datagrams[prev:]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerMoved:
-    """An authenticated packet came from a new endpoint: the peer roamed."""
-
-    name: str
-    endpoint: Address
-
-    def __str__(self) -> str:
-        return f"peer {self.name} moved to {self.endpoint[0]} port {self.endpoint[1]}"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointFromDns:
-    """An idle peer's endpoint was replaced by the one its DNS records publish."""
-
-    name: str
-    endpoint: Address
-
-    def __str__(self) -> str:
-        return f"peer {self.name}: endpoint {self.endpoint[0]} port {self.endpoint[1]} from DNS"
-
-
-@dataclass(frozen=True, slots=True)
-class PeerRemoved:
-    name: str
-
-    def __str__(self) -> str:
-        return f"peer {self.name} removed"
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeGaveUp:
-    """No handshake completed within rekey_attempt_time; staged packets were dropped."""
-
-    name: str
-
-    def __str__(self) -> str:
-        return f"handshake with {self.name} did not complete; giving up until there is traffic"
-
-
-TunnelEvent = PeerMoved | EndpointFromDns | PeerRemoved | HandshakeGaveUp
-
-
-@dataclass(slots=True)
-class Output:
-    """What one call into the core asks for: packets and runs for the TUN (each run written after the
-    first `run.at` loose packets), flights of datagrams to send, and what happened."""
-
-    tun_packets: list[bytes] = field(default_factory=list)
-    tun_runs: list[RxRun] = field(default_factory=list)
-    sends: list[Flight] = field(default_factory=list)
-    events: list[TunnelEvent] = field(default_factory=list)
-
-    def tun_in_order(self) -> list[bytes]:
-        """Every packet for the TUN in order, the runs split (for tests and slow paths)."""
-        return interleave(self.tun_packets, self.tun_runs)
-
-
-@dataclass
-class Counters:
-    rx_datagrams: int = 0
-    rx_malformed: int = 0
-    rx_unknown_spi: int = 0
-    rx_keepalive: int = 0
-    rx_handshake: int = 0
-    tx_no_route: int = 0
-    tx_no_endpoint: int = 0
-    # The fast path's share: runs sealed / opened in one piece, and the datagrams they held.
-    tx_runs: int = 0
-    tx_run_datagrams: int = 0
-    rx_runs: int = 0
-    rx_run_datagrams: int = 0
-
-
-class TunnelCore:
+class TunnelCore(PathMixin):
     def __init__(self, private_key: bytes, psk: bytes, suite: str = "aes-256-gcm",
                  timers: Timers | None = None, rand: Callable[[int], bytes] = os.urandom) -> None:
         self.suite = suite
@@ -151,6 +69,8 @@ class TunnelCore:
         self.persistent_keepalive: float | None = None
         self._events: list[TunnelEvent] = []  # handed out with the next Output
         self.on_session: SessionHook | None = None
+        self.relay = None  # our TURN allocation (`paths.Relay`), once the NAT service has one
+        self.nat: str | None = None  # behind a NAT that maps nothing: "ei", "pd" or "unknown"; else None
 
     @property
     def layout(self) -> SealLayout:
@@ -174,24 +94,36 @@ class TunnelCore:
             raise ValueError(f"peer {name}: its key or ULA is already in the table")
         peer = Peer(name=name, public_key=public_key, ula=ula.packed, timers=self.timers, rand=self.rand)
         peer.set_endpoint(endpoint, source if endpoint is not None else "none", now)
+        peer.path.direct = endpoint
+        peer.path.since = now
         peer.persistent_keepalive = self.persistent_keepalive
         self.by_ula[peer.ula] = peer
         self.by_key[public_key] = peer
         return peer
 
     def learn_peer(self, name: str, public_key: bytes, ula: ipaddress.IPv6Address,
-                   endpoint: Address | None, now: float) -> Peer:
+                   endpoint: Address | None, now: float, nat: str | None = None,
+                   relay: Address | None = None) -> Peer:
         """Add or update a peer learned from DNS (its records are checked by the caller: the ULA is
         the key's). A known peer gets the published endpoint unless an authenticated packet came from
         it within FRESH_PACKET: the endpoint it talks to us from beats a record, which may lag. A peer
-        that publishes no endpoint keeps the one its packets showed."""
+        that publishes no endpoint keeps the one its packets showed. ``nat`` and ``relay`` are its TXT's
+        marks: a peer not talking to us is then punched, or reached through its relay (`paths`)."""
         peer = self.by_key.get(public_key)
+        fresh = peer is not None and peer.heard_from_within(now, FRESH_PACKET)
         if peer is None:
-            return self.add_peer(name, public_key, ula, endpoint, "dns", now)
-        fresh = peer.heard_from_within(now, FRESH_PACKET)
-        if endpoint is not None and peer.endpoint != endpoint and not fresh:
+            peer = self.add_peer(name, public_key, ula, endpoint, "dns", now)
+        elif endpoint is not None and peer.endpoint != endpoint and not fresh:
             peer.set_endpoint(endpoint, "dns", now)
+            self._set_path(peer, DIRECT, None, None, now, self._events)
             self._events.append(EndpointFromDns(name, endpoint))
+        path = peer.path
+        path.nat, path.peer_relay = nat, relay
+        direct_fresh = path.direct_heard is not None and now - path.direct_heard <= FRESH_PACKET
+        if endpoint is not None and not direct_fresh:
+            path.direct = endpoint
+        if not fresh:
+            self._plan(peer, now)
         return peer
 
     def set_persistent_keepalive(self, seconds: float | None) -> None:
@@ -207,6 +139,14 @@ class TunnelCore:
         learns our new endpoint within one round trip."""
         out = self._output()
         for peer in self.by_key.values():
+            path = peer.path
+            if path.via is not None:  # through our old allocation, which is gone with the old network
+                target = path.peer_relay or path.direct
+                if target is None:
+                    continue
+                peer.set_endpoint(target, "relay" if target == path.peer_relay else "dns", now)
+                kind = RELAY if target == path.peer_relay else DIRECT
+                self._set_path(peer, kind, target if kind == RELAY else None, None, now, out.events)
             if peer.endpoint is None:
                 continue
             if peer.sendable(now) is not None and not peer.wants_rekey(now):
@@ -301,7 +241,7 @@ class TunnelCore:
         sa = session.outbound
         if not runs:
             datagrams = sa.seal_many(loose)
-            out.sends.append(Flight(peer.endpoint, datagrams))
+            self._send(out, peer.endpoint, peer.path.via, datagrams)
         else:
             # Sealed in sending order, so that sequence numbers follow the inner packets' order.
             datagrams = []
@@ -320,17 +260,20 @@ class TunnelCore:
                 peer.tx_bytes += run.nbytes
             if prev < len(loose):
                 datagrams += sa.seal_many(loose[prev:])
-            out.sends.append(Flight(peer.endpoint, datagrams, bursts))
+            self._send(out, peer.endpoint, peer.path.via, datagrams, bursts)
         peer.tx_packets += len(loose)
         peer.tx_bytes += sum(map(len, loose))
         peer.data_sent(now)
         peer.any_authenticated_packet_sent(now)
 
-    def _keepalive(self, peer: Peer, now: float, out: Output) -> None:
+    def _keepalive(self, peer: Peer, now: float, out: Output, to: Address | None = None) -> None:
+        """An empty authenticated packet on the current session, to the peer's endpoint (or to ``to``: a
+        direct probe while relayed)."""
         session = peer.sendable(now)
         if session is None or peer.endpoint is None:
             return
-        out.sends.append(Flight(peer.endpoint, [session.outbound.seal(b"", next_header=NH_NONE)]))
+        dest, via = (peer.endpoint, peer.path.via) if to is None else (to, None)
+        self._send(out, dest, via, [session.outbound.seal(b"", next_header=NH_NONE)])
         peer.any_authenticated_packet_sent(now)
 
     # -- UDP -> TUN ------------------------------------------------------------------------------------
@@ -343,17 +286,28 @@ class TunnelCore:
         self.handshaker.load.end_batch()
         return out
 
-    def _inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float, out: Output) -> None:
+    def _inbound(self, batch: Iterable[tuple[bytes, Address]], now: float, wall: float, out: Output,
+                 via: Address | None = None) -> None:
+        """Classify and process; ``via`` is our relay server when ``batch`` came out of it (unwrapped)."""
         by_spi = self.by_spi
         # Grouped by (SPI, source): a source may become the peer's endpoint only if a datagram it
         # sent authenticated. (GRO hands us one source per receive, so the groups stay large.)
         esp: dict[tuple[int, Address], list[bytes]] = defaultdict(list)
         control: list[tuple[bytes, Address]] = []
+        relayed: list[tuple[bytes, Address]] = []
         c = self.counters
+        server = self.relay.server if self.relay is not None and via is None else None
         for data, src in batch:
+            if src == server:
+                relayed.append((data, src))
+                continue
             c.rx_datagrams += 1
             kind = classify(data)
             if kind is Kind.ESP:
+                if data[0] < 0x40 and is_stun(data):  # our SPIs start 0x80-0xff (handshake.INDEX_MIN)
+                    c.rx_stun += 1
+                    out.stun.append((data, src))
+                    continue
                 esp[int.from_bytes(data[:4], "big"), src].append(data)
             elif kind is Kind.CONTROL:
                 control.append((data, src))
@@ -361,6 +315,8 @@ class TunnelCore:
                 c.rx_keepalive += 1
             else:
                 c.rx_malformed += 1
+        if relayed:
+            self._from_relay(relayed, now, wall, out)
         for (spi, src), wires in esp.items():
             entry = by_spi.get(spi)
             if entry is None:
@@ -375,14 +331,14 @@ class TunnelCore:
             inner = inbound.open_many(wires)
             if not inner and inbound.rx_dummy == dummies:
                 continue  # nothing from this source authenticated
-            self._authenticated(peer, session, src, now, wall, out)
+            self._authenticated(peer, session, src, now, wall, out, via)
             if inner:
                 self._deliver(peer, inner, out)
                 peer.data_received(now)
             if peer.wants_rekey_on_receive(now) and not peer.handshake_in_progress():
                 self._initiate(peer, now, wall, out)
         for data, src in control:  # after the data: their X25519 work shares one budget per batch
-            self._on_handshake_message(data[4:], src, now, wall, out)
+            self._on_handshake_message(data[4:], src, now, wall, out, via)
 
     def inbound_gro(self, batch: Iterable[tuple[bytes, Address, int]], now: float, wall: float) -> Output:
         """As `inbound`, for receives that may each hold several datagrams: (buffer, source, size) with
@@ -393,12 +349,13 @@ class TunnelCore:
         out = self._output()
         self.handshaker.load.begin_batch()  # one budget of handshake work for the whole receive
         pending: list[tuple[bytes, Address]] = []
+        server = self.relay.server if self.relay is not None else None
         for data, src, size in batch:
             if size and len(data) > size:
                 if pending:
                     self._inbound(pending, now, wall, out)
                     pending = []
-                if self._open_run(data, size, src, now, wall, out):
+                if src != server and self._open_run(data, size, src, now, wall, out):
                     continue
                 pending.extend([(data[o:o + size], src) for o in range(0, len(data), size)])
             else:
@@ -441,16 +398,11 @@ class TunnelCore:
         return True
 
     def _authenticated(self, peer: Peer, session: Session, src: Address, now: float, wall: float,
-                       out: Output) -> None:
+                       out: Output, via: Address | None = None) -> None:
         """Bookkeeping after packets from `src` authenticated under `session`: timers, roaming, and
         whatever was staged waiting for the session."""
         self._unregister(peer.received_on(session, now, wall))
-        if peer.endpoint != src:
-            # Roaming: the endpoint moves only on an authenticated packet (wireguard-go receive.go).
-            out.events.append(PeerMoved(peer.name, src))
-            peer.set_endpoint(src, "packet", now)
-        elif peer.endpoint_source != "packet":
-            peer.set_endpoint(src, "packet", now)  # confirmed by the peer itself
+        self._arrived(peer, src, via, now, out)
         if peer.staged and peer.sendable(now) is not None:
             staged = list(peer.staged)
             peer.staged.clear()
@@ -469,7 +421,9 @@ class TunnelCore:
 
     # -- handshakes ------------------------------------------------------------------------------------
 
-    def _initiate(self, peer: Peer, now: float, wall: float, out: Output, retry: bool = False) -> None:
+    def _initiate(self, peer: Peer, now: float, wall: float, out: Output, retry: bool = False,
+                  to: Address | None = None) -> None:
+        """A handshake initiation to the peer's endpoint (or to ``to``: punching a direct path)."""
         if peer.endpoint is None:
             return  # we can only answer this peer; it will contact us
         last = peer.last_sent_handshake
@@ -478,26 +432,25 @@ class TunnelCore:
             # response; the one in flight (or the peer's) is about to complete.
             return
         payload, _pending = self.handshaker.initiate(peer.public_key, now, wall)
-        out.sends.append(Flight(peer.endpoint, [payload]))
+        dest, via = (peer.endpoint, peer.path.via) if to is None else (to, None)
+        self._send(out, dest, via, [payload])
         peer.last_sent_handshake = now
         peer.handshake_initiated(now)
 
     def _on_handshake_message(self, message: bytes, src: Address, now: float, wall: float,
-                              out: Output) -> None:
+                              out: Output, via: Address | None = None) -> None:
         self.counters.rx_handshake += 1
         event = self.handshaker.receive(message, src, now)
         if isinstance(event, hs.InitiationReceived):
             peer = self.by_key[event.peer]
-            if peer.endpoint != src:
-                out.events.append(PeerMoved(peer.name, src))
-            peer.set_endpoint(src, "packet", now)  # authenticated by the handshake itself
+            self._arrived(peer, src, via, now, out)  # authenticated by the handshake itself
             peer.heard(now)
             self._install(peer, event.keys, now, wall)
-            out.sends.append(Flight(src, [event.datagram]))
+            self._send(out, src, via, [event.datagram])  # the way it came
             peer.last_sent_handshake = now
         elif isinstance(event, hs.ResponseReceived):
             peer = self.by_key[event.peer]
-            peer.set_endpoint(src, "packet", now)
+            self._arrived(peer, src, via, now, out)
             peer.heard(now)
             self._install(peer, event.keys, now, wall)
             peer.handshake_complete(now, wall)
@@ -508,7 +461,7 @@ class TunnelCore:
             else:
                 self._keepalive(peer, now, out)  # key confirmation for the responder
         elif isinstance(event, hs.SendCookie):
-            out.sends.append(Flight(src, [event.datagram]))
+            self._send(out, src, via, [event.datagram])
         elif isinstance(event, hs.CookieReceived) and event.retry_now and event.peer in self.by_key:
             self._initiate(self.by_key[event.peer], now, wall, out, retry=True)  # now with mac2
 
@@ -543,7 +496,10 @@ class TunnelCore:
         for peer in self.by_key.values():
             actions, dropped = peer.poll(now)
             self._unregister(dropped)
+            self._poll_path(peer, now, wall, out)
             for action in actions:
+                if action in (Action.RETRY, Action.INITIATE) and self._path_failed(peer, now, action):
+                    continue  # a new path was chosen, with its own burst of handshakes
                 if action is Action.RETRY:
                     self._initiate(peer, now, wall, out, retry=True)
                 elif action is Action.INITIATE:
@@ -582,5 +538,6 @@ class TunnelCore:
                 "dropped_spoofed": p.dropped_spoofed,
                 "dropped_inbound": p.rx_dropped_retired + sum(s.inbound.rx_dropped for s in p.sessions()),
                 "replayed": p.rx_replay_retired + sum(s.inbound.rx_replay for s in p.sessions()),
+                **p.path.status(now),
             })
         return out
