@@ -120,6 +120,7 @@ class PathMixin:
             path.stop_burst()  # punched (or the relay answered): nothing more to send on the schedule
         if path.keeps_direct(kind, now):
             return
+        upgraded = kind == DIRECT and path.kind == RELAY
         if peer.endpoint != src or path.via != via:
             if kind == DIRECT and path.kind == DIRECT:
                 out.events.append(PeerMoved(peer.name, src))
@@ -127,21 +128,22 @@ class PathMixin:
         elif peer.endpoint_source != "packet":
             peer.set_endpoint(src, "packet", now)  # confirmed by the peer itself
         self._set_path(peer, kind, relay, via, now, out.events)
+        if upgraded:  # a direct probe got through: answer directly, so the peer moves over too
+            self._keepalive(peer, now, out)
 
     def _poll_path(self, peer: Peer, now: float, wall: float, out: Output) -> None:
-        """The path's plans that are due: the next handshake of a burst, the end of the punch window,
-        a direct probe while relayed."""
+        """The path's plans that are due: the end of the punch window, the next handshake of a burst, a
+        direct probe while relayed."""
         path = peer.path
+        if path.fallback_at is not None and now >= path.fallback_at:
+            path.fallback_at = None
+            if not path.answered_since_burst(peer.received_at) and path.peer_relay is not None:
+                self._to_relay(peer, now, out.events)  # and its first handshake below
         due = path.burst_due()
         if due is not None and now >= due:
             assert path.burst_to is not None
             path.burst_step += 1
             self._initiate(peer, now, wall, out, retry=True, to=path.burst_to)
-        if path.fallback_at is not None and now >= path.fallback_at:
-            path.fallback_at = None
-            if not path.answered_since_burst(peer.received_at) and path.peer_relay is not None:
-                self._to_relay(peer, now, out.events)
-                self._poll_path(peer, now, wall, out)  # its first handshake now
         if path.upgrade_at is not None and now >= path.upgrade_at:
             path.upgrade_at = now + UPGRADE_INTERVAL
             if path.kind == RELAY and path.direct is not None:
@@ -155,7 +157,7 @@ class PathMixin:
         if action is Action.RETRY and (peer.handshake_started is None or
                                        now - peer.handshake_started < PUNCH_WINDOW):
             return False
-        if path.burst_from is not None:
+        if path.burst_due() is not None:
             return False  # a burst is under way
         if path.kind == DIRECT and path.peer_relay is not None and peer.endpoint != path.peer_relay:
             self._to_relay(peer, now, self._events)
