@@ -342,6 +342,13 @@ def _endpoint_origin(p: dict[str, Any]) -> str:
     return f" (from {source}" + (f", {age:g} s ago)" if age is not None else ")")
 
 
+def _path_line(p: dict[str, Any]) -> str:
+    """"path: direct 198.51.100.2:4500, for 12 s" or "path: relay via 203.0.113.9:3478, for 3 s"."""
+    since = p.get("path_since")
+    how = f"relay via {p.get('relay')}" if p.get("path") == "relay" else f"direct {p['endpoint'] or '(none)'}"
+    return f"  path: {how}" + (f", for {since:g} s" if since is not None else "")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, {"cmd": "status"})
     if st is None:
@@ -362,6 +369,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if pm.get("state") not in (None, "disabled"):
         out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"
                    + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
+    nat = st.get("nat") or {}
+    if nat.get("state") not in (None, "disabled"):
+        out.append(f"  traversal: {nat.get('state')}: observed {nat.get('observed') or 'nothing yet'} "
+                   f"({nat.get('kind')}), relay {nat.get('relay_state')}"
+                   + (f" at {nat['relayed']}" if nat.get("relayed") else ""))
     pub = st.get("publish") or {}
     if pub.get("state") not in (None, "disabled"):
         out.append(f"  dns publish: {pub.get('state')}: {pub.get('message', '')}")
@@ -372,10 +384,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         hs = p["last_handshake"]
         ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
         out += ["", f"peer: {p['name']} (from {p.get('source', 'config')})", f"  ula: {p['ula']}",
-                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", f"  latest handshake: {ago}",
+                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", _path_line(p),
+                f"  latest handshake: {ago}",
                 f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    from tunneld import ping
+
+    problem = ping.check_arguments(args.count, args.interval, args.timeout)
+    if problem:
+        raise UsageError(problem)
+    try:
+        return ping.run(args.peer, args.count, args.interval, args.timeout,
+                        lambda: _ask(args, {"cmd": "status"}))
+    except ping.PingError as e:
+        print(f"tunneld: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def cmd_rebind(args: argparse.Namespace) -> int:
@@ -483,6 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     pprobe.add_argument("--gateway", help="the router's address (default: the IPv4 default gateway)")
     pprobe.add_argument("--config", help="read [portmap] gateway from this config")
     pprobe.set_defaults(func=cmd_portmap_probe)
+
+    ping = sub.add_parser("ping", help="authenticated probes to a peer, each with its path and round trip")
+    with_config(ping)
+    ping.add_argument("peer", help="the peer's name or ULA")
+    ping.add_argument("--socket", help="control socket (default: from the config)")
+    ping.add_argument("-c", "--count", type=int, default=3, help="probes to send (default 3)")
+    ping.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
+    ping.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between probes (default 1)")
+    ping.set_defaults(func=cmd_ping)
 
     rebind = sub.add_parser("rebind", help="reopen the outer UDP socket (after a network change)")
     with_config(rebind)

@@ -249,7 +249,9 @@ class Daemon:
         if isinstance(event, PeerLearned):
             host, ep = event.host, event.endpoint
             endpoint = to_socket_addr(*ep) if ep else None
-            self.core.learn_peer(host.name, host.public_key, host.ula, endpoint, now)
+            relay = to_socket_addr(*event.relay) if event.relay else None
+            self.core.learn_peer(host.name, host.public_key, host.ula, endpoint, now, nat=event.nat,
+                                 relay=relay)
             log.info("peer %s (%s) learned from DNS %s", host.name, host.ula,
                      f"at {ep[0]} port {ep[1]}" if ep else "without an endpoint (it reaches us first)")
         elif isinstance(event, PeerGone):
@@ -314,7 +316,8 @@ class Daemon:
         now = trio.current_time()
         peers = self.core.peer_status(now)
         for p in peers:
-            p["endpoint"] = display_addr(p["endpoint"]) if p["endpoint"] else None
+            for key in ("endpoint", "relay", "peer_relay"):
+                p[key] = display_addr(p[key]) if p[key] else None
             p["source"] = "config" if base64.b64decode(p["public_key"]) in self.static_peers else "dns"
         c = self.core.counters
         return {
