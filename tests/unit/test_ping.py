@@ -30,8 +30,10 @@ class FakeProber:
         self.closed = True
 
 
-def run(which: str, answers: list[float | None], status: dict[str, Any] | None = None) -> tuple[int, list[str],
-                                                                                                   FakeProber]:
+Outcome = tuple[int, list[str], FakeProber]
+
+
+def run(which: str, answers: list[float | None], status: dict[str, Any] | None = None) -> Outcome:
     lines: list[str] = []
     prober = FakeProber(answers)
     addresses: list[str] = []
