@@ -3,6 +3,7 @@
     TUN --read until EAGAIN--> core.outbound --> UDP (loose datagrams and GSO bursts per destination)
     UDP --recv until EAGAIN (GRO whole)--> core.inbound_gro --> TUN, and replies --> UDP
     timer --> core.poll --> UDP
+    STUN that came in on UDP --> on_stun (the NAT service's STUN and TURN clients)
 
 All decisions are the core's; these loops only move bytes and read the clocks. The TUN and the
 transport are reached through two small protocols, so that tests run these very loops over in-memory
@@ -72,6 +73,8 @@ class Dataplane:
         self.udp = udp
         self.wall = wall
         self.on_event = on_event
+        # STUN messages that came in on the tunnel socket go here (the NAT service); None: dropped.
+        self.on_stun: Callable[[bytes, Address], None] | None = None
         self.tun_write_drops = 0
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,6 +101,9 @@ class Dataplane:
                 await udp.send_batch(datagrams[prev:] if prev else datagrams, dest)
         for event in out.events:
             self.on_event(event)
+        if out.stun and self.on_stun is not None:
+            for data, source in out.stun:
+                self.on_stun(data, source)
 
     async def _tun_loop(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         tun, core = self.tun, self.core
