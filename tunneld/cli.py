@@ -371,9 +371,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                    + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
     nat = st.get("nat") or {}
     if nat.get("state") not in (None, "disabled"):
-        out.append(f"  traversal: {nat.get('state')}: observed {nat.get('observed') or 'nothing yet'} "
-                   f"({nat.get('kind')}), relay {nat.get('relay_state')}"
-                   + (f" at {nat['relayed']}" if nat.get("relayed") else ""))
+        seen = ", ".join(f"{m} (from {s})" for s, m in (nat.get("observed") or {}).items()) or "nothing yet"
+        out.append(f"  traversal: {nat.get('state')}; STUN: {seen}, {nat.get('kind')}; relay "
+                   f"{nat.get('relay_state')}" + (f" at {nat['relayed']}" if nat.get("relayed") else ""))
     pub = st.get("publish") or {}
     if pub.get("state") not in (None, "disabled"):
         out.append(f"  dns publish: {pub.get('state')}: {pub.get('message', '')}")
