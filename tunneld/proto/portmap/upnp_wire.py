@@ -19,15 +19,16 @@ from xml.sax.saxutils import escape
 from tunneld.proto.errors import ParseError
 
 __all__ = [
-    "HTTP_MAX_HEADER", "HTTP_MAX_RESPONSE", "IGD_SERVICE_TYPES", "SSDP_GROUP", "SSDP_MAX_RESPONSE", "SSDP_PORT",
-    "SSDP_SEARCH_TARGETS", "UPNP_ERRORS", "UPNP_MAX_LEASE", "HttpResponse", "HttpUrl", "IgdService",
+    "HTTP_MAX_HEADER", "HTTP_MAX_RESPONSE", "IGD_SERVICE_TYPES", "SSDP_GROUP", "SSDP_MAX_RESPONSE",
+    "SSDP_PORT", "SSDP_SEARCH_TARGETS", "UPNP_ERRORS", "UPNP_MAX_LEASE", "HttpResponse", "HttpUrl",
+    "IgdService",
     "SoapReply", "SsdpAnswer", "encode_add_port_mapping", "encode_delete_port_mapping",
     "encode_description_request", "encode_get_external_ip", "encode_msearch", "http_response_complete",
     "parse_description", "parse_http_response", "parse_http_url", "parse_soap_reply", "parse_ssdp_answer",
     "upnp_error_message",
 ]
 
-# -- SSDP (UPnP Device Architecture 1.1, §1.3: discovery) ---------------------------------------------------
+# -- SSDP (UPnP Device Architecture 1.1, §1.3: discovery) ----------------------------------------------------
 SSDP_GROUP: Final = "239.255.255.250"  # UDA 1.1 §1.1.2: the SSDP multicast address
 SSDP_PORT: Final = 1900  # UDA 1.1 §1.1.2
 SSDP_MX: Final = 1  # UDA 1.1 §1.3.2: MX, the seconds a device may wait before answering (1-5)
@@ -42,13 +43,13 @@ MAX_HEADERS: Final = 32
 MAX_LINE: Final = 512
 MAX_URL: Final = 256
 
-# -- HTTP over TCP (the description and SOAP; UDA 1.1 §2.1, §3.2) -------------------------------------------
+# -- HTTP over TCP (the description and SOAP; UDA 1.1 §2.1, §3.2) --------------------------------------------
 HTTP_MAX_HEADER: Final = 8192  # our bound on the status line and headers
 HTTP_MAX_BODY: Final = 65536  # our bound on a description or SOAP reply (miniupnpd's description: 3 KB)
 HTTP_MAX_RESPONSE: Final = HTTP_MAX_HEADER + HTTP_MAX_BODY
 MAX_CHUNKS: Final = 256  # our bound on chunks of a chunked body (RFC 9112 §7.1)
 
-# -- The connection services, in our order of preference (WANIPConnection:2 §1, :1 §1, WANPPPConnection:1) --
+# -- The connection services, in our order of preference (WANIPConnection:2 §1, :1 §1, WANPPPConnection:1) ---
 IGD_SERVICE_TYPES: Final = (
     "urn:schemas-upnp-org:service:WANIPConnection:2",
     "urn:schemas-upnp-org:service:WANIPConnection:1",
@@ -189,7 +190,8 @@ def parse_ssdp_answer(data: bytes) -> SsdpAnswer:
 
 def _status_code(line: bytes) -> int:
     parts = line.split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not re.fullmatch(rb"[1-5]\d\d", parts[1]):
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") \
+            or not re.fullmatch(rb"[1-5]\d\d", parts[1]):
         raise ParseError("bad HTTP status line")
     return int(parts[1])
 
@@ -211,7 +213,7 @@ def parse_http_url(url: str) -> HttpUrl:
     return HttpUrl(host, port, m.group(3) or "/")
 
 
-# -- HTTP over TCP --------------------------------------------------------------------------------------------
+# -- HTTP over TCP -------------------------------------------------------------------------------------------
 
 def encode_description_request(url: HttpUrl) -> bytes:
     """GET the device description (UDA 1.1 §2.11)."""
@@ -303,7 +305,7 @@ def parse_http_response(data: bytes) -> HttpResponse:
     return HttpResponse(status, rest[:length])
 
 
-# -- XML ------------------------------------------------------------------------------------------------------
+# -- XML -----------------------------------------------------------------------------------------------------
 
 def _xml(body: bytes) -> ET.Element:
     """Parse bounded XML that declares no DOCTYPE or ENTITY (refused before parsing)."""
@@ -359,14 +361,14 @@ def _resolve(base: HttpUrl, ref: str) -> HttpUrl:
     return HttpUrl(base.host, base.port, path)
 
 
-# -- SOAP (UDA 1.1 §3.2) --------------------------------------------------------------------------------------
+# -- SOAP (UDA 1.1 §3.2) -------------------------------------------------------------------------------------
 
 def _soap_request(service: IgdService, action: str, args: list[tuple[str, str]]) -> bytes:
     inner = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in args)
     body = (f'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="{SOAP_ENVELOPE_NS}" '
             f's:encodingStyle="{SOAP_ENCODING}"><s:Body><u:{action} '
             f'xmlns:u="{escape(service.service_type, {chr(34): "&quot;"})}">{inner}</u:{action}>'
-            "</s:Body></s:Envelope>\r\n").encode("utf-8")
+            "</s:Body></s:Envelope>\r\n").encode()
     url = service.control
     head = (f"POST {url.path} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
             'Content-Type: text/xml; charset="utf-8"\r\n'
