@@ -1,4 +1,4 @@
-"""A real NAT-PMP / PCP / UPnP IGD server for the lab: miniupnpd 2.3.1 (Debian `miniupnpd-nftables`) on the router.
+"""A real NAT-PMP / PCP / UPnP IGD server for the lab: miniupnpd 2.3.1 (Debian `miniupnpd-nftables`).
 
 Usage (the `behind_nat` topology of lab/topology.py):
 

@@ -360,7 +360,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.append(f"  keepalive: every {net['keepalive']:g} s (no public endpoint: NAT bindings held open)")
     pm = st.get("portmap") or {}
     if pm.get("state") not in (None, "disabled"):
-        out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"
+        proto = f" ({pm['protocol']})" if pm.get("protocol") else ""
+        out.append(f"  nat: {pm['state']}{proto}: {pm.get('result', '')}"
                    + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
     pub = st.get("publish") or {}
     if pub.get("state") not in (None, "disabled"):
@@ -421,8 +422,8 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("mapping none")
     if r.protocol is None:
-        why = (f"no answer in {PROBE_TIMEOUT:.0f} s; the router may not speak PCP or NAT-PMP, or has it "
-               f"switched off (look for a UPnP/NAT-PMP setting)")
+        why = (f"no answer in {PROBE_TIMEOUT:.0f} s; the router may not speak PCP, NAT-PMP or UPnP IGD, or "
+               f"has them switched off (look for a UPnP/NAT-PMP setting)")
     else:
         why = r.result
     print(f"tunneld: no port mapping from {r.gateway}: {why}", file=sys.stderr)
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    portmap = sub.add_parser("portmap", help="NAT-PMP/PCP port mapping on the home router")
+    portmap = sub.add_parser("portmap", help="PCP/NAT-PMP/UPnP port mapping on the home router")
     psub = portmap.add_subparsers(dest="portmap_command", required=True, parser_class=_Parser)
     pprobe = psub.add_parser("probe", help="what the gateway speaks, our public address, a test mapping")
     pprobe.add_argument("--gateway", help="the router's address (default: the IPv4 default gateway)")
