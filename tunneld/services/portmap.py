@@ -43,12 +43,14 @@ async def http_exchange(host: str, port: int, payload: bytes, timeout: float = H
             async with stream:
                 await stream.send_all(payload)
                 buf = bytearray()
-                while len(buf) <= HTTP_MAX_RESPONSE:
-                    chunk = await stream.receive_some(16384)
-                    if not chunk or http_response_complete(bytes(buf + chunk)):
-                        return bytes(buf + chunk)
+                while chunk := await stream.receive_some(16384):
                     buf += chunk
-                log.debug("portmap: HTTP response from %s:%d too large", host, port)
+                    if len(buf) > HTTP_MAX_RESPONSE:
+                        log.debug("portmap: HTTP response from %s:%d too large", host, port)
+                        return None
+                    if http_response_complete(bytes(buf)):
+                        break
+                return bytes(buf)
         except (OSError, trio.BrokenResourceError) as e:
             log.debug("portmap: HTTP to %s:%d: %s", host, port, e)
     return None
