@@ -22,6 +22,7 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import tunneld.config
     import tunneld.daemon
     import tunneld.dnsserver.serve
+    import tunneld.netcheck
     import tunneld.probe
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -30,6 +31,7 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(tunneld.daemon, "Daemon", refuse)
     monkeypatch.setattr(tunneld.dnsserver.serve, "serve", refuse)
     monkeypatch.setattr(tunneld.probe, "probe", refuse)
+    monkeypatch.setattr(tunneld.netcheck, "run", refuse)
     monkeypatch.setattr(tunneld.config, "DEFAULT_STATE_DIR", tmp_path / "default-state")
 
 
@@ -253,6 +255,9 @@ def _templates(tmp_path: Path) -> dict[str, tuple[list[str], int]]:
         "serve-default-lease": ([*serve, "--default-lease", "H"], 2),
         "serve-secret": (["serve-dns", "--zone", "z.example", "--secret-file", "H"], 2),
         "serve-stun": ([*serve, "--stun", "H"], 2),
+        "netcheck-stun": (["netcheck", "--stun", "H"], 2),
+        "netcheck-gateway": (["netcheck", "--stun", "192.0.2.1:3478", "--gateway", "H"], 2),
+        "netcheck-config": (["netcheck", "--config", "H"], 2),
         "command": (["H"], 2),
         "account-command": (["account", "H"], 2),
         "portmap-command": (["portmap", "H"], 2),

@@ -305,3 +305,15 @@ def test_hostile_datagrams_never_raise_out_of_receive() -> None:
             data = data[: rng.randrange(len(data) + 1)]
         c.receive(bytes(data), rng.choice((S1, S2)), 0.1)
     assert sum(c.counters.values()) >= 2000  # nearly all of them were dropped and counted
+
+
+def test_end_round_fails_the_silent_servers_and_gives_the_verdict_of_the_answers() -> None:
+    c = client()
+    c.poll(0.0)
+    reqs = sent(c)
+    c.receive(response(reqs[S1], MAPPED), S1, 0.01)
+    events(c)
+    c.end_round(1.0)
+    assert events(c) == [ServerFailed(S2, "no answer yet"), NatKind(UNKNOWN, MAPPED)]
+    c.poll(2.0)
+    assert c.transmits() == [] and c.deadline() == 25.0  # nothing outstanding; the next round as planned

@@ -142,6 +142,14 @@ class StunClient(Outbox[StunEvent]):
         if not self._closed:
             self._start_round(now)
 
+    def end_round(self, now: float) -> None:
+        """Give up on the outstanding requests at once (for a caller with a time bound of its own, such as
+        a diagnostic): they fail, and the answers so far give the verdict. Rounds go on as scheduled."""
+        for server in list(self._pending):
+            del self._pending[server]
+            self._fail(server, "no answer yet")
+        self._maybe_end_round()
+
     def poll(self, now: float) -> None:
         if self._closed:
             return
