@@ -317,3 +317,17 @@ def test_end_round_fails_the_silent_servers_and_gives_the_verdict_of_the_answers
     assert events(c) == [ServerFailed(S2, "no answer yet"), NatKind(UNKNOWN, MAPPED)]
     c.poll(2.0)
     assert c.transmits() == [] and c.deadline() == 25.0  # nothing outstanding; the next round as planned
+
+
+def test_a_round_still_outstanding_when_the_next_is_due_is_concluded_first() -> None:
+    c = client(interval=2.0)
+    c.poll(0.0)
+    reqs = sent(c)
+    c.receive(response(reqs[S1], MAPPED), S1, 0.1)
+    c.poll(0.5)
+    c.poll(1.5)
+    c.transmits()
+    events(c)
+    c.poll(2.0)  # S2 has not answered, and its give-up time (11.5 s) is after the next round
+    assert events(c) == [ServerFailed(S2, "no answer before the next round"), NatKind(UNKNOWN, MAPPED)]
+    assert set(sent(c)) == {S1, S2}

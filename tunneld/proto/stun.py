@@ -154,6 +154,10 @@ class StunClient(Outbox[StunEvent]):
         if self._closed:
             return
         if self._next_round is None or now >= self._next_round:
+            for server in list(self._pending):  # an interval shorter than the give-up time
+                del self._pending[server]
+                self._fail(server, "no answer before the next round")
+            self._maybe_end_round()
             self._start_round(now)
             return
         for server, t in list(self._pending.items()):
