@@ -63,6 +63,8 @@ async def _resolve(servers: tuple[StunServer, ...], results: list[StunResult]) -
 
     import trio
 
+    from tunneld.proto.stun import normal_address
+
     found: dict[tuple[str, int], int] = {}
     for server in servers:
         r = StunResult(str(server))
@@ -72,8 +74,7 @@ async def _resolve(servers: tuple[StunServer, ...], results: list[StunResult]) -
         except OSError as e:
             r.error = f"cannot resolve {server.host}: {getattr(e, 'strerror', None) or e}"
             continue
-        host, port = infos[0][4][0], infos[0][4][1]
-        address = (str(host).split("%", 1)[0], int(port))
+        address = normal_address((str(infos[0][4][0]), int(infos[0][4][1])))
         r.address = _text(address)
         if address in found:
             r.error = f"the same address as {results[found[address]].server}"

@@ -163,10 +163,15 @@ def test_serve_answers_stun_on_the_dns_port_and_a_stun_port_and_dns_still_works(
     trio.run(main)
 
 
-def test_stun_answers_are_rate_limited_per_source() -> None:
+@pytest.mark.parametrize(("attrs", "limits", "cls"), [
+    ([], RrlLimits(answers_per_second=1, errors_per_second=100, burst=5, slip=2), wire.SUCCESS),
+    ([(0x0003, b"\0\0\0\0")], RrlLimits(answers_per_second=100, errors_per_second=1, burst=5, slip=2),
+     wire.ERROR),  # 420s count as errors
+])
+def test_stun_answers_are_rate_limited_per_source(attrs: list[wire.Attribute], limits: RrlLimits,
+                                                  cls: int) -> None:
     async def main() -> list[bytes]:
         port = free_port()
-        limits = RrlLimits(answers_per_second=1, burst=5, slip=2)
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(serve, _core(), "127.0.0.1", port, rrl=limits))
             replies: list[bytes] = []
@@ -177,7 +182,7 @@ def test_stun_answers_are_rate_limited_per_source() -> None:
                 sock.bind(("127.0.0.1", 0))
                 sock.connect(("127.0.0.1", port))
                 for i in range(60):
-                    sock.send(request(tid=i.to_bytes(12, "big")))
+                    sock.send(request(attrs, tid=i.to_bytes(12, "big")))
                 # Answered in arrival order: once another /24's request is answered, the flood's are sent.
                 await last.bind(("127.0.9.1", 0))
                 await last.sendto(request(), ("127.0.0.1", port))
@@ -193,7 +198,7 @@ def test_stun_answers_are_rate_limited_per_source() -> None:
 
     replies = trio.run(main)
     assert 5 <= len(replies) <= 8  # the burst (a token or two more on a slow machine); no slips for STUN
-    assert all(wire.decode(r).cls == wire.SUCCESS for r in replies)
+    assert all(wire.decode(r).cls == cls for r in replies)
 
 
 def test_a_stun_port_in_use_is_named() -> None:

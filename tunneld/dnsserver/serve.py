@@ -42,7 +42,7 @@ from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kin
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 from tunneld.proto.dnsguard import try_parse
-from tunneld.proto.stun_wire import is_stun
+from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
 __all__ = ["RrlLimits", "TcpLimits", "serve"]
 
@@ -159,7 +159,8 @@ class _Server:
         reply = stun_respond(wire, (src[0], src[1]), counters=self.stun_counters)
         if reply is None:
             return
-        kind = Kind.ANSWER if reply[0] == 0x01 else Kind.ERROR  # 0x0101 success, 0x0111 error
+        _, cls = split_type(int.from_bytes(reply[:2], "big"))
+        kind = Kind.ANSWER if cls == SUCCESS else Kind.ERROR
         if self.stun_rrl.check(src, kind, trio.current_time()) is not Verdict.SEND:
             return  # no truncated form to slip: a real client retransmits
         try:

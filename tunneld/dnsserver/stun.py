@@ -9,12 +9,12 @@ the server is no useful reflector. docs/nat.md, "STUN".
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 
 from tunneld.proto import stun_wire as wire
 from tunneld.proto.core import Address
 from tunneld.proto.errors import ParseError
+from tunneld.proto.stun import normal_address
 
 __all__ = ["UNDERSTOOD", "respond"]
 
@@ -28,14 +28,6 @@ UNDERSTOOD = frozenset({
 })
 UNKNOWN_ATTRIBUTE = 420  # RFC 8489 §14.8
 _MAX_UNKNOWN = 8  # types listed in a 420 (each cost the sender at least 4 bytes; the answer stays small)
-
-
-def _client(source: Address) -> Address:
-    """The client's address as it knows it: IPv4 for an IPv4-mapped source of a dual-stack socket."""
-    ip = ipaddress.ip_address(source[0].split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), source[1]
 
 
 def respond(request: bytes, source: Address, *, software: str | None = None,
@@ -58,7 +50,7 @@ def respond(request: bytes, source: Address, *, software: str | None = None,
         count["stun: bad fingerprint"] += 1
         return None
     try:
-        client = _client(source)
+        client = normal_address(source)  # an IPv4 client of a dual-stack socket is told its IPv4 address
     except ValueError:
         count["stun: bad source"] += 1
         return None

@@ -28,6 +28,7 @@ __all__ = [
     "ServerFailed",
     "StunClient",
     "StunEvent",
+    "normal_address",
 ]
 
 ENDPOINT_INDEPENDENT = "endpoint-independent"  # RFC 4787 §4.1: one mapping for every destination
@@ -77,8 +78,9 @@ class _Transaction:
     due: float  # next retransmission, or the give-up time after the last one
 
 
-def _normal(address: Address) -> Address:
-    """The address in one spelling: IPv4-mapped IPv6 (a dual-stack socket's view) as IPv4, IPv6 compressed."""
+def normal_address(address: Address) -> Address:
+    """The address in one spelling: IPv4-mapped IPv6 (a dual-stack socket's view) as IPv4, IPv6 compressed,
+    no zone. ValueError if the host is not an IP address."""
     ip = ipaddress.ip_address(address[0].split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -102,7 +104,7 @@ class StunClient(Outbox[StunEvent]):
         super().__init__()
         if interval <= 0 or rto <= 0 or attempts < 1:
             raise ValueError("interval and rto must be positive, attempts at least 1")
-        self.servers: tuple[Address, ...] = tuple(dict.fromkeys(_normal(s) for s in servers))
+        self.servers: tuple[Address, ...] = tuple(dict.fromkeys(normal_address(s) for s in servers))
         self.rand = rand
         self.interval = interval
         self.rto = rto
@@ -190,7 +192,7 @@ class StunClient(Outbox[StunEvent]):
             self.counters[f"parse error: {e}"] += 1
             return
         try:
-            server = _normal(source)
+            server = normal_address(source)
         except ValueError:
             self.counters["bad source"] += 1
             return
