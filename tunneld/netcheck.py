@@ -113,7 +113,13 @@ async def _stun(family_servers: list[tuple[str, int]], family: int, results: lis
             if not pending:
                 done.set()
 
-    with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as sock:
+    try:
+        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    except OSError as e:  # no IPv6 here, say
+        for server in family_servers:
+            results[index[server]].error = f"cannot open a socket: {e.strerror or e}"
+        return
+    with sock:
         await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
         driver = Driver(client, [sock], on_event=on_event, grace=0.0, max_datagram=2048, name="netcheck")
         async with trio.open_nursery() as nursery:

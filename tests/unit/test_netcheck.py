@@ -146,3 +146,17 @@ def test_cli_bad_arguments_exit_2_with_one_line(fake_run: list[tuple[Any, ...]],
     assert main(["netcheck", *argv]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1 and not fake_run
+
+
+def test_a_family_without_sockets_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trio.socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> trio.socket.SocketType:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(trio.socket, "socket", no_ipv6)
+    r = run_with([0], extra=(StunServer("2001:db8::53", 3478),))
+    assert r.stun[0].mapped is not None
+    assert r.stun[1].error == "cannot open a socket: Address family not supported by protocol"
