@@ -248,6 +248,11 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
                dataclasses.replace(rrl, answers_per_second=args.rate_limit,
                                    errors_per_second=args.rate_limit / 2))
+    stun_ports = list(dict.fromkeys(args.stun or ()))
+    for port in stun_ports:
+        if not 1 <= port <= 65535 or port == listen.port:
+            raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
+                             f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     db = Path(args.db)
     try:
@@ -276,7 +281,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core), rrl=rrl))
+                                                      llq=LLQServer(core), rrl=rrl,
+                                                      stun_ports=stun_ports))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -289,7 +295,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         err = _first_oserror(e)
         if err is None:
             raise
-        print(f"tunneld: {bind_error_message(err, str(listen))}", file=sys.stderr)
+        where = err.filename if isinstance(err.filename, str) else str(listen)
+        print(f"tunneld: {bind_error_message(err, where)}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         store.close()
@@ -491,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     rebind.add_argument("--port", type=int, help="new port (default: the same)")
     rebind.set_defaults(func=cmd_rebind)
 
+    from tunneld import netcheck
+    netcheck.add_parser(sub)
+
     serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
     serve_dns.add_argument("--zone", required=True, help="the account's domain, served as the zone")
     serve_dns.add_argument("--secret-file", required=True,
@@ -507,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--rate-limit", type=int, metavar="REPLIES",
                            help="unsigned UDP answers per second to one /24 or /56 (errors: half as many; "
                                 "default 20; 0: no rate limiting); beyond, replies are dropped or truncated")
+    serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
+                           help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
+                                "does): a second port lets devices tell how their NAT maps")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p

@@ -32,6 +32,7 @@ Schema::
 
     [portmap]                        # optional: NAT-PMP/PCP; enabled = true, gateway = "192.168.1.1",
                                      # lifetime = 7200 (120..86400 seconds)
+    [nat]                            # optional: stun = ["host:port", ...] (default: the account's server)
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
@@ -73,8 +74,10 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    NatConfig,
     PeerConfig,
     PortmapConfig,
+    StunServer,
 )
 from tunneld.config_values import Problem, show, type_name
 from tunneld.identity import ula_for
@@ -97,8 +100,10 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "NatConfig",
     "PeerConfig",
     "PortmapConfig",
+    "StunServer",
     "load_account_secret",
     "load_config",
     "parse_endpoint",
@@ -108,8 +113,10 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
+_NAT_KEYS: Final = ("stun",)
+_MAX_STUN_SERVERS: Final = 8
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload")
@@ -202,7 +209,8 @@ class _Loader:
         for key, value in doc.items():
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
-                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap]")
+                self.fail(None, what,
+                          "known tables: [interface], [account], [[peer]], [timers], [portmap], [nat]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -210,6 +218,7 @@ class _Loader:
         peers = self.peers(doc.get("peer"), account.domain)
         timers = self.timers(self.table(doc, "timers", required=False))
         portmap = self.portmap(self.table(doc, "portmap", required=False))
+        nat = self.nat(self.table(doc, "nat", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -217,6 +226,7 @@ class _Loader:
             peers=peers,
             timers=timers,
             portmap=portmap,
+            nat=nat,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
         )
@@ -331,6 +341,24 @@ class _Loader:
         lifetime = self.bounded(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME, 120, 86400,
                                 f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
         return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
+
+    def nat(self, table: Mapping[str, object]) -> NatConfig:
+        """[nat]: the STUN servers that tell the endpoint a NAT gives us (docs/nat.md)."""
+        self.check_keys(table, "[nat]", _NAT_KEYS)
+        value = table.get("stun")
+        if value is None:
+            return NatConfig()
+        fix = 'write stun = ["host:port", ...], e.g. ["stun.example.net:3478"], or [] for no STUN'
+        if not isinstance(value, list):
+            self.fail("nat.stun", f"expected an array of strings, got {type_name(value)}", fix)
+        for i, v in enumerate(value, start=1):
+            if not isinstance(v, str):
+                self.fail(f"nat.stun[{i}]", f"expected a string, got {show(v)}", fix)
+        if len(value) > _MAX_STUN_SERVERS:
+            self.fail("nat.stun", f"{len(value)} servers", f"give at most {_MAX_STUN_SERVERS} (two suffice)")
+        servers = tuple(self.parsed(f"nat.stun[{i}]", values.stun_server, v)
+                        for i, v in enumerate(value, start=1))
+        return NatConfig(stun=tuple(dict.fromkeys(servers)))
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

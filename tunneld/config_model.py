@@ -115,6 +115,25 @@ class PortmapConfig:
 
 
 @dataclass(frozen=True)
+class StunServer:
+    """A STUN server from ``[nat] stun``: an IP literal or a DNS name (resolved when used), and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    """[nat]: ``stun`` lists the STUN servers that tell our public endpoint (None: the account's DNS
+    server, which ``tunneld serve-dns`` makes a STUN server too; empty: no STUN)."""
+
+    stun: tuple[StunServer, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk`` and ``tsig_key`` are derived from the account secret."""
 
@@ -126,6 +145,15 @@ class Config:
     tsig_key: bytes = field(repr=False)
     timers: Timers = field(default_factory=Timers)
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
+
+    @property
+    def stun_servers(self) -> tuple[StunServer, ...]:
+        """The STUN servers to ask: ``[nat] stun``, or by default the account's DNS server (if any)."""
+        if self.nat.stun is not None:
+            return self.nat.stun
+        server = self.account.server
+        return () if server is None else (StunServer(str(server.host), server.port),)
 
     @property
     def prefix(self) -> ipaddress.IPv6Network:

@@ -1,4 +1,4 @@
-"""Parsers for single configuration values: interface name, public key, endpoint, account secret.
+"""Parsers for single configuration values: interface name, public key, endpoint, STUN server, secret.
 
 Each raises :class:`Problem` (what is wrong and how to fix it) without knowing the file or key; the reader
 (tunneld.config) adds those. Values are rendered for messages by :func:`show`; secrets never are.
@@ -16,8 +16,8 @@ import stat
 from datetime import date, datetime, time
 from pathlib import Path
 
-from crypto.kdf import ACCOUNT_SECRET_LEN
-from tunneld.config_model import Endpoint
+from crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
+from tunneld.config_model import Endpoint, StunServer
 from tunneld.proto.records import check_name
 
 _IFNAMSIZ = 16  # Linux: interface names are at most 15 bytes plus the NUL
@@ -142,6 +142,36 @@ def endpoint(text: str) -> Endpoint:
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise Problem(f"{show(port_text)} is not a port number", "use a port from 1 to 65535, e.g. 4500")
     return Endpoint(host, int(port_text))
+
+
+def stun_server(text: str) -> StunServer:
+    """``"192.0.2.53:53"``, ``"[2001:db8::53]:3478"`` or ``"stun.example.net:3478"`` (a name is resolved
+    when used, not here)."""
+    fix = 'write "host:port", e.g. "stun.example.net:3478", "192.0.2.53:53" or "[2001:db8::53]:3478"'
+    if text.startswith("["):
+        try:
+            e = endpoint(text)
+        except Problem as p:
+            raise Problem(p.problem, fix) from None
+        return StunServer(str(e.host), e.port)
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise Problem(f"{show(text)} has no port", fix)
+    if ":" in host:
+        raise Problem(f"{show(text)} looks like an IPv6 address without brackets",
+                      'write "[v6]:port", e.g. "[2001:db8::53]:3478"')
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise Problem(f"{show(port_text)} is not a port number", "use a port from 1 to 65535, e.g. 3478")
+    try:
+        return StunServer(str(ipaddress.IPv4Address(host)), int(port_text))
+    except ValueError:
+        pass
+    if host.replace(".", "").isdigit():
+        raise Problem(f"{show(host)} is not an IPv4 address", fix)
+    try:
+        return StunServer(normalize_domain(host), int(port_text))
+    except ValueError as e:
+        raise Problem(f"{show(host)} is neither an IP address nor a DNS name ({e})", fix) from None
 
 
 def account_secret(path: Path) -> bytes:
