@@ -379,3 +379,14 @@ def test_new_credentials_serve_the_next_allocation() -> None:
     net.pump(302.0)
     assert relay.requests[-1].username() == "1800000000:laptop"
     assert [type(e) for e in net.client.events()] == [Allocated]
+
+
+def test_a_relays_reason_phrase_is_kept_printable_and_short() -> None:
+    net = Net()
+    net.client.start(0.0)
+    [bare] = net.client.transmits()
+    msg = sw.decode(bare.payload)
+    net.client.receive(sw.encode(sw.ALLOCATE, sw.ERROR, msg.transaction_id, [
+        (sw.ERROR_CODE, sw.encode_error_code(486, "Quota\nReached\x1b[2J" + "x" * 500))]), RELAY, 0.1)
+    [ev] = net.client.events()
+    assert ev == AllocationFailed(486, ("Quota?Reached?[2J" + "x" * 500)[:turn.MAX_REASON])

@@ -44,6 +44,7 @@ CHANNEL_REFRESH: Final = 540.0  # ours: refresh a minute before
 MIN_REFRESH: Final = 60.0  # ours: refresh the allocation at lifetime / 2, not sooner than this (if it fits)
 FAILED_PERMISSION_RETRY: Final = 60.0  # ours: ask again for a refused permission still wanted
 MAX_AUTH_RETRIES: Final = 3  # ours: 401/438 answers followed per request (a nonce that keeps going stale)
+MAX_REASON: Final = 80  # ours: characters of a relay's reason phrase kept for events
 MAX_REDIRECTS: Final = 2  # ours: 300 Try Alternate followed per start (RFC 8489 §10 leaves it open)
 
 # Error codes (RFC 8489 §14.8, RFC 8656 §19).
@@ -270,6 +271,8 @@ class TurnClient(Outbox[TurnEvent]):
             self.counters["not an answer of ours"] += 1
             return
         error = msg.error_code()
+        if error is not None:  # the reason goes into events and logs: printable, short
+            error = (error[0], "".join(c if c.isprintable() else "?" for c in error[1][:MAX_REASON]))
         code = 0 if error is None else error[0]
         # RFC 8489 §9.2.5: the answer to a signed request is checked, except 400, 401 and 438 (the server
         # may not know our key); a success must be signed.
