@@ -32,14 +32,18 @@ Schema::
 
     [portmap]                        # optional: NAT-PMP/PCP; enabled = true, gateway = "192.168.1.1",
                                      # lifetime = 7200 (120..86400 seconds)
+    [relay]                          # optional: the TURN relay, server = "turn.example.net:3478" (a name
+                                     # or an IP literal; port 3478 if left out). Without it the relay is
+                                     # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
 can be moved together (tests and ``tunneld join`` write absolute paths anyway).
 
-Secrets: the account secret is read only to derive :attr:`Config.psk` and :attr:`Config.tsig_key` (HKDF,
-crypto.kdf) and is not kept. Neither the secret nor the derived keys appear in any repr or message; public
-keys are not echoed in messages either, in case a private key was pasted where a public one belongs.
+Secrets: the account secret is read only to derive :attr:`Config.psk`, :attr:`Config.tsig_key` and
+:attr:`Config.turn_secret` (HKDF, crypto.kdf) and is not kept. Neither the secret nor the derived keys appear
+in any repr or message; public keys are not echoed in messages either, in case a private key was pasted
+where a public one belongs.
 
 This module is the reader; the values it builds are in tunneld.config_model and the parsers of single values
 in tunneld.config_values. The public names of both are re-exported here.
@@ -57,7 +61,7 @@ from pathlib import Path
 from typing import Final, NoReturn, TypeVar
 
 from crypto.aead import DEFAULT_SUITE, SUITES
-from crypto.kdf import derive_psk, derive_tsig_key, normalize_domain
+from crypto.kdf import derive_psk, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import config_values as values
 from tunneld.config_model import (
     DEFAULT_CONFIG_PATH,
@@ -66,6 +70,7 @@ from tunneld.config_model import (
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
     DEFAULT_STATE_DIR,
+    DEFAULT_TURN_PORT,
     MAX_MTU,
     MIN_MTU,
     AccountConfig,
@@ -75,6 +80,7 @@ from tunneld.config_model import (
     InterfaceConfig,
     PeerConfig,
     PortmapConfig,
+    RelayConfig,
 )
 from tunneld.config_values import Problem, show, type_name
 from tunneld.identity import ula_for
@@ -99,6 +105,7 @@ __all__ = [
     "InterfaceConfig",
     "PeerConfig",
     "PortmapConfig",
+    "RelayConfig",
     "load_account_secret",
     "load_config",
     "parse_endpoint",
@@ -108,7 +115,7 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "relay")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
@@ -202,7 +209,8 @@ class _Loader:
         for key, value in doc.items():
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
-                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap]")
+                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
+                          "[relay]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -210,6 +218,7 @@ class _Loader:
         peers = self.peers(doc.get("peer"), account.domain)
         timers = self.timers(self.table(doc, "timers", required=False))
         portmap = self.portmap(self.table(doc, "portmap", required=False))
+        relay = self.relay(self.table(doc, "relay", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -217,8 +226,10 @@ class _Loader:
             peers=peers,
             timers=timers,
             portmap=portmap,
+            relay=relay,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
+            turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
         )
 
     def table(self, doc: Mapping[str, object], name: str, *, required: bool) -> dict[str, object]:
@@ -331,6 +342,15 @@ class _Loader:
         lifetime = self.bounded(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME, 120, 86400,
                                 f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
         return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
+
+    def relay(self, table: Mapping[str, object]) -> RelayConfig:
+        """[relay]: the TURN relay (RFC 8656); a name is kept as a name, resolved when it is used."""
+        self.check_keys(table, "[relay]", ("server",))
+        text = self.string(table, "relay", "server", '"turn.example.net:3478"')
+        if text is None:
+            return RelayConfig()
+        return RelayConfig(self.parsed("relay.server", lambda t: values.relay_server(t, DEFAULT_TURN_PORT),
+                                       text))
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

@@ -16,7 +16,7 @@ import stat
 from datetime import date, datetime, time
 from pathlib import Path
 
-from crypto.kdf import ACCOUNT_SECRET_LEN
+from crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
 from tunneld.config_model import Endpoint
 from tunneld.proto.records import check_name
 
@@ -142,6 +142,43 @@ def endpoint(text: str) -> Endpoint:
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise Problem(f"{show(port_text)} is not a port number", "use a port from 1 to 65535, e.g. 4500")
     return Endpoint(host, int(port_text))
+
+
+def relay_server(text: str, default_port: int) -> tuple[str, int]:
+    """A TURN relay, ``"HOST:PORT"`` or ``"HOST"`` (``default_port``): HOST an IP literal (IPv6 in
+    brackets) or a DNS name, resolved when the relay is used, not here. Names come back normalized."""
+    fix = 'write "host:port", e.g. "turn.example.net:3478", "192.0.2.7:3478" or "[2001:db8::7]:3478"'
+    shown = show(text)
+    port_text = ""
+    if text.startswith("["):
+        host_text, close, rest = text[1:].partition("]")
+        if not close:
+            raise Problem(f"{shown} has no closing bracket", fix)
+        if rest and not rest.startswith(":"):
+            raise Problem(f"{shown} has something other than :port after the address", fix)
+        port_text = rest[1:] if rest else str(default_port)
+        try:
+            host = str(ipaddress.IPv6Address(host_text))
+        except ValueError:
+            raise Problem(f"{show(host_text)} is not an IPv6 address", fix) from None
+    else:
+        if text.count(":") > 1:
+            raise Problem(f"{shown} looks like an IPv6 address without brackets",
+                          'write "[v6]:port", e.g. "[2001:db8::7]:3478"')
+        host_text, colon, port_text = text.partition(":")
+        port_text = port_text if colon else str(default_port)
+        try:
+            host = str(ipaddress.IPv4Address(host_text))
+        except ValueError:
+            try:
+                host = normalize_domain(host_text)
+            except ValueError as e:
+                raise Problem(f"{show(host_text)} is neither an IP address nor a DNS name ({e})",
+                              fix) from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise Problem(f"{show(port_text)} is not a port number",
+                      f"use a port from 1 to 65535, e.g. {default_port}")
+    return host, int(port_text)
 
 
 def account_secret(path: Path) -> bytes:

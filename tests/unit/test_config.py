@@ -535,6 +535,7 @@ _KEYS = {
     "interface": ["name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload"],
     "account": ["domain", "secret_file", "server", "name", "lease", "tsig_algorithm"],
     "portmap": ["enabled", "gateway", "lifetime"],
+    "relay": ["server"],
     "timers": ["rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                "keepalive_timeout", "rekey_after_messages"],
     "peer": ["name", "public_key", "endpoint", "ula"],
