@@ -218,6 +218,10 @@ class TurnClient(Outbox[TurnEvent]):
         self._next_channel += 1
         self._service(now)
 
+    def permitted(self) -> frozenset[str]:
+        """The IPs whose permission the relay has confirmed (for this allocation)."""
+        return frozenset(ip for ip, p in self._permissions.items() if p.installed)
+
     def wrap(self, peer: Address, payload: bytes) -> bytes:
         """``payload`` framed for ``peer`` through the relay: ChannelData on a confirmed channel, else a
         Send indication. ``peer`` is compared as given: the canonical spelling (``str(ip_address(...))``),
