@@ -1,16 +1,19 @@
 """A TURN client run inside a lab namespace: tunneld's own core (tunneld.proto.turn) over a blocking
 socket, for lab.coturn's readiness check and the relay tests.
 
-    python -m lab.progs.turn allocate SERVER PORT USER PASSWORD [--permit IP] [--expect N] [--wait S]
-    python -m lab.progs.turn send ADDR PORT TEXT
+    python -m lab.progs.turn allocate SERVER PORT USER PASSWORD [--permit IP] [--bind IP:PORT] [--echo]
+                                      [--expect N] [--wait S] [--check-deleted]
+    python -m lab.progs.turn send ADDR PORT TEXT [--source-port P] [--reply]
 
 `allocate` prints {"relayed": [ip, port], "mapped": [ip, port]} once allocated, {"permitted": [...]}
-once the relay confirmed every --permit, one {"peer": [ip, port], "data": TEXT} per datagram relayed
-to it (until --expect of them came or --wait seconds passed), then deletes the allocation and, to show
+once the relay confirmed every --permit, {"bound": [ip, port]} once it confirmed the --bind channel,
+one {"peer": [ip, port], "data": TEXT} per datagram relayed to it (taken apart by `unwrap`; with --echo
+sent back through the relay by `wrap`) until --expect of them came or --wait seconds passed, then
+deletes the allocation and, to show
 that the relay forgot it (with --check-deleted, once a line comes on stdin) sends one more signed
 Refresh from the same socket: the last line is then {"after_close": CODE}, CODE the Refresh's error code
 (437: no such allocation).
-`send` sends one datagram from an ephemeral port.
+`send` sends one datagram (from an ephemeral port or --source-port) and with --reply waits for one back.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class _Run:
     def __init__(self, client: TurnClient, sock: socket.socket) -> None:
         self.client, self.sock = client, sock
         self.events: list[TurnEvent] = []
+        self.data: list[tuple[Address, bytes]] = []  # what peers sent through the relay
 
     def until(self, done: Callable[[], bool], timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -57,7 +61,13 @@ class _Run:
             except TimeoutError:
                 self.client.poll(time.monotonic())
                 continue
-            self.client.receive(data, source[:2], time.monotonic())
+            # As the tunnel does: relay data (ChannelData, Data indications) by unwrap, the rest (the
+            # relay's answers) to receive.
+            relayed = self.client.unwrap(data, source[:2], time.monotonic())
+            if relayed is not None:
+                self.data.append(relayed)
+            else:
+                self.client.receive(data, source[:2], time.monotonic())
             self.client.poll(time.monotonic())
 
 
@@ -84,12 +94,21 @@ def _allocate(a: argparse.Namespace) -> dict[str, Any]:
             run.until(answered, a.timeout)
             refused = [e.ip for e in run.events if isinstance(e, PermissionFailed)]
             report({"permitted": [ip for ip in a.permit if ip not in refused], "refused": refused})
+        if a.bind:
+            host, _, port = a.bind.rpartition(":")
+            peer = (host, int(port))
+            client.bind_channel(peer, time.monotonic())
+            run.until(lambda: peer in client.bound(), a.timeout)
+            report({"bound": list(peer)})
         got: list[tuple[Address, bytes]] = []
 
         def enough() -> bool:
-            for peer, data in client.received():
+            while run.data:
+                peer, data = run.data.pop(0)
                 report({"peer": list(peer), "data": data.decode(errors="replace")})
                 got.append((peer, data))
+                if a.echo:  # back through the relay: ChannelData on a bound channel, else a Send indication
+                    sock.sendto(client.wrap(peer, b"echo " + data), server)
             return len(got) >= int(a.expect)
 
         with contextlib.suppress(TimeoutError):  # --wait is an upper bound: fewer than --expect may come
@@ -136,6 +155,8 @@ def _add_allocate(p: argparse.ArgumentParser) -> None:
     p.add_argument("user")
     p.add_argument("password")
     p.add_argument("--permit", action="append", default=[])
+    p.add_argument("--bind", help="IP:PORT of a peer to bind a channel to")
+    p.add_argument("--echo", action="store_true", help="send each datagram back through the relay")
     p.add_argument("--expect", type=int, default=0, help="datagrams to wait for")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for them at most")
     p.add_argument("--timeout", type=float, default=10.0, help="per step")
@@ -146,13 +167,21 @@ def _add_allocate(p: argparse.ArgumentParser) -> None:
 def _send(a: argparse.Namespace) -> dict[str, Any]:
     fam = socket.AF_INET6 if ":" in a.addr else socket.AF_INET
     with socket.socket(fam, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", a.source_port))
         sock.sendto(a.text.encode(), (a.addr, a.port))
-        return {"sent": a.text, "from": list(sock.getsockname()[:2])}
+        out: dict[str, Any] = {"sent": a.text, "from": list(sock.getsockname()[:2])}
+        if a.reply:
+            sock.settimeout(5.0)
+            data, source = sock.recvfrom(4096)
+            out.update(reply=data.decode(errors="replace"), reply_from=list(source[:2]))
+        return out
 
 
 def _add_send(p: argparse.ArgumentParser) -> None:
     endpoint(p)
     p.add_argument("text")
+    p.add_argument("--source-port", type=int, default=0)
+    p.add_argument("--reply", action="store_true", help="wait for one datagram back (5 s at most)")
 
 
 if __name__ == "__main__":

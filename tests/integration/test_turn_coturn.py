@@ -3,9 +3,11 @@ configured with the static-auth-secret line of `tunneld account new` (lab/coturn
 
     a 198.51.100.2 ── 198.51.100.1 relay (coturn listens) 203.0.113.1 (relays from) ── 203.0.113.2 b
 
-a allocates (the 401 dance, REST credentials from the account's relay secret), permits b's address;
-b sends plain UDP to the relayed address and it arrives at a as Data indications, unwrapped to b's
-address and payload; on close the allocation is deleted (coturn logs the delete) and a Refresh from
+a allocates (the 401 dance, REST credentials from the account's relay secret), permits b's address and
+binds a channel to one port of b. b sends plain UDP to the relayed address: from another port it arrives
+at a as a Data indication, from the bound one as ChannelData, both taken apart by `unwrap` to b's address
+and payload; a echoes each back through `wrap` (a Send indication, then ChannelData) and b receives it
+from the relayed address. On close the allocation is deleted (coturn logs the delete) and a Refresh from
 the same 5-tuple afterwards is answered 437 (no such allocation).
 """
 
@@ -29,6 +31,7 @@ pytestmark = [
 ]
 
 DOMAIN = "lab.tunneld.test"
+BOUND = 40000  # b's port with a channel bound to it
 
 
 def _relay_lab(lab: Lab) -> tuple[Host, Host, Host]:
@@ -55,17 +58,23 @@ def test_allocate_permit_relay_and_delete_against_coturn(tmp_path: Path) -> None
                     relay="203.0.113.1") as turn:
             user, password = turn.credentials("laptop")
             proc = progs.spawn(lab, a, "turn", "allocate", turn.listen, str(turn.port), user, password,
-                               "--permit", b.addr4, "--expect", "2", "--wait", "10", "--check-deleted",
+                               "--permit", b.addr4, "--bind", f"{b.addr4}:{BOUND}", "--echo", "--expect", "2",
+                               "--wait", "10", "--check-deleted",
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             lines = progs.Lines(proc)
             allocated = lines.next(15)
             assert allocated["relayed"][0] == "203.0.113.1" and allocated["mapped"][0] == a.addr4
             assert lines.next(10) == {"permitted": [b.addr4], "refused": []}
+            assert lines.next(10) == {"bound": [b.addr4, BOUND]}
             host, port = allocated["relayed"]
-            sent = [progs.run(lab, b, "turn", "send", host, str(port), text) for text in ("one", "two")]
+            by_indication = progs.run(lab, b, "turn", "send", host, str(port), "one", "--reply")
+            by_channel = progs.run(lab, b, "turn", "send", host, str(port), "two",
+                                   "--source-port", str(BOUND), "--reply")
             got = [lines.next(10), lines.next(10)]
-            assert [g["data"] for g in got] == ["one", "two"]
-            assert [g["peer"] for g in got] == [[b.addr4, s["from"][1]] for s in sent]
+            assert got == [{"peer": [b.addr4, by_indication["from"][1]], "data": "one"},
+                           {"peer": [b.addr4, BOUND], "data": "two"}]
+            for sent, text in ((by_indication, "echo one"), (by_channel, "echo two")):
+                assert (sent["reply"], sent["reply_from"]) == (text, [host, port])
             assert lines.next(10) == {"closed": True, "received": 2}
             wait_for(lambda: f"delete: realm=<{DOMAIN}>, username=<{user}>" in turn.log_text(), timeout=10,
                      what="coturn to delete the allocation")

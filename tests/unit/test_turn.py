@@ -390,3 +390,16 @@ def test_a_relays_reason_phrase_is_kept_printable_and_short() -> None:
         (sw.ERROR_CODE, sw.encode_error_code(486, "Quota\nReached\x1b[2J" + "x" * 500))]), RELAY, 0.1)
     [ev] = net.client.events()
     assert ev == AllocationFailed(486, ("Quota?Reached?[2J" + "x" * 500)[:turn.MAX_REASON])
+
+
+def test_permitted_and_bound_show_what_the_relay_confirmed() -> None:
+    net = Net()
+    net.allocate()
+    net.client.permit(["192.0.2.50"], 1.0)
+    net.client.bind_channel(PEER, 1.0)
+    assert net.client.permitted() == frozenset() and net.client.bound() == frozenset()
+    net.pump(1.0)
+    assert net.client.permitted() == {"192.0.2.50", PEER[0]} and net.client.bound() == {PEER}
+    del net.relay.allocations[ME]
+    net.run_until(300.0, 1.0)  # the refresh finds the allocation gone
+    assert net.client.permitted() == frozenset() and net.client.bound() == frozenset()

@@ -222,6 +222,10 @@ class TurnClient(Outbox[TurnEvent]):
         """The IPs whose permission the relay has confirmed (for this allocation)."""
         return frozenset(ip for ip, p in self._permissions.items() if p.installed)
 
+    def bound(self) -> frozenset[Address]:
+        """The peers whose channel the relay has confirmed: :meth:`wrap` frames for them as ChannelData."""
+        return frozenset(peer for peer, c in self._channels.items() if c.confirmed)
+
     def wrap(self, peer: Address, payload: bytes) -> bytes:
         """``payload`` framed for ``peer`` through the relay: ChannelData on a confirmed channel, else a
         Send indication. ``peer`` is compared as given: the canonical spelling (``str(ip_address(...))``),
