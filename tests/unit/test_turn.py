@@ -403,3 +403,9 @@ def test_permitted_and_bound_show_what_the_relay_confirmed() -> None:
     del net.relay.allocations[ME]
     net.run_until(300.0, 1.0)  # the refresh finds the allocation gone
     assert net.client.permitted() == frozenset() and net.client.bound() == frozenset()
+
+
+def test_rest_credentials_are_the_documented_vector_with_the_default_day() -> None:
+    secret = b"08b3277f255f6a01b25a31d6d1a067f9526d5525b2f82215636ed7708c88b82d"  # docs/protocol.md
+    assert turn.rest_credentials(secret, "laptop", 1700086400 - 86400 + 0.9) == (
+        "1700086400:laptop", "XUGIx7/ivTVF4PKJw88nynxZveg=")

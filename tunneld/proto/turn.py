@@ -31,6 +31,7 @@ __all__ = [
     "PermissionFailed",
     "TurnClient",
     "TurnEvent",
+    "rest_credentials",
 ]
 
 # Retransmission of requests over UDP, RFC 8489 §6.2.1: RTO 500 ms doubling, Rc = 7 sends, then Rm * RTO.
@@ -44,6 +45,7 @@ CHANNEL_REFRESH: Final = 540.0  # ours: refresh a minute before
 MIN_REFRESH: Final = 60.0  # ours: refresh the allocation at lifetime / 2, not sooner than this (if it fits)
 FAILED_PERMISSION_RETRY: Final = 60.0  # ours: ask again for a refused permission still wanted
 MAX_AUTH_RETRIES: Final = 3  # ours: 401/438 answers followed per request (a nonce that keeps going stale)
+REST_TTL: Final = 86400  # ours: relay credentials are minted for a day (docs/nat.md, "TURN relay")
 MAX_REASON: Final = 80  # ours: characters of a relay's reason phrase kept for events
 MAX_REDIRECTS: Final = 2  # ours: 300 Try Alternate followed per start (RFC 8489 §10 leaves it open)
 
@@ -539,3 +541,9 @@ class TurnClient(Outbox[TurnEvent]):
             return None
         return peer, payload
 
+
+def rest_credentials(turn_secret: bytes, name: str, unix_now: float, ttl: int = REST_TTL) -> tuple[str, str]:
+    """TURN REST (username, password) for device ``name``, valid for ``ttl`` seconds from ``unix_now`` (the
+    wall clock: the relay compares the expiry with its own), keyed with the account's relay secret
+    (:attr:`tunneld.config_model.Config.turn_secret`)."""
+    return sw.turn_rest_credentials(turn_secret, name, int(unix_now) + ttl)
