@@ -409,3 +409,18 @@ def test_rest_credentials_are_the_documented_vector_with_the_default_day() -> No
     secret = b"08b3277f255f6a01b25a31d6d1a067f9526d5525b2f82215636ed7708c88b82d"  # docs/protocol.md
     assert turn.rest_credentials(secret, "laptop", 1700086400 - 86400 + 0.9) == (
         "1700086400:laptop", "XUGIx7/ivTVF4PKJw88nynxZveg=")
+
+
+def test_the_class_decides_success_or_error_and_an_error_needs_a_code() -> None:
+    net = Net()
+    net.client.start(0.0)
+    [bare] = net.client.transmits()
+    tid = sw.decode(bare.payload).transaction_id
+    codeless = sw.encode(sw.ALLOCATE, sw.ERROR, tid, [(sw.REALM, b"x"), (sw.NONCE, b"y")])
+    net.client.receive(codeless, RELAY, 0.1)
+    assert net.client.counters["error without a code"] == 1 and net.client.transmits() == []
+    # A success carrying an ERROR-CODE is a success (here: one without the addresses, so a failure 400).
+    net.client.receive(sw.encode(sw.ALLOCATE, sw.SUCCESS, tid, [
+        (sw.ERROR_CODE, sw.encode_error_code(486, "Quota"))]), RELAY, 0.2)
+    assert net.client.events() == [
+        AllocationFailed(400, "allocate answer without a relayed or mapped address or a lifetime")]

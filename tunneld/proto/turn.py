@@ -280,7 +280,10 @@ class TurnClient(Outbox[TurnEvent]):
         if msg.cls == sw.REQUEST or tx is None or tx.method != msg.method:
             self.counters["not an answer of ours"] += 1
             return
-        error = msg.error_code()
+        error = msg.error_code() if msg.cls == sw.ERROR else None
+        if msg.cls == sw.ERROR and error is None:
+            self.counters["error without a code"] += 1
+            return
         if error is not None:  # the reason goes into events and logs: printable, short
             error = (error[0], "".join(c if c.isprintable() else "?" for c in error[1][:MAX_REASON]))
         code = 0 if error is None else error[0]
