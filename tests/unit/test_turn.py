@@ -424,3 +424,20 @@ def test_the_class_decides_success_or_error_and_an_error_needs_a_code() -> None:
         (sw.ERROR_CODE, sw.encode_error_code(486, "Quota"))]), RELAY, 0.2)
     assert net.client.events() == [
         AllocationFailed(400, "allocate answer without a relayed or mapped address or a lifetime")]
+
+
+def test_a_redirect_of_a_signed_request_must_be_signed() -> None:
+    net = Net()
+    net.client.start(0.0)
+    [bare] = net.client.transmits()
+    for answer in net.relay.handle(bare.payload, ME):
+        net.client.receive(answer, RELAY, 0.0)
+    [signed] = net.client.transmits()
+    tid = sw.decode(signed.payload).transaction_id
+    attrs = [(sw.ERROR_CODE, sw.encode_error_code(300, "Try Alternate")),
+             (sw.ALTERNATE_SERVER, sw.encode_address(("203.0.113.66", 3478)))]
+    net.client.receive(sw.encode(sw.ALLOCATE, sw.ERROR, tid, attrs), RELAY, 0.1)
+    assert net.client.counters["unsigned redirect"] == 1 and net.client.server == RELAY
+    net.client.receive(sw.encode(sw.ALLOCATE, sw.ERROR, tid, attrs, integrity_key=net.relay.key(USER)),
+                       RELAY, 0.2)
+    assert net.client.server == ("203.0.113.66", 3478)

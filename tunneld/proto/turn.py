@@ -294,8 +294,8 @@ class TurnClient(Outbox[TurnEvent]):
                 if not sw.check_integrity(msg, tx.key):
                     self.counters["bad integrity"] += 1
                     return
-            elif msg.cls == sw.SUCCESS:
-                self.counters["unsigned success"] += 1
+            elif msg.cls == sw.SUCCESS or code == TRY_ALTERNATE:  # RFC 8489 §10: a redirect, too
+                self.counters["unsigned success" if code == 0 else "unsigned redirect"] += 1
                 return
         del self._txs[msg.transaction_id]
         if error is not None and self._retry_auth(tx, msg, code, now):
