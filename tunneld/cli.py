@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
+from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
@@ -90,8 +90,11 @@ def cmd_account_new(args: argparse.Namespace) -> int:
     secret = os.urandom(ACCOUNT_SECRET_LEN)
     # The first line alone is the secret file's content; everything after it is for the DNS server.
     sys.stdout.write(base64.b64encode(secret).decode() + "\n")
+    # The relay's line comes before the stanza, which runs to the end (it is cut out as a key file).
     sys.stdout.write(
         f"\n# Save the line above, alone, as the secret_file of every device of {domain} (mode 0600).\n"
+        f"# Shared secret for the account's TURN relay (coturn turnserver.conf, with use-auth-secret):\n"
+        f"static-auth-secret={derive_turn_secret(secret, domain)}\n"
         f"# TSIG key for the account's DNS server (BIND named.conf, nsupdate -k):\n"
     )
     sys.stdout.write(tsig_stanza(domain, derive_tsig_key(secret, domain)))

@@ -114,6 +114,18 @@ class PortmapConfig:
     lifetime: int = NATPMP_DEFAULT_LIFETIME
 
 
+DEFAULT_TURN_PORT: Final = 3478
+"""RFC 8656 §4 (and RFC 5928 §3): TURN over UDP listens on 3478 by default."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """[relay]: the TURN relay (RFC 8656), ``server`` as (IP literal or DNS name, port). None: found as
+    ``_turn._udp.DOMAIN`` SRV (RFC 5928) at the account's DNS server, if it has one."""
+
+    server: tuple[str, int] | None = None
+
+
 @dataclass(frozen=True)
 class StunServer:
     """A STUN server from ``[nat] stun``: an IP literal or a DNS name (resolved when used), and a port."""
@@ -135,7 +147,8 @@ class NatConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration, validated. ``psk`` and ``tsig_key`` are derived from the account secret."""
+    """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
+    secret as ASCII bytes, the HMAC key of TURN REST credentials) are derived from the account secret."""
 
     path: Path
     interface: InterfaceConfig
@@ -143,8 +156,10 @@ class Config:
     peers: tuple[PeerConfig, ...]
     psk: bytes = field(repr=False)
     tsig_key: bytes = field(repr=False)
+    turn_secret: bytes = field(repr=False)
     timers: Timers = field(default_factory=Timers)
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
 
     @property

@@ -147,31 +147,57 @@ def endpoint(text: str) -> Endpoint:
 def stun_server(text: str) -> StunServer:
     """``"192.0.2.53:53"``, ``"[2001:db8::53]:3478"`` or ``"stun.example.net:3478"`` (a name is resolved
     when used, not here)."""
-    fix = 'write "host:port", e.g. "stun.example.net:3478", "192.0.2.53:53" or "[2001:db8::53]:3478"'
+    return StunServer(*host_port(text, None))
+
+
+def relay_server(text: str, default_port: int) -> tuple[str, int]:
+    """A TURN relay, ``"HOST:PORT"`` or ``"HOST"`` (``default_port``)."""
+    return host_port(text, default_port)
+
+
+def host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """``"HOST:PORT"`` (or ``"HOST"`` when there is a ``default_port``): HOST an IP literal (IPv6 in
+    brackets) or a DNS name, resolved when it is used, not here. Names come back normalized."""
+    example = default_port or 3478
+    fix = (f'write "host:port", e.g. "server.example.net:{example}", "192.0.2.7:{example}" or '
+           f'"[2001:db8::7]:{example}"')
+    shown = show(text)
+    port_text = ""
     if text.startswith("["):
+        host_text, close, rest = text[1:].partition("]")
+        if not close:
+            raise Problem(f"{shown} has no closing bracket", fix)
+        if rest and not rest.startswith(":"):
+            raise Problem(f"{shown} has something other than :port after the address", fix)
+        if not rest and default_port is None:
+            raise Problem(f"{shown} has no port", fix)
+        port_text = rest[1:] if rest else str(default_port)
         try:
-            e = endpoint(text)
-        except Problem as p:
-            raise Problem(p.problem, fix) from None
-        return StunServer(str(e.host), e.port)
-    host, colon, port_text = text.rpartition(":")
-    if not colon:
-        raise Problem(f"{show(text)} has no port", fix)
-    if ":" in host:
-        raise Problem(f"{show(text)} looks like an IPv6 address without brackets",
-                      'write "[v6]:port", e.g. "[2001:db8::53]:3478"')
+            host = str(ipaddress.IPv6Address(host_text))
+        except ValueError:
+            raise Problem(f"{show(host_text)} is not an IPv6 address", fix) from None
+    else:
+        if text.count(":") > 1:
+            raise Problem(f"{shown} looks like an IPv6 address without brackets",
+                          f'write "[v6]:port", e.g. "[2001:db8::7]:{example}"')
+        host_text, colon, port_text = text.partition(":")
+        if not colon and default_port is None:
+            raise Problem(f"{shown} has no port", fix)
+        port_text = port_text if colon else str(default_port)
+        try:
+            host = str(ipaddress.IPv4Address(host_text))
+        except ValueError:
+            if host_text.replace(".", "").isdigit():
+                raise Problem(f"{show(host_text)} is not an IPv4 address", fix) from None
+            try:
+                host = normalize_domain(host_text)
+            except ValueError as e:
+                raise Problem(f"{show(host_text)} is neither an IP address nor a DNS name ({e})",
+                              fix) from None
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise Problem(f"{show(port_text)} is not a port number", "use a port from 1 to 65535, e.g. 3478")
-    try:
-        return StunServer(str(ipaddress.IPv4Address(host)), int(port_text))
-    except ValueError:
-        pass
-    if host.replace(".", "").isdigit():
-        raise Problem(f"{show(host)} is not an IPv4 address", fix)
-    try:
-        return StunServer(normalize_domain(host), int(port_text))
-    except ValueError as e:
-        raise Problem(f"{show(host)} is neither an IP address nor a DNS name ({e})", fix) from None
+        raise Problem(f"{show(port_text)} is not a port number",
+                      f"use a port from 1 to 65535, e.g. {example}")
+    return host, int(port_text)
 
 
 def account_secret(path: Path) -> bytes:

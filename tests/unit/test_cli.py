@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto.kdf import derive_tsig_key
+from crypto.kdf import derive_tsig_key, derive_turn_secret
 from tunneld.cli import main
 
 
@@ -45,6 +45,10 @@ def test_account_new_prints_secret_then_stanza(capsys: pytest.CaptureFixture[str
     assert 'key "home.example.net." {' in rest
     assert "algorithm hmac-sha256;" in rest
     assert f'secret "{tsig}";' in rest
+    # The relay's shared secret: one line for turnserver.conf, before the stanza (cut out to the end).
+    [relay] = [line for line in rest.splitlines() if line.startswith("static-auth-secret=")]
+    assert relay == f"static-auth-secret={derive_turn_secret(secret, 'home.example.net')}"
+    assert rest.index(relay) < rest.index('key "')
 
 
 def test_account_new_is_random(capsys: pytest.CaptureFixture[str]) -> None:

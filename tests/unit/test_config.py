@@ -585,6 +585,7 @@ _KEYS = {
     "account": ["domain", "secret_file", "server", "name", "lease", "tsig_algorithm"],
     "portmap": ["enabled", "gateway", "lifetime"],
     "nat": ["stun"],
+    "relay": ["server"],
     "timers": ["rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                "keepalive_timeout", "rekey_after_messages"],
     "peer": ["name", "public_key", "endpoint", "ula"],
