@@ -50,11 +50,60 @@ def _text(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def relay_check(config: Config | None, timeout: float) -> str:
-    """Whether the relay answers a TURN Allocate. The TURN client is not wired in yet: for now this says
-    "not configured" whatever the config holds; it will return "answers (HOST:PORT, N ms)" or why not."""
-    del config, timeout
-    return "not configured"
+async def relay_check(config: Config | None, timeout: float) -> str:
+    """Whether the relay (``[relay] server``, else ``_turn._udp.DOMAIN`` SRV) answers a TURN Allocate with
+    the account's REST credentials: "answers (HOST:PORT, relayed ADDRESS, N ms)" or why not. The
+    allocation is deleted again (Refresh with LIFETIME 0) before this returns, within a short grace."""
+    import time
+
+    import trio
+
+    from tunneld.proto.turn import Allocated, AllocationFailed, TurnClient, TurnEvent, rest_credentials
+    from tunneld.services.discover import find_relay
+    from tunneld.services.driver import Driver
+
+    if config is None:
+        return "not configured"
+    acct = config.account
+    server = None if acct.server is None else (str(acct.server.host), acct.server.port)
+    with trio.move_on_after(timeout * 0.5) as scope:
+        relay = await find_relay(config.relay.server, server, acct.domain, config.tsig_key,
+                                 acct.tsig_algorithm)
+    if scope.cancelled_caught:
+        return f"not found in {timeout * 0.5:g} s (the _turn._udp SRV lookup did not finish)"
+    if relay is None:
+        return "not configured"
+    where = _text(relay)
+    user, password = rest_credentials(config.turn_secret, acct.name or "netcheck", time.time())
+    client = TurnClient(relay, user, password)
+    outcome: list[str] = []
+    done = trio.Event()
+    started = trio.current_time()
+
+    def on_event(event: TurnEvent) -> None:
+        if isinstance(event, Allocated):
+            ms = round((trio.current_time() - started) * 1000, 1)
+            outcome.append(f"answers ({where}, relayed {_text(event.relayed)}, {ms:g} ms)")
+        elif isinstance(event, AllocationFailed):
+            outcome.append(f"refused ({where}): {event.code} {event.reason}" if event.code else
+                           f"no answer from {where}")
+        else:
+            return
+        done.set()
+
+    family = trio.socket.AF_INET6 if ":" in relay[0] else trio.socket.AF_INET
+    with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
+        driver = Driver(client, [sock], on_event=on_event, grace=0.5, max_datagram=2048,
+                        name="netcheck-relay")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            client.start(driver.now())
+            driver.wake()
+            with trio.move_on_after(max(0.1, timeout - (trio.current_time() - started))):
+                await done.wait()
+            nursery.cancel_scope.cancel()  # the driver's goodbye deletes the allocation
+    return outcome[0] if outcome else f"no answer from {where} in {timeout:g} s"
 
 
 async def _resolve(servers: tuple[StunServer, ...], results: list[StunResult]) -> dict[tuple[str, int], int]:
@@ -174,12 +223,16 @@ async def run(servers: tuple[StunServer, ...], gateway: str | None, config: Conf
 
         nursery.start_soon(stun_all)
         nursery.start_soon(_portmap, gateway, result.portmap, timeout)
+
+        async def relay() -> None:
+            result.relay = await relay_check(config, timeout * 0.9)
+
+        nursery.start_soon(relay)
     for r in result.stun:  # the bound came before the names were resolved
         if r.address is None and r.error is None:
             r.error = f"not resolved in {timeout:g} s"
         elif r.mapped is None and r.error is None:
             r.error = f"no answer in {timeout:g} s"
-    result.relay = relay_check(config, timeout)
     return result
 
 

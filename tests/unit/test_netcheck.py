@@ -3,6 +3,7 @@ NAT mapping per destination would make it), the gateway a loopback address where
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -13,10 +14,12 @@ import pytest
 import trio
 
 import tunneld.netcheck
+from tests.unit.fake_turn import FakeRelay
 from tunneld.cli import main
-from tunneld.config import StunServer
+from tunneld.config import Config, StunServer, load_config
 from tunneld.dnsserver.stun import respond
-from tunneld.netcheck import NetcheckResult, StunResult, render, run
+from tunneld.netcheck import NetcheckResult, StunResult, relay_check, render, run
+from tunneld.proto import stun_wire as sw
 
 GATEWAY = "127.0.0.9"  # loopback: the port-mapping probe is refused there, nothing leaves the host
 
@@ -160,3 +163,68 @@ def test_a_family_without_sockets_is_reported_not_raised(monkeypatch: pytest.Mon
     r = run_with([0], extra=(StunServer("2001:db8::53", 3478),))
     assert r.stun[0].mapped is not None
     assert r.stun[1].error == "cannot open a socket: Address family not supported by protocol"
+
+
+class _RestUsers(dict[str, str]):
+    """coturn's use-auth-secret: any "EXPIRY:NAME" user, its password HMAC'd from the shared secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def get(self, user: str, default: Any = None) -> Any:  # type: ignore[override]
+        expiry, _, name = user.partition(":")
+        if not expiry.isdigit() or int(expiry) < time.time():
+            return default
+        return sw.turn_rest_credentials(self.secret, name, int(expiry))[1]
+
+    def __getitem__(self, user: str) -> str:
+        got = self.get(user)
+        if got is None:
+            raise KeyError(user)
+        return str(got)
+
+
+def _relay_config(tmp_path: Path, port: int) -> Config:
+    secret = tmp_path / "account.secret"
+    secret.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    secret.chmod(0o600)
+    path = tmp_path / "tunneld.toml"
+    path.write_text(f'[account]\ndomain = "home.example.net"\nname = "laptop"\nsecret_file = "{secret}"\n'
+                    f'[relay]\nserver = "127.0.0.1:{port}"\n')
+    return load_config(path)
+
+
+@pytest.mark.parametrize("right_secret", [True, False])
+def test_relay_check_allocates_with_the_account_credentials_and_deletes(tmp_path: Path,
+                                                                          right_secret: bool) -> None:
+    async def body() -> tuple[str, FakeRelay]:
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+            await server.bind(("127.0.0.1", 0))
+            config = _relay_config(tmp_path, server.getsockname()[1])
+            relay = FakeRelay({}, server.getsockname())
+            relay.users = _RestUsers(config.turn_secret if right_secret else b"another secret")
+
+            async def serve() -> None:
+                while True:
+                    data, source = await server.recvfrom(4096)
+                    for answer in relay.handle(data, source[:2]):
+                        await server.sendto(answer, source)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                with trio.fail_after(10):
+                    outcome = await relay_check(config, 2.0)
+                nursery.cancel_scope.cancel()
+            return outcome, relay
+
+    outcome, relay = trio.run(body)
+    if right_secret:
+        assert outcome.startswith("answers (127.0.0.1:") and "relayed 127.0.0.1:" in outcome, outcome
+        assert not relay.allocations, "the goodbye's Refresh with LIFETIME 0 deletes the allocation"
+    else:
+        assert outcome.startswith("refused (127.0.0.1:") and "401" in outcome, outcome
+
+
+def test_relay_check_without_a_relay_says_so(tmp_path: Path) -> None:
+    assert trio.run(relay_check, None, 1.0) == "not configured"
