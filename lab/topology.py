@@ -7,6 +7,8 @@ exist only inside the lab's namespaces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lab.netns import Host, Lab
 
 
@@ -154,3 +156,129 @@ def public_host(lab: Lab, inet: Host, name: str, n: int) -> Host:
     lab.ip(h, "route", "add", "default", "via", "192.0.2.1")
     h.addr4, h.ifname = f"192.0.2.{n}", "eth0"
     return h
+
+
+# -- two NATs: two private hosts, each behind its own NAT router, and a public server ----------------
+
+NAT_KINDS = ("masquerade", "random", "fully-random", "none")
+# nftables masquerade flags per NAT kind (docs/lab.md "Two NATs" has what each measured):
+# masquerade keeps the source port when it is free (one mapping for every destination), `random`
+# and `fully-random` pick the port per connection (a mapping per destination). "none" routes a
+# public LAN without translation.
+NAT_FLAGS = {"masquerade": "", "random": " random", "fully-random": " fully-random"}
+TWO_NATS_SERVER = ("203.0.113.2", "203.0.113.3")  # the public server's two addresses
+TWO_NATS_SITES = {
+    # name: (router WAN address, LAN network prefix when NATted, LAN prefix when public ("none"))
+    "a": ("198.51.100.2", "192.168.1", "198.51.100.34"),
+    "b": ("198.51.100.18", "10.0.0", "198.51.100.50"),
+}
+
+
+@dataclass
+class Site:
+    """One side of `two_nats`: a host on the LAN of its router; `public` is the address its traffic
+    leaves the site from (the router's WAN address behind a NAT, the host's own with kind "none")."""
+
+    kind: str
+    router: Host
+    host: Host
+    public: str
+
+
+@dataclass
+class TwoNats:
+    inet: Host
+    server: Host
+    server_addrs: tuple[str, str]
+    a: Site
+    b: Site
+
+
+# What every home router does besides translating: nothing unsolicited from the WAN reaches the router
+# itself. It matters for hole punching: without it, the peer's first datagram (arriving before our own
+# went out) is accepted as a local flow to a closed port, its conntrack entry takes the tuple, and our
+# outgoing datagram to that peer is then translated to ANOTHER source port (docs/lab.md).
+WAN_INPUT_RULESET = """
+table ip filter {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "wan0" ct state established,related accept
+    iifname "wan0" counter drop
+  }
+}
+"""
+
+
+def nat_ruleset(kind: str) -> str:
+    """The router's nftables NAT table and WAN input filter for `kind` (nothing for "none")."""
+    if kind not in NAT_KINDS:
+        raise ValueError(f"unknown NAT kind {kind!r}: {', '.join(NAT_KINDS)}")
+    if kind == "none":
+        return ""
+    return NAT_RULESET.replace("masquerade\n", f"masquerade{NAT_FLAGS[kind]}\n") + WAN_INPUT_RULESET
+
+
+def two_nats(lab: Lab, kind_a: str = "masquerade", kind_b: str = "masquerade") -> TwoNats:
+    """Two sites, each a host behind its own router (NAT of `kind_x`), and a public server with two
+    addresses, all joined by an "internet" router.
+
+    server eth0 203.0.113.2 + .3/24 — inet (203.0.113.1, 198.51.100.1/28, 198.51.100.17/28)
+    a: router wan0 198.51.100.2/28, lan0 192.168.1.1/24 — host eth0 192.168.1.2
+    b: router wan0 198.51.100.18/28, lan0 10.0.0.1/24 — host eth0 10.0.0.2
+    With kind "none" the site's LAN is public instead (a: 198.51.100.32/28, host .34; b:
+    198.51.100.48/28, host .50; inet routes it via the router) and nothing is translated. inet has no
+    route to the private LANs: only what a NAT translated passes. `block_direct` drops UDP between
+    the two sites on inet.
+    """
+    for kind in (kind_a, kind_b):
+        nat_ruleset(kind)  # unknown kinds fail before anything is built
+    inet, server = lab.host("inet"), lab.host("server")
+    lab.sysctl(inet, "net.ipv4.ip_forward", "1")
+    lab.veth(inet, "s0", server, "eth0")
+    lab.addr(inet, "s0", "203.0.113.1/24")
+    for addr in TWO_NATS_SERVER:
+        lab.addr(server, "eth0", f"{addr}/24")
+    lab.ip(server, "route", "add", "default", "via", "203.0.113.1")
+    server.addr4, server.ifname = TWO_NATS_SERVER[0], "eth0"
+    sites = []
+    for i, (name, kind) in enumerate((("a", kind_a), ("b", kind_b))):
+        wan, private, public = TWO_NATS_SITES[name]
+        base = 16 * i
+        router, host = lab.host(f"nat{name}"), lab.host(f"host{name}")
+        lab.veth(inet, f"{name}0", router, "wan0")
+        lab.addr(inet, f"{name}0", f"198.51.100.{base + 1}/28")
+        lab.addr(router, "wan0", f"{wan}/28")
+        lab.ip(router, "route", "add", "default", "via", f"198.51.100.{base + 1}")
+        lab.veth(host, "eth0", router, "lan0")
+        lab.sysctl(router, "net.ipv4.ip_forward", "1")
+        if kind == "none":
+            gateway, lan = f"198.51.100.{base + 33}", f"198.51.100.{base + 32}/28"
+            lab.ip(inet, "route", "add", lan, "via", wan)
+            host_addr, prefix = public, 28
+        else:
+            gateway, lan, host_addr, prefix = f"{private}.1", f"{private}.0/24", f"{private}.2", 24
+            lab.nft(router, nat_ruleset(kind))
+        lab.addr(router, "lan0", f"{gateway}/{prefix}")
+        lab.addr(host, "eth0", f"{host_addr}/{prefix}")
+        lab.ip(host, "route", "add", "default", "via", gateway)
+        router.addr4, router.ifname = wan, "wan0"
+        router.extra["lan4"], router.extra["lan_net"], router.extra["kind"] = gateway, lan, kind
+        host.addr4, host.ifname = host_addr, "eth0"
+        sites.append(Site(kind=kind, router=router, host=host, public=host_addr if kind == "none" else wan))
+    return TwoNats(inet=inet, server=server, server_addrs=TWO_NATS_SERVER, a=sites[0], b=sites[1])
+
+
+BLOCK_TABLE = "blockdirect"
+
+
+def block_direct(lab: Lab, net: TwoNats, blocked: bool = True) -> None:
+    """Drop (or stop dropping) UDP between the two sites' public addresses on the inet router, in both
+    directions: the direct path between the sites fails while the server stays reachable from both.
+    Idempotent both ways."""
+    pair = f"{{ {net.a.public}, {net.b.public} }}"
+    ruleset = (f"table ip {BLOCK_TABLE} {{}}\ndelete table ip {BLOCK_TABLE}\n")
+    if blocked:
+        ruleset += (f"table ip {BLOCK_TABLE} {{\n  chain forward {{\n"
+                    "    type filter hook forward priority filter; policy accept;\n"
+                    f"    ip saddr {pair} ip daddr {pair} meta l4proto udp counter drop\n  }}\n}}\n")
+    lab.nft(net.inet, ruleset)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto.kdf import derive_tsig_key
+from lab import sshd as lab_sshd
 from lab.netns import Host, Lab, LabError, ping_until, wait_for
 from lab.topology import two_hosts
 from tunneld.config import load_account_secret
@@ -166,49 +167,15 @@ def dump(n: Node) -> str:
     return json.dumps(status(n), indent=1)
 
 
-SSHD_CONFIG = """\
-ListenAddress ::
-Port 22
-HostKey {dir}/host_ed25519
-AuthorizedKeysFile {dir}/authorized_keys
-PidFile none
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-"""
-
-
 def start_sshd(lab: Lab, n: Node, workdir: Path) -> tuple[Path, Path]:
-    """A real sshd in n's namespace on [::]:22; returns (client key, known_hosts for n's ULA)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    for name in ("host_ed25519", "client_ed25519"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / name)],
-                       check=True, timeout=30)
-    (workdir / "authorized_keys").write_text((workdir / "client_ed25519.pub").read_text())
-    (workdir / "sshd_config").write_text(SSHD_CONFIG.format(dir=workdir))
-    host_pub = (workdir / "host_ed25519.pub").read_text().split()
-    known = workdir / "known_hosts"
-    known.write_text(f"{n.ula} {host_pub[0]} {host_pub[1]}\n")
-    with open(workdir / "sshd.log", "ab") as logf:  # the child keeps its own copy of the fd
-        proc = lab.spawn(n.host, ["/usr/sbin/sshd", "-D", "-e", "-f", str(workdir / "sshd_config")],
-                         stdout=subprocess.DEVNULL, stderr=logf)
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            raise LabError(f"sshd exited: {(workdir / 'sshd.log').read_text()[-2000:]}")
-        return ":22 " in lab.run(n.host, ["ss", "-ltnH"]).stdout
-    wait_for(listening, timeout=10, what="sshd to listen")
-    return workdir / "client_ed25519", known
+    """A real sshd in n's namespace (lab.sshd); returns (client key, known_hosts for n's ULA)."""
+    server = lab_sshd.start_sshd(lab, n.host, [n.ula], workdir)
+    return server.client_key, server.known_hosts
 
 
 def ssh(lab: Lab, src: Node, dst: Node, key: Path, known: Path,
         command: str) -> subprocess.CompletedProcess[str]:
-    return lab.run(src.host, ["ssh", "-6", "-i", str(key), "-o", f"UserKnownHostsFile={known}",
-                              "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-                              "-o", "ConnectTimeout=10", f"root@{dst.ula}", command], timeout=30)
+    return lab_sshd.ssh(lab, src.host, dst.ula, key, known, command)
 
 
 @contextlib.contextmanager
