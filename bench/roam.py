@@ -13,7 +13,7 @@ idle: twice the desktop sends first after the move, twice the laptop does. Per m
   recovery (fast retransmit, or a timeout of at least 200 ms and its backoff) shows here, not in ping;
 - endpoint: from the move until the desktop's status shows the laptop at the new NAT's address;
 - dns: until the account's server holds the new records (at home the SRV and the A record of the home
-  address; at the café no SRV: identity alone);
+  address; at the café those of the endpoint STUN observed, the TXT marked nat=ei);
 - old mapping: after leaving home, whether miniupnpd still holds the home mapping (the laptop cannot
   reach the old gateway any more to delete it) once the move was handled.
 
@@ -45,10 +45,7 @@ IDLE = (("cafe", "desktop"), ("home", "desktop"), ("cafe", "laptop"), ("home", "
 
 
 def _dns_holds(r: Roam, to: str, target: str) -> bool:
-    srv = r.laptop_srv()
-    if to == "cafe":
-        return srv == [] and bool(r.laptop_txt())
-    return bool(srv) and r.dig("A", target) == [wan(to)]
+    return r.laptop_published_at(to) and r.laptop_srv()[0].split()[-1] == target
 
 
 def _settle(r: Roam, to: str, began: float, target: str, generation: int) -> dict[str, float]:

@@ -59,6 +59,16 @@ class Roam:
     def laptop_txt(self) -> list[str]:
         return self.dig("TXT", f"_autotunnel._udp.{self.laptop.name}.{DOMAIN}")
 
+    def laptop_published_at(self, where: str) -> bool:
+        """Whether the account's server holds the laptop's records for `where`: at home the endpoint the
+        home router maps (no nat mark in the TXT), at the café the one STUN observed through the café NAT
+        (TXT "nat=ei"); either way the SRV and its target's A record of that network's address."""
+        srv, txt = self.laptop_srv(), self.laptop_txt()
+        if not srv or not txt:
+            return False
+        marked = '"nat=ei"' in txt[0]
+        return marked == (where == "cafe") and self.dig("A", srv[0].split()[-1]) == [wan(where)]
+
 
 def knows(n: Node, other: Node) -> bool:
     return any(p["ula"] == other.ula for p in status(n)["peers"])

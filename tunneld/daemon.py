@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,7 +33,8 @@ from tunneld.proto.netchange import NetWatch, NetworkChanged
 from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
-from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_server
+from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
+from tunneld.services.nat import NatService
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
 from tunneld.services.uplink import Uplink
 from tunneld.services.watcher import WatcherService
@@ -74,6 +77,7 @@ class Daemon:
         self.dataplane: Dataplane | None = None
         self.uplink = Uplink(config.portmap, self._local_port, self._on_endpoint)
         self.publisher: PublisherService | None = None
+        self.nat: NatService | None = None
         self.network: NetWatch | None = None
         self.last_change_at: float | None = None
         self.last_redone: list[str] = []
@@ -109,6 +113,7 @@ class Daemon:
                     await nursery.start(listener.serve, self.handle_control)
                     self._nursery = nursery
                     await nursery.start(self._watch_network)
+                    await self._start_nat()
                     await self.uplink.start(nursery)
                     await self._start_publisher()
                     await self._start_watcher()
@@ -142,7 +147,23 @@ class Daemon:
             log.info("no public endpoint (%s): publishing our identity alone%s", self.uplink.static[1],
                      "; keeping NAT bindings open" if held_open else "")
         self.core.set_persistent_keepalive(PERSISTENT_KEEPALIVE if held_open else None)
+        if self.nat is not None:
+            self.nat.set_behind_nat(held_open)
         self._republish()
+
+    async def _start_nat(self) -> None:
+        """STUN and the TURN relay over the tunnel socket (docs/nat.md): the STUN servers of [nat] (by
+        default the account's DNS server), the relay of [relay] or its _turn._udp SRV record."""
+        assert self._nursery is not None and self.dataplane is not None
+        cfg, acct = self.config, self.config.account
+        stun = [addr for s in cfg.stun_servers if (addr := await _resolve(s.host, s.port)) is not None]
+        dns_server = (str(acct.server.host), acct.server.port) if acct.server else None
+        relay = await find_relay(cfg.relay.server, dns_server, acct.domain, cfg.tsig_key, acct.tsig_algorithm)
+        if not stun and relay is None:
+            return
+        user = acct.name or self.identity.public_key_b64[:16]
+        self.nat = NatService(self.core, self.dataplane, stun, relay, cfg.turn_secret, user, self._republish)
+        await self._nursery.start(self.nat.run)
 
     @property
     def public_endpoint(self) -> str | None:
@@ -183,11 +204,17 @@ class Daemon:
             await self.uplink.start(nursery)
             return True
 
+        async def nat() -> bool:
+            if self.nat is None:
+                return False
+            self.nat.network_changed()
+            return True
+
         steps: list[tuple[str, Callable[[], Awaitable[bool]]]] = [
             ("tunnel socket", tunnel_socket), ("peers told", tell_peers),
             # The publisher's socket before the uplink: its new endpoint is republished through it.
             ("publisher socket", self.publisher.reopen if self.publisher else _nothing),
-            ("uplink", uplink),
+            ("uplink", uplink), ("stun and relay", nat),
             ("LLQs renewed", self.watcher.renew if self.watcher else _nothing),
         ]
         for what, step in steps:
@@ -208,9 +235,14 @@ class Daemon:
         acct = self.config.account
         if self.publisher is None or acct.name is None:
             return
-        endpoint = self.uplink.endpoint
+        endpoint, nat, relay = self.uplink.endpoint, None, None
+        if self.nat is not None:  # behind a NAT that maps nothing: what STUN saw, and our relay
+            observed, mark, relay = self.nat.published()
+            if endpoint is None and observed is not None:
+                endpoint, nat = observed, mark
         try:
-            rrsets = host_records(acct.name, acct.domain, self.identity.public_key, endpoint)
+            rrsets = host_records(acct.name, acct.domain, self.identity.public_key, endpoint, nat=nat,
+                                  relay=relay)
         except ValueError as e:
             log.warning("cannot publish endpoint %s: %s", endpoint, e)
             return
@@ -333,6 +365,7 @@ class Daemon:
             "public_endpoint": self.public_endpoint,
             "network": self._network_status(now),
             "portmap": self.uplink.status(now),
+            "nat": self.nat.status(now) if self.nat else {"state": "disabled"},
             "publish": self._publish_status(),
             "watch": self.watcher.status() if self.watcher else {"state": "disabled"},
             "peers": peers,
@@ -354,6 +387,20 @@ class Daemon:
 
 async def _nothing() -> bool:
     return False
+
+
+async def _resolve(host: str, port: int) -> tuple[str, int] | None:
+    """An IP literal as it is; a name through the system's resolver (None if it has no address)."""
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        pass
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        log.info("STUN server %s: %s", host, e)
+        return None
+    return (str(infos[0][4][0]), port) if infos else None
 
 
 async def run_until_signalled(daemon: Daemon) -> None:

@@ -33,14 +33,15 @@ NAT_UDP_TIMEOUT = 30  # the routers' conntrack UDP timeout: above the 25 s persi
 def test_cafe_laptop_and_public_desktop_find_each_other_and_ssh_both_ways(tmp_path: Path) -> None:
     with roam_lab(tmp_path, at="cafe", upnp=False) as r:
         st = status(r.laptop)
-        # No mapping at the café: no public endpoint, our identity alone is published, bindings kept open.
+        # No mapping at the café: no public endpoint; the endpoint STUN observed through the café NAT is
+        # published, marked nat=ei (punch it); bindings kept open.
         assert st["public_endpoint"] is None and st["portmap"]["endpoint"] is None, st["portmap"]
         assert st["network"]["keepalive"] == 25.0, st["network"]
         wait_for(lambda: status(r.laptop)["publish"]["state"] == "published", timeout=10,
                  what="the laptop to publish its identity")
-        assert r.laptop_txt() and r.laptop_srv() == []
+        wait_for(lambda: r.laptop_published_at("cafe"), timeout=10, what="the café records")
         desk = peer_status(r.desktop, "laptop")
-        assert desk["endpoint"] is None or desk["endpoint_source"] == "packet", desk
+        assert desk["endpoint"] is None or desk["endpoint"].split(":")[0] == wan("cafe"), desk
         # The desktop reaches the laptop first: the laptop's keepalive opened the café binding.
         t0 = time.time()
         took = first_reply(r.lab, r.desktop, r.laptop, t0, timeout=30)
@@ -94,17 +95,17 @@ def test_moves_home_cafe_home_with_flows_each_way_and_idle(tmp_path: Path) -> No
 
 def test_records_follow_every_move_without_a_lost_update(tmp_path: Path) -> None:
     """After each move the account's server holds the new records (the home endpoint, or at the café
-    the identity alone), and no UPDATE had to be sent again: the lab loses no packet, so a
-    retransmission means the UPDATE went out on the socket of the vanished address. The race it
-    tests for happens on about half the moves to the café: five of them are made."""
+    the endpoint STUN observed, marked nat=ei), and no UPDATE had to be sent again: the lab loses no
+    packet, so a retransmission means the UPDATE went out on the socket of the vanished address. The
+    race it tests for happens on about half the moves to the café: five of them are made."""
     with roam_lab(tmp_path, at="home") as r:
-        wait_for(lambda: r.laptop_srv() != [], timeout=10, what="the laptop's home records")
+        wait_for(lambda: r.laptop_published_at("home"), timeout=10, what="the laptop's home records")
         took = []
         for to in ("cafe", "home") * 4 + ("cafe",):
             generation = int(status(r.laptop)["network"]["generation"])
             began = r.move(to)
-            wait_for(lambda to=to, g=generation: (r.laptop_srv() == []) == (to == "cafe")
-                     and moved(status(r.laptop), g), timeout=10, what=f"the records for {to}")
+            wait_for(lambda to=to, g=generation: r.laptop_published_at(to) and moved(status(r.laptop), g),
+                     timeout=10, what=f"the records for {to}")
             took.append(f"{to} {time.time() - began:.2f} s")
         dropped = status(r.laptop)["publish"]["dropped"]
         print("records in DNS after each move:", ", ".join(took), dropped)
@@ -137,8 +138,8 @@ def test_shutdown_after_a_move_withdraws_the_records(tmp_path: Path) -> None:
         generation = int(status(r.laptop)["network"]["generation"])
         r.move("cafe")
         wait_for(lambda: moved(status(r.laptop), generation), timeout=10, what="the move to be handled")
-        # At the café there is no endpoint: the home endpoint records go, the identity stays.
-        wait_for(lambda: r.laptop_srv() == [], timeout=10, what="the home endpoint records to be deleted")
+        # At the café there is no mapping: the home endpoint records go, the observed one replaces them.
+        wait_for(lambda: r.laptop_published_at("cafe"), timeout=10, what="the home endpoint records to go")
         assert r.laptop_txt()
         assert r.laptop.proc is not None
         r.lab.stop(r.laptop.proc, timeout=10)
@@ -177,5 +178,5 @@ def test_a_spell_without_any_network_then_the_cafe(tmp_path: Path) -> None:
         arrive(r.lab, r.hosts["laptop"], "cafe")
         wait_for(lambda: moved(status(r.laptop), generation), timeout=10, what="the café to be handled")
         ping6(r.lab, r.desktop, r.laptop, timeout=REACH_BOUND)
-        wait_for(lambda: r.laptop_srv() == [] and bool(r.laptop_txt()), timeout=10,
-                 what="the identity alone published from the café")
+        wait_for(lambda: r.laptop_published_at("cafe"), timeout=10,
+                 what="the observed endpoint published from the café")

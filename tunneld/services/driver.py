@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
 from tunneld.proto.core import Core
 
-__all__ = ["MAX_NAP", "Driver", "ServerLink", "connect_udp"]
+__all__ = ["MAX_NAP", "DatagramPort", "Driver", "ServerLink", "connect_udp"]
 
 log = logging.getLogger("tunneld.driver")
 
@@ -29,6 +29,15 @@ MAX_NAP = 30.0
 resume from suspend) within this time."""
 
 
+class DatagramPort(Protocol):
+    """What the driver needs of a socket: a trio UDP socket, or a port onto a socket someone else owns
+    (the NAT service's clients share the tunnel's socket through one)."""
+
+    def recvfrom(self, bufsize: int, /) -> Awaitable[tuple[bytes, Any]]: ...
+
+    def sendto(self, data: bytes, address: Any, /) -> Awaitable[int]: ...
+
+
 class Driver(Generic[E]):
     """Drive ``core`` over ``sockets`` (already bound or connected; the first one sends).
 
@@ -37,7 +46,7 @@ class Driver(Generic[E]):
     sends what they produced and lets the timer loop look at the new deadline.
     """
 
-    def __init__(self, core: Core[E], sockets: Sequence[trio.socket.SocketType], *,
+    def __init__(self, core: Core[E], sockets: Sequence[DatagramPort], *,
                  on_event: Callable[[E], None] = lambda event: None,
                  clock: Callable[[], float] = trio.current_time, grace: float = 1.0,
                  max_datagram: int = 65535, name: str = "core") -> None:
@@ -78,7 +87,7 @@ class Driver(Generic[E]):
             with trio.CancelScope(shield=True), trio.move_on_after(self.grace):
                 await self._goodbye()
 
-    def reopen(self, sockets: Sequence[trio.socket.SocketType]) -> None:
+    def reopen(self, sockets: Sequence[DatagramPort]) -> None:
         """Carry on over new sockets (the network moved and the old ones are bound to a vanished
         address); the core and its state stay. The caller closes the old sockets afterwards."""
         if not sockets:
@@ -124,7 +133,7 @@ class Driver(Generic[E]):
             await self._timers(until_finished=True)
             nursery.cancel_scope.cancel()
 
-    async def _receive(self, sock: trio.socket.SocketType) -> None:
+    async def _receive(self, sock: DatagramPort) -> None:
         while True:
             try:
                 data, source = await sock.recvfrom(self.max_datagram)
