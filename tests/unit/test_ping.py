@@ -79,3 +79,23 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 def test_without_a_daemon_ping_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ping", "desk", "--socket", "/nonexistent/ctl", "-c", "1"]) == 1
     assert "cannot reach the daemon" in capsys.readouterr().err
+
+
+def test_status_shows_each_peers_path_and_the_traversal_line(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tunneld import cli
+
+    st = {"interface": "btmm0", "ula": "fd00:1::a", "public_key": "k", "listen_port": 4500, "gso": True,
+          "gro": True, "offload": False, "offload_error": "off in the config",
+          "nat": {"state": "behind an unmapped NAT", "observed": {"203.0.113.2:5353": "198.51.100.2:4500"},
+                  "kind": "endpoint-independent", "relay_state": "allocated", "relayed": "203.0.113.3:49152"},
+          "peers": [{**p, "source": "dns", "endpoint_source": "packet", "endpoint_age": 1.0,
+                     "last_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "path_since": 12.0}
+                    for p in STATUS["peers"]]}
+    monkeypatch.setattr(cli, "_ask", lambda args, req: st)
+    assert cli.main(["status", "--socket", "/nonexistent/ctl"]) == 0
+    out = capsys.readouterr().out
+    assert ("  traversal: behind an unmapped NAT; STUN: 198.51.100.2:4500 (from 203.0.113.2:5353), "
+            "endpoint-independent; relay allocated at 203.0.113.3:49152") in out
+    assert "  path: direct 198.51.100.2:4500, for 12 s" in out
+    assert "  path: relay via 203.0.113.9:49152, for 12 s" in out
