@@ -429,18 +429,23 @@ def cmd_rebind(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def gateway_arg(text: str | None) -> str | None:
+    """``--gateway``: the router's LAN address (IPv4), or None to use the default route's."""
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise UsageError(f"bad --gateway {show(text)}: not an IPv4 address; give the router's LAN "
+                         f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
+
+
 def cmd_portmap_probe(args: argparse.Namespace) -> int:
     import trio
 
     from tunneld.probe import PROBE_TIMEOUT, ProbeError, probe
 
-    gateway = args.gateway
-    if gateway is not None:
-        try:
-            gateway = str(ipaddress.IPv4Address(gateway))
-        except ValueError:
-            raise UsageError(f"bad --gateway {show(gateway)}: not an IPv4 address; give the router's LAN "
-                             f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
+    gateway = gateway_arg(args.gateway)
     if gateway is None and args.config is not None:
         gateway = load_config(Path(args.config)).portmap.gateway
     try:

@@ -267,11 +267,10 @@ def render(result: NetcheckResult) -> str:
 
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
-    import ipaddress
 
     import trio
 
-    from tunneld.cli import EXIT_OK, UsageError
+    from tunneld.cli import EXIT_OK, UsageError, gateway_arg
     from tunneld.config import load_config
     from tunneld.config_model import DEFAULT_CONFIG_PATH
     from tunneld.config_values import Problem, show, stun_server
@@ -282,13 +281,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
             servers += (stun_server(text),)
         except Problem as p:
             raise UsageError(f"bad --stun {show(text)}: {p}") from None
-    gateway = args.gateway
-    if gateway is not None:
-        try:
-            gateway = str(ipaddress.IPv4Address(gateway))
-        except ValueError:
-            raise UsageError(f"bad --gateway {show(gateway)}: not an IPv4 address; give the router's LAN "
-                             f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
+    gateway = gateway_arg(args.gateway)
     config = None
     if args.config is not None or not servers:  # --stun alone needs no config
         config = load_config(Path(args.config) if args.config is not None else DEFAULT_CONFIG_PATH)
