@@ -28,6 +28,7 @@ from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.identity import DeviceIdentity, IdentityError
+from tunneld.ping import path_line
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -352,13 +353,6 @@ def _endpoint_origin(p: dict[str, Any]) -> str:
     return f" (from {source}" + (f", {age:g} s ago)" if age is not None else ")")
 
 
-def _path_line(p: dict[str, Any]) -> str:
-    """"path: direct 198.51.100.2:4500, for 12 s" or "path: relay via 203.0.113.9:3478, for 3 s"."""
-    since = p.get("path_since")
-    how = f"relay via {p.get('relay')}" if p.get("path") == "relay" else f"direct {p['endpoint'] or '(none)'}"
-    return f"  path: {how}" + (f", for {since:g} s" if since is not None else "")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, {"cmd": "status"})
     if st is None:
@@ -395,7 +389,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         hs = p["last_handshake"]
         ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
         out += ["", f"peer: {p['name']} (from {p.get('source', 'config')})", f"  ula: {p['ula']}",
-                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", _path_line(p),
+                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", path_line(p),
                 f"  latest handshake: {ago}",
                 f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
     sys.stdout.write("\n".join(out) + "\n")

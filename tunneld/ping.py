@@ -3,7 +3,8 @@
 A probe is an ICMPv6 echo request to the peer's ULA: it leaves through the TUN, so ESP carries and
 authenticates it both ways, and the echo reply proves the peer itself answered (a relay or a NAT cannot
 forge it). After each reply the daemon's control socket says which path the peer is on (direct to an
-endpoint, or relayed via a relay), as `tailscale ping` prints "via DERP" or "via IP:port".
+endpoint, or relayed via a relay), as `tailscale ping` prints "via DERP" or "via IP:port". The path's
+wording is shared with `tunneld status` (`path_line`).
 """
 
 from __future__ import annotations
@@ -58,14 +59,24 @@ def find_peer(status: dict[str, Any], which: str) -> Target:
     raise PingError(f"no peer {which!r}; known peers: {known} (see `tunneld status`)")
 
 
+def path_text(peer: dict[str, Any]) -> str:
+    """"direct 198.51.100.2:4500" or "relay via 203.0.113.9:3478": a peer's path in a status reply."""
+    if peer.get("path") == "relay" and peer.get("relay"):
+        return f"relay via {peer['relay']}"
+    return f"direct {peer.get('endpoint') or '(no endpoint)'}"
+
+
+def path_line(peer: dict[str, Any]) -> str:
+    """`tunneld status`'s line: "  path: direct 198.51.100.2:4500, for 12 s"."""
+    since = peer.get("path_since")
+    return f"  path: {path_text(peer)}" + (f", for {since:g} s" if since is not None else "")
+
+
 def describe_path(status: dict[str, Any], target: Target) -> str:
-    """"direct 198.51.100.2:4500" or "relay via 203.0.113.9:3478" for the peer, from a status reply."""
+    """The path of the peer ``target`` in a status reply."""
     for p in status.get("peers") or []:
         if p.get("name") == target.name:
-            relay = p.get("relay")
-            if p.get("path") == "relay" and relay:
-                return f"relay via {relay}"
-            return f"direct {p.get('endpoint') or '(no endpoint)'}"
+            return path_text(p)
     return "(peer gone)"
 
 
