@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,7 +27,6 @@ from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.identity import DeviceIdentity, IdentityError
-from tunneld.ping import path_line
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -335,24 +333,6 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None
         return None
 
 
-def _offload_line(st: dict[str, Any]) -> str:
-    """Whether TUN offload is on, and how much of the traffic took the fast path (runs)."""
-    if not st.get("offload"):
-        return f"offload: off ({st.get('offload_error') or 'unknown reason'})"
-    c = st.get("counters") or {}
-    got = c.get("rx_datagrams", 0)
-    share = f", {100 * c.get('rx_run_datagrams', 0) / got:.0f}% of received datagrams opened in runs" \
-        if got else ""
-    return f"offload: on ({c.get('tx_runs', 0)} superpackets sealed as runs{share})"
-
-
-def _endpoint_origin(p: dict[str, Any]) -> str:
-    source, age = p.get("endpoint_source"), p.get("endpoint_age")
-    if not p.get("endpoint") or not source:
-        return ""
-    return f" (from {source}" + (f", {age:g} s ago)" if age is not None else ")")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, {"cmd": "status"})
     if st is None:
@@ -360,39 +340,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(st, indent=2) + "\n")
         return EXIT_OK
-    out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
-           f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
-           f"GRO {'on' if st['gro'] else 'off'})", "  " + _offload_line(st)]
-    net = st.get("network") or {}
-    if net.get("generation"):
-        out.append(f"  network: moved {net['generation']} time(s), last {net.get('last_change_ago')} s ago "
-                   f"({', '.join(net.get('changed') or [])}); redone: {', '.join(net.get('redone') or [])}")
-    if net.get("keepalive"):
-        out.append(f"  keepalive: every {net['keepalive']:g} s (no public endpoint: NAT bindings held open)")
-    pm = st.get("portmap") or {}
-    if pm.get("state") not in (None, "disabled"):
-        proto = f" ({pm['protocol']})" if pm.get("protocol") else ""
-        out.append(f"  nat: {pm['state']}{proto}: {pm.get('result', '')}"
-                   + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
-    nat = st.get("nat") or {}
-    if nat.get("state") not in (None, "disabled"):
-        seen = ", ".join(f"{m} (from {s})" for s, m in (nat.get("observed") or {}).items()) or "nothing yet"
-        out.append(f"  traversal: {nat.get('state')}; STUN: {seen}, {nat.get('kind')}; relay "
-                   f"{nat.get('relay_state')}" + (f" at {nat['relayed']}" if nat.get("relayed") else ""))
-    pub = st.get("publish") or {}
-    if pub.get("state") not in (None, "disabled"):
-        out.append(f"  dns publish: {pub.get('state')}: {pub.get('message', '')}")
-    watch = st.get("watch") or {}
-    if watch.get("state") not in (None, "disabled"):
-        out.append(f"  dns watch: {watch.get('state')} via {watch.get('server', '?')}")
-    for p in st["peers"]:
-        hs = p["last_handshake"]
-        ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
-        out += ["", f"peer: {p['name']} (from {p.get('source', 'config')})", f"  ula: {p['ula']}",
-                f"  endpoint: {p['endpoint'] or '(none)'}{_endpoint_origin(p)}", path_line(p),
-                f"  latest handshake: {ago}",
-                f"  transfer: {_human(p['rx_bytes'])} received, {_human(p['tx_bytes'])} sent"]
-    sys.stdout.write("\n".join(out) + "\n")
+    from tunneld.status_text import render_status
+
+    sys.stdout.write(render_status(st))
     return EXIT_OK
 
 
@@ -464,14 +414,6 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
         why = r.result
     print(f"tunneld: no port mapping from {r.gateway}: {why}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.2f} TiB"
 
 
 def build_parser() -> argparse.ArgumentParser:
