@@ -228,7 +228,8 @@ def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
             raise LabError(f"serve-dns exited: {log.read_text()[-2000:]}")
         r = lab.run(n.host, ["dig", f"@{at[0]}", "-p", str(at[1]), "+short", "+tries=1", "+time=1",
                              "SOA", DOMAIN], check=False)
-        return bool(r.stdout.strip())
+        # (dig prints its errors, ";; connection refused" too, on stdout: an answer is a line without)
+        return r.returncode == 0 and any(not x.startswith(";") for x in r.stdout.split("\n") if x.strip())
 
     wait_for(answers, timeout=15, what="serve-dns to answer")
     return proc
