@@ -2,15 +2,17 @@
 
 Two roots feed everything:
 
-- the 32-byte *account secret* shared by a user's devices gives the TSIG key for DNS UPDATE and the Noise
-  handshake PSK (:func:`derive_tsig_key`, :func:`derive_psk`);
+- the 32-byte *account secret* shared by a user's devices gives the TSIG key for DNS UPDATE, the Noise
+  handshake PSK and the TURN relay's shared secret (:func:`derive_tsig_key`, :func:`derive_psk`,
+  :func:`derive_turn_secret`);
 - each completed Noise handshake gives two 32-byte traffic keys (``HandshakeState.split_keys()``), and
   each of those gives the KEYMAT of one ESP security association (:func:`derive_esp_keymat`).
 
 Every derivation uses HKDF-SHA256 with no salt (RFC 5869 §2.2: a string of HashLen zero bytes) and a
 distinct ``info`` label beginning ``tunneld v1``, so no two purposes can ever share a key, and a future
 change of construction can bump the version without colliding with this one. The exact byte strings and
-test vectors are in docs/protocol-kdf.md; changing any of them breaks interoperability between devices.
+test vectors are in docs/protocol.md ("Key derivation"); changing any of them breaks interoperability
+between devices.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ __all__ = [
     "TRAFFIC_KEY_LEN",
     "TSIG_INFO_PREFIX",
     "TSIG_KEY_LEN",
+    "TURN_INFO_PREFIX",
+    "TURN_SECRET_LEN",
     "derive_esp_keymat",
     "derive_psk",
     "derive_tsig_key",
+    "derive_turn_secret",
     "normalize_domain",
 ]
 
@@ -45,6 +50,9 @@ TSIG_INFO_PREFIX: Final = b"tunneld v1 tsig hmac-sha256 "
 
 PSK_INFO_PREFIX: Final = b"tunneld v1 handshake psk "
 """HKDF info prefix for the Noise IKpsk2 pre-shared key; the normalized account domain follows."""
+
+TURN_INFO_PREFIX: Final = b"tunneld v1 turn rest secret "
+"""HKDF info prefix for the TURN REST shared secret (coturn's static-auth-secret); the domain follows."""
 
 ESP_INFO_PREFIX: Final = b"tunneld v1 esp "
 """HKDF info prefix for ESP KEYMAT; ``<suite> <direction>`` follows, e.g. ``aes-256-gcm i2r``."""
@@ -55,6 +63,8 @@ TSIG_KEY_LEN: Final = 32
 """Length of the derived TSIG hmac-sha256 key (SHA-256's output length, RFC 8945 §6)."""
 PSK_LEN: Final = 32
 """Length of the Noise pre-shared key (Noise rev 34 §9: always 32 bytes)."""
+TURN_SECRET_LEN: Final = 32
+"""Bytes of HKDF output behind the TURN secret (its text is their 64 lower-case hex digits)."""
 TRAFFIC_KEY_LEN: Final = 32
 """Length of each Noise split key that ESP keys are derived from."""
 ESP_SALT_LEN: Final = 4
@@ -131,6 +141,19 @@ def derive_psk(secret: bytes, domain: str) -> bytes:
     _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
     info = PSK_INFO_PREFIX + normalize_domain(domain).encode("ascii")
     return _hkdf_sha256(secret, info, PSK_LEN)
+
+
+def derive_turn_secret(secret: bytes, domain: str) -> str:
+    """The account's TURN REST shared secret: what coturn's ``static-auth-secret`` holds (printed by
+    ``tunneld account new``), and, as ASCII bytes, the HMAC-SHA1 key of the relay credentials.
+
+    ``hex(HKDF-SHA256(ikm=secret, salt=none, info=TURN_INFO_PREFIX + domain, L=32))``: hex, because the
+    relay's configuration takes the secret as text and uses that text itself as the key. A relay operator
+    holding it can mint relay credentials, nothing more: the TSIG key and the PSK stay out of reach.
+    """
+    _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
+    info = TURN_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return _hkdf_sha256(secret, info, TURN_SECRET_LEN).hex()
 
 
 def derive_esp_keymat(traffic_key: bytes, suite: str, direction: str) -> tuple[bytes, bytes]:

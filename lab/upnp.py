@@ -1,4 +1,4 @@
-"""A real NAT-PMP / PCP server for the lab: miniupnpd 2.3.1 (Debian `miniupnpd-nftables`) on the router.
+"""A real NAT-PMP / PCP / UPnP IGD server for the lab: miniupnpd 2.3.1 (Debian `miniupnpd-nftables`).
 
 Usage (the `behind_nat` topology of lab/topology.py):
 
@@ -10,6 +10,9 @@ Usage (the `behind_nat` topology of lab/topology.py):
             assert Mapping("udp", 4500, "192.168.77.2", 4500) in upnp.list_mappings()
             upnp.restart(delete_leases=True)   # a router reboot that forgets its mappings
             upnp.sigusr1()                     # "public address changed": announcements go out
+
+`MiniUPnPd(..., upnp_only=True)` serves UPnP IGD (SSDP + SOAP) with NAT-PMP and PCP disabled; `start()` then
+waits for an SSDP answer instead of a NAT-PMP one.
 
 Every process is started with `lab.spawn` (so the lab ends it by PID even if the test fails) and the
 nftables objects live in the router namespace (deleted with it). The temporary directory (config,
@@ -26,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -61,6 +65,21 @@ table inet {TABLE} {{
 }}
 """
 
+# One M-SEARCH to the gateway's port 1900 (unicast: miniupnpd answers any M-SEARCH that reaches its SSDP
+# socket); prints the first answer, or nothing after the timeout.
+SSDP_SEARCH = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[2]))
+s.sendto(b"M-SEARCH * HTTP/1.1\\r\\nHOST: 239.255.255.250:1900\\r\\nMAN: \\"ssdp:discover\\"\\r\\nMX: 1\\r\\n"
+         b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\\r\\n\\r\\n", (sys.argv[1], 1900))
+try:
+    print(s.recvfrom(2048)[0].decode("latin-1"), end="")
+except OSError:
+    pass
+"""
+
+
 class Mapping(NamedTuple):
     """One port mapping as installed in the router's nftables: external port -> internal addr:port."""
 
@@ -85,7 +104,7 @@ class MiniUPnPd:
     def __init__(self, lab: Lab, host: Host, router: Host, peer: Host, *, lan_if: str = "lan0",
                  wan_if: str = "wan0", lan_net: str = "192.168.77.0/24", stun_port: int = 3478,
                  min_lifetime: int = 120, max_lifetime: int = 86400,
-                 extra_conf: tuple[str, ...] = ()) -> None:
+                 extra_conf: tuple[str, ...] = (), upnp_only: bool = False) -> None:
         self.lab, self.host, self.router, self.peer = lab, host, router, peer
         self.lan_if, self.wan_if, self.lan_net = lan_if, wan_if, lan_net
         self.gateway = router.extra.get("lan4", "192.168.77.1")
@@ -93,6 +112,7 @@ class MiniUPnPd:
         self.stun_port = stun_port
         self.min_lifetime, self.max_lifetime = min_lifetime, max_lifetime
         self.extra_conf = extra_conf
+        self.upnp_only = upnp_only
         self.dir = Path(tempfile.mkdtemp(prefix="tdl-upnp-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.conf_path = self.dir / "miniupnpd.conf"
@@ -133,8 +153,9 @@ class MiniUPnPd:
             "ext_perform_stun=yes",
             f"ext_stun_host={self.peer.addr4}",
             f"ext_stun_port={self.stun_port}",
-            "enable_natpmp=yes",  # NAT-PMP and PCP
-            "enable_upnp=no",
+            # enable_natpmp covers NAT-PMP and PCP alike in miniupnpd.
+            f"enable_natpmp={'no' if self.upnp_only else 'yes'}",
+            f"enable_upnp={'yes' if self.upnp_only else 'no'}",
             "secure_mode=yes",  # mappings only to the requester's own address
             "ipv6_disable=yes",  # the router has no IPv6
             f"lease_file={self.lease_path}",
@@ -177,6 +198,8 @@ class MiniUPnPd:
         # The probe runs in the host namespace; check now and then that miniupnpd is still alive,
         # so a crash fails fast with its log instead of after the whole timeout.
         deadline = t0 + timeout
+        if self.upnp_only:
+            return self._wait_ssdp(t0, deadline, timeout)
         while True:
             answer = self.external_address(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
             if answer is not None and answer.result == 0 and answer.address == self.public_addr:
@@ -295,7 +318,27 @@ class MiniUPnPd:
         r = self.lab.run(self.host, ["natpmpc", "-g", self.gateway, *args], timeout=timeout, check=check)
         return r.stdout
 
+    def ssdp_search(self, timeout: float = 1.0) -> str | None:
+        """One SSDP M-SEARCH (IGD:1) from the host to the gateway; the first answer's text, or None."""
+        r = self.lab.run(self.host, [sys.executable, "-c", SSDP_SEARCH, self.gateway, f"{timeout:.3f}"],
+                         timeout=timeout + 10, check=False)
+        return r.stdout or None
+
     # -- internals --------------------------------------------------------------------------------
+
+    def _wait_ssdp(self, t0: float, deadline: float, timeout: float) -> float:
+        """UPnP only: wait until an M-SEARCH is answered (miniupnpd first does its STUN exchange)."""
+        assert self.proc is not None
+        while True:
+            answer = self.ssdp_search(timeout=min(0.5, max(0.05, deadline - time.monotonic())))
+            if answer is not None and "LOCATION:" in answer.upper():
+                return time.monotonic() - t0
+            if self.proc.poll() is not None:
+                rc = self.stop()
+                raise LabError(f"miniupnpd exited with {rc}:\n{self.log_text()}")
+            if time.monotonic() >= deadline:
+                self.stop(timeout=0.5)
+                raise LabError(f"miniupnpd gave no SSDP answer within {timeout:.1f} s:\n{self.log_text()}")
 
     def _start_stun(self) -> None:
         if self.stun is not None and self.stun.poll() is None:

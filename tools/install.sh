@@ -12,10 +12,11 @@ cd "$ROOT"
 # and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
 # scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
 # bind9 is the DNS UPDATE server the publishing tests run (lab/bind.py, in a namespace, in the
-# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently.
+# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently. coturn is the TURN
+# relay the relay tests run (lab/coturn.py, likewise in a namespace, in the foreground).
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
-          miniupnpd-nftables natpmpc bind9 bind9-dnsutils)
+          miniupnpd-nftables natpmpc bind9 bind9-dnsutils coturn)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -43,6 +44,16 @@ if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' bind9 2>/dev/null | grep
     pid=$(cat /run/named/named.pid 2>/dev/null || true)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" || true; fi
     if command -v update-rc.d >/dev/null 2>&1; then update-rc.d named disable >/dev/null 2>&1 || true; fi
+  fi
+fi
+
+# coturn ships a service too, which would hold port 3478 on the host: off, as named is (the lab starts
+# its own turnserver by PID; `systemctl disable --now` only stops the service's own process).
+if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q "install ok installed"; then
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now coturn.service >/dev/null 2>&1 || true
+  elif command -v update-rc.d >/dev/null 2>&1 && [ -x /etc/init.d/coturn ]; then
+    update-rc.d coturn disable >/dev/null 2>&1 || true
   fi
 fi
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, normalize_domain
+from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
@@ -90,8 +90,11 @@ def cmd_account_new(args: argparse.Namespace) -> int:
     secret = os.urandom(ACCOUNT_SECRET_LEN)
     # The first line alone is the secret file's content; everything after it is for the DNS server.
     sys.stdout.write(base64.b64encode(secret).decode() + "\n")
+    # The relay's line comes before the stanza, which runs to the end (it is cut out as a key file).
     sys.stdout.write(
         f"\n# Save the line above, alone, as the secret_file of every device of {domain} (mode 0600).\n"
+        f"# Shared secret for the account's TURN relay (coturn turnserver.conf, with use-auth-secret):\n"
+        f"static-auth-secret={derive_turn_secret(secret, domain)}\n"
         f"# TSIG key for the account's DNS server (BIND named.conf, nsupdate -k):\n"
     )
     sys.stdout.write(tsig_stanza(domain, derive_tsig_key(secret, domain)))
@@ -248,6 +251,11 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
                dataclasses.replace(rrl, answers_per_second=args.rate_limit,
                                    errors_per_second=args.rate_limit / 2))
+    stun_ports = list(dict.fromkeys(args.stun or ()))
+    for port in stun_ports:
+        if not 1 <= port <= 65535 or port == listen.port:
+            raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
+                             f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     db = Path(args.db)
     try:
@@ -276,7 +284,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core), rrl=rrl))
+                                                      llq=LLQServer(core), rrl=rrl,
+                                                      stun_ports=stun_ports))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -289,7 +298,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         err = _first_oserror(e)
         if err is None:
             raise
-        print(f"tunneld: {bind_error_message(err, str(listen))}", file=sys.stderr)
+        where = err.filename if isinstance(err.filename, str) else str(listen)
+        print(f"tunneld: {bind_error_message(err, where)}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         store.close()
@@ -360,7 +370,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.append(f"  keepalive: every {net['keepalive']:g} s (no public endpoint: NAT bindings held open)")
     pm = st.get("portmap") or {}
     if pm.get("state") not in (None, "disabled"):
-        out.append(f"  nat: {pm['state']}: {pm.get('result', '')}"
+        proto = f" ({pm['protocol']})" if pm.get("protocol") else ""
+        out.append(f"  nat: {pm['state']}{proto}: {pm.get('result', '')}"
                    + (f" (public {pm['endpoint']})" if pm.get("endpoint") else ""))
     pub = st.get("publish") or {}
     if pub.get("state") not in (None, "disabled"):
@@ -391,18 +402,23 @@ def cmd_rebind(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def gateway_arg(text: str | None) -> str | None:
+    """``--gateway``: the router's LAN address (IPv4), or None to use the default route's."""
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise UsageError(f"bad --gateway {show(text)}: not an IPv4 address; give the router's LAN "
+                         f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
+
+
 def cmd_portmap_probe(args: argparse.Namespace) -> int:
     import trio
 
     from tunneld.probe import PROBE_TIMEOUT, ProbeError, probe
 
-    gateway = args.gateway
-    if gateway is not None:
-        try:
-            gateway = str(ipaddress.IPv4Address(gateway))
-        except ValueError:
-            raise UsageError(f"bad --gateway {show(gateway)}: not an IPv4 address; give the router's LAN "
-                             f"address, e.g. --gateway 192.168.1.1, or leave it out") from None
+    gateway = gateway_arg(args.gateway)
     if gateway is None and args.config is not None:
         gateway = load_config(Path(args.config)).portmap.gateway
     try:
@@ -421,8 +437,8 @@ def cmd_portmap_probe(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("mapping none")
     if r.protocol is None:
-        why = (f"no answer in {PROBE_TIMEOUT:.0f} s; the router may not speak PCP or NAT-PMP, or has it "
-               f"switched off (look for a UPnP/NAT-PMP setting)")
+        why = (f"no answer in {PROBE_TIMEOUT:.0f} s; the router may not speak PCP, NAT-PMP or UPnP IGD, or "
+               f"has them switched off (look for a UPnP/NAT-PMP setting)")
     else:
         why = r.result
     print(f"tunneld: no port mapping from {r.gateway}: {why}", file=sys.stderr)
@@ -477,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    portmap = sub.add_parser("portmap", help="NAT-PMP/PCP port mapping on the home router")
+    portmap = sub.add_parser("portmap", help="PCP/NAT-PMP/UPnP port mapping on the home router")
     psub = portmap.add_subparsers(dest="portmap_command", required=True, parser_class=_Parser)
     pprobe = psub.add_parser("probe", help="what the gateway speaks, our public address, a test mapping")
     pprobe.add_argument("--gateway", help="the router's address (default: the IPv4 default gateway)")
@@ -489,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     rebind.add_argument("--socket", help="control socket (default: from the config)")
     rebind.add_argument("--port", type=int, help="new port (default: the same)")
     rebind.set_defaults(func=cmd_rebind)
+
+    from tunneld import netcheck
+    netcheck.add_parser(sub)
 
     serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
     serve_dns.add_argument("--zone", required=True, help="the account's domain, served as the zone")
@@ -506,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--rate-limit", type=int, metavar="REPLIES",
                            help="unsigned UDP answers per second to one /24 or /56 (errors: half as many; "
                                 "default 20; 0: no rate limiting); beyond, replies are dropped or truncated")
+    serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
+                           help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
+                                "does): a second port lets devices tell how their NAT maps")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p

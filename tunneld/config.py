@@ -32,14 +32,19 @@ Schema::
 
     [portmap]                        # optional: NAT-PMP/PCP; enabled = true, gateway = "192.168.1.1",
                                      # lifetime = 7200 (120..86400 seconds)
+    [nat]                            # optional: stun = ["host:port", ...] (default: the account's server)
+    [relay]                          # optional: the TURN relay, server = "turn.example.net:3478" (a name
+                                     # or an IP literal; port 3478 if left out). Without it the relay is
+                                     # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
 can be moved together (tests and ``tunneld join`` write absolute paths anyway).
 
-Secrets: the account secret is read only to derive :attr:`Config.psk` and :attr:`Config.tsig_key` (HKDF,
-crypto.kdf) and is not kept. Neither the secret nor the derived keys appear in any repr or message; public
-keys are not echoed in messages either, in case a private key was pasted where a public one belongs.
+Secrets: the account secret is read only to derive :attr:`Config.psk`, :attr:`Config.tsig_key` and
+:attr:`Config.turn_secret` (HKDF, crypto.kdf) and is not kept. Neither the secret nor the derived keys appear
+in any repr or message; public keys are not echoed in messages either, in case a private key was pasted
+where a public one belongs.
 
 This module is the reader; the values it builds are in tunneld.config_model and the parsers of single values
 in tunneld.config_values. The public names of both are re-exported here.
@@ -57,7 +62,7 @@ from pathlib import Path
 from typing import Final, NoReturn, TypeVar
 
 from crypto.aead import DEFAULT_SUITE, SUITES
-from crypto.kdf import derive_psk, derive_tsig_key, normalize_domain
+from crypto.kdf import derive_psk, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import config_values as values
 from tunneld.config_model import (
     DEFAULT_CONFIG_PATH,
@@ -66,6 +71,7 @@ from tunneld.config_model import (
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
     DEFAULT_STATE_DIR,
+    DEFAULT_TURN_PORT,
     MAX_MTU,
     MIN_MTU,
     AccountConfig,
@@ -73,8 +79,11 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    NatConfig,
     PeerConfig,
     PortmapConfig,
+    RelayConfig,
+    StunServer,
 )
 from tunneld.config_values import Problem, show, type_name
 from tunneld.identity import ula_for
@@ -97,8 +106,11 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "NatConfig",
     "PeerConfig",
     "PortmapConfig",
+    "RelayConfig",
+    "StunServer",
     "load_account_secret",
     "load_config",
     "parse_endpoint",
@@ -108,8 +120,10 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
+_NAT_KEYS: Final = ("stun",)
+_MAX_STUN_SERVERS: Final = 8
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload")
@@ -202,7 +216,8 @@ class _Loader:
         for key, value in doc.items():
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
-                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap]")
+                self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
+                          "[nat], [relay]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -210,6 +225,8 @@ class _Loader:
         peers = self.peers(doc.get("peer"), account.domain)
         timers = self.timers(self.table(doc, "timers", required=False))
         portmap = self.portmap(self.table(doc, "portmap", required=False))
+        nat = self.nat(self.table(doc, "nat", required=False))
+        relay = self.relay(self.table(doc, "relay", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -217,8 +234,11 @@ class _Loader:
             peers=peers,
             timers=timers,
             portmap=portmap,
+            nat=nat,
+            relay=relay,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
+            turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
         )
 
     def table(self, doc: Mapping[str, object], name: str, *, required: bool) -> dict[str, object]:
@@ -331,6 +351,33 @@ class _Loader:
         lifetime = self.bounded(table, "portmap", "lifetime", NATPMP_DEFAULT_LIFETIME, 120, 86400,
                                 f"use 120 to 86400 seconds (RFC 6886 recommends {NATPMP_DEFAULT_LIFETIME})")
         return PortmapConfig(enabled=enabled, gateway=gateway, lifetime=lifetime)
+
+    def nat(self, table: Mapping[str, object]) -> NatConfig:
+        """[nat]: the STUN servers that tell the endpoint a NAT gives us (docs/nat.md)."""
+        self.check_keys(table, "[nat]", _NAT_KEYS)
+        value = table.get("stun")
+        if value is None:
+            return NatConfig()
+        fix = 'write stun = ["host:port", ...], e.g. ["stun.example.net:3478"], or [] for no STUN'
+        if not isinstance(value, list):
+            self.fail("nat.stun", f"expected an array of strings, got {type_name(value)}", fix)
+        for i, v in enumerate(value, start=1):
+            if not isinstance(v, str):
+                self.fail(f"nat.stun[{i}]", f"expected a string, got {show(v)}", fix)
+        if len(value) > _MAX_STUN_SERVERS:
+            self.fail("nat.stun", f"{len(value)} servers", f"give at most {_MAX_STUN_SERVERS} (two suffice)")
+        servers = tuple(self.parsed(f"nat.stun[{i}]", values.stun_server, v)
+                        for i, v in enumerate(value, start=1))
+        return NatConfig(stun=tuple(dict.fromkeys(servers)))
+
+    def relay(self, table: Mapping[str, object]) -> RelayConfig:
+        """[relay]: the TURN relay (RFC 8656); a name is kept as a name, resolved when it is used."""
+        self.check_keys(table, "[relay]", ("server",))
+        text = self.string(table, "relay", "server", '"turn.example.net:3478"')
+        if text is None:
+            return RelayConfig()
+        return RelayConfig(self.parsed("relay.server", lambda t: values.relay_server(t, DEFAULT_TURN_PORT),
+                                       text))
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

@@ -114,9 +114,41 @@ class PortmapConfig:
     lifetime: int = NATPMP_DEFAULT_LIFETIME
 
 
+DEFAULT_TURN_PORT: Final = 3478
+"""RFC 8656 §4 (and RFC 5928 §3): TURN over UDP listens on 3478 by default."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """[relay]: the TURN relay (RFC 8656), ``server`` as (IP literal or DNS name, port). None: found as
+    ``_turn._udp.DOMAIN`` SRV (RFC 5928) at the account's DNS server, if it has one."""
+
+    server: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class StunServer:
+    """A STUN server from ``[nat] stun``: an IP literal or a DNS name (resolved when used), and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    """[nat]: ``stun`` lists the STUN servers that tell our public endpoint (None: the account's DNS
+    server, which ``tunneld serve-dns`` makes a STUN server too; empty: no STUN)."""
+
+    stun: tuple[StunServer, ...] | None = None
+
+
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration, validated. ``psk`` and ``tsig_key`` are derived from the account secret."""
+    """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
+    secret as ASCII bytes, the HMAC key of TURN REST credentials) are derived from the account secret."""
 
     path: Path
     interface: InterfaceConfig
@@ -124,8 +156,19 @@ class Config:
     peers: tuple[PeerConfig, ...]
     psk: bytes = field(repr=False)
     tsig_key: bytes = field(repr=False)
+    turn_secret: bytes = field(repr=False)
     timers: Timers = field(default_factory=Timers)
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
+
+    @property
+    def stun_servers(self) -> tuple[StunServer, ...]:
+        """The STUN servers to ask: ``[nat] stun``, or by default the account's DNS server (if any)."""
+        if self.nat.stun is not None:
+            return self.nat.stun
+        server = self.account.server
+        return () if server is None else (StunServer(str(server.host), server.port),)
 
     @property
     def prefix(self) -> ipaddress.IPv6Network:

@@ -1,4 +1,4 @@
-"""Parsers for single configuration values: interface name, public key, endpoint, account secret.
+"""Parsers for single configuration values: interface name, public key, endpoint, STUN server, secret.
 
 Each raises :class:`Problem` (what is wrong and how to fix it) without knowing the file or key; the reader
 (tunneld.config) adds those. Values are rendered for messages by :func:`show`; secrets never are.
@@ -16,8 +16,8 @@ import stat
 from datetime import date, datetime, time
 from pathlib import Path
 
-from crypto.kdf import ACCOUNT_SECRET_LEN
-from tunneld.config_model import Endpoint
+from crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
+from tunneld.config_model import Endpoint, StunServer
 from tunneld.proto.records import check_name
 
 _IFNAMSIZ = 16  # Linux: interface names are at most 15 bytes plus the NUL
@@ -142,6 +142,62 @@ def endpoint(text: str) -> Endpoint:
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise Problem(f"{show(port_text)} is not a port number", "use a port from 1 to 65535, e.g. 4500")
     return Endpoint(host, int(port_text))
+
+
+def stun_server(text: str) -> StunServer:
+    """``"192.0.2.53:53"``, ``"[2001:db8::53]:3478"`` or ``"stun.example.net:3478"`` (a name is resolved
+    when used, not here)."""
+    return StunServer(*host_port(text, None))
+
+
+def relay_server(text: str, default_port: int) -> tuple[str, int]:
+    """A TURN relay, ``"HOST:PORT"`` or ``"HOST"`` (``default_port``)."""
+    return host_port(text, default_port)
+
+
+def host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """``"HOST:PORT"`` (or ``"HOST"`` when there is a ``default_port``): HOST an IP literal (IPv6 in
+    brackets) or a DNS name, resolved when it is used, not here. Names come back normalized."""
+    example = default_port or 3478
+    fix = (f'write "host:port", e.g. "server.example.net:{example}", "192.0.2.7:{example}" or '
+           f'"[2001:db8::7]:{example}"')
+    shown = show(text)
+    port_text = ""
+    if text.startswith("["):
+        host_text, close, rest = text[1:].partition("]")
+        if not close:
+            raise Problem(f"{shown} has no closing bracket", fix)
+        if rest and not rest.startswith(":"):
+            raise Problem(f"{shown} has something other than :port after the address", fix)
+        if not rest and default_port is None:
+            raise Problem(f"{shown} has no port", fix)
+        port_text = rest[1:] if rest else str(default_port)
+        try:
+            host = str(ipaddress.IPv6Address(host_text))
+        except ValueError:
+            raise Problem(f"{show(host_text)} is not an IPv6 address", fix) from None
+    else:
+        if text.count(":") > 1:
+            raise Problem(f"{shown} looks like an IPv6 address without brackets",
+                          f'write "[v6]:port", e.g. "[2001:db8::7]:{example}"')
+        host_text, colon, port_text = text.partition(":")
+        if not colon and default_port is None:
+            raise Problem(f"{shown} has no port", fix)
+        port_text = port_text if colon else str(default_port)
+        try:
+            host = str(ipaddress.IPv4Address(host_text))
+        except ValueError:
+            if host_text.replace(".", "").isdigit():
+                raise Problem(f"{show(host_text)} is not an IPv4 address", fix) from None
+            try:
+                host = normalize_domain(host_text)
+            except ValueError as e:
+                raise Problem(f"{show(host_text)} is neither an IP address nor a DNS name ({e})",
+                              fix) from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise Problem(f"{show(port_text)} is not a port number",
+                      f"use a port from 1 to 65535, e.g. {example}")
+    return host, int(port_text)
 
 
 def account_secret(path: Path) -> bytes:

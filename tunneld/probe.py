@@ -1,8 +1,9 @@
 """`tunneld portmap probe`: what does the gateway speak, what is our public address, can we map a port?
 
-A diagnostic in the spirit of `tailscale netcheck`: one short-lived PortMapper on a spare local port, driven
-by the one driver until the test mapping is granted or refused (or nothing answers within PROBE_TIMEOUT),
-then closed: the driver sends the delete and waits up to DELETE_WAIT for the gateway to confirm it.
+A diagnostic in the spirit of `tailscale netcheck`: one short-lived GatewayMapper (PCP, NAT-PMP, then UPnP
+IGD) on a spare local port, driven by the one driver until the test mapping is granted or refused (or
+nothing answers within PROBE_TIMEOUT), then closed: the driver sends the delete and waits up to
+DELETE_WAIT for the gateway to confirm it. The result names the protocol: "pcp", "nat-pmp" or "upnp".
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 import trio
 
 from tunneld.net import links
-from tunneld.proto.portmap.events import Granted, PortmapEvent, Refused
-from tunneld.proto.portmap.mapper import PortMapper
-from tunneld.proto.portmap.pcp_wire import PCP_MAX_MESSAGE_LEN
+from tunneld.proto.portmap.chain import GatewayMapper, HttpRequest, UpnpEvent
+from tunneld.proto.portmap.events import Granted, Refused
 from tunneld.services.driver import Driver
+from tunneld.services.portmap import MAX_DATAGRAM, HttpExchanges, multicast_ok
 
 PROBE_TIMEOUT = 12.0  # seconds: PCP's first retry is at 3 s, NAT-PMP's ninth at 64 s; 12 s is plenty
 PROBE_LIFETIME = 120  # seconds: the test mapping's requested lifetime (it is deleted at once anyway)
@@ -54,18 +55,24 @@ async def probe(gateway: str | None) -> ProbeResult:
         await sock.bind((internal, 0))
         await test.bind((internal, 0))
         test_port = test.getsockname()[1]
-        mapper = PortMapper(internal, test_port, gateway, PROBE_LIFETIME)
+        mapper = GatewayMapper(internal, test_port, gateway, PROBE_LIFETIME, multicast=multicast_ok(gateway))
         answered = trio.Event()
+        exchanges: HttpExchanges | None = None
 
-        def on_event(event: PortmapEvent) -> None:
+        def on_event(event: UpnpEvent) -> None:
+            if isinstance(event, HttpRequest):
+                assert exchanges is not None
+                exchanges.submit(event)
             # Granted, or refused with an error code (a "success" granting nothing is retried instead).
-            if isinstance(event, Granted) or (isinstance(event, Refused) and event.result_code != 0):
+            elif isinstance(event, Granted) or (isinstance(event, Refused) and event.result_code != 0):
                 answered.set()
 
-        driver = Driver(mapper, [sock], on_event=on_event, grace=DELETE_WAIT,
-                        max_datagram=PCP_MAX_MESSAGE_LEN + 1, name="probe")
-        mapper.start(driver.now())
+        driver = Driver(mapper, [sock], on_event=on_event, grace=DELETE_WAIT, max_datagram=MAX_DATAGRAM,
+                        name="probe")
         async with trio.open_nursery() as nursery:
+            exchanges = HttpExchanges(mapper, nursery)
+            exchanges.driver = driver
+            mapper.start(driver.now())
             await nursery.start(driver.run)
             with trio.move_on_after(PROBE_TIMEOUT):
                 await answered.wait()

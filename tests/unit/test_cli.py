@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto.kdf import derive_tsig_key
+from crypto.kdf import derive_tsig_key, derive_turn_secret
 from tunneld.cli import main
 
 
@@ -22,6 +22,7 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import tunneld.config
     import tunneld.daemon
     import tunneld.dnsserver.serve
+    import tunneld.netcheck
     import tunneld.probe
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -30,6 +31,7 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(tunneld.daemon, "Daemon", refuse)
     monkeypatch.setattr(tunneld.dnsserver.serve, "serve", refuse)
     monkeypatch.setattr(tunneld.probe, "probe", refuse)
+    monkeypatch.setattr(tunneld.netcheck, "run", refuse)
     monkeypatch.setattr(tunneld.config, "DEFAULT_STATE_DIR", tmp_path / "default-state")
 
 
@@ -43,6 +45,10 @@ def test_account_new_prints_secret_then_stanza(capsys: pytest.CaptureFixture[str
     assert 'key "home.example.net." {' in rest
     assert "algorithm hmac-sha256;" in rest
     assert f'secret "{tsig}";' in rest
+    # The relay's shared secret: one line for turnserver.conf, before the stanza (cut out to the end).
+    [relay] = [line for line in rest.splitlines() if line.startswith("static-auth-secret=")]
+    assert relay == f"static-auth-secret={derive_turn_secret(secret, 'home.example.net')}"
+    assert rest.index(relay) < rest.index('key "')
 
 
 def test_account_new_is_random(capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,6 +258,10 @@ def _templates(tmp_path: Path) -> dict[str, tuple[list[str], int]]:
         "serve-min-lease": ([*serve, "--min-lease", "H"], 2),
         "serve-default-lease": ([*serve, "--default-lease", "H"], 2),
         "serve-secret": (["serve-dns", "--zone", "z.example", "--secret-file", "H"], 2),
+        "serve-stun": ([*serve, "--stun", "H"], 2),
+        "netcheck-stun": (["netcheck", "--stun", "H"], 2),
+        "netcheck-gateway": (["netcheck", "--stun", "192.0.2.1:3478", "--gateway", "H"], 2),
+        "netcheck-config": (["netcheck", "--config", "H"], 2),
         "command": (["H"], 2),
         "account-command": (["account", "H"], 2),
         "portmap-command": (["portmap", "H"], 2),
@@ -300,6 +310,14 @@ def test_scoped_listen_is_refused_clearly(tmp_path: Path, capsys: pytest.Capture
                "--db", str(tmp_path / "db.sqlite"), "--listen", listen])
     assert "scoped" in _assert_one_line(capsys, rc, 2)
     assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("stun", ["0", "70000", "5353"])
+def test_serve_dns_stun_port_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        stun: str) -> None:
+    rc = main(["serve-dns", "--zone", "z.example", "--secret-file", str(_secret_file(tmp_path)),
+               "--db", str(tmp_path / "db.sqlite"), "--listen", "127.0.0.1:5353", "--stun", stun])
+    assert f"bad --stun {stun}" in _assert_one_line(capsys, rc, 2)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "dot"])

@@ -15,6 +15,7 @@ from tunneld.config import (
     Config,
     ConfigError,
     Endpoint,
+    StunServer,
     load_account_secret,
     load_config,
     parse_endpoint,
@@ -527,6 +528,54 @@ def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: s
     assert e.value.key == key and "\n" not in str(e.value), str(e.value)
 
 
+# -- [nat] ----------------------------------------------------------------------------------------------
+
+
+def test_nat_stun_defaults_to_the_accounts_dns_server(tmp_path: Path, secret_file: Path) -> None:
+    cfg = load_config(_write(tmp_path, _account(secret_file) + 'server = "192.0.2.53:5353"\n'))
+    assert cfg.nat.stun is None and cfg.stun_servers == (StunServer("192.0.2.53", 5353),)
+    assert load_config(_write(tmp_path, _account(secret_file))).stun_servers == ()  # no server, no STUN
+
+
+def test_nat_stun_servers(tmp_path: Path, secret_file: Path) -> None:
+    text = _account(secret_file) + ('server = "192.0.2.53:53"\n\n[nat]\nstun = ["Stun.Example.NET.:3478", '
+                                    '"[2001:db8::53]:3478", "198.51.100.1:19302", "stun.example.net:3478"]\n')
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.stun_servers == (StunServer("stun.example.net", 3478), StunServer("2001:db8::53", 3478),
+                                StunServer("198.51.100.1", 19302))  # the duplicate once
+    assert [str(s) for s in cfg.stun_servers] == ["stun.example.net:3478", "[2001:db8::53]:3478",
+                                                  "198.51.100.1:19302"]
+    text = _account(secret_file) + 'server = "192.0.2.53:53"\n[nat]\nstun = []\n'
+    empty = load_config(_write(tmp_path, text))
+    assert empty.stun_servers == ()  # explicitly none
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "said"),
+    [
+        ('[nat]\nstun = "192.0.2.1:3478"\n', "nat.stun", "expected an array of strings, got a string"),
+        ("[nat]\nstun = [3478]\n", "nat.stun[1]", "expected a string, got 3478"),
+        ('[nat]\nstun = ["192.0.2.1"]\n', "nat.stun[1]", "has no port"),
+        ('[nat]\nstun = ["ok.example:1", "stun.example.net"]\n', "nat.stun[2]", "has no port"),
+        ('[nat]\nstun = ["192.0.2.1:0"]\n', "nat.stun[1]", "is not a port number"),
+        ('[nat]\nstun = ["2001:db8::1:3478"]\n', "nat.stun[1]", "without brackets"),
+        ('[nat]\nstun = ["[2001:db8::1]"]\n', "nat.stun[1]", "has no port"),
+        ('[nat]\nstun = ["1.2.3:3478"]\n', "nat.stun[1]", "is not an IPv4 address"),
+        ('[nat]\nstun = ["st_un.example:3478"]\n', "nat.stun[1]", "neither an IP address nor a DNS name"),
+        ("[nat]\nstun = [" + ", ".join([f'"a{i}.example:1"' for i in range(9)]) + "]\n", "nat.stun",
+         "give at most 8"),
+        ("[nat]\nstnu = []\n", "[nat]", 'did you mean "stun"'),
+        ("[nat]\nenabled = true\n", "[nat]", "unknown key"),
+    ],
+)
+def test_nat_errors_name_the_key_and_the_fix(tmp_path: Path, secret_file: Path, table: str, key: str,
+                                             said: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _account(secret_file) + "\n" + table))
+    assert e.value.key == key and said in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and "; " in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Hostile values: every key, every kind of TOML value, nested tables where values belong
 # --------------------------------------------------------------------------------------------------------
@@ -535,6 +584,8 @@ _KEYS = {
     "interface": ["name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload"],
     "account": ["domain", "secret_file", "server", "name", "lease", "tsig_algorithm"],
     "portmap": ["enabled", "gateway", "lifetime"],
+    "nat": ["stun"],
+    "relay": ["server"],
     "timers": ["rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                "keepalive_timeout", "rekey_after_messages"],
     "peer": ["name", "public_key", "endpoint", "ula"],

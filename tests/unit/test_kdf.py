@@ -7,6 +7,7 @@ also printed in docs/protocol.md for other implementations.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import itertools
@@ -19,8 +20,10 @@ from crypto.kdf import (
     derive_esp_keymat,
     derive_psk,
     derive_tsig_key,
+    derive_turn_secret,
     normalize_domain,
 )
+from tunneld.proto.stun_wire import turn_rest_credentials
 
 SECRET = bytes(range(32))
 DOMAIN = "Example.COM."
@@ -66,6 +69,7 @@ def test_inline_hkdf_rfc5869_case_3_empty_salt_and_info() -> None:
 
 TSIG_KEY_HEX = "bcc43fe763c5185b93eb9df2cfcab2be7910643f65c087f27b21a155385da653"
 PSK_HEX = "768dde4e452000d5ee0bad8cfef42b9db74f72d138aa586ab3e065ce9acdd3ec"
+TURN_SECRET = "08b3277f255f6a01b25a31d6d1a067f9526d5525b2f82215636ed7708c88b82d"
 ESP_KEYMAT_HEX = {
     ("aes-128-gcm", "i2r"): ("05634a4017168de4248534499b5d7d4c", "a6c202ba"),
     ("aes-128-gcm", "r2i"): ("b20d680a0d0a53993b0987ea2a1e0a17", "5b8d92cd"),
@@ -102,6 +106,17 @@ def test_psk_known_answer() -> None:
     assert derive_psk(SECRET, DOMAIN) == expected
 
 
+def test_turn_secret_known_answer_and_its_rest_credentials() -> None:
+    expected = rfc5869_hkdf_sha256(SECRET, b"", b"tunneld v1 turn rest secret example.com", 32)
+    assert expected.hex() == TURN_SECRET
+    assert derive_turn_secret(SECRET, DOMAIN) == TURN_SECRET
+    # The vector of docs/protocol.md: coturn's use-auth-secret check, written out from hmac and base64.
+    mac = hmac.new(TURN_SECRET.encode("ascii"), b"1700086400:laptop", hashlib.sha1).digest()
+    assert base64.b64encode(mac) == b"XUGIx7/ivTVF4PKJw88nynxZveg="
+    assert turn_rest_credentials(TURN_SECRET.encode("ascii"), "laptop", 1700086400) == (
+        "1700086400:laptop", "XUGIx7/ivTVF4PKJw88nynxZveg=")
+
+
 @pytest.mark.parametrize(("suite", "direction"), sorted(ESP_KEYMAT_HEX), ids="-".join)
 def test_esp_keymat_known_answer(suite: str, direction: str) -> None:
     keylen = {"aes-128-gcm": 16, "aes-256-gcm": 32, "chacha20-poly1305": 32}[suite]
@@ -123,6 +138,7 @@ def test_every_suite_has_a_known_answer() -> None:
 def test_labels_are_the_documented_byte_strings() -> None:
     assert kdf.TSIG_INFO_PREFIX == b"tunneld v1 tsig hmac-sha256 "
     assert kdf.PSK_INFO_PREFIX == b"tunneld v1 handshake psk "
+    assert kdf.TURN_INFO_PREFIX == b"tunneld v1 turn rest secret "
     assert kdf.ESP_INFO_PREFIX == b"tunneld v1 esp "
     assert kdf.ACCOUNT_SECRET_LEN == 32
 
@@ -131,7 +147,8 @@ def test_labels_are_the_documented_byte_strings() -> None:
 
 
 def test_distinct_labels_give_distinct_outputs() -> None:
-    outputs = [derive_tsig_key(SECRET, DOMAIN), derive_psk(SECRET, DOMAIN)]
+    outputs = [derive_tsig_key(SECRET, DOMAIN), derive_psk(SECRET, DOMAIN),
+               bytes.fromhex(derive_turn_secret(SECRET, DOMAIN))]
     for suite, direction in ESP_KEYMAT_HEX:
         key, salt = derive_esp_keymat(TRAFFIC_KEY, suite, direction)
         outputs.append(key + salt)

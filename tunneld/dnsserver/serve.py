@@ -10,6 +10,12 @@ larger than their request (the account's own UPDATEs: nothing to amplify). TCP (
 :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
 in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
 
+STUN Binding requests (RFC 8489) share the UDP port, and any ``--stun`` port: a datagram whose first two
+bits are zero, with the magic cookie at bytes 4-7 and a length field matching its size, is STUN
+(:func:`tunneld.proto.stun_wire.is_stun`). A DNS message passes that test only with 0x2112 questions
+and 0xA442 answers, which no query has, so the demux is done before the DNS guard. The answers
+(:mod:`tunneld.dnsserver.stun`) have rate limits of their own.
+
 The listen address ``::`` is dual-stack (IPv4-mapped addresses accepted); any other IPv6 address is
 IPv6-only. :func:`serve` reports readiness through ``task_status.started()`` once both sockets are bound,
 and raises OSError (port in use, no permission) before that.
@@ -20,6 +26,8 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Final
 
 import dns.message
@@ -30,9 +38,11 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
-from tunneld.dnsserver.rrl import ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
+from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
+from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 from tunneld.proto.dnsguard import try_parse
+from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
 __all__ = ["RrlLimits", "TcpLimits", "serve"]
 
@@ -77,6 +87,8 @@ class _Server:
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp = TcpServer(self.tcp_respond, tcp)
         self.rrl = ResponseLimiter(rrl)
+        self.stun_rrl = ResponseLimiter(rrl)  # STUN answers do not eat a site's DNS budget, nor it theirs
+        self.stun_counters: Counter[str] = Counter()
 
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
@@ -130,6 +142,9 @@ class _Server:
                 except OSError as e:  # e.g. ICMP port unreachable reported on the socket
                     log.debug("udp receive: %s", e)
                     continue
+                if is_stun(wire):  # before the DNS guard: see the module docstring
+                    await self.answer_stun(sock, wire, src)
+                    continue
                 reply, events = self.handle(wire, src, None)
                 if reply is not None:
                     reply = self.limit(reply, len(wire), src)
@@ -139,6 +154,33 @@ class _Server:
                     except OSError as e:
                         log.debug("udp send to %r: %s", src, e)
                 await self.send_llq(events)
+
+    async def answer_stun(self, sock: trio.socket.SocketType, wire: bytes, src: tuple[str, int]) -> None:
+        reply = stun_respond(wire, (src[0], src[1]), counters=self.stun_counters)
+        if reply is None:
+            return
+        _, cls = split_type(int.from_bytes(reply[:2], "big"))
+        kind = Kind.ANSWER if cls == SUCCESS else Kind.ERROR
+        if self.stun_rrl.check(src, kind, trio.current_time()) is not Verdict.SEND:
+            return  # no truncated form to slip: a real client retransmits
+        try:
+            await sock.sendto(reply, src)
+        except OSError as e:
+            log.debug("stun send to %r: %s", src, e)
+
+    async def stun_loop(self, sock: trio.socket.SocketType) -> None:
+        """An extra STUN-only port (``--stun``): anything but STUN is dropped."""
+        with sock:
+            while True:
+                try:
+                    wire, src = await sock.recvfrom(_UDP_MAX)
+                except OSError as e:
+                    log.debug("stun receive: %s", e)
+                    continue
+                if is_stun(wire):
+                    await self.answer_stun(sock, wire, src)
+                else:
+                    self.stun_counters["stun port: not stun"] += 1
 
     def limit(self, reply: bytes, query_size: int, src: object) -> bytes | None:
         """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing."""
@@ -188,17 +230,28 @@ async def serve(
     llq: LLQServer | None = None,
     tcp: TcpLimits | None = None,
     rrl: RrlLimits | None = None,
+    stun_ports: Sequence[int] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
     is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
-    :class:`TcpLimits`, :class:`RrlLimits`). OSError if a socket cannot be bound."""
-    udp = await _bind(host, port, trio.socket.SOCK_DGRAM)
+    :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``.
+    OSError if a socket cannot be bound."""
+    socks: list[trio.socket.SocketType] = []
     try:
-        tcp_sock = await _bind(host, port, trio.socket.SOCK_STREAM)
+        for p, kind in ((port, trio.socket.SOCK_DGRAM), (port, trio.socket.SOCK_STREAM),
+                        *((p, trio.socket.SOCK_DGRAM) for p in stun_ports)):
+            try:
+                socks.append(await _bind(host, p, kind))
+            except OSError as e:
+                if len(socks) >= 2:  # a --stun port: say which
+                    e.filename = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
+                raise
     except BaseException:
-        udp.close()
+        for sock in socks:
+            sock.close()
         raise
+    udp, tcp_sock, stun_socks = socks[0], socks[1], socks[2:]
     server = _Server(core, llq, tcp, rrl)
     server.udp = udp
     if llq is not None:
@@ -209,12 +262,16 @@ async def serve(
             nursery.start_soon(server.udp_loop, udp)
             nursery.start_soon(server.tcp.serve, tcp_sock)
             nursery.start_soon(server.sweep_loop)
+            for sock in stun_socks:
+                nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
                 nursery.start_soon(server.llq_loop)
-            log.info("serving %s on %s port %d (UDP and TCP)", core.zone, host, port)
+            log.info("serving %s on %s port %d (UDP and TCP)%s", core.zone, host, port,
+                     "".join(f", STUN on UDP port {p}" for p in stun_ports))
             task_status.started()
     finally:
-        for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters)):
+        for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters),
+                               ("stun", server.stun_counters + server.stun_rrl.counters)):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 

@@ -21,10 +21,12 @@ from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
-__all__ = ["LLQ_SRV_SERVICE", "UPDATE_SRV_SERVICE", "SrvQuery", "build_srv_query", "pick_srv_target"]
+__all__ = ["LLQ_SRV_SERVICE", "TURN_SRV_SERVICE", "UPDATE_SRV_SERVICE", "SrvQuery", "build_srv_query",
+           "pick_srv_target"]
 
 UPDATE_SRV_SERVICE: Final = "_dns-update._udp"  # RFC 2136 servers (DNS-SD, RFC 6763 §10)
 LLQ_SRV_SERVICE: Final = "_dns-llq._udp"  # RFC 8764 §5.1
+TURN_SRV_SERVICE: Final = "_turn._udp"  # RFC 5928 §3 (TURN over UDP)
 
 
 class SrvQuery(NamedTuple):

@@ -1,5 +1,6 @@
 """Finding the account's servers: `_dns-update._udp.DOMAIN` and `_dns-llq._udp.DOMAIN` SRV records
-(servers are found by SRV, falling back to the configured server).
+(servers are found by SRV, falling back to the configured server), and the TURN relay: `[relay] server`,
+else `_turn._udp.DOMAIN` SRV (RFC 5928), else none.
 
 The configured server is asked; an SRV answer's target is resolved (A, then AAAA) from the same server.
 Anything missing — no answer, no SRV, a target "." or without an address — means the configured server
@@ -23,13 +24,20 @@ import trio
 
 from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
-from tunneld.proto.srv import LLQ_SRV_SERVICE, UPDATE_SRV_SERVICE, build_srv_query, pick_srv_target
+from tunneld.proto.srv import (
+    LLQ_SRV_SERVICE,
+    TURN_SRV_SERVICE,
+    UPDATE_SRV_SERVICE,
+    build_srv_query,
+    pick_srv_target,
+)
 from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
 log = logging.getLogger("tunneld.discover")
 
 UPDATE_SERVICE = UPDATE_SRV_SERVICE
 LLQ_SERVICE = LLQ_SRV_SERVICE
+TURN_SERVICE = TURN_SRV_SERVICE
 EXCHANGE_TIMEOUT = 2.0  # seconds per question
 
 
@@ -73,27 +81,75 @@ async def _address(server: tuple[str, int], target: str, key: TsigKey | None) ->
     return None
 
 
-async def find_server(configured: tuple[str, int], domain: str, service: str,
-                      key_secret: bytes | None = None, algorithm: str = "hmac-sha256") -> tuple[str, int]:
-    """The (address, port) that serves `service` for `domain`, or `configured` if the SRV says nothing.
-    Queries are signed with the account's TSIG key (named after `domain`) if `key_secret` is given."""
+async def _resolve(host: str, port: int) -> str | None:
+    """An address of `host` from the system's resolver (an IP literal is itself), within the timeout."""
+    with trio.move_on_after(EXCHANGE_TIMEOUT):
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:  # socket.gaierror: no such name, or no resolver
+            return None
+        for family, _type, _proto, _name, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                return str(sockaddr[0])
+    return None
+
+
+async def lookup_srv(server: tuple[str, int], domain: str, service: str, key_secret: bytes | None = None,
+                     algorithm: str = "hmac-sha256") -> tuple[str, str, int] | None:
+    """(target, address, port) of `service`.`domain` SRV as `server` answers it, the target's address
+    from `server` too (A, then AAAA); address "" when `server` has none. None when there is no usable
+    SRV. Queries are signed with the account's TSIG key (named after `domain`) if `key_secret` is given."""
     key = None if key_secret is None else TsigKey(dns.name.from_text(domain), key_secret, algorithm)
     query = build_srv_query(domain, service=service, key=key, now=time.time())
-    reply = await _exchange(configured, query.payload, query.message_id)
+    reply = await _exchange(server, query.payload, query.message_id)
     if reply is None:
-        return configured
+        return None
     try:
         target = pick_srv_target(reply, query, now=time.time())
     except ParseError as e:
-        log.info("%s.%s SRV: unusable answer (%s); using %s:%d", service, domain, e, *configured)
-        return configured
+        log.info("%s.%s SRV: unusable answer (%s)", service, domain, e)
+        return None
     if target is None:
-        return configured
+        return None
     name, port = target
-    address = await _address(configured, name, key)
-    if address is None:
+    return name, await _address(server, name, key) or "", port
+
+
+async def find_server(configured: tuple[str, int], domain: str, service: str,
+                      key_secret: bytes | None = None, algorithm: str = "hmac-sha256") -> tuple[str, int]:
+    """The (address, port) that serves `service` for `domain`, or `configured` if the SRV says nothing."""
+    found = await lookup_srv(configured, domain, service, key_secret, algorithm)
+    if found is None:
+        return configured
+    name, address, port = found
+    if not address:
         log.info("%s.%s SRV target %s has no address; using %s:%d", service, domain, name, *configured)
         return configured
     if (address, port) != configured:
         log.info("%s for %s: %s port %d (from its SRV record)", service, domain, address, port)
     return (address, port)
+
+
+async def find_relay(configured: tuple[str, int] | None, dns_server: tuple[str, int] | None, domain: str,
+                     key_secret: bytes | None = None,
+                     algorithm: str = "hmac-sha256") -> tuple[str, int] | None:
+    """The TURN relay's (address, port): `[relay] server` if configured (a name goes to the system's
+    resolver), else the `_turn._udp.DOMAIN` SRV target from the account's DNS server (its address from
+    that server, else from the system's resolver: a relay's name may live outside the account's zone).
+    None when there is no relay, or its name has no address."""
+    if configured is not None:
+        host, port = configured
+    elif dns_server is not None:
+        found = await lookup_srv(dns_server, domain, TURN_SERVICE, key_secret, algorithm)
+        if found is None:
+            return None
+        host, address, port = found
+        if address:
+            return address, port
+    else:
+        return None
+    resolved = await _resolve(host, port)
+    if resolved is None:
+        log.info("the TURN relay %s has no address; relaying is off", host)
+        return None
+    return resolved, port

@@ -2,9 +2,9 @@
 endpoint that follows from it, redone whenever the network or the outer port changes.
 
 Three cases, decided from the default route: a private address behind a gateway (ask it for a mapping
-by PCP/NAT-PMP; the endpoint is what it grants), a public address (the endpoint is that address and our
-port), or no route (no endpoint). A device without an endpoint is still a member: it publishes its
-identity alone and reaches its peers first.
+by PCP, NAT-PMP or UPnP IGD; the endpoint is what it grants), a public address (the endpoint is that
+address and our port), or no route (no endpoint). A device without an endpoint is still a member: it
+publishes its identity alone and reaches its peers first.
 """
 
 from __future__ import annotations
