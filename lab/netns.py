@@ -58,8 +58,10 @@ def _sh(argv: Sequence[str], timeout: float = 20, check: bool = True) -> subproc
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, stop_timeout: float = 5.0) -> None:
+        """`stop_timeout`: how long closing waits for each process after SIGTERM before SIGKILL."""
         self.id = f"{NETNS_PREFIX}{secrets.token_hex(3)}"
+        self.stop_timeout = stop_timeout
         self.hosts: list[Host] = []
         self.procs: list[subprocess.Popen[Any]] = []
 
@@ -147,7 +149,7 @@ class Lab:
         errors: list[str] = []
         for p in reversed(list(self.procs)):
             try:
-                self.stop(p)
+                self.stop(p, timeout=self.stop_timeout)
             except Exception as e:  # keep tearing down; report at the end
                 errors.append(f"pid {p.pid}: {e}")
         self.procs.clear()

@@ -124,6 +124,9 @@ def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
         wait_for(lambda: knows(laptop, desktop) and knows(desktop, laptop), timeout=20,
                  what="the laptop and the desktop to learn each other through DNS")
         yield r
+        for n in (laptop, desktop):  # before miniupnpd: a delete it answers needs no retries
+            if n.proc is not None:
+                lab.stop(n.proc)
 
 
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")

@@ -1,5 +1,6 @@
-"""The lab's networks: two hosts on one link, a host behind a NAT router with a public peer, and a
-roaming laptop with two NAT uplinks and a public desktop.
+"""The lab's networks: two hosts on one link, a host behind a NAT router with a public peer, a
+roaming laptop with two NAT uplinks and a public desktop, and two hosts behind NATs of chosen kinds
+(endpoint-independent or per destination) with a public server.
 
 Addresses are documentation ranges (RFC 5737, RFC 3849) and, behind the NAT, an RFC 1918 range: they
 exist only inside the lab's namespaces.

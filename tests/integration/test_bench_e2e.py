@@ -27,7 +27,7 @@ pytestmark = [
                        reason=f"needs {', '.join(TOOLS)} (Debian: {PACKAGES})"),
 ]
 
-TIMEOUT = 120  # two labs, two 2-second iperf3 runs and the wireguard-go handshake take about 10 s
+TIMEOUT = 120  # two labs, two 1-second iperf3 runs and the wireguard-go handshake take about 8 s
 
 
 def _procs(names: tuple[str, ...]) -> dict[int, str]:
@@ -48,7 +48,7 @@ def _procs(names: tuple[str, ...]) -> dict[int, str]:
 
 def test_quick_run_veth_and_wireguard_go_cleans_up() -> None:
     before = _procs(("wireguard-go", "iperf3"))
-    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
+    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "1", "--runs", "1",
             "--streams", "1", "--modes", "veth,wireguard-go", "--json"]
     out, _err = run_bench(argv, ROOT, TIMEOUT)
     r = json.loads(out)
@@ -96,7 +96,7 @@ def test_profile_tunneld_writes_flamegraphs_and_top_frames(tmp_path: Path) -> No
     names = ("tunneld", "iperf3", "py-spy")
     before, ns_before = _procs(names), set(list_namespaces())
     out_dir = tmp_path / "prof"
-    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "2", "--runs", "1",
+    argv = [sys.executable, "-m", "bench.throughput", "e2e", "--duration", "1", "--runs", "1",
             "--streams", "1", "--modes", "tunneld", "--profile", str(out_dir)]
     out, err = run_bench(argv, ROOT, TIMEOUT)
     assert "PROFILING ON" in out, "the table header must say the numbers were taken under the profiler"

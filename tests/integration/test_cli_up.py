@@ -174,6 +174,13 @@ def running(tmp_path: Path) -> Iterator[tuple[Lab, Node]]:
         yield lab, a
 
 
+@pytest.fixture(scope="module")
+def running_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Node]]:
+    """`running`, shared by the tests that leave the daemon as they found it."""
+    with running_pair(tmp_path_factory.mktemp("running"), start_b=False) as (lab, a, _b):
+        yield lab, a
+
+
 def account_routes(lab: Lab, n: Node) -> list[str]:
     prefix = ipaddress.IPv6Network(f"{n.ula}/48", strict=False)
     return [line for line in lab.ip(n.host, "-6", "route", "show").splitlines()
@@ -198,8 +205,8 @@ def test_signal_shuts_down_cleanly(running: tuple[Lab, Node], sig: signal.Signal
     assert status(a)["listen_port"] == 4500
 
 
-def test_up_when_port_in_use_exits_1_with_one_line(running: tuple[Lab, Node], tmp_path: Path) -> None:
-    lab, a = running
+def test_up_when_port_in_use_exits_1_with_one_line(running_shared: tuple[Lab, Node], tmp_path: Path) -> None:
+    lab, a = running_shared
     cfg = tmp_path / "second.toml"  # same port as the running daemon, another TUN and socket
     cfg.write_text(a.config.read_text().replace('name = "btmm0"', 'name = "btmm9"')
                    .replace(str(a.socket), str(tmp_path / "second.sock")))
@@ -244,8 +251,8 @@ def test_rebind_to_a_busy_or_bad_port_is_refused_and_the_daemon_goes_on(running:
     assert status(a)["listen_port"] == 4601
 
 
-def test_control_socket_survives_hostile_requests(running: tuple[Lab, Node]) -> None:
-    _, a = running
+def test_control_socket_survives_hostile_requests(running_shared: tuple[Lab, Node]) -> None:
+    _, a = running_shared
     assert a.proc is not None
     for data in (b"[" * 4096, b"{" * 70_000, b"\xff\xfe\n", b'{"cmd": "rebind", "port": 1e999}\n'):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -257,11 +264,11 @@ def test_control_socket_survives_hostile_requests(running: tuple[Lab, Node]) -> 
     assert a.proc.poll() is None and status(a)["listen_port"] == 4500
 
 
-def test_a_second_daemon_with_the_same_control_socket_refuses_to_start(running: tuple[Lab, Node],
+def test_a_second_daemon_with_the_same_control_socket_refuses_to_start(running_shared: tuple[Lab, Node],
                                                                       tmp_path: Path) -> None:
     """Another account's daemon given the same control_socket used to take the socket over and unlink
     it on exit."""
-    lab, a = running
+    lab, a = running_shared
     secret = tmp_path / "other-secret"
     write_secret(secret)
     cfg = tmp_path / "other.toml"

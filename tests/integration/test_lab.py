@@ -65,9 +65,9 @@ def test_nat_translates_and_blocks_unsolicited() -> None:
 
 
 def test_cleanup_on_exception_kills_processes_and_namespaces() -> None:
-    with pytest.raises(RuntimeError, match="boom"), Lab() as lab:
+    with pytest.raises(RuntimeError, match="boom"), Lab(stop_timeout=0.5) as lab:
         a, _ = two_hosts(lab)
-        # A process that ignores SIGTERM: teardown must escalate to SIGKILL by PID.
+        # A process that ignores SIGTERM: teardown must escalate to SIGKILL by PID (after 0.5 s, not 5).
         p = lab.spawn(a, [sys.executable, "-c",
                           "import signal,time,sys; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
                           "print('up', flush=True); time.sleep(600)"],

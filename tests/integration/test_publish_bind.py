@@ -71,6 +71,10 @@ def bindlab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BindLab]
         other = f"_autotunnel._udp IN PTR {OTHER_PTR}\n"
         with Bind(lab, b, DOMAIN, stanza, tmp_path / "bind", port=DNS_PORT, extra_zone=other) as bind:
             yield BindLab(lab, a, b, bind, tmp_path, secret, request.param)
+            # The daemons first, while BIND still answers their withdrawals: stopped after it, each
+            # would wait out its shutdown grace for a server that is gone.
+            for p in [p for p in lab.procs if p is not bind.proc]:
+                lab.stop(p)
 
 
 def node(bl: BindLab, secret: Path) -> Node:

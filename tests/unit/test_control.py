@@ -422,6 +422,7 @@ fuzz_args = {"seed": st.integers(0, 2**32 - 1), "size": st.integers(0, MAX_REQUE
              "kind": st.integers(0, 3)}
 
 
+@pytest.mark.quick_twin
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**fuzz_args)
 def test_any_request_gets_one_json_line(seed: int, size: int, kind: int) -> None:

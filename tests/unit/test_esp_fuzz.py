@@ -57,6 +57,7 @@ def _check(sa: SecurityAssociation, data: bytes) -> None:
     assert isinstance(out, list) and len(out) <= 1  # the second copy is always a replay
 
 
+@pytest.mark.quick_twin
 @settings(max_examples=2000, deadline=None)
 @given(data=payloads, esn=st.booleans())
 def test_any_bytes_give_result_or_esperror(data: bytes, esn: bool) -> None:

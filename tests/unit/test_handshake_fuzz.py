@@ -153,6 +153,7 @@ def _check(m: bytes, flags: int) -> None:
 
 
 # flags: forced load, an IPv6 source, the GRO path with the initiator's role (else the responder's).
+@pytest.mark.quick_twin
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=messages, flags=st.integers(0, 7))
 def test_hostile_handshake_messages_are_dropped_and_counted(m: bytes, flags: int) -> None:
