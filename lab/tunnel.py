@@ -123,7 +123,7 @@ def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
 
 
 def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, timeout: float = 15) -> None:
-    """`tunneld up` in n's namespace (log in n.log), waiting until it answers on its control socket."""
+    """`tunneld up` in n's namespace (log in n.log), waiting until its control socket says it is up."""
     n.log = n.dir / "tunneld.log"
     with open(n.log, "ab") as logf:  # the child keeps its own copy of the fd
         n.proc = lab.spawn(n.host, [n.exe, "up", "--config", str(n.config), *args], stdout=logf,
@@ -141,10 +141,10 @@ def _ready(n: Node) -> bool:
     if not n.socket.exists():
         return False
     try:
-        status(n)
+        st = status(n)
     except (OSError, ValueError):
         return False
-    return True
+    return st.get("state") == "up"  # the control socket answers while the services still start
 
 
 def status(n: Node) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class Daemon:
         self.last_change_at: float | None = None
         self.last_redone: list[str] = []
         self._nursery: trio.Nursery | None = None
+        self.up = False  # every service started (the control socket answers before: "starting")
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Daemon:
                              self.tun.name, self.ula, self.udp.local_port,
                              "on" if self.udp.gso else "off", "on" if self.udp.gro else "off",
                              len(self.core.by_key))
+                    self.up = True
                     task_status.started()
             finally:
                 self.tun.close()  # removes the device, its address and route
@@ -353,6 +355,7 @@ class Daemon:
             p["source"] = "config" if base64.b64decode(p["public_key"]) in self.static_peers else "dns"
         c = self.core.counters
         return {
+            "state": "up" if self.up else "starting",
             "interface": self.tun.name if self.tun else self.config.interface.name,
             "ula": str(self.ula),
             "public_key": self.identity.public_key_b64,

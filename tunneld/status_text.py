@@ -39,7 +39,9 @@ def _human(n: int) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     """The text of `tunneld status` for the daemon's status ``st``."""
-    out = [f"interface: {st['interface']}", f"  ula: {st['ula']}", f"  public key: {st['public_key']}",
+    starting = " (starting)" if st.get("state") == "starting" else ""
+    out = [f"interface: {st['interface']}{starting}", f"  ula: {st['ula']}",
+           f"  public key: {st['public_key']}",
            f"  listening port: {st['listen_port']} (GSO {'on' if st['gso'] else 'off'}, "
            f"GRO {'on' if st['gro'] else 'off'})", "  " + _offload_line(st)]
     net = st.get("network") or {}

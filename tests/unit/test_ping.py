@@ -99,3 +99,15 @@ def test_status_shows_each_peers_path_and_the_traversal_line(monkeypatch: pytest
             "endpoint-independent; relay allocated at 203.0.113.3:49152") in out
     assert "  path: direct 198.51.100.2:4500, for 12 s" in out
     assert "  path: relay via 203.0.113.9:49152, for 12 s" in out
+
+
+def test_status_text_says_when_the_daemon_is_still_starting(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from tunneld import cli
+
+    base = {"interface": "btmm0", "ula": "fd00:1::a", "public_key": "k", "listen_port": 4500, "gso": True,
+            "gro": True, "offload": False, "offload_error": "off in the config", "peers": []}
+    for state, first in (("starting", "interface: btmm0 (starting)"), ("up", "interface: btmm0")):
+        monkeypatch.setattr(cli, "_ask", lambda args, req, state=state: {**base, "state": state})
+        assert cli.main(["status", "--socket", "/nonexistent/ctl"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == first
