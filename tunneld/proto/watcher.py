@@ -3,8 +3,9 @@
 A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (its LLQs are
 signed); it talks to one server and drops datagrams from anywhere else. Randomness goes through the
 injected ``rand(n) -> bytes`` to its clients. It follows the browse PTR, then each other device's AAAA,
-SRV and TXT, then the target addresses its key names (:mod:`tunneld.proto.records`), one LLQ client per
-question (shared between hosts that need the same one). What each change makes of a host
+SRV and TXT, then the target addresses its key names (:mod:`tunneld.proto.records`), and with
+``host_keys`` its SSHFP and host-key TXT (:mod:`tunneld.proto.hostkeys`), one LLQ client per question
+(shared between hosts that need the same one). What each change makes of a host
 (:class:`PeerLearned`, :class:`PeerGone`, :class:`PeerRejected`), and the known limits, are in
 docs/protocol.md ("Watcher behaviour").
 """
@@ -27,7 +28,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
 
-from tunneld.proto import records
+from tunneld.proto import hostkeys, records
 from tunneld.proto.core import Address, Outbox, Transmit
 from tunneld.proto.dnswire import from_server
 from tunneld.proto.errors import ParseError
@@ -76,6 +77,8 @@ class PeerLearned:
     its endpoint if it publishes one."""
 
     host: records.HostRecords
+    host_keys: tuple[hostkeys.HostKey, ...] = ()
+    """The host's SSH host keys, each vouched for by its SSHFP (empty unless the watcher follows them)."""
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -183,6 +186,8 @@ class _Host:
     good: records.HostRecords | None = None
     reason: str | None = None  # why it does not parse now (None: it does)
     reported: set[str] = field(default_factory=set)  # rejection reasons already reported
+    keys: tuple[hostkeys.HostKey, ...] = ()  # the verified SSH host keys last reported
+    keys_refused: list[str] = field(default_factory=list)  # host-key refusals last reported
 
 
 def _txt_key(domain: str, name: str, rrsets: Iterable[dns.rrset.RRset]) -> bytes | None:
@@ -219,8 +224,10 @@ class Watcher(Outbox[WatcherEvent]):
                  rand: Callable[[int], bytes] = os.urandom,
                  lease: int = LLQ_DEFAULT_LEASE,
                  key: TsigKey | None = None,
-                 client_factory: ClientFactory = LLQClient) -> None:
+                 client_factory: ClientFactory = LLQClient,
+                 host_keys: bool = False) -> None:
         super().__init__()
+        self.host_keys = host_keys  # also follow each host's SSHFP and host-key TXT
         self.server = server
         self.domain = domain
         self.own_name = own_name
@@ -491,6 +498,8 @@ class Watcher(Outbox[WatcherEvent]):
             self._hosts[key] = host
             self.counters["hosts found"] += 1
             self._watch_host(host, records.names_to_watch(self.domain, name), now)
+            if self.host_keys:
+                self._watch_host(host, hostkeys.names_to_watch(self.domain, name), now)
 
     def _update_host(self, host: _Host, now: float) -> None:
         key = _txt_key(self.domain, host.name, self._rrsets(host.questions))
@@ -528,12 +537,26 @@ class Watcher(Outbox[WatcherEvent]):
             return
         host.reason = None
         host.reported.clear()
-        if parsed == host.good:
+        keys = self._host_keys(host)
+        if parsed == host.good and keys == host.keys:
             return
         if host.good is not None and host.good.public_key != parsed.public_key:
             self._emit(PeerGone(host.name, host.good.public_key))
-        host.good = parsed
-        self._emit(PeerLearned(parsed))
+        host.good, host.keys = parsed, keys
+        self._emit(PeerLearned(parsed, keys))
+
+    def _host_keys(self, host: _Host) -> tuple[hostkeys.HostKey, ...]:
+        """The host's verified SSH host keys; refusals (as PeerRejected) are reported once per change."""
+        if not self.host_keys:
+            return ()
+        keys, refused = hostkeys.parse(self.domain, host.name,
+                                       self._rrsets(hostkeys.names_to_watch(self.domain, host.name)))
+        if refused != host.keys_refused:
+            host.keys_refused = refused
+            for reason in refused:
+                self.counters["host keys refused"] += 1
+                self._emit(PeerRejected(host.name, reason))
+        return keys
 
 
 def _key(rrset: dns.rrset.RRset) -> _RecordKey:
