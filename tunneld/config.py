@@ -24,6 +24,10 @@ Schema::
     lease = 5400                     # optional: the update lease to ask for, 1800..7200 seconds
     tsig_algorithm = "hmac-sha256"   # optional: or "hmac-md5" for an old server
 
+    [ssh]                            # optional; "" turns either off
+    host_keys = "/etc/ssh/ssh_host_*_key.pub"    # a glob: the host keys published as SSHFP + TXT
+    known_hosts = "/etc/ssh/ssh_known_hosts"     # gets the peers' host keys in a marked block
+
     [[peer]]                         # any number, optional: peers are also found through DNS
     name = "laptop"                  # unique DNS label
     public_key = "<base64 of 32 bytes>"
@@ -83,6 +87,7 @@ from tunneld.config_model import (
     PeerConfig,
     PortmapConfig,
     RelayConfig,
+    SshConfig,
     StunServer,
 )
 from tunneld.config_values import Problem, show, type_name
@@ -110,6 +115,7 @@ __all__ = [
     "PeerConfig",
     "PortmapConfig",
     "RelayConfig",
+    "SshConfig",
     "StunServer",
     "load_account_secret",
     "load_config",
@@ -120,7 +126,7 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "ssh")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
 _MAX_STUN_SERVERS: Final = 8
@@ -217,7 +223,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay]")
+                          "[nat], [relay], [ssh]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -227,6 +233,7 @@ class _Loader:
         portmap = self.portmap(self.table(doc, "portmap", required=False))
         nat = self.nat(self.table(doc, "nat", required=False))
         relay = self.relay(self.table(doc, "relay", required=False))
+        ssh = self.ssh(self.table(doc, "ssh", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -236,6 +243,7 @@ class _Loader:
             portmap=portmap,
             nat=nat,
             relay=relay,
+            ssh=ssh,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
@@ -378,6 +386,18 @@ class _Loader:
             return RelayConfig()
         return RelayConfig(self.parsed("relay.server", lambda t: values.relay_server(t, DEFAULT_TURN_PORT),
                                        text))
+
+    def ssh(self, table: Mapping[str, object]) -> SshConfig:
+        """[ssh]: paths relative to the config file's directory; an empty string turns the item off."""
+        self.check_keys(table, "[ssh]", ("host_keys", "known_hosts"))
+        default = SshConfig()
+        found: list[str | None] = []
+        for key, fallback in (("host_keys", default.host_keys), ("known_hosts", str(default.known_hosts))):
+            text = self.string(table, "ssh", key, f'"{fallback}"')
+            if text is not None and ("\0" in text or "\n" in text or text != text.strip()):
+                self.fail(f"ssh.{key}", f"{show(text)} is not a path", f'write {key} = "{fallback}", or ""')
+            found.append(fallback if text is None else str(self.base / text) if text else None)
+        return SshConfig(found[0], None if found[1] is None else Path(found[1]))
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

@@ -127,6 +127,15 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class SshConfig:
+    """[ssh]: the host keys we publish (a glob of OpenSSH ``.pub`` files) and the known-hosts file that gets
+    the peers' keys in a marked block. None turns either off (``""`` in the file)."""
+
+    host_keys: str | None = "/etc/ssh/ssh_host_*_key.pub"
+    known_hosts: Path | None = Path("/etc/ssh/ssh_known_hosts")
+
+
+@dataclass(frozen=True)
 class StunServer:
     """A STUN server from ``[nat] stun``: an IP literal or a DNS name (resolved when used), and a port."""
 
@@ -161,6 +170,7 @@ class Config:
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:
