@@ -36,6 +36,7 @@ Schema::
     [relay]                          # optional: the TURN relay, server = "turn.example.net:3478" (a name
                                      # or an IP literal; port 3478 if left out). Without it the relay is
                                      # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
+    [names]                          # optional: enabled = true, hosts_file = "/etc/hosts", short_names = true
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
@@ -67,6 +68,7 @@ from tunneld import config_values as values
 from tunneld.config_model import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
+    DEFAULT_HOSTS_FILE,
     DEFAULT_INTERFACE,
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
@@ -79,6 +81,7 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    NamesConfig,
     NatConfig,
     PeerConfig,
     PortmapConfig,
@@ -106,6 +109,7 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "NamesConfig",
     "NatConfig",
     "PeerConfig",
     "PortmapConfig",
@@ -120,7 +124,8 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names")
+_NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
 _MAX_STUN_SERVERS: Final = 8
@@ -217,7 +222,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay]")
+                          "[nat], [relay], [names]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -227,6 +232,7 @@ class _Loader:
         portmap = self.portmap(self.table(doc, "portmap", required=False))
         nat = self.nat(self.table(doc, "nat", required=False))
         relay = self.relay(self.table(doc, "relay", required=False))
+        names = self.names(self.table(doc, "names", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -236,6 +242,7 @@ class _Loader:
             portmap=portmap,
             nat=nat,
             relay=relay,
+            names=names,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
@@ -378,6 +385,15 @@ class _Loader:
             return RelayConfig()
         return RelayConfig(self.parsed("relay.server", lambda t: values.relay_server(t, DEFAULT_TURN_PORT),
                                        text))
+
+    def names(self, table: Mapping[str, object]) -> NamesConfig:
+        """[names]: the block of the account's devices in the hosts file (docs/names.md)."""
+        self.check_keys(table, "[names]", _NAMES_KEYS)
+        enabled = self.boolean(table, "names", "enabled", "write enabled = true")
+        short_names = self.boolean(table, "names", "short_names", "write short_names = true")
+        hosts_file = self.path_value(table, "names", "hosts_file", DEFAULT_HOSTS_FILE)
+        assert hosts_file is not None
+        return NamesConfig(enabled=enabled, hosts_file=hosts_file, short_names=short_names)
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

@@ -145,6 +145,19 @@ class NatConfig:
     stun: tuple[StunServer, ...] | None = None
 
 
+DEFAULT_HOSTS_FILE: Final = Path("/etc/hosts")
+
+
+@dataclass(frozen=True)
+class NamesConfig:
+    """[names]: the marked block of every device's ``ULA NAME.DOMAIN NAME`` in ``hosts_file`` (docs/names.md);
+    ``short_names`` adds the bare NAME."""
+
+    enabled: bool = True
+    hosts_file: Path = DEFAULT_HOSTS_FILE
+    short_names: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
@@ -161,6 +174,7 @@ class Config:
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+    names: NamesConfig = field(default_factory=NamesConfig)
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:
