@@ -145,8 +145,6 @@ def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, time
 def _refuse_machine_hosts(n: Node) -> None:
     """A lab daemon must never write this machine's /etc/hosts: only a namespace's own, which `ip netns
     exec` bind-mounts over /etc/hosts when /etc/netns/NETNS/hosts exists."""
-    if n.exe != TUNNELD:
-        return
     names = load_config(n.config).names
     if (names.enabled and names.hosts_file.resolve() == Path("/etc/hosts")
             and not (Path("/etc/netns") / n.host.netns / "hosts").is_file()):
