@@ -71,10 +71,17 @@ def write_secret(path: Path) -> None:
     write_private(path, base64.b64encode(os.urandom(32)).decode() + "\n")
 
 
+def names_toml(directory: Path) -> str:
+    """A [names] table keeping the daemon's hosts block in `directory`: a lab daemon never writes the
+    machine's own /etc/hosts (a test that wants the namespace's /etc/hosts writes its own table)."""
+    return f'[names]\nhosts_file = "{directory / "hosts"}"\n\n'
+
+
 def _interface_toml(n: Node, secret: Path) -> str:
     return (f'[interface]\nname = "{IFNAME}"\nlisten_port = {n.port}\nmtu = {MTU}\n'
             f'offload = {"true" if n.offload else "false"}\n'
             f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+            + names_toml(n.dir) +
             f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
 
 
@@ -124,6 +131,7 @@ def setup_pair(lab: Lab, a: Node, b: Node, secret: Path | None = None,
 
 def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, timeout: float = 15) -> None:
     """`tunneld up` in n's namespace (log in n.log), waiting until its control socket says it is up."""
+    _refuse_machine_hosts(n)
     n.log = n.dir / "tunneld.log"
     with open(n.log, "ab") as logf:  # the child keeps its own copy of the fd
         n.proc = lab.spawn(n.host, [n.exe, "up", "--config", str(n.config), *args], stdout=logf,
@@ -132,6 +140,16 @@ def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, time
         wait_for(lambda: _ready(n), timeout=timeout, what=f"tunneld in {n.host.name} to answer status")
     except LabError:
         raise LabError(f"tunneld in {n.host.name} did not start:\n{n.log.read_text()[-3000:]}") from None
+
+
+def _refuse_machine_hosts(n: Node) -> None:
+    """A lab daemon must never write this machine's /etc/hosts: only a namespace's own, which `ip netns
+    exec` bind-mounts over /etc/hosts when /etc/netns/NETNS/hosts exists."""
+    names = load_config(n.config).names
+    if (names.enabled and names.hosts_file.resolve() == Path("/etc/hosts")
+            and not (Path("/etc/netns") / n.host.netns / "hosts").is_file()):
+        raise LabError(f"{n.config} would write the machine's /etc/hosts: set [names] hosts_file "
+                       f"(lab.tunnel.names_toml) or create /etc/netns/{n.host.netns}/hosts first")
 
 
 def _ready(n: Node) -> bool:
@@ -245,9 +263,10 @@ def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], 
                       "--state-dir", str(n.dir / "state")]).stdout
     fields = dict(line.split(" ", 1) for line in out.splitlines())
     n.public_key, n.ula = fields["public_key"], fields["ula"]
-    # Test-only: the control socket next to the config (the default is /run/tunneld).
+    # Test-only: the control socket and the hosts block next to the config (the defaults are /run/tunneld
+    # and the machine's /etc/hosts).
     n.config.write_text(n.config.read_text().replace(
-        "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n'))
+        "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n') + "\n" + names_toml(n.dir))
     if run:
         start(lab, n, *args)
     return n

@@ -40,6 +40,7 @@ Schema::
     [relay]                          # optional: the TURN relay, server = "turn.example.net:3478" (a name
                                      # or an IP literal; port 3478 if left out). Without it the relay is
                                      # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
+    [names]                          # optional: enabled = true, hosts_file = "/etc/hosts", short_names = true
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
@@ -71,6 +72,7 @@ from tunneld import config_values as values
 from tunneld.config_model import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
+    DEFAULT_HOSTS_FILE,
     DEFAULT_INTERFACE,
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
@@ -83,6 +85,7 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    NamesConfig,
     NatConfig,
     PeerConfig,
     PortmapConfig,
@@ -111,6 +114,7 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "NamesConfig",
     "NatConfig",
     "PeerConfig",
     "PortmapConfig",
@@ -126,7 +130,8 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "ssh")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh")
+_NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
 _MAX_STUN_SERVERS: Final = 8
@@ -223,7 +228,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay], [ssh]")
+                          "[nat], [relay], [names], [ssh]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -234,6 +239,7 @@ class _Loader:
         nat = self.nat(self.table(doc, "nat", required=False))
         relay = self.relay(self.table(doc, "relay", required=False))
         ssh = self.ssh(self.table(doc, "ssh", required=False))
+        names = self.names(self.table(doc, "names", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -244,6 +250,7 @@ class _Loader:
             nat=nat,
             relay=relay,
             ssh=ssh,
+            names=names,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
@@ -398,6 +405,15 @@ class _Loader:
                 self.fail(f"ssh.{key}", f"{show(text)} is not a path", f'write {key} = "{fallback}", or ""')
             found.append(fallback if text is None else str(self.base / text) if text else None)
         return SshConfig(found[0], None if found[1] is None else Path(found[1]))
+
+    def names(self, table: Mapping[str, object]) -> NamesConfig:
+        """[names]: the block of the account's devices in the hosts file (docs/names.md)."""
+        self.check_keys(table, "[names]", _NAMES_KEYS)
+        enabled = self.boolean(table, "names", "enabled", "write enabled = true")
+        short_names = self.boolean(table, "names", "short_names", "write short_names = true")
+        hosts_file = self.path_value(table, "names", "hosts_file", DEFAULT_HOSTS_FILE)
+        assert hosts_file is not None
+        return NamesConfig(enabled=enabled, hosts_file=hosts_file, short_names=short_names)
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

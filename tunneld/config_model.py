@@ -154,6 +154,19 @@ class NatConfig:
     stun: tuple[StunServer, ...] | None = None
 
 
+DEFAULT_HOSTS_FILE: Final = Path("/etc/hosts")
+
+
+@dataclass(frozen=True)
+class NamesConfig:
+    """[names]: the marked block of every device's ``ULA NAME.DOMAIN NAME`` in ``hosts_file`` (docs/names.md);
+    ``short_names`` adds the bare NAME."""
+
+    enabled: bool = True
+    hosts_file: Path = DEFAULT_HOSTS_FILE
+    short_names: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
@@ -171,6 +184,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
+    names: NamesConfig = field(default_factory=NamesConfig)
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

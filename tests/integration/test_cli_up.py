@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Host, Lab, wait_for
-from lab.tunnel import DOMAIN, TUNNELD, Node, control, running_pair, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, control, names_toml, running_pair, start, status, write_secret
 from tests.helpers import exit_on_signal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
@@ -39,7 +39,8 @@ def good_toml(d: Path, secret: Path) -> str:
     return (f'[interface]\nname = "btmm0"\nlisten_port = 4500\nmtu = 1400\n'
             f'state_dir = "{d / "state"}"\ncontrol_socket = "{d / "control.sock"}"\n\n'
             f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n\n'
-            f'[[peer]]\nname = "b"\npublic_key = "{PEER_KEY}"\nendpoint = "192.0.2.2:4500"\n')
+            f'[[peer]]\nname = "b"\npublic_key = "{PEER_KEY}"\nendpoint = "192.0.2.2:4500"\n\n'
+            + names_toml(d))
 
 
 def _unknown_interface_key(t: str, d: Path) -> str:
@@ -273,7 +274,7 @@ def test_a_second_daemon_with_the_same_control_socket_refuses_to_start(running_s
     write_secret(secret)
     cfg = tmp_path / "other.toml"
     cfg.write_text(f'[interface]\nname = "btmm9"\nlisten_port = 4700\nstate_dir = "{tmp_path / "other"}"\n'
-                   f'control_socket = "{a.socket}"\n\n'
+                   f'control_socket = "{a.socket}"\n\n' + names_toml(tmp_path) +
                    f'[account]\ndomain = "other.example.org"\nsecret_file = "{secret}"\n')
     inode = a.socket.stat().st_ino
     r = lab.run(a.host, [TUNNELD, "up", "--config", str(cfg)], check=False, timeout=30)

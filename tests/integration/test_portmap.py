@@ -40,7 +40,7 @@ import pytest
 
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import behind_nat
-from lab.tunnel import DOMAIN, TUNNELD, Node, peer_status, ping6, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, names_toml, peer_status, ping6, start, status, write_secret
 from lab.upnp import MINIUPNPD, Mapping, MiniUPnPd
 
 NATPMPC = shutil.which("natpmpc") or "/usr/bin/natpmpc"
@@ -102,6 +102,7 @@ def nat(tmp_path: Path) -> Iterator[NatLab]:
 def _interface(n: Node, secret: Path) -> str:
     return (f'[interface]\nname = "btmm0"\nlisten_port = {n.port}\nmtu = 1400\n'
             f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+            + names_toml(n.dir) +
             f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
 
 

@@ -25,7 +25,7 @@ import pytest
 from lab.bind import DIG, NAMED, Bind
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import DOMAIN, TUNNELD, Node, control, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, control, names_toml, start, status, write_secret
 from tunneld.identity import iid_label
 
 pytestmark = [
@@ -83,6 +83,7 @@ def node(bl: BindLab, secret: Path) -> Node:
     n.config.write_text(
         f'[interface]\nname = "btmm0"\nlisten_port = {PORT}\nmtu = 1400\n'
         f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+        + names_toml(n.dir) +
         f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n'
         f'server = "{bl.b.addr4}:{DNS_PORT}"\nname = "{NAME}"\ntsig_algorithm = "{bl.algorithm}"\n')
     out = bl.lab.run(bl.a, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()

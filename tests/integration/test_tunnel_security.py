@@ -30,7 +30,18 @@ from lab import progs
 from lab.capture import capture, is_esp, udp_payloads
 from lab.flows import Blast
 from lab.netns import Lab, wait_for
-from lab.tunnel import DOMAIN, TUNNELD, Node, peer_status, ping6, running_pair, start, status, write_secret
+from lab.tunnel import (
+    DOMAIN,
+    TUNNELD,
+    Node,
+    names_toml,
+    peer_status,
+    ping6,
+    running_pair,
+    start,
+    status,
+    write_secret,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tcpdump"),
                                 reason="needs root, iproute2 and tcpdump (CI runs as root)")
@@ -108,6 +119,7 @@ def node_toml(n: Node, secret: Path, ifname: str = "btmm0", peers: tuple[tuple[s
     """A config in lab/tunnel.py's format, with a TUN name of our choice (the intruder's is btmm1)."""
     s = (f'[interface]\nname = "{ifname}"\nlisten_port = {n.port}\nmtu = 1400\n'
          f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+         + names_toml(n.dir) +
          f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n')
     for name, other in peers:
         s += f'\n[[peer]]\nname = "{name}"\npublic_key = "{other.public_key}"\n'

@@ -27,7 +27,7 @@ import pytest
 
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import behind_nat
-from lab.tunnel import DOMAIN, TUNNELD, Node, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, names_toml, start, status, write_secret
 from lab.upnp import MINIUPNPD, Mapping, MiniUPnPd
 
 pytestmark = [
@@ -77,6 +77,7 @@ def node(igd: UpnpLab) -> Node:
     n.dir.mkdir(parents=True, exist_ok=True)
     n.config.write_text(f'[interface]\nname = "btmm0"\nlisten_port = {PORT}\nmtu = 1400\n'
                         f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+                        + names_toml(n.dir) +
                         f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{igd.secret}"\n')
     return n
 

@@ -586,6 +586,7 @@ _KEYS = {
     "portmap": ["enabled", "gateway", "lifetime"],
     "nat": ["stun"],
     "relay": ["server"],
+    "names": ["enabled", "hosts_file", "short_names"],
     "timers": ["rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                "keepalive_timeout", "rekey_after_messages"],
     "peer": ["name", "public_key", "endpoint", "ula"],

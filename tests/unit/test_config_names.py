@@ -1,0 +1,61 @@
+"""[names]: the hosts-file block's switches, their defaults, and one-line errors naming key and fix."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tunneld.config import ConfigError, NamesConfig, load_config
+
+SECRET = bytes(range(100, 132))
+
+
+@pytest.fixture
+def account(tmp_path: Path) -> str:
+    path = tmp_path / "account.secret"
+    path.write_text(base64.b64encode(SECRET).decode() + "\n")
+    path.chmod(0o600)
+    return f'[account]\ndomain = "home.example.net"\nsecret_file = "{path}"\n'
+
+
+def _load(tmp_path: Path, text: str) -> NamesConfig:
+    path = tmp_path / "tunneld.toml"
+    path.write_text(text)
+    return load_config(path).names
+
+
+def test_defaults_are_on_and_etc_hosts(tmp_path: Path, account: str) -> None:
+    assert _load(tmp_path, account) == NamesConfig(True, Path("/etc/hosts"), True)
+    assert _load(tmp_path, account + "[names]\n") == NamesConfig(True, Path("/etc/hosts"), True)
+
+
+def test_values_and_relative_path(tmp_path: Path, account: str) -> None:
+    text = account + '[names]\nenabled = false\nhosts_file = "node/hosts"\nshort_names = false\n'
+    assert _load(tmp_path, text) == NamesConfig(False, tmp_path / "node" / "hosts", False)
+    text = account + f'[names]\nhosts_file = "{tmp_path}/h"\n'
+    assert _load(tmp_path, text).hosts_file == tmp_path / "h"
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "said"),
+    [
+        ("enabled = 1", "names.enabled", "expected true or false"),
+        ('short_names = "yes"', "names.short_names", "expected true or false"),
+        ('hosts_file = ""', "names.hosts_file", "is not a path"),
+        ('hosts_file = "a\\u0000b"', "names.hosts_file", "is not a path"),
+        ("hosts_file = 5", "names.hosts_file", "expected a string"),
+        ("host_file = '/etc/hosts'", "[names]", "unknown key"),
+    ],
+)
+def test_bad_names_values_are_one_line(tmp_path: Path, account: str, table: str, key: str, said: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, f"{account}[names]\n{table}\n")
+    assert e.value.key == key and said in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_names_as_a_value_is_refused(tmp_path: Path, account: str) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, 'names = "x"\n' + account)
