@@ -74,7 +74,14 @@ def write_secret(path: Path) -> None:
 def names_toml(directory: Path) -> str:
     """A [names] table keeping the daemon's hosts block in `directory`: a lab daemon never writes the
     machine's own /etc/hosts (a test that wants the namespace's /etc/hosts writes its own table)."""
-    return f'[names]\nhosts_file = "{directory / "hosts"}"\n\n'
+    return f'[names]\nhosts_file = "{directory / "hosts"}"\n\n' + ssh_toml(directory)
+
+
+def ssh_toml(directory: Path) -> str:
+    """An [ssh] table keeping the daemon's host keys and known-hosts block in `directory`: a lab daemon
+    never publishes the machine's host keys nor writes its /etc/ssh/ssh_known_hosts."""
+    return (f'[ssh]\nhost_keys = "{directory / "ssh_host_*_key.pub"}"\n'
+            f'known_hosts = "{directory / "ssh_known_hosts"}"\n\n')
 
 
 def _interface_toml(n: Node, secret: Path) -> str:
@@ -145,7 +152,13 @@ def start(lab: Lab, n: Node, *args: str, env: dict[str, str] | None = None, time
 def _refuse_machine_hosts(n: Node) -> None:
     """A lab daemon must never write this machine's /etc/hosts: only a namespace's own, which `ip netns
     exec` bind-mounts over /etc/hosts when /etc/netns/NETNS/hosts exists."""
-    names = load_config(n.config).names
+    config = load_config(n.config)
+    names = config.names
+    known = config.ssh.known_hosts
+    if (known is not None and known.resolve() == Path("/etc/ssh/ssh_known_hosts")
+            and not (Path("/etc/netns") / n.host.netns / "ssh" / "ssh_known_hosts").is_file()):
+        raise LabError(f"{n.config} would write the machine's /etc/ssh/ssh_known_hosts: set [ssh] "
+                       f"known_hosts (lab.tunnel.ssh_toml) or create /etc/netns/{n.host.netns}/ssh first")
     if (names.enabled and names.hosts_file.resolve() == Path("/etc/hosts")
             and not (Path("/etc/netns") / n.host.netns / "hosts").is_file()):
         raise LabError(f"{n.config} would write the machine's /etc/hosts: set [names] hosts_file "

@@ -23,7 +23,7 @@ from typing import Any
 import dns.rdatatype
 import dns.rrset
 
-from tunneld.proto import records
+from tunneld.proto import hostkeys, records
 from tunneld.proto.dnsupdate import Event, Failed, Published, Publisher, Withdrawn, startup_delay
 from tunneld.services.driver import Driver, ServerLink
 
@@ -34,18 +34,21 @@ STOP_GRACE = 2.0  # seconds to wait for the withdrawal's answer on shutdown
 
 
 def host_records(name: str, domain: str, public_key: bytes, endpoint: str | None, *, nat: str | None = None,
-                 relay: tuple[str, int] | None = None) -> list[dns.rrset.RRset]:
+                 relay: tuple[str, int] | None = None,
+                 host_keys: Sequence[hostkeys.HostKey] = ()) -> list[dns.rrset.RRset]:
     """Our RRsets for the public endpoint ``"a.b.c.d:port"`` (or ``"[v6]:port"``), the browse PTR to us
     included (see the module docstring); with no endpoint, our identity alone (AAAA, TXT, PTR): peers then
     know our key and accept us when we reach them first. ``nat`` ("ei"/"pd": the endpoint is a STUN-observed
-    binding) and ``relay`` (our TURN relayed address) go into the TXT (docs/protocol.md, "DNS records")."""
+    binding) and ``relay`` (our TURN relayed address) go into the TXT (docs/protocol.md, "DNS records").
+    ``host_keys`` (our SSH host keys) add their SSHFP and TXT at ``NAME.DOMAIN`` (tunneld.proto.hostkeys)."""
+    keys = hostkeys.build(domain, name, host_keys, RECORD_TTL)
     if endpoint is None:
         rec = records.HostRecords.derive(name, domain, public_key, nat=nat, relay=relay)
-        return records.build(rec, RECORD_TTL)
+        return records.build(rec, RECORD_TTL) + keys
     host, _, port = endpoint.rpartition(":")
     address = ipaddress.ip_address(host.strip("[]"))
     rec = records.HostRecords.derive(name, domain, public_key, int(port), [address], nat=nat, relay=relay)
-    return records.build(rec, RECORD_TTL)
+    return records.build(rec, RECORD_TTL) + keys
 
 
 class PublisherService(ServerLink[Event]):
