@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tunneld import netcheck
     netcheck.add_parser(sub)
 
+    from tunneld import hosts_cmd
+    hosts_cmd.add_parser(sub)
+
     serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
     serve_dns.add_argument("--zone", required=True, help="the account's domain, served as the zone")
     serve_dns.add_argument("--secret-file", required=True,

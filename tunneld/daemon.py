@@ -34,6 +34,7 @@ from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
+from tunneld.services.names import NamesService
 from tunneld.services.nat import NatService
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
 from tunneld.services.uplink import Uplink
@@ -69,6 +70,9 @@ class Daemon:
             ep = to_socket_addr(str(pc.endpoint.host), pc.endpoint.port) if pc.endpoint else None
             self.core.add_peer(pc.name, pc.public_key, pc.ula, ep)
         self.static_peers = frozenset(pc.public_key for pc in config.peers)  # never forgotten by DNS
+        me = [(identity.public_key, config.account.name, self.ula)] if config.account.name else []
+        self.names = NamesService(config.names, config.account.domain,
+                                  [*me, *((pc.public_key, pc.name, pc.ula) for pc in config.peers)])
         self.watcher: WatcherService | None = None
         if keylog is not None:
             self.core.on_session = self._log_keys
@@ -113,6 +117,7 @@ class Daemon:
                     await nursery.start(self.dataplane.run)
                     await nursery.start(listener.serve, self.handle_control)
                     self._nursery = nursery
+                    await nursery.start(self.names.run)
                     await nursery.start(self._watch_network)
                     await self._start_nat()
                     await self.uplink.start(nursery)
@@ -286,11 +291,13 @@ class Daemon:
             relay = to_socket_addr(*event.relay) if event.relay else None
             self.core.learn_peer(host.name, host.public_key, host.ula, endpoint, now, nat=event.nat,
                                  relay=relay)
+            self.names.learned(host.public_key, host.name, host.ula)
             log.info("peer %s (%s) learned from DNS %s", host.name, host.ula,
                      f"at {ep[0]} port {ep[1]}" if ep else "without an endpoint (it reaches us first)")
         elif isinstance(event, PeerGone):
             if event.public_key not in self.static_peers:
                 self.core.forget_peer(event.public_key)
+                self.names.gone(event.public_key)
                 log.info("peer %s is gone from DNS", event.name)
         elif isinstance(event, PeerRejected):
             log.warning("peer %s refused: %s", event.name, event.reason)
@@ -332,7 +339,9 @@ class Daemon:
                 return {"error": f"rebind failed: cannot open UDP port {kept if port is None else port}: "
                                  f"{e.strerror or e}; the daemon keeps port {kept}"}
             return {"ok": True, "listen_port": self.udp.local_port if self.udp else None}
-        return {"error": f"unknown command {control.shorten(cmd)}; known: status, rebind"}
+        if cmd == "hosts":
+            return self.names.answer()
+        return {"error": f"unknown command {control.shorten(cmd)}; known: status, rebind, hosts"}
 
     def _network_status(self, now: float) -> dict[str, Any]:
         net = self.network
@@ -371,6 +380,7 @@ class Daemon:
             "nat": self.nat.status(now) if self.nat else {"state": "disabled"},
             "publish": self._publish_status(),
             "watch": self.watcher.status() if self.watcher else {"state": "disabled"},
+            "names": self.names.status(),
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,

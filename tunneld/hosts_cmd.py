@@ -1,0 +1,59 @@
+"""`tunneld hosts`: the lines the running daemon keeps (or would keep) in the hosts file's block.
+
+For a user who manages /etc/hosts another way (``[names] enabled = false``): the daemon is asked over its
+control socket, so the answer is the devices it knows now. Plain output is the block as it would be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from tunneld.config_model import DEFAULT_CONFIG_PATH
+from tunneld.marked_block import begin_marker, end_marker
+
+__all__ = ["add_parser", "cmd_hosts", "render"]
+
+
+def render(answer: dict[str, Any]) -> str:
+    """The block as the daemon writes it, markers included, or a note that the account has no names."""
+    lines = answer.get("lines")
+    domain = answer.get("domain")
+    if not isinstance(lines, list) or not isinstance(domain, str):
+        raise ValueError("the daemon's hosts answer has no domain or lines")
+    if not lines:
+        return f"# no devices of {domain} known yet\n"
+    return "".join(f"{line}\n" for line in [begin_marker(domain), *map(str, lines), end_marker(domain)])
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    from tunneld.cli import EXIT_FAILURE, EXIT_OK, _ask
+
+    answer = _ask(args, {"cmd": "hosts"})
+    if answer is None:
+        return EXIT_FAILURE
+    if "error" in answer:
+        print(f"tunneld: the daemon refused: {answer['error']} (is it older than this command?)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+        return EXIT_OK
+    try:
+        sys.stdout.write(render(answer))
+    except ValueError as e:
+        print(f"tunneld: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    """The `hosts` subcommand (the command line's parser hook)."""
+    p = sub.add_parser("hosts", help="print the names and ULAs the daemon keeps in the hosts file")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--socket", help="control socket (default: from the config)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_hosts)
