@@ -34,6 +34,7 @@ from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
+from tunneld.services.hostkeys import KnownHostsService, load_host_keys
 from tunneld.services.names import NamesService
 from tunneld.services.nat import NatService
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
@@ -74,6 +75,8 @@ class Daemon:
         self.names = NamesService(config.names, config.account.domain,
                                   [*me, *((pc.public_key, pc.name, pc.ula) for pc in config.peers)])
         self.watcher: WatcherService | None = None
+        self.host_keys = load_host_keys(config.ssh.host_keys)  # ours, published as SSHFP + TXT
+        self.known_hosts: KnownHostsService | None = None  # the peers', with the watcher
         if keylog is not None:
             self.core.on_session = self._log_keys
         self.tun: Tun | None = None
@@ -249,7 +252,7 @@ class Daemon:
                 endpoint, nat = observed, mark
         try:
             rrsets = host_records(acct.name, acct.domain, self.identity.public_key, endpoint, nat=nat,
-                                  relay=relay)
+                                  relay=relay, host_keys=self.host_keys)
         except ValueError as e:
             log.warning("cannot publish endpoint %s: %s", endpoint, e)
             return
@@ -279,8 +282,11 @@ class Daemon:
             return
         server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE,
                                    self.config.tsig_key, acct.tsig_algorithm)
+        if self.config.ssh.known_hosts is not None:
+            self.known_hosts = KnownHostsService(self.config.ssh.known_hosts, acct.domain)
+            await self._nursery.start(self.known_hosts.run)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
-                                      self._on_watch_event)
+                                      self._on_watch_event, host_keys=self.known_hosts is not None)
         await self._nursery.start(self.watcher.run)
 
     def _on_watch_event(self, event: WatcherEvent) -> None:
@@ -292,9 +298,13 @@ class Daemon:
             self.core.learn_peer(host.name, host.public_key, host.ula, endpoint, now, nat=event.nat,
                                  relay=relay)
             self.names.learned(host.public_key, host.name, host.ula)
+            if self.known_hosts is not None:
+                self.known_hosts.learned(host.name, host.ula, event.host_keys)
             log.info("peer %s (%s) learned from DNS %s", host.name, host.ula,
                      f"at {ep[0]} port {ep[1]}" if ep else "without an endpoint (it reaches us first)")
         elif isinstance(event, PeerGone):
+            if self.known_hosts is not None:
+                self.known_hosts.gone(event.name)
             if event.public_key not in self.static_peers:
                 self.core.forget_peer(event.public_key)
                 self.names.gone(event.public_key)
@@ -381,6 +391,7 @@ class Daemon:
             "publish": self._publish_status(),
             "watch": self.watcher.status() if self.watcher else {"state": "disabled"},
             "names": self.names.status(),
+            "known_hosts": self.known_hosts.status() if self.known_hosts else {"state": "disabled"},
             "peers": peers,
             "counters": {
                 "rx_datagrams": c.rx_datagrams, "rx_malformed": c.rx_malformed,

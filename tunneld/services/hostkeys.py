@@ -91,4 +91,4 @@ class KnownHostsService:
             self._write()
 
     def status(self) -> dict[str, Any]:
-        return {"file": str(self.path), "lines": self.lines()}
+        return {"state": "on", "file": str(self.path), "lines": self.lines()}

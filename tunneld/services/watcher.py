@@ -50,9 +50,10 @@ async def tcp_exchange(server: tuple[str, int], wire: bytes) -> bytes:
 
 class WatcherService(ServerLink[WatcherEvent]):
     def __init__(self, server: tuple[str, int], zone: str, own_name: str, key_secret: bytes,
-                 on_event: Callable[[WatcherEvent], None]) -> None:
+                 on_event: Callable[[WatcherEvent], None], *, host_keys: bool = False) -> None:
         key = TsigKey(dns.name.from_text(zone), key_secret)
-        self.watcher = Watcher(zone, own_name, server=server, rand=os.urandom, key=key)
+        self.watcher = Watcher(zone, own_name, server=server, rand=os.urandom, key=key,
+                               host_keys=host_keys)
         super().__init__(self.watcher, server, grace=STOP_GRACE, name="watch")
         self._deliver = on_event
         self._nursery: trio.Nursery | None = None
