@@ -64,3 +64,12 @@ def test_an_unwritable_file_is_logged_not_raised(tmp_path: Path) -> None:
     service = KnownHostsService(tmp_path / "missing-dir" / "known", DOMAIN)
     service.learned("desk", ULA, (KEY_A,))
     assert service.writes == 0 and service.status()["lines"]
+
+
+def test_host_records_carry_our_host_keys() -> None:
+    from tunneld.services.publisher import host_records
+
+    rrsets = host_records("desk", DOMAIN, bytes(range(32)), "192.0.2.7:4500", host_keys=[KEY_A, KEY_B])
+    keys, refused = hostkeys.parse(DOMAIN, "desk", rrsets)
+    assert refused == [] and set(keys) == {KEY_A, KEY_B}
+    assert hostkeys.parse(DOMAIN, "desk", host_records("desk", DOMAIN, bytes(range(32)), None)) == ((), [])
