@@ -1,7 +1,8 @@
 """SSH host keys through the account zone: the desktop publishes its sshd's host key (SSHFP + TXT) through
 `tunneld serve-dns`, the laptop's daemon writes it into the namespace's own /etc/ssh/ssh_known_hosts, and
 plain `ssh -o StrictHostKeyChecking=yes` to the desktop's ULA and name succeeds with no known_hosts prepared
-by the test; a rotated host key replaces the old one, and the block goes when the laptop's daemon stops.
+by the test; a rotated host key replaces the old one, a device that leaves leaves the block, and the block
+goes when the laptop's daemon stops.
 
 The laptop's /etc/ssh is /etc/netns/NETNS/ssh, which `ip netns exec` bind-mounts over it: the machine's
 own /etc/ssh is never written (the lab refuses a config that would)."""
@@ -99,6 +100,12 @@ def test_ssh_verified_by_the_account_zone_and_rotation(tmp_path: Path, netns_ssh
         wait_for(lambda: _host_key(sshd) in known.read_text() and old not in known.read_text(), timeout=20,
                  what="the rotated host key to replace the old one")
         assert _ssh(lab, ha, sshd, desktop.ula) == 0
+
+        # The desktop leaves (its records withdrawn): its key leaves the laptop's block.
+        lab.stop(desktop.proc)
+        wait_for(lambda: "desktop" not in known.read_text(), timeout=20,
+                 what="the departed desktop's key to leave the block")
+        assert "# BEGIN tunneld" not in known.read_text()  # an empty block is no block
 
         # The laptop's daemon stops: its block goes, the user's line stays.
         assert laptop.proc is not None
