@@ -153,9 +153,19 @@ def _write_in_place(path: Path, data: bytes) -> None:
 
 
 def _is_mount_point(path: Path, info: os.stat_result) -> bool:
-    """True when ``path`` is on another device than its directory: a bind mount a rename cannot replace."""
+    """True when ``path`` is a mount point (a bind mount a rename cannot replace): on another device than its
+    directory, or listed in /proc/self/mountinfo (a file bind-mounted from the same filesystem)."""
     try:
-        return os.stat(path.parent).st_dev != info.st_dev
+        if os.stat(path.parent).st_dev != info.st_dev:
+            return True
+    except OSError:
+        return False
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            target = os.path.realpath(path)
+            escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in target)
+            return any(len(f := line.split(" ")) > 4 and f[4] == escaped for line in mounts)
     except OSError:
         return False
 
