@@ -28,6 +28,8 @@ _SAFE_LINE = re.compile(r"[\x20-\x7e]+")
 _LINES = re.compile(r"[^\n]*\n|[^\n]+\Z")
 # A block larger than this is a bug upstream, not an account: refuse it rather than fill the file.
 MAX_LINES = 10_000
+# The files written are small; a larger one is a mistake in the configuration (say, /dev/zero), not read.
+MAX_FILE = 16 << 20
 
 
 def begin_marker(domain: str) -> str:
@@ -137,9 +139,11 @@ def _read(path: Path) -> tuple[str, os.stat_result | None]:
     try:
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
-            data = file.read()
+            data = file.read(MAX_FILE + 1)
     except FileNotFoundError:
         return "", None
+    if len(data) > MAX_FILE:
+        raise ValueError(f"{path} is larger than {MAX_FILE} bytes: not a hosts or known-hosts file")
     # surrogateescape: bytes that are not UTF-8 in the user's lines come back out unchanged.
     return data.decode("utf-8", "surrogateescape"), info
 

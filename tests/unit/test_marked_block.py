@@ -190,3 +190,12 @@ def test_writer_other_rename_errors_propagate(tmp_path: Path, monkeypatch: pytes
         write_block(path, DOMAIN, ["fd00::1 a.home.example.net a"])
     assert path.read_text() == USER
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts"]
+
+
+def test_writer_refuses_a_file_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "hosts"
+    path.write_text(USER * 10)
+    monkeypatch.setattr(marked_block, "MAX_FILE", len(USER) * 10 - 1)
+    with pytest.raises(ValueError, match="larger than"):
+        write_block(path, DOMAIN, ["fd00::1 a.home.example.net a"])
+    assert path.read_text() == USER * 10
