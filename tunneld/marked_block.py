@@ -30,6 +30,7 @@ _LINES = re.compile(r"[^\n]*\n|[^\n]+\Z")
 MAX_LINES = 10_000
 # The files written are small; a larger one is a mistake in the configuration (say, /dev/zero), not read.
 MAX_FILE = 16 << 20
+_MOUNTINFO = "/proc/self/mountinfo"
 
 
 def begin_marker(domain: str) -> str:
@@ -165,7 +166,7 @@ def _is_mount_point(path: Path, info: os.stat_result) -> bool:
     except OSError:
         return False
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        with open(_MOUNTINFO, encoding="utf-8", errors="replace") as mounts:
             # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
             target = os.path.realpath(path)
             escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in target)
