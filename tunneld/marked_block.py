@@ -28,6 +28,9 @@ _SAFE_LINE = re.compile(r"[\x20-\x7e]+")
 _LINES = re.compile(r"[^\n]*\n|[^\n]+\Z")
 # A block larger than this is a bug upstream, not an account: refuse it rather than fill the file.
 MAX_LINES = 10_000
+# The files written are small; a larger one is a mistake in the configuration (say, /dev/zero), not read.
+MAX_FILE = 16 << 20
+_MOUNTINFO = "/proc/self/mountinfo"
 
 
 def begin_marker(domain: str) -> str:
@@ -137,9 +140,11 @@ def _read(path: Path) -> tuple[str, os.stat_result | None]:
     try:
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
-            data = file.read()
+            data = file.read(MAX_FILE + 1)
     except FileNotFoundError:
         return "", None
+    if len(data) > MAX_FILE:
+        raise ValueError(f"{path} is larger than {MAX_FILE} bytes: not a hosts or known-hosts file")
     # surrogateescape: bytes that are not UTF-8 in the user's lines come back out unchanged.
     return data.decode("utf-8", "surrogateescape"), info
 
@@ -153,9 +158,19 @@ def _write_in_place(path: Path, data: bytes) -> None:
 
 
 def _is_mount_point(path: Path, info: os.stat_result) -> bool:
-    """True when ``path`` is on another device than its directory: a bind mount a rename cannot replace."""
+    """True when ``path`` is a mount point (a bind mount a rename cannot replace): on another device than its
+    directory, or listed in /proc/self/mountinfo (a file bind-mounted from the same filesystem)."""
     try:
-        return os.stat(path.parent).st_dev != info.st_dev
+        if os.stat(path.parent).st_dev != info.st_dev:
+            return True
+    except OSError:
+        return False
+    try:
+        with open(_MOUNTINFO, encoding="utf-8", errors="replace") as mounts:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            target = os.path.realpath(path)
+            escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in target)
+            return any(len(f := line.split(" ")) > 4 and f[4] == escaped for line in mounts)
     except OSError:
         return False
 

@@ -190,3 +190,27 @@ def test_writer_other_rename_errors_propagate(tmp_path: Path, monkeypatch: pytes
         write_block(path, DOMAIN, ["fd00::1 a.home.example.net a"])
     assert path.read_text() == USER
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts"]
+
+
+def test_writer_refuses_a_file_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "hosts"
+    path.write_text(USER * 10)
+    monkeypatch.setattr(marked_block, "MAX_FILE", len(USER) * 10 - 1)
+    with pytest.raises(ValueError, match="larger than"):
+        write_block(path, DOMAIN, ["fd00::1 a.home.example.net a"])
+    assert path.read_text() == USER * 10
+
+
+def test_a_file_listed_as_a_mount_point_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ip netns exec bind-mounts a file from the same filesystem: only mountinfo tells (spaces escaped)."""
+    path = tmp_path / "my hosts"
+    path.write_text(USER)
+    mountinfo = tmp_path / "mountinfo"
+    escaped = str(path.resolve()).replace(" ", "\\040")
+    mountinfo.write_text(f"36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw\n"
+                         f"99 35 8:1 /etc/netns/x/hosts {escaped} rw shared:1 - ext4 /dev/sda1 rw\n")
+    monkeypatch.setattr(marked_block, "_MOUNTINFO", str(mountinfo))
+    assert marked_block._is_mount_point(path, path.stat())
+    other = tmp_path / "other"
+    other.write_text(USER)
+    assert not marked_block._is_mount_point(other, other.stat())

@@ -20,7 +20,7 @@ from tunneld.config import NamesConfig, load_config
 from tunneld.daemon import Daemon
 from tunneld.identity import DeviceIdentity
 from tunneld.marked_block import read_block, write_block
-from tunneld.services.names import DEBOUNCE, NamesService, hosts_lines
+from tunneld.services.names import DEBOUNCE, RETRY, NamesService, hosts_lines
 
 DOMAIN = "home.example.net"
 USER = "127.0.0.1 localhost\n"
@@ -117,7 +117,7 @@ def test_service_disabled_never_writes(tmp_path: Path) -> None:
     assert service.answer()["lines"] == ["fd00::a a.home.example.net a", "fd00::b b.home.example.net b"]
 
 
-def test_a_write_failure_is_reported_not_raised(tmp_path: Path) -> None:
+def test_a_write_failure_is_reported_not_raised_and_retried(tmp_path: Path) -> None:
     hosts = tmp_path / "no-such-dir" / "hosts"
     service = NamesService(NamesConfig(hosts_file=hosts), DOMAIN, [(b"me", "a", A)])
 
@@ -126,6 +126,10 @@ def test_a_write_failure_is_reported_not_raised(tmp_path: Path) -> None:
             await nursery.start(service.run)
             status = service.status()
             assert status["state"] == "error" and str(hosts) in status["error"], status
+            hosts.parent.mkdir()  # the problem goes away; no device changes
+            await trio.sleep(RETRY + DEBOUNCE * 2)
+            assert service.status()["state"] == "ok"
+            assert read_block(hosts.read_text(), DOMAIN) == ["fd00::a a.home.example.net a"]
             nursery.cancel_scope.cancel()
 
     _run(test)

@@ -1,14 +1,16 @@
 """The account's device names in the hosts file: one marked block of ``ULA NAME.DOMAIN NAME`` lines.
 
 The block lists every device the daemon knows (itself, the configured peers, the peers the watcher learns),
-is rewritten when a device comes or goes (debounced, and not at all when the text is unchanged) and is
-removed on a clean shutdown. Writing is tunneld.marked_block's. Why a hosts block: docs/names.md.
+is rewritten when a device comes or goes (debounced, and not at all when the text is unchanged), retried
+after a failed write, and removed on a clean shutdown. Writing is tunneld.marked_block's. Why a hosts
+block: docs/names.md.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,15 @@ from tunneld.config_model import NamesConfig
 from tunneld.marked_block import write_block
 from tunneld.proto.records import check_name
 
-__all__ = ["DEBOUNCE", "NamesService", "hosts_lines"]
+__all__ = ["DEBOUNCE", "RETRY", "NamesService", "hosts_lines"]
 
 log = logging.getLogger("tunneld.names")
 
 DEBOUNCE = 0.25
 """Seconds to gather changes before a rewrite: a watcher's first answer brings every device at once."""
+
+RETRY = 30.0
+"""Seconds between attempts while the hosts file cannot be written (a read-only /etc, say)."""
 
 Device = tuple[str, ipaddress.IPv6Address]
 Writer = Callable[[Path, str, Sequence[str]], bool]
@@ -110,7 +115,9 @@ class NamesService:
             self._sync(self.lines())
             task_status.started()
             while True:
-                await self._changed.wait()
+                # After a failed write, try again now and then even if nothing changes.
+                with trio.move_on_after(RETRY if self.error else math.inf):
+                    await self._changed.wait()
                 await trio.sleep(self._debounce)
                 self._changed = trio.Event()
                 self._sync(self.lines())
