@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Host, Lab, wait_for
-from lab.tunnel import DOMAIN, TUNNELD, Node, joined, names_toml, serve_dns, start, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, joined, names_toml, serve_dns, ssh_toml, start, write_secret
 from tunneld.marked_block import read_block
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig") or not shutil.which("getent"),
@@ -68,7 +68,8 @@ def test_names_in_every_namespace_hosts_file(tmp_path: Path) -> None:
                 n = joined(lab, h, name, secret, DNS, tmp_path, run=False)
                 text = n.config.read_text()
                 assert names_toml(n.dir) in text
-                n.config.write_text(text.replace(names_toml(n.dir), '[names]\nhosts_file = "/etc/hosts"\n'))
+                n.config.write_text(text.replace(names_toml(n.dir), '[names]\nhosts_file = "/etc/hosts"\n'
+                                                 + ssh_toml(n.dir)))
                 start(lab, n)
                 nodes[name] = n
             desktop, laptop, phone = (nodes[name] for name in NAMES)
