@@ -350,7 +350,9 @@ class Daemon:
                                  f"{e.strerror or e}; the daemon keeps port {kept}"}
             return {"ok": True, "listen_port": self.udp.local_port if self.udp else None}
         if cmd == "hosts":
-            return self.names.answer()
+            kh = self.known_hosts
+            return {**self.names.answer(), "known_hosts": str(kh.path) if kh else None,
+                    "host_keys": kh.fingerprints() if kh else []}
         return {"error": f"unknown command {control.shorten(cmd)}; known: status, rebind, hosts"}
 
     def _network_status(self, now: float) -> dict[str, Any]:

@@ -40,8 +40,10 @@ def test_block_follows_peers_and_keeps_the_users_lines(tmp_path: Path) -> None:
     writes = service.writes
     service.learned("desk", ULA, (KEY_B,))
     assert service.writes == writes  # nothing changed: no write
+    assert service.fingerprints() == [{"name": "desk", "algorithm": "ssh-ed25519",
+                                       "fingerprint": KEY_B.fingerprint_text}]
     service.gone("DESK")
-    assert path.read_text() == USER
+    assert path.read_text() == USER and service.fingerprints() == []
 
 
 def test_run_removes_the_block_when_cancelled(tmp_path: Path) -> None:

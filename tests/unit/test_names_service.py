@@ -1,5 +1,6 @@
 """The hosts block service: its lines, debounced rewrites with no write when unchanged, removal on a clean
-stop, a write failure reported not raised; the daemon's `hosts` control command and `tunneld hosts`."""
+stop, a write failure reported not raised; the daemon's `hosts` control command and `tunneld hosts` (with
+the peers' host-key fingerprints)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from tunneld.config import NamesConfig, load_config
 from tunneld.daemon import Daemon
 from tunneld.identity import DeviceIdentity
 from tunneld.marked_block import read_block, write_block
+from tunneld.proto import hostkeys
+from tunneld.services.hostkeys import KnownHostsService
 from tunneld.services.names import DEBOUNCE, RETRY, NamesService, hosts_lines
 
 DOMAIN = "home.example.net"
 USER = "127.0.0.1 localhost\n"
+KEY = hostkeys.read_public_key(
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
 A, B, C = ipaddress.IPv6Address("fd00::a"), ipaddress.IPv6Address("fd00::b"), ipaddress.IPv6Address("fd00::c")
 
 
@@ -150,9 +155,35 @@ def test_daemon_answers_hosts_with_itself(tmp_path: Path) -> None:
     daemon = _daemon(tmp_path, "short_names = false\n")
     reply = trio.run(daemon.handle_control, {"cmd": "hosts"})
     assert reply == {"domain": DOMAIN, "enabled": True, "hosts_file": str(tmp_path / "hosts"),
-                     "lines": [f"{daemon.ula} desk.{DOMAIN}"]}
+                     "lines": [f"{daemon.ula} desk.{DOMAIN}"], "known_hosts": None, "host_keys": []}
     unknown = trio.run(daemon.handle_control, {"cmd": "nope"})
     assert "hosts" in unknown["error"]
+
+
+def test_daemon_answers_hosts_with_the_peers_host_key_fingerprints(tmp_path: Path) -> None:
+    daemon = _daemon(tmp_path)
+    known = tmp_path / "ssh_known_hosts"
+    daemon.known_hosts = KnownHostsService(known, DOMAIN)
+    daemon.known_hosts.learned("Phone", A, (KEY,))
+    reply = trio.run(daemon.handle_control, {"cmd": "hosts"})
+    assert reply["known_hosts"] == str(known)
+    assert reply["host_keys"] == [{"name": "phone", "algorithm": "ssh-ed25519",
+                                   "fingerprint": KEY.fingerprint_text}]
+    daemon.known_hosts.gone("phone")
+    assert trio.run(daemon.handle_control, {"cmd": "hosts"})["host_keys"] == []
+
+
+def test_render_shows_fingerprints_as_comments_after_the_block() -> None:
+    answer = {"domain": DOMAIN, "lines": ["fd00::a a.home.example.net a"], "known_hosts": "/k",
+              "host_keys": [{"name": "a", "algorithm": "ssh-ed25519", "fingerprint": KEY.fingerprint_text}]}
+    text = hosts_cmd.render(answer)
+    assert read_block(text, DOMAIN) == answer["lines"]  # still a hosts file: the keys are comments
+    tail = text.split("# END tunneld home.example.net\n", 1)[1]
+    assert tail == f"# peer host keys in /k:\n#   a ssh-ed25519 {KEY.fingerprint_text}\n"
+    assert "no peer host keys held yet" in hosts_cmd.render({**answer, "host_keys": []})
+    assert "host keys" not in hosts_cmd.render({**answer, "known_hosts": None})
+    with pytest.raises(ValueError):
+        hosts_cmd.render({**answer, "host_keys": ["x"]})
 
 
 def test_render_is_the_block_as_written() -> None:
@@ -168,7 +199,8 @@ def test_render_is_the_block_as_written() -> None:
 def test_cli_hosts_asks_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     answer = {"domain": DOMAIN, "enabled": True, "hosts_file": "/etc/hosts",
-              "lines": ["fd00::a a.home.example.net a"]}
+              "lines": ["fd00::a a.home.example.net a"], "known_hosts": "/etc/ssh/ssh_known_hosts",
+              "host_keys": [{"name": "a", "algorithm": "ssh-ed25519", "fingerprint": KEY.fingerprint_text}]}
     asked: list[dict[str, Any]] = []
 
     def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -178,7 +210,8 @@ def test_cli_hosts_asks_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("tunneld.services.control.request", request)
     sock = str(tmp_path / "c.sock")
     assert main(["hosts", "--socket", sock]) == 0
-    assert capsys.readouterr().out == hosts_cmd.render(answer)
+    out = capsys.readouterr().out
+    assert out == hosts_cmd.render(answer) and KEY.fingerprint_text in out
     assert main(["hosts", "--socket", sock, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == answer
     assert asked == [{"cmd": "hosts"}, {"cmd": "hosts"}]

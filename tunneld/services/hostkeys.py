@@ -52,22 +52,32 @@ class KnownHostsService:
         self.path = path
         self.domain = domain
         self._lines: dict[str, list[str]] = {}  # by lower-case peer name
+        self._keys: dict[str, tuple[hostkeys.HostKey, ...]] = {}  # the same peers' keys
         self.writes = 0
 
     def lines(self) -> list[str]:
         """The block's lines, by peer name."""
         return [line for name in sorted(self._lines) for line in self._lines[name]]
 
+    def fingerprints(self) -> list[dict[str, str]]:
+        """Every held key as ``{name, algorithm, fingerprint}`` (``SHA256:...``), by peer name: what
+        ``tunneld hosts`` shows, to compare with ``ssh-keygen -l`` on the peer."""
+        return [{"name": name, "algorithm": key.algorithm, "fingerprint": key.fingerprint_text}
+                for name in sorted(self._keys) for key in self._keys[name]]
+
     def learned(self, name: str, ula: ipaddress.IPv6Address, keys: tuple[hostkeys.HostKey, ...]) -> None:
         """The peer ``name`` is known with these verified keys (none: it has no lines)."""
         lines = hostkeys.known_hosts_lines(self.domain, name, ula, keys)
         if lines:
             self._lines[name.lower()] = lines
+            self._keys[name.lower()] = keys
         else:
             self._lines.pop(name.lower(), None)
+            self._keys.pop(name.lower(), None)
         self._write()
 
     def gone(self, name: str) -> None:
+        self._keys.pop(name.lower(), None)
         if self._lines.pop(name.lower(), None) is not None:
             self._write()
 
@@ -88,6 +98,7 @@ class KnownHostsService:
             await trio.sleep_forever()
         finally:
             self._lines.clear()
+            self._keys.clear()
             self._write()
 
     def status(self) -> dict[str, Any]:
