@@ -31,6 +31,7 @@ StrictModes no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
 """
 
 

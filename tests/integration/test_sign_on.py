@@ -147,7 +147,7 @@ def test_sign_on_by_name(tmp_path: Path) -> None:
             data = os.urandom(SIZE)
             src, dst = tmp_path / "payload", tmp_path / "received"
             src.write_bytes(data)
-            r = lab.run(laptop.host, ["scp", "-O", *_ssh_opts(sshd), str(src), f"root@desktop:{dst}"],
+            r = lab.run(laptop.host, ["scp", *_ssh_opts(sshd), str(src), f"root@desktop:{dst}"],
                         check=False, timeout=60)
             assert r.returncode == 0, f"scp: {r.stderr}"
             r = _ssh(lab, laptop.host, sshd, "desktop", f"sha256sum {dst}")
