@@ -12,6 +12,28 @@ from dataclasses import dataclass
 
 from lab.netns import Host, Lab
 
+STAR_HUB = "192.0.2.1"
+
+
+def star(lab: Lab, names: tuple[str, ...]) -> list[Host]:
+    """A hub (a bridge, 192.0.2.1) and one host per name on it, 192.0.2.2 onwards, default route via the
+    hub: [hub, *hosts]. An account's devices on one LAN, the hub serving the account's DNS."""
+    hub = lab.host("hub")
+    lab.ip(hub, "link", "add", "br0", "type", "bridge")
+    lab.addr(hub, "br0", f"{STAR_HUB}/24")
+    lab.ip(hub, "link", "set", "br0", "up")
+    hub.addr4 = STAR_HUB
+    hosts = [hub]
+    for i, name in enumerate(names, start=2):
+        h = lab.host(name)
+        lab.veth(hub, f"v{i}", h, "eth0")
+        lab.ip(hub, "link", "set", f"v{i}", "master", "br0")
+        lab.addr(h, "eth0", f"192.0.2.{i}/24")
+        lab.ip(h, "route", "add", "default", "via", STAR_HUB)
+        h.addr4, h.ifname = f"192.0.2.{i}", "eth0"
+        hosts.append(h)
+    return hosts
+
 
 def two_hosts(lab: Lab) -> tuple[Host, Host]:
     """Two hosts on one veth: a = 192.0.2.1, 2001:db8::1; b = 192.0.2.2, 2001:db8::2."""

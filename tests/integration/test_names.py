@@ -12,35 +12,17 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Host, Lab, wait_for
+from lab.topology import STAR_HUB, star
 from lab.tunnel import DOMAIN, TUNNELD, Node, joined, names_toml, serve_dns, ssh_toml, start, write_secret
 from tunneld.marked_block import read_block
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig") or not shutil.which("getent"),
                                 reason="needs root, dig (bind9-dnsutils) and getent")
 
-HUB = "192.0.2.1"
+HUB = STAR_HUB
 DNS = (HUB, 5353)
 USER_LINE = "10.20.30.40 users-own-printer\n"
 NAMES = ("desktop", "laptop", "phone")
-
-
-def _star(lab: Lab) -> list[Host]:
-    """A hub (bridge, 192.0.2.1) and three hosts on it, 192.0.2.2..4, default route via the hub."""
-    hub = lab.host("hub")
-    lab.ip(hub, "link", "add", "br0", "type", "bridge")
-    lab.addr(hub, "br0", f"{HUB}/24")
-    lab.ip(hub, "link", "set", "br0", "up")
-    hub.addr4 = HUB
-    hosts = [hub]
-    for i, name in enumerate(NAMES, start=2):
-        h = lab.host(name)
-        lab.veth(hub, f"v{i}", h, "eth0")
-        lab.ip(hub, "link", "set", f"v{i}", "master", "br0")
-        lab.addr(h, "eth0", f"192.0.2.{i}/24")
-        lab.ip(h, "route", "add", "default", "via", HUB)
-        h.addr4, h.ifname = f"192.0.2.{i}", "eth0"
-        hosts.append(h)
-    return hosts
 
 
 def _hosts_file(h: Host) -> Path:
@@ -55,7 +37,7 @@ def test_names_in_every_namespace_hosts_file(tmp_path: Path) -> None:
     created: list[Path] = []
     try:
         with Lab() as lab:
-            hub, *hosts = _star(lab)
+            hub, *hosts = star(lab, NAMES)
             for h in hosts:  # before any daemon runs: ip netns exec bind-mounts it only if it exists
                 _hosts_file(h).parent.mkdir(parents=True, exist_ok=False)
                 created.append(_hosts_file(h).parent)

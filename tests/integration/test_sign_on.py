@@ -18,6 +18,7 @@ import pytest
 
 from lab.netns import Host, Lab, wait_for
 from lab.sshd import SSHD, Sshd, start_sshd
+from lab.topology import STAR_HUB, star
 from lab.tunnel import DOMAIN, TUNNELD, Node, joined, names_toml, serve_dns, start, write_secret
 from tunneld.marked_block import read_block
 
@@ -25,32 +26,13 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path(SSHD).exists() or not shutil.which("dig") or not shutil.which("getent"),
     reason="needs root, sshd, dig and getent")
 
-HUB = "192.0.2.1"
+HUB = STAR_HUB
 DNS = (HUB, 5353)
 NAMES = ("desktop", "laptop", "phone")
 USER_HOSTS = "127.0.0.1 localhost\n10.20.30.40 users-own-printer\n"
 USER_KNOWN = "# the user's own line\nprinter.example ssh-ed25519 " \
              "AAAAC3NzaC1lZDI1NTE5AAAAIGRLtUGgOxQOmHsmDO2z9ulCgnNyJlGbBlfYvOaGyUu2\n"
 SIZE = 50 * 1024 * 1024
-
-
-def _star(lab: Lab) -> list[Host]:
-    """A hub (bridge, 192.0.2.1) and the three devices on it, 192.0.2.2..4, default route via the hub."""
-    hub = lab.host("hub")
-    lab.ip(hub, "link", "add", "br0", "type", "bridge")
-    lab.addr(hub, "br0", f"{HUB}/24")
-    lab.ip(hub, "link", "set", "br0", "up")
-    hub.addr4 = HUB
-    hosts = [hub]
-    for i, name in enumerate(NAMES, start=2):
-        h = lab.host(name)
-        lab.veth(hub, f"v{i}", h, "eth0")
-        lab.ip(hub, "link", "set", f"v{i}", "master", "br0")
-        lab.addr(h, "eth0", f"192.0.2.{i}/24")
-        lab.ip(h, "route", "add", "default", "via", HUB)
-        h.addr4, h.ifname = f"192.0.2.{i}", "eth0"
-        hosts.append(h)
-    return hosts
 
 
 def _etc(h: Host) -> Path:
@@ -89,7 +71,7 @@ def test_sign_on_by_name(tmp_path: Path) -> None:
     created: list[Path] = []
     try:
         with Lab() as lab:
-            hub, *hosts = _star(lab)
+            hub, *hosts = star(lab, NAMES)
             for h in hosts:  # before any process starts there: ip netns exec bind-mounts only what exists
                 (_etc(h) / "ssh").mkdir(parents=True, exist_ok=False)
                 created.append(_etc(h))
