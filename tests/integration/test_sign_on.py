@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def test_sign_on_by_name(tmp_path: Path) -> None:
                      and _known_block(laptop) == keys[:1], timeout=20,
                      what="the phone to leave the laptop's hosts and known-hosts blocks")
             assert _ssh(lab, laptop.host, sshd, "desktop", "true").returncode == 0
+
+            # The laptop's daemon crashes: both files keep the user's lines and the last blocks.
+            assert laptop.proc is not None
+            assert lab.stop(laptop.proc, sig=signal.SIGKILL) == -signal.SIGKILL
+            assert _known_block(laptop) == keys[:1] and len(_hosts_block(laptop)) == len(every) - 1
 
             for n in nodes.values():  # every user line survives every rewrite
                 assert (_etc(n.host) / "hosts").read_text().startswith(USER_HOSTS)
