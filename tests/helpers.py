@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import signal
@@ -56,3 +57,20 @@ def exit_on_signal(proc: subprocess.Popen[Any], sig: signal.Signals, log: Path, 
         pytest.fail(f"{what} did not exit within {timeout:g} s of {sig.name}:\n{log.read_text()[-2000:]}")
     assert rc == 0, log.read_text()[-2000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+def account_toml(directory: Path, secret: bytes, domain: str = "home.example.net") -> str:
+    """An ``[account]`` table whose secret file (0600, in ``directory``) holds ``secret``."""
+    path = directory / "account.secret"
+    path.write_text(base64.b64encode(secret).decode() + "\n")
+    path.chmod(0o600)
+    return f'[account]\ndomain = "{domain}"\nsecret_file = "{path}"\n'
+
+
+def load_toml(directory: Path, text: str) -> Any:
+    """The Config that ``text``, written to ``directory``/tunneld.toml, loads to."""
+    from tunneld.config import load_config
+
+    path = directory / "tunneld.toml"
+    path.write_text(text)
+    return load_config(path)

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import pytest
 
-from tunneld.config import ConfigError, NamesConfig, load_config
+from tests.helpers import account_toml, load_toml
+from tunneld.config import ConfigError, NamesConfig
 
 SECRET = bytes(range(100, 132))
 
 
 @pytest.fixture
 def account(tmp_path: Path) -> str:
-    path = tmp_path / "account.secret"
-    path.write_text(base64.b64encode(SECRET).decode() + "\n")
-    path.chmod(0o600)
-    return f'[account]\ndomain = "home.example.net"\nsecret_file = "{path}"\n'
+    return account_toml(tmp_path, SECRET)
 
 
 def _load(tmp_path: Path, text: str) -> NamesConfig:
-    path = tmp_path / "tunneld.toml"
-    path.write_text(text)
-    return load_config(path).names
+    loaded: NamesConfig = load_toml(tmp_path, text).names
+    return loaded
 
 
 def test_defaults_are_on_and_etc_hosts(tmp_path: Path, account: str) -> None:

@@ -3,12 +3,12 @@ with exit 2, and the relay secret derived from the account secret, kept out of e
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import pytest
 
 from crypto.kdf import derive_turn_secret
+from tests.helpers import account_toml, load_toml
 from tunneld.cli import main
 from tunneld.config import ConfigError, RelayConfig, load_config
 
@@ -17,16 +17,12 @@ SECRET = bytes(range(100, 132))
 
 @pytest.fixture
 def account(tmp_path: Path) -> str:
-    path = tmp_path / "account.secret"
-    path.write_text(base64.b64encode(SECRET).decode() + "\n")
-    path.chmod(0o600)
-    return f'[account]\ndomain = "Home.Example.NET."\nsecret_file = "{path}"\n'
+    return account_toml(tmp_path, SECRET, "Home.Example.NET.")
 
 
 def _load(tmp_path: Path, text: str) -> RelayConfig:
-    path = tmp_path / "tunneld.toml"
-    path.write_text(text)
-    return load_config(path).relay
+    loaded: RelayConfig = load_toml(tmp_path, text).relay
+    return loaded
 
 
 @pytest.mark.parametrize(("value", "server"), [

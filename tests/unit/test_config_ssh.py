@@ -3,28 +3,24 @@ errors naming the key."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import pytest
 
-from tunneld.config import ConfigError, SshConfig, load_config
+from tests.helpers import account_toml, load_toml
+from tunneld.config import ConfigError, SshConfig
 
 SECRET = bytes(range(32))
 
 
 @pytest.fixture
 def account(tmp_path: Path) -> str:
-    path = tmp_path / "account.secret"
-    path.write_text(base64.b64encode(SECRET).decode() + "\n")
-    path.chmod(0o600)
-    return f'[account]\ndomain = "home.example.net"\nsecret_file = "{path}"\n'
+    return account_toml(tmp_path, SECRET)
 
 
 def _load(tmp_path: Path, text: str) -> SshConfig:
-    path = tmp_path / "tunneld.toml"
-    path.write_text(text)
-    return load_config(path).ssh
+    loaded: SshConfig = load_toml(tmp_path, text).ssh
+    return loaded
 
 
 def test_defaults_are_the_system_files(tmp_path: Path, account: str) -> None:

@@ -3,7 +3,6 @@ NAT mapping per destination would make it), the gateway a loopback address where
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import time
@@ -14,9 +13,10 @@ import pytest
 import trio
 
 import tunneld.netcheck
+from tests.helpers import account_toml, load_toml
 from tests.unit.fake_turn import FakeRelay
 from tunneld.cli import main
-from tunneld.config import Config, StunServer, load_config
+from tunneld.config import Config, StunServer
 from tunneld.dnsserver.stun import respond
 from tunneld.netcheck import NetcheckResult, StunResult, relay_check, render, run
 from tunneld.proto import stun_wire as sw
@@ -186,13 +186,9 @@ class _RestUsers(dict[str, str]):
 
 
 def _relay_config(tmp_path: Path, port: int) -> Config:
-    secret = tmp_path / "account.secret"
-    secret.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
-    secret.chmod(0o600)
-    path = tmp_path / "tunneld.toml"
-    path.write_text(f'[account]\ndomain = "home.example.net"\nname = "laptop"\nsecret_file = "{secret}"\n'
-                    f'[relay]\nserver = "127.0.0.1:{port}"\n')
-    return load_config(path)
+    config: Config = load_toml(tmp_path, account_toml(tmp_path, bytes(range(32))) + 'name = "laptop"\n'
+                               f'[relay]\nserver = "127.0.0.1:{port}"\n')
+    return config
 
 
 @pytest.mark.parametrize("right_secret", [True, False])
