@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import log_tail, run_in_lab, tree_cpu_seconds
-from crypto.kdf import derive_psk
 from lab import attacks, progs
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.tunnel import DOMAIN, TUNNELD, Node, running_pair, start, write_private
 from tunneld.config import load_account_secret
+from tunneld.crypto.kdf import derive_psk
 
 ZONE = DOMAIN
 PORT = 5353

@@ -33,8 +33,8 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from bench import dns, e2e
-from crypto.aead import SUITES
-from crypto.esp import SecurityAssociation
+from tunneld.crypto.aead import SUITES
+from tunneld.crypto.esp import SecurityAssociation
 
 
 def _bare(suite: str, payload: bytes, n: int) -> Callable[[], None]:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crypto.kdf import derive_tsig_key
 from lab import sshd as lab_sshd
 from lab.netns import Host, Lab, LabError, ping_until, wait_for
 from lab.topology import two_hosts
 from tunneld.config import load_account_secret, load_config
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.identity import DeviceIdentity
 
 TUNNELD = str(Path(sys.prefix) / "bin" / "tunneld")

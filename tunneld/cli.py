@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import __version__
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
+from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld.identity import DeviceIdentity, IdentityError
 
 EXIT_OK = 0

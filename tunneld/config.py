@@ -13,11 +13,11 @@ Schema::
     mtu = 1400                       # inner MTU, 1280 (the IPv6 minimum) .. 9000
     state_dir = "/var/lib/tunneld"   # holds device.key (tunneld.identity)
     control_socket = "/run/tunneld/control.sock"
-    suite = "aes-256-gcm"            # one of crypto.aead.SUITES
+    suite = "aes-256-gcm"            # one of tunneld.crypto.aead.SUITES
     offload = true                   # TUN segmentation offload (the fast path)
 
     [account]                        # required
-    domain = "home.example.net"      # normalized by crypto.kdf.normalize_domain
+    domain = "home.example.net"      # normalized by tunneld.crypto.kdf.normalize_domain
     secret_file = "/etc/tunneld/account.secret"   # one line: base64 of 32 bytes, mode 0600
     server = "192.0.2.53:53"         # optional: the DNS UPDATE server (IP literal); none: publishing off
     name = "laptop"                  # optional: this device's DNS label (default: the hostname's 1st label)
@@ -66,8 +66,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, NoReturn, TypeVar
 
-from crypto.aead import DEFAULT_SUITE, SUITES
-from crypto.kdf import derive_psk, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld import config_values as values
 from tunneld.config_model import (
     DEFAULT_CONFIG_PATH,
@@ -94,6 +92,8 @@ from tunneld.config_model import (
     StunServer,
 )
 from tunneld.config_values import Problem, show, type_name
+from tunneld.crypto.aead import DEFAULT_SUITE, SUITES
+from tunneld.crypto.kdf import derive_psk, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld.identity import ula_for
 from tunneld.proto.dnsupdate import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE
 from tunneld.proto.peer import Timers

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from crypto.aead import DEFAULT_SUITE
+from tunneld.crypto.aead import DEFAULT_SUITE
 from tunneld.identity import account_prefix
 from tunneld.proto.dnsupdate import DEFAULT_LEASE
 from tunneld.proto.peer import Timers

@@ -16,8 +16,8 @@ import stat
 from datetime import date, datetime, time
 from pathlib import Path
 
-from crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
 from tunneld.config_model import Endpoint, StunServer
+from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
 from tunneld.proto.records import check_name
 
 _IFNAMSIZ = 16  # Linux: interface names are at most 15 bytes plus the NUL

@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from crypto.esp import SecurityAssociation
 from tunneld.config import Config
+from tunneld.crypto.esp import SecurityAssociation
 from tunneld.dataplane import Dataplane
 from tunneld.identity import DeviceIdentity
 from tunneld.keylog import KeyLog

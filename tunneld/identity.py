@@ -31,8 +31,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from crypto.kdf import normalize_domain
-from crypto.noise import DHLEN, NoiseError, generate_keypair, public_key
+from tunneld.crypto.kdf import normalize_domain
+from tunneld.crypto.noise import DHLEN, NoiseError, generate_keypair, public_key
 
 __all__ = [
     "GLOBAL_ID_LEN",

@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from crypto.esp import SecurityAssociation
+from tunneld.crypto.esp import SecurityAssociation
 
 # Wireshark's names for the ESP encryption algorithms (epan/dissectors/packet-ipsec.c).
 _WIRESHARK_ALGO = {

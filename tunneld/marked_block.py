@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from crypto.kdf import normalize_domain
+from tunneld.crypto.kdf import normalize_domain
 
 __all__ = ["begin_marker", "end_marker", "read_block", "replace_block", "write_block"]
 

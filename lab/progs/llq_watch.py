@@ -16,9 +16,9 @@ import time
 import dns.name
 import dns.rdatatype
 
-from crypto.kdf import derive_tsig_key
 from lab.progs import report
 from tunneld.config import load_account_secret
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.proto import llq
 from tunneld.proto.tsig import TsigKey, TsigSession
 

@@ -15,9 +15,9 @@ import time
 
 import trio
 
-from crypto.kdf import derive_tsig_key
 from lab.progs import report
 from tunneld.config import load_account_secret
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.proto.watcher import PeerLearned, WatcherEvent
 from tunneld.services.watcher import WatcherService
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from crypto.esp import LAYOUT
 from lab.flows import Blast, Ping, UdpFlow
 from lab.netns import Lab
 from lab.progs.traffic import FRAG_EVERY
 from lab.tunnel import TUNNELD, Node, peer_status, ping6, running_pair, status
+from tunneld.crypto.esp import LAYOUT
 from tunneld.net.tun import gso_max_size_for
 
 pytestmark = [

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from crypto.kdf import derive_turn_secret
 from lab.coturn import TURNSERVER, Coturn
 from lab.netns import Lab, wait_for
 from lab.topology import TWO_NATS_SERVER, two_nats
 from lab.tunnel import TUNNELD, write_secret
 from tunneld.config import load_account_secret
+from tunneld.crypto.kdf import derive_turn_secret
 
 pytestmark = [
     pytest.mark.root,

@@ -3,7 +3,7 @@
 Everything happens in memory; no packet is sent. Both directions are checked for every suite, with and
 without extended sequence numbers:
 
-- ours -> scapy: crypto.esp seals an inner IPv6 packet; the wire payload goes into IPv4/UDP(4500) and
+- ours -> scapy: tunneld.crypto.esp seals an inner IPv6 packet; the wire payload goes into IPv4/UDP(4500) and
   scapy's tunnel-mode SA (RFC 3948 NAT-T header, AES-GCM or ChaCha20-Poly1305 with KEYMAT = key || salt)
   must decrypt it to the same inner bytes.
 - scapy -> ours: scapy encrypts an inner IPv6 packet; the UDP payload (SPI onwards) must open with ours
@@ -33,7 +33,7 @@ from scapy.layers.ipsec import CRYPT_ALGOS, ESP, IPSecIntegrityError
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.packet import Raw
 
-from crypto.esp import NH_IPV6, SecurityAssociation
+from tunneld.crypto.esp import NH_IPV6, SecurityAssociation
 
 SPI = 0x0000C0DE
 SALT = bytes.fromhex("a0a1a2a3")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from crypto.layout import SealLayout
+from tunneld.crypto.layout import SealLayout
 from tunneld.fastpath.runs import RxRun, TxRun, interleave
 from tunneld.fastpath.segment import segment, segment_run
 from tunneld.proto.core import Address

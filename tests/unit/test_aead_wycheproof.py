@@ -1,4 +1,4 @@
-"""crypto.aead.AEAD against Project Wycheproof's AES-GCM and ChaCha20-Poly1305 vectors.
+"""tunneld.crypto.aead.AEAD against Project Wycheproof's AES-GCM and ChaCha20-Poly1305 vectors.
 
 Only the groups that ESP can use are run: a 96-bit nonce (ivSize 96) and, for AES-GCM, 128- or 256-bit
 keys (the "aes-128-gcm"/"aes-256-gcm" suites; 192-bit keys are not offered). The 12-byte Wycheproof
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from crypto.aead import AEAD, ICV_LEN, AEADError
+from tunneld.crypto.aead import AEAD, ICV_LEN, AEADError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from crypto.kdf import derive_tsig_key, derive_turn_secret
 from tunneld.cli import main
+from tunneld.crypto.kdf import derive_tsig_key, derive_turn_secret
 
 
 @pytest.fixture(autouse=True)

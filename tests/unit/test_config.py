@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from crypto.kdf import derive_psk, derive_tsig_key
 from tunneld.config import (
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_STATE_DIR,
@@ -20,6 +19,7 @@ from tunneld.config import (
     load_config,
     parse_endpoint,
 )
+from tunneld.crypto.kdf import derive_psk, derive_tsig_key
 from tunneld.identity import ula_for
 
 SECRET = bytes(range(100, 132))

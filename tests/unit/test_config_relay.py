@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from crypto.kdf import derive_turn_secret
 from tests.helpers import account_toml, load_toml
 from tunneld.cli import main
 from tunneld.config import ConfigError, RelayConfig, load_config
+from tunneld.crypto.kdf import derive_turn_secret
 
 SECRET = bytes(range(100, 132))
 

@@ -14,11 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from crypto.kdf import derive_psk
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tests.unit.fake_io import FakeTun, FakeUDP, Wire
 from tests.unit.test_offload import ACK, PSH, gso_header, tcp_packet
+from tunneld.crypto.kdf import derive_psk
+from tunneld.crypto.noise import generate_keypair
 from tunneld.dataplane import Dataplane
 from tunneld.proto.core import Address
 from tunneld.proto.peer import Timers

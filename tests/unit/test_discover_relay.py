@@ -10,7 +10,7 @@ import dns.name
 import dns.rdata
 import trio
 
-from crypto.kdf import derive_tsig_key
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
 from tunneld.services.discover import find_relay

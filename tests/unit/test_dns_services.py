@@ -15,7 +15,7 @@ import time
 import dns.rdatatype
 import trio
 
-from crypto.kdf import derive_tsig_key
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, DeleteRRset, Lease, ZoneStore

@@ -24,7 +24,7 @@ import dns.rrset
 import pytest
 import trio
 
-from crypto.kdf import derive_tsig_key
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import PUBLIC_SERIAL, UNSIGNED_UDP_MAX, DnsCore, account_key, unsigned_udp_limit
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.store import AddRR, Lease, ZoneStore

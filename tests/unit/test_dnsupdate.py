@@ -771,8 +771,8 @@ def test_devices_share_the_browse_ptr_without_deleting_each_other() -> None:
     Publisher deletes and adds only its own record there (RFC 2136 §2.5.4)."""
     import ipaddress
 
-    from crypto.kdf import derive_tsig_key
     from tests.helpers import drbg
+    from tunneld.crypto.kdf import derive_tsig_key
     from tunneld.dnsserver.core import DnsCore, account_key
     from tunneld.dnsserver.store import ZoneStore
     from tunneld.proto import records

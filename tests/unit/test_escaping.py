@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.kdf import normalize_domain
 from tunneld.cli import main, tsig_stanza
 from tunneld.config import load_config
 from tunneld.config_write import toml_string
+from tunneld.crypto.kdf import normalize_domain
 
 INJECTIONS = [
     'x"; include "/etc/shadow',

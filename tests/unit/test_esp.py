@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.aead import AEAD, SUITES
-from crypto.esp import (
+from tunneld.crypto.aead import AEAD, SUITES
+from tunneld.crypto.esp import (
     HEADER_LEN,
     NH_IPV6,
     NH_NONE,

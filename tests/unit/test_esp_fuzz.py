@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.esp import ESPError, Kind, SecurityAssociation, classify
+from tunneld.crypto.esp import ESPError, Kind, SecurityAssociation, classify
 
 KEY = bytes(range(32))
 SALT = b"\xa0\xa1\xa2\xa3"

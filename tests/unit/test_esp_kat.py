@@ -1,4 +1,4 @@
-"""crypto.esp.SecurityAssociation against published whole-packet ESP known answers.
+"""tunneld.crypto.esp.SecurityAssociation against published whole-packet ESP known answers.
 
 tests/data/esp_known_answers.json holds RFC 7634 Appendix A (ChaCha20-Poly1305) and three
 draft-mcgrew-gcm-test-01 cases (AES-GCM, two of them with extended sequence numbers); provenance in
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto.aead import AEAD
-from crypto.esp import NH_IPV6, ESPError, SecurityAssociation
+from tunneld.crypto.aead import AEAD
+from tunneld.crypto.esp import NH_IPV6, ESPError, SecurityAssociation
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DOCS = Path(__file__).resolve().parent.parent.parent / "docs"
@@ -92,7 +92,7 @@ def test_open_many_agrees(c: dict[str, Any]) -> None:
 @pytest.mark.parametrize("c", CASES, ids=IDS)
 def test_aead_seal_reproduces_ciphertext(c: dict[str, Any]) -> None:
     # RFC 4106 §5 (and RFC 7634 §2.1, which reuses it): AAD = SPI || seq, or SPI || seq_hi || seq_lo
-    # with ESN. Built here from the case fields, not with crypto.esp's own structs.
+    # with ESN. Built here from the case fields, not with tunneld.crypto.esp's own structs.
     if c["seq_hi"] is None:
         aad = struct.pack("!II", c["spi"], c["seq_lo"])
     else:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from crypto.esp import MIN_SPI, Kind, SecurityAssociation, classify
-from crypto.kdf import derive_esp_keymat
-from crypto.noise import HASH, MAC, HandshakeState, SymmetricState, public_key, xaead_decrypt
 from tests.helpers import drbg
+from tunneld.crypto.esp import MIN_SPI, Kind, SecurityAssociation, classify
+from tunneld.crypto.kdf import derive_esp_keymat
+from tunneld.crypto.noise import HASH, MAC, HandshakeState, SymmetricState, public_key, xaead_decrypt
 from tunneld.proto.errors import ParseError
 from tunneld.proto.handshake import (
     COOKIE_REPLY_LEN,
@@ -128,7 +128,7 @@ def test_wireguard_initial_chaining_key_and_hash() -> None:
     """C0 = HASH(construction) begins 96, 226, 109, 174; H0 = HASH(C0 || identifier).
 
     The full values are WireGuard's (boringtun's INITIAL_CHAIN_KEY / INITIAL_CHAIN_HASH). Feeding the
-    identifier to crypto.noise as the prologue reproduces them, which is why tunneld passes its own
+    identifier to tunneld.crypto.noise as the prologue reproduces them, which is why tunneld passes its own
     identifier as the prologue.
     """
     c0 = HASH(b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s")
@@ -778,7 +778,7 @@ def test_protocol_doc_example() -> None:
     assert mac1_key(R_PUB, PSK).hex() == "3526b4ba99d4a9bedd4e75296974b161a8716a82b96a69e2ab88621db059a799"
     assert mac1_key(I_PUB, PSK).hex() == "502ee653a41e372d6a4c5e90257c5d4bfb5c4b963d179c6a402f289c0bc26c8e"
     assert cookie_key(R_PUB, PSK).hex() == "fc407fbbc4f486b5bc5f95ae73da9e73cca020544b20af57172da92394474e03"
-    # The same keys and mac1 from hashlib's BLAKE2s directly, not through crypto.noise.
+    # The same keys and mac1 from hashlib's BLAKE2s directly, not through tunneld.crypto.noise.
     assert mac1_key(R_PUB, PSK) == hashlib.blake2s(b"mac1----" + R_PUB + PSK).digest()
     assert cookie_key(R_PUB, PSK) == hashlib.blake2s(b"cookie--" + R_PUB + PSK).digest()
     assert m1[116:132] == hashlib.blake2s(m1[:116], key=mac1_key(R_PUB, PSK), digest_size=16).digest()

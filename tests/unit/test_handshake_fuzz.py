@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.noise import MAC, public_key
 from tests.helpers import drbg
+from tunneld.crypto.noise import MAC, public_key
 from tunneld.proto import handshake as hs
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tunnel import TunnelCore

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from crypto.esp import Kind, classify
-from crypto.noise import MAC, generate_keypair
 from tests.helpers import drbg
+from tunneld.crypto.esp import Kind, classify
+from tunneld.crypto.noise import MAC, generate_keypair
 from tunneld.proto import handshake as hs
 from tunneld.proto.handshake_load import (
     COOKIES_PER_BATCH,

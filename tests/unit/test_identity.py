@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto.noise import public_key
+from tunneld.crypto.noise import public_key
 from tunneld.identity import (
     DeviceIdentity,
     IdentityError,

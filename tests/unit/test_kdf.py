@@ -1,6 +1,6 @@
-"""crypto.kdf: HKDF-SHA256 derivations of the TSIG key, the handshake PSK and ESP KEYMAT.
+"""tunneld.crypto.kdf: HKDF-SHA256 derivations of the TSIG key, the handshake PSK and ESP KEYMAT.
 
-Known answers come from two places that do not share code with crypto.kdf: an RFC 5869 HKDF written
+Known answers come from two places that do not share code with tunneld.crypto.kdf: an RFC 5869 HKDF written
 inline below from hmac + hashlib (itself checked against RFC 5869 Appendix A), and hex constants that are
 also printed in docs/protocol.md for other implementations.
 """
@@ -14,8 +14,8 @@ import itertools
 
 import pytest
 
-from crypto import kdf
-from crypto.kdf import (
+from tunneld.crypto import kdf
+from tunneld.crypto.kdf import (
     ESP_KEY_LENGTHS,
     derive_esp_keymat,
     derive_psk,
@@ -31,7 +31,7 @@ TRAFFIC_KEY = bytes(range(32, 64))
 
 
 def rfc5869_hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 §2.2 and §2.3, independent of crypto.kdf and of cryptography's HKDF."""
+    """RFC 5869 §2.2 and §2.3, independent of tunneld.crypto.kdf and of cryptography's HKDF."""
     prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
     okm, block = b"", b""
     for i in itertools.count(1):

@@ -16,7 +16,6 @@ import dns.tsig
 import dns.update
 import trio
 
-from crypto.kdf import derive_tsig_key
 from tests.unit import test_llq as canned
 from tests.unit.dns_steps import ClientView, llq_client
 from tests.unit.test_llq_server import (
@@ -37,6 +36,7 @@ from tests.unit.test_llq_server import (
     targets,
     update,
 )
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq_saver import SAVE_DELAY

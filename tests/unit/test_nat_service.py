@@ -10,10 +10,10 @@ from typing import ClassVar
 import trio
 import trio.testing
 
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tests.unit.fake_io import FakeTun, FakeUDP, Wire
 from tests.unit.fake_turn import RELAY, FakeRelay
+from tunneld.crypto.noise import generate_keypair
 from tunneld.dataplane import Dataplane
 from tunneld.net.udp import to_socket_addr
 from tunneld.proto import stun_wire as sw

@@ -1,4 +1,4 @@
-"""crypto.noise: Noise IK and IKpsk2 over 25519 / ChaChaPoly / BLAKE2s.
+"""tunneld.crypto.noise: Noise IK and IKpsk2 over 25519 / ChaChaPoly / BLAKE2s.
 
 The known answers are the cacophony vectors in tests/data/noise_IK_IKpsk2_25519.json (public domain; see
 tests/data/SOURCES.md). Each vector is replayed once per role against the recorded messages only, so
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from crypto.noise import (
+from tunneld.crypto.noise import (
     HASH,
     HMAC,
     KDF1,

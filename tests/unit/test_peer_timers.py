@@ -1,6 +1,6 @@
 """tunneld.proto.peer alone: sessions (current / previous / next) and WireGuard's timers, in plain floats.
 
-No trio and no handshake: Sessions are built from crypto.esp.SecurityAssociation directly, `now` is a
+No trio and no handshake: Sessions are built from tunneld.crypto.esp.SecurityAssociation directly, `now` is a
 number, and each timer hook is driven by hand, then checked through deadline() and poll() as
 wireguard-go's device/timers.go would fire it.
 """
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from crypto.esp import SecurityAssociation
+from tunneld.crypto.esp import SecurityAssociation
 from tunneld.proto import constants as C
 from tunneld.proto.peer import Action, Peer, Session, Timers
 

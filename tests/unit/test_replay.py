@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.replay import ReplayWindow
+from tunneld.crypto.replay import ReplayWindow
 
 W = ReplayWindow().window  # 8128 with the default 128 blocks
 M32 = 0xFFFFFFFF

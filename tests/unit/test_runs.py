@@ -17,11 +17,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.aead import SUITES
-from crypto.esp import LAYOUT, NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
-from crypto.replay import ReplayWindow
 from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
 from tests.unit.test_tunnel_core import Net, run
+from tunneld.crypto.aead import SUITES
+from tunneld.crypto.esp import LAYOUT, NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
+from tunneld.crypto.replay import ReplayWindow
 from tunneld.fastpath.coalesce import coalesce, coalesce_run
 from tunneld.fastpath.headers import GSO_NONE, VNET_HDR_LEN, VnetHeader
 from tunneld.fastpath.runs import Burst, RxRun, TxRun

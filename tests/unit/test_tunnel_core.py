@@ -27,11 +27,11 @@ import pytest
 import trio
 import trio.testing
 
-from crypto.esp import Kind, classify
-from crypto.kdf import derive_psk
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tests.unit.fake_io import FakeTun, Readable
+from tunneld.crypto.esp import Kind, classify
+from tunneld.crypto.kdf import derive_psk
+from tunneld.crypto.noise import generate_keypair
 from tunneld.dataplane import Dataplane
 from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address as Addr

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tests.unit.nat_sim import Host, RelayServer
+from tunneld.crypto.noise import generate_keypair
 from tunneld.proto import stun_wire as sw
 from tunneld.proto.core import Address
 from tunneld.proto.tunnel import TunnelCore

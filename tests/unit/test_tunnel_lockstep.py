@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from crypto.esp import Kind, classify
 from tests.unit.test_tunnel_core import EPOCH, Net, Node, T, inner, is_initiation, seq_of
+from tunneld.crypto.esp import Kind, classify
 from tunneld.proto.tunnel import Output
 
 

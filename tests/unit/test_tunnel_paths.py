@@ -4,11 +4,11 @@ demultiplexing of STUN and relayed data on the tunnel socket, and status."""
 
 from __future__ import annotations
 
-from crypto.esp import Kind, classify
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
 from tests.unit.nat_sim import Host, Net
 from tests.unit.test_tunnel_peers import A_ULA, B_ULA, PSK, packet
+from tunneld.crypto.esp import Kind, classify
+from tunneld.crypto.noise import generate_keypair
 from tunneld.proto import stun_wire as sw
 from tunneld.proto.paths import PUNCH_SCHEDULE, PUNCH_WINDOW, UPGRADE_INTERVAL, PathChanged
 from tunneld.proto.tunnel import TunnelCore

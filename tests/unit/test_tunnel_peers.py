@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from crypto.noise import generate_keypair
 from tests.helpers import drbg
+from tunneld.crypto.noise import generate_keypair
 from tunneld.proto.tunnel import FRESH_PACKET, Output, TunnelCore
 
 PSK = bytes(32)

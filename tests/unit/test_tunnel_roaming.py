@@ -3,8 +3,8 @@ NAT's binding open from behind it (persistent keepalive)."""
 
 from __future__ import annotations
 
-from crypto.esp import Kind, classify
 from tests.unit.test_tunnel_peers import A_ADDR, A_ULA, B_ADDR, B_ULA, deliver, handshake, packet, pair
+from tunneld.crypto.esp import Kind, classify
 from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, Output, PeerMoved, TunnelCore
 
 CAFE = ("::ffff:203.0.113.77", 61001)  # what the café's NAT makes of A's socket

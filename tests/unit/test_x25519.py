@@ -1,4 +1,4 @@
-"""crypto.noise.dh against the Wycheproof X25519 vectors (tests/data/wycheproof_x25519_test.json).
+"""tunneld.crypto.noise.dh against the Wycheproof X25519 vectors (tests/data/wycheproof_x25519_test.json).
 
 Every case with a non-zero expected secret must be computed exactly, "valid" and "acceptable" alike
 (twist points, non-canonical encodings); every case whose expected secret is all zero (low-order public
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from crypto.noise import NoiseError, dh, generate_keypair, public_key
+from tunneld.crypto.noise import NoiseError, dh, generate_keypair, public_key
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "wycheproof_x25519_test.json"
 

@@ -37,7 +37,7 @@ import dns.rrset
 import dns.tsig
 import dns.update
 
-from crypto.kdf import derive_tsig_key
+from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.replay import Answered, ReplayCache
 from tunneld.dnsserver.store import (
     SOA_MINIMUM,

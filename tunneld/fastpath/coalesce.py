@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crypto.layout import strided
+from tunneld.crypto.layout import strided
 from tunneld.fastpath.headers import (
     CWR,
     FIN,

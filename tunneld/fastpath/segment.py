@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crypto.layout import SealLayout, strided
+from tunneld.crypto.layout import SealLayout, strided
 from tunneld.fastpath.headers import (
     CWR,
     FIN,

@@ -19,7 +19,7 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from crypto.layout import SealLayout
+from tunneld.crypto.layout import SealLayout
 from tunneld.fastpath.coalesce import coalesce, coalesce_run
 from tunneld.fastpath.headers import VNET_HDR_LEN
 from tunneld.fastpath.runs import RxRun, TxRun

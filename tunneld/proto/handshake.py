@@ -28,9 +28,9 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Final
 
-from crypto.esp import SecurityAssociation
-from crypto.kdf import derive_esp_keymat
-from crypto.noise import (
+from tunneld.crypto.esp import SecurityAssociation
+from tunneld.crypto.kdf import derive_esp_keymat
+from tunneld.crypto.noise import (
     DHLEN,
     MAC,
     TAGLEN,
@@ -157,7 +157,7 @@ class SessionKeys:
     def security_associations(
         self, suite: str = "aes-256-gcm"
     ) -> tuple[SecurityAssociation, SecurityAssociation]:
-        """(outbound SA, inbound SA) for ``suite``, with ESN, keyed by crypto.kdf.derive_esp_keymat.
+        """(outbound SA, inbound SA) for ``suite``, with ESN, keyed by tunneld.crypto.kdf.derive_esp_keymat.
 
         The initiator sends with the i2r KEYMAT and receives with r2i; the responder the reverse. The
         outbound SA carries ``remote_index`` as its SPI and the inbound one ``local_index``.
@@ -269,7 +269,7 @@ class _Peer:
 class Handshaker:
     """The handshake engine of one device: initiates to peers, answers initiations, handles cookies.
 
-    ``private_key`` is our static X25519 key, ``psk`` the 32-byte account PSK (crypto.kdf.derive_psk),
+    ``private_key`` is our static X25519 key, ``psk`` the 32-byte account PSK (tunneld.crypto.kdf.derive_psk),
     ``peers`` any container of the static public keys allowed to connect (a set, a dict...; looked up
     with ``in``, so the caller can change it at any time). ``index_in_use(i)`` says whether ``i`` is
     already an inbound SPI locally; the Handshaker adds its own pending initiations. ``rand`` is the only

@@ -10,8 +10,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from crypto.esp import MIN_SPI
-from crypto.noise import HASH
+from tunneld.crypto.esp import MIN_SPI
+from tunneld.crypto.noise import HASH
 from tunneld.proto.errors import ParseError
 
 MARKER: Final = b"\x00\x00\x00\x00"

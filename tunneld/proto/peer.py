@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from crypto.esp import SecurityAssociation
+from tunneld.crypto.esp import SecurityAssociation
 from tunneld.proto import constants as C
 from tunneld.proto.paths import PathState
 

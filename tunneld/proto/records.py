@@ -42,7 +42,7 @@ import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 import dns.rrset
 
-from crypto.kdf import normalize_domain
+from tunneld.crypto.kdf import normalize_domain
 from tunneld.identity import IID_LABEL_PREFIX, iid_label, ula_for
 from tunneld.proto.errors import ParseError
 
@@ -167,7 +167,7 @@ class HostRecords:
     name: str
     """The device's DNS label (one LDH label, see :func:`check_name`); case is kept as given."""
     domain: str
-    """The account domain, normalized by :func:`crypto.kdf.normalize_domain`."""
+    """The account domain, normalized by :func:`tunneld.crypto.kdf.normalize_domain`."""
     public_key: bytes
     """The device's raw 32-byte X25519 static public key."""
     ula: ipaddress.IPv6Address

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from crypto.esp import LAYOUT, NH_NONE, Kind, SecurityAssociation, classify
-from crypto.kdf import derive_esp_keymat
-from crypto.layout import SealLayout
+from tunneld.crypto.esp import LAYOUT, NH_NONE, Kind, SecurityAssociation, classify
+from tunneld.crypto.kdf import derive_esp_keymat
+from tunneld.crypto.layout import SealLayout
 from tunneld.fastpath.runs import Burst, RxRun, TxRun
 from tunneld.proto import handshake as hs
 from tunneld.proto.core import Address

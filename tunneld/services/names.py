@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from crypto.kdf import normalize_domain
 from tunneld.config_model import NamesConfig
+from tunneld.crypto.kdf import normalize_domain
 from tunneld.marked_block import write_block
 from tunneld.proto.records import check_name
 

@@ -27,9 +27,9 @@ from typing import Final
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
-from crypto.aead import AEAD, ICV_LEN, IV_LEN, get_suite
-from crypto.layout import SealLayout, strided
-from crypto.replay import DEFAULT_BLOCKS, ReplayWindow
+from tunneld.crypto.aead import AEAD, ICV_LEN, IV_LEN, get_suite
+from tunneld.crypto.layout import SealLayout, strided
+from tunneld.crypto.replay import DEFAULT_BLOCKS, ReplayWindow
 
 NH_IPV4: Final = 4  # IANA protocol numbers used as ESP next header (RFC 4303 §2.6)
 NH_IPV6: Final = 41

@@ -456,7 +456,7 @@ class HandshakeState:
         """(initiator->responder key, responder->initiator key), the same tuple on both sides.
 
         Not swapped by role, unlike :meth:`split`, so both peers can feed it into the same derivation
-        (tunneld derives its ESP SAs from these; see crypto.kdf.derive_esp_keymat).
+        (tunneld derives its ESP SAs from these; see tunneld.crypto.kdf.derive_esp_keymat).
         """
         if self._keys is None:
             raise NoiseError("handshake not complete")
