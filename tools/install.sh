@@ -57,6 +57,13 @@ if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' coturn 2>/dev/null | gre
   fi
 fi
 
+# The system user the daemons drop to after start-up (`tunneld up` keeps only CAP_NET_ADMIN as it;
+# serve-dns keeps nothing), and whose group may read `tunneld status`. The Debian package's postinst
+# creates the same one.
+if [ "$(id -u)" -eq 0 ] && ! getent passwd tunneld >/dev/null; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tunneld
+fi
+
 # The interpreter: Debian's own python3 first. It is built with PGO and LTO, and the data path is
 # interpreter-bound: ESP batches measured 5-7 % faster than on a plain source build (such as a
 # pyenv one) of the same 3.11. Otherwise the first python3 on PATH that is 3.11 or newer.
