@@ -41,6 +41,7 @@ Schema::
                                      # or an IP literal; port 3478 if left out). Without it the relay is
                                      # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
     [names]                          # optional: enabled = true, hosts_file = "/etc/hosts", short_names = true
+    [service]                        # optional: user = "tunneld" (run as it after start-up; "root": stay)
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
@@ -88,6 +89,7 @@ from tunneld.config_model import (
     PeerConfig,
     PortmapConfig,
     RelayConfig,
+    ServiceConfig,
     SshConfig,
     StunServer,
 )
@@ -119,6 +121,7 @@ __all__ = [
     "PeerConfig",
     "PortmapConfig",
     "RelayConfig",
+    "ServiceConfig",
     "SshConfig",
     "StunServer",
     "load_account_secret",
@@ -130,8 +133,10 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh",
+                      "service")
 _NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")  # useradd's default NAME_REGEX
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
 _MAX_STUN_SERVERS: Final = 8
@@ -228,7 +233,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay], [names], [ssh]")
+                          "[nat], [relay], [names], [ssh], [service]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -240,6 +245,7 @@ class _Loader:
         relay = self.relay(self.table(doc, "relay", required=False))
         ssh = self.ssh(self.table(doc, "ssh", required=False))
         names = self.names(self.table(doc, "names", required=False))
+        service = self.service(self.table(doc, "service", required=False))
         return Config(
             path=self.path,
             interface=interface,
@@ -251,6 +257,7 @@ class _Loader:
             relay=relay,
             ssh=ssh,
             names=names,
+            service=service,
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
@@ -414,6 +421,14 @@ class _Loader:
         hosts_file = self.path_value(table, "names", "hosts_file", DEFAULT_HOSTS_FILE)
         assert hosts_file is not None
         return NamesConfig(enabled=enabled, hosts_file=hosts_file, short_names=short_names)
+
+    def service(self, table: Mapping[str, object]) -> ServiceConfig:
+        """[service]: the user to run as after start-up (docs/privilege.md)."""
+        self.check_keys(table, "[service]", ("user",))
+        user = self.string(table, "service", "user", '"tunneld"')
+        if user is not None and _USER_NAME.match(user) is None:
+            self.fail("service.user", f"{show(user)} is not a user name", 'write user = "tunneld", or "root"')
+        return ServiceConfig(user or ServiceConfig.user)
 
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""

@@ -167,6 +167,17 @@ class NamesConfig:
     short_names: bool = True
 
 
+DEFAULT_SERVICE_USER: Final = "tunneld"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """[service]: the user ``tunneld up`` runs as once its devices and sockets are open (docs/privilege.md);
+    ``"root"`` keeps root."""
+
+    user: str = DEFAULT_SERVICE_USER
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
@@ -185,6 +196,7 @@ class Config:
     nat: NatConfig = field(default_factory=NatConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     names: NamesConfig = field(default_factory=NamesConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

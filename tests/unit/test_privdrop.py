@@ -1,0 +1,174 @@
+"""tunneld.privdrop: parsing and refusals without root; the real drop in a forked child as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunneld import privdrop
+from tunneld.privdrop import CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, PrivilegeError
+
+STATUS = """Name:\tpython3
+Uid:\t999\t999\t999\t999
+CapEff:\t0000000000001000
+NoNewPrivs:\t1
+"""
+
+
+def test_parse_status_fields() -> None:
+    fields = privdrop.parse_status(STATUS)
+    assert fields["Uid"] == "999\t999\t999\t999" and fields["CapEff"] == "0000000000001000"
+    assert fields["NoNewPrivs"] == "1" and "Nonsense" not in fields
+
+
+def test_cap_names() -> None:
+    assert privdrop.cap_names(1 << CAP_NET_ADMIN) == "CAP_NET_ADMIN"
+    assert privdrop.cap_names(1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE) == \
+        "CAP_NET_BIND_SERVICE CAP_NET_ADMIN"
+    assert privdrop.cap_names(1 << 33) == "CAP_33" and privdrop.cap_names(0) == "no capability"
+
+
+def test_unprivileged_port_start(tmp_path: Path) -> None:
+    f = tmp_path / "start"
+    f.write_text("80\n")
+    assert privdrop.unprivileged_port_start(f) == 80
+    assert privdrop.unprivileged_port_start(tmp_path / "missing") == 1024
+    f.write_text("x")
+    assert privdrop.unprivileged_port_start(f) == 1024
+
+
+def test_missing_user_names_the_fix() -> None:
+    with pytest.raises(PrivilegeError) as e:
+        privdrop.lookup("no-such-user-x")
+    assert "useradd --system" in str(e.value) and '[service] user = "root"' in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_refuses_with_a_second_thread_and_changes_nothing() -> None:
+    before = privdrop.capabilities(), os.getresuid()
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with pytest.raises(PrivilegeError, match="2 threads"):
+            privdrop.drop_to(None, [CAP_NET_ADMIN])
+    finally:
+        stop.set()
+        t.join()
+    assert (privdrop.capabilities(), os.getresuid()) == before
+
+
+def _in_child(body: Callable[[], Any]) -> Any:
+    """Run body in a forked child (a drop cannot be undone); its JSON result or its error text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            try:
+                out: Any = {"ok": body()}
+            except Exception as e:
+                out = {"error": f"{type(e).__name__}: {e}"}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _me() -> dict[str, Any]:
+    st = privdrop.parse_status(Path("/proc/self/status").read_text())
+    return {"uid": st["Uid"].split(), "gid": st["Gid"].split(), "groups": st["Groups"],
+            "eff": int(st["CapEff"], 16), "prm": int(st["CapPrm"], 16), "inh": int(st["CapInh"], 16),
+            "amb": int(st["CapAmb"], 16), "bnd": int(st["CapBnd"], 16), "nnp": st["NoNewPrivs"]}
+
+
+def _account() -> privdrop.Account:
+    try:
+        return privdrop.lookup("tunneld")
+    except PrivilegeError:
+        pytest.skip("no tunneld user (tools/install.sh creates it)")
+
+
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@root
+def test_drop_to_the_user_keeps_exactly_net_admin() -> None:
+    acct = _account()
+
+    def body() -> dict[str, Any]:
+        privdrop.drop_to(acct, [CAP_NET_ADMIN])
+        return _me()
+
+    got = _in_child(body)["ok"]
+    assert got["uid"] == [str(acct.uid)] * 4 and got["gid"] == [str(acct.gid)] * 4 and got["groups"] == ""
+    assert got["eff"] == got["prm"] == 1 << CAP_NET_ADMIN
+    assert got["inh"] == got["amb"] == 0 and got["nnp"] == "1"
+    assert got["bnd"] == 1 << CAP_NET_ADMIN  # root here has CAP_SETPCAP: the bounding set is cut too
+
+
+@root
+def test_drop_keeps_net_bind_service_when_asked_and_then_cannot_regain() -> None:
+    acct = _account()
+
+    def body() -> dict[str, Any]:
+        privdrop.drop_to(acct, [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
+        first = _me()
+        try:
+            privdrop.drop_to(None, [CAP_NET_ADMIN, 0])  # CAP_CHOWN is gone for good
+        except PrivilegeError as e:
+            first["again"] = str(e)
+        privdrop.drop_to(None, [])  # non-root: only the capabilities are reduced
+        first["last"] = _me()
+        return first
+
+    got = _in_child(body)["ok"]
+    assert got["eff"] == 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE
+    assert "cannot keep CAP_0" in got["again"]
+    assert got["last"]["eff"] == got["last"]["prm"] == 0 and got["last"]["uid"] == [str(acct.uid)] * 4
+
+
+@root
+def test_drop_capabilities_keeps_uid_0_with_nothing() -> None:
+    def body() -> dict[str, Any]:
+        privdrop.drop_capabilities()
+        me = _me()
+        try:
+            os.setuid(1)
+        except PermissionError:
+            me["setuid"] = "refused"
+        return me
+
+    got = _in_child(body)["ok"]
+    assert got["uid"] == ["0"] * 4 and got["eff"] == got["prm"] == got["bnd"] == 0
+    assert got["nnp"] == "1" and got["setuid"] == "refused"
+
+
+@root
+def test_without_setpcap_the_bounding_set_is_left_and_the_drop_still_holds() -> None:
+    """As under the systemd unit: bounding set CAP_NET_ADMIN CAP_SETUID CAP_SETGID, no CAP_SETPCAP."""
+    acct = _account()
+    unit = {CAP_NET_ADMIN, privdrop.CAP_SETUID, privdrop.CAP_SETGID}
+
+    def body() -> dict[str, Any]:
+        for cap in range(privdrop._last_cap() + 1):
+            if cap not in unit:
+                privdrop._prctl(privdrop.PR_CAPBSET_DROP, cap)
+        mask = sum(1 << c for c in unit)
+        privdrop._capset(mask, mask)
+        privdrop.drop_to(acct, [CAP_NET_ADMIN])
+        return _me()
+
+    got = _in_child(body)["ok"]
+    assert got["eff"] == got["prm"] == 1 << CAP_NET_ADMIN and got["nnp"] == "1"
+    assert got["bnd"] == sum(1 << c for c in unit) and got["uid"] == [str(acct.uid)] * 4
