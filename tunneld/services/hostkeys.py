@@ -3,7 +3,8 @@
 :func:`load_host_keys` reads this machine's OpenSSH public host keys (``[ssh] host_keys``, a glob) at start.
 :class:`KnownHostsService` keeps one marked block in ``[ssh] known_hosts`` with every learned peer's
 verified keys (``NAME.DOMAIN,NAME,ULA ALGORITHM BASE64``), rewritten when a peer comes, changes its key or
-goes, and removed when the service is cancelled (clean shutdown). docs/names.md, "SSH host keys".
+goes, and removed when the service is cancelled (clean shutdown); through the names writer
+(tunneld.blockwriter) when the daemon runs unprivileged. docs/names.md, "SSH host keys".
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,11 @@ def load_host_keys(pattern: str | None) -> list[hostkeys.HostKey]:
 class KnownHostsService:
     """The peers' host keys in a marked block of ``path``, for the account ``domain``."""
 
-    def __init__(self, path: Path, domain: str) -> None:
+    def __init__(self, path: Path, domain: str,
+                 write: Callable[[Path, str, Sequence[str]], bool] = marked_block.write_block) -> None:
         self.path = path
         self.domain = domain
+        self._write_block = write  # the names writer's, once the daemon runs unprivileged
         self._lines: dict[str, list[str]] = {}  # by lower-case peer name
         self._keys: dict[str, tuple[hostkeys.HostKey, ...]] = {}  # the same peers' keys
         self.writes = 0
@@ -83,7 +87,7 @@ class KnownHostsService:
 
     def _write(self) -> None:
         try:
-            if marked_block.write_block(self.path, self.domain, self.lines()):
+            if self._write_block(self.path, self.domain, self.lines()):
                 self.writes += 1
                 log.info("known hosts %s: %d keys of %d peers", self.path, len(self.lines()),
                          len(self._lines))

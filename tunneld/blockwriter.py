@@ -1,0 +1,226 @@
+"""The names writer: a small process that keeps uid 0 to write the hosts and known-hosts blocks for a daemon
+that no longer can.
+
+`tunneld up` forks it before dropping to the ``tunneld`` user. It keeps root's uid (the files are root's,
+mode 0644: it writes them as their owner) but no capability at all, sets no-new-privs, closes every other
+file descriptor and serves one socketpair: a request names which file (``hosts`` or ``known_hosts``, whose
+paths were fixed at fork time from the config: the daemon can never name another path), the account's
+domain and the block's lines; every line is checked again here and written with
+:func:`tunneld.marked_block.write_block`. It exits when the daemon's end closes. docs/privilege.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from tunneld import marked_block, privdrop
+
+__all__ = ["HOSTS", "KNOWN_HOSTS", "BlockWriter", "check_line", "serve"]
+
+log = logging.getLogger("tunneld.writer")
+
+HOSTS: Final = "hosts"
+KNOWN_HOSTS: Final = "known_hosts"
+MAX_REQUEST: Final = 1 << 20
+"""Bytes of one request: an account's block is a few kilobytes."""
+MAX_LINES: Final = 4096
+"""Lines of one block: far more devices and keys than an account has."""
+REPLY_TIMEOUT: Final = 10.0
+"""Seconds the daemon waits for a write to be done (a file on a slow disk, fsync included)."""
+_LEN: Final = struct.Struct("!I")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_KEY_TYPE = re.compile(r"[a-z0-9][a-z0-9@.-]{0,63}\Z")
+_MAX_KEY: Final = 16 * 1024  # base64 characters of one public key (an RSA 16384-bit key is ~2.8 KB)
+
+Writer = Callable[[Path, str, Sequence[str]], bool]
+
+
+def _check_host_name(name: str) -> None:
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{name!r} is not a host name")
+
+
+def _check_name_or_address(name: str) -> None:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        _check_host_name(name)
+
+
+def check_line(kind: str, line: object) -> str:
+    """``line`` if it is a well-formed line of a ``kind`` block, else ValueError: ``ADDR NAME...`` for
+    hosts, ``NAMES KEYTYPE BASE64`` (NAMES comma-separated names or addresses) for known_hosts."""
+    if not isinstance(line, str) or len(line) > _MAX_KEY + 1024:
+        raise ValueError("a line must be a string of bounded length")
+    fields = line.split(" ")
+    if kind == HOSTS:
+        if len(fields) < 2:
+            raise ValueError(f"hosts line {line!r} is not ADDRESS NAME...")
+        ipaddress.ip_address(fields[0])
+        for name in fields[1:]:
+            _check_host_name(name)
+    elif kind == KNOWN_HOSTS:
+        if len(fields) != 3:
+            raise ValueError(f"known-hosts line {line!r} is not NAMES KEYTYPE BASE64")
+        for name in fields[0].split(","):
+            _check_name_or_address(name)
+        if not _KEY_TYPE.match(fields[1]) or not 0 < len(fields[2]) <= _MAX_KEY:
+            raise ValueError(f"known-hosts line {line!r} has a bad key type or key")
+        try:
+            base64.b64decode(fields[2], validate=True)
+        except binascii.Error:
+            raise ValueError(f"known-hosts line {line!r}: the key is not base64") from None
+    else:
+        raise ValueError(f"unknown file {kind!r}")
+    return line
+
+
+def _frame(obj: Mapping[str, Any]) -> bytes:
+    data = json.dumps(obj).encode()
+    return _LEN.pack(len(data)) + data
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    """One JSON value, length-prefixed and bounded; None at the end; ValueError if malformed."""
+    head = _read_exactly(sock, _LEN.size)
+    if head is None:
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > MAX_REQUEST:
+        raise ValueError(f"a message larger than {MAX_REQUEST} bytes")
+    data = _read_exactly(sock, size)
+    if data is None:
+        return None
+    return json.loads(data)
+
+
+def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_block.write_block
+           ) -> dict[str, Any]:
+    """The reply to one request: ``{"ok": true, "changed": bool}`` or ``{"error": ...}``."""
+    try:
+        if not isinstance(request, dict):
+            raise ValueError("a request is a JSON object")
+        kind, domain, lines = request.get("file"), request.get("domain"), request.get("lines")
+        if not isinstance(kind, str) or kind not in paths:
+            raise ValueError(f"no such file {kind!r}: the writer has {sorted(paths)}")
+        if not isinstance(domain, str) or not isinstance(lines, list) or len(lines) > MAX_LINES:
+            raise ValueError(f"a request names a domain and at most {MAX_LINES} lines")
+        checked = [check_line(kind, line) for line in lines]
+        return {"ok": True, "changed": write(paths[kind], domain, checked)}
+    except (OSError, ValueError) as e:
+        return {"error": str(e)[:500]}
+
+
+def serve(sock: socket.socket, paths: Mapping[str, Path], write: Writer = marked_block.write_block) -> None:
+    """Answer requests on ``sock`` until its other end closes (or sends something unreadable)."""
+    while True:
+        try:
+            request = _read_frame(sock)
+        except (OSError, ValueError) as e:
+            log.warning("names writer: %s; stopping", e)
+            return
+        if request is None:
+            return
+        sock.sendall(_frame(handle(request, paths, write)))
+
+
+class BlockWriter:
+    """The daemon's end of the names writer."""
+
+    def __init__(self, sock: socket.socket, pid: int, paths: Mapping[str, Path]) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.paths = dict(paths)
+
+    @classmethod
+    def start(cls, paths: Mapping[str, Path]) -> BlockWriter:
+        """Fork the writer for these files. Call it while the process has one thread (a fork copies only
+        the calling thread) and before opening anything the writer must not hold."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the writer process (its behaviour is tested through the pair)
+            code = 1
+            try:
+                parent.close()
+                _become_writer(child)
+                serve(child, paths)
+                code = 0
+            except BaseException as e:
+                with contextlib.suppress(BaseException):
+                    log.error("names writer failed: %s", e)
+            finally:
+                os._exit(code)
+        child.close()
+        parent.settimeout(REPLY_TIMEOUT)
+        return cls(parent, pid, paths)
+
+    def write(self, kind: str, domain: str, lines: Sequence[str]) -> bool:
+        """Have the block of ``domain`` in the ``kind`` file hold ``lines``; False if nothing changed.
+        OSError if the writer is gone or slow, ValueError with its reason if it refused or failed."""
+        self._sock.sendall(_frame({"file": kind, "domain": domain, "lines": list(lines)}))
+        try:
+            reply = _read_frame(self._sock)
+        except ValueError as e:
+            raise OSError(f"the names writer answered nonsense: {e}") from None
+        if not isinstance(reply, dict):
+            raise OSError("the names writer is gone")
+        if "error" in reply:
+            raise ValueError(str(reply["error"]))
+        return bool(reply.get("changed"))
+
+    def writer(self, kind: str) -> Writer:
+        """A :data:`Writer` for the services: the path they pass must be the one the writer holds."""
+        def write(path: Path, domain: str, lines: Sequence[str]) -> bool:
+            if Path(path) != self.paths.get(kind):
+                raise ValueError(f"the names writer writes {self.paths.get(kind)}, not {path}")
+            return self.write(kind, domain, lines)
+        return write
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close our end (the writer exits) and reap it."""
+        self._sock.close()
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            exited = select.select([pidfd], [], [], timeout)[0]
+        finally:
+            os.close(pidfd)
+        if not exited:
+            log.warning("names writer %d did not exit; killing it", self.pid)
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+def _become_writer(sock: socket.socket) -> None:
+    """In the forked child: ignore the terminal's and the service manager's signals (the daemon's end
+    closing is the signal to stop, after its last write), close every other descriptor, drop every
+    capability."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    privdrop.drop_capabilities()
