@@ -327,6 +327,10 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None
     path = _control_path(args)
     try:
         return request(path, req)
+    except PermissionError:
+        print(_one_line(f"tunneld: permission denied on {path}: run as root or join the group tunneld "
+                        f"(`usermod -aG tunneld USER`)"), file=sys.stderr)
+        return None
     except (OSError, ValueError) as e:
         print(_one_line(f"tunneld: cannot reach the daemon at {path}: {getattr(e, 'strerror', None) or e}; "
                         f"is `tunneld up` running with this config?"), file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The control socket: JSON lines over a Unix socket (mode 0600) for `tunneld status` and `rebind`.
+"""The control socket: JSON lines over a Unix socket for `tunneld status` and `rebind`.
 
 A request is one JSON object on one line, e.g. {"cmd": "status"}; the answer is one JSON line. The socket
 survives any input: a request is bounded (MAX_REQUEST bytes, MAX_DEPTH nesting, checked before json.loads
@@ -7,6 +7,10 @@ blocks nobody, and whatever goes wrong -- a bad request, an exception in the han
 {"error": ...}. The path is locked (flock on ``<path>.lock``) for the daemon's life: a second daemon with
 the same path refuses to start instead of taking the socket over, and a daemon only ever unlinks the
 socket it bound itself.
+
+Access: mode 0600, or 0660 with the daemon's group (``tunneld``) once it runs unprivileged. Each client is
+known by SO_PEERCRED: root and the daemon's own user may do everything, anyone else who could connect (the
+group) only the READ_ONLY commands (docs/privilege.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import re
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from itertools import accumulate
 from pathlib import Path
@@ -41,6 +46,9 @@ MAX_CLIENTS = 64
 """Connections served at once; more are closed at once (each lives at most the timeouts above)."""
 CONNECT_TIMEOUT = 1.0
 """Seconds to find out whether an existing socket file has a live listener."""
+
+READ_ONLY: frozenset[str] = frozenset({"status", "hosts"})
+"""What a client other than root and the daemon's own user may ask: these only read."""
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -96,16 +104,19 @@ def _line(reply: dict[str, Any]) -> bytes:
     return (json.dumps(reply) + "\n").encode()  # NaN and Infinity as Python's json reads them
 
 
-async def answer(data: bytes, handler: Handler) -> bytes:
+async def answer(data: bytes, handler: Handler, *, privileged: bool = True) -> bytes:
     """The answer line for the request in ``data``. Never raises (but for cancellation): a bad request
     and a failing handler are answered with {"error": ...}, and the failure is logged without the
-    request's contents."""
+    request's contents. A client that is not ``privileged`` gets only the READ_ONLY commands."""
     try:
         req = parse_request(data)
     except BadRequest as e:
         return _line({"error": f"bad request: {e}"})
     cmd = req.get("cmd")
     what = cmd if isinstance(cmd, str) and cmd.isidentifier() and len(cmd) <= 20 else "?"
+    if not privileged and cmd not in READ_ONLY:
+        return _line({"error": f"{what} needs root (other users may only use "
+                               f"{', '.join(sorted(READ_ONLY))})"})
     try:
         reply = await handler(req)
         return _line(reply)
@@ -184,8 +195,10 @@ class Listener:
         self.clients = 0
 
     @classmethod
-    def open(cls, path: Path) -> Listener:
-        """Lock ``path``, clear a stale socket, bind (mode 0600) and listen; ControlError otherwise."""
+    def open(cls, path: Path, group: int | None = None) -> Listener:
+        """Lock ``path``, clear a stale socket, bind and listen; ControlError otherwise. The socket is mode
+        0600, or 0660 owned by ``group`` if given (made by binding with that effective gid: no CAP_CHOWN
+        needed)."""
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -197,10 +210,15 @@ class Listener:
             _clear_stale(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                old_umask = os.umask(0o177)  # the socket is created 0600: status shows endpoints, counters
+                # 0600 (status shows endpoints, counters), or 0660 for the group that may read them.
+                old_umask, old_egid = os.umask(0o177 if group is None else 0o117), os.getegid()
                 try:
+                    if group is not None and group != old_egid:
+                        os.setegid(group)
                     sock.bind(str(path))
                 finally:
+                    if os.getegid() != old_egid:
+                        os.setegid(old_egid)
                     os.umask(old_umask)
                 sock.listen(16)
                 sock.setblocking(False)
@@ -232,7 +250,7 @@ class Listener:
                 data = await _read_request(conn, read_timeout)
                 if data is None:
                     return  # stalled or gone: cut off
-                reply = await answer(data, handler)
+                reply = await answer(data, handler, privileged=peer_privileged(conn))
                 with trio.move_on_after(WRITE_TIMEOUT):
                     while reply:
                         sent = await conn.send(reply)
@@ -253,6 +271,19 @@ class Listener:
         finally:
             self._sock.close()
             os.close(self._lock_fd)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7), SO_PEERCRED)
+
+
+def peer_privileged(conn: trio.socket.SocketType | socket.socket) -> bool:
+    """Whether the client on ``conn`` is root or the daemon's own user (SO_PEERCRED, taken by the kernel
+    when it connected)."""
+    try:
+        _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return False
+    return uid in (0, os.geteuid())
 
 
 async def _read_request(conn: trio.socket.SocketType, timeout: float) -> bytes | None:
