@@ -157,8 +157,9 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import trio
 
-    from tunneld.daemon import Daemon, keylog_path, run_until_signalled
+    from tunneld.daemon import Daemon, keylog_path, prepare_privileges, run_until_signalled
     from tunneld.keylog import KeyLog, KeyLogError
+    from tunneld.privdrop import PrivilegeError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
@@ -172,19 +173,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyLogError as e:
         raise UsageError(f"{e} (--keylog or TUNNELD_KEYLOG)") from None
     try:
-        trio.run(run_until_signalled, Daemon(config, ident, keylog))
+        plan, writer = prepare_privileges(config)
+    except PrivilegeError as e:
+        raise UsageError(str(e)) from None
+    try:
+        trio.run(run_until_signalled, Daemon(config, ident, keylog, privileges=plan, writer=writer))
     except BaseException as e:  # start-up failures arrive wrapped in exception groups
         cause = _startup_failure(e)
         if cause is None:
             raise
         print(f"tunneld: {_one_line(cause)}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        if writer is not None:
+            writer.close()
     return EXIT_OK
 
 
 def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
+    from tunneld.privdrop import PrivilegeError
     from tunneld.services.control import ControlError
 
     if isinstance(e, BaseExceptionGroup):
@@ -195,6 +204,8 @@ def _startup_failure(e: BaseException) -> str | None:
         return None
     if isinstance(e, TunError | ControlError):
         return str(e)
+    if isinstance(e, PrivilegeError):
+        return f"cannot drop privileges: {e}"
     if isinstance(e, OSError):
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
                 f"or is the port in use? (set [interface] listen_port)")
@@ -213,10 +224,12 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     import trio
 
     from tunneld.config import load_account_secret, parse_endpoint
+    from tunneld.dnsserver import unprivileged
     from tunneld.dnsserver.core import DnsCore, Policy, account_key
     from tunneld.dnsserver.llq import LLQServer
     from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
     from tunneld.dnsserver.store import NotWritable, ZoneStore
+    from tunneld.privdrop import PrivilegeError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="tunneld: %(levelname)s: %(message)s")
@@ -256,7 +269,12 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
+    try:
+        account = unprivileged.account_for(args.user)
+    except PrivilegeError as e:
+        raise UsageError(str(e)) from None
     db = Path(args.db)
+    created = not db.absolute().parent.exists()
     try:
         if db.parent != Path(""):
             db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -272,6 +290,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                          f"check the path and its permissions") from None
     try:  # found now, not at the first update
         store.check_writable()
+        if created:
+            unprivileged.hand_over(account, db.absolute())
     except NotWritable as e:
         store.close()
         raise UsageError(f"cannot write the zone database --db {db}: {e}") from None
@@ -283,8 +303,9 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core), rrl=rrl,
-                                                      stun_ports=stun_ports))
+                                                      llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
+                                                      after_bind=functools.partial(
+                                                          unprivileged.drop, account, args.user, store, db)))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -294,6 +315,10 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseException as e:  # bind failures arrive wrapped in exception groups
+        dropped = _first_oserror(e, (PrivilegeError, unprivileged.DatabaseNotWritable))
+        if dropped is not None:
+            print(f"tunneld: {_one_line(dropped)}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(dropped, unprivileged.DatabaseNotWritable) else EXIT_FAILURE
         err = _first_oserror(e)
         if err is None:
             raise
@@ -305,14 +330,15 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _first_oserror(e: BaseException) -> OSError | None:
+def _first_oserror(e: BaseException, kinds: tuple[type[Exception], ...] = (OSError,)) -> Any:
+    """The first exception of ``kinds`` (OSError by default) in ``e`` or the groups it is wrapped in."""
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
-            found = _first_oserror(sub)
+            found = _first_oserror(sub, kinds)
             if found is not None:
                 return found
         return None
-    return e if isinstance(e, OSError) else None
+    return e if isinstance(e, kinds) else None
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -507,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
                            help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
                                 "does): a second port lets devices tell how their NAT maps")
+    serve_dns.add_argument("--user", default="tunneld",
+                           help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p

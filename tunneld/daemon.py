@@ -1,7 +1,9 @@
 """The daemon: the root nursery around a TunnelCore, its TUN and UDP socket, and the services.
 
 The packet loops are `tunneld.dataplane`'s; this module opens the devices, wires the services (port
-mapping, publishing, discovery, control) and reports status. Everything runs in one trio thread.
+mapping, publishing, discovery, control) and reports status. Everything runs in one trio thread. Start-up
+order: control socket, UDP socket, TUN with its address and route, then the drop to the unprivileged user
+(tunneld.privdrop, before anything can start a thread), then the services (docs/privilege.md).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from typing import Any
 
 import trio
 
+from tunneld import privdrop
+from tunneld.blockwriter import HOSTS, KNOWN_HOSTS, BlockWriter
 from tunneld.config import Config
 from tunneld.crypto.esp import SecurityAssociation
 from tunneld.dataplane import Dataplane
 from tunneld.identity import DeviceIdentity
 from tunneld.keylog import KeyLog
+from tunneld.marked_block import write_block
 from tunneld.net import netwatch
 from tunneld.net.netwatch import read_snapshot
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
+from tunneld.privdrop import Plan
 from tunneld.proto.netchange import NetWatch, NetworkChanged
 from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
@@ -60,8 +66,13 @@ def keep_freed_memory() -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config, identity: DeviceIdentity, keylog: KeyLog | None = None) -> None:
+    def __init__(self, config: Config, identity: DeviceIdentity, keylog: KeyLog | None = None, *,
+                 privileges: Plan | None = None, writer: BlockWriter | None = None) -> None:
+        """``privileges``: the drop once the TUN and sockets are open (None: none); ``writer``: the names
+        writer the hosts and known-hosts blocks go through (None: written by this process)."""
         self.config = config
+        self.privileges = privileges
+        self.writer = writer
         self.identity = identity
         self.keylog = keylog
         self.ula = identity.ula(config.account.domain)
@@ -73,7 +84,8 @@ class Daemon:
         self.static_peers = frozenset(pc.public_key for pc in config.peers)  # never forgotten by DNS
         me = [(identity.public_key, config.account.name, self.ula)] if config.account.name else []
         self.names = NamesService(config.names, config.account.domain,
-                                  [*me, *((pc.public_key, pc.name, pc.ula) for pc in config.peers)])
+                                  [*me, *((pc.public_key, pc.name, pc.ula) for pc in config.peers)],
+                                  write=writer.writer(HOSTS) if writer else write_block)
         self.watcher: WatcherService | None = None
         self.host_keys = load_host_keys(config.ssh.host_keys)  # ours, published as SSHFP + TXT
         self.known_hosts: KnownHostsService | None = None  # the peers', with the watcher
@@ -99,7 +111,8 @@ class Daemon:
         # The control socket's lock first: a second daemon with the same path stops before touching
         # any port or device.
         try:
-            listener = control.Listener.open(iface.control_socket)
+            account = self.privileges.account if self.privileges else None
+            listener = control.Listener.open(iface.control_socket, group=account.gid if account else None)
             try:
                 await self._run(listener, task_status)
             finally:
@@ -115,6 +128,8 @@ class Daemon:
             self.tun = Tun(iface.name, iface.mtu, self.core.layout, offload=iface.offload)
             try:
                 self.tun.configure(self.ula, self.config.prefix)
+                if self.privileges is not None:  # everything that needs root is open: drop it
+                    log.info("%s", self.privileges.apply())
                 self.dataplane = Dataplane(self.core, self.tun, self.udp)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.dataplane.run)
@@ -283,7 +298,8 @@ class Daemon:
         server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE,
                                    self.config.tsig_key, acct.tsig_algorithm)
         if self.config.ssh.known_hosts is not None:
-            self.known_hosts = KnownHostsService(self.config.ssh.known_hosts, acct.domain)
+            write = self.writer.writer(KNOWN_HOSTS) if self.writer else write_block
+            self.known_hosts = KnownHostsService(self.config.ssh.known_hosts, acct.domain, write)
             await self._nursery.start(self.known_hosts.run)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
                                       self._on_watch_event, host_keys=self.known_hosts is not None)
@@ -438,6 +454,21 @@ async def run_until_signalled(daemon: Daemon) -> None:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def prepare_privileges(config: Config) -> tuple[Plan | None, BlockWriter | None]:
+    """The drop `up` does once its devices are open, and the names writer it forks first (now, while the
+    process has one thread) if it will write the hosts or known-hosts block. PrivilegeError if the user is
+    missing (docs/privilege.md)."""
+    plan = privdrop.plan(config.service.user, config.interface.listen_port)
+    if plan is None:
+        log.warning('[service] user = "root": the daemon keeps root for its whole life')
+    paths = {HOSTS: config.names.hosts_file} if config.names.enabled else {}
+    if config.ssh.known_hosts is not None:
+        paths[KNOWN_HOSTS] = config.ssh.known_hosts
+    if plan is None or plan.account is None or not paths:
+        return plan, None
+    return plan, BlockWriter.start(paths)
 
 
 def keylog_path(cli_value: str | None) -> Path | None:

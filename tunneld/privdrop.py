@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-__all__ = ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "Account", "PrivilegeError", "cap_names",
-           "capabilities", "drop_capabilities", "drop_to", "group_id", "lookup", "parse_status",
+__all__ = ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "Account", "Plan", "PrivilegeError", "cap_names",
+           "capabilities", "drop_capabilities", "drop_to", "group_id", "lookup", "parse_status", "plan",
            "thread_count", "unprivileged_port_start"]
 
 # linux/capability.h
@@ -235,3 +235,36 @@ def drop_to(account: Account | None, keep: Iterable[int]) -> None:
 def drop_capabilities() -> None:
     """Keep our user (root, for the names writer) but no capability at all, with no-new-privs."""
     drop_to(None, ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `tunneld up` becomes once its devices and sockets are open: ``account`` (None: stay who we
+    are) with the capabilities ``keep``."""
+
+    account: Account | None
+    keep: frozenset[int]
+
+    def describe(self) -> str:
+        who = f"user {self.account.name}" if self.account else f"uid {os.geteuid()}"
+        return f"running as {who} with {cap_names(_mask(self.keep))}"
+
+    def apply(self) -> str:
+        """Drop (PrivilegeError if it fails) and say what we run as, for the log."""
+        drop_to(self.account, self.keep)
+        return self.describe()
+
+
+def plan(user: str, listen_port: int, port_start: int | None = None) -> Plan | None:
+    """The drop for ``[service] user`` and ``[interface] listen_port``: None for "root" (no drop at all);
+    CAP_NET_ADMIN always (routes, netlink, the TUN, socket buffers), CAP_NET_BIND_SERVICE too when the port
+    is a privileged one (a rebind binds it again). Started non-root, the user stays and only what the
+    process has is kept. PrivilegeError (naming the fix) if the user does not exist."""
+    if user == "root":
+        return None
+    start = unprivileged_port_start() if port_start is None else port_start
+    keep = {CAP_NET_ADMIN} | ({CAP_NET_BIND_SERVICE} if 0 < listen_port < start else set())
+    if os.geteuid() != 0:
+        permitted = capabilities()[1]
+        return Plan(None, frozenset(c for c in keep if permitted >> c & 1))
+    return Plan(lookup(user), frozenset(keep))

@@ -172,3 +172,31 @@ def test_without_setpcap_the_bounding_set_is_left_and_the_drop_still_holds() -> 
     got = _in_child(body)["ok"]
     assert got["eff"] == got["prm"] == 1 << CAP_NET_ADMIN and got["nnp"] == "1"
     assert got["bnd"] == sum(1 << c for c in unit) and got["uid"] == [str(acct.uid)] * 4
+
+
+def test_plan_keeps_net_admin_and_bind_service_only_for_a_low_port() -> None:
+    assert privdrop.plan("root", 53) is None
+    if os.geteuid() != 0:
+        pytest.skip("as root only: a non-root start keeps its own user")
+    acct = _account()
+    assert privdrop.plan("tunneld", 4500, port_start=1024) == privdrop.Plan(acct, frozenset({CAP_NET_ADMIN}))
+    assert privdrop.plan("tunneld", 0, port_start=1024) == privdrop.Plan(acct, frozenset({CAP_NET_ADMIN}))
+    low = privdrop.plan("tunneld", 500, port_start=1024)
+    assert low is not None and low.keep == {CAP_NET_ADMIN, CAP_NET_BIND_SERVICE}
+    assert low.describe() == "running as user tunneld with CAP_NET_BIND_SERVICE CAP_NET_ADMIN"
+    with pytest.raises(PrivilegeError, match="useradd"):
+        privdrop.plan("no-such-user-x", 4500)
+
+
+@root
+def test_plan_started_non_root_keeps_the_user_and_what_it_has() -> None:
+    acct = _account()
+
+    def body() -> list[Any]:
+        privdrop.drop_to(acct, [CAP_NET_ADMIN])
+        p = privdrop.plan("tunneld", 80, port_start=1024)
+        assert p is not None
+        return [p.account, sorted(p.keep), p.apply()]
+
+    got = _in_child(body)["ok"]
+    assert got == [None, [CAP_NET_ADMIN], f"running as uid {acct.uid} with CAP_NET_ADMIN"]

@@ -27,7 +27,7 @@ import errno
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import dns.message
@@ -231,12 +231,14 @@ async def serve(
     tcp: TcpLimits | None = None,
     rrl: RrlLimits | None = None,
     stun_ports: Sequence[int] = (),
+    after_bind: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
     is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
     :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``.
-    OSError if a socket cannot be bound."""
+    OSError if a socket cannot be bound. ``after_bind`` runs once every socket is bound, before the first
+    request is read (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
     try:
         for p, kind in ((port, trio.socket.SOCK_DGRAM), (port, trio.socket.SOCK_STREAM),
@@ -251,6 +253,13 @@ async def serve(
         for sock in socks:
             sock.close()
         raise
+    if after_bind is not None:
+        try:
+            after_bind()
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
     udp, tcp_sock, stun_socks = socks[0], socks[1], socks[2:]
     server = _Server(core, llq, tcp, rrl)
     server.udp = udp
