@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tunneld import __version__
-from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, load_control_socket
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
@@ -344,7 +344,7 @@ def _first_oserror(e: BaseException, kinds: tuple[type[Exception], ...] = (OSErr
 def _control_path(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return _path(args.socket, "--socket")
-    return _config(args).interface.control_socket
+    return load_control_socket(Path(args.config))  # not the secret: the group may ask, not read it
 
 
 def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None:

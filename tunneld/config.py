@@ -126,6 +126,7 @@ __all__ = [
     "StunServer",
     "load_account_secret",
     "load_config",
+    "load_control_socket",
     "parse_endpoint",
 ]
 
@@ -136,7 +137,6 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh",
                       "service")
 _NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
-_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")  # useradd's default NAME_REGEX
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
 _MAX_STUN_SERVERS: Final = 8
@@ -154,6 +154,12 @@ _Out = TypeVar("_Out")
 def load_config(path: Path) -> Config:
     """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong."""
     return _Loader(Path(path)).load()
+
+
+def load_control_socket(path: Path) -> Path:
+    """[interface] control_socket in ``path``, read without the secret: `tunneld status` need not read it."""
+    loader = _Loader(Path(path))
+    return loader.interface(loader.table(loader.read(), "interface", required=False)).control_socket
 
 
 def load_account_secret(path: Path) -> bytes:
@@ -426,7 +432,7 @@ class _Loader:
         """[service]: the user to run as after start-up (docs/privilege.md)."""
         self.check_keys(table, "[service]", ("user",))
         user = self.string(table, "service", "user", '"tunneld"')
-        if user is not None and _USER_NAME.match(user) is None:
+        if user is not None and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) is None:  # useradd's NAME_REGEX
             self.fail("service.user", f"{show(user)} is not a user name", 'write user = "tunneld", or "root"')
         return ServiceConfig(user or ServiceConfig.user)
 

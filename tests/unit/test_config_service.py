@@ -57,3 +57,18 @@ def test_bad_service_values_are_one_line(tmp_path: Path, account: str, table: st
 def test_service_as_a_value_is_refused(tmp_path: Path, account: str) -> None:
     with pytest.raises(ConfigError):
         _load(tmp_path, 'service = "root"\n' + account)
+
+
+def test_the_control_socket_is_read_without_the_secret(tmp_path: Path) -> None:
+    """What `tunneld status` reads as a member of the daemon's group, who cannot read the secret."""
+    from tunneld.config import load_control_socket
+
+    config = tmp_path / "tunneld.toml"
+    config.write_text(f'[interface]\ncontrol_socket = "{tmp_path}/c.sock"\n\n[account]\n'
+                      f'domain = "home.example.net"\nsecret_file = "{tmp_path}/missing-secret"\n')
+    assert load_control_socket(config) == tmp_path / "c.sock"
+    with pytest.raises(ConfigError, match="secret"):
+        load_toml(tmp_path, config.read_text())
+    config.write_text("[interface]\ncontrol_socket = 5\n")
+    with pytest.raises(ConfigError, match="control_socket"):
+        load_control_socket(config)
