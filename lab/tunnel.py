@@ -245,13 +245,16 @@ def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: 
 
 
 def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
-              at: tuple[str, int]) -> subprocess.Popen[Any]:
+              at: tuple[str, int], db: Path | None = None) -> subprocess.Popen[Any]:
     """`tunneld serve-dns` for the account's zone in n's namespace at `at` (log in workdir), waiting
-    until it answers an SOA query."""
+    until it answers an SOA query. Without `db` the database is workdir/dns.sqlite and the server keeps
+    root (`--user root`: the tunneld user cannot reach pytest's root-only directories); with one, it drops
+    to the tunneld user as by default."""
     log = workdir / "serve-dns.log"
+    where = ["--db", str(db)] if db is not None else ["--db", str(workdir / "dns.sqlite"), "--user", "root"]
     with log.open("ab") as out:
         proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
-                                  "--listen", f"{at[0]}:{at[1]}", "--db", str(workdir / "dns.sqlite")],
+                                  "--listen", f"{at[0]}:{at[1]}", *where],
                          stdout=out, stderr=out)
 
     def answers() -> bool:
