@@ -106,7 +106,7 @@ class Rig:
         with self.log.open("ab") as out:
             self.proc = self.lab.spawn(self.srv, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file",
                                                   str(self.secret), "--listen", f"0.0.0.0:{PORT}", "--db",
-                                                  str(self.db), "--default-lease", "7200"],
+                                                  str(self.db), "--default-lease", "7200", "--user", "root"],
                                        stdout=out, stderr=out)
         self.pids.append(self.proc.pid)
         proc = self.proc

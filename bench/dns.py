@@ -116,7 +116,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
         with slog.open("ab") as logf:
             ours = rec.spawn(lab, b, [str(tunneld), "serve-dns", "--zone", ZONE, "--secret-file", str(secret),
                                       "--listen", f"{SERVER}:{OURS_PORT}", "--db", str(work / "dns.sqlite"),
-                                      "--default-lease", "7200"], stdout=logf, stderr=logf)
+                                      "--default-lease", "7200", "--user", "root"], stdout=logf, stderr=logf)
 
         def ready() -> bool:
             if ours.poll() is not None:

@@ -64,8 +64,8 @@ def journey(tmp: Path, kind: str, relay: bool, blocked: bool = False, sshd: bool
         with log.open("ab") as out:
             server = lab.spawn(net.server, [
                 TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret), "--listen",
-                f"{DNS[0]}:{DNS[1]}", "--db", str(tmp / "dns.sqlite"), "--stun", str(STUN_PORT)],
-                stdout=out, stderr=out)
+                f"{DNS[0]}:{DNS[1]}", "--db", str(tmp / "dns.sqlite"), "--stun", str(STUN_PORT),
+                "--user", "root"], stdout=out, stderr=out)
         wait_for(lambda: server.poll() is None and f"STUN on UDP port {STUN_PORT}" in log.read_text(),
                  timeout=15, interval=0.05, what="serve-dns to listen")
         coturn = Coturn(lab, net.server, static, tmp / "coturn", listen=RELAY[0], port=RELAY[1]) if relay \

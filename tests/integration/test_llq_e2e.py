@@ -101,7 +101,8 @@ def test_an_expired_lease_is_a_removal_event(served: Served) -> None:
     with s.log.open("ab") as out:
         s.proc = s.lab.spawn(s.b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file",
                                    str(s.account.secret), "--listen", f"{SERVER}:{PORT}", "--db", str(s.db),
-                                   "--min-lease", "2", "--default-lease", "2"], stdout=out, stderr=out)
+                                   "--min-lease", "2", "--default-lease", "2", "--user", "root"],
+                             stdout=out, stderr=out)
     w = Watch(s, "phone", "AAAA")
     w.until("established", timeout=15)
     assert nsupdate(s, s.account.key, f"update add phone.{ZONE} 60 AAAA fd00::6").returncode == 0

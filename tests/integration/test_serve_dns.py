@@ -93,8 +93,8 @@ def answer(lab: Lab, h: Host, name: str, rdtype: str, key: Path) -> list[str]:
 def start_server(lab: Lab, b: Host, a: Host, account: Account, db: Path, log: Path) -> subprocess.Popen[Any]:
     with log.open("ab") as out:
         proc = lab.spawn(b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(account.secret),
-                             "--listen", LISTEN, "--db", str(db), "--default-lease", "7200"],
-                         stdout=out, stderr=out)
+                             "--listen", LISTEN, "--db", str(db), "--default-lease", "7200",
+                             "--user", "root"], stdout=out, stderr=out)
 
     def ready() -> bool:
         assert proc.poll() is None, f"serve-dns exited {proc.returncode}: {log.read_text()[-2000:]}"
@@ -308,8 +308,8 @@ def test_wildcard_listen_is_dual_stack(tmp_path: Path) -> None:
         log = tmp_path / "serve-dns.log"
         with log.open("ab") as out:
             proc = lab.spawn(b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(account.secret),
-                                 "--listen", f"[::]:{PORT}", "--db", str(tmp_path / "dns.sqlite")],
-                             stdout=out, stderr=out)
+                                 "--listen", f"[::]:{PORT}", "--db", str(tmp_path / "dns.sqlite"),
+                                 "--user", "root"], stdout=out, stderr=out)
         for addr in (b.addr4, b.addr6):
             for tcp in ([], ["+tcp"]):
                 def ready(addr: str = addr, tcp: list[str] = tcp) -> bool:

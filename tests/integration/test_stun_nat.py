@@ -55,7 +55,8 @@ def test_netcheck_tells_endpoint_independent_from_per_destination_nat(tmp_path: 
         with log.open("ab") as out:
             server = lab.spawn(h["srv"], [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(secret),
                                           "--listen", f"{SERVER}:{DNS_PORT}", "--db", str(tmp_path / "db"),
-                                          "--stun", str(STUN_PORT)], stdout=out, stderr=out)
+                                          "--stun", str(STUN_PORT), "--user", "root"],
+                               stdout=out, stderr=out)
 
         def ready() -> bool:
             assert server.poll() is None, f"serve-dns exited: {log.read_text()[-2000:]}"
