@@ -6,7 +6,8 @@ mode 0644: it writes them as their owner) but no capability at all, sets no-new-
 file descriptor and serves one socketpair: a request names which file (``hosts`` or ``known_hosts``, whose
 paths were fixed at fork time from the config: the daemon can never name another path), the account's
 domain and the block's lines; every line is checked again here and written with
-:func:`tunneld.marked_block.write_block`. It exits when the daemon's end closes. docs/privilege.md.
+:func:`tunneld.marked_block.write_block`. It exits when the daemon's end closes, removing the daemon's
+control socket (whose directory is root's) if it is still the one the daemon bound. docs/privilege.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,12 +31,14 @@ from typing import Any, Final
 
 from tunneld import marked_block, privdrop
 
-__all__ = ["HOSTS", "KNOWN_HOSTS", "BlockWriter", "check_line", "serve"]
+__all__ = ["CONTROL_SOCKET", "HOSTS", "KNOWN_HOSTS", "BlockWriter", "check_line", "serve"]
 
 log = logging.getLogger("tunneld.writer")
 
 HOSTS: Final = "hosts"
 KNOWN_HOSTS: Final = "known_hosts"
+CONTROL_SOCKET: Final = "control_socket"
+"""Not a block: the socket the daemon bound, by (device, inode), to remove when the daemon has gone."""
 MAX_REQUEST: Final = 1 << 20
 """Bytes of one request: an account's block is a few kilobytes."""
 MAX_LINES: Final = 4096
@@ -136,16 +140,39 @@ def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_bl
 
 
 def serve(sock: socket.socket, paths: Mapping[str, Path], write: Writer = marked_block.write_block) -> None:
-    """Answer requests on ``sock`` until its other end closes (or sends something unreadable)."""
-    while True:
-        try:
-            request = _read_frame(sock)
-        except (OSError, ValueError) as e:
-            log.warning("names writer: %s; stopping", e)
-            return
-        if request is None:
-            return
-        sock.sendall(_frame(handle(request, paths, write)))
+    """Answer requests on ``sock`` until its other end closes (or sends something unreadable); then
+    remove the control socket registered by its identity, if ``paths`` names one and it is still there."""
+    bound: tuple[int, int] | None = None
+    try:
+        while True:
+            try:
+                request = _read_frame(sock)
+            except (OSError, ValueError) as e:
+                log.warning("names writer: %s; stopping", e)
+                return
+            if request is None:
+                return
+            if isinstance(request, dict) and request.get("file") == CONTROL_SOCKET:
+                identity = request.get("identity")
+                if (CONTROL_SOCKET in paths and isinstance(identity, list) and len(identity) == 2
+                        and all(type(i) is int for i in identity)):
+                    bound = (identity[0], identity[1])
+                    sock.sendall(_frame({"ok": True}))
+                else:
+                    sock.sendall(_frame({"error": "no control socket to register"}))
+                continue
+            sock.sendall(_frame(handle(request, paths, write)))
+    finally:
+        if bound is not None:
+            _remove_socket(paths[CONTROL_SOCKET], bound)
+
+
+def _remove_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Unlink ``path`` if it is the socket ``identity`` (device, inode): never another daemon's."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
 
 
 class BlockWriter:
@@ -191,6 +218,13 @@ class BlockWriter:
         if "error" in reply:
             raise ValueError(str(reply["error"]))
         return bool(reply.get("changed"))
+
+    def control_socket_bound(self, identity: tuple[int, int]) -> None:
+        """The control socket is bound (device, inode): the writer removes it once we are gone."""
+        self._sock.sendall(_frame({"file": CONTROL_SOCKET, "identity": list(identity)}))
+        reply = _read_frame(self._sock)
+        if not isinstance(reply, dict) or "error" in reply:
+            raise OSError(f"the names writer did not take the control socket: {reply}")
 
     def writer(self, kind: str) -> Writer:
         """A :data:`Writer` for the services: the path they pass must be the one the writer holds."""

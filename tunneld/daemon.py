@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from tunneld import privdrop
-from tunneld.blockwriter import HOSTS, KNOWN_HOSTS, BlockWriter
+from tunneld.blockwriter import CONTROL_SOCKET, HOSTS, KNOWN_HOSTS, BlockWriter
 from tunneld.config import Config
 from tunneld.crypto.esp import SecurityAssociation
 from tunneld.dataplane import Dataplane
@@ -113,6 +113,8 @@ class Daemon:
         try:
             account = self.privileges.account if self.privileges else None
             listener = control.Listener.open(iface.control_socket, group=account.gid if account else None)
+            if self.writer is not None:  # it removes the socket from root's directory when we are gone
+                self.writer.control_socket_bound(listener.identity)
             try:
                 await self._run(listener, task_status)
             finally:
@@ -458,15 +460,17 @@ async def run_until_signalled(daemon: Daemon) -> None:
 
 def prepare_privileges(config: Config) -> tuple[Plan | None, BlockWriter | None]:
     """The drop `up` does once its devices are open, and the names writer it forks first (now, while the
-    process has one thread) if it will write the hosts or known-hosts block. PrivilegeError if the user is
-    missing (docs/privilege.md)."""
+    process has one thread): it writes the hosts and known-hosts blocks and removes the control socket
+    when the daemon has gone. PrivilegeError if the user is missing (docs/privilege.md)."""
     plan = privdrop.plan(config.service.user, config.interface.listen_port)
     if plan is None:
         log.warning('[service] user = "root": the daemon keeps root for its whole life')
-    paths = {HOSTS: config.names.hosts_file} if config.names.enabled else {}
+    paths = {CONTROL_SOCKET: config.interface.control_socket}
+    if config.names.enabled:
+        paths[HOSTS] = config.names.hosts_file
     if config.ssh.known_hosts is not None:
         paths[KNOWN_HOSTS] = config.ssh.known_hosts
-    if plan is None or plan.account is None or not paths:
+    if plan is None or plan.account is None:
         return plan, None
     return plan, BlockWriter.start(paths)
 

@@ -137,7 +137,9 @@ def test_up_and_serve_dns_drop_privileges_and_still_work(open_dir: Path) -> None
             f"tunneld: permission denied on {a.socket}: run as root or join the group tunneld "
             f"(`usermod -aG tunneld USER`)\n"), r
 
-        # A clean stop still removes the hosts block (through the writer), then the writer exits.
+        # A clean stop still removes the hosts block and the control socket (through the writer), which
+        # then exits.
         assert lab.stop(a.proc) == 0
         assert read_block((a.dir / "hosts").read_text(), DOMAIN) is None
+        assert not a.socket.exists()  # removed by the writer: the directory is root's
         assert not Path(f"/proc/{writer}").exists() or _proc(writer)["State"].startswith("Z")

@@ -118,3 +118,30 @@ def test_the_forked_writer_keeps_uid_0_without_capabilities(tmp_path: Path) -> N
     assert not Path(f"/proc/{w.pid}").exists()
     with pytest.raises(OSError):
         w.write(HOSTS, DOMAIN, [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the writer drops its capabilities)")
+def test_the_writer_removes_the_registered_control_socket_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        st = os.stat(path)
+        w = BlockWriter.start({blockwriter.CONTROL_SOCKET: path})
+        w.control_socket_bound((st.st_dev, st.st_ino))
+        w.close()
+    assert not path.exists()
+    # A socket bound since (another daemon's, a new inode) is left alone.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        st = os.stat(path)
+        w = BlockWriter.start({blockwriter.CONTROL_SOCKET: path})
+        w.control_socket_bound((st.st_dev, st.st_ino + 1))
+        w.close()
+    assert path.exists()
+    w = BlockWriter.start({HOSTS: tmp_path / "hosts"})  # no control socket given at fork: none to register
+    try:
+        with pytest.raises(OSError, match="did not take"):
+            w.control_socket_bound((st.st_dev, st.st_ino))
+    finally:
+        w.close()
+    assert path.exists()

@@ -191,7 +191,7 @@ class Listener:
         self._sock = sock
         self._lock_fd = lock_fd
         st = os.stat(path)
-        self._identity = (st.st_dev, st.st_ino)  # what we unlink at the end, and nothing else
+        self.identity = (st.st_dev, st.st_ino)  # what we unlink at the end, and nothing else
         self.clients = 0
 
     @classmethod
@@ -264,9 +264,9 @@ class Listener:
         """Close the socket, unlink it if the path is still ours, and release the lock."""
         try:
             st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
+            if (st.st_dev, st.st_ino) == self.identity:
                 self.path.unlink()
-        except OSError as e:  # gone already, or its directory changed: nothing of ours to remove
+        except OSError as e:  # gone already, or its directory changed, or is root's and we are not
             log.debug("control socket %s not removed: %s", self.path, e.strerror)
         finally:
             self._sock.close()
