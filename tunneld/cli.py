@@ -344,7 +344,12 @@ def _first_oserror(e: BaseException, kinds: tuple[type[Exception], ...] = (OSErr
 def _control_path(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return _path(args.socket, "--socket")
-    return load_control_socket(Path(args.config))  # not the secret: the group may ask, not read it
+    try:
+        return _config(args).interface.control_socket
+    except ConfigError as e:  # the daemon's group may ask it, not read the account secret
+        if e.key != "account.secret_file":
+            raise
+        return load_control_socket(Path(args.config))
 
 
 def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None:

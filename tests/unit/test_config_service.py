@@ -72,3 +72,16 @@ def test_the_control_socket_is_read_without_the_secret(tmp_path: Path) -> None:
     config.write_text("[interface]\ncontrol_socket = 5\n")
     with pytest.raises(ConfigError, match="control_socket"):
         load_control_socket(config)
+
+
+def test_status_finds_the_socket_when_the_secret_cannot_be_read(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tunneld.cli import main
+
+    config = tmp_path / "tunneld.toml"
+    config.write_text(f'[interface]\ncontrol_socket = "{tmp_path}/c.sock"\n\n[account]\n'
+                      f'domain = "home.example.net"\nsecret_file = "{tmp_path}/missing-secret"\n')
+    assert main(["status", "--config", str(config)]) == 1
+    assert f"cannot reach the daemon at {tmp_path}/c.sock" in capsys.readouterr().err
+    config.write_text(config.read_text() + "[interface2]\n")  # anything else wrong is still an error
+    assert main(["status", "--config", str(config)]) == 2
