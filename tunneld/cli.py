@@ -212,7 +212,8 @@ def _startup_failure(e: BaseException) -> str | None:
     return None
 
 
-DEFAULT_DNS_DB = "/var/lib/tunneld/dns.sqlite"
+# Not the daemon's state directory (its device key): serve-dns hands the directory it creates to its user.
+DEFAULT_DNS_DB = "/var/lib/tunneld-dns/dns.sqlite"
 DEFAULT_DNS_LISTEN = "[::]:53"
 
 
