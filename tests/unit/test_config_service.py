@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,23 @@ def test_status_finds_the_socket_when_the_secret_cannot_be_read(tmp_path: Path,
     assert f"cannot reach the daemon at {tmp_path}/c.sock" in capsys.readouterr().err
     config.write_text(config.read_text() + "[interface2]\n")  # anything else wrong is still an error
     assert main(["status", "--config", str(config)]) == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: a non-root start looks no user up")
+def test_up_with_a_missing_user_exits_2_naming_the_fix(tmp_path: Path, account: str,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunneld.daemon
+    from tunneld.cli import main
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the daemon was about to start")
+
+    monkeypatch.setattr(tunneld.daemon, "Daemon", refuse)
+    config = tmp_path / "tunneld.toml"
+    config.write_text(f'[interface]\nstate_dir = "{tmp_path}/state"\n\n{account}\n[service]\n'
+                      f'user = "no-such-user-x"\n')
+    assert main(["up", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no user 'no-such-user-x'" in err, err
+    assert "useradd --system" in err and '[service] user = "root"' in err
