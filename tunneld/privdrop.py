@@ -209,11 +209,10 @@ def drop_to(account: Account | None, keep: Iterable[int]) -> None:
     and must exit."""
     _single_threaded()
     wanted = _mask(keep)
+    missing = wanted & ~capabilities()[1]
+    if missing:  # e.g. a unit's CapabilityBoundingSet= without it
+        raise PrivilegeError(f"cannot keep {cap_names(missing)}: the process does not have it")
     if os.geteuid() != 0 or account is None or account.uid == 0:
-        available = capabilities()[1]
-        if wanted & ~available:
-            raise PrivilegeError(f"cannot keep {cap_names(wanted & ~available)}: the process does not "
-                                 f"have it")
         _limit_bounding_and_ambient(wanted)
         _capset(wanted, wanted)
         _prctl(PR_SET_NO_NEW_PRIVS, 1)

@@ -200,3 +200,21 @@ def test_plan_started_non_root_keeps_the_user_and_what_it_has() -> None:
 
     got = _in_child(body)["ok"]
     assert got == [None, [CAP_NET_ADMIN], f"running as uid {acct.uid} with CAP_NET_ADMIN"]
+
+
+@root
+def test_a_capability_the_unit_does_not_give_is_refused_before_anything_changes() -> None:
+    acct = _account()
+
+    def body() -> list[Any]:
+        privdrop._prctl(privdrop.PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE)
+        eff, prm, _ = privdrop.capabilities()
+        privdrop._capset(eff & ~(1 << CAP_NET_BIND_SERVICE), prm & ~(1 << CAP_NET_BIND_SERVICE))
+        try:
+            privdrop.drop_to(acct, [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
+        except PrivilegeError as e:
+            return [str(e), os.getresuid(), _me()["nnp"]]
+        return ["dropped"]
+
+    got = _in_child(body)["ok"]
+    assert got == ["cannot keep CAP_NET_BIND_SERVICE: the process does not have it", [0, 0, 0], "0"]
