@@ -218,3 +218,24 @@ def test_a_capability_the_unit_does_not_give_is_refused_before_anything_changes(
 
     got = _in_child(body)["ok"]
     assert got == ["cannot keep CAP_NET_BIND_SERVICE: the process does not have it", [0, 0, 0], "0"]
+
+
+@root
+def test_started_non_root_with_an_ambient_capability_drops_it_all() -> None:
+    """As serve-dns under systemd's DynamicUser: a user with an ambient CAP_NET_BIND_SERVICE."""
+    acct = _account()
+    bind = 1 << CAP_NET_BIND_SERVICE
+    pr_cap_ambient_raise = 2  # linux/prctl.h
+
+    def body() -> list[Any]:
+        privdrop.drop_to(acct, [CAP_NET_BIND_SERVICE])
+        privdrop._capset(bind, bind, bind)
+        privdrop._prctl(privdrop.PR_CAP_AMBIENT, pr_cap_ambient_raise, CAP_NET_BIND_SERVICE)
+        before = _me()["amb"]
+        privdrop.drop_to(None, ())
+        return [before, _me()]
+
+    before, after = _in_child(body)["ok"]
+    assert before == bind
+    assert after["amb"] == after["eff"] == after["prm"] == after["inh"] == 0 and after["nnp"] == "1"
+    assert after["uid"] == [str(acct.uid)] * 4
