@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tunneld import __version__
+from tunneld import __version__, logs
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
@@ -131,6 +131,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"bad --server {show(args.server)}: {e}") from None
     name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
+    why = "given with --name" if args.name is not None else "this host's name; --name to choose another"
     try:
         name = check_name(name)
     except ValueError:
@@ -151,6 +152,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     ident = _identity(config)
     sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
                      f"ula {ident.ula(config.account.domain)}\n")
+    print(f"tunneld: name {name} ({why})", file=sys.stderr)  # stdout stays the machine-readable part
     return EXIT_OK
 
 
@@ -160,8 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tunneld.daemon import Daemon, keylog_path, run_until_signalled
     from tunneld.keylog import KeyLog, KeyLogError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
+    logs.setup(args.verbose, args.debug_libs)
     config = _config(args)
     ident = _identity(config)
     if args.keylog == "":
@@ -218,8 +219,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
     from tunneld.dnsserver.store import NotWritable, ZoneStore
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
+    logs.setup(args.verbose, args.debug_libs)
     zone = _domain(args.zone, "--zone")
     try:
         listen = parse_endpoint(args.listen)
@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the daemon in the foreground until SIGINT/SIGTERM")
     with_config(up)
     up.add_argument("--keylog", help="append each SA's keys in Wireshark esp_sa format (or TUNNELD_KEYLOG)")
-    up.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    up.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    up.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="show the running daemon's interface and peers")
@@ -503,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
                            help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
                                 "does): a second port lets devices tell how their NAT maps")
-    serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    serve_dns.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p
 
@@ -523,6 +525,7 @@ def _one_line(e: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    logs.setup()  # `up` and `serve-dns` set it up again with their --verbose and --debug-libs
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))
