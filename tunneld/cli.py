@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from tunneld import __version__, logs
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -31,6 +31,8 @@ from tunneld.identity import DeviceIdentity, IdentityError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class UsageError(Exception):
@@ -187,6 +189,7 @@ def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
     from tunneld.services.control import ControlError
+    from tunneld.services.metrics import MetricsError
 
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -194,7 +197,7 @@ def _startup_failure(e: BaseException) -> str | None:
             if msg is not None:
                 return msg
         return None
-    if isinstance(e, TunError | ControlError):
+    if isinstance(e, TunError | ControlError | MetricsError):
         return str(e)
     if isinstance(e, OSError):
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
@@ -250,6 +253,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
                dataclasses.replace(rrl, answers_per_second=args.rate_limit,
                                    errors_per_second=args.rate_limit / 2))
+    metrics = None
+    if args.metrics is not None:
+        from tunneld.config_values import Problem, listen_address
+        try:
+            metrics = listen_address(args.metrics)
+        except Problem as p:
+            raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
     stun_ports = list(dict.fromkeys(args.stun or ()))
     for port in stun_ports:
         if not 1 <= port <= 65535 or port == listen.port:
@@ -284,7 +294,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl,
-                                                      stun_ports=stun_ports))
+                                                      stun_ports=stun_ports, metrics=metrics))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -294,7 +304,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseException as e:  # bind failures arrive wrapped in exception groups
-        err = _first_oserror(e)
+        if metrics is not None:
+            from tunneld.services.metrics import MetricsError
+            failure = _first(e, MetricsError)
+            if failure is not None:
+                print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
+                return EXIT_FAILURE
+        err = _first(e, OSError)
         if err is None:
             raise
         where = err.filename if isinstance(err.filename, str) else str(listen)
@@ -305,14 +321,15 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _first_oserror(e: BaseException) -> OSError | None:
+def _first(e: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in ``e``, looking inside exception groups."""
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
-            found = _first_oserror(sub)
+            found = _first(sub, kind)
             if found is not None:
                 return found
         return None
-    return e if isinstance(e, OSError) else None
+    return e if isinstance(e, kind) else None
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -504,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
                            help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
                                 "does): a second port lets devices tell how their NAT maps")
+    serve_dns.add_argument("--metrics", metavar="ADDR:PORT",
+                           help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
     serve_dns.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     serve_dns.set_defaults(func=cmd_serve_dns)

@@ -123,6 +123,9 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.dataplane.run)
                     await nursery.start(listener.serve, self.handle_control)
+                    if self.config.metrics.listen is not None:  # imported only when on (its import cost)
+                        from tunneld.services.metrics import daemon_server
+                        await nursery.start(daemon_server(self.status, self.config.metrics.listen).run)
                     self._nursery = nursery
                     await nursery.start(self.names.run)
                     await nursery.start(self._watch_network)
