@@ -101,3 +101,73 @@ def test_follow_sends_a_status_line_only_when_the_summary_changes(manager: tuple
             break
     assert got == [b"STATUS=up, 1 of 2 peers with a session", b"STATUS=up, 2 of 2 peers with a session"]
     n.close()
+
+
+# -- the daemon's side: READY waits for the first publication's answer, bounded ------------------------------
+
+class _FakeDaemon:
+    """What Daemon._announce_ready uses: a publisher's first-answer event, the notifier, the summary."""
+
+    def __init__(self, notifier: Notifier, publisher: object | None) -> None:
+        self.notifier = notifier
+        self.publisher = publisher
+        self.summary = lambda: "up, 0 of 0 peers with a session"
+
+
+def _ready_at(manager: tuple[socket.socket, str], answer_at: float | None, publisher: bool = True) -> float:
+    """When (virtual seconds after start) READY=1 left, the publisher answering at ``answer_at``."""
+    from types import SimpleNamespace
+
+    from tunneld.daemon import Daemon
+
+    sock, path = manager
+    sock.setblocking(False)
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    fake = _FakeDaemon(notifier, SimpleNamespace(answered=trio.Event()) if publisher else None)
+    when: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Daemon._announce_ready, fake)  # type: ignore[arg-type]
+            if answer_at is not None and fake.publisher is not None:
+                await trio.sleep(answer_at)
+                fake.publisher.answered.set()  # type: ignore[attr-defined]
+            while not when:
+                await trio.sleep(0.5)
+                try:
+                    assert sock.recv(4096).startswith(b"READY=1\n")
+                    when.append(trio.current_time())
+                except BlockingIOError:
+                    pass
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    notifier.close()
+    return when[0]
+
+
+def test_ready_waits_for_the_first_publication(manager: tuple[socket.socket, str]) -> None:
+    assert 4.0 <= _ready_at(manager, answer_at=4.0) <= 4.5
+
+
+def test_ready_does_not_wait_forever_for_a_silent_server(manager: tuple[socket.socket, str]) -> None:
+    from tunneld.daemon import READY_PUBLISH_WAIT
+
+    assert READY_PUBLISH_WAIT <= _ready_at(manager, answer_at=None) <= READY_PUBLISH_WAIT + 0.5
+
+
+def test_ready_at_once_without_a_publisher(manager: tuple[socket.socket, str]) -> None:
+    assert _ready_at(manager, answer_at=None, publisher=False) <= 0.5
+
+
+def test_the_publishers_first_answer_is_an_event() -> None:
+    from tunneld.proto.dnsupdate import Failed, Published
+    from tunneld.services.publisher import PublisherService
+
+    service = PublisherService(("192.0.2.53", 53), "example.com", bytes(32), 1800, start_delay=0)
+    assert not service.answered.is_set()
+    service.on_event(Failed("TIMEOUT", "no answer"))
+    assert service.answered.is_set()
+    service = PublisherService(("192.0.2.53", 53), "example.com", bytes(32), 1800, start_delay=0)
+    service.on_event(Published(1800, True, 0.0, 0.0))
+    assert service.answered.is_set()
