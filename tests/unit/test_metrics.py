@@ -167,7 +167,7 @@ def _peer(name: str, **kw: Any) -> dict[str, Any]:
 STATUS: dict[str, Any] = {
     "state": "up",
     "peers": [_peer("desk", rx_bytes=1500, tx_bytes=3000, rx_packets=10, tx_packets=20, handshakes=2,
-                    last_handshake=1000.0, session_age=3.0, path="relayed", replayed=4),
+                    last_handshake=1000.0, session_age=3.0, path="relay", replayed=4),
               _peer("phone")],
     "counters": {"rx_datagrams": 33, "rx_malformed": 1, "tx_no_route": 2, "handshake_drops": {"bad mac": 5}},
     "publish": {"state": "published", "lease_left": 5000.5},
@@ -199,7 +199,7 @@ def test_the_daemon_collector_reads_the_status_at_each_scrape() -> None:
     assert m["tunneld_peer_last_handshake_age_seconds", desk] == 12.5
     assert ("tunneld_peer_last_handshake_age_seconds", phone) not in m  # none yet: no sample
     assert m["tunneld_peer_session", desk] == 1 and m["tunneld_peer_session", phone] == 0
-    assert m["tunneld_peer_path", (("path", "relayed"), ("peer", "desk"))] == 1
+    assert m["tunneld_peer_path", (("path", "relay"), ("peer", "desk"))] == 1
     assert m["tunneld_peer_path", (("path", "direct"), ("peer", "phone"))] == 1
     assert m["tunneld_peer_dropped_total", (("peer", "desk"), ("reason", "replayed"))] == 4
     assert m["tunneld_rx_datagrams_total", ()] == 33
