@@ -1,10 +1,12 @@
-"""Metrics and readiness of real daemons in lab namespaces: a pair of `tunneld up` with `[metrics] listen`,
-one of them started with NOTIFY_SOCKET (the test plays systemd); and `serve-dns --metrics` after an
-update. Scraped from inside the namespaces with urllib, parsed with prometheus-client's parser."""
+"""Metrics, readiness and logs of real daemons in lab namespaces: a pair of `tunneld up` with `[metrics]
+listen`, one of them started with NOTIFY_SOCKET (the test plays systemd) and --verbose, the other with
+--debug-libs too; and `serve-dns --metrics` after an update. Scraped from inside the namespaces with
+urllib, parsed with prometheus-client's parser."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +31,7 @@ METRICS_PORT = 9586
 SCRAPE = ("import sys, urllib.request\n"
           "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n")
 
+STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) tunneld")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -55,7 +58,8 @@ def test_metrics_move_under_traffic_and_systemd_hears_ready_status_stopping(tmp_
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(str(path))
         extra = f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
-        with running_pair(tmp_path, extra=extra, b_env={"NOTIFY_SOCKET": str(path)}) as (lab, a, b):
+        with running_pair(tmp_path, extra=extra, b_env={"NOTIFY_SOCKET": str(path)},
+                          a_args=("--verbose", "--debug-libs"), b_args=("--verbose",)) as (lab, a, b):
             ready = notifications(manager, "READY=1")
             assert ready[-1].startswith("READY=1\nSTATUS=up, ") and "of 1 peers with a session" in ready[-1]
             peer = (("peer", a.name),)
@@ -80,6 +84,12 @@ def test_metrics_move_under_traffic_and_systemd_hears_ready_status_stopping(tmp_
             lab.stop(b.proc)
             assert b.proc.returncode == 0
             assert "STOPPING=1" in notifications(manager, "STOPPING=1", timeout=1)[-1]
+    # --verbose is our debug output only; --debug-libs (given to a) adds pyroute2's netlink dumps
+    lines = b.log.read_text().splitlines()
+    assert any(" INFO tunneld: up: " in line for line in lines)
+    assert not any("pyroute2" in line for line in lines), [x for x in lines if "pyroute2" in x][:3]
+    assert all(STAMPED.match(line) for line in lines), [x for x in lines if not STAMPED.match(x)][:3]
+    assert " DEBUG pyroute2" in a.log.read_text()
 
 
 def test_serve_dns_metrics_after_an_update(tmp_path: Path) -> None:
