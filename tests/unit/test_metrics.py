@@ -142,6 +142,28 @@ def test_connections_beyond_the_cap_are_closed_at_once() -> None:
     _run(test, HttpLimits(max_connections=2, timeout=10))
 
 
+def test_a_failing_collector_is_a_500_and_the_server_stays(caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def render() -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("peers")
+        return BODY
+
+    async def main() -> None:
+        server = MetricsServer(render, "127.0.0.1", 0)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            assert (await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 500 ")
+            reply = await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(BODY)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert "rendering the metrics failed" in caplog.text
+
+
 def test_a_port_in_use_is_one_line() -> None:
     from tunneld.services.metrics import MetricsError
 

@@ -32,7 +32,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LINGER = 1.0  # seconds to read what a client still sends after its answer (so it gets the answer, no RST)
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
 
 class MetricsError(Exception):
@@ -109,7 +109,11 @@ class MetricsServer:
             return 405, b"only GET\n"
         if target != b"/metrics":
             return 404, b"metrics are at /metrics\n"
-        return 200, self.render()
+        try:
+            return 200, self.render()
+        except Exception:  # a collector's bug must not take the daemon down with it
+            log.exception("rendering the metrics failed")
+            return 500, b"rendering the metrics failed; see the log\n"
 
 
 async def _linger(stream: trio.abc.Stream) -> None:
