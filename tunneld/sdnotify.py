@@ -36,7 +36,6 @@ class Notifier:
 
     def __init__(self, target: str | bytes | None) -> None:
         self.sock: socket.socket | None = None
-        self.sent: list[str] = []  # what went out (for status and tests)
         if target is None:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -67,7 +66,6 @@ class Notifier:
         except OSError as e:
             log.debug("sd_notify %r: %s", text, e)
             return False
-        self.sent.append(text)
         return True
 
     def ready(self, status: str) -> bool:
