@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab.netns import Host, Lab, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import TUNNELD, ping6, running_pair
+from lab.tunnel import TUNNELD, Node, joined, ping6, running_pair, serve_dns, start, status, write_secret
 from tests.integration.test_serve_dns import LISTEN, PORT, SERVER, ZONE, new_account
 
 pytestmark = [
@@ -90,6 +90,26 @@ def test_metrics_move_under_traffic_and_systemd_hears_ready_status_stopping(tmp_
     assert not any("pyroute2" in line for line in lines), [x for x in lines if "pyroute2" in x][:3]
     assert all(STAMPED.match(line) for line in lines), [x for x in lines if not STAMPED.match(x)][:3]
     assert " DEBUG pyroute2" in a.log.read_text()
+
+
+def test_ready_comes_after_the_first_publication(tmp_path: Path) -> None:
+    """With an account DNS server, READY=1 waits for the publisher's first answer: when systemd hears it,
+    `tunneld status` already says published."""
+    path = tmp_path / "notify"
+    dns_at = ("192.0.2.2", 5353)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager, Lab() as lab:
+        manager.bind(str(path))
+        ha, hb = two_hosts(lab)
+        lab.ip(ha, "route", "add", "default", "via", hb.addr4)  # a public address: records to publish
+        secret = tmp_path / "secret"
+        write_secret(secret)
+        serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path, dns_at)
+        laptop = joined(lab, ha, "laptop", secret, dns_at, tmp_path, run=False)
+        start(lab, laptop, env={"NOTIFY_SOCKET": str(path)})
+        ready = notifications(manager, "READY=1")
+        assert ready[-1] == "READY=1\nSTATUS=up, 0 of 0 peers with a session"
+        publish = status(laptop)["publish"]
+        assert publish["state"] == "published" and publish["published"], publish
 
 
 def test_serve_dns_metrics_after_an_update(tmp_path: Path) -> None:
