@@ -19,9 +19,9 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from tunneld import __version__
+from tunneld import __version__, logs
 from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
@@ -31,6 +31,8 @@ from tunneld.identity import DeviceIdentity, IdentityError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class UsageError(Exception):
@@ -131,6 +133,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"bad --server {show(args.server)}: {e}") from None
     name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
+    why = "given with --name" if args.name is not None else "this host's name; --name to choose another"
     try:
         name = check_name(name)
     except ValueError:
@@ -151,6 +154,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     ident = _identity(config)
     sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
                      f"ula {ident.ula(config.account.domain)}\n")
+    print(f"tunneld: name {name} ({why})", file=sys.stderr)  # stdout stays the machine-readable part
     return EXIT_OK
 
 
@@ -160,8 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tunneld.daemon import Daemon, keylog_path, run_until_signalled
     from tunneld.keylog import KeyLog, KeyLogError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
+    logs.setup(args.verbose, args.debug_libs)
     config = _config(args)
     ident = _identity(config)
     if args.keylog == "":
@@ -186,6 +189,7 @@ def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
     from tunneld.services.control import ControlError
+    from tunneld.services.metrics import MetricsError
 
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -193,7 +197,7 @@ def _startup_failure(e: BaseException) -> str | None:
             if msg is not None:
                 return msg
         return None
-    if isinstance(e, TunError | ControlError):
+    if isinstance(e, TunError | ControlError | MetricsError):
         return str(e)
     if isinstance(e, OSError):
         return (f"cannot open the UDP socket: {e.strerror or e}; is another tunneld running, "
@@ -218,8 +222,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
     from tunneld.dnsserver.store import NotWritable, ZoneStore
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
+    logs.setup(args.verbose, args.debug_libs)
     zone = _domain(args.zone, "--zone")
     try:
         listen = parse_endpoint(args.listen)
@@ -250,6 +253,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
                dataclasses.replace(rrl, answers_per_second=args.rate_limit,
                                    errors_per_second=args.rate_limit / 2))
+    metrics = None
+    if args.metrics is not None:
+        from tunneld.config_values import Problem, listen_address
+        try:
+            metrics = listen_address(args.metrics)
+        except Problem as p:
+            raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
     stun_ports = list(dict.fromkeys(args.stun or ()))
     for port in stun_ports:
         if not 1 <= port <= 65535 or port == listen.port:
@@ -284,7 +294,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl,
-                                                      stun_ports=stun_ports))
+                                                      stun_ports=stun_ports, metrics=metrics))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -294,7 +304,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseException as e:  # bind failures arrive wrapped in exception groups
-        err = _first_oserror(e)
+        if metrics is not None:
+            from tunneld.services.metrics import MetricsError
+            failure = _first(e, MetricsError)
+            if failure is not None:
+                print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
+                return EXIT_FAILURE
+        err = _first(e, OSError)
         if err is None:
             raise
         where = err.filename if isinstance(err.filename, str) else str(listen)
@@ -305,14 +321,15 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _first_oserror(e: BaseException) -> OSError | None:
+def _first(e: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in ``e``, looking inside exception groups."""
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
-            found = _first_oserror(sub)
+            found = _first(sub, kind)
             if found is not None:
                 return found
         return None
-    return e if isinstance(e, OSError) else None
+    return e if isinstance(e, kind) else None
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -447,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the daemon in the foreground until SIGINT/SIGTERM")
     with_config(up)
     up.add_argument("--keylog", help="append each SA's keys in Wireshark esp_sa format (or TUNNELD_KEYLOG)")
-    up.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    up.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    up.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="show the running daemon's interface and peers")
@@ -503,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
                            help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
                                 "does): a second port lets devices tell how their NAT maps")
-    serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    serve_dns.add_argument("--metrics", metavar="ADDR:PORT",
+                           help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
+    serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    serve_dns.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p
 
@@ -523,6 +544,7 @@ def _one_line(e: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    logs.setup()  # `up` and `serve-dns` set it up again with their --verbose and --debug-libs
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))

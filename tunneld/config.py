@@ -41,6 +41,7 @@ Schema::
                                      # or an IP literal; port 3478 if left out). Without it the relay is
                                      # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
     [names]                          # optional: enabled = true, hosts_file = "/etc/hosts", short_names = true
+    [metrics]                        # optional: listen = "127.0.0.1:9586" (Prometheus text; off without)
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
 Relative paths are taken relative to the directory of the configuration file, so a config and its secret
@@ -83,6 +84,7 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    MetricsConfig,
     NamesConfig,
     NatConfig,
     PeerConfig,
@@ -114,6 +116,7 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "MetricsConfig",
     "NamesConfig",
     "NatConfig",
     "PeerConfig",
@@ -130,7 +133,8 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero until memory runs out
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh")
+_TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh",
+                   "metrics")
 _NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
@@ -228,7 +232,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay], [names], [ssh]")
+                          "[nat], [relay], [names], [ssh], [metrics]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -240,6 +244,9 @@ class _Loader:
         relay = self.relay(self.table(doc, "relay", required=False))
         ssh = self.ssh(self.table(doc, "ssh", required=False))
         names = self.names(self.table(doc, "names", required=False))
+        metrics_table = self.table(doc, "metrics", required=False)
+        self.check_keys(metrics_table, "[metrics]", ("listen",))
+        listen = self.string(metrics_table, "metrics", "listen", '"127.0.0.1:9586"')
         return Config(
             path=self.path,
             interface=interface,
@@ -251,6 +258,8 @@ class _Loader:
             relay=relay,
             ssh=ssh,
             names=names,
+            metrics=MetricsConfig(None if listen is None else
+                                  self.parsed("metrics.listen", values.listen_address, listen)),
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),

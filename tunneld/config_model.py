@@ -168,6 +168,13 @@ class NamesConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: where Prometheus text is served over HTTP (tunneld.services.metrics); None: off."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
     secret as ASCII bytes, the HMAC key of TURN REST credentials) are derived from the account secret."""
@@ -185,6 +192,7 @@ class Config:
     nat: NatConfig = field(default_factory=NatConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     names: NamesConfig = field(default_factory=NamesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

@@ -200,6 +200,16 @@ def host_port(text: str, default_port: int | None) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """A local TCP listen address, ``"ADDR:PORT"`` (``[v6]:PORT``): an IP literal, not a name."""
+    host, port = host_port(text, None)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise Problem(f"{show(host)} is not an IP address",
+                      'listen on an address of this host, e.g. "127.0.0.1:9586" or "[::1]:9586"') from None
+
+
 def account_secret(path: Path) -> bytes:
     """The account secret in ``path``. Problems name the file only: its content is never echoed."""
     made_by = "the first line printed by `tunneld account new DOMAIN`"
