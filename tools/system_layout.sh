@@ -20,14 +20,26 @@ stage_system() {
 
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
-  "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$work/src"
+  # pip from the development environment when there is one (pip --python drives another interpreter's
+  # environment), else the new environment's own, removed afterwards: the service needs no installer.
+  local pip
+  if [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" -m pip --python "$py" --version >/dev/null 2>&1
+  then
+    "$py" -m venv --without-pip "$venv"
+    pip=("$ROOT/.venv/bin/python" -m pip --python "$venv/bin/python")
+  else
+    "$py" -m venv "$venv"
+    pip=("$venv/bin/python" -m pip)
+  fi
+  "${pip[@]}" install -q --disable-pip-version-check --no-compile "$work/src"
   # The man page and completions come from the argument parser, with the generators kept out of the
   # environment (they are build tools).
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --target "$work/distlib" \
+  "${pip[@]}" install -q --disable-pip-version-check --no-compile --target "$work/distlib" \
       "argparse-manpage>=4.5" "shtab>=1.7"
   PYTHONPATH="$work/distlib" "$venv/bin/python" "$ROOT/tools/dist_files.py" "$work/gen"
-  "$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check pip setuptools
+  if [ -x "$venv/bin/pip" ]; then
+    "$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check pip setuptools
+  fi
   # The dependencies' own commands (f2py, pyroute2's tools...) are not tunneld's: only tunneld and python stay.
   find "$venv/bin" -mindepth 1 ! -name tunneld ! -name 'python*' -exec rm -f {} +
 
