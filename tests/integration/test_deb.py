@@ -3,7 +3,7 @@
 tunneld user and /etc/tunneld (0700), enables nothing, and is purged again, even when an assertion fails
 (the tunneld user stays: other packages' files or a reinstall may own files by its uid).
 
-Root only; skipped where tunneld is already installed system-wide (never replaced by a test). About 40 s.
+Root only; skipped where tunneld is already installed system-wide (never replaced by a test). About 30 s.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 clone), installed into a fresh virtual environment with its dependencies from the package index, runs from
 anywhere.
 
-Needs no root; about 15 s with a warm pip cache (the index and a build of python-pytun otherwise).
+Needs no root; 10 to 30 s with a warm pip cache (the index and a build of python-pytun otherwise).
 """
 
 from __future__ import annotations
