@@ -6,6 +6,7 @@ No systemd runs as PID 1 on the test machines: the units are never installed or 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -51,6 +52,24 @@ def test_verify_is_silent(name: str, tmp_path: Path) -> None:
     r = analyze("verify", "--man=no", str(installed_copy(name, tmp_path)))
     assert r.returncode == 0, r.stderr
     assert r.stdout + r.stderr == ""
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed")
+def test_verify_finds_the_man_page_the_units_name(tmp_path: Path) -> None:
+    # Documentation=man:tunneld(8) is the page tools/dist_files.py generates; verify runs `man` on it.
+    root = Path(__file__).resolve().parents[2]
+    gen = tmp_path / "gen"
+    subprocess.run([sys.executable, str(root / "tools" / "dist_files.py"), str(gen)], check=True, timeout=60)
+    (tmp_path / "man" / "man8").mkdir(parents=True)
+    (gen / "tunneld.8").rename(tmp_path / "man" / "man8" / "tunneld.8")
+    units = [str(installed_copy(name, tmp_path)) for name in NAMES]
+    env = {**os.environ, "MANPATH": str(tmp_path / "man")}
+    r = subprocess.run([str(ANALYZE), "verify", *units], capture_output=True, text=True, timeout=60, env=env,
+                       check=False)
+    assert r.returncode == 0 and r.stdout + r.stderr == "", r.stderr
+    r = subprocess.run([str(ANALYZE), "verify", *units], capture_output=True, text=True, timeout=60,
+                       env={**env, "MANPATH": str(tmp_path / "nothing")}, check=False)
+    assert "man tunneld(8)" in r.stdout + r.stderr  # without the page, verify says so
 
 
 def test_verify_reports_a_mistake(tmp_path: Path) -> None:
