@@ -165,7 +165,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tunneld.keylog import KeyLog, KeyLogError
 
     logs.setup(args.verbose, args.debug_libs)
-    config = _config(args)
+    secret_file = None if args.secret_file is None else _path(args.secret_file, "--secret-file").absolute()
+    config = load_config(Path(args.config), secret_file=secret_file)
     ident = _identity(config)
     if args.keylog == "":
         raise UsageError("bad --keylog: the path is empty; give a file name, or leave --keylog out")
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the daemon in the foreground until SIGINT/SIGTERM")
     with_config(up)
     up.add_argument("--keylog", help="append each SA's keys in Wireshark esp_sa format (or TUNNELD_KEYLOG)")
+    up.add_argument("--secret-file", metavar="PATH",
+                    help="the account secret, instead of [account] secret_file (e.g. a systemd credential)")
     up.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
     up.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     up.set_defaults(func=cmd_up)

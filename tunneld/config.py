@@ -150,9 +150,10 @@ _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 
-def load_config(path: Path) -> Config:
-    """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong."""
-    return _Loader(Path(path)).load()
+def load_config(path: Path, *, secret_file: Path | None = None) -> Config:
+    """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong.
+    ``secret_file`` (a systemd credential, say) replaces the config's ``[account] secret_file``."""
+    return _Loader(Path(path), secret_file).load()
 
 
 def load_account_secret(path: Path) -> bytes:
@@ -186,8 +187,9 @@ def _unknown(key: str, known: tuple[str, ...]) -> str:
 
 
 class _Loader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, secret_file: Path | None = None) -> None:
         self.path = path
+        self.secret_file = secret_file
         self.base = path.absolute().parent  # relative paths stay valid if the daemon changes directory
 
     def fail(self, key: str | None, problem: str, fix: str) -> NoReturn:
@@ -498,10 +500,12 @@ class _Loader:
                 f"{show(raw_domain)} is not a valid domain ({e})",
                 'give the account\'s DNS name, e.g. "home.example.net"',
             )
-        self.required_string(table, w, "secret_file", '"/etc/tunneld/account.secret"')
-        secret_file = self.path_value(table, w, "secret_file", None)
+        if self.secret_file is None:  # else `up --secret-file`: the key is not required, its file not read
+            self.required_string(table, w, "secret_file", '"/etc/tunneld/account.secret"')
+        secret_file = self.secret_file or self.path_value(table, w, "secret_file", None)
         assert secret_file is not None
-        secret = self.parsed(f"{w}.secret_file", values.account_secret, secret_file)
+        where = f"{w}.secret_file" if self.secret_file is None else "--secret-file"
+        secret = self.parsed(where, values.account_secret, secret_file)
         server = self.endpoint(table, w, "server", '"192.0.2.53:53"',
                                'write the DNS UPDATE server as "address:port", e.g. "192.0.2.53:53" or '
                                '"[2001:db8::53]:53", or leave server out to turn publishing off')
