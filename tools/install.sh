@@ -2,9 +2,31 @@
 # Install what tunneld and its tests need, idempotently: Debian packages (only those missing) and the
 # Python virtual environment in .venv (rebuilt only when pyproject.toml changed).
 # Usage: tools/install.sh   (as root on Debian 12; a second run changes nothing and takes about a second)
+#
+# System mode: tools/install.sh --system   installs tunneld as a service (docs/packaging.md): a virtual
+# environment in /usr/local/lib/tunneld, /usr/local/bin/tunneld, the units in /etc/systemd/system, the man
+# page and the bash and zsh completions, the tunneld user and /etc/tunneld (0700); then `systemctl
+# daemon-reload` where systemd runs. It enables and starts nothing. DESTDIR=DIR installs under DIR instead
+# of / (for packaging and tests): no user is created and systemd is not told.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+
+SYSTEM=0
+case "${1-}" in
+  "") ;;
+  --system) SYSTEM=1 ;;
+  *) echo "tools/install.sh: unknown argument ${1}; use no argument (development) or --system" >&2; exit 2 ;;
+esac
+DESTDIR=${DESTDIR-}
+if ((SYSTEM)) && [ -n "$DESTDIR" ]; then
+  mkdir -p "$DESTDIR"
+  DESTDIR=$(cd "$DESTDIR" && pwd)
+fi
+if ((SYSTEM)) && [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
+  echo "tools/install.sh: --system installs into / and needs root (sudo), or set DESTDIR=DIR" >&2
+  exit 2
+fi
 
 # Debian packages: the interpreter and a compiler for python-pytun's C extension; the kernel tools
 # the tunnel and the lab drive; the real peers the tests and the benchmark run (sshd, iperf3,
@@ -14,9 +36,12 @@ cd "$ROOT"
 # bind9 is the DNS UPDATE server the publishing tests run (lab/bind.py, in a namespace, in the
 # foreground) and bind9-dnsutils gives dig/nsupdate to check it independently. coturn is the TURN
 # relay the relay tests run (lab/coturn.py, likewise in a namespace, in the foreground).
+# systemd gives systemd-analyze (the units are verified and scored statically; nothing is started)
+# and man-db renders the generated man page in the tests. System mode needs only the first five.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
-          miniupnpd-nftables natpmpc bind9 bind9-dnsutils coturn)
+          miniupnpd-nftables natpmpc bind9 bind9-dnsutils coturn systemd man-db)
+if ((SYSTEM)); then APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev); fi
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -32,6 +57,39 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The interpreter: Debian's own python3 first. It is built with PGO and LTO, and the data path is
+# interpreter-bound: ESP batches measured 5-7 % faster than on a plain source build (such as a
+# pyenv one) of the same 3.11. Otherwise the first python3 on PATH that is 3.11 or newer.
+PY=""
+for cand in /usr/bin/python3 python3 python3.13 python3.12 python3.11; do
+  if command -v "$cand" >/dev/null 2>&1 &&
+     "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null &&
+     "$cand" -c 'import venv, ensurepip' 2>/dev/null; then
+    PY=$(command -v "$cand"); break
+  fi
+done
+[ -n "$PY" ] || { echo "tools/install.sh: no Python >= 3.11 with venv found; install python3-venv" >&2; exit 2; }
+
+if ((SYSTEM)); then
+  # shellcheck source=tools/system_layout.sh
+  source tools/system_layout.sh
+  stage_system "$DESTDIR" /usr/local/lib/tunneld /usr/local/bin /etc/systemd/system \
+      /usr/local/share/man/man8 /usr/local/share/bash-completion/completions \
+      /usr/local/share/zsh/site-functions "$PY"
+  install -d -m 0700 "$DESTDIR/etc/tunneld"
+  if [ -z "$DESTDIR" ]; then
+    if ! getent passwd tunneld >/dev/null; then
+      useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tunneld
+    fi
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl daemon-reload
+    fi
+  fi
+  echo "installed tunneld in ${DESTDIR}/usr/local (units in ${DESTDIR}/etc/systemd/system, enabled: none)" >&2
+  echo "next: tunneld join DOMAIN --server HOST --secret-file /etc/tunneld/secret; systemctl enable --now tunneld" >&2
+  exit 0
+fi
+
 # bind9 ships a named service. The tests start their own named in a namespace; a system-wide one
 # would hold port 53 on the host and outlive the tests. Machines with a policy-rc.d that exits 101
 # (containers) never start it; elsewhere, stop and disable it: this machine is not a DNS server.
@@ -63,19 +121,6 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! getent passwd tunneld >/dev/null; then
   useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tunneld
 fi
-
-# The interpreter: Debian's own python3 first. It is built with PGO and LTO, and the data path is
-# interpreter-bound: ESP batches measured 5-7 % faster than on a plain source build (such as a
-# pyenv one) of the same 3.11. Otherwise the first python3 on PATH that is 3.11 or newer.
-PY=""
-for cand in /usr/bin/python3 python3 python3.13 python3.12 python3.11; do
-  if command -v "$cand" >/dev/null 2>&1 &&
-     "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null &&
-     "$cand" -c 'import venv, ensurepip' 2>/dev/null; then
-    PY=$(command -v "$cand"); break
-  fi
-done
-[ -n "$PY" ] || { echo "tools/install.sh: no Python >= 3.11 with venv found; install python3-venv" >&2; exit 2; }
 
 stamp=.venv/.installed
 want="$( (cat pyproject.toml; "$PY" -c 'import sys; print(sys.executable, sys.version)') | sha256sum | cut -d' ' -f1)"

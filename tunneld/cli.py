@@ -19,18 +19,21 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from tunneld import __version__
-from tunneld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, load_control_socket
+from tunneld import __version__, logs
+from tunneld.config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, Config, ConfigError, load_config
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld.identity import DeviceIdentity, IdentityError
+from tunneld.privdrop import PrivilegeError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class UsageError(Exception):
@@ -131,6 +134,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"bad --server {show(args.server)}: {e}") from None
     name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
+    why = "given with --name" if args.name is not None else "this host's name; --name to choose another"
     try:
         name = check_name(name)
     except ValueError:
@@ -151,6 +155,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     ident = _identity(config)
     sys.stdout.write(f"config {path}\nname {name}\npublic_key {ident.public_key_b64}\n"
                      f"ula {ident.ula(config.account.domain)}\n")
+    print(f"tunneld: name {name} ({why})", file=sys.stderr)  # stdout stays the machine-readable part
     return EXIT_OK
 
 
@@ -159,11 +164,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from tunneld.daemon import Daemon, keylog_path, prepare_privileges, run_until_signalled
     from tunneld.keylog import KeyLog, KeyLogError
-    from tunneld.privdrop import PrivilegeError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
-    config = _config(args)
+    logs.setup(args.verbose, args.debug_libs)
+    secret_file = None if args.secret_file is None else _path(args.secret_file, "--secret-file").absolute()
+    config = load_config(Path(args.config), secret_file=secret_file)
     ident = _identity(config)
     if args.keylog == "":
         raise UsageError("bad --keylog: the path is empty; give a file name, or leave --keylog out")
@@ -172,10 +176,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         keylog = KeyLog(kl) if kl else None
     except KeyLogError as e:
         raise UsageError(f"{e} (--keylog or TUNNELD_KEYLOG)") from None
-    try:
-        plan, writer = prepare_privileges(config)
-    except PrivilegeError as e:
-        raise UsageError(str(e)) from None
+    plan, writer = prepare_privileges(config)  # PrivilegeError (no such user): exit 2
     try:
         trio.run(run_until_signalled, Daemon(config, ident, keylog, privileges=plan, writer=writer))
     except BaseException as e:  # start-up failures arrive wrapped in exception groups
@@ -193,8 +194,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _startup_failure(e: BaseException) -> str | None:
     """The one-line message for an expected failure (TUN, socket), found inside exception groups."""
     from tunneld.net.tun import TunError
-    from tunneld.privdrop import PrivilegeError
     from tunneld.services.control import ControlError
+    from tunneld.services.metrics import MetricsError
 
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -202,7 +203,7 @@ def _startup_failure(e: BaseException) -> str | None:
             if msg is not None:
                 return msg
         return None
-    if isinstance(e, TunError | ControlError):
+    if isinstance(e, TunError | ControlError | MetricsError):
         return str(e)
     if isinstance(e, PrivilegeError):
         return f"cannot drop privileges: {e}"
@@ -230,10 +231,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     from tunneld.dnsserver.llq import LLQServer
     from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
     from tunneld.dnsserver.store import NotWritable, ZoneStore
-    from tunneld.privdrop import PrivilegeError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="tunneld: %(levelname)s: %(message)s")
+    logs.setup(args.verbose, args.debug_libs)
     zone = _domain(args.zone, "--zone")
     try:
         listen = parse_endpoint(args.listen)
@@ -264,16 +263,20 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
                dataclasses.replace(rrl, answers_per_second=args.rate_limit,
                                    errors_per_second=args.rate_limit / 2))
+    metrics = None
+    if args.metrics is not None:
+        from tunneld.config_values import Problem, listen_address
+        try:
+            metrics = listen_address(args.metrics)
+        except Problem as p:
+            raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
     stun_ports = list(dict.fromkeys(args.stun or ()))
     for port in stun_ports:
         if not 1 <= port <= 65535 or port == listen.port:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
-    try:
-        account = unprivileged.account_for(args.user)
-    except PrivilegeError as e:
-        raise UsageError(str(e)) from None
+    account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
     db = Path(args.db)
     created = not db.absolute().parent.exists()
     try:
@@ -305,7 +308,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
-                                                      after_bind=functools.partial(
+                                                      metrics=metrics, after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
@@ -316,11 +319,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseException as e:  # bind failures arrive wrapped in exception groups
-        dropped = _first_oserror(e, (PrivilegeError, unprivileged.DatabaseNotWritable))
+        if metrics is not None:
+            from tunneld.services.metrics import MetricsError
+            failure = _first(e, MetricsError)
+            if failure is not None:
+                print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
+                return EXIT_FAILURE
+        dropped = _first(e, PrivilegeError) or _first(e, unprivileged.DatabaseNotWritable)
         if dropped is not None:
             print(f"tunneld: {_one_line(dropped)}", file=sys.stderr)
             return EXIT_USAGE if isinstance(dropped, unprivileged.DatabaseNotWritable) else EXIT_FAILURE
-        err = _first_oserror(e)
+        err = _first(e, OSError)
         if err is None:
             raise
         where = err.filename if isinstance(err.filename, str) else str(listen)
@@ -331,15 +340,15 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _first_oserror(e: BaseException, kinds: tuple[type[Exception], ...] = (OSError,)) -> Any:
-    """The first exception of ``kinds`` (OSError by default) in ``e`` or the groups it is wrapped in."""
+def _first(e: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in ``e``, looking inside exception groups."""
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
-            found = _first_oserror(sub, kinds)
+            found = _first(sub, kind)
             if found is not None:
                 return found
         return None
-    return e if isinstance(e, kinds) else None
+    return e if isinstance(e, kind) else None
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -347,10 +356,10 @@ def _control_path(args: argparse.Namespace) -> Path:
         return _path(args.socket, "--socket")
     try:
         return _config(args).interface.control_socket
-    except ConfigError as e:  # the daemon's group may ask it, not read the account secret
-        if e.key != "account.secret_file":
+    except ConfigError as e:  # the daemon's group may ask it, not read root's config (0700) or secret
+        if e.key != "account.secret_file" and not isinstance(e.__context__, PermissionError):
             raise
-        return load_control_socket(Path(args.config))
+        return DEFAULT_CONTROL_SOCKET
 
 
 def _ask(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -483,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the daemon in the foreground until SIGINT/SIGTERM")
     with_config(up)
     up.add_argument("--keylog", help="append each SA's keys in Wireshark esp_sa format (or TUNNELD_KEYLOG)")
-    up.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    up.add_argument("--secret-file", metavar="PATH",
+                    help="the account secret, instead of [account] secret_file (e.g. a systemd credential)")
+    up.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    up.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="show the running daemon's interface and peers")
@@ -539,9 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
                            help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
                                 "does): a second port lets devices tell how their NAT maps")
+    serve_dns.add_argument("--metrics", metavar="ADDR:PORT",
+                           help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
-    serve_dns.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
+    serve_dns.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
     serve_dns.set_defaults(func=cmd_serve_dns)
     return p
 
@@ -561,10 +576,11 @@ def _one_line(e: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    logs.setup()  # `up` and `serve-dns` set it up again with their --verbose and --debug-libs
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))
-    except (UsageError, ConfigError, IdentityError) as e:
+    except (UsageError, ConfigError, IdentityError, PrivilegeError) as e:
         print(f"tunneld: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Failure as e:

@@ -41,6 +41,7 @@ Schema::
                                      # or an IP literal; port 3478 if left out). Without it the relay is
                                      # found as _turn._udp.DOMAIN SRV (RFC 5928), if there is one
     [names]                          # optional: enabled = true, hosts_file = "/etc/hosts", short_names = true
+    [metrics]                        # optional: listen = "127.0.0.1:9586" (Prometheus text; off without)
     [service]                        # optional: user = "tunneld" (run as it after start-up; "root": stay)
     [timers]                         # optional: the protocol's timers (tunneld.proto.peer.Timers), in seconds
 
@@ -84,6 +85,7 @@ from tunneld.config_model import (
     ConfigError,
     Endpoint,
     InterfaceConfig,
+    MetricsConfig,
     NamesConfig,
     NatConfig,
     PeerConfig,
@@ -116,6 +118,7 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "InterfaceConfig",
+    "MetricsConfig",
     "NamesConfig",
     "NatConfig",
     "PeerConfig",
@@ -126,7 +129,6 @@ __all__ = [
     "StunServer",
     "load_account_secret",
     "load_config",
-    "load_control_socket",
     "parse_endpoint",
 ]
 
@@ -135,7 +137,7 @@ _MAX_FILE = 1 << 20  # a config or secret file is tiny; do not read /dev/zero un
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 _TABLES: Final = ("interface", "account", "peer", "timers", "portmap", "nat", "relay", "names", "ssh",
-                      "service")
+                   "metrics", "service")
 _NAMES_KEYS: Final = ("enabled", "hosts_file", "short_names")
 _PORTMAP_KEYS: Final = ("enabled", "gateway", "lifetime")
 _NAT_KEYS: Final = ("stun",)
@@ -151,15 +153,10 @@ _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 
-def load_config(path: Path) -> Config:
-    """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong."""
-    return _Loader(Path(path)).load()
-
-
-def load_control_socket(path: Path) -> Path:
-    """[interface] control_socket in ``path``, read without the secret: `tunneld status` need not read it."""
-    loader = _Loader(Path(path))
-    return loader.interface(loader.table(loader.read(), "interface", required=False)).control_socket
+def load_config(path: Path, *, secret_file: Path | None = None) -> Config:
+    """Read, check and derive the configuration in ``path``; raise ConfigError for anything wrong.
+    ``secret_file`` (a systemd credential, say) replaces the config's ``[account] secret_file``."""
+    return _Loader(Path(path), secret_file).load()
 
 
 def load_account_secret(path: Path) -> bytes:
@@ -193,8 +190,9 @@ def _unknown(key: str, known: tuple[str, ...]) -> str:
 
 
 class _Loader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, secret_file: Path | None = None) -> None:
         self.path = path
+        self.secret_file = secret_file
         self.base = path.absolute().parent  # relative paths stay valid if the daemon changes directory
 
     def fail(self, key: str | None, problem: str, fix: str) -> NoReturn:
@@ -239,7 +237,7 @@ class _Loader:
             if key not in _TABLES:
                 what = f"unknown table [{key}]" if isinstance(value, dict) else _unknown(key, _TABLES)
                 self.fail(None, what, "known tables: [interface], [account], [[peer]], [timers], [portmap], "
-                          "[nat], [relay], [names], [ssh], [service]")
+                          "[nat], [relay], [names], [ssh], [metrics], [service]")
 
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
@@ -251,7 +249,12 @@ class _Loader:
         relay = self.relay(self.table(doc, "relay", required=False))
         ssh = self.ssh(self.table(doc, "ssh", required=False))
         names = self.names(self.table(doc, "names", required=False))
-        service = self.service(self.table(doc, "service", required=False))
+        metrics_table = self.table(doc, "metrics", required=False)
+        self.check_keys(metrics_table, "[metrics]", ("listen",))
+        listen = self.string(metrics_table, "metrics", "listen", '"127.0.0.1:9586"')
+        service_table = self.table(doc, "service", required=False)
+        self.check_keys(service_table, "[service]", ("user",))
+        user = self.string(service_table, "service", "user", '"tunneld"')
         return Config(
             path=self.path,
             interface=interface,
@@ -263,7 +266,9 @@ class _Loader:
             relay=relay,
             ssh=ssh,
             names=names,
-            service=service,
+            metrics=MetricsConfig(None if listen is None else
+                                  self.parsed("metrics.listen", values.listen_address, listen)),
+            service=ServiceConfig(self.parsed("service.user", values.user_name, user)),
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
@@ -428,14 +433,6 @@ class _Loader:
         assert hosts_file is not None
         return NamesConfig(enabled=enabled, hosts_file=hosts_file, short_names=short_names)
 
-    def service(self, table: Mapping[str, object]) -> ServiceConfig:
-        """[service]: the user to run as after start-up (docs/privilege.md)."""
-        self.check_keys(table, "[service]", ("user",))
-        user = self.string(table, "service", "user", '"tunneld"')
-        if user is not None and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) is None:  # useradd's NAME_REGEX
-            self.fail("service.user", f"{show(user)} is not a user name", 'write user = "tunneld", or "root"')
-        return ServiceConfig(user or ServiceConfig.user)
-
     def timers(self, table: Mapping[str, object]) -> Timers:
         """[timers]: the protocol's timers (WireGuard's values by default); tests shorten them."""
         self.check_keys(table, "[timers]", _TIMER_KEYS)
@@ -510,10 +507,12 @@ class _Loader:
                 f"{show(raw_domain)} is not a valid domain ({e})",
                 'give the account\'s DNS name, e.g. "home.example.net"',
             )
-        self.required_string(table, w, "secret_file", '"/etc/tunneld/account.secret"')
-        secret_file = self.path_value(table, w, "secret_file", None)
+        if self.secret_file is None:  # else `up --secret-file`: the key is not required, its file not read
+            self.required_string(table, w, "secret_file", '"/etc/tunneld/account.secret"')
+        secret_file = self.secret_file or self.path_value(table, w, "secret_file", None)
         assert secret_file is not None
-        secret = self.parsed(f"{w}.secret_file", values.account_secret, secret_file)
+        where = f"{w}.secret_file" if self.secret_file is None else "--secret-file"
+        secret = self.parsed(where, values.account_secret, secret_file)
         server = self.endpoint(table, w, "server", '"192.0.2.53:53"',
                                'write the DNS UPDATE server as "address:port", e.g. "192.0.2.53:53" or '
                                '"[2001:db8::53]:53", or leave server out to turn publishing off')

@@ -179,6 +179,13 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: where Prometheus text is served over HTTP (tunneld.services.metrics); None: off."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
     secret as ASCII bytes, the HMAC key of TURN REST credentials) are derived from the account secret."""
@@ -196,6 +203,7 @@ class Config:
     nat: NatConfig = field(default_factory=NatConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     names: NamesConfig = field(default_factory=NamesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
     @property

@@ -11,12 +11,13 @@ import binascii
 import ipaddress
 import json
 import os
+import re
 import socket
 import stat
 from datetime import date, datetime, time
 from pathlib import Path
 
-from tunneld.config_model import Endpoint, StunServer
+from tunneld.config_model import DEFAULT_SERVICE_USER, Endpoint, StunServer
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, normalize_domain
 from tunneld.proto.records import check_name
 
@@ -198,6 +199,26 @@ def host_port(text: str, default_port: int | None) -> tuple[str, int]:
         raise Problem(f"{show(port_text)} is not a port number",
                       f"use a port from 1 to 65535, e.g. {example}")
     return host, int(port_text)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """A local TCP listen address, ``"ADDR:PORT"`` (``[v6]:PORT``): an IP literal, not a name."""
+    host, port = host_port(text, None)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise Problem(f"{show(host)} is not an IP address",
+                      'listen on an address of this host, e.g. "127.0.0.1:9586" or "[::1]:9586"') from None
+
+
+def user_name(text: str | None) -> str:
+    """``[service] user``: a system user's name as useradd accepts it by default (its NAME_REGEX); None
+    gives the default."""
+    if text is None:
+        return DEFAULT_SERVICE_USER
+    if re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", text) is None:
+        raise Problem(f"{show(text)} is not a user name", 'write user = "tunneld", or "root"')
+    return text
 
 
 def account_secret(path: Path) -> bytes:

@@ -38,6 +38,7 @@ from tunneld.privdrop import Plan
 from tunneld.proto.netchange import NetWatch, NetworkChanged
 from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
+from tunneld.sdnotify import Notifier
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
 from tunneld.services.hostkeys import KnownHostsService, load_host_keys
@@ -51,6 +52,7 @@ log = logging.getLogger("tunneld")
 
 M_TRIM_THRESHOLD = -1  # glibc malloc.h: mallopt parameter
 KEEP_FREED_BYTES = 64 << 20
+READY_PUBLISH_WAIT = 10.0  # seconds READY=1 waits for the first publication's answer (docs/observability.md)
 
 
 def keep_freed_memory() -> bool:
@@ -66,11 +68,13 @@ def keep_freed_memory() -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config, identity: DeviceIdentity, keylog: KeyLog | None = None, *,
-                 privileges: Plan | None = None, writer: BlockWriter | None = None) -> None:
+    def __init__(self, config: Config, identity: DeviceIdentity, keylog: KeyLog | None = None,
+                 notifier: Notifier | None = None, *, privileges: Plan | None = None,
+                 writer: BlockWriter | None = None) -> None:
         """``privileges``: the drop once the TUN and sockets are open (None: none); ``writer``: the names
         writer the hosts and known-hosts blocks go through (None: written by this process)."""
         self.config = config
+        self.notifier = Notifier.from_env() if notifier is None else notifier  # connected now, as root
         self.privileges = privileges
         self.writer = writer
         self.identity = identity
@@ -136,6 +140,9 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.dataplane.run)
                     await nursery.start(listener.serve, self.handle_control)
+                    if self.config.metrics.listen is not None:  # imported only when on (its import cost)
+                        from tunneld.services.metrics import daemon_server
+                        await nursery.start(daemon_server(self.status, self.config.metrics.listen).run)
                     self._nursery = nursery
                     await nursery.start(self.names.run)
                     await nursery.start(self._watch_network)
@@ -149,11 +156,26 @@ class Daemon:
                              len(self.core.by_key))
                     self.up = True
                     task_status.started()
+                    nursery.start_soon(self._announce_ready)
             finally:
                 self.tun.close()  # removes the device, its address and route
         finally:
             self.udp.close()
             log.info("down: interface and routes removed")
+
+    async def _announce_ready(self) -> None:
+        """READY=1 to systemd once the first publication is answered (or after READY_PUBLISH_WAIT), then
+        a STATUS= line whenever the peer count changes."""
+        if self.publisher is not None:
+            with trio.move_on_after(READY_PUBLISH_WAIT):
+                await self.publisher.answered.wait()
+        self.notifier.ready(self.summary())
+        await self.notifier.follow(self.summary)
+
+    def summary(self) -> str:
+        """One line for systemctl status: "up, 2 of 3 peers with a session"."""
+        peers = self.core.by_key.values()
+        return f"up, {sum(p.current is not None for p in peers)} of {len(peers)} peers with a session"
 
     def _log_keys(self, sa: SecurityAssociation, keymat: bytes, endpoint: Addr | None) -> None:
         assert self.keylog is not None
@@ -454,6 +476,7 @@ async def run_until_signalled(daemon: Daemon) -> None:
             await nursery.start(daemon.run)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                daemon.notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
 

@@ -10,7 +10,6 @@ error (fail closed). The reasons and the capability table: docs/privilege.md.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import grp
 import os
@@ -74,7 +73,7 @@ _libc: ctypes.CDLL | None = None
 def _c() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # Linux only (glibc, as the daemon's mallopt)
     return _libc
 
 

@@ -127,12 +127,12 @@ def test_up_and_serve_dns_drop_privileges_and_still_work(open_dir: Path) -> None
         st = os.stat(a.socket)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o660)
         as_member = ["setpriv", f"--reuid={NOBODY}", f"--regid={gid}", "--clear-groups", TUNNELD]
-        r = lab.run(a.host, [*as_member, "status", "--json", "--config", str(a.config)], check=False)
+        r = lab.run(a.host, [*as_member, "status", "--json", "--socket", str(a.socket)], check=False)
         assert r.returncode == 0 and '"state": "up"' in r.stdout, r
-        r = lab.run(a.host, [*as_member, "rebind", "--config", str(a.config)], check=False)
+        r = lab.run(a.host, [*as_member, "rebind", "--socket", str(a.socket)], check=False)
         assert r.returncode == 1 and "rebind needs root" in r.stderr and "\n" not in r.stderr.strip(), r
         outsider = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", TUNNELD]
-        r = lab.run(a.host, [*outsider, "status", "--config", str(a.config)], check=False)
+        r = lab.run(a.host, [*outsider, "status", "--socket", str(a.socket)], check=False)
         assert r.returncode == 1 and r.stderr == (
             f"tunneld: permission denied on {a.socket}: run as root or join the group tunneld "
             f"(`usermod -aG tunneld USER`)\n"), r

@@ -106,6 +106,23 @@ def test_join_writes_a_loadable_config_and_identity(tmp_path: Path,
     assert str(load_config(cfg).account.server) == "[2001:db8::53]:5353"
 
 
+def test_join_says_which_name_it_chose_and_why(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    monkeypatch.setattr("socket.gethostname", lambda: "Desk.example.org")
+    argv = ["join", "home.example.net", "--server", "192.0.2.53", "--secret-file", str(secret),
+            "--config", str(tmp_path / "a.toml"), "--state-dir", str(tmp_path / "state")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "name desk\n" in captured.out  # stdout stays machine-readable
+    assert captured.err == "tunneld: name desk (this host's name; --name to choose another)\n"
+    argv[argv.index(str(tmp_path / "a.toml"))] = str(tmp_path / "b.toml")
+    assert main([*argv, "--name", "laptop"]) == 0
+    assert capsys.readouterr().err == "tunneld: name laptop (given with --name)\n"
+
+
 @pytest.mark.parametrize(
     ("extra", "word"),
     [

@@ -60,32 +60,22 @@ def test_service_as_a_value_is_refused(tmp_path: Path, account: str) -> None:
         _load(tmp_path, 'service = "root"\n' + account)
 
 
-def test_the_control_socket_is_read_without_the_secret(tmp_path: Path) -> None:
-    """What `tunneld status` reads as a member of the daemon's group, who cannot read the secret."""
-    from tunneld.config import load_control_socket
-
-    config = tmp_path / "tunneld.toml"
-    config.write_text(f'[interface]\ncontrol_socket = "{tmp_path}/c.sock"\n\n[account]\n'
-                      f'domain = "home.example.net"\nsecret_file = "{tmp_path}/missing-secret"\n')
-    assert load_control_socket(config) == tmp_path / "c.sock"
-    with pytest.raises(ConfigError, match="secret"):
-        load_toml(tmp_path, config.read_text())
-    config.write_text("[interface]\ncontrol_socket = 5\n")
-    with pytest.raises(ConfigError, match="control_socket"):
-        load_control_socket(config)
-
-
-def test_status_finds_the_socket_when_the_secret_cannot_be_read(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_asks_the_default_socket_when_the_secret_cannot_be_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member of the daemon's group cannot read root's config directory (0700) or the secret: status
+    then asks the default control socket instead of failing on the config."""
+    import tunneld.cli
     from tunneld.cli import main
 
+    monkeypatch.setattr(tunneld.cli, "DEFAULT_CONTROL_SOCKET", tmp_path / "default.sock")
     config = tmp_path / "tunneld.toml"
     config.write_text(f'[interface]\ncontrol_socket = "{tmp_path}/c.sock"\n\n[account]\n'
                       f'domain = "home.example.net"\nsecret_file = "{tmp_path}/missing-secret"\n')
     assert main(["status", "--config", str(config)]) == 1
-    assert f"cannot reach the daemon at {tmp_path}/c.sock" in capsys.readouterr().err
+    assert f"cannot reach the daemon at {tmp_path}/default.sock" in capsys.readouterr().err
     config.write_text(config.read_text() + "[interface2]\n")  # anything else wrong is still an error
     assert main(["status", "--config", str(config)]) == 2
+    assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 2
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root only: a non-root start looks no user up")

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import dns.message
+import dns.opcode
+import dns.rcode
 import dns.rdatatype
 import dns.tsig
 import trio
@@ -89,6 +91,7 @@ class _Server:
         self.rrl = ResponseLimiter(rrl)
         self.stun_rrl = ResponseLimiter(rrl)  # STUN answers do not eat a site's DNS budget, nor it theirs
         self.stun_counters: Counter[str] = Counter()
+        self.answers: Counter[tuple[str, str]] = Counter()  # (opcode, rcode or "no reply"), for metrics
 
     def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
@@ -101,6 +104,7 @@ class _Server:
                 return None, out
         self.core.last_changes = []
         reply = self.core.handle(wire, src, now, max_size=max_size, msg=msg)
+        self._count(wire, reply)
         events: LLQOutput = []
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
             self.wake.set()
@@ -108,6 +112,13 @@ class _Server:
                 events = self.llq.changes(self.core.last_changes, now)
                 self.llq_wake.set()
         return reply, events
+
+    def _count(self, wire: bytes, reply: bytes | None) -> None:
+        if len(wire) < 4:
+            return
+        opcode = dns.opcode.to_text(dns.opcode.Opcode.make((wire[2] >> 3) & 0xF))
+        rcode = dns.rcode.to_text(dns.rcode.Rcode.make(reply[3] & 0xF)) if reply and len(reply) >= 4 else None
+        self.answers[opcode, rcode or "no reply"] += 1
 
     async def send_llq(self, out: LLQOutput) -> None:
         sock = self.udp
@@ -232,13 +243,15 @@ async def serve(
     rrl: RrlLimits | None = None,
     stun_ports: Sequence[int] = (),
     after_bind: Callable[[], None] | None = None,
+    metrics: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
     is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
-    :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``.
-    OSError if a socket cannot be bound. ``after_bind`` runs once every socket is bound, before the first
-    request is read (serve-dns drops its privileges there)."""
+    :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``;
+    Prometheus metrics over HTTP on ``metrics`` if given. OSError if a socket cannot be bound.
+    ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
+    (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
     try:
         for p, kind in ((port, trio.socket.SOCK_DGRAM), (port, trio.socket.SOCK_STREAM),
@@ -275,6 +288,9 @@ async def serve(
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
                 nursery.start_soon(server.llq_loop)
+            if metrics is not None:  # imported only when on (prometheus-client's import cost)
+                from tunneld.dnsserver.metrics import dns_server
+                await nursery.start(dns_server(server, metrics).run)
             log.info("serving %s on %s port %d (UDP and TCP)%s", core.zone, host, port,
                      "".join(f", STUN on UDP port {p}" for p in stun_ports))
             task_status.started()

@@ -123,7 +123,9 @@ async def find_server(configured: tuple[str, int], domain: str, service: str,
         return configured
     name, address, port = found
     if not address:
-        log.info("%s.%s SRV target %s has no address; using %s:%d", service, domain, name, *configured)
+        # Normal: a server listening on all its addresses publishes none for its own name.
+        log.debug("%s.%s SRV names %s, which has no address record: using the configured server %s:%d",
+                  service, domain, name, *configured)
         return configured
     if (address, port) != configured:
         log.info("%s for %s: %s port %d (from its SRV record)", service, domain, address, port)

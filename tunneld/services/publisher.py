@@ -22,6 +22,7 @@ from typing import Any
 
 import dns.rdatatype
 import dns.rrset
+import trio
 
 from tunneld.proto import hostkeys, records
 from tunneld.proto.dnsupdate import Event, Failed, Published, Publisher, Withdrawn, startup_delay
@@ -61,6 +62,7 @@ class PublisherService(ServerLink[Event]):
         super().__init__(self.publisher, server, grace=STOP_GRACE, name="publish")
         self._rrsets: list[dns.rrset.RRset] | None = None  # what we should publish; None: nothing yet
         self._started = False  # the first publication was handed to the core
+        self.answered = trio.Event()  # the server answered (or the core gave up on) a first publication
 
     # -- the daemon's side -------------------------------------------------------------------------------
 
@@ -130,6 +132,8 @@ class PublisherService(ServerLink[Event]):
         }
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, Published | Failed):
+            self.answered.set()
         if isinstance(event, Published):
             log.info("published our records on %s (lease %d s%s)", _show_server(self.server), event.lease,
                      "" if event.granted else ", server ignores leases")
