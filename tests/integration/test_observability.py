@@ -120,7 +120,8 @@ def test_serve_dns_metrics_after_an_update(tmp_path: Path) -> None:
         with log.open("ab") as out:
             proc = lab.spawn(b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(account.secret),
                                  "--listen", LISTEN, "--db", str(tmp_path / "dns.sqlite"),
-                                 "--default-lease", "7200", "--metrics", f"127.0.0.1:{METRICS_PORT}"],
+                                 "--default-lease", "7200", "--metrics", f"127.0.0.1:{METRICS_PORT}",
+                                 "--user", "root"],
                              stdout=out, stderr=out)
 
         def answers() -> bool:
@@ -155,6 +156,6 @@ def test_a_metrics_port_in_use_fails_serve_dns_with_one_line(tmp_path: Path) -> 
         assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
         r = lab.run(b, [TUNNELD, "serve-dns", "--zone", ZONE, "--secret-file", str(account.secret),
                         "--listen", LISTEN, "--db", str(tmp_path / "dns.sqlite"),
-                        "--metrics", f"127.0.0.1:{METRICS_PORT}"], check=False, timeout=20)
+                        "--metrics", f"127.0.0.1:{METRICS_PORT}", "--user", "root"], check=False, timeout=20)
         assert r.returncode == 1, r.stderr
         assert r.stderr.count("\n") == 1 and f"cannot serve metrics on 127.0.0.1:{METRICS_PORT}" in r.stderr
