@@ -187,7 +187,7 @@ def _limit_bounding_and_ambient(keep: int) -> None:
                 _prctl(PR_CAPBSET_DROP, cap)
 
 
-def _verify(keep: int, uid: int | None) -> None:
+def _verify(keep: int, account: Account | None) -> None:
     effective, permitted, inheritable = capabilities()
     status = parse_status(Path("/proc/self/status").read_text())
     if (effective, permitted, inheritable) != (keep, keep, 0):
@@ -197,8 +197,10 @@ def _verify(keep: int, uid: int | None) -> None:
         raise PrivilegeError("the ambient capabilities did not clear")
     if _prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise PrivilegeError("no-new-privs did not take")
-    if uid is not None and (os.getresuid() != (uid, uid, uid) or (0 in os.getresgid() and uid != 0)):
-        raise PrivilegeError(f"the user did not change: uids {os.getresuid()}, gids {os.getresgid()}")
+    if account is not None and (os.getresuid() != (account.uid,) * 3 or os.getresgid() != (account.gid,) * 3
+                                or os.getgroups()):
+        raise PrivilegeError(f"the user did not change: uids {os.getresuid()}, gids {os.getresgid()}, "
+                             f"groups {os.getgroups()}")
 
 
 def drop_to(account: Account | None, keep: Iterable[int]) -> None:
@@ -225,9 +227,7 @@ def drop_to(account: Account | None, keep: Iterable[int]) -> None:
     _prctl(PR_SET_KEEPCAPS, 0)
     _capset(wanted, wanted)  # keepcaps kept the permitted set; the effective one was cleared
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    _verify(wanted, account.uid)
-    if os.getgroups():
-        raise PrivilegeError(f"supplementary groups remain: {os.getgroups()}")
+    _verify(wanted, account)
 
 
 def drop_capabilities() -> None:
