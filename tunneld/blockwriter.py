@@ -129,8 +129,8 @@ def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_bl
         if not isinstance(request, dict):
             raise ValueError("a request is a JSON object")
         kind, domain, lines = request.get("file"), request.get("domain"), request.get("lines")
-        if not isinstance(kind, str) or kind not in paths:
-            raise ValueError(f"no such file {kind!r}: the writer has {sorted(paths)}")
+        if kind not in (HOSTS, KNOWN_HOSTS) or kind not in paths:
+            raise ValueError(f"no such file {kind!r}: the writer has {sorted(set(paths) - {CONTROL_SOCKET})}")
         if not isinstance(domain, str) or not isinstance(lines, list) or len(lines) > MAX_LINES:
             raise ValueError(f"a request names a domain and at most {MAX_LINES} lines")
         checked = [check_line(kind, line) for line in lines]

@@ -61,7 +61,7 @@ class Recorder:
 
 def test_handle_writes_only_the_fixed_path_and_checks_every_line(tmp_path: Path) -> None:
     rec = Recorder()
-    paths = {HOSTS: tmp_path / "hosts"}
+    paths = {HOSTS: tmp_path / "hosts", blockwriter.CONTROL_SOCKET: tmp_path / "c.sock"}
     ok = handle({"file": HOSTS, "domain": DOMAIN, "lines": ["fd00::a a.home.example.net"]}, paths, rec)
     assert ok == {"ok": True, "changed": True}
     assert rec.calls == [(tmp_path / "hosts", DOMAIN, ["fd00::a a.home.example.net"])]
@@ -69,6 +69,7 @@ def test_handle_writes_only_the_fixed_path_and_checks_every_line(tmp_path: Path)
                 {"file": HOSTS, "domain": DOMAIN, "lines": ["fd00::a a", "x\n127.0.0.1 evil"]},
                 {"file": HOSTS, "domain": DOMAIN, "lines": ["fd00::a a"] * (blockwriter.MAX_LINES + 1)},
                 {"file": HOSTS, "path": "/etc/passwd", "lines": []},
+                {"file": blockwriter.CONTROL_SOCKET, "domain": DOMAIN, "lines": []},  # not a block's file
                 ["hosts"]):
         assert "error" in handle(bad, paths, rec), bad
     assert len(rec.calls) == 1
