@@ -100,3 +100,27 @@ def test_the_group_reads_and_others_are_refused(open_dir: Path) -> None:
             listener.close()
 
     trio.run(main)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another user's view of a 0700 config directory)")
+def test_a_member_who_cannot_read_the_config_asks_the_default_socket(open_dir: Path) -> None:
+    """/etc/tunneld is 0700 in the package layout: a member of the group cannot read the config that names
+    the socket, so status asks the default path; any other config problem is still the usual exit 2."""
+    from tunneld.config import DEFAULT_CONTROL_SOCKET
+
+    gid = _tunneld_gid()
+    private = open_dir / "etc"
+    private.mkdir(mode=0o700)
+    (private / "tunneld.toml").write_text("[account]\n")
+    (open_dir / "broken.toml").write_text("[account\n")
+    os.chmod(open_dir / "broken.toml", 0o644)
+
+    async def main() -> None:
+        config = str(private / "tunneld.toml")
+        unreadable = await _as(NOBODY, gid, "-m", "tunneld", "status", "--config", config)
+        assert unreadable.returncode == 1, unreadable
+        assert str(DEFAULT_CONTROL_SOCKET) in unreadable.stderr.decode(), unreadable
+        broken = await _as(NOBODY, gid, "-m", "tunneld", "status", "--config", str(open_dir / "broken.toml"))
+        assert broken.returncode == 2 and str(DEFAULT_CONTROL_SOCKET) not in broken.stderr.decode(), broken
+
+    trio.run(main)
