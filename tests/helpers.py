@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -74,3 +75,36 @@ def load_toml(directory: Path, text: str) -> Any:
     path = directory / "tunneld.toml"
     path.write_text(text)
     return load_config(path)
+
+
+# Session timers short enough to see rekeys within a test (reject_after_time must exceed
+# rekey_after_time + rekey_timeout: the config checks it).
+SHORT_TIMERS = """
+[timers]
+rekey_after_time = 1.0
+rekey_timeout = 0.5
+reject_after_time = 3.0
+keepalive_timeout = 1.0
+"""
+
+
+def in_forked_child(body: Callable[[], Any]) -> Any:
+    """Run ``body`` in a forked child (for what cannot be undone, such as dropping privileges); its JSON
+    result as ``{"ok": value}`` or its error as ``{"error": "Type: text"}``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            try:
+                out: Any = {"ok": body()}
+            except Exception as e:
+                out = {"error": f"{type(e).__name__}: {e}"}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)

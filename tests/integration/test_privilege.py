@@ -19,6 +19,7 @@ import pytest
 
 from lab.netns import Lab, wait_for
 from lab.tunnel import DOMAIN, TUNNELD, Node, dig, peer_status, ping6, running_pair, serve_dns, status
+from tests.helpers import SHORT_TIMERS
 from tunneld.marked_block import read_block
 from tunneld.privdrop import parse_status
 
@@ -31,13 +32,6 @@ pytestmark = [
 CAP_NET_ADMIN = 1 << 12
 NOBODY = 65534
 DNS = ("192.0.2.2", 53)
-SHORT_TIMERS = """
-[timers]
-rekey_after_time = 1.0
-rekey_timeout = 0.5
-reject_after_time = 3.0
-keepalive_timeout = 1.0
-"""
 
 
 def _ids() -> tuple[int, int]:

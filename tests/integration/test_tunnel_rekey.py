@@ -13,18 +13,11 @@ import pytest
 from lab.flows import Blast
 from lab.netns import Lab, wait_for
 from lab.tunnel import Node, peer_status, ping6, running_pair, status
+from tests.helpers import SHORT_TIMERS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 (CI runs as root)")
 
-# reject_after_time must exceed rekey_after_time + rekey_timeout (the config checks it).
-SHORT_TIMERS = """
-[timers]
-rekey_after_time = 1.0
-rekey_timeout = 0.5
-reject_after_time = 3.0
-keepalive_timeout = 1.0
-"""
 STREAM_SECONDS = 6.0
 
 

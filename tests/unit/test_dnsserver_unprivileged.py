@@ -3,41 +3,22 @@ cannot write is found right after the drop, with the fix in one line. In forked 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dns.name
 import pytest
 
+from tests.helpers import in_forked_child
 from tunneld import privdrop
 from tunneld.dnsserver import unprivileged
 from tunneld.dnsserver.store import ZoneStore
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (drops to the tunneld user)")
 
-
-def _in_child(body: Callable[[], Any]) -> Any:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            try:
-                out: Any = {"ok": body()}
-            except Exception as e:
-                out = {"error": f"{type(e).__name__}: {e}"}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 @pytest.fixture
@@ -71,7 +52,7 @@ def test_a_directory_serve_dns_created_is_handed_over_and_stays_writable(open_di
         st = privdrop.parse_status(Path("/proc/self/status").read_text())
         return [st["Uid"].split()[0], int(st["CapEff"], 16), st["NoNewPrivs"]]
 
-    assert _in_child(body) == {"ok": [str(acct.uid), 0, "1"]}
+    assert in_forked_child(body) == {"ok": [str(acct.uid), 0, "1"]}
     store.close()
 
 
@@ -80,7 +61,7 @@ def test_a_directory_the_user_cannot_write_is_one_line_naming_the_fix(open_dir: 
     db = open_dir / "dns.sqlite"  # open_dir is root's: the journal cannot be created there as tunneld
     store = _store(db)
     os.chown(db, acct.uid, acct.gid)  # the file alone is not enough
-    got = _in_child(lambda: unprivileged.drop(acct, "tunneld", store, db))
+    got = in_forked_child(lambda: unprivileged.drop(acct, "tunneld", store, db))
     assert got["error"].startswith("DatabaseNotWritable: cannot write the zone database"), got
     assert "--user root" in got["error"] and "\n" not in got["error"]
     store.close()
@@ -93,4 +74,4 @@ def test_root_keeps_root() -> None:
         unprivileged.drop(None, "root", None, Path("unused"))  # type: ignore[arg-type]
         return os.geteuid()
 
-    assert _in_child(body) == {"ok": 0}
+    assert in_forked_child(body) == {"ok": 0}

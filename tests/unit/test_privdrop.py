@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import in_forked_child
 from tunneld import privdrop
 from tunneld.privdrop import CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, PrivilegeError
 
@@ -65,26 +64,6 @@ def test_refuses_with_a_second_thread_and_changes_nothing() -> None:
     assert (privdrop.capabilities(), os.getresuid()) == before
 
 
-def _in_child(body: Callable[[], Any]) -> Any:
-    """Run body in a forked child (a drop cannot be undone); its JSON result or its error text."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            try:
-                out: Any = {"ok": body()}
-            except Exception as e:
-                out = {"error": f"{type(e).__name__}: {e}"}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
-
 
 def _me() -> dict[str, Any]:
     st = privdrop.parse_status(Path("/proc/self/status").read_text())
@@ -111,7 +90,7 @@ def test_drop_to_the_user_keeps_exactly_net_admin() -> None:
         privdrop.drop_to(acct, [CAP_NET_ADMIN])
         return _me()
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got["uid"] == [str(acct.uid)] * 4 and got["gid"] == [str(acct.gid)] * 4 and got["groups"] == ""
     assert got["eff"] == got["prm"] == 1 << CAP_NET_ADMIN
     assert got["inh"] == got["amb"] == 0 and got["nnp"] == "1"
@@ -133,7 +112,7 @@ def test_drop_keeps_net_bind_service_when_asked_and_then_cannot_regain() -> None
         first["last"] = _me()
         return first
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got["eff"] == 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE
     assert "cannot keep CAP_0" in got["again"]
     assert got["last"]["eff"] == got["last"]["prm"] == 0 and got["last"]["uid"] == [str(acct.uid)] * 4
@@ -150,7 +129,7 @@ def test_drop_capabilities_keeps_uid_0_with_nothing() -> None:
             me["setuid"] = "refused"
         return me
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got["uid"] == ["0"] * 4 and got["eff"] == got["prm"] == got["bnd"] == 0
     assert got["nnp"] == "1" and got["setuid"] == "refused"
 
@@ -170,7 +149,7 @@ def test_without_setpcap_the_bounding_set_is_left_and_the_drop_still_holds() -> 
         privdrop.drop_to(acct, [CAP_NET_ADMIN])
         return _me()
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got["eff"] == got["prm"] == 1 << CAP_NET_ADMIN and got["nnp"] == "1"
     assert got["bnd"] == sum(1 << c for c in unit) and got["uid"] == [str(acct.uid)] * 4
 
@@ -199,7 +178,7 @@ def test_plan_started_non_root_keeps_the_user_and_what_it_has() -> None:
         assert p is not None
         return [p.account, sorted(p.keep), p.apply()]
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got == [None, [CAP_NET_ADMIN], f"running as uid {acct.uid} with CAP_NET_ADMIN"]
 
 
@@ -217,7 +196,7 @@ def test_a_capability_the_unit_does_not_give_is_refused_before_anything_changes(
             return [str(e), os.getresuid(), _me()["nnp"]]
         return ["dropped"]
 
-    got = _in_child(body)["ok"]
+    got = in_forked_child(body)["ok"]
     assert got == ["cannot keep CAP_NET_BIND_SERVICE: the process does not have it", [0, 0, 0], "0"]
 
 
@@ -236,7 +215,7 @@ def test_started_non_root_with_an_ambient_capability_drops_it_all() -> None:
         privdrop.drop_to(None, ())
         return [before, _me()]
 
-    before, after = _in_child(body)["ok"]
+    before, after = in_forked_child(body)["ok"]
     assert before == bind
     assert after["amb"] == after["eff"] == after["prm"] == after["inh"] == 0 and after["nnp"] == "1"
     assert after["uid"] == [str(acct.uid)] * 4
