@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from tunneld import marked_block, privdrop
+from tunneld.crypto.kdf import normalize_domain
+from tunneld.identity import account_prefix
 
 __all__ = ["CONTROL_SOCKET", "HOSTS", "KNOWN_HOSTS", "BlockWriter", "check_line", "serve"]
 
@@ -53,35 +55,49 @@ _MAX_KEY: Final = 16 * 1024  # base64 characters of one public key (an RSA 16384
 Writer = Callable[[Path, str, Sequence[str]], bool]
 
 
-def _check_host_name(name: str) -> None:
+def _check_host_name(name: str, domain: str | None) -> None:
     if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         raise ValueError(f"{name!r} is not a host name")
+    if domain is not None and "." in name and not name.lower().endswith("." + domain):
+        raise ValueError(f"{name!r} is neither a short name nor a name under {domain}")
 
 
-def _check_name_or_address(name: str) -> None:
+def _check_address(text: str, prefix: ipaddress.IPv6Network | None) -> None:
+    address = ipaddress.ip_address(text)
+    if prefix is not None and address not in prefix:
+        raise ValueError(f"{text} is not an address of the account ({prefix})")
+
+
+def _check_name_or_address(name: str, domain: str | None, prefix: ipaddress.IPv6Network | None) -> None:
     try:
         ipaddress.ip_address(name)
     except ValueError:
-        _check_host_name(name)
+        _check_host_name(name, domain)
+    else:
+        _check_address(name, prefix)
 
 
-def check_line(kind: str, line: object) -> str:
+def check_line(kind: str, line: object, domain: str | None = None) -> str:
     """``line`` if it is a well-formed line of a ``kind`` block, else ValueError: ``ADDR NAME...`` for
-    hosts, ``NAMES KEYTYPE BASE64`` (NAMES comma-separated names or addresses) for known_hosts."""
+    hosts, ``NAMES KEYTYPE BASE64`` (NAMES comma-separated names or addresses) for known_hosts. With the
+    account's ``domain``, every name is a short name or one under the domain and every address is in
+    the account's /48: a daemon taken over cannot pin another site's name or key."""
     if not isinstance(line, str) or len(line) > _MAX_KEY + 1024:
         raise ValueError("a line must be a string of bounded length")
+    domain = None if domain is None else normalize_domain(domain)
+    prefix = None if domain is None else account_prefix(domain)
     fields = line.split(" ")
     if kind == HOSTS:
         if len(fields) < 2:
             raise ValueError(f"hosts line {line!r} is not ADDRESS NAME...")
-        ipaddress.ip_address(fields[0])
+        _check_address(fields[0], prefix)
         for name in fields[1:]:
-            _check_host_name(name)
+            _check_host_name(name, domain)
     elif kind == KNOWN_HOSTS:
         if len(fields) != 3:
             raise ValueError(f"known-hosts line {line!r} is not NAMES KEYTYPE BASE64")
         for name in fields[0].split(","):
-            _check_name_or_address(name)
+            _check_name_or_address(name, domain, prefix)
         if not _KEY_TYPE.match(fields[1]) or not 0 < len(fields[2]) <= _MAX_KEY:
             raise ValueError(f"known-hosts line {line!r} has a bad key type or key")
         try:
@@ -122,9 +138,10 @@ def _read_frame(sock: socket.socket) -> Any:
     return json.loads(data)
 
 
-def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_block.write_block
-           ) -> dict[str, Any]:
-    """The reply to one request: ``{"ok": true, "changed": bool}`` or ``{"error": ...}``."""
+def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_block.write_block,
+           account: str | None = None) -> dict[str, Any]:
+    """The reply to one request: ``{"ok": true, "changed": bool}`` or ``{"error": ...}``. With the
+    ``account``'s domain (fixed at fork), a request for another domain is refused."""
     try:
         if not isinstance(request, dict):
             raise ValueError("a request is a JSON object")
@@ -133,13 +150,16 @@ def handle(request: object, paths: Mapping[str, Path], write: Writer = marked_bl
             raise ValueError(f"no such file {kind!r}: the writer has {sorted(set(paths) - {CONTROL_SOCKET})}")
         if not isinstance(domain, str) or not isinstance(lines, list) or len(lines) > MAX_LINES:
             raise ValueError(f"a request names a domain and at most {MAX_LINES} lines")
-        checked = [check_line(kind, line) for line in lines]
+        if account is not None and normalize_domain(domain) != normalize_domain(account):
+            raise ValueError(f"the writer keeps the blocks of {account} only")
+        checked = [check_line(kind, line, account) for line in lines]
         return {"ok": True, "changed": write(paths[kind], domain, checked)}
     except (OSError, ValueError) as e:
         return {"error": str(e)[:500]}
 
 
-def serve(sock: socket.socket, paths: Mapping[str, Path], write: Writer = marked_block.write_block) -> None:
+def serve(sock: socket.socket, paths: Mapping[str, Path], write: Writer = marked_block.write_block,
+          account: str | None = None) -> None:
     """Answer requests on ``sock`` until its other end closes (or sends something unreadable); then
     remove the control socket registered by its identity, if ``paths`` names one and it is still there."""
     bound: tuple[int, int] | None = None
@@ -161,7 +181,7 @@ def serve(sock: socket.socket, paths: Mapping[str, Path], write: Writer = marked
                 else:
                     sock.sendall(_frame({"error": "no control socket to register"}))
                 continue
-            sock.sendall(_frame(handle(request, paths, write)))
+            sock.sendall(_frame(handle(request, paths, write, account)))
     finally:
         if bound is not None:
             _remove_socket(paths[CONTROL_SOCKET], bound)
@@ -184,9 +204,10 @@ class BlockWriter:
         self.paths = dict(paths)
 
     @classmethod
-    def start(cls, paths: Mapping[str, Path]) -> BlockWriter:
-        """Fork the writer for these files. Call it while the process has one thread (a fork copies only
-        the calling thread) and before opening anything the writer must not hold."""
+    def start(cls, paths: Mapping[str, Path], account: str | None = None) -> BlockWriter:
+        """Fork the writer for these files (and only the blocks of the ``account``'s domain, if given).
+        Call it while the process has one thread (a fork copies only the calling thread) and before
+        opening anything the writer must not hold."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the writer process (its behaviour is tested through the pair)
@@ -194,7 +215,7 @@ class BlockWriter:
             try:
                 parent.close()
                 _become_writer(child)
-                serve(child, paths)
+                serve(child, paths, account=account)
                 code = 0
             except BaseException as e:
                 with contextlib.suppress(BaseException):

@@ -495,7 +495,7 @@ def prepare_privileges(config: Config) -> tuple[Plan | None, BlockWriter | None]
         paths[KNOWN_HOSTS] = config.ssh.known_hosts
     if plan is None or plan.account is None:
         return plan, None
-    return plan, BlockWriter.start(paths)
+    return plan, BlockWriter.start(paths, config.account.domain)
 
 
 def keylog_path(cli_value: str | None) -> Path | None:

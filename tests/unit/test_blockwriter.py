@@ -13,6 +13,7 @@ import pytest
 
 from tunneld import blockwriter, privdrop
 from tunneld.blockwriter import HOSTS, KNOWN_HOSTS, BlockWriter, check_line, handle
+from tunneld.identity import ula_for
 from tunneld.marked_block import read_block
 
 DOMAIN = "home.example.net"
@@ -74,6 +75,42 @@ def test_handle_writes_only_the_fixed_path_and_checks_every_line(tmp_path: Path)
         assert "error" in handle(bad, paths, rec), bad
     assert len(rec.calls) == 1
 
+
+
+ULA = str(ula_for(DOMAIN, bytes(32)))  # an address of the account's /48
+
+
+@pytest.mark.parametrize(("kind", "line", "good"), [
+    (HOSTS, f"{ULA} laptop.{DOMAIN} laptop", True),
+    (HOSTS, f"{ULA} LAPTOP.HOME.EXAMPLE.NET", True),  # names compare in any case
+    (HOSTS, f"fd00::a laptop.{DOMAIN}", False),  # another ULA
+    (HOSTS, "192.0.2.1 laptop", False),
+    (HOSTS, f"{ULA} github.com", False),  # another site's name
+    (HOSTS, f"{ULA} evil{DOMAIN}", False),  # a suffix that is not a label boundary
+    (KNOWN_HOSTS, f"laptop.{DOMAIN},laptop,{ULA} ssh-ed25519 {KEY}", True),
+    (KNOWN_HOSTS, f"github.com ssh-ed25519 {KEY}", False),
+    (KNOWN_HOSTS, f"laptop,192.0.2.1 ssh-ed25519 {KEY}", False),
+])
+def test_with_the_account_only_its_names_and_addresses_pass(kind: str, line: str, good: bool) -> None:
+    """What a daemon taken over could otherwise do: pin another site's name or SSH key for every user."""
+    check_line(kind, line)  # well-formed either way
+    if good:
+        assert check_line(kind, line, DOMAIN) == line
+    else:
+        with pytest.raises(ValueError):
+            check_line(kind, line, DOMAIN)
+
+
+def test_a_writer_for_one_account_refuses_another_domain(tmp_path: Path) -> None:
+    rec = Recorder()
+    paths = {HOSTS: tmp_path / "hosts"}
+    line = f"{ULA} a.{DOMAIN}"
+    assert handle({"file": HOSTS, "domain": DOMAIN + ".", "lines": [line]}, paths, rec, DOMAIN)["ok"]
+    other = handle({"file": HOSTS, "domain": "example.org", "lines": []}, paths, rec, DOMAIN)
+    assert "blocks of home.example.net only" in other["error"]
+    assert "not an address of the account" in handle(
+        {"file": HOSTS, "domain": DOMAIN, "lines": ["fd00::a a"]}, paths, rec, DOMAIN)["error"]
+    assert len(rec.calls) == 1
 
 def test_serve_stops_on_an_oversized_frame_and_at_the_end(tmp_path: Path) -> None:
     a, b = socket.socketpair()
