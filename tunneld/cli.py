@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import dataclasses
-import functools
 import ipaddress
 import json
-import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -213,133 +209,6 @@ def _startup_failure(e: BaseException) -> str | None:
     return None
 
 
-# Not the daemon's state directory (its device key): serve-dns hands the directory it creates to its user.
-DEFAULT_DNS_DB = "/var/lib/tunneld-dns/dns.sqlite"
-DEFAULT_DNS_LISTEN = "[::]:53"
-
-
-def cmd_serve_dns(args: argparse.Namespace) -> int:
-    """Run the rendezvous DNS server for one zone until SIGINT/SIGTERM (exit 0)."""
-    import sqlite3
-
-    import dns.name
-    import trio
-
-    from tunneld.config import load_account_secret, parse_endpoint
-    from tunneld.dnsserver import unprivileged
-    from tunneld.dnsserver.core import DnsCore, Policy, account_key
-    from tunneld.dnsserver.llq import LLQServer
-    from tunneld.dnsserver.serve import RrlLimits, bind_error_message, serve
-    from tunneld.dnsserver.store import NotWritable, ZoneStore
-
-    logs.setup(args.verbose, args.debug_libs)
-    zone = _domain(args.zone, "--zone")
-    try:
-        listen = parse_endpoint(args.listen)
-    except ValueError as e:
-        raise UsageError(f"bad --listen: {e}") from None
-    if isinstance(listen.host, ipaddress.IPv6Address) and listen.host.scope_id is not None:
-        raise UsageError(f"bad --listen {show(args.listen)}: a scoped (link-local) address cannot be "
-                         f"published for clients elsewhere; give a global address, or [::]:53 for all")
-    if listen.port == 0:
-        raise UsageError(f"bad --listen {args.listen!r}: port 0; give a port such as 53")
-    try:
-        server = dns.name.from_text(args.server_name or f"ns.{zone}")
-    except Exception as e:  # dnspython's name errors are many classes
-        raise UsageError(f"bad --server-name {args.server_name!r}: {e}; give a DNS host name") from None
-    policy = Policy()
-    if args.min_lease is not None:
-        if not 1 <= args.min_lease <= policy.max_lease:
-            raise UsageError(f"bad --min-lease {args.min_lease}: give 1 to {policy.max_lease} seconds")
-        policy = dataclasses.replace(policy, min_lease=args.min_lease)
-    if args.default_lease is not None and not (policy.min_lease <= args.default_lease <= policy.max_lease):
-        raise UsageError(f"bad --default-lease {args.default_lease}: give {policy.min_lease} to "
-                         f"{policy.max_lease} seconds")
-    rrl = RrlLimits()
-    if args.rate_limit is not None:
-        if not 0 <= args.rate_limit <= 1_000_000:
-            raise UsageError(f"bad --rate-limit {args.rate_limit}: give 0 (no limit) to 1000000 replies "
-                             "per second")
-        rrl = (dataclasses.replace(rrl, enabled=False) if args.rate_limit == 0 else
-               dataclasses.replace(rrl, answers_per_second=args.rate_limit,
-                                   errors_per_second=args.rate_limit / 2))
-    metrics = None
-    if args.metrics is not None:
-        from tunneld.config_values import Problem, listen_address
-        try:
-            metrics = listen_address(args.metrics)
-        except Problem as p:
-            raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
-    stun_ports = list(dict.fromkeys(args.stun or ()))
-    for port in stun_ports:
-        if not 1 <= port <= 65535 or port == listen.port:
-            raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
-                             f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
-    secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
-    account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
-    db = Path(args.db)
-    created = not db.absolute().parent.exists()
-    try:
-        if db.parent != Path(""):
-            db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Our SRV records (_dns-update._udp, _dns-llq._udp) name this server: give the name an address
-        # when we listen on a specific one inside the zone, so that clients can follow the SRV.
-        specific = not listen.host.is_unspecified and server.is_subdomain(dns.name.from_text(zone))
-        store = ZoneStore(str(db), zone + ".", server, listen.port,
-                          addresses=[str(listen.host)] if specific else ())
-    except ValueError as e:  # the database holds another zone
-        raise UsageError(f"--db {db}: {e}; give another --db for this zone") from None
-    except (OSError, sqlite3.Error) as e:
-        raise UsageError(f"cannot open the zone database --db {db}: {getattr(e, 'strerror', None) or e}; "
-                         f"check the path and its permissions") from None
-    try:  # found now, not at the first update
-        store.check_writable()
-        if created:
-            unprivileged.hand_over(account, db.absolute())
-    except NotWritable as e:
-        store.close()
-        raise UsageError(f"cannot write the zone database --db {db}: {e}") from None
-    keys = [account_key(secret, zone)]
-    core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
-
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
-                await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
-                                                      metrics=metrics, after_bind=functools.partial(
-                                                          unprivileged.drop, account, args.user, store, db)))
-                async for signum in signals:
-                    logging.getLogger("tunneld.dnsserver").info(
-                        "%s: shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-
-    try:
-        trio.run(run)
-    except BaseException as e:  # bind failures arrive wrapped in exception groups
-        if metrics is not None:
-            from tunneld.services.metrics import MetricsError
-            failure = _first(e, MetricsError)
-            if failure is not None:
-                print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
-                return EXIT_FAILURE
-        dropped = _first(e, PrivilegeError) or _first(e, unprivileged.DatabaseNotWritable)
-        if dropped is not None:
-            print(f"tunneld: {_one_line(dropped)}", file=sys.stderr)
-            return EXIT_USAGE if isinstance(dropped, unprivileged.DatabaseNotWritable) else EXIT_FAILURE
-        err = _first(e, OSError)
-        if err is None:
-            raise
-        where = err.filename if isinstance(err.filename, str) else str(listen)
-        print(f"tunneld: {bind_error_message(err, where)}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        store.close()
-    return EXIT_OK
-
-
 def _first(e: BaseException, kind: type[_E]) -> _E | None:
     """The first exception of ``kind`` in ``e``, looking inside exception groups."""
     if isinstance(e, BaseExceptionGroup):
@@ -532,32 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tunneld import hosts_cmd
     hosts_cmd.add_parser(sub)
 
-    serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
-    serve_dns.add_argument("--zone", required=True, help="the account's domain, served as the zone")
-    serve_dns.add_argument("--secret-file", required=True,
-                           help="the account secret (first line of `tunneld account new`)")
-    serve_dns.add_argument("--listen", default=DEFAULT_DNS_LISTEN,
-                           help=f"ADDR:PORT for UDP and TCP (default {DEFAULT_DNS_LISTEN}, IPv4 and IPv6)")
-    serve_dns.add_argument("--db", default=DEFAULT_DNS_DB, help=f"zone database (default {DEFAULT_DNS_DB})")
-    serve_dns.add_argument("--server-name", help="this server's host name in NS/SOA/SRV (default ns.ZONE)")
-    serve_dns.add_argument("--min-lease", type=int, metavar="SECONDS",
-                           help="the shortest update lease granted (default 1800, RFC 9664's minimum)")
-    serve_dns.add_argument("--default-lease", type=int, metavar="SECONDS",
-                           help="grant this lease to updates without an RFC 9664 lease option (plain "
-                                "RFC 2136 clients such as nsupdate); without it such updates are refused")
-    serve_dns.add_argument("--rate-limit", type=int, metavar="REPLIES",
-                           help="unsigned UDP answers per second to one /24 or /56 (errors: half as many; "
-                                "default 20; 0: no rate limiting); beyond, replies are dropped or truncated")
-    serve_dns.add_argument("--stun", type=int, action="append", metavar="PORT",
-                           help="also answer STUN Binding on this UDP port (repeatable; the DNS port always "
-                                "does): a second port lets devices tell how their NAT maps")
-    serve_dns.add_argument("--metrics", metavar="ADDR:PORT",
-                           help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
-    serve_dns.add_argument("--user", default="tunneld",
-                           help="run as this user once the ports are bound (default tunneld; root: no drop)")
-    serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")
-    serve_dns.add_argument("--debug-libs", action="store_true", help="the libraries' debug logging too")
-    serve_dns.set_defaults(func=cmd_serve_dns)
+    from tunneld import serve_dns_cmd
+    serve_dns_cmd.add_parser(sub)
     return p
 
 
