@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     streams = args.streams if want & {"tcp", "cost"} else []
     r = e2e.run_e2e(args.modes, streams, args.duration, args.runs,
-                    Path(args.tunneld) if args.tunneld else None, extra=extra)
+                    Path(args.tunneld) if args.tunneld else None,
+                    profile_dir=Path(args.profile) if args.profile else None, extra=extra)
     r["row_kinds"], r["settings"], r["extra"] = sorted(want), cfg, extra_rows
     if "cost" in want:
         r["cost"] = cost_rows(r["rows"])
