@@ -59,6 +59,10 @@ class Setup:
     tag: str = ""  # prefix of profile file names ("offload-" for tunneld-offload)
 
 
+# More measurements in a mode's lab after its TCP runs (bench/rows.py): (mode, lab, a, b, setup, rec, work).
+Extra = Callable[[str, Lab, Host, Host, Setup, Recorder, Path], None]
+
+
 # -- small helpers --------------------------------------------------------------------------------
 
 def _alive(p: subprocess.Popen[Any], what: str, log: Path | None = None) -> bool:
@@ -348,8 +352,9 @@ def _summary(mode: str, streams: int, samples: list[dict[str, Any]]) -> dict[str
 
 def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, tunneld: Path,
              log: Callable[[str], None], info: dict[str, Any],
-             profiler: Profiler | None = None) -> list[dict[str, Any]]:
-    """Measure one mode in its own lab; `info` gets the lab id, namespaces and every PID started."""
+             profiler: Profiler | None = None, extra: Extra | None = None) -> list[dict[str, Any]]:
+    """Measure one mode in its own lab; `info` gets the lab id, namespaces and every PID started;
+    `extra` measures more in the same lab after the TCP runs."""
     rec = Recorder()
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-e2e-{mode}-")))
@@ -381,12 +386,14 @@ def run_mode(mode: str, streams_list: Sequence[int], duration: int, runs: int, t
                     f"{s['retransmits']} retransmits" + (f", daemon cores {cpu}" if cpu else "")
                     + f", machine busy {s['busy']:.2f}"
                     + (" (profiled)" if prof else ""))
+        if extra is not None:
+            extra(mode, lab, a, b, setup, rec, work)
     return [_summary(mode, n, samples[n]) for n in streams_list]
 
 
 def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, runs: int,
             tunneld: Path | None = None, log: Callable[[str], None] | None = None,
-            profile_dir: Path | None = None) -> dict[str, Any]:
+            profile_dir: Path | None = None, extra: Extra | None = None) -> dict[str, Any]:
     for tool in ("iperf3", "ip", "ss", "ping") + (("wireguard-go", "wg") if "wireguard-go" in modes else ()):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found (Debian: apt-get install iperf3 iproute2 iputils-ping "
@@ -412,7 +419,7 @@ def run_e2e(modes: Sequence[str], streams_list: Sequence[int], duration: int, ru
         for mode in modes:
             info: dict[str, Any] = {"mode": mode}
             try:
-                rows = run_mode(mode, streams_list, duration, runs, tunneld, log, info, profiler)
+                rows = run_mode(mode, streams_list, duration, runs, tunneld, log, info, profiler, extra)
             except (LabError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
                 # Report it and go on with the other modes; the lab has been torn down already.
                 log(f"[{mode}] failed: {e}")

@@ -7,11 +7,13 @@ interleaved rounds, so that noise from other work on the machine falls on all of
 reported as medians with the ratio (b)/(a).
 
 `e2e`: TCP throughput through real tunnels between two network namespaces (bench/e2e.py): plain veth,
-wireguard-go and tunneld, with the CPU the tunnel daemon uses on each side; needs root.
+wireguard-go and tunneld, with the CPU the tunnel daemon uses on each side; needs root. `--rows`
+adds round trip idle and under load, small-packet rate and cost per byte (bench/rows.py).
 
 Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [--rounds R] [--json]
        python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
                                       [--modes veth,wireguard-go,tunneld] [--profile DIR] [--json]
+                                      [--rows tcp,latency,small,cost] [--quick]
        python -m bench.throughput dns [--updates 500] [--window 32] [--rounds 3] [--watchers 100]
                                       [--events 20] [--json]
 
@@ -32,7 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from bench import dns, e2e
+from bench import dns, e2e, rows
 from tunneld.crypto.aead import SUITES
 from tunneld.crypto.esp import SecurityAssociation
 
@@ -135,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=int, default=64, help="packets per seal_many/open_many call")
     c.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    e2e.add_arguments(sub.add_parser("e2e", help="iperf3 through veth, wireguard-go and tunneld (root)"))
+    e = sub.add_parser("e2e", help="iperf3 through veth, wireguard-go and tunneld (root)")
+    e2e.add_arguments(e)
+    rows.add_arguments(e)
     dns.add_arguments(sub.add_parser("dns", help="signed UPDATEs/s vs BIND, LLQ event latency (root)"))
     args = parser.parse_args(argv)
     if args.mode == "e2e":
-        return e2e.main(args)
+        return e2e.main(args) if args.rows == ["tcp"] else rows.main(args)
     if args.mode == "dns":
         return dns.main(args)
     for name in ("size", "packets", "batch", "rounds"):

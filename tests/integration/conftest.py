@@ -10,7 +10,7 @@ import pytest
 EXCLUSIVE = frozenset({
     "test_attacks.py",  # CPU share of a handshake flood, p95 latency against a baseline
     "test_bench_attack.py", "test_bench_dns.py", "test_bench_e2e.py", "test_bench_relay.py",
-    "test_bench_roam.py",  # benchmark runs: rates and latencies
+    "test_bench_roam.py", "test_bench_rows.py",  # benchmark runs: rates and latencies
     "test_offload_traffic.py", "test_offload_capture.py",  # 1 GB transfers, GSO/GRO batching
     "test_tunnel.py",  # 200 MB transfers and streams across a rebind
     "test_tunnel_rekey.py",  # a stream across a rekey every second
