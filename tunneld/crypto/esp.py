@@ -410,7 +410,7 @@ class SecurityAssociation:
             self.rx_dummy += dummy
         return out
 
-    def open_run(self, data: bytes, size: int,
+    def open_run(self, data: Buffer, size: int,
                  next_header: int = NH_IPV6) -> tuple[memoryview, int, list[int]] | None:
         """The fast path for one UDP GRO receive: decrypt datagrams of `size` bytes laid back to back in
         `data` (the last may be shorter) into one buffer, "in place" of a list of packets.
