@@ -257,3 +257,29 @@ def test_open_run_on_a_tampered_run_agrees_with_reference(flips: list[tuple[int,
     assert (fast.replay.top, fast.rx_dropped) == (ref.replay.top, ref.rx_dropped)
     if not flips and cut == 0:
         assert a is not None and np.frombuffer(a[0], np.uint8)[:1200].sum() == 0
+
+
+@pytest.mark.parametrize("esn", [False, True])
+def test_a_batch_sealed_run_opens_in_scapy(esn: bool) -> None:
+    """ESP on the wire stays standard: every datagram of a run sealed by the extension opens with an
+    independent implementation (scapy), across the 2^32 boundary with ESN."""
+    ipsec = pytest.importorskip("scapy.layers.ipsec")
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
+
+    key, salt, spi = bytes(range(32)), bytes.fromhex("a0a1a2a3"), 0xC0DE
+    tx = SecurityAssociation(spi, key, salt, esn=esn)
+    assert tx._gcm is not None
+    tx.seq = (1 << 32) - 3 if esn else 7
+    inner = [bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1000 + i, dport=22)) + bytes(60)
+             for i in range(6)]
+    buf, size = tx.seal_run([p + trailer(len(p)) for p in inner])
+    rx = ipsec.SecurityAssociation(ipsec.ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=key + salt,
+                                   auth_algo="NULL", tunnel_header=IP(src="203.0.113.1", dst="203.0.113.2"),
+                                   nat_t_header=UDP(sport=4500, dport=4500), esn_en=esn)
+    first = tx.seq - len(inner) + 1
+    for i, p in enumerate(inner):
+        wire = bytes(buf[i * size:(i + 1) * size])
+        datagram = bytes(IP(src="203.0.113.2", dst="203.0.113.1") / UDP(sport=4500, dport=4500) / wire)
+        opened = rx.decrypt(IP(datagram), esn=(first + i) >> 32)
+        assert isinstance(opened, IPv6) and bytes(opened) == p
