@@ -222,10 +222,11 @@ class SecurityAssociation:
 
         This is the vectorised form of `seal_many` for the offload path, where the segmenter lays the
         plaintexts out in one buffer. The headers are written as NumPy columns and every per-packet step
-        (nonce, AAD, encryption into its place) runs inside a C-level `map`, so no Python bytecode runs
-        per packet; the wire bytes are identical to `seal_many`'s for the same sequence numbers
-        (tests/unit/test_runs.py). Raises ESPError once the sequence number space is used up, and
-        ValueError for plaintexts of unequal lengths (before the last)."""
+        (nonce, AAD, encryption into its place) runs inside a C-level `map`, or the whole run in one call
+        of the batch AES-GCM, so no Python bytecode runs per packet; the wire bytes are identical to
+        `seal_many`'s for the same sequence numbers (tests/unit/test_runs.py). Raises ESPError once the
+        sequence number space is used up, and ValueError for plaintexts of unequal lengths (before the
+        last)."""
         k = len(plaintexts)
         if not k:
             raise ValueError("nothing to seal")
@@ -422,9 +423,9 @@ class SecurityAssociation:
         then opens the datagrams one by one with `open_many`, which drops and counts whatever is wrong
         (so a forged packet in a batch costs the fast path, never correctness).
 
-        The per-packet work runs in C-level `map` calls and NumPy column operations: no bytecode per
-        packet. The replay check happens before any decryption, the window moves only after all
-        authenticated (RFC 4303 §3.4.3), as in `open_many`."""
+        The per-packet work runs in C-level `map` calls (or one call of the batch AES-GCM) and NumPy
+        column operations: no bytecode per packet. The replay check happens before any decryption, the
+        window moves only after all authenticated (RFC 4303 §3.4.3), as in `open_many`."""
         n = len(data)
         if size < MIN_WIRE_LEN or (size - HEADER_LEN - ICV_LEN) & 3 or n <= size:
             return None
