@@ -283,3 +283,16 @@ def test_a_batch_sealed_run_opens_in_scapy(esn: bool) -> None:
         datagram = bytes(IP(src="203.0.113.2", dst="203.0.113.1") / UDP(sport=4500, dport=4500) / wire)
         opened = rx.decrypt(IP(datagram), esn=(first + i) >> 32)
         assert isinstance(opened, IPv6) and bytes(opened) == p
+
+
+def test_without_the_extension_the_reference_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the extension is not built, esp.py leaves it None: the same bytes come out."""
+    from tunneld.crypto import esp
+
+    plaintexts = [bytes(100) + trailer(100)] * 3
+    want, _ = _sa("aes-128-gcm", _KEY, _SALT, True, True).seal_run(plaintexts)
+    monkeypatch.setattr(esp, "_NativeGCM", None)
+    s = _sa("aes-128-gcm", _KEY, _SALT, True, True)
+    assert s._gcm is None
+    got, _ = s.seal_run(plaintexts)
+    assert bytes(got) == bytes(want)
