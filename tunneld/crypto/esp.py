@@ -20,6 +20,7 @@ path stays the reference and the fallback (docs/fastpath.md, "Batch AES-GCM").
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from collections.abc import Iterable, Sequence, Sized
 from enum import IntEnum
@@ -36,6 +37,10 @@ from tunneld.crypto.replay import DEFAULT_BLOCKS, ReplayWindow
 try:
     from tunneld.crypto._gcm import GCM as _NativeGCM
 except ImportError:  # not built (no compiler or no OpenSSL headers): the `cryptography` path runs
+    _NativeGCM = None  # type: ignore[assignment,misc]
+# TUNNELD_NATIVE_GCM=0 in a daemon's environment forces the reference path, read once at import: for
+# measuring the two in one benchmark run (docs/fastpath.md), never needed for correctness.
+if os.environ.get("TUNNELD_NATIVE_GCM") == "0":
     _NativeGCM = None  # type: ignore[assignment,misc]
 
 NATIVE_GCM: Final = _NativeGCM is not None
