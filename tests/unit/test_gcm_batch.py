@@ -297,3 +297,36 @@ def test_without_the_extension_the_reference_path_runs(monkeypatch: pytest.Monke
     assert s._gcm is None
     got, _ = s.seal_run(plaintexts)
     assert bytes(got) == bytes(want)
+
+
+def test_the_gil_is_released_during_a_run() -> None:
+    """While one thread seals, another runs Python and finds the contexts in use: that can only be seen
+    if the call let go of the GIL (held throughout, the flag would be set and cleared unseen)."""
+    import threading
+
+    gcm = GCM(bytes(32))
+    k = 64
+    nonces, aads, plaintexts = bytes(12 * k), bytes(12 * k), [bytes(1400)] * k
+    out = bytearray(k * 1416)
+    stop = threading.Event()
+
+    def sealer() -> None:
+        for _ in range(2000):  # bounded: about a second or two of sealing at most
+            if stop.is_set():
+                return
+            gcm.seal(nonces, aads, 12, plaintexts, out, 0, 1416)
+
+    t = threading.Thread(target=sealer)
+    t.start()
+    seen = False
+    try:
+        while t.is_alive() and not seen:
+            try:
+                gcm.seal(bytes(12), bytes(12), 12, [b"x"], bytearray(17), 0, 17)
+            except RuntimeError as e:
+                seen = "two threads" in str(e)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert seen
+    assert not t.is_alive()
