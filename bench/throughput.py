@@ -2,7 +2,9 @@
 
 `crypto`: per-packet cost of ESP for 1400-byte packets: (a) the bare `cryptography` AEAD
 encrypt+decrypt loop, the ceiling that no ESP implementation on this library can beat; (b) our
-SecurityAssociation seal+open, one packet per call and batched. The three are measured in
+SecurityAssociation seal+open, one packet per call and batched; (c) the run forms `seal_run`+`open_run`
+(the offload path) on the `cryptography` path and, for AES-GCM where it is built, on the batch AES-GCM
+extension (one native call per run, the GIL released). All are measured in
 interleaved rounds, so that noise from other work on the machine falls on all of them alike, and
 reported as medians with the ratio (b)/(a).
 
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from bench import dns, e2e, rows
 from tunneld.crypto.aead import SUITES
-from tunneld.crypto.esp import SecurityAssociation
+from tunneld.crypto.esp import NATIVE_GCM, SecurityAssociation, trailer
 
 
 def _bare(suite: str, payload: bytes, n: int) -> Callable[[], None]:
@@ -52,10 +54,10 @@ def _bare(suite: str, payload: bytes, n: int) -> Callable[[], None]:
     return run
 
 
-def _pair(suite: str) -> tuple[SecurityAssociation, SecurityAssociation]:
+def _pair(suite: str, native: bool = True) -> tuple[SecurityAssociation, SecurityAssociation]:
     key, salt = os.urandom(SUITES[suite].key_len), os.urandom(4)
-    return (SecurityAssociation(0x1000, key, salt, aead=suite),
-            SecurityAssociation(0x1000, key, salt, aead=suite))
+    return (SecurityAssociation(0x1000, key, salt, aead=suite, native=native),
+            SecurityAssociation(0x1000, key, salt, aead=suite, native=native))
 
 
 def _single(suite: str, payload: bytes, n: int) -> Callable[[], None]:
@@ -82,6 +84,19 @@ def _batched(suite: str, payload: bytes, n: int, batch: int) -> Callable[[], Non
     return run
 
 
+def _runs(suite: str, payload: bytes, n: int, batch: int, native: bool) -> Callable[[], None]:
+    tx, rx = _pair(suite, native)
+    plaintexts = [payload + trailer(len(payload))] * batch
+
+    def run() -> None:
+        for _ in range(n // batch):
+            buf, size = tx.seal_run(plaintexts)
+            if rx.open_run(buf, size) is None:
+                raise RuntimeError("benchmark run was rejected")
+
+    return run
+
+
 def crypto_bench(suite: str, size: int, packets: int, batch: int, rounds: int) -> dict[str, Any]:
     payload = os.urandom(size)
     packets -= packets % batch
@@ -89,7 +104,10 @@ def crypto_bench(suite: str, size: int, packets: int, batch: int, rounds: int) -
         "bare": _bare(suite, payload, packets),
         "single": _single(suite, payload, packets),
         "batched": _batched(suite, payload, packets, batch),
+        "run": _runs(suite, payload, packets, batch, native=False),
     }
+    if NATIVE_GCM and suite.startswith("aes-"):
+        cases["run_native"] = _runs(suite, payload, packets, batch, native=True)
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()  # warm up: allocator, caches, branch predictors
@@ -117,6 +135,8 @@ def _print_crypto(r: dict[str, Any]) -> None:
         "bare": "(a) bare AEAD encrypt+decrypt (ceiling)",
         "single": "(b) ESP seal+open, one per call",
         "batched": f"(b) ESP seal_many+open_many, {r['batch']}/call",
+        "run": f"(c) seal_run+open_run, cryptography, {r['batch']}/run",
+        "run_native": f"(c) seal_run+open_run, batch GCM, {r['batch']}/run",
     }
     print(f"ESP crypto, {r['suite']}, {r['packet_bytes']}-byte packets, {r['packets']} packets x "
           f"{r['rounds']} interleaved rounds (medians)")

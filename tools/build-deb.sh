@@ -46,7 +46,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: tunneld maintainers <root@localhost>
 Installed-Size: $SIZE
-Depends: python3 (>= $PYMINOR~), python3 (<< $PYNEXT), libc6, adduser
+Depends: python3 (>= $PYMINOR~), python3 (<< $PYNEXT), libc6, libssl3, adduser
 Section: net
 Priority: optional
 Description: Back to My Mac for Linux: stable IPv6 addresses and tunnels between devices

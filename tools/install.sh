@@ -37,11 +37,12 @@ fi
 # foreground) and bind9-dnsutils gives dig/nsupdate to check it independently. coturn is the TURN
 # relay the relay tests run (lab/coturn.py, likewise in a namespace, in the foreground).
 # systemd gives systemd-analyze (the units are verified and scored statically; nothing is started)
-# and man-db renders the generated man page in the tests. System mode needs only the first five.
-APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev iproute2 nftables iputils-ping
+# and man-db renders the generated man page in the tests. libssl-dev: OpenSSL's headers, for the
+# optional batch AES-GCM extension (setup.py). System mode needs only the first six.
+APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
           miniupnpd-nftables natpmpc bind9 bind9-dnsutils coturn systemd man-db)
-if ((SYSTEM)); then APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev); fi
+if ((SYSTEM)); then APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev); fi
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -123,7 +124,7 @@ if [ "$(id -u)" -eq 0 ] && ! getent passwd tunneld >/dev/null; then
 fi
 
 stamp=.venv/.installed
-want="$( (cat pyproject.toml; "$PY" -c 'import sys; print(sys.executable, sys.version)') | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml setup.py tunneld/crypto/_gcm.c; "$PY" -c 'import sys; print(sys.executable, sys.version)') | sha256sum | cut -d' ' -f1)"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

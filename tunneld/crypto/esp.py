@@ -12,17 +12,20 @@ The batch forms are the fast path: every per-packet step is a handful of bytecod
 context and all per-SA constants are bound to locals once per batch, and the output is a list of
 `bytes` that a transport can hand to `sendmsg` as the iovecs of one GSO send without another copy.
 (Writing into a preallocated arena with `encrypt_into` was measured and is slower in CPython:
-each memoryview slice is itself a new object.)
+each memoryview slice is itself a new object.) The run forms seal and open a whole run in one native call
+with the GIL released where the optional `tunneld.crypto._gcm` is built (AES-GCM only); the `cryptography`
+path stays the reference and the fallback (docs/fastpath.md, "Batch AES-GCM").
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from collections.abc import Iterable, Sequence, Sized
 from enum import IntEnum
 from itertools import chain, repeat
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -30,6 +33,18 @@ from cryptography.exceptions import InvalidTag
 from tunneld.crypto.aead import AEAD, ICV_LEN, IV_LEN, get_suite
 from tunneld.crypto.layout import SealLayout, strided
 from tunneld.crypto.replay import DEFAULT_BLOCKS, ReplayWindow
+
+try:
+    from tunneld.crypto._gcm import GCM as _NativeGCM
+except ImportError:  # not built (no compiler or no OpenSSL headers): the `cryptography` path runs
+    _NativeGCM = None  # type: ignore[assignment,misc]
+# TUNNELD_NATIVE_GCM=0 in a daemon's environment forces the reference path, read once at import: for
+# measuring the two in one benchmark run (docs/fastpath.md), never needed for correctness.
+if os.environ.get("TUNNELD_NATIVE_GCM") == "0":
+    _NativeGCM = None  # type: ignore[assignment,misc]
+
+NATIVE_GCM: Final = _NativeGCM is not None
+"""Whether the batch AES-GCM extension is available to `seal_run` and `open_run`."""
 
 NH_IPV4: Final = 4  # IANA protocol numbers used as ESP next header (RFC 4303 §2.6)
 NH_IPV6: Final = 41
@@ -54,6 +69,10 @@ _PADS: Final = tuple(bytes(range(1, n + 1)) for n in range(256))
 # The datagram header as a NumPy record, to read the SPIs and sequence numbers of a whole GRO batch at once.
 _HDR_DTYPE: Final = np.dtype([("spi", ">u4"), ("lo", ">u4"), ("iv", ">u8")])
 _SPI_LO_DTYPE: Final = np.dtype([("spi", ">u4"), ("lo", ">u4")])
+# A run's nonces and AADs as NumPy records, for the batch AES-GCM: the same bytes as _NONCE, _AAD_ESN, _AAD.
+_NONCE_DTYPE: Final = np.dtype([("salt", "S4"), ("iv", ">u8")])
+_AAD_ESN_DTYPE: Final = np.dtype([("spi", ">u4"), ("seq", ">u8")])
+_AAD_DTYPE: Final = np.dtype([("spi", ">u4"), ("seq", ">u4")])
 Buffer = bytes | bytearray | memoryview
 
 
@@ -112,7 +131,7 @@ class SecurityAssociation:
     directions have different keys and SPIs.
     """
 
-    __slots__ = ("_aead", "_trailers", "esn", "limit", "replay", "rx_auth_fail", "rx_dummy",
+    __slots__ = ("_aead", "_gcm", "_trailers", "esn", "limit", "replay", "rx_auth_fail", "rx_dummy",
                  "rx_malformed", "rx_replay", "seq", "spi", "suite")
 
     def __init__(
@@ -123,12 +142,17 @@ class SecurityAssociation:
         aead: str = "aes-256-gcm",
         esn: bool = True,
         window_blocks: int = DEFAULT_BLOCKS,
+        native: bool = True,
     ) -> None:
+        """`native=False` forces the reference `cryptography` path for `seal_run` and `open_run` even where
+        the batch AES-GCM extension is built (the tests compare the two)."""
         if not MIN_SPI <= spi <= _M32:
             raise ValueError(f"SPI must be in {MIN_SPI}..{_M32} (RFC 4303 §2.1), got {spi}")
         self.spi = spi
         self.suite = get_suite(aead)
         self._aead = AEAD(self.suite, key, salt)
+        use_native = native and _NativeGCM is not None and self.suite.name.startswith("aes-")
+        self._gcm = _NativeGCM(key) if use_native else None
         self.esn = esn
         self.limit = 0xFFFFFFFFFFFFFFFF if esn else _M32
         self.seq = 0  # last sequence number sent; the first packet carries 1 (RFC 4303 §3.3.3)
@@ -203,10 +227,11 @@ class SecurityAssociation:
 
         This is the vectorised form of `seal_many` for the offload path, where the segmenter lays the
         plaintexts out in one buffer. The headers are written as NumPy columns and every per-packet step
-        (nonce, AAD, encryption into its place) runs inside a C-level `map`, so no Python bytecode runs
-        per packet; the wire bytes are identical to `seal_many`'s for the same sequence numbers
-        (tests/unit/test_runs.py). Raises ESPError once the sequence number space is used up, and
-        ValueError for plaintexts of unequal lengths (before the last)."""
+        (nonce, AAD, encryption into its place) runs inside a C-level `map`, or the whole run in one call
+        of the batch AES-GCM, so no Python bytecode runs per packet; the wire bytes are identical to
+        `seal_many`'s for the same sequence numbers (tests/unit/test_runs.py). Raises ESPError once the
+        sequence number space is used up, and ValueError for plaintexts of unequal lengths (before the
+        last)."""
         k = len(plaintexts)
         if not k:
             raise ValueError("nothing to seal")
@@ -217,9 +242,6 @@ class SecurityAssociation:
             raise ESPError("sequence number space exhausted: the SA must be rekeyed")
         size = HEADER_LEN + first + ICV_LEN
         total = (k - 1) * size + HEADER_LEN + last + ICV_LEN
-        # Each datagram's ciphertext goes after its header; the last may be shorter.
-        outs = chain(strided(HEADER_LEN, size, size - HEADER_LEN, k - 1),
-                     (slice((k - 1) * size + HEADER_LEN, total),))
         buf = np.empty(total, np.uint8)  # every byte is written below: headers, then ciphertexts
         s0 = self.seq + 1
         seqs = np.arange(s0, s0 + k, dtype=np.uint64)
@@ -228,10 +250,17 @@ class SecurityAssociation:
         hdrs["lo"] = seqs & np.uint64(_M32)
         hdrs["iv"] = seqs
         spi = self.spi
+        out = buf.data
+        if self._gcm is not None:
+            self._gcm.seal(self._nonces(seqs), *self._aads(seqs), plaintexts, out, HEADER_LEN, size)
+            self.seq = s0 + k - 1
+            return out, size
+        # Each datagram's ciphertext goes after its header; the last may be shorter.
+        outs = chain(strided(HEADER_LEN, size, size - HEADER_LEN, k - 1),
+                     (slice((k - 1) * size + HEADER_LEN, total),))
         r = range(s0, s0 + k)
         aads = map(_AAD_ESN.pack, repeat(spi, k), r) if self.esn else map(_AAD.pack, repeat(spi, k), r)
         nonces = map(_NONCE.pack, repeat(self._aead.salt, k), r)
-        out = buf.data
         list(map(self._aead.encrypt_into, nonces, plaintexts, aads, map(out.__getitem__, outs)))
         self.seq = s0 + k - 1
         return out, size
@@ -387,7 +416,7 @@ class SecurityAssociation:
             self.rx_dummy += dummy
         return out
 
-    def open_run(self, data: bytes, size: int,
+    def open_run(self, data: Buffer, size: int,
                  next_header: int = NH_IPV6) -> tuple[memoryview, int, list[int]] | None:
         """The fast path for one UDP GRO receive: decrypt datagrams of `size` bytes laid back to back in
         `data` (the last may be shorter) into one buffer, "in place" of a list of packets.
@@ -399,9 +428,9 @@ class SecurityAssociation:
         then opens the datagrams one by one with `open_many`, which drops and counts whatever is wrong
         (so a forged packet in a batch costs the fast path, never correctness).
 
-        The per-packet work runs in C-level `map` calls and NumPy column operations: no bytecode per
-        packet. The replay check happens before any decryption, the window moves only after all
-        authenticated (RFC 4303 §3.4.3), as in `open_many`."""
+        The per-packet work runs in C-level `map` calls (or one call of the batch AES-GCM) and NumPy
+        column operations: no bytecode per packet. The replay check happens before any decryption, the
+        window moves only after all authenticated (RFC 4303 §3.4.3), as in `open_many`."""
         n = len(data)
         if size < MIN_WIRE_LEN or (size - HEADER_LEN - ICV_LEN) & 3 or n <= size:
             return None
@@ -424,21 +453,28 @@ class SecurityAssociation:
             return None
         stride = size - HEADER_LEN - ICV_LEN
         tpt = tail - HEADER_LEN - ICV_LEN  # the last datagram's plaintext length
-        cts = chain(strided(HEADER_LEN, size, stride + ICV_LEN, k - 1),
-                    (slice((k - 1) * size + HEADER_LEN, n),))
-        outs = chain(strided(0, stride, stride, k - 1), (slice((k - 1) * stride, (k - 1) * stride + tpt),))
         out = np.empty(k * stride, np.uint8).data  # not zero-filled: every byte is about to be written
-        mv = memoryview(data)
-        seqs = range(seq0, seq0 + k)
-        spi = self.spi
-        aads = map(_AAD_ESN.pack, repeat(spi, k), seqs) if self.esn else \
-            map(_AAD.pack, repeat(spi, k), seqs)
-        nonces = map(_NONCE.pack, repeat(self._aead.salt, k), hdrs["iv"].tolist())
-        try:
-            list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, cts), aads,
-                     map(out.__getitem__, outs)))
-        except InvalidTag:
-            return None
+        if self._gcm is not None:
+            aads, aad_len = self._aads(np.arange(seq0, seq0 + k, dtype=np.uint64))
+            if self._gcm.open(self._nonces(hdrs["iv"]), aads, aad_len, data, HEADER_LEN, size,
+                              size - HEADER_LEN, tail - HEADER_LEN, out, stride) >= 0:
+                return None
+        else:
+            cts = chain(strided(HEADER_LEN, size, stride + ICV_LEN, k - 1),
+                        (slice((k - 1) * size + HEADER_LEN, n),))
+            outs = chain(strided(0, stride, stride, k - 1),
+                         (slice((k - 1) * stride, (k - 1) * stride + tpt),))
+            mv = memoryview(data)
+            seqs = range(seq0, seq0 + k)
+            spi = self.spi
+            aads_ = map(_AAD_ESN.pack, repeat(spi, k), seqs) if self.esn else \
+                map(_AAD.pack, repeat(spi, k), seqs)
+            nonces = map(_NONCE.pack, repeat(self._aead.salt, k), hdrs["iv"].tolist())
+            try:
+                list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, cts), aads_,
+                         map(out.__getitem__, outs)))
+            except InvalidTag:
+                return None
         # Trailers: the full slots must share one minimal padding (the usual case: equal inner lengths).
         full = np.ndarray((k - 1, stride), np.uint8, out, 0)
         pad = out[stride - 2]
@@ -455,6 +491,22 @@ class SecurityAssociation:
         lengths = [stride - 2 - pad] * (k - 1)
         lengths.append(tail_len)
         return out, stride, lengths
+
+    def _nonces(self, ivs: np.ndarray[Any, Any]) -> memoryview:
+        """A run's nonces, salt || IV (RFC 4106 §4), back to back."""
+        nonces = np.empty(len(ivs), _NONCE_DTYPE)
+        nonces["salt"] = self._aead.salt
+        nonces["iv"] = ivs
+        return nonces.data
+
+    def _aads(self, seqs: np.ndarray[Any, Any]) -> tuple[memoryview, int]:
+        """A run's AADs back to back and the length of each: SPI || 64-bit sequence number with ESN
+        (RFC 4106 §5), SPI || 32-bit sequence number without."""
+        dtype = _AAD_ESN_DTYPE if self.esn else _AAD_DTYPE
+        aads = np.empty(len(seqs), dtype)
+        aads["spi"] = self.spi
+        aads["seq"] = seqs
+        return aads.data, dtype.itemsize
 
     @property
     def rx_dropped(self) -> int:
