@@ -88,6 +88,21 @@ def _listening(lab: Lab, h: Host, port: int) -> bool:
     return bool(out.strip())
 
 
+def iperf_server(lab: Lab, b: Host, setup: Setup, rec: Recorder, log: Path) -> subprocess.Popen[Any]:
+    """A one-test iperf3 server on b at the setup's address, returned once it listens (its output to
+    ``log``); LabError if it exits first or does not listen within 10 s."""
+    with log.open("w") as logf:
+        server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
+                           stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _alive(server, "iperf3 server", log) and _listening(lab, b, IPERF_PORT),
+                 timeout=10, what="iperf3 server to listen")
+    except BaseException:
+        lab.stop(server)
+        raise
+    return server
+
+
 # -- modes ----------------------------------------------------------------------------------------
 
 def setup_veth(lab: Lab, a: Host, b: Host, work: Path, rec: Recorder) -> Setup:
@@ -274,13 +289,9 @@ def iperf_once(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, duration
     """One iperf3 run a -> b, with the daemons' CPU time sampled around it (and profiled, if a
     profiler is given)."""
     slog = work / "iperf3-server.log"
-    with slog.open("w") as logf:
-        server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
-                           stdout=logf, stderr=subprocess.STDOUT)
+    server = iperf_server(lab, b, setup, rec, slog)
     spies: list[tuple[str, str, Path, subprocess.Popen[Any], Path]] = []
     try:
-        wait_for(lambda: _alive(server, "iperf3 server", slog) and _listening(lab, b, IPERF_PORT),
-                 timeout=10, what="iperf3 server to listen")
         tx0 = _tx_bytes(lab, a, setup.tunnel_if) if setup.tunnel_if else 0
         if profiler is not None:
             profiler.start(setup.daemons, f"{setup.tag}P{streams}", duration, rec, spies)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import IPERF_PORT, Setup, _alive, _listening, _tx_bytes
+from bench.e2e import IPERF_PORT, Setup, _alive, _tx_bytes, iperf_server
 from bench.procs import Recorder
 from lab.netns import Host, Lab, LabError, wait_for
 
@@ -71,12 +71,8 @@ def under_load(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, work: Pa
                count: int) -> dict[str, Any]:
     """ping as above while one iperf3 TCP flow runs a -> b; also reports the flow's rate meanwhile."""
     slog = work / "iperf3-load-server.log"
-    with slog.open("w") as logf:
-        server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
-                           stdout=logf, stderr=subprocess.STDOUT)
+    server = iperf_server(lab, b, setup, rec, slog)
     try:
-        wait_for(lambda: _alive(server, "iperf3 server", slog) and _listening(lab, b, IPERF_PORT),
-                 timeout=10, what="iperf3 server to listen")
         ifname = setup.tunnel_if or a.ifname
         tx0 = _tx_bytes(lab, a, ifname)
         client = rec.spawn(lab, a, ["iperf3", "-c", setup.server_addr, "-p", str(IPERF_PORT),

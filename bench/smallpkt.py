@@ -10,14 +10,13 @@ sent minus lost, per second) at the best clean probe, in packets/s and in Mb/s o
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import IPERF_PORT, Setup, _alive, _listening
+from bench.e2e import IPERF_PORT, Setup, iperf_server
 from bench.procs import Recorder, log_tail
-from lab.netns import Host, Lab, LabError, wait_for
+from lab.netns import Host, Lab, LabError
 
 LOSS_LIMIT = 0.1  # percent: a probe losing this much or more is over the rate
 SENDER_SHORT = 0.9  # a probe whose sender reached under this share of the asked rate is sender-bound
@@ -28,12 +27,8 @@ def probe(lab: Lab, a: Host, b: Host, setup: Setup, rec: Recorder, work: Path, s
           seconds: int) -> dict[str, Any]:
     """One iperf3 UDP run of `size`-byte datagrams asked at `pps` packets/s for `seconds`."""
     slog = work / "iperf3-udp-server.log"
-    with slog.open("w") as logf:
-        server = rec.spawn(lab, b, ["iperf3", "-s", "-1", "-B", setup.server_addr, "-p", str(IPERF_PORT)],
-                           stdout=logf, stderr=subprocess.STDOUT)
+    server = iperf_server(lab, b, setup, rec, slog)
     try:
-        wait_for(lambda: _alive(server, "iperf3 server", slog) and _listening(lab, b, IPERF_PORT),
-                 timeout=10, what="iperf3 server to listen")
         r = lab.run(a, ["iperf3", "-u", "-c", setup.server_addr, "-p", str(IPERF_PORT), "-l", str(size),
                         "-b", str(int(pps * size * 8)), "-t", str(seconds), "-J"],
                     timeout=seconds + 30, check=False)
