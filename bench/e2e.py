@@ -503,6 +503,17 @@ def main(args: argparse.Namespace) -> int:
     Exit 0 when every mode was measured, 1 when a mode failed (the others are still reported),
     2 when not run as root.
     """
+    return drive(args, lambda: run_e2e(args.modes, args.streams, args.duration, args.runs,
+                                       Path(args.tunneld) if args.tunneld else None,
+                                       profile_dir=Path(args.profile) if args.profile else None),
+                 print_table, lambda r: dict(r["errors"]))
+
+
+def drive(args: argparse.Namespace, measure: Callable[[], dict[str, Any]],
+          show: Callable[[dict[str, Any]], None],
+          failures: Callable[[dict[str, Any]], dict[str, str]]) -> int:
+    """The e2e commands' common frame: root and argument checks (exit 2), the run (130 if interrupted),
+    the result as JSON or tables, each failure on one line (exit 1 if any)."""
     if os.geteuid() != 0:
         print("bench e2e: needs root (network namespaces); run it with sudo", file=sys.stderr)
         return 2
@@ -510,9 +521,7 @@ def main(args: argparse.Namespace) -> int:
         print("bench e2e: --duration and --runs must be at least 1", file=sys.stderr)
         return 2
     try:
-        r = run_e2e(args.modes, args.streams, args.duration, args.runs,
-                    Path(args.tunneld) if args.tunneld else None,
-                    profile_dir=Path(args.profile) if args.profile else None)
+        r = measure()
     except KeyboardInterrupt:  # the labs have been torn down on the way out
         print("bench e2e: interrupted; every namespace and process it started has been removed",
               file=sys.stderr)
@@ -521,10 +530,11 @@ def main(args: argparse.Namespace) -> int:
         json.dump(r, sys.stdout, indent=2)
         print()
     else:
-        print_table(r)
-    for mode, err in r["errors"].items():
-        print(f"bench e2e: {mode} failed: {err}", file=sys.stderr)
-    return 1 if r["errors"] else 0
+        show(r)
+    failed = failures(r)
+    for what, err in failed.items():
+        print(f"bench e2e: {what} failed: {err}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def parse_modes(text: str) -> list[str]:

@@ -11,8 +11,6 @@ Each mode's lab (bench/e2e.py) first runs its TCP rows, if asked, then the rows 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -157,26 +155,11 @@ def print_tables(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
 def main(args: argparse.Namespace) -> int:
     """`python -m bench.throughput e2e --rows ...`: exit 0 when every mode and row was measured,
     1 when one failed (the others are still reported), 2 when not run as root."""
-    if os.geteuid() != 0:
-        print("bench e2e: needs root (network namespaces); run it with sudo", file=sys.stderr)
-        return 2
-    if args.duration < 1 or args.runs < 1:
-        print("bench e2e: --duration and --runs must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        r = run(args)
-    except KeyboardInterrupt:  # the labs have been torn down on the way out
-        print("bench e2e: interrupted; every namespace and process it started has been removed",
-              file=sys.stderr)
-        return 130
-    if args.json:
-        json.dump(r, sys.stdout, indent=2)
-        print()
-    else:
-        print_tables(r)
+    return e2e.drive(args, lambda: run(args), print_tables, _failures)
+
+
+def _failures(r: dict[str, Any]) -> dict[str, str]:
     failed = dict(r["errors"])
     for mode, got in r["extra"].items():
         failed.update({f"{mode} {name}": row["error"] for name, row in got.items() if "error" in row})
-    for what, err in failed.items():
-        print(f"bench e2e: {what} failed: {err}", file=sys.stderr)
-    return 1 if failed else 0
+    return failed
