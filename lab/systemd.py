@@ -49,9 +49,9 @@ set -e
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 tmpfs /run
 cp -a {stage}/etc /run/lab-stage-etc  # before /tmp, where the stage may be, is hidden
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+{keep_out}mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /var
-mkdir -p /var/tmp /var/log /var/lib && chmod 1777 /var/tmp
+{keep_in}mkdir -p /var/tmp /var/log /var/lib && chmod 1777 /var/tmp
 mkdir -p /run/lab-etc/upper /run/lab-etc/work
 mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/lab-etc/upper,workdir=/run/lab-etc/work /etc
 mount -t tmpfs -o mode=0755 tmpfs /etc/systemd/system
@@ -105,9 +105,12 @@ def _remove_tree(top: Path, timeout: float = 10) -> None:
 
 @contextlib.contextmanager
 def booted(work: Path, files: Mapping[str, tuple[bytes, int]], units: Mapping[str, str],
-           wants: tuple[str, ...] = (), timeout: float = 30) -> Iterator[Booted]:
+           wants: tuple[str, ...] = (), timeout: float = 30,
+           keep: tuple[Path, ...] = ()) -> Iterator[Booted]:
     """Boot systemd with ``files`` (path under /etc -> (content, mode)) and ``units`` (name -> text,
-    installed in /etc/systemd/system); ``wants`` are started at boot by the lab's target."""
+    installed in /etc/systemd/system); ``wants`` are started at boot by the lab's target. ``keep``: the
+    directories (e.g. the checkout the units run from) that stay visible where they are, also when they
+    lie under /tmp or /var, which the contained systemd gets fresh."""
     stage = work / "stage"
     etc = stage / "etc"
     system = etc / "systemd" / "system"
@@ -123,7 +126,13 @@ def booted(work: Path, files: Mapping[str, tuple[bytes, int]], units: Mapping[st
         (system / name).symlink_to("/dev/null")
     (system / TARGET).write_text(f"[Unit]\nDescription=the lab's target\nWants={' '.join(wants)}\n")
     boot = work / "boot.sh"
-    boot.write_text(_BOOT.format(stage=shlex.quote(str(stage)), systemd=SYSTEMD, target=TARGET))
+    hidden = [shlex.quote(str(p)) for p in (k.resolve() for k in keep)
+              if p.is_relative_to("/tmp") or p.is_relative_to("/var")]
+    keep_out = "".join(f"mkdir -p /run/lab-keep/{i} && mount --bind {p} /run/lab-keep/{i}\n"
+                       for i, p in enumerate(hidden))
+    keep_in = "".join(f"mkdir -p {p} && mount --bind /run/lab-keep/{i} {p}\n" for i, p in enumerate(hidden))
+    boot.write_text(_BOOT.format(stage=shlex.quote(str(stage)), systemd=SYSTEMD, target=TARGET,
+                                 keep_out=keep_out, keep_in=keep_in))
     log = work / "systemd.log"
     cgroups = _cgroup_dirs(f"tunneld-lab-{secrets.token_hex(4)}")
     for c in cgroups:
