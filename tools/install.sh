@@ -124,7 +124,7 @@ if [ "$(id -u)" -eq 0 ] && ! getent passwd tunneld >/dev/null; then
 fi
 
 stamp=.venv/.installed
-want="$( (cat pyproject.toml setup.py tunneld/crypto/_gcm.c; "$PY" -c 'import sys; print(sys.executable, sys.version)') | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml setup.py tunneld/crypto/_gcm.c tunneld/fastpath/_tcp6.c; "$PY" -c 'import sys; print(sys.executable, sys.version)') | sha256sum | cut -d' ' -f1)"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -141,7 +141,7 @@ class FakeTun(Readable):
                 continue
             run.at = len(packets)
             runs.append(run)
-            n += len(run.slots)
+            n += run.count
         return n
 
     def write_batch(self, packets: list[bytes], runs: list[RxRun]) -> int:

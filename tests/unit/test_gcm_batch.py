@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunneld.crypto.esp import HEADER_LEN, ICV_LEN, NATIVE_GCM, SecurityAssociation, trailer
+from tunneld.crypto.esp import HEADER_LEN, ICV_LEN, NATIVE_GCM, SecurityAssociation, lay_out, trailer
 
 if NATIVE_GCM:
     from tunneld.crypto._gcm import GCM
@@ -75,8 +75,8 @@ def test_seal_run_and_open_run_match_reference(suite: str, esn: bool, size: int,
     plaintexts = [p + trailer(len(p)) for p in inner]
     fast, ref = _sa(suite, key, salt, esn, True, seq), _sa(suite, key, salt, esn, False, seq)
     assert fast._gcm is not None and ref._gcm is None
-    buf, stride = fast.seal_run(plaintexts)
-    want, want_stride = ref.seal_run(plaintexts)
+    buf, stride = fast.seal_run(*lay_out(plaintexts))
+    want, want_stride = ref.seal_run(*lay_out(plaintexts))
     assert (bytes(buf), stride) == (bytes(want), want_stride)
     assert fast.seq == ref.seq == seq + count
     # Opened both ways: the same packets, the same window afterwards.
@@ -149,7 +149,8 @@ def test_open_run_with_a_flipped_bit_changes_nothing() -> None:
     rng = random.Random(7)
     key, salt = rng.randbytes(32), rng.randbytes(4)
     inner = [rng.randbytes(1400) for _ in range(20)]
-    buf, size = _sa("aes-256-gcm", key, salt, True, False).seal_run([p + trailer(1400) for p in inner])
+    ref = _sa("aes-256-gcm", key, salt, True, False)
+    buf, size = ref.seal_run(*lay_out([p + trailer(1400) for p in inner]))
     for bad in (0, 9, 19):
         data = bytearray(buf)
         data[bad * size + HEADER_LEN + 100] ^= 4
@@ -231,7 +232,8 @@ def test_layouts_that_do_not_fit_are_refused() -> None:
 
 
 _KEY, _SALT = bytes(range(16)), b"\xa0\xa1\xa2\xa3"
-_GOOD, _SIZE = _sa("aes-128-gcm", _KEY, _SALT, True, False).seal_run([bytes(1200) + trailer(1200)] * 8)
+_GOOD, _SIZE = _sa("aes-128-gcm", _KEY, _SALT, True, False).seal_run(
+    *lay_out([bytes(1200) + trailer(1200)] * 8))
 
 
 @settings(max_examples=150, deadline=None)
@@ -274,7 +276,7 @@ def test_a_batch_sealed_run_opens_in_scapy(esn: bool) -> None:
     tx.seq = (1 << 32) - 3 if esn else 7
     inner = [bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1000 + i, dport=22)) + bytes(60)
              for i in range(6)]
-    buf, size = tx.seal_run([p + trailer(len(p)) for p in inner])
+    buf, size = tx.seal_run(*lay_out([p + trailer(len(p)) for p in inner]))
     rx = ipsec.SecurityAssociation(ipsec.ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=key + salt,
                                    auth_algo="NULL", tunnel_header=IP(src="203.0.113.1", dst="203.0.113.2"),
                                    nat_t_header=UDP(sport=4500, dport=4500), esn_en=esn)
@@ -291,11 +293,11 @@ def test_without_the_extension_the_reference_path_runs(monkeypatch: pytest.Monke
     from tunneld.crypto import esp
 
     plaintexts = [bytes(100) + trailer(100)] * 3
-    want, _ = _sa("aes-128-gcm", _KEY, _SALT, True, True).seal_run(plaintexts)
+    want, _ = _sa("aes-128-gcm", _KEY, _SALT, True, True).seal_run(*lay_out(plaintexts))
     monkeypatch.setattr(esp, "_NativeGCM", None)
     s = _sa("aes-128-gcm", _KEY, _SALT, True, True)
     assert s._gcm is None
-    got, _ = s.seal_run(plaintexts)
+    got, _ = s.seal_run(*lay_out(plaintexts))
     assert bytes(got) == bytes(want)
 
 
@@ -330,3 +332,50 @@ def test_the_gil_is_released_during_a_run() -> None:
         t.join(timeout=30)
     assert seen
     assert not t.is_alive()
+
+
+def test_esp_layouts_that_do_not_fit_are_refused() -> None:
+    """`seal_esp` checks that the layout describes its buffer exactly before sealing anything;
+    `open_esp` refuses bad arguments and declines (None) a receive that is not a run."""
+    gcm, salt = GCM(bytes(16)), bytes(4)
+    stride, count, last = 16 + 40 + 16, 3, 20
+    size = (count - 1) * stride + 16 + last + 16
+    for buf, st_, n, ln in ((bytearray(size + 1), stride, count, last), (bytearray(size), stride, count, 41),
+                            (bytearray(size), 31, count, last), (bytearray(size), stride, 0, last),
+                            (bytearray(size), stride, count, -1)):
+        with pytest.raises(ValueError):
+            gcm.seal_esp(buf, st_, n, ln, salt, 0x1000, 1, True)
+        assert not any(buf)
+    with pytest.raises(ValueError):
+        gcm.seal_esp(bytearray(size), stride, count, last, bytes(3), 0x1000, 1, True)  # salt
+    with pytest.raises(ValueError):
+        gcm.seal_esp(bytearray(size), stride, count, last, salt, 0x1000, 2**64 - 2, True)  # wraps
+    with pytest.raises(TypeError):
+        gcm.seal_esp(bytes(size), stride, count, last, salt, 0x1000, 1, True)  # read-only
+    with pytest.raises(ValueError):
+        gcm.open_esp(bytes(200), 72, bytes(5), 0x1000, 1, True, 41)
+    with pytest.raises(ValueError):
+        gcm.open_esp(bytes(200), 72, salt, 0x1000, 1, True, 300)
+    for data, sz in ((bytes(200), 35), (bytes(72), 72), (bytes(150), 72), (bytes(0), 72), (bytes(200), -1)):
+        assert gcm.open_esp(data, sz, salt, 0x1000, 1, True, 41) is None
+
+
+def test_seal_esp_and_open_esp_are_seal_many_and_open_many() -> None:
+    """The ESP-level calls build headers, nonces and AADs themselves: the wire bytes of `seal_many`, and
+    back the packets `open_many` gives, here with ESN across 2^32."""
+    rng = random.Random(5)
+    key, salt = rng.randbytes(32), rng.randbytes(4)
+    inner = [rng.randbytes(1000) for _ in range(5)] + [rng.randbytes(333)]
+    ref = _sa("aes-256-gcm", key, salt, True, False, (1 << 32) - 3)
+    wires = ref.seal_many(inner)
+    buf, stride, count, last = lay_out([p + trailer(len(p)) for p in inner])
+    GCM(key).seal_esp(buf, stride, count, last, salt, 0x1000, (1 << 32) - 2, True)
+    assert bytes(buf) == b"".join(wires)
+    opened = GCM(key).open_esp(bytes(buf), stride, salt, 0x1000, (1 << 32) - 2, True, 41)
+    assert opened is not None
+    arena, full, tail = opened
+    assert (full, tail) == (1000, 333)
+    assert _packets(memoryview(arena), stride - 32, [full] * 5 + [tail]) == inner
+    assert GCM(key).open_esp(bytes(buf), stride, salt, 0x1000, (1 << 32) - 1, True, 41) is None  # wrong seq
+    assert GCM(key).open_esp(bytes(buf), stride, salt, 0x1000, (1 << 32) - 2, False, 41) is None  # no ESN
+    assert GCM(key).open_esp(bytes(buf), stride, salt, 0x1000, (1 << 32) - 2, True, 4) is None  # next header

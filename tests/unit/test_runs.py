@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from tests.unit.test_offload import ACK, CWR, FIN, PSH, SYN, gso_header, tcp_checksum_ok, tcp_packet
 from tests.unit.test_tunnel_core import Net, run
 from tunneld.crypto.aead import SUITES
-from tunneld.crypto.esp import LAYOUT, NH_NONE, OVERHEAD_MAX, SecurityAssociation, trailer
+from tunneld.crypto.esp import LAYOUT, NH_NONE, OVERHEAD_MAX, SecurityAssociation, lay_out, trailer
 from tunneld.crypto.replay import ReplayWindow
 from tunneld.fastpath.coalesce import coalesce, coalesce_run
 from tunneld.fastpath.headers import GSO_NONE, VNET_HDR_LEN, VnetHeader
 from tunneld.fastpath.runs import Burst, RxRun, TxRun
-from tunneld.fastpath.segment import segment, segment_run
+from tunneld.fastpath.segment import NATIVE_TCP6, segment, segment_run
 from tunneld.net.tun import MAX_TCP_HEADERS, Tun, gso_max_size_for
 from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UDPTransport
 
@@ -35,8 +35,9 @@ MSS = 1340
 WALL = 1_700_000_002.0
 
 
-def sa(esn: bool = True, top: int = 0, seq: int = 0, suite: str = "aes-256-gcm") -> SecurityAssociation:
-    s = SecurityAssociation(0x1000, KEY[: SUITES[suite].key_len], SALT, aead=suite, esn=esn)
+def sa(esn: bool = True, top: int = 0, seq: int = 0, suite: str = "aes-256-gcm",
+       native: bool = True) -> SecurityAssociation:
+    s = SecurityAssociation(0x1000, KEY[: SUITES[suite].key_len], SALT, aead=suite, esn=esn, native=native)
     s.seq = seq
     s.replay.top = top
     return s
@@ -75,22 +76,33 @@ def test_runs_in_every_suite(suite: str) -> None:
 
 def _seal_run_is_seal_many(a: SecurityAssociation, b: SecurityAssociation, packets: list[bytes],
                            start: int) -> None:
-    buf, size = a.seal_run([p + trailer(len(p)) for p in packets])
+    """Sealed in place, by the batch AES-GCM (where built) and by the reference: `seal_many`'s bytes."""
+    ref = SecurityAssociation(a.spi, KEY[: a.suite.key_len], SALT, aead=a.suite.name, esn=a.esn, native=False)
+    ref.seq = a.seq
     wires = b.seal_many(packets)
-    assert size == len(wires[0]) and bytes(buf) == b"".join(wires)
-    assert Burst(buf, size).datagrams() == wires
-    assert a.seq == b.seq == start + len(packets)
+    for s in (a, ref):
+        buf, size = s.seal_run(*lay_out([p + trailer(len(p)) for p in packets]))
+        assert size == len(wires[0]) and bytes(buf) == b"".join(wires)
+        assert Burst(buf, size).datagrams() == wires
+        assert s.seq == b.seq == start + len(packets)
 
 
-def test_seal_run_checks_the_limit_and_the_lengths_before_sealing() -> None:
-    s = sa(esn=False, seq=2**32 - 2)
+@pytest.mark.parametrize("native", [True, False])
+def test_seal_run_checks_the_limit_and_the_layout_before_sealing(native: bool) -> None:
+    s = sa(esn=False, seq=2**32 - 2, native=native)
     with pytest.raises(Exception, match="exhausted"):
-        s.seal_run([b"x" * 40 + trailer(40)] * 3)
-    s = sa()
+        s.seal_run(*lay_out([b"x" * 40 + trailer(40)] * 3))
     for lengths in ([40, 44, 40], [40, 44], []):
         with pytest.raises(ValueError):
-            s.seal_run([bytes(n) + trailer(n) for n in lengths])
-    assert s.seq == 0
+            lay_out([bytes(n) + trailer(n) for n in lengths])
+    s = sa(native=native)
+    buf, stride, count, last = lay_out([bytes(40) + trailer(40)] * 3)
+    untouched = bytes(buf)
+    for args in ((buf + b"x", stride, count, last), (buf, stride, count + 1, last), (buf, stride, 0, last),
+                 (buf, stride, count, last + 4), (buf, 20, count, last), (buf[:-1], stride, count, last)):
+        with pytest.raises(ValueError):
+            s.seal_run(*args)
+    assert s.seq == 0 and bytes(buf) == untouched
 
 
 @pytest.mark.parametrize(("esn", "start"), [(True, 0), (True, 5000), (True, 2**32 - 10), (False, 0),
@@ -186,27 +198,37 @@ def test_commit_run_refuses_what_is_not_a_fresh_run() -> None:
        flags=st.sampled_from([ACK, ACK | PSH, ACK | FIN, ACK | PSH | FIN, ACK | CWR, ACK | CWR | PSH]),
        options=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(range(8))]))
 def test_segment_run_is_segment(nseg: int, extra: int, seq: int, flags: int, options: bytes) -> None:
+    """The C form (where built) and the NumPy form, each against the per-packet reference."""
     if nseg * MSS + extra + 60 + len(options) > 65535:
         nseg -= 2
     sp = superpacket(nseg, extra, seq=seq, flags=flags, options=options)
     vnet = gso_header(sp, MSS)
     ref = segment(vnet, sp)
-    run = segment_run(vnet, sp, LAYOUT)
-    assert run is not None
-    assert run.packets() == ref
-    assert all(bytes(s).endswith(trailer(len(p))) and len(s) == len(p) + len(trailer(len(p)))
-               for s, p in zip(run.slots, ref, strict=True))
-    assert all(tcp_checksum_ok(p) for p in run.packets())
-    assert run.dst == sp[24:40] and run.nbytes == sum(map(len, ref))
+    for native in (True, False):
+        run = segment_run(vnet, sp, LAYOUT, native=native)
+        assert run is not None
+        assert run.packets() == ref
+        assert all(bytes(s).endswith(trailer(len(p))) and len(s) == len(p) + len(trailer(len(p)))
+                   for s, p in zip(run.plaintexts(), ref, strict=True))
+        assert all(tcp_checksum_ok(p) for p in run.packets())
+        assert run.dst == sp[24:40] and run.nbytes == sum(map(len, ref))
+        assert len(run.buf) == (run.count - 1) * run.stride + run.head + run.last + run.tail
 
 
-def test_segment_run_declines_what_segment_handles_alone() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_segment_run_declines_what_segment_handles_alone(native: bool) -> None:
     sp = superpacket(10, 5)
-    assert segment_run(VnetHeader().encode(), sp, LAYOUT) is None  # not GSO
-    assert segment_run(gso_header(sp, 20000), sp, LAYOUT) is None  # one full segment
-    assert segment_run(gso_header(sp, 1339), sp, LAYOUT) is None  # odd segment size
+    assert segment_run(VnetHeader().encode(), sp, LAYOUT, native) is None  # not GSO
+    assert segment_run(gso_header(sp, 20000), sp, LAYOUT, native) is None  # one full segment
     v4 = tcp_packet(4, os.urandom(5000), csum="partial")
-    assert segment_run(gso_header(v4, 1000), v4, LAYOUT) is None
+    assert segment_run(gso_header(v4, 1000), v4, LAYOUT, native) is None
+    assert segment_run(gso_header(sp, MSS), sp[:-1], LAYOUT, native) is None  # the length field disagrees
+    # An odd segment size: the NumPy form leaves it to `segment`, the C form does it as `segment` would.
+    odd = segment_run(gso_header(sp, 1339), sp, LAYOUT, native)
+    if native and NATIVE_TCP6:
+        assert odd is not None and odd.packets() == segment(gso_header(sp, 1339), sp)
+    else:
+        assert odd is None
 
 
 def _run_of(packets: list[bytes]) -> RxRun:
@@ -217,12 +239,13 @@ def _run_of(packets: list[bytes]) -> RxRun:
     return RxRun(arena, stride, [len(p) for p in packets])
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("extra", [0, 1, 700])
 @pytest.mark.parametrize("flags", [ACK, ACK | PSH | FIN, ACK | CWR])
-def test_coalesce_run_is_coalesce(extra: int, flags: int) -> None:
+def test_coalesce_run_is_coalesce(extra: int, flags: int, native: bool) -> None:
     sp = superpacket(30, extra, flags=flags, options=b"\x01\x01\x08\x0a" + bytes(8))
     segs = segment(gso_header(sp, MSS), sp)
-    iov = coalesce_run(_run_of(segs))
+    iov = coalesce_run(_run_of(segs), native)
     assert iov is not None
     ((hdr, merged),) = coalesce(segs, verify=False)
     assert bytes(iov[0]) == hdr and b"".join(bytes(x) for x in iov[1:]) == merged
@@ -230,7 +253,8 @@ def test_coalesce_run_is_coalesce(extra: int, flags: int) -> None:
     assert merged[60 + 12 :] == sp[60 + 12 :]
 
 
-def test_coalesce_run_declines_anything_but_one_in_order_flow() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_coalesce_run_declines_anything_but_one_in_order_flow(native: bool) -> None:
     segs = segment(gso_header(superpacket(6, 100), MSS), superpacket(6, 100))
     cases = {
         "reordered": segs[:2] + segs[3:4] + segs[2:3] + segs[4:],
@@ -242,7 +266,10 @@ def test_coalesce_run_declines_anything_but_one_in_order_flow() -> None:
         "not tcp": [b"\x60" + bytes(5) + b"\x3b\x40" + bytes(32) + bytes(MSS)] * 3,
     }
     for name, pkts in cases.items():
-        assert coalesce_run(_run_of(pkts)) is None, name
+        run = _run_of(pkts)
+        before = bytes(run.arena)
+        assert coalesce_run(run, native) is None, name
+        assert bytes(run.arena) == before, name  # declined: the arena is as it was
     # The caller's fallback (coalesce) follows the same rules (a window change ends a merge, as the
     # kernel's tcp_gro_receive compares the whole flag word), and still merges what they allow.
     merged = coalesce(cases["window changes"], verify=False)
@@ -326,12 +353,13 @@ def test_outbound_seals_a_txrun_as_a_burst_in_order_with_loose_packets() -> None
     assert isinstance(run, TxRun)
     loose = [a_to_b(tcp_packet(6, b"ack", seq=7))]
     run.at = 1  # after the first loose packet
+    inner = run.packets()  # sealing is in place: the run holds datagrams afterwards
     (flight,) = a.core.outbound([loose[0], loose[0]], [run], now, WALL).sends
     assert len(flight.datagrams) == 2 and [b.at for b in flight.bursts] == [1]
     assert isinstance(flight.bursts[0], Burst)
     datagrams = flight.all_datagrams()
     out = b.core.inbound([(d, flight.destination) for d in datagrams], now, WALL)
-    assert out.tun_packets == loose + run.packets() + loose
+    assert out.tun_packets == loose + inner + loose
     # sealed in sending order: the sequence numbers follow the datagrams
     seqs = [int.from_bytes(d[4:8], "big") for d in datagrams]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
@@ -356,11 +384,12 @@ def test_outbound_counts_each_runs_place_again_within_its_destination() -> None:
     assert run_b is not None and run_x is not None
     run_x.at, run_b.at = 1, 2  # ack | lost, run_x | run_b, ack
     before = a.core.counters.tx_no_route
+    inner_b = run_b.packets()  # sealing is in place
     (flight,) = a.core.outbound([ack, lost, ack], [run_x, run_b], now, WALL).sends
-    assert a.core.counters.tx_no_route == before + 1 + len(run_x.slots)
+    assert a.core.counters.tx_no_route == before + 1 + run_x.count
     assert [burst.at for burst in flight.bursts] == [1]  # after b's first loose packet, not after two
     out = b.core.inbound([(d, flight.destination) for d in flight.all_datagrams()], now, WALL)
-    assert out.tun_packets == [ack, *run_b.packets(), ack]
+    assert out.tun_packets == [ack, *inner_b, ack]
 
 
 # -- UDP ------------------------------------------------------------------------------------------------

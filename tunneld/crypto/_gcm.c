@@ -3,17 +3,24 @@
  *
  * Optional: tunneld/crypto/esp.py falls back to the `cryptography` package's AESGCM (the reference
  * this module is tested against byte for byte, tests/unit/test_gcm_batch.py) when it is not built.
- * The cipher context is built once per key (the key schedule) and each packet only sets its nonce
- * (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv)). The caller builds the nonces (salt || IV, RFC 4106
- * §4) and the AADs (RFC 4106 §5) for the whole run as two flat buffers; this code knows nothing of ESP.
+ * The cipher context is built once per key (the key schedule) and each packet only sets its nonce;
+ * the tag goes through prebuilt OSSL_PARAMs rather than the ctrl shim (about 0.1 µs a packet less).
+ * `seal`/`open` are the bare primitive (any nonces and AADs, for the known-answer tests); `seal_esp`/
+ * `open_esp` build the ESP header, nonce (salt || IV, RFC 4106 §4) and AAD (RFC 4106 §5) themselves,
+ * so a run costs one call and no Python object per packet.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <openssl/core_names.h>
 #include <openssl/evp.h>
+#include <openssl/params.h>
+#include <stdint.h>
 
 #define NONCE_LEN 12 /* salt(4) || IV(8), RFC 4106 §4 */
 #define TAG_LEN 16   /* the ICV, RFC 4106 §6 */
 #define MAX_AAD 16
+#define ESP_HEAD 16  /* SPI(4) | seq low 32 bits(4) | IV(8): RFC 4303 §2, RFC 4106 §3.1 */
+#define ESP_MIN 36   /* header, the smallest aligned trailer (4), ICV */
 
 typedef struct {
     PyObject_HEAD
@@ -32,25 +39,58 @@ static int gcm_init(GCM *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"key", NULL};
     Py_buffer key;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*", kwlist, &key)) return -1;
-    const EVP_CIPHER *cipher = key.len == 16 ? EVP_aes_128_gcm() : key.len == 32 ? EVP_aes_256_gcm() : NULL;
-    if (cipher == NULL) {
+    const char *name = key.len == 16 ? "AES-128-GCM" : key.len == 32 ? "AES-256-GCM" : NULL;
+    if (name == NULL) {
         PyBuffer_Release(&key);
         PyErr_SetString(PyExc_ValueError, "AES-GCM keys are 16 or 32 bytes");
         return -1;
     }
     EVP_CIPHER_CTX_free(self->enc);
     EVP_CIPHER_CTX_free(self->dec);
+    /* An explicit fetch: the implicit one behind EVP_aes_*_gcm() is looked up again on every init. */
+    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, name, NULL);
     self->enc = EVP_CIPHER_CTX_new();
     self->dec = EVP_CIPHER_CTX_new();
-    int ok = self->enc && self->dec
-        && EVP_EncryptInit_ex(self->enc, cipher, NULL, key.buf, NULL) == 1
-        && EVP_DecryptInit_ex(self->dec, cipher, NULL, key.buf, NULL) == 1;
+    int ok = cipher && self->enc && self->dec
+        && EVP_EncryptInit_ex2(self->enc, cipher, key.buf, NULL, NULL) == 1
+        && EVP_DecryptInit_ex2(self->dec, cipher, key.buf, NULL, NULL) == 1;
+    EVP_CIPHER_free(cipher); /* the contexts hold their own references */
     PyBuffer_Release(&key);
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up AES-GCM");
         return -1;
     }
     return 0;
+}
+
+/* One packet: ciphertext || tag of `len` bytes of `in` at `dst` (in == dst is allowed). 1 on success. */
+static int seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad, int aad_len,
+                    const unsigned char *in, int len, unsigned char *dst) {
+    int outl;
+    OSSL_PARAM tag[2] = {OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, dst + len, TAG_LEN),
+                         OSSL_PARAM_construct_end()};
+    return EVP_EncryptInit_ex2(ctx, NULL, NULL, nonce, NULL) == 1
+        && (aad_len == 0 || EVP_EncryptUpdate(ctx, NULL, &outl, aad, aad_len) == 1)
+        && (len == 0 || EVP_EncryptUpdate(ctx, dst, &outl, in, len) == 1)
+        && EVP_EncryptFinal_ex(ctx, dst + len, &outl) == 1
+        && EVP_CIPHER_CTX_get_params(ctx, tag) == 1;
+}
+
+/* One packet: `len` bytes of ciphertext at `src`, then its tag, into `dst`. 1: opened; 0: the tag did not
+ * verify; -1: OpenSSL failed otherwise. */
+static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad, int aad_len,
+                    const unsigned char *src, int len, unsigned char *dst) {
+    int outl;
+    unsigned char tag[TAG_LEN];
+    memcpy(tag, src + len, TAG_LEN); /* the parameter takes a non-const pointer; src may be read-only */
+    OSSL_PARAM set[2] = {OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, TAG_LEN),
+                         OSSL_PARAM_construct_end()};
+    if (!(EVP_DecryptInit_ex2(ctx, NULL, NULL, nonce, NULL) == 1
+          && (aad_len == 0 || EVP_DecryptUpdate(ctx, NULL, &outl, aad, aad_len) == 1)
+          && (len == 0 || EVP_DecryptUpdate(ctx, dst, &outl, src, len) == 1)
+          && EVP_CIPHER_CTX_set_params(ctx, set) == 1))
+        return -1;
+    return EVP_DecryptFinal_ex(ctx, dst + len, &outl) == 1;
 }
 
 /* Checks the nonces and AADs describe `count` packets; returns count or -1 with an exception set. */
@@ -119,17 +159,10 @@ static PyObject *gcm_seal(GCM *self, PyObject *args) {
     if (!take(self)) goto done;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    EVP_CIPHER_CTX *ctx = self->enc;
     const unsigned char *nb = nonces.buf, *ab = aads.buf;
-    for (Py_ssize_t i = 0; i < k && ok; i++) {
-        unsigned char *dst = (unsigned char *)out.buf + start + i * stride;
-        int len = (int)ins[i].len, outl;
-        ok = EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nb + i * NONCE_LEN) == 1
-            && (aad_len == 0 || EVP_EncryptUpdate(ctx, NULL, &outl, ab + i * aad_len, (int)aad_len) == 1)
-            && (len == 0 || EVP_EncryptUpdate(ctx, dst, &outl, ins[i].buf, len) == 1)
-            && EVP_EncryptFinal_ex(ctx, dst + len, &outl) == 1
-            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, dst + len) == 1;
-    }
+    for (Py_ssize_t i = 0; i < k && ok; i++)
+        ok = seal_one(self->enc, nb + i * NONCE_LEN, ab + i * aad_len, (int)aad_len, ins[i].buf,
+                      (int)ins[i].len, (unsigned char *)out.buf + start + i * stride);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     if (!ok) {
@@ -174,22 +207,13 @@ static PyObject *gcm_open(GCM *self, PyObject *args) {
     Py_ssize_t failed = -1;
     int broken = 0;
     Py_BEGIN_ALLOW_THREADS
-    EVP_CIPHER_CTX *ctx = self->dec;
     const unsigned char *nb = nonces.buf, *ab = aads.buf;
-    unsigned char tag[TAG_LEN];
     for (Py_ssize_t i = 0; i < k; i++) {
-        const unsigned char *src = (const unsigned char *)data.buf + start + i * stride;
-        unsigned char *dst = (unsigned char *)out.buf + i * ostride;
-        int len = (int)((i == k - 1 ? last : length) - TAG_LEN), outl;
-        memcpy(tag, src + len, TAG_LEN); /* the ctrl takes a non-const pointer */
-        if (!(EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nb + i * NONCE_LEN) == 1
-              && (aad_len == 0 || EVP_DecryptUpdate(ctx, NULL, &outl, ab + i * aad_len, (int)aad_len) == 1)
-              && (len == 0 || EVP_DecryptUpdate(ctx, dst, &outl, src, len) == 1)
-              && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN, tag) == 1)) {
-            broken = 1;
-            break;
-        }
-        if (EVP_DecryptFinal_ex(ctx, dst + len, &outl) != 1) {
+        int r = open_one(self->dec, nb + i * NONCE_LEN, ab + i * aad_len, (int)aad_len,
+                         (const unsigned char *)data.buf + start + i * stride,
+                         (int)((i == k - 1 ? last : length) - TAG_LEN), (unsigned char *)out.buf + i * ostride);
+        if (r != 1) {
+            broken = r < 0;
             failed = i;
             break;
         }
@@ -209,9 +233,176 @@ done:
     return result;
 }
 
+/* -- ESP runs ------------------------------------------------------------------------------------- */
+
+static void put32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+
+static uint32_t get32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The AAD of sequence number `seq` (RFC 4106 §5): SPI || seq-hi || seq-lo with ESN, SPI || seq-lo
+ * without. Returns its length. */
+static int esp_aad(unsigned char *aad, uint32_t spi, uint64_t seq, int esn) {
+    put32(aad, spi);
+    if (esn) {
+        put32(aad + 4, (uint32_t)(seq >> 32));
+        put32(aad + 8, (uint32_t)seq);
+        return 12;
+    }
+    put32(aad + 4, (uint32_t)seq);
+    return 8;
+}
+
+PyDoc_STRVAR(seal_esp_doc,
+"seal_esp(buf, stride, count, last, salt, spi, seq, esn)\n\n"
+"Seal `count` ESP datagrams in place. Datagram i starts at buf[i*stride]; its plaintext (inner packet\n"
+"and ESP trailer) lies after the 16 header bytes and is stride - 32 bytes long (`last` for the last\n"
+"datagram), and 16 bytes are left after it for the ICV. Writes each header (SPI, low 32 bits of the\n"
+"sequence number, IV = the 64-bit sequence number: RFC 4303 §2, RFC 4106 §3.1) and replaces the\n"
+"plaintext with ciphertext || ICV. Datagram i carries sequence number seq + i; buf must be exactly\n"
+"(count - 1) * stride + 32 + last bytes.");
+
+static PyObject *gcm_seal_esp(GCM *self, PyObject *args) {
+    Py_buffer buf, salt;
+    Py_ssize_t stride, count, last;
+    unsigned long spi;
+    unsigned long long seq;
+    int esn;
+    if (!PyArg_ParseTuple(args, "w*nnny*kKp", &buf, &stride, &count, &last, &salt, &spi, &seq, &esn))
+        return NULL;
+    PyObject *result = NULL;
+    if (salt.len != 4 || spi > 0xFFFFFFFFUL || count < 1 || stride < ESP_HEAD + TAG_LEN
+        || stride - ESP_HEAD - TAG_LEN > INT_MAX || last < 0 || last > stride - ESP_HEAD - TAG_LEN
+        || buf.len != (count - 1) * stride + ESP_HEAD + last + TAG_LEN
+        || seq + (unsigned long long)(count - 1) < seq) {
+        PyErr_SetString(PyExc_ValueError, "seal_esp: the layout does not describe buf");
+        goto done;
+    }
+    if (!take(self)) goto done;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char nonce[NONCE_LEN], aad[12];
+    memcpy(nonce, salt.buf, 4);
+    int full = (int)(stride - ESP_HEAD - TAG_LEN);
+    for (Py_ssize_t i = 0; i < count && ok; i++) {
+        unsigned char *d = (unsigned char *)buf.buf + i * stride;
+        uint64_t s = seq + (uint64_t)i;
+        put32(d, (uint32_t)spi);
+        put32(d + 4, (uint32_t)s);
+        put32(d + 8, (uint32_t)(s >> 32));
+        put32(d + 12, (uint32_t)s);
+        memcpy(nonce + 4, d + 8, 8);
+        int aad_len = esp_aad(aad, (uint32_t)spi, s, esn);
+        ok = seal_one(self->enc, nonce, aad, aad_len, d + ESP_HEAD, i == count - 1 ? (int)last : full,
+                      d + ESP_HEAD);
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM encryption failed");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&salt);
+    return result;
+}
+
+/* Whether the plaintext `p` of `n` bytes ends in a minimal ESP trailer with `nh` (pad length 0..3, pad
+ * bytes 1, 2, 3, RFC 4303 §2.4): its pad length, or -1. */
+static int minimal_pad(const unsigned char *p, Py_ssize_t n, int nh) {
+    if (n < 2 || p[n - 1] != nh || p[n - 2] > 3 || n < 2 + p[n - 2]) return -1;
+    int pad = p[n - 2];
+    for (int j = 0; j < pad; j++)
+        if (p[n - 2 - pad + j] != j + 1) return -1;
+    return pad;
+}
+
+PyDoc_STRVAR(open_esp_doc,
+"open_esp(data, size, salt, spi, seq, esn, next_header) -> (arena, full, last) | None\n\n"
+"Open a UDP GRO receive: ESP datagrams of `size` bytes back to back in data (the last may be shorter)\n"
+"that carry `spi` and the consecutive sequence numbers seq, seq + 1, ... (checked on their low 32 bits;\n"
+"the caller inferred seq and checked it against its replay window). Inner packet i is arena[i*(size-32):]\n"
+"of `full` bytes (`last` for the last). None, with nothing returned, unless every datagram has the\n"
+"expected SPI and sequence number, every ICV verifies, and every trailer is minimal padding with\n"
+"`next_header`, one length for all but the last: the caller then opens one by one, counting each fault.");
+
+static PyObject *gcm_open_esp(GCM *self, PyObject *args) {
+    Py_buffer data, salt;
+    Py_ssize_t size;
+    unsigned long spi;
+    unsigned long long seq;
+    int esn, nh;
+    if (!PyArg_ParseTuple(args, "y*ny*kKpi", &data, &size, &salt, &spi, &seq, &esn, &nh)) return NULL;
+    PyObject *result = NULL, *arena = NULL;
+    Py_ssize_t n = data.len;
+    if (salt.len != 4 || spi > 0xFFFFFFFFUL || nh < 0 || nh > 255) {
+        PyErr_SetString(PyExc_ValueError, "open_esp: bad salt, SPI or next header");
+        goto done;
+    }
+    if (size < ESP_MIN || size > INT_MAX || (size - ESP_HEAD - TAG_LEN) & 3 || n <= size) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t k = (n + size - 1) / size, tail = n - (k - 1) * size, stride = size - ESP_HEAD - TAG_LEN;
+    if (tail < ESP_MIN || (tail - ESP_HEAD - TAG_LEN) & 3 || seq + (unsigned long long)(k - 1) < seq) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const unsigned char *src = data.buf;
+    for (Py_ssize_t i = 0; i < k; i++)
+        if (get32(src + i * size) != spi || get32(src + i * size + 4) != (uint32_t)(seq + (uint64_t)i)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    arena = PyByteArray_FromStringAndSize(NULL, k * stride); /* every byte is written before it is read */
+    if (arena == NULL) goto done;
+    if (!take(self)) goto done;
+    int r = 1, pad = -1, last_pad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char nonce[NONCE_LEN], aad[12], *out = (unsigned char *)PyByteArray_AS_STRING(arena);
+    memcpy(nonce, salt.buf, 4);
+    for (Py_ssize_t i = 0; i < k && r == 1; i++) {
+        const unsigned char *d = src + i * size;
+        Py_ssize_t pt = (i == k - 1 ? tail : size) - ESP_HEAD - TAG_LEN;
+        memcpy(nonce + 4, d + 8, 8); /* the IV as sent: RFC 4106 §3.1 lets the sender choose it */
+        int aad_len = esp_aad(aad, (uint32_t)spi, seq + (uint64_t)i, esn);
+        r = open_one(self->dec, nonce, aad, aad_len, d + ESP_HEAD, (int)pt, out + i * stride);
+        if (r == 1) {
+            int p = minimal_pad(out + i * stride, pt, nh);
+            if (i == k - 1) last_pad = p;
+            else if (i == 0) pad = p;
+            if (p < 0 || (i > 0 && i < k - 1 && p != pad)) r = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (r < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM decryption failed");
+        goto done;
+    }
+    if (r == 0 || last_pad < 0 || pad < 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    result = Py_BuildValue("(Onn)", arena, stride - 2 - pad, tail - ESP_HEAD - TAG_LEN - 2 - last_pad);
+done:
+    Py_XDECREF(arena);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&salt);
+    return result;
+}
+
 static PyMethodDef gcm_methods[] = {
     {"seal", (PyCFunction)gcm_seal, METH_VARARGS, seal_doc},
     {"open", (PyCFunction)gcm_open, METH_VARARGS, open_doc},
+    {"seal_esp", (PyCFunction)gcm_seal_esp, METH_VARARGS, seal_esp_doc},
+    {"open_esp", (PyCFunction)gcm_open_esp, METH_VARARGS, open_esp_doc},
     {NULL, NULL, 0, NULL},
 };
 

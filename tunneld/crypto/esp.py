@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterable, Sequence, Sized
 from enum import IntEnum
 from itertools import chain, repeat
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -69,10 +69,6 @@ _PADS: Final = tuple(bytes(range(1, n + 1)) for n in range(256))
 # The datagram header as a NumPy record, to read the SPIs and sequence numbers of a whole GRO batch at once.
 _HDR_DTYPE: Final = np.dtype([("spi", ">u4"), ("lo", ">u4"), ("iv", ">u8")])
 _SPI_LO_DTYPE: Final = np.dtype([("spi", ">u4"), ("lo", ">u4")])
-# A run's nonces and AADs as NumPy records, for the batch AES-GCM: the same bytes as _NONCE, _AAD_ESN, _AAD.
-_NONCE_DTYPE: Final = np.dtype([("salt", "S4"), ("iv", ">u8")])
-_AAD_ESN_DTYPE: Final = np.dtype([("spi", ">u4"), ("seq", ">u8")])
-_AAD_DTYPE: Final = np.dtype([("spi", ">u4"), ("seq", ">u4")])
 Buffer = bytes | bytearray | memoryview
 
 
@@ -84,8 +80,26 @@ def trailer(length: int, next_header: int = NH_IPV6) -> bytes:
     return _PADS[pad] + bytes((pad, next_header))
 
 
-LAYOUT: Final = SealLayout(trailer, OVERHEAD_MAX)
+LAYOUT: Final = SealLayout(trailer, OVERHEAD_MAX, HEADER_LEN, ICV_LEN, NH_IPV6)
 """What `seal_run` expects of its plaintexts, for the code that lays them out (the TUN's segmenter)."""
+
+
+def lay_out(plaintexts: Sequence[Buffer]) -> tuple[bytearray, int, int, int]:
+    """Plaintexts (inner packets that already end in their `trailer`), all of one length but the last,
+    which may be shorter, copied where `seal_run` seals them: returns the buffer, stride, count and the
+    last plaintext's length, `seal_run`'s arguments. The TUN's segmenter lays runs out itself; this is
+    for callers that hold packets (benchmarks, tests)."""
+    k = len(plaintexts)
+    if not k:
+        raise ValueError("nothing to seal")
+    first, last = len(plaintexts[0]), len(plaintexts[-1])
+    if last > first or any(len(p) != first for p in plaintexts[1:-1]):
+        raise ValueError("a run's plaintexts are all of one length but the last")
+    stride = HEADER_LEN + first + ICV_LEN
+    buf = bytearray((k - 1) * stride + HEADER_LEN + last + ICV_LEN)
+    for i, p in enumerate(plaintexts):
+        buf[i * stride + HEADER_LEN : i * stride + HEADER_LEN + len(p)] = p
+    return buf, stride, k, last
 
 
 @functools.cache
@@ -220,50 +234,40 @@ class SecurityAssociation:
         self.seq = seq
         return out
 
-    def seal_run(self, plaintexts: Sequence[Buffer]) -> tuple[memoryview, int]:
-        """Encrypt plaintexts that already end in their ESP trailer (see `trailer`), all of one length
-        but the last, which may be shorter, into one buffer of datagrams back to back: returns the buffer
-        and the datagram size, which is what one UDP GSO `sendmsg` takes (one iovec, no other copy).
+    def seal_run(self, buf: bytearray | memoryview, stride: int, count: int,
+                 last: int) -> tuple[memoryview, int]:
+        """Seal in place `count` datagrams laid out in `buf` as `LAYOUT` describes (what the TUN's segmenter
+        makes): datagram i at `i * stride`, its plaintext (inner packet and trailer) after the 16 header
+        bytes, `stride - 32` bytes long (`last` for the last), 16 bytes left after it for the ICV. Writes
+        the headers and replaces each plaintext with ciphertext || ICV; returns the buffer and the datagram
+        size, which is what one UDP GSO `sendmsg` takes (one iovec, no other copy).
 
-        This is the vectorised form of `seal_many` for the offload path, where the segmenter lays the
-        plaintexts out in one buffer. The headers are written as NumPy columns and every per-packet step
-        (nonce, AAD, encryption into its place) runs inside a C-level `map`, or the whole run in one call
-        of the batch AES-GCM, so no Python bytecode runs per packet; the wire bytes are identical to
-        `seal_many`'s for the same sequence numbers (tests/unit/test_runs.py). Raises ESPError once the
-        sequence number space is used up, and ValueError for plaintexts of unequal lengths (before the
-        last)."""
-        k = len(plaintexts)
-        if not k:
-            raise ValueError("nothing to seal")
-        first, last = len(plaintexts[0]), len(plaintexts[-1])
-        if last > first or (k > 2 and set(map(len, plaintexts[1:-1])) != {first}):
-            raise ValueError("a run's plaintexts are all of one length but the last")
-        if self.seq + k > self.limit:
+        This is the vectorised form of `seal_many` for the offload path: the wire bytes are identical to
+        `seal_many`'s for the same sequence numbers (tests/unit/test_runs.py). With the batch AES-GCM the
+        whole run is one native call; otherwise the `cryptography` reference seals packet by packet.
+        Raises ESPError once the sequence number space is used up, and ValueError for a layout that does
+        not describe `buf`."""
+        full = stride - HEADER_LEN - ICV_LEN
+        if count < 1 or full < 0 or not 0 <= last <= full or \
+                len(buf) != (count - 1) * stride + HEADER_LEN + last + ICV_LEN:
+            raise ValueError("the layout does not describe the buffer")
+        if self.seq + count > self.limit:
             raise ESPError("sequence number space exhausted: the SA must be rekeyed")
-        size = HEADER_LEN + first + ICV_LEN
-        total = (k - 1) * size + HEADER_LEN + last + ICV_LEN
-        buf = np.empty(total, np.uint8)  # every byte is written below: headers, then ciphertexts
         s0 = self.seq + 1
-        seqs = np.arange(s0, s0 + k, dtype=np.uint64)
-        hdrs = np.ndarray((k,), _HDR_DTYPE, buf, 0, (size,))
-        hdrs["spi"] = self.spi
-        hdrs["lo"] = seqs & np.uint64(_M32)
-        hdrs["iv"] = seqs
-        spi = self.spi
-        out = buf.data
+        out = memoryview(buf)
         if self._gcm is not None:
-            self._gcm.seal(self._nonces(seqs), *self._aads(seqs), plaintexts, out, HEADER_LEN, size)
-            self.seq = s0 + k - 1
-            return out, size
-        # Each datagram's ciphertext goes after its header; the last may be shorter.
-        outs = chain(strided(HEADER_LEN, size, size - HEADER_LEN, k - 1),
-                     (slice((k - 1) * size + HEADER_LEN, total),))
-        r = range(s0, s0 + k)
-        aads = map(_AAD_ESN.pack, repeat(spi, k), r) if self.esn else map(_AAD.pack, repeat(spi, k), r)
-        nonces = map(_NONCE.pack, repeat(self._aead.salt, k), r)
-        list(map(self._aead.encrypt_into, nonces, plaintexts, aads, map(out.__getitem__, outs)))
-        self.seq = s0 + k - 1
-        return out, size
+            self._gcm.seal_esp(buf, stride, count, last, self._aead.salt, self.spi, s0, self.esn)
+        else:
+            salt, spi, encrypt_into = self._aead.salt, self.spi, self._aead.encrypt_into
+            for i in range(count):
+                seq, o = s0 + i, i * stride
+                n = full if i < count - 1 else last
+                plaintext = bytes(out[o + HEADER_LEN : o + HEADER_LEN + n])  # not sealed over itself
+                _HDR.pack_into(out, o, spi, seq & _M32, seq)
+                aad = _AAD_ESN.pack(spi, seq) if self.esn else _AAD.pack(spi, seq)
+                encrypt_into(_NONCE.pack(salt, seq), plaintext, aad, out[o + HEADER_LEN : o + stride])
+        self.seq = s0 + count - 1
+        return out, stride
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -428,9 +432,10 @@ class SecurityAssociation:
         then opens the datagrams one by one with `open_many`, which drops and counts whatever is wrong
         (so a forged packet in a batch costs the fast path, never correctness).
 
-        The per-packet work runs in C-level `map` calls (or one call of the batch AES-GCM) and NumPy
-        column operations: no bytecode per packet. The replay check happens before any decryption, the
-        window moves only after all authenticated (RFC 4303 §3.4.3), as in `open_many`."""
+        With the batch AES-GCM the whole receive is one native call (headers, nonces, AADs, decryption and
+        trailers); otherwise the per-packet work runs in C-level `map` calls and NumPy column operations,
+        no bytecode per packet. The replay check happens before any decryption, the window moves only
+        after all authenticated (RFC 4303 §3.4.3), as in `open_many`."""
         n = len(data)
         if size < MIN_WIRE_LEN or (size - HEADER_LEN - ICV_LEN) & 3 or n <= size:
             return None
@@ -438,43 +443,46 @@ class SecurityAssociation:
         tail = n - (k - 1) * size
         if tail < MIN_WIRE_LEN or (tail - HEADER_LEN - ICV_LEN) & 3:
             return None
-        hdrs = np.ndarray((k,), _HDR_DTYPE, data, 0, (size,))
-        lo0 = int(hdrs["lo"][0])
+        lo0 = int.from_bytes(data[4:8], "big")
         replay = self.replay
         seq0 = replay.infer(lo0)
         if seq0 <= replay.top or seq0 + k - 1 > replay.limit:
             return None
+        stride = size - HEADER_LEN - ICV_LEN
+        tpt = tail - HEADER_LEN - ICV_LEN  # the last datagram's plaintext length
+        if self._gcm is not None:
+            opened = self._gcm.open_esp(data, size, self._aead.salt, self.spi, seq0, self.esn, next_header)
+            if opened is None:
+                return None
+            arena, full_len, tail_len = opened
+            replay.commit_run(seq0, k)
+            lengths = [full_len] * (k - 1)
+            lengths.append(tail_len)
+            return memoryview(arena), stride, lengths
         # Every datagram has our SPI and the next low sequence number (uint32 arithmetic wraps as the
         # sender's counter does): compared as bytes, one C call instead of NumPy reductions.
+        hdrs = np.ndarray((k,), _HDR_DTYPE, data, 0, (size,))
         want = np.empty(k, _SPI_LO_DTYPE)
         want["spi"] = self.spi
         want["lo"] = np.arange(lo0, lo0 + k, dtype=np.uint64).astype(np.uint32)
         if np.ndarray((k, 8), np.uint8, data, 0, (size, 1)).tobytes() != want.tobytes():
             return None
-        stride = size - HEADER_LEN - ICV_LEN
-        tpt = tail - HEADER_LEN - ICV_LEN  # the last datagram's plaintext length
         out = np.empty(k * stride, np.uint8).data  # not zero-filled: every byte is about to be written
-        if self._gcm is not None:
-            aads, aad_len = self._aads(np.arange(seq0, seq0 + k, dtype=np.uint64))
-            if self._gcm.open(self._nonces(hdrs["iv"]), aads, aad_len, data, HEADER_LEN, size,
-                              size - HEADER_LEN, tail - HEADER_LEN, out, stride) >= 0:
-                return None
-        else:
-            cts = chain(strided(HEADER_LEN, size, stride + ICV_LEN, k - 1),
-                        (slice((k - 1) * size + HEADER_LEN, n),))
-            outs = chain(strided(0, stride, stride, k - 1),
-                         (slice((k - 1) * stride, (k - 1) * stride + tpt),))
-            mv = memoryview(data)
-            seqs = range(seq0, seq0 + k)
-            spi = self.spi
-            aads_ = map(_AAD_ESN.pack, repeat(spi, k), seqs) if self.esn else \
-                map(_AAD.pack, repeat(spi, k), seqs)
-            nonces = map(_NONCE.pack, repeat(self._aead.salt, k), hdrs["iv"].tolist())
-            try:
-                list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, cts), aads_,
-                         map(out.__getitem__, outs)))
-            except InvalidTag:
-                return None
+        cts = chain(strided(HEADER_LEN, size, stride + ICV_LEN, k - 1),
+                    (slice((k - 1) * size + HEADER_LEN, n),))
+        outs = chain(strided(0, stride, stride, k - 1),
+                     (slice((k - 1) * stride, (k - 1) * stride + tpt),))
+        mv = memoryview(data)
+        seqs = range(seq0, seq0 + k)
+        spi = self.spi
+        aads_ = map(_AAD_ESN.pack, repeat(spi, k), seqs) if self.esn else \
+            map(_AAD.pack, repeat(spi, k), seqs)
+        nonces = map(_NONCE.pack, repeat(self._aead.salt, k), hdrs["iv"].tolist())
+        try:
+            list(map(self._aead.decrypt_into, nonces, map(mv.__getitem__, cts), aads_,
+                     map(out.__getitem__, outs)))
+        except InvalidTag:
+            return None
         # Trailers: the full slots must share one minimal padding (the usual case: equal inner lengths).
         full = np.ndarray((k - 1, stride), np.uint8, out, 0)
         pad = out[stride - 2]
@@ -491,22 +499,6 @@ class SecurityAssociation:
         lengths = [stride - 2 - pad] * (k - 1)
         lengths.append(tail_len)
         return out, stride, lengths
-
-    def _nonces(self, ivs: np.ndarray[Any, Any]) -> memoryview:
-        """A run's nonces, salt || IV (RFC 4106 §4), back to back."""
-        nonces = np.empty(len(ivs), _NONCE_DTYPE)
-        nonces["salt"] = self._aead.salt
-        nonces["iv"] = ivs
-        return nonces.data
-
-    def _aads(self, seqs: np.ndarray[Any, Any]) -> tuple[memoryview, int]:
-        """A run's AADs back to back and the length of each: SPI || 64-bit sequence number with ESN
-        (RFC 4106 §5), SPI || 32-bit sequence number without."""
-        dtype = _AAD_ESN_DTYPE if self.esn else _AAD_DTYPE
-        aads = np.empty(len(seqs), dtype)
-        aads["spi"] = self.spi
-        aads["seq"] = seqs
-        return aads.data, dtype.itemsize
 
     @property
     def rx_dropped(self) -> int:

@@ -24,7 +24,11 @@ class SealLayout:
     """What code that lays plaintexts out for sealing in place must know of the seal, handed to it by the
     security association so that it need not import the cipher's module: the bytes that follow an inner
     packet of a given length in its plaintext (padding to the cipher's alignment, pad length, next
-    header), and the most bytes sealing adds to an inner packet."""
+    header; `next_header` is that last byte), the most bytes sealing adds to an inner packet, and the
+    room a datagram keeps before its plaintext (`head`: the ESP header) and after it (`tail`: the ICV)."""
 
     trailer: Callable[[int], bytes]
     overhead: int
+    head: int
+    tail: int
+    next_header: int

@@ -26,6 +26,11 @@ from tunneld.fastpath.headers import (
 )
 from tunneld.fastpath.runs import RxRun
 
+try:
+    import tunneld.fastpath._tcp6 as _tcp6
+except ImportError:  # not built (no compiler): the NumPy form runs
+    _tcp6 = None  # type: ignore[assignment]
+
 __all__ = ["coalesce", "coalesce_run"]
 
 
@@ -239,9 +244,14 @@ def _merge(run: _Run) -> tuple[bytes, bytes]:
 _INVARIANT: dict[int, np.ndarray] = {}  # header columns every segment of a run repeats, by header length
 
 
-def coalesce_run(run: RxRun) -> list[bytes | bytearray | memoryview] | None:
-    """`coalesce` for an `RxRun` that is one in-order IPv6 TCP flow: the iovecs of one TUN write
-    (virtio-net header, merged headers, each segment's payload as a view of the arena: no copy).
+def coalesce_run(run: RxRun, native: bool = True) -> list[bytes | bytearray | memoryview] | None:
+    """`coalesce` for an `RxRun` that is one in-order IPv6 TCP flow: the iovecs of one TUN write.
+
+    With the C form (`tunneld.fastpath._tcp6`, where built; `native=False` skips it) the arena is
+    rewritten in place, merged headers then the payloads back to back, and the iovecs are the virtio-net
+    header and one view of the arena: the run cannot be used again afterwards. The NumPy form leaves the
+    arena alone and returns the virtio-net header, the merged headers and each segment's payload as a
+    view of the arena (no copy); both write the same bytes (tests/unit/test_tcp6_native.py).
 
     The merge rules are `coalesce`'s (the kernel's GRO): same addresses, ports, ACK number, data offset,
     window and options, traffic class, flow label and hop limit; contiguous sequence numbers; every
@@ -252,6 +262,15 @@ def coalesce_run(run: RxRun) -> list[bytes | bytearray | memoryview] | None:
     """
     arena, stride, lengths = run.arena, run.stride, run.lengths
     k = len(lengths)
+    if native and _tcp6 is not None and k > 1:
+        full = lengths[0]
+        if lengths.count(full) < k - 1 + (lengths[-1] == full):  # all but the last are `full` long
+            return None
+        merged = _tcp6.coalesce(arena, stride, k, full, lengths[-1])
+        if merged is None:
+            return None
+        vnet, n = merged
+        return [vnet, memoryview(arena)[:n]]
     if k < 2 or k > MAX_COALESCE_SEGMENTS or arena[0] >> 4 != 6 or arena[6] != PROTO_TCP:
         return None
     thl = (arena[52] >> 4) * 4

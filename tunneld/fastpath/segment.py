@@ -5,9 +5,11 @@ it lays out for sealing in place (a `TxRun`)."""
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
-from tunneld.crypto.layout import SealLayout, strided
+from tunneld.crypto.layout import SealLayout
 from tunneld.fastpath.headers import (
     CWR,
     FIN,
@@ -31,7 +33,7 @@ from tunneld.fastpath.headers import (
 from tunneld.fastpath.runs import TxRun
 from tunneld.proto.errors import ParseError
 
-__all__ = ["segment", "segment_run"]
+__all__ = ["NATIVE_TCP6", "segment", "segment_run"]
 
 
 def segment(vnet: bytes | bytearray | memoryview, packet: bytes, mss: int | None = None) -> list[bytes]:
@@ -123,25 +125,50 @@ def segment(vnet: bytes | bytearray | memoryview, packet: bytes, mss: int | None
 
 
 
+try:
+    import tunneld.fastpath._tcp6 as _tcp6
+except ImportError:  # not built (no compiler): the NumPy form below runs
+    _tcp6 = None  # type: ignore[assignment]
+
+NATIVE_TCP6: Final = _tcp6 is not None
+"""Whether the C segmenter and coalescer are built (`segment_run` and `coalesce_run` use them)."""
+
 _STEPS: dict[tuple[int, int], np.ndarray] = {}  # (segments, size) -> sequence offsets 0, size, 2*size...
 
 
 def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview,
-                layout: SealLayout) -> TxRun | None:
-    """`segment` for an IPv6 TCP superpacket, vectorised, with each segment followed by
-    `layout.trailer(length)` (the ESP trailer, from the security association's layout) so the result
-    can be sealed in place: one NumPy buffer holds all full-sized segments at a fixed stride, and the
-    per-segment fields (sequence number, payload length, flags, checksum) are written as columns. The
-    segments are byte for byte those of `segment` (tests/unit/test_runs.py). The short last segment, if
-    any, is built by the scalar code.
+                layout: SealLayout, native: bool = True) -> TxRun | None:
+    """`segment` for an IPv6 TCP superpacket, each segment laid out for sealing in place (a `TxRun`:
+    `layout.head` bytes before it, its trailer `layout.trailer(length)` and `layout.tail` bytes after it).
+    The segments are byte for byte those of `segment` (tests/unit/test_runs.py, test_tcp6_native.py).
 
-    Returns None when the packet is not an IPv6 TCP GSO packet of at least two full segments with an
-    even segment size (the caller uses `segment`); raises ParseError as `segment` does.
-    """
+    The C form (`tunneld.fastpath._tcp6`, where built; `native=False` skips it) does it in one call;
+    the NumPy form writes all full-sized segments at a fixed stride and the per-segment fields (sequence
+    number, payload length, flags, checksum) as columns, and builds the short last segment, if any, with
+    the scalar code.
+
+    Returns None when the packet is not an IPv6 TCP GSO packet of at least two full segments (the caller
+    uses `segment`, which raises ParseError for anything malformed)."""
+    if native and _tcp6 is not None:
+        got = _tcp6.segment(vnet, packet, layout.head, layout.tail, layout.next_header)
+        if got is None:
+            return None
+        buf, stride, count, last = got
+        hl = 40 + (packet[52] >> 4) * 4
+        return TxRun(bytes(packet[24:40]), buf, layout.head, layout.tail, stride, count, last,
+                     len(packet) + (count - 1) * hl)
+    return _segment_run_numpy(vnet, packet, layout)
+
+
+def _segment_run_numpy(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview,
+                       layout: SealLayout) -> TxRun | None:
     hdr = VnetHeader.decode(vnet)
     if hdr.gso_type & ~GSO_ECN != GSO_TCPV6:
         return None
-    version, ihl, thl = parse_tcp(packet)
+    try:
+        version, ihl, thl = parse_tcp(packet)
+    except ParseError:
+        return None
     size = hdr.gso_size
     hl = ihl + thl
     n = len(packet)
@@ -152,7 +179,8 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     length = hl + size
     trailer = layout.trailer
     tr = trailer(length)
-    stride = length + len(tr)
+    head = layout.head
+    stride = head + length + len(tr) + layout.tail
     tcp_len = thl + size
     flags = packet[53]
     mid = flags & ~(CWR | FIN | PSH)
@@ -165,18 +193,28 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     tmpl[53] = 0
     tmpl[56:58] = bytes(2)
     base = (pseudo_sum(tmpl, 6) + int.from_bytes(tmpl[40:hl], "big")) % 0xFFFF
-    a = np.empty((k, stride), np.uint8)
+    tail_pt = b""
+    if rem:
+        payload = memoryview(packet)[hl + k * size :]
+        end = bytearray(tmpl)
+        U16.pack_into(end, 4, thl + rem)
+        set_tcp_fields(end, 40, base, (seq0 + k * size) & 0xFFFFFFFF, last, thl + rem, ones_sum(payload))
+        tail_pt = b"".join((end, payload, trailer(hl + rem)))
+    count = k + (rem > 0)
+    plast = len(tail_pt) if rem else length + len(tr)
+    buf = np.empty((count - 1) * stride + head + plast + layout.tail, np.uint8)
+    a = np.ndarray((k, stride), np.uint8, buf, 0)[:, head:]  # the full segments' rows, from the plaintext on
     a[:, :hl] = np.frombuffer(tmpl, np.uint8)
     pay = np.frombuffer(packet, np.uint8, k * size, hl).reshape(k, size)
     a[:, hl:length] = pay
-    a[:, length:] = np.frombuffer(tr, np.uint8)
+    a[:, length:length + len(tr)] = np.frombuffer(tr, np.uint8)
     steps = _STEPS.get((k, size))
     if steps is None:
         if len(_STEPS) > 256:
             _STEPS.clear()
         steps = _STEPS[k, size] = np.arange(k, dtype=np.uint32) * np.uint32(size)
     seqs = steps + np.uint32(seq0)  # uint32: wraps mod 2**32 as TCP's
-    np.ndarray((k,), ">u4", a, 44, (stride,))[:] = seqs  # the column, written big-endian in place
+    np.ndarray((k,), ">u4", buf, head + 44, (stride,))[:] = seqs  # the column, written big-endian in place
     a[:, 53] = mid
     # Payload sums per row, plus sequence number (≡ its two 16-bit words, mod 0xFFFF) and the constants,
     # reduced once; each step in place (no temporaries).
@@ -192,12 +230,8 @@ def segment_run(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray 
     tot %= np.uint64(0xFFFF)
     np.subtract(np.uint64(0xFFFF), tot, out=tot)
     tot %= np.uint64(0xFFFF)  # (-sum) mod 0xFFFF: 0, not 0xFFFF, for a sum ≡ 0 (as csum)
-    np.ndarray((k,), ">u2", a, 56, (stride,))[:] = tot
-    mv = a.data.cast("B")
-    slots: list[memoryview | bytes] = list(map(mv.__getitem__, strided(0, stride, stride, k)))
+    np.ndarray((k,), ">u2", buf, head + 56, (stride,))[:] = tot
     if rem:
-        payload = memoryview(packet)[hl + k * size :]
-        U16.pack_into(tmpl, 4, thl + rem)
-        set_tcp_fields(tmpl, 40, base, (seq0 + k * size) & 0xFFFFFFFF, last, thl + rem, ones_sum(payload))
-        slots.append(b"".join((tmpl, payload, trailer(hl + rem))))
-    return TxRun(bytes(packet[24:40]), slots, n + (len(slots) - 1) * hl)
+        buf[k * stride + head : k * stride + head + plast] = np.frombuffer(tail_pt, np.uint8)
+    return TxRun(bytes(packet[24:40]), buf.data.cast("B"), head, layout.tail, stride, count, plast,
+                 n + (count - 1) * hl)

@@ -176,7 +176,7 @@ class Tun:
                 if vnet[1] and (run := segment_run(vnet, self._view[:got], layout)) is not None:
                     run.at = len(packets)
                     runs.append(run)
-                    n += len(run.slots)
+                    n += run.count
                     continue
                 segments = segment(bytes(vnet), bytes(self._view[:got]))
             except ParseError:

@@ -206,7 +206,7 @@ class TunnelCore(PathMixin):
         for dst, (plist, rlist) in both.items():
             peer = self.by_ula.get(dst)
             if peer is None:
-                self.counters.tx_no_route += len(plist) + sum(len(run.slots) for run in rlist)
+                self.counters.tx_no_route += len(plist) + sum(run.count for run in rlist)
                 continue
             self._send_data(peer, plist, rlist, now, wall, out)
         return out
@@ -236,7 +236,7 @@ class TunnelCore(PathMixin):
             peer.staged.extend(loose)
             return
         if peer.endpoint is None:
-            self.counters.tx_no_endpoint += len(loose) + sum(len(run.slots) for run in runs)
+            self.counters.tx_no_endpoint += len(loose) + sum(run.count for run in runs)
             return
         sa = session.outbound
         if not runs:
@@ -252,11 +252,11 @@ class TunnelCore(PathMixin):
                 if run.at > prev:
                     datagrams += sa.seal_many(loose[prev : run.at])
                     prev = run.at
-                buf, size = sa.seal_run(run.slots)
+                buf, size = sa.seal_run(run.buf, run.stride, run.count, run.last)
                 bursts.append(Burst(buf, size, len(datagrams)))
                 c.tx_runs += 1
-                c.tx_run_datagrams += len(run.slots)
-                peer.tx_packets += len(run.slots)
+                c.tx_run_datagrams += run.count
+                peer.tx_packets += run.count
                 peer.tx_bytes += run.nbytes
             if prev < len(loose):
                 datagrams += sa.seal_many(loose[prev:])

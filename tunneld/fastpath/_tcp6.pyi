@@ -1,0 +1,6 @@
+Buffer = bytes | bytearray | memoryview
+
+def segment(vnet: Buffer, packet: Buffer, head: int, tail: int,
+            next_header: int) -> tuple[bytearray, int, int, int] | None: ...
+def coalesce(arena: bytearray | memoryview, stride: int, count: int, full: int,
+             last: int) -> tuple[bytes, int] | None: ...
