@@ -37,27 +37,34 @@ static uint32_t get32(const uint8_t *p) {
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
 
-/* Unfolded RFC 1071 sum of n bytes in native order (an odd last byte padded with zero after it). */
+/* RFC 1071 sum of n bytes in native order, reduced to at most 33 bits so that a few of them add without
+ * overflow (fold() finishes it; an odd last byte is padded with zero after it). Eight bytes per step with
+ * an end-around carry (RFC 1071 §2(C), "parallel summation"), two chains to overlap the carries. */
 static uint64_t sum_native(const uint8_t *p, size_t n) {
-    uint64_t s = 0;
-    uint32_t w;
-    for (; n >= 4; p += 4, n -= 4) {
-        memcpy(&w, p, 4);
+    uint64_t s = 0, t = 0, w;
+    for (; n >= 16; p += 16, n -= 16) {
+        memcpy(&w, p, 8);
         s += w;
+        s += s < w;
+        memcpy(&w, p + 8, 8);
+        t += w;
+        t += t < w;
     }
-    uint16_t h = 0;
-    if (n >= 2) {
-        memcpy(&h, p, 2);
-        s += h;
-        p += 2;
-        n -= 2;
+    if (n >= 8) {
+        memcpy(&w, p, 8);
+        t += w;
+        t += t < w;
+        p += 8;
+        n -= 8;
     }
-    if (n) {
-        h = 0;
-        memcpy(&h, p, 1);
-        s += h;
-    }
-    return s;
+    w = 0;
+    memcpy(&w, p, n); /* the last 0..7 bytes, zero-padded */
+    t += w;
+    t += t < w;
+    s += t;
+    s += s < t;
+    s = (s & 0xFFFFFFFFu) + (s >> 32);
+    return (s & 0xFFFFFFFFu) + (s >> 32);
 }
 
 static uint16_t fold(uint64_t s) {
