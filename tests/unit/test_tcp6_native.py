@@ -19,7 +19,7 @@ from tests.unit.test_offload import ACK, PSH, gso_header, tcp_packet
 from tunneld.crypto.esp import LAYOUT
 from tunneld.fastpath.coalesce import coalesce_run
 from tunneld.fastpath.runs import RxRun
-from tunneld.fastpath.segment import NATIVE_TCP6, segment
+from tunneld.fastpath.segment import NATIVE_TCP6, complete, segment
 from tunneld.proto.errors import ParseError
 
 pytestmark = pytest.mark.skipif(not NATIVE_TCP6, reason="tunneld.fastpath._tcp6 is not built")
@@ -41,7 +41,8 @@ def _native_segments(vnet: bytes, packet: bytes) -> list[bytes] | None:
     full = stride - LAYOUT.head - LAYOUT.tail
     out = []
     for i in range(count):
-        pt = bytes(buf[i * stride + LAYOUT.head : i * stride + LAYOUT.head + (full if i < count - 1 else last)])
+        at = i * stride + LAYOUT.head
+        pt = bytes(buf[at : at + (full if i < count - 1 else last)])
         assert pt[-1] == LAYOUT.next_header and pt[-2] <= 3
         out.append(pt[: len(pt) - 2 - pt[-2]])
     return out
@@ -114,8 +115,8 @@ def test_coalesce_on_a_damaged_run_agrees_with_numpy(flips: list[tuple[int, int]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(min_size=0, max_size=4000), st.integers(-5, 3000), st.integers(-5, 80), st.integers(-5, 3000),
-       st.integers(-5, 3000))
+@given(st.binary(min_size=0, max_size=4000), st.integers(-5, 3000), st.integers(-5, 80),
+       st.integers(-5, 3000), st.integers(-5, 3000))
 def test_coalesce_on_random_layouts(arena: bytes, stride: int, count: int, full: int, last: int) -> None:
     """Layouts that do not fit the arena, negative or huge values: None, never a read past the end."""
     buf = bytearray(arena)
@@ -129,3 +130,49 @@ def test_coalesce_needs_a_writable_arena() -> None:
     run = _run_of(_SEGS)
     with pytest.raises(TypeError):
         _tcp6.coalesce(bytes(run.arena), run.stride, len(_SEGS), run.lengths[0], run.lengths[-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=10, max_size=10), st.binary(min_size=0, max_size=1600), st.booleans())
+def test_complete_is_segment_for_what_is_not_a_superpacket(vnet: bytes, packet: bytes, native: bool) -> None:
+    """Any header and packet: `complete` gives `segment`'s one packet, or None where `segment` has to
+    decide (a superpacket, or checksum offsets outside the packet: segment raises ParseError)."""
+    vnet = bytes([vnet[0] & 1, vnet[1] if vnet[1] in (0, 4) else 0]) + vnet[2:]  # mostly GSO_NONE
+    got = complete(vnet, packet) if native else segment_py_complete(vnet, packet)
+    if got is None:
+        return
+    assert [got] == segment(vnet, packet)
+
+
+def segment_py_complete(vnet: bytes, packet: bytes) -> bytes | None:
+    """The pure-Python branch of `complete` (the C form absent)."""
+    from tunneld.fastpath import segment as seg_mod
+
+    saved, seg_mod._tcp6 = seg_mod._tcp6, None  # type: ignore[assignment]
+    try:
+        return complete(vnet, packet)
+    finally:
+        seg_mod._tcp6 = saved
+
+
+def test_complete_fills_the_checksum_a_udp_packet_left_to_us() -> None:
+    """A UDP packet with CHECKSUM_PARTIAL, as the stack hands it to a TUN with checksum offload: the
+    pseudo-header sum in the field, csum_start at the UDP header, csum_offset 6."""
+    import struct
+
+    src, dst = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
+    body = os.urandom(64)
+    length = 8 + len(body)
+    pseudo = sum(struct.unpack("!16H", src + dst)) + length + 17
+    partial = (pseudo & 0xFFFF) + (pseudo >> 16)
+    partial = (partial & 0xFFFF) + (partial >> 16)
+    udp = struct.pack("!HHHH", 4000, 5000, length, partial) + body
+    packet = struct.pack("!IHBB", 6 << 28, length, 17, 64) + src + dst + udp
+    vnet = struct.pack("<BBHHHH", 1, 0, 0, 0, 40, 6)
+    done = complete(vnet, packet)
+    assert done is not None and done == segment(vnet, packet)[0]
+    words = struct.unpack(f"!{(len(done) - 40 + 32) // 2}H", src + dst + done[40:])
+    total = sum(words) + length + 17
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF  # the receiver's check: the whole sum, checksum included, is all ones

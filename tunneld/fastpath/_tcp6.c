@@ -153,6 +153,41 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(complete_doc,
+"complete(vnet, packet) -> bytes | None\n\n"
+"A packet read from an IFF_VNET_HDR TUN that is not a superpacket (GSO_NONE), as the network must see\n"
+"it: with NEEDS_CSUM, the checksum left to us (CHECKSUM_PARTIAL) is completed as skb_checksum_help does,\n"
+"the sum from csum_start to the end folded and complemented into csum_start + csum_offset, 0 sent as\n"
+"0xFFFF (RFC 768, RFC 8200 §8.1); without it, the packet as it is. None for a superpacket or offsets\n"
+"outside the packet (the caller's `segment` then says why).");
+
+static PyObject *tcp6_complete(PyObject *mod, PyObject *args) {
+    Py_buffer vb, pb;
+    (void)mod;
+    if (!PyArg_ParseTuple(args, "y*y*", &vb, &pb)) return NULL;
+    PyObject *result = NULL;
+    const uint8_t *v = vb.buf;
+    if (vb.len < VNET_LEN || v[1] != 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(pb.buf, pb.len);
+    if (result == NULL || !(v[0] & NEEDS_CSUM)) goto done;
+    Py_ssize_t start = v[6] | v[7] << 8, at = start + (v[8] | v[9] << 8);
+    if (start >= pb.len || at + 2 > pb.len) {
+        Py_SETREF(result, Py_NewRef(Py_None));
+        goto done;
+    }
+    uint8_t *d = (uint8_t *)PyBytes_AS_STRING(result);
+    uint16_t c = (uint16_t)~fold(sum_native(d + start, (size_t)(pb.len - start)));
+    if (c == 0) c = 0xFFFF;
+    memcpy(d + at, &c, 2);
+done:
+    PyBuffer_Release(&vb);
+    PyBuffer_Release(&pb);
+    return result;
+}
+
 PyDoc_STRVAR(coalesce_doc,
 "coalesce(arena, stride, count, full, last) -> (vnet, length) | None\n\n"
 "Merge an opened run of IPv6 TCP segments (segment i at arena[i*stride:], `full` bytes, `last` for the\n"
@@ -211,6 +246,7 @@ none:
 static PyMethodDef tcp6_methods[] = {
     {"segment", tcp6_segment, METH_VARARGS, segment_doc},
     {"coalesce", tcp6_coalesce, METH_VARARGS, coalesce_doc},
+    {"complete", tcp6_complete, METH_VARARGS, complete_doc},
     {NULL, NULL, 0, NULL},
 };
 

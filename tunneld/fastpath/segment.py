@@ -33,7 +33,7 @@ from tunneld.fastpath.headers import (
 from tunneld.fastpath.runs import TxRun
 from tunneld.proto.errors import ParseError
 
-__all__ = ["NATIVE_TCP6", "segment", "segment_run"]
+__all__ = ["NATIVE_TCP6", "complete", "segment", "segment_run"]
 
 
 def segment(vnet: bytes | bytearray | memoryview, packet: bytes, mss: int | None = None) -> list[bytes]:
@@ -132,6 +132,18 @@ except ImportError:  # not built (no compiler): the NumPy form below runs
 
 NATIVE_TCP6: Final = _tcp6 is not None
 """Whether the C segmenter and coalescer are built (`segment_run` and `coalesce_run` use them)."""
+
+def complete(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview) -> bytes | None:
+    """The fast form of `segment` for a packet that is not a superpacket (GSO_NONE): the packet with the
+    checksum left to us completed (the C form), or as it is when none was left. None when this does not
+    apply or cannot be done here: the caller then takes `segment`, the reference, which also says what
+    is malformed (tests/unit/test_tcp6_native.py)."""
+    if vnet[1]:
+        return None
+    if _tcp6 is not None:
+        return _tcp6.complete(vnet, packet)
+    return None if vnet[0] & NEEDS_CSUM else bytes(packet)
+
 
 _STEPS: dict[tuple[int, int], np.ndarray] = {}  # (segments, size) -> sequence offsets 0, size, 2*size...
 

@@ -23,7 +23,7 @@ from tunneld.crypto.layout import SealLayout
 from tunneld.fastpath.coalesce import coalesce, coalesce_run
 from tunneld.fastpath.headers import VNET_HDR_LEN
 from tunneld.fastpath.runs import RxRun, TxRun
-from tunneld.fastpath.segment import segment, segment_run
+from tunneld.fastpath.segment import complete, segment, segment_run
 from tunneld.net.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS
 from tunneld.proto.errors import ParseError
 
@@ -32,6 +32,8 @@ MAX_PACKET: Final = 65535
 # default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
 TX_QUEUE_LEN: Final = 1000
 
+
+MAX_SUPERPACKETS_PER_WAKEUP: Final = 16
 
 MAX_TCP_HEADERS: Final = 40 + 60  # IPv6 header and the longest TCP header (RFC 9293 §3.1: 15 words)
 
@@ -158,7 +160,12 @@ class Tun:
         fd = self.fd
         layout = self.layout
         n = 0
-        for _ in range(max_reads // 8 or 1):  # a read may be a 64 KB superpacket: fewer reads per wakeup
+        # Up to `max_reads` reads per wakeup, as without offload, but at most MAX_SUPERPACKETS_PER_WAKEUP
+        # superpackets (each up to ~44 segments): small packets batch as well as on a plain TUN, and a
+        # bulk flow's batch stays about a megabyte.
+        for _ in range(max_reads):
+            if len(runs) >= MAX_SUPERPACKETS_PER_WAKEUP or n >= max_reads * 8:
+                break
             try:
                 # Into buffers kept across reads: a superpacket is copied once more at most (into its
                 # run's buffer), never allocated per read and sliced off its header.
@@ -172,8 +179,12 @@ class Tun:
                 if got < 0:
                     raise ParseError("truncated")
                 vnet = self._vnet
-                # vnet[1] is the GSO type: only a superpacket can be a run
-                if vnet[1] and (run := segment_run(vnet, self._view[:got], layout)) is not None:
+                if not vnet[1]:  # the GSO type: not a superpacket (ACKs, UDP, ICMP)
+                    if (done := complete(vnet, self._view[:got])) is not None:
+                        packets.append(done)
+                        n += 1
+                        continue
+                elif (run := segment_run(vnet, self._view[:got], layout)) is not None:
                     run.at = len(packets)
                     runs.append(run)
                     n += run.count
