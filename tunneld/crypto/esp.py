@@ -14,7 +14,7 @@ context and all per-SA constants are bound to locals once per batch, and the out
 (Writing into a preallocated arena with `encrypt_into` was measured and is slower in CPython:
 each memoryview slice is itself a new object.) The run forms seal and open a whole run in one native call
 with the GIL released where the optional `tunneld.crypto._gcm` is built (AES-GCM only); the `cryptography`
-path stays the reference and the fallback (docs/fastpath.md, "Batch AES-GCM").
+path stays the reference and the fallback (docs/fastpath.md, "Native forms").
 """
 
 from __future__ import annotations
