@@ -88,7 +88,7 @@ class Settings:
     peers: int = 1000
     duration: int = 10  # seconds per iperf3 run
     runs: int = 3  # runs with and without the peers
-    rate: float = 200.0  # first initiations per second (0: all at once)
+    rate: float = 0.0  # first initiations per second (0: all at once)
     keepalive: float = 25.0  # seconds between a simulated peer's keepalives (WireGuard's usual setting)
     sources: int = 0  # distinct source addresses (0: one per peer)
     timeout: float = 120.0  # seconds the handshakes may take
