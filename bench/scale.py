@@ -92,10 +92,11 @@ class Settings:
     keepalive: float = 25.0  # seconds between a simulated peer's keepalives (WireGuard's usual setting)
     sources: int = 0  # distinct source addresses (0: one per peer)
     timeout: float = 120.0  # seconds the handshakes may take
+    idle: float = 3.0  # seconds over which b's CPU is measured with nothing but timers to run
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(peers=100, duration=2, runs=1, timeout=30.0)
+        return cls(peers=100, duration=2, runs=1, timeout=30.0, idle=1.0)
 
 
 def _stream(lab: Any, a: Any, b: Any, rec: Any, work: Path, s: Settings, log: Callable[[str], None],
@@ -187,12 +188,19 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
             _ping_until(lab, ha, b.ula, 30, "tunneld ping6 a -> b", watch)
             return took
 
+        def idle_cpu() -> float:
+            """b's CPU share (cores) over `s.idle` seconds with no traffic but keepalives: its timers."""
+            assert b.proc is not None
+            cpu0, t0 = tree_cpu_seconds(b.proc.pid), time.monotonic()
+            time.sleep(s.idle)  # a measuring window, not a wait for anything
+            return (tree_cpu_seconds(b.proc.pid) - cpu0) / (time.monotonic() - t0)
+
         def without(run: int) -> None:
             restart_b(base_config)
             assert b.proc is not None
-            rss = memory(b.proc.pid)
+            rss, idle = memory(b.proc.pid), idle_cpu()
             stream = _stream(lab, a, b, rec, work, s, log, f"run {run + 1}: one stream, b with one peer")
-            result["without"].append({"rss": rss, "stream": stream})
+            result["without"].append({"rss": rss, "idle_cores": idle, "stream": stream})
 
         def with_peers(run: int) -> None:
             got: dict[str, Any] = {"start_seconds": restart_b(big_config)}
@@ -215,6 +223,7 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
             got["sessions"] = _sim_sessions(st)
             got["handshake_load"] = st["counters"]["handshake_load"]
             got["handshake_drops"] = st["counters"]["handshake_drops"]
+            got["idle_cores"] = idle_cpu()
             h = got["handshakes"]
             log(f"[scale] run {run + 1}: {h['completed']}/{s.peers} handshakes in {h['seconds'] or 0:.2f} s; "
                 f"b holds {got['sessions']} sessions with them")
@@ -272,7 +281,11 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
             ("after the stream", [x["rss_after_stream"] for x in w]))
     for label, samples in rows:
         print(f"| {label:<40} | {_mem(samples)} |", file=out)
-    print(f"(a, with one peer: {r['rss_a_one_peer']['VmRSS'] / 2**20:.1f} MiB)", file=out)
+    idle = (statistics.median(x["idle_cores"] for x in r["without"]),
+            statistics.median(x["idle_cores"] for x in w))
+    print(f"(a, with one peer: {r['rss_a_one_peer']['VmRSS'] / 2**20:.1f} MiB.) b idle, its timers only "
+          f"(median over {s['idle']:g} s): {idle[0]:.4f} cores with one peer, {idle[1]:.4f} with {n} more "
+          "and their live sessions", file=out)
     print("\n| run | completed | failed | seconds | per s | median wait s | b CPU s | initiations | cookies "
           "| under load | b sessions | b start s | b drops |", file=out)
     print("|----:|----------:|-------:|--------:|------:|--------------:|--------:|------------:|--------:"

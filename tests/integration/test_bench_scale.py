@@ -61,6 +61,7 @@ def test_quick_scale_row_is_sane_and_cleans_up() -> None:
     assert h["initiations"] >= n
     assert run["sessions"] == n and run["sessions_after"] == n  # the daemon's own view, via its status
     assert run["handshake_cpu_seconds"] > 0
+    assert 0 <= run["idle_cores"] < 1 and 0 <= r["without"][0]["idle_cores"] < 1
     assert run["peers_done"]["keepalives"] >= n  # each session confirmed by an authenticated packet
 
     one = r["without"][0]["rss"]["VmRSS"]

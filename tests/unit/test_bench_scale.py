@@ -196,9 +196,10 @@ def _result() -> dict[str, Any]:
                 "median_wait_s": 2.0, "initiations": 2356, "cookies": 873}
     run = {"start_seconds": 1.5, "rss_configured": mem, "rss_after_handshakes": mem, "rss_after_stream": mem,
            "handshakes": hs_ready, "handshake_cpu_seconds": 1.53, "sessions": 1000, "sessions_after": 1000,
-           "handshake_load": {"under_load_episodes": 2}, "handshake_drops": {"busy": 483}, "stream": stream}
+           "handshake_load": {"under_load_episodes": 2}, "handshake_drops": {"busy": 483}, "stream": stream,
+           "idle_cores": 0.0123}
     return {"settings": scale.Settings().__dict__, "cpu_count": 2, "rss_a_one_peer": mem,
-            "without": [{"rss": mem, "stream": stream}], "with": [run],
+            "without": [{"rss": mem, "idle_cores": 0.0021, "stream": stream}], "with": [run],
             "stream_one_peer": scale._stream_summary([stream]),
             "stream_idle_peers": scale._stream_summary([{**stream, "gbps": 1.5}]), "stream_ratio": 0.75}
 
@@ -212,3 +213,4 @@ def test_table_shows_the_figures() -> None:
     assert "busy 483" in text
     assert "0.75x" in text
     assert "|      80.0 |      90.0 |" in text
+    assert "0.0021 cores with one peer, 0.0123 with 1000 more" in text
