@@ -200,7 +200,8 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
             assert b.proc is not None
             rss, idle = memory(b.proc.pid), idle_cpu()
             stream = _stream(lab, a, b, rec, work, s, log, f"run {run + 1}: one stream, b with one peer")
-            result["without"].append({"rss": rss, "idle_cores": idle, "stream": stream})
+            result["without"].append({"rss": rss, "idle_cores": idle, "stream": stream,
+                                      "rss_after_stream": memory(b.proc.pid)})
 
         def with_peers(run: int) -> None:
             got: dict[str, Any] = {"start_seconds": restart_b(big_config)}
@@ -276,6 +277,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print("| b's memory (median VmRSS, highest VmHWM) | VmRSS MiB | VmHWM MiB |", file=out)
     print("|------------------------------------------|----------:|----------:|", file=out)
     rows = (("one peer", [x["rss"] for x in r["without"]]),
+            ("one peer, after the stream", [x["rss_after_stream"] for x in r["without"]]),
             (f"{n} more peers configured", [x["rss_configured"] for x in w]),
             (f"after the {n} handshakes", [x["rss_after_handshakes"] for x in w]),
             ("after the stream", [x["rss_after_stream"] for x in w]))
