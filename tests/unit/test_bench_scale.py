@@ -199,7 +199,8 @@ def _result() -> dict[str, Any]:
            "handshake_load": {"under_load_episodes": 2}, "handshake_drops": {"busy": 483}, "stream": stream,
            "idle_cores": 0.0123}
     return {"settings": scale.Settings().__dict__, "cpu_count": 2, "rss_a_one_peer": mem,
-            "without": [{"rss": mem, "idle_cores": 0.0021, "stream": stream, "rss_after_stream": mem}], "with": [run],
+            "without": [{"rss": mem, "idle_cores": 0.0021, "stream": stream, "rss_after_stream": mem}],
+            "with": [run],
             "stream_one_peer": scale._stream_summary([stream]),
             "stream_idle_peers": scale._stream_summary([{**stream, "gbps": 1.5}]), "stream_ratio": 0.75}
 
