@@ -71,6 +71,13 @@ def parse_proc_status(text: str) -> dict[str, int]:
     return out
 
 
+def log_problems(text: str, limit: int = 20) -> list[str]:
+    """The lines of a tunneld log that report an error or a traceback (the first `limit`)."""
+    bad = [line for line in text.splitlines()
+           if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+    return bad[:limit]
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a live process, in bytes."""
     got = parse_proc_status(Path(f"/proc/{pid}/status").read_text())
@@ -248,6 +255,8 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
         for run in range(s.runs):
             for phase in ((without, with_peers) if run % 2 == 0 else (with_peers, without)):
                 phase(run)
+        # Every start of b appends to one log: what went wrong in any of them (kept short).
+        result["daemon_log_problems"] = log_problems(b.log.read_text(errors="replace"))
     result["stream_one_peer"] = _stream_summary([x["stream"] for x in result["without"]])
     result["stream_idle_peers"] = _stream_summary([x["stream"] for x in result["with"]])
     base = result["stream_one_peer"]["gbps_median"]
@@ -311,6 +320,8 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         gb = f"{x['gbps_median']:.3f} ({x['gbps_min']:.3f}..{x['gbps_max']:.3f})"
         print(f"| {label:<28} | {gb:<24} | {x['retransmits_median']:>7g} | {x['cpu_b_median']:>5.2f} |",
               file=out)
+    for line in r["daemon_log_problems"]:
+        print(f"b's log: {line}", file=out)
     if r["stream_ratio"] is not None:
         print(f"with idle peers / without (median Gb/s): {r['stream_ratio']:.2f}x; b still held "
               f"{min(x['sessions_after'] for x in w)}+ sessions with the simulated peers after each stream",

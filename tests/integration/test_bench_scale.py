@@ -76,6 +76,7 @@ def test_quick_scale_row_is_sane_and_cleans_up() -> None:
     assert r["stream_ratio"] == pytest.approx(r["stream_idle_peers"]["gbps_median"]
                                               / r["stream_one_peer"]["gbps_median"])
 
+    assert r["daemon_log_problems"] == []
     lab = r["lab"]
     assert len(lab["namespaces"]) == 3 and not set(lab["namespaces"]) & set(list_namespaces())
     assert set(list_namespaces()) <= ns_before, "namespaces left behind"

@@ -64,6 +64,15 @@ def test_proc_status_parsing() -> None:
     assert 0 < mine["VmRSS"] <= mine["VmHWM"]
 
 
+def test_log_problems_are_errors_and_tracebacks() -> None:
+    log = ("2026-12-03T14:00:00.000Z INFO tunneld.daemon: up\n"
+           "2026-12-03T14:00:01.000Z WARNING tunneld.daemon: [service] user = \"root\"\n"
+           "2026-12-03T14:00:02.000Z ERROR tunneld.dataplane: send failed\n"
+           "Traceback (most recent call last):\n")
+    assert scale.log_problems(log) == log.splitlines()[2:]
+    assert scale.log_problems(log, limit=1) == log.splitlines()[2:3]
+
+
 def test_settings_quick_and_explicit_flags() -> None:
     p = argparse.ArgumentParser()
     scale.add_arguments(p)
@@ -202,7 +211,8 @@ def _result() -> dict[str, Any]:
             "without": [{"rss": mem, "idle_cores": 0.0021, "stream": stream, "rss_after_stream": mem}],
             "with": [run],
             "stream_one_peer": scale._stream_summary([stream]),
-            "stream_idle_peers": scale._stream_summary([{**stream, "gbps": 1.5}]), "stream_ratio": 0.75}
+            "stream_idle_peers": scale._stream_summary([{**stream, "gbps": 1.5}]), "stream_ratio": 0.75,
+            "daemon_log_problems": ["x ERROR y"]}
 
 
 def test_table_shows_the_figures() -> None:
@@ -213,5 +223,6 @@ def test_table_shows_the_figures() -> None:
     assert "|   1 |      1000 |      0 |   12.50 |    80 |" in text
     assert "busy 483" in text
     assert "0.75x" in text
+    assert "b's log: x ERROR y" in text
     assert "|      80.0 |      90.0 |" in text
     assert "0.0021 cores with one peer, 0.0123 with 1000 more" in text
