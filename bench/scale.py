@@ -106,21 +106,6 @@ class Settings:
         return cls(peers=100, duration=2, runs=1, timeout=30.0, idle=1.0)
 
 
-def _stream(lab: Any, a: Any, b: Any, rec: Any, work: Path, s: Settings, log: Callable[[str], None],
-            what: str) -> dict[str, Any]:
-    """One iperf3 TCP stream a -> b (bench.e2e.iperf_once) with both daemons' CPU."""
-    from bench.e2e import Setup, iperf_once
-    from lab.tunnel import IFNAME
-
-    setup = Setup(server_addr=b.ula, interfaces=[IFNAME], tunnel_if=IFNAME)
-    for side, n in (("a", a), ("b", b)):
-        setup.daemons[side], setup.logs[side] = n.proc, n.log
-    r = iperf_once(lab, a.host, b.host, setup, rec, s.duration, 1, work)
-    log(f"[scale] {what}: {r['gbps']:.3f} Gb/s, {r['retransmits']} retransmits, "
-        f"daemon cores a={r['cpu']['a']:.2f} b={r['cpu']['b']:.2f}")
-    return r
-
-
 def _stream_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     g = [x["gbps"] for x in samples]
     return {"gbps_median": statistics.median(g), "gbps_min": min(g), "gbps_max": max(g),
@@ -133,25 +118,106 @@ def _sim_sessions(st: dict[str, Any]) -> int:
     return sum(1 for p in st["peers"] if p["name"].startswith("sim") and p.get("session_age") is not None)
 
 
-def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None],
+class TunneldPair:
+    """`tunneld up` in a and b (lab.tunnel), b restartable with or without the simulated peers' [[peer]]
+    tables (checked by tunneld's own loader first)."""
+
+    kind = "tunneld"
+
+    def __init__(self, lab: Any, ha: Any, hb: Any, work: Path, rec: Any, tunneld: Path,
+                 sim_publics: Sequence[bytes]) -> None:
+        from lab.netns import LabError
+        from lab.tunnel import Node, setup_pair
+        from tunneld.config import load_account_secret, load_config
+        from tunneld.crypto.kdf import derive_psk
+
+        self.lab, self.rec = lab, rec
+        self.a, self.b = (Node(h, work / h.name, h.addr4, exe=str(tunneld)) for h in (ha, hb))
+        setup_pair(lab, self.a, self.b)
+        self.base = self.b.config.read_text()
+        self.big = self.base + peers_toml(sim_publics)
+        self.b.config.write_text(self.big)
+        config = load_config(self.b.config)  # validated as `tunneld up` will
+        if len(config.peers) != len(sim_publics) + 1:
+            raise LabError(f"{self.b.config} has {len(config.peers)} peers, not {len(sim_publics) + 1}")
+        self.server_public, self.port, self.suite = self.b.public_key, self.b.port, config.interface.suite
+        self.psk = derive_psk(load_account_secret(work / "secret"), config.account.domain)
+
+    def _up(self, n: Any) -> None:
+        from lab.tunnel import start
+
+        start(self.lab, n, timeout=60)
+        self.rec.pids.append(n.proc.pid)
+
+    def start_a(self) -> None:
+        self._up(self.a)
+
+    def restart_b(self, big: bool) -> float:
+        """b (re)started with or without the simulated peers, both ways pinged; the seconds its start took."""
+        from bench.e2e import _ping_until
+
+        a, b = self.a, self.b
+        if b.proc is not None:
+            self.lab.stop(b.proc)
+        b.config.write_text(self.big if big else self.base)
+        t0 = time.monotonic()
+        self._up(b)
+        took = time.monotonic() - t0
+        # b first: a restarted b initiates, so a need not wait out its session with the old b
+        watch = [(n.proc, f"tunneld in {n.host.name}", n.log) for n in (a, b) if n.proc is not None]
+        _ping_until(self.lab, b.host, a.ula, 30, "tunneld ping6 b -> a", watch)
+        _ping_until(self.lab, a.host, b.ula, 30, "tunneld ping6 a -> b", watch)
+        return took
+
+    def pid(self, side: str) -> int:
+        proc = (self.a if side == "a" else self.b).proc
+        assert proc is not None
+        return int(proc.pid)
+
+    def sessions(self) -> int:
+        from lab.tunnel import status
+
+        return _sim_sessions(status(self.b))
+
+    def defences(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """What b's handshake defences did (`tunneld status`): load, and drops by reason."""
+        from lab.tunnel import status
+
+        counters = status(self.b)["counters"]
+        return counters["handshake_load"], counters["handshake_drops"]
+
+    def setup(self) -> Any:
+        from bench.e2e import Setup
+        from lab.tunnel import IFNAME
+
+        setup = Setup(server_addr=self.b.ula, interfaces=[IFNAME], tunnel_if=IFNAME)
+        for side, n in (("a", self.a), ("b", self.b)):
+            assert n.proc is not None
+            setup.daemons[side], setup.logs[side] = n.proc, n.log
+        return setup
+
+    def problems(self) -> list[str]:
+        """Every start of b appends to one log: what went wrong in any of them (kept short)."""
+        return log_problems(self.b.log.read_text(errors="replace"))
+
+    def close(self) -> None:
+        """Nothing: the lab ends the daemons."""
+
+
+def run_scale(s: Settings, mode: str, tunneld: Path, work: Path, log: Callable[[str], None],
               info: dict[str, Any]) -> dict[str, Any]:
-    """The whole row in one lab (files in `work`); `info` gets the lab id, namespaces and every PID.
+    """The row of one mode in its own lab (files in `work`); `info` gets the lab id, namespaces, PIDs.
 
     Each run measures b once with a as its only peer and once with the simulated peers, in alternating
-    order (ABBA), b restarted with the matching config before each, so that drift in the machine's load
-    falls on both alike."""
-    from bench.e2e import _ping_until
+    order (ABBA), b restarted before each, so that drift in the machine's load falls on both alike."""
     from bench.procs import Recorder, log_tail, tree_cpu_seconds
+    from bench.scale_wg import WgPair
     from lab import progs
     from lab.netns import Lab, LabError
     from lab.topology import two_hosts
-    from lab.tunnel import Node, setup_pair, start, status
-    from tunneld.config import load_account_secret, load_config
-    from tunneld.crypto.kdf import derive_psk
 
     rec = Recorder()
-    result: dict[str, Any] = {"settings": s.__dict__.copy(), "cpu_count": os.cpu_count(),
-                              "without": [], "with": []}
+    result: dict[str, Any] = {"mode": mode, "without": [], "with": []}
     with Lab() as lab:
         info.update(lab_id=lab.id, pids=rec.pids)
         ha, hb = two_hosts(lab)
@@ -162,60 +228,51 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
         lab.addr(sim, "eth0", f"{SIM_LINK[1]}/24")
         lab.ip(sim, "route", "add", "local", SIM_NET, "dev", "lo")  # any address of it may be bound
         lab.ip(hb, "route", "add", SIM_NET, "via", SIM_LINK[1])
-        a, b = (Node(h, work / h.name, h.addr4, exe=str(tunneld)) for h in (ha, hb))
-        setup_pair(lab, a, b)
-        base_config = b.config.read_text()
         keys = generate_keys(s.peers)
-        big_config = base_config + peers_toml([pub for _, pub in keys])
-        b.config.write_text(big_config)
-        config = load_config(b.config)  # validated as `tunneld up` will
-        if len(config.peers) != s.peers + 1:
-            raise LabError(f"{b.config} has {len(config.peers)} peers, not {s.peers + 1}")
-        spec = work / "peers.json"
-        write_spec(spec, [priv for priv, _ in keys], [source_address(i) for i in range(s.sources or s.peers)],
-                   (SIM_LINK[0], b.port), b.public_key,
-                   derive_psk(load_account_secret(work / "secret"), config.account.domain),
-                   config.interface.suite, s.keepalive, s.rate, s.timeout)
+        publics = [pub for _, pub in keys]
+        pair: TunneldPair | WgPair
+        if mode == "tunneld":
+            pair = TunneldPair(lab, ha, hb, work, rec, tunneld, publics)
+            spec_args: tuple[str, int, bytes, str, str] = (
+                pair.server_public, pair.port, pair.psk, pair.suite, "tunneld")
+        else:
+            from bench.scale_wg import NO_PSK, WG_PORT
 
-        def restart_b(text: str) -> float:
-            """b (re)started with config `text`, both ways pinged; the seconds its start took."""
-            if b.proc is not None:
-                lab.stop(b.proc)
-            b.config.write_text(text)
-            t0 = time.monotonic()
-            start(lab, b, timeout=60)
-            took = time.monotonic() - t0
-            for n in (a, b):
-                assert n.proc is not None
-                if n.proc.pid not in rec.pids:
-                    rec.pids.append(n.proc.pid)
-            # b first: a restarted b initiates, so a need not wait out its session with the old b
-            watch = [(n.proc, f"tunneld in {n.host.name}", n.log) for n in (a, b) if n.proc is not None]
-            _ping_until(lab, hb, a.ula, 30, "tunneld ping6 b -> a", watch)
-            _ping_until(lab, ha, b.ula, 30, "tunneld ping6 a -> b", watch)
-            return took
+            pair = WgPair(lab, ha, hb, work, rec, publics)
+            spec_args = (base64.b64encode(pair.public("b")).decode(), WG_PORT, NO_PSK, "", "wireguard")
+        spec = work / f"peers-{mode}.json"
+        public, port, psk, suite, kind = spec_args
+        write_spec(spec, [priv for priv, _ in keys], [source_address(i) for i in range(s.sources or s.peers)],
+                   (SIM_LINK[0], port), public, psk, suite, s.keepalive, s.rate, s.timeout, kind)
 
         def idle_cpu() -> float:
             """b's CPU share (cores) over `s.idle` seconds with no traffic but keepalives: its timers."""
-            assert b.proc is not None
-            cpu0, t0 = tree_cpu_seconds(b.proc.pid), time.monotonic()
+            pid = pair.pid("b")
+            cpu0, t0 = tree_cpu_seconds(pid), time.monotonic()
             time.sleep(s.idle)  # a measuring window, not a wait for anything
-            return (tree_cpu_seconds(b.proc.pid) - cpu0) / (time.monotonic() - t0)
+            return (tree_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+
+        def stream(what: str) -> dict[str, Any]:
+            from bench.e2e import iperf_once
+
+            r = iperf_once(lab, ha, hb, pair.setup(), rec, s.duration, 1, work)
+            log(f"[scale {mode}] {what}: {r['gbps']:.3f} Gb/s, {r['retransmits']} retransmits, "
+                f"daemon cores a={r['cpu']['a']:.2f} b={r['cpu']['b']:.2f}")
+            return r
 
         def without(run: int) -> None:
-            restart_b(base_config)
-            assert b.proc is not None
-            rss, idle = memory(b.proc.pid), idle_cpu()
-            stream = _stream(lab, a, b, rec, work, s, log, f"run {run + 1}: one stream, b with one peer")
-            result["without"].append({"rss": rss, "idle_cores": idle, "stream": stream,
-                                      "rss_after_stream": memory(b.proc.pid)})
+            pair.restart_b(big=False)
+            rss, idle = memory(pair.pid("b")), idle_cpu()
+            got = stream(f"run {run + 1}: one stream, b with one peer")
+            result["without"].append({"rss": rss, "idle_cores": idle, "stream": got,
+                                      "rss_after_stream": memory(pair.pid("b"))})
 
         def with_peers(run: int) -> None:
-            got: dict[str, Any] = {"start_seconds": restart_b(big_config)}
-            assert b.proc is not None
-            got["rss_configured"] = memory(b.proc.pid)
-            cpu0 = tree_cpu_seconds(b.proc.pid)
-            sim_log = work / f"peers-{run}.log"
+            got: dict[str, Any] = {"start_seconds": pair.restart_b(big=True)}
+            pid = pair.pid("b")
+            got["rss_configured"] = memory(pid)
+            cpu0 = tree_cpu_seconds(pid)
+            sim_log = work / f"peers-{mode}-{run}.log"
             with sim_log.open("w") as errf:
                 sim_proc = lab.spawn(sim, [sys.executable, "-m", "bench.scale_peers", str(spec)],
                                      cwd=progs.REPO, stdout=subprocess.PIPE, stderr=errf, text=True)
@@ -225,20 +282,17 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
                 got["handshakes"] = lines.until(lambda o: o.get("phase") == "ready", s.timeout + 60)
             except (TimeoutError, EOFError) as e:
                 raise LabError(f"the simulated peers did not report: {e}; {log_tail(sim_log)}") from None
-            got["handshake_cpu_seconds"] = tree_cpu_seconds(b.proc.pid) - cpu0
-            got["rss_after_handshakes"] = memory(b.proc.pid)
-            st = status(b)
-            got["sessions"] = _sim_sessions(st)
-            got["handshake_load"] = st["counters"]["handshake_load"]
-            got["handshake_drops"] = st["counters"]["handshake_drops"]
+            got["handshake_cpu_seconds"] = tree_cpu_seconds(pid) - cpu0
+            got["rss_after_handshakes"] = memory(pid)
+            got["sessions"] = pair.sessions()
+            got["handshake_load"], got["handshake_drops"] = pair.defences()
             got["idle_cores"] = idle_cpu()
             h = got["handshakes"]
-            log(f"[scale] run {run + 1}: {h['completed']}/{s.peers} handshakes in {h['seconds'] or 0:.2f} s; "
-                f"b holds {got['sessions']} sessions with them")
-            got["stream"] = _stream(lab, a, b, rec, work, s, log,
-                                    f"run {run + 1}: one stream, b with {s.peers} idle peers")
-            got["rss_after_stream"] = memory(b.proc.pid)
-            got["sessions_after"] = _sim_sessions(status(b))
+            log(f"[scale {mode}] run {run + 1}: {h['completed']}/{s.peers} handshakes in "
+                f"{h['seconds'] or 0:.2f} s; b holds {got['sessions']} sessions with them")
+            got["stream"] = stream(f"run {run + 1}: one stream, b with {s.peers} idle peers")
+            got["rss_after_stream"] = memory(pid)
+            got["sessions_after"] = pair.sessions()
             sim_proc.send_signal(signal.SIGTERM)
             try:
                 got["peers_done"] = lines.until(lambda o: o.get("phase") == "done", 15)
@@ -247,16 +301,16 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
             lab.stop(sim_proc)
             result["with"].append(got)
 
-        log(f"[scale] lab {lab.id}: {s.runs} run(s), b with one peer and with {s.peers} more")
-        start(lab, a, timeout=60)
-        assert a.proc is not None
-        rec.pids.append(a.proc.pid)
-        result["rss_a_one_peer"] = memory(a.proc.pid)
-        for run in range(s.runs):
-            for phase in ((without, with_peers) if run % 2 == 0 else (with_peers, without)):
-                phase(run)
-        # Every start of b appends to one log: what went wrong in any of them (kept short).
-        result["daemon_log_problems"] = log_problems(b.log.read_text(errors="replace"))
+        log(f"[scale {mode}] lab {lab.id}: {s.runs} run(s), b with one peer and with {s.peers} more")
+        try:
+            pair.start_a()
+            result["rss_a_one_peer"] = memory(pair.pid("a"))
+            for run in range(s.runs):
+                for phase in ((without, with_peers) if run % 2 == 0 else (with_peers, without)):
+                    phase(run)
+            result["daemon_log_problems"] = pair.problems()
+        finally:
+            pair.close()
     result["stream_one_peer"] = _stream_summary([x["stream"] for x in result["without"]])
     result["stream_idle_peers"] = _stream_summary([x["stream"] for x in result["with"]])
     base = result["stream_one_peer"]["gbps_median"]
@@ -266,23 +320,19 @@ def run_scale(s: Settings, tunneld: Path, work: Path, log: Callable[[str], None]
 
 # -- output and command line ----------------------------------------------------------------------
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f}"
-
-
 def _mem(samples: list[dict[str, int]]) -> str:
     """Median VmRSS and highest VmHWM over the runs, in MiB, as two table cells."""
     rss = statistics.median(m["VmRSS"] for m in samples)
     return f"{rss / 2**20:>9.1f} | {max(m['VmHWM'] for m in samples) / 2**20:>9.1f}"
 
 
-def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
-    s, w = r["settings"], r["with"]
-    n = s["peers"]
-    pace = f"at {s['rate']:g}/s" if s["rate"] > 0 else "all at once"
-    print(f"Scale: tunneld in b with {n} simulated peers (one process in a namespace, one UDP socket each, "
-          f"{s['sources'] or n} source addresses, first initiations {pace}); {s['runs']} run(s); "
-          f"{r['cpu_count']} CPUs", file=out)
+MODES = ("tunneld", "wireguard-go")
+
+
+def print_mode(r: dict[str, Any], s: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """The tables of one mode."""
+    w, n, mode = r["with"], s["peers"], r["mode"]
+    print(f"\n{mode} in b", file=out)
     print("| b's memory (median VmRSS, highest VmHWM) | VmRSS MiB | VmHWM MiB |", file=out)
     print("|------------------------------------------|----------:|----------:|", file=out)
     rows = (("one peer", [x["rss"] for x in r["without"]]),
@@ -306,11 +356,12 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         secs = f"{h['seconds']:.2f}" if h["seconds"] is not None else "-"
         rate = f"{h['handshakes_per_s']:.0f}" if h["handshakes_per_s"] else "-"
         wait = f"{h['median_wait_s']:.2f}" if h["median_wait_s"] is not None else "-"
-        drops = ", ".join(f"{k} {v}" for k, v in sorted(x["handshake_drops"].items())) or "none"
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(x["handshake_drops"].items())) or (
+            "none" if load else "-")
+        episodes = load.get("under_load_episodes", "-")
         print(f"| {i:>3} | {h['completed']:>9} | {h['failed']:>6} | {secs:>7} | {rate:>5} | {wait:>13} | "
               f"{x['handshake_cpu_seconds']:>7.2f} | {h['initiations']:>11} | {h['cookies']:>7} | "
-              f"{load['under_load_episodes']:>10} | {x['sessions']:>10} | {x['start_seconds']:>9.2f} | "
-              f"{drops} |", file=out)
+              f"{episodes:>10} | {x['sessions']:>10} | {x['start_seconds']:>9.2f} | {drops} |", file=out)
     print(f"\nOne TCP stream a -> b, iperf3 -t {s['duration']}, {s['runs']} run(s), medians (min..max)",
           file=out)
     print("| b's peers                    | Gb/s (min..max)          | retrans | CPU b |", file=out)
@@ -328,8 +379,50 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
               file=out)
 
 
+def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    s = r["settings"]
+    n = s["peers"]
+    pace = f"at {s['rate']:g}/s" if s["rate"] > 0 else "all at once"
+    print(f"Scale: b with {n} simulated peers (one process in a namespace, one UDP socket each, "
+          f"{s['sources'] or n} source addresses, first initiations {pace}); {s['runs']} run(s); "
+          f"{r['cpu_count']} CPUs", file=out)
+    for mode in r["modes"]:
+        if mode in r["results"]:
+            print_mode(r["results"][mode], s, out)
+        else:
+            print(f"\n{mode}: NOT MEASURED: {(r['errors'].get(mode) or 'failed').splitlines()[0]}", file=out)
+
+
+def run_modes(s: Settings, modes: Sequence[str], tunneld: Path, work: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Every mode in its own lab, one after the other; a mode that fails is reported, the others go on."""
+    from lab.netns import LabError
+
+    r: dict[str, Any] = {"settings": s.__dict__.copy(), "cpu_count": os.cpu_count(), "modes": list(modes),
+                         "results": {}, "errors": {}, "labs": []}
+    for mode in modes:
+        info: dict[str, Any] = {"mode": mode}
+        (work / mode).mkdir()
+        try:
+            r["results"][mode] = run_scale(s, mode, tunneld, work / mode, log, info)
+        except (LabError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+            log(f"[scale {mode}] failed: {e}")
+            r["errors"][mode] = str(e)
+        r["labs"].append(info)
+    return r
+
+
+def _modes(text: str) -> list[str]:
+    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(MODES)}")
+    return modes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
+    p.add_argument("--modes", type=_modes, default=list(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)} (default both)")
     p.add_argument("--peers", type=int, default=d.peers, help=f"simulated peers (default {d.peers})")
     p.add_argument("--duration", type=int, default=d.duration, help="seconds per iperf3 run (default 10)")
     p.add_argument("--runs", type=int, default=d.runs,
@@ -370,11 +463,13 @@ def main(args: argparse.Namespace) -> int:
     from bench.procs import run_in_lab
 
     tunneld = Path(args.tunneld) if args.tunneld else Path(sys.prefix) / "bin" / "tunneld"
-    info: dict[str, Any] = {}
+    result: dict[str, Any] = {}
 
     def work(tmp: Path) -> dict[str, Any]:
-        r = run_scale(s, tunneld, tmp, lambda msg: print(msg, file=sys.stderr, flush=True), info)
-        r["lab"] = info
-        return r
+        result.update(run_modes(s, args.modes, tunneld, tmp, lambda m: print(m, file=sys.stderr, flush=True)))
+        return result
 
-    return run_in_lab("scale", work, args.json, print_table)
+    rc = run_in_lab("scale", work, args.json, print_table)
+    for mode, err in result.get("errors", {}).items():
+        print(f"bench scale: {mode} failed: {err}", file=sys.stderr)
+    return 1 if rc == 0 and result.get("errors") else rc

@@ -62,6 +62,9 @@ class SimPeer:
     drops: dict[str, int] = field(default_factory=dict)
     scheduled: float | None = None  # the deadline the I/O loop has queued for this peer
 
+    def setup(self, private: bytes) -> None:
+        """What a subclass needs beyond the Handshaker (bench/scale_wg.py: the key itself)."""
+
     def deadline(self) -> float | None:
         times = [t for t in (self.start_at, self.retry_at, self.keepalive_at) if t is not None]
         if self.session_at is not None and self.retry_at is None:
@@ -116,11 +119,23 @@ class SimPeer:
 
 
 def make_peers(privates: Sequence[bytes], server_public: bytes, psk: bytes, suite: str, keepalive: float,
-               rate: float, start: float, rand: Callable[[int], bytes] = os.urandom) -> list[SimPeer]:
-    """The simulated peers, the i-th first initiating at start + i / rate (all at once if rate <= 0)."""
-    return [SimPeer(i, hs.Handshaker(p, psk, {server_public}, rand=rand), server_public, suite, keepalive,
-                    start + (i / rate if rate > 0 else 0.0), random.Random(rand(16)))
-            for i, p in enumerate(privates)]
+               rate: float, start: float, rand: Callable[[int], bytes] = os.urandom,
+               kind: str = "tunneld") -> list[SimPeer]:
+    """The simulated peers, the i-th first initiating at start + i / rate (all at once if rate <= 0);
+    `kind` "wireguard" for WireGuard's own wire (bench/scale_wg.py)."""
+    cls: type[SimPeer] = SimPeer
+    if kind == "wireguard":
+        from bench.scale_wg import WgPeer
+
+        cls = WgPeer
+    elif kind != "tunneld":
+        raise ValueError(f"unknown kind of peer {kind!r}")
+    peers = [cls(i, hs.Handshaker(p, psk, {server_public}, rand=rand), server_public, suite, keepalive,
+                 start + (i / rate if rate > 0 else 0.0), random.Random(rand(16)))
+             for i, p in enumerate(privates)]
+    for peer, private in zip(peers, privates, strict=True):
+        peer.setup(private)
+    return peers
 
 
 def handshake_summary(peers: Sequence[SimPeer]) -> dict[str, Any]:
@@ -172,7 +187,8 @@ def run_peers(spec: dict[str, Any]) -> dict[str, Any]:
     _enough_files(len(privates) + 64)
     start = time.monotonic() + 0.05
     peers = make_peers(privates, base64.b64decode(spec["server_public"]), bytes.fromhex(spec["psk"]),
-                       spec["suite"], float(spec["keepalive"]), float(spec["rate"]), start)
+                       spec["suite"], float(spec["keepalive"]), float(spec["rate"]), start,
+                       kind=str(spec.get("kind", "tunneld")))
     sel = selectors.DefaultSelector()
     socks: list[socket.socket] = []
     send_errors = 0
@@ -241,11 +257,11 @@ def run_peers(spec: dict[str, Any]) -> dict[str, Any]:
 
 def write_spec(path: Path, privates: Sequence[bytes], sources: Sequence[str], server: tuple[str, int],
                server_public: str, psk: bytes, suite: str, keepalive: float, rate: float,
-               timeout: float) -> None:
+               timeout: float, kind: str = "tunneld") -> None:
     """The simulated peers' instructions, private keys included: a file only its owner may read."""
     spec = {"server": list(server), "server_public": server_public, "psk": psk.hex(), "suite": suite,
             "keepalive": keepalive, "rate": rate, "timeout": timeout, "sources": list(sources),
-            "privates": [k.hex() for k in privates]}
+            "privates": [k.hex() for k in privates], "kind": kind}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)

@@ -12,16 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from bench import scale
 from bench.scale_peers import SimPeer, handshake_summary, make_peers, write_spec
+from bench.scale_wg import NO_PSK, TRANSPORT_HEADER, WG_IDENTIFIER, sim_allowed_ip, wg_config
 from tests.helpers import drbg
 from tunneld.config import load_config
 from tunneld.crypto.esp import SecurityAssociation
-from tunneld.crypto.noise import public_key
+from tunneld.crypto.noise import HASH, MAC, HandshakeState, public_key, xaead_encrypt
 from tunneld.identity import ula_for
 from tunneld.proto import constants as C
 from tunneld.proto import handshake as hs
+from tunneld.proto.handshake_wire import COOKIE_REPLY, HEADER2, INITIATION, RESERVED
 
 SUITE = "aes-256-gcm"
 SERVER = ("198.51.100.1", 4500)
@@ -80,6 +83,8 @@ def test_settings_quick_and_explicit_flags() -> None:
     quick = scale.settings(p.parse_args(["--quick"]))
     assert (quick.peers, quick.duration, quick.runs) == (100, 2, 1)
     assert scale.settings(p.parse_args(["--quick", "--peers", "300"])).peers == 300
+    assert p.parse_args([]).modes == ["tunneld", "wireguard-go"]
+    assert p.parse_args(["--modes", "wireguard-go,tunneld,wireguard-go"]).modes == ["wireguard-go", "tunneld"]
     for bad in (["--peers", "0"], ["--runs", "0"], ["--keepalive", "0"], ["--sources", "-1"]):
         with pytest.raises(ValueError):
             scale.settings(p.parse_args(bad))
@@ -192,6 +197,50 @@ def test_stray_esp_is_counted_not_answered() -> None:
     assert peers[0].rx_esp == 1
 
 
+def test_wireguard_peer_speaks_wireguard() -> None:
+    """Against a responder built from the Noise construction with WireGuard's prologue and mac1 key: the
+    initiation parses (no non-ESP marker), the response completes it, the keepalive is a transport
+    message the responder's key opens, and a cookie reply gets an initiation with mac2 at once."""
+    server_private = drbg(7)(32)
+    server_public = public_key(server_private)
+    keys = scale.generate_keys(2, drbg(8))
+    peers = make_peers([k for k, _ in keys], server_public, NO_PSK, "", 25.0, 0.0, 10.0, drbg(9),
+                       kind="wireguard")
+    (init,) = peers[0].due(10.0, 1.7e9)
+    assert len(init) == INITIATION.size and init[0] == hs.MSG_INITIATION
+    assert init[116:132] == MAC(HASH(hs.LABEL_MAC1 + server_public), init[:116])
+    _t, _r, sender, ephemeral, static, stamp, _mac1, mac2 = INITIATION.unpack(init)
+    assert mac2 == bytes(16)
+    responder = HandshakeState("IKpsk2", False, WG_IDENTIFIER, server_private, psk=NO_PSK, e=drbg(10)(32))
+    responder.read_message(ephemeral + static + stamp)
+    assert responder.remote_static == keys[0][1]
+    body = HEADER2.pack(hs.MSG_RESPONSE, RESERVED, 0x1234, sender) + responder.write_message(b"")
+    response = body + MAC(HASH(hs.LABEL_MAC1 + keys[0][1]), body) + bytes(16)
+    (keepalive,) = peers[0].receive(response, SERVER, 10.5, 1.7e9)
+    i2r, _r2i = responder.split_keys()
+    kind, _, receiver, counter = TRANSPORT_HEADER.unpack(keepalive[:TRANSPORT_HEADER.size])
+    assert (kind, receiver, counter) == (4, 0x1234, 0)
+    nonce = bytes(4) + counter.to_bytes(8, "little")
+    assert ChaCha20Poly1305(i2r).decrypt(nonce, keepalive[TRANSPORT_HEADER.size:], None) == b""
+    assert (peers[0].completed, peers[0].handshakes) == (10.5, 1)
+
+    (init2,) = peers[1].due(10.0, 1.7e9)
+    cookie, nonce24 = drbg(11)(16), drbg(12)(24)
+    sealed = xaead_encrypt(HASH(hs.LABEL_COOKIE + server_public), nonce24, cookie, init2[116:132])
+    reply = COOKIE_REPLY.pack(hs.MSG_COOKIE_REPLY, RESERVED, INITIATION.unpack(init2)[2], nonce24, sealed)
+    (retry,) = peers[1].receive(reply, SERVER, 10.1, 1.7e9)
+    assert retry[132:148] == MAC(cookie, retry[:132])
+    assert (peers[1].cookies, peers[1].initiations) == (1, 2)
+
+
+def test_wireguard_config_lists_every_peer() -> None:
+    text = wg_config(bytes(32), [(bytes(range(32)), "192.0.2.1:51820", "2001:db8:77::1/128"),
+                                 (bytes(32), None, sim_allowed_ip(9))])
+    assert text.count("[Peer]") == 2 and "ListenPort = 51820" in text
+    assert "Endpoint = 192.0.2.1:51820" in text and text.count("Endpoint") == 1
+    assert "AllowedIPs = 2001:db8:78::a/128" in text
+
+
 def test_spec_file_is_private(tmp_path: Path) -> None:
     path = tmp_path / "spec.json"
     write_spec(path, [bytes(32)], ["10.77.0.1"], SERVER, "key", bytes(32), SUITE, 25.0, 0.0, 30.0)
@@ -207,12 +256,16 @@ def _result() -> dict[str, Any]:
            "handshakes": hs_ready, "handshake_cpu_seconds": 1.53, "sessions": 1000, "sessions_after": 1000,
            "handshake_load": {"under_load_episodes": 2}, "handshake_drops": {"busy": 483}, "stream": stream,
            "idle_cores": 0.0123}
-    return {"settings": scale.Settings().__dict__, "cpu_count": 2, "rss_a_one_peer": mem,
+    mode = {"mode": "tunneld", "rss_a_one_peer": mem,
             "without": [{"rss": mem, "idle_cores": 0.0021, "stream": stream, "rss_after_stream": mem}],
             "with": [run],
             "stream_one_peer": scale._stream_summary([stream]),
             "stream_idle_peers": scale._stream_summary([{**stream, "gbps": 1.5}]), "stream_ratio": 0.75,
             "daemon_log_problems": ["x ERROR y"]}
+    wg = {**mode, "mode": "wireguard-go", "with": [{**run, "handshake_load": {}, "handshake_drops": {}}],
+          "daemon_log_problems": []}
+    return {"settings": scale.Settings().__dict__, "cpu_count": 2, "modes": ["tunneld", "wireguard-go", "x"],
+            "results": {"tunneld": mode, "wireguard-go": wg}, "errors": {"x": "no such thing\nmore"}}
 
 
 def test_table_shows_the_figures() -> None:
@@ -220,9 +273,12 @@ def test_table_shows_the_figures() -> None:
     scale.print_table(_result(), out)
     text = out.getvalue()
     assert "1000 simulated peers" in text and "all at once" in text
+    assert "\ntunneld in b\n" in text and "\nwireguard-go in b\n" in text
     assert "|   1 |      1000 |      0 |   12.50 |    80 |" in text
     assert "busy 483" in text
+    assert "|          - |       1000 |      1.50 | - |" in text  # wireguard-go reports no defences
     assert "0.75x" in text
-    assert "b's log: x ERROR y" in text
+    assert text.count("b's log: x ERROR y") == 1
     assert "|      80.0 |      90.0 |" in text
     assert "0.0021 cores with one peer, 0.0123 with 1000 more" in text
+    assert "x: NOT MEASURED: no such thing\n" in text
