@@ -16,13 +16,13 @@ Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [
        python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
                                       [--modes veth,wireguard-go,tunneld] [--profile DIR] [--json]
                                       [--rows tcp,latency,small,cost] [--quick]
-       python -m bench.throughput scale [--peers 1000] [--duration 10] [--runs 3] [--rate 200] [--quick]
-                                        [--json]
+       python -m bench.throughput scale [--modes tunneld,wireguard-go] [--peers 1000] [--duration 10]
+                                        [--runs 3] [--rate 0] [--quick] [--json]
        python -m bench.throughput dns [--updates 500] [--window 32] [--rounds 3] [--watchers 100]
                                       [--events 20] [--json]
 
-`scale`: one daemon with 1,000 simulated peers: its RSS, the time to complete their handshakes, and one
-TCP stream beside them (bench/scale.py); needs root.
+`scale`: one daemon (tunneld, wireguard-go) with 1,000 simulated peers: its RSS, the time to complete
+their handshakes, its idle CPU, and one TCP stream beside them (bench/scale.py); needs root.
 
 `dns`: signed DNS UPDATEs per second against `tunneld serve-dns` and BIND in the same run, and
 update-to-event latency with many LLQ watchers (bench/dns.py); needs root and BIND 9.
