@@ -169,7 +169,6 @@ class WgPair:
         self.keys = {side: os.urandom(32) for side in self.names}
         self.procs: dict[str, subprocess.Popen[Any]] = {}
         self.logs: dict[str, Path] = {}
-        self.server = (self.b.addr4, WG_PORT)  # overwritten by the caller with the sim link's address
 
     def public(self, side: str) -> bytes:
         from tunneld.crypto.noise import public_key
