@@ -16,8 +16,13 @@ Usage: python -m bench.throughput crypto [--suite S] [--packets N] [--batch B] [
        python -m bench.throughput e2e [--duration 10] [--runs 3] [--streams 1,4]
                                       [--modes veth,wireguard-go,tunneld] [--profile DIR] [--json]
                                       [--rows tcp,latency,small,cost] [--quick]
+       python -m bench.throughput scale [--modes tunneld,wireguard-go] [--peers 1000] [--duration 10]
+                                        [--runs 3] [--rate 0] [--quick] [--json]
        python -m bench.throughput dns [--updates 500] [--window 32] [--rounds 3] [--watchers 100]
                                       [--events 20] [--json]
+
+`scale`: one daemon (tunneld, wireguard-go) with 1,000 simulated peers: its RSS, the time to complete
+their handshakes, its idle CPU, and one TCP stream beside them (bench/scale.py); needs root.
 
 `dns`: signed DNS UPDATEs per second against `tunneld serve-dns` and BIND in the same run, and
 update-to-event latency with many LLQ watchers (bench/dns.py); needs root and BIND 9.
@@ -36,7 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from bench import dns, e2e, rows
+from bench import dns, e2e, rows, scale
 from tunneld.crypto.aead import SUITES
 from tunneld.crypto.esp import NATIVE_GCM, SecurityAssociation, lay_out, trailer
 
@@ -162,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("e2e", help="iperf3 through veth, wireguard-go and tunneld (root)")
     e2e.add_arguments(e)
     rows.add_arguments(e)
+    scale.add_arguments(sub.add_parser("scale", help="RSS, handshakes and a stream with 1,000 peers (root)"))
     dns.add_arguments(sub.add_parser("dns", help="signed UPDATEs/s vs BIND, LLQ event latency (root)"))
     args = parser.parse_args(argv)
     if args.mode == "e2e":
         return e2e.main(args) if args.rows == ["tcp"] else rows.main(args)
     if args.mode == "dns":
         return dns.main(args)
+    if args.mode == "scale":
+        return scale.main(args)
     for name in ("size", "packets", "batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

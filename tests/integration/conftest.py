@@ -15,6 +15,7 @@ EXCLUSIVE = frozenset({
     "test_tunnel.py",  # 200 MB transfers and streams across a rebind
     "test_tunnel_rekey.py",  # a stream across a rekey every second
     "test_llq_e2e.py",  # a watcher learning 100 devices within its time bound (500 DNS clients)
+    "test_bench_scale.py",  # a daemon with 100 simulated peers: handshake times, RSS and a stream
 })
 
 
