@@ -65,10 +65,23 @@ class SimPeer:
     def setup(self, private: bytes) -> None:
         """What a subclass needs beyond the Handshaker (bench/scale_wg.py: the key itself)."""
 
-    def deadline(self) -> float | None:
-        times = [t for t in (self.start_at, self.retry_at, self.keepalive_at) if t is not None]
+    def renewal_at(self) -> float | None:
+        """When the session is to be renewed (REKEY_AFTER_TIME after it began), unless a retry is pending."""
         if self.session_at is not None and self.retry_at is None:
-            times.append(self.session_at + C.REKEY_AFTER_TIME)
+            return self.session_at + C.REKEY_AFTER_TIME
+        return None
+
+    def has_session(self) -> bool:
+        return self.outbound is not None
+
+    def keepalive_payload(self) -> bytes:
+        """An authenticated empty packet on the current session (the ESP dummy, next header 59)."""
+        assert self.outbound is not None
+        return self.outbound.seal(b"", next_header=NH_NONE)
+
+    def deadline(self) -> float | None:
+        times = [t for t in (self.start_at, self.retry_at, self.keepalive_at, self.renewal_at())
+                 if t is not None]
         return min(times) if times else None
 
     def _initiate(self, now: float, wall: float) -> bytes:
@@ -86,11 +99,10 @@ class SimPeer:
             out.append(self._initiate(now, wall))
         elif self.retry_at is not None and now >= self.retry_at:
             out.append(self._initiate(now, wall))
-        elif (self.session_at is not None and self.retry_at is None
-              and now >= self.session_at + C.REKEY_AFTER_TIME):
+        elif (renew := self.renewal_at()) is not None and now >= renew:
             out.append(self._initiate(now, wall))  # renew; the old session carries on meanwhile
-        if self.outbound is not None and self.keepalive_at is not None and now >= self.keepalive_at:
-            out.append(self.outbound.seal(b"", next_header=NH_NONE))
+        if self.has_session() and self.keepalive_at is not None and now >= self.keepalive_at:
+            out.append(self.keepalive_payload())
             self.keepalives += 1
             self.keepalive_at = now + self.keepalive
         return out

@@ -71,29 +71,18 @@ class WgPeer(SimPeer):
         self.retry_at = now + C.REKEY_TIMEOUT + self.jitter.uniform(0, C.REKEY_TIMEOUT_JITTER_MAX)
         return body + mac1 + mac2
 
-    def _keepalive(self) -> bytes:
+    def keepalive_payload(self) -> bytes:
         assert self._key is not None
         nonce = bytes(4) + self._counter.to_bytes(8, "little")
         header = TRANSPORT_HEADER.pack(MSG_TRANSPORT, RESERVED, self._remote, self._counter)
         self._counter += 1
         return header + self._key.encrypt(nonce, b"", None)
 
-    def due(self, now: float, wall: float) -> list[bytes]:
-        out = []
-        if self.start_at is not None and now >= self.start_at:
-            self.start_at = None
-            out.append(self._initiate(now, wall))
-        elif self.retry_at is not None and now >= self.retry_at:
-            out.append(self._initiate(now, wall))
-        if self._key is not None and self.keepalive_at is not None and now >= self.keepalive_at:
-            out.append(self._keepalive())
-            self.keepalives += 1
-            self.keepalive_at = now + self.keepalive
-        return out
+    def renewal_at(self) -> float | None:
+        return None  # no renewal: the runs are shorter than REKEY_AFTER_TIME
 
-    def deadline(self) -> float | None:
-        times = [t for t in (self.start_at, self.retry_at, self.keepalive_at) if t is not None]
-        return min(times) if times else None  # (no renewal: the runs are shorter than REKEY_AFTER_TIME)
+    def has_session(self) -> bool:
+        return self._key is not None
 
     def receive(self, data: bytes, source: tuple[str, int], now: float, wall: float) -> list[bytes]:
         kind = data[0] if data else 0
@@ -117,7 +106,7 @@ class WgPeer(SimPeer):
                 self.completed = now
             self.keepalive_at = now + self.keepalive
             self.keepalives += 1
-            return [self._keepalive()]  # key confirmation
+            return [self.keepalive_payload()]  # key confirmation
         if kind == hs.MSG_COOKIE_REPLY and len(data) == COOKIE_REPLY.size and self._last_mac1 is not None:
             _t, _r, receiver, nonce, encrypted = COOKIE_REPLY.unpack(data)
             try:
