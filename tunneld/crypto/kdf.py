@@ -3,8 +3,8 @@
 Two roots feed everything:
 
 - the 32-byte *account secret* shared by a user's devices gives the TSIG key for DNS UPDATE, the Noise
-  handshake PSK and the TURN relay's shared secret (:func:`derive_tsig_key`, :func:`derive_psk`,
-  :func:`derive_turn_secret`);
+  handshake PSK, the TURN relay's shared secret and the seed of the account CA's Ed25519 key
+  (:func:`derive_tsig_key`, :func:`derive_psk`, :func:`derive_turn_secret`, :func:`derive_account_ca_seed`);
 - each completed Noise handshake gives two 32-byte traffic keys (``HandshakeState.split_keys()``), and
   each of those gives the KEYMAT of one ESP security association (:func:`derive_esp_keymat`).
 
@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
+    "ACCOUNT_CA_INFO_PREFIX",
+    "ACCOUNT_CA_SEED_LEN",
     "ACCOUNT_SECRET_LEN",
     "ESP_DIRECTIONS",
     "ESP_INFO_PREFIX",
@@ -38,6 +40,7 @@ __all__ = [
     "TSIG_KEY_LEN",
     "TURN_INFO_PREFIX",
     "TURN_SECRET_LEN",
+    "derive_account_ca_seed",
     "derive_esp_keymat",
     "derive_psk",
     "derive_tsig_key",
@@ -54,6 +57,9 @@ PSK_INFO_PREFIX: Final = b"tunneld v1 handshake psk "
 TURN_INFO_PREFIX: Final = b"tunneld v1 turn rest secret "
 """HKDF info prefix for the TURN REST shared secret (coturn's static-auth-secret); the domain follows."""
 
+ACCOUNT_CA_INFO_PREFIX: Final = b"tunneld v1 account ca ed25519 "
+"""HKDF info prefix for the account CA's Ed25519 seed (RFC 8032 §5.1.5); the normalized domain follows."""
+
 ESP_INFO_PREFIX: Final = b"tunneld v1 esp "
 """HKDF info prefix for ESP KEYMAT; ``<suite> <direction>`` follows, e.g. ``aes-256-gcm i2r``."""
 
@@ -65,6 +71,8 @@ PSK_LEN: Final = 32
 """Length of the Noise pre-shared key (Noise rev 34 §9: always 32 bytes)."""
 TURN_SECRET_LEN: Final = 32
 """Bytes of HKDF output behind the TURN secret (its text is their 64 lower-case hex digits)."""
+ACCOUNT_CA_SEED_LEN: Final = 32
+"""Length of an Ed25519 private key (its seed, RFC 8032 §5.1.5)."""
 TRAFFIC_KEY_LEN: Final = 32
 """Length of each Noise split key that ESP keys are derived from."""
 ESP_SALT_LEN: Final = 4
@@ -154,6 +162,17 @@ def derive_turn_secret(secret: bytes, domain: str) -> str:
     _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
     info = TURN_INFO_PREFIX + normalize_domain(domain).encode("ascii")
     return _hkdf_sha256(secret, info, TURN_SECRET_LEN).hex()
+
+
+def derive_account_ca_seed(secret: bytes, domain: str) -> bytes:
+    """The 32-byte Ed25519 seed of the account CA's key (tunneld.crypto.accountca builds the certificate).
+
+    ``HKDF-SHA256(ikm=secret, salt=none, info=ACCOUNT_CA_INFO_PREFIX + domain, L=32)``. Every device holding
+    the secret derives the same key, and the key reveals nothing of the TSIG key or the PSK.
+    """
+    _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
+    info = ACCOUNT_CA_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return _hkdf_sha256(secret, info, ACCOUNT_CA_SEED_LEN)
 
 
 def derive_esp_keymat(traffic_key: bytes, suite: str, direction: str) -> tuple[bytes, bytes]:
