@@ -99,6 +99,17 @@ def cmd_account_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_account_ca(args: argparse.Namespace) -> int:
+    """The account CA's certificate (PEM), for TLS tools given the account's trust anchor (`kdig +tls-ca`)."""
+    from tunneld.config import load_account_secret
+    from tunneld.crypto.accountca import account_ca
+
+    domain = _domain(args.domain, "account domain")
+    secret = load_account_secret(_path(args.secret_file, "--secret-file"))  # ConfigError: exit 2
+    sys.stdout.write(account_ca(secret, domain).pem.decode("ascii"))
+    return EXIT_OK
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
@@ -339,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     new = asub.add_parser("new", help="print a fresh account secret and its TSIG key stanza")
     new.add_argument("domain", help="the account's DNS domain, e.g. home.example.net")
     new.set_defaults(func=cmd_account_new)
+    ca = asub.add_parser("ca", help="print the account CA's certificate (PEM), derived from the secret")
+    ca.add_argument("domain", help="the account's DNS domain")
+    ca.add_argument("--secret-file", required=True, metavar="PATH",
+                    help="the account secret (from `tunneld account new`), mode 0600")
+    ca.set_defaults(func=cmd_account_ca)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
