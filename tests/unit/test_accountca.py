@@ -46,6 +46,18 @@ PUBLIC_HEX = "7b8a1c60b37a36c5a51510d0576cac34f11026f96a9c854e2af519ca09a6fb00"
 SERIAL_HEX = "3ae02b193a2c090a8fac01dca50e1b58"
 DER_SHA256 = "b3c8cd5d5686b98821d4d8c2da454b49d6ab331271888157cf8dfdcde1e169d7"
 PREFIX = "fda3:79a6:f6ee::/48"
+CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBnDCCAU6gAwIBAgIQOuArGTosCQqPrAHcpQ4bWDAFBgMrZXAwKTEnMCUGA1UE
+AwwedHVubmVsZCBhY2NvdW50IENBIGV4YW1wbGUuY29tMCAXDTAwMDEwMTAwMDAw
+MFoYDzk5OTkxMjMxMjM1OTU5WjApMScwJQYDVQQDDB50dW5uZWxkIGFjY291bnQg
+Q0EgZXhhbXBsZS5jb20wKjAFBgMrZXADIQB7ihxgs3o2xaUVENBXbKw08RAm+Wqc
+hU4q9RnKCab7AKOBiTCBhjASBgNVHRMBAf8ECDAGAQH/AgEAMA4GA1UdDwEB/wQE
+AwIBBjAdBgNVHQ4EFgQUWcn40p76NYRwPiYd+bzwZf0CipUwQQYDVR0eAQH/BDcw
+NaAzMA2CC2V4YW1wbGUuY29tMCKHIP2jeab27gAAAAAAAAAAAAD///////8AAAAA
+AAAAAAAAMAUGAytlcANBAEx8ixgiPDTalDpZaVUIaqtFhJdn5pZ2TCGDEGvQ8XkG
+geudI6bd0SUCgVHcim/dOyqS8nGeKD0+YcmfCf3TGgk=
+-----END CERTIFICATE-----
+"""
 
 T0 = 1_700_000_000  # 2023-11-14: a fixed leaf validity, so nothing here depends on today's date
 T1 = T0 + 90 * 86400
@@ -86,6 +98,8 @@ def test_the_ca_vector(ca: AccountCA) -> None:
     assert public_key_raw(ca.key.public_key()).hex() == PUBLIC_HEX
     assert format(ca.certificate.serial_number, "032x") == SERIAL_HEX
     assert hashlib.sha256(ca.der).hexdigest() == DER_SHA256
+    assert ca.pem.decode("ascii") == CA_PEM  # the certificate printed in docs/protocol.md
+    assert len(ca.der) == 416
     assert str(ca.prefix) == PREFIX == str(account_prefix(DOMAIN))
 
 
@@ -387,8 +401,7 @@ def _secret_file(tmp_path: Path, mode: int = 0o600) -> Path:
 def test_cli_prints_the_ca_pem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["account", "ca", DOMAIN, "--secret-file", str(_secret_file(tmp_path))]) == 0
     out = capsys.readouterr()
-    cert = x509.load_pem_x509_certificate(out.out.encode())
-    assert hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest() == DER_SHA256
+    assert out.out == CA_PEM
     assert out.out.count("BEGIN CERTIFICATE") == 1
     assert out.err == ""
 
