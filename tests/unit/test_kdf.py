@@ -17,6 +17,7 @@ import pytest
 from tunneld.crypto import kdf
 from tunneld.crypto.kdf import (
     ESP_KEY_LENGTHS,
+    derive_account_ca_seed,
     derive_esp_keymat,
     derive_psk,
     derive_tsig_key,
@@ -70,6 +71,7 @@ def test_inline_hkdf_rfc5869_case_3_empty_salt_and_info() -> None:
 TSIG_KEY_HEX = "bcc43fe763c5185b93eb9df2cfcab2be7910643f65c087f27b21a155385da653"
 PSK_HEX = "768dde4e452000d5ee0bad8cfef42b9db74f72d138aa586ab3e065ce9acdd3ec"
 TURN_SECRET = "08b3277f255f6a01b25a31d6d1a067f9526d5525b2f82215636ed7708c88b82d"
+ACCOUNT_CA_SEED_HEX = "4b644e12e185df6e8d6a0268fee2b54f281382691d5c8ca0b46d6144dcafd02e"
 ESP_KEYMAT_HEX = {
     ("aes-128-gcm", "i2r"): ("05634a4017168de4248534499b5d7d4c", "a6c202ba"),
     ("aes-128-gcm", "r2i"): ("b20d680a0d0a53993b0987ea2a1e0a17", "5b8d92cd"),
@@ -117,6 +119,12 @@ def test_turn_secret_known_answer_and_its_rest_credentials() -> None:
         "1700086400:laptop", "XUGIx7/ivTVF4PKJw88nynxZveg=")
 
 
+def test_account_ca_seed_known_answer() -> None:
+    expected = rfc5869_hkdf_sha256(SECRET, b"", b"tunneld v1 account ca ed25519 example.com", 32)
+    assert expected.hex() == ACCOUNT_CA_SEED_HEX
+    assert derive_account_ca_seed(SECRET, DOMAIN) == expected
+
+
 @pytest.mark.parametrize(("suite", "direction"), sorted(ESP_KEYMAT_HEX), ids="-".join)
 def test_esp_keymat_known_answer(suite: str, direction: str) -> None:
     keylen = {"aes-128-gcm": 16, "aes-256-gcm": 32, "chacha20-poly1305": 32}[suite]
@@ -140,6 +148,7 @@ def test_labels_are_the_documented_byte_strings() -> None:
     assert kdf.PSK_INFO_PREFIX == b"tunneld v1 handshake psk "
     assert kdf.TURN_INFO_PREFIX == b"tunneld v1 turn rest secret "
     assert kdf.ESP_INFO_PREFIX == b"tunneld v1 esp "
+    assert kdf.ACCOUNT_CA_INFO_PREFIX == b"tunneld v1 account ca ed25519 "
     assert kdf.ACCOUNT_SECRET_LEN == 32
 
 
@@ -148,7 +157,7 @@ def test_labels_are_the_documented_byte_strings() -> None:
 
 def test_distinct_labels_give_distinct_outputs() -> None:
     outputs = [derive_tsig_key(SECRET, DOMAIN), derive_psk(SECRET, DOMAIN),
-               bytes.fromhex(derive_turn_secret(SECRET, DOMAIN))]
+               bytes.fromhex(derive_turn_secret(SECRET, DOMAIN)), derive_account_ca_seed(SECRET, DOMAIN)]
     for suite, direction in ESP_KEYMAT_HEX:
         key, salt = derive_esp_keymat(TRAFFIC_KEY, suite, direction)
         outputs.append(key + salt)
