@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tunneld.cli import main
 from tunneld.crypto import kdf
@@ -252,6 +254,31 @@ def test_client_leaf(ca: AccountCA) -> None:
 def test_leaf_arguments_are_checked(ca: AccountCA, call: Callable[..., object], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         call(ca, _leaf_key(3).public_key())
+
+
+_LABELISH = st.text(alphabet="aZ09-._é\0 ", max_size=70)
+_HOSTS = st.tuples(_LABELISH, st.sampled_from(["", ".example.com", ".Example.COM.", ".example.org"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(hosts=st.lists(_HOSTS.map("".join), min_size=1, max_size=3), device=_LABELISH)
+@example(hosts=["ns.Example.COM."], device="Laptop")  # both succeed: the loop's checks run
+@example(hosts=["example.com", "github.com"], device="a.b")  # both refused
+def test_any_name_gives_a_leaf_inside_the_domain_or_value_error(
+        ca: AccountCA, hosts: list[str], device: str) -> None:
+    key = _leaf_key(7).public_key()
+    attempts = (lambda: issue_server(ca, hosts, key, T0, T1, 3),
+                lambda: issue_client(ca, device, key, T0, T1, 4))
+    for issue in attempts:
+        try:
+            cert = issue()
+        except ValueError:
+            continue
+        san = _ext(cert, x509.SubjectAlternativeName).value
+        assert isinstance(san, x509.SubjectAlternativeName)
+        for name in san.get_values_for_type(x509.DNSName):
+            assert name == "example.com" or name.endswith(".example.com")
+            assert name == name.lower()
 
 
 def test_new_serial() -> None:
