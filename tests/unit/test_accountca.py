@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -279,6 +281,14 @@ def test_any_name_gives_a_leaf_inside_the_domain_or_value_error(
         for name in san.get_values_for_type(x509.DNSName):
             assert name == "example.com" or name.endswith(".example.com")
             assert name == name.lower()
+
+
+def test_leaf_key_kinds(ca: AccountCA) -> None:
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key()
+    issue_server(ca, ["ns.example.com"], p256, T0, T1, 1).verify_directly_issued_by(ca.certificate)
+    x25519 = X25519PrivateKey.from_private_bytes(bytes(32)).public_key()
+    with pytest.raises(ValueError, match="must be Ed25519 or ECDSA, not"):
+        issue_client(ca, "laptop", x25519, T0, T1, 1)  # type: ignore[arg-type]
 
 
 def test_new_serial() -> None:

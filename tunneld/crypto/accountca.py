@@ -19,8 +19,8 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunneld.crypto.kdf import derive_account_ca_seed, normalize_domain
@@ -32,6 +32,7 @@ __all__ = [
     "CA_NOT_BEFORE",
     "SERIAL_LEN",
     "AccountCA",
+    "LeafKey",
     "account_ca",
     "ca_common_name",
     "issue_client",
@@ -50,6 +51,9 @@ SERIAL_LEN: Final = 16
 §4.1.2.2: a positive integer of at most 20 octets; CA/B Forum asks for 64 bits of entropy or more)."""
 CA_PATH_LEN: Final = 0
 """BasicConstraints pathLenConstraint: the account CA issues leaves only, never another CA."""
+
+LeafKey = Ed25519PublicKey | EllipticCurvePublicKey
+"""A leaf's key: one that signs a TLS 1.3 CertificateVerify (RFC 8446 §4.2.3: Ed25519 or ECDSA)."""
 
 _COMMON_NAME_PREFIX: Final = "tunneld account CA "
 _MAX_SERIAL: Final = 1 << (8 * SERIAL_LEN - 1)
@@ -166,11 +170,13 @@ def _issue(
     common_name: str,
     names: Sequence[x509.GeneralName],
     usage: x509.ObjectIdentifier,
-    public_key: CertificatePublicKeyTypes,
+    public_key: LeafKey,
     not_before: int,
     not_after: int,
     serial: int,
 ) -> x509.Certificate:
+    if not isinstance(public_key, LeafKey):
+        raise ValueError(f"a leaf's key must be Ed25519 or ECDSA, not {type(public_key).__name__}")
     start, end = _time(not_before, "not_before"), _time(not_after, "not_after")
     if end <= start:
         raise ValueError(f"not_after {not_after} is not after not_before {not_before}")
@@ -198,7 +204,7 @@ def _issue(
 def issue_server(
     ca: AccountCA,
     hostnames: Sequence[str],
-    public_key: CertificatePublicKeyTypes,
+    public_key: LeafKey,
     not_before: int,
     not_after: int,
     serial: int,
@@ -225,7 +231,7 @@ def issue_server(
 def issue_client(
     ca: AccountCA,
     device: str,
-    public_key: CertificatePublicKeyTypes,
+    public_key: LeafKey,
     not_before: int,
     not_after: int,
     serial: int,
