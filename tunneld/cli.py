@@ -101,8 +101,8 @@ def cmd_account_new(args: argparse.Namespace) -> int:
 
 def cmd_account_ca(args: argparse.Namespace) -> int:
     """The account CA's certificate (PEM), for TLS tools given the account's trust anchor (`kdig +tls-ca`)."""
+    from tunneld.accountca import account_ca
     from tunneld.config import load_account_secret
-    from tunneld.crypto.accountca import account_ca
 
     domain = _domain(args.domain, "account domain")
     secret = load_account_secret(_path(args.secret_file, "--secret-file"))  # ConfigError: exit 2

@@ -1,4 +1,4 @@
-"""tunneld.crypto.accountca: the account CA rebuilt from the secret, its fixed fields, its leaves.
+"""tunneld.accountca: the account CA rebuilt from the secret, its fixed fields, its leaves.
 
 The vector (docs/protocol.md, "Account CA") is checked against an HKDF written out from hmac + hashlib and,
 when `openssl` is installed, against OpenSSL deriving the public key from the seed and verifying leaves
@@ -29,9 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tunneld.cli import main
-from tunneld.crypto import kdf
-from tunneld.crypto.accountca import (
+from tunneld.accountca import (
     CA_NOT_AFTER,
     CA_NOT_BEFORE,
     AccountCA,
@@ -41,6 +39,8 @@ from tunneld.crypto.accountca import (
     new_serial,
     public_key_raw,
 )
+from tunneld.cli import main
+from tunneld.crypto import kdf
 from tunneld.identity import account_prefix
 
 SECRET = bytes(range(32))

@@ -165,7 +165,7 @@ def derive_turn_secret(secret: bytes, domain: str) -> str:
 
 
 def derive_account_ca_seed(secret: bytes, domain: str) -> bytes:
-    """The 32-byte Ed25519 seed of the account CA's key (tunneld.crypto.accountca builds the certificate).
+    """The 32-byte Ed25519 seed of the account CA's key (tunneld.accountca builds the certificate).
 
     ``HKDF-SHA256(ikm=secret, salt=none, info=ACCOUNT_CA_INFO_PREFIX + domain, L=32)``. Every device holding
     the secret derives the same key, and the key reveals nothing of the TSIG key or the PSK.
