@@ -32,7 +32,8 @@ MAX_PACKET: Final = 65535
 # default, about 5 ms at 1 Gb/s): enough to ride out the daemon being descheduled for a moment.
 TX_QUEUE_LEN: Final = 1000
 
-
+# Superpackets read per wakeup at most (each ~44 segments, ~58 KB): a bulk flow's batch stays about a
+# megabyte, which the loop seals and sends before it reads again.
 MAX_SUPERPACKETS_PER_WAKEUP: Final = 16
 
 MAX_TCP_HEADERS: Final = 40 + 60  # IPv6 header and the longest TCP header (RFC 9293 §3.1: 15 words)
