@@ -29,6 +29,8 @@
 #define CWR 0x80
 #define MAX_SEGMENTS 64   /* as the kernel's GRO */
 #define MAX_PAYLOAD 65535 /* the IPv6 payload length field */
+#define MAX_SPLIT 1024    /* segments per superpacket we lay out here (an MSS under 64 bytes: the reference) */
+#define MAX_STRIDE 65536  /* an opened run's slots are datagram-sized */
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static uint32_t get32(const uint8_t *p) {
@@ -112,7 +114,7 @@ static PyObject *tcp6_segment(PyObject *mod, PyObject *args) {
         goto done;
     }
     Py_ssize_t thl = (p[IP6_LEN + 12] >> 4) * 4, hl = IP6_LEN + thl, size = v[4] | v[5] << 8;
-    if (thl < 20 || n < hl || size == 0 || (n - hl) / size < 2) {
+    if (thl < 20 || n < hl || size == 0 || (n - hl) / size < 2 || (n - hl) / size > MAX_SPLIT) {
         result = Py_NewRef(Py_None);
         goto done;
     }
@@ -204,7 +206,8 @@ static PyObject *tcp6_coalesce(PyObject *mod, PyObject *args) {
     if (!PyArg_ParseTuple(args, "w*nnnn", &ab, &stride, &k, &full, &last)) return NULL;
     PyObject *result = NULL;
     uint8_t *a = ab.buf;
-    if (k < 2 || k > MAX_SEGMENTS || full < IP6_LEN + 20 || full > stride || last < 0 || last > full
+    if (k < 2 || k > MAX_SEGMENTS || full < IP6_LEN + 20 || full > stride || stride > MAX_STRIDE || last < 0
+        || last > full
         || (k - 1) * stride + last > ab.len || a[0] >> 4 != 6 || a[6] != PROTO_TCP)
         goto none;
     Py_ssize_t thl = (a[IP6_LEN + 12] >> 4) * 4, hl = IP6_LEN + thl, size = full - hl, tl = last - hl;
