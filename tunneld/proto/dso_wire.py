@@ -195,8 +195,15 @@ class Push:
     records: tuple[PushRecord, ...]
 
     def value(self) -> bytes:
+        """The TLV value; ValueError if a receiver would refuse it (too many records, or names in RDATA
+        beyond the DNS guard's budget: split the change into several PUSHes)."""
         if not 1 <= len(self.records) <= MAX_PUSH_RECORDS:
             raise ValueError("a PUSH carries 1 to MAX_PUSH_RECORDS change notifications")
+        try:
+            _guard_rdatas([(r.rtype, r.rclass, _rdata_wire(r.rdata))
+                           for r in self.records if r.rdata is not None])
+        except ParseError as e:
+            raise ValueError(f"PUSH refused by the DNS guard: {e}") from None
         return b"".join(r.wire() for r in self.records)
 
 
@@ -439,21 +446,23 @@ def _check_record(rtype: int, rclass: int, ttl: int, has_rdata: bool,
         raise error("meta class in a record")
 
 
-def _parse_rdatas(wire: bytes, frames: list[tuple[int, int, int, int]]) -> list[dns.rdata.Rdata]:
-    """Parse each RDATA ``(type, class, start, end)`` of ``wire``, refusing compressed names.
+def _guard_rdatas(rdatas: list[tuple[int, int, bytes]]) -> None:
+    """Check RDATAs ``(type, class, bytes)`` with the DNS guard, as the answer section of a message made of
+    them (each with the root as owner): the names they hold keep to its label, length and pointer rules,
+    and dnspython's work on them to its budget, before dnspython reads any. ParseError if not."""
+    if rdatas:
+        body = b"".join(b"\x00" + _RR_FIXED.pack(t, c, 0, len(d)) + d for t, c, d in rdatas)
+        check(_HEADER.pack(0, _QR, 0, 0, len(rdatas), 0, 0) + body)
 
-    The RDATAs are first checked together by the DNS guard, as the answer section of a message made of
-    them (each with the root as owner), so dnspython's work on their names is bounded before it starts;
-    then each is parsed alone and must re-encode to its own bytes, which a compression pointer cannot."""
-    if not frames:
-        return []
-    body = b"".join(b"\x00" + _RR_FIXED.pack(t, c, 0, e - s) + wire[s:e] for t, c, s, e in frames)
-    if HEADER_SIZE + len(body) > MAX_MESSAGE:
-        raise ParseError("oversized")
-    check(_HEADER.pack(0, _QR, 0, 0, len(frames), 0, 0) + body)
+
+def _parse_rdatas(wire: bytes, frames: list[tuple[int, int, int, int]]) -> list[dns.rdata.Rdata]:
+    """Parse each RDATA ``(type, class, start, end)`` of ``wire``, refusing compressed names: guarded
+    first (:func:`_guard_rdatas`), then each parsed alone, and it must re-encode to its own bytes, which an
+    RDATA with a compression pointer cannot (its names re-encode in full)."""
+    datas = [(t, c, wire[s:e]) for t, c, s, e in frames]
+    _guard_rdatas(datas)
     out = []
-    for rtype, rclass, start, end in frames:
-        data = wire[start:end]
+    for rtype, rclass, data in datas:
         try:
             rdclass, rdtype = dns.rdataclass.RdataClass.make(rclass), dns.rdatatype.RdataType.make(rtype)
             rdata = dns.rdata.from_wire(rdclass, rdtype, data, 0, len(data))
