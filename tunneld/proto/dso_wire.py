@@ -295,7 +295,10 @@ def encode(message: DsoMessage) -> bytes:
     flags = (_QR if message.response else 0) | OPCODE_DSO << 3
     parts = [_HEADER.pack(message.msg_id, flags, message.rcode, 0, 0, 0, 0)]
     for tlv in message.tlvs:
-        value = tlv.value()
+        try:
+            value = tlv.value()
+        except struct.error as e:  # a field out of its range
+            raise ValueError(f"TLV field out of range: {e}") from None
         if len(value) > 0xFFFF:
             raise ValueError("a TLV's value is at most 65535 bytes")
         parts.append(_TL.pack(tlv_type(tlv), len(value)) + value)
@@ -346,11 +349,11 @@ def _check_shape(msg_id: int, response: bool, rcode: int, types: list[int],
         if msg_id == 0:
             raise error("response to a unidirectional message")  # §5.4.2: those get none
         return
-    if rcode:
-        raise error("RCODE in a request")  # §5.4.1: zero in requests and unidirectional messages
     if not types:
         raise error("no primary TLV")  # §5.4.2
     primary = types[0]
+    if rcode and (msg_id or primary != DSO_RETRY_DELAY):
+        raise error("RCODE in a request")  # only a RETRY DELAY message gives a reason (§7.2.1)
     if primary == DSO_ENCRYPTION_PADDING:
         raise error("padding as the primary TLV")  # §7.3
     if msg_id and primary in _UNIDIRECTIONAL_ONLY:
@@ -483,7 +486,12 @@ def _read_name(wire: bytes, start: int, end: int) -> tuple[dns.name.Name, int]:
     window that begins at the name, so any compression pointer points at or after its start and is refused
     (RFC 8765 §6.2.1: names in DSO are never compressed); label and length rules are the guard's."""
     window = wire[start:min(end, start + MAX_NAME)]
-    used = name_end(window, 0)
+    try:
+        used = name_end(window, 0)
+    except ParseError as e:
+        if str(e) == "truncated" and len(window) == MAX_NAME:
+            raise ParseError("name too long") from None  # no root label within 255 octets
+        raise
     try:
         name, _ = dns.name.from_wire(window, 0)
     except Exception as e:  # the guard's rules are at least dnspython's; kept so only ParseError escapes
