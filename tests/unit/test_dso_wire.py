@@ -218,10 +218,16 @@ MALFORMED = {  # case: (the reason refused, the bytes)
         header(1) + tlv(0x41, rr(HOST_WIRE, 1, 1, 1, bytes(4)))),
     "PUSH empty": ("empty PUSH", header(0) + tlv(0x41, b"")),
     "PUSH owner compressed": ("bad pointer", header(0) + tlv(0x41, rr(b"\x02h1\xc0\x10", 1, 1, 1, bytes(4)))),
-    "PUSH RDATA name compressed": ("malformed RDATA",
-        header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\x02h2\xc0\x13"))),
-    "PUSH RDATA pointer to the owner": ("malformed RDATA",
-        header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\xc0\x10"))),
+    # As a compressing sender writes them (offsets from the DSO message's start: the owner is at 16): the
+    # guard reads the pointer's target in its own layout, so the reason is whichever rule it breaks there.
+    "PUSH RDATA name compressed": (None, header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\x02h2\xc0\x13"))),
+    "PUSH RDATA pointer to the owner": (None, header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\xc0\x10"))),
+    # Pointers to a real name in the guard's layout (the records from offset 12): the guard lets them
+    # through, and the RDATA read alone does not parse.
+    "PUSH RDATA name, guard-valid pointer": ("malformed RDATA",
+        header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\x02h2\xc0\x0f"))),
+    "PUSH RDATA pointer to the owner, guard-valid": ("malformed RDATA",
+        header(0) + tlv(0x41, rr(HOST_WIRE, 12, 1, 1, b"\xc0\x0c"))),
     "PUSH RDATA pointer inside it": ("compressed or non-canonical RDATA",
         header(0) + tlv(0x41, rr(HOST_WIRE, 33, 1, 1, bytes(5) + b"\x16\xc0\x00"))),
     "PUSH record truncated": ("truncated record",
@@ -249,8 +255,10 @@ MALFORMED = {  # case: (the reason refused, the bytes)
     "RECONFIRM short": ("truncated TLV", header(0) + tlv(0x43, NAME_WIRE + b"\x00\x0c")),
     "RECONFIRM of type ANY": ("meta type in a record",
         header(0) + tlv(0x43, NAME_WIRE + bytes.fromhex("00ff0001"))),
-    "RECONFIRM RDATA compressed": ("malformed RDATA",
+    "RECONFIRM RDATA compressed": (None,
         header(0) + tlv(0x43, NAME_WIRE + bytes.fromhex("000c0001") + b"\xc0\x10")),
+    "RECONFIRM RDATA, guard-valid pointer": ("malformed RDATA",
+        header(0) + tlv(0x43, NAME_WIRE + bytes.fromhex("000c0001") + b"\xc0\x0c")),
     "too many TLVs": ("too many TLVs", header(1) + KA + tlv(3, b"") * d.MAX_TLVS),
     "too many PUSH records": ("too many PUSH records",
         header(0) + tlv(0x41, rr(b"\x00", 1, 1, 1, bytes(4)) * (d.MAX_PUSH_RECORDS + 1))),
@@ -259,10 +267,10 @@ MALFORMED = {  # case: (the reason refused, the bytes)
 
 
 @pytest.mark.parametrize(("reason", "wire"), list(MALFORMED.values()), ids=list(MALFORMED))
-def test_malformed_raises_parse_error(reason: str, wire: bytes) -> None:
+def test_malformed_raises_parse_error(reason: str | None, wire: bytes) -> None:
     with pytest.raises(ParseError) as e:
         d.decode(wire)
-    assert str(e.value) == reason  # refused for the rule the case breaks, not by accident
+    assert reason is None or str(e.value) == reason  # refused for the rule the case breaks, not by accident
 
 
 def test_the_malformed_cases_are_one_change_from_valid() -> None:
@@ -277,12 +285,13 @@ def test_the_malformed_cases_are_one_change_from_valid() -> None:
 
 def test_compression_refused_for_the_right_reason() -> None:
     """A pointer in a name is refused as a pointer (owner and SUBSCRIBE names, by the guard's rules); in
-    RDATA, as RDATA that does not parse alone or does not re-encode to itself. An SRV whose target points
-    at its own first octet (0: the root) passes the guard and dnspython: only the re-encoding shows it."""
+    RDATA, by the guard, or as RDATA that does not parse alone or does not re-encode to itself. An SRV
+    whose target points at its own first octet (0: the root) passes the guard and dnspython: only the
+    re-encoding shows it."""
     for case in ("SUBSCRIBE name compressed", "PUSH owner compressed"):
         assert MALFORMED[case][0] == "bad pointer"
-    for case in ("PUSH RDATA name compressed", "PUSH RDATA pointer to the owner",
-                 "RECONFIRM RDATA compressed"):
+    for case in ("PUSH RDATA name, guard-valid pointer", "PUSH RDATA pointer to the owner, guard-valid",
+                 "RECONFIRM RDATA, guard-valid pointer"):
         assert MALFORMED[case][0] == "malformed RDATA"
     assert MALFORMED["PUSH RDATA pointer inside it"][0] == "compressed or non-canonical RDATA"
     wire = MALFORMED["PUSH RDATA pointer inside it"][1]
@@ -388,6 +397,11 @@ def _record(rnd: random.Random) -> d.PushRecord:
     return d.PushRecord.add(name, rnd.choice([0, 60, 0x7FFFFFFF]), rdata)
 
 
+_POOL_RANDOM = random.Random(17)
+RECORDS: tuple[d.PushRecord, ...] = tuple(_record(_POOL_RANDOM) for _ in range(200))
+"""Change notifications the fuzz cases draw from (building dnspython RDATA is most of a case's cost)."""
+
+
 def valid_message(rnd: random.Random) -> d.DsoMessage:
     kind = rnd.randrange(7)
     padding: tuple[d.Tlv, ...] = (d.EncryptionPadding(rnd.randrange(64)),) if rnd.random() < 0.3 else ()
@@ -400,7 +414,7 @@ def valid_message(rnd: random.Random) -> d.DsoMessage:
     if kind == 2:
         return d.DsoMessage(msg_id, (d.Subscribe(_name(rnd), rnd.choice([12, 33, 255])), *padding))
     if kind == 3:
-        return d.DsoMessage(0, (d.Push(tuple(_record(rnd) for _ in range(rnd.randrange(1, 150)))), *padding))
+        return d.DsoMessage(0, (d.Push(tuple(rnd.choices(RECORDS, k=rnd.randrange(1, 60)))), *padding))
     if kind == 4:
         return d.DsoMessage(0, (d.Unsubscribe(msg_id), *padding))
     if kind == 5:

@@ -88,6 +88,7 @@ _U32X2: Final = struct.Struct("!II")
 _U16: Final = struct.Struct("!H")
 _TC: Final = struct.Struct("!HH")  # TYPE, CLASS
 _RR_FIXED: Final = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLEN (RFC 1035 §4.1.3)
+_TTL_RDLEN: Final = struct.Struct("!IH")
 _QR: Final = 0x80
 _META_TYPES: Final = range(128, 256)  # RFC 6895 §3.1: QTYPEs and meta-TYPEs, never a record's data
 _TYPE_OPT: Final = 41  # RFC 6891 §6.1.1: a pseudo-record
@@ -199,12 +200,12 @@ class Push:
         beyond the DNS guard's budget: split the change into several PUSHes)."""
         if not 1 <= len(self.records) <= MAX_PUSH_RECORDS:
             raise ValueError("a PUSH carries 1 to MAX_PUSH_RECORDS change notifications")
+        body = b"".join(r.wire() for r in self.records)
         try:
-            _guard_rdatas([(r.rtype, r.rclass, _rdata_wire(r.rdata))
-                           for r in self.records if r.rdata is not None])
+            _guard(len(self.records), body)
         except ParseError as e:
             raise ValueError(f"PUSH refused by the DNS guard: {e}") from None
-        return b"".join(r.wire() for r in self.records)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +229,13 @@ class Reconfirm:
 
     def value(self) -> bytes:
         _check_record(self.rdata.rdtype, self.rdata.rdclass, 0, True)
-        head = _name_wire(self.name) + _TC.pack(self.rdata.rdtype, self.rdata.rdclass)
-        return head + _rdata_wire(self.rdata)
+        owner, rdata = _name_wire(self.name), _rdata_wire(self.rdata)
+        tc = _TC.pack(self.rdata.rdtype, self.rdata.rdclass)
+        try:
+            _guard(1, owner + tc + _TTL_RDLEN.pack(0, len(rdata)) + rdata)
+        except ParseError as e:
+            raise ValueError(f"RECONFIRM refused by the DNS guard: {e}") from None
+        return owner + tc + rdata
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,13 +404,14 @@ def _decode_tlv(wire: bytes, tlv: int, start: int, end: int) -> Tlv:
         rtype, rclass = _TC.unpack_from(wire, p)
         p += _TC.size
         _check_record(rtype, rclass, 0, True, ParseError)
+        _guard(1, wire[start:p] + _TTL_RDLEN.pack(0, end - p) + wire[p:end])  # as the record it names
         return Reconfirm(name, _parse_rdatas(wire, [(rtype, rclass, p, end)])[0])
     return UnknownTlv(tlv, wire[start:end])
 
 
 def _decode_push(wire: bytes, start: int, end: int) -> tuple[PushRecord, ...]:
     """The change notifications in ``wire[start:end]``: framed first (owner names, fixed fields, counts),
-    then every RDATA parsed in one bounded pass."""
+    then guarded as a whole, then every RDATA parsed."""
     heads: list[tuple[dns.name.Name, int, int, int]] = []
     rdatas: list[tuple[int, int, int, int]] = []
     p = start
@@ -425,6 +432,7 @@ def _decode_push(wire: bytes, start: int, end: int) -> tuple[PushRecord, ...]:
         p += rdlen
     if not heads:
         raise ParseError("empty PUSH")  # RFC 8765 §6.3.1: at least one change notification
+    _guard(len(heads), wire[start:end])
     parsed = iter(_parse_rdatas(wire, rdatas))
     return tuple(PushRecord(name, rtype, rclass, ttl, None if ttl == DELETE_COLLECTIVE_TTL else next(parsed))
                  for name, rtype, rclass, ttl in heads)
@@ -449,21 +457,18 @@ def _check_record(rtype: int, rclass: int, ttl: int, has_rdata: bool,
         raise error("meta class in a record")
 
 
-def _guard_rdatas(rdatas: list[tuple[int, int, bytes]]) -> None:
-    """Check RDATAs ``(type, class, bytes)`` with the DNS guard, as the answer section of a message made of
-    them (each with the root as owner): the names they hold keep to its label, length and pointer rules,
-    and dnspython's work on them to its budget, before dnspython reads any. ParseError if not."""
-    if rdatas:
-        body = b"".join(b"\x00" + _RR_FIXED.pack(t, c, 0, len(d)) + d for t, c, d in rdatas)
-        check(_HEADER.pack(0, _QR, 0, 0, len(rdatas), 0, 0) + body)
+def _guard(count: int, records: bytes) -> None:
+    """Check ``count`` resource records in wire form with the DNS guard, as the answer section of a
+    response: the names in their RDATA keep to its label, length and pointer rules, and dnspython's work on
+    them to its budget (docs/hardening.md), before dnspython reads any. ParseError if not."""
+    check(_HEADER.pack(0, _QR, 0, 0, count, 0, 0) + records)
 
 
 def _parse_rdatas(wire: bytes, frames: list[tuple[int, int, int, int]]) -> list[dns.rdata.Rdata]:
-    """Parse each RDATA ``(type, class, start, end)`` of ``wire``, refusing compressed names: guarded
-    first (:func:`_guard_rdatas`), then each parsed alone, and it must re-encode to its own bytes, which an
-    RDATA with a compression pointer cannot (its names re-encode in full)."""
+    """Parse each RDATA ``(type, class, start, end)`` of ``wire`` (guarded already: :func:`_guard`), and
+    refuse compressed names: each RDATA is parsed alone and must re-encode to its own bytes, which one with
+    a compression pointer cannot (the octet where its first pointer was differs)."""
     datas = [(t, c, wire[s:e]) for t, c, s, e in frames]
-    _guard_rdatas(datas)
     out = []
     for rtype, rclass, data in datas:
         try:
