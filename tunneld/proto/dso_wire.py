@@ -3,10 +3,10 @@
 A DSO message is a DNS header with OPCODE 6 and all four section counts zero, then TLVs (type u16, length
 u16, value); the first TLV of a request or unidirectional message is its primary TLV. :func:`decode` bounds
 the message (size, TLV count, records per PUSH) before parsing it, parses it once into typed TLVs, and raises
-:class:`~tunneld.proto.errors.ParseError` and nothing else. Names are never compressed in DSO (there is no
-message to point into): a compression pointer in a name, owner or RDATA, is refused. Unknown TLV types are
+:class:`~tunneld.proto.errors.ParseError` and nothing else. Names in DSO TLVs are sent uncompressed (a TLV
+stands on its own): a compression pointer in a name, owner or RDATA, is refused. Unknown TLV types are
 kept as :class:`UnknownTlv` (an unknown primary is answered with DSOTYPENI, an unknown additional TLV is
-ignored: RFC 8490 §5.4.5; that is the session's business). What we accept and refuse: docs/dnspush.md.
+ignored: RFC 8490 §5.4; that is the session's business). What we accept and refuse: docs/dnspush.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ __all__ = [
 # -- constants ----------------------------------------------------------------------------------------------
 
 OPCODE_DSO: Final = 6  # RFC 8490 §5.4 (IANA DNS OPCODE 6)
-RCODE_DSOTYPENI: Final = 11  # RFC 8490 §5.4.5, §10.2: the primary TLV's type is not implemented
+RCODE_DSOTYPENI: Final = 11  # RFC 8490 §5.4 (IANA DNS RCODE 11): the primary TLV's type is not implemented
 DSO_KEEPALIVE: Final = 0x0001  # RFC 8490 §7.1: inactivity timeout u32 ms, keepalive interval u32 ms
 DSO_RETRY_DELAY: Final = 0x0002  # RFC 8490 §7.2: retry delay u32 ms
 DSO_ENCRYPTION_PADDING: Final = 0x0003  # RFC 8490 §7.3: any length, additional TLV only
@@ -70,10 +70,10 @@ PUSH_PUSH: Final = 0x0041  # RFC 8765 §6.3: one or more change notifications; u
 PUSH_UNSUBSCRIBE: Final = 0x0042  # RFC 8765 §6.4: the SUBSCRIBE's MESSAGE ID (u16); unidirectional
 PUSH_RECONFIRM: Final = 0x0043  # RFC 8765 §6.5: NAME, TYPE u16, CLASS u16, RDATA; unidirectional
 INFINITE: Final = 0xFFFFFFFF  # RFC 8490 §7.1: an inactivity timeout or keepalive interval of "never"
-MIN_KEEPALIVE_INTERVAL: Final = 10_000  # RFC 8490 §6.5.2: ms; a shorter interval is the session's error
-DELETE_ONE_TTL: Final = 0xFFFFFFFF  # RFC 8765 §6.3.1: delete the one RR given (NAME, TYPE, CLASS, RDATA)
-DELETE_COLLECTIVE_TTL: Final = 0xFFFFFFFE  # RFC 8765 §6.3.1: delete an RRset, or with TYPE ANY all of a name
-MAX_ADD_TTL: Final = 0x7FFFFFFF  # RFC 8765 §6.3.1 (RFC 2181 §8): TTLs of added records
+MIN_KEEPALIVE_INTERVAL: Final = 10_000  # RFC 8490 §6.5: ms; a shorter interval is the session's error
+DELETE_ONE_TTL: Final = 0xFFFFFFFF  # RFC 8765 §6.3: delete the one RR given (NAME, TYPE, CLASS, RDATA)
+DELETE_COLLECTIVE_TTL: Final = 0xFFFFFFFE  # RFC 8765 §6.3: delete an RRset, or with TYPE ANY all of a name
+MAX_ADD_TTL: Final = 0x7FFFFFFF  # RFC 8765 §6.3 (RFC 2181 §8): TTLs of added records
 TYPE_ANY: Final = 255  # RFC 1035 §3.2.3
 CLASS_ANY: Final = 255  # RFC 1035 §3.2.5
 MAX_TLVS: Final = 64
@@ -82,7 +82,7 @@ MAX_PUSH_RECORDS: Final = 1024
 """Change notifications one PUSH may carry (RFC 8765 sets no limit; a server sends more in several PUSHes)."""
 
 _HEADER: Final = struct.Struct("!HBBHHHH")  # ID, flags (QR|OPCODE|AA|TC|RD), flags (RA|Z|AD|CD|RCODE), counts
-_TL: Final = struct.Struct("!HH")  # RFC 8490 §5.4.4: DSO-TYPE, DSO-LENGTH
+_TL: Final = struct.Struct("!HH")  # RFC 8490 §5.4: DSO-TYPE, DSO-LENGTH
 _U32: Final = struct.Struct("!I")
 _U32X2: Final = struct.Struct("!II")
 _U16: Final = struct.Struct("!H")
@@ -145,7 +145,7 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class PushRecord:
-    """One change notification of a PUSH (RFC 8765 §6.3.1).
+    """One change notification of a PUSH (RFC 8765 §6.3).
 
     ``ttl`` 0 .. 0x7FFFFFFF: ``rdata`` was added with that TTL. :data:`DELETE_ONE_TTL`: ``rdata`` was removed.
     :data:`DELETE_COLLECTIVE_TTL` (``rdata`` None): the RRset of ``rtype`` was removed, or with ``rtype`` ANY
@@ -240,7 +240,7 @@ class Reconfirm:
 
 @dataclass(frozen=True, slots=True)
 class UnknownTlv:
-    """A TLV of a type we do not implement, kept as received (RFC 8490 §5.4.5)."""
+    """A TLV of a type we do not implement, kept as received (RFC 8490 §5.4)."""
 
     type: int
     data: bytes
@@ -277,8 +277,8 @@ def tlv_type(tlv: Tlv) -> int:
 @dataclass(frozen=True, slots=True)
 class DsoMessage:
     """A DSO message (RFC 8490 §5.4). ``msg_id`` 0 with ``response`` False: a unidirectional message
-    (§5.4.2). ``tlvs[0]`` is the primary TLV of a request or unidirectional message; a response's TLVs may
-    be empty, else its first one carries the request's primary type (§5.4.3: the session checks that)."""
+    (§5.4). ``tlvs[0]`` is the primary TLV of a request or unidirectional message; a response's TLVs may
+    be empty, else its first one carries the request's primary type (§5.4: the session checks that)."""
 
     msg_id: int
     tlvs: tuple[Tlv, ...]
@@ -326,7 +326,7 @@ def decode(wire: bytes) -> DsoMessage:
         raise ParseError("not a DSO message")
     if qd or an or ns or ar:
         raise ParseError("DSO counts not zero")  # RFC 8490 §5.4: FORMERR
-    # RFC 8490 §5.4.1: AA, TC, RD, RA, Z, AD and CD are sent as zero and ignored on receipt.
+    # RFC 8490 §5.4: AA, TC, RD, RA, Z, AD and CD are sent as zero and ignored on receipt.
     response, rcode = bool(flags & _QR), low & 0xF
     frames: list[tuple[int, int, int]] = []  # (type, start, end) of each TLV's value
     p = HEADER_SIZE
@@ -353,13 +353,13 @@ def _check_shape(msg_id: int, response: bool, rcode: int, types: list[int],
         raise error("header field out of range")
     if response:
         if msg_id == 0:
-            raise error("response to a unidirectional message")  # §5.4.2: those get none
+            raise error("response to a unidirectional message")  # §5.4: those get none
         return
     if not types:
-        raise error("no primary TLV")  # §5.4.2
+        raise error("no primary TLV")  # §5.4
     primary = types[0]
     if rcode and (msg_id or primary != DSO_RETRY_DELAY):
-        raise error("RCODE in a request")  # only a RETRY DELAY message gives a reason (§7.2.1)
+        raise error("RCODE in a request")  # only a RETRY DELAY message gives a reason (§7.2)
     if primary == DSO_ENCRYPTION_PADDING:
         raise error("padding as the primary TLV")  # §7.3
     if msg_id and primary in _UNIDIRECTIONAL_ONLY:
@@ -431,7 +431,7 @@ def _decode_push(wire: bytes, start: int, end: int) -> tuple[PushRecord, ...]:
             rdatas.append((rtype, rclass, p, p + rdlen))
         p += rdlen
     if not heads:
-        raise ParseError("empty PUSH")  # RFC 8765 §6.3.1: at least one change notification
+        raise ParseError("empty PUSH")  # RFC 8765 §6.3: at least one change notification
     _guard(len(heads), wire[start:end])
     parsed = iter(_parse_rdatas(wire, rdatas))
     return tuple(PushRecord(name, rtype, rclass, ttl, None if ttl == DELETE_COLLECTIVE_TTL else next(parsed))
@@ -440,7 +440,7 @@ def _decode_push(wire: bytes, start: int, end: int) -> tuple[PushRecord, ...]:
 
 def _check_record(rtype: int, rclass: int, ttl: int, has_rdata: bool,
                   error: type[Exception] = ValueError) -> None:
-    """The TTL, TYPE and CLASS rules of a change notification (RFC 8765 §6.3.1) or a RECONFIRM (§6.5)."""
+    """The TTL, TYPE and CLASS rules of a change notification (RFC 8765 §6.3) or a RECONFIRM (§6.5)."""
     if not (0 <= rtype <= 0xFFFF and 0 <= rclass <= 0xFFFF and 0 <= ttl <= 0xFFFFFFFF):
         raise error("record field out of range")
     if ttl == DELETE_COLLECTIVE_TTL:
@@ -489,7 +489,7 @@ def _parse_rdatas(wire: bytes, frames: list[tuple[int, int, int, int]]) -> list[
 def _read_name(wire: bytes, start: int, end: int) -> tuple[dns.name.Name, int]:
     """The uncompressed name at ``start`` (ending by ``end``) and where it ends. The guard reads it from a
     window that begins at the name, so any compression pointer points at or after its start and is refused
-    (RFC 8765 §6.2.1: names in DSO are never compressed); label and length rules are the guard's."""
+    (names in DSO TLVs are uncompressed: RFC 8765 §6.2); label and length rules are the guard's."""
     window = wire[start:min(end, start + MAX_NAME)]
     try:
         used = name_end(window, 0)
