@@ -318,6 +318,9 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
         d.DsoMessage(0, (d.Unsubscribe(0),)),
         d.DsoMessage(1, (d.Keepalive(0, 0), d.EncryptionPadding(65535))),
         d.DsoMessage(1, (d.Keepalive(0, 0), d.EncryptionPadding(40000), d.EncryptionPadding(40000))),
+        d.DsoMessage(1, (d.Keepalive(0, 0),) + (d.EncryptionPadding(0),) * d.MAX_TLVS),
+        d.DsoMessage(1, (d.UnknownTlv(d.DSO_KEEPALIVE, bytes(8)),)),  # would decode as a Keepalive
+        d.DsoMessage(1, (d.UnknownTlv(0x10000, b""),)),
     ]
     for message in bad:
         with pytest.raises(ValueError):

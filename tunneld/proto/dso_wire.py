@@ -271,6 +271,9 @@ def tlv_type(tlv: Tlv) -> int:
     return tlv.type if isinstance(tlv, UnknownTlv) else _TYPES[type(tlv)]
 
 
+_KNOWN: Final = frozenset(_TYPES.values())
+
+
 # -- messages -----------------------------------------------------------------------------------------------
 
 
@@ -297,6 +300,9 @@ class DsoMessage:
 def encode(message: DsoMessage) -> bytes:
     """The wire form of ``message``; ValueError if it breaks a rule :func:`decode` enforces."""
     types = [tlv_type(t) for t in message.tlvs]
+    for t in message.tlvs:
+        if isinstance(t, UnknownTlv) and (t.type in _KNOWN or not 0 <= t.type <= 0xFFFF):
+            raise ValueError("an UnknownTlv of a type we implement (use its class) or out of range")
     _check_shape(message.msg_id, message.response, message.rcode, types, ValueError)
     flags = (_QR if message.response else 0) | OPCODE_DSO << 3
     parts = [_HEADER.pack(message.msg_id, flags, message.rcode, 0, 0, 0, 0)]
@@ -351,6 +357,8 @@ def _check_shape(msg_id: int, response: bool, rcode: int, types: list[int],
     """The header and TLV-placement rules of RFC 8490 §5.4 and RFC 8765 §6."""
     if not 0 <= msg_id <= 0xFFFF or not 0 <= rcode <= 0xF:
         raise error("header field out of range")
+    if len(types) > MAX_TLVS:
+        raise error("too many TLVs")
     if response:
         if msg_id == 0:
             raise error("response to a unidirectional message")  # §5.4: those get none
