@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             metrics = listen_address(args.metrics)
         except Problem as p:
             raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
+    tls_listen = _tls_listen(args, listen)
     stun_ports = list(dict.fromkeys(args.stun or ()))
     for port in stun_ports:
         if not 1 <= port <= 65535 or port == listen.port:
@@ -112,6 +114,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         store.close()
         raise UsageError(f"cannot write the zone database --db {db}: {e}") from None
     keys = [account_key(secret, zone)]
+    tls = None
+    if tls_listen is not None:
+        from tunneld.dnsserver.tls import server_context
+        # The certificate names what the account CA may name: the zone, and our server name if inside it.
+        names = [n for n in (server.to_text(omit_final_dot=True), zone)
+                 if dns.name.from_text(n).is_subdomain(dns.name.from_text(zone))]
+        tls = (str(tls_listen.host), tls_listen.port, server_context(secret, zone, names, int(time.time())))
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
 
     async def run() -> None:
@@ -120,7 +129,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
-                                                      metrics=metrics, after_bind=functools.partial(
+                                                      metrics=metrics, tls=tls, after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
@@ -152,6 +161,23 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:
+    """Where DNS over TLS listens: --tls-listen, or --tls on the --listen address at port 853; None: off."""
+    from tunneld.config import parse_endpoint
+    from tunneld.dnsserver.tls import DOT_PORT
+
+    if args.tls_listen is None:
+        return dataclasses.replace(listen, port=DOT_PORT) if args.tls else None
+    try:
+        tls = parse_endpoint(args.tls_listen)
+    except ValueError as e:
+        raise UsageError(f"bad --tls-listen: {e}") from None
+    if tls.port == 0 or (tls.port == listen.port and tls.host == listen.host):
+        raise UsageError(f"bad --tls-listen {show(args.tls_listen)}: give a port other than the DNS "
+                         f"port, such as {DOT_PORT}")
+    return tls
+
+
 def add_parser(sub: Any) -> None:
     """The `serve-dns` subcommand and its options."""
     serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
@@ -175,6 +201,11 @@ def add_parser(sub: Any) -> None:
                                 "does): a second port lets devices tell how their NAT maps")
     serve_dns.add_argument("--metrics", metavar="ADDR:PORT",
                            help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
+    serve_dns.add_argument("--tls", action="store_true",
+                           help="also serve DNS over TLS (RFC 7858) on port 853 of the --listen address, "
+                                "with a certificate under the account CA (`tunneld account ca`)")
+    serve_dns.add_argument("--tls-listen", metavar="ADDR:PORT",
+                           help="serve DNS over TLS there instead (implies --tls)")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

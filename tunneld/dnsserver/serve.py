@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -88,6 +89,7 @@ class _Server:
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp = TcpServer(self.tcp_respond, tcp)
+        self.tls: TcpServer | None = None  # DNS over TLS, when serve() is given a TLS listener
         self.rrl = ResponseLimiter(rrl)
         self.stun_rrl = ResponseLimiter(rrl)  # STUN answers do not eat a site's DNS budget, nor it theirs
         self.stun_counters: Counter[str] = Counter()
@@ -244,12 +246,15 @@ async def serve(
     stun_ports: Sequence[int] = (),
     after_bind: Callable[[], None] | None = None,
     metrics: tuple[str, int] | None = None,
+    tls: tuple[str, int, ssl.SSLContext] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
     is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
     :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``;
-    Prometheus metrics over HTTP on ``metrics`` if given. OSError if a socket cannot be bound.
+    Prometheus metrics over HTTP on ``metrics`` if given, and DNS over TLS (RFC 7858) on ``tls``'s host
+    and port with its context if given (the same requests, limits and answers as TCP). OSError if a
+    socket cannot be bound.
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -262,6 +267,12 @@ async def serve(
                 if len(socks) >= 2:  # a --stun port: say which
                     e.filename = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
                 raise
+        if tls is not None:
+            try:
+                socks.append(await _bind(tls[0], tls[1], trio.socket.SOCK_STREAM))
+            except OSError as e:
+                e.filename = f"[{tls[0]}]:{tls[1]}" if ":" in tls[0] else f"{tls[0]}:{tls[1]}"
+                raise
     except BaseException:
         for sock in socks:
             sock.close()
@@ -273,8 +284,11 @@ async def serve(
             for sock in socks:
                 sock.close()
             raise
+    tls_sock = socks.pop() if tls is not None else None
     udp, tcp_sock, stun_socks = socks[0], socks[1], socks[2:]
     server = _Server(core, llq, tcp, rrl)
+    if tls is not None:
+        server.tls = TcpServer(server.tcp_respond, tcp, tls[2])
     server.udp = udp
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
@@ -283,6 +297,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.udp_loop, udp)
             nursery.start_soon(server.tcp.serve, tcp_sock)
+            if tls_sock is not None and server.tls is not None:
+                nursery.start_soon(server.tls.serve, tls_sock)
             nursery.start_soon(server.sweep_loop)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
@@ -291,11 +307,14 @@ async def serve(
             if metrics is not None:  # imported only when on (prometheus-client's import cost)
                 from tunneld.dnsserver.metrics import dns_server
                 await nursery.start(dns_server(server, metrics).run)
-            log.info("serving %s on %s port %d (UDP and TCP)%s", core.zone, host, port,
-                     "".join(f", STUN on UDP port {p}" for p in stun_ports))
+            log.info("serving %s on %s port %d (UDP and TCP)%s%s", core.zone, host, port,
+                     "".join(f", STUN on UDP port {p}" for p in stun_ports),
+                     f", TLS on {tls[0]} port {tls[1]}" if tls is not None else "")
             task_status.started()
     finally:
+        tls_counters = server.tls.counters if server.tls is not None else Counter[str]()
         for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters),
+                               ("tls", tls_counters),
                                ("stun", server.stun_counters + server.stun_rrl.counters)):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))

@@ -8,13 +8,15 @@ the longest-idle connection (of that source, or of all): a flood of idle connect
 by one connection set-up, never lock it out.
 
 :class:`ConnTable` is the sans-I/O bookkeeping (time passed in); :class:`TcpServer` runs it with trio:
-2-byte length framing, one message at a time per connection, replies from an async ``respond`` callback.
+2-byte length framing, one message at a time per connection, replies from an async ``respond`` callback;
+with an SSL context, each connection is DNS over TLS (RFC 7858) under the same limits.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -148,9 +150,10 @@ class TcpServer:
     the reply to one request (None: no reply)."""
 
     def __init__(self, respond: Callable[[bytes, object], Awaitable[bytes | None]],
-                 limits: TcpLimits | None = None) -> None:
+                 limits: TcpLimits | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.respond = respond
         self.table = ConnTable(limits or TcpLimits())
+        self.ssl_context = ssl_context  # DNS over TLS (RFC 7858): each connection's handshake comes first
         self._scopes: dict[int, trio.CancelScope] = {}  # each connection's, for eviction
         self._reads: dict[int, trio.CancelScope] = {}  # the idle wait of each connection reading
 
@@ -190,11 +193,26 @@ class TcpServer:
         for conn_id, read in self._reads.items():
             read.deadline = min(read.deadline, self.table.deadline(conn_id))
 
-    async def _connection(self, stream: trio.SocketStream, peer: object, conn_id: int,
+    async def _connection(self, sock_stream: trio.SocketStream, peer: object, conn_id: int,
                           scope: trio.CancelScope) -> None:
         table = self.table
+        stream: trio.abc.Stream = sock_stream
         try:
             with scope:
+                if self.ssl_context is not None:
+                    # The handshake counts as the first message: it must end within the idle timeout.
+                    tls = trio.SSLStream(sock_stream, self.ssl_context, server_side=True)
+                    stream = tls
+                    with trio.move_on_after(table.idle_timeout()) as handshake:
+                        try:
+                            await tls.do_handshake()
+                        except trio.BrokenResourceError:
+                            table.counters["closed: tls handshake failed"] += 1
+                            return
+                    if handshake.cancelled_caught:
+                        table.counters["closed: tls handshake timeout"] += 1
+                        return
+                    table.active(conn_id, trio.current_time())
                 for _ in range(table.limits.max_messages):
                     wire = await self._read_message(stream, conn_id)
                     if wire is None:
@@ -219,7 +237,7 @@ class TcpServer:
             table.remove(conn_id)
             await trio.aclose_forcefully(stream)
 
-    async def _read_message(self, stream: trio.SocketStream, conn_id: int) -> bytes | None:
+    async def _read_message(self, stream: trio.abc.Stream, conn_id: int) -> bytes | None:
         """The next framed message, or None at end of stream or when the idle timeout passes."""
         with trio.CancelScope(deadline=self.table.deadline(conn_id)) as read:
             self._reads[conn_id] = read
@@ -234,7 +252,7 @@ class TcpServer:
         return None
 
 
-async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
+async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes | None:
     """``n`` bytes from the stream, or None at end of stream (also mid-message)."""
     buf = bytearray()
     while len(buf) < n:
