@@ -245,16 +245,16 @@ def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: 
 
 
 def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
-              at: tuple[str, int], db: Path | None = None) -> subprocess.Popen[Any]:
+              at: tuple[str, int], db: Path | None = None, tls: bool = False) -> subprocess.Popen[Any]:
     """`tunneld serve-dns` for the account's zone in n's namespace at `at` (log in workdir), waiting
     until it answers an SOA query. Without `db` the database is workdir/dns.sqlite and the server keeps
     root (`--user root`: the tunneld user cannot reach pytest's root-only directories); with one, it drops
-    to the tunneld user as by default."""
+    to the tunneld user as by default. `tls`: DNS over TLS too, on port 853 of `at`'s address."""
     log = workdir / "serve-dns.log"
     where = ["--db", str(db)] if db is not None else ["--db", str(workdir / "dns.sqlite"), "--user", "root"]
     with log.open("ab") as out:
         proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
-                                  "--listen", f"{at[0]}:{at[1]}", *where],
+                                  "--listen", f"{at[0]}:{at[1]}", *where, *(["--tls"] if tls else [])],
                          stdout=out, stderr=out)
 
     def answers() -> bool:
@@ -270,13 +270,13 @@ def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
 
 
 def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], workdir: Path,
-           run: bool = True, args: Sequence[str] = ()) -> Node:
+           run: bool = True, args: Sequence[str] = (), tls: bool = False) -> Node:
     """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
-    only way to find the others), then `tunneld up ARGS` unless `run` is False."""
+    only way to find the others; `tls`: `join --tls`), then `tunneld up ARGS` unless `run` is False."""
     n = Node(h, workdir / name, h.addr4, name=name)
     out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
                       str(secret), "--name", name, "--config", str(n.config),
-                      "--state-dir", str(n.dir / "state")]).stdout
+                      "--state-dir", str(n.dir / "state"), *(["--tls"] if tls else [])]).stdout
     fields = dict(line.split(" ", 1) for line in out.splitlines())
     n.public_key, n.ula = fields["public_key"], fields["ula"]
     # Test-only: the control socket and the hosts block next to the config (the defaults are /run/tunneld

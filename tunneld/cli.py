@@ -152,7 +152,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     path = _path(args.config, "--config")
     load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
     try:
-        write_config(path, join_config(domain, secret_file, server, name, state_dir), args.force)
+        write_config(path, join_config(domain, secret_file, server, name, state_dir, args.tls), args.force)
     except WriteRefused as e:
         raise UsageError(str(e)) from None
     except OSError as e:
@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--server", required=True, help="the account's DNS server, HOST[:PORT] (IP literal)")
     join.add_argument("--secret-file", required=True, help="the account secret (from `tunneld account new`)")
     join.add_argument("--name", help="this device's DNS label (default: the host name)")
+    join.add_argument("--tls", action="store_true",
+                      help="publish over DNS over TLS to the server's port 853 (serve-dns --tls), verified "
+                           "against the account CA")
     join.add_argument("--force", action="store_true", help="replace an existing config")
     join.add_argument("--state-dir", help="where the device key lives (default /var/lib/tunneld)")
     with_config(join)

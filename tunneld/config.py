@@ -23,6 +23,7 @@ Schema::
     name = "laptop"                  # optional: this device's DNS label (default: the hostname's 1st label)
     lease = 5400                     # optional: the update lease to ask for, 1800..7200 seconds
     tsig_algorithm = "hmac-sha256"   # optional: or "hmac-md5" for an old server
+    transport = "udp"                # optional: "tls": UPDATEs over DNS over TLS, to the server host:853
 
     [ssh]                            # optional; "" turns either off
     host_keys = "/etc/ssh/ssh_host_*_key.pub"    # a glob: the host keys published as SSHFP + TXT
@@ -143,7 +144,8 @@ _MAX_STUN_SERVERS: Final = 8
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload")
-_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm")
+_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm", "transport")
+_TRANSPORTS: Final = ("udp", "tls")
 _TSIG_ALGORITHMS: Final = ("hmac-sha256", "hmac-md5")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
 
@@ -175,6 +177,12 @@ def parse_endpoint(text: str) -> Endpoint:
         return values.endpoint(text)
     except Problem as p:
         raise ValueError(str(p)) from None
+
+
+def _account_ca_pem(secret: bytes, domain: str) -> bytes:
+    from tunneld.accountca import account_ca  # x509 building: only for an account that uses TLS
+
+    return account_ca(secret, domain).pem
 
 
 class _Loader(TableReader):
@@ -223,6 +231,7 @@ class _Loader(TableReader):
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
+            account_ca=_account_ca_pem(secret, account.domain) if account.transport == "tls" else None,
         )
 
     # -- tables ----------------------------------------------------------------------------------------------
@@ -393,8 +402,12 @@ class _Loader(TableReader):
         if algorithm not in _TSIG_ALGORITHMS:
             self.fail(f"{w}.tsig_algorithm", f"{show(algorithm)} is not supported",
                       'use "hmac-sha256" (the default), or "hmac-md5" for an old server')
+        transport = self.string(table, w, "transport", '"tls"') or "udp"
+        if transport not in _TRANSPORTS:
+            self.fail(f"{w}.transport", f"{show(transport)} is not a transport",
+                      'use "udp" (the default) or "tls" (DNS over TLS to the server\'s port 853)')
         return AccountConfig(domain=domain, secret_file=secret_file, server=server, name=name,
-                             lease=lease, tsig_algorithm=algorithm), secret
+                             lease=lease, tsig_algorithm=algorithm, transport=transport), secret
 
     def peers(self, value: object, domain: str) -> tuple[PeerConfig, ...]:
         if value is None:

@@ -89,6 +89,7 @@ class AccountConfig:
     name: str | None = None
     lease: int = DEFAULT_LEASE
     tsig_algorithm: str = "hmac-sha256"  # hmac-md5 for old servers that know nothing better
+    transport: str = "udp"  # "tls": UPDATEs to the server over DNS over TLS (RFC 7858), port 853
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,9 @@ class Config:
     names: NamesConfig = field(default_factory=NamesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    account_ca: bytes | None = None
+    """The account CA's certificate (PEM, public) when the account's transport is TLS: the one trust
+    anchor of the server's certificate (tunneld.accountca)."""
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

@@ -37,12 +37,14 @@ def toml_string(value: str) -> str:
     return '"' + value.translate(_TOML_ESCAPES) + '"'
 
 
-def join_config(domain: str, secret_file: Path, server: str, name: str, state_dir: Path | None) -> str:
+def join_config(domain: str, secret_file: Path, server: str, name: str, state_dir: Path | None,
+                tls: bool = False) -> str:
     """The TOML `tunneld join` writes; every value is encoded, none is pasted in."""
     state = f"state_dir = {toml_string(str(state_dir))}\n" if state_dir else ""
+    transport = 'transport = "tls"\n' if tls else ""
     return (f'# Written by `tunneld join`.\n[interface]\nname = "btmm0"\n{state}\n'
             f"[account]\ndomain = {toml_string(domain)}\nsecret_file = {toml_string(str(secret_file))}\n"
-            f"server = {toml_string(server)}\nname = {toml_string(name)}\n")
+            f"server = {toml_string(server)}\nname = {toml_string(name)}\n{transport}")
 
 
 def check_target(path: Path, force: bool) -> None:

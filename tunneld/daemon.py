@@ -35,16 +35,19 @@ from tunneld.net.netwatch import read_snapshot
 from tunneld.net.tun import Tun
 from tunneld.net.udp import Addr, UDPTransport, display_addr, to_socket_addr
 from tunneld.privdrop import Plan
+from tunneld.proto.dnsframe import DOT_PORT
 from tunneld.proto.netchange import NetWatch, NetworkChanged
 from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.sdnotify import Notifier
 from tunneld.services import control
 from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
+from tunneld.services.driver import ServerPort, connect_udp
 from tunneld.services.hostkeys import KnownHostsService, load_host_keys
 from tunneld.services.names import NamesService
 from tunneld.services.nat import NatService
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
+from tunneld.services.tlsport import tls_connector
 from tunneld.services.uplink import Uplink
 from tunneld.services.watcher import WatcherService
 
@@ -304,10 +307,17 @@ class Daemon:
         acct = self.config.account
         if acct.server is None:
             return
-        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, UPDATE_SERVICE,
-                                   self.config.tsig_key, acct.tsig_algorithm)
+        connect: Callable[[tuple[str, int]], Awaitable[ServerPort]]
+        if acct.transport == "tls" and self.config.account_ca is not None:
+            # DNS over TLS to the server's host (RFC 7858's port), verified against the account CA.
+            server = (str(acct.server.host), DOT_PORT)
+            connect = tls_connector(self.config.account_ca, acct.domain)
+        else:
+            server = await find_server((str(acct.server.host), acct.server.port), acct.domain,
+                                       UPDATE_SERVICE, self.config.tsig_key, acct.tsig_algorithm)
+            connect = connect_udp
         self.publisher = PublisherService(server, acct.domain, self.config.tsig_key, acct.lease,
-                                          algorithm=acct.tsig_algorithm)
+                                          algorithm=acct.tsig_algorithm, connect=connect)
         await self._nursery.start(self.publisher.run)
         self._republish()
 

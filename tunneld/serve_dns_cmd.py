@@ -164,7 +164,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
 def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:
     """Where DNS over TLS listens: --tls-listen, or --tls on the --listen address at port 853; None: off."""
     from tunneld.config import parse_endpoint
-    from tunneld.dnsserver.tls import DOT_PORT
+    from tunneld.proto.dnsframe import DOT_PORT
 
     if args.tls_listen is None:
         return dataclasses.replace(listen, port=DOT_PORT) if args.tls else None

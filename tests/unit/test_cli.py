@@ -104,6 +104,11 @@ def test_join_writes_a_loadable_config_and_identity(tmp_path: Path,
     assert "--force" in capsys.readouterr().err
     assert main([*argv, "--force", "--server", "[2001:db8::53]:5353"]) == 0
     assert str(load_config(cfg).account.server) == "[2001:db8::53]:5353"
+    assert load_config(cfg).account.transport == "udp" and load_config(cfg).account_ca is None
+    assert main([*argv, "--force", "--tls"]) == 0  # DNS over TLS, verified against the account CA
+    tls = load_config(cfg)
+    assert tls.account.transport == "tls" and tls.account_ca is not None
+    assert tls.account_ca.startswith(b"-----BEGIN CERTIFICATE-----")
 
 
 def test_join_says_which_name_it_chose_and_why(tmp_path: Path, capsys: pytest.CaptureFixture[str],

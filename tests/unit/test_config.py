@@ -520,6 +520,8 @@ def test_account_server_name_and_lease(tmp_path: Path, secret_file: Path) -> Non
         ('server = "192.0.2.53:53"\nname = "two.labels"\n', "account.name"),
         ("lease = 60\n", "account.lease"),
         ('tsig_algorithm = "hmac-sha1"\n', "account.tsig_algorithm"),
+        ('transport = "https"\n', "account.transport"),
+        ("transport = 1\n", "account.transport"),
     ],
 )
 def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: str, key: str) -> None:

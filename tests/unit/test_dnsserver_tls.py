@@ -21,7 +21,8 @@ from tests.unit.test_dnsserver_tcp import DOMAIN, free_port, make_core
 from tunneld.accountca import account_ca
 from tunneld.dnsserver.serve import serve
 from tunneld.dnsserver.tcp import TcpLimits
-from tunneld.dnsserver.tls import LEAF_LIFETIME, client_context, server_certificate, server_context
+from tunneld.dnsserver.tls import LEAF_LIFETIME, server_certificate, server_context
+from tunneld.services.tlsport import client_context
 
 SECRET = bytes(range(32))
 NOW = 1_800_000_000

@@ -20,9 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tunneld.accountca import AccountCA, account_ca, issue_server, new_serial
 
-__all__ = ["DOT_PORT", "LEAF_LIFETIME", "client_context", "server_certificate", "server_context"]
+__all__ = ["LEAF_LIFETIME", "server_certificate", "server_context"]
 
-DOT_PORT: Final = 853  # RFC 7858 §3.1
 LEAF_LIFETIME: Final = 397 * 86400  # seconds: the CA/B Forum's longest; a new leaf at every start
 CLOCK_SKEW: Final = 3600  # seconds the leaf is valid before its issue: clients whose clocks run behind
 
@@ -61,12 +60,4 @@ def server_context(secret: bytes, zone: str, names: Sequence[str], now: int,
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     with _memory_file(chain) as cert_path, _memory_file(key) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
-    return ctx
-
-
-def client_context(ca_pem: bytes) -> ssl.SSLContext:
-    """A TLS 1.3 client context that trusts only the account CA ``ca_pem`` (for our clients and tests)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
     return ctx

@@ -16,8 +16,9 @@ from typing import Final
 from tunneld.proto.dnsguard import HEADER_SIZE, MAX_MESSAGE
 from tunneld.proto.errors import ParseError
 
-__all__ = ["LENGTH_SIZE", "MAX_BUFFERED", "FrameBuffer", "frame"]
+__all__ = ["DOT_PORT", "LENGTH_SIZE", "MAX_BUFFERED", "FrameBuffer", "frame"]
 
+DOT_PORT: Final = 853  # RFC 7858 §3.1: DNS over TLS, where a client finds it unless told otherwise
 LENGTH_SIZE: Final = 2  # RFC 1035 §4.2.2: "the message is prefixed with a two byte length field"
 _LENGTH: Final = struct.Struct("!H")
 MAX_BUFFERED: Final = 4 * (LENGTH_SIZE + MAX_MESSAGE)

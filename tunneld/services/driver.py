@@ -18,7 +18,7 @@ import trio
 
 from tunneld.proto.core import Core
 
-__all__ = ["MAX_NAP", "DatagramPort", "Driver", "ServerLink", "connect_udp"]
+__all__ = ["MAX_NAP", "DatagramPort", "Driver", "ServerLink", "ServerPort", "connect_udp"]
 
 log = logging.getLogger("tunneld.driver")
 
@@ -172,17 +172,27 @@ async def connect_udp(server: tuple[str, int]) -> trio.socket.SocketType:
     return sock
 
 
-class ServerLink(Generic[E]):
-    """A core that talks to one server over a connected UDP socket (the publisher, the watcher), on the
-    wall clock. :meth:`reopen` moves it to a fresh socket when the network changed under it."""
+class ServerPort(DatagramPort, Protocol):
+    """A port to one server that its owner closes: a connected UDP socket, or a DNS-over-TLS connection
+    (tunneld.services.tlsport)."""
 
-    def __init__(self, core: Core[E], server: tuple[str, int], *, grace: float, name: str) -> None:
+    def close(self) -> None: ...
+
+
+class ServerLink(Generic[E]):
+    """A core that talks to one server (the publisher, the watcher), on the wall clock, over a port that
+    ``connect`` opens: a connected UDP socket by default, DNS over TLS with the account's transport set so.
+    :meth:`reopen` moves it to a fresh port when the network changed under it."""
+
+    def __init__(self, core: Core[E], server: tuple[str, int], *, grace: float, name: str,
+                 connect: Callable[[tuple[str, int]], Awaitable[ServerPort]] = connect_udp) -> None:
         self.core = core
         self.server = server
         self.grace = grace
         self.name = name
+        self.connect = connect
         self.reopened = 0
-        self._sock: trio.socket.SocketType | None = None
+        self._sock: ServerPort | None = None
         self.driver: Driver[E] | None = None
 
     def on_event(self, event: E) -> None:
@@ -192,7 +202,7 @@ class ServerLink(Generic[E]):
         """Called once the socket is up, before the driver runs: hand the core its first work."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self._sock = await connect_udp(self.server)
+        self._sock = await self.connect(self.server)
         try:
             self.driver = Driver(self.core, [self._sock], on_event=self.on_event, clock=time.time,
                                  grace=self.grace, name=self.name)
@@ -206,7 +216,7 @@ class ServerLink(Generic[E]):
         """A new socket (the old one's source address may be gone); False if not running."""
         if self.driver is None or self._sock is None:
             return False
-        new = await connect_udp(self.server)
+        new = await self.connect(self.server)
         old, self._sock = self._sock, new
         self.driver.reopen([new])
         old.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import dns.rdatatype
@@ -26,7 +26,7 @@ import trio
 
 from tunneld.proto import hostkeys, records
 from tunneld.proto.dnsupdate import Event, Failed, Published, Publisher, Withdrawn, startup_delay
-from tunneld.services.driver import Driver, ServerLink
+from tunneld.services.driver import Driver, ServerLink, ServerPort, connect_udp
 
 log = logging.getLogger("tunneld.publish")
 
@@ -54,12 +54,13 @@ def host_records(name: str, domain: str, public_key: bytes, endpoint: str | None
 
 class PublisherService(ServerLink[Event]):
     def __init__(self, server: tuple[str, int], zone: str, key_secret: bytes, lease: int,
-                 start_delay: float | None = None, algorithm: str = "hmac-sha256") -> None:
+                 start_delay: float | None = None, algorithm: str = "hmac-sha256",
+                 connect: Callable[[tuple[str, int]], Awaitable[ServerPort]] = connect_udp) -> None:
         # `tunneld account new` prints the key as "DOMAIN.": the key is named after the account's zone.
         self.publisher = Publisher(zone, zone, key_secret, algorithm=algorithm, lease=lease,
                                    shared=[(records.browse_name(zone), dns.rdatatype.PTR)], server=server,
                                    start_delay=startup_delay() if start_delay is None else start_delay)
-        super().__init__(self.publisher, server, grace=STOP_GRACE, name="publish")
+        super().__init__(self.publisher, server, grace=STOP_GRACE, name="publish", connect=connect)
         self._rrsets: list[dns.rrset.RRset] | None = None  # what we should publish; None: nothing yet
         self._started = False  # the first publication was handed to the core
         self.answered = trio.Event()  # the server answered (or the core gave up on) a first publication
