@@ -50,8 +50,8 @@ class TlsPort:
         async with self._lock:
             if self._stream is not None:
                 return self._stream
-            if self._closed:
-                raise trio.ClosedResourceError("closed")
+            if self._closed:  # a send racing a reopen: the driver counts it as a send error, the core retries
+                raise OSError("TLS port closed")
             if trio.current_time() - self._failed_at < RECONNECT_BACKOFF:
                 raise OSError(f"no connection to {self.server[0]} port {self.server[1]} (backing off)")
             try:
