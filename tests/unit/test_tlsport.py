@@ -101,5 +101,10 @@ def test_a_server_of_another_account_and_a_server_that_is_down_are_refused() -> 
             with pytest.raises(OSError):
                 await down.sendto(b"\0" * 12, closed)
         assert down.connect_errors == 1 and down.connects == 0
+        down.close()  # a send after close (racing a reopen) is a send error the driver counts, no crash
+        with pytest.raises(OSError):
+            await down.sendto(b"\0" * 12, closed)
+        with pytest.raises(trio.ClosedResourceError):  # and the driver's receiver ends
+            await down.recvfrom(65535)
 
     trio.run(main)
