@@ -537,14 +537,22 @@ def drive(args: argparse.Namespace, measure: Callable[[], dict[str, Any]],
     return 1 if failed else 0
 
 
-def parse_modes(text: str) -> list[str]:
-    """argparse type for --modes: a comma-separated subset of MODES, order kept, duplicates dropped."""
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)}")
-    return list(dict.fromkeys(modes))
+def comma_subset(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated subset of ``choices`` (order kept, duplicates dropped);
+    ``what`` names one item in the error ("mode", "row")."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(bad) or '(none)'}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+parse_modes = comma_subset(MODES, "mode")
+"""argparse type for --modes: a comma-separated subset of MODES."""
 
 
 def parse_streams(text: str) -> list[int]:

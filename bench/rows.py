@@ -24,14 +24,8 @@ ROWS = ("tcp", "latency", "small", "cost")
 SIZES = (64, 1200)
 
 
-def parse_rows(text: str) -> list[str]:
-    """argparse type for --rows: a comma-separated subset of ROWS, order kept, duplicates dropped."""
-    rows = [r.strip() for r in text.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad or not rows:
-        raise argparse.ArgumentTypeError(
-            f"unknown row(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ROWS)}")
-    return list(dict.fromkeys(rows))
+parse_rows = e2e.comma_subset(ROWS, "row")
+"""argparse type for --rows: a comma-separated subset of ROWS."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

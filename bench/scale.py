@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench.e2e import comma_subset
 from bench.scale_peers import write_spec
 from tunneld.crypto.noise import public_key
 
@@ -412,16 +413,9 @@ def run_modes(s: Settings, modes: Sequence[str], tunneld: Path, work: Path,
     return r
 
 
-def _modes(text: str) -> list[str]:
-    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    if not modes or any(m not in MODES for m in modes):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(MODES)}")
-    return modes
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
-    p.add_argument("--modes", type=_modes, default=list(MODES),
+    p.add_argument("--modes", type=comma_subset(MODES, "mode"), default=list(MODES),
                    help=f"comma-separated subset of {','.join(MODES)} (default both)")
     p.add_argument("--peers", type=int, default=d.peers, help=f"simulated peers (default {d.peers})")
     p.add_argument("--duration", type=int, default=d.duration, help="seconds per iperf3 run (default 10)")
