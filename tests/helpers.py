@@ -6,9 +6,11 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,21 @@ def in_forked_child(body: Callable[[], Any]) -> Any:
         data = f.read()
     os.waitpid(pid, 0)
     return json.loads(data)
+
+
+TUNNELD_EXE = Path(sys.prefix) / "bin" / "tunneld"
+
+
+def bench_marks(tools: Sequence[str], packages: str, *, tunneld: bool = True) -> list[pytest.MarkDecorator]:
+    """The marks of a test that runs a namespace benchmark: root, the tools it runs (``packages`` says
+    which Debian packages hold them), and with ``tunneld`` the daemon installed in this venv."""
+    marks = [
+        pytest.mark.root,
+        pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
+        pytest.mark.skipif(any(shutil.which(t) is None for t in tools),
+                           reason=f"needs {', '.join(tools)} (Debian: {packages})"),
+    ]
+    if tunneld:
+        marks.append(pytest.mark.skipif(not TUNNELD_EXE.exists(),
+                                        reason=f"needs {TUNNELD_EXE} (pip install -e .)"))
+    return marks

@@ -6,26 +6,19 @@ frames."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from lab.netns import list_namespaces
-from tests.helpers import run_bench
+from tests.helpers import bench_marks, run_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "ss", "ping", "iperf3", "wireguard-go", "wg")
 PACKAGES = "iproute2 iputils-ping iperf3 wireguard-go wireguard-tools"
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason=f"needs {', '.join(TOOLS)} (Debian: {PACKAGES})"),
-]
+pytestmark = bench_marks(TOOLS, PACKAGES, tunneld=False)  # the tunneld test checks it itself
 
 TIMEOUT = 120  # two labs, two 1-second iperf3 runs and the wireguard-go handshake take about 8 s
 

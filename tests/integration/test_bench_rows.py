@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,20 +11,14 @@ import pytest
 
 from bench import rows, smallpkt
 from lab.netns import list_namespaces
-from tests.helpers import run_bench
+from tests.helpers import TUNNELD_EXE, bench_marks, run_bench
 from tests.integration.test_bench_e2e import _procs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "ss", "ping", "iperf3")
-TUNNELD = Path(sys.prefix) / "bin" / "tunneld"
+TUNNELD = TUNNELD_EXE
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason=f"needs {', '.join(TOOLS)} (Debian: iproute2 iputils-ping iperf3)"),
-    pytest.mark.skipif(not TUNNELD.exists(), reason=f"needs {TUNNELD} (pip install -e .)"),
-]
+pytestmark = bench_marks(TOOLS, "iproute2 iputils-ping iperf3")
 
 TIMEOUT = 90  # two labs, two 1-second TCP runs, 4 x 1 s of pings, 8 probes of 1 s: about 20 s
 

@@ -5,7 +5,6 @@ memory, and the benchmark leaves no namespace or process behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,20 +13,14 @@ import pytest
 
 from bench.procs import still_running
 from lab.netns import list_namespaces
-from tests.helpers import run_bench
+from tests.helpers import TUNNELD_EXE, bench_marks, run_bench
 from tests.integration.test_bench_e2e import _procs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "ss", "ping", "iperf3")
-TUNNELD = Path(sys.prefix) / "bin" / "tunneld"
+TUNNELD = TUNNELD_EXE
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the benchmark builds network namespaces"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason=f"needs {', '.join(TOOLS)} (Debian: iproute2 iputils-ping iperf3)"),
-    pytest.mark.skipif(not TUNNELD.exists(), reason=f"needs {TUNNELD} (pip install -e .)"),
-]
+pytestmark = bench_marks(TOOLS, "iproute2 iputils-ping iperf3")
 
 TIMEOUT = 90  # about 25 s: tunneld's lab 15 s (a retry round of 5 s in it), wireguard-go's 8 s
 WG = all(shutil.which(t) is not None for t in ("wireguard-go", "wg"))
