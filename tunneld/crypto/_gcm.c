@@ -120,6 +120,16 @@ static int take(GCM *self) {
     return 1;
 }
 
+/* After a GIL-free seal: the contexts are free again; None, or NULL with the exception if OpenSSL failed. */
+static PyObject *sealed(GCM *self, int ok) {
+    self->busy = 0;
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM encryption failed");
+        return NULL;
+    }
+    return Py_NewRef(Py_None);
+}
+
 PyDoc_STRVAR(seal_doc,
 "seal(nonces, aads, aad_len, plaintexts, out, start, stride)\n\n"
 "Encrypt plaintexts[i] with nonces[12i:12i+12] and aads[i*aad_len:(i+1)*aad_len]; write its\n"
@@ -164,12 +174,7 @@ static PyObject *gcm_seal(GCM *self, PyObject *args) {
         ok = seal_one(self->enc, nb + i * NONCE_LEN, ab + i * aad_len, (int)aad_len, ins[i].buf,
                       (int)ins[i].len, (unsigned char *)out.buf + start + i * stride);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
-    if (!ok) {
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM encryption failed");
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    result = sealed(self, ok);
 done:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ins[i]);
     PyMem_Free(ins);
@@ -301,12 +306,7 @@ static PyObject *gcm_seal_esp(GCM *self, PyObject *args) {
                       d + ESP_HEAD);
     }
     Py_END_ALLOW_THREADS
-    self->busy = 0;
-    if (!ok) {
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM encryption failed");
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    result = sealed(self, ok);
 done:
     PyBuffer_Release(&buf);
     PyBuffer_Release(&salt);
