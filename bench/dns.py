@@ -1,4 +1,4 @@
-"""Signed DNS UPDATE rate, ours against BIND, and update-to-event latency with many LLQ watchers.
+"""Signed DNS UPDATE rate, ours against BIND, and update-to-event latency with many LLQ or Push watchers.
 
 One two-host lab (lab.topology.two_hosts). Host b runs, in the same run, `tunneld serve-dns` on
 192.0.2.2:5353 (--default-lease 7200, so plain RFC 2136 updates are accepted) and BIND 9 (lab.bind)
@@ -13,6 +13,9 @@ on 192.0.2.2:5354, both authoritative for the same fresh account domain and both
 - events: K LLQ watchers (one process, one UDP socket each, TSIG-signed) on one name at our server,
   then M updates to that name, one after another; for every watcher x update, the time from the
   UPDATE's send to the kernel's receive timestamp of the watcher's event. BIND has no LLQ (RFC 8764).
+- push: the same with K DNS Push sessions over TLS (serve-dns's --tls-listen on port 853), each with a
+  client certificate under the account CA; LLQ and Push runs alternate (LLQ, Push, Push, LLQ) with half
+  the updates each, and the samples of each kind are pooled.
 
 Every process is ended by PID and the namespaces deleted by the Lab, also on failure, Ctrl-C or SIGTERM.
 """
@@ -44,6 +47,8 @@ BIND_PORT = 5354
 SERVERS = ("tunneld", "bind")
 MODES = ("sequential", "pipelined")
 LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named"}
+TLS_PORT = 853
+EVENT_LABELS = {"llq": "LLQ over UDP", "push": "DNS Push over TLS"}
 
 
 def _bind_version() -> str:
@@ -96,7 +101,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
     rec = Recorder()
     result: dict[str, Any] = {"updates": updates, "window": window, "rounds": rounds, "watchers": watchers,
                               "events": events, "cpu_count": os.cpu_count(), "bind_version": _bind_version(),
-                              "rows": {}, "ratios": {}, "llq": {}}
+                              "rows": {}, "ratios": {}, "llq": {}, "push": {}}
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SERVERS for m in MODES}
     cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in SERVERS for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp, Lab() as lab:
@@ -116,7 +121,8 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
         with slog.open("ab") as logf:
             ours = rec.spawn(lab, b, [str(tunneld), "serve-dns", "--zone", ZONE, "--secret-file", str(secret),
                                       "--listen", f"{SERVER}:{OURS_PORT}", "--db", str(work / "dns.sqlite"),
-                                      "--default-lease", "7200", "--user", "root"], stdout=logf, stderr=logf)
+                                      "--default-lease", "7200", "--user", "root",
+                                      "--tls-listen", f"{SERVER}:{TLS_PORT}"], stdout=logf, stderr=logf)
 
         def ready() -> bool:
             if ours.poll() is not None:
@@ -157,10 +163,22 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                             f"failures {r['failures']}")
 
             if watchers > 0 and events > 0:
-                log(f"[dns] {watchers} LLQ watchers, {events} updates")
-                argv = ["events", *base, "--watchers", str(watchers), "--events", str(events)]
-                argv[2] = str(OURS_PORT)
-                result["llq"] = _client(lab, a, rec, argv, 60 + events * 12)
+                # LLQ, Push, Push, LLQ: each half of the updates, so drift in the machine's load hits both.
+                halves: dict[str, list[dict[str, Any]]] = {"llq": [], "push": []}
+                for kind in ("llq", "push", "push", "llq"):
+                    count = events // 2 if not halves[kind] else events - events // 2
+                    if count == 0:
+                        continue
+                    log(f"[dns] {watchers} {EVENT_LABELS[kind]} watchers, {count} updates")
+                    command = "events" if kind == "llq" else "push-events"
+                    argv = [command, *base, "--watchers", str(watchers), "--events", str(count),
+                            "--name", f"watched-{kind}"]
+                    argv[2] = str(OURS_PORT)
+                    if kind == "push":
+                        argv += ["--tls-port", str(TLS_PORT)]
+                    halves[kind].append(_client(lab, a, rec, argv, 60 + count * 12))
+                result["llq"] = _events_summary(halves["llq"])
+                result["push"] = _events_summary(halves["push"])
         if ours.poll() is not None:
             raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
         if "Traceback" in log_tail(slog, 100_000):
@@ -177,19 +195,41 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
     return result
 
 
+def _events_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The event latency of the runs in ``parts`` together (their samples pooled)."""
+    if not parts:
+        return {}
+    samples = sorted(x for p in parts for x in p["samples_ms"])
+
+    def pct(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
+
+    counters: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.get("client_counters", {}).items():
+            counters[k] = counters.get(k, 0) + v
+    return {"watchers": parts[0]["watchers"], "runs": len(parts),
+            "updates": sum(p["updates"] for p in parts), "expected": sum(p["expected"] for p in parts),
+            "received": sum(p["received"] for p in parts), "failures": sum(p["failures"] for p in parts),
+            "setup_seconds": [p["setup_seconds"] for p in parts],
+            "median_ms": pct(0.5), "p90_ms": pct(0.9), "max_ms": samples[-1] if samples else 0.0,
+            "client_counters": counters}
+
+
 def failures(r: dict[str, Any]) -> list[str]:
     """What makes the run fail: failed updates, and events that never arrived."""
     bad = [f"{name}: {row['failures']} failed update(s)"
            for name, row in r["rows"].items() if row["failures"]]
-    llq = r["llq"]
-    if llq:
-        if llq["failures"]:
-            bad.append(f"llq: {llq['failures']} failed update(s)")
-        if llq["received"] < llq["expected"]:
-            seen = llq.get("client_counters", {})
-            why = ", ".join(f"{k} {seen[k]}" for k in ("tsig rejected", "event for another LLQ-ID",
-                                                       "LLQ lost") if seen.get(k))
-            bad.append(f"llq: {llq['received']} of {llq['expected']} events received"
+    for kind in ("llq", "push"):
+        ev = r.get(kind) or {}
+        if not ev:
+            continue
+        if ev["failures"]:
+            bad.append(f"{kind}: {ev['failures']} failed update(s)")
+        if ev["received"] < ev["expected"]:
+            seen = ev.get("client_counters", {})
+            why = ", ".join(f"{k} {v}" for k, v in seen.items() if v)
+            bad.append(f"{kind}: {ev['received']} of {ev['expected']} events received"
                        + (f" (watchers: {why})" if why else ""))
     return bad
 
@@ -213,24 +253,27 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
                  for m, v in r["ratios"].items()]
         print("tunneld/BIND (median updates/s): " + ", ".join(parts), file=out)
     print("(server CPU us/upd: CPU time the server process used during the run, per update)", file=out)
-    llq = r["llq"]
     print(file=out)
-    print(f"Update-to-event latency: {r['watchers']} LLQ watchers (TSIG-signed, one UDP socket each) on one "
-          f"name, {r['events']} updates to it, one at a time; send of the UPDATE -> kernel receive "
-          "timestamp of each watcher's event", file=out)
-    head = (f"| {'server':<17} | {'events received/expected':<26} | {'median ms':>9} | {'p90 ms':>7} | "
-            f"{'max ms':>7} |")
+    print(f"Update-to-event latency: {r['watchers']} watchers on one name, {r['events']} updates to it, one "
+          "at a time, LLQ and Push alternated (LLQ, Push, Push, LLQ, half the updates each); LLQ watchers: "
+          "TSIG-signed, one UDP socket each; Push watchers: one TLS session each with a client certificate "
+          "under the account CA; send of the UPDATE (UDP) -> kernel receive timestamp of each watcher's "
+          "event datagram or of the TCP segment completing its PUSH", file=out)
+    head = (f"| {'server':<17} | {'watchers':<17} | {'events received/expected':<26} | {'median ms':>9} | "
+            f"{'p90 ms':>7} | {'max ms':>7} |")
     print(head, file=out)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
-    if llq:
-        got = f"{llq['received']}/{llq['expected']}"
-        print(f"| {LABELS['tunneld']:<17} | {got:<26} | {llq['median_ms']:>9.3f} | {llq['p90_ms']:>7.3f} | "
-              f"{llq['max_ms']:>7.3f} |", file=out)
-    else:
-        print(f"| {LABELS['tunneld']:<17} | {'not measured':<26} | {'-':>9} | {'-':>7} | {'-':>7} |",
-              file=out)
-    print(f"| {LABELS['bind']:<17} | {'no LLQ support (RFC 8764)':<26} | {'-':>9} | {'-':>7} | {'-':>7} |",
-          file=out)
+    for kind in ("llq", "push"):
+        ev = r.get(kind) or {}
+        if ev:
+            got = f"{ev['received']}/{ev['expected']}"
+            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {got:<26} | "
+                  f"{ev['median_ms']:>9.3f} | {ev['p90_ms']:>7.3f} | {ev['max_ms']:>7.3f} |", file=out)
+        else:
+            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {'not measured':<26} | {'-':>9} | "
+                  f"{'-':>7} | {'-':>7} |", file=out)
+    print(f"| {LABELS['bind']:<17} | {'-':<17} | {'no LLQ or Push (RFC 8764, 8765)':<26} | {'-':>9} | "
+          f"{'-':>7} | {'-':>7} |", file=out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

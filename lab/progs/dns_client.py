@@ -2,6 +2,7 @@
 
   python -m lab.progs.dns_client updates SERVER PORT ZONE SECRET_FILE --count N --window W --prefix P
   python -m lab.progs.dns_client events SERVER PORT ZONE SECRET_FILE --watchers K --events M --name NAME
+  python -m lab.progs.dns_client push-events SERVER PORT ZONE SECRET_FILE --tls-port P --watchers K ...
 
 Prints one JSON object on stdout.
 
@@ -18,6 +19,9 @@ handling the other 99 watchers is not counted. The watchers sign and verify with
 session (tunneld.proto.tsig.TsigSession), so the run sees what `tunneld up` would; the sum of their
 LLQClient counters is reported (`client_counters`: "tsig rejected", "retransmission", "duplicate or no-op
 event", ...) to tell a lost datagram from a rejected one.
+
+`push-events`: the same measurement with K DNS Push sessions over TLS (port P) instead of LLQ watchers
+(lab.progs.push_watchers); the UPDATEs still go over UDP to PORT, as in `events`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.update
 
-from lab.progs import cli
+from lab.progs import cli, push_watchers
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
@@ -307,8 +312,46 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         upd_sock.close()
     return {"watchers": a.watchers, "updates": a.events, "expected": expected, "received": len(samples),
             "setup_seconds": setup_seconds, **_latency_summary(samples),
+            "samples_ms": [round(x * 1e3, 3) for x in samples],
             "failures": sum(failures.values()), "failure_kinds": failures,
             "client_counters": dict(sorted(counters.items()))}
+
+
+def cmd_push_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
+    upd_sock = _connect(a.server, a.port)
+    upd_sock.settimeout(TIMEOUT)
+    try:
+        # The name exists before the sessions subscribe, so every event is a replacement.
+        wire, mac = signer.update(a.name, "2001:db8:8::", 1, replace=True)
+        upd_sock.send(wire)
+        first = signer.check(upd_sock.recv(65535), mac)
+        if first != "NOERROR":
+            raise SystemExit(f"the first update failed: {first}")
+
+        def update(k: int, target: str) -> tuple[float, Callable[[], str]]:
+            wire, mac = signer.update(a.name, target, (k + 2) % 65536, replace=True)
+            t_send = time.time()
+            upd_sock.send(wire)
+
+            def finish() -> str:
+                end = time.monotonic() + TIMEOUT
+                while time.monotonic() < end:
+                    try:
+                        data = upd_sock.recv(65535)
+                    except TimeoutError:
+                        break
+                    if data[:2] == wire[:2]:
+                        return signer.check(data, mac)
+                return "timeout"
+
+            return t_send, finish
+
+        r = push_watchers.run(a.server, a.tls_port, a.zone, load_account_secret(Path(a.secret_file)), a.name,
+                              a.watchers, a.events, update, SETUP_TIMEOUT, EVENT_TIMEOUT)
+    finally:
+        upd_sock.close()
+    samples = r.pop("samples")
+    return {**r, **_latency_summary(samples), "samples_ms": [round(x * 1e3, 3) for x in samples]}
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -332,6 +375,11 @@ def _events_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="watched")
 
 
+def _push_events_args(p: argparse.ArgumentParser) -> None:
+    _events_args(p)
+    p.add_argument("--tls-port", type=int, default=853)
+
+
 def _signer(a: argparse.Namespace) -> Signer:
     return Signer(a.zone, load_account_secret(Path(a.secret_file)))
 
@@ -341,9 +389,15 @@ def _events(a: argparse.Namespace) -> dict[str, Any]:
     return cmd_events(a, _signer(a))
 
 
+def _push_events(a: argparse.Namespace) -> dict[str, Any]:
+    a.name = f"{a.name}.{a.zone}"
+    return cmd_push_events(a, _signer(a))
+
+
 def main(argv: list[str] | None = None) -> int:
     return cli("dns_client", {"updates": (_updates_args, lambda a: cmd_updates(a, _signer(a))),
-                              "events": (_events_args, _events)}, argv)
+                              "events": (_events_args, _events),
+                              "push-events": (_push_events_args, _push_events)}, argv)
 
 
 if __name__ == "__main__":

@@ -46,15 +46,17 @@ def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
         for s in row["samples"]:
             assert s["updates"] == 40 and s["failures"] == 0, (name, s)
     assert set(r["ratios"]) == {"sequential", "pipelined"}
-    llq = r["llq"]
-    assert llq["expected"] == 30 and llq["received"] == 30, llq
-    assert llq["failures"] == 0
-    assert 0 < llq["median_ms"] <= llq["p90_ms"] <= llq["max_ms"] < 10_000, llq
+    for kind in ("llq", "push"):  # LLQ over UDP and DNS Push over TLS, alternated in the same run
+        ev = r[kind]
+        assert ev["runs"] == 2 and ev["expected"] == 30 and ev["received"] == 30, (kind, ev)
+        assert ev["failures"] == 0, (kind, ev)
+        assert 0 < ev["median_ms"] <= ev["p90_ms"] <= ev["max_ms"] < 10_000, (kind, ev)
 
     # The table is printed from the same result.
     buf = io.StringIO()
     print_table(r, buf)
-    assert "BIND named" in buf.getvalue() and "no LLQ support" in buf.getvalue()
+    assert "BIND named" in buf.getvalue() and "no LLQ or Push" in buf.getvalue()
+    assert "DNS Push over TLS" in buf.getvalue()
 
     # Nothing is left: the lab's namespaces and every process it started (server, BIND, clients).
     lab = r["lab"]
