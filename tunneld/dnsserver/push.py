@@ -78,7 +78,7 @@ class PushLimits:
     keepalive_interval: float = KEEPALIVE_INTERVAL
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: kept in sets per owner name
 class _Subscription:
     session: PushSession
     msg_id: int
