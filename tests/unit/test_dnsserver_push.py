@@ -223,7 +223,8 @@ def test_the_keepalive_limit_is_twice_the_interval_of_client_silence() -> None:
     session.poll(T0 + 219.9)
     assert not session.closed
     session.poll(T0 + 220)
-    assert session.reason == "keepalive timeout" and server.counters["session aborted: keepalive timeout"] == 1
+    assert session.reason == "keepalive timeout"
+    assert server.counters["session aborted: keepalive timeout"] == 1
 
 
 def test_without_subscriptions_an_inactive_session_is_aborted() -> None:

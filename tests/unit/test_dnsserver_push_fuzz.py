@@ -18,7 +18,6 @@ from tunneld.dnsserver.store import AddRR
 from tunneld.proto import dso_wire
 from tunneld.proto.dso_wire import DsoMessage, Keepalive
 
-
 SLOW = settings(max_examples=2_000, deadline=None, database=None,  # ~8 s: each case runs a whole session
                 suppress_health_check=[HealthCheck.too_slow])
 
