@@ -11,8 +11,11 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from tests.unit.test_metrics import _samples
 from tunneld.dnsserver.core import DnsCore, account_key
+from tunneld.dnsserver.metrics import DnsCollector
 from tunneld.dnsserver.push import PushLimits, PushServer, PushSession, is_dso
+from tunneld.dnsserver.serve import _Server
 from tunneld.dnsserver.store import AddRR, Change, DeleteRR, Lease, ZoneStore
 from tunneld.proto import dso_wire
 from tunneld.proto.dso_wire import (
@@ -28,6 +31,7 @@ from tunneld.proto.dso_wire import (
     UnknownTlv,
     Unsubscribe,
 )
+from tunneld.services.metrics import renderer
 
 DOMAIN = "example.com"
 ZONE = dns.name.from_text(DOMAIN)
@@ -303,3 +307,15 @@ def test_closing_forgets_the_sessions_subscriptions() -> None:
 def test_is_dso_reads_the_opcode() -> None:
     assert is_dso(dso_wire.encode(DsoMessage(1, (Keepalive(0, 10_000),))))
     assert not is_dso(b"\x12\x34\x01\x00\x00\x01" + bytes(6)) and not is_dso(b"")
+
+
+def test_the_dns_collector_shows_push_sessions_subscriptions_and_counters() -> None:
+    push = make()
+    server = _Server(push.core, None)
+    server.push = push
+    subscribe(push.open(True, T0), BOB)
+    push.open(False, T0).receive(b"junk", T0)
+    m = _samples(renderer(DnsCollector(server))())
+    assert m["tunneld_dns_push_sessions", ()] == 1 and m["tunneld_dns_push_subscriptions", ()] == 1
+    assert m["tunneld_dns_push_messages_total", (("what", "subscribed"),)] == 1
+    assert m["tunneld_dns_push_messages_total", (("what", "session aborted: malformed"),)] == 1
