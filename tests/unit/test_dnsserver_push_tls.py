@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import ssl
 import struct
 import time
@@ -226,6 +227,26 @@ def test_an_unsubscribed_name_sends_nothing(tmp_path: Path) -> None:
         await update_udp(port, add="192.0.2.5")  # bob, not alice
         assert await c.nothing_within(0.3)
         await c.stream.aclose()
+
+    run(test)
+
+
+def test_a_client_gone_without_a_goodbye_ends_only_its_session(tmp_path: Path) -> None:
+    """A client that closes its socket without TLS close_notify (or whose connection is reset while the
+    server writes to it) ends its own session; the server goes on serving."""
+    async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
+        for reset in (False, True):
+            c = await connect(tls_port, client_ctx(tmp_path))
+            assert (await subscribe(c, BOB, dns.rdatatype.A, 1)).rcode == 0
+            sock = c.stream.transport_stream.socket
+            if reset:  # SO_LINGER 0: close sends RST
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # no close_notify
+            await update_udp(port, add=f"192.0.2.{10 + reset}")  # a PUSH towards the closed connection
+        other = await connect(tls_port, client_ctx(tmp_path))
+        ack, = [await subscribe(other, BOB, dns.rdatatype.A, 1)]
+        assert ack.rcode == 0 and len(push_of(await other.receive()).records) == 2
+        await other.stream.aclose()
 
     run(test)
 

@@ -261,7 +261,6 @@ class TcpServer:
         """Run the DNS Push session that ``first`` (a DSO message) opened, until either side ends it."""
         session = push.open(is_member(stream.getpeercert(), push.core.zone.to_text()), time.time())
         lot = trio.lowlevel.ParkingLot()
-        frames = FrameBuffer()
         try:
             async with trio.open_nursery() as nursery:
                 def wake() -> None:
@@ -270,31 +269,55 @@ class TcpServer:
                     lot.unpark_all()
 
                 session.waker = wake
-                nursery.start_soon(_write_session, stream, session, lot)
-                await self._session_message(first, peer, session)
-                while not session.closed:
-                    wait = session.deadline() - time.time()
-                    with trio.move_on_after(max(wait, 0.0)) as timer:
-                        data = await stream.receive_some(65536)
-                    if timer.cancelled_caught:
-                        session.poll(time.time())
-                        continue
-                    if not data:
-                        self.counters["push: closed by the client"] += 1
-                        break
-                    try:
-                        frames.feed(bytes(data))
-                        while (wire := frames.next()) is not None and not session.closed:
-                            self.table.active(conn_id, trio.current_time())
-                            await self._session_message(wire, peer, session)
-                    except ParseError as e:
-                        self.counters[f"push: bad framing: {e}"] += 1
-                        break
+                nursery.start_soon(self._write_session, stream, session, lot, nursery.cancel_scope)
+                await self._read_session(stream, peer, conn_id, first, session)
                 nursery.cancel_scope.cancel()
         finally:
             if session.reason is not None:
                 log.debug("push session %r aborted: %s", peer, session.reason)
             push.close(session)
+
+    async def _read_session(self, stream: trio.abc.Stream, peer: object, conn_id: int, first: bytes,
+                            session: PushSession) -> None:
+        """The session's reader: messages in, one at a time, until the end of the stream, an error, or the
+        session's end (its timers are polled here)."""
+        frames = FrameBuffer()
+        try:
+            await self._session_message(first, peer, session)
+            while not session.closed:
+                wait = session.deadline() - time.time()
+                with trio.move_on_after(max(wait, 0.0)) as timer:
+                    data = await stream.receive_some(65536)
+                if timer.cancelled_caught:
+                    session.poll(time.time())
+                    continue
+                if not data:
+                    self.counters["push: closed by the client"] += 1
+                    return
+                frames.feed(bytes(data))
+                while (wire := frames.next()) is not None and not session.closed:
+                    self.table.active(conn_id, trio.current_time())
+                    await self._session_message(wire, peer, session)
+        except ParseError as e:
+            self.counters[f"push: bad framing: {e}"] += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.counters["push: connection lost"] += 1  # e.g. closed without close_notify, or reset
+            log.debug("push session %r: %s", peer, e)
+
+    async def _write_session(self, stream: trio.abc.Stream, session: PushSession,
+                             lot: trio.lowlevel.ParkingLot, scope: trio.CancelScope) -> None:
+        """The session's writer: its FIFO, in order, framed, until cancelled or the connection fails."""
+        try:
+            while True:
+                out = session.take()
+                if out:
+                    await stream.send_all(b"".join(frame(m) for m in out))
+                else:
+                    await lot.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.counters["push: connection lost"] += 1
+            log.debug("push session writer: %s", e)
+            scope.cancel()
 
     async def _session_message(self, wire: bytes, peer: object, session: PushSession) -> None:
         if is_dso(wire):
@@ -318,17 +341,6 @@ class TcpServer:
                 del self._reads[conn_id]
         self.table.counters["closed: idle"] += 1
         return None
-
-
-async def _write_session(stream: trio.abc.Stream, session: PushSession,
-                         lot: trio.lowlevel.ParkingLot) -> None:
-    """The session's writer: its FIFO, in order, framed, until cancelled."""
-    while True:
-        out = session.take()
-        if out:
-            await stream.send_all(b"".join(frame(m) for m in out))
-        else:
-            await lot.park()
 
 
 async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes | None:
