@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -220,6 +221,18 @@ def test_without_a_certificate_only_the_zones_public_names(served: PushServed) -
     assert r["query"] == 0  # dig +tls, kdig, openssl s_client: no certificate, still answered
     assert r["device"] == 5  # REFUSED
     assert r["soa"] == 0 and r["soa push"][0][0] == f"{ZONE}." and r["ns"] == 0
+
+
+def test_clients_without_a_certificate_connect_and_are_answered(served: PushServed) -> None:
+    """The server asks for a client certificate but does not require one: dig +tls and openssl s_client,
+    which send none, complete the handshake and (dig) get their answer."""
+    r = dig_tls(served.lab, served.a, served.ca, "SOA", ZONE)
+    assert "status: NOERROR" in r.stdout and "(TLS)" in r.stdout, r.stdout
+    if shutil.which("openssl") is not None:
+        r = served.lab.run(served.a, ["openssl", "s_client", "-connect", f"{SERVER}:{TLS_PORT}",
+                                      "-CAfile", str(served.ca), "-servername", f"ns.{ZONE}"],
+                           input="", check=False, timeout=20)
+        assert "Verify return code: 0 (ok)" in r.stdout and "TLSv1.3" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_certificate_under_another_account_is_refused(served: PushServed, tmp_path: Path) -> None:

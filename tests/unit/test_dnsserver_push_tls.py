@@ -182,6 +182,27 @@ def test_a_member_gets_an_update_sent_over_udp_and_queries_on_the_session_are_an
     run(test)
 
 
+def test_a_query_pipelined_after_subscribe_is_answered_after_the_push(tmp_path: Path) -> None:
+    """The contract's ordering: SUBSCRIBE and a signed QUERY for the same question in one write come back
+    as the SUBSCRIBE's response, the PUSH of the current answer, then the query's answer."""
+    async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
+        await update_udp(port, add="192.0.2.3")
+        c = await connect(tls_port, client_ctx(tmp_path))
+        query = dns.message.make_query(BOB, "A")
+        query.use_tsig(KEY)
+        await c.stream.send_all(frame(dso_wire.encode(DsoMessage(1, (Subscribe(BOB, dns.rdatatype.A),))))
+                                + frame(query.to_wire()))
+        ack, push, answer = [await c.receive() for _ in range(3)]
+        assert ack is not None and dso_wire.decode(ack).response
+        assert [r.rdata.to_text() for r in push_of(push).records if r.rdata is not None] == ["192.0.2.3"]
+        assert answer is not None
+        reply = dns.message.from_wire(answer, keyring={KEY.name: KEY}, request_mac=query.mac)
+        assert reply.answer[0][0].to_text() == "192.0.2.3"
+        await c.stream.aclose()
+
+    run(test)
+
+
 def test_without_a_certificate_queries_work_and_only_public_names_subscribe(tmp_path: Path) -> None:
     async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
         c = await connect(tls_port, client_ctx(tmp_path, device=None))
