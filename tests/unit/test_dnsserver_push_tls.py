@@ -289,6 +289,26 @@ def test_a_session_outlives_the_idle_timeout_and_the_message_cap(tmp_path: Path)
     run(test, TcpLimits(idle_timeout=0.3, busy_idle_timeout=0.3, max_messages=2))
 
 
+def test_sessions_count_against_the_connection_caps(tmp_path: Path) -> None:
+    """A session is a connection of the TLS listener: over the per-source cap, a new connection evicts the
+    longest-idle one, a session too (its client reconnects and subscribes again)."""
+    async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
+        first = await connect(tls_port, client_ctx(tmp_path))
+        assert (await subscribe(first, BOB, dns.rdatatype.A, 1)).rcode == 0
+        second = await connect(tls_port, client_ctx(tmp_path))
+        assert (await subscribe(second, BOB, dns.rdatatype.A, 1)).rcode == 0
+        third = await connect(tls_port, client_ctx(tmp_path))  # the cap is 2: the first goes
+        assert await first.receive() is None
+        assert (await subscribe(third, BOB, dns.rdatatype.A, 1)).rcode == 0
+        await update_udp(port, add="192.0.2.8")
+        for c in (second, third):
+            assert push_of(await c.receive()).records[0].added
+            await c.stream.aclose()
+        await trio.aclose_forcefully(first.stream)
+
+    run(test, TcpLimits(per_source=2))
+
+
 def test_the_servers_end_closes_the_session(tmp_path: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as outer:
