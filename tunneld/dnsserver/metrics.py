@@ -45,6 +45,18 @@ class DnsCollector(Collector):
                         s.rrl.counters)
         yield _labelled("tunneld_dns_tcp_connections", "TCP connections by outcome", "outcome",
                         s.tcp.counters)
+        if s.tls is not None:
+            yield _labelled("tunneld_dns_tls_connections", "TLS connections (and DNS Push sessions) by "
+                            "outcome", "outcome", s.tls.counters)
+        if s.push is not None:
+            sessions = GaugeMetricFamily("tunneld_dns_push_sessions", "DNS Push sessions open")
+            sessions.add_metric([], len(s.push.sessions))
+            yield sessions
+            subscriptions = GaugeMetricFamily("tunneld_dns_push_subscriptions", "DNS Push subscriptions held")
+            subscriptions.add_metric([], s.push.subscriptions)
+            yield subscriptions
+            yield _labelled("tunneld_dns_push_messages", "The DNS Push server's messages, refusals and "
+                            "aborted sessions, by what happened", "what", s.push.counters)
         yield _labelled("tunneld_dns_stun", "STUN requests by outcome", "outcome",
                         s.stun_counters + s.stun_rrl.counters)
 

@@ -8,7 +8,9 @@ the handler is synchronous, so requests are served one at a time, in arrival ord
 UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
 larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
 :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
-in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`).
+in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`). The TLS listener
+also carries DNS Push sessions (:mod:`tunneld.dnsserver.push`); zone changes reach the LLQ server and the
+Push sessions from the same two places: an UPDATE's changes, and the sweep's expired leases.
 
 STUN Binding requests (RFC 8489) share the UDP port, and any ``--stun`` port: a datagram whose first two
 bits are zero, with the magic cookie at bytes 4-7 and a length field matching its size, is STUN
@@ -41,6 +43,7 @@ import trio
 from tunneld.dnsserver.core import DnsCore
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
@@ -90,6 +93,7 @@ class _Server:
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp = TcpServer(self.tcp_respond, tcp)
         self.tls: TcpServer | None = None  # DNS over TLS, when serve() is given a TLS listener
+        self.push: PushServer | None = None  # DNS Push sessions on the TLS listener
         self.rrl = ResponseLimiter(rrl)
         self.stun_rrl = ResponseLimiter(rrl)  # STUN answers do not eat a site's DNS budget, nor it theirs
         self.stun_counters: Counter[str] = Counter()
@@ -110,6 +114,8 @@ class _Server:
         events: LLQOutput = []
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
             self.wake.set()
+            if self.push is not None and self.core.last_changes:
+                self.push.changes(self.core.last_changes, now)  # queued before this reply is sent
             if self.llq is not None and self.core.last_changes:
                 events = self.llq.changes(self.core.last_changes, now)
                 self.llq_wake.set()
@@ -222,6 +228,8 @@ class _Server:
                 for r in removed:
                     rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(r.rdtype))
                     log.info("lease expired: %s %s (%d RR)", r.owner, rdtype, len(r.rrs))
+                if removed and self.push is not None:
+                    self.push.changes(removed, now)  # removal PUSHes
                 if removed and self.llq is not None:
                     await self.send_llq(self.llq.changes(removed, now))  # removal events
                     self.llq_wake.set()
@@ -253,8 +261,8 @@ async def serve(
     is given, the TCP limits ``tcp`` and the UDP response rate limits ``rrl`` (defaults:
     :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``;
     Prometheus metrics over HTTP on ``metrics`` if given, and DNS over TLS (RFC 7858) on ``tls``'s host
-    and port with its context if given (the same requests, limits and answers as TCP). OSError if a
-    socket cannot be bound.
+    and port with its context if given (the same requests, limits and answers as TCP, and DNS Push
+    sessions). OSError if a socket cannot be bound.
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -288,7 +296,8 @@ async def serve(
     udp, tcp_sock, stun_socks = socks[0], socks[1], socks[2:]
     server = _Server(core, llq, tcp, rrl)
     if tls is not None:
-        server.tls = TcpServer(server.tcp_respond, tcp, tls[2])
+        server.push = PushServer(core)
+        server.tls = TcpServer(server.tcp_respond, tcp, tls[2], push=server.push)
     server.udp = udp
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
@@ -315,6 +324,7 @@ async def serve(
         tls_counters = server.tls.counters if server.tls is not None else Counter[str]()
         for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters),
                                ("tls", tls_counters),
+                               ("dns push", server.push.counters if server.push is not None else Counter()),
                                ("stun", server.stun_counters + server.stun_rrl.counters)):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))

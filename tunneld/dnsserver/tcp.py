@@ -9,21 +9,32 @@ by one connection set-up, never lock it out.
 
 :class:`ConnTable` is the sans-I/O bookkeeping (time passed in); :class:`TcpServer` runs it with trio:
 2-byte length framing, one message at a time per connection, replies from an async ``respond`` callback;
-with an SSL context, each connection is DNS over TLS (RFC 7858) under the same limits.
+with an SSL context, each connection is DNS over TLS (RFC 7858) under the same limits. Given a
+:class:`~tunneld.dnsserver.push.PushServer`, a TLS connection whose message is a DSO message (RFC 8490)
+becomes a DNS Push session: from then on DSO's own timers end it (not the idle timeout, the message count
+or the lifetime), a reader task feeds the session and a writer task writes its one FIFO, which ordinary
+DNS answers on the session also go through, in order.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import ssl
 import struct
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 import trio
+
+from tunneld.dnsserver.push import PushServer, PushSession, is_dso
+from tunneld.dnsserver.tls import is_member
+from tunneld.proto.dnsframe import FrameBuffer, frame
+from tunneld.proto.errors import ParseError
 
 __all__ = ["ConnTable", "TcpLimits", "TcpServer", "source_key"]
 
@@ -147,11 +158,15 @@ class ConnTable:
 
 class TcpServer:
     """Serves DNS over TCP on a listening socket with :class:`TcpLimits`. ``respond(wire, peer)`` gives
-    the reply to one request (None: no reply)."""
+    the reply to one request (None: no reply); it must compute the reply before its first checkpoint (a
+    session's FIFO keeps the answer's place from the call). ``push``: DNS Push sessions on TLS connections.
+    """
 
     def __init__(self, respond: Callable[[bytes, object], Awaitable[bytes | None]],
-                 limits: TcpLimits | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+                 limits: TcpLimits | None = None, ssl_context: ssl.SSLContext | None = None,
+                 push: PushServer | None = None) -> None:
         self.respond = respond
+        self.push = push if ssl_context is not None else None  # RFC 8765 §1.2: DNS Push is over TLS only
         self.table = ConnTable(limits or TcpLimits())
         self.ssl_context = ssl_context  # DNS over TLS (RFC 7858): each connection's handshake comes first
         self._scopes: dict[int, trio.CancelScope] = {}  # each connection's, for eviction
@@ -218,6 +233,10 @@ class TcpServer:
                     if wire is None:
                         break
                     table.active(conn_id, trio.current_time())
+                    if self.push is not None and is_dso(wire) and isinstance(stream, trio.SSLStream):
+                        scope.deadline = math.inf  # DSO's timers end the session from now on
+                        await self._session(stream, peer, conn_id, wire, self.push)
+                        break
                     reply = await self.respond(wire, peer)
                     if reply is None:
                         continue
@@ -236,6 +255,78 @@ class TcpServer:
             self._reads.pop(conn_id, None)
             table.remove(conn_id)
             await trio.aclose_forcefully(stream)
+
+    async def _session(self, stream: trio.SSLStream[trio.SocketStream], peer: object, conn_id: int,
+                       first: bytes, push: PushServer) -> None:
+        """Run the DNS Push session that ``first`` (a DSO message) opened, until either side ends it."""
+        session = push.open(is_member(stream.getpeercert(), push.core.zone.to_text()), time.time())
+        lot = trio.lowlevel.ParkingLot()
+        try:
+            async with trio.open_nursery() as nursery:
+                def wake() -> None:
+                    if session.closed:
+                        nursery.cancel_scope.cancel()  # aborted: the writer may be blocked in a send
+                    lot.unpark_all()
+
+                session.waker = wake
+                nursery.start_soon(self._write_session, stream, session, lot, nursery.cancel_scope)
+                await self._read_session(stream, peer, conn_id, first, session)
+                nursery.cancel_scope.cancel()
+        finally:
+            if session.reason is not None:
+                log.debug("push session %r aborted: %s", peer, session.reason)
+            push.close(session)
+
+    async def _read_session(self, stream: trio.abc.Stream, peer: object, conn_id: int, first: bytes,
+                            session: PushSession) -> None:
+        """The session's reader: messages in, one at a time, until the end of the stream, an error, or the
+        session's end (its timers are polled here)."""
+        frames = FrameBuffer()
+        try:
+            await self._session_message(first, peer, session)
+            while not session.closed:
+                wait = session.deadline() - time.time()
+                with trio.move_on_after(max(wait, 0.0)) as timer:
+                    data = await stream.receive_some(65536)
+                if timer.cancelled_caught:
+                    session.poll(time.time())
+                    continue
+                if not data:
+                    self.counters["push: closed by the client"] += 1
+                    return
+                frames.feed(bytes(data))
+                while (wire := frames.next()) is not None and not session.closed:
+                    self.table.active(conn_id, trio.current_time())
+                    await self._session_message(wire, peer, session)
+        except ParseError as e:
+            self.counters[f"push: bad framing: {e}"] += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.counters["push: connection lost"] += 1  # e.g. closed without close_notify, or reset
+            log.debug("push session %r: %s", peer, e)
+
+    async def _write_session(self, stream: trio.abc.Stream, session: PushSession,
+                             lot: trio.lowlevel.ParkingLot, scope: trio.CancelScope) -> None:
+        """The session's writer: its FIFO, in order, framed, until cancelled or the connection fails."""
+        try:
+            while True:
+                out = session.take()
+                if out:
+                    await stream.send_all(b"".join(frame(m) for m in out))
+                else:
+                    await lot.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.counters["push: connection lost"] += 1
+            log.debug("push session writer: %s", e)
+            scope.cancel()
+
+    async def _session_message(self, wire: bytes, peer: object, session: PushSession) -> None:
+        if is_dso(wire):
+            session.receive(wire, time.time())
+            return
+        slot = session.reserve()  # before the answer is computed: later PUSHes go after it
+        reply = await self.respond(wire, peer)
+        session.fill(slot, reply)
+        session.answered(time.time())
 
     async def _read_message(self, stream: trio.abc.Stream, conn_id: int) -> bytes | None:
         """The next framed message, or None at end of stream or when the idle timeout passes."""

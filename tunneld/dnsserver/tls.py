@@ -4,7 +4,10 @@ The certificate is issued at start under the account CA (tunneld.accountca), whi
 from the account secret, so clients verify the server with nothing distributed or pinned. Its key is fresh
 at every start and never touches a file system: OpenSSL's loader wants paths, so the key and chain go
 through an anonymous memory file (memfd) that is closed once loaded. TLS 1.3 only (the issue's choice;
-RFC 8446): no downgrade to negotiate, no renegotiation, no compression.
+RFC 8446): no downgrade to negotiate, no renegotiation, no compression. The server asks for an optional
+client certificate under the same CA: a peer that presents one (issued by accountca.issue_client to a
+device of the zone) is a member, whose DNS Push session sees the private view (docs/dnspush.md); a peer
+without one (kdig, dig +tls) is served as before; a certificate under any other CA fails the handshake.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tunneld.accountca import AccountCA, account_ca, issue_server, new_serial
 
-__all__ = ["LEAF_LIFETIME", "server_certificate", "server_context"]
+__all__ = ["LEAF_LIFETIME", "is_member", "server_certificate", "server_context"]
 
 LEAF_LIFETIME: Final = 397 * 86400  # seconds: the CA/B Forum's longest; a new leaf at every start
 CLOCK_SKEW: Final = 3600  # seconds the leaf is valid before its issue: clients whose clocks run behind
@@ -53,11 +56,29 @@ def _memory_file(data: bytes) -> Iterator[str]:
 def server_context(secret: bytes, zone: str, names: Sequence[str], now: int,
                    rand: Callable[[int], bytes] = os.urandom) -> ssl.SSLContext:
     """The TLS 1.3 server context of serve-dns for ``zone``, presenting a certificate for ``names`` (the
-    zone's server names) issued under the account CA derived from ``secret``."""
-    chain, key = server_certificate(account_ca(secret, zone), names, now, rand)
+    zone's server names) issued under the account CA derived from ``secret``, asking for an optional client
+    certificate verified against that CA."""
+    ca = account_ca(secret, zone)
+    chain, key = server_certificate(ca, names, now, rand)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     with _memory_file(chain) as cert_path, _memory_file(key) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # a client may present none; one that does must verify
+    ctx.load_verify_locations(cadata=ca.pem.decode("ascii"))
     return ctx
+
+
+def is_member(peer_certificate: object, zone: str) -> bool:
+    """Does the verified peer certificate (``SSLObject.getpeercert()``: empty or None without one) name a
+    device of ``zone`` (CN ``<device>.<zone>``)? The chain and the clientAuth purpose were checked by the
+    handshake (OpenSSL verifies a client's certificate for the TLS client purpose)."""
+    if not isinstance(peer_certificate, dict) or not peer_certificate:
+        return False
+    suffix = "." + zone.rstrip(".").lower()
+    for rdn in peer_certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str) and value.lower().endswith(suffix):
+                return True
+    return False
