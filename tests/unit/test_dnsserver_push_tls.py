@@ -28,11 +28,11 @@ from tests.unit.test_dnsserver_tcp import DOMAIN, ZONE, free_port, make_core
 from tunneld.accountca import account_ca, issue_client, new_serial
 from tunneld.dnsserver.core import account_key
 from tunneld.dnsserver.serve import serve
-from tunneld.dnsserver.tcp import TcpLimits
+from tunneld.dnsserver.tcp import SESSIONS_FULL_RETRY_MS, TcpLimits
 from tunneld.dnsserver.tls import is_member, server_context
 from tunneld.proto import dso_wire
 from tunneld.proto.dnsframe import FrameBuffer, frame
-from tunneld.proto.dso_wire import DsoMessage, Keepalive, Push, Subscribe
+from tunneld.proto.dso_wire import DsoMessage, Keepalive, Push, RetryDelay, Subscribe
 from tunneld.services.tlsport import client_context
 
 SECRET = bytes(range(32))
@@ -289,24 +289,47 @@ def test_a_session_outlives_the_idle_timeout_and_the_message_cap(tmp_path: Path)
     run(test, TcpLimits(idle_timeout=0.3, busy_idle_timeout=0.3, max_messages=2))
 
 
-def test_sessions_count_against_the_connection_caps(tmp_path: Path) -> None:
-    """A session is a connection of the TLS listener: over the per-source cap, a new connection evicts the
-    longest-idle one, a session too (its client reconnects and subscribes again)."""
+def test_member_sessions_leave_the_eviction_order_and_strangers_sessions_do_not(tmp_path: Path) -> None:
+    """Over the per-source cap, a new connection evicts the longest-idle one: a stranger's session (no
+    certificate) too, but never a member's (it left the connection table when it became a session)."""
+    async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
+        stranger = await connect(tls_port, client_ctx(tmp_path, device=None))
+        assert (await subscribe(stranger, dns.name.from_text(f"{DOMAIN}."), dns.rdatatype.SOA, 1)).rcode == 0
+        assert push_of(await stranger.receive()).records[0].added  # the SOA, public
+        members = []
+        for _ in range(3):  # the cap is 2 connections; a member's leaves the table once it subscribed
+            members.append(await connect(tls_port, client_ctx(tmp_path)))
+            assert (await subscribe(members[-1], BOB, dns.rdatatype.A, 1)).rcode == 0
+        flood = [await connect(tls_port, client_ctx(tmp_path, device=None)) for _ in range(4)]
+        assert await stranger.receive() is None  # evicted by the flood
+        await update_udp(port, add="192.0.2.8")
+        for m in members:  # three member sessions from one source, with a cap of two connections
+            assert push_of(await m.receive()).records[0].added
+            await m.stream.aclose()
+        for c in (stranger, *flood):
+            await trio.aclose_forcefully(c.stream)
+
+    run(test, TcpLimits(per_source=2))
+
+
+def test_a_member_session_over_the_sessions_cap_is_told_to_retry_later(tmp_path: Path) -> None:
     async def test(nursery: trio.Nursery, port: int, tls_port: int) -> None:
         first = await connect(tls_port, client_ctx(tmp_path))
         assert (await subscribe(first, BOB, dns.rdatatype.A, 1)).rcode == 0
         second = await connect(tls_port, client_ctx(tmp_path))
-        assert (await subscribe(second, BOB, dns.rdatatype.A, 1)).rcode == 0
-        third = await connect(tls_port, client_ctx(tmp_path))  # the cap is 2: the first goes
-        assert await first.receive() is None
-        assert (await subscribe(third, BOB, dns.rdatatype.A, 1)).rcode == 0
-        await update_udp(port, add="192.0.2.8")
-        for c in (second, third):
-            assert push_of(await c.receive()).records[0].added
-            await c.stream.aclose()
-        await trio.aclose_forcefully(first.stream)
+        await second.dso(DsoMessage(1, (Subscribe(BOB, dns.rdatatype.A),)))
+        wire = await second.receive()
+        assert wire is not None
+        goodbye = dso_wire.decode(wire)
+        assert goodbye.unidirectional and goodbye.rcode == 5, goodbye
+        assert isinstance(goodbye.primary, RetryDelay) and goodbye.primary.delay == SESSIONS_FULL_RETRY_MS
+        assert await second.receive() is None
+        await update_udp(port, add="192.0.2.9")  # the first session is untouched
+        assert push_of(await first.receive()).records[0].added
+        for c in (first, second):
+            await trio.aclose_forcefully(c.stream)
 
-    run(test, TcpLimits(per_source=2))
+    run(test, TcpLimits(sessions_per_source=1))
 
 
 def test_the_servers_end_closes_the_session(tmp_path: Path) -> None:

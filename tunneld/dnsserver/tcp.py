@@ -13,7 +13,10 @@ with an SSL context, each connection is DNS over TLS (RFC 7858) under the same l
 :class:`~tunneld.dnsserver.push.PushServer`, a TLS connection whose message is a DSO message (RFC 8490)
 becomes a DNS Push session: from then on DSO's own timers end it (not the idle timeout, the message count
 or the lifetime), a reader task feeds the session and a writer task writes its one FIFO, which ordinary
-DNS answers on the session also go through, in order.
+DNS answers on the session also go through, in order. A member's session (a client certificate under the
+account CA) then leaves the eviction order for caps of its own: a flood of connections, or a crowd of
+strangers' sessions, can evict no subscriber; a member session beyond those caps is refused with a RETRY
+DELAY instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import trio
 
 from tunneld.dnsserver.push import PushServer, PushSession, is_dso
 from tunneld.dnsserver.tls import is_member
+from tunneld.proto import dso_wire
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.errors import ParseError
 
@@ -41,6 +45,9 @@ __all__ = ["ConnTable", "TcpLimits", "TcpServer", "source_key"]
 log = logging.getLogger(__name__)
 
 _LENGTH: Final = struct.Struct("!H")  # RFC 1035 §4.2.2: each message is prefixed by its 2-byte length
+_REFUSED: Final = 5  # RFC 1035 §4.1.1
+SESSIONS_FULL_RETRY_MS: Final = 60_000
+"""The RETRY DELAY a member session refused at the sessions' caps is given (RFC 8490 §7.2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +67,14 @@ class TcpLimits:
     """Seconds a connection may stay open in all."""
     max_messages: int = 100
     """Requests served on one connection before it is closed."""
+    max_sessions: int = 4096
+    """Member DNS Push sessions (a client certificate under the account CA) open at once. They leave the
+    connection table, so that no flood of connections can evict a subscriber; one beyond is refused."""
+    sessions_per_source: int = 256
+    """Member sessions from one source: a household of devices behind one NAT address."""
 
     def __post_init__(self) -> None:
-        if self.max_connections < 1 or self.per_source < 1:
+        if min(self.max_connections, self.per_source, self.max_sessions, self.sessions_per_source) < 1:
             raise ValueError("connection limits must be at least 1")
         if not 0 < self.busy_idle_timeout <= self.idle_timeout or self.max_lifetime <= 0:
             raise ValueError("timeouts must be positive, the busy one no longer than the idle one")
@@ -97,13 +109,37 @@ class ConnTable:
         self._conns: dict[int, _Entry] = {}  # least recently active first
         self._per_source: Counter[str] = Counter()
         self._next_id = 0
+        self._sessions: dict[int, str] = {}  # member sessions, out of the eviction order: their sources
+        self._session_sources: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._conns)
 
     def __contains__(self, conn_id: object) -> bool:
-        return conn_id in self._conns
+        return conn_id in self._conns or conn_id in self._sessions
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def promote(self, conn_id: int) -> bool:
+        """``conn_id`` became a member's DNS Push session: it leaves the connection table (no new
+        connection can evict it, no idle timeout applies) for the sessions' own caps. False, and it stays
+        an ordinary connection, if those caps are reached."""
+        entry = self._conns.get(conn_id)
+        if entry is None:
+            return conn_id in self._sessions
+        limits = self.limits
+        if len(self._sessions) >= limits.max_sessions or \
+                self._session_sources[entry.source] >= limits.sessions_per_source:
+            self.counters["member session refused: at its cap"] += 1
+            return False
+        self._remove(conn_id)
+        self._sessions[conn_id] = entry.source
+        self._session_sources[entry.source] += 1
+        self.counters["member sessions"] += 1
+        return True
 
     @property
     def busy(self) -> bool:
@@ -148,6 +184,11 @@ class ConnTable:
     def remove(self, conn_id: int) -> None:
         if conn_id in self._conns:
             self._remove(conn_id)
+        source = self._sessions.pop(conn_id, None)
+        if source is not None:
+            self._session_sources[source] -= 1
+            if not self._session_sources[source]:
+                del self._session_sources[source]
 
     def _remove(self, conn_id: int) -> None:
         entry = self._conns.pop(conn_id)
@@ -259,7 +300,14 @@ class TcpServer:
     async def _session(self, stream: trio.SSLStream[trio.SocketStream], peer: object, conn_id: int,
                        first: bytes, push: PushServer) -> None:
         """Run the DNS Push session that ``first`` (a DSO message) opened, until either side ends it."""
-        session = push.open(is_member(stream.getpeercert(), push.core.zone.to_text()), time.time())
+        member = is_member(stream.getpeercert(), push.core.zone.to_text())
+        if member and not self.table.promote(conn_id):
+            # RFC 8490 §7.2: the server asks the client to go away and come back later.
+            goodbye = dso_wire.DsoMessage(0, (dso_wire.RetryDelay(SESSIONS_FULL_RETRY_MS),), rcode=_REFUSED)
+            with trio.move_on_after(1.0):
+                await stream.send_all(frame(dso_wire.encode(goodbye)))
+            return
+        session = push.open(member, time.time())
         lot = trio.lowlevel.ParkingLot()
         try:
             async with trio.open_nursery() as nursery:
