@@ -96,11 +96,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         if db.parent != Path(""):
             db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Our SRV records (_dns-update._udp, _dns-llq._udp) name this server: give the name an address
-        # when we listen on a specific one inside the zone, so that clients can follow the SRV.
+        # Our SRV records (_dns-update._udp, _dns-llq._udp; with TLS _dns-update-tls._tcp,
+        # _dns-query-tls._tcp, _dns-push-tls._tcp at the TLS port) name this server: give the name an
+        # address when we listen on a specific one inside the zone, so that clients can follow the SRV.
         specific = not listen.host.is_unspecified and server.is_subdomain(dns.name.from_text(zone))
         store = ZoneStore(str(db), zone + ".", server, listen.port,
-                          addresses=[str(listen.host)] if specific else ())
+                          addresses=[str(listen.host)] if specific else (),
+                          tls_port=None if tls_listen is None else tls_listen.port)
     except ValueError as e:  # the database holds another zone
         raise UsageError(f"--db {db}: {e}; give another --db for this zone") from None
     except (OSError, sqlite3.Error) as e:
