@@ -4,8 +4,9 @@ other's by long-lived query — then run ssh between their ULAs.
 
 Each test runs with both transports of `[account] transport`: "udp", and "tls" (`serve-dns --tls`,
 `join --tls`: the publisher, and the discovery of the UPDATE server and of the relay, over DNS over TLS).
-With "tls" the laptop's link is captured: its updates and lookups are only on the TLS port, and no message
-it sends in clear names it. The watcher's long-lived queries still go over UDP (DNS Push replaces them)."""
+With "tls" the zone names a TURN relay (`_turn._udp` SRV) and the laptop's link is captured: it finds its
+UPDATE server and its relay and publishes only over the TLS port, and no message it sends in clear names it.
+The watcher's long-lived queries still go over UDP (DNS Push replaces them)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,19 @@ import pytest
 from lab.capture import capture, udp_payloads
 from lab.netns import Host, Lab, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import DOMAIN, TUNNELD, Node, joined, ping6, serve_dns, ssh, start_sshd, status, write_secret
+from lab.tunnel import (
+    DOMAIN,
+    TUNNELD,
+    Node,
+    dig_key,
+    joined,
+    ping6,
+    serve_dns,
+    ssh,
+    start_sshd,
+    status,
+    write_secret,
+)
 from tunneld.proto.llq_wire import LLQ_OPTION_CODE
 from tunneld.proto.srv import LLQ_SRV_SERVICE
 
@@ -37,6 +51,21 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dig"),
 DNS = ("192.0.2.2", 5353)
 TRANSPORTS = ["udp", "tls"]
 CAPTURE_TOOLS = ("tcpdump", "tshark")
+RELAY_PORT = 3478  # nothing listens there: the relay is only found, and direct paths need none
+
+# A signed UPDATE with a lease (RFC 9664 option 2: serve-dns refuses additions without one) naming a relay.
+_ADD_RELAY = """
+import struct, sys
+import dns.edns, dns.query, dns.tsigkeyring, dns.update
+zone, key, server, port, relay, relay_port = sys.argv[1:7]
+algorithm, name, secret = key.split(":")
+upd = dns.update.UpdateMessage(zone + ".", keyring=dns.tsigkeyring.from_text({name: (algorithm, secret)}),
+                               keyname=name, keyalgorithm=algorithm)
+upd.use_edns(0, options=[dns.edns.GenericOption(2, struct.pack("!I", 7200))])
+upd.add("_turn._udp", 60, "SRV", f"0 0 {relay_port} turn")
+upd.add("turn", 60, "A", relay)
+print(dns.query.udp(upd, server, port=int(port), timeout=5).rcode())
+"""
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -66,6 +95,10 @@ def discovered(tmp_path: Path, transport: str) -> Iterator[Discovered]:
         secret = tmp_path / "secret"
         write_secret(secret)
         serve_dns(lab, Node(hb, tmp_path / "dns", hb.addr4), secret, tmp_path, DNS, tls=tls)
+        if tls:  # a relay to find (over TLS); the udp variant keeps the zone without one, as before
+            r = lab.run(hb, [sys.executable, "-c", _ADD_RELAY, DOMAIN, dig_key(secret), *map(str, DNS),
+                             hb.addr4, str(RELAY_PORT)], check=False, timeout=30)
+            assert r.stdout.strip() == "0", r.stdout + r.stderr
         pcap = tmp_path / "laptop.pcap" if tls else None
         with (capture(lab, ha, pcap, bpf=f"host {hb.addr4} and (port 53 or port {DNS[1]} or port 853)")
               if pcap is not None else contextlib.nullcontext()):
@@ -92,6 +125,7 @@ def test_hosts_find_each_other_and_ssh(discovered: Discovered, tmp_path: Path) -
         assert "(from dns)" in shown and "dns watch: watching" in shown and "dns publish:" in shown, shown
         if discovered.transport == "tls":  # its _dns-update-tls._tcp SRV names the TLS port
             assert st["publish"]["server"] == f"{DNS[0]}:853", st["publish"]
+            assert st["nat"]["relay_server"] == f"{DNS[0]}:{RELAY_PORT}", st["nat"]  # _turn._udp, over TLS
     if discovered.pcap is not None:
         _nothing_in_clear(discovered.pcap, laptop.host, laptop.name)
     ping6(lab, laptop, desktop)
