@@ -124,3 +124,18 @@ def test_a_signed_srv_lookup_picks_the_tls_port() -> None:
     reply = core.handle(query.payload, ("198.51.100.7", 4242), T0)
     assert reply is not None
     assert pick_srv_target(reply, query, now=T0) == ("ns.example.com", 853)
+
+
+def test_serve_dns_names_its_tls_port_only_where_the_server_name_leads() -> None:
+    """The SRV records target the server name, whose address is the --listen one: a TLS listener on
+    another specific address gets none (clients keep their configured server); otherwise its port."""
+    from tunneld.config import parse_endpoint
+    from tunneld.serve_dns_cmd import tls_srv_port
+
+    listen = parse_endpoint("192.0.2.53:53")
+    assert tls_srv_port(listen, None, addressed=True) is None
+    assert tls_srv_port(listen, parse_endpoint("192.0.2.53:853"), addressed=True) == 853
+    assert tls_srv_port(listen, parse_endpoint("0.0.0.0:8853"), addressed=True) == 8853  # every address
+    assert tls_srv_port(listen, parse_endpoint("192.0.2.54:853"), addressed=True) is None
+    # no address published for the name: clients go to their configured server's host anyway
+    assert tls_srv_port(parse_endpoint("[::]:53"), parse_endpoint("192.0.2.54:853"), addressed=False) == 853
