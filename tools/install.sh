@@ -34,14 +34,15 @@ fi
 # and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
 # scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
 # bind9 is the DNS UPDATE server the publishing tests run (lab/bind.py, in a namespace, in the
-# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently. coturn is the TURN
+# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently; knot-dnsutils gives
+# Knot's kdig, a second independent client of serve-dns's DNS over TLS. coturn is the TURN
 # relay the relay tests run (lab/coturn.py, likewise in a namespace, in the foreground).
 # systemd gives systemd-analyze (the units are verified and scored statically; nothing is started)
 # and man-db renders the generated man page in the tests. libssl-dev: OpenSSL's headers, for the
 # optional batch AES-GCM extension (setup.py). System mode needs only the first six.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
-          miniupnpd-nftables natpmpc bind9 bind9-dnsutils coturn systemd man-db)
+          miniupnpd-nftables natpmpc bind9 bind9-dnsutils knot-dnsutils coturn systemd man-db)
 if ((SYSTEM)); then APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev); fi
 
 missing=()

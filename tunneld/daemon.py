@@ -41,7 +41,14 @@ from tunneld.proto.tunnel import PERSISTENT_KEEPALIVE, TunnelCore
 from tunneld.proto.watcher import PeerGone, PeerLearned, PeerRejected, WatcherEvent
 from tunneld.sdnotify import Notifier
 from tunneld.services import control
-from tunneld.services.discover import LLQ_SERVICE, UPDATE_SERVICE, find_relay, find_server
+from tunneld.services.discover import (
+    LLQ_SERVICE,
+    UPDATE_SERVICE,
+    UPDATE_TLS_SERVICE,
+    TlsLookup,
+    find_relay,
+    find_server,
+)
 from tunneld.services.driver import ServerPort, connect_udp
 from tunneld.services.hostkeys import KnownHostsService, load_host_keys
 from tunneld.services.names import NamesService
@@ -209,8 +216,11 @@ class Daemon:
         assert self._nursery is not None and self.dataplane is not None
         cfg, acct = self.config, self.config.account
         stun = [addr for s in cfg.stun_servers if (addr := await _resolve(s.host, s.port)) is not None]
-        dns_server = (str(acct.server.host), acct.server.port) if acct.server else None
-        relay = await find_relay(cfg.relay.server, dns_server, acct.domain, cfg.tsig_key, acct.tsig_algorithm)
+        tls = self._discovery_tls()
+        dns_server = None if acct.server is None else (
+            str(acct.server.host), DOT_PORT if tls is not None else acct.server.port)
+        relay = await find_relay(cfg.relay.server, dns_server, acct.domain, cfg.tsig_key, acct.tsig_algorithm,
+                                 tls=tls)
         if not stun and relay is None:
             return
         user = acct.name or self.identity.public_key_b64[:16]
@@ -308,9 +318,12 @@ class Daemon:
         if acct.server is None:
             return
         connect: Callable[[tuple[str, int]], Awaitable[ServerPort]]
-        if acct.transport == "tls" and self.config.account_ca is not None:
-            # DNS over TLS to the server's host (RFC 7858's port), verified against the account CA.
-            server = (str(acct.server.host), DOT_PORT)
+        tls = self._discovery_tls()
+        if tls is not None and self.config.account_ca is not None:
+            # DNS over TLS, verified against the account CA: the server its _dns-update-tls._tcp SRV names,
+            # else the configured server's host at RFC 7858's port.
+            server = await find_server((str(acct.server.host), DOT_PORT), acct.domain, UPDATE_TLS_SERVICE,
+                                       self.config.tsig_key, acct.tsig_algorithm, tls=tls)
             connect = tls_connector(self.config.account_ca, acct.domain)
         else:
             server = await find_server((str(acct.server.host), acct.server.port), acct.domain,
@@ -320,6 +333,13 @@ class Daemon:
                                           algorithm=acct.tsig_algorithm, connect=connect)
         await self._nursery.start(self.publisher.run)
         self._republish()
+
+    def _discovery_tls(self) -> TlsLookup | None:
+        """How lookups reach the account's server over TLS (`[account] transport = "tls"`), or None: UDP."""
+        acct, ca = self.config.account, self.config.account_ca
+        if acct.transport != "tls" or ca is None:
+            return None
+        return TlsLookup.for_account(ca, acct.domain)
 
     # -- discovery ----------------------------------------------------------------------------------
 

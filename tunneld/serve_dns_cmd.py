@@ -17,12 +17,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunneld import logs
 from tunneld.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, _domain, _first, _one_line
 from tunneld.config_values import show
 from tunneld.privdrop import PrivilegeError
+
+if TYPE_CHECKING:
+    from tunneld.config_model import Endpoint
 
 __all__ = ["DEFAULT_DNS_DB", "DEFAULT_DNS_LISTEN", "add_parser", "cmd_serve_dns"]
 
@@ -96,11 +99,13 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     try:
         if db.parent != Path(""):
             db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Our SRV records (_dns-update._udp, _dns-llq._udp) name this server: give the name an address
-        # when we listen on a specific one inside the zone, so that clients can follow the SRV.
+        # Our SRV records (_dns-update._udp, _dns-llq._udp; with TLS _dns-update-tls._tcp,
+        # _dns-query-tls._tcp, _dns-push-tls._tcp at the TLS port) name this server: give the name an
+        # address when we listen on a specific one inside the zone, so that clients can follow the SRV.
         specific = not listen.host.is_unspecified and server.is_subdomain(dns.name.from_text(zone))
         store = ZoneStore(str(db), zone + ".", server, listen.port,
-                          addresses=[str(listen.host)] if specific else ())
+                          addresses=[str(listen.host)] if specific else (),
+                          tls_port=tls_srv_port(listen, tls_listen, addressed=specific))
     except ValueError as e:  # the database holds another zone
         raise UsageError(f"--db {db}: {e}; give another --db for this zone") from None
     except (OSError, sqlite3.Error) as e:
@@ -159,6 +164,19 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def tls_srv_port(listen: Endpoint, tls_listen: Endpoint | None, *, addressed: bool) -> int | None:
+    """The port the TLS service SRV records name (None: publish none). They target the server name, whose
+    address (when ``addressed``) is the --listen one: a TLS listener on another specific address is not
+    there, and clients are better left to their configured server than sent to a closed port."""
+    if tls_listen is None:
+        return None
+    if addressed and not tls_listen.host.is_unspecified and tls_listen.host != listen.host:
+        logging.getLogger("tunneld.dnsserver").warning(
+            "--tls-listen %s is not on the --listen address: no _dns-*-tls._tcp SRV records", tls_listen)
+        return None
+    return tls_listen.port
 
 
 def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:

@@ -1,7 +1,8 @@
 """`tunneld serve-dns --tls-listen`: DNS over TLS (RFC 7858), checked with independent clients.
 
-BIND's dig (+tls, +tls-ca) queries through the TLS listener trusting only the account CA that
-`tunneld account ca` prints; dnspython's own TLS client sends a TSIG-signed UPDATE. A client that trusts
+BIND's dig and Knot's kdig (+tls, +tls-ca) query through the TLS listener trusting only the account CA that
+`tunneld account ca` prints, kdig also signed and for the TLS service SRV records; dnspython's own TLS
+client sends a TSIG-signed UPDATE (Debian 12's knsupdate, Knot 3.2, has no TLS). A client that trusts
 another account's CA, or insists on TLS 1.2, gets no answer. The server runs in lab host b, the clients in
 host a, so nothing leaves the lab's namespaces.
 """
@@ -25,6 +26,7 @@ from tests.integration.test_serve_dns import PORT, SERVER, ZONE, Account, new_ac
 
 TLS_PORT = 8853
 SERVER_NAME = f"ns.{ZONE}"
+needs_kdig = pytest.mark.skipif(shutil.which("kdig") is None, reason="needs kdig (Debian knot-dnsutils)")
 
 
 @dataclass
@@ -47,6 +49,21 @@ def dig_tls(lab: Lab, h: Host, ca: Path, *query: str) -> subprocess.CompletedPro
     return lab.run(h, ["dig", f"@{SERVER}", "-p", str(TLS_PORT), "+tls", f"+tls-ca={ca}",
                        f"+tls-hostname={SERVER_NAME}", "+norec", "+tries=1", "+time=3", *query],
                    check=False, timeout=20)
+
+
+def kdig_tls(lab: Lab, h: Host, ca: Path, *query: str) -> subprocess.CompletedProcess[str]:
+    """Knot's kdig over TLS (RFC 7858's out-of-band profile): trusting only `ca`, the name checked."""
+    return lab.run(h, ["kdig", f"@{SERVER}", "-p", str(TLS_PORT), "+tls", f"+tls-ca={ca}",
+                       f"+tls-hostname={ZONE}", "+norec", "+retry=0", "+time=3", *query],
+                   check=False, timeout=20)
+
+
+def _kdig_answers(r: subprocess.CompletedProcess[str]) -> list[str]:
+    """The rdata of kdig's answer section lines (`NAME TTL IN TYPE RDATA`)."""
+    if ";; ANSWER SECTION:" not in r.stdout:
+        return []
+    section = r.stdout.split(";; ANSWER SECTION:")[1].split("\n\n")[0]
+    return [" ".join(line.split()[4:]) for line in section.strip().splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -113,3 +130,39 @@ def test_a_signed_update_over_tls_lands(served: TlsServed) -> None:
     assert r.returncode == 0 and r.stdout.strip() == str(int(dns.rcode.NOERROR)), r.stdout + r.stderr
     r = dig_tls(served.lab, served.a, served.ca, "-k", str(served.account.key), "TXT", f"tls-test.{ZONE}")
     assert '"over tls"' in r.stdout, r.stdout
+
+
+@needs_kdig
+def test_kdig_finds_the_tls_services_over_tls(served: TlsServed) -> None:
+    """kdig (another implementation than dig's) reads the zone over TLS, trusting only the account CA and
+    checking the zone's name, and the three TLS service SRV records name the TLS port."""
+    r = kdig_tls(served.lab, served.a, served.ca, "SOA", ZONE)
+    assert "status: NOERROR" in r.stdout and ";; TLS session (TLS1.3)" in r.stdout, r.stdout + r.stderr
+    for service in ("_dns-update-tls._tcp", "_dns-query-tls._tcp", "_dns-push-tls._tcp"):
+        r = kdig_tls(served.lab, served.a, served.ca, "SRV", f"{service}.{ZONE}")
+        assert _kdig_answers(r) == [f"0 0 {TLS_PORT} {SERVER_NAME}."], r.stdout
+    r = kdig_tls(served.lab, served.a, served.ca, "SRV", f"_dns-update._udp.{ZONE}")
+    assert _kdig_answers(r) == [f"0 0 {PORT} {SERVER_NAME}."], r.stdout
+
+
+@needs_kdig
+def test_kdig_trusting_another_account_is_refused(served: TlsServed, tmp_path: Path) -> None:
+    other = ca_pem(new_account(tmp_path / "other"), tmp_path / "other-ca.pem")
+    r = kdig_tls(served.lab, served.a, other, "SOA", ZONE)
+    assert r.returncode != 0 and "status: NOERROR" not in r.stdout, r.stdout
+    assert "certificate" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr  # refused for the certificate
+
+
+@needs_kdig
+def test_kdig_signed_query_sees_an_update_over_tls(served: TlsServed) -> None:
+    """An UPDATE over TLS (dnspython), then a TSIG-signed kdig query over TLS: the device record is shown
+    to the account's key only."""
+    secret = served.account.key.read_text().split('secret "')[1].split('"')[0]
+    r = served.lab.run(served.a, [sys.executable, "-c", _UPDATE, ZONE, secret, SERVER, str(TLS_PORT),
+                                  SERVER_NAME, str(served.ca)], check=False, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == str(int(dns.rcode.NOERROR)), r.stdout + r.stderr
+    key = f"hmac-sha256:{ZONE}.:{secret}"
+    r = kdig_tls(served.lab, served.a, served.ca, "-y", key, "TXT", f"tls-test.{ZONE}")
+    assert _kdig_answers(r) == ['"over tls"'] and "NOERROR" in r.stdout, r.stdout + r.stderr
+    r = kdig_tls(served.lab, served.a, served.ca, "TXT", f"tls-test.{ZONE}")  # unsigned: not shown
+    assert _kdig_answers(r) == [] and "NXDOMAIN" in r.stdout, r.stdout

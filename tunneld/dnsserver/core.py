@@ -389,7 +389,7 @@ class DnsCore:
 
     def public_rrsets(self, qname: dns.name.Name, now: float) -> dict[int, list[StoredRR]]:
         """The RRsets at ``qname`` that anyone may read: those the server owns and devices cannot change
-        (apex SOA and NS, the two service SRV records, the server name's addresses). They name only the
+        (apex SOA and NS, the service SRV records, the server name's addresses). They name only the
         server, which whoever sends us a query knows already, and resolvers and clients that cannot sign
         (a zone delegated from the public DNS, a client finding the UPDATE server by SRV) need them."""
         store = self.store
@@ -401,9 +401,9 @@ class DnsCore:
 
     def _publicly_exists(self, qname: dns.name.Name) -> bool:
         """Does ``qname`` exist in the public view: the apex, a name owning server records, or an empty
-        non-terminal above one (``_udp.ZONE``)?"""
+        non-terminal above one (``_udp.ZONE``, ``_tcp.ZONE``)?"""
         s = self.store
-        owners = (s.zone, s.update_srv_name, s.llq_srv_name, s.server)
+        owners = (s.zone, *s.srv_names, s.server)
         return any(s.in_zone(o) and s.is_protected(o, dns.rdatatype.ANY) and o.is_subdomain(qname)
                    for o in owners)
 

@@ -3,7 +3,8 @@
 One zone per store. Client records live in the ``records`` table, one row per RR, keyed by the canonical
 (lower-case) owner name, the type and the canonical wire form of the RDATA (RFC 4034 §6.2), with the TTL and
 an optional absolute lease expiry in wall-clock seconds. The zone's own SOA, apex NS and the
-``_dns-update._udp`` / ``_dns-llq._udp`` SRV records (and the server's A/AAAA when its name is in the zone)
+``_dns-update._udp`` / ``_dns-llq._udp`` SRV records (with DNS over TLS also ``_dns-update-tls._tcp``,
+``_dns-query-tls._tcp`` and ``_dns-push-tls._tcp``; and the server's A/AAAA when its name is in the zone)
 are synthesised from the creation arguments and the stored serial; they are served and visible to
 prerequisites but clients cannot change them.
 
@@ -29,6 +30,13 @@ import dns.rdataclass
 import dns.rdatatype
 
 from tunneld.dnsserver.replay import MAX_KEPT, Answered
+from tunneld.proto.srv import (
+    LLQ_SRV_SERVICE,
+    PUSH_TLS_SRV_SERVICE,
+    QUERY_TLS_SRV_SERVICE,
+    UPDATE_SRV_SERVICE,
+    UPDATE_TLS_SRV_SERVICE,
+)
 
 __all__ = [
     "AddRR",
@@ -44,8 +52,8 @@ __all__ = [
     "ZoneStore",
 ]
 
-UPDATE_SRV_LABELS: Final = ("_dns-update", "_udp")
-LLQ_SRV_LABELS: Final = ("_dns-llq", "_udp")
+TLS_SRV_SERVICES: Final = (UPDATE_TLS_SRV_SERVICE, QUERY_TLS_SRV_SERVICE, PUSH_TLS_SRV_SERVICE)
+"""The SRV records naming the DNS-over-TLS port, published when the server has one."""
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +180,10 @@ class ZoneStore:
     """The zone's data in one SQLite file (``":memory:"`` for tests).
 
     ``server`` and ``port`` give the target of the apex NS, the SOA MNAME and the two service SRV records;
-    ``llq_port`` defaults to ``port``. ``addresses`` (IPv4/IPv6 text) become the server name's A/AAAA
-    records, allowed only when that name is inside the zone. Reopening an existing file for a different
-    zone raises ValueError.
+    ``llq_port`` defaults to ``port``. ``tls_port``, if given, is the DNS-over-TLS port: the three TLS
+    service SRV records (:data:`TLS_SRV_SERVICES`) name it. ``addresses`` (IPv4/IPv6 text) become the
+    server name's A/AAAA records, allowed only when that name is inside the zone. Reopening an existing file
+    for a different zone raises ValueError.
     """
 
     def __init__(
@@ -185,21 +194,29 @@ class ZoneStore:
         port: int,
         llq_port: int | None = None,
         addresses: Sequence[str] = (),
+        tls_port: int | None = None,
     ) -> None:
         self.zone = (dns.name.from_text(zone) if isinstance(zone, str) else zone).canonicalize()
         self.server = dns.name.from_text(server) if isinstance(server, str) else server
         if not self.zone.is_absolute() or not self.server.is_absolute():
             raise ValueError("zone and server names must be absolute")
-        if not (0 < port < 65536) or (llq_port is not None and not (0 < llq_port < 65536)):
+        if any(p is not None and not (0 < p < 65536) for p in (port, llq_port, tls_port)):
             raise ValueError("ports must be 1..65535")
         self.port = port
         self.llq_port = port if llq_port is None else llq_port
-        self.update_srv_name = dns.name.Name(UPDATE_SRV_LABELS).concatenate(self.zone)
-        self.llq_srv_name = dns.name.Name(LLQ_SRV_LABELS).concatenate(self.zone)
+        self.tls_port = tls_port
+        self.update_srv_name = dns.name.from_text(UPDATE_SRV_SERVICE, self.zone)
+        self.llq_srv_name = dns.name.from_text(LLQ_SRV_SERVICE, self.zone)
+        self.tls_srv_names = tuple(dns.name.from_text(s, self.zone) for s in TLS_SRV_SERVICES)
+        self.srv_names = (self.update_srv_name, self.llq_srv_name, *(self.tls_srv_names if tls_port else ()))
+        """The service SRV names the server publishes (the TLS ones with a TLS port)."""
         self._static: dict[dns.name.Name, dict[int, list[StoredRR]]] = {}
         self._add_static(self.zone, dns.rdatatype.NS, self.server.to_text())
         self._add_static(self.update_srv_name, dns.rdatatype.SRV, f"0 0 {self.port} {self.server}")
         self._add_static(self.llq_srv_name, dns.rdatatype.SRV, f"0 0 {self.llq_port} {self.server}")
+        if tls_port is not None:
+            for name in self.tls_srv_names:
+                self._add_static(name, dns.rdatatype.SRV, f"0 0 {tls_port} {self.server}")
         if addresses and not self.server.is_subdomain(self.zone):
             raise ValueError("server addresses (glue) are only served for a server name inside the zone")
         for addr in addresses:
@@ -326,11 +343,12 @@ class ZoneStore:
         return result
 
     def is_protected(self, owner: dns.name.Name, rdtype: int) -> bool:
-        """True for RRsets clients may not change: apex SOA and NS, anything at the two SRV names, and
-        the server's own addresses (``rdtype`` ANY stands for "every type at the name")."""
+        """True for RRsets clients may not change: apex SOA and NS, anything at the service SRV names (the
+        TLS ones too, published or not: no device may redirect the others' TLS), and the server's own
+        addresses (``rdtype`` ANY stands for "every type at the name")."""
         if owner == self.zone and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS, dns.rdatatype.ANY):
             return True
-        if owner in (self.update_srv_name, self.llq_srv_name):
+        if owner in (self.update_srv_name, self.llq_srv_name, *self.tls_srv_names):
             return True
         fixed = self._static.get(owner, {})
         return rdtype in fixed or (rdtype == dns.rdatatype.ANY and bool(fixed))
