@@ -485,7 +485,7 @@ class PushSession(Outbox[SessionEvent]):
         if failed_attempt:
             self._failures += 1
             if not self._was_up or self._failures >= RECONNECT_TRIES:
-                self._unavailable(now, reason, wait or 0.0)
+                self._unavailable(now, reason, wait or 0.0, drop=False)
                 return
         jitter = self._backoff * 0.25 * int.from_bytes(self._rand(2), "big") / 0x10000
         self.state = SessionState.WAITING
@@ -503,9 +503,9 @@ class PushSession(Outbox[SessionEvent]):
                 self.touched.add(client.question)
             client.phase, client.subscribe_id = _Phase.PENDING, 0
 
-    def _unavailable(self, now: float, reason: str, wait: float = 0.0) -> None:
+    def _unavailable(self, now: float, reason: str, wait: float = 0.0, drop: bool = True) -> None:
         self.counters["push unavailable"] += 1
-        if self.state in (SessionState.UP, SessionState.CONNECTING):
+        if drop and self.state in (SessionState.UP, SessionState.CONNECTING):
             self._emit(DropConnection(reason))
         self.state = SessionState.UNAVAILABLE
         self._outstanding.clear()

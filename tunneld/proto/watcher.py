@@ -31,7 +31,7 @@ import dns.rdtypes.ANY.TXT
 import dns.rrset
 
 from tunneld.proto import hostkeys, records
-from tunneld.proto.core import Address, Outbox
+from tunneld.proto.core import Address, Outbox, Transmit
 from tunneld.proto.dnswire import from_server
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import (
@@ -167,6 +167,7 @@ class Watcher(Outbox[WatcherEvent]):
         self.push: PushSession | None = None  # its own TSIG session: another connection
         if push is not None:
             self.push = PushSession(push, rand=rand, tsig=None if key is None else TsigSession(key))
+        self._push_refused: set[Question] = set()  # by LLQ until the session is next set up
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -213,6 +214,11 @@ class Watcher(Outbox[WatcherEvent]):
         self._renewing.clear()
         self._starting.clear()
         self.running = False
+
+    def transmits(self) -> list[Transmit]:
+        if self.push is not None:  # the Push session's messages (its clients send through it)
+            self._transmits.extend(self.push.transmits())
+        return super().transmits()
 
     def finished(self) -> bool:
         return not self.running  # the cancellations are sent once and not answered
@@ -332,7 +338,7 @@ class Watcher(Outbox[WatcherEvent]):
 
     def _new_client(self, question: Question) -> WatchClient:
         """A Push subscription while the server offers Push, else an LLQ client."""
-        if self.push is not None and self.push.usable:
+        if self.push is not None and self.push.usable and question not in self._push_refused:
             return self.push.client(*question)
         return self._factory(question[0], question[1], server=self.server, rand=self._rand,
                              lease=self.lease, tsig=self._tsig)
@@ -355,6 +361,7 @@ class Watcher(Outbox[WatcherEvent]):
         self._transmits.extend(session.transmits())
         for event in session.events():
             if isinstance(event, PushUp):
+                self._push_refused.clear()
                 self._emit(TransportStatus("push"))
                 for question, watch in list(self._watches.items()):
                     if not isinstance(watch.client, PushClient):
@@ -418,6 +425,8 @@ class Watcher(Outbox[WatcherEvent]):
         for event in client.events():
             if isinstance(event, Refused):  # the server will not serve it by Push: LLQ it is
                 self.counters["push refused"] += 1
+                if self.push is not None and self.push.usable:
+                    self._push_refused.add(question)
                 self._emit(QueryStatus(question[0], question[1], "fallback", event.reason))
                 if self._watches.get(question) is watch and watch.client is client:
                     self._swap(question, watch, now)
