@@ -72,8 +72,9 @@ class FakeServer:
 
     def __init__(self, zone: dict[Q, list[dns.rdata.Rdata]] | None = None, *, secret: bytes | None = None,
                  keepalive: Keepalive | None = SERVER_KEEPALIVE, keepalive_rcode: int = 0,
-                 subscribe_rcode: int = 0) -> None:
+                 subscribe_rcode: int = 0, key_name: dns.name.Name = ZONE_NAME) -> None:
         self.zone = zone if zone is not None else {}
+        self.key_name = key_name
         self.secret = secret
         self.keepalive = keepalive
         self.keepalive_rcode = keepalive_rcode
@@ -85,7 +86,7 @@ class FakeServer:
     def _keyring(self) -> dict[dns.name.Name, dns.tsig.Key] | None:
         if self.secret is None:
             return None
-        return {ZONE_NAME: dns.tsig.Key(ZONE_NAME, self.secret, "hmac-sha256")}
+        return {self.key_name: dns.tsig.Key(self.key_name, self.secret, "hmac-sha256")}
 
     def handle(self, wire: bytes) -> list[bytes]:
         if not is_dso(wire):
