@@ -297,6 +297,23 @@ def test_retry_delay_is_respected() -> None:
     assert session2.deadline() == pytest.approx(1091.5)
 
 
+def test_a_retry_delay_in_an_error_response_is_respected() -> None:
+    """A server that is up but overloaded answers the reconnection's KEEPALIVE with SERVFAIL and a RETRY
+    DELAY: the next attempt waits that long."""
+    server = FakeServer()
+    session, _client = started(server)
+    exchange(session, server, 1000.0)
+    session.connection_lost(1001.0, "reset")
+    now = session.deadline() or 0.0
+    session.poll(now)
+    sent = [decode(t.payload) for t in session.transmits()]
+    assert isinstance(sent[0].primary, Keepalive)
+    busy = DsoMessage(sent[0].msg_id, (RetryDelay(45_000),), response=True, rcode=dns.rcode.SERVFAIL)
+    session.receive(encode(busy), PUSH_SERVER, now + 0.1)
+    assert session.state == SessionState.WAITING
+    assert (session.deadline() or 0) >= now + 0.1 + 45.0
+
+
 @pytest.mark.parametrize("rcode", [RCODE_DSOTYPENI, dns.rcode.NOTIMP])
 def test_a_server_without_push_is_given_up_and_tried_again_later(rcode: int) -> None:
     server = FakeServer(keepalive_rcode=rcode)

@@ -10,6 +10,8 @@ import random
 
 import dns.name
 import dns.rdatatype
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.test_push_client import PUSH_SERVER, FakeServer, Q
 from tests.unit.test_watcher import BOB_KEY, CAROL_KEY, DOMAIN, host, ptr
@@ -174,3 +176,19 @@ def test_dso_messages_from_elsewhere_are_not_taken() -> None:
     run.watcher.receive(wire, ("198.51.100.1", 853), run.now)
     assert run.watcher.counters["not from the server"] == 1
     assert decode(wire).unidirectional
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=80), st.builds(
+    lambda i, r, body: bytes([i >> 8, i & 0xFF, (r << 7) | 0x30, 0]) + bytes(8) + body,
+    st.integers(0, 0xFFFF), st.integers(0, 1), st.binary(max_size=40))), max_size=5))
+def test_the_watchers_receive_from_the_push_server_never_raises(messages: list[bytes]) -> None:
+    """Garbage and near-DSO messages (OPCODE 6 headers, random TLVs) from the Push server: counted and
+    dropped, or the connection given up on; never an exception, and bob stays learned."""
+    run = started(host())
+    run.pump()
+    for wire in messages:
+        run.watcher.receive(wire, PUSH_SERVER, run.now)
+        run.watcher.poll(run.now)
+    events = run.pump()
+    assert not peers(events, PeerGone)

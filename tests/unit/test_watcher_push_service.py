@@ -7,6 +7,7 @@ at all it follows the account by LLQ over UDP (our own server's cores on loopbac
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 import time
@@ -16,11 +17,12 @@ import dns.name
 import dns.rdatatype
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.unit.test_dns_services import make_server, serving, until
 from tests.unit.test_push_client import FakeServer, Q
-from tunneld.accountca import account_ca
-from tunneld.config import _account_tls
+from tunneld.accountca import account_ca, issue_client, new_serial
 from tunneld.crypto.kdf import derive_tsig_key
 from tunneld.dnsserver.store import AddRR, Lease
 from tunneld.dnsserver.tls import server_context
@@ -97,9 +99,15 @@ class TlsDsoServer:
 
 
 def transport(server: tuple[str, int]) -> PushTransport:
-    ca_pem, cert = _account_tls(SECRET, ZONE, "alice")
-    assert cert is not None
-    return PushTransport(server, client_context(ca_pem, (cert.chain, cert.key)), ZONE)
+    """What the daemon gives the service: the device's certificate (as the config makes it) and the CA."""
+    ca = account_ca(SECRET, ZONE)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    leaf = issue_client(ca, "alice", key.public_key(), now - 60, now + 3600, new_serial(os.urandom))
+    chain = leaf.public_bytes(serialization.Encoding.PEM) + ca.pem
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return PushTransport(server, client_context(ca.pem, (chain, pem_key)), ZONE)
 
 
 def test_the_service_follows_the_account_by_push_and_survives_a_dropped_connection(

@@ -367,8 +367,9 @@ class PushSession(Outbox[SessionEvent]):
         if message.rcode in (RCODE_DSOTYPENI, _NOTIMP):
             self._unavailable(now, f"the server answered KEEPALIVE with {_rcode(message.rcode)}")
             return
-        if message.rcode:
-            self._lost(now, f"KEEPALIVE answered with {_rcode(message.rcode)}")
+        if message.rcode:  # overloaded, say: a RETRY DELAY in the response says how long to stay away
+            delay = next((t.delay / 1000 for t in message.tlvs if isinstance(t, RetryDelay)), None)
+            self._lost(now, f"KEEPALIVE answered with {_rcode(message.rcode)}", wait=delay)
             return
         for tlv in message.tlvs:
             if isinstance(tlv, Keepalive):
