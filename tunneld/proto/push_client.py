@@ -446,7 +446,12 @@ class PushSession(Outbox[SessionEvent]):
     def _on_push(self, push: Push, now: float) -> None:
         changes: dict[Question, list[tuple[dns.rrset.RRset, int]]] = {}
         for record in push.records:
-            matched = [c for c in self.clients.values() if c._matches(record)]
+            if record.rtype == TYPE_ANY:  # a whole name removed: every type's subscription to it
+                matched = [c for c in self.clients.values() if c._matches(record)]
+            else:
+                found = (self.clients.get((record.name, dns.rdatatype.RdataType.make(t)))
+                         for t in (record.rtype, TYPE_ANY))
+                matched = [c for c in found if c is not None and c._matches(record)]
             if not matched:
                 self.counters["push for no subscription"] += 1
             for client in matched:
