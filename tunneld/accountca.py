@@ -10,10 +10,12 @@ randomness. Every fixed field and the test vector are in docs/protocol.md ("Acco
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ipaddress
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,6 +39,7 @@ __all__ = [
     "ca_common_name",
     "issue_client",
     "issue_server",
+    "memory_file",
     "new_serial",
     "public_key_raw",
 ]
@@ -250,3 +253,15 @@ def issue_client(
 def public_key_raw(key: Ed25519PublicKey) -> bytes:
     """The 32 raw bytes of an Ed25519 public key (as printed in the test vector)."""
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@contextlib.contextmanager
+def memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` that exists only in memory (memfd_create), for OpenSSL's loaders, which want a
+    path: a leaf's key is loaded without touching a file system."""
+    fd = os.memfd_create("tunneld-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)

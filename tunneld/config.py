@@ -63,6 +63,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -80,6 +81,7 @@ from tunneld.config_model import (
     MAX_MTU,
     MIN_MTU,
     AccountConfig,
+    ClientCertificate,
     Config,
     ConfigError,
     Endpoint,
@@ -114,6 +116,7 @@ __all__ = [
     "MAX_MTU",
     "MIN_MTU",
     "AccountConfig",
+    "ClientCertificate",
     "Config",
     "ConfigError",
     "Endpoint",
@@ -179,10 +182,28 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ValueError(str(p)) from None
 
 
-def _account_ca_pem(secret: bytes, domain: str) -> bytes:
-    from tunneld.accountca import account_ca  # x509 building: only for an account that uses TLS
+CLIENT_CERT_LIFETIME: Final = 397 * 86400  # s: a fresh leaf at every load; a daemon runs for less
+CLIENT_CERT_SKEW: Final = 3600  # s: valid from before now, for a server whose clock runs behind
 
-    return account_ca(secret, domain).pem
+
+def _account_tls(secret: bytes, domain: str, device: str | None) -> tuple[bytes, ClientCertificate | None]:
+    """The account CA's certificate (PEM), and for a named device its client certificate under that CA
+    with a fresh P-256 key. The CA's key is used here and not kept."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tunneld.accountca import account_ca, issue_client, new_serial  # x509: only when TLS is used
+
+    ca = account_ca(secret, domain)
+    if device is None:
+        return ca.pem, None
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    leaf = issue_client(ca, device, key.public_key(), now - CLIENT_CERT_SKEW, now + CLIENT_CERT_LIFETIME,
+                        new_serial(os.urandom))
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ca.pem, ClientCertificate(leaf.public_bytes(serialization.Encoding.PEM) + ca.pem, pem_key)
 
 
 class _Loader(TableReader):
@@ -201,6 +222,7 @@ class _Loader(TableReader):
         interface = self.interface(self.table(doc, "interface", required=False))
         account_table = self.table(doc, "account", required=True)
         account, secret = self.account(account_table)
+        tls = _account_tls(secret, account.domain, account.name) if account.transport == "tls" else None
         peers = self.peers(doc.get("peer"), account.domain)
         timers = self.timers(self.table(doc, "timers", required=False))
         portmap = self.portmap(self.table(doc, "portmap", required=False))
@@ -231,7 +253,8 @@ class _Loader(TableReader):
             psk=derive_psk(secret, account.domain),
             tsig_key=derive_tsig_key(secret, account.domain),
             turn_secret=derive_turn_secret(secret, account.domain).encode("ascii"),
-            account_ca=_account_ca_pem(secret, account.domain) if account.transport == "tls" else None,
+            account_ca=tls[0] if tls else None,
+            client_certificate=tls[1] if tls else None,
         )
 
     # -- tables ----------------------------------------------------------------------------------------------

@@ -186,6 +186,18 @@ class MetricsConfig:
     listen: tuple[str, int] | None = None
 
 
+@dataclass(frozen=True, repr=False)
+class ClientCertificate:
+    """A TLS client certificate (PEM: the leaf, then the account CA) and its P-256 key (PEM, PKCS#8), made
+    in memory when the config is loaded and never written anywhere; repr shows neither."""
+
+    chain: bytes
+    key: bytes
+
+    def __repr__(self) -> str:
+        return "ClientCertificate(…)"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, validated. ``psk``, ``tsig_key`` and ``turn_secret`` (the relay's shared
@@ -209,6 +221,9 @@ class Config:
     account_ca: bytes | None = None
     """The account CA's certificate (PEM, public) when the account's transport is TLS: the one trust
     anchor of the server's certificate (tunneld.accountca)."""
+    client_certificate: ClientCertificate | None = field(default=None, repr=False)
+    """This device's TLS client certificate under the account CA, when the transport is TLS and the device
+    has a name: what proves membership to the server's DNS Push (a fresh key at every load)."""
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

@@ -54,9 +54,9 @@ from tunneld.services.hostkeys import KnownHostsService, load_host_keys
 from tunneld.services.names import NamesService
 from tunneld.services.nat import NatService
 from tunneld.services.publisher import PublisherService, disabled_status, host_records
-from tunneld.services.tlsport import tls_connector
+from tunneld.services.tlsport import client_context, tls_connector
 from tunneld.services.uplink import Uplink
-from tunneld.services.watcher import WatcherService
+from tunneld.services.watcher import PushTransport, WatcherService
 
 log = logging.getLogger("tunneld")
 
@@ -344,7 +344,8 @@ class Daemon:
     # -- discovery ----------------------------------------------------------------------------------
 
     async def _start_watcher(self) -> None:
-        """Learn the account's other devices from its DNS server by long-lived queries."""
+        """Learn the account's other devices from its DNS server: by DNS Push over TLS when the account's
+        transport is TLS, else (and as Push's fallback) by long-lived queries over UDP."""
         assert self._nursery is not None
         acct = self.config.account
         if acct.server is None or acct.name is None:
@@ -355,8 +356,16 @@ class Daemon:
             write = self.writer.writer(KNOWN_HOSTS) if self.writer else write_block
             self.known_hosts = KnownHostsService(self.config.ssh.known_hosts, acct.domain, write)
             await self._nursery.start(self.known_hosts.run)
+        push = None
+        cert = self.config.client_certificate
+        if acct.transport == "tls" and self.config.account_ca is not None and cert is not None:
+            # DNS Push on the server's DNS-over-TLS port, as a member (the device's certificate); LLQ
+            # over UDP stays the fallback.
+            context = client_context(self.config.account_ca, (cert.chain, cert.key))
+            push = PushTransport((str(acct.server.host), DOT_PORT), context, acct.domain)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
-                                      self._on_watch_event, host_keys=self.known_hosts is not None)
+                                      self._on_watch_event, host_keys=self.known_hosts is not None,
+                                      push=push)
         await self._nursery.start(self.watcher.run)
 
     def _on_watch_event(self, event: WatcherEvent) -> None:

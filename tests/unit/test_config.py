@@ -638,3 +638,26 @@ def test_nested_tables_where_values_belong(tmp_path: Path, secret_file: Path, he
 def test_a_nul_in_the_config_path_is_a_configerror(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="NUL"):
         load_config(tmp_path / "a\0b")
+
+
+def test_a_tls_account_carries_the_devices_client_certificate(tmp_path: Path, secret_file: Path) -> None:
+    """transport = "tls" with a device name: a client certificate under the account CA (clientAuth, the
+    device's name), its fresh key held in memory and shown by no repr; none for UDP."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    text = _account(secret_file) + 'server = "192.0.2.53:53"\nname = "Laptop"\ntransport = "tls"\n'
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.client_certificate is not None and cfg.account_ca is not None
+    leaf, ca = x509.load_pem_x509_certificates(cfg.client_certificate.chain)
+    assert ca.public_bytes(serialization.Encoding.PEM) == cfg.account_ca
+    leaf.verify_directly_issued_by(ca)
+    assert leaf.subject.rfc4514_string() == "CN=laptop.home.example.net"
+    usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert b"PRIVATE KEY" in cfg.client_certificate.key
+    assert "PRIVATE" not in repr(cfg) and "PRIVATE" not in repr(cfg.client_certificate)
+    again = load_config(_write(tmp_path, text)).client_certificate
+    assert again is not None and again.key != cfg.client_certificate.key  # a fresh key at every load
+    assert load_config(_write(tmp_path, _account(secret_file))).client_certificate is None

@@ -5,13 +5,16 @@ costs one attempt per retry (the backoff), not a loop."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import time
 
+import dns.message
 import dns.rdatatype
 import pytest
 import trio
+import trio.testing
 
 from tests.unit.test_dns_services import until
 from tests.unit.test_dnsserver_tcp import free_port
@@ -108,3 +111,45 @@ def test_a_server_of_another_account_and_a_server_that_is_down_are_refused() -> 
             await down.recvfrom(65535)
 
     trio.run(main)
+
+
+def test_the_owner_is_told_of_a_lost_connection_but_not_of_one_it_dropped() -> None:
+    """on_lost: the server closing an idle connection, and a failed attempt, are reported (the watcher's
+    Push session resubscribes); drop() closes without a report, and the next send opens a new one."""
+    async def main() -> None:
+        lost: list[str] = []
+        async with trio.open_nursery() as nursery:
+            server = await _serve(nursery, _core(), TcpLimits(idle_timeout=0.3, busy_idle_timeout=0.3))
+            port = TlsPort(server, client_context(account_ca(SECRET, ZONE).pem), ZONE)
+            port.on_lost = lost.append
+            nursery.start_soon(_drain, port)
+            query = dns.message.make_query(ZONE, "SOA").to_wire()
+            await port.sendto(query, server)
+            await until(lambda: bool(lost), "the idle connection's end reported")
+            assert "closed by the server" in lost[0] and port.connects == 1
+            await port.sendto(query, server)
+            assert port.connects == 2 and port._stream is not None
+            port.drop()
+            assert port._stream is None
+            await trio.testing.wait_all_tasks_blocked()  # the receiver saw the dropped stream end
+            assert len(lost) == 1
+            await port.sendto(query, server)
+            assert port.connects == 3
+            port.close()
+            nursery.cancel_scope.cancel()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = ("127.0.0.1", s.getsockname()[1])
+        down = TlsPort(closed, client_context(account_ca(SECRET, ZONE).pem), ZONE)
+        down.on_lost = lost.append
+        with pytest.raises(OSError):
+            await down.sendto(b"\0" * 12, closed)
+        assert len(lost) == 2 and "TLS to 127.0.0.1" in lost[1]
+
+    trio.run(main)
+
+
+async def _drain(port: TlsPort) -> None:
+    with contextlib.suppress(trio.ClosedResourceError):
+        while True:
+            await port.recvfrom(65535)

@@ -12,16 +12,16 @@ without one (kdig, dig +tls) is served as before; a certificate under any other 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tunneld.accountca import AccountCA, account_ca, issue_server, new_serial
+from tunneld.accountca import memory_file as _memory_file
 
 __all__ = ["LEAF_LIFETIME", "is_member", "server_certificate", "server_context"]
 
@@ -40,17 +40,6 @@ def server_certificate(ca: AccountCA, names: Sequence[str], now: int,
     pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return chain, pem_key
-
-
-@contextlib.contextmanager
-def _memory_file(data: bytes) -> Iterator[str]:
-    """A path to ``data`` that exists only in memory (memfd_create), for loaders that want a path."""
-    fd = os.memfd_create("tunneld-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
 
 
 def server_context(secret: bytes, zone: str, names: Sequence[str], now: int,

@@ -1,13 +1,15 @@
-"""The account watcher: LLQ clients for every device's records, turned into peers learned and gone.
+"""The account watcher: a client for every device's records (LLQ, or DNS Push), turned into peers.
 
-A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (its LLQs are
-signed); it talks to one server and drops datagrams from anywhere else. Randomness goes through the
+A sans-I/O core on the face of :mod:`tunneld.proto.core`, driven with ``now`` in Unix seconds (its queries
+are signed); it talks to one server and drops datagrams from anywhere else. Randomness goes through the
 injected ``rand(n) -> bytes`` to its clients. It follows the browse PTR, then each other device's AAAA,
 SRV and TXT, then the target addresses its key names (:mod:`tunneld.proto.records`), and with
-``host_keys`` its SSHFP and host-key TXT (:mod:`tunneld.proto.hostkeys`), one LLQ client per question
-(shared between hosts that need the same one). What each change makes of a host
-(:class:`PeerLearned`, :class:`PeerGone`, :class:`PeerRejected`), and the known limits, are in
-docs/protocol.md ("Watcher behaviour").
+``host_keys`` its SSHFP and host-key TXT (:mod:`tunneld.proto.hostkeys`), one client per question
+(shared between hosts that need the same one). With ``push`` (the server's DNS-over-TLS address) the
+clients are DNS Push subscriptions on one session (:mod:`tunneld.proto.push_client`) and LLQ over UDP is
+the fallback, question by question. What each change makes of a host (:class:`PeerLearned`,
+:class:`PeerGone`, :class:`PeerRejected`), and the known limits, are in docs/protocol.md ("Watcher
+behaviour").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import dns.message
 import dns.name
@@ -45,15 +47,29 @@ from tunneld.proto.llq import (
     TcpQuery,
 )
 from tunneld.proto.llq_wire import parse_message
+from tunneld.proto.push_client import PushClient, PushSession, PushUnavailable, PushUp, Refused
 from tunneld.proto.tsig import TsigKey, TsigSession
+from tunneld.proto.watcher_types import (
+    ClientFactory,
+    DropConnection,
+    PeerGone,
+    PeerLearned,
+    PeerRejected,
+    QueryStatus,
+    TransportStatus,
+    WatchClient,
+    WatcherEvent,
+)
 
 __all__ = [
     "ClientFactory",
+    "DropConnection",
     "PeerGone",
     "PeerLearned",
     "PeerRejected",
     "QueryStatus",
     "TcpQuery",
+    "TransportStatus",
     "WatchClient",
     "Watcher",
     "WatcherEvent",
@@ -66,104 +82,6 @@ _HANDSHAKING: Final = frozenset({LLQState.SETUP_SENT, LLQState.CHALLENGE_SENT})
 MAX_HANDSHAKES: Final = 32
 """LLQ handshakes in flight at once; the other clients wait their turn. An account of 100 devices starts
 some 300 at once: the burst overflowed the server's socket buffer, and the retransmissions doubled it."""
-
-
-# -- events ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeerLearned:
-    """A host's records are consistent (new, or changed since the last PeerLearned): its identity, and
-    its endpoint if it publishes one."""
-
-    host: records.HostRecords
-    host_keys: tuple[hostkeys.HostKey, ...] = ()
-    """The host's SSH host keys, each vouched for by its SSHFP (empty unless the watcher follows them)."""
-
-    @property
-    def endpoints(self) -> list[tuple[str, int]]:
-        """The host's published outer (address, port) pairs, IPv4 first (none for an identity alone)."""
-        return self.host.endpoints
-
-    @property
-    def endpoint(self) -> tuple[str, int] | None:
-        """The first published endpoint (IPv4 preferred), for ``TunnelCore.learn_peer``; None when the
-        host publishes no endpoint (it is then reached once it has sent us an authenticated packet)."""
-        endpoints = self.endpoints
-        return endpoints[0] if endpoints else None
-
-    @property
-    def nat(self) -> str | None:
-        """The host's ``nat=`` mark: "ei" (its endpoint is an observed binding: punch it), "pd" (only its
-        address means something), or None (a mapped or public endpoint)."""
-        return self.host.nat
-
-    @property
-    def relay(self) -> tuple[str, int] | None:
-        """The host's TURN relayed address (``relay=``), where a peer sends when no direct path works."""
-        return self.host.relay
-
-
-@dataclass(frozen=True)
-class PeerGone:
-    """A host learned before is no longer usable (records withdrawn, broken, or the host left)."""
-
-    name: str
-    public_key: bytes
-
-
-@dataclass(frozen=True)
-class PeerRejected:
-    """A host's records are inconsistent; ``reason`` is the ParseError message (``<counter>: <detail>``)."""
-
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class QueryStatus:
-    """A client's LLQ status changed: ``status`` is ``established``, ``failed`` or ``fallback``."""
-
-    qname: dns.name.Name
-    rdtype: dns.rdatatype.RdataType
-    status: str
-    detail: str = ""
-
-
-WatcherEvent = PeerLearned | PeerGone | PeerRejected | QueryStatus | TcpQuery
-"""A client's :class:`TcpQuery` is passed on as it is: the service sends it and feeds the reply back."""
-
-
-# -- the client interface ----------------------------------------------------------------------------------
-
-
-class WatchClient(Protocol):
-    """What the watcher needs of a client for one question (:class:`~tunneld.proto.llq.LLQClient`)."""
-
-    qname: dns.name.Name
-    rdtype: dns.rdatatype.RdataType
-    state: LLQState
-    counters: Counter[str]
-
-    def start(self, now: float) -> None: ...
-
-    def close(self, now: float) -> None: ...
-
-    def receive(self, data: bytes, source: Address, now: float) -> None: ...
-
-    def poll(self, now: float) -> None: ...
-
-    def transmits(self) -> list[Transmit]: ...
-
-    def events(self) -> list[Event]: ...
-
-    def deadline(self) -> float | None: ...
-
-
-class ClientFactory(Protocol):
-    def __call__(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *,
-                 server: Address, rand: Callable[[int], bytes], lease: int,
-                 tsig: TsigSession | None) -> WatchClient: ...
 
 
 # -- state -------------------------------------------------------------------------------------------------
@@ -217,7 +135,9 @@ class Watcher(Outbox[WatcherEvent]):
     """Follows the account ``domain``'s devices (except ``own_name``) by LLQ. See the module docstring.
 
     ``rand``, ``lease`` and one TSIG session with ``key`` (``now`` is then Unix time) go to every
-    client. ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes the client for one question.
+    client. ``client_factory(qname, rdtype, rand=, lease=, tsig=)`` makes the LLQ client for one question;
+    with ``push`` (the server's DNS-over-TLS address: messages from it go to the Push session) questions
+    are followed by DNS Push while the server offers it.
     """
 
     def __init__(self, domain: str, own_name: str, *, server: Address,
@@ -225,7 +145,8 @@ class Watcher(Outbox[WatcherEvent]):
                  lease: int = LLQ_DEFAULT_LEASE,
                  key: TsigKey | None = None,
                  client_factory: ClientFactory = LLQClient,
-                 host_keys: bool = False) -> None:
+                 host_keys: bool = False,
+                 push: Address | None = None) -> None:
         super().__init__()
         self.host_keys = host_keys  # also follow each host's SSHFP and host-key TXT
         self.server = server
@@ -243,6 +164,10 @@ class Watcher(Outbox[WatcherEvent]):
         self._starting: set[Question] = set()  # started from the queue, maybe still in their handshake
         self.counters: Counter[str] = Counter()
         self.running = False
+        self.push: PushSession | None = None  # its own TSIG session: another connection
+        if push is not None:
+            self.push = PushSession(push, rand=rand, tsig=None if key is None else TsigSession(key))
+        self._push_refused: set[Question] = set()  # by LLQ until the session is next set up
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -251,19 +176,35 @@ class Watcher(Outbox[WatcherEvent]):
         if self.running:
             return
         self.running = True
+        if self.push is not None:
+            self.push.start(now)
         self._start_client(self._browse, None, now)
+        self._drain_push(now)
 
     def renew(self, now: float) -> None:
         """The network moved: the server's LLQs point at our old address, so every client sets its LLQ up
-        again (from the new one; MAX_HANDSHAKES at a time), and the answers tell what changed meanwhile."""
+        again (from the new one; MAX_HANDSHAKES at a time), and the answers tell what changed meanwhile.
+        The Push session (on its new connection) subscribes again to everything it carries."""
         queued = set(self._waiting)
-        self._renewing.update(self._watches)
-        self._waiting.extend(q for q in self._watches if q not in queued)
+        llq = [q for q, w in self._watches.items() if not isinstance(w.client, PushClient)]
+        self._renewing.update(llq)
+        self._waiting.extend(q for q in llq if q not in queued)
+        if self.push is not None:
+            self.push.reconnect(now)
         self._start_waiting(now)
+        self._drain_push(now)
         self.counters["renewals"] += 1
+
+    def push_lost(self, now: float, reason: str) -> None:
+        """The Push session's connection was lost, or could not be made (the service's port tells)."""
+        if self.push is not None and self.running:
+            self.push.connection_lost(now, reason)
+            self._drain_push(now)
 
     def close(self, now: float) -> None:
         """Stop every client (established LLQs are cancelled with lease 0) and forget all hosts."""
+        if self.push is not None:
+            self.push.close(now)  # the connection's end ends its subscriptions
         for watch in self._watches.values():
             watch.client.close(now)
             self._transmits.extend(watch.client.transmits())
@@ -274,6 +215,11 @@ class Watcher(Outbox[WatcherEvent]):
         self._starting.clear()
         self.running = False
 
+    def transmits(self) -> list[Transmit]:
+        if self.push is not None:  # the Push session's messages (its clients send through it)
+            self._transmits.extend(self.push.transmits())
+        return super().transmits()
+
     def finished(self) -> bool:
         return not self.running  # the cancellations are sent once and not answered
 
@@ -281,6 +227,11 @@ class Watcher(Outbox[WatcherEvent]):
         """Route one datagram from the server to its question's client. Never raises for network input."""
         if not self.running:
             self.counters["not running"] += 1
+            return
+        if self.push is not None and from_server(source, self.push.server):
+            self.push.receive(data, source, now)
+            self._drain_push(now)
+            self._start_waiting(now)
             return
         if not from_server(source, self.server):
             self.counters["not from the server"] += 1
@@ -296,7 +247,7 @@ class Watcher(Outbox[WatcherEvent]):
         q = msg.question[0]
         question: Question = (q.name, dns.rdatatype.RdataType.make(q.rdtype))
         watch = self._watches.get(question)
-        if watch is None or q.rdclass != dns.rdataclass.IN:
+        if watch is None or q.rdclass != dns.rdataclass.IN or isinstance(watch.client, PushClient):
             self.counters["unknown question"] += 1
             return
         watch.client.receive(data, source, now)
@@ -305,6 +256,11 @@ class Watcher(Outbox[WatcherEvent]):
 
     def poll(self, now: float) -> None:
         """Run every client's timers due at ``now``."""
+        if self.push is not None:
+            deadline = self.push.deadline()
+            if deadline is not None and deadline <= now:
+                self.push.poll(now)
+                self._drain_push(now)
         for question, watch in list(self._watches.items()):
             if self._watches.get(question) is not watch:
                 continue  # stopped while handling an earlier client's output
@@ -317,6 +273,9 @@ class Watcher(Outbox[WatcherEvent]):
     def deadline(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing scheduled)."""
         times = [t for t in (w.client.deadline() for w in self._watches.values()) if t is not None]
+        push = None if self.push is None else self.push.deadline()
+        if push is not None:
+            times.append(push)
         return min(times) if times else None
 
     def peers(self) -> list[records.HostRecords]:
@@ -348,8 +307,13 @@ class Watcher(Outbox[WatcherEvent]):
         counters: Counter[str] = Counter(self.counters)
         for watch in self._watches.values():
             counters.update(watch.client.counters)
+        transport = {"transport": "llq"}
+        if self.push is not None:
+            counters.update({f"push: {k}": v for k, v in self.push.counters.items()})
+            transport = {"transport": "push" if self.push.usable else "llq", "push": self.push.state.value}
         return {
             "running": self.running,
+            **transport,
             "browse": {label(self._browse): client_state(self._browse)},
             "hosts": hosts,
             "counters": dict(counters),
@@ -364,14 +328,54 @@ class Watcher(Outbox[WatcherEvent]):
             if host is not None:
                 watch.hosts.add(host)
             return
-        client = self._factory(question[0], question[1], server=self.server, rand=self._rand,
-                               lease=self.lease, tsig=self._tsig)
-        watch = _Watch(client)
+        watch = _Watch(self._new_client(question))
         if host is not None:
             watch.hosts.add(host)
         self._watches[question] = watch
         self.counters["clients started"] += 1
         self._waiting.append(question)
+        self._start_waiting(now)
+
+    def _new_client(self, question: Question) -> WatchClient:
+        """A Push subscription while the server offers Push, else an LLQ client."""
+        if self.push is not None and self.push.usable and question not in self._push_refused:
+            return self.push.client(*question)
+        return self._factory(question[0], question[1], server=self.server, rand=self._rand,
+                             lease=self.lease, tsig=self._tsig)
+
+    def _swap(self, question: Question, watch: _Watch, now: float) -> None:
+        """Follow ``question`` by the other kind of client (Push to LLQ, or back). The records held stay:
+        the new client's first answer replaces them as a whole, so a host still there is not lost."""
+        old = watch.client
+        old.close(now)
+        self._transmits.extend(old.transmits())
+        watch.client = self._new_client(question)
+        self.counters["clients switched"] += 1
+        self._waiting.append(question)
+
+    def _drain_push(self, now: float) -> None:
+        """Pass on what the Push session sent and reported, and its clients' events."""
+        session = self.push
+        if session is None:
+            return
+        self._transmits.extend(session.transmits())
+        for event in session.events():
+            if isinstance(event, PushUp):
+                self._push_refused.clear()
+                self._emit(TransportStatus("push"))
+                for question, watch in list(self._watches.items()):
+                    if not isinstance(watch.client, PushClient):
+                        self._swap(question, watch, now)
+            elif isinstance(event, PushUnavailable):
+                self.counters["push unavailable"] += 1
+                self._emit(TransportStatus("llq", event.reason))
+            else:
+                self._emit(event)
+        touched, session.touched = session.touched, set()
+        for question in sorted(touched, key=str):
+            held = self._watches.get(question)
+            if held is not None and isinstance(held.client, PushClient):
+                self._handle(question, held, now)
         self._start_waiting(now)
 
     def _start_waiting(self, now: float) -> None:
@@ -415,9 +419,18 @@ class Watcher(Outbox[WatcherEvent]):
 
     def _handle(self, question: Question, watch: _Watch, now: float) -> None:
         """Pass on what the client sent, and apply what it reported."""
-        self._transmits.extend(watch.client.transmits())
+        client = watch.client
+        self._transmits.extend(client.transmits())
         changed = False
-        for event in watch.client.events():
+        for event in client.events():
+            if isinstance(event, Refused):  # the server will not serve it by Push: LLQ it is
+                self.counters["push refused"] += 1
+                if self.push is not None and self.push.usable:
+                    self._push_refused.add(question)
+                self._emit(QueryStatus(question[0], question[1], "fallback", event.reason))
+                if self._watches.get(question) is watch and watch.client is client:
+                    self._swap(question, watch, now)
+                continue
             changed |= self._apply(question, watch, event)
         if not changed:
             return

@@ -6,7 +6,9 @@ says, each ``recvfrom`` one whole message back (tunneld.proto.dnsframe). The con
 send and again after the server closed it (idle timeout, restart): the core's own retransmissions are the
 retry, and a failed connection attempt only waits ``RECONNECT_BACKOFF`` before the next may be tried, so a
 server that is down costs one attempt per core retry, never a loop. The server is verified against the
-account CA (tunneld.accountca) by name.
+account CA (tunneld.accountca) by name; the client may present its device's certificate under the same CA
+(DNS Push membership). A session core that must know its connection's fate (the watcher's DNS Push) is
+told through ``on_lost`` (a failed attempt, or an open connection lost) and may ``drop`` the connection.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Final
 
 import trio
 
+from tunneld.accountca import memory_file
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.errors import ParseError
 
@@ -45,6 +48,13 @@ class TlsPort:
         self._failed_at = -float("inf")
         self._closed = False
         self._lock = trio.Lock()  # one connection attempt at a time
+        self.on_lost: Callable[[str], None] | None = None
+        """Called (synchronously) when a connection attempt fails or an open connection is lost; not
+        for what the owner closes or drops."""
+
+    def _lost(self, why: str) -> None:
+        if self.on_lost is not None and not self._closed:
+            self.on_lost(why)
 
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
         async with self._lock:
@@ -66,27 +76,38 @@ class TlsPort:
             except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
                 self._failed_at = trio.current_time()
                 self.connect_errors += 1
-                why = str(e) or type(e).__name__
-                raise OSError(f"TLS to {self.server[0]} port {self.server[1]}: {why}") from None
+                why = f"TLS to {self.server[0]} port {self.server[1]}: {str(e) or type(e).__name__}"
+                self._lost(why)
+                raise OSError(why) from None
             self.connects += 1
             self._stream = stream
             self._frames = FrameBuffer()
             self._connected.set()
             return stream
 
-    async def _drop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        if self._stream is stream:
+    async def _drop(self, stream: trio.SSLStream[trio.SocketStream], why: str) -> None:
+        if self._stream is stream:  # lost, not dropped by the owner: say so
             self._stream = None
             self._connected = trio.Event()
+            self._lost(why)
         await trio.aclose_forcefully(stream)
+
+    def drop(self) -> None:
+        """Close the current connection, if any (the next send opens a new one); ``on_lost`` is not
+        called: the owner knows."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._connected = trio.Event()
+            stream.transport_stream.socket.close()
 
     async def sendto(self, data: bytes, address: Any, /) -> int:
         stream = await self._connect()
         try:
             await stream.send_all(frame(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            await self._drop(stream)
-            raise OSError(f"TLS to {self.server[0]}: connection lost ({e})") from None
+            why = f"TLS to {self.server[0]}: connection lost ({e})"
+            await self._drop(stream, why)
+            raise OSError(why) from None
         return len(data)
 
     async def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]:
@@ -105,13 +126,13 @@ class TlsPort:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:  # the server closed (its idle timeout): the next send reconnects
-                await self._drop(stream)
+                await self._drop(stream, f"TLS to {self.server[0]}: closed by the server")
                 continue
             try:
                 self._frames.feed(bytes(data))
             except ParseError as e:  # a frame we refuse: the connection is no longer in step
                 log.debug("TLS from %s: %s", self.server[0], e)
-                await self._drop(stream)
+                await self._drop(stream, f"TLS from {self.server[0]}: {e}")
 
     def close(self) -> None:
         """Close the connection (the driver's receivers see ClosedResourceError)."""
@@ -122,11 +143,17 @@ class TlsPort:
         self._connected.set()
 
 
-def client_context(ca_pem: bytes) -> ssl.SSLContext:
-    """A TLS 1.3 client context that trusts only the account CA ``ca_pem``, names checked."""
+def client_context(ca_pem: bytes, certificate: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 client context that trusts only the account CA ``ca_pem``, names checked; with
+    ``certificate`` (PEM chain, PEM key: the device's, under the account CA) it presents that, the key
+    loaded through memory only."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    if certificate is not None:
+        chain, key = certificate
+        with memory_file(chain) as chain_path, memory_file(key) as key_path:
+            ctx.load_cert_chain(chain_path, key_path)
     return ctx
 
 
