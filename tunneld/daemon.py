@@ -43,6 +43,7 @@ from tunneld.sdnotify import Notifier
 from tunneld.services import control
 from tunneld.services.discover import (
     LLQ_SERVICE,
+    PUSH_TLS_SERVICE,
     UPDATE_SERVICE,
     UPDATE_TLS_SERVICE,
     TlsLookup,
@@ -350,19 +351,26 @@ class Daemon:
         acct = self.config.account
         if acct.server is None or acct.name is None:
             return
-        server = await find_server((str(acct.server.host), acct.server.port), acct.domain, LLQ_SERVICE,
-                                   self.config.tsig_key, acct.tsig_algorithm)
+        host, key, algorithm = str(acct.server.host), self.config.tsig_key, acct.tsig_algorithm
+        tls = self._discovery_tls()
+        if tls is None:
+            server = await find_server((host, acct.server.port), acct.domain, LLQ_SERVICE, key, algorithm)
+        else:  # every lookup over TLS: the LLQ server (Push's fallback) too, else the configured one
+            found = await find_server((host, DOT_PORT), acct.domain, LLQ_SERVICE, key, algorithm, tls=tls)
+            server = (host, acct.server.port) if found == (host, DOT_PORT) else found
         if self.config.ssh.known_hosts is not None:
             write = self.writer.writer(KNOWN_HOSTS) if self.writer else write_block
             self.known_hosts = KnownHostsService(self.config.ssh.known_hosts, acct.domain, write)
             await self._nursery.start(self.known_hosts.run)
         push = None
         cert = self.config.client_certificate
-        if acct.transport == "tls" and self.config.account_ca is not None and cert is not None:
-            # DNS Push on the server's DNS-over-TLS port, as a member (the device's certificate); LLQ
-            # over UDP stays the fallback.
+        if tls is not None and self.config.account_ca is not None and cert is not None:
+            # DNS Push where its _dns-push-tls._tcp SRV says, else on the server's DNS-over-TLS port, as a
+            # member (the device's certificate); LLQ over UDP stays the fallback.
+            push_at = await find_server((host, DOT_PORT), acct.domain, PUSH_TLS_SERVICE, key, algorithm,
+                                        tls=tls)
             context = client_context(self.config.account_ca, (cert.chain, cert.key))
-            push = PushTransport((str(acct.server.host), DOT_PORT), context, acct.domain)
+            push = PushTransport(push_at, context, acct.domain)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
                                       self._on_watch_event, host_keys=self.known_hosts is not None,
                                       push=push)

@@ -65,7 +65,13 @@ def render_status(st: dict[str, Any]) -> str:
         out.append(f"  dns publish: {pub.get('state')}: {pub.get('message', '')}")
     watch = st.get("watch") or {}
     if watch.get("state") not in (None, "disabled"):
-        out.append(f"  dns watch: {watch.get('state')} via {watch.get('server', '?')}")
+        if watch.get("transport") == "push":
+            how = f"by DNS Push over TLS via {watch.get('push_server', '?')}"
+        else:
+            how = f"by LLQ via {watch.get('server', '?')}"
+            if watch.get("push_server"):
+                how += f" (DNS Push at {watch['push_server']}: {watch.get('push', '?')})"
+        out.append(f"  dns watch: {watch.get('state')} {how}")
     for p in st["peers"]:
         hs = p["last_handshake"]
         ago = f"{max(0, int(time.time() - hs))} s ago" if hs else "never"
