@@ -193,6 +193,12 @@ def cmd_updates(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         return pipelined(sock, signer, a.prefix, a.count, a.window)
 
 
+def _id_base() -> int:
+    """A random first message ID: a run that sends the same UPDATE as an earlier one within its TSIG
+    window must not look like its retransmission (the server answers a copy without applying it)."""
+    return int.from_bytes(os.urandom(2), "big")
+
+
 def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
     """One datagram and its kernel receive time (CLOCK_REALTIME seconds), or None if none is waiting."""
     try:
@@ -259,7 +265,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
 
     try:
         # The name exists before the watchers start, so every event is a replacement.
-        wire, mac = signer.update(a.name, "2001:db8:7::", 1, replace=True)
+        ids = _id_base()
+        wire, mac = signer.update(a.name, "2001:db8:7::", ids, replace=True)
         upd_sock.send(wire)
         upd_sock.settimeout(TIMEOUT)
         first = signer.check(upd_sock.recv(65535), mac)
@@ -281,7 +288,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for k in range(a.events):
             target = f"2001:db8:7::{k + 1:x}"
             got.clear()
-            wire, mac = signer.update(a.name, target, (k + 2) % 65536, replace=True)
+            wire, mac = signer.update(a.name, target, (ids + k + 1) % 65536, replace=True)
             upd_sock.setblocking(False)
             t_send = time.time()
             upd_sock.send(wire)
@@ -322,14 +329,15 @@ def cmd_push_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     upd_sock.settimeout(TIMEOUT)
     try:
         # The name exists before the sessions subscribe, so every event is a replacement.
-        wire, mac = signer.update(a.name, "2001:db8:8::", 1, replace=True)
+        ids = _id_base()
+        wire, mac = signer.update(a.name, "2001:db8:8::", ids, replace=True)
         upd_sock.send(wire)
         first = signer.check(upd_sock.recv(65535), mac)
         if first != "NOERROR":
             raise SystemExit(f"the first update failed: {first}")
 
         def update(k: int, target: str) -> tuple[float, Callable[[], str]]:
-            wire, mac = signer.update(a.name, target, (k + 2) % 65536, replace=True)
+            wire, mac = signer.update(a.name, target, (ids + k + 1) % 65536, replace=True)
             t_send = time.time()
             upd_sock.send(wire)
 

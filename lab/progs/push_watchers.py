@@ -196,6 +196,7 @@ def run(server: str, port: int, zone: str, secret: bytes, name: str, watchers: i
             raise SystemExit(f"only {ready} of {watchers} subscriptions were acknowledged")
         pump(0.2)  # the initial PUSHes
         samples: list[float] = []
+        per_update: list[int] = []
         failures: Counter[str] = Counter()
         for k in range(events):
             target = f"2001:db8:8::{k + 1:x}"
@@ -208,12 +209,14 @@ def run(server: str, port: int, zone: str, secret: bytes, name: str, watchers: i
             if rc != "NOERROR":
                 failures[rc] += 1
             samples += [stamp - t_send for stamp in got.values()]
+            per_update.append(len(got))
         for s in sessions:
             counters.update(s.counters)
     finally:
         for s in sessions:
             s.close()
     return {"watchers": watchers, "updates": events, "expected": watchers * events, "received": len(samples),
-            "setup_seconds": setup_seconds, "samples": samples, "failures": sum(failures.values()),
+            "setup_seconds": setup_seconds, "samples": samples, "per_update": per_update,
+            "failures": sum(failures.values()),
             "failure_kinds": dict(failures), "client_counters": dict(sorted(counters.items()))}
 
