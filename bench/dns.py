@@ -259,7 +259,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
           "TSIG-signed, one UDP socket each; Push watchers: one TLS session each with a client certificate "
           "under the account CA; send of the UPDATE (UDP) -> kernel receive timestamp of each watcher's "
           "event datagram or of the TCP segment completing its PUSH", file=out)
-    head = (f"| {'server':<17} | {'watchers':<17} | {'events received/expected':<26} | {'median ms':>9} | "
+    head = (f"| {'server':<17} | {'watchers':<17} | {'events received/expected':<31} | {'median ms':>9} | "
             f"{'p90 ms':>7} | {'max ms':>7} |")
     print(head, file=out)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", file=out)
@@ -267,12 +267,12 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         ev = r.get(kind) or {}
         if ev:
             got = f"{ev['received']}/{ev['expected']}"
-            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {got:<26} | "
+            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {got:<31} | "
                   f"{ev['median_ms']:>9.3f} | {ev['p90_ms']:>7.3f} | {ev['max_ms']:>7.3f} |", file=out)
         else:
-            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {'not measured':<26} | {'-':>9} | "
+            print(f"| {LABELS['tunneld']:<17} | {EVENT_LABELS[kind]:<17} | {'not measured':<31} | {'-':>9} | "
                   f"{'-':>7} | {'-':>7} |", file=out)
-    print(f"| {LABELS['bind']:<17} | {'-':<17} | {'no LLQ or Push (RFC 8764, 8765)':<26} | {'-':>9} | "
+    print(f"| {LABELS['bind']:<17} | {'-':<17} | {'no LLQ or Push (RFC 8764, 8765)':<31} | {'-':>9} | "
           f"{'-':>7} | {'-':>7} |", file=out)
 
 
