@@ -138,7 +138,7 @@ def test_kdig_finds_the_tls_services_over_tls(served: TlsServed) -> None:
     checking the zone's name, and the three TLS service SRV records name the TLS port."""
     r = kdig_tls(served.lab, served.a, served.ca, "SOA", ZONE)
     assert "status: NOERROR" in r.stdout and ";; TLS session (TLS1.3)" in r.stdout, r.stdout + r.stderr
-    for service in ("_dns-update-tls._tcp", "_dns-query-tls._tcp", "_dns-push-tls._tcp"):
+    for service in ("_dns-update-tls._tcp", "_dns-query-tls._tcp", "_dns-push-tls._tcp", "_dns-llq-tls._tcp"):
         r = kdig_tls(served.lab, served.a, served.ca, "SRV", f"{service}.{ZONE}")
         assert _kdig_answers(r) == [f"0 0 {TLS_PORT} {SERVER_NAME}."], r.stdout
     r = kdig_tls(served.lab, served.a, served.ca, "SRV", f"_dns-update._udp.{ZONE}")

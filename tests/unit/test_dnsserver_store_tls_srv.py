@@ -1,6 +1,6 @@
-"""The zone's DNS-over-TLS service records: `_dns-update-tls._tcp`, `_dns-query-tls._tcp` and
-`_dns-push-tls._tcp` SRV at the TLS port when serve-dns has one, protected always, and public (a client
-finds the server before it can sign)."""
+"""The zone's DNS-over-TLS service records: `_dns-update-tls._tcp`, `_dns-query-tls._tcp`,
+`_dns-push-tls._tcp` and `_dns-llq-tls._tcp` (Apple's LLQ over TLS) SRV at the TLS port when serve-dns has
+one, protected always, and public (a client finds the server before it can sign)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from tunneld.dnsserver.core import DnsCore, account_key
 from tunneld.dnsserver.store import TLS_SRV_SERVICES, AddRR, Lease, ZoneStore
 from tunneld.proto.srv import (
+    LLQ_TLS_SRV_SERVICE,
     PUSH_TLS_SRV_SERVICE,
     QUERY_TLS_SRV_SERVICE,
     UPDATE_TLS_SRV_SERVICE,
@@ -29,7 +30,7 @@ ZONE = dns.name.from_text(DOMAIN)
 SECRET = bytes(range(32))
 KEY = account_key(SECRET, DOMAIN)
 T0 = 1_800_000_000.0
-SERVICES = (UPDATE_TLS_SRV_SERVICE, QUERY_TLS_SRV_SERVICE, PUSH_TLS_SRV_SERVICE)
+SERVICES = (UPDATE_TLS_SRV_SERVICE, QUERY_TLS_SRV_SERVICE, PUSH_TLS_SRV_SERVICE, LLQ_TLS_SRV_SERVICE)
 
 
 def n(text: str) -> dns.name.Name:
@@ -52,7 +53,8 @@ def ask(core: DnsCore, qname: dns.name.Name, rdtype: int, *, signed: bool) -> dn
 
 
 def test_the_service_names_are_the_ones_clients_look_for() -> None:
-    assert SERVICES == ("_dns-update-tls._tcp", "_dns-query-tls._tcp", "_dns-push-tls._tcp")
+    assert SERVICES == ("_dns-update-tls._tcp", "_dns-query-tls._tcp", "_dns-push-tls._tcp",
+                        "_dns-llq-tls._tcp")
     assert TLS_SRV_SERVICES == SERVICES
 
 

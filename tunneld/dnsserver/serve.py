@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final
 
+import dns.flags
 import dns.message
 import dns.opcode
 import dns.rcode
@@ -48,6 +49,8 @@ from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kin
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 from tunneld.proto.dnsguard import try_parse
+from tunneld.proto.errors import ParseError
+from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
 __all__ = ["RrlLimits", "TcpLimits", "serve"]
@@ -59,6 +62,19 @@ SWEEP_MAX_SLEEP: Final = 60.0
 
 _UDP_MAX: Final = 65535
 _OPCODE_UPDATE: Final = 5
+
+
+def llq_event_port(msg: dns.message.Message | ParseError, peer: object) -> tuple[str, int] | None:
+    """Where the events of an LLQ set up or refreshed over TCP or TLS go: Apple's clients put the UDP port
+    for them in the LLQ-ERROR field of such a SETUP or REFRESH (dnsextd and mDNSResponder; RFC 8764 leaves
+    LLQ to UDP), and they go to the connection's own address, which the TCP handshake proved, so a client
+    can direct them to no one else. None: not such a request (the message is answered as any other)."""
+    if isinstance(msg, ParseError) or msg.flags & dns.flags.QR or not isinstance(peer, tuple) or not peer:
+        return None
+    option = find_llq_option(msg)
+    if option is None or option.opcode not in (LLQ_OP_SETUP, LLQ_OP_REFRESH) or option.error == 0:
+        return None
+    return (str(peer[0]), option.error)
 
 
 def _socket_family(host: str) -> int:
@@ -108,6 +124,14 @@ class _Server:
             if out is not None:
                 self.llq_wake.set()
                 return None, out
+        elif self.llq is not None and (events_to := llq_event_port(msg, src)) is not None:
+            # An LLQ set up over TCP or TLS (Apple's extension): the reply goes back on the connection, the
+            # events go over UDP to the connection's address, at the port the request named.
+            out = self.llq.handle(wire, events_to, now, msg=msg)
+            if out is not None:
+                self.llq_wake.set()
+                reply = next((w for d, w in out if d == events_to), None)
+                return reply, [o for o in out if o[0] != events_to]
         self.core.last_changes = []
         reply = self.core.handle(wire, src, now, max_size=max_size, msg=msg)
         self._count(wire, reply)

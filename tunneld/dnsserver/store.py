@@ -32,6 +32,7 @@ import dns.rdatatype
 from tunneld.dnsserver.replay import MAX_KEPT, Answered
 from tunneld.proto.srv import (
     LLQ_SRV_SERVICE,
+    LLQ_TLS_SRV_SERVICE,
     PUSH_TLS_SRV_SERVICE,
     QUERY_TLS_SRV_SERVICE,
     UPDATE_SRV_SERVICE,
@@ -52,7 +53,8 @@ __all__ = [
     "ZoneStore",
 ]
 
-TLS_SRV_SERVICES: Final = (UPDATE_TLS_SRV_SERVICE, QUERY_TLS_SRV_SERVICE, PUSH_TLS_SRV_SERVICE)
+TLS_SRV_SERVICES: Final = (UPDATE_TLS_SRV_SERVICE, QUERY_TLS_SRV_SERVICE, PUSH_TLS_SRV_SERVICE,
+                           LLQ_TLS_SRV_SERVICE)
 """The SRV records naming the DNS-over-TLS port, published when the server has one."""
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,18 @@ from tunneld.proto.dnsguard import parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
 
-__all__ = ["LLQ_SRV_SERVICE", "PUSH_TLS_SRV_SERVICE", "QUERY_TLS_SRV_SERVICE", "TURN_SRV_SERVICE",
-           "UPDATE_SRV_SERVICE", "UPDATE_TLS_SRV_SERVICE", "SrvQuery", "build_srv_query", "pick_srv_target"]
+__all__ = ["LLQ_SRV_SERVICE", "LLQ_TLS_SRV_SERVICE", "PUSH_TLS_SRV_SERVICE", "QUERY_TLS_SRV_SERVICE",
+           "TURN_SRV_SERVICE", "UPDATE_SRV_SERVICE", "UPDATE_TLS_SRV_SERVICE", "SrvQuery", "build_srv_query",
+           "pick_srv_target"]
 
 UPDATE_SRV_SERVICE: Final = "_dns-update._udp"  # RFC 2136 servers (DNS-SD, RFC 6763 §10)
 LLQ_SRV_SERVICE: Final = "_dns-llq._udp"  # RFC 8764 §5.1
 TURN_SRV_SERVICE: Final = "_turn._udp"  # RFC 5928 §3 (TURN over UDP)
-# DNS over TLS (RFC 7858): the names mDNSResponder's dnsextd registered for UPDATE and for queries over TLS,
+# DNS over TLS (RFC 7858): the names mDNSResponder's dnsextd registered for UPDATE, queries and LLQ over TLS,
 # and RFC 8765 §6.1's for DNS Push. Their targets are the server's TLS port (853 unless told otherwise).
 UPDATE_TLS_SRV_SERVICE: Final = "_dns-update-tls._tcp"  # dnsextd (mDNSResponder uDNS.c)
 QUERY_TLS_SRV_SERVICE: Final = "_dns-query-tls._tcp"  # dnsextd (mDNSResponder uDNS.c)
+LLQ_TLS_SRV_SERVICE: Final = "_dns-llq-tls._tcp"  # dnsextd (mDNSResponder uDNS.c): LLQ set up over TLS
 PUSH_TLS_SRV_SERVICE: Final = "_dns-push-tls._tcp"  # RFC 8765 §6.1
 
 
