@@ -25,6 +25,8 @@ from tunneld.config_values import show
 from tunneld.privdrop import PrivilegeError
 
 if TYPE_CHECKING:
+    import ssl
+
     from tunneld.config_model import Endpoint
 
 __all__ = ["DEFAULT_DNS_DB", "DEFAULT_DNS_LISTEN", "add_parser", "cmd_serve_dns"]
@@ -120,12 +122,14 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write the zone database --db {db}: {e}") from None
     keys = [account_key(secret, zone)]
     tls = None
+    renew_leaf = None
     if tls_listen is not None:
         from tunneld.dnsserver.tls import server_context
         # The certificate names what the account CA may name: the zone, and our server name if inside it.
         names = [n for n in (server.to_text(omit_final_dot=True), zone)
                  if dns.name.from_text(n).is_subdomain(dns.name.from_text(zone))]
         tls = (str(tls_listen.host), tls_listen.port, server_context(secret, zone, names, int(time.time())))
+        renew_leaf = functools.partial(_renew_leaf, tls[2], secret, zone, names)
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
 
     async def run() -> None:
@@ -136,6 +140,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
                                                       metrics=metrics, tls=tls, after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
+                if renew_leaf is not None:
+                    nursery.start_soon(renew_leaf)
                 async for signum in signals:
                     logging.getLogger("tunneld.dnsserver").info(
                         "%s: shutting down", signal.Signals(signum).name)
@@ -164,6 +170,23 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+async def _renew_leaf(ctx: ssl.SSLContext, secret: bytes, zone: str, names: list[str]) -> None:
+    """A fresh TLS leaf every RENEW_INTERVAL while serving (the one issued at start lasts 397 days)."""
+    import ssl
+
+    import trio
+
+    from tunneld.dnsserver.tls import RENEW_INTERVAL, renew
+    while True:
+        await trio.sleep(RENEW_INTERVAL)
+        try:
+            renew(ctx, secret, zone, names, int(time.time()))
+        except (OSError, ssl.SSLError, ValueError) as e:  # keep the current leaf; try again next time
+            logging.getLogger("tunneld.dnsserver").warning("cannot renew the TLS certificate: %s", e)
+        else:
+            logging.getLogger("tunneld.dnsserver").info("TLS certificate renewed")
 
 
 def tls_srv_port(listen: Endpoint, tls_listen: Endpoint | None, *, addressed: bool) -> int | None:

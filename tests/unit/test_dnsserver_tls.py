@@ -4,6 +4,7 @@ slot for one idle timeout, and is counted)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import ssl
@@ -21,7 +22,7 @@ from tests.unit.test_dnsserver_tcp import DOMAIN, free_port, make_core
 from tunneld.accountca import account_ca
 from tunneld.dnsserver.serve import serve
 from tunneld.dnsserver.tcp import TcpLimits
-from tunneld.dnsserver.tls import LEAF_LIFETIME, server_certificate, server_context
+from tunneld.dnsserver.tls import LEAF_LIFETIME, renew, server_certificate, server_context
 from tunneld.services.tlsport import client_context
 
 SECRET = bytes(range(32))
@@ -117,3 +118,38 @@ def test_a_silent_client_is_closed_after_the_idle_timeout_without_a_handshake() 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> x509.Certificate:
+    """A TLS handshake over memory BIOs: the leaf the server presented."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        der = c.getpeercert(binary_form=True) if s.version() and c.version() else None
+        if der:
+            return x509.load_der_x509_certificate(der)
+    raise AssertionError("the handshake did not finish")
+
+
+def test_renew_gives_new_connections_a_fresh_leaf_and_key() -> None:
+    """serve-dns renews its leaf while running (a server up for more than 397 days): the same context
+    presents a new certificate and key, still under the account CA and for the same names."""
+    now = int(time.time())
+    ctx = server_context(SECRET, DOMAIN, [NAME], now)
+    client = client_context(account_ca(SECRET, DOMAIN).pem)
+    before = _handshake(ctx, client, NAME)
+    renew(ctx, SECRET, DOMAIN, [NAME], now + 60)
+    after = _handshake(ctx, client, NAME)
+    assert after.serial_number != before.serial_number
+    assert after.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo) != \
+        before.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert after.not_valid_after_utc.timestamp() == now + 60 + LEAF_LIFETIME
+    assert after.issuer == before.issuer

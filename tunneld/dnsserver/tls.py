@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tunneld.accountca import AccountCA, account_ca, issue_server, new_serial
 from tunneld.accountca import memory_file as _memory_file
 
-__all__ = ["LEAF_LIFETIME", "is_member", "server_certificate", "server_context"]
+__all__ = ["LEAF_LIFETIME", "RENEW_INTERVAL", "is_member", "renew", "server_certificate", "server_context"]
 
 LEAF_LIFETIME: Final = 397 * 86400  # seconds: the CA/B Forum's longest; a new leaf at every start
+RENEW_INTERVAL: Final = 30 * 86400  # seconds between fresh leaves of a running server (renew)
 CLOCK_SKEW: Final = 3600  # seconds the leaf is valid before its issue: clients whose clocks run behind
 
 
@@ -48,15 +49,28 @@ def server_context(secret: bytes, zone: str, names: Sequence[str], now: int,
     zone's server names) issued under the account CA derived from ``secret``, asking for an optional client
     certificate verified against that CA."""
     ca = account_ca(secret, zone)
-    chain, key = server_certificate(ca, names, now, rand)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    with _memory_file(chain) as cert_path, _memory_file(key) as key_path:
-        ctx.load_cert_chain(cert_path, key_path)
+    _load(ctx, ca, names, now, rand)
     ctx.verify_mode = ssl.CERT_OPTIONAL  # a client may present none; one that does must verify
     ctx.load_verify_locations(cadata=ca.pem.decode("ascii"))
     return ctx
+
+
+def renew(ctx: ssl.SSLContext, secret: bytes, zone: str, names: Sequence[str], now: int,
+          rand: Callable[[int], bytes] = os.urandom) -> None:
+    """Give ``ctx`` (a :func:`server_context`) a fresh key and leaf: connections from now on get them, those
+    open keep theirs. serve-dns calls it every :data:`RENEW_INTERVAL`, so a server that runs for years
+    never presents an expired leaf."""
+    _load(ctx, account_ca(secret, zone), names, now, rand)
+
+
+def _load(ctx: ssl.SSLContext, ca: AccountCA, names: Sequence[str], now: int,
+          rand: Callable[[int], bytes]) -> None:
+    chain, key = server_certificate(ca, names, now, rand)
+    with _memory_file(chain) as cert_path, _memory_file(key) as key_path:
+        ctx.load_cert_chain(cert_path, key_path)
 
 
 def is_member(peer_certificate: object, zone: str) -> bool:
