@@ -35,6 +35,7 @@ class Roam:
     dns_at: tuple[str, int]
     workdir: Path
     upnp: MiniUPnPd | None = None
+    tls: bool = False  # the account's signalling over TLS (serve-dns --tls, join --tls): DNS Push watches
 
     @property
     def at(self) -> str:
@@ -47,7 +48,7 @@ class Roam:
         return t0
 
     def join(self, host: Host, name: str) -> Node:
-        return joined(self.lab, host, name, self.secret, self.dns_at, self.workdir)
+        return joined(self.lab, host, name, self.secret, self.dns_at, self.workdir, tls=self.tls)
 
     def dig(self, qtype: str, name: str) -> list[str]:
         return dig(self.lab, self.hosts["desktop"], self.dns_at, qtype, name, self.secret)
@@ -94,11 +95,11 @@ def wan(where: str) -> str:
 
 @contextlib.contextmanager
 def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
-             udp_timeout: int | None = None, verbose: bool = False) -> Iterator[Roam]:
+             udp_timeout: int | None = None, verbose: bool = False, tls: bool = False) -> Iterator[Roam]:
     """The roaming lab with serve-dns and `tunneld up` on the desktop, miniupnpd on the home router (if
     `upnp`), and the laptop joined at `at`; returns once each knows the other from DNS. `udp_timeout`
     sets both routers' conntrack UDP timeouts (seconds) before anything flows; `verbose` runs both daemons
-    with debug logging."""
+    with debug logging; `tls`: the account's signalling over TLS (serve-dns --tls, join --tls)."""
     with Lab() as lab, contextlib.ExitStack() as stack:
         hosts = roaming(lab, at="home")
         if udp_timeout is not None:
@@ -109,7 +110,7 @@ def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
         write_secret(secret)
         desktop_h = hosts["desktop"]
         dns_at = (desktop_h.addr4, DNS_PORT)
-        serve_dns(lab, Node(desktop_h, workdir / "dns", desktop_h.addr4), secret, workdir, dns_at)
+        serve_dns(lab, Node(desktop_h, workdir / "dns", desktop_h.addr4), secret, workdir, dns_at, tls=tls)
         mini = None
         if upnp:
             mini = stack.enter_context(MiniUPnPd(lab, hosts["laptop"], hosts["home"], desktop_h,
@@ -118,9 +119,9 @@ def roam_lab(workdir: Path, at: str = "home", upnp: bool = True,
         if at != "home":
             move(lab, hosts["laptop"], at)
         args = ("--verbose",) if verbose else ()
-        desktop = joined(lab, desktop_h, "desktop", secret, dns_at, workdir, args=args)
-        laptop = joined(lab, hosts["laptop"], "laptop", secret, dns_at, workdir, args=args)
-        r = Roam(lab, hosts, desktop, laptop, secret, dns_at, workdir, mini)
+        desktop = joined(lab, desktop_h, "desktop", secret, dns_at, workdir, args=args, tls=tls)
+        laptop = joined(lab, hosts["laptop"], "laptop", secret, dns_at, workdir, args=args, tls=tls)
+        r = Roam(lab, hosts, desktop, laptop, secret, dns_at, workdir, mini, tls)
         wait_for(lambda: knows(laptop, desktop) and knows(desktop, laptop), timeout=20,
                  what="the laptop and the desktop to learn each other through DNS")
         yield r

@@ -164,6 +164,34 @@ def test_a_device_that_joins_after_the_move_is_learned(tmp_path: Path) -> None:
         ping6(r.lab, r.desktop, phone)
 
 
+def test_over_tls_the_push_session_and_the_records_follow_a_move(tmp_path: Path) -> None:
+    """The account's signalling over TLS (serve-dns --tls, join --tls): the laptop moves home -> café; its
+    publisher's TLS connection and its watcher's DNS Push session are remade from the new network at once
+    (the network change, not a timeout, triggers it), the records follow, and a device that joins after the
+    move is learned by Push."""
+    with roam_lab(tmp_path, at="home", tls=True) as r:
+        wait_for(lambda: r.laptop_published_at("home"), timeout=10, what="the laptop's home records")
+        before = status(r.laptop)["watch"]
+        assert before["transport"] == "push" and before["push"] == "up", before
+        assert before["counters"].get("push: reconnected after a network change", 0) == 0, before
+        generation = int(status(r.laptop)["network"]["generation"])
+        began = r.move("cafe")
+        wait_for(lambda: r.laptop_published_at("cafe") and moved(status(r.laptop), generation), timeout=10,
+                 what="the records for the café")
+        published = time.time() - began
+        watch = status(r.laptop)["watch"]
+        assert watch["counters"].get("push: reconnected after a network change", 0) >= 1, watch["counters"]
+        wait_for(lambda: status(r.laptop)["watch"]["push"] == "up", timeout=10,
+                 what="the Push session up again from the café")
+        phone = r.join(public_host(r.lab, r.hosts["inet"], "phone", 2), "phone")
+        wait_for(lambda: knows(r.laptop, phone) and knows(phone, r.laptop), timeout=15,
+                 what="the laptop to learn the phone (and it the laptop) after the move")
+        assert status(r.laptop)["watch"]["transport"] == "push"
+        print(f"records at the café {published:.2f} s after the move, over TLS")
+        ping6(r.lab, r.laptop, phone)
+        ping6(r.lab, r.desktop, r.laptop, timeout=5)
+
+
 def test_a_spell_without_any_network_then_the_cafe(tmp_path: Path) -> None:
     """Out of range: the laptop loses its uplink and has no route at all for a while (every socket that
     connects to the server fails then), then arrives at the café; it carries on and is reached there."""
