@@ -12,6 +12,7 @@ import contextlib
 import json
 import queue
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
     from lab.netns import Host, Lab
 
 REPO = Path(__file__).resolve().parents[2]
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python 3.11 does not export it
+
+
+def kernel_stamp(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive time (CLOCK_REALTIME seconds) in a recvmsg's ancillary data on a socket with
+    SO_TIMESTAMPNS on (UDP, and TCP: the last segment read), else the time now."""
+    for level, kind, cdata in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
+            sec, nsec = struct.unpack("@qq", cdata[:16])
+            return float(sec + nsec / 1e9)
+    return time.time()
 
 
 def argv(name: str, *args: str) -> list[str]:

@@ -30,7 +30,6 @@ import argparse
 import os
 import select
 import socket
-import struct
 import sys
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.update
 
-from lab.progs import cli, push_watchers
+from lab.progs import SO_TIMESTAMPNS, cli, kernel_stamp, push_watchers
 from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
@@ -53,7 +52,6 @@ from tunneld.proto.tsig import TsigKey, TsigSession
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
 SETUP_TIMEOUT = 30.0  # seconds for all LLQs to be established
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python 3.11 does not export it
 TTL = 60
 
 
@@ -205,12 +203,7 @@ def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
         data, anc, _flags, _addr = sock.recvmsg(65535, socket.CMSG_SPACE(16))
     except (BlockingIOError, ConnectionRefusedError):
         return None
-    stamp = time.time()
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
-            sec, nsec = struct.unpack("@qq", cdata[:16])
-            stamp = sec + nsec / 1e9
-    return data, stamp
+    return data, kernel_stamp(anc)
 
 
 def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import tempfile
 import time
 from collections import Counter
@@ -29,12 +28,12 @@ import dns.rdatatype
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from lab.progs import SO_TIMESTAMPNS, kernel_stamp
 from tunneld.accountca import account_ca, issue_client, new_serial
 from tunneld.proto import dso_wire as dso
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.errors import ParseError
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python 3.11 does not export it
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE_ID, SUBSCRIBE_ID = 1, 2
 KEEPALIVE_MS = 60_000
@@ -95,13 +94,8 @@ class Session:
         data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(16))
         if not data:
             return None
-        stamp = time.time()
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
-                sec, nsec = struct.unpack("@qq", cdata[:16])
-                stamp = sec + nsec / 1e9
         self.incoming.write(data)
-        return stamp
+        return kernel_stamp(anc)
 
     def send(self, message: dso.DsoMessage) -> None:
         self.tls.write(frame(dso.encode(message)))

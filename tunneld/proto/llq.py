@@ -32,7 +32,6 @@ import dns.rrset
 
 from tunneld.proto.core import Address, Outbox
 from tunneld.proto.dnswire import from_server
-from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_cache import Added, AnswerCache, Removed
 from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_ERROR,
@@ -43,12 +42,11 @@ from tunneld.proto.llq_wire import (
     LLQ_VERSION,
     UDP_PAYLOAD,
     LLQOption,
-    answer_ttls,
     error_name,
     find_llq_option,
-    parse_message,
+    read_answer,
 )
-from tunneld.proto.tsig import TsigError, TsigSession
+from tunneld.proto.tsig import TsigSession
 
 __all__ = [
     "LLQ_DEFAULT_LEASE",
@@ -243,21 +241,11 @@ class LLQClient(Outbox["Event"]):
         if self.state in (LLQState.IDLE, LLQState.STOPPED):
             self.counters["not running"] += 1
             return
-        if self.tsig is not None:
-            try:
-                self.tsig.verify(data, now)
-            except (TsigError, ParseError):
-                self.counters["tsig rejected"] += 1
-                return
-        try:
-            msg = parse_message(data)
-            ttls = answer_ttls(data)
-        except ParseError as e:
-            self.counters[f"parse error: {e}"] += 1
+        read = read_answer(data, self.tsig, now)
+        if isinstance(read, str):
+            self.counters[read] += 1
             return
-        if len(ttls) != len(msg.answer):  # one RR per RRset, so they must line up
-            self.counters["parse error: answer count"] += 1
-            return
+        msg, ttls = read
         if not msg.flags & dns.flags.QR or msg.opcode() != dns.opcode.QUERY:
             self.counters["not a query response"] += 1
             return

@@ -20,6 +20,7 @@ import dns.wire
 from tunneld.proto.dnsguard import parse
 from tunneld.proto.dnswire import ANSWER, walk
 from tunneld.proto.errors import ParseError
+from tunneld.proto.tsig import TsigError, TsigSession
 
 __all__ = [
     "LLQ_ERR_BAD_VERS",
@@ -45,6 +46,7 @@ __all__ = [
     "find_llq_option",
     "parse_llq_option",
     "parse_message",
+    "read_answer",
 ]
 
 # -- constants (RFC 8764 §3.2 unless said otherwise) -------------------------------------------------------
@@ -162,6 +164,26 @@ def parse_message(wire: bytes) -> dns.message.Message:
     Raises ParseError and nothing else: the guard's reason ("truncated" for a message that ends early),
     or "malformed DNS message" for anything dnspython rejects (a malformed LLQ option included)."""
     return parse(wire, one_rr_per_rrset=True)
+
+
+def read_answer(wire: bytes, tsig: TsigSession | None,
+                now: float) -> tuple[dns.message.Message, list[int]] | str:
+    """A server's answer, its signature checked first with ``tsig`` (if any), then parsed once with its raw
+    answer TTLs (one per record). For a message to drop instead: the name to count it under ("tsig
+    rejected", or "parse error: <why>"). The LLQ client and the DNS Push client read answers this way."""
+    if tsig is not None:
+        try:
+            tsig.verify(wire, now)
+        except (TsigError, ParseError):
+            return "tsig rejected"
+    try:
+        msg = parse_message(wire)
+        ttls = answer_ttls(wire)
+    except ParseError as e:
+        return f"parse error: {e}"
+    if len(ttls) != len(msg.answer):  # one RR per RRset, so they must line up
+        return "parse error: answer count"
+    return msg, ttls
 
 
 def find_llq_option(message: dns.message.Message) -> LLQOption | None:

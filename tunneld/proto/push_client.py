@@ -52,8 +52,8 @@ from tunneld.proto.dso_wire import (
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq import Established, Event, Failed, LLQState
 from tunneld.proto.llq_cache import AnswerCache
-from tunneld.proto.llq_wire import LLQ_REMOVE_TTL, answer_ttls, parse_message
-from tunneld.proto.tsig import TsigError, TsigSession
+from tunneld.proto.llq_wire import LLQ_REMOVE_TTL, read_answer
+from tunneld.proto.tsig import TsigSession
 
 __all__ = [
     "DEFAULT_KEEPALIVE_INTERVAL",
@@ -408,21 +408,14 @@ class PushSession(Outbox[SessionEvent]):
 
     def _on_answer(self, data: bytes, now: float) -> None:
         """An ordinary DNS message: the answer to a resync QUERY (anything else is counted, dropped)."""
-        if self.tsig is not None:
-            try:
-                self.tsig.verify(data, now)
-            except (TsigError, ParseError):
-                self.counters["tsig rejected"] += 1
-                return
-        try:
-            msg = parse_message(data)
-            ttls = answer_ttls(data)
-        except ParseError as e:
-            self.counters[f"parse error: {e}"] += 1
+        read = read_answer(data, self.tsig, now)
+        if isinstance(read, str):
+            self.counters[read] += 1
             return
+        msg, ttls = read
         entry = self._outstanding.get(msg.id)
         if (entry is None or entry[1] != "QUERY" or entry[0] is None or not msg.flags & dns.flags.QR
-                or msg.opcode() != dns.opcode.QUERY or len(ttls) != len(msg.answer)):
+                or msg.opcode() != dns.opcode.QUERY):
             self.counters["unexpected answer"] += 1
             return
         client = entry[0]
