@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import ssl
 from pathlib import Path
 from typing import Any
@@ -320,3 +321,36 @@ def test_join_writes_tls_public_ca_and_refuses_it_without_tls(tmp_path: Path,
     assert c.account.transport == "tls" and c.account.tls_public_ca
     assert main([*argv, "--tls", "--force"]) == 0
     assert "tls_public_ca =" not in cfg.read_text() and not load_config(cfg).account.tls_public_ca
+
+
+def test_a_port_says_why_the_public_server_was_not_trusted(system_store: Any) -> None:
+    """Without tls_public_ca the publisher's port refuses the public chain, and says why (the reason the
+    watcher logs when it falls back to LLQ)."""
+    from tunneld.services.tlsport import TlsPort
+
+    server_ctx = _public_server(system_store)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await trio.aclose_forcefully(tls)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            at = listeners[0].socket.getsockname()[:2]
+            ca = account_ca(SECRET, ZONE).pem
+            refused, lost = TlsPort(at, client_context(ca), ZONE), []
+            refused.on_lost = lost.append
+            with trio.fail_after(10), pytest.raises(OSError) as e:
+                await refused.sendto(b"\0" * 12, at)
+            assert "CERTIFICATE_VERIFY_FAILED" in str(e.value) and lost == [str(e.value)], e.value
+            trusted = TlsPort(at, client_context(ca, public_ca=True), ZONE)
+            with trio.fail_after(10):
+                await trusted.sendto(b"\0" * 12, at)
+            assert trusted.connects == 1
+            trusted.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

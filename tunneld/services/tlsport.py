@@ -78,7 +78,7 @@ class TlsPort:
             except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
                 self._failed_at = trio.current_time()
                 self.connect_errors += 1
-                why = f"TLS to {self.server[0]} port {self.server[1]}: {str(e) or type(e).__name__}"
+                why = f"TLS to {self.server[0]} port {self.server[1]}: {_reason(e)}"
                 self._lost(why)
                 raise OSError(why) from None
             self.connects += 1
@@ -143,6 +143,12 @@ class TlsPort:
             self._stream.transport_stream.socket.close()
             self._stream = None
         self._connected.set()
+
+
+def _reason(e: BaseException) -> str:
+    """Why a connection failed, in words: trio's BrokenResourceError says nothing itself, its cause (an
+    unverified certificate, say) does."""
+    return str(e) or str(e.__cause__ or "") or type(e).__name__
 
 
 def client_context(ca_pem: bytes, certificate: tuple[bytes, bytes] | None = None, *,
