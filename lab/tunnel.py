@@ -245,16 +245,19 @@ def running_pair(workdir: Path, extra: str = "", start_b: bool = True, offload: 
 
 
 def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
-              at: tuple[str, int], db: Path | None = None, tls: bool = False) -> subprocess.Popen[Any]:
+              at: tuple[str, int], db: Path | None = None, tls: bool = False,
+              extra: Sequence[str] = ()) -> subprocess.Popen[Any]:
     """`tunneld serve-dns` for the account's zone in n's namespace at `at` (log in workdir), waiting
     until it answers an SOA query. Without `db` the database is workdir/dns.sqlite and the server keeps
     root (`--user root`: the tunneld user cannot reach pytest's root-only directories); with one, it drops
-    to the tunneld user as by default. `tls`: DNS over TLS too, on port 853 of `at`'s address."""
+    to the tunneld user as by default. `tls`: DNS over TLS too, on port 853 of `at`'s address; `extra`:
+    more serve-dns arguments (--tls-cert FILE, say)."""
     log = workdir / "serve-dns.log"
     where = ["--db", str(db)] if db is not None else ["--db", str(workdir / "dns.sqlite"), "--user", "root"]
     with log.open("ab") as out:
         proc = lab.spawn(n.host, [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(secret),
-                                  "--listen", f"{at[0]}:{at[1]}", *where, *(["--tls"] if tls else [])],
+                                  "--listen", f"{at[0]}:{at[1]}", *where, *(["--tls"] if tls else []),
+                                  *extra],
                          stdout=out, stderr=out)
 
     def answers() -> bool:
@@ -270,13 +273,15 @@ def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
 
 
 def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], workdir: Path,
-           run: bool = True, args: Sequence[str] = (), tls: bool = False) -> Node:
+           run: bool = True, args: Sequence[str] = (), tls: bool = False, join_args: Sequence[str] = (),
+           env: dict[str, str] | None = None) -> Node:
     """A host set up as a user would: `tunneld join` (no [[peer]] at all: the account's DNS server is the
-    only way to find the others; `tls`: `join --tls`), then `tunneld up ARGS` unless `run` is False."""
+    only way to find the others; `tls`: `join --tls`; `join_args`: more of join's), then `tunneld up ARGS`
+    (with `env` added to its environment) unless `run` is False."""
     n = Node(h, workdir / name, h.addr4, name=name)
     out = lab.run(h, [TUNNELD, "join", DOMAIN, "--server", f"{dns_at[0]}:{dns_at[1]}", "--secret-file",
                       str(secret), "--name", name, "--config", str(n.config),
-                      "--state-dir", str(n.dir / "state"), *(["--tls"] if tls else [])]).stdout
+                      "--state-dir", str(n.dir / "state"), *(["--tls"] if tls else []), *join_args]).stdout
     fields = dict(line.split(" ", 1) for line in out.splitlines())
     n.public_key, n.ula = fields["public_key"], fields["ula"]
     # Test-only: the control socket and the hosts block next to the config (the defaults are /run/tunneld
@@ -284,7 +289,7 @@ def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], 
     n.config.write_text(n.config.read_text().replace(
         "[interface]\n", f'[interface]\ncontrol_socket = "{n.socket}"\n') + "\n" + names_toml(n.dir))
     if run:
-        start(lab, n, *args)
+        start(lab, n, *args, env=env)
     return n
 
 

@@ -132,6 +132,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     from tunneld.proto.records import check_name
 
     domain = _domain(args.domain, "account domain")
+    if args.tls_public_ca and not args.tls:
+        raise UsageError("--tls-public-ca is for a server reached over TLS: add --tls")
     try:
         server = str(parse_endpoint(args.server))
     except ValueError:
@@ -152,7 +154,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     path = _path(args.config, "--config")
     load_account_secret(secret_file)  # ConfigError (exit 2) if missing, unreadable, readable by others
     try:
-        write_config(path, join_config(domain, secret_file, server, name, state_dir, args.tls), args.force)
+        write_config(path, join_config(domain, secret_file, server, name, state_dir, args.tls,
+                                       args.tls_public_ca), args.force)
     except WriteRefused as e:
         raise UsageError(str(e)) from None
     except OSError as e:
@@ -368,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--tls", action="store_true",
                       help="publish over DNS over TLS to the server's port 853 (serve-dns --tls), verified "
                            "against the account CA")
+    join.add_argument("--tls-public-ca", action="store_true",
+                      help="with --tls: also trust the system's CAs (the server presents a public CA's "
+                           "certificate for the account domain, serve-dns --tls-cert)")
     join.add_argument("--force", action="store_true", help="replace an existing config")
     join.add_argument("--state-dir", help="where the device key lives (default /var/lib/tunneld)")
     with_config(join)

@@ -24,6 +24,7 @@ Schema::
     lease = 5400                     # optional: the update lease to ask for, 1800..7200 seconds
     tsig_algorithm = "hmac-sha256"   # optional: or "hmac-md5" for an old server
     transport = "udp"                # optional: "tls": UPDATEs over DNS over TLS, to the server host:853
+    tls_public_ca = false            # optional, with "tls": the system's CAs too, not the account CA alone
 
     [ssh]                            # optional; "" turns either off
     host_keys = "/etc/ssh/ssh_host_*_key.pub"    # a glob: the host keys published as SSHFP + TXT
@@ -147,7 +148,8 @@ _MAX_STUN_SERVERS: Final = 8
 _TIMER_KEYS: Final = ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
                       "keepalive_timeout", "rekey_after_messages")
 _INTERFACE_KEYS: Final = ("name", "listen_port", "mtu", "state_dir", "control_socket", "suite", "offload")
-_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm", "transport")
+_ACCOUNT_KEYS: Final = ("domain", "secret_file", "server", "name", "lease", "tsig_algorithm", "transport",
+                        "tls_public_ca")
 _TRANSPORTS: Final = ("udp", "tls")
 _TSIG_ALGORITHMS: Final = ("hmac-sha256", "hmac-md5")
 _PEER_KEYS: Final = ("name", "public_key", "endpoint", "ula")
@@ -429,8 +431,11 @@ class _Loader(TableReader):
         if transport not in _TRANSPORTS:
             self.fail(f"{w}.transport", f"{show(transport)} is not a transport",
                       'use "udp" (the default) or "tls" (DNS over TLS to the server\'s port 853)')
+        public_ca = self.boolean(table, w, "tls_public_ca", "write tls_public_ca = true (the server has a "
+                                 "public CA's certificate) or false (the default)", default=False)
         return AccountConfig(domain=domain, secret_file=secret_file, server=server, name=name,
-                             lease=lease, tsig_algorithm=algorithm, transport=transport), secret
+                             lease=lease, tsig_algorithm=algorithm, transport=transport,
+                             tls_public_ca=public_ca), secret
 
     def peers(self, value: object, domain: str) -> tuple[PeerConfig, ...]:
         if value is None:

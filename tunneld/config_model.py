@@ -90,6 +90,7 @@ class AccountConfig:
     lease: int = DEFAULT_LEASE
     tsig_algorithm: str = "hmac-sha256"  # hmac-md5 for old servers that know nothing better
     transport: str = "udp"  # "tls": UPDATEs to the server over DNS over TLS (RFC 7858), port 853
+    tls_public_ca: bool = False  # with "tls": trust the system's CAs too (a server with a public CA's cert)
 
 
 @dataclass(frozen=True)

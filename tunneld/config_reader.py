@@ -128,9 +128,10 @@ class TableReader:
             self.fail(f"{where}.{key}", f"{value} is out of range", fix)
         return value
 
-    def boolean(self, table: Mapping[str, object], where: str, key: str, fix: str) -> bool:
-        """A boolean that defaults to true."""
-        value = table.get(key, True)
+    def boolean(self, table: Mapping[str, object], where: str, key: str, fix: str,
+                default: bool = True) -> bool:
+        """A boolean (true when not given, unless ``default`` says otherwise)."""
+        value = table.get(key, default)
         if not isinstance(value, bool):
             self.fail(f"{where}.{key}", f"expected true or false, got {show(value)}", fix)
         return value

@@ -38,10 +38,13 @@ def toml_string(value: str) -> str:
 
 
 def join_config(domain: str, secret_file: Path, server: str, name: str, state_dir: Path | None,
-                tls: bool = False) -> str:
-    """The TOML `tunneld join` writes; every value is encoded, none is pasted in."""
+                tls: bool = False, public_ca: bool = False) -> str:
+    """The TOML `tunneld join` writes; every value is encoded, none is pasted in. ``public_ca`` (with
+    ``tls``): the server has a public CA's certificate, so the system's CAs are trusted too."""
     state = f"state_dir = {toml_string(str(state_dir))}\n" if state_dir else ""
     transport = 'transport = "tls"\n' if tls else ""
+    if tls and public_ca:
+        transport += "tls_public_ca = true\n"
     return (f'# Written by `tunneld join`.\n[interface]\nname = "btmm0"\n{state}\n'
             f"[account]\ndomain = {toml_string(domain)}\nsecret_file = {toml_string(str(secret_file))}\n"
             f"server = {toml_string(server)}\nname = {toml_string(name)}\n{transport}")

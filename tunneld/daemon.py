@@ -325,7 +325,7 @@ class Daemon:
             # else the configured server's host at RFC 7858's port.
             server = await find_server((str(acct.server.host), DOT_PORT), acct.domain, UPDATE_TLS_SERVICE,
                                        self.config.tsig_key, acct.tsig_algorithm, tls=tls)
-            connect = tls_connector(self.config.account_ca, acct.domain)
+            connect = tls_connector(self.config.account_ca, acct.domain, public_ca=acct.tls_public_ca)
         else:
             server = await find_server((str(acct.server.host), acct.server.port), acct.domain,
                                        UPDATE_SERVICE, self.config.tsig_key, acct.tsig_algorithm)
@@ -340,7 +340,7 @@ class Daemon:
         acct, ca = self.config.account, self.config.account_ca
         if acct.transport != "tls" or ca is None:
             return None
-        return TlsLookup.for_account(ca, acct.domain)
+        return TlsLookup.for_account(ca, acct.domain, public_ca=acct.tls_public_ca)
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -369,7 +369,8 @@ class Daemon:
             # member (the device's certificate); LLQ over UDP stays the fallback.
             push_at = await find_server((host, DOT_PORT), acct.domain, PUSH_TLS_SERVICE, key, algorithm,
                                         tls=tls)
-            context = client_context(self.config.account_ca, (cert.chain, cert.key))
+            context = client_context(self.config.account_ca, (cert.chain, cert.key),
+                                     public_ca=acct.tls_public_ca)
             push = PushTransport(push_at, context, acct.domain)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
                                       self._on_watch_event, host_keys=self.known_hosts is not None,

@@ -3,7 +3,7 @@ SIGINT/SIGTERM.
 
 Its arguments are checked here (one line and exit 2 for each bad one); the server itself is
 tunneld.dnsserver. It binds its ports as root, then runs as ``--user`` with no capability
-(tunneld.dnsserver.unprivileged, docs/privilege.md).
+(tunneld.dnsserver.unprivileged, docs/privilege.md): a --tls-cert/--tls-key chain is read before, at start.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         except Problem as p:
             raise UsageError(f"bad --metrics: {p.problem}; {p.fix}") from None
     tls_listen = _tls_listen(args, listen)
+    public = _public_chain(args, tls_listen, zone)  # read now, as root, before the drop
     stun_ports = list(dict.fromkeys(args.stun or ()))
     for port in stun_ports:
         if not 1 <= port <= 65535 or port == listen.port:
@@ -123,7 +124,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
     keys = [account_key(secret, zone)]
     tls = None
     renew_leaf = None
-    if tls_listen is not None:
+    if tls_listen is not None and public is not None:  # a given chain: no leaf of ours to renew
+        import ssl
+
+        from tunneld.dnsserver.tls import public_server_context
+        try:
+            tls = (str(tls_listen.host), tls_listen.port, public_server_context(*public, secret, zone))
+        except ssl.SSLError as e:  # checked already: a key type or size this OpenSSL refuses
+            store.close()
+            raise UsageError(f"bad --tls-cert {show(args.tls_cert)}: OpenSSL refuses it ({e.reason or e}); "
+                             f"give an RSA or ECDSA certificate and key") from None
+    elif tls_listen is not None:
         from tunneld.dnsserver.tls import server_context
         # The certificate names what the account CA may name: the zone, and our server name if inside it.
         names = [n for n in (server.to_text(omit_final_dot=True), zone)
@@ -219,6 +230,43 @@ def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:
     return tls
 
 
+MAX_PEM_FILE = 1 << 20  # bytes: a chain is a few kilobytes
+
+
+def _public_chain(args: argparse.Namespace, tls_listen: Any, zone: str) -> tuple[bytes, bytes] | None:
+    """--tls-cert and --tls-key read and checked (chain, key), or None when neither is given."""
+    from tunneld.dnsserver.tls import ChainError, check_public_chain
+
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
+        raise UsageError(f"{given} without {missing}: give both, the certificate chain and its private key "
+                         f"(e.g. fullchain.pem and privkey.pem)")
+    if tls_listen is None:
+        raise UsageError("--tls-cert and --tls-key are for the DNS-over-TLS listener, which is off: "
+                         "add --tls (or --tls-listen ADDR:PORT)")
+    chain, key = _read_pem(args.tls_cert, "--tls-cert"), _read_pem(args.tls_key, "--tls-key")
+    try:
+        check_public_chain(chain, key, zone, int(time.time()))
+    except ChainError as e:
+        option, path = ("--tls-key", args.tls_key) if e.of_key else ("--tls-cert", args.tls_cert)
+        raise UsageError(f"bad {option} {show(path)}: {e}") from None
+    return chain, key
+
+
+def _read_pem(path: str, option: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PEM_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {option} {show(path)}: {e.strerror or e}; check the path and that "
+                         f"serve-dns (root at start) may read it") from None
+    if len(data) > MAX_PEM_FILE:
+        raise UsageError(f"bad {option} {show(path)}: larger than {MAX_PEM_FILE} bytes; give the PEM file")
+    return data
+
+
 def add_parser(sub: Any) -> None:
     """The `serve-dns` subcommand and its options."""
     serve_dns = sub.add_parser("serve-dns", help="run the account's rendezvous DNS server (UPDATE, leases)")
@@ -244,9 +292,16 @@ def add_parser(sub: Any) -> None:
                            help="serve Prometheus metrics over HTTP there, e.g. 127.0.0.1:9587")
     serve_dns.add_argument("--tls", action="store_true",
                            help="also serve DNS over TLS (RFC 7858) on port 853 of the --listen address, "
-                                "with a certificate under the account CA (`tunneld account ca`)")
+                                "with a certificate under the account CA (`tunneld account ca`) or "
+                                "--tls-cert's")
     serve_dns.add_argument("--tls-listen", metavar="ADDR:PORT",
                            help="serve DNS over TLS there instead (implies --tls)")
+    serve_dns.add_argument("--tls-cert", metavar="FILE",
+                           help="with --tls: present this PEM chain (e.g. a public CA's fullchain.pem) "
+                                "instead of a certificate under the account CA; it must name the --zone "
+                                "domain, and a renewed one needs a restart (read once, at start)")
+    serve_dns.add_argument("--tls-key", metavar="FILE",
+                           help="the private key (PEM) of --tls-cert, e.g. privkey.pem")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

@@ -522,6 +522,8 @@ def test_account_server_name_and_lease(tmp_path: Path, secret_file: Path) -> Non
         ('tsig_algorithm = "hmac-sha1"\n', "account.tsig_algorithm"),
         ('transport = "https"\n', "account.transport"),
         ("transport = 1\n", "account.transport"),
+        ('transport = "tls"\ntls_public_ca = "yes"\n', "account.tls_public_ca"),
+        ("tls_public_ca = 1\n", "account.tls_public_ca"),
     ],
 )
 def test_account_publish_keys_errors(tmp_path: Path, secret_file: Path, extra: str, key: str) -> None:
@@ -661,3 +663,11 @@ def test_a_tls_account_carries_the_devices_client_certificate(tmp_path: Path, se
     again = load_config(_write(tmp_path, text)).client_certificate
     assert again is not None and again.key != cfg.client_certificate.key  # a fresh key at every load
     assert load_config(_write(tmp_path, _account(secret_file))).client_certificate is None
+
+
+def test_tls_public_ca_is_false_unless_set(tmp_path: Path, secret_file: Path) -> None:
+    """[account] tls_public_ca: the system's CAs trusted beside the account CA only when asked for."""
+    tls = _account(secret_file) + 'server = "192.0.2.53:53"\nname = "laptop"\ntransport = "tls"\n'
+    assert load_config(_write(tmp_path, tls)).account.tls_public_ca is False
+    assert load_config(_write(tmp_path, tls + "tls_public_ca = true\n")).account.tls_public_ca is True
+    assert load_config(_write(tmp_path, tls + "tls_public_ca = false\n")).account.tls_public_ca is False

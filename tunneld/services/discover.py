@@ -68,8 +68,9 @@ class TlsLookup:
     hostname: str
 
     @classmethod
-    def for_account(cls, ca_pem: bytes, domain: str) -> TlsLookup:
-        return cls(client_context(ca_pem), domain)
+    def for_account(cls, ca_pem: bytes, domain: str, *, public_ca: bool = False) -> TlsLookup:
+        """Lookups verified against the account CA, and with ``public_ca`` the system's CAs too."""
+        return cls(client_context(ca_pem, public_ca=public_ca), domain)
 
 
 async def _exchange(server: tuple[str, int], wire: bytes, message_id: int) -> bytes | None:

@@ -6,9 +6,11 @@ says, each ``recvfrom`` one whole message back (tunneld.proto.dnsframe). The con
 send and again after the server closed it (idle timeout, restart): the core's own retransmissions are the
 retry, and a failed connection attempt only waits ``RECONNECT_BACKOFF`` before the next may be tried, so a
 server that is down costs one attempt per core retry, never a loop. The server is verified against the
-account CA (tunneld.accountca) by name; the client may present its device's certificate under the same CA
-(DNS Push membership). A session core that must know its connection's fate (the watcher's DNS Push) is
-told through ``on_lost`` (a failed attempt, or an open connection lost) and may ``drop`` the connection.
+account CA (tunneld.accountca) by name, and the system's CAs too when the account says its server has a
+public CA's certificate (``[account] tls_public_ca``); the client may present its device's certificate
+under the same CA (DNS Push membership). A session core that must know its connection's fate (the
+watcher's DNS Push) is told through ``on_lost`` (a failed attempt, or an open connection lost) and may
+``drop`` the connection.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class TlsPort:
             except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
                 self._failed_at = trio.current_time()
                 self.connect_errors += 1
-                why = f"TLS to {self.server[0]} port {self.server[1]}: {str(e) or type(e).__name__}"
+                why = f"TLS to {self.server[0]} port {self.server[1]}: {_reason(e)}"
                 self._lost(why)
                 raise OSError(why) from None
             self.connects += 1
@@ -143,13 +145,23 @@ class TlsPort:
         self._connected.set()
 
 
-def client_context(ca_pem: bytes, certificate: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
-    """A TLS 1.3 client context that trusts only the account CA ``ca_pem``, names checked; with
-    ``certificate`` (PEM chain, PEM key: the device's, under the account CA) it presents that, the key
-    loaded through memory only."""
+def _reason(e: BaseException) -> str:
+    """Why a connection failed, in words: trio's BrokenResourceError says nothing itself, its cause (an
+    unverified certificate, say) does."""
+    return str(e) or str(e.__cause__ or "") or type(e).__name__
+
+
+def client_context(ca_pem: bytes, certificate: tuple[bytes, bytes] | None = None, *,
+                   public_ca: bool = False) -> ssl.SSLContext:
+    """A TLS 1.3 client context that trusts the account CA ``ca_pem``, names checked; with ``public_ca``
+    (``[account] tls_public_ca``: a server with a public CA's certificate) the system's trust store too,
+    else that CA alone. With ``certificate`` (PEM chain, PEM key: the device's, under the account CA) it
+    presents that, the key loaded through memory only."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    if public_ca:  # OpenSSL's default paths (SSL_CERT_FILE, SSL_CERT_DIR honoured)
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if certificate is not None:
         chain, key = certificate
         with memory_file(chain) as chain_path, memory_file(key) as key_path:
@@ -157,10 +169,12 @@ def client_context(ca_pem: bytes, certificate: tuple[bytes, bytes] | None = None
     return ctx
 
 
-def tls_connector(ca_pem: bytes, hostname: str) -> Callable[[tuple[str, int]], Awaitable[TlsPort]]:
-    """A ServerLink's ``connect`` for DNS over TLS: a port verified against the account CA as ``hostname``
-    (the account domain, which every serve-dns certificate names)."""
-    ctx = client_context(ca_pem)
+def tls_connector(ca_pem: bytes, hostname: str, *,
+                  public_ca: bool = False) -> Callable[[tuple[str, int]], Awaitable[TlsPort]]:
+    """A ServerLink's ``connect`` for DNS over TLS: a port verified against the account CA (and with
+    ``public_ca`` the system's trust store) as ``hostname`` (the account domain, which every serve-dns
+    certificate names)."""
+    ctx = client_context(ca_pem, public_ca=public_ca)
 
     async def connect(server: tuple[str, int]) -> TlsPort:
         return TlsPort(server, ctx, hostname)
