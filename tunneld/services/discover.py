@@ -43,7 +43,7 @@ from tunneld.proto.srv import (
     pick_srv_target,
 )
 from tunneld.proto.tsig import TsigError, TsigKey, sign, verify
-from tunneld.services.tlsport import CONNECT_TIMEOUT, client_context
+from tunneld.services.tlsport import CONNECT_TIMEOUT, client_context, failure_reason
 
 log = logging.getLogger("tunneld.discover")
 
@@ -113,7 +113,7 @@ class _TlsChannel:
                     raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:  # refused, unverified, silent
             self._failed = True
-            log.info("DNS over TLS to %s port %d: %s", *self.server, str(e) or type(e).__name__)
+            log.info("DNS over TLS to %s port %d: %s", *self.server, failure_reason(e))
             return None
         self._stream = stream
         return stream

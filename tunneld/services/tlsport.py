@@ -26,7 +26,8 @@ from tunneld.accountca import memory_file
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.errors import ParseError
 
-__all__ = ["CONNECT_TIMEOUT", "RECONNECT_BACKOFF", "TlsPort", "client_context", "tls_connector"]
+__all__ = ["CONNECT_TIMEOUT", "RECONNECT_BACKOFF", "TlsPort", "client_context", "failure_reason",
+           "tls_connector"]
 
 log = logging.getLogger("tunneld.tls")
 
@@ -78,7 +79,7 @@ class TlsPort:
             except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
                 self._failed_at = trio.current_time()
                 self.connect_errors += 1
-                why = f"TLS to {self.server[0]} port {self.server[1]}: {_reason(e)}"
+                why = f"TLS to {self.server[0]} port {self.server[1]}: {failure_reason(e)}"
                 self._lost(why)
                 raise OSError(why) from None
             self.connects += 1
@@ -145,7 +146,7 @@ class TlsPort:
         self._connected.set()
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """Why a connection failed, in words: trio's BrokenResourceError says nothing itself, its cause (an
     unverified certificate, say) does."""
     return str(e) or str(e.__cause__ or "") or type(e).__name__
