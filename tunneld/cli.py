@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from tunneld import __version__, logs
+from tunneld.bindconf import check_zone_file, key_stanza, primary_stanza, secondary_stanza
 from tunneld.config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, Config, ConfigError, load_config
+from tunneld.config_model import Endpoint
 from tunneld.config_values import show
 from tunneld.config_write import WriteRefused, join_config, toml_string, write_config
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
@@ -51,13 +53,22 @@ def tsig_stanza(domain: str, tsig_key: bytes) -> str:
 
     The name is checked again here (LDH only, ValueError otherwise): nothing but a DNS name may reach
     the stanza's quotes. The secret is base64 and the algorithm fixed."""
-    name = normalize_domain(domain)
-    return (
-        f'key "{name}." {{\n'
-        f"\talgorithm hmac-sha256;\n"
-        f'\tsecret "{base64.b64encode(tsig_key).decode()}";\n'
-        f"}};\n"
-    )
+    return key_stanza(normalize_domain(domain) + ".", tsig_key)
+
+
+FRONT_INFO_PREFIX = b"tunneld v1 front tsig "
+"""HKDF info prefix for the front key (hmac-sha256, between the front and the primary); the domain follows."""
+
+
+def front_key(secret: bytes, domain: str) -> bytes:
+    """The front key of an account: HKDF-SHA256 (RFC 5869) of the account secret, no salt, info
+    ``tunneld v1 front tsig `` + the normalized domain, 32 bytes; the key named ``front.<domain>.`` that
+    the front, the primary and the secondaries share (docs/rendezvous.md)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = FRONT_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
 def _domain(value: str, what: str) -> str:
@@ -110,6 +121,52 @@ def cmd_account_ca(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _server(value: str, option: str) -> Endpoint:
+    """A DNS server's address from the command line, IP[:PORT] or [IPv6]:PORT (port 53 if none), or
+    UsageError naming ``option``."""
+    from tunneld.config import parse_endpoint
+
+    try:
+        return parse_endpoint(value)
+    except ValueError:
+        try:  # no port given: DNS's own
+            return parse_endpoint(f"[{value}]:53" if ":" in value else f"{value}:53")
+        except ValueError as e:
+            raise UsageError(f"bad {option} {show(value)}: {e}") from None
+
+
+def _zone_config(args: argparse.Namespace) -> tuple[str, bytes, str]:
+    """(domain, account secret, zone file) of `account primary-config` and `secondary-config`."""
+    from tunneld.config import load_account_secret
+
+    domain = _domain(args.domain, "account domain")
+    zone_file = args.zone_file if args.zone_file is not None else f"/var/lib/bind/{domain}.zone"
+    try:
+        check_zone_file(zone_file)
+    except ValueError as e:
+        raise UsageError(f"bad --zone-file: {e}; give a plain path") from None
+    secret = load_account_secret(_path(args.secret_file, "--secret-file"))  # ConfigError: exit 2
+    return domain, secret, zone_file
+
+
+def cmd_account_primary_config(args: argparse.Namespace) -> int:
+    """named.conf statements for the zone's primary (docs/rendezvous.md)."""
+    domain, secret, zone_file = _zone_config(args)
+    notify = [_server(args.front, "--front")] + [_server(s, "--secondary") for s in args.secondary]
+    sys.stdout.write(primary_stanza(domain, front_key(secret, domain),
+                                    [(e.host, e.port) for e in notify], zone_file))
+    return EXIT_OK
+
+
+def cmd_account_secondary_config(args: argparse.Namespace) -> int:
+    """named.conf statements for a secondary of the zone (docs/rendezvous.md)."""
+    domain, secret, zone_file = _zone_config(args)
+    primary = _server(args.primary, "--primary")
+    sys.stdout.write(secondary_stanza(domain, derive_tsig_key(secret, domain), front_key(secret, domain),
+                                      (primary.host, primary.port), zone_file))
+    return EXIT_OK
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
@@ -128,20 +185,13 @@ def cmd_identity(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     """Write this machine's config for an account and create its identity: the one step after
     `tunneld account new` (and copying the secret file over) before `tunneld up`."""
-    from tunneld.config import load_account_secret, parse_endpoint
+    from tunneld.config import load_account_secret
     from tunneld.proto.records import check_name
 
     domain = _domain(args.domain, "account domain")
     if args.tls_public_ca and not args.tls:
         raise UsageError("--tls-public-ca is for a server reached over TLS: add --tls")
-    try:
-        server = str(parse_endpoint(args.server))
-    except ValueError:
-        try:  # no port given: DNS's own
-            bare = f"[{args.server}]:53" if ":" in args.server else f"{args.server}:53"
-            server = str(parse_endpoint(bare))
-        except ValueError as e:
-            raise UsageError(f"bad --server {show(args.server)}: {e}") from None
+    server = str(_server(args.server, "--server"))
     name = args.name if args.name is not None else socket.gethostname().split(".")[0].lower()
     why = "given with --name" if args.name is not None else "this host's name; --name to choose another"
     try:
@@ -358,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--secret-file", required=True, metavar="PATH",
                     help="the account secret (from `tunneld account new`), mode 0600")
     ca.set_defaults(func=cmd_account_ca)
+    for role, what, where in (("primary", "the zone's primary, updated by the front", "--front"),
+                              ("secondary", "a secondary of the zone, answering the devices", "--primary")):
+        zc = asub.add_parser(f"{role}-config", help=f"print BIND named.conf statements for {what}")
+        zc.add_argument("domain", help="the account's DNS domain")
+        zc.add_argument("--secret-file", required=True, metavar="PATH",
+                        help="the account secret (from `tunneld account new`), mode 0600")
+        zc.add_argument(where, required=True, metavar="ADDR[:PORT]",
+                        help="the front's address (NOTIFY goes there)" if role == "primary"
+                        else "the primary's address (transfers come from there)")
+        zc.add_argument("--zone-file", metavar="PATH",
+                        help="the zone file (default /var/lib/bind/DOMAIN.zone)")
+        if role == "primary":
+            zc.add_argument("--secondary", action="append", default=[], metavar="ADDR[:PORT]",
+                            help="also NOTIFY this secondary (one not listed as the zone's NS); repeatable")
+        zc.set_defaults(func=cmd_account_primary_config if role == "primary"
+                        else cmd_account_secondary_config)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
