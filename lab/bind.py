@@ -17,7 +17,7 @@ BIND 9.18 ignores the Update Lease option (records never expire), has no control
             bind.dig("laptop.lab.tunneld.test", "AAAA")
 
 `BindPrimary` and `BindSecondary` are the account zone past one machine (docs/rendezvous.md): the named.conf
-statements are those `tunneld account primary-config` / `secondary-config` print (tunneld.bindconf, the
+statements are those `tunneld account primary-config` / `secondary-config` print (tunneld.zoneconf, the
 same generator), after lab-only options. The primary is ready when it answers the SOA (signed with the front
 key: only the front may query it); a secondary when its SOA, signed with the account key, carries the
 primary's serial (the first transfer is done). `nsupdate` and `dig` with key files are the independent
@@ -31,10 +31,10 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lab.netns import Host, Lab, LabError, read_log, wait_for
-from tunneld.bindconf import primary_stanza, secondary_stanza
+from tunneld.zoneconf import primary_stanza, secondary_stanza
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 DIG = shutil.which("dig") or "/usr/bin/dig"
@@ -299,13 +299,21 @@ class BindPrimary(_Named):
         return self.serial(self.front_key) is not None
 
 
+class Primary(Protocol):
+    """What a secondary's readiness asks of its primary (BindPrimary, lab.pdns.PdnsPrimary)."""
+
+    front_key: str
+
+    def serial(self, key: str) -> int | None: ...
+
+
 class BindSecondary(_Named):
     """A secondary: `stanza` from secondary_config / `tunneld account secondary-config`; ready when its
     SOA (asked with the account key) carries `primary`'s serial."""
 
     role = "secondary"
 
-    def __init__(self, lab: Lab, host: Host, domain: str, stanza: str, workdir: Path, primary: BindPrimary,
+    def __init__(self, lab: Lab, host: Host, domain: str, stanza: str, workdir: Path, primary: Primary,
                  port: int = 53, address: str | None = None) -> None:
         super().__init__(lab, host, domain, stanza, workdir, port, address)
         self.primary, self.account_key = primary, f"{self.domain}."

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from tunneld import __version__, logs
-from tunneld.bindconf import check_zone_file, key_stanza, primary_stanza, secondary_stanza
 from tunneld.config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, Config, ConfigError, load_config
 from tunneld.config_model import Endpoint
 from tunneld.config_values import show
@@ -26,6 +25,7 @@ from tunneld.config_write import WriteRefused, join_config, toml_string, write_c
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld.identity import DeviceIdentity, IdentityError
 from tunneld.privdrop import PrivilegeError
+from tunneld.zoneconf import check_zone_file, key_stanza, primary_stanza, secondary_stanza
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

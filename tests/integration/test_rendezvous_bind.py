@@ -15,6 +15,8 @@ the primary answers only the front key; no unsigned AXFR from either, and none a
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -23,14 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rdatatype
+import dns.tsig
 import pytest
 
 from lab.bind import DIG, NAMED, NSUPDATE, BindPrimary, BindSecondary, key_files, nsupdate
 from lab.netns import Host, Lab, wait_for
+from lab.pdns import PdnsPrimary
+from lab.pdns import available as pdns_available
 from lab.topology import star
 from lab.tunnel import DOMAIN, TUNNELD
+from tunneld.cli import front_key
 
 pytestmark = [
     pytest.mark.root,
@@ -51,6 +58,7 @@ class Zone:
     secondary: BindSecondary
     account_key: Path  # the account's key file, cut from `tunneld account new`
     front_key: Path  # the front key's file, cut from primary-config's output
+    front_secret: bytes  # the front key itself
 
 
 def tunneld(*args: str) -> str:
@@ -80,23 +88,36 @@ def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zone]:
         # The secondary learns changes by NOTIFY to the zone's NS, as a user lists their secondaries.
         with BindPrimary(lab, p, DOMAIN, primary_conf, work / "primary", nameservers=(s.addr4,)) as primary, \
              BindSecondary(lab, s, DOMAIN, secondary_conf, work / "secondary", primary) as secondary:
-            yield Zone(lab, front, primary, secondary, account, primary.keys[FRONT])
+            yield Zone(lab, front, primary, secondary, account, primary.keys[FRONT],
+                       front_key(base64.b64decode(out.splitlines()[0]), DOMAIN))
 
 
-def listen_once(z: Zone) -> subprocess.Popen[str]:
-    """A one-datagram UDP listener at the front's NOTIFY address; prints the datagram's hex, then exits."""
+def listen_once(lab: Lab, front: Host) -> subprocess.Popen[str]:
+    """A one-datagram UDP listener at the front's NOTIFY address; prints the datagram's hex, then exits
+    (after 10 s at most)."""
     code = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-            f"s.bind(({z.front.addr4!r}, {FRONT_PORT})); s.settimeout(10); print('bound', flush=True); "
+            f"s.bind(({front.addr4!r}, {FRONT_PORT})); s.settimeout(10); print('bound', flush=True); "
             "print(s.recvfrom(4096)[0].hex(), flush=True)")
-    p = z.lab.spawn(z.front, ["python3", "-c", code], stdout=subprocess.PIPE, text=True)
+    p = lab.spawn(front, ["python3", "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "bound"  # bounded by its own bind
     return p
+
+
+def assert_notify(listener: subprocess.Popen[str], front_key: bytes) -> dns.message.Message:
+    """The datagram the listener got is a NOTIFY for the account zone's SOA, signed with the front key."""
+    out, _ = listener.communicate(timeout=15)
+    keyring = {dns.name.from_text(FRONT): dns.tsig.Key(FRONT, front_key, "hmac-sha256")}
+    msg = dns.message.from_wire(bytes.fromhex(out.split()[-1]), keyring=keyring)  # BadSignature if not
+    assert msg.had_tsig and msg.keyname == dns.name.from_text(FRONT)
+    assert msg.opcode() == dns.opcode.NOTIFY
+    assert str(msg.question[0].name) == f"{DOMAIN}." and msg.question[0].rdtype == dns.rdatatype.SOA
+    return msg
 
 
 def test_front_update_reaches_secondary_by_notify_and_ixfr(zone: Zone) -> None:
     before = zone.primary.serial(FRONT)
     assert before is not None and zone.secondary.serial(ACCOUNT) == before
-    notify = listen_once(zone)
+    notify = listen_once(zone.lab, zone.front)
     r = nsupdate(zone.lab, zone.front, zone.primary.address, 53, zone.front_key, DOMAIN,
                  [f"update add laptop.{DOMAIN}. 60 AAAA fd00::1",
                   f"update add laptop.{DOMAIN}. 60 TXT \"v=1\""])
@@ -109,11 +130,7 @@ def test_front_update_reaches_secondary_by_notify_and_ixfr(zone: Zone) -> None:
     assert f"notify from {zone.primary.address}#" in zone.secondary.log_text()
     ixfr = f"IXFR started: TSIG {FRONT[:-1]} (serial {before} -> {after})"
     wait_for(lambda: ixfr in zone.primary.log_text(), timeout=5, what="the primary's log of the IXFR")
-    # also-notify: the front's address got a NOTIFY for the zone.
-    out, _ = notify.communicate(timeout=15)
-    msg = dns.message.from_wire(bytes.fromhex(out.split()[-1]))
-    assert msg.opcode() == dns.opcode.NOTIFY
-    assert str(msg.question[0].name) == f"{DOMAIN}." and msg.question[0].rdtype == dns.rdatatype.SOA
+    assert_notify(notify, zone.front_secret)  # also-notify: the front's address got a signed NOTIFY
 
 
 def test_account_key_cannot_update_the_primary(zone: Zone) -> None:
@@ -140,3 +157,45 @@ def test_transfers_need_the_front_key_and_the_primary(zone: Zone) -> None:
     assert zone.primary.transfer(None) is None
     assert zone.secondary.transfer(None) is None
     assert zone.secondary.transfer(FRONT) is None  # a secondary transfers to no one
+
+
+@pytest.mark.skipif(not pdns_available(),
+                    reason="PowerDNS (pdns-server, pdns-backend-sqlite3) is not installed")
+def test_powerdns_primary_feeds_the_bind_secondary(tmp_path: Path) -> None:
+    """PowerDNS (gsqlite3) as the primary, configured by the pdnsutil commands the docs give, with the BIND
+    secondary from `secondary-config`: the front key updates and transfers, the account key does not."""
+    out = tunneld("account", "new", DOMAIN)
+    secret = tmp_path / "secret"
+    secret.write_text(out.splitlines()[0] + "\n")
+    secret.chmod(0o600)
+    (tmp_path / "keys").mkdir()
+    account = key_files(out[out.index('key "'):], tmp_path / "keys")[ACCOUNT]
+    fkey = front_key(base64.b64decode(out.splitlines()[0]), DOMAIN)
+    with Lab() as lab:
+        _hub, p, s, front = star(lab, ("primary", "secondary", "front"))
+        secondary_conf = tunneld("account", "secondary-config", DOMAIN, "--secret-file", str(secret),
+                                 "--primary", p.addr4, "--zone-file", str(tmp_path / "secondary" / "zone"))
+        # PowerDNS notifies ALSO-NOTIFY's addresses only: the front's and the secondary's.
+        notify_to = [(ipaddress.ip_address(front.addr4), FRONT_PORT), (ipaddress.ip_address(s.addr4), 53)]
+        with PdnsPrimary(lab, p, DOMAIN, fkey, notify_to, tmp_path / "pdns") as primary, \
+             BindSecondary(lab, s, DOMAIN, secondary_conf, tmp_path / "secondary", primary) as secondary:
+            before = primary.serial(FRONT)
+            assert before is not None
+            notify = listen_once(lab, front)
+            r = nsupdate(lab, front, p.addr4, 53, primary.keys[FRONT], DOMAIN,
+                         [f"update add laptop.{DOMAIN}. 60 AAAA fd00::2"])
+            assert r.returncode == 0, r.stderr + primary.log_text()[-2000:]
+            after = primary.serial(FRONT)
+            assert after is not None and after > before  # SOA-EDIT-DNSUPDATE INCREASE
+            secondary.wait_serial(after)
+            assert secondary.query(f"laptop.{DOMAIN}", "AAAA", ACCOUNT) == ("NOERROR", ["fd00::2"])
+            assert f"notify from {p.addr4}#" in secondary.log_text()
+            assert_notify(notify, fkey)  # ALSO-NOTIFY: the front got one too, signed with the front key
+
+            r = nsupdate(lab, front, p.addr4, 53, account, DOMAIN,
+                         [f"update add intruder.{DOMAIN}. 60 A 192.0.2.99"])
+            assert r.returncode != 0, r.stdout
+            assert primary.query(f"intruder.{DOMAIN}", "A", FRONT)[1] == []
+            assert primary.transfer(None) is None
+            records = primary.transfer(FRONT)
+            assert records is not None and any("fd00::2" in line for line in records)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tunneld.bindconf import check_zone_file, primary_stanza, secondary_stanza
 from tunneld.cli import main, tsig_stanza
 from tunneld.crypto.kdf import derive_tsig_key
+from tunneld.zoneconf import check_zone_file, primary_stanza, secondary_stanza
 
 SECRET = bytes(range(32))
 
@@ -72,7 +72,9 @@ def test_primary_config(secret: Path, capsys: pytest.CaptureFixture[str]) -> Non
         "\tallow-transfer { key front.home.example.net.; };\n"
         "\tnotify yes;\n"
         "\tnotify-delay 0;\n"
-        "\talso-notify { 192.0.2.10 port 5300; 2001:db8::3 port 53; 2001:db8::4 port 5353; };\n"
+        "\talso-notify { 192.0.2.10 port 5300 key front.home.example.net.; "
+        "2001:db8::3 port 53 key front.home.example.net.; "
+        "2001:db8::4 port 5353 key front.home.example.net.; };\n"
         "};\n"
     )
     # The account key (the devices') is not on the primary: only the front writes there.
