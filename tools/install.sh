@@ -34,7 +34,8 @@ fi
 # and natpmpc as an independent client). miniupnpd-nftables is only the binary (no maintainer
 # scripts, no service): Debian's `miniupnpd` package, which adds the init script, is not needed.
 # bind9 is the DNS UPDATE server the publishing tests run (lab/bind.py, in a namespace, in the
-# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently; knot-dnsutils gives
+# foreground) and bind9-dnsutils gives dig/nsupdate to check it independently; pdns-server with
+# pdns-backend-sqlite3 is the other primary the rendezvous tests run (lab/pdns.py); knot-dnsutils gives
 # Knot's kdig, a second independent client of serve-dns's DNS over TLS. coturn is the TURN
 # relay the relay tests run (lab/coturn.py, likewise in a namespace, in the foreground).
 # systemd gives systemd-analyze (the units are verified and scored statically; nothing is started)
@@ -42,7 +43,8 @@ fi
 # optional batch AES-GCM extension (setup.py). System mode needs only the first six.
 APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev iproute2 nftables iputils-ping
           openssh-server openssh-client iperf3 wireguard-go wireguard-tools tshark tcpdump
-          miniupnpd-nftables natpmpc bind9 bind9-dnsutils knot-dnsutils coturn systemd man-db)
+          miniupnpd-nftables natpmpc bind9 bind9-dnsutils pdns-server pdns-backend-sqlite3 knot-dnsutils
+          coturn systemd man-db)
 if ((SYSTEM)); then APT_PKGS=(python3 python3-venv python3-dev gcc libc6-dev libssl-dev); fi
 
 missing=()
@@ -104,6 +106,14 @@ if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' bind9 2>/dev/null | grep
     pid=$(cat /run/named/named.pid 2>/dev/null || true)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" || true; fi
     if command -v update-rc.d >/dev/null 2>&1; then update-rc.d named disable >/dev/null 2>&1 || true; fi
+  fi
+fi
+
+# pdns-server ships a service too (port 53 on the host): off, as named is (lab/pdns.py starts its own
+# pdns_server by PID). Debian's package has a systemd unit only, no init script.
+if [ "$(id -u)" -eq 0 ] && dpkg-query -W -f='${Status}' pdns-server 2>/dev/null | grep -q "install ok installed"; then
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now pdns.service >/dev/null 2>&1 || true
   fi
 fi
 

@@ -25,7 +25,14 @@ from tunneld.config_write import WriteRefused, join_config, toml_string, write_c
 from tunneld.crypto.kdf import ACCOUNT_SECRET_LEN, derive_tsig_key, derive_turn_secret, normalize_domain
 from tunneld.identity import DeviceIdentity, IdentityError
 from tunneld.privdrop import PrivilegeError
-from tunneld.zoneconf import check_zone_file, key_stanza, primary_stanza, secondary_stanza
+from tunneld.zoneconf import (
+    PDNS_SETTINGS,
+    check_zone_file,
+    key_stanza,
+    pdns_primary_commands,
+    primary_stanza,
+    secondary_stanza,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -152,9 +159,18 @@ def _zone_config(args: argparse.Namespace) -> tuple[str, bytes, str]:
 def cmd_account_primary_config(args: argparse.Namespace) -> int:
     """named.conf statements for the zone's primary (docs/rendezvous.md)."""
     domain, secret, zone_file = _zone_config(args)
-    notify = [_server(args.front, "--front")] + [_server(s, "--secondary") for s in args.secondary]
-    sys.stdout.write(primary_stanza(domain, front_key(secret, domain),
-                                    [(e.host, e.port) for e in notify], zone_file))
+    notify = [(e.host, e.port) for e in
+              [_server(args.front, "--front")] + [_server(s, "--secondary") for s in args.secondary]]
+    if args.powerdns:
+        import shlex
+
+        commands = pdns_primary_commands(domain, front_key(secret, domain), notify)
+        sys.stdout.write("# pdns.conf, beside launch= and the backend's settings:\n"
+                         + "".join(f"{line}\n" for line in PDNS_SETTINGS)
+                         + f"# then, once the zone {domain} exists (pdnsutil load-zone or create-zone):\n"
+                         + "".join(shlex.join(argv) + "\n" for argv in commands))
+        return EXIT_OK
+    sys.stdout.write(primary_stanza(domain, front_key(secret, domain), notify, zone_file))
     return EXIT_OK
 
 
@@ -421,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the zone file (default /var/lib/bind/DOMAIN.zone)")
         if role == "primary":
             zc.add_argument("--secondary", action="append", default=[], metavar="ADDR[:PORT]",
-                            help="also NOTIFY this secondary (one not listed as the zone's NS); repeatable")
+                            help="also NOTIFY this secondary (one not listed as the zone's NS; with "
+                                 "--powerdns, every secondary); repeatable")
+            zc.add_argument("--powerdns", action="store_true",
+                            help="print pdns.conf settings and pdnsutil commands for a PowerDNS primary")
         zc.set_defaults(func=cmd_account_primary_config if role == "primary"
                         else cmd_account_secondary_config)
 

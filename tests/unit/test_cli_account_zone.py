@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -170,3 +171,23 @@ def test_bind_accepts_the_statements(secret: Path, tmp_path: Path,
         r = subprocess.run(["named-checkconf", str(conf)], capture_output=True, text=True, timeout=30,
                            check=False)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_primary_config_for_powerdns(secret: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["account", "primary-config", "home.example.net", "--secret-file", str(secret),
+                          "--front", "192.0.2.10:5300", "--secondary", "2001:db8::3", "--powerdns"], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    settings = [line for line in lines if "=" in line and not line.startswith(("#", "pdnsutil"))]
+    assert settings == ["primary=yes", "dnsupdate=yes", "allow-dnsupdate-from=0.0.0.0/0,::/0",
+                        "allow-axfr-ips=", "disable-axfr=no", "only-notify="]
+    commands = [shlex.split(line) for line in lines if line.startswith("pdnsutil ")]
+    assert commands == [
+        ["pdnsutil", "import-tsig-key", "front.home.example.net.", "hmac-sha256", b64(front())],
+        ["pdnsutil", "set-kind", "home.example.net", "primary"],
+        ["pdnsutil", "set-meta", "home.example.net", "TSIG-ALLOW-DNSUPDATE", "front.home.example.net."],
+        ["pdnsutil", "set-meta", "home.example.net", "TSIG-ALLOW-AXFR", "front.home.example.net."],
+        ["pdnsutil", "set-meta", "home.example.net", "SOA-EDIT-DNSUPDATE", "INCREASE"],
+        ["pdnsutil", "set-meta", "home.example.net", "NOTIFY-DNSUPDATE", "1"],
+        ["pdnsutil", "set-meta", "home.example.net", "ALSO-NOTIFY", "192.0.2.10:5300", "[2001:db8::3]:53"],
+    ]
