@@ -114,6 +114,9 @@ def cmd_account_new(args: argparse.Namespace) -> int:
         f"# TSIG key for the account's DNS server (BIND named.conf, nsupdate -k):\n"
     )
     sys.stdout.write(tsig_stanza(domain, derive_tsig_key(secret, domain)))
+    # A comment, so the stanza cut out to the end stays a valid key file for BIND and nsupdate.
+    sys.stdout.write(f"# The zone on a BIND or PowerDNS primary and secondaries: tunneld account "
+                     f"primary-config and secondary-config {domain} --secret-file FILE\n")
     return EXIT_OK
 
 

@@ -191,3 +191,18 @@ def test_primary_config_for_powerdns(secret: Path, capsys: pytest.CaptureFixture
         ["pdnsutil", "set-meta", "home.example.net", "NOTIFY-DNSUPDATE", "1"],
         ["pdnsutil", "set-meta", "home.example.net", "ALSO-NOTIFY", "192.0.2.10:5300", "[2001:db8::3]:53"],
     ]
+
+
+def test_account_new_points_to_them_after_the_stanza(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["account", "new", "home.example.net"], capsys)
+    assert code == 0
+    last = out.splitlines()[-1]
+    assert last.startswith("# ") and "account primary-config and secondary-config home.example.net" in last
+    assert out.index('key "home.example.net." {') < out.index(last)
+    if shutil.which("named-checkconf") is not None:  # the stanza cut out to the end is still a key file
+        keyfile = tmp_path / "account.key"
+        keyfile.write_text(out[out.index('key "'):])
+        r = subprocess.run(["named-checkconf", str(keyfile)], capture_output=True, text=True, timeout=30,
+                           check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
