@@ -195,7 +195,8 @@ def _zone_file(stanza: str) -> Path:
 
 
 class _Named:
-    """One named in a lab host, running a named.conf of lab options + `stanza`, stopped by PID."""
+    """One named in a lab host, running a named.conf of lab options + `stanza`, stopped by PID. `workdir`
+    is removed and made anew at each start (no journal, zone copy or log of an earlier run)."""
 
     role = "named"
 

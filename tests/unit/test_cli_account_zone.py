@@ -206,3 +206,19 @@ def test_account_new_points_to_them_after_the_stanza(tmp_path: Path,
         r = subprocess.run(["named-checkconf", str(keyfile)], capture_output=True, text=True, timeout=30,
                            check=False)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_lab_writes_what_the_cli_prints(secret: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lab.bind's helpers (the front's tests pass their own front key) give the CLI's text for that key."""
+    from lab.bind import primary_config, secondary_config
+
+    work = Path("/srv/lab")
+    _, primary, _ = run(["account", "primary-config", "home.example.net", "--secret-file", str(secret),
+                         "--front", "192.0.2.10:5300", "--zone-file", "/srv/lab/home.example.net.zone"],
+                        capsys)
+    assert primary_config("Home.Example.NET.", front(), [("192.0.2.10", 5300)], work) == primary
+    _, second, _ = run(["account", "secondary-config", "home.example.net", "--secret-file", str(secret),
+                        "--primary", "[2001:db8::2]:5353", "--zone-file", "/srv/lab/home.example.net.zone"],
+                       capsys)
+    account = derive_tsig_key(SECRET, "home.example.net")
+    assert secondary_config("home.example.net", account, front(), ("2001:db8::2", 5353), work) == second
