@@ -427,10 +427,11 @@ class DnsCore:
             return self.commit(CheckedUpdate(req, wire, signer, [], None, None, max_size), r.rcode, now)
         return CheckedUpdate(req, wire, signer, changes, lease, lease_reply, max_size)
 
-    def commit(self, update: CheckedUpdate, rcode: int, now: float) -> bytes:
+    def commit(self, update: CheckedUpdate, rcode: int, now: float, *, remember: bool = True) -> bytes:
         """Answer a checked update with ``rcode`` (signed as its request was) and remember the answer
-        against replays. NOERROR applies its changes to the store in the same transaction (the local
-        server's update; the front's, once the primary took it), any other rcode changes nothing."""
+        against replays (unless not ``remember``: an error whose retry may fare better). NOERROR applies
+        its changes to the store in the same transaction (the local server's update; the front's, once
+        the primary took it), any other rcode changes nothing."""
         req, signer = update.req, update.signer
 
         def reply(resp: dns.message.Message) -> bytes:
@@ -440,8 +441,9 @@ class DnsCore:
                                        signer.request_fudge)
         if rcode != dns.rcode.NOERROR:
             out = reply(self._error(req, dns.rcode.Rcode.make(rcode)))
-            with contextlib.suppress(DiskFull):  # reported by the store; the reply is still right
-                self._answered.remember(remembered(out), now)
+            if remember:
+                with contextlib.suppress(DiskFull):  # reported by the store; the reply is still right
+                    self._answered.remember(remembered(out), now)
             return out
         resp = self._error(req, dns.rcode.NOERROR)
         if update.lease_reply is not None:
