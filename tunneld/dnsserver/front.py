@@ -143,6 +143,8 @@ class Front:
         self.primary = primary
         self._rand = rand
         self._fudge = fudge
+        self.timeout = FORWARD_TIMEOUT
+        """Seconds the primary has to answer (the trio side's exchange timeout)."""
         self._forwarding: set[bytes] = set()  # request MACs of device updates being forwarded
         self._failures = 0
         self._retry_at: float | None = None
