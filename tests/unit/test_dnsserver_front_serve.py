@@ -40,6 +40,7 @@ class FakePrimary:
     """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers)."""
 
     rcode: dns.rcode.Rcode | None = dns.rcode.NOERROR
+    delay: float = 0.0  # seconds before each answer
     connections: int = 0
     updates: list[dns.update.UpdateMessage] = field(default_factory=list)
     got: trio.Event = field(default_factory=trio.Event)
@@ -56,13 +57,14 @@ class FakePrimary:
                     self.updates.append(msg)
                     self.got.set()
                     if self.rcode is not None:
+                        await trio.sleep(self.delay)
                         resp = dns.message.make_response(msg)
                         resp.set_rcode(self.rcode)
                         await stream.send_all(frame(resp.to_wire()))
 
 
 async def start(nursery: trio.Nursery, primary: FakePrimary, *, min_lease: int = 1800,
-                timeout: float = 5.0) -> tuple[int, Front]:
+                timeout: float = 5.0, server_nursery: trio.Nursery | None = None) -> tuple[int, Front]:
     listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0, host="127.0.0.1"))
     primary_port = listeners[0].socket.getsockname()[1]
     store = ZoneStore(":memory:", ZONE, "ns.example.com.", 53)
@@ -72,7 +74,8 @@ async def start(nursery: trio.Nursery, primary: FakePrimary, *, min_lease: int =
     for _ in range(5):
         port = free_port()
         try:
-            await nursery.start(functools.partial(serve, core, "127.0.0.1", port, front=front))
+            await (server_nursery or nursery).start(functools.partial(serve, core, "127.0.0.1", port,
+                                                                      front=front))
         except OSError:
             continue
         return port, front
@@ -87,11 +90,13 @@ def device_update(addr: str, lease: int = 3600) -> dns.update.UpdateMessage:
     return upd
 
 
-async def over_udp(port: int, upd: dns.update.UpdateMessage) -> dns.message.Message:
+async def over_udp(port: int, upd: dns.update.UpdateMessage,
+                   wire: bytes | None = None) -> dns.message.Message:
+    """Sign and send ``upd`` (or send ``wire``, its signed form already sent once: a copy)."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     with sock:
         await sock.connect(("127.0.0.1", port))
-        await sock.send(upd.to_wire())
+        await sock.send(upd.to_wire() if wire is None else wire)
         reply = await sock.recv(65535)
     return dns.message.from_wire(reply, keyring={ACCOUNT.name: ACCOUNT}, request_mac=upd.mac)
 
@@ -156,6 +161,29 @@ def test_an_expired_lease_is_deleted_on_the_primary() -> None:
                 delete = primary.updates[-1]
                 got = [(r.name, r.deleting, r.rdtype, [rd.to_text() for rd in r]) for r in delete.update]
                 assert got == [(HOST, dns.rdataclass.NONE, dns.rdatatype.AAAA, ["fd00::1"])]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_answer_after_the_server_was_told_to_stop_is_still_committed() -> None:
+    async def main() -> None:
+        primary = FakePrimary(delay=0.3)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as server:
+                    port, front = await start(nursery, primary, server_nursery=server)
+                    upd = device_update("fd00::7")
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    await stream.send_all(frame(upd.to_wire()))
+                    await primary.got.wait()
+                    server.cancel_scope.cancel()  # stopping while the primary holds the update
+                await stream.aclose()
+                # The primary took it: so does the front's store (with the lease), and the replay memory.
+                assert front.counters["update: primary NOERROR"] == 1
+                assert [rr.rdata.to_text() for rr in front.store.rrset(HOST, dns.rdatatype.AAAA, time.time())
+                        ] == ["fd00::7"]
+                assert front.store.replay_count() == 1
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

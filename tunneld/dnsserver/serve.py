@@ -241,7 +241,10 @@ class _Server:
             return None, []
         answered = False
         try:
-            primary_reply = await self.link.exchange(fwd)
+            # Shielded, and bounded by the link's timeout: once sent, the primary's answer is always
+            # committed (our store, the replay memory), even if the device's connection goes meanwhile.
+            with trio.CancelScope(shield=True):
+                primary_reply = await self.link.exchange(fwd)
             now = time.time()
             self.core.last_changes = []
             reply = self.front.answer(self.core, update, fwd, primary_reply, now)
