@@ -6,7 +6,10 @@ reply's wire bytes or None (no reply). It never reads a clock, never touches a s
 dnspython parses and renders; TSIG is :mod:`tunneld.proto.tsig`'s, with our ``now``: a signed reply is
 rendered once and its TSIG computed over exactly those bytes (dnspython shuffles an RRset's records at
 each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`DnsCore.check_tsig`,
-:meth:`DnsCore.render` and :meth:`DnsCore.answer`.
+:meth:`DnsCore.render` and :meth:`DnsCore.answer`. An UPDATE is checked
+(:mod:`tunneld.dnsserver.update_check`), then committed: :meth:`DnsCore.prepare` gives the checked update,
+:meth:`DnsCore.commit` answers it with an outcome (NOERROR applies it), so that front mode
+(:mod:`tunneld.dnsserver.front`) can take the outcome from a primary server instead.
 
 Device records are answered only to queries signed with an account key; others see the server's own
 records alone, and unsigned UDP replies are held to a few times their request's size (why and how:
