@@ -26,10 +26,13 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore, account_key
 from tunneld.dnsserver.front import DELETE_BATCH, RETRY_FIRST, Forward, Front, read_key_stanza, read_reply
 from tunneld.dnsserver.store import ZoneStore
+from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey
 
 DOMAIN = "example.com"
@@ -310,3 +313,29 @@ def test_read_key_stanza_as_account_new_prints_it() -> None:
 def test_read_key_stanza_refuses_what_is_not_one_key(text: str) -> None:
     with pytest.raises(ValueError):
         read_key_stanza(text)
+
+
+# ---- the primary's replies are untrusted input ----------------------------------------------------------
+
+
+def _genuine_reply() -> tuple[Forward, bytes]:
+    core, front = make()
+    fwd = front.forward(checked(core, device_update()), T0)
+    assert fwd is not None
+    return fwd, primary_answers(primary_reads(fwd.wire), dns.rcode.NOERROR)
+
+
+_FWD, _REPLY = _genuine_reply()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300),
+                 st.tuples(st.integers(0, len(_REPLY) - 1), st.binary(min_size=1, max_size=8)).map(
+                     lambda m: _REPLY[:m[0]] + m[1] + _REPLY[m[0] + len(m[1]):]),
+                 st.integers(0, len(_REPLY)).map(lambda n: _REPLY[:n])))
+def test_fuzz_read_reply_raises_only_our_errors(wire: bytes) -> None:
+    try:
+        rcode = read_reply(wire, _FWD, FRONT, T0)
+    except (ParseError, TsigError):
+        return
+    assert wire[:2] == _REPLY[:2] and 0 <= rcode <= 15  # only a reply that verifies gets this far
