@@ -18,12 +18,14 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.update
 import trio
+import trio.testing
 
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
-from tunneld.dnsserver.front import Front
-from tunneld.dnsserver.serve import serve
+from tunneld.dnsserver.front import Forward, Front
+from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, serve
 from tunneld.dnsserver.store import ZoneStore
 from tunneld.proto.dnsframe import FrameBuffer, frame
+from tunneld.proto.dnsguard import MAX_MESSAGE
 from tunneld.proto.tsig import TsigKey
 
 from .test_dnsserver_tcp import free_port
@@ -185,5 +187,29 @@ def test_an_answer_after_the_server_was_told_to_stop_is_still_committed() -> Non
                         ] == ["fd00::7"]
                 assert front.store.replay_count() == 1
                 nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_link_bounds_what_waits_and_what_it_sends() -> None:
+    async def main() -> None:
+        primary = FakePrimary(rcode=None)  # never answers
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0,
+                                                                  host="127.0.0.1"))
+                link = PrimaryLink(listeners[0].socket.getsockname(), timeout=10)
+                assert await link.exchange(Forward(1, bytes(MAX_MESSAGE + 1), b"")) is None
+                assert link.counters["too large"] == 1 and primary.connections == 0
+                upd = device_update("fd00::1")
+                upd.use_tsig(FRONT.dnspython())
+                wire = upd.to_wire()
+                for i in range(MAX_WAITING):
+                    nursery.start_soon(link.exchange, Forward(i, wire, b""))
+                await trio.testing.wait_all_tasks_blocked()
+                assert await link.exchange(Forward(99, wire, b"")) is None  # at once: too many wait
+                assert link.counters["busy: refused"] == 1
+                assert primary.connections == 1 and len(primary.updates) == 1  # one at a time on the wire
+                nursery.cancel_scope.cancel()  # the exchanges waiting are cancelled, the connection closed
 
     trio.run(main)

@@ -53,7 +53,7 @@ from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kin
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 from tunneld.proto.dnsframe import FrameBuffer, frame
-from tunneld.proto.dnsguard import try_parse
+from tunneld.proto.dnsguard import MAX_MESSAGE, try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
@@ -143,6 +143,9 @@ class PrimaryLink:
             self._waiting -= 1
 
     async def _exchange(self, forward: Forward) -> bytes | None:
+        if len(forward.wire) > MAX_MESSAGE:  # our TSIG made a 64 KiB update larger than TCP can carry
+            self.counters["too large"] += 1
+            return None
         for _ in range(2):  # a reused connection the primary closed meanwhile: once more on a new one
             reused = self._stream is not None
             try:
@@ -386,19 +389,26 @@ class _Server:
     async def front_loop(self) -> None:
         """Front mode's sweep: expired leases deleted on the primary, then here (:class:`Front`)."""
         assert self.front is not None and self.link is not None
+        failed = False
         while True:
-            deadline = self.front.deadline()
+            deadline = None if failed else self.front.deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
                                                                   SWEEP_MAX_SLEEP)
             self.wake = trio.Event()
             with trio.move_on_after(delay):
                 await self.wake.wait()  # an update arrived: recompute the next expiry
-            deletion = self.front.due_deletion(time.time())
-            if deletion is None:
+            try:
+                failed = False
+                deletion = self.front.due_deletion(time.time())
+                if deletion is None:
+                    continue
+                reply = await self.link.exchange(deletion.forward)
+                now = time.time()
+                removed = self.front.deleted(deletion, reply, now)
+            except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
+                log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
+                failed = True
                 continue
-            reply = await self.link.exchange(deletion.forward)
-            now = time.time()
-            removed = self.front.deleted(deletion, reply, now)
             if removed and self.push is not None:
                 self.push.changes(removed, now)
             if removed and self.llq is not None:
@@ -506,9 +516,11 @@ async def serve(
             if metrics is not None:  # imported only when on (prometheus-client's import cost)
                 from tunneld.dnsserver.metrics import dns_server
                 await nursery.start(dns_server(server, metrics).run)
-            log.info("serving %s on %s port %d (UDP and TCP)%s%s", core.zone, host, port,
+            log.info("serving %s on %s port %d (UDP and TCP)%s%s%s", core.zone, host, port,
                      "".join(f", STUN on UDP port {p}" for p in stun_ports),
-                     f", TLS on {tls[0]} port {tls[1]}" if tls is not None else "")
+                     f", TLS on {tls[0]} port {tls[1]}" if tls is not None else "",
+                     f", as the front of the primary {front.primary[0]} port {front.primary[1]}"
+                     if front is not None else "")
             task_status.started()
     finally:
         if server.link is not None:
