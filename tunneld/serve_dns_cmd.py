@@ -3,7 +3,8 @@ SIGINT/SIGTERM.
 
 Its arguments are checked here (one line and exit 2 for each bad one); the server itself is
 tunneld.dnsserver. It binds its ports as root, then runs as ``--user`` with no capability
-(tunneld.dnsserver.unprivileged, docs/privilege.md): a --tls-cert/--tls-key chain is read before, at start.
+(tunneld.dnsserver.unprivileged, docs/privilege.md): a --tls-cert/--tls-key chain is read before, at start,
+and so is the --primary-key of front mode (tunneld.dnsserver.front: the devices' updates go to a primary).
 """
 
 from __future__ import annotations
