@@ -3,7 +3,8 @@ SIGINT/SIGTERM.
 
 Its arguments are checked here (one line and exit 2 for each bad one); the server itself is
 tunneld.dnsserver. It binds its ports as root, then runs as ``--user`` with no capability
-(tunneld.dnsserver.unprivileged, docs/privilege.md): a --tls-cert/--tls-key chain is read before, at start.
+(tunneld.dnsserver.unprivileged, docs/privilege.md): a --tls-cert/--tls-key chain is read before, at start,
+and so is the --primary-key of front mode (tunneld.dnsserver.front: the devices' updates go to a primary).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         if not 1 <= port <= 65535 or port == listen.port:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
+    primary = _primary(args)  # read now, as root, before the drop
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
     db = Path(args.db)
@@ -142,6 +144,10 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         tls = (str(tls_listen.host), tls_listen.port, server_context(secret, zone, names, int(time.time())))
         renew_leaf = functools.partial(_renew_leaf, tls[2], secret, zone, names)
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
+    front = None
+    if primary is not None:
+        from tunneld.dnsserver.front import Front
+        front = Front(store, primary[1], primary[0])
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -149,7 +155,8 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
-                                                      metrics=metrics, tls=tls, after_bind=functools.partial(
+                                                      metrics=metrics, tls=tls, front=front,
+                                                      after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 if renew_leaf is not None:
                     nursery.start_soon(renew_leaf)
@@ -233,6 +240,39 @@ def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:
 MAX_PEM_FILE = 1 << 20  # bytes: a chain is a few kilobytes
 
 
+def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
+    """--primary and --primary-key checked and read: (the primary's address, the front key), or None
+    when neither is given (the zone is served from our own store)."""
+    from tunneld.config import parse_endpoint
+    from tunneld.dnsserver.front import MAX_KEY_FILE, read_key_stanza
+
+    if args.primary is None and args.primary_key is None:
+        return None
+    if args.primary is None or args.primary_key is None:
+        given, missing = ("--primary", "--primary-key") if args.primary_key is None else ("--primary-key",
+                                                                                          "--primary")
+        raise UsageError(f"{given} without {missing}: give both, the primary's ADDR:PORT and the file with "
+                         f"the front's TSIG key stanza")
+    try:
+        endpoint = parse_endpoint(args.primary)
+    except ValueError as e:
+        raise UsageError(f"bad --primary: {e}") from None
+    try:
+        with open(args.primary_key, "rb") as f:
+            data = f.read(MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read --primary-key {show(args.primary_key)}: {e.strerror or e}; check the "
+                         f"path and that serve-dns (root at start) may read it") from None
+    if len(data) > MAX_KEY_FILE:
+        raise UsageError(f"bad --primary-key {show(args.primary_key)}: larger than {MAX_KEY_FILE} bytes; "
+                         f"give the file with one key statement")
+    try:
+        key = read_key_stanza(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"bad --primary-key {show(args.primary_key)}: {e}") from None
+    return (str(endpoint.host), endpoint.port), key
+
+
 def _public_chain(args: argparse.Namespace, tls_listen: Any, zone: str) -> tuple[bytes, bytes] | None:
     """--tls-cert and --tls-key read and checked (chain, key), or None when neither is given."""
     from tunneld.dnsserver.tls import ChainError, check_public_chain
@@ -302,6 +342,12 @@ def add_parser(sub: Any) -> None:
                                 "domain, and a renewed one needs a restart (read once, at start)")
     serve_dns.add_argument("--tls-key", metavar="FILE",
                            help="the private key (PEM) of --tls-cert, e.g. privkey.pem")
+    serve_dns.add_argument("--primary", metavar="ADDR:PORT",
+                           help="front mode: forward the devices' updates to this primary DNS server (BIND, "
+                                "Knot, PowerDNS) and delete expired leases there; needs --primary-key")
+    serve_dns.add_argument("--primary-key", metavar="FILE",
+                           help="the TSIG key stanza (key \"front.ZONE.\" { algorithm ...; secret ...; };) "
+                                "the front signs with; the primary grants it updates of the zone")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

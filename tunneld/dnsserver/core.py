@@ -6,7 +6,10 @@ reply's wire bytes or None (no reply). It never reads a clock, never touches a s
 dnspython parses and renders; TSIG is :mod:`tunneld.proto.tsig`'s, with our ``now``: a signed reply is
 rendered once and its TSIG computed over exactly those bytes (dnspython shuffles an RRset's records at
 each rendering). The LLQ server (:mod:`tunneld.dnsserver.llq`) shares :meth:`DnsCore.check_tsig`,
-:meth:`DnsCore.render` and :meth:`DnsCore.answer`.
+:meth:`DnsCore.render` and :meth:`DnsCore.answer`. An UPDATE is checked
+(:mod:`tunneld.dnsserver.update_check`), then committed: :meth:`DnsCore.prepare` gives the checked update,
+:meth:`DnsCore.commit` answers it with an outcome (NOERROR applies it), so that front mode
+(:mod:`tunneld.dnsserver.front`) can take the outcome from a primary server instead.
 
 Device records are answered only to queries signed with an account key; others see the server's own
 records alone, and unsigned UDP replies are held to a few times their request's size (why and how:
@@ -16,12 +19,13 @@ docs/hardening.md, "Privacy and answer limits").
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 import dns.edns
 import dns.exception
@@ -38,22 +42,10 @@ import dns.tsig
 import dns.update
 
 from tunneld.crypto.kdf import derive_tsig_key
-from tunneld.dnsserver.replay import Answered, ReplayCache
-from tunneld.dnsserver.store import (
-    SOA_MINIMUM,
-    ZONE_TTL,
-    AddRR,
-    Change,
-    DeleteName,
-    DeleteRR,
-    DeleteRRset,
-    DiskFull,
-    Lease,
-    StoredRR,
-    ZoneStore,
-)
+from tunneld.dnsserver.replay import ReplayCache
+from tunneld.dnsserver.store import SOA_MINIMUM, ZONE_TTL, Change, DiskFull, Lease, StoredRR, ZoneStore
+from tunneld.dnsserver.update_check import LEASE_OTYPE, Reject, check_update
 from tunneld.proto.dnsguard import try_parse
-from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import (
     BADKEY,
@@ -67,14 +59,13 @@ from tunneld.proto.tsig import (
 )
 from tunneld.proto.tsig import sign as tsig_sign
 
-__all__ = ["PUBLIC_SERIAL", "UNSIGNED_UDP_MAX", "UNSIGNED_UDP_RATIO", "DnsCore", "Policy", "Signer",
-           "account_key", "unsigned_udp_limit"]
+__all__ = ["PUBLIC_SERIAL", "UNSIGNED_UDP_MAX", "UNSIGNED_UDP_RATIO", "CheckedUpdate", "DnsCore", "Policy",
+           "Signer", "account_key", "unsigned_udp_limit"]
 
 log = logging.getLogger(__name__)
 
 
 _HDR: Final = struct.Struct("!HHHHHH")
-_LEASE_OTYPE: Final = cast(dns.edns.OptionType, UPDATE_LEASE_OPTION_CODE)  # dnspython has no name for code 2
 
 
 def account_key(secret: bytes, domain: str) -> TsigKey:
@@ -111,10 +102,18 @@ class Signer:
     """The request's own fudge: its TSIG window, hence its replay window, is request_time ± this."""
 
 
-class _Reject(Exception):
-    def __init__(self, rcode: dns.rcode.Rcode) -> None:
-        super().__init__(rcode)
-        self.rcode = rcode
+@dataclass(slots=True)
+class CheckedUpdate:
+    """A signed UPDATE that passed the check (:func:`~tunneld.dnsserver.update_check.check_update`) and
+    is not a replay: what :meth:`DnsCore.commit` needs to answer it once its outcome is known."""
+
+    req: dns.update.UpdateMessage
+    wire: bytes
+    signer: Signer
+    changes: list[Change]
+    lease: Lease | None
+    lease_reply: bytes | None
+    max_size: int | None
 
 
 UNSIGNED_UDP_MAX: Final = 1232
@@ -168,6 +167,18 @@ class DnsCore:
         """Answer one request. ``max_size`` None means UDP rules (512, or the EDNS payload size); a TCP
         listener passes 65535. ``msg``: the listener's ``dnsguard.try_parse(wire, query=True)`` (a message
         is parsed once); None: parsed here. Returns None for silence (no parseable header, or a response)."""
+        out = self.prepare(wire, src, now_wall, max_size=max_size, msg=msg)
+        if isinstance(out, CheckedUpdate):
+            return self.commit(out, dns.rcode.NOERROR, now_wall)
+        return out
+
+    def prepare(
+        self, wire: bytes, src: object, now_wall: float, *, max_size: int | None = None,
+        msg: dns.message.Message | ParseError | None = None,
+    ) -> bytes | CheckedUpdate | None:
+        """As :meth:`handle`, but a signed UPDATE that passed its check and is not a replay is returned
+        unapplied, for the caller to apply or forward and then :meth:`commit` with the outcome (the front:
+        :mod:`tunneld.dnsserver.front`)."""
         self.last_signed = False
         try:
             return self._handle(wire, now_wall, max_size, msg)
@@ -188,7 +199,7 @@ class DnsCore:
         return _HDR.pack(msg_id, out_flags | (int(rcode) & 0xF), 0, 0, 0, 0)
 
     def _handle(self, wire: bytes, now: float, max_size: int | None,
-                msg: dns.message.Message | ParseError | None) -> bytes | None:
+                msg: dns.message.Message | ParseError | None) -> bytes | CheckedUpdate | None:
         if len(wire) < _HDR.size or struct.unpack_from("!H", wire, 2)[0] & dns.flags.QR:
             return None
         if msg is None:
@@ -225,15 +236,15 @@ class DnsCore:
         return self.render(req, resp, signer, now, max_size, query_size=len(wire))
 
     def _update_once(self, req: dns.update.UpdateMessage, wire: bytes, signer: Signer, now: float,
-                     max_size: int | None) -> bytes:
-        """Apply a signed UPDATE once. TSIG's time check (RFC 8945 §5.2.3) only bounds a replay to the
-        request's time window, and the account key is shared by all its devices, so a per-key "no earlier
-        time" rule would refuse one device's update after another's. Instead the request MAC, unique per
-        signed message, is remembered (:mod:`tunneld.dnsserver.replay`) until the request's own window
-        closes: a copy within it (say, an old endpoint replayed after the device moved, or after a server
-        restart) changes nothing and gets the reply that was sent, under the copy's message ID (the MAC
-        covers the original ID only), which is also what a client retransmitting after a lost reply
-        needs."""
+                     max_size: int | None) -> bytes | CheckedUpdate:
+        """Check a signed UPDATE, to be applied once. TSIG's time check (RFC 8945 §5.2.3) only bounds a
+        replay to the request's time window, and the account key is shared by all its devices, so a per-
+        key "no earlier time" rule would refuse one device's update after another's. Instead the request
+        MAC, unique per signed message, is remembered (:mod:`tunneld.dnsserver.replay`) until the
+        request's own window closes: a copy within it (say, an old endpoint replayed after the device
+        moved, or after a server restart) changes nothing and gets the reply that was sent, under the
+        copy's message ID (the MAC covers the original ID only), which is also what a client
+        retransmitting after a lost reply needs."""
         done = self._answered.find(signer.request_mac, now)
         if done is not None:
             self.replays += 1
@@ -410,133 +421,44 @@ class DnsCore:
     # ---- UPDATE ---------------------------------------------------------------------------------------
 
     def _update(self, req: dns.update.UpdateMessage, wire: bytes, now: float, signer: Signer,
-                max_size: int | None) -> bytes:
-        """Check and apply an UPDATE; the reply, remembered against replays in the update's transaction
-        (or alone when nothing is applied)."""
+                max_size: int | None) -> bytes | CheckedUpdate:
+        """Check an UPDATE: the refusal (remembered against replays), or the checked update."""
+        try:
+            changes, lease_reply, lease = check_update(self.store, self.policy, req, wire, now)
+        except Reject as r:
+            log.debug("update %d rejected: %s", req.id, dns.rcode.to_text(r.rcode))
+            return self.commit(CheckedUpdate(req, wire, signer, [], None, None, max_size), r.rcode, now)
+        return CheckedUpdate(req, wire, signer, changes, lease, lease_reply, max_size)
+
+    def commit(self, update: CheckedUpdate, rcode: int, now: float, *, remember: bool = True) -> bytes:
+        """Answer a checked update with ``rcode`` (signed as its request was) and remember the answer
+        against replays (unless not ``remember``: an error whose retry may fare better). NOERROR applies
+        its changes to the store in the same transaction (the local server's update; the front's, once
+        the primary took it), any other rcode changes nothing."""
+        req, signer = update.req, update.signer
 
         def reply(resp: dns.message.Message) -> bytes:
-            return self.render(req, resp, signer, now, max_size)
+            return self.render(req, resp, signer, now, update.max_size)
 
-        def remembered(out: bytes) -> Answered:
-            return ReplayCache.entry(signer.request_mac, signer.request_time, signer.request_fudge, out)
-
-        try:
-            changes, lease_reply, lease = self._check_update(req, wire, now)
-        except _Reject as r:
-            log.debug("update %d rejected: %s", req.id, dns.rcode.to_text(r.rcode))
-            out = reply(self._error(req, r.rcode))
-            with contextlib.suppress(DiskFull):  # reported by the store; the reply is still right
-                self._answered.remember(remembered(out), now)
+        remembered = functools.partial(ReplayCache.entry, signer.request_mac, signer.request_time,
+                                       signer.request_fudge)
+        if rcode != dns.rcode.NOERROR:
+            out = reply(self._error(req, dns.rcode.Rcode.make(rcode)))
+            if remember:
+                with contextlib.suppress(DiskFull):  # reported by the store; the reply is still right
+                    self._answered.remember(remembered(out), now)
             return out
         resp = self._error(req, dns.rcode.NOERROR)
-        if lease_reply is not None:
-            resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(_LEASE_OTYPE, lease_reply)])
+        if update.lease_reply is not None:
+            resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(LEASE_OTYPE, update.lease_reply)])
         out = reply(resp)  # rendered before the update, so that it is committed with it
         try:
-            changed = self.store.apply_update(changes, lease, now, remembered(out))
+            changed = self.store.apply_update(update.changes, update.lease, now, remembered(out))
         except DiskFull:  # reported once by the store
             return reply(self._error(req, dns.rcode.SERVFAIL))
         except Exception:
             log.exception("update %d failed; rolled back", req.id)
             return reply(self._error(req, dns.rcode.SERVFAIL))
         if changed:
-            self.last_changes = list(changes)
+            self.last_changes = list(update.changes)
         return out
-
-    def _lease(self, req: dns.message.Message) -> tuple[Lease | None, bytes | None]:
-        """The granted lease and the reply option's data, in the request's 4/8-byte form (RFC 9664 §4.3)."""
-        opts = [o for o in req.options if o.otype == UPDATE_LEASE_OPTION_CODE]
-        lo, hi = self.policy.min_lease, self.policy.max_lease
-        if not opts:
-            default = self.policy.default_lease
-            if default is None:
-                return None, None
-            granted = min(max(default, lo), hi)
-            return Lease(granted, granted), None  # no option asked, none in the reply
-        if len(opts) > 1:
-            raise _Reject(dns.rcode.FORMERR)
-        try:
-            asked, key_asked = decode_update_lease(opts[0].to_wire() or b"")
-        except ParseError:
-            raise _Reject(dns.rcode.FORMERR) from None
-        lease = Lease(min(max(asked, lo), hi), min(max(asked if key_asked is None else key_asked, lo), hi))
-        return lease, encode_update_lease(lease.lease, None if key_asked is None else lease.key_lease)
-
-    def _check_update(
-        self, req: dns.update.UpdateMessage, wire: bytes, now: float
-    ) -> tuple[list[Change], bytes | None, Lease | None]:
-        """RFC 2136 §3 in order: zone, prerequisites, permission, prescan. Raises _Reject with the rcode."""
-        store = self.store
-        # §3.1 zone section
-        if len(req.zone) != 1:
-            raise _Reject(dns.rcode.FORMERR)
-        z = req.zone[0]
-        if z.rdclass != dns.rdataclass.IN or z.name != self.zone:
-            raise _Reject(dns.rcode.NOTAUTH)
-        ttls = [r.ttl for r in walk(wire)]
-        pre_ttls = ttls[: len(req.prerequisite)]
-        upd_ttls = ttls[len(req.prerequisite) : len(req.prerequisite) + len(req.update)]
-        # §3.2 prerequisites (dnspython gives one RRset per RR for updates, in wire order)
-        wanted: dict[tuple[dns.name.Name, int], set[bytes]] = {}
-        for rrset, ttl in zip(req.prerequisite, pre_ttls, strict=True):
-            if ttl != 0:
-                raise _Reject(dns.rcode.FORMERR)
-            if not store.in_zone(rrset.name):
-                raise _Reject(dns.rcode.NOTZONE)
-            if rrset.deleting == dns.rdataclass.ANY:
-                if rrset.rdtype == dns.rdatatype.ANY:
-                    if not store.name_in_use(rrset.name, now):
-                        raise _Reject(dns.rcode.NXDOMAIN)
-                elif not store.rrset(rrset.name, rrset.rdtype, now):
-                    raise _Reject(dns.rcode.NXRRSET)
-            elif rrset.deleting == dns.rdataclass.NONE:
-                if rrset.rdtype == dns.rdatatype.ANY:
-                    if store.name_in_use(rrset.name, now):
-                        raise _Reject(dns.rcode.YXDOMAIN)
-                elif store.rrset(rrset.name, rrset.rdtype, now):
-                    raise _Reject(dns.rcode.YXRRSET)
-            elif rrset.rdclass == dns.rdataclass.IN and not dns.rdatatype.is_metatype(rrset.rdtype):
-                wanted.setdefault((rrset.name, rrset.rdtype), set()).update(
-                    rd.to_digestable() for rd in rrset
-                )
-            else:
-                raise _Reject(dns.rcode.FORMERR)
-        for (name, rdtype), rdatas in wanted.items():
-            if {rr.wire for rr in store.rrset(name, rdtype, now)} != rdatas:
-                raise _Reject(dns.rcode.NXRRSET)
-        # §3.3 permission: the key was checked already; protect the zone's own records; insist on leases
-        lease, lease_reply = self._lease(req)
-        changes: list[Change] = []
-        for rrset, ttl in zip(req.update, upd_ttls, strict=True):
-            if not store.in_zone(rrset.name):
-                raise _Reject(dns.rcode.NOTZONE)
-            rdtype = rrset.rdtype
-            if rrset.deleting is None:
-                if rrset.rdclass != dns.rdataclass.IN or dns.rdatatype.is_metatype(rdtype):
-                    raise _Reject(dns.rcode.FORMERR)
-                changes.extend(AddRR(rrset.name, rrset.ttl, rd) for rd in rrset)
-            elif ttl != 0:
-                raise _Reject(dns.rcode.FORMERR)
-            elif rrset.deleting == dns.rdataclass.ANY:
-                if rdtype == dns.rdatatype.ANY:
-                    changes.append(DeleteName(rrset.name))
-                elif dns.rdatatype.is_metatype(rdtype):
-                    raise _Reject(dns.rcode.FORMERR)
-                else:
-                    changes.append(DeleteRRset(rrset.name, rdtype))
-            else:  # NONE: delete one RR
-                if dns.rdatatype.is_metatype(rdtype):
-                    raise _Reject(dns.rcode.FORMERR)
-                changes.extend(DeleteRR(rrset.name, rd) for rd in rrset)
-        for ch in changes:
-            if isinstance(ch, DeleteName):
-                protected = ch.owner != self.zone and store.is_protected(ch.owner, dns.rdatatype.ANY)
-            elif isinstance(ch, DeleteRRset):
-                protected = store.is_protected(ch.owner, ch.rdtype)
-            else:
-                protected = store.is_protected(ch.owner, ch.rdata.rdtype)
-            if protected:
-                raise _Reject(dns.rcode.REFUSED)
-        if self.policy.require_lease and lease is None and any(isinstance(c, AddRR) for c in changes):
-            raise _Reject(dns.rcode.REFUSED)
-        return changes, lease_reply, lease

@@ -3,7 +3,10 @@
 One UDP socket and one TCP listener on the same address and port feed every request to
 :meth:`DnsCore.handle` with the wall-clock time; a sweep task deletes expired leases. Everything runs in
 the trio thread that opened the :class:`ZoneStore` (its SQLite connection must stay in that thread), and
-the handler is synchronous, so requests are served one at a time, in arrival order.
+the handler is synchronous, so requests are served one at a time, in arrival order. In front mode
+(:mod:`tunneld.dnsserver.front`) a checked UPDATE waits for the primary instead (:class:`PrimaryLink`):
+over TCP and TLS in its connection's order, over UDP in a task of its own while other requests go on;
+the sweep deletes expired leases on the primary first.
 
 UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
 larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
@@ -41,14 +44,16 @@ import dns.rdatatype
 import dns.tsig
 import trio
 
-from tunneld.dnsserver.core import DnsCore
+from tunneld.dnsserver.core import CheckedUpdate, DnsCore
+from tunneld.dnsserver.front import FORWARD_TIMEOUT, Forward, Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
-from tunneld.proto.dnsguard import try_parse
+from tunneld.proto.dnsframe import FrameBuffer, frame
+from tunneld.proto.dnsguard import MAX_MESSAGE, try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
@@ -62,6 +67,8 @@ SWEEP_MAX_SLEEP: Final = 60.0
 
 _UDP_MAX: Final = 65535
 _OPCODE_UPDATE: Final = 5
+MAX_WAITING: Final = 32
+"""Forwards waiting for the connection to the primary (one is on it at a time); beyond: SERVFAIL."""
 
 
 def llq_event_port(msg: dns.message.Message | ParseError, peer: object) -> tuple[str, int] | None:
@@ -98,6 +105,90 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
     return sock
 
 
+class PrimaryLink:
+    """The front's TCP connection to its primary (RFC 7766 framing), reused from one exchange to the
+    next: one exchange at a time, in the order they were asked for (trio's lock is fair), each within
+    ``timeout`` seconds of being asked (the wait for the connection included), at most
+    :data:`MAX_WAITING` waiting."""
+
+    def __init__(self, primary: tuple[str, int], timeout: float = FORWARD_TIMEOUT) -> None:
+        self.primary = primary
+        self.timeout = timeout
+        self.counters: Counter[str] = Counter()
+        self._lock = trio.Lock()
+        self._waiting = 0
+        self._stream: trio.SocketStream | None = None
+        self._frames = FrameBuffer()
+
+    async def exchange(self, forward: Forward) -> bytes | None:
+        """The primary's reply to ``forward``; None if none came in time (or too many are waiting)."""
+        if self._waiting >= MAX_WAITING:
+            self.counters["busy: refused"] += 1
+            return None
+        self._waiting += 1
+        try:
+            with trio.move_on_after(self.timeout):
+                async with self._lock:
+                    done = False
+                    try:
+                        reply = await self._exchange(forward)
+                        done = True
+                        return reply
+                    finally:
+                        if not done:  # cancelled mid-exchange: the stream's state is unknown
+                            await self.close()
+            self.counters["timeout"] += 1
+            return None
+        finally:
+            self._waiting -= 1
+
+    async def _exchange(self, forward: Forward) -> bytes | None:
+        if len(forward.wire) > MAX_MESSAGE:  # our TSIG made a 64 KiB update larger than TCP can carry
+            self.counters["too large"] += 1
+            return None
+        for _ in range(2):  # a reused connection the primary closed meanwhile: once more on a new one
+            reused = self._stream is not None
+            try:
+                if self._stream is None:
+                    self._stream = await trio.open_tcp_stream(*self.primary)
+                    self._frames = FrameBuffer()
+                    self.counters["connections"] += 1
+                await self._stream.send_all(frame(forward.wire))
+                reply = await self._read(self._stream, forward.msg_id)
+            except (OSError, trio.BrokenResourceError, ParseError) as e:
+                log.debug("primary %s: %s", self.primary, e)
+                reply = None
+            if reply is not None:
+                return reply
+            await self.close()
+            if not reused:
+                break
+        self.counters["connection failed"] += 1
+        return None
+
+    async def _read(self, stream: trio.SocketStream, msg_id: int) -> bytes | None:
+        while True:
+            while (message := self._frames.next()) is not None:
+                if message[:2] == msg_id.to_bytes(2, "big"):
+                    return message
+                self.counters["stray reply"] += 1
+            data = await stream.receive_some(_UDP_MAX)
+            if not data:
+                return None
+            self._frames.feed(data)
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+    def close_now(self) -> None:
+        """Close the connection without waiting (at shutdown, outside any trio task)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.socket.close()
+
+
 class _Server:
     def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None,
                  rrl: RrlLimits | None = None) -> None:
@@ -114,9 +205,13 @@ class _Server:
         self.stun_rrl = ResponseLimiter(rrl)  # STUN answers do not eat a site's DNS budget, nor it theirs
         self.stun_counters: Counter[str] = Counter()
         self.answers: Counter[tuple[str, str]] = Counter()  # (opcode, rcode or "no reply"), for metrics
+        self.front: Front | None = None  # front mode: updates go to the primary over this link
+        self.link: PrimaryLink | None = None
 
-    def handle(self, wire: bytes, src: object, max_size: int | None) -> tuple[bytes | None, LLQOutput]:
-        """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers)."""
+    def handle(self, wire: bytes, src: object,
+               max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
+        """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers); in
+        front mode a checked update instead, for :meth:`forward`."""
         now = time.time()
         msg = try_parse(wire, query=True)  # bounded first, and parsed once for both handlers
         if self.llq is not None and max_size is None:  # LLQ runs over UDP (RFC 8764 §5)
@@ -133,7 +228,37 @@ class _Server:
                 reply = next((w for d, w in out if d == events_to), None)
                 return reply, [o for o in out if o[0] != events_to]
         self.core.last_changes = []
-        reply = self.core.handle(wire, src, now, max_size=max_size, msg=msg)
+        prepared = self.core.prepare(wire, src, now, max_size=max_size, msg=msg)
+        if isinstance(prepared, CheckedUpdate):
+            if self.front is not None:
+                return prepared, []
+            prepared = self.core.commit(prepared, dns.rcode.NOERROR, now)
+        return prepared, self._after(wire, prepared, now)
+
+    async def forward(self, update: CheckedUpdate, wire: bytes) -> tuple[bytes | None, LLQOutput]:
+        """Front mode: the checked update forwarded to the primary, and the device's reply."""
+        assert self.front is not None and self.link is not None
+        fwd = self.front.forward(update, time.time())
+        if fwd is None:  # a copy of one still with the primary: silence, the client retransmits
+            self._count(wire, None)
+            return None, []
+        answered = False
+        try:
+            # Shielded, and bounded by the link's timeout: once sent, the primary's answer is always
+            # committed (our store, the replay memory), even if the device's connection goes meanwhile.
+            with trio.CancelScope(shield=True):
+                primary_reply = await self.link.exchange(fwd)
+            now = time.time()
+            self.core.last_changes = []
+            reply = self.front.answer(self.core, update, fwd, primary_reply, now)
+            answered = True
+        finally:
+            if not answered:
+                self.front.abandon(update)
+        return reply, self._after(wire, reply, now)
+
+    def _after(self, wire: bytes, reply: bytes | None, now: float) -> LLQOutput:
+        """Count the reply; an UPDATE's changes to the LLQ server and the Push sessions."""
         self._count(wire, reply)
         events: LLQOutput = []
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
@@ -143,7 +268,7 @@ class _Server:
             if self.llq is not None and self.core.last_changes:
                 events = self.llq.changes(self.core.last_changes, now)
                 self.llq_wake.set()
-        return reply, events
+        return events
 
     def _count(self, wire: bytes, reply: bytes | None) -> None:
         if len(wire) < 4:
@@ -179,24 +304,40 @@ class _Server:
 
     async def udp_loop(self, sock: trio.socket.SocketType) -> None:
         with sock:
-            while True:
-                try:
-                    wire, src = await sock.recvfrom(_UDP_MAX)
-                except OSError as e:  # e.g. ICMP port unreachable reported on the socket
-                    log.debug("udp receive: %s", e)
-                    continue
-                if is_stun(wire):  # before the DNS guard: see the module docstring
-                    await self.answer_stun(sock, wire, src)
-                    continue
-                reply, events = self.handle(wire, src, None)
-                if reply is not None:
-                    reply = self.limit(reply, len(wire), src)
-                if reply is not None:
-                    try:
-                        await sock.sendto(reply, src)
-                    except OSError as e:
-                        log.debug("udp send to %r: %s", src, e)
-                await self.send_llq(events)
+            async with trio.open_nursery() as forwards:  # front mode: updates answered as the primary does
+                await self._udp_requests(sock, forwards)
+
+    async def _udp_requests(self, sock: trio.socket.SocketType, forwards: trio.Nursery) -> None:
+        while True:
+            try:
+                wire, src = await sock.recvfrom(_UDP_MAX)
+            except OSError as e:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("udp receive: %s", e)
+                continue
+            if is_stun(wire):  # before the DNS guard: see the module docstring
+                await self.answer_stun(sock, wire, src)
+                continue
+            reply, events = self.handle(wire, src, None)
+            if isinstance(reply, CheckedUpdate):
+                forwards.start_soon(self._udp_forward, sock, reply, wire, src)
+                continue
+            await self._udp_reply(sock, reply, events, len(wire), src)
+
+    async def _udp_forward(self, sock: trio.socket.SocketType, update: CheckedUpdate, wire: bytes,
+                           src: tuple[str, int]) -> None:
+        reply, events = await self.forward(update, wire)
+        await self._udp_reply(sock, reply, events, len(wire), src)
+
+    async def _udp_reply(self, sock: trio.socket.SocketType, reply: bytes | None, events: LLQOutput,
+                         query_size: int, src: tuple[str, int]) -> None:
+        if reply is not None:
+            reply = self.limit(reply, query_size, src)
+        if reply is not None:
+            try:
+                await sock.sendto(reply, src)
+            except OSError as e:
+                log.debug("udp send to %r: %s", src, e)
+        await self.send_llq(events)
 
     async def answer_stun(self, sock: trio.socket.SocketType, wire: bytes, src: tuple[str, int]) -> None:
         reply = stun_respond(wire, (src[0], src[1]), counters=self.stun_counters)
@@ -238,10 +379,41 @@ class _Server:
 
     async def tcp_respond(self, wire: bytes, peer: object) -> bytes | None:
         """The reply to one request over TCP (any LLQ events it causes go out over UDP)."""
-        reply, events = self.handle(wire, peer, 65535)
+        out, events = self.handle(wire, peer, 65535)
+        if isinstance(out, CheckedUpdate):  # front mode: answered in order, once the primary has
+            out, events = await self.forward(out, wire)
         with trio.CancelScope(shield=True):  # the connection may be evicted meanwhile; the events are not its
             await self.send_llq(events)
-        return reply
+        return out
+
+    async def front_loop(self) -> None:
+        """Front mode's sweep: expired leases deleted on the primary, then here (:class:`Front`)."""
+        assert self.front is not None and self.link is not None
+        failed = False
+        while True:
+            deadline = None if failed else self.front.deadline()
+            delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
+                                                                  SWEEP_MAX_SLEEP)
+            self.wake = trio.Event()
+            with trio.move_on_after(delay):
+                await self.wake.wait()  # an update arrived: recompute the next expiry
+            try:
+                failed = False
+                deletion = self.front.due_deletion(time.time())
+                if deletion is None:
+                    continue
+                reply = await self.link.exchange(deletion.forward)
+                now = time.time()
+                removed = self.front.deleted(deletion, reply, now)
+            except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
+                log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
+                failed = True
+                continue
+            if removed and self.push is not None:
+                self.push.changes(removed, now)
+            if removed and self.llq is not None:
+                await self.send_llq(self.llq.changes(removed, now))
+                self.llq_wake.set()
 
     async def sweep_loop(self) -> None:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
@@ -279,6 +451,7 @@ async def serve(
     after_bind: Callable[[], None] | None = None,
     metrics: tuple[str, int] | None = None,
     tls: tuple[str, int, ssl.SSLContext] | None = None,
+    front: Front | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -286,7 +459,8 @@ async def serve(
     :class:`TcpLimits`, :class:`RrlLimits`), and STUN also on the UDP ``stun_ports`` of ``host``;
     Prometheus metrics over HTTP on ``metrics`` if given, and DNS over TLS (RFC 7858) on ``tls``'s host
     and port with its context if given (the same requests, limits and answers as TCP, and DNS Push
-    sessions). OSError if a socket cannot be bound.
+    sessions). OSError if a socket cannot be bound. With ``front``, signed UPDATEs go to its primary
+    (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there.
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -323,6 +497,8 @@ async def serve(
         server.push = PushServer(core)
         server.tls = TcpServer(server.tcp_respond, tcp, tls[2], push=server.push)
     server.udp = udp
+    if front is not None:
+        server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
@@ -332,7 +508,7 @@ async def serve(
             nursery.start_soon(server.tcp.serve, tcp_sock)
             if tls_sock is not None and server.tls is not None:
                 nursery.start_soon(server.tls.serve, tls_sock)
-            nursery.start_soon(server.sweep_loop)
+            nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
@@ -340,16 +516,22 @@ async def serve(
             if metrics is not None:  # imported only when on (prometheus-client's import cost)
                 from tunneld.dnsserver.metrics import dns_server
                 await nursery.start(dns_server(server, metrics).run)
-            log.info("serving %s on %s port %d (UDP and TCP)%s%s", core.zone, host, port,
+            log.info("serving %s on %s port %d (UDP and TCP)%s%s%s", core.zone, host, port,
                      "".join(f", STUN on UDP port {p}" for p in stun_ports),
-                     f", TLS on {tls[0]} port {tls[1]}" if tls is not None else "")
+                     f", TLS on {tls[0]} port {tls[1]}" if tls is not None else "",
+                     f", as the front of the primary {front.primary[0]} port {front.primary[1]}"
+                     if front is not None else "")
             task_status.started()
     finally:
+        if server.link is not None:
+            server.link.close_now()
         tls_counters = server.tls.counters if server.tls is not None else Counter[str]()
         for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters),
                                ("tls", tls_counters),
                                ("dns push", server.push.counters if server.push is not None else Counter()),
-                               ("stun", server.stun_counters + server.stun_rrl.counters)):
+                               ("stun", server.stun_counters + server.stun_rrl.counters),
+                               ("front", (front.counters if front is not None else Counter())
+                                + (server.link.counters if server.link is not None else Counter()))):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 

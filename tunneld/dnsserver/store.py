@@ -540,6 +540,30 @@ class ZoneStore:
             for (owner, rdtype), rrs in grouped.items()
         ]
 
+    def expired(self, now: float, limit: int) -> list[tuple[dns.name.Name, dns.rdata.Rdata]]:
+        """Up to ``limit`` RRs whose lease ended at or before ``now``, still stored (the front's
+        :mod:`tunneld.dnsserver.front` deletes them from its primary before :meth:`forget` drops them)."""
+        rows = self._db.execute(
+            "SELECT owner, rdtype, rdata FROM records WHERE expires IS NOT NULL AND expires<=? "
+            "ORDER BY expires, owner, rdtype, rdata LIMIT ?", (now, limit)).fetchall()
+        return [(dns.name.from_text(o), _rdata_from_wire(t, bytes(w))) for o, t, w in rows]
+
+    def forget(self, rrs: Iterable[tuple[dns.name.Name, dns.rdata.Rdata]], now: float) -> list[RRsetRemoval]:
+        """Delete these RRs if their lease still ended at or before ``now`` (one renewed meanwhile stays),
+        as :meth:`expire` does; the same result. DiskFull for want of space (nothing deleted)."""
+        gone: dict[tuple[str, int], list[StoredRR]] = {}
+        with self._write():
+            for owner, rdata in rrs:
+                key = (canonical(owner), rdata.rdtype, rdata.to_digestable(self.zone))
+                rows = self._db.execute(
+                    "DELETE FROM records WHERE owner=? AND rdtype=? AND rdata=? AND expires IS NOT NULL AND "
+                    "expires<=? RETURNING ttl", (*key, now)).fetchall()
+                gone.setdefault(key[:2], []).extend(StoredRR(ttl, rdata) for (ttl,) in rows)
+            if any(gone.values()):
+                self._bump_serial()
+            self._db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
+        return [RRsetRemoval(dns.name.from_text(o), t, tuple(rrs)) for (o, t), rrs in gone.items() if rrs]
+
     def snapshot(self) -> tuple[int, list[tuple[str, int, bytes, int, float | None]]]:
         """(serial, every stored row including expired ones): for tests and debugging dumps."""
         rows = self._db.execute("SELECT * FROM records ORDER BY owner, rdtype, rdata").fetchall()

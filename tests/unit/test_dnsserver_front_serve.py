@@ -1,0 +1,215 @@
+"""Front mode through the trio listeners, on loopback: a device's UPDATE over UDP and TCP goes to a fake
+primary (dnspython, over TCP) and back; one connection to the primary is reused; a silent primary is
+SERVFAIL within the timeout; an expired lease is deleted on the primary by the sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import time
+from dataclasses import dataclass, field
+
+import dns.edns
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.update
+import trio
+import trio.testing
+
+from tunneld.dnsserver.core import DnsCore, Policy, account_key
+from tunneld.dnsserver.front import Forward, Front
+from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, serve
+from tunneld.dnsserver.store import ZoneStore
+from tunneld.proto.dnsframe import FrameBuffer, frame
+from tunneld.proto.dnsguard import MAX_MESSAGE
+from tunneld.proto.tsig import TsigKey
+
+from .test_dnsserver_tcp import free_port
+
+DOMAIN = "example.com"
+ZONE = dns.name.from_text(DOMAIN)
+ACCOUNT = account_key(bytes(range(32)), DOMAIN).dnspython()
+FRONT = TsigKey(dns.name.from_text("front.example.com."), bytes(range(100, 132)))
+HOST = dns.name.from_text("host", ZONE)
+
+
+@dataclass
+class FakePrimary:
+    """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers)."""
+
+    rcode: dns.rcode.Rcode | None = dns.rcode.NOERROR
+    delay: float = 0.0  # seconds before each answer
+    connections: int = 0
+    updates: list[dns.update.UpdateMessage] = field(default_factory=list)
+    got: trio.Event = field(default_factory=trio.Event)
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        frames = FrameBuffer()
+        async with stream:
+            while data := await stream.receive_some(65535):
+                frames.feed(data)
+                while (wire := frames.next()) is not None:
+                    msg = dns.message.from_wire(wire, keyring={FRONT.name: FRONT.dnspython()})
+                    assert isinstance(msg, dns.update.UpdateMessage)
+                    self.updates.append(msg)
+                    self.got.set()
+                    if self.rcode is not None:
+                        await trio.sleep(self.delay)
+                        resp = dns.message.make_response(msg)
+                        resp.set_rcode(self.rcode)
+                        await stream.send_all(frame(resp.to_wire()))
+
+
+async def start(nursery: trio.Nursery, primary: FakePrimary, *, min_lease: int = 1800,
+                timeout: float = 5.0, server_nursery: trio.Nursery | None = None) -> tuple[int, Front]:
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0, host="127.0.0.1"))
+    primary_port = listeners[0].socket.getsockname()[1]
+    store = ZoneStore(":memory:", ZONE, "ns.example.com.", 53)
+    core = DnsCore(store, [ACCOUNT], Policy(min_lease=min_lease))
+    front = Front(store, FRONT, ("127.0.0.1", primary_port))
+    front.timeout = timeout
+    for _ in range(5):
+        port = free_port()
+        try:
+            await (server_nursery or nursery).start(functools.partial(serve, core, "127.0.0.1", port,
+                                                                      front=front))
+        except OSError:
+            continue
+        return port, front
+    raise AssertionError("could not bind")
+
+
+def device_update(addr: str, lease: int = 3600) -> dns.update.UpdateMessage:
+    upd = dns.update.UpdateMessage(ZONE)
+    upd.add(HOST, 120, "AAAA", addr)
+    upd.use_edns(0, options=[dns.edns.GenericOption(2, struct.pack("!I", lease))])  # type: ignore[arg-type]
+    upd.use_tsig(ACCOUNT)
+    return upd
+
+
+async def over_udp(port: int, upd: dns.update.UpdateMessage,
+                   wire: bytes | None = None) -> dns.message.Message:
+    """Sign and send ``upd`` (or send ``wire``, its signed form already sent once: a copy)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(upd.to_wire() if wire is None else wire)
+        reply = await sock.recv(65535)
+    return dns.message.from_wire(reply, keyring={ACCOUNT.name: ACCOUNT}, request_mac=upd.mac)
+
+
+async def over_tcp(stream: trio.SocketStream, frames: FrameBuffer,
+                   upd: dns.update.UpdateMessage) -> dns.message.Message:
+    await stream.send_all(frame(upd.to_wire()))
+    while (wire := frames.next()) is None:
+        frames.feed(await stream.receive_some(65535))
+    return dns.message.from_wire(wire, keyring={ACCOUNT.name: ACCOUNT}, request_mac=upd.mac)
+
+
+def test_updates_over_udp_and_tcp_are_answered_by_the_primary_over_one_connection() -> None:
+    async def main() -> None:
+        primary = FakePrimary()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, front = await start(nursery, primary)
+                reply = await over_udp(port, device_update("fd00::1"))
+                assert reply.rcode() == dns.rcode.NOERROR and [o.otype for o in reply.options] == [2]
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    frames = FrameBuffer()
+                    for addr in ("fd00::2", "fd00::3"):
+                        assert (await over_tcp(stream, frames, device_update(addr))).rcode() == 0
+                primary.rcode = dns.rcode.REFUSED
+                assert (await over_udp(port, device_update("fd00::4"))).rcode() == dns.rcode.REFUSED
+                assert len(primary.updates) == 4 and primary.connections == 1
+                assert all(u.edns < 0 for u in primary.updates)  # the leases stay with the front
+                got = {rr.rdata.to_text() for rr in front.store.rrset(HOST, dns.rdatatype.AAAA, time.time())}
+                assert got == {"fd00::1", "fd00::2", "fd00::3"}  # the refused one was not applied
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_silent_primary_is_servfail_within_the_timeout() -> None:
+    async def main() -> None:
+        primary = FakePrimary(rcode=None)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, front = await start(nursery, primary, timeout=0.5)
+                t0 = trio.current_time()
+                reply = await over_udp(port, device_update("fd00::1"))
+                assert reply.rcode() == dns.rcode.SERVFAIL
+                assert 0.5 <= trio.current_time() - t0 < 5
+                assert front.counters["update: no reply from the primary"] == 1
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_expired_lease_is_deleted_on_the_primary() -> None:
+    async def main() -> None:
+        primary = FakePrimary()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, _ = await start(nursery, primary, min_lease=1)
+                assert (await over_udp(port, device_update("fd00::1", lease=1))).rcode() == 0
+                primary.got = trio.Event()
+                await primary.got.wait()  # the sweep's delete, about a second later
+                delete = primary.updates[-1]
+                got = [(r.name, r.deleting, r.rdtype, [rd.to_text() for rd in r]) for r in delete.update]
+                assert got == [(HOST, dns.rdataclass.NONE, dns.rdatatype.AAAA, ["fd00::1"])]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_answer_after_the_server_was_told_to_stop_is_still_committed() -> None:
+    async def main() -> None:
+        primary = FakePrimary(delay=0.3)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as server:
+                    port, front = await start(nursery, primary, server_nursery=server)
+                    upd = device_update("fd00::7")
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    await stream.send_all(frame(upd.to_wire()))
+                    await primary.got.wait()
+                    server.cancel_scope.cancel()  # stopping while the primary holds the update
+                await stream.aclose()
+                # The primary took it: so does the front's store (with the lease), and the replay memory.
+                assert front.counters["update: primary NOERROR"] == 1
+                assert [rr.rdata.to_text() for rr in front.store.rrset(HOST, dns.rdatatype.AAAA, time.time())
+                        ] == ["fd00::7"]
+                assert front.store.replay_count() == 1
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_link_bounds_what_waits_and_what_it_sends() -> None:
+    async def main() -> None:
+        primary = FakePrimary(rcode=None)  # never answers
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0,
+                                                                  host="127.0.0.1"))
+                link = PrimaryLink(listeners[0].socket.getsockname(), timeout=10)
+                assert await link.exchange(Forward(1, bytes(MAX_MESSAGE + 1), b"")) is None
+                assert link.counters["too large"] == 1 and primary.connections == 0
+                upd = device_update("fd00::1")
+                upd.use_tsig(FRONT.dnspython())
+                wire = upd.to_wire()
+                for i in range(MAX_WAITING):
+                    nursery.start_soon(link.exchange, Forward(i, wire, b""))
+                await trio.testing.wait_all_tasks_blocked()
+                assert await link.exchange(Forward(99, wire, b"")) is None  # at once: too many wait
+                assert link.counters["busy: refused"] == 1
+                assert primary.connections == 1 and len(primary.updates) == 1  # one at a time on the wire
+                nursery.cancel_scope.cancel()  # the exchanges waiting are cancelled, the connection closed
+
+    trio.run(main)
