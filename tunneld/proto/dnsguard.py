@@ -85,9 +85,9 @@ def name_end(wire: bytes, start: int) -> int:
     return _Names(wire).read(start, len(wire))[0]
 
 
-def budget(size: int) -> int:
-    """The work a message of ``size`` octets may cost dnspython."""
-    return min(WORK_MAX, max(WORK_FLOOR, WORK_PER_OCTET * size))
+def budget(size: int, work_max: int = WORK_MAX) -> int:
+    """The work a message of ``size`` octets may cost dnspython (at most ``work_max``)."""
+    return min(work_max, max(WORK_FLOOR, WORK_PER_OCTET * size))
 
 
 def rdata_name_work(labels: int) -> int:
@@ -286,11 +286,13 @@ def _options_work(wire: bytes, start: int, end: int) -> int:
 # -- messages ----------------------------------------------------------------------------------------------
 
 
-def check(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False) -> list[Record]:
+def check(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
+          work_max: int = WORK_MAX) -> list[Record]:
     """Check ``wire`` against every bound above, in time linear in its size; the frame of each resource
     record after the question section, in wire order. ``query``: a request (QR clear) must ask exactly
-    one question. Raises ParseError and nothing else."""
-    return _scan(wire, max_size, query, budget(len(wire)))[0]
+    one question. ``work_max``: a larger cap for a reader that bounds its whole exchange (a zone
+    transfer). Raises ParseError and nothing else."""
+    return _scan(wire, max_size, query, budget(len(wire), work_max))[0]
 
 
 def work(wire: bytes) -> int:
