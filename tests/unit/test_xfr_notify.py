@@ -80,6 +80,8 @@ def test_notify_refused(msg: dns.message.Message, reason: str) -> None:
 
 def test_notify_refused_when_stale_oversized_or_not_the_apex_soa() -> None:
     wire = notify().to_wire()
+    with pytest.raises(ParseError, match="original ID"):  # the ID is outside the MAC, so it is compared
+        read_notify(bytes([wire[0] ^ 1]) + wire[1:], ZONE, KEY, time.time())
     with pytest.raises(ParseError, match="tsig: time"):
         read_notify(wire, ZONE, KEY, time.time() + 3600)
     msg = notify(None)

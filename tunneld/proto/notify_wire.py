@@ -25,7 +25,7 @@ import dns.rdtypes.ANY.SOA
 
 from tunneld.proto.dnsguard import Record, check
 from tunneld.proto.errors import ParseError
-from tunneld.proto.tsig import TsigError, TsigKey, find_tsig, sign, verify
+from tunneld.proto.tsig import TsigError, TsigKey, TsigRecord, find_tsig, sign, verify
 
 __all__ = [
     "MAX_NOTIFY",
@@ -47,9 +47,9 @@ MAX_SOA_ANSWER: Final = 1232
 """Bytes of an answer to our SOA query: the question, one SOA and a TSIG (as :data:`MAX_NOTIFY`)."""
 
 
-def _tsig(wire: bytes, records: list[Record], key: TsigKey, request_mac: bytes, now: float) -> bytes:
+def _tsig(wire: bytes, records: list[Record], key: TsigKey, request_mac: bytes, now: float) -> TsigRecord:
     try:
-        return verify(wire, key, request_mac, now, find_tsig(wire, records)).mac
+        return verify(wire, key, request_mac, now, find_tsig(wire, records))
     except TsigError as e:
         raise ParseError(f"tsig: {e}") from None
 
@@ -105,12 +105,14 @@ def read_notify(wire: bytes, zone: dns.name.Name, key: TsigKey, now: float) -> N
     (flags,) = struct.unpack_from("!H", wire, 2)
     if flags & dns.flags.QR or dns.opcode.from_flags(flags) != OPCODE_NOTIFY:
         raise ParseError("not a NOTIFY")
-    mac = _tsig(wire, records, key, b"", now)
+    tsig = _tsig(wire, records, key, b"", now)
+    if tsig.original_id != struct.unpack_from("!H", wire)[0]:  # the ID is outside the MAC (RFC 8945 §4.3.1)
+        raise ParseError("original ID")
     msg = _parse(wire)
     _question(msg, zone)
     if msg.authority:
         raise ParseError("authority section")
-    return Notify(msg.id, zone, _apex_soa(msg, zone), mac)
+    return Notify(msg.id, zone, _apex_soa(msg, zone), tsig.mac)
 
 
 def notify_response(notify: Notify, key: TsigKey, now: float) -> bytes:
