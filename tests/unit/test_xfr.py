@@ -24,6 +24,7 @@ import pytest
 
 from tunneld.crypto.kdf import derive_front_key
 from tunneld.proto.dnsframe import FrameBuffer, frame
+from tunneld.proto.dnsguard import check
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigStream, sign
 from tunneld.proto.xfr import (
@@ -376,3 +377,17 @@ def test_serial_arithmetic_rfc1982() -> None:
     assert serial_gt(1, 0) and serial_gt(0, 0xFFFFFFFF) and serial_gt(0x7FFFFFFF, 0)
     assert not serial_gt(0, 0) and not serial_gt(0, 1) and not serial_gt(0xFFFFFFFF, 0)
     assert not serial_gt(0x80000000, 0) and not serial_gt(0, 0x80000000)  # undefined: never newer
+
+
+def test_a_dense_message_over_the_guards_default_budget_is_read() -> None:
+    # A primary packs a transfer message to the brim; 1000 PTRs in one message cost dnspython more than
+    # the guard lets a server's single message cost, and the reader's own cap (XFR_WORK_MAX) admits them
+    # once the message's MAC has been checked.
+    q = axfr()
+    ptrs = [r for r in devices(3000) if r.rdtype == dns.rdatatype.PTR]
+    messages = render(q, [soa(5), *ptrs, soa(5)], per_message=2000)
+    assert len(messages) == 1 and len(messages[0]) < 65535
+    with pytest.raises(ParseError, match="over the parse budget"):
+        check(messages[0])
+    result = read_all(TransferReader(q, KEY), messages)
+    assert isinstance(result, Full) and list(result.records) == ptrs

@@ -62,8 +62,9 @@ MAX_XFR_BYTES: Final = 16 * 1024 * 1024
 """Bytes of one transfer's messages: MAX_XFR_RECORDS at ~160 bytes each (an SSHFP or TXT record with its
 owner is the longest a device has), so a zone within the record bound always fits."""
 MAX_XFR_MESSAGES: Final = 10_000
-"""Messages in one transfer: BIND fills messages to 16 KB (transfer-message-size), PowerDNS to about as
-much; ten records a message on average over a whole full zone is already a primary gone wrong."""
+"""Messages in one transfer: MAX_XFR_RECORDS at ten records a message. BIND fills its transfer messages
+to about 20 KB by default (transfer-message-size), a hundred records or more; a primary that sends fewer
+than ten a message is refused rather than paid for message by message (a TSIG, a parse each)."""
 XFR_WORK_MAX: Final = WORK_PER_OCTET * MAX_MESSAGE
 """The guard's work budget of one transfer message (docs/hardening.md, "DNS input bounds"): the guard's
 per-octet rate without its cap (a primary packs its messages densely, by design); the transfer's total
