@@ -12,6 +12,7 @@ import functools
 import time
 from collections.abc import Sequence
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
@@ -169,7 +170,7 @@ def test_query_refuses_bad_arguments() -> None:
 # -- the multi-message TSIG (RFC 8945 §5.3.1) ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signed_every", [1, 2, 7, 99])
+@pytest.mark.parametrize("signed_every", [1, 2, 7, 100])  # 100: 99 unsigned in a row, the most allowed
 def test_tsig_stream_verifies_dnspython_multi_message_signing(signed_every: int) -> None:
     q = axfr()
     messages = render(q, [soa(9), *devices(600), soa(9)], per_message=3, signed_every=signed_every)
@@ -184,9 +185,10 @@ def test_tsig_stream_refuses_100_unsigned_in_a_row_and_an_unsigned_last() -> Non
     q = axfr()
     messages = render(q, [soa(9), *devices(300), soa(9)], per_message=2, signed_every=101)
     stream = TsigStream(KEY, q.mac)
-    with pytest.raises(TsigError, match="no tsig"):
-        for m in messages:
-            stream.feed(m, None)
+    for m in messages[:100]:  # the first, signed, and 99 unsigned
+        stream.feed(m, None)
+    with pytest.raises(TsigError, match="no tsig"):  # the 100th unsigned in a row
+        stream.feed(messages[100], None)
     messages = render(q, [soa(9), *devices(10), soa(9)], per_message=2, signed_every=3, sign_last=False)
     stream = TsigStream(KEY, q.mac)
     for m in messages:
@@ -391,3 +393,21 @@ def test_a_dense_message_over_the_guards_default_budget_is_read() -> None:
         check(messages[0])
     result = read_all(TransferReader(q, KEY), messages)
     assert isinstance(result, Full) and list(result.records) == ptrs
+
+
+def _signed(q: TransferQuery, answer: list[dns.rrset.RRset], flags: int = dns.flags.QR) -> bytes:
+    """A one-message answer to ``q``, built by hand and signed over its MAC (so only the part under
+    test is wrong)."""
+    msg = dns.message.make_response(dns.message.from_wire(q.wire, keyring=False))
+    msg.flags = dns.flags.Flag(flags)
+    msg.answer = answer
+    return sign(msg.to_wire(), KEY, int(time.time()), q.mac)[0]
+
+
+def test_records_of_another_class_and_requests_are_refused() -> None:
+    q = axfr()
+    apex = dns.rrset.from_text(ZONE, 3600, "IN", "SOA", soa(3).rdata.to_text())
+    chaos = dns.rrset.from_text(dns.name.from_text("d1", ZONE), 60, "CH", "TXT", '"x"')
+    _refused(q, [_signed(q, [apex, chaos, apex])], "record class")
+    _refused(q, [_signed(q, [apex, apex], flags=0)], "not a query response")
+    assert read_all(TransferReader(q, KEY), [_signed(q, [apex, apex])]) == Full(soa(3), ())
