@@ -32,6 +32,7 @@ __all__ = [
     "Record",
     "budget",
     "check",
+    "from_checked",
     "parse",
     "rdata_name_work",
     "try_parse",
@@ -357,6 +358,13 @@ def parse(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
     the clock is the caller's (:mod:`tunneld.proto.tsig`). Raises ParseError and nothing else: the
     guard's reason, or "malformed DNS message" for anything dnspython rejects."""
     check(wire, max_size=max_size, query=query)
+    return from_checked(wire, one_rr_per_rrset=one_rr_per_rrset)
+
+
+def from_checked(wire: bytes, *, one_rr_per_rrset: bool = False) -> dns.message.Message:
+    """dnspython's parse of bytes that :func:`check` has passed (a reader that checks a message under
+    bounds of its own, then its TSIG, before paying for the parse); ParseError("malformed DNS message")
+    for anything dnspython rejects, and nothing else."""
     try:
         return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=one_rr_per_rrset)
     except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error, ...)

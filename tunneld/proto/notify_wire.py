@@ -23,7 +23,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 
-from tunneld.proto.dnsguard import Record, check
+from tunneld.proto.dnsguard import Record, check, from_checked
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigRecord, find_tsig, sign, verify
 
@@ -52,13 +52,6 @@ def _tsig(wire: bytes, records: list[Record], key: TsigKey, request_mac: bytes, 
         return verify(wire, key, request_mac, now, find_tsig(wire, records))
     except TsigError as e:
         raise ParseError(f"tsig: {e}") from None
-
-
-def _parse(wire: bytes) -> dns.message.Message:
-    try:
-        return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True)
-    except Exception as e:  # dnspython raises many types, as in dnsguard.parse
-        raise ParseError("malformed DNS message") from e
 
 
 def _apex_soa(msg: dns.message.Message, zone: dns.name.Name) -> int | None:
@@ -108,7 +101,7 @@ def read_notify(wire: bytes, zone: dns.name.Name, key: TsigKey, now: float) -> N
     tsig = _tsig(wire, records, key, b"", now)
     if tsig.original_id != struct.unpack_from("!H", wire)[0]:  # the ID is outside the MAC (RFC 8945 §4.3.1)
         raise ParseError("original ID")
-    msg = _parse(wire)
+    msg = from_checked(wire, one_rr_per_rrset=True)
     _question(msg, zone)
     if msg.authority:
         raise ParseError("authority section")
@@ -166,7 +159,7 @@ def read_soa_answer(wire: bytes, query: SoaQuery, key: TsigKey, now: float) -> i
         raise ParseError("not a query response")
     if flags & dns.flags.TC:
         raise ParseError("truncated")
-    msg = _parse(wire)
+    msg = from_checked(wire, one_rr_per_rrset=True)
     if msg.rcode() != 0:
         raise ParseError(f"rcode {msg.rcode()}")
     if not flags & dns.flags.AA:

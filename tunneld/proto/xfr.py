@@ -25,7 +25,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 import dns.rrset
 
-from tunneld.proto.dnsguard import ANSWER, MAX_MESSAGE, WORK_PER_OCTET, check
+from tunneld.proto.dnsguard import ANSWER, MAX_MESSAGE, WORK_PER_OCTET, check, from_checked
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigStream, find_tsig, sign
 
@@ -208,10 +208,7 @@ def read_message(wire: bytes, msg_id: int, zone: dns.name.Name, rdtype: int, str
         raise ParseError("truncated over TCP")
     if flags & 0xF:
         raise ParseError(f"rcode {flags & 0xF}")
-    try:
-        msg = dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True)
-    except Exception as e:  # dnspython raises many types, as in dnsguard.parse
-        raise ParseError("malformed DNS message") from e
+    msg = from_checked(wire, one_rr_per_rrset=True)
     if msg.rcode() != 0:  # the extended RCODE of an OPT record
         raise ParseError(f"rcode {msg.rcode()}")
     if msg.question or first:
