@@ -6,7 +6,8 @@ Three properties, on transfers of 10 to 2000 records rendered and signed by dnsp
 - a transfer with bytes changed, cut or inserted anywhere ends in ParseError (nothing else) or, for a
   change outside the MAC's reach (the case of a TSIG RR's names, RFC 8945 §4.3.3), in the same result;
 - NOTIFY bytes changed at random: the same, with the same Notify.
-Seeded (a seed per example) so that a failure replays; ``--runslow`` runs more examples.
+Seeded (a seed per example) so that a failure replays; ``--runslow`` runs 300 examples of each transfer
+property instead of 100 (about 25 s: each example renders and signs up to 2000 records with dnspython).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tunneld.proto.xfr import (
 )
 
 QUICK = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(0, 2**64 - 1)
 NOW = time.time()
 
@@ -187,12 +188,12 @@ def test_readers_on_hypothesis_bytes(data: bytes) -> None:
 @pytest.mark.slow
 @SLOW
 @given(seed=seeds)
-def test_reader_gives_back_what_was_sent_or_refuses_2k(seed: int) -> None:
+def test_reader_gives_back_what_was_sent_or_refuses_slow(seed: int) -> None:
     sequence_case(seed)
 
 
 @pytest.mark.slow
 @SLOW
 @given(seed=seeds)
-def test_reader_refuses_changed_transfers_2k(seed: int) -> None:
+def test_reader_refuses_changed_transfers_slow(seed: int) -> None:
     mutation_case(seed)
