@@ -37,13 +37,13 @@ from tunneld.proto.xfr import (
     TransferReader,
     UpToDate,
     ZoneRecord,
+    front_key,
     serial_gt,
     transfer_query,
 )
 
 ZONE = dns.name.from_text("home.example.net.")
-KEY = TsigKey(dns.name.from_text("front.home.example.net."),
-              derive_front_key(bytes(range(32)), "home.example.net"))
+KEY = front_key(bytes(range(32)), "Home.Example.NET.")
 OTHER_KEY = TsigKey(KEY.name, bytes(32))
 DP_KEY = KEY.dnspython()
 
@@ -411,3 +411,12 @@ def test_records_of_another_class_and_requests_are_refused() -> None:
     _refused(q, [_signed(q, [apex, chaos, apex])], "record class")
     _refused(q, [_signed(q, [apex, apex], flags=0)], "not a query response")
     assert read_all(TransferReader(q, KEY), [_signed(q, [apex, apex])]) == Full(soa(3), ())
+
+
+def test_front_key_is_named_under_the_domain_with_the_derived_secret() -> None:
+    assert KEY.name == dns.name.from_text("front.home.example.net.")
+    assert KEY.name.to_text() == "front.home.example.net."  # lower case, absolute: as the stanzas print it
+    assert KEY.algorithm == "hmac-sha256"
+    assert KEY.secret == derive_front_key(bytes(range(32)), "home.example.net")
+    with pytest.raises(ValueError):
+        front_key(bytes(31), "home.example.net")

@@ -25,11 +25,13 @@ import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 import dns.rrset
 
+from tunneld.crypto.kdf import derive_front_key, normalize_domain
 from tunneld.proto.dnsguard import ANSWER, MAX_MESSAGE, WORK_PER_OCTET, check, from_checked
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigStream, find_tsig, sign
 
 __all__ = [
+    "FRONT_KEY_LABEL",
     "MAX_XFR_BYTES",
     "MAX_XFR_MESSAGES",
     "MAX_XFR_RECORDS",
@@ -42,6 +44,7 @@ __all__ = [
     "TransferResult",
     "UpToDate",
     "ZoneRecord",
+    "front_key",
     "read_message",
     "serial_gt",
     "transfer_query",
@@ -69,6 +72,18 @@ XFR_WORK_MAX: Final = WORK_PER_OCTET * MAX_MESSAGE
 """The guard's work budget of one transfer message (docs/hardening.md, "DNS input bounds"): the guard's
 per-octet rate without its cap (a primary packs its messages densely, by design); the transfer's total
 is bounded by :data:`MAX_XFR_BYTES` instead."""
+
+
+FRONT_KEY_LABEL: Final = "front"
+"""The front key's name is this label under the account domain: ``front.<domain>.`` (docs/protocol.md)."""
+
+
+def front_key(secret: bytes, domain: str) -> TsigKey:
+    """The TSIG key between the front and the zone's primary: hmac-sha256, named ``front.<domain>.``
+    (lower case, absolute), its secret :func:`tunneld.crypto.kdf.derive_front_key`. ValueError for a bad
+    secret or domain."""
+    name = dns.name.from_text(f"{FRONT_KEY_LABEL}.{normalize_domain(domain)}.")
+    return TsigKey(name, derive_front_key(secret, domain))
 
 
 def serial_gt(a: int, b: int) -> bool:
