@@ -21,6 +21,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import dns.tsig
+import dns.versioned
+import dns.xfr
 import pytest
 
 from tunneld.crypto.kdf import derive_front_key
@@ -420,3 +422,55 @@ def test_front_key_is_named_under_the_domain_with_the_derived_secret() -> None:
     assert KEY.secret == derive_front_key(bytes(range(32)), "home.example.net")
     with pytest.raises(ValueError):
         front_key(bytes(31), "home.example.net")
+
+
+# -- dnspython's own transfer client as a second reference ------------------------------------------------
+
+
+def _as_set(records: Sequence[ZoneRecord]) -> set[tuple[dns.name.Name, int, dns.rdata.Rdata]]:
+    return {(r.owner, r.rdtype, r.rdata) for r in records}
+
+
+def _dnspython_applies(base: Sequence[ZoneRecord], ours: int, messages: Sequence[bytes]) -> set[object]:
+    """The zone after dnspython's IXFR client (dns.xfr.Inbound) applied the answer to ``base``."""
+    zone = dns.versioned.Zone(ZONE, relativize=False)
+    with zone.writer() as txn:
+        for r in base:
+            txn.add(r.owner, r.ttl, r.rdata)
+    inbound = dns.xfr.Inbound(zone, dns.rdatatype.IXFR, serial=ours)
+    done = False
+    for wire in messages:
+        assert not done
+        done = inbound.process_message(dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True))
+    assert done
+    return {(name, rdataset.rdtype, rdata)
+            for name, rdataset in zone.iterate_rdatasets() for rdata in rdataset}
+
+
+def _we_apply(base: Sequence[ZoneRecord], result: object) -> set[object]:
+    if isinstance(result, Full):
+        return {*_as_set(result.records), *_as_set([result.soa])}
+    assert isinstance(result, Incremental)
+    zone = _as_set(base)
+    for diff in result.diffs:
+        zone -= _as_set(diff.removed)
+        zone |= _as_set(diff.added)
+    zone -= {r for r in zone if r[1] == dns.rdatatype.SOA}
+    return zone | _as_set([result.soa])
+
+
+@pytest.mark.parametrize("kind", ["incremental", "axfr-style"])
+def test_results_apply_as_dnspython_applies_the_same_answer(kind: str) -> None:
+    ns = rec("@", "NS", "ns.home.example.net.", ttl=3600)
+    base = [soa(20), ns, *devices(300)]
+    gone, moved, new = devices(300)[:40], devices(300)[40:60], devices(120, start=300)
+    if kind == "incremental":
+        answer = [soa(23), soa(20), *gone, soa(21), *new[:60], soa(21), *moved, soa(22), *moved[:5],
+                  soa(22), soa(23), *new[60:], soa(23)]
+    else:
+        answer = [soa(23), ns, *devices(300)[40:], *new, soa(23)]
+    q = ixfr(20)
+    messages = render(q, answer, per_message=37, signed_every=4)
+    result = read_all(TransferReader(q, KEY), messages)
+    assert isinstance(result, Incremental if kind == "incremental" else Full)
+    assert _we_apply(base, result) == _dnspython_applies(base, 20, messages)
