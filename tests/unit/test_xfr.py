@@ -4,6 +4,8 @@ answers that dnspython renders and signs (its own multi-message TSIG, RFC 8945 Â
 ``render`` below plays the primary: it parses our request with dnspython (so the request must verify
 there), cuts the answer's records into messages and signs them with ``dns.message.Message.to_wire(
 multi=True, tsig_ctx=...)``, feeding the unsigned ones into the context as dnspython's own reader does.
+The results, applied to a zone, are also compared with what dnspython's IXFR client (``dns.xfr.Inbound``)
+makes of the same answer.
 """
 
 from __future__ import annotations
