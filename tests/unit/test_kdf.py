@@ -19,6 +19,7 @@ from tunneld.crypto.kdf import (
     ESP_KEY_LENGTHS,
     derive_account_ca_seed,
     derive_esp_keymat,
+    derive_front_key,
     derive_psk,
     derive_tsig_key,
     derive_turn_secret,
@@ -72,6 +73,7 @@ TSIG_KEY_HEX = "bcc43fe763c5185b93eb9df2cfcab2be7910643f65c087f27b21a155385da653
 PSK_HEX = "768dde4e452000d5ee0bad8cfef42b9db74f72d138aa586ab3e065ce9acdd3ec"
 TURN_SECRET = "08b3277f255f6a01b25a31d6d1a067f9526d5525b2f82215636ed7708c88b82d"
 ACCOUNT_CA_SEED_HEX = "4b644e12e185df6e8d6a0268fee2b54f281382691d5c8ca0b46d6144dcafd02e"
+FRONT_KEY_HEX = "fd0300cf1789fd0b0fea569ae95ea8f20a1bdba32d6f5904fdd65e3be1ec1f28"
 ESP_KEYMAT_HEX = {
     ("aes-128-gcm", "i2r"): ("05634a4017168de4248534499b5d7d4c", "a6c202ba"),
     ("aes-128-gcm", "r2i"): ("b20d680a0d0a53993b0987ea2a1e0a17", "5b8d92cd"),
@@ -123,6 +125,21 @@ def test_account_ca_seed_known_answer() -> None:
     expected = rfc5869_hkdf_sha256(SECRET, b"", b"tunneld v1 account ca ed25519 example.com", 32)
     assert expected.hex() == ACCOUNT_CA_SEED_HEX
     assert derive_account_ca_seed(SECRET, DOMAIN) == expected
+
+
+def test_front_key_known_answer_and_its_own_label() -> None:
+    expected = rfc5869_hkdf_sha256(SECRET, b"", b"tunneld v1 front tsig example.com", 32)
+    assert expected.hex() == FRONT_KEY_HEX
+    assert derive_front_key(SECRET, DOMAIN) == expected
+    assert derive_front_key(SECRET, "example.com") == expected  # normalized like every label
+    # Its own label: no other account key equals it.
+    others = {derive_tsig_key(SECRET, DOMAIN), derive_psk(SECRET, DOMAIN),
+              derive_account_ca_seed(SECRET, DOMAIN), bytes.fromhex(derive_turn_secret(SECRET, DOMAIN))}
+    assert expected not in others
+    with pytest.raises(ValueError, match="account secret"):
+        derive_front_key(SECRET[:31], DOMAIN)
+    with pytest.raises(ValueError):
+        derive_front_key(SECRET, "a..b")
 
 
 @pytest.mark.parametrize(("suite", "direction"), sorted(ESP_KEYMAT_HEX), ids="-".join)

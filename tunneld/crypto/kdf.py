@@ -3,8 +3,9 @@
 Two roots feed everything:
 
 - the 32-byte *account secret* shared by a user's devices gives the TSIG key for DNS UPDATE, the Noise
-  handshake PSK, the TURN relay's shared secret and the seed of the account CA's Ed25519 key
-  (:func:`derive_tsig_key`, :func:`derive_psk`, :func:`derive_turn_secret`, :func:`derive_account_ca_seed`);
+  handshake PSK, the TURN relay's shared secret, the seed of the account CA's Ed25519 key and the TSIG key
+  between the rendezvous front and the zone's primary (:func:`derive_tsig_key`, :func:`derive_psk`,
+  :func:`derive_turn_secret`, :func:`derive_account_ca_seed`, :func:`derive_front_key`);
 - each completed Noise handshake gives two 32-byte traffic keys (``HandshakeState.split_keys()``), and
   each of those gives the KEYMAT of one ESP security association (:func:`derive_esp_keymat`).
 
@@ -33,6 +34,8 @@ __all__ = [
     "ESP_INFO_PREFIX",
     "ESP_KEY_LENGTHS",
     "ESP_SALT_LEN",
+    "FRONT_INFO_PREFIX",
+    "FRONT_KEY_LEN",
     "PSK_INFO_PREFIX",
     "PSK_LEN",
     "TRAFFIC_KEY_LEN",
@@ -42,6 +45,7 @@ __all__ = [
     "TURN_SECRET_LEN",
     "derive_account_ca_seed",
     "derive_esp_keymat",
+    "derive_front_key",
     "derive_psk",
     "derive_tsig_key",
     "derive_turn_secret",
@@ -60,6 +64,10 @@ TURN_INFO_PREFIX: Final = b"tunneld v1 turn rest secret "
 ACCOUNT_CA_INFO_PREFIX: Final = b"tunneld v1 account ca ed25519 "
 """HKDF info prefix for the account CA's Ed25519 seed (RFC 8032 §5.1.5); the normalized domain follows."""
 
+FRONT_INFO_PREFIX: Final = b"tunneld v1 front tsig "
+"""HKDF info prefix for the front's TSIG hmac-sha256 key with the zone's primary (key name
+``front.<domain>.``); the normalized account domain follows."""
+
 ESP_INFO_PREFIX: Final = b"tunneld v1 esp "
 """HKDF info prefix for ESP KEYMAT; ``<suite> <direction>`` follows, e.g. ``aes-256-gcm i2r``."""
 
@@ -71,6 +79,8 @@ PSK_LEN: Final = 32
 """Length of the Noise pre-shared key (Noise rev 34 §9: always 32 bytes)."""
 TURN_SECRET_LEN: Final = 32
 """Bytes of HKDF output behind the TURN secret (its text is their 64 lower-case hex digits)."""
+FRONT_KEY_LEN: Final = 32
+"""Length of the front's TSIG hmac-sha256 key (SHA-256's output length, RFC 8945 §6)."""
 ACCOUNT_CA_SEED_LEN: Final = 32
 """Length of an Ed25519 private key (its seed, RFC 8032 §5.1.5)."""
 TRAFFIC_KEY_LEN: Final = 32
@@ -173,6 +183,20 @@ def derive_account_ca_seed(secret: bytes, domain: str) -> bytes:
     _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
     info = ACCOUNT_CA_INFO_PREFIX + normalize_domain(domain).encode("ascii")
     return _hkdf_sha256(secret, info, ACCOUNT_CA_SEED_LEN)
+
+
+def derive_front_key(secret: bytes, domain: str) -> bytes:
+    """The 32-byte TSIG hmac-sha256 key between the rendezvous front and the zone's primary (key name
+    ``front.<domain>.``): the front's UPDATEs, the primary's NOTIFYs and every zone transfer are signed
+    with it.
+
+    ``HKDF-SHA256(ikm=secret, salt=none, info=FRONT_INFO_PREFIX + domain, L=32)``. Derived rather than
+    random so that ``tunneld account new`` can print every stanza from the secret alone; a device's key
+    (:func:`derive_tsig_key`) cannot update the primary, and this one reveals nothing of it.
+    """
+    _check_len(secret, ACCOUNT_SECRET_LEN, "account secret")
+    info = FRONT_INFO_PREFIX + normalize_domain(domain).encode("ascii")
+    return _hkdf_sha256(secret, info, FRONT_KEY_LEN)
 
 
 def derive_esp_keymat(traffic_key: bytes, suite: str, direction: str) -> tuple[bytes, bytes]:

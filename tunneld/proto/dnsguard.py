@@ -32,6 +32,7 @@ __all__ = [
     "Record",
     "budget",
     "check",
+    "from_checked",
     "parse",
     "rdata_name_work",
     "try_parse",
@@ -85,9 +86,9 @@ def name_end(wire: bytes, start: int) -> int:
     return _Names(wire).read(start, len(wire))[0]
 
 
-def budget(size: int) -> int:
-    """The work a message of ``size`` octets may cost dnspython."""
-    return min(WORK_MAX, max(WORK_FLOOR, WORK_PER_OCTET * size))
+def budget(size: int, work_max: int = WORK_MAX) -> int:
+    """The work a message of ``size`` octets may cost dnspython (at most ``work_max``)."""
+    return min(work_max, max(WORK_FLOOR, WORK_PER_OCTET * size))
 
 
 def rdata_name_work(labels: int) -> int:
@@ -286,11 +287,13 @@ def _options_work(wire: bytes, start: int, end: int) -> int:
 # -- messages ----------------------------------------------------------------------------------------------
 
 
-def check(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False) -> list[Record]:
+def check(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
+          work_max: int = WORK_MAX) -> list[Record]:
     """Check ``wire`` against every bound above, in time linear in its size; the frame of each resource
     record after the question section, in wire order. ``query``: a request (QR clear) must ask exactly
-    one question. Raises ParseError and nothing else."""
-    return _scan(wire, max_size, query, budget(len(wire)))[0]
+    one question. ``work_max``: a larger cap for a reader that bounds its whole exchange (a zone
+    transfer). Raises ParseError and nothing else."""
+    return _scan(wire, max_size, query, budget(len(wire), work_max))[0]
 
 
 def work(wire: bytes) -> int:
@@ -355,6 +358,13 @@ def parse(wire: bytes, *, max_size: int = MAX_MESSAGE, query: bool = False,
     the clock is the caller's (:mod:`tunneld.proto.tsig`). Raises ParseError and nothing else: the
     guard's reason, or "malformed DNS message" for anything dnspython rejects."""
     check(wire, max_size=max_size, query=query)
+    return from_checked(wire, one_rr_per_rrset=one_rr_per_rrset)
+
+
+def from_checked(wire: bytes, *, one_rr_per_rrset: bool = False) -> dns.message.Message:
+    """dnspython's parse of bytes that :func:`check` has passed (a reader that checks a message under
+    bounds of its own, then its TSIG, before paying for the parse); ParseError("malformed DNS message")
+    for anything dnspython rejects, and nothing else."""
     try:
         return dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=one_rr_per_rrset)
     except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error, ...)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -19,7 +19,7 @@ import dns.exception
 import dns.name
 import dns.tsig
 
-from tunneld.proto.dnswire import ADDITIONAL, HEADER_SIZE, walk
+from tunneld.proto.dnswire import ADDITIONAL, HEADER_SIZE, Record, walk
 from tunneld.proto.errors import ParseError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "TsigKey",
     "TsigRecord",
     "TsigSession",
+    "TsigStream",
     "check",
     "find_tsig",
     "sign",
@@ -103,7 +104,11 @@ class TsigKey:
         return ALGORITHMS[self.algorithm][0]
 
     def mac(self, data: bytes) -> bytes:
-        return hmac.new(self.secret, data, ALGORITHMS[self.algorithm][1]).digest()  # type: ignore[arg-type]
+        return self.context(data).digest()
+
+    def context(self, data: bytes = b"") -> hmac.HMAC:
+        """An HMAC under this key, fed ``data`` so far (a multi-message MAC is fed message by message)."""
+        return hmac.new(self.secret, data, ALGORITHMS[self.algorithm][1])  # type: ignore[arg-type]
 
 
 class TsigError(Exception):
@@ -189,10 +194,12 @@ def unsigned_error(wire: bytes, tsig: TsigRecord, error: int) -> bytes:
     return _append(wire, _rr(tsig.name, tsig.algorithm, 0, tsig.fudge, b"", original_id, error, b""))
 
 
-def find_tsig(wire: bytes) -> TsigRecord | None:
+def find_tsig(wire: bytes, records: Sequence[Record] | None = None) -> TsigRecord | None:
     """The TSIG RR of a message, or None if its last additional record is not one (§5.1: it must be
-    the last). Raises ParseError for a message that does not frame, or a malformed TSIG RR."""
-    records = walk(wire)
+    the last). Raises ParseError for a message that does not frame, or a malformed TSIG RR. ``records``:
+    the message's frames, if the caller has checked it already (under bounds of its own)."""
+    if records is None:
+        records = walk(wire)
     if not records or records[-1].section != ADDITIONAL or records[-1].rtype != TSIG_TYPE:
         return None
     last = records[-1]
@@ -307,3 +314,73 @@ class TsigSession:
                 if str(e) != "mac":
                     raise
         return verify(wire, self.key, b"", now, tsig)
+
+
+class TsigStream:
+    """The check of a multi-message answer to one signed request (a zone transfer), RFC 8945 §5.3.1.
+
+    The first message is verified as any reply, over ``request_mac``. Each later signed message's MAC
+    covers the previous MAC (length-prefixed), every unsigned message since then (whole, as received),
+    this message without its TSIG (Original ID in place of the ID, ARCOUNT less one) and the timers only
+    (time signed, fudge): key name, algorithm, error and other data are not repeated. The first message
+    must be signed, and so must one of every :data:`EVERY` and the last (:meth:`finish`).
+
+    ``feed`` raises TsigError (the stream is then dead) or ParseError. The unsigned messages are hashed as
+    they come, never kept."""
+
+    EVERY: Final = 100  # §5.3.1: "at least every 100th message"
+
+    def __init__(self, key: TsigKey, request_mac: bytes) -> None:
+        self.key = key
+        self._request_mac = request_mac
+        self._ctx: hmac.HMAC | None = None  # the next signed message's digest so far; None before the first
+        self.unsigned = 0  # messages since the last signed one
+        self.messages = 0
+
+    def feed(self, wire: bytes, now: float | None, tsig: TsigRecord | None = None) -> TsigRecord | None:
+        """Check the next message of the answer; its TSIG, or None for an unsigned message (allowed
+        between signed ones). ``tsig`` is the message's TSIG if the caller found it already."""
+        if tsig is None:
+            tsig = find_tsig(wire)
+        self.messages += 1
+        if self._ctx is None:
+            tsig = verify(wire, self.key, self._request_mac, now, tsig)  # "no tsig" for an unsigned first
+            if tsig.error:
+                raise TsigError("peer error", 0, tsig)
+        elif tsig is None:
+            self.unsigned += 1
+            if self.unsigned >= self.EVERY:
+                raise TsigError("no tsig")
+            self._ctx.update(wire)
+            return None
+        else:
+            self._verify_next(wire, tsig, now)
+        self.unsigned = 0
+        self._ctx = self.key.context(struct.pack("!H", len(tsig.mac)) + tsig.mac)
+        return tsig
+
+    def finish(self) -> None:
+        """The answer has ended: its last message must have been signed (§5.3.1)."""
+        if self._ctx is None or self.unsigned:
+            raise TsigError("no tsig")
+
+    def _verify_next(self, wire: bytes, tsig: TsigRecord, now: float | None) -> None:
+        assert self._ctx is not None
+        if tsig.name != self.key.name:
+            raise TsigError("key", BADKEY, tsig)
+        if tsig.algorithm != self.key.algorithm_name:
+            raise TsigError("algorithm", BADKEY, tsig)
+        if tsig.error:
+            raise TsigError("peer error", 0, tsig)
+        if len(tsig.mac) < max(10, len(self.key.mac(b"")) // 2):  # §5.2.2.1, as in verify
+            raise TsigError("mac", BADSIG, tsig)
+        message = wire[:tsig.start]
+        (arcount,) = struct.unpack_from("!H", message, 10)
+        ctx = self._ctx
+        ctx.update(struct.pack("!H", tsig.original_id) + message[2:10] + struct.pack("!H", arcount - 1)
+                   + message[12:])
+        ctx.update(struct.pack("!HIH", tsig.time_signed >> 32, tsig.time_signed & 0xFFFFFFFF, tsig.fudge))
+        if not hmac.compare_digest(ctx.digest()[:len(tsig.mac)], tsig.mac):
+            raise TsigError("mac", BADSIG, tsig)
+        if now is not None and abs(int(now) - tsig.time_signed) > tsig.fudge:
+            raise TsigError("time", BADTIME, tsig)
