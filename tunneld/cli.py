@@ -63,19 +63,12 @@ def tsig_stanza(domain: str, tsig_key: bytes) -> str:
     return key_stanza(normalize_domain(domain) + ".", tsig_key)
 
 
-FRONT_INFO_PREFIX = b"tunneld v1 front tsig "
-"""HKDF info prefix for the front key (hmac-sha256, between the front and the primary); the domain follows."""
-
-
 def front_key(secret: bytes, domain: str) -> bytes:
-    """The front key of an account: HKDF-SHA256 (RFC 5869) of the account secret, no salt, info
-    ``tunneld v1 front tsig `` + the normalized domain, 32 bytes; the key named ``front.<domain>.`` that
-    the front, the primary and the secondaries share (docs/rendezvous.md)."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    """The front key of an account (:func:`tunneld.crypto.kdf.derive_front_key`): the key named
+    ``front.<domain>.`` that the front, the primary and the secondaries share (docs/rendezvous.md)."""
+    from tunneld.crypto.kdf import derive_front_key
 
-    info = FRONT_INFO_PREFIX + normalize_domain(domain).encode("ascii")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+    return derive_front_key(secret, domain)
 
 
 def _domain(value: str, what: str) -> str:
