@@ -45,20 +45,20 @@ import dns.tsig
 import trio
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore
-from tunneld.dnsserver.front import FORWARD_TIMEOUT, Forward, Front
+from tunneld.dnsserver.front import Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
-from tunneld.proto.dnsframe import FrameBuffer, frame
-from tunneld.proto.dnsguard import MAX_MESSAGE, try_parse
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
-__all__ = ["RrlLimits", "TcpLimits", "serve"]
+__all__ = ["MAX_WAITING", "PrimaryLink", "RrlLimits", "TcpLimits", "serve"]  # the link: moved, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ SWEEP_MAX_SLEEP: Final = 60.0
 
 _UDP_MAX: Final = 65535
 _OPCODE_UPDATE: Final = 5
-MAX_WAITING: Final = 32
-"""Forwards waiting for the connection to the primary (one is on it at a time); beyond: SERVFAIL."""
 
 
 def llq_event_port(msg: dns.message.Message | ParseError, peer: object) -> tuple[str, int] | None:
@@ -103,90 +101,6 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
         sock.close()
         raise
     return sock
-
-
-class PrimaryLink:
-    """The front's TCP connection to its primary (RFC 7766 framing), reused from one exchange to the
-    next: one exchange at a time, in the order they were asked for (trio's lock is fair), each within
-    ``timeout`` seconds of being asked (the wait for the connection included), at most
-    :data:`MAX_WAITING` waiting."""
-
-    def __init__(self, primary: tuple[str, int], timeout: float = FORWARD_TIMEOUT) -> None:
-        self.primary = primary
-        self.timeout = timeout
-        self.counters: Counter[str] = Counter()
-        self._lock = trio.Lock()
-        self._waiting = 0
-        self._stream: trio.SocketStream | None = None
-        self._frames = FrameBuffer()
-
-    async def exchange(self, forward: Forward) -> bytes | None:
-        """The primary's reply to ``forward``; None if none came in time (or too many are waiting)."""
-        if self._waiting >= MAX_WAITING:
-            self.counters["busy: refused"] += 1
-            return None
-        self._waiting += 1
-        try:
-            with trio.move_on_after(self.timeout):
-                async with self._lock:
-                    done = False
-                    try:
-                        reply = await self._exchange(forward)
-                        done = True
-                        return reply
-                    finally:
-                        if not done:  # cancelled mid-exchange: the stream's state is unknown
-                            await self.close()
-            self.counters["timeout"] += 1
-            return None
-        finally:
-            self._waiting -= 1
-
-    async def _exchange(self, forward: Forward) -> bytes | None:
-        if len(forward.wire) > MAX_MESSAGE:  # our TSIG made a 64 KiB update larger than TCP can carry
-            self.counters["too large"] += 1
-            return None
-        for _ in range(2):  # a reused connection the primary closed meanwhile: once more on a new one
-            reused = self._stream is not None
-            try:
-                if self._stream is None:
-                    self._stream = await trio.open_tcp_stream(*self.primary)
-                    self._frames = FrameBuffer()
-                    self.counters["connections"] += 1
-                await self._stream.send_all(frame(forward.wire))
-                reply = await self._read(self._stream, forward.msg_id)
-            except (OSError, trio.BrokenResourceError, ParseError) as e:
-                log.debug("primary %s: %s", self.primary, e)
-                reply = None
-            if reply is not None:
-                return reply
-            await self.close()
-            if not reused:
-                break
-        self.counters["connection failed"] += 1
-        return None
-
-    async def _read(self, stream: trio.SocketStream, msg_id: int) -> bytes | None:
-        while True:
-            while (message := self._frames.next()) is not None:
-                if message[:2] == msg_id.to_bytes(2, "big"):
-                    return message
-                self.counters["stray reply"] += 1
-            data = await stream.receive_some(_UDP_MAX)
-            if not data:
-                return None
-            self._frames.feed(data)
-
-    async def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-
-    def close_now(self) -> None:
-        """Close the connection without waiting (at shutdown, outside any trio task)."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.socket.close()
 
 
 class _Server:
