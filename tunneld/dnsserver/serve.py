@@ -45,17 +45,20 @@ import dns.tsig
 import trio
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore
+from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.front import Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
+from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
 from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
+from tunneld.proto.notify_wire import OPCODE_NOTIFY
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
 __all__ = ["MAX_WAITING", "PrimaryLink", "RrlLimits", "TcpLimits", "serve"]  # the link: moved, re-exported
@@ -121,6 +124,7 @@ class _Server:
         self.answers: Counter[tuple[str, str]] = Counter()  # (opcode, rcode or "no reply"), for metrics
         self.front: Front | None = None  # front mode: updates go to the primary over this link
         self.link: PrimaryLink | None = None
+        self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -231,6 +235,9 @@ class _Server:
             if is_stun(wire):  # before the DNS guard: see the module docstring
                 await self.answer_stun(sock, wire, src)
                 continue
+            if self.feed is not None and len(wire) >= 4 and (wire[2] >> 3) & 0xF == OPCODE_NOTIFY:
+                await self._send(sock, self.feed.notify(wire), src)  # only to a NOTIFY signed by the primary
+                continue
             reply, events = self.handle(wire, src, None)
             if isinstance(reply, CheckedUpdate):
                 forwards.start_soon(self._udp_forward, sock, reply, wire, src)
@@ -252,6 +259,13 @@ class _Server:
             except OSError as e:
                 log.debug("udp send to %r: %s", src, e)
         await self.send_llq(events)
+
+    async def _send(self, sock: trio.socket.SocketType, reply: bytes | None, dest: tuple[str, int]) -> None:
+        if reply is not None:
+            try:
+                await sock.sendto(reply, dest)
+            except OSError as e:
+                log.debug("udp send to %r: %s", dest, e)
 
     async def answer_stun(self, sock: trio.socket.SocketType, wire: bytes, src: tuple[str, int]) -> None:
         reply = stun_respond(wire, (src[0], src[1]), counters=self.stun_counters)
@@ -323,11 +337,16 @@ class _Server:
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
                 failed = True
                 continue
-            if removed and self.push is not None:
-                self.push.changes(removed, now)
-            if removed and self.llq is not None:
-                await self.send_llq(self.llq.changes(removed, now))
-                self.llq_wake.set()
+            await self.zone_changed(removed, now)
+
+    async def zone_changed(self, changes: Sequence[Change | RRsetRemoval], now: float) -> None:
+        """Changes to the zone from the lease sweep or the change feed: to the Push sessions and the
+        LLQ server (an UPDATE's go from :meth:`_after`, before its reply)."""
+        if changes and self.push is not None:
+            self.push.changes(changes, now)
+        if changes and self.llq is not None:
+            await self.send_llq(self.llq.changes(changes, now))
+            self.llq_wake.set()
 
     async def sweep_loop(self) -> None:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
@@ -338,11 +357,7 @@ class _Server:
                 for r in removed:
                     rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(r.rdtype))
                     log.info("lease expired: %s %s (%d RR)", r.owner, rdtype, len(r.rrs))
-                if removed and self.push is not None:
-                    self.push.changes(removed, now)  # removal PUSHes
-                if removed and self.llq is not None:
-                    await self.send_llq(self.llq.changes(removed, now))  # removal events
-                    self.llq_wake.set()
+                await self.zone_changed(removed, now)  # removal PUSHes and LLQ events
                 nxt = self.store.next_expiry()
             except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
@@ -366,6 +381,7 @@ async def serve(
     metrics: tuple[str, int] | None = None,
     tls: tuple[str, int, ssl.SSLContext] | None = None,
     front: Front | None = None,
+    primary_check: float = SOA_CHECK_INTERVAL,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -374,7 +390,9 @@ async def serve(
     Prometheus metrics over HTTP on ``metrics`` if given, and DNS over TLS (RFC 7858) on ``tls``'s host
     and port with its context if given (the same requests, limits and answers as TCP, and DNS Push
     sessions). OSError if a socket cannot be bound. With ``front``, signed UPDATEs go to its primary
-    (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there.
+    (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there; the primary's
+    changes come back by NOTIFY, a serial check every ``primary_check`` seconds and zone transfers
+    (:mod:`tunneld.dnsserver.feed`).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -413,6 +431,8 @@ async def serve(
     server.udp = udp
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
+        server.feed = FeedTask(Feed(core.store, front.key, interval=primary_check), server.link,
+                               server.zone_changed)
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
@@ -423,6 +443,8 @@ async def serve(
             if tls_sock is not None and server.tls is not None:
                 nursery.start_soon(server.tls.serve, tls_sock)
             nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
+            if server.feed is not None:
+                nursery.start_soon(server.feed.run)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
@@ -445,7 +467,8 @@ async def serve(
                                ("dns push", server.push.counters if server.push is not None else Counter()),
                                ("stun", server.stun_counters + server.stun_rrl.counters),
                                ("front", (front.counters if front is not None else Counter())
-                                + (server.link.counters if server.link is not None else Counter()))):
+                                + (server.link.counters if server.link is not None else Counter())),
+                               ("change feed", server.feed.feed.counters if server.feed else Counter())):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 
