@@ -19,10 +19,11 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import pytest
 import trio
 import trio.testing
 
-from tunneld.dnsserver.feed import RETRY_FIRST, RETRY_MAX, Feed, FeedTask
+from tunneld.dnsserver.feed import RETRY_FIRST, RETRY_MAX, SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.primary import PrimaryLink
 from tunneld.dnsserver.replica import apply_transfer, primary_soa
 from tunneld.dnsserver.store import AddRR, DeleteRR, ZoneStore
@@ -316,3 +317,19 @@ def test_the_link_reads_a_transfer_on_a_connection_of_its_own(tmp_path: Path) ->
 
     trio.run(main)
     assert seen == [AXFR, AXFR]
+
+
+def test_serve_dns_says_the_default_interval_and_takes_another() -> None:
+    from tunneld.cli import UsageError, build_parser
+
+    parser = build_parser()
+    base = ["serve-dns", "--zone", "home.example.net", "--secret-file", "secret"]
+    assert parser.parse_args([*base, "--primary-check", "2"]).primary_check == 2.0
+    assert parser.parse_args(base).primary_check is None  # serve's default: SOA_CHECK_INTERVAL
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(UsageError):
+            parser.parse_args([*base, "--primary-check", bad])
+    sub = next(a for a in parser._actions if a.dest == "command" or getattr(a, "choices", None))
+    assert isinstance(sub.choices, dict)
+    help_text = sub.choices["serve-dns"].format_help()
+    assert f"(default {SOA_CHECK_INTERVAL:g})" in " ".join(help_text.split())

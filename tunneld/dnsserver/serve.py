@@ -381,7 +381,7 @@ async def serve(
     metrics: tuple[str, int] | None = None,
     tls: tuple[str, int, ssl.SSLContext] | None = None,
     front: Front | None = None,
-    primary_check: float = SOA_CHECK_INTERVAL,
+    primary_check: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -391,7 +391,8 @@ async def serve(
     and port with its context if given (the same requests, limits and answers as TCP, and DNS Push
     sessions). OSError if a socket cannot be bound. With ``front``, signed UPDATEs go to its primary
     (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there; the primary's
-    changes come back by NOTIFY, a serial check every ``primary_check`` seconds and zone transfers
+    changes come back by NOTIFY, a serial check every ``primary_check`` seconds (default
+    :data:`~tunneld.dnsserver.feed.SOA_CHECK_INTERVAL`) and zone transfers
     (:mod:`tunneld.dnsserver.feed`).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
@@ -431,8 +432,8 @@ async def serve(
     server.udp = udp
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
-        server.feed = FeedTask(Feed(core.store, front.key, interval=primary_check), server.link,
-                               server.zone_changed)
+        feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
+        server.feed = FeedTask(feed, server.link, server.zone_changed)
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
