@@ -191,6 +191,19 @@ def test_changes_that_do_not_apply_make_the_next_transfer_a_full_one(tmp_path: P
     assert reader is not None and reader.query.rdtype == IXFR
 
 
+def test_a_primary_older_than_the_replica_is_transferred_whole(tmp_path: Path) -> None:
+    feed = new_feed(tmp_path)
+    now = time.time()
+    apply_transfer(feed.store, Full(soa_record(50), (A1,)))
+    q = feed.soa_query(now)
+    reader = feed.serial_answer(q, soa_answer(q, 7, now), now)  # a primary restored from a backup
+    assert reader is not None and reader.query.rdtype == AXFR
+    assert feed.counters["serial check: the primary's is older"] == 1
+    assert feed.transferred(Full(soa_record(7), (A2,)), now) == [DeleteRR(A1.owner, A1.rdata),
+                                                                AddRR(A2.owner, A2.ttl, A2.rdata)]
+    assert feed.serial == 7
+
+
 # -- FeedTask: the loop, in virtual time over a fake link ----------------------------------------------
 
 

@@ -117,10 +117,13 @@ class Feed:
             return None
         current = None if self._full else primary_soa(self.store)
         if current is not None and not serial_gt(serial, soa_serial(current)):
-            self._succeeded()
-            if serial != soa_serial(current):
-                self.counters["serial check: the primary's is older"] += 1  # a primary restored from backup
-            return None
+            if serial == soa_serial(current):
+                self._succeeded()
+                return None
+            # Older than ours (a primary restored from a backup): an IXFR would say "up to date", so the
+            # whole zone is fetched again.
+            self.counters["serial check: the primary's is older"] += 1
+            current = None
         self.counters["transfer: AXFR" if current is None else "transfer: IXFR"] += 1
         return TransferReader(transfer_query(self.store.zone, self.key, self._id(), now, current), self.key)
 

@@ -6,14 +6,16 @@ the trio thread that opened the :class:`ZoneStore` (its SQLite connection must s
 the handler is synchronous, so requests are served one at a time, in arrival order. In front mode
 (:mod:`tunneld.dnsserver.front`) a checked UPDATE waits for the primary instead (:class:`PrimaryLink`):
 over TCP and TLS in its connection's order, over UDP in a task of its own while other requests go on;
-the sweep deletes expired leases on the primary first.
+the sweep deletes expired leases on the primary first. The primary's changes come back through the change
+feed (:mod:`tunneld.dnsserver.feed`): its NOTIFY, recognised on the UDP port before anything else, and
+the transfers it triggers.
 
 UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
 larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
 :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
 in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`). The TLS listener
 also carries DNS Push sessions (:mod:`tunneld.dnsserver.push`); zone changes reach the LLQ server and the
-Push sessions from the same two places: an UPDATE's changes, and the sweep's expired leases.
+Push sessions from the same places: an UPDATE's changes, the sweep's expired leases, and the feed's.
 
 STUN Binding requests (RFC 8489) share the UDP port, and any ``--stun`` port: a datagram whose first two
 bits are zero, with the magic cookie at bytes 4-7 and a length field matching its size, is STUN
