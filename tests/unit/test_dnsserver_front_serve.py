@@ -39,7 +39,8 @@ HOST = dns.name.from_text("host", ZONE)
 
 @dataclass
 class FakePrimary:
-    """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers)."""
+    """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers), and anything
+    else (the change feed's serial check) with REFUSED."""
 
     rcode: dns.rcode.Rcode | None = dns.rcode.NOERROR
     delay: float = 0.0  # seconds before each answer
