@@ -156,6 +156,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
                                                       metrics=metrics, tls=tls, front=front,
+                                                      primary_check=args.primary_check,
                                                       after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 if renew_leaf is not None:
@@ -238,6 +239,13 @@ def _tls_listen(args: argparse.Namespace, listen: Any) -> Any:
 
 
 MAX_PEM_FILE = 1 << 20  # bytes: a chain is a few kilobytes
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)  # ValueError: argparse says "invalid _positive_seconds value", exit 2
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("give 0.1 to 86400 seconds")
+    return value
 
 
 def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
@@ -348,6 +356,9 @@ def add_parser(sub: Any) -> None:
     serve_dns.add_argument("--primary-key", metavar="FILE",
                            help="the TSIG key stanza (key \"front.ZONE.\" { algorithm ...; secret ...; };) "
                                 "the front signs with; the primary grants it updates of the zone")
+    serve_dns.add_argument("--primary-check", metavar="SECONDS", type=_positive_seconds,
+                           help="front mode: ask the primary's SOA serial this often (default 30), so that "
+                                "a change whose NOTIFY was lost still reaches the LLQ and DNS Push watchers")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

@@ -39,11 +39,13 @@ HOST = dns.name.from_text("host", ZONE)
 
 @dataclass
 class FakePrimary:
-    """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers)."""
+    """Answers each UPDATE signed with the front key with ``rcode`` (None: never answers), and anything
+    else (the change feed's serial check) with REFUSED."""
 
     rcode: dns.rcode.Rcode | None = dns.rcode.NOERROR
     delay: float = 0.0  # seconds before each answer
     connections: int = 0
+    queries: int = 0  # anything but an UPDATE (refused)
     updates: list[dns.update.UpdateMessage] = field(default_factory=list)
     got: trio.Event = field(default_factory=trio.Event)
 
@@ -55,7 +57,13 @@ class FakePrimary:
                 frames.feed(data)
                 while (wire := frames.next()) is not None:
                     msg = dns.message.from_wire(wire, keyring={FRONT.name: FRONT.dnspython()})
-                    assert isinstance(msg, dns.update.UpdateMessage)
+                    if not isinstance(msg, dns.update.UpdateMessage):  # the change feed's serial check
+                        self.queries += 1
+                        if self.rcode is not None:
+                            refused = dns.message.make_response(msg)
+                            refused.set_rcode(dns.rcode.REFUSED)
+                            await stream.send_all(frame(refused.to_wire()))
+                        continue
                     self.updates.append(msg)
                     self.got.set()
                     if self.rcode is not None:

@@ -6,14 +6,16 @@ the trio thread that opened the :class:`ZoneStore` (its SQLite connection must s
 the handler is synchronous, so requests are served one at a time, in arrival order. In front mode
 (:mod:`tunneld.dnsserver.front`) a checked UPDATE waits for the primary instead (:class:`PrimaryLink`):
 over TCP and TLS in its connection's order, over UDP in a task of its own while other requests go on;
-the sweep deletes expired leases on the primary first.
+the sweep deletes expired leases on the primary first. The primary's changes come back through the change
+feed (:mod:`tunneld.dnsserver.feed`): its NOTIFY, recognised on the UDP port before anything else, and
+the transfers it triggers.
 
 UDP replies go through response rate limiting (:mod:`tunneld.dnsserver.rrl`), except signed replies no
 larger than their request (the account's own UPDATEs: nothing to amplify). TCP (RFC 7766) is
 :mod:`tunneld.dnsserver.tcp`'s: 2-byte length framing, idle timeouts, and connection caps per source and
 in all that evict the longest-idle connection to admit a new one (:class:`TcpLimits`). The TLS listener
 also carries DNS Push sessions (:mod:`tunneld.dnsserver.push`); zone changes reach the LLQ server and the
-Push sessions from the same two places: an UPDATE's changes, and the sweep's expired leases.
+Push sessions from the same places: an UPDATE's changes, the sweep's expired leases, and the feed's.
 
 STUN Binding requests (RFC 8489) share the UDP port, and any ``--stun`` port: a datagram whose first two
 bits are zero, with the magic cookie at bytes 4-7 and a length field matching its size, is STUN
@@ -45,20 +47,23 @@ import dns.tsig
 import trio
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore
-from tunneld.dnsserver.front import FORWARD_TIMEOUT, Forward, Front
+from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
+from tunneld.dnsserver.front import Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
+from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
-from tunneld.proto.dnsframe import FrameBuffer, frame
-from tunneld.proto.dnsguard import MAX_MESSAGE, try_parse
+from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
+from tunneld.proto.notify_wire import OPCODE_NOTIFY
 from tunneld.proto.stun_wire import SUCCESS, is_stun, split_type
 
-__all__ = ["RrlLimits", "TcpLimits", "serve"]
+__all__ = ["MAX_WAITING", "PrimaryLink", "RrlLimits", "TcpLimits", "serve"]  # the link: moved, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ SWEEP_MAX_SLEEP: Final = 60.0
 
 _UDP_MAX: Final = 65535
 _OPCODE_UPDATE: Final = 5
-MAX_WAITING: Final = 32
-"""Forwards waiting for the connection to the primary (one is on it at a time); beyond: SERVFAIL."""
 
 
 def llq_event_port(msg: dns.message.Message | ParseError, peer: object) -> tuple[str, int] | None:
@@ -105,90 +108,6 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
     return sock
 
 
-class PrimaryLink:
-    """The front's TCP connection to its primary (RFC 7766 framing), reused from one exchange to the
-    next: one exchange at a time, in the order they were asked for (trio's lock is fair), each within
-    ``timeout`` seconds of being asked (the wait for the connection included), at most
-    :data:`MAX_WAITING` waiting."""
-
-    def __init__(self, primary: tuple[str, int], timeout: float = FORWARD_TIMEOUT) -> None:
-        self.primary = primary
-        self.timeout = timeout
-        self.counters: Counter[str] = Counter()
-        self._lock = trio.Lock()
-        self._waiting = 0
-        self._stream: trio.SocketStream | None = None
-        self._frames = FrameBuffer()
-
-    async def exchange(self, forward: Forward) -> bytes | None:
-        """The primary's reply to ``forward``; None if none came in time (or too many are waiting)."""
-        if self._waiting >= MAX_WAITING:
-            self.counters["busy: refused"] += 1
-            return None
-        self._waiting += 1
-        try:
-            with trio.move_on_after(self.timeout):
-                async with self._lock:
-                    done = False
-                    try:
-                        reply = await self._exchange(forward)
-                        done = True
-                        return reply
-                    finally:
-                        if not done:  # cancelled mid-exchange: the stream's state is unknown
-                            await self.close()
-            self.counters["timeout"] += 1
-            return None
-        finally:
-            self._waiting -= 1
-
-    async def _exchange(self, forward: Forward) -> bytes | None:
-        if len(forward.wire) > MAX_MESSAGE:  # our TSIG made a 64 KiB update larger than TCP can carry
-            self.counters["too large"] += 1
-            return None
-        for _ in range(2):  # a reused connection the primary closed meanwhile: once more on a new one
-            reused = self._stream is not None
-            try:
-                if self._stream is None:
-                    self._stream = await trio.open_tcp_stream(*self.primary)
-                    self._frames = FrameBuffer()
-                    self.counters["connections"] += 1
-                await self._stream.send_all(frame(forward.wire))
-                reply = await self._read(self._stream, forward.msg_id)
-            except (OSError, trio.BrokenResourceError, ParseError) as e:
-                log.debug("primary %s: %s", self.primary, e)
-                reply = None
-            if reply is not None:
-                return reply
-            await self.close()
-            if not reused:
-                break
-        self.counters["connection failed"] += 1
-        return None
-
-    async def _read(self, stream: trio.SocketStream, msg_id: int) -> bytes | None:
-        while True:
-            while (message := self._frames.next()) is not None:
-                if message[:2] == msg_id.to_bytes(2, "big"):
-                    return message
-                self.counters["stray reply"] += 1
-            data = await stream.receive_some(_UDP_MAX)
-            if not data:
-                return None
-            self._frames.feed(data)
-
-    async def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-
-    def close_now(self) -> None:
-        """Close the connection without waiting (at shutdown, outside any trio task)."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.socket.close()
-
-
 class _Server:
     def __init__(self, core: DnsCore, llq: LLQServer | None, tcp: TcpLimits | None = None,
                  rrl: RrlLimits | None = None) -> None:
@@ -207,6 +126,7 @@ class _Server:
         self.answers: Counter[tuple[str, str]] = Counter()  # (opcode, rcode or "no reply"), for metrics
         self.front: Front | None = None  # front mode: updates go to the primary over this link
         self.link: PrimaryLink | None = None
+        self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -317,6 +237,9 @@ class _Server:
             if is_stun(wire):  # before the DNS guard: see the module docstring
                 await self.answer_stun(sock, wire, src)
                 continue
+            if self.feed is not None and len(wire) >= 4 and (wire[2] >> 3) & 0xF == OPCODE_NOTIFY:
+                await self._send(sock, self.feed.notify(wire), src)  # only to a NOTIFY signed by the primary
+                continue
             reply, events = self.handle(wire, src, None)
             if isinstance(reply, CheckedUpdate):
                 forwards.start_soon(self._udp_forward, sock, reply, wire, src)
@@ -338,6 +261,13 @@ class _Server:
             except OSError as e:
                 log.debug("udp send to %r: %s", src, e)
         await self.send_llq(events)
+
+    async def _send(self, sock: trio.socket.SocketType, reply: bytes | None, dest: tuple[str, int]) -> None:
+        if reply is not None:
+            try:
+                await sock.sendto(reply, dest)
+            except OSError as e:
+                log.debug("udp send to %r: %s", dest, e)
 
     async def answer_stun(self, sock: trio.socket.SocketType, wire: bytes, src: tuple[str, int]) -> None:
         reply = stun_respond(wire, (src[0], src[1]), counters=self.stun_counters)
@@ -409,11 +339,16 @@ class _Server:
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
                 failed = True
                 continue
-            if removed and self.push is not None:
-                self.push.changes(removed, now)
-            if removed and self.llq is not None:
-                await self.send_llq(self.llq.changes(removed, now))
-                self.llq_wake.set()
+            await self.zone_changed(removed, now)
+
+    async def zone_changed(self, changes: Sequence[Change | RRsetRemoval], now: float) -> None:
+        """Changes to the zone from the lease sweep or the change feed: to the Push sessions and the
+        LLQ server (an UPDATE's go from :meth:`_after`, before its reply)."""
+        if changes and self.push is not None:
+            self.push.changes(changes, now)
+        if changes and self.llq is not None:
+            await self.send_llq(self.llq.changes(changes, now))
+            self.llq_wake.set()
 
     async def sweep_loop(self) -> None:
         """Delete expired leases when the earliest one ends (records are already invisible before)."""
@@ -424,11 +359,7 @@ class _Server:
                 for r in removed:
                     rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(r.rdtype))
                     log.info("lease expired: %s %s (%d RR)", r.owner, rdtype, len(r.rrs))
-                if removed and self.push is not None:
-                    self.push.changes(removed, now)  # removal PUSHes
-                if removed and self.llq is not None:
-                    await self.send_llq(self.llq.changes(removed, now))  # removal events
-                    self.llq_wake.set()
+                await self.zone_changed(removed, now)  # removal PUSHes and LLQ events
                 nxt = self.store.next_expiry()
             except Exception:  # keep serving; expired records stay invisible until a sweep succeeds
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
@@ -452,6 +383,7 @@ async def serve(
     metrics: tuple[str, int] | None = None,
     tls: tuple[str, int, ssl.SSLContext] | None = None,
     front: Front | None = None,
+    primary_check: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -460,7 +392,10 @@ async def serve(
     Prometheus metrics over HTTP on ``metrics`` if given, and DNS over TLS (RFC 7858) on ``tls``'s host
     and port with its context if given (the same requests, limits and answers as TCP, and DNS Push
     sessions). OSError if a socket cannot be bound. With ``front``, signed UPDATEs go to its primary
-    (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there.
+    (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there; the primary's
+    changes come back by NOTIFY, a serial check every ``primary_check`` seconds (default
+    :data:`~tunneld.dnsserver.feed.SOA_CHECK_INTERVAL`) and zone transfers
+    (:mod:`tunneld.dnsserver.feed`).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -499,6 +434,8 @@ async def serve(
     server.udp = udp
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
+        feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
+        server.feed = FeedTask(feed, server.link, server.zone_changed)
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
@@ -509,6 +446,8 @@ async def serve(
             if tls_sock is not None and server.tls is not None:
                 nursery.start_soon(server.tls.serve, tls_sock)
             nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
+            if server.feed is not None:
+                nursery.start_soon(server.feed.run)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
@@ -531,7 +470,8 @@ async def serve(
                                ("dns push", server.push.counters if server.push is not None else Counter()),
                                ("stun", server.stun_counters + server.stun_rrl.counters),
                                ("front", (front.counters if front is not None else Counter())
-                                + (server.link.counters if server.link is not None else Counter()))):
+                                + (server.link.counters if server.link is not None else Counter())),
+                               ("change feed", server.feed.feed.counters if server.feed else Counter())):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -568,6 +568,20 @@ class ZoneStore:
         """(serial, every stored row including expired ones): for tests and debugging dumps."""
         rows = self._db.execute("SELECT * FROM records ORDER BY owner, rdtype, rdata").fetchall()
         return self.serial, [(o, t, bytes(w), ttl, e) for o, t, w, ttl, e in rows]
+
+    def replica_apply(self, apply: Callable[[sqlite3.Connection], bool]) -> bool:
+        """Run ``apply`` (:mod:`tunneld.dnsserver.replica`: the primary's zone into ``records``, its SOA in
+        ``meta``) in one write transaction; when it says the records changed, the zone's serial is bumped.
+        DiskFull as :meth:`apply_update`."""
+        with self._write():
+            changed = apply(self._db)
+            if changed:
+                self._bump_serial()
+        return changed
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def next_expiry(self) -> float | None:
         """The earliest lease expiry in the store, for scheduling the next :meth:`expire` sweep (not
