@@ -321,3 +321,24 @@ def test_metrics_config(tmp_path: Path) -> None:
 def test_time_is_wall_clock_by_default() -> None:
     collector = DaemonCollector(lambda: STATUS)
     assert abs(collector.wall() - time.time()) < 5
+
+
+def test_the_dns_collector_shows_front_mode(tmp_path: Path) -> None:
+    """In front mode (serve-dns --primary) the forwards, the link to the primary and the change feed are
+    exported; without it, none of the three families appears."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    store = ZoneStore(str(tmp_path / "zone.db"), ZONE, "ns." + ZONE, 53, addresses=["192.0.2.53"])
+    server = _Server(DnsCore(store, [KEY]), None)
+    names = {name for name, _ in _samples(renderer(DnsCollector(server))())}
+    assert not {n for n in names if n.startswith(("tunneld_dns_front", "tunneld_dns_primary_link",
+                                                  "tunneld_dns_feed"))}
+    server.front = SimpleNamespace(counters=Counter({"update: primary NOERROR": 4}))
+    server.link = SimpleNamespace(counters=Counter({"connections": 1}))
+    server.feed = SimpleNamespace(feed=SimpleNamespace(counters=Counter({"transfer: IXFR": 2})))
+    m = _samples(renderer(DnsCollector(server))())
+    assert m["tunneld_dns_front_total", (("what", "update: primary NOERROR"),)] == 4
+    assert m["tunneld_dns_primary_link_total", (("outcome", "connections"),)] == 1
+    assert m["tunneld_dns_feed_total", (("what", "transfer: IXFR"),)] == 2
+    store.close()

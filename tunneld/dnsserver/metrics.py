@@ -59,6 +59,14 @@ class DnsCollector(Collector):
                             "aborted sessions, by what happened", "what", s.push.counters)
         yield _labelled("tunneld_dns_stun", "STUN requests by outcome", "outcome",
                         s.stun_counters + s.stun_rrl.counters)
+        if s.front is not None and s.link is not None:  # front mode (serve-dns --primary)
+            yield _labelled("tunneld_dns_front", "Front mode: forwarded updates and lease deletions, by the "
+                            "primary's answer", "what", s.front.counters)
+            yield _labelled("tunneld_dns_primary_link", "Front mode: the link to the primary, by outcome",
+                            "outcome", s.link.counters)
+        if s.feed is not None:
+            yield _labelled("tunneld_dns_feed", "Front mode: the primary's changes (NOTIFY, serial checks, "
+                            "transfers), by what happened", "what", s.feed.feed.counters)
 
 
 def _labelled(name: str, doc: str, label: str, values: Counter[str] | dict[str, int]) -> Metric:
