@@ -13,10 +13,15 @@ as their server.
 2. The front is stopped (SIGTERM) and started again on the same database in the middle of a stream of
    signed UPDATEs, each retried by its client on SERVFAIL or timeout: every name ends on the primary
    exactly once, and the front's replica answers each of them.
+3. A PowerDNS primary (gsqlite3; lab/pdns.py) behind the front instead (hosts pdns, front, device): a
+   device's update through the front lands there, and an LLQ watcher of the front hears, by the NOTIFY and
+   a transfer PowerDNS answers with the whole zone, of a change made on PowerDNS directly.
 """
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -31,11 +36,15 @@ from typing import Any
 
 import pytest
 
-from lab.bind import DIG, NAMED, NSUPDATE, BindPrimary, BindSecondary
+from lab import progs
+from lab.bind import DIG, NAMED, NSUPDATE, BindPrimary, BindSecondary, nsupdate
 from lab.netns import Host, Lab, LabError, wait_for
+from lab.pdns import PdnsPrimary
+from lab.pdns import available as pdns_available
 from lab.topology import star
 from lab.tunnel import DOMAIN, TUNNELD, Node, dig_key, joined, serve_dns, status, write_private
 from tests.helpers import exit_on_signal
+from tunneld.cli import front_key
 
 pytestmark = [
     pytest.mark.root,
@@ -248,3 +257,64 @@ def test_the_front_restarted_during_updates_loses_and_duplicates_nothing(journey
         got = [json.loads(line) for line in r.stdout.splitlines()]
         return all(g["rcode"] == "NOERROR" and g["answers"] == ["192.0.2.200"] for g in got) and len(got) == N
     wait_for(replica_agrees, timeout=CHECK + 5, interval=0.5, what="the front's replica to hold every name")
+
+
+PDNS_CHECK = 6  # long enough that an event within 2.5 s of a change came by NOTIFY
+
+
+@pytest.mark.skipif(not pdns_available(), reason="PowerDNS with the sqlite3 backend is not installed")
+def test_a_powerdns_primary_behind_the_front(tmp_path: Path) -> None:
+    for tool in (DIG, NSUPDATE):
+        if not os.access(tool, os.X_OK):
+            pytest.fail(f"{tool} is missing: tools/install.sh installs Debian bind9-dnsutils")
+    out = tunneld("account", "new", DOMAIN)
+    secret = tmp_path / "secret"
+    write_private(secret, out.splitlines()[0] + "\n")
+    fkey = front_key(base64.b64decode(out.splitlines()[0]), DOMAIN)
+    with Lab() as lab:
+        _hub, p, f, d = star(lab, ("pdns", "front", "device"))
+        notify_to = [(ipaddress.ip_address(f.addr4), FRONT_PORT)]
+        with PdnsPrimary(lab, p, DOMAIN, fkey, notify_to, tmp_path / "pdns") as pdns:
+            front_at = (f.addr4, FRONT_PORT)
+            log = tmp_path / "serve-dns.log"
+            front = serve_dns(lab, Node(f, tmp_path / "front", f.addr4), secret, tmp_path, front_at,
+                              extra=["--primary", f"{p.addr4}:53", "--primary-key", str(pdns.keys[FRONT]),
+                                     "--primary-check", str(PDNS_CHECK), "--verbose"])
+
+            def diagnose() -> str:
+                return (f"--- serve-dns log:\n{log.read_text(errors='replace')[-3000:]}\n--- pdns log:\n"
+                        f"{pdns.log_text()[-2000:]}")
+
+            # A device's records, through the front, on PowerDNS (which answers any query: it is hidden).
+            laptop = joined(lab, d, "laptop", secret, front_at, tmp_path)
+            try:
+                wait_for(lambda: pdns.query(f"laptop.{DOMAIN}", "AAAA") == ("NOERROR", [laptop.ula]),
+                         timeout=15, interval=0.1, what="the device's address on PowerDNS")
+            except LabError as e:
+                raise AssertionError(f"{e}\n{status(laptop)['publish']}\n{diagnose()}") from None
+            assert laptop.proc is not None
+            lab.stop(laptop.proc)  # its withdrawal goes through the front too
+            wait_for(lambda: pdns.query(f"laptop.{DOMAIN}", "AAAA")[1] == [], timeout=5, interval=0.1,
+                     what="the device's withdrawal on PowerDNS")
+
+            # A change made on PowerDNS directly reaches an LLQ watcher of the front.
+            name = f"direct.{DOMAIN}"
+            watcher = progs.spawn(lab, d, "llq_watch", f.addr4, str(FRONT_PORT), DOMAIN, name, "AAAA",
+                                  str(secret), "20", stdout=subprocess.PIPE, text=True)
+            assert watcher.stdout is not None
+            first = json.loads(watcher.stdout.readline() or "{}")  # bounded by the watcher's own run time
+            assert first.get("event") == "established", (first, diagnose())
+            r = nsupdate(lab, d, p.addr4, 53, pdns.keys[FRONT], DOMAIN,
+                         [f"update add {name}. 60 AAAA fd00::7"])
+            assert r.returncode == 0, (r.stdout, r.stderr, diagnose())
+            changed = time.monotonic()
+            event = json.loads(watcher.stdout.readline() or "{}")
+            took = time.monotonic() - changed
+            assert event.get("event") == "added" and any("fd00::7" in x for x in event["records"]), \
+                (event, diagnose())
+            assert took < 2.5, f"{took:.1f} s: not by NOTIFY\n{diagnose()}"
+            watcher.terminate()
+            watcher.communicate(timeout=10)
+            exit_on_signal(front, signal.SIGTERM, log, "serve-dns")
+            counters = next((x for x in log.read_text().splitlines() if "change feed:" in x), "")
+            assert "notify" in counters and "transfer: IXFR" in counters, log.read_text()[-3000:]
