@@ -31,7 +31,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from lab.netns import Host, Lab, LabError, read_log, wait_for
 from tunneld.zoneconf import primary_stanza, secondary_stanza
@@ -209,7 +209,7 @@ class _Named:
         self.log = self.dir / "named.log"
         self.keys: dict[str, Path] = {}
 
-    def __enter__(self) -> _Named:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
