@@ -9,8 +9,9 @@ account key, UDP) every POLL_INTERVAL seconds until it answers with the record, 
 sample is the time from the reply to the first answer that carries the record. Prints one JSON object.
 
 `hold`: N LLQs (tunneld.proto.llq.LLQClient, TSIG-signed, one UDP socket each, bound round-robin to the
-source addresses, since the server caps the LLQs of one address) on NAME, started BATCH at a time. Prints a
-JSON line once all are established (or with how many were), keeps them (answering refreshes) until a line
+source addresses, since the server caps the LLQs of one address) on NAME, started BATCH at a time (a batch
+with any LLQ refused or unanswered ends the setup). Prints a JSON line once all are established (or with
+how many were, and why the others were not), keeps them (answering refreshes) until a line
 or end of file on stdin, then cancels them and prints a last JSON line.
 """
 
@@ -130,6 +131,7 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
     by_fd: dict[int, int] = {}
     poller = select.poll()
     established: set[int] = set()
+    refused: dict[int, str] = {}
 
     def flush(i: int) -> None:
         for tx in clients[i].transmits():
@@ -137,6 +139,8 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
         for ev in clients[i].events():
             if isinstance(ev, llq.Established):
                 established.add(i)
+            elif isinstance(ev, llq.Failed | llq.Fallback):  # refused (a cap, a full table) or unanswered
+                refused[i] = ev.reason
 
     def pump(timeout: float) -> None:
         for fd, _ in poller.poll(max(0, int(timeout * 1000))):
@@ -172,14 +176,15 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
                 c.start(time.time())
                 flush(i)
             end = time.monotonic() + BATCH_TIMEOUT
-            while len(established) < len(clients) and time.monotonic() < end:
+            while len(established) + len(refused) < len(clients) and time.monotonic() < end:
                 pump(0.05)
             if len(established) < len(clients):
-                break
+                break  # refused or too slow: more would only be refused too
         counters: Counter[str] = Counter()
         for c in clients:
             counters.update(c.counters)
         report({"llqs": a.llqs, "established": len(established), "sources": len(sources),
+                "refused": dict(Counter(refused.values())),
                 "setup_seconds": round(time.monotonic() - t0, 3),
                 "client_counters": dict(sorted(counters.items()))})
         stdin = sys.stdin.fileno()
