@@ -144,6 +144,7 @@ def held_memory(lab: Lab, a: Host, rec: Recorder, f: Front, base: list[str], llq
     return {"llqs": llqs, "established": held["established"], "refused": held.get("refused", {}),
             "sources": len(sources), "setup_seconds": held["setup_seconds"], "rss_before_kib": before,
             "rss_held_kib": during, "bytes_per_llq": per, "closed": closed["closed"],
+            "setup_restarts": held.get("setup_restarts", 0),
             "client_counters": held.get("client_counters", {})}
 
 

@@ -44,6 +44,7 @@ POLL_INTERVAL = 0.002  # seconds between two queries to the secondary
 SECONDARY_TIMEOUT = 10.0  # seconds for the secondary to serve one new record
 BATCH = 200  # LLQs started at once by `hold` (as dns_client.SETUP_BATCH: the server limits signed replies)
 BATCH_TIMEOUT = 30.0  # seconds for one batch to be established
+RETRIES = 3  # new setups of one LLQ whose setup went unanswered
 
 
 def _signer(a: argparse.Namespace) -> Signer:
@@ -132,6 +133,12 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
     poller = select.poll()
     established: set[int] = set()
     refused: dict[int, str] = {}
+    lost: set[int] = set()
+    retries: Counter[int] = Counter()
+
+    def new_client() -> llq.LLQClient:
+        return llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom,
+                             tsig=TsigSession(TsigKey.of(signer.key)))
 
     def flush(i: int) -> None:
         for tx in clients[i].transmits():
@@ -139,6 +146,8 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
         for ev in clients[i].events():
             if isinstance(ev, llq.Established):
                 established.add(i)
+            elif isinstance(ev, llq.Fallback) and ev.reason.startswith("no answer") and retries[i] < RETRIES:
+                lost.add(i)  # lost to the server's reply limit: started anew, as after retry_setup_in
             elif isinstance(ev, llq.Failed | llq.Fallback):  # refused (a cap, a full table) or unanswered
                 refused[i] = ev.reason
 
@@ -167,8 +176,7 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
                 s.setblocking(False)
                 s.bind((sources[i % len(sources)], 0))
                 s.connect(dest)
-                c = llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom,
-                                  tsig=TsigSession(TsigKey.of(signer.key)))
+                c = new_client()
                 socks.append(s)
                 clients.append(c)
                 by_fd[s.fileno()] = i
@@ -178,13 +186,19 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
             end = time.monotonic() + BATCH_TIMEOUT
             while len(established) + len(refused) < len(clients) and time.monotonic() < end:
                 pump(0.05)
+                for i in sorted(lost):
+                    lost.discard(i)
+                    retries[i] += 1
+                    clients[i] = new_client()
+                    clients[i].start(time.time())
+                    flush(i)
             if len(established) < len(clients):
                 break  # refused or too slow: more would only be refused too
         counters: Counter[str] = Counter()
         for c in clients:
             counters.update(c.counters)
         report({"llqs": a.llqs, "established": len(established), "sources": len(sources),
-                "refused": dict(Counter(refused.values())),
+                "refused": dict(Counter(refused.values())), "setup_restarts": sum(retries.values()),
                 "setup_seconds": round(time.monotonic() - t0, 3),
                 "client_counters": dict(sorted(counters.items()))})
         stdin = sys.stdin.fileno()
