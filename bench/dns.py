@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench import dns_front
 from bench.procs import Recorder, log_tail, tree_cpu_seconds
 from lab import progs
 from lab.bind import NAMED, Bind
@@ -44,9 +45,9 @@ ZONE = "bench.tunneld.test"
 SERVER = "192.0.2.2"
 OURS_PORT = 5353
 BIND_PORT = 5354
-SERVERS = ("tunneld", "bind")
+SERVERS = ("tunneld", "bind", "front")
 MODES = ("sequential", "pipelined")
-LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named"}
+LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named", "front": "front -> BIND"}
 TLS_PORT = 853
 EVENT_LABELS = {"llq": "LLQ over UDP", "push": "DNS Push over TLS"}
 
@@ -86,8 +87,9 @@ def _summary(samples: list[dict[str, Any]], cpu: list[float]) -> dict[str, Any]:
     }
 
 
-def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
-            log: Callable[[str], None] | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, front_watchers: int = 0,
+            lag: int = 0, hold: int = 0, log: Callable[[str], None] | None = None,
+            info: dict[str, Any] | None = None) -> dict[str, Any]:
     for tool in ("ip", "dig"):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found (Debian: apt-get install iproute2 bind9-dnsutils)")
@@ -101,7 +103,8 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
     rec = Recorder()
     result: dict[str, Any] = {"updates": updates, "window": window, "rounds": rounds, "watchers": watchers,
                               "events": events, "cpu_count": os.cpu_count(), "bind_version": _bind_version(),
-                              "rows": {}, "ratios": {}, "llq": {}, "push": {}}
+                              "rows": {}, "ratios": {}, "llq": {}, "push": {},
+                              "front": {"events": {}, "front_watchers": front_watchers}}
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SERVERS for m in MODES}
     cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in SERVERS for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp, Lab() as lab:
@@ -130,11 +133,12 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
             return _dig_ok(lab, a, OURS_PORT)
 
         wait_for(ready, timeout=15, interval=0.05, what="serve-dns to answer")
-        with Bind(lab, b, ZONE, stanza, work / "bind", port=BIND_PORT, address=SERVER) as bind:
+        with Bind(lab, b, ZONE, stanza, work / "bind", port=BIND_PORT, address=SERVER) as bind, \
+                dns_front.front(lab, a, b, rec, work / "front", tunneld, ZONE, secret) as fr:
             assert bind.proc is not None
             rec.pids.append(bind.proc.pid)
-            pids = {"tunneld": ours.pid, "bind": bind.proc.pid}
-            ports = {"tunneld": OURS_PORT, "bind": BIND_PORT}
+            pids = {"tunneld": ours.pid, "bind": bind.proc.pid, "front": fr.proc.pid}
+            ports = {"tunneld": OURS_PORT, "bind": BIND_PORT, "front": dns_front.FRONT_PORT}
             base = [SERVER, "", ZONE, str(secret)]
             timeout = 60 + updates * 0.05
 
@@ -147,6 +151,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                 used = tree_cpu_seconds(pids[server]) - cpu0
                 if ours.poll() is not None:
                     raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
+                fr.check()
                 return r, used / count
 
             log(f"[dns] lab {lab.id}: warming up")
@@ -179,6 +184,24 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
                     halves[kind].append(_client(lab, a, rec, argv, 60 + count * 12))
                 result["llq"] = _events_summary(halves["llq"])
                 result["push"] = _events_summary(halves["push"])
+            if events > 0:  # LLQ watchers on the front and on serve-dns alone, front first at each count
+                for k in sorted({n for n in (watchers, front_watchers) if n > 0}):
+                    row: dict[str, Any] = {}
+                    for server in ("front", "tunneld"):
+                        log(f"[dns] {k} LLQ watchers on {LABELS[server]}, {events} updates")
+                        argv = ["events", *base, "--watchers", str(k), "--events", str(events),
+                                "--name", f"watched-{server}-{k}"]
+                        argv[2] = str(ports[server])
+                        took = 60 + events * 12 + k * 0.05
+                        row[server] = _events_summary([_client(lab, a, rec, argv, took)])
+                        fr.check()
+                    result["front"]["events"][str(k)] = row
+            if lag > 0:
+                log(f"[dns] {lag} updates through the front, each until the secondary serves it")
+                result["front"]["secondary"] = dns_front.secondary_lag(lab, a, rec, fr, base, lag)
+            if hold > 0:
+                log(f"[dns] {hold} LLQs held at the front")
+                result["front"]["memory"] = dns_front.held_memory(lab, a, rec, fr, base, hold)
         if ours.poll() is not None:
             raise LabError(f"serve-dns exited {ours.returncode}: {log_tail(slog)}")
         if "Traceback" in log_tail(slog, 100_000):
@@ -192,6 +215,7 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int,
         theirs = result["rows"][f"bind/{mode}"]["per_second_median"]
         if theirs > 0:
             result["ratios"][mode] = result["rows"][f"tunneld/{mode}"]["per_second_median"] / theirs
+    dns_front.goals(result)  # the added latencies, into result["front"]
     return result
 
 
@@ -220,8 +244,13 @@ def failures(r: dict[str, Any]) -> list[str]:
     """What makes the run fail: failed updates, and events that never arrived."""
     bad = [f"{name}: {row['failures']} failed update(s)"
            for name, row in r["rows"].items() if row["failures"]]
-    for kind in ("llq", "push"):
-        ev = r.get(kind) or {}
+    front = r.get("front") or {}
+    more = [(f"front {k} {server}", ev)
+            for k, row in front.get("events", {}).items() for server, ev in row.items()]
+    lag = front.get("secondary")
+    if lag and (lag["failures"] or lag["served"] < lag["updates"]):
+        bad.append(f"secondary: {lag['served']} of {lag['updates']} served, failures {lag['failure_kinds']}")
+    for kind, ev in [*[(k, r.get(k) or {}) for k in ("llq", "push")], *more]:
         if not ev:
             continue
         if ev["failures"]:
@@ -274,6 +303,7 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
                   f"{'-':>7} | {'-':>7} |", file=out)
     print(f"| {LABELS['bind']:<17} | {'-':<17} | {'no LLQ or Push (RFC 8764, 8765)':<31} | {'-':>9} | "
           f"{'-':>7} | {'-':>7} |", file=out)
+    dns_front.print_front(r, out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -282,6 +312,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--watchers", type=int, default=100, help="LLQ watchers (default 100)")
     p.add_argument("--events", type=int, default=20, help="updates to the watched name (default 20)")
+    p.add_argument("--front-watchers", type=int, default=1000,
+                   help="LLQ watchers on the front and serve-dns alone, besides --watchers "
+                        "(default 1000; 0: none)")
+    p.add_argument("--lag", type=int, default=20,
+                   help="updates through the front timed until the secondary serves them "
+                        "(default 20; 0: none)")
+    p.add_argument("--hold", type=int, default=10000,
+                   help="LLQs held at the front while its memory is read (default 10000; 0: none)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -295,14 +333,15 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"bench dns: --{name} must be at least 1", file=sys.stderr)
             return 2
-    if args.updates > 65535 or args.watchers < 0 or args.events < 0:
-        print("bench dns: --updates must be at most 65535, --watchers and --events not negative",
-              file=sys.stderr)
+    if args.updates > 65535 or min(args.watchers, args.events, args.front_watchers, args.lag, args.hold) < 0:
+        print("bench dns: --updates must be at most 65535, --watchers, --events, --front-watchers, --lag and "
+              "--hold not negative", file=sys.stderr)
         return 2
     info: dict[str, Any] = {}
     try:
         with terminate_as_exit():
-            r = run_dns(args.updates, args.window, args.rounds, args.watchers, args.events, info=info)
+            r = run_dns(args.updates, args.window, args.rounds, args.watchers, args.events,
+                        args.front_watchers, args.lag, args.hold, info=info)
     except KeyboardInterrupt:
         print("bench dns: interrupted; every namespace and process it started has been removed",
               file=sys.stderr)

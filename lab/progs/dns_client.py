@@ -11,12 +11,12 @@ a time, each waiting for its reply; otherwise with up to W outstanding. Every me
 clock starts (so the client's signing cost is not measured), every reply is checked afterwards (TSIG
 with the request MAC, rcode NOERROR); a reply that does not come within TIMEOUT seconds is a failure.
 
-`events`: K LLQ clients (tunneld.proto.llq.LLQClient, TSIG-signed, one UDP socket each) watch NAME
-AAAA; then M times: an UPDATE replaces NAME's AAAA and the client waits until every watcher has its
-Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to the kernel's
-receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process spends
-handling the other 99 watchers is not counted. The watchers sign and verify with the daemon's own TSIG
-session (tunneld.proto.tsig.TsigSession), so the run sees what `tunneld up` would; the sum of their
+`events`: K LLQ clients (tunneld.proto.llq.LLQClient, TSIG-signed, one UDP socket each) watch NAME AAAA,
+established SETUP_BATCH at a time; then M times: an UPDATE replaces NAME's AAAA and the client waits until
+every watcher has its Added event (or EVENT_TIMEOUT). Latency is from just before the UPDATE's sendto to
+the kernel's receive timestamp (SO_TIMESTAMPNS) of the watcher's event datagram, so the time this process
+spends handling the other 99 watchers is not counted. The watchers sign and verify with the daemon's own
+TSIG session (tunneld.proto.tsig.TsigSession), so the run sees what `tunneld up` would; the sum of their
 LLQClient counters is reported (`client_counters`: "tsig rejected", "retransmission", "duplicate or no-op
 event", ...) to tell a lost datagram from a rejected one.
 
@@ -52,6 +52,9 @@ from tunneld.proto.tsig import TsigKey, TsigSession
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
 SETUP_TIMEOUT = 30.0  # seconds for all LLQs to be established
+SETUP_BATCH = 200
+"""LLQs started at once: serve-dns limits signed replies to one /24 (500 a second, a burst of 1,000), and
+each LLQ takes two (challenge, acknowledgement); a larger burst loses setups to the limit."""
 TTL = 60
 
 
@@ -209,6 +212,10 @@ def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
 def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     qname = dns.name.from_text(a.name)
     dest = (a.server, a.port)
+    def new_client() -> llq.LLQClient:
+        tsig = TsigSession(TsigKey.of(signer.key))  # LLQ clients sign at Unix time: they run on time.time()
+        return llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom, tsig=tsig)
+
     clients: list[llq.LLQClient] = []
     socks: list[socket.socket] = []
     by_fd: dict[int, int] = {}
@@ -218,10 +225,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.setblocking(False)
         s.connect(dest)
-        tsig = TsigSession(TsigKey.of(signer.key))  # LLQ clients sign at Unix time: they run on time.time()
-        c = llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom, tsig=tsig)
         socks.append(s)
-        clients.append(c)
+        clients.append(new_client())
         by_fd[s.fileno()] = i
     upd_sock = _connect(a.server, a.port)
     poller = select.poll()
@@ -229,6 +234,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         poller.register(s, select.POLLIN)
 
     established: set[int] = set()
+    fell_back: set[int] = set()  # setups that got no answer (lost to the server's reply limit): started anew
+    restarts = 0
     got: dict[int, float] = {}  # watcher -> arrival time of the current update's event
     target = ""  # the address the current update sets
 
@@ -239,6 +246,8 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         for ev in clients[i].events():
             if isinstance(ev, llq.Established):
                 established.add(i)
+            elif isinstance(ev, llq.Fallback) and i not in established:
+                fell_back.add(i)
             elif isinstance(ev, llq.Added) and target and i not in got and \
                     any(r.to_text() == target for r in ev.rrset):
                 got[i] = stamp
@@ -265,16 +274,29 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         first = signer.check(upd_sock.recv(65535), mac)
         if first != "NOERROR":
             raise SystemExit(f"the first update failed: {first}")
-        for i, c in enumerate(clients):
-            c.start(time.time())
-            for tx in c.transmits():
-                socks[i].send(tx.payload)
         end = time.monotonic() + SETUP_TIMEOUT
-        while len(established) < len(clients) and time.monotonic() < end:
-            pump(0.05)
+        for start in range(0, len(clients), SETUP_BATCH):  # a batch at a time: see SETUP_BATCH
+            batch = range(start, min(len(clients), start + SETUP_BATCH))
+            for i in batch:
+                clients[i].start(time.time())
+                for tx in clients[i].transmits():
+                    socks[i].send(tx.payload)
+            while not established.issuperset(batch) and time.monotonic() < end:
+                pump(0.05)
+                for i in sorted(fell_back):  # what a client does after retry_setup_in, now
+                    fell_back.discard(i)
+                    restarts += 1
+                    clients[i] = new_client()
+                    clients[i].start(time.time())
+                    for tx in clients[i].transmits():
+                        socks[i].send(tx.payload)
         setup_seconds = time.monotonic() - t0
         if len(established) < len(clients):
-            raise SystemExit(f"only {len(established)} of {len(clients)} LLQs were established")
+            seen: Counter[str] = Counter()
+            for c in clients:
+                seen.update(c.counters)
+            raise SystemExit(f"only {len(established)} of {len(clients)} LLQs were established "
+                             f"({restarts} setups restarted; watchers: {dict(seen)})")
 
         samples: list[float] = []
         failures: dict[str, int] = {}
@@ -311,7 +333,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
             s.close()
         upd_sock.close()
     return {"watchers": a.watchers, "updates": a.events, "expected": expected, "received": len(samples),
-            "setup_seconds": setup_seconds, **_latency_summary(samples),
+            "setup_seconds": setup_seconds, "setup_restarts": restarts, **_latency_summary(samples),
             "samples_ms": [round(x * 1e3, 3) for x in samples],
             "failures": sum(failures.values()), "failure_kinds": failures,
             "client_counters": dict(sorted(counters.items()))}
