@@ -194,19 +194,28 @@ def _zone_file(stanza: str) -> Path:
     raise LabError("no file statement in the zone stanza")
 
 
-class _Named:
-    """One named in a lab host, running a named.conf of lab options + `stanza`, stopped by PID. `workdir`
-    is removed and made anew at each start (no journal, zone copy or log of an earlier run)."""
+def zone_text(domain: str, address: str, nameservers: tuple[str, ...] = (), extra: str = "") -> str:
+    """A primary's zone file: SOA and ns1 (the primary at `address`), then an NS record and glue for each
+    of `nameservers` (ns2.. : the secondaries, notified at port 53 as NS records are), then `extra`."""
+    ns = "".join(f"@ IN NS ns{i}.{domain}.\n" for i in range(2, len(nameservers) + 2))
+    glue = "".join(f"ns{i} IN A {a}\n" for i, a in enumerate(nameservers, start=2))
+    return ZONE.format(domain=domain, address=address, extra=ns + glue + extra)
 
-    role = "named"
 
-    def __init__(self, lab: Lab, host: Host, domain: str, stanza: str, workdir: Path, port: int = 53,
-                 address: str | None = None) -> None:
-        self.lab, self.host, self.domain, self.stanza = lab, host, domain.rstrip("."), stanza
+class LabDnsServer:
+    """What the lab's DNS servers (named, pdns_server) share: a fresh working directory, the process
+    spawned in the host and awaited until `ready()`, stopped by PID; queries and transfers by dig with the
+    key files in `keys`."""
+
+    program = "server"  # for messages
+    role = "server"
+
+    def __init__(self, lab: Lab, host: Host, domain: str, workdir: Path, port: int,
+                 address: str | None, log_name: str) -> None:
+        self.lab, self.host, self.domain = lab, host, domain.rstrip(".")
         self.dir, self.port, self.address = Path(workdir), port, address or host.addr4
-        self.zone_file = _zone_file(stanza)
         self.proc: subprocess.Popen[Any] | None = None
-        self.log = self.dir / "named.log"
+        self.log = self.dir / log_name
         self.keys: dict[str, Path] = {}
 
     def __enter__(self) -> Self:
@@ -216,25 +225,23 @@ class _Named:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _prepare(self) -> None:
-        """Write what named reads besides named.conf (the zone file, for a primary)."""
+    def start(self) -> None:
+        raise NotImplementedError
 
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self) -> None:
-        if not os.access(NAMED, os.X_OK):
-            raise LabError(f"{NAMED} is missing: tools/install.sh installs Debian bind9")
-        if self.dir.exists():  # a fresh working directory: no journal, no zone copy, no old log
+    def _fresh_dir(self) -> None:
+        """A fresh working directory: no journal, zone copy, database or log of an earlier run."""
+        if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        self.keys = key_files(self.stanza, self.dir)
-        conf = self.dir / "named.conf"
-        conf.write_text(OPTIONS.format(dir=self.dir, port=self.port, address=self.address) + self.stanza)
-        self._prepare()
+
+    def _spawn(self, argv: list[str], stdout: int | None) -> None:
+        """Run `argv` in the host (its stderr, and `stdout` if None, to the log) until ready."""
         with open(self.log, "ab") as logf:  # the child keeps its own copy of the fd
-            self.proc = self.lab.spawn(self.host, [NAMED, "-g", "-n", "1", "-c", str(conf)],
-                                       stdout=subprocess.DEVNULL, stderr=logf)
+            self.proc = self.lab.spawn(self.host, argv, stdout=logf if stdout is None else stdout,
+                                       stderr=logf)
         try:
             wait_for(self._ready, timeout=20, interval=0.05, what=f"the {self.role} in {self.host.name}")
         except LabError as e:
@@ -243,7 +250,7 @@ class _Named:
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise LabError(f"named exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            raise LabError(f"{self.program} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
         return self.ready()
 
     def stop(self) -> None:
@@ -256,11 +263,11 @@ class _Named:
 
     def query(self, name: str, rdtype: str, key: str | None = None,
               timeout: int = 2) -> tuple[str, list[str]]:
-        """(RCODE, answers) from this server, signed with the stanza's key named `key` (None: unsigned)."""
+        """(RCODE, answers) from this server, signed with the key named `key` (None: unsigned)."""
         key_file = self.keys[key] if key is not None else None
         return dig_query(self.lab, self.host, self.address, self.port, name, rdtype, timeout, key_file)
 
-    def serial(self, key: str) -> int | None:
+    def serial(self, key: str | None) -> int | None:
         """The zone's SOA serial as this server answers it to a query signed with `key`."""
         rcode, answers = self.query(self.domain, "SOA", key, timeout=1)
         return int(answers[0].split()[2]) if rcode == "NOERROR" and answers else None
@@ -276,6 +283,33 @@ class _Named:
         return [line for line in r.stdout.splitlines() if line and not line.startswith(";")]
 
 
+class _Named(LabDnsServer):
+    """One named in a lab host, running a named.conf of lab options + `stanza`, stopped by PID. `workdir`
+    is removed and made anew at each start (no journal, zone copy or log of an earlier run)."""
+
+    program = "named"
+    role = "named"
+
+    def __init__(self, lab: Lab, host: Host, domain: str, stanza: str, workdir: Path, port: int = 53,
+                 address: str | None = None) -> None:
+        super().__init__(lab, host, domain, workdir, port, address, "named.log")
+        self.stanza = stanza
+        self.zone_file = _zone_file(stanza)
+
+    def _prepare(self) -> None:
+        """Write what named reads besides named.conf (the zone file, for a primary)."""
+
+    def start(self) -> None:
+        if not os.access(NAMED, os.X_OK):
+            raise LabError(f"{NAMED} is missing: tools/install.sh installs Debian bind9")
+        self._fresh_dir()
+        self.keys = key_files(self.stanza, self.dir)
+        conf = self.dir / "named.conf"
+        conf.write_text(OPTIONS.format(dir=self.dir, port=self.port, address=self.address) + self.stanza)
+        self._prepare()
+        self._spawn([NAMED, "-g", "-n", "1", "-c", str(conf)], subprocess.DEVNULL)
+
+
 class BindPrimary(_Named):
     """The zone's primary: `stanza` from primary_config / `tunneld account primary-config`, its zone file
     (SOA, the NS records of `nameservers`, `extra_zone`) written where the stanza's `file` says."""
@@ -289,12 +323,7 @@ class BindPrimary(_Named):
         self.nameservers, self.extra_zone = nameservers, extra_zone
 
     def _prepare(self) -> None:
-        # ns1 is the primary (the SOA's MNAME, never notified); ns2.. are the secondaries, notified at
-        # port 53 as NS records are.
-        ns = "".join(f"@ IN NS ns{i}.{self.domain}.\n" for i in range(2, len(self.nameservers) + 2))
-        glue = "".join(f"ns{i} IN A {a}\n" for i, a in enumerate(self.nameservers, start=2))
-        self.zone_file.write_text(ZONE.format(domain=self.domain, address=self.address,
-                                              extra=ns + glue + self.extra_zone))
+        self.zone_file.write_text(zone_text(self.domain, self.address, self.nameservers, self.extra_zone))
 
     def ready(self) -> bool:
         return self.serial(self.front_key) is not None

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
-from typing import Any
 
-from lab.bind import DIG, ZONE, dig_query, key_files
-from lab.netns import Host, Lab, LabError, read_log, wait_for
+from lab.bind import LabDnsServer, key_files, zone_text
+from lab.netns import Host, Lab, LabError
 from tunneld.zoneconf import PDNS_SETTINGS, Server, key_stanza, pdns_primary_commands
 
 PDNS_SERVER = shutil.which("pdns_server") or "/usr/sbin/pdns_server"
@@ -31,24 +29,16 @@ def available() -> bool:
     return Path(PDNS_SERVER).exists() and Path(PDNSUTIL).exists() and SCHEMA.exists()
 
 
-class PdnsPrimary:
+class PdnsPrimary(LabDnsServer):
+    program = "pdns_server"
+    role = "PowerDNS primary"
+
     def __init__(self, lab: Lab, host: Host, domain: str, front_key: bytes, notify: list[Server],
                  workdir: Path, port: int = 53, address: str | None = None,
                  nameservers: tuple[str, ...] = ()) -> None:
-        self.lab, self.host, self.domain = lab, host, domain.rstrip(".").lower()
+        super().__init__(lab, host, domain.lower(), workdir, port, address, "pdns.log")
         self.front_secret, self.notify, self.nameservers = front_key, notify, nameservers
-        self.dir, self.port, self.address = Path(workdir), port, address or host.addr4
-        self.proc: subprocess.Popen[Any] | None = None
-        self.log = self.dir / "pdns.log"
         self.front_key = f"front.{self.domain}."  # the key's name, as BindPrimary's
-        self.keys: dict[str, Path] = {}
-
-    def __enter__(self) -> PdnsPrimary:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _conf(self) -> str:
         lab_only = [
@@ -63,61 +53,21 @@ class PdnsPrimary:
     def start(self) -> None:
         if not available():
             raise LabError(f"{PDNS_SERVER} or its sqlite3 backend is missing: tools/install.sh installs them")
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+        self._fresh_dir()
         (self.dir / "pdns.conf").write_text(self._conf())
         with sqlite3.connect(self.dir / "pdns.sqlite3") as db:
             db.executescript(SCHEMA.read_text())
-        ns = "".join(f"@ IN NS ns{i}.{self.domain}.\n" for i in range(2, len(self.nameservers) + 2))
-        glue = "".join(f"ns{i} IN A {a}\n" for i, a in enumerate(self.nameservers, start=2))
         zone = self.dir / f"{self.domain}.zone"
-        zone.write_text(ZONE.format(domain=self.domain, address=self.address, extra=ns + glue))
+        zone.write_text(zone_text(self.domain, self.address, self.nameservers))
         self._pdnsutil(["pdnsutil", "load-zone", self.domain, str(zone)])
         for argv in pdns_primary_commands(self.domain, self.front_secret, self.notify):
             self._pdnsutil(argv)
         self.keys = key_files(key_stanza(self.front_key, self.front_secret), self.dir)
-        with open(self.log, "ab") as logf:
-            self.proc = self.lab.spawn(self.host, [PDNS_SERVER, f"--config-dir={self.dir}"],
-                                       stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._ready, timeout=20, interval=0.05, what=f"pdns_server in {self.host.name}")
-        except LabError as e:
-            self.stop()
-            raise LabError(f"{e}:\n{self.log_text()[-3000:]}") from None
+        self._spawn([PDNS_SERVER, f"--config-dir={self.dir}"], None)
 
     def _pdnsutil(self, argv: list[str]) -> None:
         assert argv[0] == "pdnsutil"
         self.lab.run(self.host, [PDNSUTIL, f"--config-dir={self.dir}", *argv[1:]], timeout=30)
 
-    def _ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise LabError(f"pdns_server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+    def ready(self) -> bool:
         return self.serial(self.front_key) is not None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.lab.stop(self.proc)
-            self.proc = None
-
-    def log_text(self) -> str:
-        return read_log(self.log)
-
-    def query(self, name: str, rdtype: str, key: str | None = None,
-              timeout: int = 2) -> tuple[str, list[str]]:
-        key_file = self.keys[key] if key is not None else None
-        return dig_query(self.lab, self.host, self.address, self.port, name, rdtype, timeout, key_file)
-
-    def serial(self, key: str | None) -> int | None:
-        rcode, answers = self.query(self.domain, "SOA", key, timeout=1)
-        return int(answers[0].split()[2]) if rcode == "NOERROR" and answers else None
-
-    def transfer(self, key: str | None = None, timeout: int = 5) -> list[str] | None:
-        """The records of an AXFR of the zone (signed with `key`, or not), or None if it was refused."""
-        signed = ["-k", str(self.keys[key])] if key is not None else []
-        r = self.lab.run(self.host, [DIG, f"@{self.address}", "-p", str(self.port), *signed,
-                                     f"+time={timeout}", "+tries=1", "AXFR", self.domain],
-                         timeout=timeout + 10, check=False)
-        if "Transfer failed" in r.stdout or r.returncode != 0:
-            return None
-        return [line for line in r.stdout.splitlines() if line and not line.startswith(";")]
