@@ -272,6 +272,24 @@ def serve_dns(lab: Lab, n: Node, secret: Path, workdir: Path,
     return proc
 
 
+def account_node(lab: Lab, h: Host, workdir: Path, name: str, secret: Path, server: tuple[str, int],
+                 port: int, account_extra: str = "") -> Node:
+    """A device's config written by hand (not by `tunneld join`): the interface on `port`, the test's
+    control socket and hosts block, and an [account] for `name` with `server` (plus `account_extra`
+    lines); its identity read back with `tunneld identity`. Not started."""
+    n = Node(h, workdir, h.addr4, port=port)
+    n.dir.mkdir(parents=True, exist_ok=True)
+    n.config.write_text(
+        f'[interface]\nname = "{IFNAME}"\nlisten_port = {port}\nmtu = {MTU}\n'
+        f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
+        + names_toml(n.dir) +
+        f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n'
+        f'server = "{server[0]}:{server[1]}"\nname = "{name}"\n{account_extra}')
+    out = lab.run(h, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
+    n.public_key, n.ula = out[1], out[3]
+    return n
+
+
 def joined(lab: Lab, h: Host, name: str, secret: Path, dns_at: tuple[str, int], workdir: Path,
            run: bool = True, args: Sequence[str] = (), tls: bool = False, join_args: Sequence[str] = (),
            env: dict[str, str] | None = None) -> Node:

@@ -25,7 +25,7 @@ import pytest
 from lab.bind import DIG, NAMED, Bind
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import DOMAIN, TUNNELD, Node, control, names_toml, start, status, write_secret
+from lab.tunnel import DOMAIN, TUNNELD, Node, account_node, control, start, status, write_secret
 from tunneld.identity import iid_label
 
 pytestmark = [
@@ -78,17 +78,8 @@ def bindlab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BindLab]
 
 
 def node(bl: BindLab, secret: Path) -> Node:
-    n = Node(bl.a, bl.dir / "a", bl.a.addr4, port=PORT)
-    n.dir.mkdir(parents=True, exist_ok=True)
-    n.config.write_text(
-        f'[interface]\nname = "btmm0"\nlisten_port = {PORT}\nmtu = 1400\n'
-        f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
-        + names_toml(n.dir) +
-        f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{secret}"\n'
-        f'server = "{bl.b.addr4}:{DNS_PORT}"\nname = "{NAME}"\ntsig_algorithm = "{bl.algorithm}"\n')
-    out = bl.lab.run(bl.a, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
-    n.public_key, n.ula = out[1], out[3]
-    return n
+    return account_node(bl.lab, bl.a, bl.dir / "a", NAME, secret, (bl.b.addr4, DNS_PORT), PORT,
+                        f'tsig_algorithm = "{bl.algorithm}"\n')
 
 
 def publish(n: Node) -> dict[str, Any]:

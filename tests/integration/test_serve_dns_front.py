@@ -28,7 +28,7 @@ import pytest
 from lab.bind import DIG, NAMED, Bind
 from lab.netns import Host, Lab, LabError, wait_for
 from lab.topology import two_hosts
-from lab.tunnel import DOMAIN, TUNNELD, Node, names_toml, start, status
+from lab.tunnel import DOMAIN, TUNNELD, Node, account_node, start, status
 from tests.helpers import exit_on_signal
 from tunneld.cli import tsig_stanza
 
@@ -112,17 +112,7 @@ def at_bind(fl: FrontLab, name: str, rdtype: str) -> list[str]:
 
 
 def node(fl: FrontLab) -> Node:
-    n = Node(fl.a, fl.dir / "a", fl.a.addr4, port=PORT)
-    n.dir.mkdir(parents=True, exist_ok=True)
-    n.config.write_text(
-        f'[interface]\nname = "btmm0"\nlisten_port = {PORT}\nmtu = 1400\n'
-        f'state_dir = "{n.dir / "state"}"\ncontrol_socket = "{n.socket}"\n\n'
-        + names_toml(n.dir) +
-        f'[account]\ndomain = "{DOMAIN}"\nsecret_file = "{fl.secret}"\n'
-        f'server = "{fl.b.addr4}:{FRONT_PORT}"\nname = "{NAME}"\n')
-    out = fl.lab.run(fl.a, [TUNNELD, "identity", "--config", str(n.config)]).stdout.split()
-    n.public_key, n.ula = out[1], out[3]
-    return n
+    return account_node(fl.lab, fl.a, fl.dir / "a", NAME, fl.secret, (fl.b.addr4, FRONT_PORT), PORT)
 
 
 def _diagnose(fl: FrontLab, n: Node | None = None) -> str:
