@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--secret-file", required=True, help="the account secret (from `tunneld account new`)")
     join.add_argument("--name", help="this device's DNS label (default: the host name)")
     join.add_argument("--tls", action="store_true",
-                      help="publish over DNS over TLS to the server's port 853 (serve-dns --tls), verified "
-                           "against the account CA")
+                      help="all signalling over DNS over TLS to the server's port 853 (serve-dns --tls): "
+                           "updates, lookups, and DNS Push to learn the others; verified against the "
+                           "account CA")
     join.add_argument("--tls-public-ca", action="store_true",
                       help="with --tls: also trust the system's CAs (the server presents a public CA's "
                            "certificate for the account domain, serve-dns --tls-cert)")
