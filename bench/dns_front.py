@@ -52,8 +52,9 @@ def _tunneld(tunneld: Path, *args: str) -> str:
 
 @contextlib.contextmanager
 def front(lab: Lab, a: Host, b: Host, rec: Recorder, work: Path, tunneld: Path, zone: str,
-          secret: Path) -> Iterator[Front]:
-    """The primary, the front before it and the secondary, up and in sync; stopped on exit."""
+          secret: Path, extra: tuple[str, ...] = ()) -> Iterator[Front]:
+    """The primary, the front before it (with ``extra`` serve-dns arguments) and the secondary, up and in
+    sync; stopped on exit."""
     server = b.addr4
     primary_conf = _tunneld(tunneld, "account", "primary-config", zone, "--secret-file", str(secret),
                             "--front", f"{server}:{FRONT_PORT}",
@@ -73,7 +74,8 @@ def front(lab: Lab, a: Host, b: Host, rec: Recorder, work: Path, tunneld: Path, 
                                       "--db", str(work / "front.sqlite"),
                                       "--default-lease", "7200", "--user", "root", "--verbose",
                                       "--primary", f"{server}:{PRIMARY_PORT}",
-                                      "--primary-key", str(primary.keys[primary.front_key])],
+                                      "--primary-key", str(primary.keys[primary.front_key]),
+                                      *extra],
                              stdout=logf, stderr=logf)
         f = None
         try:

@@ -35,6 +35,7 @@ __all__ = [
     "TsigKey",
     "TsigRecord",
     "TsigSession",
+    "TsigSigner",
     "TsigStream",
     "check",
     "find_tsig",
@@ -107,8 +108,16 @@ class TsigKey:
         return self.context(data).digest()
 
     def context(self, data: bytes = b"") -> hmac.HMAC:
-        """An HMAC under this key, fed ``data`` so far (a multi-message MAC is fed message by message)."""
-        return hmac.new(self.secret, data, ALGORITHMS[self.algorithm][1])  # type: ignore[arg-type]
+        """An HMAC under this key, fed ``data`` so far (a multi-message MAC is fed message by message):
+        a copy of one keyed once, which costs a fraction of keying anew (two hash blocks saved)."""
+        base: hmac.HMAC | None = self.__dict__.get("_base")
+        if base is None:
+            base = hmac.new(self.secret, b"", ALGORITHMS[self.algorithm][1])  # type: ignore[arg-type]
+            object.__setattr__(self, "_base", base)
+        ctx = base.copy()
+        if data:
+            ctx.update(data)
+        return ctx
 
 
 class TsigError(Exception):
@@ -176,15 +185,48 @@ def sign(wire: bytes, key: TsigKey, time_signed: int, request_mac: bytes = b"", 
     ``time_signed`` is the caller's wall clock (Unix seconds). ``request_mac`` is the MAC of the request
     when signing its reply (§4.3.1); b"" for a request or an unsolicited message (an LLQ event). The
     Original ID is the message's ID. Names are written lower-cased and uncompressed."""
-    if len(wire) < HEADER_SIZE:
-        raise ValueError("not a DNS message")
-    if not 0 <= time_signed < 1 << 48:
-        raise ValueError("time signed out of range")
-    (original_id,) = struct.unpack_from("!H", wire, 0)
-    variables = _variables(key.name, key.algorithm_name, time_signed, fudge, error, other)
-    mac = key.mac(_mac_input(wire, original_id, request_mac, variables))
-    rr = _rr(key.name, key.algorithm_name, time_signed, fudge, mac, original_id, error, other)
-    return _append(wire, rr), mac
+    return TsigSigner(key, time_signed, fudge, error, other).sign(wire, request_mac)
+
+
+class TsigSigner:
+    """Signatures with one key at one time, fudge, error and other data: what :func:`sign` does, with the
+    TSIG variables and the TSIG RR laid out once, so that signing many messages (an LLQ server's events
+    of one change, to many watchers) costs one copy of a keyed HMAC over each message.
+
+    The MAC input (§4.3.1-4.3.3) is the request MAC (length-prefixed, if any), the message with its
+    Original ID in place of its ID -- the same bytes, as the Original ID is the message's ID -- and the
+    TSIG variables."""
+
+    def __init__(self, key: TsigKey, time_signed: int, fudge: int = FUDGE, error: int = 0,
+                 other: bytes = b"") -> None:
+        if not 0 <= time_signed < 1 << 48:
+            raise ValueError("time signed out of range")
+        self.key = key
+        self._variables = _variables(key.name, key.algorithm_name, time_signed, fudge, error, other)
+        mac_size = key.context().digest_size
+        algorithm = key.algorithm_name.to_digestable()
+        rdlength = len(algorithm) + 10 + mac_size + 6 + len(other)
+        self._head = (key.name.to_digestable() + struct.pack("!HHIH", TSIG_TYPE, CLASS_ANY, 0, rdlength)
+                      + algorithm + struct.pack("!HIHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge,
+                                                mac_size))
+        self._tail = struct.pack("!HH", error, len(other)) + other
+
+    def sign(self, wire: bytes, request_mac: bytes = b"") -> tuple[bytes, bytes]:
+        """``wire`` signed (the TSIG RR appended, ARCOUNT one more), and its MAC."""
+        if len(wire) < HEADER_SIZE:
+            raise ValueError("not a DNS message")
+        ctx = self.key.context()
+        if request_mac:
+            ctx.update(struct.pack("!H", len(request_mac)) + request_mac)
+        ctx.update(wire)
+        ctx.update(self._variables)
+        mac = ctx.digest()
+        arcount = ((wire[10] << 8) | wire[11]) + 1
+        if arcount > 0xFFFF:
+            raise ValueError("too many additional records")
+        signed = b"".join((wire[:10], arcount.to_bytes(2, "big"), wire[12:], self._head, mac, wire[:2],
+                           self._tail))
+        return signed, mac
 
 
 def unsigned_error(wire: bytes, tsig: TsigRecord, error: int) -> bytes:
