@@ -24,6 +24,7 @@ from unittest import mock
 import dns.edns
 import dns.name
 import dns.rdatatype
+import dns.tsig
 import dns.update
 
 from tunneld.dnsserver.core import DnsCore, account_key
@@ -39,11 +40,11 @@ T0 = 1_800_000_000.0
 DEVICE = ("192.0.2.50", 5353)
 
 
-def _update(key: object, target: str, at: float) -> bytes:
+def _update(key: dns.tsig.Key, target: str, at: float) -> bytes:
     upd = dns.update.UpdateMessage(ZONE)
     upd.replace(NAME, 60, "AAAA", target)
     upd.use_edns(0, options=[dns.edns.GenericOption(dns.edns.OptionType(2), struct.pack("!I", 7200))])
-    upd.use_tsig(key)  # type: ignore[arg-type]
+    upd.use_tsig(key)
     with mock.patch("time.time", return_value=at):  # dnspython signs at time.time()
         return upd.to_wire()
 
@@ -78,15 +79,17 @@ def run(watchers: int, events: int) -> dict[str, float]:
             out = server.changes(core.last_changes, now)
             fan.append((time.process_time() - t) / watchers)
             replies: list[tuple[object, bytes]] = []
-            for dest, wire in out:
-                c = clients[dest[1] - 10_000]  # type: ignore[index]
+            for to, wire in out:
+                assert isinstance(to, tuple)
+                dest: tuple[str, int] = to
+                c = clients[dest[1] - 10_000]
                 c.receive(wire, dest, now)
                 if not any(isinstance(e, Added) for e in c.events()):
                     raise SystemExit(f"watcher {dest} got no Added event")
                 replies.extend((dest, tx.payload) for tx in c.transmits())
             t = time.process_time()
-            for src, wire in replies:
-                server.handle(wire, src, now, msg=try_parse(wire, query=True))
+            for peer, wire in replies:
+                server.handle(wire, peer, now, msg=try_parse(wire, query=True))
             acks.append((time.process_time() - t) / max(1, len(replies)))
             if sum(server.pending_events(i) for i in server.llq_ids()):
                 raise SystemExit("events left unacknowledged")
