@@ -27,15 +27,14 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-import dns.tsig
 
 from tunneld.dnsserver.core import DnsCore, Signer
-from tunneld.dnsserver.llq_events import Records, diff, records, split
+from tunneld.dnsserver.llq_events import Records, records
 from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, Caps, Replays
+from tunneld.dnsserver.llq_render import Batch, read_ack
 from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.dnsguard import try_parse
@@ -56,7 +55,7 @@ from tunneld.proto.llq_wire import (
     LLQOption,
     find_llq_option,
 )
-from tunneld.proto.tsig import TsigKey, signed_size
+from tunneld.proto.tsig import MAX_FUDGE, TsigError, TsigKey, verify
 
 __all__ = ["EVENT_RETRY_WAITS", "IDLE_SOURCES_KEPT", "LLQ_LEASE_SLACK", "LLQ_MAX_LEASE", "LLQ_MIN_LEASE",
            "REQUEST_IDS_KEPT", "LLQServer"]
@@ -154,6 +153,8 @@ class LLQServer:
         A list (possibly empty) of ``(dest, wire)`` replies otherwise. Never raises. ``msg``: the
         listener's ``dnsguard.try_parse`` of the wire bytes (a message is parsed once); None: parsed here."""
         try:
+            if isinstance(w := wire_or_parsed, bytes) and (acked := self.ack(w, src, now_wall)) is not None:
+                return acked
             self._note_request(wire_or_parsed, src)
             return self._handle(wire_or_parsed, src, now_wall, msg)
         except Exception:  # last line of defence: never raise into the listener
@@ -161,12 +162,29 @@ class LLQServer:
             self.counters["internal error"] += 1
             return []
 
+    def ack(self, wire: bytes, src: Dest, now_wall: float) -> Output | None:
+        """The common ack (for a pending event of an LLQ of ``src``, unsigned or signed with its key), read
+        from its frames; None for any other message, which :meth:`handle` parses (and decides alike)."""
+        ack = read_ack(wire)
+        llq = None if ack is None or ack.opcode != LLQ_OP_EVENT else self._llqs.get(ack.llq_id)
+        if ack is None or llq is None or llq.src != src or ack.msg_id not in llq.events:
+            return None
+        if ack.tsig is not None:
+            if llq.key is None or ack.tsig.error or ack.tsig.fudge > MAX_FUDGE:
+                return None
+            try:
+                verify(wire, llq.key, b"", now_wall, ack.tsig)
+            except (TsigError, ParseError):
+                return None
+        return self._acked(llq, ack.msg_id, ack.tsig is not None, now_wall)
+
     def changes(self, rrset_changes: Iterable[Change | RRsetRemoval], now: float) -> Output:
         """EVENT messages for every established LLQ whose answer changed at the names in
         ``rrset_changes`` (``DnsCore.last_changes`` or ``ZoneStore.expire`` results). Kept for resending
         until acknowledged."""
         owners = {ch.owner for ch in rrset_changes}
         out: Output = []
+        batch = Batch(self.core, now)
         for llq in list(self._llqs.values()):
             if not llq.established or llq.qname not in owners:
                 continue
@@ -180,7 +198,7 @@ class LLQServer:
                 llq.dirty = True
                 self.counters["event deferred"] += 1
                 continue
-            out.extend((llq.src, wire) for wire in self._next_event(llq, now))
+            out.extend((llq.src, wire) for wire in self._next_event(llq, now, batch))
         return out
 
     def poll(self, now: float) -> Output:
@@ -374,16 +392,19 @@ class LLQServer:
                 or (signer is not None and not self._key_ok(llq, signer))):
             self.counters["unmatched ack"] += 1
             return []
-        if llq.events.pop(msg.id, None) is None:
+        if msg.id not in llq.events:
             self.counters["ack for no pending event"] += 1
             return []
-        unsigned = signer is None and llq.key is not None
-        self.counters["unsigned ack accepted" if unsigned else "event acked"] += 1
-        if not llq.events:
-            self._persist(llq, now)  # what the client now holds: the next diff's base, even after a restart
-        if llq.dirty and not llq.events and now < llq.expires:
-            return [(llq.src, wire) for wire in self._next_event(llq, now)]
-        return []
+        return self._acked(llq, msg.id, signer is not None, now)
+
+    def _acked(self, llq: _LLQ, msg_id: int, signed: bool, now: float) -> Output:
+        del llq.events[msg_id]
+        self.counters["unsigned ack accepted" if not signed and llq.key is not None else "event acked"] += 1
+        if llq.events:
+            return []
+        self._persist(llq, now)  # what the client now holds: the next diff's base, even after a restart
+        more = self._next_event(llq, now) if llq.dirty and now < llq.expires else []
+        return [(llq.src, wire) for wire in more]
 
     # ---- helpers --------------------------------------------------------------------------------------
 
@@ -436,8 +457,7 @@ class LLQServer:
             "qname": llq.qname.to_text(), "qtype": int(llq.qtype), "granted": llq.granted,
             "expires": llq.expires, "key": llq.key.name.to_text() if llq.key is not None else None,
             "payload": llq.payload,
-            "records": [[name.to_text(), int(rdtype), rd.to_text(), ttl]
-                        for (name, rdtype), held in llq.snapshot.items() for rd, ttl in held.items()],
+            "records": self.saver.records(llq.snapshot),
             "ids": {"saved": now, "next": source.next_id, "requests": list(source.requests)[-_IDS_SAVED:]},
         }
         self.saver.put(llq.llq_id, json.dumps(state), now)
@@ -456,10 +476,7 @@ class LLQServer:
                     key = self.core.key(dns.name.from_text(st["key"]))
                     if key is None:
                         raise ValueError("its key is no longer configured")
-                snapshot: Records = {}
-                for name, rdtype, rdata, ttl in st["records"]:
-                    rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rdata)
-                    snapshot.setdefault((dns.name.from_text(name), rdtype), {})[rd] = int(ttl)
+                snapshot = self.saver.snapshot(st["records"])
                 llq = _LLQ(llq_id, tuple(st["src"]), dns.name.from_text(st["qname"]), int(st["qtype"]),
                            0, int(st["granted"]), float(st["expires"]), key, b"", established=True,
                            snapshot=snapshot, payload=min(max(512, int(st.get("payload", 512))), UDP_PAYLOAD))
@@ -485,8 +502,9 @@ class LLQServer:
                         self._note_id(llq.src, int(msg_id) & 0xFFFF)
         for src, (_when, nxt) in saved.items():
             self._source(src).next_id = nxt
+        batch = Batch(self.core, now)
         for llq in restored:  # after every source's ID state is back
-            out.extend((llq.src, wire) for wire in self._next_event(llq, now))
+            out.extend((llq.src, wire) for wire in self._next_event(llq, now, batch))
         return out
 
     @staticmethod
@@ -517,44 +535,26 @@ class LLQServer:
         resp.answer = list(answers)
         return self.core.render(msg, resp, signer, now, None)
 
-    def _next_event(self, llq: _LLQ, now: float) -> list[bytes]:
+    def _next_event(self, llq: _LLQ, now: float, batch: Batch | None = None) -> list[bytes]:
         """The EVENT messages with what changed since the client was last sent the answer (none if
-        nothing): as few as fit its UDP size. The next diff waits until every part is acked."""
+        nothing): as few as fit its UDP size, rendered once per ``batch`` for all LLQs alike
+        (:mod:`tunneld.dnsserver.llq_render`). The next diff waits until every part is acked."""
         llq.dirty = False
-        answers, _rcode = self.core.answer(llq.qname, llq.qtype, now)
-        new = records(answers)
-        changed = diff(llq.snapshot, new)
-        llq.snapshot = new
-        if not changed:
-            return []
-        room = llq.payload - (0 if llq.key is None else signed_size(llq.key))
-        parts = split(changed, lambda answers: len(self._event_message(llq, answers, now).to_wire()), room)
-        if len(parts) > 1:
+        batch = Batch(self.core, now) if batch is None else batch
+        new = batch.answer(llq.qname, llq.qtype)
+        old, llq.snapshot = llq.snapshot, new
+        templates = batch.templates(llq.qname, llq.qtype, old, new, llq.payload, llq.key)
+        if len(templates) > 1:
             self.counters["event split"] += 1
-        return [self._event(llq, part, now) for part in parts]
-
-    def _event_message(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float,
-                       msg_id: int = 0) -> dns.message.Message:
-        msg = dns.message.Message(id=msg_id)
-        msg.flags = dns.flags.QR | dns.flags.AA
-        msg.find_rrset(msg.question, llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype),
-                       create=True, force_unique=True)
-        msg.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[
-            LLQOption(LLQ_VERSION, LLQ_OP_EVENT, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))])
-        msg.answer = answers
-        return msg
-
-    def _event(self, llq: _LLQ, answers: list[dns.rrset.RRset], now: float) -> bytes:
-        msg_id = self._event_id(llq.src)
-        msg = self._event_message(llq, answers, now, msg_id)
-        if llq.key is not None:
-            signer = Signer(llq.key, b"", int(now), self.core.policy.fudge)
-            wire = self.core.sign(msg, signer, int(now))
-        else:
-            wire = msg.to_wire()
-        llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
-        self.counters["event sent"] += 1
-        return wire
+        lease = self._remaining(llq, now)
+        out = []
+        for template in templates:
+            msg_id = self._event_id(llq.src)
+            wire = batch.event(template, msg_id, llq.llq_id, lease, llq.key)
+            llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
+            self.counters["event sent"] += 1
+            out.append(wire)
+        return out
 
     # ---- message IDs towards a source (see "Event message IDs" in the module docstring) ----------------
 

@@ -10,8 +10,14 @@ and set up again.
 from __future__ import annotations
 
 import math
-from typing import Final
+from collections.abc import Iterable
+from typing import Any, Final
 
+import dns.name
+import dns.rdata
+import dns.rdataclass
+
+from tunneld.dnsserver.llq_events import Records
 from tunneld.dnsserver.store import ZoneStore
 
 __all__ = ["SAVE_DELAY", "Saver"]
@@ -29,6 +35,26 @@ class Saver:
         self.writes = 0
         self._pending: dict[int, str | None] = {}
         self._last = -math.inf
+        self._records: tuple[Records, list[list[Any]]] | None = None
+
+    def records(self, held: Records) -> list[list[Any]]:
+        """An answer set as saved: ``[owner, type, RDATA, TTL]`` in presentation form. The last one is
+        kept: after an event, the acks of all the LLQs of a question save the answer they share."""
+        if self._records is not None and self._records[0] is held:
+            return self._records[1]
+        out = [[name.to_text(), int(rdtype), rd.to_text(), ttl]
+               for (name, rdtype), rds in held.items() for rd, ttl in rds.items()]
+        self._records = (held, out)
+        return out
+
+    @staticmethod
+    def snapshot(saved: Iterable[Any]) -> Records:
+        """The answer set of :meth:`records`' output (ValueError, TypeError or a DNSException if bad)."""
+        out: Records = {}
+        for name, rdtype, rdata, ttl in saved:
+            rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rdata)
+            out.setdefault((dns.name.from_text(name), rdtype), {})[rd] = int(ttl)
+        return out
 
     def put(self, llq_id: int, state: str | None, now: float) -> None:
         self._pending[llq_id] = state

@@ -133,6 +133,8 @@ class _Server:
         """The reply to `wire` (None: silence) and the LLQ messages it causes (events to watchers); in
         front mode a checked update instead, for :meth:`forward`."""
         now = time.time()
+        if self.llq is not None and max_size is None and (acked := self.llq.ack(wire, src, now)) is not None:
+            return None, acked  # an event's ack (one per watcher and event), read without a parse
         msg = try_parse(wire, query=True)  # bounded first, and parsed once for both handlers
         if self.llq is not None and max_size is None:  # LLQ runs over UDP (RFC 8764 §5)
             out = self.llq.handle(wire, src, now, msg=msg)
