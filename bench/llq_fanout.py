@@ -64,13 +64,16 @@ def run(watchers: int, events: int) -> dict[str, float]:
             c = LLQClient(NAME, dns.rdatatype.AAAA, server=src, rand=random.Random(i).randbytes,
                           tsig=TsigSession(key))
             clients.append(c)
-            c.start(now)
+            at = now + i  # a second apart: two clients that draw one message ID sign apart
+            c.start(at)
             for _ in range(4):  # setup, challenge response
                 for tx in c.transmits():
-                    for _dest, wire in server.handle(tx.payload, src, now) or []:
-                        c.receive(wire, src, now)
+                    for _dest, wire in server.handle(tx.payload, src, at) or []:
+                        c.receive(wire, src, at)
             c.events()
-        assert len(server) == watchers, "not every LLQ was established"
+        now += watchers
+        if len(server) != watchers:
+            raise SystemExit(f"{len(server)} of {watchers} LLQs established: {dict(server.counters)}")
         fan: list[float] = []
         acks: list[float] = []
         for k in range(events):

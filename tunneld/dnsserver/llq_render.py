@@ -75,24 +75,42 @@ class Batch:
     def __init__(self, core: DnsCore, now: float) -> None:
         self.core = core
         self.now = now
-        self._answers: dict[tuple[dns.name.Name, int], Records] = {}
-        self._parts: dict[tuple[int, dns.name.Name, int, int, int], _Parts] = {}
-        self._signers: dict[TsigKey, TsigSigner] = {}
-        self._last: dict[tuple[dns.name.Name, int, int, int], tuple[Records, _Parts]] = {}
+        # Keyed by id() of objects the batch keeps (a name hashes slowly, and so does a key with one):
+        self._names: dict[int, tuple[dns.name.Name, int]] = {}  # id(qname) -> (qname, id of the first equal)
+        self._firsts: dict[dns.name.Name, int] = {}
+        self._answers: dict[tuple[int, int], Records] = {}
+        self._parts: dict[tuple[int, int, int, int, int], _Parts] = {}
+        self._last: dict[tuple[int, int, int, int], tuple[Records, _Parts]] = {}
+        self._keys: dict[int, tuple[TsigKey, TsigSigner, int]] = {}  # id(key) -> (key, signer, its size)
+
+    def _name(self, qname: dns.name.Name) -> int:
+        """One number for all equal names in the batch."""
+        seen = self._names.get(id(qname))
+        if seen is None:
+            seen = self._names[id(qname)] = (qname, self._firsts.setdefault(qname, id(qname)))
+        return seen[1]
+
+    def _key(self, key: TsigKey) -> tuple[TsigKey, TsigSigner, int]:
+        got = self._keys.get(id(key))
+        if got is None:
+            signer = TsigSigner(key, int(self.now), self.core.policy.fudge)
+            got = self._keys[id(key)] = (key, signer, signed_size(key))
+        return got
 
     def answer(self, qname: dns.name.Name, qtype: int) -> Records:
         """The answer set of a question now (one lookup per batch). Never mutated: LLQs share it."""
-        got = self._answers.get((qname, qtype))
+        question = (self._name(qname), qtype)
+        got = self._answers.get(question)
         if got is None:
-            got = self._answers[qname, qtype] = records(self.core.answer(qname, qtype, self.now)[0])
+            got = self._answers[question] = records(self.core.answer(qname, qtype, self.now)[0])
         return got
 
     def templates(self, qname: dns.name.Name, qtype: int, old: Records, new: Records, payload: int,
                   key: TsigKey | None) -> list[bytes]:
         """The unsigned events (message ID, LLQ-ID and lease zero) that turn ``old`` into ``new``, in as few
         datagrams of ``payload`` bytes as they fit once signed with ``key``; none if nothing changed."""
-        tsig_room = 0 if key is None else signed_size(key)
-        cache_key = (id(old), qname, qtype, payload, tsig_room)
+        tsig_room = 0 if key is None else self._key(key)[2]
+        cache_key = (id(old), self._name(qname), qtype, payload, tsig_room)
         hit = self._parts.get(cache_key)
         if hit is not None and hit.old is old:
             return hit.templates
@@ -122,10 +140,7 @@ class Batch:
                          lease.to_bytes(4, "big")))
         if key is None:
             return wire
-        signer = self._signers.get(key)
-        if signer is None:
-            signer = self._signers[key] = TsigSigner(key, int(self.now), self.core.policy.fudge)
-        return signer.sign(wire)[0]
+        return self._key(key)[1].sign(wire)[0]
 
 
 @dataclass(frozen=True, slots=True)
