@@ -97,6 +97,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
     primary = _primary(args)  # read now, as root, before the drop
+    max_llqs, per_key = _llq_caps(args)
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
     db = Path(args.db)
@@ -154,7 +155,9 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 # Long-lived queries on the same port (the zone's _dns-llq._udp SRV says so).
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
-                                                      llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
+                                                      llq=LLQServer(core, max_llqs=max_llqs, per_key=per_key),
+                                                      rrl=rrl,
+                                                      stun_ports=stun_ports,
                                                       metrics=metrics, tls=tls, front=front,
                                                       primary_check=args.primary_check,
                                                       after_bind=functools.partial(
@@ -281,6 +284,23 @@ def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
     return (str(endpoint.host), endpoint.port), key
 
 
+LLQ_MAX_CAP = 1_000_000
+"""The largest --llq-max: each LLQ holds a few KB (docs/protocol.md, "LLQ server behaviour")."""
+
+
+def _llq_caps(args: argparse.Namespace) -> tuple[int, int | None]:
+    """--llq-max and --llq-max-per-key, checked (None: three quarters of the first, LLQServer's default)."""
+    from tunneld.dnsserver.llq_limits import MAX_LLQS
+
+    most = MAX_LLQS if args.llq_max is None else args.llq_max
+    if not 1 <= most <= LLQ_MAX_CAP:
+        raise UsageError(f"bad --llq-max {most}: give 1 to {LLQ_MAX_CAP} LLQs")
+    per_key = args.llq_max_per_key
+    if per_key is not None and not 1 <= per_key <= most:
+        raise UsageError(f"bad --llq-max-per-key {per_key}: give 1 to {most} LLQs (at most --llq-max)")
+    return most, per_key
+
+
 def _public_chain(args: argparse.Namespace, tls_listen: Any, zone: str) -> tuple[bytes, bytes] | None:
     """--tls-cert and --tls-key read and checked (chain, key), or None when neither is given."""
     from tunneld.dnsserver.tls import ChainError, check_public_chain
@@ -359,6 +379,12 @@ def add_parser(sub: Any) -> None:
     serve_dns.add_argument("--primary-check", metavar="SECONDS", type=_positive_seconds,
                            help="front mode: ask the primary's SOA serial this often (default 30), so that "
                                 "a change whose NOTIFY was lost still reaches the LLQ and DNS Push watchers")
+    serve_dns.add_argument("--llq-max", type=int, metavar="N",
+                           help="long-lived queries held at most, half-open ones included (default 10000); "
+                                "one client address may hold a quarter of them")
+    serve_dns.add_argument("--llq-max-per-key", type=int, metavar="N",
+                           help="of those, what the LLQs signed with one TSIG key may hold (default three "
+                                "quarters of --llq-max: 7500)")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

@@ -33,7 +33,7 @@ import dns.rrset
 
 from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.llq_events import Records, records
-from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, Caps, Replays
+from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, MAX_LLQS, Caps, Replays
 from tunneld.dnsserver.llq_render import Batch, read_ack
 from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
@@ -123,7 +123,7 @@ class LLQServer:
     ``require_tsig`` refuses unsigned LLQ requests.
     """
 
-    def __init__(self, core: DnsCore, rand: Callable[[int], bytes] = os.urandom, max_llqs: int = 10_000,
+    def __init__(self, core: DnsCore, rand: Callable[[int], bytes] = os.urandom, max_llqs: int = MAX_LLQS,
                  require_tsig: bool = True, per_address: int | None = None,
                  per_key: int | None = None) -> None:
         self.core = core

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Final
 
-__all__ = ["CHALLENGE_TIMEOUT", "MACS_KEPT", "Caps", "Replays", "address_of"]
+__all__ = ["CHALLENGE_TIMEOUT", "MACS_KEPT", "MAX_LLQS", "Caps", "Replays", "address_of"]
+
+MAX_LLQS: Final = 10_000
+"""The LLQ table's default size (serve-dns --llq-max); a key may hold three quarters, an address a quarter."""
 
 CHALLENGE_TIMEOUT: Final = 30.0
 """Seconds a half-open LLQ (challenge sent, no challenge response yet) is kept: RFC 8764 §5.1's client

@@ -1,0 +1,87 @@
+"""`serve-dns --llq-max N --llq-max-per-key N`: the LLQ table's caps given to the LLQ server (the server
+itself faked: nothing binds), their defaults, one line with exit 2 for each bad value, and --help."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tunneld.cli import main
+from tunneld.dnsserver.llq import LLQServer
+
+
+class _Served(Exception):
+    """The fake serve's way out of serve-dns."""
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    import tunneld.dnsserver.serve
+
+    seen: dict[str, Any] = {}
+
+    async def serve(*args: object, llq: Any = None, task_status: Any = trio.TASK_STATUS_IGNORED,
+                    **kwargs: object) -> None:
+        seen["llq"] = llq
+        task_status.started()
+        raise _Served
+
+    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", serve)
+    return seen
+
+
+def serve_dns(tmp_path: Path, *extra: str) -> int:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    try:
+        return main(["serve-dns", "--zone", "example.com", "--secret-file", str(secret), "--db",
+                     str(tmp_path / "db.sqlite"), "--listen", "127.0.0.1:5353", "--user", "root", *extra])
+    except BaseException as e:
+        if isinstance(e, _Served) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_Served) is not None):
+            return -1
+        raise
+
+
+def caps(llq: LLQServer) -> tuple[int, int, int]:
+    return llq.max_llqs, llq.caps.per_key, llq.caps.per_address
+
+
+@pytest.mark.parametrize(("extra", "want"), [
+    ((), (10_000, 7_500, 2_500)),
+    (("--llq-max", "12000"), (12_000, 9_000, 3_000)),
+    (("--llq-max", "12000", "--llq-max-per-key", "12000"), (12_000, 12_000, 3_000)),
+    (("--llq-max-per-key", "10000"), (10_000, 10_000, 2_500)),
+    (("--llq-max", "1"), (1, 1, 1)),
+])
+def test_the_caps_reach_the_llq_server(tmp_path: Path, served: dict[str, Any], extra: tuple[str, ...],
+                                       want: tuple[int, int, int]) -> None:
+    assert serve_dns(tmp_path, *extra) == -1
+    assert caps(served["llq"]) == want
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--llq-max", "0"), "bad --llq-max 0: give 1 to 1000000 LLQs"),
+    (("--llq-max", "1000001"), "bad --llq-max 1000001: give 1 to 1000000 LLQs"),
+    (("--llq-max-per-key", "0"), "bad --llq-max-per-key 0: give 1 to 10000 LLQs (at most --llq-max)"),
+    (("--llq-max", "500", "--llq-max-per-key", "501"),
+     "bad --llq-max-per-key 501: give 1 to 500 LLQs (at most --llq-max)"),
+])
+def test_bad_caps_are_one_line_and_exit_2(tmp_path: Path, served: dict[str, Any], extra: tuple[str, ...],
+                                          message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_dns(tmp_path, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "llq" not in served
+
+
+def test_the_caps_are_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["serve-dns", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--llq-max N" in out and "--llq-max-per-key N" in out and "(default 10000)" in out
