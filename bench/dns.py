@@ -134,7 +134,8 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, 
 
         wait_for(ready, timeout=15, interval=0.05, what="serve-dns to answer")
         with Bind(lab, b, ZONE, stanza, work / "bind", port=BIND_PORT, address=SERVER) as bind, \
-                dns_front.front(lab, a, b, rec, work / "front", tunneld, ZONE, secret) as fr:
+                dns_front.front(lab, a, b, rec, work / "front", tunneld, ZONE, secret,
+                                dns_front.hold_caps(hold)) as fr:
             assert bind.proc is not None
             rec.pids.append(bind.proc.pid)
             pids = {"tunneld": ours.pid, "bind": bind.proc.pid, "front": fr.proc.pid}
@@ -154,8 +155,9 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, 
                 fr.check()
                 return r, used / count
 
-            log(f"[dns] lab {lab.id}: warming up")
-            for server in SERVERS:
+            if rounds > 0:
+                log(f"[dns] lab {lab.id}: warming up")
+            for server in SERVERS if rounds > 0 else ():
                 updates_run(server, "pipelined", f"warm-{server}", min(updates, 50))
             for rnd in range(rounds):
                 for mode in MODES:  # ours, BIND, ours, BIND: drift in the machine's load hits both alike
@@ -207,11 +209,11 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, 
         if "Traceback" in log_tail(slog, 100_000):
             raise LabError(f"serve-dns logged a traceback: {log_tail(slog)}")
 
-    for server in SERVERS:
+    for server in SERVERS if rounds > 0 else ():
         for mode in MODES:
             result["rows"][f"{server}/{mode}"] = {"server": server, "mode": mode,
                                                   **_summary(samples[(server, mode)], cpu[(server, mode)])}
-    for mode in MODES:
+    for mode in MODES if rounds > 0 else ():
         theirs = result["rows"][f"bind/{mode}"]["per_second_median"]
         if theirs > 0:
             result["ratios"][mode] = result["rows"][f"tunneld/{mode}"]["per_second_median"] / theirs
@@ -309,7 +311,9 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--updates", type=int, default=500, help="UPDATEs per round and mode (default 500)")
     p.add_argument("--window", type=int, default=32, help="outstanding UPDATEs when pipelined (default 32)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds (default 3; 0: no UPDATE rows, e.g. to run the --hold row alone "
+                        "with --watchers 0 --front-watchers 0 --lag 0)")
     p.add_argument("--watchers", type=int, default=100, help="LLQ watchers (default 100)")
     p.add_argument("--events", type=int, default=20, help="updates to the watched name (default 20)")
     p.add_argument("--front-watchers", type=int, default=1000,
@@ -329,10 +333,13 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("bench dns: needs root (network namespaces); run it with sudo", file=sys.stderr)
         return 2
-    for name in ("updates", "window", "rounds"):
+    for name in ("updates", "window"):
         if getattr(args, name) < 1:
             print(f"bench dns: --{name} must be at least 1", file=sys.stderr)
             return 2
+    if args.rounds < 0:
+        print("bench dns: --rounds must not be negative", file=sys.stderr)
+        return 2
     if args.updates > 65535 or min(args.watchers, args.events, args.front_watchers, args.lag, args.hold) < 0:
         print("bench dns: --updates must be at most 65535, --watchers, --events, --front-watchers, --lag and "
               "--hold not negative", file=sys.stderr)

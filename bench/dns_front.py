@@ -29,7 +29,10 @@ from lab.netns import Host, Lab, LabError, wait_for
 PRIMARY_PORT = 5355
 FRONT_PORT = 5356
 SECONDARY_PORT = 53  # the primary notifies the zone's NS records at port 53
-PER_ADDRESS = 2500  # the LLQ server's default cap per source address (a quarter of its 10,000)
+HOLD_ROOM = 2500
+"""The front's LLQ table for a hold row of N is N + HOLD_ROOM (--llq-max, and --llq-max-per-key alike, as
+every LLQ of the run is signed with the one account key): room for the event rows' watchers, should a
+cancel be lost, and for half-open setups a client started again. An address may hold a quarter of it."""
 HOLD_SOURCES = "192.0.2.{n}"  # extra client addresses for held LLQs, from .101 on
 
 
@@ -117,9 +120,18 @@ def rss_kib(pid: int) -> int:
     raise LabError(f"no VmRSS for pid {pid}")
 
 
+def hold_caps(llqs: int) -> tuple[str, ...]:
+    """The front's serve-dns arguments for a hold row of `llqs` (none for 0: its defaults)."""
+    if llqs <= 0:
+        return ()
+    table = llqs + HOLD_ROOM
+    return ("--llq-max", str(table), "--llq-max-per-key", str(table))
+
+
 def held_memory(lab: Lab, a: Host, rec: Recorder, f: Front, base: list[str], llqs: int) -> dict[str, Any]:
-    """The front's RSS before, and with `llqs` LLQs established from enough client addresses."""
-    n_sources = -(-llqs // PER_ADDRESS) + 1
+    """The front's RSS before, and with `llqs` LLQs established from enough client addresses (the front
+    started with :func:`hold_caps`)."""
+    n_sources = -(-llqs // ((llqs + HOLD_ROOM) // 4)) + 1
     sources = [HOLD_SOURCES.format(n=101 + i) for i in range(n_sources)]
     for s in sources:
         lab.addr(a, a.ifname, f"{s}/24")
@@ -146,6 +158,7 @@ def held_memory(lab: Lab, a: Host, rec: Recorder, f: Front, base: list[str], llq
     return {"llqs": llqs, "established": held["established"], "refused": held.get("refused", {}),
             "sources": len(sources), "setup_seconds": held["setup_seconds"], "rss_before_kib": before,
             "rss_held_kib": during, "bytes_per_llq": per, "closed": closed["closed"],
+            "cancelled": closed.get("cancelled", 0),
             "setup_restarts": held.get("setup_restarts", 0),
             "client_counters": held.get("client_counters", {})}
 
@@ -208,7 +221,8 @@ def print_front(r: dict[str, Any], out: TextIO) -> None:
               + (f" (not established: {refused})" if refused else "")
               + f"; RSS {mem['rss_before_kib'] / 1024:.1f} MiB before, "
               f"{mem['rss_held_kib'] / 1024:.1f} MiB held, "
-              f"{mem['bytes_per_llq']:.0f} bytes per LLQ", file=out)
+              f"{mem['bytes_per_llq']:.0f} bytes per LLQ; {mem.get('cancelled', 0)} cancels answered",
+              file=out)
     lines = goals(r)
     if lines:
         print(file=out)

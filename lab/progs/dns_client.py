@@ -56,6 +56,10 @@ SETUP_BATCH = 200
 """LLQs started at once: serve-dns limits signed replies to one /24 (500 a second, a burst of 1,000), and
 each LLQ takes two (challenge, acknowledgement); a larger burst loses setups to the limit."""
 TTL = 60
+CANCEL_BATCH = 100
+"""LLQs cancelled at once: a burst of a thousand cancels overflows the server's socket buffer, and an LLQ
+whose cancel is lost stays in its table until its lease ends (a later run's LLQs are then refused)."""
+CANCEL_TIMEOUT = 2.0  # seconds to wait for one batch's replies
 
 
 class Signer:
@@ -209,6 +213,39 @@ def _recv_stamped(sock: socket.socket) -> tuple[bytes, float] | None:
     return data, kernel_stamp(anc)
 
 
+def cancel_all(clients: list[llq.LLQClient], socks: list[socket.socket]) -> int:
+    """Cancel every LLQ (a REFRESH with lease 0) CANCEL_BATCH at a time, each batch until the server has
+    answered each cancel (its reply carries the cancel's message ID) or CANCEL_TIMEOUT. How many were
+    answered."""
+    answered = 0
+    for start in range(0, len(clients), CANCEL_BATCH):
+        waiting: dict[int, tuple[socket.socket, bytes]] = {}  # fd -> socket, the cancel's message ID
+        poller = select.poll()
+        for i in range(start, min(len(clients), start + CANCEL_BATCH)):
+            clients[i].close(time.time())
+            for tx in clients[i].transmits():
+                try:
+                    socks[i].send(tx.payload)
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue
+                waiting[socks[i].fileno()] = (socks[i], tx.payload[:2])
+                poller.register(socks[i], select.POLLIN)
+        end = time.monotonic() + CANCEL_TIMEOUT
+        while waiting and (left := end - time.monotonic()) > 0:
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                sock, msg_id = waiting[fd]
+                while True:
+                    try:
+                        data = sock.recv(65535)
+                    except (BlockingIOError, ConnectionRefusedError):
+                        break
+                    if data[:2] == msg_id and fd in waiting:
+                        del waiting[fd]
+                        poller.unregister(fd)
+                        answered += 1
+    return answered
+
+
 def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     qname = dns.name.from_text(a.name)
     dest = (a.server, a.port)
@@ -324,10 +361,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
         counters: Counter[str] = Counter()
         for c in clients:
             counters.update(c.counters)
-        for i, c in enumerate(clients):  # cancel the LLQs (lease 0), best effort
-            c.close(time.time())
-            for tx in c.transmits():
-                socks[i].send(tx.payload)
+        cancelled = cancel_all(clients, socks)
     finally:
         for s in socks:
             s.close()
@@ -335,7 +369,7 @@ def cmd_events(a: argparse.Namespace, signer: Signer) -> dict[str, Any]:
     return {"watchers": a.watchers, "updates": a.events, "expected": expected, "received": len(samples),
             "setup_seconds": setup_seconds, "setup_restarts": restarts, **_latency_summary(samples),
             "samples_ms": [round(x * 1e3, 3) for x in samples],
-            "failures": sum(failures.values()), "failure_kinds": failures,
+            "failures": sum(failures.values()), "failure_kinds": failures, "cancelled": cancelled,
             "client_counters": dict(sorted(counters.items()))}
 
 

@@ -12,13 +12,13 @@ sample is the time from the reply to the first answer that carries the record. P
 source addresses, since the server caps the LLQs of one address) on NAME, started BATCH at a time (a batch
 with any LLQ refused or unanswered ends the setup). Prints a JSON line once all are established (or with
 how many were, and why the others were not), keeps them (answering refreshes) until a line
-or end of file on stdin, then cancels them and prints a last JSON line.
+or end of file on stdin, then cancels them (dns_client.cancel_all: paced, each until answered) and prints a
+last JSON line with how many cancels the server answered.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import select
@@ -35,7 +35,7 @@ import dns.rdatatype
 import dns.rrset
 
 from lab.progs import cli, report
-from lab.progs.dns_client import TIMEOUT, Signer, _connect, _id_base, _latency_summary
+from lab.progs.dns_client import TIMEOUT, Signer, _connect, _id_base, _latency_summary, cancel_all
 from tunneld.config import load_account_secret
 from tunneld.proto import llq
 from tunneld.proto.tsig import TsigKey, TsigSession
@@ -219,15 +219,11 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
                         break
                     clients[i].receive(data, dest, time.time())
                     flush(i)
-        for i, c in enumerate(clients):  # cancel (lease 0), best effort
-            c.close(time.time())
-            for tx in c.transmits():
-                with contextlib.suppress(BlockingIOError):
-                    socks[i].send(tx.payload)
+        cancelled = cancel_all(clients, socks)
     finally:
         for s in socks:
             s.close()
-    return {"closed": len(clients)}
+    return {"closed": len(clients), "cancelled": cancelled}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
