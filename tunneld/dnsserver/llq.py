@@ -34,7 +34,7 @@ import dns.rrset
 from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.llq_events import Records, records
 from tunneld.dnsserver.llq_limits import CHALLENGE_TIMEOUT, MAX_LLQS, Caps, Replays
-from tunneld.dnsserver.llq_render import Batch, read_ack
+from tunneld.dnsserver.llq_render import Batch, llq_error, llq_reply, read_ack
 from tunneld.dnsserver.llq_saver import Saver
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.proto.dnsguard import try_parse
@@ -49,7 +49,6 @@ from tunneld.proto.llq_wire import (
     LLQ_OP_EVENT,
     LLQ_OP_REFRESH,
     LLQ_OP_SETUP,
-    LLQ_UDP_PAYLOAD,
     LLQ_VERSION,
     UDP_PAYLOAD,
     LLQOption,
@@ -289,18 +288,18 @@ class LLQServer:
                 self.counters["replayed request"] += 1
                 return []
         if len(msg.question) != 1:
-            return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
+            return [(src, llq_error(self.core, msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
         q = msg.question[0]
         if q.rdclass != dns.rdataclass.IN or not self.core.store.in_zone(q.name):
-            return [(src, self._reply(msg, None, signer, now, rcode=dns.rcode.REFUSED))]
+            return [(src, llq_reply(self.core, msg, None, signer, now, rcode=dns.rcode.REFUSED))]
         if q.rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR) or (
                 dns.rdatatype.is_metatype(q.rdtype) and q.rdtype != dns.rdatatype.ANY):
-            return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
+            return [(src, llq_error(self.core, msg, option, LLQ_ERR_FORMAT, signer, now, dns.rcode.FORMERR))]
         if self.require_tsig and signer is None:
             self.counters["unsigned LLQ refused"] += 1
-            return [(src, self._reply(msg, None, None, now, rcode=dns.rcode.REFUSED))]
+            return [(src, llq_reply(self.core, msg, None, None, now, rcode=dns.rcode.REFUSED))]
         if option.version != LLQ_VERSION:
-            return [(src, self._error(msg, option, LLQ_ERR_BAD_VERS, signer, now))]
+            return [(src, llq_error(self.core, msg, option, LLQ_ERR_BAD_VERS, signer, now))]
         if option.opcode == LLQ_OP_SETUP and option.llq_id == 0:
             reply = self._setup(msg, option, src, signer, now, repeated)
             return [] if reply is None else [(src, reply)]
@@ -308,7 +307,7 @@ class LLQServer:
             return [(src, self._challenge_response(msg, option, src, signer, now))]
         if option.opcode == LLQ_OP_REFRESH:
             return [(src, self._refresh(msg, option, src, signer, now))]
-        return [(src, self._error(msg, option, LLQ_ERR_FORMAT, signer, now))]
+        return [(src, llq_error(self.core, msg, option, LLQ_ERR_FORMAT, signer, now))]
 
     def _setup(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                now: float, repeated: bool) -> bytes | None:
@@ -330,11 +329,11 @@ class LLQServer:
             refused = "table full"
         if refused is not None:
             self.counters[refused] += 1
-            return self._error(msg, option, LLQ_ERR_SERV_FULL, signer, now)
+            return llq_error(self.core, msg, option, LLQ_ERR_SERV_FULL, signer, now)
         granted = _clamp(option.lease)
         llq_id = self._new_llq_id()
-        reply = self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq_id, granted),
-                            signer, now)
+        reply = llq_reply(self.core, msg, LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq_id,
+                                                    granted), signer, now)
         payload = max(512, msg.payload) if msg.edns >= 0 else 512
         self._llqs[llq_id] = _LLQ(llq_id, src, q.name, q.rdtype, msg.id, granted, now + granted, key, reply,
                                   half_open_until=now + CHALLENGE_TIMEOUT, payload=min(payload, UDP_PAYLOAD))
@@ -347,10 +346,10 @@ class LLQServer:
                             signer: Signer | None, now: float) -> bytes:
         llq = self._find(msg, option, src, signer, now)
         if llq is None:
-            return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
+            return llq_error(self.core, msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
         if abs(option.lease - llq.granted) > LLQ_LEASE_SLACK:
             self.counters["challenge response lease mismatch"] += 1
-            return self._error(msg, option, LLQ_ERR_FORMAT, signer, now)
+            return llq_error(self.core, msg, option, LLQ_ERR_FORMAT, signer, now)
         if llq.established:
             # The client retransmits only before it has our ACK, and ignores events until then: the
             # fresh ACK below carries the full answer set, so in-flight events are superseded.
@@ -364,24 +363,24 @@ class LLQServer:
         self._persist(llq, now)
         reply = LLQOption(LLQ_VERSION, LLQ_OP_SETUP, LLQ_ERR_NO_ERROR, llq.llq_id, self._remaining(llq, now))
         self.counters["ack sent"] += 1
-        return self._reply(msg, reply, signer, now, answers=answers, rcode=rcode)
+        return llq_reply(self.core, msg, reply, signer, now, answers=answers, rcode=rcode)
 
     def _refresh(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                  now: float) -> bytes:
         llq = self._find(msg, option, src, signer, now)
         if llq is None or not llq.established:
-            return self._error(msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
+            return llq_error(self.core, msg, option, LLQ_ERR_NO_SUCH_LLQ, signer, now)
         if option.lease == 0:
             self._drop(llq, "cancelled", now)
-            return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id, 0),
-                               signer, now)
+            return llq_reply(self.core, msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR,
+                                                       llq.llq_id, 0), signer, now)
         llq.granted = _clamp(option.lease)
         llq.expires = now + llq.granted
         if not llq.events:
             self._persist(llq, now)
         self.counters["refreshed"] += 1
-        return self._reply(msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
-                                          llq.granted), signer, now)
+        return llq_reply(self.core, msg, LLQOption(LLQ_VERSION, LLQ_OP_REFRESH, LLQ_ERR_NO_ERROR, llq.llq_id,
+                                                   llq.granted), signer, now)
 
     def _on_ack(self, msg: dns.message.Message, option: LLQOption, src: Dest, signer: Signer | None,
                 now: float) -> Output:
@@ -516,24 +515,6 @@ class LLQServer:
             llq_id = int.from_bytes(self._rand(8), "big")
             if llq_id and llq_id not in self._llqs:
                 return llq_id
-
-    def _error(self, msg: dns.message.Message, option: LLQOption, error: int, signer: Signer | None,
-               now: float, rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
-        """A reply echoing the request's LLQ option with LLQ-ERROR ``error`` and lease 0."""
-        opcode = option.opcode if option.opcode in (LLQ_OP_SETUP, LLQ_OP_REFRESH) else LLQ_OP_SETUP
-        reply = LLQOption(LLQ_VERSION, opcode, error, option.llq_id, 0)
-        return self._reply(msg, reply, signer, now, rcode=rcode)
-
-    def _reply(self, msg: dns.message.Message, option: LLQOption | None, signer: Signer | None, now: float,
-               answers: Iterable[dns.rrset.RRset] = (), rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
-        resp = dns.message.make_response(msg)
-        resp.use_edns(False)
-        if option is not None:
-            resp.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
-        resp.flags |= dns.flags.AA
-        resp.set_rcode(rcode)
-        resp.answer = list(answers)
-        return self.core.render(msg, resp, signer, now, None)
 
     def _next_event(self, llq: _LLQ, now: float, batch: Batch | None = None) -> list[bytes]:
         """The EVENT messages with what changed since the client was last sent the answer (none if

@@ -13,17 +13,19 @@ docs/protocol.md, "LLQ server behaviour".
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 import dns.flags
 import dns.message
 import dns.name
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from tunneld.dnsserver.core import DnsCore
+from tunneld.dnsserver.core import DnsCore, Signer
 from tunneld.dnsserver.llq_events import Records, diff, records, split
 from tunneld.proto.dnsguard import ADDITIONAL, HEADER_SIZE
 from tunneld.proto.dnswire import walk
@@ -31,6 +33,8 @@ from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_ERROR,
     LLQ_OP_EVENT,
+    LLQ_OP_REFRESH,
+    LLQ_OP_SETUP,
     LLQ_OPTION_CODE,
     LLQ_UDP_PAYLOAD,
     LLQ_VERSION,
@@ -38,13 +42,36 @@ from tunneld.proto.llq_wire import (
 )
 from tunneld.proto.tsig import TsigKey, TsigRecord, TsigSigner, find_tsig, signed_size
 
-__all__ = ["Ack", "Batch", "event_message", "read_ack"]
+__all__ = ["Ack", "Batch", "event_message", "llq_error", "llq_reply", "read_ack"]
 
 _OPT: Final = 41  # RFC 6891 §6.1.1
 _TSIG: Final = 250  # RFC 8945 §4.2
 _LLQ_SIZE: Final = 18  # RFC 8764 §3.1: version, opcode, error (2 each), LLQ-ID (8), lease (4)
 _OPTION_HEAD: Final = struct.pack("!HH", LLQ_OPTION_CODE, _LLQ_SIZE)
 _PATCHED: Final = 12  # the LLQ-ID and lease: the last 12 bytes of an unsigned event
+
+
+def llq_reply(core: DnsCore, msg: dns.message.Message, option: LLQOption | None, signer: Signer | None,
+              now: float, answers: Iterable[dns.rrset.RRset] = (),
+              rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
+    """The LLQ server's reply to a request: authoritative, the ``option`` (none: no EDNS), signed if the
+    request was (:meth:`DnsCore.render`)."""
+    resp = dns.message.make_response(msg)
+    resp.use_edns(False)
+    if option is not None:
+        resp.use_edns(0, payload=LLQ_UDP_PAYLOAD, options=[option])
+    resp.flags |= dns.flags.AA
+    resp.set_rcode(rcode)
+    resp.answer = list(answers)
+    return core.render(msg, resp, signer, now, None)
+
+
+def llq_error(core: DnsCore, msg: dns.message.Message, option: LLQOption, error: int, signer: Signer | None,
+              now: float, rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> bytes:
+    """A reply echoing the request's LLQ option with LLQ-ERROR ``error`` and lease 0."""
+    opcode = option.opcode if option.opcode in (LLQ_OP_SETUP, LLQ_OP_REFRESH) else LLQ_OP_SETUP
+    return llq_reply(core, msg, LLQOption(LLQ_VERSION, opcode, error, option.llq_id, 0), signer, now,
+                     rcode=rcode)
 
 
 def event_message(qname: dns.name.Name, qtype: int, answers: list[dns.rrset.RRset], llq_id: int, lease: int,
