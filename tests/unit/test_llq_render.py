@@ -31,9 +31,11 @@ from tunneld.proto.llq import Added, LLQState
 from tunneld.proto.llq_wire import (
     LLQ_ERR_NO_ERROR,
     LLQ_OP_EVENT,
+    LLQ_OP_REFRESH,
     LLQ_UDP_PAYLOAD,
     LLQ_VERSION,
     LLQOption,
+    find_llq_option,
 )
 from tunneld.proto.tsig import TsigSession, signed_size
 
@@ -184,3 +186,41 @@ def test_acks_read_from_frames_agree_with_the_general_path() -> None:
     assert server.ack(ack.wire, src, T0 + 5) is None  # no pending event: the general path counts it
     assert server.handle(ack.wire, src, T0 + 5) == []
     assert server.counters["ack for no pending event"] == 1
+
+
+def test_the_deadline_is_kept_not_found_over_the_table_at_each_message() -> None:
+    """The listener asks deadline() and calls poll() after every LLQ message: neither may walk the whole
+    table then (10,000 LLQs made each message cost milliseconds), yet neither may miss what is due."""
+    server = make()
+    update(server, T0, add=["2001:db8::1"])
+    clients = {}
+    for i in range(30):
+        src = ("198.51.100.10", 50_000 + i)
+        clients[src] = llq_client(QNAME, "AAAA", rand=random.Random(i).randbytes, tsig=TsigSession(KEY))
+        establish(server, clients[src], src, T0)
+    assert server.poll(T0 + 30) == [] and server.deadline() == T0 + 7200  # half-open times gone
+    now = T0 + 40
+    out = server.changes(update(server, now, add=["2001:db8::2"]), now)
+    assert len(out) == 30 and server.deadline() == now + 2.0
+    with mock.patch.object(server, "_earliest", wraps=server._earliest) as scans:
+        for dest, wire in out[:29]:  # every ack but one, each followed by what the listener does
+            [ack] = clients[dest].receive(wire, now).transmits  # type: ignore[index]
+            assert server.ack(ack.wire, dest, now + 0.5) == []
+            assert (server.deadline() or math.inf) <= now + 2.0  # the saver's next write may come first
+            assert server.poll(now + 0.5) == []
+        assert scans.call_count == 0
+        [(dest, resent)] = server.poll(now + 2.0)  # the one unacknowledged event, resent when due
+        assert resent == out[29][1] and dest == out[29][0] and scans.call_count == 1
+    assert server._due == now + 2.0 + 4.0  # the resend's next wait; the saver's writes aside
+    [ack] = clients[dest].receive(resent, now + 2.5).transmits  # type: ignore[index]
+    assert server.ack(ack.wire, dest, now + 2.5) == []
+    assert server.poll(now + 6.0) == [] and server._due == T0 + 7200  # found again once due
+    # A refresh that shortens a lease moves the deadline earlier at once.
+    src, client = next(iter(clients.items()))
+    client.core._refresh_lease = 15 * 60  # what its refreshes ask for
+    at = client.deadline()  # its refresh, about half way through the lease
+    assert at is not None and at < T0 + 7200 - 15 * 60
+    [request] = client.poll(at).transmits
+    option = find_llq_option(dns.message.from_wire(request.wire, keyring=False))
+    assert option is not None and (option.opcode, option.lease) == (LLQ_OP_REFRESH, 15 * 60), option
+    assert server.handle(request.wire, src, at) and server._due == at + 15 * 60 < T0 + 7200

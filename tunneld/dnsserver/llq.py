@@ -136,6 +136,7 @@ class LLQServer:
         self._llqs: dict[int, _LLQ] = {}
         self._by_question: dict[tuple[Dest, dns.name.Name, int], _LLQ] = {}  # one per source and question
         self._sources: dict[Dest, _Source] = {}  # least recently used first
+        self._due = -math.inf  # poll has no work before this (a lower bound; -inf: not known)
         self.counters: Counter[str] = Counter()
 
     def __repr__(self) -> str:
@@ -204,7 +205,7 @@ class LLQServer:
         """Resend unacknowledged events, drop LLQs whose events went unacknowledged 3 times, and expire
         LLQs (half-open ones included) whose lease has run out."""
         out: Output = []
-        for llq in list(self._llqs.values()):
+        for llq in list(self._llqs.values()) if now >= self._due else ():  # the table only when due
             if now >= llq.expires:
                 self._drop(llq, "lease expired" if llq.established else "half-open lease expired", now)
                 continue
@@ -221,15 +222,23 @@ class LLQServer:
                 pending.next_at = now + EVENT_RETRY_WAITS[pending.tries - 1]
                 self.counters["event resent"] += 1
                 out.append((llq.src, llq.events[msg_id].wire))
+        if now >= self._due:
+            self._due = self._earliest()
         self.saver.poll(now)
         return out
 
     def deadline(self) -> float | None:
-        """When :meth:`poll` must next be called (None: no LLQs)."""
+        """When :meth:`poll` must next be called (None: no LLQs). Every message's handling may move it
+        earlier, so it is kept, not found over the whole table each time."""
+        if self._due == -math.inf:
+            self._due = self._earliest()
+        times = [t for t in (self._due, self.saver.due()) if t is not None and t < math.inf]
+        return min(times) if times else None
+
+    def _earliest(self) -> float:
         times = [min(llq.expires, llq.half_open_until) for llq in self._llqs.values()]
         times.extend(p.next_at for llq in self._llqs.values() for p in llq.events.values())
-        times.extend(t for t in (self.saver.due(),) if t is not None)
-        return min(times) if times else None
+        return min(times, default=math.inf)
 
     def llq_ids(self) -> list[int]:
         """The LLQ-IDs in the table (half-open included); for status and tests."""
@@ -376,6 +385,7 @@ class LLQServer:
                                                        llq.llq_id, 0), signer, now)
         llq.granted = _clamp(option.lease)
         llq.expires = now + llq.granted
+        self._due = min(self._due, llq.expires)
         if not llq.events:
             self._persist(llq, now)
         self.counters["refreshed"] += 1
@@ -429,6 +439,7 @@ class LLQServer:
 
     def _admit(self, llq: _LLQ) -> None:
         self._by_question[(llq.src, llq.qname, llq.qtype)] = llq
+        self._due = min(self._due, llq.expires, llq.half_open_until)
         self._source(llq.src).llqs += 1
         self.caps.add(llq.src, None if llq.key is None else llq.key.name)
 
@@ -533,6 +544,7 @@ class LLQServer:
             msg_id = self._event_id(llq.src)
             wire = batch.event(template, msg_id, llq.llq_id, lease, llq.key)
             llq.events[msg_id] = _PendingEvent(wire, 1, now + EVENT_RETRY_WAITS[0])
+            self._due = min(self._due, now + EVENT_RETRY_WAITS[0])
             self.counters["event sent"] += 1
             out.append(wire)
         return out
