@@ -150,7 +150,7 @@ def held_memory(lab: Lab, a: Host, rec: Recorder, f: Front, base: list[str], llq
     assert p.stdin is not None
     p.stdin.write("done\n")
     p.stdin.flush()
-    closed = lines.until(lambda o: "closed" in o, timeout=60)
+    closed = lines.until(lambda o: "closed" in o, timeout=60 + llqs / 100 * 2)  # paced: dns_client.cancel_all
     if p.wait(timeout=30) != 0:
         raise LabError(f"dns front client hold exited {p.returncode}")
     f.check()
