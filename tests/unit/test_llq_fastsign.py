@@ -4,6 +4,8 @@ data, over many random inputs and under hypothesis; and what our verify accepts.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 import struct
 
@@ -111,3 +113,5 @@ def test_a_key_context_is_fresh_each_time() -> None:
     a = key.context(b"one")
     a.update(b"more")
     assert key.mac(b"one") == key.context(b"one").digest() != a.digest()
+    for other in (copy.copy(key), copy.deepcopy(key), pickle.loads(pickle.dumps(key))):
+        assert other == key and other.mac(b"one") == key.mac(b"one")

@@ -104,6 +104,9 @@ class TsigKey:
     def algorithm_name(self) -> dns.name.Name:
         return ALGORITHMS[self.algorithm][0]
 
+    def __getstate__(self) -> dict[str, object]:  # copies and pickles leave the keyed HMAC behind
+        return {k: v for k, v in self.__dict__.items() if k != "_base"}
+
     def mac(self, data: bytes) -> bytes:
         return self.context(data).digest()
 
