@@ -224,3 +224,23 @@ def test_the_deadline_is_kept_not_found_over_the_table_at_each_message() -> None
     option = find_llq_option(dns.message.from_wire(request.wire, keyring=False))
     assert option is not None and (option.opcode, option.lease) == (LLQ_OP_REFRESH, 15 * 60), option
     assert server.handle(request.wire, src, at) and server._due == at + 15 * 60 < T0 + 7200
+
+
+def test_a_late_ack_makes_the_duplicate_the_watchers_counted() -> None:
+    """The front's watchers' "duplicate or no-op event" were the server's resends: an ack that comes after
+    the 2 s (counted from the change) crosses the resent copy, whose own ack then finds nothing pending."""
+    server = make()
+    update(server, T0, add=["2001:db8::1"])
+    src = ("198.51.100.11", 60_000)
+    client = llq_client(QNAME, "AAAA", rand=random.Random(4).randbytes, tsig=TsigSession(KEY))
+    establish(server, client, src, T0)
+    now = T0 + 10
+    [(_, event)] = server.changes(update(server, now, add=["2001:db8::2"]), now)
+    [ack] = client.receive(event, now + 1.9).transmits  # the watcher acks in time...
+    [(_, resent)] = server.poll(now + 2.0)  # ...but the server reads the ack after the 2 s
+    assert resent == event and server.counters["event resent"] == 1
+    assert server.ack(ack.wire, src, now + 2.1) == []
+    [again] = client.receive(resent, now + 2.2).transmits
+    assert client.counters["duplicate or no-op event"] == 1
+    assert server.handle(again.wire, src, now + 2.3) == []
+    assert server.counters["ack for no pending event"] == 1 and server.counters["event acked"] == 1
