@@ -244,3 +244,23 @@ def test_a_late_ack_makes_the_duplicate_the_watchers_counted() -> None:
     assert client.counters["duplicate or no-op event"] == 1
     assert server.handle(again.wire, src, now + 2.3) == []
     assert server.counters["ack for no pending event"] == 1 and server.counters["event acked"] == 1
+
+
+def test_a_change_visits_only_the_llqs_of_its_names() -> None:
+    """The table is indexed by name: a change elsewhere in the zone costs nothing per LLQ, and an LLQ
+    dropped leaves the index."""
+    server = make()
+    other = dns.name.from_text("other.example.com.")
+    clients = {}
+    for i, qname in enumerate([QNAME] * 3 + [other] * 2):
+        src = ("198.51.100.12", 61_000 + i)
+        clients[src] = llq_client(qname, "AAAA", rand=random.Random(i).randbytes, tsig=TsigSession(KEY))
+        establish(server, clients[src], src, T0)
+    assert {n: len(v) for n, v in server._by_name.items()} == {QNAME: 3, other: 2}
+    out = server.changes(update(server, T0 + 5, add=["2001:db8::9"]), T0 + 5)
+    assert sorted(dest[1] for dest, _ in out) == [61_000, 61_001, 61_002]  # type: ignore[index]
+    src = ("198.51.100.12", 61_003)
+    [cancel] = clients[src].stop(T0 + 6)
+    assert server.handle(cancel.wire, src, T0 + 6)
+    assert {n: len(v) for n, v in server._by_name.items()} == {QNAME: 3, other: 1}
+    assert len(server) == 4

@@ -135,6 +135,7 @@ class LLQServer:
         self._rand = rand
         self._llqs: dict[int, _LLQ] = {}
         self._by_question: dict[tuple[Dest, dns.name.Name, int], _LLQ] = {}  # one per source and question
+        self._by_name: dict[dns.name.Name, dict[int, _LLQ]] = {}  # a change visits only its names' LLQs
         self._sources: dict[Dest, _Source] = {}  # least recently used first
         self._due = -math.inf  # poll has no work before this (a lower bound; -inf: not known)
         self.counters: Counter[str] = Counter()
@@ -185,8 +186,8 @@ class LLQServer:
         owners = {ch.owner for ch in rrset_changes}
         out: Output = []
         batch = Batch(self.core, now)
-        for llq in list(self._llqs.values()):
-            if not llq.established or llq.qname not in owners:
+        for llq in [llq for owner in owners for llq in self._by_name.get(owner, {}).values()]:
+            if not llq.established:
                 continue
             if now >= llq.expires:
                 self._drop(llq, "lease expired", now)
@@ -439,6 +440,7 @@ class LLQServer:
 
     def _admit(self, llq: _LLQ) -> None:
         self._by_question[(llq.src, llq.qname, llq.qtype)] = llq
+        self._by_name.setdefault(llq.qname, {})[llq.llq_id] = llq
         self._due = min(self._due, llq.expires, llq.half_open_until)
         self._source(llq.src).llqs += 1
         self.caps.add(llq.src, None if llq.key is None else llq.key.name)
@@ -448,6 +450,9 @@ class LLQServer:
         if self._llqs.pop(llq.llq_id, None) is not None:
             if self._by_question.get((llq.src, llq.qname, llq.qtype)) is llq:
                 del self._by_question[(llq.src, llq.qname, llq.qtype)]
+            named = self._by_name.get(llq.qname, {})
+            if named.pop(llq.llq_id, None) is not None and not named:
+                del self._by_name[llq.qname]
             self.caps.remove(llq.src, None if llq.key is None else llq.key.name)
             source = self._sources.get(llq.src)
             if source is not None:
