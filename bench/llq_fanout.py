@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watchers", type=int, default=1000)
     p.add_argument("--events", type=int, default=20)
     a = p.parse_args(argv)
-    if a.watchers < 1 or a.events < 1:
-        print("llq_fanout: --watchers and --events must be at least 1", file=sys.stderr)
+    if not 1 <= a.watchers <= 65536 or a.events < 1:
+        print("llq_fanout: --watchers must be 1 to 65536 (one message ID each), --events at least 1",
+              file=sys.stderr)
         return 2
     r = run(a.watchers, a.events)
     print(f"{r['watchers']} watchers, {r['events']} events (medians): event {r['event_us_per_watcher']:.1f} "
