@@ -96,7 +96,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         if not 1 <= port <= 65535 or port == listen.port:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
-    primary = _primary(args)  # read now, as root, before the drop
+    primary = _primary(args, zone)  # read now, as root, before the drop
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
     db = Path(args.db)
@@ -248,11 +248,15 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
+def _primary(args: argparse.Namespace, zone: str) -> tuple[tuple[str, int], Any] | None:
     """--primary and --primary-key checked and read: (the primary's address, the front key), or None
-    when neither is given (the zone is served from our own store)."""
+    when neither is given (the zone is served from our own store). The key must be named
+    ``front.<zone>.``: the account key would be read, and every forward refused by the primary."""
+    import dns.name
+
     from tunneld.config import parse_endpoint
     from tunneld.dnsserver.front import MAX_KEY_FILE, read_key_stanza
+    from tunneld.proto.xfr import FRONT_KEY_LABEL
 
     if args.primary is None and args.primary_key is None:
         return None
@@ -278,6 +282,11 @@ def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
         key = read_key_stanza(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise UsageError(f"bad --primary-key {show(args.primary_key)}: {e}") from None
+    wanted = dns.name.from_text(f"{FRONT_KEY_LABEL}.{zone}")
+    if key.name.canonicalize() != wanted.canonicalize():
+        raise UsageError(f"bad --primary-key {show(args.primary_key)}: the key is named {key.name}, not "
+                         f"{wanted}; give the front key, which `tunneld account primary-config` prints "
+                         f"(not the account key)")
     return (str(endpoint.host), endpoint.port), key
 
 
