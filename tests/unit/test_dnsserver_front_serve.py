@@ -22,6 +22,7 @@ import trio.testing
 
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.front import Forward, Front
+from tunneld.dnsserver.primary import MAX_IN_FLIGHT
 from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, serve
 from tunneld.dnsserver.store import ZoneStore
 from tunneld.proto.dnsframe import FrameBuffer, frame
@@ -212,12 +213,13 @@ def test_the_link_bounds_what_waits_and_what_it_sends() -> None:
                 upd = device_update("fd00::1")
                 upd.use_tsig(FRONT.dnspython())
                 wire = upd.to_wire()
-                for i in range(MAX_WAITING):
+                for i in range(MAX_IN_FLIGHT + MAX_WAITING):
                     nursery.start_soon(link.exchange, Forward(i, wire, b""))
                 await trio.testing.wait_all_tasks_blocked()
-                assert await link.exchange(Forward(99, wire, b"")) is None  # at once: too many wait
+                assert await link.exchange(Forward(999, wire, b"")) is None  # at once: too many wait
                 assert link.counters["busy: refused"] == 1
-                assert primary.connections == 1 and len(primary.updates) == 1  # one at a time on the wire
+                # MAX_IN_FLIGHT at a time on the wire, over one connection
+                assert primary.connections == 1 and len(primary.updates) == MAX_IN_FLIGHT
                 nursery.cancel_scope.cancel()  # the exchanges waiting are cancelled, the connection closed
 
     trio.run(main)

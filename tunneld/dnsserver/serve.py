@@ -31,6 +31,7 @@ and raises OSError (port in use, no permission) before that.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import ssl
 import time
@@ -48,7 +49,7 @@ import trio
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore
 from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
-from tunneld.dnsserver.front import Front
+from tunneld.dnsserver.front import Forward, Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
@@ -127,6 +128,7 @@ class _Server:
         self.front: Front | None = None  # front mode: updates go to the primary over this link
         self.link: PrimaryLink | None = None
         self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
+        self.tasks: trio.Nursery | None = None  # for the LLQ events of a late answer from the primary
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -167,7 +169,8 @@ class _Server:
             # Shielded, and bounded by the link's timeout: once sent, the primary's answer is always
             # committed (our store, the replay memory), even if the device's connection goes meanwhile.
             with trio.CancelScope(shield=True):
-                primary_reply = await self.link.exchange(fwd)
+                late = functools.partial(self._late, update, fwd)
+                primary_reply = await self.link.exchange(fwd, late)
             now = time.time()
             self.core.last_changes = []
             reply = self.front.answer(self.core, update, fwd, primary_reply, now)
@@ -177,11 +180,22 @@ class _Server:
                 self.front.abandon(update)
         return reply, self._after(wire, reply, now)
 
+    def _late(self, update: CheckedUpdate, fwd: Forward, primary_reply: bytes) -> None:
+        """The primary's answer to a forward that timed out (the device got SERVFAIL): a NOERROR is
+        committed all the same, lease and all, and announced; the device's retry gets it from memory."""
+        assert self.front is not None
+        now = time.time()
+        self.core.last_changes = []
+        if self.front.late(self.core, update, fwd, primary_reply, now) is not None:
+            events = self._after(b"", None, now)
+            if events and self.tasks is not None:
+                self.tasks.start_soon(self.send_llq, events)
+
     def _after(self, wire: bytes, reply: bytes | None, now: float) -> LLQOutput:
         """Count the reply; an UPDATE's changes to the LLQ server and the Push sessions."""
         self._count(wire, reply)
         events: LLQOutput = []
-        if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
+        if not wire or (len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE):  # b"": a late one
             self.wake.set()
             if self.push is not None and self.core.last_changes:
                 self.push.changes(self.core.last_changes, now)  # queued before this reply is sent
@@ -441,6 +455,7 @@ async def serve(
         await server.send_llq(llq.restore(time.time()))
     try:
         async with trio.open_nursery() as nursery:
+            server.tasks = nursery
             nursery.start_soon(server.udp_loop, udp)
             nursery.start_soon(server.tcp.serve, tcp_sock)
             if tls_sock is not None and server.tls is not None:
