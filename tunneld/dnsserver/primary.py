@@ -60,8 +60,8 @@ class Request(Protocol):
 
 @dataclass(eq=False)
 class _Pending:
-    """One exchange sent on connection number ``conn``: its answer once read (None: the connection
-    failed), and ``wake``, set when it is done or may take over reading."""
+    """One exchange sent on connection number ``conn`` (-1: not yet): its answer once read (None: the
+    connection failed), and ``wake``, set when it is done or may take over reading."""
 
     conn: int
     reply: bytes | None = None
@@ -146,28 +146,28 @@ class PrimaryLink:
             await other.finished.wait()
         if self._late.pop(msg_id, None) is not None:
             self.counters["late: forgotten, its message ID reused"] += 1
-        # The connection lost with the exchange on it (the primary closed a reused one, say): once more
-        # on a new one. RFC 2136 additions and deletions are idempotent, as when a device retries.
-        for attempt in range(2):
-            try:
-                stream = await self._connect()
-            except OSError as e:
-                log.debug("primary %s: %s", self.primary, e)
-                break
-            slot = self._pending[msg_id] = _Pending(self._conn)
-            sent[:] = [slot.conn]
-            try:
+        slot = self._pending[msg_id] = _Pending(-1)  # reserved before anything is awaited
+        try:
+            # The connection lost with the exchange on it (the primary closed a reused one, say): once
+            # more on a new one. RFC 2136 additions and deletions are idempotent, as when a device retries.
+            for attempt in range(2):
+                try:
+                    stream = await self._connect()
+                except OSError as e:
+                    log.debug("primary %s: %s", self.primary, e)
+                    break
+                slot.conn, slot.done, slot.reply = self._conn, False, None
+                sent[:] = [slot.conn]
                 await self._send(stream, slot, frame(forward.wire))
                 reply = await self._await(slot, stream)
-            finally:
-                if self._pending.get(msg_id) is slot:
-                    del self._pending[msg_id]
-                slot.finished.set()
-                self._hand_over()
-            if reply is not None:
-                return reply
-            if attempt == 0:
-                self.counters["connection lost: sent again"] += 1
+                if reply is not None:
+                    return reply
+                if attempt == 0:
+                    self.counters["connection lost: sent again"] += 1
+        finally:
+            del self._pending[msg_id]
+            slot.finished.set()
+            self._hand_over()
         self.counters["connection failed"] += 1
         return None
 
@@ -237,7 +237,7 @@ class PrimaryLink:
     def _dispatch(self, message: bytes) -> None:
         msg_id = int.from_bytes(message[:2], "big")
         slot = self._pending.get(msg_id)
-        if slot is not None and not slot.done:
+        if slot is not None and not slot.done and slot.conn == self._conn:
             slot.reply, slot.done = message, True
             slot.wake.set()
             return
