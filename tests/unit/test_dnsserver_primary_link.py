@@ -257,3 +257,51 @@ def test_in_flight_is_bounded() -> None:
         assert sorted(got_ids(0, MAX_IN_FLIGHT + 3)) == list(range(MAX_IN_FLIGHT + 3))
 
     run(test)
+
+
+def test_random_orders_strays_and_losses_never_give_an_exchange_another_ones_answer() -> None:
+    """A primary answering in a random order, with stray IDs mixed in, that drops the connection now and
+    then: every exchange ends with its own answer or None, within its timeout, and nothing is left."""
+    import random
+
+    async def test(nursery: trio.Nursery) -> None:
+        rng = random.Random(18)
+        primary, link = await start(nursery, timeout=2.0)
+        replies: dict[int, bytes | None] = {}
+
+        async def answering() -> None:
+            answered = 0
+            while answered < 400:
+                await trio.sleep(0.002)
+                conn = len(primary.streams) - 1
+                todo = [w for c, w in primary.got if c == conn]
+                rng.shuffle(todo)
+                wires = [answer(int.from_bytes(w[:2], "big"), w[2:4]) for w in todo[:rng.randint(0, 5)]]
+                if rng.random() < 0.2:
+                    wires.append(answer(60000 + rng.randint(0, 99)))  # never asked
+                try:
+                    if rng.random() < 0.03:
+                        await primary.streams[conn].aclose()
+                        continue
+                    if wires:
+                        await primary.send(conn, *wires)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, IndexError):
+                    continue
+                answered += 1
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(answering)
+            async with trio.open_nursery() as exchanges:
+                for i in range(60):
+                    exchanges.start_soon(collect, link, request(i), replies)
+                    if i % 7 == 0:
+                        await trio.sleep(0.01)
+            tasks.cancel_scope.cancel()
+        assert sorted(replies) == list(range(60))
+        for i, reply in replies.items():
+            assert reply is None or reply[:2] == i.to_bytes(2, "big"), (i, reply)
+        assert sum(r is not None for r in replies.values()) > 30  # most got through
+        assert link._pending == {} and not link._reading
+        assert link.counters["stray reply"] and link.counters["connections"] > 1, link.counters
+
+    run(test)
