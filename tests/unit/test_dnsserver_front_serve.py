@@ -227,7 +227,7 @@ def test_the_link_bounds_what_waits_and_what_it_sends() -> None:
 
 def test_a_late_noerror_records_the_lease_and_the_retry_gets_it_from_memory() -> None:
     """The primary applies an update but answers after the timeout: the device gets SERVFAIL, and when the
-    answer comes on the still-open connection (read with the next exchange on it) the front commits it:
+    answer comes on the still-open connection the front commits it:
     the record, its lease, the replay memory; the device's retransmission is answered NOERROR from memory
     and never forwarded again."""
     async def main() -> None:

@@ -190,6 +190,33 @@ def test_a_timeout_is_none_and_the_late_answer_is_handed_on() -> None:
     run(test)
 
 
+def test_with_a_nursery_a_late_answer_is_read_without_another_exchange() -> None:
+    async def test(nursery: trio.Nursery) -> None:
+        primary, link = await start(nursery, timeout=0.3)
+        link.nursery = nursery
+        got = trio.Event()
+        late: list[bytes] = []
+
+        def on_late(wire: bytes) -> None:
+            late.append(wire)
+            got.set()
+
+        assert await link.exchange(request(1), on_late) is None
+        await primary.send(0, answer(3), answer(1, b"late"))  # a stray one first
+        await got.wait()
+        assert late == [answer(1, b"late")] and link.counters["stray reply"] == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert link._late_reader is None and not link._reading  # the reader is gone: nothing awaited
+        replies: dict[int, bytes | None] = {}
+        async with trio.open_nursery() as exchanges:  # and the connection still serves
+            exchanges.start_soon(collect, link, request(2), replies)
+            await primary.wait_for(2)
+            await primary.send(0, answer(2))
+        assert replies == {2: answer(2)} and link.counters["connections"] == 1
+
+    run(test)
+
+
 class _Reader:
     """What PrimaryLink.transfer uses of a TransferReader: its query, and feed (done at the first answer)."""
 

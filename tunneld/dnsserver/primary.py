@@ -39,6 +39,8 @@ refused at once."""
 MAX_LATE: Final = 64
 """Exchanges that timed out whose answer is still awaited on the connection (:meth:`PrimaryLink.exchange`'s
 ``late``), the oldest forgotten first."""
+LATE_WAIT: Final = 60.0
+"""Seconds late answers are read for when no exchange is reading (with :attr:`PrimaryLink.nursery`)."""
 TRANSFER_TIMEOUT: Final = 60.0
 """Seconds one zone transfer may take, the wait for its turn included: the largest transfer
 (:data:`tunneld.proto.xfr.MAX_XFR_BYTES`, 16 MiB) at a few Mbit/s. An IXFR takes milliseconds."""
@@ -97,6 +99,10 @@ class PrimaryLink:
         self._gate_open = trio.Event()
         self._gate_open.set()
         self._transfer_lock = trio.Lock()
+        self._late_reader: _Pending | None = None  # reading for late answers only
+        self.nursery: trio.Nursery | None = None
+        """Where late answers are read when no exchange is reading; without it, they are read with the
+        next exchange."""
 
     # ---- exchanges ----------------------------------------------------------------------------------
 
@@ -131,6 +137,9 @@ class PrimaryLink:
                 self._late[forward.msg_id] = late
                 while len(self._late) > MAX_LATE:
                     self._late.popitem(last=False)
+                if self.nursery is not None and self._late_reader is None:
+                    self._late_reader = _Pending(self._conn)
+                    self.nursery.start_soon(self._read_late, self._late_reader, self._stream)
             return None
         except trio.Cancelled:  # from outside (shutting down): the last one out closes the connection
             if not self._pending:
@@ -210,12 +219,23 @@ class PrimaryLink:
         return slot.reply
 
     def _hand_over(self) -> None:
-        """Wake one exchange still waiting, to read if no one is."""
+        """Wake one exchange still waiting (else the late reader), to read if no one is."""
         if not self._reading:
-            for other in self._pending.values():
-                if not other.done:
+            for other in (*self._pending.values(), self._late_reader):
+                if other is not None and not other.done:
                     other.wake.set()
                     return
+
+    async def _read_late(self, slot: _Pending, stream: trio.SocketStream) -> None:
+        """Read (when no exchange is) until no late answer is awaited on ``slot``'s connection."""
+        try:
+            with trio.move_on_after(LATE_WAIT):
+                await self._await(slot, stream)
+        finally:
+            slot.done = True
+            if self._late_reader is slot:
+                self._late_reader = None
+            self._hand_over()
 
     async def _read(self, slot: _Pending, stream: trio.SocketStream) -> None:
         try:
@@ -246,6 +266,9 @@ class PrimaryLink:
             self.counters["stray reply"] += 1
             return
         self.counters["late reply"] += 1
+        if not self._late and self._late_reader is not None:
+            self._late_reader.done = True
+            self._late_reader.wake.set()
         try:
             late(message)
         except Exception:  # the caller's; the link goes on
@@ -257,8 +280,8 @@ class PrimaryLink:
             stream, self._stream = self._stream, None
             stream.socket.close()
             self._late.clear()
-        for slot in self._pending.values():
-            if slot.conn == conn and not slot.done:
+        for slot in (*self._pending.values(), self._late_reader):
+            if slot is not None and slot.conn == conn and not slot.done:
                 slot.done = True
                 slot.wake.set()
 

@@ -456,6 +456,8 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             server.tasks = nursery
+            if server.link is not None:
+                server.link.nursery = nursery  # late answers from the primary read at once
             nursery.start_soon(server.udp_loop, udp)
             nursery.start_soon(server.tcp.serve, tcp_sock)
             if tls_sock is not None and server.tls is not None:
