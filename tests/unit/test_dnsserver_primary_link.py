@@ -258,6 +258,41 @@ def test_a_transfer_waits_for_the_exchanges_in_flight_and_holds_new_ones() -> No
     run(test)
 
 
+def test_no_late_answer_is_read_while_a_transfer_is() -> None:
+    """A late answer commits an update: one read while a transfer is would be undone when the transfer,
+    begun before it, is applied. The transfer ends the late reader; the answer waits for the next
+    exchange."""
+    async def test(nursery: trio.Nursery) -> None:
+        primary, link = await start(nursery, timeout=0.3)
+        link.nursery = nursery
+        late: list[bytes] = []
+        result: list[object] = []
+        assert await link.exchange(request(1), late.append) is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert link._late_reader is not None  # reading for it
+
+        async def transfer() -> None:
+            result.append(await link.transfer(cast(TransferReader, _Reader()), trio.current_time))
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(transfer)
+            await primary.wait_for(2)  # the transfer's query, on its own connection
+            assert primary.got[1] == (1, request(100).wire) and link._late_reader is None
+            await primary.send(0, answer(1, b"late"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert late == []  # not read during the transfer
+            await primary.send(1, answer(100))
+        assert result == [("transferred", answer(100))] and late == []
+        replies: dict[int, bytes | None] = {}
+        async with trio.open_nursery() as exchanges:
+            exchanges.start_soon(collect, link, request(2), replies)
+            await primary.wait_for(3)
+            await primary.send(0, answer(2))
+        assert late == [answer(1, b"late")] and replies == {2: answer(2)}
+
+    run(test)
+
+
 def test_in_flight_is_bounded() -> None:
     async def test(nursery: trio.Nursery) -> None:
         primary, link = await start(nursery)

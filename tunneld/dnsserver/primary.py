@@ -5,8 +5,8 @@ expired leases and the serial checks of the change feed (:mod:`tunneld.dnsserver
 connection: up to :data:`MAX_IN_FLIGHT` at once, answers matched by message ID in whatever order they come
 (RFC 7766 §6.2.1.1), each bounded by a timeout. Zone transfers use a connection of their own, in turns with
 the exchanges: one starts once every exchange in flight has been answered (its answer committed before the
-transfer's task runs again), and none starts until it is done, so a transfer never undoes a change whose
-answer came while it was read (docs/protocol.md, "Front mode").
+transfer's task runs again), and none starts until it is done, nor is a late answer read meanwhile, so a
+transfer never undoes a change whose answer came while it was read (docs/protocol.md, "Front mode").
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class PrimaryLink:
         self._gate_open.set()
         self._transfer_lock = trio.Lock()
         self._late_reader: _Pending | None = None  # reading for late answers only
+        self._late_scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         """Where late answers are read when no exchange is reading; without it, they are read with the
         next exchange."""
@@ -122,23 +123,20 @@ class PrimaryLink:
             with trio.move_on_after(self.timeout):
                 while self._transfers:  # a transfer's turn: it waits for the exchanges in flight
                     await self._gate_open.wait()
-                if not self._in_use:
-                    self._idle = trio.Event()
-                self._in_use += 1
+                self._enter()
                 try:
                     async with self._slots:
                         return await self._exchange(forward, sent)
                 finally:
-                    self._in_use -= 1
-                    if not self._in_use:
-                        self._idle.set()
+                    self._leave()
             self.counters["timeout"] += 1
             if late is not None and sent and sent[0] == self._conn and self._stream is not None:
                 self._late[forward.msg_id] = late
                 while len(self._late) > MAX_LATE:
                     self._late.popitem(last=False)
-                if self.nursery is not None and self._late_reader is None:
+                if self.nursery is not None and self._late_reader is None and not self._transfers:
                     self._late_reader = _Pending(self._conn)
+                    self._enter()  # a transfer waits for it as for an exchange (and ends it)
                     self.nursery.start_soon(self._read_late, self._late_reader, self._stream)
             return None
         except trio.Cancelled:  # from outside (shutting down): the last one out closes the connection
@@ -147,6 +145,16 @@ class PrimaryLink:
             raise
         finally:
             self._queued -= 1
+
+    def _enter(self) -> None:
+        if not self._in_use:
+            self._idle = trio.Event()
+        self._in_use += 1
+
+    def _leave(self) -> None:
+        self._in_use -= 1
+        if not self._in_use:
+            self._idle.set()
 
     async def _exchange(self, forward: Request, sent: list[int]) -> bytes | None:
         msg_id = forward.msg_id
@@ -227,14 +235,18 @@ class PrimaryLink:
                     return
 
     async def _read_late(self, slot: _Pending, stream: trio.SocketStream) -> None:
-        """Read (when no exchange is) until no late answer is awaited on ``slot``'s connection."""
+        """Read (when no exchange is) until no late answer is awaited on ``slot``'s connection, or a
+        transfer takes its turn (the answers are then read with the next exchange)."""
         try:
-            with trio.move_on_after(LATE_WAIT):
-                await self._await(slot, stream)
+            with trio.move_on_after(LATE_WAIT) as self._late_scope:
+                if not self._transfers:
+                    await self._await(slot, stream)
         finally:
+            self._late_scope = None
             slot.done = True
             if self._late_reader is slot:
                 self._late_reader = None
+            self._leave()
             self._hand_over()
 
     async def _read(self, slot: _Pending, stream: trio.SocketStream) -> None:
@@ -300,6 +312,8 @@ class PrimaryLink:
         if not self._transfers:
             self._gate_open = trio.Event()
         self._transfers += 1
+        if self._late_scope is not None:  # no answer is read while a transfer is
+            self._late_scope.cancel()
         try:
             with trio.move_on_after(timeout):
                 async with self._transfer_lock:
