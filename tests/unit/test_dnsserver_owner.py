@@ -43,10 +43,11 @@ from tunneld.dnsserver.owner import (
     watching,
 )
 from tunneld.dnsserver.serve import serve
-from tunneld.dnsserver.store import AddRR, Lease, ZoneStore
+from tunneld.dnsserver.store import AddRR, Lease, ZoneStore, canonical
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigKey
+from tunneld.proto.xfr import Full, ZoneRecord
 
 from .test_dnsserver_tcp import free_port
 
@@ -262,22 +263,35 @@ def test_take_over_adopts_records_without_a_lease_and_leaves_the_rest() -> None:
     s = store()
     leased = dns.rdata.from_text("IN", "AAAA", "fd00::1")
     s.apply_update([AddRR(HOST, 60, leased)], Lease(600, 600), T0)
-    other = dns.name.from_text("old", ZONE)
-    replicate(s, [dns.rdata.from_text("IN", "TXT", '"id=0" "host=gone"')])
+    claim_txt = dns.rdata.from_text("IN", "TXT", '"id=0" "host=gone"')
+    replicate(s, [claim_txt])
+    rr = functools.partial(dns.rdata.from_text, "IN")
+    zone_data = [  # (owner, type, rdata) on the primary, all held by the replica without a lease
+        ("old", "A", "192.0.2.9"),  # the other front's device record: adopted
+        ("@", "MX", "10 mail.example.com."),  # the apex: the zone's own
+        ("@", "NS", "ns2.example.com."), ("ns2", "A", "192.0.2.3"),  # a secondary and its glue
+        ("sub", "NS", "ns.elsewhere.example."),  # a delegation
+    ]
+    records = [ZoneRecord(dns.name.from_text(o, ZONE), 60, rr(t, d)) for o, t, d in zone_data]
 
-    def orphan(db: Any) -> bool:
-        db.execute("INSERT INTO records VALUES (?, ?, ?, 60, NULL)",
-                   (other.to_text(), dns.rdatatype.A, dns.rdata.from_text("IN", "A", "192.0.2.9").to_wire()))
+    def orphans(db: Any) -> bool:
+        for rec in records:
+            if rec.rdtype != dns.rdatatype.NS or rec.owner != ZONE:
+                db.execute("INSERT INTO records VALUES (?, ?, ?, 60, NULL)",
+                           (canonical(rec.owner), rec.rdtype, rec.rdata.to_digestable(ZONE)))
         return True
 
-    s.replica_apply(orphan)
+    s.replica_apply(orphans)
+    everything = (*records, ZoneRecord(HOST, 60, leased), ZoneRecord(OWNER, 60, claim_txt))
+    soa = ZoneRecord(ZONE, 60, rr("SOA", "ns1.example.com. h.example.com. 5 60 60 3600 60"))
     o = owner(s, take_over=True)
-    assert o.adopt(T0 + 10, 7200) == 1
-    a = dns.rdata.from_text("IN", "A", "192.0.2.9")
-    assert s.lease_expiry(other, dns.rdatatype.A, a) == T0 + 10 + 7200
+    assert o.adopt(Full(soa, everything), T0 + 10, 7200) == 1
+    assert s.lease_expiry(records[0].owner, dns.rdatatype.A, records[0].rdata) == T0 + 10 + 7200
+    for rec in records[1:]:
+        assert s.lease_expiry(rec.owner, rec.rdtype, rec.rdata) is None, rec
     assert s.lease_expiry(HOST, dns.rdatatype.AAAA, leased) == T0 + 600  # its own lease stays
-    claim_txt = dns.rdata.from_text("IN", "TXT", '"id=0" "host=gone"')
     assert s.lease_expiry(OWNER, dns.rdatatype.TXT, claim_txt) is None  # the claim is never a device's
+    assert o.adopt(None, T0, 7200) == 0 and o.counters["adoption: no zone transfer"] == 1
 
 
 def test_device_updates_may_not_touch_the_owner_name_nor_anything_under_tunneld() -> None:

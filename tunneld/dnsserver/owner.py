@@ -30,6 +30,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.NS
 import dns.rdtypes.ANY.TXT
 import dns.update
 
@@ -38,9 +39,10 @@ from tunneld.dnsserver.store import Change, RRsetRemoval, ZoneStore, canonical
 from tunneld.proto.dnsguard import check, from_checked
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, find_tsig, sign, verify
+from tunneld.proto.xfr import Full, TransferReader, TransferResult, transfer_query
 
 __all__ = ["OWNER_META", "RESERVED_LABEL", "ClaimFailed", "LeaseOwner", "OwnerConflict", "claim",
-           "owner_name", "reserved", "watching"]
+           "owner_name", "reserved", "take_over", "watching"]
 
 log = logging.getLogger(__name__)
 
@@ -242,34 +244,56 @@ class LeaseOwner:
     def refused(self) -> None:
         self.counters["update refused: not the lease owner"] += 1
 
-    def adopt(self, now: float, lease: int) -> int:
-        """After a take-over, once the replica is current: every record without a lease that a device
-        could have added (not the server's, not under ``_tunneld``) gets ``lease`` seconds, so that a
-        device that renews through this front keeps it and one that never does goes. The count."""
-        below = "." + canonical(dns.name.Name((RESERVED_LABEL,)).concatenate(self.store.zone))
+    def adoption_query(self, now: float) -> TransferReader:
+        """The AXFR whose records :meth:`adopt` takes (the whole zone as the primary holds it)."""
+        return TransferReader(transfer_query(self.store.zone, self.key, self._id(), now, None), self.key)
+
+    def adopt(self, result: TransferResult | None, now: float, lease: int) -> int:
+        """After a take-over, once the replica is current: each record of the primary's zone (``result``,
+        the answer to :meth:`adoption_query`) that a device could have added and that has no lease in our
+        store gets ``lease`` seconds, so that a device that renews through this front keeps it and one that
+        never does goes. Not adopted: the apex, NS records and their targets' addresses (the zone's own
+        data), the server's records, anything under ``_tunneld``. The count."""
+        if not isinstance(result, Full):
+            self.counters["adoption: no zone transfer"] += 1
+            log.error("zone %s: taken over, but the primary's zone could not be read: no record adopted; the "
+                      "records the other front leased stay until deleted by hand", self.store.zone)
+            return 0
+        zone = self.store.zone
+        static = {rec.rdata.target for rec in result.records if rec.rdtype == dns.rdatatype.NS
+                  and isinstance(rec.rdata, dns.rdtypes.ANY.NS.NS)}
+        static |= {rec.owner for rec in result.records if rec.rdtype == dns.rdatatype.NS}
+        keys = {(canonical(rec.owner), rec.rdtype, rec.rdata.to_digestable(zone)) for rec in result.records
+                if rec.owner != zone and rec.owner not in static and not reserved(rec.owner, zone)
+                and not self.store.is_protected(rec.owner, rec.rdtype)}
         count = 0
 
         def give(db: sqlite3.Connection) -> bool:
             nonlocal count
-            rows = db.execute("SELECT owner, rdtype FROM records WHERE expires IS NULL").fetchall()
-            for owner, rdtype in rows:
-                name = dns.name.from_text(owner)
-                if ("." + owner).endswith(below) or self.store.is_protected(name, rdtype):
-                    continue
-                count += db.execute("UPDATE records SET expires=? WHERE owner=? AND rdtype=? AND expires IS "
-                                    "NULL", (now + lease, owner, rdtype)).rowcount
+            for key in keys:
+                count += db.execute("UPDATE records SET expires=? WHERE owner=? AND rdtype=? AND rdata=? AND "
+                                    "expires IS NULL", (now + lease, *key)).rowcount
             return False
 
         self.store.replica_apply(give)
-        if count:
-            self.counters["records adopted"] += count
-            log.warning("zone %s: taken over; %d record(s) without a lease adopted with a lease of %d s",
-                        self.store.zone, count, lease)
+        self.counters["records adopted"] += count
+        log.warning("zone %s: taken over; %d record(s) without a lease adopted with a lease of %d s",
+                    zone, count, lease)
         return count
+
+
+class TransferLink(Protocol):
+    async def transfer(self, reader: TransferReader, clock: Callable[[], float]) -> TransferResult | None: ...
 
 
 class Exchange(Protocol):
     async def __call__(self, forward: Forward, /) -> bytes | None: ...
+
+
+async def take_over(owner: LeaseOwner, link: TransferLink, lease: int, clock: Callable[[], float]) -> int:
+    """After a take-over claim: the primary's zone read and its records without a lease adopted."""
+    reader = owner.adoption_query(clock())
+    return owner.adopt(await link.transfer(reader, clock), clock(), lease)
 
 
 async def claim(owner: LeaseOwner, exchange: Exchange, clock: Callable[[], float]) -> None:

@@ -51,7 +51,7 @@ from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.front import Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
-from tunneld.dnsserver.owner import LeaseOwner, claim, watching
+from tunneld.dnsserver.owner import LeaseOwner, claim, take_over, watching
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
@@ -457,7 +457,7 @@ async def serve(
                 await claim(owner, server.link.exchange, time.time)
                 if owner.take_over:  # the replica made current, then its records without a lease adopted
                     await server.zone_changed(await server.feed.check(), time.time())
-                    owner.adopt(time.time(), core.policy.max_lease)
+                    await take_over(owner, server.link, core.policy.max_lease, time.time)
             except BaseException:
                 for sock in (udp, tcp_sock, *stun_socks, *([tls_sock] if tls_sock else [])):
                     sock.close()
