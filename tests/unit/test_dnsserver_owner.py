@@ -403,3 +403,16 @@ def test_serve_refuses_to_start_when_another_front_owns_the_zone() -> None:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_failed_prerequisite_with_our_own_claim_there_is_ours() -> None:
+    """A primary that compares TXT prerequisites in its own way: what it holds decides."""
+    primary, s = ClaimPrimary(), store()
+    o = owner(s)
+    run_claim(o, primary)
+    strict = ClaimPrimary()
+    strict.txt = list(primary.txt)
+    strict._update = lambda msg: dns.rcode.NXRRSET  # type: ignore[method-assign]
+    again = owner(s)
+    run_claim(again, strict)
+    assert again.claimed and strict.queries == 1 and again.counters["claimed (held already)"] == 1

@@ -206,15 +206,21 @@ class LeaseOwner:
             return Send(claim_query(self.store.zone, self._id(), self.key, now), query=True)
         raise ClaimFailed(f"the answer {dns.rcode.to_text(dns.rcode.Rcode.make(rcode))}")
 
-    def query_reply(self, send: Send, reply: bytes | None, now: float) -> Send:
+    def query_reply(self, send: Send, reply: bytes | None, now: float) -> Send | None:
         """The primary's TXT at the owner name: none (the primary lost it, e.g. a zone made anew) makes a
-        first claim once more; another front's raises :class:`OwnerConflict`."""
+        first claim once more; exactly ours (a server that compares TXT prerequisites otherwise) is ours:
+        None; another front's raises :class:`OwnerConflict`."""
         if reply is None:
             raise ClaimFailed("no answer to the owner query")
         try:
             claims = read_claims(reply, send.forward, self.store.zone, self.key, now)
         except ParseError as e:
             raise ClaimFailed(f"a bad answer to the owner query ({e})") from None
+        if claims == [self.claim]:
+            self.claimed = True
+            self.counters["claimed (held already)"] += 1
+            log.info("zone %s: this front owns its leases (%s)", self.store.zone, describe(self.claim))
+            return None
         if not claims and self._mode == "again":
             self._mode = "first"
             return Send(claim_update(self.store.zone, self.claim, "first", self._id(), self.key, now))
