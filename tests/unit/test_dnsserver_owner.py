@@ -8,12 +8,14 @@ of RFC 2136 §3.2 on the owner's TXT RRset, applies the update section and signs
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -416,3 +418,70 @@ def test_a_failed_prerequisite_with_our_own_claim_there_is_ours() -> None:
     again = owner(s)
     run_claim(again, strict)
     assert again.claimed and strict.queries == 1 and again.counters["claimed (held already)"] == 1
+
+
+# ---- serve-dns: the owner handed to the server, and its refusals as exit codes -------------------------
+
+
+class _Served(Exception):
+    """The fake serve's way out of serve-dns once started."""
+
+
+def _serve_dns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str,
+               raises: BaseException | None = None) -> tuple[int, dict[str, Any]]:
+    import tunneld.dnsserver.serve
+    from tunneld.cli import main, tsig_stanza
+
+    seen: dict[str, Any] = {}
+
+    async def fake(*args: object, owner: Any = None, task_status: Any = trio.TASK_STATUS_IGNORED,
+                   **kwargs: object) -> None:
+        seen["owner"] = owner
+        if raises is not None:
+            raise raises  # before readiness, as the claim does
+        task_status.started()
+        raise _Served
+
+    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", fake)
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    secret.chmod(0o600)
+    key = tmp_path / "front.key"
+    key.write_text(tsig_stanza(f"front.{DOMAIN}", bytes(range(100, 132))))
+    argv = ["serve-dns", "--zone", DOMAIN, "--secret-file", str(secret), "--db", str(tmp_path / "db.sqlite"),
+            "--listen", "127.0.0.1:5353", "--user", "root", *extra]
+    try:
+        return main(argv), seen
+    except BaseException as e:
+        if isinstance(e, _Served) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_Served) is not None):
+            return -1, seen
+        raise
+
+
+def primary_args(tmp_path: Path) -> list[str]:
+    return ["--primary", "127.0.0.1:53", "--primary-key", str(tmp_path / "front.key")]
+
+
+def test_serve_dns_hands_the_owner_over_with_take_over(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, seen = _serve_dns(tmp_path, monkeypatch, *primary_args(tmp_path), "--take-over")
+    assert code == -1 and isinstance(seen["owner"], LeaseOwner) and seen["owner"].take_over
+    code, seen = _serve_dns(tmp_path, monkeypatch, *primary_args(tmp_path))
+    assert code == -1 and not seen["owner"].take_over
+    code, seen = _serve_dns(tmp_path, monkeypatch)
+    assert code == -1 and seen["owner"] is None  # not a front: no claim
+
+
+def test_serve_dns_conflict_is_one_line_exit_2_and_a_failed_claim_exit_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = _serve_dns(tmp_path, monkeypatch, *primary_args(tmp_path),
+                         raises=OwnerConflict("zone example.com. has another front (front id 1 on host b)"))
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err[-1] == "tunneld: zone example.com. has another front (front id 1 on host b)"
+    code, _ = _serve_dns(tmp_path, monkeypatch, *primary_args(tmp_path), raises=ClaimFailed("no answer"))
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and "the primary 127.0.0.1:53 did not take this front's claim" in err[-1]
+    assert err[-1].startswith("tunneld: ") and "no answer" in err[-1]
+    code, _ = _serve_dns(tmp_path, monkeypatch, "--take-over")
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err[-1].startswith("tunneld: --take-over without --primary")
