@@ -12,10 +12,14 @@ as their server.
    UPDATE with a 3 s Update Lease option through the front expires, and the record leaves the secondary.
 2. The front is stopped (SIGTERM) and started again on the same database in the middle of a stream of
    signed UPDATEs, each retried by its client on SERVFAIL or timeout: every name ends on the primary
-   exactly once, and the front's replica answers each of them.
+   exactly once, and the front's replica answers each of them. A short lease set before the restart
+   survives it: the restarted front deletes its record, from the primary and so the secondary, at its end.
 3. A PowerDNS primary (gsqlite3; lab/pdns.py) behind the front instead (hosts pdns, front, device): a
    device's update through the front lands there, and an LLQ watcher of the front hears, by the NOTIFY and
    a transfer PowerDNS answers with the whole zone, of a change made on PowerDNS directly.
+4. One front per zone: a second front for the zone exits 2 with one line naming the owner and the fix;
+   with --take-over it starts and adopts the record it finds without a lease, and the first front, told
+   by NOTIFY, stops forwarding (its device gets SERVFAIL, counted).
 """
 
 from __future__ import annotations
