@@ -14,7 +14,7 @@ import itertools
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -29,6 +29,8 @@ import dns.rdatatype
 import dns.update
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.front import Front
@@ -485,3 +487,24 @@ def test_serve_dns_conflict_is_one_line_exit_2_and_a_failed_claim_exit_1(
     code, _ = _serve_dns(tmp_path, monkeypatch, "--take-over")
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and err[-1].startswith("tunneld: --take-over without --primary")
+
+
+def _genuine_answer() -> tuple[Any, bytes]:
+    from tunneld.dnsserver.owner import claim_query
+    primary = ClaimPrimary()
+    primary.txt = [dns.rdata.from_text("IN", "TXT", '"id=00" "host=a"')]
+    q = claim_query(ZONE, 7, FRONT, T0)
+    return q, primary.answer(q.wire, T0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_read_claims_raises_only_parse_error(data: st.DataObject) -> None:
+    q, good = _genuine_answer()
+    wire = data.draw(st.one_of(
+        st.binary(max_size=600),
+        st.builds(lambda i, b: good[:i] + bytes([b]) + good[i + 1:],
+                  st.integers(0, len(good) - 1), st.integers(0, 255)),
+        st.integers(0, len(good)).map(lambda n: good[:n])))
+    with suppress(ParseError):
+        read_claims(wire, q, ZONE, FRONT, T0)

@@ -99,12 +99,12 @@ def claim_update(zone: dns.name.Name, rdata: dns.rdata.Rdata, mode: str, msg_id:
     name = owner_name(zone)
     upd = dns.update.UpdateMessage(zone, id=msg_id)
     if mode == "first":
-        upd.absent(name, dns.rdatatype.TXT)
-        upd.add(name, OWNER_TTL, rdata)
+        upd.absent(name, dns.rdatatype.TXT)  # RFC 2136 §2.4.3: class NONE, TTL 0, no RDATA
+        upd.add(name, OWNER_TTL, rdata)  # §2.5.1
     elif mode == "again":
-        upd.present(name, rdata)
+        upd.present(name, rdata)  # §2.4.2: class IN, TTL 0, our RDATA
     elif mode == "take-over":
-        upd.replace(name, OWNER_TTL, rdata)
+        upd.replace(name, OWNER_TTL, rdata)  # §2.5.2 (class ANY: the RRset deleted), then §2.5.1
     else:
         raise ValueError(f"claim mode {mode!r}")
     wire, mac = sign(upd.to_wire(), key, int(now))
