@@ -144,10 +144,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         tls = (str(tls_listen.host), tls_listen.port, server_context(secret, zone, names, int(time.time())))
         renew_leaf = functools.partial(_renew_leaf, tls[2], secret, zone, names)
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
-    front = None
+    front = owner = None
     if primary is not None:
+        import socket
+
         from tunneld.dnsserver.front import Front
+        from tunneld.dnsserver.owner import LeaseOwner
         front = Front(store, primary[1], primary[0])
+        owner = LeaseOwner(store, primary[1], host=socket.gethostname(), take_over=args.take_over)
+    elif args.take_over:
+        store.close()
+        raise UsageError("--take-over without --primary: it takes a zone's leases over from another front")
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -156,7 +163,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                 await nursery.start(functools.partial(serve, core, str(listen.host), listen.port,
                                                       llq=LLQServer(core), rrl=rrl, stun_ports=stun_ports,
                                                       metrics=metrics, tls=tls, front=front,
-                                                      primary_check=args.primary_check,
+                                                      primary_check=args.primary_check, owner=owner,
                                                       after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 if renew_leaf is not None:
@@ -176,6 +183,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             if failure is not None:
                 print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
                 return EXIT_FAILURE
+        from tunneld.dnsserver.owner import ClaimFailed, OwnerConflict
+        conflict = _first(e, OwnerConflict)
+        if conflict is not None:
+            print(f"tunneld: {_one_line(conflict)}", file=sys.stderr)
+            return EXIT_USAGE
+        unclaimed = _first(e, ClaimFailed)
+        if unclaimed is not None:
+            print(f"tunneld: the primary {args.primary} did not take this front's claim of zone {zone}'s "
+                  f"leases: {_one_line(unclaimed)}; check that it runs and grants the front key updates",
+                  file=sys.stderr)
+            return EXIT_FAILURE
         dropped = _first(e, PrivilegeError) or _first(e, unprivileged.DatabaseNotWritable)
         if dropped is not None:
             print(f"tunneld: {_one_line(dropped)}", file=sys.stderr)
@@ -368,6 +386,9 @@ def add_parser(sub: Any) -> None:
     serve_dns.add_argument("--primary-check", metavar="SECONDS", type=_positive_seconds,
                            help="front mode: ask the primary's SOA serial this often (default 30), so that "
                                 "a change whose NOTIFY was lost still reaches the LLQ and DNS Push watchers")
+    serve_dns.add_argument("--take-over", action="store_true",
+                           help="front mode: take the zone's leases over from another front whose machine is "
+                                "gone for good (records without a lease here get the longest lease)")
     serve_dns.add_argument("--user", default="tunneld",
                            help="run as this user once the ports are bound (default tunneld; root: no drop)")
     serve_dns.add_argument("--verbose", "-v", action="store_true", help="our debug logging")

@@ -52,6 +52,7 @@ from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.front import Forward, Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.owner import LeaseOwner, claim, take_over, watching
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
@@ -129,6 +130,7 @@ class _Server:
         self.link: PrimaryLink | None = None
         self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
         self.tasks: trio.Nursery | None = None  # for the LLQ events of a late answer from the primary
+        self.owner: LeaseOwner | None = None  # front mode: our claim of the zone's leases (owner.py)
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -160,6 +162,11 @@ class _Server:
     async def forward(self, update: CheckedUpdate, wire: bytes) -> tuple[bytes | None, LLQOutput]:
         """Front mode: the checked update forwarded to the primary, and the device's reply."""
         assert self.front is not None and self.link is not None
+        if self.owner is not None and self.owner.lost:  # another front took the zone over: no fighting
+            self.owner.refused()
+            now = time.time()
+            reply = self.core.commit(update, dns.rcode.SERVFAIL, now, remember=False)
+            return reply, self._after(wire, reply, now)
         fwd = self.front.forward(update, time.time())
         if fwd is None:  # a copy of one still with the primary: silence, the client retransmits
             self._count(wire, None)
@@ -335,7 +342,8 @@ class _Server:
         assert self.front is not None and self.link is not None
         failed = False
         while True:
-            deadline = None if failed else self.front.deadline()
+            lost = self.owner is not None and self.owner.lost  # another front's leases now: none deleted
+            deadline = None if failed or lost else self.front.deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
                                                                   SWEEP_MAX_SLEEP)
             self.wake = trio.Event()
@@ -343,7 +351,7 @@ class _Server:
                 await self.wake.wait()  # an update arrived: recompute the next expiry
             try:
                 failed = False
-                deletion = self.front.due_deletion(time.time())
+                deletion = None if lost else self.front.due_deletion(time.time())
                 if deletion is None:
                     continue
                 reply = await self.link.exchange(deletion.forward)
@@ -398,6 +406,7 @@ async def serve(
     tls: tuple[str, int, ssl.SSLContext] | None = None,
     front: Front | None = None,
     primary_check: float | None = None,
+    owner: LeaseOwner | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -409,7 +418,8 @@ async def serve(
     (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there; the primary's
     changes come back by NOTIFY, a serial check every ``primary_check`` seconds (default
     :data:`~tunneld.dnsserver.feed.SOA_CHECK_INTERVAL`) and zone transfers
-    (:mod:`tunneld.dnsserver.feed`).
+    (:mod:`tunneld.dnsserver.feed`). With ``owner`` the front first claims the zone's leases on the primary
+    (:mod:`tunneld.dnsserver.owner`: OwnerConflict or ClaimFailed before readiness if it cannot).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -449,11 +459,23 @@ async def serve(
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
         feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
-        server.feed = FeedTask(feed, server.link, server.zone_changed)
+        server.feed = FeedTask(feed, server.link, server.zone_changed if owner is None
+                               else watching(owner, server.zone_changed))
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
     try:
+        if owner is not None and server.feed is not None and server.link is not None:
+            server.owner = owner
+            try:
+                await claim(owner, server.link.exchange, time.time)
+                if owner.take_over:  # the replica made current, then its records without a lease adopted
+                    await server.zone_changed(await server.feed.check(), time.time())
+                    await take_over(owner, server.link, core.policy.max_lease, time.time)
+            except BaseException:
+                for sock in (udp, tcp_sock, *stun_socks, *([tls_sock] if tls_sock else [])):
+                    sock.close()
+                raise
         async with trio.open_nursery() as nursery:
             server.tasks = nursery
             if server.link is not None:
@@ -488,7 +510,8 @@ async def serve(
                                ("stun", server.stun_counters + server.stun_rrl.counters),
                                ("front", (front.counters if front is not None else Counter())
                                 + (server.link.counters if server.link is not None else Counter())),
-                               ("change feed", server.feed.feed.counters if server.feed else Counter())):
+                               ("change feed", server.feed.feed.counters if server.feed else Counter()),
+                               ("lease owner", owner.counters if owner is not None else Counter())):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 
