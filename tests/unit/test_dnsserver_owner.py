@@ -32,6 +32,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tunneld.dnsserver import owner as owner_module
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.front import Front
 from tunneld.dnsserver.owner import (
@@ -347,10 +348,16 @@ class TcpPrimary(ClaimPrimary):
                     await stream.send_all(frame(resp.to_wire()))
 
 
-async def _start(nursery: trio.Nursery, primary: TcpPrimary, s: ZoneStore, o: LeaseOwner) -> int:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0, host="127.0.0.1"))
+async def _start(nursery: trio.Nursery, primary: TcpPrimary, s: ZoneStore, o: LeaseOwner,
+                 down_at: int | None = None) -> int:
+    """serve-dns's front for ``primary`` (``down_at``: a port where no primary listens yet)."""
+    primary_port = down_at
+    if primary_port is None:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0,
+                                                          host="127.0.0.1"))
+        primary_port = listeners[0].socket.getsockname()[1]
     core = DnsCore(s, [ACCOUNT], Policy(min_lease=1))
-    front = Front(s, FRONT, ("127.0.0.1", listeners[0].socket.getsockname()[1]))
+    front = Front(s, FRONT, ("127.0.0.1", primary_port))
     for _ in range(5):
         port = free_port()
         try:
@@ -390,6 +397,33 @@ def test_serve_claims_first_and_a_front_that_lost_its_claim_forwards_and_deletes
                 # A negative: the 1 s lease of fd00::1 ends, and no deletion may reach the primary.
                 await trio.sleep(1.5)
                 assert primary.forwards == 1 and o.counters["update refused: not the lease owner"] == 1
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_front_whose_primary_is_down_at_start_serves_refusing_updates_and_claims_once_it_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(owner_module, "CLAIM_RETRY_FIRST", 0.1)
+
+    async def main() -> None:
+        primary, s = TcpPrimary(), store()
+        o = owner(s)
+        down = free_port()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port = await _start(nursery, primary, s, o, down_at=down)
+                assert not o.claimed and not o.serving  # started all the same
+                assert (await _update(port, "fd00::1")).rcode() == dns.rcode.SERVFAIL
+                assert o.counters["update refused: the claim not answered yet"] == 1 and primary.forwards == 0
+                assert o.check(time.time()) and not o.lost  # a feed delivery before the claim loses nothing
+                await nursery.start(functools.partial(trio.serve_tcp, primary.handler, down,
+                                                      host="127.0.0.1"))
+                while not o.claimed:  # asked again with the backoff (bounded by fail_after)
+                    await trio.sleep(0.05)
+                assert primary.txt == [o.claim] and o.serving
+                assert (await _update(port, "fd00::2")).rcode() == dns.rcode.NOERROR
+                assert primary.forwards == 1
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

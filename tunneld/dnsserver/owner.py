@@ -33,6 +33,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.NS
 import dns.rdtypes.ANY.TXT
 import dns.update
+import trio
 
 from tunneld.dnsserver.front import Forward, read_reply
 from tunneld.dnsserver.store import Change, RRsetRemoval, ZoneStore, canonical
@@ -52,6 +53,10 @@ OWNER_LABEL: Final = "_lease-owner"
 OWNER_META: Final = "lease-owner"
 """The store's ``meta`` row holding our claim: the TXT RDATA in presentation form."""
 OWNER_TTL: Final = 60
+CLAIM_RETRY_FIRST: Final = 2.0
+CLAIM_RETRY_MAX: Final = 60.0
+"""A claim the primary did not answer (it is down, or not reachable yet) is asked again after
+CLAIM_RETRY_FIRST seconds, doubling up to CLAIM_RETRY_MAX; the front serves meanwhile, refusing updates."""
 MAX_ANSWER: Final = 4096
 """Bytes of the primary's answer to our TXT query read: a claim is one TXT of some 60 bytes."""
 
@@ -62,6 +67,10 @@ class OwnerConflict(Exception):
 
 class ClaimFailed(Exception):
     """The primary did not take or answer the claim."""
+
+
+class ClaimUnanswered(ClaimFailed):
+    """The primary did not answer the claim (down, or unreachable): worth asking again."""
 
 
 def owner_name(zone: dns.name.Name) -> dns.name.Name:
@@ -168,6 +177,11 @@ class LeaseOwner:
         self.counters: Counter[str] = Counter()
 
     @property
+    def serving(self) -> bool:
+        """The zone's leases are ours: updates are forwarded and expired records deleted."""
+        return self.claimed and not self.lost
+
+    @property
     def name(self) -> dns.name.Name:
         return owner_name(self.store.zone)
 
@@ -192,7 +206,7 @@ class LeaseOwner:
     def claim_reply(self, send: Send, reply: bytes | None, now: float) -> Send | None:
         """None: the zone is ours. A Send: ask the primary whose claim stopped ours."""
         if reply is None:
-            raise ClaimFailed("no answer")
+            raise ClaimUnanswered("no answer")
         try:
             rcode = read_reply(reply, send.forward, self.key, now)
         except (ParseError, TsigError) as e:
@@ -211,7 +225,7 @@ class LeaseOwner:
         first claim once more; exactly ours (a server that compares TXT prerequisites otherwise) is ours:
         None; another front's raises :class:`OwnerConflict`."""
         if reply is None:
-            raise ClaimFailed("no answer to the owner query")
+            raise ClaimUnanswered("no answer to the owner query")
         try:
             claims = read_claims(reply, send.forward, self.store.zone, self.key, now)
         except ParseError as e:
@@ -235,8 +249,8 @@ class LeaseOwner:
     def check(self, now: float) -> bool:
         """After the feed applied a transfer: is the claim in the replica still ours? If not, once: log at
         error, and :attr:`lost` (the caller stops forwarding and deleting). True while it is ours."""
-        if self.lost:
-            return False
+        if self.lost or not self.claimed:  # not yet claimed (the primary was down): nothing to lose
+            return not self.lost
         held = [rr.rdata for rr in self.store.rrset(self.name, dns.rdatatype.TXT, now)]
         if held == [self.claim]:
             return True
@@ -248,7 +262,8 @@ class LeaseOwner:
         return False
 
     def refused(self) -> None:
-        self.counters["update refused: not the lease owner"] += 1
+        self.counters["update refused: not the lease owner" if self.lost
+                      else "update refused: the claim not answered yet"] += 1
 
     def adoption_query(self, now: float) -> TransferReader:
         """The AXFR whose records :meth:`adopt` takes (the whole zone as the primary holds it)."""
@@ -327,3 +342,19 @@ def watching(owner: LeaseOwner, deliver: Deliver) -> Deliver:
         await deliver(changes, now)
 
     return checked
+
+
+async def claim_later(settle: Callable[[], Awaitable[None]], zone: dns.name.Name) -> None:
+    """``settle`` (the claim, and a take-over's adoption) asked again with a backoff until the primary
+    answers; what it raises then (:class:`OwnerConflict`, another :class:`ClaimFailed`) ends the front."""
+    delay = CLAIM_RETRY_FIRST
+    while True:
+        await trio.sleep(delay)
+        try:
+            await settle()
+        except ClaimUnanswered as e:
+            delay = min(delay * 2, CLAIM_RETRY_MAX)
+            log.warning("zone %s: the primary still does not answer this front's claim (%s); again in %.0f s",
+                        zone, e, delay)
+            continue
+        return

@@ -52,7 +52,7 @@ from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.front import Forward, Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
-from tunneld.dnsserver.owner import LeaseOwner, claim, take_over, watching
+from tunneld.dnsserver.owner import ClaimUnanswered, LeaseOwner, claim, claim_later, take_over, watching
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
@@ -162,7 +162,7 @@ class _Server:
     async def forward(self, update: CheckedUpdate, wire: bytes) -> tuple[bytes | None, LLQOutput]:
         """Front mode: the checked update forwarded to the primary, and the device's reply."""
         assert self.front is not None and self.link is not None
-        if self.owner is not None and self.owner.lost:  # another front took the zone over: no fighting
+        if self.owner is not None and not self.owner.serving:  # not (or no longer) ours: no fighting
             self.owner.refused()
             now = time.time()
             reply = self.core.commit(update, dns.rcode.SERVFAIL, now, remember=False)
@@ -342,7 +342,7 @@ class _Server:
         assert self.front is not None and self.link is not None
         failed = False
         while True:
-            lost = self.owner is not None and self.owner.lost  # another front's leases now: none deleted
+            lost = self.owner is not None and not self.owner.serving  # not our leases (yet): none deleted
             deadline = None if failed or lost else self.front.deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
                                                                   SWEEP_MAX_SLEEP)
@@ -419,7 +419,8 @@ async def serve(
     changes come back by NOTIFY, a serial check every ``primary_check`` seconds (default
     :data:`~tunneld.dnsserver.feed.SOA_CHECK_INTERVAL`) and zone transfers
     (:mod:`tunneld.dnsserver.feed`). With ``owner`` the front first claims the zone's leases on the primary
-    (:mod:`tunneld.dnsserver.owner`: OwnerConflict or ClaimFailed before readiness if it cannot).
+    (:mod:`tunneld.dnsserver.owner`: OwnerConflict or ClaimFailed before readiness if it cannot; if the
+    primary does not answer, it serves, refusing updates, and claims when the primary answers).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -464,14 +465,23 @@ async def serve(
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
+    unclaimed = None
     try:
         if owner is not None and server.feed is not None and server.link is not None:
-            server.owner = owner
+            server.owner, link, feed_task = owner, server.link, server.feed
+
+            async def settle() -> None:  # the claim; after a take-over, the replica current, then adoption
+                await claim(owner, link.exchange, time.time)
+                if owner.take_over:
+                    await server.zone_changed(await feed_task.check(), time.time())
+                    await take_over(owner, link, core.policy.max_lease, time.time)
+                    server.wake.set()  # the adopted leases' deletions
             try:
-                await claim(owner, server.link.exchange, time.time)
-                if owner.take_over:  # the replica made current, then its records without a lease adopted
-                    await server.zone_changed(await server.feed.check(), time.time())
-                    await take_over(owner, server.link, core.policy.max_lease, time.time)
+                await settle()
+            except ClaimUnanswered as e:  # the primary is down: serve, refusing updates, and ask again
+                log.warning("zone %s: the primary %s port %d did not answer this front's claim of the leases "
+                            "(%s): updates are refused until it does", core.zone, *link.primary, e)
+                unclaimed = settle
             except BaseException:
                 for sock in (udp, tcp_sock, *stun_socks, *([tls_sock] if tls_sock else [])):
                     sock.close()
@@ -487,6 +497,8 @@ async def serve(
             nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
             if server.feed is not None:
                 nursery.start_soon(server.feed.run)
+            if unclaimed is not None:
+                nursery.start_soon(claim_later, unclaimed, core.zone)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
