@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 from lab.netns import Host, Lab, LabError, read_log, wait_for
-from tunneld.zoneconf import primary_stanza, secondary_stanza
+from tunneld.zoneconf import primary_stanza, secondary_stanza, server_options
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 DIG = shutil.which("dig") or "/usr/bin/dig"
@@ -53,7 +53,7 @@ options {{
     dnssec-validation no;
     allow-transfer {{ none; }};
     notify no;
-}};
+{server_options}}};
 controls {{ }};
 
 """
@@ -103,7 +103,8 @@ class Bind:
             stale.unlink()
         conf = self.dir / "named.conf"
         conf.write_text(NAMED_CONF.format(dir=self.dir, port=self.port, address=self.address,
-                                          stanza=self.stanza.strip(), domain=self.domain, key=self.key))
+                                          server_options="", stanza=self.stanza.strip(), domain=self.domain,
+                                          key=self.key))
         (self.dir / f"{self.domain}.zone").write_text(ZONE.format(domain=self.domain, address=self.address,
                                                                   extra=self.extra_zone))
         with open(self.log, "ab") as logf:  # the child keeps its own copy of the fd
@@ -305,7 +306,10 @@ class _Named(LabDnsServer):
         self._fresh_dir()
         self.keys = key_files(self.stanza, self.dir)
         conf = self.dir / "named.conf"
-        conf.write_text(OPTIONS.format(dir=self.dir, port=self.port, address=self.address) + self.stanza)
+        # The server-wide options the printed text asks for (its closing comment), in our options block.
+        wanted = "".join(f"    {o}\n" for o in server_options(self.stanza))
+        conf.write_text(OPTIONS.format(dir=self.dir, port=self.port, address=self.address,
+                                       server_options=wanted) + self.stanza)
         self._prepare()
         self._spawn([NAMED, "-g", "-n", "1", "-c", str(conf)], subprocess.DEVNULL)
 

@@ -67,7 +67,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tunneld import config_values as values
 from tunneld.config_model import (
@@ -106,6 +106,9 @@ from tunneld.proto.dnsupdate import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE
 from tunneld.proto.peer import Timers
 from tunneld.proto.portmap.natpmp_wire import NATPMP_DEFAULT_LIFETIME
 from tunneld.proto.records import check_name
+
+if TYPE_CHECKING:
+    from tunneld.device_cert import DeviceCertificates
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -184,28 +187,16 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ValueError(str(p)) from None
 
 
-CLIENT_CERT_LIFETIME: Final = 397 * 86400  # s: a fresh leaf at every load; a daemon runs for less
-CLIENT_CERT_SKEW: Final = 3600  # s: valid from before now, for a server whose clock runs behind
-
-
-def _account_tls(secret: bytes, domain: str, device: str | None) -> tuple[bytes, ClientCertificate | None]:
-    """The account CA's certificate (PEM), and for a named device its client certificate under that CA
-    with a fresh P-256 key. The CA's key is used here and not kept."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from tunneld.accountca import account_ca, issue_client, new_serial  # x509: only when TLS is used
+def _account_tls(secret: bytes, domain: str, device: str | None) -> tuple[bytes, DeviceCertificates | None]:
+    """The account CA's certificate (PEM), and for a named device its client certificates under that CA
+    (the first issued now, renewed while the daemon runs)."""
+    from tunneld.accountca import account_ca  # x509: only when TLS is used
+    from tunneld.device_cert import DeviceCertificates
 
     ca = account_ca(secret, domain)
     if device is None:
         return ca.pem, None
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = int(time.time())
-    leaf = issue_client(ca, device, key.public_key(), now - CLIENT_CERT_SKEW, now + CLIENT_CERT_LIFETIME,
-                        new_serial(os.urandom))
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return ca.pem, ClientCertificate(leaf.public_bytes(serialization.Encoding.PEM) + ca.pem, pem_key)
+    return ca.pem, DeviceCertificates(ca, device, time.time())
 
 
 class _Loader(TableReader):

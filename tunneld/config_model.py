@@ -10,13 +10,16 @@ import base64
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tunneld.crypto.aead import DEFAULT_SUITE
 from tunneld.identity import account_prefix
 from tunneld.proto.dnsupdate import DEFAULT_LEASE
 from tunneld.proto.peer import Timers
 from tunneld.proto.portmap.natpmp_wire import NATPMP_DEFAULT_LIFETIME
+
+if TYPE_CHECKING:
+    from tunneld.device_cert import DeviceCertificates
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/tunneld/tunneld.toml")
 DEFAULT_INTERFACE: Final = "btmm0"
@@ -190,7 +193,7 @@ class MetricsConfig:
 @dataclass(frozen=True, repr=False)
 class ClientCertificate:
     """A TLS client certificate (PEM: the leaf, then the account CA) and its P-256 key (PEM, PKCS#8), made
-    in memory when the config is loaded and never written anywhere; repr shows neither."""
+    in memory (tunneld.device_cert) and never written anywhere; repr shows neither."""
 
     chain: bytes
     key: bytes
@@ -222,9 +225,10 @@ class Config:
     account_ca: bytes | None = None
     """The account CA's certificate (PEM, public) when the account's transport is TLS: the one trust
     anchor of the server's certificate (tunneld.accountca)."""
-    client_certificate: ClientCertificate | None = field(default=None, repr=False)
-    """This device's TLS client certificate under the account CA, when the transport is TLS and the device
-    has a name: what proves membership to the server's DNS Push (a fresh key at every load)."""
+    client_certificate: DeviceCertificates | None = field(default=None, repr=False)
+    """This device's TLS client certificates under the account CA, when the transport is TLS and the device
+    has a name: what proves membership to the server's DNS Push (a fresh key at every load and at every
+    renewal)."""
 
     @property
     def stun_servers(self) -> tuple[StunServer, ...]:

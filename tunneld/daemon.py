@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -369,8 +370,12 @@ class Daemon:
             # member (the device's certificate); LLQ over UDP stays the fallback.
             push_at = await find_server((host, DOT_PORT), acct.domain, PUSH_TLS_SERVICE, key, algorithm,
                                         tls=tls)
-            context = client_context(self.config.account_ca, (cert.chain, cert.key),
-                                     public_ca=acct.tls_public_ca)
+            ca_pem, public_ca = self.config.account_ca, acct.tls_public_ca
+
+            def context() -> ssl.SSLContext:  # at each connection: the certificate renewed when due
+                current = cert.current(time.time())
+                return client_context(ca_pem, (current.chain, current.key), public_ca=public_ca)
+
             push = PushTransport(push_at, context, acct.domain)
         self.watcher = WatcherService(server, acct.domain, acct.name, self.config.tsig_key,
                                       self._on_watch_event, host_keys=self.known_hosts is not None,

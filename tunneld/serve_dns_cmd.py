@@ -96,7 +96,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         if not 1 <= port <= 65535 or port == listen.port:
             raise UsageError(f"bad --stun {port}: give a free UDP port from 1 to 65535 other than the "
                              f"DNS port {listen.port}, which answers STUN anyway (e.g. --stun 3478)")
-    primary = _primary(args)  # read now, as root, before the drop
+    primary = _primary(args, zone)  # read now, as root, before the drop
     max_llqs, per_key = _llq_caps(args)
     secret = load_account_secret(Path(args.secret_file))  # ConfigError: one line, exit 2
     account = unprivileged.account_for(args.user)  # PrivilegeError (no such user): exit 2
@@ -145,10 +145,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
         tls = (str(tls_listen.host), tls_listen.port, server_context(secret, zone, names, int(time.time())))
         renew_leaf = functools.partial(_renew_leaf, tls[2], secret, zone, names)
     core = DnsCore(store, keys, dataclasses.replace(policy, default_lease=args.default_lease))
-    front = None
+    front = owner = None
     if primary is not None:
+        import socket
+
         from tunneld.dnsserver.front import Front
+        from tunneld.dnsserver.owner import LeaseOwner
         front = Front(store, primary[1], primary[0])
+        owner = LeaseOwner(store, primary[1], host=socket.gethostname(), take_over=args.take_over)
+    elif args.take_over:
+        store.close()
+        raise UsageError("--take-over without --primary: it takes a zone's leases over from another front")
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -159,7 +166,7 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
                                                       rrl=rrl,
                                                       stun_ports=stun_ports,
                                                       metrics=metrics, tls=tls, front=front,
-                                                      primary_check=args.primary_check,
+                                                      primary_check=args.primary_check, owner=owner,
                                                       after_bind=functools.partial(
                                                           unprivileged.drop, account, args.user, store, db)))
                 if renew_leaf is not None:
@@ -179,6 +186,17 @@ def cmd_serve_dns(args: argparse.Namespace) -> int:
             if failure is not None:
                 print(f"tunneld: {_one_line(failure)}", file=sys.stderr)
                 return EXIT_FAILURE
+        from tunneld.dnsserver.owner import ClaimFailed, OwnerConflict
+        conflict = _first(e, OwnerConflict)
+        if conflict is not None:
+            print(f"tunneld: {_one_line(conflict)}", file=sys.stderr)
+            return EXIT_USAGE
+        unclaimed = _first(e, ClaimFailed)
+        if unclaimed is not None:
+            print(f"tunneld: the primary {args.primary} did not take this front's claim of zone {zone}'s "
+                  f"leases: {_one_line(unclaimed)}; check that it runs and grants the front key updates",
+                  file=sys.stderr)
+            return EXIT_FAILURE
         dropped = _first(e, PrivilegeError) or _first(e, unprivileged.DatabaseNotWritable)
         if dropped is not None:
             print(f"tunneld: {_one_line(dropped)}", file=sys.stderr)
@@ -251,11 +269,15 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
+def _primary(args: argparse.Namespace, zone: str) -> tuple[tuple[str, int], Any] | None:
     """--primary and --primary-key checked and read: (the primary's address, the front key), or None
-    when neither is given (the zone is served from our own store)."""
+    when neither is given (the zone is served from our own store). The key must be named
+    ``front.<zone>.``: the account key would be read, and every forward refused by the primary."""
+    import dns.name
+
     from tunneld.config import parse_endpoint
     from tunneld.dnsserver.front import MAX_KEY_FILE, read_key_stanza
+    from tunneld.proto.xfr import FRONT_KEY_LABEL
 
     if args.primary is None and args.primary_key is None:
         return None
@@ -281,6 +303,11 @@ def _primary(args: argparse.Namespace) -> tuple[tuple[str, int], Any] | None:
         key = read_key_stanza(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise UsageError(f"bad --primary-key {show(args.primary_key)}: {e}") from None
+    wanted = dns.name.from_text(f"{FRONT_KEY_LABEL}.{zone}")
+    if key.name.canonicalize() != wanted.canonicalize():
+        raise UsageError(f"bad --primary-key {show(args.primary_key)}: the key is named {key.name}, not "
+                         f"{wanted}; give the front key, which `tunneld account primary-config` prints "
+                         f"(not the account key)")
     return (str(endpoint.host), endpoint.port), key
 
 
@@ -379,6 +406,9 @@ def add_parser(sub: Any) -> None:
     serve_dns.add_argument("--primary-check", metavar="SECONDS", type=_positive_seconds,
                            help="front mode: ask the primary's SOA serial this often (default 30), so that "
                                 "a change whose NOTIFY was lost still reaches the LLQ and DNS Push watchers")
+    serve_dns.add_argument("--take-over", action="store_true",
+                           help="front mode: take the zone's leases over from another front whose machine is "
+                                "gone for good (records without a lease here get the longest lease)")
     serve_dns.add_argument("--llq-max", type=int, metavar="N",
                            help="long-lived queries held at most, half-open ones included (default 10000); "
                                 "one client address may hold a quarter of them")

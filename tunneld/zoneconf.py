@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from typing import Final
 
 from tunneld.config_values import show
 from tunneld.crypto.kdf import normalize_domain
@@ -28,6 +29,28 @@ def key_stanza(name: str, tsig_key: bytes) -> str:
 
 
 Server = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+
+PRIMARY_OPTIONS: Final = ("notify-rate 1000;",)
+"""Server-wide options a primary needs (named.conf's options block: no zone statement takes them). BIND
+applies a rate above 10/s as batches of 10 every 10/rate seconds, and a NOTIFY queued while idle waits for
+the next batch: 500 ms at the default 20/s, 10 ms at 1000/s (docs/rendezvous.md, "The secondary's lag")."""
+SECONDARY_OPTIONS: Final = ("serial-query-rate 1000;",)
+"""The same for a secondary: its SOA query and transfer after a NOTIFY go through that rate limiter too."""
+_OPTIONS_NOTE: Final = "// and in named.conf's options { } block (server-wide: no zone statement takes it):\n"
+
+
+def options_note(options: tuple[str, ...]) -> str:
+    """The comment lines after a stanza that name the server-wide ``options`` to set (named.conf comments:
+    the text stays one that named-checkconf accepts as it is)."""
+    return _OPTIONS_NOTE + "".join(f"//\t{o}\n" for o in options)
+
+
+def server_options(stanza: str) -> list[str]:
+    """The options an :func:`options_note` in ``stanza`` names (what the lab puts in its options block)."""
+    lines = stanza.splitlines(keepends=True)
+    if _OPTIONS_NOTE not in lines:
+        return []
+    return [line[3:].strip() for line in lines[lines.index(_OPTIONS_NOTE) + 1:] if line.startswith("//\t")]
 
 
 def check_zone_file(path: str) -> str:
@@ -60,6 +83,7 @@ def primary_stanza(domain: str, front: bytes, notify: list[Server], zone_file: s
         f"\tnotify-delay 0;\n"
         f"\talso-notify {{ {targets} }};\n"
         f"}};\n"
+        + options_note(PRIMARY_OPTIONS)
     )
 
 
@@ -79,6 +103,7 @@ def secondary_stanza(domain: str, account: bytes, front: bytes, primary: Server,
         f"\tallow-transfer {{ none; }};\n"
         f"\tnotify no;\n"
         f"}};\n"
+        + options_note(SECONDARY_OPTIONS)
     )
 
 

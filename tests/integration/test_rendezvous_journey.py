@@ -12,10 +12,14 @@ as their server.
    UPDATE with a 3 s Update Lease option through the front expires, and the record leaves the secondary.
 2. The front is stopped (SIGTERM) and started again on the same database in the middle of a stream of
    signed UPDATEs, each retried by its client on SERVFAIL or timeout: every name ends on the primary
-   exactly once, and the front's replica answers each of them.
+   exactly once, and the front's replica answers each of them. A short lease set before the restart
+   survives it: the restarted front deletes its record, from the primary and so the secondary, at its end.
 3. A PowerDNS primary (gsqlite3; lab/pdns.py) behind the front instead (hosts pdns, front, device): a
    device's update through the front lands there, and an LLQ watcher of the front hears, by the NOTIFY and
    a transfer PowerDNS answers with the whole zone, of a change made on PowerDNS directly.
+4. One front per zone: a second front for the zone exits 2 with one line naming the owner and the fix;
+   with --take-over it starts and adopts the record it finds without a lease, and the first front, told
+   by NOTIFY, stops forwarding (its device gets SERVFAIL, counted).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ ACCOUNT = f"{DOMAIN}."
 # option of LEASE seconds), one at a time, retrying each on SERVFAIL, timeout or a refused connection (up
 # to 60 tries, 1 s each), and prints {"name", "rcode", "tries"} per name; before the PAUSE-th name (from
 # 0; -1: never) it prints {"paused": PAUSE} and waits for a line on its stdin (the test's cue).
+# `once SERVER PORT KEY LEASE NAME` sends one such UPDATE, without retries, and prints {"rcode"}.
 # `query SERVER PORT KEY NAME...` prints {"name", "rcode", "answers"} per name for signed A queries.
 # KEY is dig's -y form, hmac-sha256:NAME:B64.
 CLIENT = r"""
@@ -91,6 +96,12 @@ if mode == "update":
             if rcode != "SERVFAIL":
                 break
         print(json.dumps({"name": name, "rcode": rcode, "tries": tries}), flush=True)
+elif mode == "once":
+    u = dns.update.UpdateMessage("%ZONE%", keyring=ring, keyname=kname, keyalgorithm=alg)
+    u.add(dns.name.from_text(rest[1]), 60, "A", "192.0.2.201")
+    u.use_edns(0, options=[dns.edns.GenericOption(2, struct.pack("!I", int(rest[0])))])
+    r = dns.query.udp(u, server, port=port, timeout=5.0)
+    print(json.dumps({"rcode": dns.rcode.to_text(r.rcode())}), flush=True)
 else:
     for name in rest:
         q = dns.message.make_query(name, "A")
@@ -219,6 +230,7 @@ def test_devices_meet_through_the_front_while_the_secondary_serves_signed_querie
 
 
 N = 40
+BRIEF = 10  # seconds: a lease set before the restart that ends after it
 
 
 def test_the_front_restarted_during_updates_loses_and_duplicates_nothing(journey: Journey) -> None:
@@ -233,11 +245,19 @@ def test_the_front_restarted_during_updates_loses_and_duplicates_nothing(journey
         assert line, f"the client ended early (rc {client.poll()})\n{j.diagnose()}"
         results.append(json.loads(line))
     assert json.loads(client.stdout.readline()) == {"paused": N // 4}
+    # A short lease, set before the restart: the restarted front must delete its record when it ends.
+    brief = f"brief.{DOMAIN}"
+    r = j.lab.run(j.laptop_h, [sys.executable, "-c", CLIENT, "update", *map(str, j.front_at),
+                               dig_key(j.secret), str(BRIEF), "-1", brief], timeout=90)
+    assert json.loads(r.stdout)["rcode"] == "NOERROR", (r.stdout, j.diagnose())
+    leased = time.monotonic()
     j.front.send_signal(signal.SIGTERM)
     client.stdin.write("go\n")  # the stream goes on while the front stops, is down, and starts again
     client.stdin.flush()
     assert j.front.wait(timeout=10) == 0, j.diagnose()
+    mark = j.log.stat().st_size
     j.start_front()
+    assert time.monotonic() - leased < BRIEF - 1, "the restart took longer than the short lease"
     out, _ = client.communicate(timeout=120)
     results += [json.loads(line) for line in out.splitlines()]
     assert [r["name"] for r in results] == names
@@ -257,6 +277,18 @@ def test_the_front_restarted_during_updates_loses_and_duplicates_nothing(journey
         got = [json.loads(line) for line in r.stdout.splitlines()]
         return all(g["rcode"] == "NOERROR" and g["answers"] == ["192.0.2.200"] for g in got) and len(got) == N
     wait_for(replica_agrees, timeout=CHECK + 5, interval=0.5, what="the front's replica to hold every name")
+
+    # The lease set before the restart survived it: the restarted front deletes the record at its end,
+    # on the primary and so on the secondary, and not before.
+    def brief_gone() -> bool:
+        return j.primary.query(brief, "A", FRONT)[1] == [] and at_secondary(j, brief, "A")[0] == "NXDOMAIN"
+    try:
+        wait_for(brief_gone, timeout=BRIEF + 10, interval=0.2, what="the short lease's record to be deleted")
+    except LabError as e:
+        raise AssertionError(f"{e}\n{j.diagnose()}") from None
+    assert time.monotonic() - leased >= BRIEF - 1  # not before its lease ended
+    after = j.log.read_bytes()[mark:].decode(errors="replace")
+    assert f"lease expired: {brief}. type 1" in after, after[-3000:]
 
 
 PDNS_CHECK = 6  # long enough that an event within 2.5 s of a change came by NOTIFY
@@ -318,3 +350,48 @@ def test_a_powerdns_primary_behind_the_front(tmp_path: Path) -> None:
             exit_on_signal(front, signal.SIGTERM, log, "serve-dns")
             counters = next((x for x in log.read_text().splitlines() if "change feed:" in x), "")
             assert "notify" in counters and "transfer: IXFR" in counters, log.read_text()[-3000:]
+
+
+SECOND_PORT = 5354
+
+
+def test_a_second_front_is_refused_and_one_taking_over_stops_the_first(journey: Journey) -> None:
+    """One front per zone (docs/protocol.md, "One front per zone"): a second front for the zone exits 2
+    with one line naming the owner and the fix; with --take-over it starts, adopts the record it finds
+    without a lease, and the first front, told by the primary's NOTIFY, stops forwarding: its device gets
+    SERVFAIL, counted."""
+    j = journey
+
+    def once(at: tuple[str, int], name: str) -> str:
+        r = j.lab.run(j.laptop_h, [sys.executable, "-c", CLIENT, "once", *map(str, at), dig_key(j.secret),
+                                   "3600", name], timeout=30)
+        return str(json.loads(r.stdout)["rcode"])
+
+    assert once(j.front_at, f"before.{DOMAIN}") == "NOERROR"
+    second = j.dir / "second"
+    second.mkdir()
+    argv = [TUNNELD, "serve-dns", "--zone", DOMAIN, "--secret-file", str(j.secret), "--listen",
+            f"{j.front_at[0]}:{SECOND_PORT}", "--db", str(second / "dns.sqlite"), "--user", "root",
+            *j.front_args]
+    r = j.lab.run(j.front_host, argv, check=False, timeout=30)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("tunneld: ")]  # (--verbose logs on stderr too)
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr, r.stdout)
+    assert f"zone {DOMAIN}. has another front (front id " in lines[0], lines
+    assert "stop that front" in lines[0] and "serve-dns --take-over" in lines[0], lines
+
+    taker = serve_dns(j.lab, Node(j.front_host, second / "node", j.front_at[0]), j.secret, second,
+                      (j.front_at[0], SECOND_PORT), extra=[*j.front_args, "--take-over"])
+    taker_log = (second / "serve-dns.log").read_text()
+    assert "1 record(s) without a lease adopted" in taker_log, taker_log[-3000:]
+    try:
+        wait_for(lambda: "another front took over its leases" in j.log.read_text(), timeout=5, interval=0.1,
+                 what="the first front to learn of the take-over (NOTIFY)")
+    except LabError as e:
+        raise AssertionError(f"{e}\n{j.diagnose()}") from None
+    assert once(j.front_at, f"after.{DOMAIN}") == "SERVFAIL"
+    assert j.primary.query(f"after.{DOMAIN}", "A", FRONT) == ("NXDOMAIN", [])  # never forwarded
+    assert once((j.front_at[0], SECOND_PORT), f"taken.{DOMAIN}") == "NOERROR"
+    exit_on_signal(j.front, signal.SIGTERM, j.log, "serve-dns")
+    counters = next((x for x in j.log.read_text().splitlines() if "lease owner:" in x), "")
+    assert "update refused: not the lease owner 1" in counters and "claim lost 1" in counters, counters
+    exit_on_signal(taker, signal.SIGTERM, second / "serve-dns.log", "serve-dns")

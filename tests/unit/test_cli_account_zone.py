@@ -77,6 +77,8 @@ def test_primary_config(secret: Path, capsys: pytest.CaptureFixture[str]) -> Non
         "2001:db8::3 port 53 key front.home.example.net.; "
         "2001:db8::4 port 5353 key front.home.example.net.; };\n"
         "};\n"
+        "// and in named.conf's options { } block (server-wide: no zone statement takes it):\n"
+        "//\tnotify-rate 1000;\n"
     )
     # The account key (the devices') is not on the primary: only the front writes there.
     assert b64(derive_tsig_key(SECRET, "home.example.net")) not in out
@@ -101,6 +103,8 @@ def test_secondary_config(secret: Path, capsys: pytest.CaptureFixture[str]) -> N
         "\tallow-transfer { none; };\n"
         "\tnotify no;\n"
         "};\n"
+        "// and in named.conf's options { } block (server-wide: no zone statement takes it):\n"
+        "//\tserial-query-rate 1000;\n"
     )
 
 
@@ -222,3 +226,24 @@ def test_the_lab_writes_what_the_cli_prints(secret: Path, capsys: pytest.Capture
                        capsys)
     account = derive_tsig_key(SECRET, "home.example.net")
     assert secondary_config("home.example.net", account, front(), ("2001:db8::2", 5353), work) == second
+
+
+@pytest.mark.skipif(shutil.which("named-checkconf") is None, reason="BIND's named-checkconf is not installed")
+def test_the_server_options_the_note_names_are_bind_options(secret: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The closing comment of each stanza names the server-wide options (the lab sets what it reads back
+    from it); BIND takes them in an options block, and not in a zone statement."""
+    from tunneld.zoneconf import server_options
+    wanted = {"primary-config": ["notify-rate 1000;"], "secondary-config": ["serial-query-rate 1000;"]}
+    for command, where in (("primary-config", ["--front", "192.0.2.10"]),
+                           ("secondary-config", ["--primary", "192.0.2.2"])):
+        _, out, _ = run(["account", command, "home.example.net", "--secret-file", str(secret), *where],
+                        capsys)
+        options = server_options(out)
+        assert options == wanted[command]
+        conf = tmp_path / "named.conf"
+        conf.write_text("options {\n" + "".join(f"\t{o}\n" for o in options) + "};\n" + out)
+        r = subprocess.run(["named-checkconf", str(conf)], capture_output=True, text=True, timeout=30,
+                           check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert server_options("zone x { };\n") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -652,16 +653,18 @@ def test_a_tls_account_carries_the_devices_client_certificate(tmp_path: Path, se
     text = _account(secret_file) + 'server = "192.0.2.53:53"\nname = "Laptop"\ntransport = "tls"\n'
     cfg = load_config(_write(tmp_path, text))
     assert cfg.client_certificate is not None and cfg.account_ca is not None
-    leaf, ca = x509.load_pem_x509_certificates(cfg.client_certificate.chain)
+    current = cfg.client_certificate.current(time.time())
+    leaf, ca = x509.load_pem_x509_certificates(current.chain)
     assert ca.public_bytes(serialization.Encoding.PEM) == cfg.account_ca
     leaf.verify_directly_issued_by(ca)
     assert leaf.subject.rfc4514_string() == "CN=laptop.home.example.net"
     usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert b"PRIVATE KEY" in cfg.client_certificate.key
+    assert b"PRIVATE KEY" in current.key
     assert "PRIVATE" not in repr(cfg) and "PRIVATE" not in repr(cfg.client_certificate)
+    assert "PRIVATE" not in repr(current)
     again = load_config(_write(tmp_path, text)).client_certificate
-    assert again is not None and again.key != cfg.client_certificate.key  # a fresh key at every load
+    assert again is not None and again.current(time.time()).key != current.key  # a fresh key at every load
     assert load_config(_write(tmp_path, _account(secret_file))).client_certificate is None
 
 

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from tunneld.dnsserver.feed import RETRY_FIRST, RETRY_MAX, SOA_CHECK_INTERVAL, Feed, FeedTask
+from tunneld.dnsserver.feed import NOTIFY_GAP, RETRY_FIRST, RETRY_MAX, SOA_CHECK_INTERVAL, Feed, FeedTask
 from tunneld.dnsserver.primary import PrimaryLink
 from tunneld.dnsserver.replica import apply_transfer, primary_soa
 from tunneld.dnsserver.store import AddRR, DeleteRR, ZoneStore
@@ -346,3 +346,40 @@ def test_serve_dns_says_the_default_interval_and_takes_another() -> None:
     assert isinstance(sub.choices, dict)
     help_text = sub.choices["serve-dns"].format_help()
     assert f"(default {SOA_CHECK_INTERVAL:g})" in " ".join(help_text.split())
+
+
+def test_a_notify_that_says_a_newer_serial_is_fetched_by_ixfr_with_no_serial_check(tmp_path: Path) -> None:
+    """A NOTIFY signed with the front key and carrying the primary's SOA: its serial is believed, and the
+    check is the IXFR from ours at once (one exchange fewer per change); without a serial, or without a
+    replica, the check asks the serial first."""
+    feed = new_feed(tmp_path)
+    now = time.time()
+    assert feed.notified_transfer(now) is None  # no NOTIFY yet
+    apply_transfer(feed.store, Full(soa_record(5), ()))
+    assert feed.notify(notify(now, serial=7), now) is not None
+    assert feed.notify(notify(now, serial=6), now) is not None  # an older one does not lower it
+    reader = feed.notified_transfer(now)
+    assert reader is not None and reader.query.rdtype == IXFR and reader.query.current == soa_record(5)
+    assert feed.counters["transfer: IXFR (notified)"] == 1 and feed.counters["serial check"] == 0
+    assert feed.deadline() == now + 30  # the periodic check counts from this one
+    assert feed.notified_transfer(now) is None  # taken
+    assert feed.notify(notify(now, serial=None), now + 1) is not None
+    assert feed.notified_transfer(now + 1) is None  # no serial said: the serial check decides
+
+
+def test_notifies_in_a_burst_make_one_check_per_gap(tmp_path: Path) -> None:
+    """A stream of updates makes the primary NOTIFY after each: a NOTIFY within NOTIFY_GAP of the last
+    check's start makes the next check due at that gap's end, not at once; after a quiet spell, at once."""
+    feed = new_feed(tmp_path)
+    now = time.time()
+    apply_transfer(feed.store, Full(soa_record(5), ()))
+    feed.soa_query(now)
+    feed.notify(notify(now, serial=6), now + 0.01)
+    assert feed.deadline() == now + NOTIFY_GAP
+    feed.notify(notify(now, serial=7), now + 0.02)
+    assert feed.deadline() == now + NOTIFY_GAP  # one check for both
+    reader = feed.notified_transfer(now + NOTIFY_GAP)
+    assert reader is not None and reader.query.current == soa_record(5)  # it fetches both changes
+    later = now + NOTIFY_GAP + 5
+    feed.notify(notify(later, serial=8), later)
+    assert feed.deadline() == later

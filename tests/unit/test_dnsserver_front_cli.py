@@ -77,6 +77,9 @@ def test_the_front_gets_the_primary_and_its_key(tmp_path: Path, served: dict[str
         ("algorithm", "unsupported TSIG algorithm"),
         ("huge", "larger than"),
         ("binary", "bad --primary-key"),
+        ("account-key", f"named {ZONE}., not front.{ZONE}.; give the front key, which `tunneld account "
+                        f"primary-config` prints"),
+        ("other-zone", "named front.example.net., not front.example.com."),
     ],
 )
 def test_bad_primary_arguments_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -93,6 +96,10 @@ def test_bad_primary_arguments_are_one_line_exit_2(tmp_path: Path, capsys: pytes
                       key_file(tmp_path, 'key "f." { algorithm hmac-sha3; secret "AAAA"; };', "b")],
         "huge": ["--primary", "192.0.2.53:53", "--primary-key", key_file(tmp_path, " " * 10000, "c")],
         "binary": ["--primary", "192.0.2.53:53", "--primary-key", key_file(tmp_path, b"\xff\xfe", "d")],
+        "account-key": ["--primary", "192.0.2.53:53", "--primary-key",
+                        key_file(tmp_path, tsig_stanza(ZONE, FRONT_SECRET), "e")],
+        "other-zone": ["--primary", "192.0.2.53:53", "--primary-key",
+                       key_file(tmp_path, tsig_stanza("front.example.net", FRONT_SECRET), "f")],
     }[case]
     rc = serve_dns(tmp_path, *args)
     out, err = capsys.readouterr()

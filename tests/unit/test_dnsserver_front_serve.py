@@ -22,6 +22,7 @@ import trio.testing
 
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.front import Forward, Front
+from tunneld.dnsserver.primary import MAX_IN_FLIGHT
 from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, serve
 from tunneld.dnsserver.store import ZoneStore
 from tunneld.proto.dnsframe import FrameBuffer, frame
@@ -212,12 +213,41 @@ def test_the_link_bounds_what_waits_and_what_it_sends() -> None:
                 upd = device_update("fd00::1")
                 upd.use_tsig(FRONT.dnspython())
                 wire = upd.to_wire()
-                for i in range(MAX_WAITING):
+                for i in range(MAX_IN_FLIGHT + MAX_WAITING):
                     nursery.start_soon(link.exchange, Forward(i, wire, b""))
                 await trio.testing.wait_all_tasks_blocked()
-                assert await link.exchange(Forward(99, wire, b"")) is None  # at once: too many wait
+                assert await link.exchange(Forward(999, wire, b"")) is None  # at once: too many wait
                 assert link.counters["busy: refused"] == 1
-                assert primary.connections == 1 and len(primary.updates) == 1  # one at a time on the wire
+                # MAX_IN_FLIGHT at a time on the wire, over one connection
+                assert primary.connections == 1 and len(primary.updates) == MAX_IN_FLIGHT
                 nursery.cancel_scope.cancel()  # the exchanges waiting are cancelled, the connection closed
+
+    trio.run(main)
+
+
+def test_a_late_noerror_records_the_lease_and_the_retry_gets_it_from_memory() -> None:
+    """The primary applies an update but answers after the timeout: the device gets SERVFAIL, and when the
+    answer comes on the still-open connection the front commits it:
+    the record, its lease, the replay memory; the device's retransmission is answered NOERROR from memory
+    and never forwarded again."""
+    async def main() -> None:
+        primary = FakePrimary(delay=1.5)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, front = await start(nursery, primary, timeout=1.0)
+                upd = device_update("fd00::9")
+                wire = upd.to_wire()
+                assert (await over_udp(port, upd, wire)).rcode() == dns.rcode.SERVFAIL
+                assert front.store.rrset(HOST, dns.rdatatype.AAAA, time.time()) == []
+                primary.delay = 0.0  # the next is answered right after the late one
+                assert (await over_udp(port, device_update("fd00::a"))).rcode() == dns.rcode.NOERROR
+                assert front.counters["late update: primary NOERROR"] == 1
+                got = {rr.rdata.to_text() for rr in front.store.rrset(HOST, dns.rdatatype.AAAA, time.time())}
+                assert got == {"fd00::9", "fd00::a"}
+                expiry = front.store.lease_expiry(HOST, dns.rdatatype.AAAA, upd.update[0][0])
+                assert expiry is not None and 3000 < expiry - time.time() <= 3600
+                assert (await over_udp(port, upd, wire)).rcode() == dns.rcode.NOERROR  # from memory
+                assert len(primary.updates) == 2
+                nursery.cancel_scope.cancel()
 
     trio.run(main)

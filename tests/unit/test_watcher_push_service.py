@@ -7,23 +7,22 @@ at all it follows the account by LLQ over UDP (our own server's cores on loopbac
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dns.name
 import dns.rdatatype
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.unit.test_dns_services import make_server, serving, until
 from tests.unit.test_push_client import FakeServer, Q
-from tunneld.accountca import account_ca, issue_client, new_serial
+from tunneld.accountca import account_ca
 from tunneld.crypto.kdf import derive_tsig_key
+from tunneld.device_cert import LIFETIME, RENEW_REMAINING, DeviceCertificates
 from tunneld.dnsserver.store import AddRR, Lease
 from tunneld.dnsserver.tls import server_context
 from tunneld.proto import push_client, records
@@ -98,16 +97,17 @@ class TlsDsoServer:
             await trio.aclose_forcefully(stream)
 
 
-def transport(server: tuple[str, int]) -> PushTransport:
-    """What the daemon gives the service: the device's certificate (as the config makes it) and the CA."""
+def transport(server: tuple[str, int], clock: Callable[[], float] = time.time) -> PushTransport:
+    """What the daemon gives the service: the device's certificates (as the config makes them, renewed at a
+    connection when due by ``clock``) and the CA."""
     ca = account_ca(SECRET, ZONE)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = int(time.time())
-    leaf = issue_client(ca, "alice", key.public_key(), now - 60, now + 3600, new_serial(os.urandom))
-    chain = leaf.public_bytes(serialization.Encoding.PEM) + ca.pem
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return PushTransport(server, client_context(ca.pem, (chain, pem_key)), ZONE)
+    certificates = DeviceCertificates(ca, "alice", clock())
+
+    def context() -> ssl.SSLContext:
+        current = certificates.current(clock())
+        return client_context(ca.pem, (current.chain, current.key))
+
+    return PushTransport(server, context, ZONE)
 
 
 def test_the_service_follows_the_account_by_push_and_survives_a_dropped_connection(
@@ -126,8 +126,10 @@ def test_the_service_follows_the_account_by_push_and_survives_a_dropped_connecti
             udp = await nursery.start(serving, core, llq)
             tls = TlsDsoServer(fake)
             push_server = await nursery.start(tls.run)
+            # The device's certificate has 9 days left by this clock: it is renewed at the next connection.
+            offset = [-float(LIFETIME - RENEW_REMAINING + 86400)]
             service = WatcherService(udp, ZONE, "alice", derive_tsig_key(SECRET, ZONE), events.append,
-                                     push=transport(push_server))
+                                     push=transport(push_server, lambda: time.time() + offset[0]))
             await nursery.start(service.run)
             await until(lambda: any(isinstance(e, PeerLearned) for e in events), "bob learned by Push")
             assert [e.host for e in events if isinstance(e, PeerLearned)] == [BOB]
@@ -140,11 +142,15 @@ def test_the_service_follows_the_account_by_push_and_survives_a_dropped_connecti
             await until(lambda: settled(service), "every question subscribed")
             # The server drops the connection: the session reconnects and subscribes again; bob stays.
             fake.received.clear()
+            offset[0] = 0.0
             await tls.drop_all()
             await until(lambda: len(tls.peers) == 2 and settled(service) and sum(
                 isinstance(m, DsoMessage) and isinstance(m.primary, Subscribe) for m in fake.received)
                 >= len(service.watcher._watches), "resubscribed on a new connection")
             assert not [e for e in events if isinstance(e, PeerGone)]
+            first, second = (peer["serialNumber"] for peer in tls.peers)
+            assert first != second  # the new connection presented a renewed certificate
+            assert dict(x[0] for x in tls.peers[1]["subject"])["commonName"] == f"alice.{ZONE}"
             # A removal pushed now reaches the watcher.
             browse = records.names_to_browse(ZONE)[0][0]
             await tls.push(FakeServer.push([PushRecord.delete_rrset(browse, dns.rdatatype.PTR)]))

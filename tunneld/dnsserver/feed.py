@@ -40,6 +40,11 @@ SOA_CHECK_INTERVAL: Final = 30.0
 """Seconds between two checks of the primary's serial when no NOTIFY came: a NOTIFY lost (BIND repeats
 one only a few times), or sent while the front was down, is caught up within this. The check is one small
 signed query; dnsextd polled four times a second instead of listening."""
+NOTIFY_GAP: Final = 0.1
+"""Seconds a NOTIFY-made check waits after the previous check began. A stream of updates makes the primary
+NOTIFY after each; one check then fetches them all (the front's own updates were announced when the primary
+took them, so only operators' direct changes wait, by this at most), instead of a transfer per update
+competing with the forwards for the link."""
 RETRY_FIRST: Final = 2.0
 RETRY_MAX: Final = 60.0
 """A check or transfer that failed is tried again after RETRY_FIRST seconds, doubling up to RETRY_MAX."""
@@ -63,6 +68,8 @@ class Feed:
         self._retry_at: float | None = None
         self._failures = 0
         self._full = False  # the next transfer is an AXFR (the changes did not apply)
+        self._began = -math.inf  # when the last check began
+        self._notified: int | None = None  # the newest serial a NOTIFY announced, not yet fetched
         self.counters: Counter[str] = Counter()
 
     def _id(self) -> int:
@@ -89,7 +96,10 @@ class Feed:
             self.counters["notify: nothing newer"] += 1
         else:
             self.counters["notify"] += 1
-            self._due = min(self._due, now)
+            self._due = min(self._due, max(now, self._began + NOTIFY_GAP))
+            newest = self._notified
+            if notify.serial is not None and (newest is None or serial_gt(notify.serial, newest)):
+                self._notified = notify.serial
         return notify_response(notify, self.key, now)
 
     # ---- the check ------------------------------------------------------------------------------------
@@ -98,9 +108,21 @@ class Feed:
         """When the next check is due (wall-clock seconds; past: now), not before a retry's time."""
         return max(self._due, self._retry_at or -math.inf)
 
+    def notified_transfer(self, now: float) -> TransferReader | None:
+        """A check starting ``now`` that a NOTIFY made: the reader of the IXFR from our serial when the
+        NOTIFY (signed with the front key) announced a newer one, with no serial check first; None when a
+        serial check is needed (no NOTIFY serial, no replica, or the next transfer must be an AXFR)."""
+        notified, self._notified = self._notified, None
+        current = None if self._full else primary_soa(self.store)
+        if notified is None or current is None or not serial_gt(notified, soa_serial(current)):
+            return None
+        self._began, self._due = now, now + self.interval
+        self.counters["transfer: IXFR (notified)"] += 1
+        return TransferReader(transfer_query(self.store.zone, self.key, self._id(), now, current), self.key)
+
     def soa_query(self, now: float) -> SoaQuery:
         """The signed SOA query of a check starting ``now`` (the next periodic check counts from here)."""
-        self._due = now + self.interval
+        self._began, self._due = now, now + self.interval
         self.counters["serial check"] += 1
         return soa_query(self.store.zone, self.key, self._id(), now)
 
@@ -218,7 +240,11 @@ class FeedTask:
                 await self.deliver(changes, self.clock())
 
     async def check(self) -> ZoneChanges:
-        """One check: the serial, then the transfer if the primary has something newer."""
+        """One check: the serial, then the transfer if the primary has something newer (after a NOTIFY
+        that said its serial: the transfer at once)."""
+        reader = self.feed.notified_transfer(self.clock())
+        if reader is not None:
+            return self.feed.transferred(await self.link.transfer(reader, self.clock), self.clock())
         query = self.feed.soa_query(self.clock())
         reader = self.feed.serial_answer(query, await self.link.exchange(query), self.clock())
         if reader is None:

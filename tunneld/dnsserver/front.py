@@ -181,6 +181,16 @@ class Front:
             return core.commit(update, dns.rcode.SERVFAIL, now, remember=False)
         return core.commit(update, rcode, now)
 
+    def late(self, core: DnsCore, update: CheckedUpdate, forward: Forward, reply: bytes,
+             now: float) -> bytes | None:
+        """The primary's reply to a forward that timed out (its device got SERVFAIL), come later on the
+        same connection: a NOERROR is committed as :meth:`answer` would have (the records are on the
+        primary: without their lease here nothing would ever delete them), and the device's retry of the
+        same request gets that answer from the replay memory. Returns it; None for any other reply."""
+        if self._rcode(reply, forward, now, "late update") != dns.rcode.NOERROR:
+            return None
+        return core.commit(update, dns.rcode.NOERROR, now)
+
     def abandon(self, update: CheckedUpdate) -> None:
         """The forward ended without an answer to give (the device's connection went away)."""
         self._forwarding.discard(update.signer.request_mac)

@@ -31,6 +31,7 @@ and raises OSError (port in use, no permission) before that.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import ssl
 import time
@@ -48,9 +49,10 @@ import trio
 
 from tunneld.dnsserver.core import CheckedUpdate, DnsCore
 from tunneld.dnsserver.feed import SOA_CHECK_INTERVAL, Feed, FeedTask
-from tunneld.dnsserver.front import Front
+from tunneld.dnsserver.front import Forward, Front
 from tunneld.dnsserver.llq import LLQServer
 from tunneld.dnsserver.llq import Output as LLQOutput
+from tunneld.dnsserver.owner import ClaimUnanswered, LeaseOwner, claim, claim_later, take_over, watching
 from tunneld.dnsserver.primary import MAX_WAITING, PrimaryLink
 from tunneld.dnsserver.push import PushServer
 from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kind_of, truncated
@@ -127,6 +129,8 @@ class _Server:
         self.front: Front | None = None  # front mode: updates go to the primary over this link
         self.link: PrimaryLink | None = None
         self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
+        self.tasks: trio.Nursery | None = None  # for the LLQ events of a late answer from the primary
+        self.owner: LeaseOwner | None = None  # front mode: our claim of the zone's leases (owner.py)
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -160,6 +164,11 @@ class _Server:
     async def forward(self, update: CheckedUpdate, wire: bytes) -> tuple[bytes | None, LLQOutput]:
         """Front mode: the checked update forwarded to the primary, and the device's reply."""
         assert self.front is not None and self.link is not None
+        if self.owner is not None and not self.owner.serving:  # not (or no longer) ours: no fighting
+            self.owner.refused()
+            now = time.time()
+            reply = self.core.commit(update, dns.rcode.SERVFAIL, now, remember=False)
+            return reply, self._after(wire, reply, now)
         fwd = self.front.forward(update, time.time())
         if fwd is None:  # a copy of one still with the primary: silence, the client retransmits
             self._count(wire, None)
@@ -169,7 +178,8 @@ class _Server:
             # Shielded, and bounded by the link's timeout: once sent, the primary's answer is always
             # committed (our store, the replay memory), even if the device's connection goes meanwhile.
             with trio.CancelScope(shield=True):
-                primary_reply = await self.link.exchange(fwd)
+                late = functools.partial(self._late, update, fwd)
+                primary_reply = await self.link.exchange(fwd, late)
             now = time.time()
             self.core.last_changes = []
             reply = self.front.answer(self.core, update, fwd, primary_reply, now)
@@ -179,11 +189,22 @@ class _Server:
                 self.front.abandon(update)
         return reply, self._after(wire, reply, now)
 
+    def _late(self, update: CheckedUpdate, fwd: Forward, primary_reply: bytes) -> None:
+        """The primary's answer to a forward that timed out (the device got SERVFAIL): a NOERROR is
+        committed all the same, lease and all, and announced; the device's retry gets it from memory."""
+        assert self.front is not None
+        now = time.time()
+        self.core.last_changes = []
+        if self.front.late(self.core, update, fwd, primary_reply, now) is not None:
+            events = self._after(b"", None, now)
+            if events and self.tasks is not None:
+                self.tasks.start_soon(self.send_llq, events)
+
     def _after(self, wire: bytes, reply: bytes | None, now: float) -> LLQOutput:
         """Count the reply; an UPDATE's changes to the LLQ server and the Push sessions."""
         self._count(wire, reply)
         events: LLQOutput = []
-        if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
+        if not wire or (len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE):  # b"": a late one
             self.wake.set()
             if self.push is not None and self.core.last_changes:
                 self.push.changes(self.core.last_changes, now)  # queued before this reply is sent
@@ -323,7 +344,8 @@ class _Server:
         assert self.front is not None and self.link is not None
         failed = False
         while True:
-            deadline = None if failed else self.front.deadline()
+            lost = self.owner is not None and not self.owner.serving  # not our leases (yet): none deleted
+            deadline = None if failed or lost else self.front.deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
                                                                   SWEEP_MAX_SLEEP)
             self.wake = trio.Event()
@@ -331,7 +353,7 @@ class _Server:
                 await self.wake.wait()  # an update arrived: recompute the next expiry
             try:
                 failed = False
-                deletion = self.front.due_deletion(time.time())
+                deletion = None if lost else self.front.due_deletion(time.time())
                 if deletion is None:
                     continue
                 reply = await self.link.exchange(deletion.forward)
@@ -386,6 +408,7 @@ async def serve(
     tls: tuple[str, int, ssl.SSLContext] | None = None,
     front: Front | None = None,
     primary_check: float | None = None,
+    owner: LeaseOwner | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``core`` on UDP and TCP ``host:port`` until cancelled, with long-lived queries if ``llq``
@@ -397,7 +420,9 @@ async def serve(
     (front mode, :mod:`tunneld.dnsserver.front`) and expired leases are deleted there; the primary's
     changes come back by NOTIFY, a serial check every ``primary_check`` seconds (default
     :data:`~tunneld.dnsserver.feed.SOA_CHECK_INTERVAL`) and zone transfers
-    (:mod:`tunneld.dnsserver.feed`).
+    (:mod:`tunneld.dnsserver.feed`). With ``owner`` the front first claims the zone's leases on the primary
+    (:mod:`tunneld.dnsserver.owner`: OwnerConflict or ClaimFailed before readiness if it cannot; if the
+    primary does not answer, it serves, refusing updates, and claims when the primary answers).
     ``after_bind`` runs once the DNS and STUN sockets are bound, before the first request is read
     (serve-dns drops its privileges there)."""
     socks: list[trio.socket.SocketType] = []
@@ -437,12 +462,36 @@ async def serve(
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
         feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
-        server.feed = FeedTask(feed, server.link, server.zone_changed)
+        server.feed = FeedTask(feed, server.link, server.zone_changed if owner is None
+                               else watching(owner, server.zone_changed))
     if llq is not None:
         # LLQs established before a restart: they resume, and their clients get what changed meanwhile.
         await server.send_llq(llq.restore(time.time()))
+    unclaimed = None
     try:
+        if owner is not None and server.feed is not None and server.link is not None:
+            server.owner, link, feed_task = owner, server.link, server.feed
+
+            async def settle() -> None:  # the claim; after a take-over, the replica current, then adoption
+                await claim(owner, link.exchange, time.time)
+                if owner.take_over:
+                    await server.zone_changed(await feed_task.check(), time.time())
+                    await take_over(owner, link, core.policy.max_lease, time.time)
+                    server.wake.set()  # the adopted leases' deletions
+            try:
+                await settle()
+            except ClaimUnanswered as e:  # the primary is down: serve, refusing updates, and ask again
+                log.warning("zone %s: the primary %s port %d did not answer this front's claim of the leases "
+                            "(%s): updates are refused until it does", core.zone, *link.primary, e)
+                unclaimed = settle
+            except BaseException:
+                for sock in (udp, tcp_sock, *stun_socks, *([tls_sock] if tls_sock else [])):
+                    sock.close()
+                raise
         async with trio.open_nursery() as nursery:
+            server.tasks = nursery
+            if server.link is not None:
+                server.link.nursery = nursery  # late answers from the primary read at once
             nursery.start_soon(server.udp_loop, udp)
             nursery.start_soon(server.tcp.serve, tcp_sock)
             if tls_sock is not None and server.tls is not None:
@@ -450,6 +499,8 @@ async def serve(
             nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
             if server.feed is not None:
                 nursery.start_soon(server.feed.run)
+            if unclaimed is not None:
+                nursery.start_soon(claim_later, unclaimed, core.zone)
             for sock in stun_socks:
                 nursery.start_soon(server.stun_loop, sock)
             if llq is not None:
@@ -473,7 +524,8 @@ async def serve(
                                ("stun", server.stun_counters + server.stun_rrl.counters),
                                ("front", (front.counters if front is not None else Counter())
                                 + (server.link.counters if server.link is not None else Counter())),
-                               ("change feed", server.feed.feed.counters if server.feed else Counter())):
+                               ("change feed", server.feed.feed.counters if server.feed else Counter()),
+                               ("lease owner", owner.counters if owner is not None else Counter())):
             if counters:
                 log.info("%s: %s", what, ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
 

@@ -229,6 +229,7 @@ class ZoneStore:
         self.full = False
         """A write failed for want of space and none has succeeded since (reported once)."""
         self._sweep_after: float | None = None
+        self._wal = False  # the journal is WAL, or switching failed (see _write)
         self._db = sqlite3.connect(path, isolation_level=None)
         try:
             self._db.execute("PRAGMA synchronous=FULL")
@@ -237,7 +238,7 @@ class ZoneStore:
             if row is not None and row[0] != self.zone.to_text():
                 raise ValueError(f"database holds zone {row[0]}, not {self.zone.to_text()}")
             if row is None:
-                with self._write():
+                with self._write(wal=False):
                     self._db.execute("INSERT INTO meta VALUES ('zone', ?)", (self.zone.to_text(),))
                     self._db.execute("INSERT INTO meta VALUES ('serial', '1')")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
@@ -254,10 +255,16 @@ class ZoneStore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _write(self, report: bool = True) -> Iterator[None]:
+    def _write(self, report: bool = True, wal: bool = True) -> Iterator[None]:
         """One write transaction: committed, or rolled back on any exception. For want of space it
         raises DiskFull, and says so once if ``report`` (one log line until a write that changed
-        something succeeds again: one that changed nothing wrote nothing)."""
+        something succeeds again: one that changed nothing wrote nothing). The first one with ``wal``
+        (not the creation, not :meth:`check_writable`'s probe: serve-dns has dropped root by then) turns
+        the journal to WAL, synced at each commit: as durable, a third of the cost (docs/perf-dns.md)."""
+        if wal and not self._wal:
+            self._wal = True
+            with contextlib.suppress(sqlite3.Error):  # a read-only database: the write below says so
+                self._db.execute("PRAGMA journal_mode=WAL")
         changes = self._db.total_changes
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -283,7 +290,7 @@ class ZoneStore:
         directory where SQLite cannot create its journal, is found at start rather than at the first
         update (an unchanged row would not do: SQLite skips writing it). Raises NotWritable."""
         try:
-            with self._write(report=False):  # the caller says it, in one line
+            with self._write(report=False, wal=False):  # the caller says it, in one line
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', '')")
                 self._db.execute("DELETE FROM meta WHERE key='probe'")
         except DiskFull:

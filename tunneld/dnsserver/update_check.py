@@ -19,6 +19,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.update
 
+from tunneld.dnsserver.owner import reserved
 from tunneld.dnsserver.store import AddRR, Change, DeleteName, DeleteRR, DeleteRRset, Lease, ZoneStore
 from tunneld.proto.dnswire import UPDATE_LEASE_OPTION_CODE, decode_update_lease, encode_update_lease, walk
 from tunneld.proto.errors import ParseError
@@ -130,7 +131,7 @@ def check_update(
             protected = store.is_protected(ch.owner, ch.rdtype)
         else:
             protected = store.is_protected(ch.owner, ch.rdata.rdtype)
-        if protected:
+        if protected or reserved(ch.owner, store.zone):  # the front's lease-owner claim: all of _tunneld
             raise Reject(dns.rcode.REFUSED)
     if policy.require_lease and lease is None and any(isinstance(c, AddRR) for c in changes):
         raise Reject(dns.rcode.REFUSED)

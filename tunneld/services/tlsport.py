@@ -37,9 +37,11 @@ RECONNECT_BACKOFF: Final = 2.0  # seconds after a failed attempt before the next
 
 class TlsPort:
     """A `DatagramPort` onto one DNS-over-TLS connection to ``server``, verified as ``hostname`` by
-    ``context``. Messages from anything but the server cannot arrive: the source is always ``server``."""
+    ``context`` (or by the context a function gives at each connection: a client certificate renewed
+    meanwhile). Messages from anything but the server cannot arrive: the source is always ``server``."""
 
-    def __init__(self, server: tuple[str, int], context: ssl.SSLContext, hostname: str) -> None:
+    def __init__(self, server: tuple[str, int], context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+                 hostname: str) -> None:
         self.server = server
         self.context = context
         self.hostname = hostname
@@ -70,7 +72,8 @@ class TlsPort:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     tcp = await trio.open_tcp_stream(*self.server)
-                    stream = trio.SSLStream(tcp, self.context, server_hostname=self.hostname)
+                    context = self.context if isinstance(self.context, ssl.SSLContext) else self.context()
+                    stream = trio.SSLStream(tcp, context, server_hostname=self.hostname)
                     try:
                         await stream.do_handshake()
                     except BaseException:

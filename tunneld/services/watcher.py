@@ -60,7 +60,8 @@ class PushTransport:
     CA, the device's certificate: tlsport.client_context) and the name the server's certificate carries."""
 
     server: tuple[str, int]
-    context: ssl.SSLContext
+    context: Callable[[], ssl.SSLContext]
+    """Called at each connection: the device's certificate is renewed while the daemon runs."""
     hostname: str
 
 
