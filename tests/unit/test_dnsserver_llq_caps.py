@@ -4,6 +4,8 @@ itself faked: nothing binds), their defaults, one line with exit 2 for each bad 
 from __future__ import annotations
 
 import base64
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 import trio
 
 from tunneld.cli import main
+from tunneld.dnsserver import serve as serve_module
 from tunneld.dnsserver.llq import LLQServer
 
 
@@ -85,3 +88,18 @@ def test_the_caps_are_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--llq-max N" in out and "--llq-max-per-key N" in out and "(default 10000)" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forcing a buffer past net.core.rmem_max needs root")
+def test_the_dns_udp_socket_holds_a_burst_of_a_thousand_acks() -> None:
+    """serve-dns binds as root: its UDP socket's receive buffer is forced to UDP_BUFFER (the kernel
+    reports twice what was set), past the ~208 KiB default cap that dropped acks of a 1,000-LLQ event."""
+    async def main() -> None:
+        sock = await serve_module._bind("127.0.0.1", 0, trio.socket.SOCK_DGRAM)
+        with sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= serve_module.UDP_BUFFER
+        tcp = await serve_module._bind("127.0.0.1", 0, trio.socket.SOCK_STREAM)
+        with tcp:
+            assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < serve_module.UDP_BUFFER
+
+    trio.run(main)

@@ -59,6 +59,7 @@ from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kin
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
+from tunneld.net.udp import set_buffers
 from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
 from tunneld.proto.llq_wire import LLQ_OP_REFRESH, LLQ_OP_SETUP, find_llq_option
@@ -73,6 +74,8 @@ SWEEP_MAX_SLEEP: Final = 60.0
 """The sweeper re-reads the wall clock at least this often (the clock may jump)."""
 
 _UDP_MAX: Final = 65535
+UDP_BUFFER: Final = 4 << 20
+"""Bytes of the DNS UDP socket's buffers: a burst of 1,000 LLQ acks (each ~1 KiB of kernel memory) fits."""
 _OPCODE_UPDATE: Final = 5
 
 
@@ -101,6 +104,8 @@ async def _bind(host: str, port: int, kind: int) -> trio.socket.SocketType:
             sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0 if host == "::" else 1)
         if kind == trio.socket.SOCK_STREAM:
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        else:  # the acks of an event to 1,000 LLQs arrive in one burst: the default buffer holds ~200
+            set_buffers(sock, UDP_BUFFER)  # type: ignore[arg-type]
         await sock.bind((host, port))
         if kind == trio.socket.SOCK_STREAM:
             sock.listen(128)

@@ -74,9 +74,10 @@ def split_runs(datagrams: Sequence[bytes]) -> Iterator[tuple[int, int, int]]:
         i = j
 
 
-def _set_buffers(s: socket.socket, size: int) -> None:
+def set_buffers(s: socket.socket, size: int) -> None:
     """Large socket buffers. SO_RCVBUF is silently capped at net.core.rmem_max (about 208 KiB by
-    default), which drops datagrams in bursts; the daemon runs as root, so force the size."""
+    default), which drops datagrams in bursts; as root the size is forced (the daemon, serve-dns before it
+    drops its privileges), else it is what the cap allows."""
     for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             s.setsockopt(socket.SOL_SOCKET, force, size)
@@ -108,7 +109,7 @@ class UDPTransport:
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            _set_buffers(s, SOCKET_BUFFER)
+            set_buffers(s, SOCKET_BUFFER)
             s.bind((host, port))
             s.setblocking(False)
         except OSError:
