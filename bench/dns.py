@@ -45,9 +45,10 @@ ZONE = "bench.tunneld.test"
 SERVER = "192.0.2.2"
 OURS_PORT = 5353
 BIND_PORT = 5354
-SERVERS = ("tunneld", "bind", "front")
+SERVERS = ("tunneld", "bind", "front", "primary")
 MODES = ("sequential", "pipelined")
-LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named", "front": "front -> BIND"}
+LABELS = {"tunneld": "tunneld serve-dns", "bind": "BIND named", "front": "front -> BIND",
+          "primary": "BIND primary"}
 TLS_PORT = 853
 EVENT_LABELS = {"llq": "LLQ over UDP", "push": "DNS Push over TLS"}
 
@@ -138,8 +139,11 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, 
                                 dns_front.hold_caps(hold)) as fr:
             assert bind.proc is not None
             rec.pids.append(bind.proc.pid)
-            pids = {"tunneld": ours.pid, "bind": bind.proc.pid, "front": fr.proc.pid}
-            ports = {"tunneld": OURS_PORT, "bind": BIND_PORT, "front": dns_front.FRONT_PORT}
+            assert fr.primary.proc is not None
+            pids = {"tunneld": ours.pid, "bind": bind.proc.pid, "front": fr.proc.pid,
+                    "primary": fr.primary.proc.pid}
+            ports = {"tunneld": OURS_PORT, "bind": BIND_PORT, "front": dns_front.FRONT_PORT,
+                     "primary": dns_front.PRIMARY_PORT}
             base = [SERVER, "", ZONE, str(secret)]
             timeout = 60 + updates * 0.05
 
@@ -147,6 +151,8 @@ def run_dns(updates: int, window: int, rounds: int, watchers: int, events: int, 
                 w = 1 if mode == "sequential" else window
                 argv = ["updates", *base, "--count", str(count), "--window", str(w), "--prefix", prefix]
                 argv[2] = str(ports[server])
+                if server == "primary":  # the front's primary directly: it takes the front key only
+                    argv.append("--front-key")
                 cpu0 = tree_cpu_seconds(pids[server])
                 r = _client(lab, a, rec, argv, timeout)
                 used = tree_cpu_seconds(pids[server]) - cpu0
@@ -283,7 +289,9 @@ def print_table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         parts = [f"{'sequential' if m == 'sequential' else 'window ' + str(r['window'])}: {v:.2f}x"
                  for m, v in r["ratios"].items()]
         print("tunneld/BIND (median updates/s): " + ", ".join(parts), file=out)
-    print("(server CPU us/upd: CPU time the server process used during the run, per update)", file=out)
+    print("(server CPU us/upd: CPU time the server process used during the run, per update; BIND named: a "
+          "BIND alone; BIND primary: the front's own primary updated directly with the front key, so that it "
+          "NOTIFYs the front and the secondary as it does behind the front)", file=out)
     print(file=out)
     print(f"Update-to-event latency: {r['watchers']} watchers on one name, {r['events']} updates to it, one "
           "at a time, LLQ and Push alternated (LLQ, Push, Push, LLQ, half the updates each); LLQ watchers: "

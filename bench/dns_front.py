@@ -167,11 +167,16 @@ def goals(r: dict[str, Any]) -> list[str]:
     """The issue's goals against what was measured: added ms per update, added ms to an event."""
     out = []
     rows = r.get("rows", {})
-    if "front/sequential" in rows and "bind/sequential" in rows:
-        added = rows["front/sequential"]["latency_median_ms"] - rows["bind/sequential"]["latency_median_ms"]
+    if "front/sequential" in rows and "primary/sequential" in rows:  # the same BIND, with and without it
+        front, primary = rows["front/sequential"], rows["primary/sequential"]
+        added = front["latency_median_ms"] - primary["latency_median_ms"]
         r.setdefault("front", {})["added_update_ms"] = added
-        out.append(f"the front adds {added:.2f} ms per update to BIND directly (sequential medians; goal "
-                   f"under 2 ms: {'met' if added < 2 else 'NOT met'})")
+        out.append(f"the front adds {added:.2f} ms per update to its primary updated directly (sequential "
+                   f"medians; goal under 2 ms: {'met' if added < 2 else 'NOT met'})")
+    if "front/sequential" in rows and "bind/sequential" in rows:
+        alone = rows["front/sequential"]["latency_median_ms"] - rows["bind/sequential"]["latency_median_ms"]
+        r.setdefault("front", {})["added_update_ms_vs_bind_alone"] = alone
+        out.append(f"{alone:.2f} ms more than a BIND alone (no secondary, no NOTIFYs)")
     events = r.get("front", {}).get("events", {})
     big = max((int(k) for k in events), default=0)
     if big:

@@ -48,6 +48,7 @@ from tunneld.config import load_account_secret
 from tunneld.dnsserver.core import account_key
 from tunneld.proto import llq
 from tunneld.proto.tsig import TsigKey, TsigSession
+from tunneld.proto.xfr import front_key
 
 TIMEOUT = 2.0  # seconds to wait for one UPDATE reply
 EVENT_TIMEOUT = 10.0  # seconds to wait for every watcher's event (covers one server retransmission)
@@ -65,9 +66,10 @@ CANCEL_TIMEOUT = 2.0  # seconds to wait for one batch's replies
 class Signer:
     """TSIG-signs UPDATEs with the account key and checks the replies (outside the timed loops)."""
 
-    def __init__(self, zone: str, secret: bytes) -> None:
+    def __init__(self, zone: str, secret: bytes, front: bool = False) -> None:
         self.zone = dns.name.from_text(zone)
-        self.key = account_key(secret, zone).dnspython()
+        # front: the front key, as the front signs its forwards (for the zone's primary directly)
+        self.key = (front_key(secret, zone) if front else account_key(secret, zone)).dnspython()
         self.keyring = {self.key.name: self.key}
 
     def update(self, owner: str, address: str, msg_id: int, replace: bool = False) -> tuple[bytes, bytes]:
@@ -423,6 +425,9 @@ def _updates_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=500)
     p.add_argument("--window", type=int, default=32, help="outstanding updates; 1: sequential")
     p.add_argument("--prefix", default="bench")
+    p.add_argument("--front-key", action="store_true",
+                   help="sign with the front key (for the zone's primary, which takes no other), not the "
+                        "account key")
 
 
 def _events_args(p: argparse.ArgumentParser) -> None:
@@ -452,7 +457,8 @@ def _push_events(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("dns_client", {"updates": (_updates_args, lambda a: cmd_updates(a, _signer(a))),
+    return cli("dns_client", {"updates": (_updates_args, lambda a: cmd_updates(
+                                  a, Signer(a.zone, load_account_secret(Path(a.secret_file)), a.front_key))),
                               "events": (_events_args, _events),
                               "push-events": (_push_events_args, _push_events)}, argv)
 

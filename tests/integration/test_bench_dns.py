@@ -40,7 +40,8 @@ def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
     r = json.loads(out)
 
     assert set(r["rows"]) == {"tunneld/sequential", "tunneld/pipelined", "bind/sequential", "bind/pipelined",
-                              "front/sequential", "front/pipelined"}
+                              "front/sequential", "front/pipelined", "primary/sequential",
+                              "primary/pipelined"}
     for name, row in r["rows"].items():
         assert row["failures"] == 0, name
         assert len(row["samples"]) == 2, name
@@ -74,6 +75,7 @@ def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
     assert mem["sources"] >= 2 and mem["rss_held_kib"] > 0 and mem["rss_before_kib"] > 0, mem
     # The added latencies against the goals were computed.
     assert isinstance(front["added_update_ms"], float)
+    assert isinstance(front["added_update_ms_vs_bind_alone"], float)
     assert front["added_event_ms"]["watchers"] == 20
 
     # The table is printed from the same result.
@@ -81,7 +83,8 @@ def test_quick_run_reports_rates_and_latencies_and_cleans_up() -> None:
     print_table(r, buf)
     assert "BIND named" in buf.getvalue() and "no LLQ or Push" in buf.getvalue()
     assert "DNS Push over TLS" in buf.getvalue()
-    for words in ("front -> BIND", "BIND secondary serves the record", "memory with LLQs held", "Goals"):
+    for words in ("front -> BIND", "BIND primary", "BIND secondary serves the record",
+                  "memory with LLQs held", "Goals"):
         assert words in buf.getvalue(), words
 
     # Nothing is left: the lab's namespaces and every process it started (server, BIND, clients).
