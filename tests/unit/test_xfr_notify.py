@@ -10,6 +10,8 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -98,6 +100,27 @@ def test_notify_refused_when_stale_oversized_or_not_the_apex_soa() -> None:
         read_notify(wire, ZONE, KEY, time.time())
 
 
+@pytest.mark.parametrize("serial", [0, 1, 2**31, 2**32 - 1])
+def test_notify_serial_read_in_place_as_dnspython_reads_it(serial: int) -> None:
+    # The NOTIFY is read without a dnspython parse: the question in any case, the SOA's owner and its
+    # names compressed (dnspython compresses them against the question), the serial after them.
+    msg = notify(serial)
+    msg.question[0].name = dns.name.from_text("HOME.Example.NET.")
+    wire = msg.to_wire()
+    assert dns.message.from_wire(wire, keyring=KEYRING).answer[0][0].serial == serial
+    assert read_notify(wire, ZONE, KEY, time.time()).serial == serial
+
+
+def test_notify_with_a_malformed_soa_refused() -> None:
+    good = soa(3).rdata.to_wire()  # two names and the five numbers
+    for data in (good + b"\0", good[:-1]):
+        msg = notify(None)
+        rdata = dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.SOA, data)
+        msg.answer.append(dns.rrset.from_rdata(ZONE, 60, rdata))
+        with pytest.raises(ParseError):
+            read_notify(msg.to_wire(), ZONE, KEY, time.time())
+
+
 # -- the serial check ------------------------------------------------------------------------------------
 
 
@@ -140,6 +163,27 @@ def test_soa_answers_refused() -> None:
     ]:
         with pytest.raises(ParseError, match=reason):
             read_soa_answer(wire, q, KEY, time.time())
+
+
+def test_soa_answer_with_the_zone_ns_in_authority_read() -> None:
+    # BIND answers the SOA query with the zone's NS records in the authority section.
+    q = soa_query(ZONE, KEY, 0xBEEF, time.time())
+    r = dns.message.make_response(dns.message.from_wire(q.wire, keyring=KEYRING))
+    r.flags |= dns.flags.AA
+    r.answer.append(dns.rrset.from_text(ZONE, 3600, "IN", "SOA", soa(12).rdata.to_text()))
+    r.authority.append(dns.rrset.from_text(ZONE, 3600, "IN", "NS", "ns.home.example.net."))
+    assert read_soa_answer(r.to_wire(), q, KEY, time.time()) == 12
+
+
+def test_soa_answer_with_an_extended_rcode_refused() -> None:
+    q = soa_query(ZONE, KEY, 0xBEEF, time.time())
+    r = dns.message.make_response(dns.message.from_wire(q.wire, keyring=KEYRING))
+    r.flags |= dns.flags.AA
+    r.use_edns(0)
+    r.set_rcode(dns.rcode.BADVERS)  # 16: its upper bits in the OPT record, the header's rcode 0
+    r.answer.append(dns.rrset.from_text(ZONE, 3600, "IN", "SOA", soa(9).rdata.to_text()))
+    with pytest.raises(ParseError, match="rcode 16"):
+        read_soa_answer(r.to_wire(), q, KEY, time.time())
 
 
 def test_queries_refuse_bad_arguments() -> None:
