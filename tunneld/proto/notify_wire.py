@@ -132,7 +132,9 @@ def notify_response(notify: Notify, key: TsigKey, now: float) -> bytes:
     echoed and nothing else, signed with ``key`` over the NOTIFY's MAC."""
     flags = dns.flags.QR | dns.flags.AA | dns.opcode.to_flags(dns.opcode.Opcode(OPCODE_NOTIFY))
     header = _HEADER.pack(notify.msg_id, flags, 1, 0, 0, 0)
-    question = notify.zone.to_wire() + _TYPE_CLASS.pack(dns.rdatatype.SOA, dns.rdataclass.IN)
+    name = notify.zone.to_wire()
+    assert name is not None  # returned when no file is given
+    question = name + _TYPE_CLASS.pack(dns.rdatatype.SOA, dns.rdataclass.IN)
     wire, _ = sign(header + question, key, int(now), notify.mac)
     return wire
 
