@@ -26,7 +26,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from tunneld.crypto.kdf import derive_front_key, normalize_domain
-from tunneld.proto.dnsguard import ANSWER, MAX_MESSAGE, WORK_PER_OCTET, check, from_checked
+from tunneld.proto.dnsguard import ADDITIONAL, ANSWER, HEADER_SIZE, MAX_MESSAGE, WORK_PER_OCTET, check
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigStream, find_tsig, sign
 
@@ -201,6 +201,48 @@ def transfer_query(zone: dns.name.Name, key: TsigKey, msg_id: int, now: float,
     return TransferQuery(wire, msg_id, mac, zone, current)
 
 
+_SOA_NUMBERS: Final = struct.Struct("!IIIII")  # SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM (RFC 1035 §3.3.13)
+
+
+def _name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
+    """The name at ``offset`` of a message check() passed, and where it ends in place."""
+    try:
+        name, used = dns.name.from_wire(wire, offset)
+    except Exception as e:  # not after check(); kept to the one error type all the same
+        raise ParseError("malformed DNS message") from e
+    return name, offset + used
+
+
+def _name_at(wire: bytes, offset: int, names: dict[int, dns.name.Name]) -> dns.name.Name:
+    """The name at ``offset`` of a message check() passed (its pointers go strictly backwards), read once
+    per message wherever it starts: an IXFR repeats the same few names (the SOAs') in every diff."""
+    while wire[offset] & 0xC0 == 0xC0:  # a bare pointer: the name it points to
+        offset = ((wire[offset] & 0x3F) << 8) | wire[offset + 1]
+    name = names.get(offset)
+    if name is None:
+        name = names[offset] = _name(wire, offset)[0]
+    return name
+
+
+def _past_name(wire: bytes, offset: int) -> int:
+    """Where the name at ``offset`` of a message check() passed ends in place."""
+    while (n := wire[offset]) and n & 0xC0 != 0xC0:
+        offset += n + 1
+    return offset + (2 if n else 1)
+
+
+def _soa(wire: bytes, start: int, length: int, names: dict[int, dns.name.Name]) -> dns.rdata.Rdata:
+    """The SOA RDATA at ``start`` (RFC 1035 §3.3.13: MNAME, RNAME, five 32-bit numbers), its names read
+    through ``names``: two of the three records of each diff of an IXFR are SOAs."""
+    rname_at = _past_name(wire, start)
+    numbers_at = _past_name(wire, rname_at)
+    if start + length - numbers_at != _SOA_NUMBERS.size:
+        raise ParseError("malformed SOA")
+    mname, rname = _name_at(wire, start, names), _name_at(wire, rname_at, names)
+    return dns.rdtypes.ANY.SOA.SOA(dns.rdataclass.IN, dns.rdatatype.SOA, mname, rname,  # type: ignore[no-untyped-call]
+                                   *_SOA_NUMBERS.unpack_from(wire, numbers_at))
+
+
 # -- one message of an answer ------------------------------------------------------------------------------
 
 
@@ -223,28 +265,42 @@ def read_message(wire: bytes, msg_id: int, zone: dns.name.Name, rdtype: int, str
         raise ParseError("truncated over TCP")
     if flags & 0xF:
         raise ParseError(f"rcode {flags & 0xF}")
-    msg = from_checked(wire, one_rr_per_rrset=True)
-    if msg.rcode() != 0:  # the extended RCODE of an OPT record
-        raise ParseError(f"rcode {msg.rcode()}")
-    if msg.question or first:
-        if len(msg.question) != 1:
+    for r in records:  # RFC 6891 §6.1.3: an OPT's TTL carries the rcode's upper 8 bits
+        if r.section == ADDITIONAL and r.rtype == dns.rdatatype.OPT and r.ttl >> 24:
+            raise ParseError(f"rcode {(r.ttl >> 24) << 4}")
+    # Read in place, record by record: dnspython's message parse hashed every rdata into rrsets and cost
+    # some 5 ms for one 1.6 KiB IXFR message (docs/perf-dns.md); check() has framed and bounded it all.
+    (qdcount,) = struct.unpack_from("!H", wire, 4)
+    if qdcount or first:
+        if qdcount != 1:
             raise ParseError("question count")
-        q = msg.question[0]
-        if q.name != zone or q.rdtype != rdtype or q.rdclass != dns.rdataclass.IN:
+        qname, end = _name(wire, HEADER_SIZE)
+        qtype, qclass = struct.unpack_from("!HH", wire, end)
+        if qname != zone or qtype != rdtype or qclass != dns.rdataclass.IN:
             raise ParseError("wrong question")
-    ttls = [r.ttl for r in records if r.section == ANSWER]  # as sent (dnspython rewrites TTLs >= 2^31)
-    if len(ttls) != len(msg.answer):
-        raise ParseError("answer count")
     out: list[ZoneRecord] = []
-    for rrset, ttl in zip(msg.answer, ttls, strict=True):
-        if rrset.rdclass != dns.rdataclass.IN:
+    names: dict[int, dns.name.Name] = {}
+    for r in records:
+        if r.section != ANSWER:
+            continue
+        if r.rclass != dns.rdataclass.IN:
             raise ParseError("record class")
-        if not rrset.name.is_subdomain(zone):
+        owner = _name_at(wire, r.offset, names)
+        if not owner.is_subdomain(zone):
             raise ParseError("record outside the zone")
-        for rdata in rrset:
-            if rdata.rdtype == TYPE_SOA and rrset.name != zone:
-                raise ParseError("SOA off the apex")
-            out.append(ZoneRecord(rrset.name, ttl, rdata))
+        if r.rtype == TYPE_SOA and owner != zone:
+            raise ParseError("SOA off the apex")
+        rtype = dns.rdatatype.RdataType.make(r.rtype)
+        if dns.rdatatype.is_metatype(rtype):  # OPT, TSIG, ANY...: not zone data (dnspython refused them)
+            raise ParseError("record type")
+        if rtype == TYPE_SOA:
+            rdata = _soa(wire, r.rdata, r.rdlength, names)
+        else:
+            try:
+                rdata = dns.rdata.from_wire(dns.rdataclass.IN, rtype, wire, r.rdata, r.rdlength)
+            except Exception as e:  # dnspython raises many types (FormError, ValueError, struct.error...)
+                raise ParseError("malformed DNS message") from e
+        out.append(ZoneRecord(owner, r.ttl, rdata))  # the TTL as sent (dnspython rewrites TTLs >= 2^31)
     return out
 
 
