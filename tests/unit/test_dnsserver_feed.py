@@ -140,6 +140,26 @@ def test_a_signed_notify_is_answered_and_makes_a_check_due(tmp_path: Path) -> No
     assert feed.deadline() == now + 32 and feed.counters["notify: nothing newer"] == 1
 
 
+def test_the_replica_serial_is_parsed_once_per_stored_soa(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every NOTIFY asks the replica's serial: the stored SOA is parsed again only when it changed (by a
+    # transfer, through this feed or not).
+    import tunneld.dnsserver.feed as feed_module
+    parses: list[object] = []
+    monkeypatch.setattr(feed_module, "primary_soa", lambda store: parses.append(store) or primary_soa(store))
+    feed = new_feed(tmp_path)
+    assert feed.serial is None and feed.serial is None and not parses  # nothing stored: nothing to parse
+    apply_transfer(feed.store, Full(soa_record(5), ()))
+    assert feed.serial == 5 and feed.serial == 5 and len(parses) == 1
+    for _ in range(3):
+        feed.notify(notify(time.time(), serial=6), time.time())
+    assert len(parses) == 1 and feed.counters["notify"] == 3
+    assert feed.transferred(Incremental(soa_record(6), (Diff(5, (), 6, (A1,)),)), time.time())
+    assert feed.serial == 6 and len(parses) == 2
+    assert feed.notify(notify(time.time(), serial=6), time.time()) is not None
+    assert feed.counters["notify: nothing newer"] == 1
+
+
 def test_a_notify_not_signed_with_the_front_key_is_dropped_and_counted(tmp_path: Path) -> None:
     feed = new_feed(tmp_path)
     now = time.time()
