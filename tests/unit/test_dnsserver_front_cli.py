@@ -3,51 +3,27 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
 import dns.name
 import pytest
-import trio
 
-from tunneld.cli import main, tsig_stanza
+from tests.unit.serve_dns_fake import fake_serve
+from tests.unit.serve_dns_fake import serve_dns as run_serve_dns
+from tunneld.cli import tsig_stanza
 
 ZONE = "example.com"
 FRONT_SECRET = bytes(range(100, 132))
 
 
-class _Served(Exception):
-    """The fake serve's way out of serve-dns."""
-
-
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    import tunneld.dnsserver.serve
-
-    seen: dict[str, Any] = {}
-
-    async def serve(*args: object, front: Any = None, task_status: Any = trio.TASK_STATUS_IGNORED,
-                    **kwargs: object) -> None:
-        seen["front"] = front
-        task_status.started()
-        raise _Served
-
-    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", serve)
-    return seen
+    return fake_serve(monkeypatch)
 
 
 def serve_dns(tmp_path: Path, *extra: str) -> int:
-    secret = tmp_path / "secret"
-    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
-    secret.chmod(0o600)
-    try:
-        return main(["serve-dns", "--zone", ZONE, "--secret-file", str(secret), "--db",
-                     str(tmp_path / "db.sqlite"), "--listen", "127.0.0.1:5353", "--user", "root", *extra])
-    except BaseException as e:
-        if isinstance(e, _Served) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_Served) is not None):
-            return -1
-        raise
+    return run_serve_dns(tmp_path, *extra, zone=ZONE)
 
 
 def key_file(tmp_path: Path, text: str | bytes | None = None, name: str = "front.key") -> str:

@@ -3,7 +3,6 @@ itself faked: nothing binds), their defaults, one line with exit 2 for each bad 
 
 from __future__ import annotations
 
-import base64
 import os
 import socket
 from pathlib import Path
@@ -12,42 +11,20 @@ from typing import Any
 import pytest
 import trio
 
+from tests.unit.serve_dns_fake import fake_serve
+from tests.unit.serve_dns_fake import serve_dns as run_serve_dns
 from tunneld.cli import main
 from tunneld.dnsserver import serve as serve_module
 from tunneld.dnsserver.llq import LLQServer
 
 
-class _Served(Exception):
-    """The fake serve's way out of serve-dns."""
-
-
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    import tunneld.dnsserver.serve
-
-    seen: dict[str, Any] = {}
-
-    async def serve(*args: object, llq: Any = None, task_status: Any = trio.TASK_STATUS_IGNORED,
-                    **kwargs: object) -> None:
-        seen["llq"] = llq
-        task_status.started()
-        raise _Served
-
-    monkeypatch.setattr(tunneld.dnsserver.serve, "serve", serve)
-    return seen
+    return fake_serve(monkeypatch)
 
 
 def serve_dns(tmp_path: Path, *extra: str) -> int:
-    secret = tmp_path / "secret"
-    secret.write_text(base64.b64encode(bytes(32)).decode() + "\n")
-    secret.chmod(0o600)
-    try:
-        return main(["serve-dns", "--zone", "example.com", "--secret-file", str(secret), "--db",
-                     str(tmp_path / "db.sqlite"), "--listen", "127.0.0.1:5353", "--user", "root", *extra])
-    except BaseException as e:
-        if isinstance(e, _Served) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_Served) is not None):
-            return -1
-        raise
+    return run_serve_dns(tmp_path, *extra)
 
 
 def caps(llq: LLQServer) -> tuple[int, int, int]:
