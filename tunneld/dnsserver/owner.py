@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ import trio
 
 from tunneld.dnsserver.front import Forward, read_reply
 from tunneld.dnsserver.store import Change, RRsetRemoval, ZoneStore, canonical
-from tunneld.proto.dnsguard import check, from_checked
+from tunneld.proto.dnsguard import from_checked
 from tunneld.proto.errors import ParseError
-from tunneld.proto.tsig import TsigError, TsigKey, find_tsig, sign, verify
+from tunneld.proto.notify_wire import signed_answer, signed_question
+from tunneld.proto.tsig import TsigError, TsigKey, sign
 from tunneld.proto.xfr import Full, TransferReader, TransferResult, transfer_query
 
 __all__ = ["OWNER_META", "RESERVED_LABEL", "ClaimFailed", "LeaseOwner", "OwnerConflict", "claim",
@@ -122,25 +122,15 @@ def claim_update(zone: dns.name.Name, rdata: dns.rdata.Rdata, mode: str, msg_id:
 
 def claim_query(zone: dns.name.Name, msg_id: int, key: TsigKey, now: float) -> Forward:
     """The question ``_lease-owner._tunneld.<zone>`` TXT IN for the primary, signed with ``key``."""
-    msg = dns.message.Message(id=msg_id)
-    msg.flags = dns.flags.Flag(0)
-    msg.find_rrset(msg.question, owner_name(zone), dns.rdataclass.IN, dns.rdatatype.TXT, create=True)
-    wire, mac = sign(msg.to_wire(), key, int(now))
+    wire, mac = signed_question(owner_name(zone), dns.rdatatype.TXT, key, msg_id, now)
     return Forward(msg_id, wire, mac)
 
 
 def read_claims(wire: bytes, query: Forward, zone: dns.name.Name, key: TsigKey,
                 now: float) -> list[dns.rdata.Rdata]:
     """The TXT records at the owner name in the primary's answer to ``query`` (empty: no claim). ParseError
-    for anything but a signed, authoritative NOERROR or NXDOMAIN answer to it."""
-    records = check(wire, max_size=MAX_ANSWER)
-    msg_id, flags = struct.unpack_from("!HH", wire)
-    if msg_id != query.msg_id or not flags & dns.flags.QR or dns.opcode.from_flags(flags) != dns.opcode.QUERY:
-        raise ParseError("not our answer")
-    try:
-        verify(wire, key, query.mac, now, find_tsig(wire, records))
-    except TsigError as e:
-        raise ParseError(f"tsig: {e}") from None
+    for anything but a signed NOERROR or NXDOMAIN answer to it."""
+    _, flags = signed_answer(wire, query.msg_id, query.mac, key, now, MAX_ANSWER)
     msg = from_checked(wire)
     if msg.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or flags & dns.flags.TC:
         raise ParseError(f"rcode {dns.rcode.to_text(msg.rcode())}")

@@ -36,6 +36,8 @@ __all__ = [
     "notify_response",
     "read_notify",
     "read_soa_answer",
+    "signed_answer",
+    "signed_question",
     "soa_query",
 ]
 
@@ -152,17 +154,38 @@ class SoaQuery:
     zone: dns.name.Name
 
 
-def soa_query(zone: dns.name.Name, key: TsigKey, msg_id: int, now: float) -> SoaQuery:
-    """The question ``zone`` SOA IN, without RD (the primary is asked as the authority), signed with
-    ``key`` at ``now``; ``msg_id`` from the caller's randomness."""
-    if not zone.is_absolute():
-        raise ValueError("zone must be an absolute name")
+def signed_question(name: dns.name.Name, rdtype: int, key: TsigKey, msg_id: int,
+                    now: float) -> tuple[bytes, bytes]:
+    """The question ``name`` ``rdtype`` IN, without RD (an authority is asked), signed with ``key`` at
+    ``now``: (wire, MAC); ``msg_id`` from the caller's randomness."""
+    if not name.is_absolute():
+        raise ValueError("name must be absolute")
     if not 0 <= msg_id <= 0xFFFF:
         raise ValueError("message ID out of range")
     msg = dns.message.Message(id=msg_id)
     msg.flags = dns.flags.Flag(0)
-    msg.find_rrset(msg.question, zone, dns.rdataclass.IN, dns.rdatatype.SOA, create=True)
-    wire, mac = sign(msg.to_wire(), key, int(now))
+    msg.find_rrset(msg.question, name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), create=True)
+    return sign(msg.to_wire(), key, int(now))
+
+
+def signed_answer(wire: bytes, msg_id: int, request_mac: bytes, key: TsigKey, now: float,
+                  max_size: int) -> tuple[list[Record], int]:
+    """The checked records and the flags of an answer to our signed question ``msg_id``: the same ID, QR,
+    opcode QUERY, signed with ``key`` over ``request_mac``. ParseError for anything else."""
+    records = check(wire, max_size=max_size)
+    got, flags = struct.unpack_from("!HH", wire)
+    if got != msg_id:
+        raise ParseError("message ID")
+    _tsig(wire, records, key, request_mac, now)
+    if not flags & dns.flags.QR or dns.opcode.from_flags(flags) != dns.opcode.QUERY:
+        raise ParseError("not a query response")
+    return records, flags
+
+
+def soa_query(zone: dns.name.Name, key: TsigKey, msg_id: int, now: float) -> SoaQuery:
+    """The question ``zone`` SOA IN, without RD (the primary is asked as the authority), signed with
+    ``key`` at ``now``; ``msg_id`` from the caller's randomness."""
+    wire, mac = signed_question(zone, dns.rdatatype.SOA, key, msg_id, now)
     return SoaQuery(wire, msg_id, mac, zone)
 
 
@@ -170,13 +193,7 @@ def read_soa_answer(wire: bytes, query: SoaQuery, key: TsigKey, now: float) -> i
     """The zone's serial from the primary's answer to ``query``: same ID, QR and AA set, NOERROR, not
     truncated, the question echoed, exactly the zone's SOA in the answer, signed over the query's MAC.
     ParseError for anything else (a truncated answer: ask again over TCP)."""
-    records = check(wire, max_size=MAX_SOA_ANSWER)
-    msg_id, flags = struct.unpack_from("!HH", wire)
-    if msg_id != query.msg_id:
-        raise ParseError("message ID")
-    _tsig(wire, records, key, query.mac, now)
-    if not flags & dns.flags.QR or dns.opcode.from_flags(flags) != dns.opcode.QUERY:
-        raise ParseError("not a query response")
+    records, flags = signed_answer(wire, query.msg_id, query.mac, key, now, MAX_SOA_ANSWER)
     if flags & dns.flags.TC:
         raise ParseError("truncated")
     rcode = flags & 0xF
