@@ -201,21 +201,27 @@ class _Server:
         now = time.time()
         self.core.last_changes = []
         if self.front.late(self.core, update, fwd, primary_reply, now) is not None:
-            events = self._after(b"", None, now)
+            events = self._announce(now)
             if events and self.tasks is not None:
                 self.tasks.start_soon(self.send_llq, events)
 
     def _after(self, wire: bytes, reply: bytes | None, now: float) -> LLQOutput:
         """Count the reply; an UPDATE's changes to the LLQ server and the Push sessions."""
         self._count(wire, reply)
+        if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
+            return self._announce(now)
+        return []
+
+    def _announce(self, now: float) -> LLQOutput:
+        """The last update's changes (``core.last_changes``) to the Push sessions, queued before its reply
+        is sent, and to the LLQ server (its events returned); the lease sweeper woken."""
+        self.wake.set()
         events: LLQOutput = []
-        if not wire or (len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE):  # b"": a late one
-            self.wake.set()
-            if self.push is not None and self.core.last_changes:
-                self.push.changes(self.core.last_changes, now)  # queued before this reply is sent
-            if self.llq is not None and self.core.last_changes:
-                events = self.llq.changes(self.core.last_changes, now)
-                self.llq_wake.set()
+        if self.push is not None and self.core.last_changes:
+            self.push.changes(self.core.last_changes, now)
+        if self.llq is not None and self.core.last_changes:
+            events = self.llq.changes(self.core.last_changes, now)
+            self.llq_wake.set()
         return events
 
     def _count(self, wire: bytes, reply: bytes | None) -> None:
