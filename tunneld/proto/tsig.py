@@ -207,12 +207,10 @@ class TsigSigner:
         self.key = key
         self._variables = _variables(key.name, key.algorithm_name, time_signed, fudge, error, other)
         mac_size = key.context().digest_size
-        algorithm = key.algorithm_name.to_digestable()
-        rdlength = len(algorithm) + 10 + mac_size + 6 + len(other)
-        self._head = (key.name.to_digestable() + struct.pack("!HHIH", TSIG_TYPE, CLASS_ANY, 0, rdlength)
-                      + algorithm + struct.pack("!HIHH", time_signed >> 32, time_signed & 0xFFFFFFFF, fudge,
-                                                mac_size))
-        self._tail = struct.pack("!HH", error, len(other)) + other
+        # The RR as _rr lays it out, split around the two parts each message fills in: MAC, Original ID.
+        rr = _rr(key.name, key.algorithm_name, time_signed, fudge, bytes(mac_size), 0, error, other)
+        self._tail = rr[len(rr) - 4 - len(other):]
+        self._head = rr[:len(rr) - len(self._tail) - 2 - mac_size]
 
     def sign(self, wire: bytes, request_mac: bytes = b"") -> tuple[bytes, bytes]:
         """``wire`` signed (the TSIG RR appended, ARCOUNT one more), and its MAC."""
