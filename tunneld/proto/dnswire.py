@@ -1,10 +1,13 @@
-"""DNS wire helpers that dnspython does not give: record walking with raw TTLs, and the Update Lease option.
+"""DNS wire helpers that dnspython does not give: record walking with raw TTLs, reading in place, and the
+Update Lease option.
 
 dnspython parses messages, but keeps neither where a record starts (TSIG needs the offset of its RR) nor
 the TTL of a record as sent (it rewrites TTLs above 2**31-1 to 0, and drops them for RRs without RDATA),
 while LLQ removals (TTL 0xFFFFFFFF) and RFC 2136 deletions (TTL 0) depend on them. :func:`walk` gives
 the frame of every resource record; it is :func:`tunneld.proto.dnsguard.check` (so every bound on
 untrusted DNS input holds there too) and raises :class:`~tunneld.proto.errors.ParseError` and nothing else.
+The in-place readers (:func:`read_name`, :func:`question`, :func:`extended_rcode`, :func:`soa_numbers`)
+serve messages `check` passed where dnspython's whole-message parse costs too much (NOTIFYs, transfers).
 """
 
 from __future__ import annotations
@@ -15,9 +18,20 @@ from typing import Any, Final
 
 import dns.edns
 import dns.exception
+import dns.name
+import dns.rdatatype
 import dns.wire
 
-from tunneld.proto.dnsguard import ADDITIONAL, ANSWER, AUTHORITY, HEADER_SIZE, MAX_MESSAGE, Record, check
+from tunneld.proto.dnsguard import (
+    ADDITIONAL,
+    ANSWER,
+    AUTHORITY,
+    HEADER_SIZE,
+    MAX_MESSAGE,
+    Record,
+    check,
+    name_end,
+)
 from tunneld.proto.errors import ParseError
 
 __all__ = [
@@ -26,14 +40,56 @@ __all__ = [
     "AUTHORITY",
     "HEADER_SIZE",
     "MAX_MESSAGE",
+    "SOA_NUMBERS",
     "UPDATE_LEASE_OPTION_CODE",
     "Record",
     "UpdateLeaseOption",
     "decode_update_lease",
     "encode_update_lease",
+    "extended_rcode",
     "from_server",
+    "question",
+    "read_name",
+    "soa_numbers",
     "walk",
 ]
+
+SOA_NUMBERS: Final = struct.Struct("!IIIII")  # SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM (RFC 1035 §3.3.13)
+_TYPE_CLASS: Final = struct.Struct("!HH")
+
+
+def read_name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
+    """The name at ``offset`` of a message :func:`check` passed, and where it ends in place."""
+    try:
+        name, used = dns.name.from_wire(wire, offset)
+    except dns.exception.DNSException as e:  # not after check(); kept to the one error type all the same
+        raise ParseError(f"name: {e}") from None
+    return name, offset + used
+
+
+def question(wire: bytes) -> tuple[dns.name.Name, int, int]:
+    """The first question of a message :func:`check` passed (QDCOUNT at least 1): name, type, class."""
+    name, end = read_name(wire, HEADER_SIZE)
+    qtype, qclass = _TYPE_CLASS.unpack_from(wire, end)  # check() framed the question: the bytes are there
+    return name, qtype, qclass
+
+
+def extended_rcode(wire: bytes, records: list[Record]) -> int:
+    """The message's RCODE: the header's 4 bits and, from an OPT record, the upper 8 (RFC 6891 §6.1.3)."""
+    rcode = wire[3] & 0xF
+    for r in records:
+        if r.section == ADDITIONAL and r.rtype == dns.rdatatype.OPT:
+            rcode |= (r.ttl >> 24) << 4
+    return rcode
+
+
+def soa_numbers(wire: bytes, record: Record) -> int:
+    """Where the five numbers of the SOA ``record`` start (after MNAME and RNAME); ParseError for an RDATA
+    that is not two names and 20 octets (RFC 1035 §3.3.13)."""
+    at = name_end(wire, name_end(wire, record.rdata))
+    if record.rdata + record.rdlength - at != SOA_NUMBERS.size:
+        raise ParseError("malformed SOA")
+    return at
 
 
 def walk(wire: bytes) -> list[Record]:

@@ -23,7 +23,8 @@ import dns.opcode
 import dns.rdataclass
 import dns.rdatatype
 
-from tunneld.proto.dnsguard import ADDITIONAL, ANSWER, AUTHORITY, HEADER_SIZE, Record, check, name_end
+from tunneld.proto.dnsguard import ANSWER, AUTHORITY, Record, check
+from tunneld.proto.dnswire import SOA_NUMBERS, extended_rcode, question, read_name, soa_numbers
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigRecord, find_tsig, sign, verify
 
@@ -48,7 +49,6 @@ every name at its 255-byte limit (BIND's are about 200); the EDNS size of DNS Fl
 _HEADER: Final = struct.Struct("!HHHHHH")  # RFC 1035 §4.1.1
 _COUNT: Final = struct.Struct("!H")
 _TYPE_CLASS: Final = struct.Struct("!HH")
-_SOA_NUMBERS: Final = struct.Struct("!IIIII")  # SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM (RFC 1035 §3.3.13)
 MAX_SOA_ANSWER: Final = 1232
 """Bytes of an answer to our SOA query: the question, one SOA and a TSIG (as :data:`MAX_NOTIFY`)."""
 
@@ -60,23 +60,12 @@ def _tsig(wire: bytes, records: list[Record], key: TsigKey, request_mac: bytes, 
         raise ParseError(f"tsig: {e}") from None
 
 
-def _name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
-    """The name at ``offset`` of a message :func:`check` passed, and where it ends in place."""
-    try:
-        name, used = dns.name.from_wire(wire, offset)
-    except dns.exception.DNSException as e:  # not after check(); kept to the one error type all the same
-        raise ParseError(f"name: {e}") from None
-    return name, offset + used
-
-
 def _question(wire: bytes, zone: dns.name.Name) -> None:
     """The message's one question is ``zone`` SOA IN (read in place: no dnspython parse of the message,
     which cost a NOTIFY some 0.2 ms, docs/perf-dns.md)."""
     if _COUNT.unpack_from(wire, 4)[0] != 1:
         raise ParseError("question count")
-    qname, end = _name(wire, HEADER_SIZE)
-    qtype, qclass = _TYPE_CLASS.unpack_from(wire, end)  # check() framed the question: the bytes are there
-    if qname != zone or qtype != dns.rdatatype.SOA or qclass != dns.rdataclass.IN:
+    if question(wire) != (zone, dns.rdatatype.SOA, dns.rdataclass.IN):
         raise ParseError("wrong question")
 
 
@@ -89,13 +78,10 @@ def _apex_soa(wire: bytes, records: list[Record], zone: dns.name.Name) -> int | 
     if len(answers) != 1:
         raise ParseError("answer count")
     rr = answers[0]
-    if rr.rtype != dns.rdatatype.SOA or rr.rclass != dns.rdataclass.IN or _name(wire, rr.offset)[0] != zone:
+    owner = read_name(wire, rr.offset)[0]
+    if rr.rtype != dns.rdatatype.SOA or rr.rclass != dns.rdataclass.IN or owner != zone:
         raise ParseError("answer is not the zone's SOA")
-    end = rr.rdata + rr.rdlength
-    at = name_end(wire, name_end(wire, rr.rdata))  # MNAME, RNAME
-    if end - at != _SOA_NUMBERS.size:
-        raise ParseError("malformed SOA")
-    return int(_SOA_NUMBERS.unpack_from(wire, at)[0])
+    return int(SOA_NUMBERS.unpack_from(wire, soa_numbers(wire, rr))[0])
 
 
 # -- NOTIFY ------------------------------------------------------------------------------------------------
@@ -196,10 +182,7 @@ def read_soa_answer(wire: bytes, query: SoaQuery, key: TsigKey, now: float) -> i
     records, flags = signed_answer(wire, query.msg_id, query.mac, key, now, MAX_SOA_ANSWER)
     if flags & dns.flags.TC:
         raise ParseError("truncated")
-    rcode = flags & 0xF
-    for r in records:  # RFC 6891 §6.1.3: an OPT's TTL carries the rcode's upper 8 bits
-        if r.section == ADDITIONAL and r.rtype == dns.rdatatype.OPT:
-            rcode |= (r.ttl >> 24) << 4
+    rcode = extended_rcode(wire, records)
     if rcode != 0:
         raise ParseError(f"rcode {rcode}")
     if not flags & dns.flags.AA:

@@ -26,7 +26,8 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from tunneld.crypto.kdf import derive_front_key, normalize_domain
-from tunneld.proto.dnsguard import ADDITIONAL, ANSWER, HEADER_SIZE, MAX_MESSAGE, WORK_PER_OCTET, check
+from tunneld.proto.dnsguard import ANSWER, MAX_MESSAGE, WORK_PER_OCTET, Record, check, name_end
+from tunneld.proto.dnswire import SOA_NUMBERS, extended_rcode, question, read_name, soa_numbers
 from tunneld.proto.errors import ParseError
 from tunneld.proto.tsig import TsigError, TsigKey, TsigStream, find_tsig, sign
 
@@ -201,18 +202,6 @@ def transfer_query(zone: dns.name.Name, key: TsigKey, msg_id: int, now: float,
     return TransferQuery(wire, msg_id, mac, zone, current)
 
 
-_SOA_NUMBERS: Final = struct.Struct("!IIIII")  # SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM (RFC 1035 §3.3.13)
-
-
-def _name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
-    """The name at ``offset`` of a message check() passed, and where it ends in place."""
-    try:
-        name, used = dns.name.from_wire(wire, offset)
-    except Exception as e:  # not after check(); kept to the one error type all the same
-        raise ParseError("malformed DNS message") from e
-    return name, offset + used
-
-
 def _name_at(wire: bytes, offset: int, names: dict[int, dns.name.Name]) -> dns.name.Name:
     """The name at ``offset`` of a message check() passed (its pointers go strictly backwards), read once
     per message wherever it starts: an IXFR repeats the same few names (the SOAs') in every diff."""
@@ -220,27 +209,18 @@ def _name_at(wire: bytes, offset: int, names: dict[int, dns.name.Name]) -> dns.n
         offset = ((wire[offset] & 0x3F) << 8) | wire[offset + 1]
     name = names.get(offset)
     if name is None:
-        name = names[offset] = _name(wire, offset)[0]
+        name = names[offset] = read_name(wire, offset)[0]
     return name
 
 
-def _past_name(wire: bytes, offset: int) -> int:
-    """Where the name at ``offset`` of a message check() passed ends in place."""
-    while (n := wire[offset]) and n & 0xC0 != 0xC0:
-        offset += n + 1
-    return offset + (2 if n else 1)
-
-
-def _soa(wire: bytes, start: int, length: int, names: dict[int, dns.name.Name]) -> dns.rdata.Rdata:
-    """The SOA RDATA at ``start`` (RFC 1035 §3.3.13: MNAME, RNAME, five 32-bit numbers), its names read
+def _soa(wire: bytes, record: Record, names: dict[int, dns.name.Name]) -> dns.rdata.Rdata:
+    """The SOA RDATA of ``record`` (RFC 1035 §3.3.13: MNAME, RNAME, five 32-bit numbers), its names read
     through ``names``: two of the three records of each diff of an IXFR are SOAs."""
-    rname_at = _past_name(wire, start)
-    numbers_at = _past_name(wire, rname_at)
-    if start + length - numbers_at != _SOA_NUMBERS.size:
-        raise ParseError("malformed SOA")
-    mname, rname = _name_at(wire, start, names), _name_at(wire, rname_at, names)
+    numbers_at = soa_numbers(wire, record)
+    mname = _name_at(wire, record.rdata, names)
+    rname = _name_at(wire, name_end(wire, record.rdata), names)
     return dns.rdtypes.ANY.SOA.SOA(dns.rdataclass.IN, dns.rdatatype.SOA, mname, rname,  # type: ignore[no-untyped-call]
-                                   *_SOA_NUMBERS.unpack_from(wire, numbers_at))
+                                   *SOA_NUMBERS.unpack_from(wire, numbers_at))
 
 
 # -- one message of an answer ------------------------------------------------------------------------------
@@ -263,20 +243,15 @@ def read_message(wire: bytes, msg_id: int, zone: dns.name.Name, rdtype: int, str
         raise ParseError("not a query response")
     if flags & dns.flags.TC:
         raise ParseError("truncated over TCP")
-    if flags & 0xF:
-        raise ParseError(f"rcode {flags & 0xF}")
-    for r in records:  # RFC 6891 §6.1.3: an OPT's TTL carries the rcode's upper 8 bits
-        if r.section == ADDITIONAL and r.rtype == dns.rdatatype.OPT and r.ttl >> 24:
-            raise ParseError(f"rcode {(r.ttl >> 24) << 4}")
+    if rcode := extended_rcode(wire, records):
+        raise ParseError(f"rcode {rcode}")
     # Read in place, record by record: dnspython's message parse hashed every rdata into rrsets and cost
     # some 5 ms for one 1.6 KiB IXFR message (docs/perf-dns.md); check() has framed and bounded it all.
     (qdcount,) = struct.unpack_from("!H", wire, 4)
     if qdcount or first:
         if qdcount != 1:
             raise ParseError("question count")
-        qname, end = _name(wire, HEADER_SIZE)
-        qtype, qclass = struct.unpack_from("!HH", wire, end)
-        if qname != zone or qtype != rdtype or qclass != dns.rdataclass.IN:
+        if question(wire) != (zone, rdtype, dns.rdataclass.IN):
             raise ParseError("wrong question")
     out: list[ZoneRecord] = []
     names: dict[int, dns.name.Name] = {}
@@ -294,7 +269,7 @@ def read_message(wire: bytes, msg_id: int, zone: dns.name.Name, rdtype: int, str
         if dns.rdatatype.is_metatype(rtype):  # OPT, TSIG, ANY...: not zone data (dnspython refused them)
             raise ParseError("record type")
         if rtype == TYPE_SOA:
-            rdata = _soa(wire, r.rdata, r.rdlength, names)
+            rdata = _soa(wire, r, names)
         else:
             try:
                 rdata = dns.rdata.from_wire(dns.rdataclass.IN, rtype, wire, r.rdata, r.rdlength)
