@@ -23,7 +23,16 @@ import pytest
 import trio
 import trio.testing
 
-from tunneld.dnsserver.feed import NOTIFY_GAP, RETRY_FIRST, RETRY_MAX, SOA_CHECK_INTERVAL, Feed, FeedTask
+from tunneld.dnsserver.feed import (
+    NOTIFY_GAP,
+    NOTIFY_IDLE_WAIT,
+    NOTIFY_QUEUE,
+    RETRY_FIRST,
+    RETRY_MAX,
+    SOA_CHECK_INTERVAL,
+    Feed,
+    FeedTask,
+)
 from tunneld.dnsserver.primary import PrimaryLink
 from tunneld.dnsserver.replica import apply_transfer, primary_soa
 from tunneld.dnsserver.store import AddRR, DeleteRR, ZoneStore
@@ -303,6 +312,46 @@ def test_the_task_checks_at_start_after_a_notify_and_every_interval(tmp_path: Pa
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert primary_soa(feed.store) == soa_record(8)
+
+
+def test_queued_notifies_are_answered_once_the_front_is_idle_or_after_the_wait(tmp_path: Path) -> None:
+    feed = new_feed(tmp_path)
+    src = ("192.0.2.53", 53)
+
+    async def main() -> None:
+        task = FeedTask(feed, FakeLink(time.time), lambda changes, now: trio.sleep(0))
+        sent: list[tuple[float, bytes, tuple[str, int]]] = []
+
+        async def send(reply: bytes, dest: tuple[str, int]) -> None:
+            sent.append((trio.current_time(), reply, dest))
+
+        async def busy(until: float) -> None:  # a front that never waits (a forward being checked)
+            while trio.current_time() < until:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(task.answer_notifies, send)
+                await trio.testing.wait_all_tasks_blocked()
+                queued = trio.current_time()
+                task.notify_later(notify(time.time(), serial=6), src)
+                assert sent == []  # queued, not answered in the listener's turn
+                while not sent:
+                    await trio.sleep(0.001)  # idle
+                assert sent[0][0] - queued < NOTIFY_IDLE_WAIT and sent[0][2] == src
+                assert dns.message.from_wire(sent[0][1], keyring=False).opcode() == OPCODE_NOTIFY
+                start = trio.current_time()
+                nursery.start_soon(busy, start + 0.5)
+                task.notify_later(notify(time.time(), serial=7), src)
+                while len(sent) < 2:
+                    await trio.sleep(0.01)
+                assert NOTIFY_IDLE_WAIT <= sent[1][0] - start < 0.5  # answered while the front was still busy
+                for _ in range(NOTIFY_QUEUE + 3):  # a flood: the queue is bounded, the rest dropped
+                    task.notify_later(notify(time.time(), serial=8), src)
+                assert feed.counters["notify: dropped (queue full)"] == 3
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 # -- PrimaryLink.transfer over loopback ------------------------------------------------------------------

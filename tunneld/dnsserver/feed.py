@@ -19,11 +19,12 @@ import logging
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
 import trio
+import trio.testing
 
 from tunneld.dnsserver.replica import PRIMARY_SOA_KEY, ReplicaError, apply_transfer, primary_soa, soa_serial
 from tunneld.dnsserver.store import AddRR, DeleteRR, DiskFull, ZoneStore
@@ -53,6 +54,10 @@ NOTIFY_GAP: Final = 0.1
 NOTIFY after each; one check then fetches them all (the front's own updates were announced when the primary
 took them, so only operators' direct changes wait, by this at most), instead of a transfer per update
 competing with the forwards for the link."""
+NOTIFY_QUEUE: Final = 64
+"""NOTIFYs waiting for their answer; beyond, dropped (counted): the primary repeats one (RFC 1996 §3.6)."""
+NOTIFY_IDLE_WAIT: Final = 0.05
+"""Seconds a NOTIFY waits for the front to be idle before it is answered anyway (a busy front)."""
 RETRY_FIRST: Final = 2.0
 RETRY_MAX: Final = 60.0
 """A check or transfer that failed is tried again after RETRY_FIRST seconds, doubling up to RETRY_MAX."""
@@ -216,6 +221,7 @@ class Link(Protocol):
 
 
 Deliver = Callable[[Sequence[AddRR | DeleteRR], float], Awaitable[None]]
+Send = Callable[[bytes, tuple[str, int]], Awaitable[None]]
 
 
 class FeedTask:
@@ -231,6 +237,8 @@ class FeedTask:
         self.clock = clock
         self.max_sleep = max_sleep  # the wall clock may jump: re-read it at least this often
         self._wake = trio.Event()
+        self._notifies: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self._notified = trio.Event()
 
     def notify(self, wire: bytes) -> bytes | None:
         """The answer to a NOTIFY (None: dropped); the check it makes due starts at once."""
@@ -238,6 +246,30 @@ class FeedTask:
         if reply is not None:
             self._wake.set()
         return reply
+
+    def notify_later(self, wire: bytes, src: tuple[str, int]) -> None:
+        """A NOTIFY from ``src``, answered by :meth:`answer_notifies` once the front is idle: the primary
+        NOTIFYs right after answering each forward, and a NOTIFY read and answered then delayed the
+        forward's commit or the next device's update by its own cost."""
+        if len(self._notifies) >= NOTIFY_QUEUE:
+            self.feed.counters["notify: dropped (queue full)"] += 1
+            return
+        self._notifies.append((wire, src))
+        self._notified.set()
+
+    async def answer_notifies(self, send: Send) -> None:
+        """Answer the queued NOTIFYs (through ``send``) when every other task of the front waits (for
+        the primary, a request, a timer), or after :data:`NOTIFY_IDLE_WAIT` at most."""
+        while True:
+            await self._notified.wait()
+            self._notified = trio.Event()
+            with trio.move_on_after(NOTIFY_IDLE_WAIT):
+                await trio.testing.wait_all_tasks_blocked()
+            while self._notifies:
+                wire, src = self._notifies.popleft()
+                reply = self.notify(wire)
+                if reply is not None:
+                    await send(reply, src)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -272,7 +272,7 @@ class _Server:
                 await self.answer_stun(sock, wire, src)
                 continue
             if self.feed is not None and len(wire) >= 4 and (wire[2] >> 3) & 0xF == OPCODE_NOTIFY:
-                await self._send(sock, self.feed.notify(wire), src)  # only to a NOTIFY signed by the primary
+                self.feed.notify_later(wire, src)  # answered when idle, if signed by the primary
                 continue
             reply, events = self.handle(wire, src, None)
             if isinstance(reply, CheckedUpdate):
@@ -510,6 +510,7 @@ async def serve(
             nursery.start_soon(server.sweep_loop if front is None else server.front_loop)
             if server.feed is not None:
                 nursery.start_soon(server.feed.run)
+                nursery.start_soon(server.feed.answer_notifies, functools.partial(server._send, udp))
             if unclaimed is not None:
                 nursery.start_soon(claim_later, unclaimed, core.zone)
             for sock in stun_socks:
