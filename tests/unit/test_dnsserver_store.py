@@ -22,7 +22,7 @@ import dns.update
 import pytest
 
 from tunneld.dnsserver.core import DnsCore, account_key
-from tunneld.dnsserver.replay import Answered
+from tunneld.dnsserver.replay import Answered, ReplayCache
 from tunneld.dnsserver.store import (
     SCHEMA_VERSION,
     SWEEP_RETRY,
@@ -256,10 +256,10 @@ def test_a_database_from_before_the_replay_table_is_migrated(tmp_path: Path) -> 
     store = ZoneStore(str(path), ZONE, "ns.example.com.", 53)
     assert store.serial == 7 and texts(store, "host", "AAAA", T0) == {"fd00::1"}
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    store.replay_put(Answered(b"mac", int(T0) + 300, b"reply"), T0)
+    ReplayCache(store).remember(Answered(b"mac", int(T0) + 300, b"reply"), T0)
     store.close()
     again = ZoneStore(str(path), ZONE, "ns.example.com.", 53)
-    assert again.replay_get(b"mac") == (int(T0) + 300, b"reply")
+    assert ReplayCache(again).find(b"mac", T0) == b"reply"
     again.check_writable()
 
 

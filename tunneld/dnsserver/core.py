@@ -430,11 +430,13 @@ class DnsCore:
             return self.commit(CheckedUpdate(req, wire, signer, [], None, None, max_size), r.rcode, now)
         return CheckedUpdate(req, wire, signer, changes, lease, lease_reply, max_size)
 
-    def commit(self, update: CheckedUpdate, rcode: int, now: float, *, remember: bool = True) -> bytes:
+    def commit(self, update: CheckedUpdate, rcode: int, now: float, *, remember: bool = True,
+               intent: int | None = None) -> bytes:
         """Answer a checked update with ``rcode`` (signed as its request was) and remember the answer
         against replays (unless not ``remember``: an error whose retry may fare better). NOERROR applies
         its changes to the store in the same transaction (the local server's update; the front's, once
-        the primary took it), any other rcode changes nothing."""
+        the primary took it: its ``intent`` dropped, :mod:`~tunneld.dnsserver.intents`), any other rcode
+        changes nothing."""
         req, signer = update.req, update.signer
 
         def reply(resp: dns.message.Message) -> bytes:
@@ -453,7 +455,7 @@ class DnsCore:
             resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(LEASE_OTYPE, update.lease_reply)])
         out = reply(resp)  # rendered before the update, so that it is committed with it
         try:
-            changed = self.store.apply_update(update.changes, update.lease, now, remembered(out))
+            changed = self.store.apply_update(update.changes, update.lease, now, remembered(out), intent)
         except DiskFull:  # reported once by the store
             return reply(self._error(req, dns.rcode.SERVFAIL))
         except Exception:

@@ -6,7 +6,8 @@ checks it (:mod:`tunneld.dnsserver.update_check`); :class:`Front` then builds th
 and update sections under a new message ID, without the additional section (the Update Lease option and
 the device's TSIG), signed with the front key, and reads the primary's reply (its TSIG verified over our
 request's MAC). The device gets the primary's rcode, signed with the account key; the front applies a
-taken update to its own store, which keeps each record's lease. An expired lease becomes a delete UPDATE
+taken update to its own store, which keeps each record's lease (on disk before the device is answered:
+:mod:`tunneld.dnsserver.intents`, written while the primary works). An expired lease becomes a delete UPDATE
 for exactly those records, retried with backoff until the primary takes it; only then are the rows
 dropped, so the store itself is the durable queue of deletions. Why and how: docs/protocol.md, "Front mode".
 """
@@ -29,6 +30,7 @@ import dns.rcode
 import dns.rdata
 import dns.update
 
+from tunneld.dnsserver.intents import Intents
 from tunneld.dnsserver.store import DiskFull, RRsetRemoval, ZoneStore
 from tunneld.proto.dnsguard import ADDITIONAL, HEADER_SIZE
 from tunneld.proto.dnswire import walk
@@ -145,13 +147,22 @@ class Front:
         self._fudge = fudge
         self.timeout = FORWARD_TIMEOUT
         """Seconds the primary has to answer (the trio side's exchange timeout)."""
-        self._forwarding: set[bytes] = set()  # request MACs of device updates being forwarded
+        self._forwarding: dict[bytes, int | None] = {}  # request MACs of updates being forwarded: intents
+        self.intents = Intents(store)
         self._failures = 0
         self._retry_at: float | None = None
         self.counters: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"<Front zone={self.store.zone} primary={self.primary}>"
+
+    def start(self, now: float) -> None:
+        """Before the first forward: the store's commits no longer wait for the disk, only the intents
+        do (:mod:`tunneld.dnsserver.intents`), and those a crash or power cut left are recovered."""
+        self.store.sync_intents_only()
+        left = self.intents.recover(now)
+        if left:
+            log.info("%d lease(s) of updates unanswered at the last stop wait for the primary's zone", left)
 
     def _id(self) -> int:
         return int.from_bytes(self._rand(2), "big")
@@ -166,8 +177,15 @@ class Front:
         if mac in self._forwarding:
             self.counters["update: copy while forwarding"] += 1
             return None
-        self._forwarding.add(mac)
+        self._forwarding[mac] = None
         return forwarded_update(update.wire, self._id(), self.key, now, self._fudge)
+
+    def sent(self, update: CheckedUpdate, now: float) -> None:
+        """The forward of ``update`` is on its way: the leases of the RRs it adds are written and synced
+        while the primary works (:mod:`tunneld.dnsserver.intents`)."""
+        mac = update.signer.request_mac
+        if mac in self._forwarding and self._forwarding[mac] is None:
+            self._forwarding[mac] = self.intents.write(update.changes, update.lease, now)
 
     def answer(self, core: DnsCore, update: CheckedUpdate, forward: Forward, reply: bytes | None,
                now: float) -> bytes:
@@ -175,11 +193,13 @@ class Front:
         connection). The primary's rcode is committed (:meth:`DnsCore.commit`: remembered against replays;
         NOERROR also applied to our store with the lease). No usable reply: SERVFAIL, not remembered, so
         that the device's retransmission is forwarded again."""
-        self._forwarding.discard(update.signer.request_mac)
+        intent = self._forwarding.pop(update.signer.request_mac, None)
         rcode = self._rcode(reply, forward, now, "update")
-        if rcode is None:
+        if rcode is None:  # the primary may have taken it: the intent stays (intents.py)
             return core.commit(update, dns.rcode.SERVFAIL, now, remember=False)
-        return core.commit(update, rcode, now)
+        if rcode != dns.rcode.NOERROR:
+            self.intents.drop(intent)
+        return core.commit(update, rcode, now, intent=intent)
 
     def late(self, core: DnsCore, update: CheckedUpdate, forward: Forward, reply: bytes,
              now: float) -> bytes | None:
@@ -193,7 +213,7 @@ class Front:
 
     def abandon(self, update: CheckedUpdate) -> None:
         """The forward ended without an answer to give (the device's connection went away)."""
-        self._forwarding.discard(update.signer.request_mac)
+        self._forwarding.pop(update.signer.request_mac, None)
 
     def _rcode(self, reply: bytes | None, forward: Forward, now: float, what: str) -> int | None:
         if reply is None:

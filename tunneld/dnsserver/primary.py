@@ -107,10 +107,12 @@ class PrimaryLink:
 
     # ---- exchanges ----------------------------------------------------------------------------------
 
-    async def exchange(self, forward: Request, late: Late | None = None) -> bytes | None:
+    async def exchange(self, forward: Request, late: Late | None = None,
+                       sent: Callable[[], None] | None = None) -> bytes | None:
         """The primary's reply to ``forward``; None if none came in time (or too many are waiting, or the
         connection failed). If it timed out once sent, ``late`` is called with the reply should it come
-        afterwards on the same connection."""
+        afterwards on the same connection. ``sent`` is called once it is first sent whole, while the
+        primary works (the front writes the update's leases then: :mod:`tunneld.dnsserver.intents`)."""
         if self._queued >= MAX_IN_FLIGHT + MAX_WAITING:
             self.counters["busy: refused"] += 1
             return None
@@ -118,7 +120,7 @@ class PrimaryLink:
             self.counters["too large"] += 1
             return None
         self._queued += 1
-        sent: list[int] = []  # the connection it was last sent on
+        sent_on: list[int] = []  # the connection it was last sent on
         try:
             with trio.move_on_after(self.timeout):
                 while self._transfers:  # a transfer's turn: it waits for the exchanges in flight
@@ -126,11 +128,11 @@ class PrimaryLink:
                 self._enter()
                 try:
                     async with self._slots:
-                        return await self._exchange(forward, sent)
+                        return await self._exchange(forward, sent_on, sent)
                 finally:
                     self._leave()
             self.counters["timeout"] += 1
-            if late is not None and sent and sent[0] == self._conn and self._stream is not None:
+            if late is not None and sent_on and sent_on[0] == self._conn and self._stream is not None:
                 self._late[forward.msg_id] = late
                 while len(self._late) > MAX_LATE:
                     self._late.popitem(last=False)
@@ -156,7 +158,8 @@ class PrimaryLink:
         if not self._in_use:
             self._idle.set()
 
-    async def _exchange(self, forward: Request, sent: list[int]) -> bytes | None:
+    async def _exchange(self, forward: Request, sent_on: list[int],
+                        on_sent: Callable[[], None] | None) -> bytes | None:
         msg_id = forward.msg_id
         while (other := self._pending.get(msg_id)) is not None:  # IDs unique among those in flight
             self.counters["waited for a message ID in flight"] += 1
@@ -174,8 +177,10 @@ class PrimaryLink:
                     log.debug("primary %s: %s", self.primary, e)
                     break
                 slot.conn, slot.done, slot.reply = self._conn, False, None
-                sent[:] = [slot.conn]
-                await self._send(stream, slot, frame(forward.wire))
+                sent_on[:] = [slot.conn]
+                if await self._send(stream, slot, frame(forward.wire)) and on_sent is not None:
+                    on_sent()
+                    on_sent = None
                 reply = await self._await(slot, stream)
                 if reply is not None:
                     return reply
@@ -198,10 +203,11 @@ class PrimaryLink:
                 self.counters["connections"] += 1
             return self._stream
 
-    async def _send(self, stream: trio.SocketStream, slot: _Pending, data: bytes) -> None:
+    async def _send(self, stream: trio.SocketStream, slot: _Pending, data: bytes) -> bool:
+        """Send ``data`` for ``slot``; False if it was not sent whole (the connection failed)."""
         async with self._send_lock:
             if slot.done:  # the connection failed while this one waited to send
-                return
+                return False
             done = False
             try:
                 await stream.send_all(data)
@@ -211,6 +217,7 @@ class PrimaryLink:
             finally:
                 if not done:  # cancelled or broken mid-frame: the stream is unusable
                     self._fail(slot.conn)
+            return done
 
     async def _await(self, slot: _Pending, stream: trio.SocketStream) -> bytes | None:
         """``slot``'s reply, reading the connection if no one else is."""

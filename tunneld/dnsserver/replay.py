@@ -11,13 +11,14 @@ kept, the oldest forgotten first. See docs/hardening.md ("Replays of signed upda
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from tunneld.dnsserver.store import ZoneStore
 
-__all__ = ["MAX_KEPT", "Answered", "ReplayCache"]
+__all__ = ["MAX_KEPT", "Answered", "ReplayCache", "remember"]
 
 MAX_KEPT: Final = 16384
 """Entries kept (some 300 bytes each, 5 MB in all). Only holders of the account key can add entries; a
@@ -32,6 +33,15 @@ class Answered:
     mac: bytes
     until: int
     reply: bytes
+
+
+def remember(db: sqlite3.Connection, answered: Answered, now: float, kept: int) -> None:
+    """Inside a write transaction on the store's ``replays`` table: drop expired entries, add this one, keep
+    the newest ``kept`` (rowids grow with each insert, so the oldest have the lowest)."""
+    db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
+    db.execute("INSERT OR REPLACE INTO replays (mac, until, reply) VALUES (?, ?, ?)",
+               (answered.mac, answered.until, answered.reply))
+    db.execute("DELETE FROM replays WHERE rowid <= (SELECT max(rowid) FROM replays) - ?", (kept,))
 
 
 class ReplayCache:
@@ -52,16 +62,16 @@ class ReplayCache:
         self.store.replays_kept = value
 
     def __len__(self) -> int:
-        return self.store.replay_count()
+        return int(self.store.db.execute("SELECT count(*) FROM replays").fetchone()[0])
 
     def find(self, mac: bytes, now: float) -> bytes | None:
         """The reply already sent to the request of this MAC, if its window is still open at ``now``."""
         if not mac:
             return None
-        found = self.store.replay_get(mac)
-        if found is None or found[0] < int(now):
+        row = self.store.db.execute("SELECT until, reply FROM replays WHERE mac=?", (mac,)).fetchone()
+        if row is None or int(row[0]) < int(now):
             return None
-        return found[1]
+        return bytes(row[1])
 
     @staticmethod
     def entry(mac: bytes, time_signed: int, fudge: int, reply: bytes) -> Answered:
@@ -72,4 +82,5 @@ class ReplayCache:
     def remember(self, answered: Answered, now: float) -> None:
         """Remember a reply sent without changing the zone (a refused update), in its own transaction."""
         if answered.mac:
-            self.store.replay_put(answered, now)
+            with self.store.transaction() as db:
+                remember(db, answered, now, self.store.replays_kept)

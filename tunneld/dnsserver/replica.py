@@ -24,6 +24,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 
+from tunneld.dnsserver.intents import Intents
 from tunneld.dnsserver.store import AddRR, DeleteRR, ZoneStore, canonical
 from tunneld.proto.xfr import Full, Incremental, ZoneRecord
 
@@ -94,13 +95,15 @@ def _key(store: ZoneStore, record: ZoneRecord) -> _Key:
 
 def _add(store: ZoneStore, db: sqlite3.Connection, record: ZoneRecord,
          changes: list[AddRR | DeleteRR]) -> None:
-    """Insert the record (permanent: the primary's own) or, if present, set its TTL; its lease stays."""
+    """Insert the record (permanent: the primary's own, unless an intent gives it a lease:
+    :mod:`tunneld.dnsserver.intents`) or, if present, set its TTL; its lease stays."""
     if _ours(store, record):
         return
     key = _key(store, record)
     row = db.execute("SELECT ttl FROM records WHERE owner=? AND rdtype=? AND rdata=?", key).fetchone()
     if row is None:
-        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, NULL)", (*key, record.ttl))
+        expires = Intents.lease_of(db, key)
+        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?)", (*key, record.ttl, expires))
     elif row[0] != record.ttl:
         db.execute("UPDATE records SET ttl=? WHERE owner=? AND rdtype=? AND rdata=?", (record.ttl, *key))
     else:

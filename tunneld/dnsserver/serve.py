@@ -184,7 +184,8 @@ class _Server:
             # committed (our store, the replay memory), even if the device's connection goes meanwhile.
             with trio.CancelScope(shield=True):
                 late = functools.partial(self._late, update, fwd)
-                primary_reply = await self.link.exchange(fwd, late)
+                sent = functools.partial(self.front.sent, update)
+                primary_reply = await self.link.exchange(fwd, late, lambda: sent(time.time()))
             now = time.time()
             self.core.last_changes = []
             reply = self.front.answer(self.core, update, fwd, primary_reply, now)
@@ -472,6 +473,7 @@ async def serve(
     server.udp = udp
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
+        front.start(time.time())  # as the user we now run as: the store's WAL files are ours
         feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
         server.feed = FeedTask(feed, server.link, server.zone_changed if owner is None
                                else watching(owner, server.zone_changed))

@@ -12,7 +12,8 @@ Time is always passed in (``now``, wall seconds); the store never reads a clock.
 expired are never returned, even before :meth:`ZoneStore.expire` sweeps them (RFC 9664 §7). The
 ``replays`` table is :mod:`tunneld.dnsserver.replay`'s memory of signed updates, written in each update's
 own transaction. A full disk fails writes with :class:`DiskFull`, logged once until a write succeeds
-again; reads go on.
+again; reads go on. In front mode (:meth:`ZoneStore.sync_intents_only`) only the ``intents`` table, the
+leases of updates the primary is applying, is synced at commit: docs/perf-dns.md, "The commit".
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from tunneld.dnsserver.replay import MAX_KEPT, Answered
+from tunneld.dnsserver.replay import MAX_KEPT, Answered, remember
 from tunneld.proto.srv import (
     LLQ_SRV_SERVICE,
     LLQ_TLS_SRV_SERVICE,
@@ -84,6 +85,9 @@ CREATE INDEX IF NOT EXISTS records_expires ON records (expires);
 CREATE TABLE IF NOT EXISTS llqs (id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS replays (mac BLOB PRIMARY KEY, until INTEGER NOT NULL, reply BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS replays_until ON replays (until);
+CREATE TABLE IF NOT EXISTS intents (intent INTEGER NOT NULL, owner TEXT NOT NULL, rdtype INTEGER NOT NULL,
+    rdata BLOB NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS intents_rr ON intents (owner, rdtype, rdata);
 """
 SCHEMA_VERSION: Final = 2
 """``PRAGMA user_version``: 0 for databases made before the ``replays`` table (added by the CREATE ...
@@ -230,6 +234,7 @@ class ZoneStore:
         """A write failed for want of space and none has succeeded since (reported once)."""
         self._sweep_after: float | None = None
         self._wal = False  # the journal is WAL, or switching failed (see _write)
+        self._sync_all = True  # every commit synced (not in front mode: sync_intents_only)
         self._db = sqlite3.connect(path, isolation_level=None)
         try:
             self._db.execute("PRAGMA synchronous=FULL")
@@ -255,17 +260,21 @@ class ZoneStore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _write(self, report: bool = True, wal: bool = True) -> Iterator[None]:
+    def _write(self, report: bool = True, wal: bool = True, sync: bool = False) -> Iterator[None]:
         """One write transaction: committed, or rolled back on any exception. For want of space it
         raises DiskFull, and says so once if ``report`` (one log line until a write that changed
         something succeeds again: one that changed nothing wrote nothing). The first one with ``wal``
         (not the creation, not :meth:`check_writable`'s probe: serve-dns has dropped root by then) turns
-        the journal to WAL, synced at each commit: as durable, a third of the cost (docs/perf-dns.md)."""
+        the journal to WAL, synced at each commit: as durable, a third of the cost (docs/perf-dns.md).
+        ``sync``: synced even after :meth:`sync_intents_only` (and with it every commit before)."""
         if wal and not self._wal:
             self._wal = True
             with contextlib.suppress(sqlite3.Error):  # a read-only database: the write below says so
                 self._db.execute("PRAGMA journal_mode=WAL")
         changes = self._db.total_changes
+        synced = sync and not self._sync_all
+        if synced:
+            self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -281,9 +290,29 @@ class ZoneStore:
                 log.error("zone database %s: the disk is full; updates are answered SERVFAIL until there "
                           "is space again, queries are still answered", self.path)
             raise DiskFull(str(e)) from e
+        finally:
+            if synced:
+                self._db.execute("PRAGMA synchronous=NORMAL")
         if self.full and self._db.total_changes != changes:
             self.full = False
             log.warning("zone database %s: writable again", self.path)
+
+    def sync_intents_only(self) -> None:
+        """Front mode: a commit no longer waits for the disk (it survives the process, not a power loss),
+        except :mod:`~tunneld.dnsserver.intents`' (which syncs every commit before it too)."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._sync_all = False
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The database, read by the modules keeping tables here (intents.py, replay.py)."""
+        return self._db
+
+    @contextlib.contextmanager
+    def transaction(self, sync: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction (:meth:`_write`) for those modules."""
+        with self._write(sync=sync):
+            yield self._db
 
     def check_writable(self) -> None:
         """Commit one write (a row added and removed), so that a database that cannot be written, or a
@@ -308,20 +337,16 @@ class ZoneStore:
     # ---- long-lived queries (kept so that a restart does not lose the watchers) --------------------
 
     def llq_put(self, llq_id: int, state: str) -> None:
-        """Store one established LLQ's state (JSON text from the LLQ server), replacing the old one. On a
-        full disk the LLQ lives on unsaved (only a restart would lose it)."""
-        with contextlib.suppress(DiskFull), self._write():
-            # 64-bit unsigned IDs do not fit SQLite's signed INTEGER: stored as text
-            self._db.execute("INSERT OR REPLACE INTO llqs (id, state) VALUES (?, ?)", (str(llq_id), state))
+        """Store one established LLQ's state (JSON text from the LLQ server), replacing the old one."""
+        self.llq_write([(llq_id, state)])
 
     def llq_delete(self, llq_id: int) -> None:
-        """Forget one LLQ. On a full disk it stays saved, and expires with its lease after a restart."""
-        with contextlib.suppress(DiskFull), self._write():
-            self._db.execute("DELETE FROM llqs WHERE id = ?", (str(llq_id),))
+        """Forget one LLQ (on a full disk it stays saved, and expires with its lease after a restart)."""
+        self.llq_write([(llq_id, None)])
 
     def llq_write(self, states: Iterable[tuple[int, str | None]]) -> None:
         """Store (or, for None, delete) several LLQs' states in one transaction: one disk sync. On a full
-        disk they live on unsaved, as with :meth:`llq_put`."""
+        disk they live on unsaved (only a restart would lose them). 64-bit unsigned IDs: stored as text."""
         with contextlib.suppress(DiskFull), self._write():
             for llq_id, state in states:
                 if state is None:
@@ -421,34 +446,10 @@ class ZoneStore:
         serial = (self.serial + 1) & 0xFFFFFFFF or 1
         self._db.execute("UPDATE meta SET value=? WHERE key='serial'", (str(serial),))
 
-    # ---- replays of signed updates (tunneld.dnsserver.replay) -----------------------------------------
-
-    def replay_get(self, mac: bytes) -> tuple[int, bytes] | None:
-        """(until, reply) remembered for a request MAC, if any (expired or not)."""
-        row = self._db.execute("SELECT until, reply FROM replays WHERE mac=?", (mac,)).fetchone()
-        return None if row is None else (int(row[0]), bytes(row[1]))
-
-    def replay_count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM replays").fetchone()[0])
-
-    def replay_put(self, answered: Answered, now: float) -> None:
-        """Remember one answered request in its own transaction (one that changed nothing)."""
-        with self._write():
-            self._remember(answered, now)
-
-    def _remember(self, answered: Answered, now: float) -> None:
-        """Inside a write transaction: drop expired entries, add this one, keep the newest
-        ``replays_kept`` (rowids grow with each insert, so the oldest have the lowest)."""
-        self._db.execute("DELETE FROM replays WHERE until < ?", (int(now),))
-        self._db.execute("INSERT OR REPLACE INTO replays (mac, until, reply) VALUES (?, ?, ?)",
-                         (answered.mac, answered.until, answered.reply))
-        self._db.execute("DELETE FROM replays WHERE rowid <= (SELECT max(rowid) FROM replays) - ?",
-                         (self.replays_kept,))
-
     # ---- changes ------------------------------------------------------------------------------------
 
     def apply_update(self, changes: Sequence[Change], lease: Lease | None, now: float,
-                     answered: Answered | None = None) -> bool:
+                     answered: Answered | None = None, intent: int | None = None) -> bool:
         """Apply RFC 2136 update operations atomically; return True if served content changed.
 
         Added RRs get ``now + lease`` as expiry (permanent when ``lease`` is None); re-adding an existing
@@ -456,8 +457,8 @@ class ZoneStore:
         caller; they raise ValueError here (and nothing is applied). The SOA serial is bumped only when the
         visible content changed, so a refresh that only extends leases leaves it alone (RFC 9664 §5.3).
         CNAME conflicts are ignored as RFC 2136 §3.4.2.2 says. ``answered`` (the request's replay entry)
-        is written in the same transaction. Any exception rolls the whole update back; DiskFull for want
-        of space.
+        is written in the same transaction, and ``intent`` (:mod:`~tunneld.dnsserver.intents`) dropped.
+        Any exception rolls the whole update back; DiskFull for want of space.
         """
         for ch in changes:
             rdtype = (
@@ -478,7 +479,9 @@ class ZoneStore:
             if changed:
                 self._bump_serial()
             if answered is not None and answered.mac:
-                self._remember(answered, now)
+                remember(self._db, answered, now, self.replays_kept)
+            if intent is not None:
+                self._db.execute("DELETE FROM intents WHERE intent=?", (intent,))
         return changed
 
     def _apply_one(self, ch: Change, lease: Lease | None, now: float) -> None:
@@ -577,12 +580,10 @@ class ZoneStore:
         return self.serial, [(o, t, bytes(w), ttl, e) for o, t, w, ttl, e in rows]
 
     def replica_apply(self, apply: Callable[[sqlite3.Connection], bool]) -> bool:
-        """Run ``apply`` (:mod:`tunneld.dnsserver.replica`: the primary's zone into ``records``, its SOA in
-        ``meta``) in one write transaction; when it says the records changed, the zone's serial is bumped.
-        DiskFull as :meth:`apply_update`."""
+        """Run ``apply`` (:mod:`tunneld.dnsserver.replica`) in one write transaction; when it says the
+        records changed, the zone's serial is bumped. DiskFull as :meth:`apply_update`."""
         with self._write():
-            changed = apply(self._db)
-            if changed:
+            if changed := apply(self._db):
                 self._bump_serial()
         return changed
 
