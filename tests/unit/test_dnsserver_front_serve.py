@@ -1,14 +1,18 @@
 """Front mode through the trio listeners, on loopback: a device's UPDATE over UDP and TCP goes to a fake
 primary (dnspython, over TCP) and back; one connection to the primary is reused; a silent primary is
-SERVFAIL within the timeout; an expired lease is deleted on the primary by the sweep.
+SERVFAIL within the timeout; an expired lease is deleted on the primary by the sweep; with the store on
+disk, the reply waits for the sync of its lease's intent and is never rate limited as unsigned.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dns.edns
 import dns.message
@@ -17,6 +21,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.update
+import pytest
 import trio
 import trio.testing
 
@@ -24,7 +29,7 @@ from tunneld.dnsserver.core import DnsCore, Policy, account_key
 from tunneld.dnsserver.front import Forward, Front
 from tunneld.dnsserver.primary import MAX_IN_FLIGHT
 from tunneld.dnsserver.replay import ReplayCache
-from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, serve
+from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, RrlLimits, serve
 from tunneld.dnsserver.store import ZoneStore
 from tunneld.proto.dnsframe import FrameBuffer, frame
 from tunneld.proto.dnsguard import MAX_MESSAGE
@@ -76,10 +81,11 @@ class FakePrimary:
 
 
 async def start(nursery: trio.Nursery, primary: FakePrimary, *, min_lease: int = 1800,
-                timeout: float = 5.0, server_nursery: trio.Nursery | None = None) -> tuple[int, Front]:
+                timeout: float = 5.0, server_nursery: trio.Nursery | None = None, db: str = ":memory:",
+                rrl: RrlLimits | None = None) -> tuple[int, Front]:
     listeners = await nursery.start(functools.partial(trio.serve_tcp, primary.handler, 0, host="127.0.0.1"))
     primary_port = listeners[0].socket.getsockname()[1]
-    store = ZoneStore(":memory:", ZONE, "ns.example.com.", 53)
+    store = ZoneStore(db, ZONE, "ns.example.com.", 53)
     core = DnsCore(store, [ACCOUNT], Policy(min_lease=min_lease))
     front = Front(store, FRONT, ("127.0.0.1", primary_port))
     front.timeout = timeout
@@ -87,7 +93,7 @@ async def start(nursery: trio.Nursery, primary: FakePrimary, *, min_lease: int =
         port = free_port()
         try:
             await (server_nursery or nursery).start(functools.partial(serve, core, "127.0.0.1", port,
-                                                                      front=front))
+                                                                      front=front, rrl=rrl))
         except OSError:
             continue
         return port, front
@@ -249,6 +255,52 @@ def test_a_late_noerror_records_the_lease_and_the_retry_gets_it_from_memory() ->
                 assert expiry is not None and 3000 < expiry - time.time() <= 3600
                 assert (await over_udp(port, upd, wire)).rcode() == dns.rcode.NOERROR  # from memory
                 assert len(primary.updates) == 2
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_on_disk_the_reply_waits_for_the_sync_of_its_intent_and_is_not_rate_limited(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intent's sync runs in a worker thread (slowed here to 0.3 s) while the front reads the primary's
+    answer and commits it; the device's reply goes only once the WAL is synced. Meanwhile unsigned queries
+    from the same address are answered (and rate limited to one a second): the update's reply, signed, is
+    exempt all the same."""
+    fsyncs: list[tuple[float, str]] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        assert threading.current_thread() is not threading.main_thread()  # not the front's own thread
+        fsyncs.append((time.monotonic(), os.readlink(f"/proc/self/fd/{fd}")))
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    async def main() -> None:
+        primary = FakePrimary()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, front = await start(nursery, primary, db=str(tmp_path / "front.sqlite"),
+                                          rrl=RrlLimits(answers_per_second=1, errors_per_second=1, burst=1,
+                                                        slip=0))
+                monkeypatch.setattr(os, "fsync", slow_fsync)
+                upd = device_update("fd00::1")
+                wire = upd.to_wire()  # signed once: its MAC is the one the reply is signed over
+                sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+                with sock:
+                    await sock.connect(("127.0.0.1", port))
+                    await sock.send(wire)
+                    while not front.store.rrset(HOST, dns.rdatatype.AAAA, time.time()):
+                        await trio.sleep(0.01)  # committed: the reply waits for the sync now
+                    for i in range(3):  # unsigned: the first answered, the others over the limit (dropped)
+                        await sock.send(dns.message.make_query(ZONE, "SOA", id=i).to_wire())
+                    while (reply := await sock.recv(65535))[:2] != wire[:2]:
+                        pass
+                    replied = time.monotonic()
+                got = dns.message.from_wire(reply, keyring={ACCOUNT.name: ACCOUNT}, request_mac=upd.mac)
+                assert got.rcode() == dns.rcode.NOERROR and got.had_tsig
+                assert len(fsyncs) == 1 and fsyncs[0][1] == str(tmp_path / "front.sqlite-wal")
+                assert replied - fsyncs[0][0] >= 0.3  # after the sync, not before
+                assert front.store.db.execute("SELECT count(*) FROM intents").fetchone()[0] == 0
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

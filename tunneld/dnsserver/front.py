@@ -180,12 +180,15 @@ class Front:
         self._forwarding[mac] = None
         return forwarded_update(update.wire, self._id(), self.key, now, self._fudge)
 
-    def sent(self, update: CheckedUpdate, now: float) -> None:
-        """The forward of ``update`` is on its way: the leases of the RRs it adds are written and synced
-        while the primary works (:mod:`tunneld.dnsserver.intents`)."""
+    def sent(self, update: CheckedUpdate, now: float, sync: bool = True) -> bool:
+        """The forward of ``update`` is on its way: the leases of the RRs it adds are written, and synced
+        unless not ``sync`` (the caller syncs them), while the primary works
+        (:mod:`tunneld.dnsserver.intents`). True if an intent was written."""
         mac = update.signer.request_mac
-        if mac in self._forwarding and self._forwarding[mac] is None:
-            self._forwarding[mac] = self.intents.write(update.changes, update.lease, now)
+        if mac not in self._forwarding or self._forwarding[mac] is not None:
+            return False
+        self._forwarding[mac] = self.intents.write(update.changes, update.lease, now, sync)
+        return self._forwarding[mac] is not None
 
     def answer(self, core: DnsCore, update: CheckedUpdate, forward: Forward, reply: bytes | None,
                now: float) -> bytes:

@@ -42,10 +42,12 @@ class Intents:
         row = store.db.execute("SELECT max(intent) FROM intents").fetchone()
         self._last = int(row[0] or 0)
 
-    def write(self, changes: Sequence[Change], lease: Lease | None, now: float) -> int | None:
-        """Write and sync the leases of the RRs ``changes`` add; their intent number (None: none added
-        with a lease, or the disk is full: the store has said so, and the commit will fail the same
-        way). Intents whose lease has ended go in the same transaction."""
+    def write(self, changes: Sequence[Change], lease: Lease | None, now: float,
+              sync: bool = True) -> int | None:
+        """Write the leases of the RRs ``changes`` add, synced unless not ``sync`` (the caller syncs the
+        WAL: :mod:`tunneld.dnsserver.walsync`); their intent number (None: none added with a lease, or
+        the disk is full: the store has said so, and the commit will fail the same way). Intents whose
+        lease has ended go in the same transaction."""
         if lease is None:
             return None
         zone = self.store.zone
@@ -55,7 +57,7 @@ class Intents:
             return None
         self._last += 1
         try:
-            with self.store.transaction(sync=True) as db:
+            with self.store.transaction(sync=sync) as db:
                 db.execute("DELETE FROM intents WHERE expires <= ?", (now,))
                 db.executemany("INSERT INTO intents VALUES (?, ?, ?, ?, ?)", [(self._last, *r) for r in rows])
         except DiskFull:

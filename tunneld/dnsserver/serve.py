@@ -59,6 +59,7 @@ from tunneld.dnsserver.rrl import Kind, ResponseLimiter, RrlLimits, Verdict, kin
 from tunneld.dnsserver.store import Change, RRsetRemoval
 from tunneld.dnsserver.stun import respond as stun_respond
 from tunneld.dnsserver.tcp import TcpLimits, TcpServer
+from tunneld.dnsserver.walsync import WalSync
 from tunneld.net.udp import set_buffers
 from tunneld.proto.dnsguard import try_parse
 from tunneld.proto.errors import ParseError
@@ -136,6 +137,7 @@ class _Server:
         self.feed: FeedTask | None = None  # front mode: the primary's changes (NOTIFY, serial checks, IXFR)
         self.tasks: trio.Nursery | None = None  # for the LLQ events of a late answer from the primary
         self.owner: LeaseOwner | None = None  # front mode: our claim of the zone's leases (owner.py)
+        self.walsync: WalSync | None = None  # front mode: the intents' syncs, in a worker thread
 
     def handle(self, wire: bytes, src: object,
                max_size: int | None) -> tuple[bytes | CheckedUpdate | None, LLQOutput]:
@@ -184,16 +186,25 @@ class _Server:
             # committed (our store, the replay memory), even if the device's connection goes meanwhile.
             with trio.CancelScope(shield=True):
                 late = functools.partial(self._late, update, fwd)
-                sent = functools.partial(self.front.sent, update)
-                primary_reply = await self.link.exchange(fwd, late, lambda: sent(time.time()))
-            now = time.time()
-            self.core.last_changes = []
-            reply = self.front.answer(self.core, update, fwd, primary_reply, now)
-            answered = True
+                tickets: list[int] = []
+                sent = functools.partial(self._sent, update, tickets)
+                primary_reply = await self.link.exchange(fwd, late, sent)
+                now = time.time()
+                self.core.last_changes = []
+                reply = self.front.answer(self.core, update, fwd, primary_reply, now)
+                answered = True
+                if tickets and self.walsync is not None:  # the lease on disk before the device hears
+                    await self.walsync.wait(tickets[0])
         finally:
             if not answered:
                 self.front.abandon(update)
         return reply, self._after(wire, reply, now)
+
+    def _sent(self, update: CheckedUpdate, tickets: list[int]) -> None:
+        """The forward is on its way: its intent written (:meth:`Front.sent`), synced by the WAL's task."""
+        assert self.front is not None
+        if self.front.sent(update, time.time(), sync=self.walsync is None) and self.walsync is not None:
+            tickets.append(self.walsync.mark())
 
     def _late(self, update: CheckedUpdate, fwd: Forward, primary_reply: bytes) -> None:
         """The primary's answer to a forward that timed out (the device got SERVFAIL): a NOERROR is
@@ -284,12 +295,13 @@ class _Server:
     async def _udp_forward(self, sock: trio.socket.SocketType, update: CheckedUpdate, wire: bytes,
                            src: tuple[str, int]) -> None:
         reply, events = await self.forward(update, wire)
-        await self._udp_reply(sock, reply, events, len(wire), src)
+        # Signed with the account key, whatever core.last_signed says by now (the forward awaited).
+        await self._udp_reply(sock, reply, events, len(wire), src, signed=True)
 
     async def _udp_reply(self, sock: trio.socket.SocketType, reply: bytes | None, events: LLQOutput,
-                         query_size: int, src: tuple[str, int]) -> None:
+                         query_size: int, src: tuple[str, int], signed: bool | None = None) -> None:
         if reply is not None:
-            reply = self.limit(reply, query_size, src)
+            reply = self.limit(reply, query_size, src, signed)
         if reply is not None:
             try:
                 await sock.sendto(reply, src)
@@ -331,9 +343,10 @@ class _Server:
                 else:
                     self.stun_counters["stun port: not stun"] += 1
 
-    def limit(self, reply: bytes, query_size: int, src: object) -> bytes | None:
-        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing."""
-        signed = self.core.last_signed
+    def limit(self, reply: bytes, query_size: int, src: object, signed: bool | None = None) -> bytes | None:
+        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing. ``signed``:
+        whether it is (None: the core's last answer, handled just now, says)."""
+        signed = self.core.last_signed if signed is None else signed
         if signed and len(reply) <= query_size:
             self.rrl.counters["exempt: signed, not larger"] += 1
             return reply
@@ -474,6 +487,7 @@ async def serve(
     if front is not None:
         server.front, server.link = front, PrimaryLink(front.primary, front.timeout)
         front.start(time.time())  # as the user we now run as: the store's WAL files are ours
+        server.walsync = WalSync.of(core.store)
         feed = Feed(core.store, front.key, interval=primary_check or SOA_CHECK_INTERVAL)
         server.feed = FeedTask(feed, server.link, server.zone_changed if owner is None
                                else watching(owner, server.zone_changed))
@@ -513,6 +527,8 @@ async def serve(
             if server.feed is not None:
                 nursery.start_soon(server.feed.run)
                 nursery.start_soon(server.feed.answer_notifies, functools.partial(server._send, udp))
+            if server.walsync is not None:
+                nursery.start_soon(server.walsync.run)
             if unclaimed is not None:
                 nursery.start_soon(claim_later, unclaimed, core.zone)
             for sock in stun_socks:
@@ -531,13 +547,16 @@ async def serve(
     finally:
         if server.link is not None:
             server.link.close_now()
+        if server.walsync is not None:
+            server.walsync.close()
         tls_counters = server.tls.counters if server.tls is not None else Counter[str]()
         for what, counters in (("udp rate limiting", server.rrl.counters), ("tcp", server.tcp.counters),
                                ("tls", tls_counters),
                                ("dns push", server.push.counters if server.push is not None else Counter()),
                                ("stun", server.stun_counters + server.stun_rrl.counters),
                                ("front", (front.counters if front is not None else Counter())
-                                + (server.link.counters if server.link is not None else Counter())),
+                                + (server.link.counters if server.link is not None else Counter())
+                                + (server.walsync.counters if server.walsync is not None else Counter())),
                                ("change feed", server.feed.feed.counters if server.feed else Counter()),
                                ("lease owner", owner.counters if owner is not None else Counter())):
             if counters:
