@@ -49,6 +49,16 @@ Late = Callable[[bytes], None]
 """Called with the answer to an exchange that timed out, if it comes later on the same connection."""
 
 
+async def _acquire(lock: trio.Lock | trio.Semaphore) -> None:
+    """``lock`` acquired, without a trip through the scheduler when it is free: an exchange's way to the
+    socket crossed three of them (a slot, the connection, the send), each a scheduler pass, before its
+    bytes left (docs/perf-dns.md). The send itself is the checkpoint."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 class Request(Protocol):
     """A signed request to the primary: an UPDATE (:class:`~tunneld.dnsserver.front.Forward`) or the serial
     check's SOA query (:class:`~tunneld.proto.notify_wire.SoaQuery`)."""
@@ -127,8 +137,11 @@ class PrimaryLink:
                     await self._gate_open.wait()
                 self._enter()
                 try:
-                    async with self._slots:
+                    await _acquire(self._slots)
+                    try:
                         return await self._exchange(forward, sent_on, sent)
+                    finally:
+                        self._slots.release()
                 finally:
                     self._leave()
             self.counters["timeout"] += 1
@@ -194,6 +207,8 @@ class PrimaryLink:
         return None
 
     async def _connect(self) -> trio.SocketStream:
+        if self._stream is not None:  # connected: no wait (the lock is only for the connecting)
+            return self._stream
         async with self._connect_lock:
             if self._stream is None:
                 self._stream = await trio.open_tcp_stream(*self.primary)
@@ -205,7 +220,8 @@ class PrimaryLink:
 
     async def _send(self, stream: trio.SocketStream, slot: _Pending, data: bytes) -> bool:
         """Send ``data`` for ``slot``; False if it was not sent whole (the connection failed)."""
-        async with self._send_lock:
+        await _acquire(self._send_lock)
+        try:
             if slot.done:  # the connection failed while this one waited to send
                 return False
             done = False
@@ -218,6 +234,8 @@ class PrimaryLink:
                 if not done:  # cancelled or broken mid-frame: the stream is unusable
                     self._fail(slot.conn)
             return done
+        finally:
+            self._send_lock.release()
 
     async def _await(self, slot: _Pending, stream: trio.SocketStream) -> bytes | None:
         """``slot``'s reply, reading the connection if no one else is."""
