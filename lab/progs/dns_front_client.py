@@ -35,7 +35,15 @@ import dns.rdatatype
 import dns.rrset
 
 from lab.progs import cli, report
-from lab.progs.dns_client import TIMEOUT, Signer, _connect, _id_base, _latency_summary, cancel_all
+from lab.progs.dns_client import (
+    TIMEOUT,
+    Signer,
+    _connect,
+    _id_base,
+    _latency_summary,
+    cancel_all,
+    distinct_ids,
+)
 from tunneld.config import load_account_secret
 from tunneld.proto import llq
 from tunneld.proto.tsig import TsigKey, TsigSession
@@ -136,8 +144,10 @@ def cmd_hold(a: argparse.Namespace) -> dict[str, Any]:
     lost: set[int] = set()
     retries: Counter[int] = Counter()
 
+    rand = distinct_ids()  # byte-identical SETUPs would be taken for replays: see distinct_ids
+
     def new_client() -> llq.LLQClient:
-        return llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=os.urandom,
+        return llq.LLQClient(qname, dns.rdatatype.AAAA, server=dest, rand=rand,
                              tsig=TsigSession(TsigKey.of(signer.key)))
 
     def flush(i: int) -> None:
