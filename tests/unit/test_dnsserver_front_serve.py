@@ -26,7 +26,7 @@ import trio
 import trio.testing
 
 from tunneld.dnsserver.core import DnsCore, Policy, account_key
-from tunneld.dnsserver.front import Forward, Front
+from tunneld.dnsserver.front import Deletion, Forward, Front
 from tunneld.dnsserver.primary import MAX_IN_FLIGHT
 from tunneld.dnsserver.replay import ReplayCache
 from tunneld.dnsserver.serve import MAX_WAITING, PrimaryLink, RrlLimits, serve
@@ -301,6 +301,34 @@ def test_on_disk_the_reply_waits_for_the_sync_of_its_intent_and_is_not_rate_limi
                 assert len(fsyncs) == 1 and fsyncs[0][1] == str(tmp_path / "front.sqlite-wal")
                 assert replied - fsyncs[0][0] >= 0.3  # after the sync, not before
                 assert front.store.db.execute("SELECT count(*) FROM intents").fetchone()[0] == 0
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_lease_sweeper_is_woken_only_by_a_lease_ending_before_it_looks_anyway() -> None:
+    """Each update used to wake the sweeper, which then queried the store while the device's next update
+    waited; now only one whose lease ends before the sweeper's next look does (a 1 s lease here)."""
+    async def main() -> None:
+        primary = FakePrimary()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port, front = await start(nursery, primary, min_lease=1)
+                looks: list[float] = []
+                due = front.due_deletion
+
+                def counted(now: float) -> Deletion | None:
+                    looks.append(now)
+                    return due(now)
+                front.due_deletion = counted  # type: ignore[assignment,method-assign]
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(5):  # leases of an hour: the sweeper sleeps on
+                    assert (await over_udp(port, device_update(f"fd00::{i + 1}"))).rcode() == 0
+                await trio.testing.wait_all_tasks_blocked()
+                assert looks == []
+                assert (await over_udp(port, device_update("fd00::9", lease=1))).rcode() == 0
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(looks) == 1  # woken at once, to sleep until that lease's end
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import ssl
 import time
 from collections import Counter
@@ -80,6 +81,11 @@ UDP_BUFFER: Final = 4 << 20
 _OPCODE_UPDATE: Final = 5
 
 
+def _lease_end(update: CheckedUpdate, now: float) -> float:
+    """When the shortest lease an update grants ends (never: no lease)."""
+    return math.inf if update.lease is None else now + min(update.lease.lease, update.lease.key_lease)
+
+
 def llq_event_port(msg: dns.message.Message | ParseError, peer: object) -> tuple[str, int] | None:
     """Where the events of an LLQ set up or refreshed over TCP or TLS go: Apple's clients put the UDP port
     for them in the LLQ-ERROR field of such a SETUP or REFRESH (dnsextd and mDNSResponder; RFC 8764 leaves
@@ -124,6 +130,7 @@ class _Server:
         self.llq = llq
         self.udp: trio.socket.SocketType | None = None  # LLQ events go out from the UDP socket
         self.wake = trio.Event()  # set after an UPDATE: the next lease expiry may have moved earlier
+        self.sweep_at = -math.inf  # when the lease sweeper looks next anyway (an earlier lease wakes it)
         self.llq_wake = trio.Event()  # set when the LLQ server's next deadline may have moved earlier
         self.tcp = TcpServer(self.tcp_respond, tcp)
         self.tls: TcpServer | None = None  # DNS over TLS, when serve() is given a TLS listener
@@ -165,7 +172,9 @@ class _Server:
         if isinstance(prepared, CheckedUpdate):
             if self.front is not None:
                 return prepared, []
+            lease_end = _lease_end(prepared, now)
             prepared = self.core.commit(prepared, dns.rcode.NOERROR, now)
+            return prepared, self._after(wire, prepared, now, lease_end)
         return prepared, self._after(wire, prepared, now)
 
     async def forward(self, update: CheckedUpdate, wire: bytes) -> tuple[bytes | None, LLQOutput]:
@@ -198,7 +207,7 @@ class _Server:
         finally:
             if not answered:
                 self.front.abandon(update)
-        return reply, self._after(wire, reply, now)
+        return reply, self._after(wire, reply, now, _lease_end(update, now))
 
     def _sent(self, update: CheckedUpdate, tickets: list[int]) -> None:
         """The forward is on its way: its intent written (:meth:`Front.sent`), synced by the WAL's task."""
@@ -217,17 +226,21 @@ class _Server:
             if events and self.tasks is not None:
                 self.tasks.start_soon(self.send_llq, events)
 
-    def _after(self, wire: bytes, reply: bytes | None, now: float) -> LLQOutput:
+    def _after(self, wire: bytes, reply: bytes | None, now: float,
+               lease_end: float = -math.inf) -> LLQOutput:
         """Count the reply; an UPDATE's changes to the LLQ server and the Push sessions."""
         self._count(wire, reply)
         if len(wire) >= 4 and (wire[2] >> 3) & 0xF == _OPCODE_UPDATE:
-            return self._announce(now)
+            return self._announce(now, lease_end)
         return []
 
-    def _announce(self, now: float) -> LLQOutput:
+    def _announce(self, now: float, lease_end: float = -math.inf) -> LLQOutput:
         """The last update's changes (``core.last_changes``) to the Push sessions, queued before its reply
-        is sent, and to the LLQ server (its events returned); the lease sweeper woken."""
-        self.wake.set()
+        is sent, and to the LLQ server (its events returned); the lease sweeper woken if the update's
+        shortest lease (``lease_end``; unknown: at once) ends before it looks next anyway: waking it
+        after each update cost the next update its queries of the store."""
+        if lease_end < self.sweep_at:
+            self.wake.set()
         events: LLQOutput = []
         if self.push is not None and self.core.last_changes:
             self.push.changes(self.core.last_changes, now)
@@ -373,7 +386,7 @@ class _Server:
             deadline = None if failed or lost else self.front.deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else min(max(deadline - time.time(), 0.0),
                                                                   SWEEP_MAX_SLEEP)
-            self.wake = trio.Event()
+            self.wake, self.sweep_at = trio.Event(), time.time() + delay
             with trio.move_on_after(delay):
                 await self.wake.wait()  # an update arrived: recompute the next expiry
             try:
@@ -414,7 +427,7 @@ class _Server:
                 log.exception("lease sweep failed; retrying in %.0f s", SWEEP_MAX_SLEEP)
                 nxt = None
             delay = SWEEP_MAX_SLEEP if nxt is None else min(max(nxt - time.time(), 0.0), SWEEP_MAX_SLEEP)
-            self.wake = trio.Event()
+            self.wake, self.sweep_at = trio.Event(), time.time() + delay
             with trio.move_on_after(delay):
                 await self.wake.wait()  # an update arrived: recompute the next expiry
 
