@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunneld.dnsserver.core import DnsCore, Policy, account_key
+from tunneld.dnsserver.core import CheckedUpdate, DnsCore, Policy, account_key
 from tunneld.dnsserver.store import ZoneStore
 
 DOMAIN = "example.com"
@@ -95,6 +95,33 @@ def register(core: DnsCore, name: str = "host", addr: str = "fd00::1", at: float
 
 
 # ---- UPDATE with TSIG and leases --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["lease", "edns without lease", "no edns", "rd set", "lease and payload"])
+def test_the_noerror_answer_is_the_bytes_dnspython_renders(variant: str) -> None:
+    """DnsCore.noerror builds an update's NOERROR answer by hand (header, OPT with the granted lease, TSIG):
+    byte for byte what dnspython's make_response, use_edns and to_wire made, signed the same way."""
+    core = DnsCore(ZoneStore(":memory:", ZONE, "ns.example.com.", 53), [KEY], Policy(default_lease=3600))
+    upd = dns.update.UpdateMessage(ZONE, id=0x1234)
+    if variant in ("lease", "rd set", "lease and payload"):
+        upd.add("host", 120, "AAAA", "fd00::1")
+        upd.use_edns(0, payload=4096 if variant == "lease and payload" else 1232, options=[lease_opt(5400)])
+    elif variant == "edns without lease":
+        upd.delete("gone", "AAAA")
+        upd.use_edns(0)
+    else:
+        upd.delete("gone", "AAAA")
+    if variant == "rd set":
+        upd.flags |= dns.flags.RD
+    checked = core.prepare(sign(upd), SRC, T0)
+    assert isinstance(checked, CheckedUpdate)
+    resp = dns.message.make_response(checked.req, copy_mode=dns.message.CopyMode.NOTHING)
+    if checked.lease_reply is not None:
+        resp.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(2, checked.lease_reply)])
+    assert core.noerror(checked, T0) == core.render(checked.req, resp, checked.signer, T0, None)
+    with clock(T0):
+        got = dns.message.from_wire(core.noerror(checked, T0), keyring=KEY, request_mac=upd.mac)
+    assert got.rcode() == dns.rcode.NOERROR and got.id == 0x1234
 
 
 def test_signed_update_with_lease_is_applied_and_reply_verifies(core: DnsCore) -> None:
