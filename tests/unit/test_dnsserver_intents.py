@@ -5,12 +5,17 @@ a crash left gives its lease to the RR at the next start, or when a transfer bri
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dns.name
 import dns.rcode
 import dns.rdata
 import dns.rdatatype
+import pytest
 
 from tests.unit.test_dnsserver_front import (
     ACCOUNT,
@@ -131,3 +136,21 @@ def test_recover_keeps_the_later_of_a_stored_lease_and_the_intent(tmp_path: Path
     core.store.close()
     core, front = started(tmp_path, at=T0 + 1)
     assert lease(core.store) == T0 + 7200 and intents(core.store) == []
+
+
+def test_a_failed_write_is_logged_and_gives_no_intent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A write the database refuses (an I/O error, say) must not take the forward down with it: no
+    intent, one error logged; the commit that follows fails the same way and answers SERVFAIL."""
+    core, front = started(tmp_path)
+
+    @contextmanager
+    def broken(sync: bool = False) -> Iterator[sqlite3.Connection]:
+        raise sqlite3.OperationalError("disk I/O error")
+        yield core.store.db  # pragma: no cover
+
+    monkeypatch.setattr(core.store, "transaction", broken)
+    with caplog.at_level(logging.ERROR, logger="tunneld.dnsserver.intents"):
+        assert front.intents.write([AddRR(HOST, 120, ADDR)], Lease(3600, 3600), T0) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"writing the leases of a forwarded update to {core.store.path} failed: disk I/O error"]

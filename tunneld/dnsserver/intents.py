@@ -2,10 +2,10 @@
 
 In front mode the store's commits are not synced (``ZoneStore.sync_intents_only``): the sync of a
 forwarded update's commit sat between the primary's answer and the device's, the largest part of what the
-front added to an update (docs/perf-dns.md, "The commit"). Instead, once a forward is sent, the RRs it
-adds are written here with their lease's end and synced while the primary works (the sync carries every
-commit before it too); the commit after the primary's NOERROR drops them, unsynced, and a refusal drops
-them as well. So an update answered NOERROR has its lease on disk, as before.
+front added to an update (docs/perf-dns.md, "The front's commit off the device's path"). Instead, once a
+forward is sent, the RRs it adds are written here with their lease's end and synced while the primary
+works (the sync carries every commit before it too); the commit after the primary's NOERROR drops them,
+unsynced, and a refusal drops them as well. So an update answered NOERROR has its lease on disk, as before.
 
 What stays here after a crash or a power cut, or after a forward that got no answer, is an RR that may
 be on the primary with no lease at the front, which would then never delete it: :meth:`Intents.recover`
@@ -16,12 +16,15 @@ gives it to an RR a transfer brings later. An intent whose lease has ended goes.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
 
 from tunneld.dnsserver.store import AddRR, Change, DiskFull, Lease, ZoneStore, canonical
 
 __all__ = ["Intents"]
+
+log = logging.getLogger(__name__)
 
 _RECOVER = """
 UPDATE records SET expires = max(coalesce(records.expires, 0), i.expires)
@@ -46,8 +49,9 @@ class Intents:
               sync: bool = True) -> int | None:
         """Write the leases of the RRs ``changes`` add, synced unless not ``sync`` (the caller syncs the
         WAL: :mod:`tunneld.dnsserver.walsync`); their intent number (None: none added with a lease, or
-        the disk is full: the store has said so, and the commit will fail the same way). Intents whose
-        lease has ended go in the same transaction."""
+        the write failed: a full disk, which the store has said, or another error, logged here; the
+        commit will most likely fail the same way). Intents whose lease has ended go in the same
+        transaction."""
         if lease is None:
             return None
         zone = self.store.zone
@@ -62,6 +66,9 @@ class Intents:
                 db.executemany("INSERT INTO intents VALUES (?, ?, ?, ?, ?)", [(self._last, *r) for r in rows])
         except DiskFull:
             return None
+        except sqlite3.Error as e:
+            log.error("writing the leases of a forwarded update to %s failed: %s", self.store.path, e)
+            return None
         return self._last
 
     def drop(self, intent: int | None) -> None:
@@ -71,7 +78,7 @@ class Intents:
             try:
                 with self.store.transaction() as db:
                     db.execute("DELETE FROM intents WHERE intent = ?", (intent,))
-            except DiskFull:
+            except sqlite3.Error:  # DiskFull included: it stays (see recover)
                 pass
 
     def recover(self, now: float) -> int:
