@@ -27,6 +27,7 @@ from tunneld.dnsserver.feed import (
     NOTIFY_GAP,
     NOTIFY_IDLE_WAIT,
     NOTIFY_QUEUE,
+    NOTIFY_QUEUE_PER_SOURCE,
     RETRY_FIRST,
     RETRY_MAX,
     SOA_CHECK_INTERVAL,
@@ -346,9 +347,12 @@ def test_queued_notifies_are_answered_once_the_front_is_idle_or_after_the_wait(t
                 while len(sent) < 2:
                     await trio.sleep(0.01)
                 assert NOTIFY_IDLE_WAIT <= sent[1][0] - start < 0.5  # answered while the front was still busy
-                for _ in range(NOTIFY_QUEUE + 3):  # a flood: the queue is bounded, the rest dropped
+                for _ in range(NOTIFY_QUEUE_PER_SOURCE + 3):  # one address holds a few places
                     task.notify_later(notify(time.time(), serial=8), src)
                 assert feed.counters["notify: dropped (queue full)"] == 3
+                for i in range(NOTIFY_QUEUE):  # forged ones from many addresses: bounded in all
+                    task.notify_later(b"forged", (f"198.51.100.{i % 250}", 53 + i // 250))
+                assert feed.counters["notify: dropped (queue full)"] == 3 + NOTIFY_QUEUE_PER_SOURCE
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -54,8 +54,11 @@ NOTIFY_GAP: Final = 0.1
 NOTIFY after each; one check then fetches them all (the front's own updates were announced when the primary
 took them, so only operators' direct changes wait, by this at most), instead of a transfer per update
 competing with the forwards for the link."""
-NOTIFY_QUEUE: Final = 64
-"""NOTIFYs waiting for their answer; beyond, dropped (counted): the primary repeats one (RFC 1996 §3.6)."""
+NOTIFY_QUEUE: Final = 1024
+NOTIFY_QUEUE_PER_SOURCE: Final = 8
+"""NOTIFYs waiting for their answer, in all and from one address (they are checked when answered: forged
+ones from elsewhere must not crowd out the primary's); beyond, dropped (counted): the primary repeats one
+(RFC 1996 §3.6)."""
 NOTIFY_IDLE_WAIT: Final = 0.05
 """Seconds a NOTIFY waits for the front to be idle before it is answered anyway (a busy front)."""
 RETRY_FIRST: Final = 2.0
@@ -238,6 +241,7 @@ class FeedTask:
         self.max_sleep = max_sleep  # the wall clock may jump: re-read it at least this often
         self._wake = trio.Event()
         self._notifies: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self._queued: Counter[str] = Counter()  # NOTIFYs queued per source address
         self._notified = trio.Event()
 
     def notify(self, wire: bytes) -> bytes | None:
@@ -251,9 +255,10 @@ class FeedTask:
         """A NOTIFY from ``src``, answered by :meth:`answer_notifies` once the front is idle: the primary
         NOTIFYs right after answering each forward, and a NOTIFY read and answered then delayed the
         forward's commit or the next device's update by its own cost."""
-        if len(self._notifies) >= NOTIFY_QUEUE:
+        if len(self._notifies) >= NOTIFY_QUEUE or self._queued[src[0]] >= NOTIFY_QUEUE_PER_SOURCE:
             self.feed.counters["notify: dropped (queue full)"] += 1
             return
+        self._queued[src[0]] += 1
         self._notifies.append((wire, src))
         self._notified.set()
 
@@ -267,6 +272,9 @@ class FeedTask:
                 await trio.testing.wait_all_tasks_blocked()
             while self._notifies:
                 wire, src = self._notifies.popleft()
+                self._queued[src[0]] -= 1
+                if not self._queued[src[0]]:
+                    del self._queued[src[0]]
                 reply = self.notify(wire)
                 if reply is not None:
                     await send(reply, src)
