@@ -12,9 +12,8 @@ Time is always passed in (``now``, wall seconds); the store never reads a clock.
 expired are never returned, even before :meth:`ZoneStore.expire` sweeps them (RFC 9664 §7). The
 ``replays`` table is :mod:`tunneld.dnsserver.replay`'s memory of signed updates, written in each update's
 own transaction. A full disk fails writes with :class:`DiskFull`, logged once until a write succeeds
-again; reads go on. In front mode (:meth:`ZoneStore.sync_intents_only`) only the ``intents`` table, the
-leases of updates the primary is applying, is synced: docs/perf-dns.md, "The front's commit off the
-device's path".
+again; reads go on. In front mode only the ``intents`` table is synced (:mod:`tunneld.dnsserver.intents`;
+docs/perf-dns.md, "The front's commit off the device's path").
 """
 
 from __future__ import annotations
