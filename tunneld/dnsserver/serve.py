@@ -303,16 +303,15 @@ class _Server:
             if isinstance(reply, CheckedUpdate):
                 forwards.start_soon(self._udp_forward, sock, reply, wire, src)
                 continue
-            await self._udp_reply(sock, reply, events, len(wire), src)
+            await self._udp_reply(sock, reply, events, len(wire), src, self.core.last_signed)
 
     async def _udp_forward(self, sock: trio.socket.SocketType, update: CheckedUpdate, wire: bytes,
                            src: tuple[str, int]) -> None:
         reply, events = await self.forward(update, wire)
-        # Signed with the account key, whatever core.last_signed says by now (the forward awaited).
-        await self._udp_reply(sock, reply, events, len(wire), src, signed=True)
+        await self._udp_reply(sock, reply, events, len(wire), src, signed=True)  # with the account key
 
     async def _udp_reply(self, sock: trio.socket.SocketType, reply: bytes | None, events: LLQOutput,
-                         query_size: int, src: tuple[str, int], signed: bool | None = None) -> None:
+                         query_size: int, src: tuple[str, int], signed: bool) -> None:
         if reply is not None:
             reply = self.limit(reply, query_size, src, signed)
         if reply is not None:
@@ -356,10 +355,10 @@ class _Server:
                 else:
                     self.stun_counters["stun port: not stun"] += 1
 
-    def limit(self, reply: bytes, query_size: int, src: object, signed: bool | None = None) -> bytes | None:
-        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing. ``signed``:
-        whether it is (None: the core's last answer, handled just now, says)."""
-        signed = self.core.last_signed if signed is None else signed
+    def limit(self, reply: bytes, query_size: int, src: object, signed: bool) -> bytes | None:
+        """What of a UDP ``reply`` may go to ``src``: the reply, its truncated form, or nothing. ``signed``
+        is the caller's word, taken when the reply was made (``core.last_signed`` right after the handler;
+        a forward's reply is signed): read later, another request may have changed it."""
         if signed and len(reply) <= query_size:
             self.rrl.counters["exempt: signed, not larger"] += 1
             return reply
